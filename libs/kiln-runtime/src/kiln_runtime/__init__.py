@@ -1,0 +1,1 @@
+"""The small wiring library every service shares: bus, settings, logging, Postgres, retries."""

@@ -1,0 +1,319 @@
+"""The bus: a FastStream NatsBroker on Kiln's JetStream stream, with explicit acks and a dead letter.
+
+``Bus.consume`` registers a durable pull consumer for one kind of message and wraps a plain
+``async def handler(message, delivery)``: it validates the payload against the contract (invalid →
+dead letter with the reason), heartbeats the message while the handler runs (so JetStream does not
+redeliver a long model call elsewhere), acks on success, redelivers transient failures with backoff,
+and dead-letters permanent failures or messages that exhausted their deliveries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from faststream import AckPolicy
+from faststream.nats import JStream, NatsBroker, PullSub
+from faststream.nats.annotations import NatsMessage
+from faststream.security import SASLPlaintext
+from nats.aio.client import Client
+from nats.js.api import ConsumerConfig, StreamConfig
+from nats.js.errors import NotFoundError
+from pydantic import ValidationError
+
+from kiln_contracts import Envelope, subjects
+
+from . import metrics
+from .errors import PermanentError, RetryLater
+from .retry import backoff_delay
+from .settings import CommonSettings
+
+log = logging.getLogger(__name__)
+
+E = TypeVar("E", bound=Envelope)
+
+MIN_SERVER = (2, 12)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What a handler may know about the delivery of its message."""
+
+    subject: str
+    stream_seq: int
+    num_delivered: int
+    heartbeat: Callable[[], Awaitable[None]]
+
+    @property
+    def redelivered(self) -> bool:
+        return self.num_delivered > 1
+
+
+Handler = Callable[[E, Delivery], Awaitable[None]]
+
+
+class ServerTooOld(RuntimeError):
+    pass
+
+
+def stream_config() -> StreamConfig:
+    return StreamConfig(
+        name=subjects.STREAM,
+        subjects=list(subjects.STREAM_SUBJECTS),
+        duplicate_window=subjects.DUPLICATE_WINDOW_S,
+        max_msg_size=subjects.MAX_MSG_BYTES,
+        max_age=subjects.MAX_AGE_S,
+        allow_msg_schedules=True,
+    )
+
+
+def dlq_stream_config() -> StreamConfig:
+    return StreamConfig(
+        name=subjects.DLQ_STREAM,
+        subjects=list(subjects.DLQ_SUBJECTS),
+        duplicate_window=subjects.DUPLICATE_WINDOW_S,
+        max_age=subjects.MAX_AGE_S,
+    )
+
+
+async def ensure_streams(nc: Client) -> None:
+    """Check the server can do what Kiln needs, then create or update Kiln's streams."""
+    version = nc.connected_server_version
+    if (version.major, version.minor) < MIN_SERVER:
+        raise ServerTooOld(
+            f"nats-server {version} is too old: Kiln needs >= {MIN_SERVER[0]}.{MIN_SERVER[1]} "
+            "with JetStream (message schedules). Point NATS_URL at a newer server."
+        )
+    js = nc.jetstream()
+    for config in (stream_config(), dlq_stream_config()):
+        try:
+            await js.stream_info(config.name or "")
+            await js.update_stream(config)
+        except NotFoundError:
+            await js.add_stream(config)
+
+
+class Bus:
+    """One service's connection to the bus."""
+
+    def __init__(self, settings: CommonSettings, service: str) -> None:
+        self.settings = settings
+        self.service = service
+        self.broker = NatsBroker(
+            settings.nats_url,
+            security=(
+                SASLPlaintext(username=settings.nats_user, password=settings.nats_password or "")
+                if settings.nats_user
+                else None
+            ),
+            name=f"kiln-{service}",
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=1,
+            connect_timeout=5,
+        )
+        self._stream = JStream(subjects.STREAM, declare=False)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def connect(self) -> None:
+        await self.broker.connect()
+        await ensure_streams(self.broker.connection)
+
+    async def start(self) -> None:
+        """Start consuming (after the service's own resources are ready)."""
+        await self.broker.start()
+
+    async def stop(self) -> None:
+        await self.broker.stop()
+
+    @property
+    def nc(self) -> Client:
+        return self.broker.connection
+
+    # ------------------------------------------------------------------ publishing
+
+    async def publish(self, msg: Envelope) -> None:
+        """Publish an event to the stream; the server drops a repeat of the same event_id."""
+        await self.broker.publish(
+            msg.model_dump_json().encode(),
+            subjects.subject_of(msg),
+            headers={"Nats-Msg-Id": str(msg.event_id), "Kiln-Kind": msg.kind},
+            stream=subjects.STREAM,
+            timeout=10,
+        )
+        metrics.PUBLISHED.labels(self.service, msg.kind).inc()
+
+    async def publish_at(self, msg: Envelope, at_rfc3339: str, name: str) -> None:
+        """Schedule ``msg`` to be delivered at a UTC time with a JetStream message schedule."""
+        await self.nc.jetstream().publish(
+            subjects.schedule_subject(msg.build_id, name),
+            msg.model_dump_json().encode(),
+            headers={
+                "Nats-Schedule": f"@at {at_rfc3339}",
+                "Nats-Schedule-Target": subjects.subject_of(msg),
+                "Nats-Msg-Id": f"schedule-{msg.event_id}",
+            },
+            timeout=10,
+        )
+
+    # ------------------------------------------------------------------ consuming
+
+    def consume(
+        self,
+        model: type[E],
+        handler: Handler[E],
+        *,
+        max_workers: int = 1,
+        durable: str | None = None,
+    ) -> None:
+        """Handle every ``model`` message of every build with a durable, explicitly-acked consumer."""
+        name = durable or f"{self.service}-{model.kind}".replace("_", "-")
+        config = ConsumerConfig(
+            durable_name=name,
+            ack_wait=self.settings.ack_wait_s,
+            max_ack_pending=max(1000, max_workers * 4),
+        )
+        consumer = _Consumer(self, model, handler)
+
+        async def on_message(msg: NatsMessage) -> None:
+            await consumer(msg)
+
+        on_message.__name__ = consumer.__name__
+        self.broker.subscriber(
+            subjects.kind_filter(model.kind),
+            stream=self._stream,
+            durable=name,
+            config=config,
+            pull_sub=PullSub(batch_size=max(1, min(max_workers, 64)), timeout=5),
+            max_workers=max_workers,
+            ack_policy=AckPolicy.MANUAL,
+            no_reply=True,
+            title=f"{self.service}:{model.kind}",
+            description=(handler.__doc__ or "").strip() or None,
+        )(on_message)
+
+    async def dead_letter(self, raw: NatsMessage, reason: str) -> None:
+        _, kind = _split(raw.raw_message.subject)
+        meta = raw.raw_message.metadata
+        await self.nc.jetstream().publish(
+            subjects.dlq_subject(self.service, kind or "unknown"),
+            raw.body,
+            headers={
+                "Kiln-Dlq-Reason": reason[:1000],
+                "Kiln-Original-Subject": raw.raw_message.subject,
+                "Kiln-Original-Seq": str(meta.sequence.stream),
+                "Nats-Msg-Id": f"dlq-{self.service}-{meta.sequence.stream}",
+            },
+            timeout=10,
+        )
+        metrics.DEAD_LETTERS.labels(self.service, kind or "unknown").inc()
+        log.warning(
+            "dead-lettered %s: %s",
+            raw.raw_message.subject,
+            reason,
+            extra={"service": self.service, "kind": kind},
+        )
+
+
+def _split(subject: str) -> tuple[str | None, str | None]:
+    try:
+        return subjects.parse(subject)
+    except ValueError:
+        return None, None
+
+
+class _Consumer(Generic[E]):
+    """The wrapper around one handler: validate, heartbeat, ack / redeliver / dead-letter."""
+
+    def __init__(self, bus: Bus, model: type[E], handler: Handler[E]) -> None:
+        self.bus = bus
+        self.model = model
+        self.handler = handler
+        self.__name__ = f"{bus.service}_{model.kind}"
+        self.__doc__ = handler.__doc__
+
+    async def __call__(self, msg: NatsMessage) -> None:
+        raw = msg.raw_message
+        meta = raw.metadata
+        service, kind = self.bus.service, self.model.kind
+        if meta.num_delivered > self.bus.settings.max_deliver:
+            await self.bus.dead_letter(msg, f"gave up after {meta.num_delivered - 1} deliveries")
+            await msg.ack()
+            return
+        try:
+            event = self._parse(raw.subject, msg.body)
+        except PermanentError as err:
+            await self.bus.dead_letter(msg, str(err))
+            await msg.ack()
+            metrics.HANDLED.labels(service, kind, "invalid").inc()
+            return
+
+        delivery = Delivery(raw.subject, meta.sequence.stream, meta.num_delivered, msg.in_progress)
+        extra = {"build_id": event.build_id, "event_id": event.event_id, "kind": kind}
+        beat = asyncio.create_task(self._heartbeat(msg))
+        started = asyncio.get_running_loop().time()
+        try:
+            await self.handler(event, delivery)
+        except PermanentError as err:
+            await self.bus.dead_letter(msg, str(err))
+            await msg.ack()
+            metrics.HANDLED.labels(service, kind, "dead_letter").inc()
+        except RetryLater as err:
+            await msg.nack(delay=err.delay_s or None)
+            metrics.HANDLED.labels(service, kind, "retry").inc()
+            log.info("redelivering later: %s", err, extra=extra)
+        except Exception as err:
+            if meta.num_delivered >= self.bus.settings.max_deliver:
+                await self.bus.dead_letter(msg, f"{type(err).__name__}: {err}")
+                await msg.ack()
+                metrics.HANDLED.labels(service, kind, "dead_letter").inc()
+            else:
+                await msg.nack(delay=backoff_delay(meta.num_delivered, base=0.5, cap=15))
+                metrics.HANDLED.labels(service, kind, "error").inc()
+            log.exception("handler failed (delivery %d)", meta.num_delivered, extra=extra)
+        else:
+            await msg.ack()
+            metrics.HANDLED.labels(service, kind, "ok").inc()
+        finally:
+            beat.cancel()
+            metrics.HANDLER_SECONDS.labels(service, kind).observe(
+                asyncio.get_running_loop().time() - started
+            )
+
+    def _parse(self, subject: str, body: bytes) -> E:
+        build_id, kind = _split(subject)
+        if kind != self.model.kind:
+            raise PermanentError(f"unexpected subject {subject!r} for {self.model.kind}")
+        if len(body) > subjects.MAX_MSG_BYTES:
+            raise PermanentError(f"payload of {len(body)} bytes exceeds {subjects.MAX_MSG_BYTES}")
+        try:
+            event = self.model.model_validate_json(body)
+        except ValidationError as err:
+            raise PermanentError(f"invalid {self.model.kind}: {_summary(err)}") from err
+        if event.build_id != build_id:
+            raise PermanentError(f"build_id {event.build_id!r} does not match subject {subject!r}")
+        return event
+
+    async def _heartbeat(self, msg: NatsMessage) -> None:
+        interval = max(0.5, self.bus.settings.ack_wait_s / 3)
+        with contextlib.suppress(asyncio.CancelledError):
+            while True:
+                await asyncio.sleep(interval)
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
+
+
+def _summary(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors()[:5]:
+        loc = ".".join(str(x) for x in e["loc"]) or "<root>"
+        parts.append(f"{loc}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def dump(msg: Envelope) -> dict[str, Any]:
+    return msg.model_dump(mode="json")

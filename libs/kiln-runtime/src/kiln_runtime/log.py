@@ -1,0 +1,50 @@
+"""Logging set-up, called only by entrypoints. JSON lines in production, text in development."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+_EXTRA_KEYS = ("build_id", "event_id", "kind", "call_id", "iteration", "service")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key in _EXTRA_KEYS:
+            if (value := getattr(record, key, None)) is not None:
+                doc[key] = str(value)
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        base = super().format(record)
+        extras = " ".join(
+            f"{k}={getattr(record, k)}" for k in _EXTRA_KEYS if getattr(record, k, None) is not None
+        )
+        return f"{base} {extras}" if extras else base
+
+
+def configure(service: str, level: str = "INFO", json_lines: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter()
+        if json_lines
+        else TextFormatter(f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("faststream", "nats", "httpx", "botocore", "aiobotocore", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -1,0 +1,17 @@
+"""Prometheus metrics shared by every service (each process exposes its own /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+HANDLED = Counter(
+    "kiln_messages_handled_total", "Messages handled, by outcome", ["service", "kind", "outcome"]
+)
+HANDLER_SECONDS = Histogram(
+    "kiln_handler_seconds",
+    "Time spent handling one message",
+    ["service", "kind"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+PUBLISHED = Counter("kiln_messages_published_total", "Messages published", ["service", "kind"])
+DEAD_LETTERS = Counter("kiln_dead_letters_total", "Messages dead-lettered", ["service", "kind"])

@@ -1,0 +1,51 @@
+"""Run a service: connect, start its resources, consume until SIGTERM, then shut down cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+from prometheus_client import start_http_server
+
+from .bus import Bus
+from .retry import backoff_delay
+
+log = logging.getLogger(__name__)
+
+Hook = Callable[[], Awaitable[None]]
+
+
+async def connect_with_retry(bus: Bus, attempts: int = 30) -> None:
+    for attempt in range(1, attempts + 1):
+        try:
+            await bus.connect()
+            return
+        except Exception as err:
+            if attempt == attempts or type(err).__name__ == "ServerTooOld":
+                raise
+            log.warning("NATS not reachable at %s (%s); retrying", bus.settings.nats_url, err)
+            await asyncio.sleep(backoff_delay(attempt, base=0.2, cap=2.0))
+
+
+async def serve(bus: Bus, *, start: Hook | None = None, stop: Hook | None = None) -> None:
+    """Start, consume until SIGINT/SIGTERM, then stop consuming, let handlers finish, and close."""
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stopping.set)
+    if bus.settings.health_port:
+        start_http_server(bus.settings.health_port)
+    await connect_with_retry(bus)
+    if start:
+        await start()
+    await bus.start()
+    log.info("%s consuming from %s", bus.service, bus.settings.nats_url)
+    await stopping.wait()
+    log.info("%s shutting down", bus.service)
+    await bus.stop()
+    if stop:
+        await stop()

@@ -1,0 +1,34 @@
+"""Settings every service shares; each service subclasses with its own fields."""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def env(*names: str) -> AliasChoices:
+    """Accept a variable under several names (``NATS_URL`` or ``KILN_NATS_URL`` ...)."""
+    return AliasChoices(*names)
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    nats_url: str = Field(
+        default="nats://127.0.0.1:14222", validation_alias=env("NATS_URL", "KILN_NATS_URL")
+    )
+    nats_user: str | None = Field(default=None, validation_alias=env("NATS_USER"))
+    nats_password: str | None = Field(default=None, validation_alias=env("NATS_PASSWORD"))
+    log_level: str = Field(default="INFO", validation_alias=env("KILN_LOG_LEVEL", "LOG_LEVEL"))
+    log_json: bool = Field(default=False, validation_alias=env("KILN_LOG_JSON"))
+    # Delivery: a message not acked (nor heartbeated) within ack_wait is redelivered elsewhere.
+    ack_wait_s: float = Field(default=30.0, gt=0, validation_alias=env("KILN_ACK_WAIT_S"))
+    max_deliver: int = Field(default=20, ge=1, validation_alias=env("KILN_MAX_DELIVER"))
+    health_port: int = Field(default=0, ge=0, validation_alias=env("KILN_HEALTH_PORT"))
+
+
+class DatabaseSettings(CommonSettings):
+    database_url: str = Field(
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        validation_alias=env("DATABASE_URL", "KILN_DATABASE_URL"),
+    )

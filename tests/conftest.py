@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.infra import infrastructure
+
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "kiln-test")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "kiln-test")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+
+@pytest.fixture(scope="session")
+def infra() -> Iterator[dict[str, str]]:
+    """URLs of a real NATS (JetStream, >= 2.12), Postgres, Redis and S3 API for the session."""
+    # A short path: Postgres puts its Unix socket in the data directory.
+    data_dir = Path(tempfile.mkdtemp(prefix="kt-", dir="/tmp"))
+    try:
+        with infrastructure(data_dir) as urls:
+            yield urls
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def uid() -> str:
+    """A unique id for this test (build ids, user ids, buckets ...)."""
+    return uuid.uuid4().hex[:12]
