@@ -25,7 +25,7 @@ from nats.js.api import ConsumerConfig, StreamConfig
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
-from kiln_contracts import Envelope, subjects
+from kiln_contracts import BY_KIND, Envelope, subjects
 
 from . import metrics
 from .errors import PermanentError, RetryLater
@@ -196,6 +196,33 @@ class Bus:
             description=(handler.__doc__ or "").strip() or None,
         )(on_message)
 
+    def consume_all(
+        self, handler: Handler[Envelope], *, durable: str, max_workers: int = 1
+    ) -> None:
+        """Handle every message of every kind (e.g. the gateway's read-model projection)."""
+        config = ConsumerConfig(
+            durable_name=durable,
+            ack_wait=self.settings.ack_wait_s,
+            max_ack_pending=max(1000, max_workers * 4),
+        )
+        consumer = _Consumer(self, None, handler)
+
+        async def on_message(msg: NatsMessage) -> None:
+            await consumer(msg)
+
+        on_message.__name__ = f"{self.service}_all"
+        self.broker.subscriber(
+            "kiln.build.>",
+            stream=self._stream,
+            durable=durable,
+            config=config,
+            pull_sub=PullSub(batch_size=max(1, min(max_workers, 64)), timeout=5),
+            max_workers=max_workers,
+            ack_policy=AckPolicy.MANUAL,
+            no_reply=True,
+            title=f"{self.service}:all",
+        )(on_message)
+
     async def dead_letter(self, raw: NatsMessage, reason: str) -> None:
         _, kind = _split(raw.raw_message.subject)
         meta = raw.raw_message.metadata
@@ -229,17 +256,19 @@ def _split(subject: str) -> tuple[str | None, str | None]:
 class _Consumer(Generic[E]):
     """The wrapper around one handler: validate, heartbeat, ack / redeliver / dead-letter."""
 
-    def __init__(self, bus: Bus, model: type[E], handler: Handler[E]) -> None:
+    def __init__(self, bus: Bus, model: type[E] | None, handler: Handler[E]) -> None:
+        """``model`` None: any kind, chosen by the subject's last token."""
         self.bus = bus
         self.model = model
         self.handler = handler
-        self.__name__ = f"{bus.service}_{model.kind}"
+        self.__name__ = f"{bus.service}_{model.kind if model else 'all'}"
         self.__doc__ = handler.__doc__
 
     async def __call__(self, msg: NatsMessage) -> None:
         raw = msg.raw_message
         meta = raw.metadata
-        service, kind = self.bus.service, self.model.kind
+        service = self.bus.service
+        kind = _split(raw.subject)[1] or "unknown"
         if meta.num_delivered > self.bus.settings.max_deliver:
             await self.bus.dead_letter(msg, f"gave up after {meta.num_delivered - 1} deliveries")
             await msg.ack()
@@ -286,14 +315,15 @@ class _Consumer(Generic[E]):
 
     def _parse(self, subject: str, body: bytes) -> E:
         build_id, kind = _split(subject)
-        if kind != self.model.kind:
-            raise PermanentError(f"unexpected subject {subject!r} for {self.model.kind}")
+        model: type[Any] | None = self.model or BY_KIND.get(kind or "")
+        if model is None or kind != model.kind:
+            raise PermanentError(f"unexpected subject {subject!r}: unknown kind")
         if len(body) > subjects.MAX_MSG_BYTES:
             raise PermanentError(f"payload of {len(body)} bytes exceeds {subjects.MAX_MSG_BYTES}")
         try:
-            event = self.model.model_validate_json(body)
+            event: E = model.model_validate_json(body)
         except ValidationError as err:
-            raise PermanentError(f"invalid {self.model.kind}: {_summary(err)}") from err
+            raise PermanentError(f"invalid {kind}: {_summary(err)}") from err
         if event.build_id != build_id:
             raise PermanentError(f"build_id {event.build_id!r} does not match subject {subject!r}")
         return event
