@@ -1,0 +1,69 @@
+"""The wire formats: strict, frozen, enveloped, and their JSON Schema files up to date."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from pydantic import ValidationError
+
+from kiln_contracts import BY_KIND, MESSAGES, BuildRequested, ToolCall, stable_id, subjects
+from kiln_contracts.schemas import SCHEMA_DIR, render
+
+
+def test_schema_files_are_up_to_date():
+    rendered = render()
+    stale = [
+        name
+        for name, text in rendered.items()
+        if not (SCHEMA_DIR / name).exists() or (SCHEMA_DIR / name).read_text() != text
+    ]
+    assert not stale, f"run `make schemas`: stale or missing {stale}"
+    on_disk = {str(p.relative_to(SCHEMA_DIR)) for p in SCHEMA_DIR.rglob("*.json")}
+    assert on_disk - set(rendered) <= {"asyncapi.json"}, "schema files without a message"
+
+
+def test_every_message_has_a_unique_kind_and_the_envelope():
+    assert len(BY_KIND) == len(MESSAGES)
+    for model in MESSAGES:
+        fields = set(model.model_fields)
+        assert {"event_id", "build_id", "user_id", "occurred_at", "schema_version"} <= fields
+        assert {"causation_id"} <= fields
+
+
+def test_round_trip_and_strictness():
+    msg = BuildRequested(build_id="b1", user_id="u1", idea_brief="a todo app")
+    again = BuildRequested.model_validate_json(msg.model_dump_json())
+    assert again == msg
+    with pytest.raises(ValidationError):
+        BuildRequested.model_validate({**json.loads(msg.model_dump_json()), "surprise": 1})
+    with pytest.raises(ValidationError):
+        BuildRequested.model_validate({**json.loads(msg.model_dump_json()), "schema_version": 2})
+    with pytest.raises(ValidationError):
+        msg.idea_brief = "changed"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("bad", ["", "a.b", "a*", "a>", "a b", "x" * 65, ".", "-lead"])
+def test_ids_that_would_break_subjects_are_refused(bad):
+    with pytest.raises(ValidationError):
+        BuildRequested(build_id=bad, user_id="u", idea_brief="x")
+
+
+def test_caused_carries_build_user_and_causation():
+    req = BuildRequested(build_id="b1", user_id="u1", idea_brief="x")
+    call = req.caused(ToolCall, call_id="c1", iteration=1, tool="bash", input={"command": "ls"})
+    assert (call.build_id, call.user_id, call.causation_id) == ("b1", "u1", req.event_id)
+    assert subjects.subject_of(call) == "kiln.build.b1.tool_call"
+
+
+def test_stable_ids_are_deterministic_and_distinct():
+    assert stable_id("b", "tool_call", "c1") == stable_id("b", "tool_call", "c1")
+    assert stable_id("b", "tool_call", "c1") != stable_id("b", "tool_result", "c1")
+    assert isinstance(stable_id("x"), uuid.UUID)
+
+
+def test_subject_parse():
+    assert subjects.parse("kiln.build.b1.tool_call") == ("b1", "tool_call")
+    with pytest.raises(ValueError):
+        subjects.parse("kiln.dlq.agent.tool_call")
