@@ -1,0 +1,1 @@
+"""Adapters: the local sandbox provider and the Postgres ledger and registry."""

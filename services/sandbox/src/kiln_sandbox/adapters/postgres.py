@@ -1,0 +1,92 @@
+"""The exactly-once ledger of tool calls and the build -> sandbox registry, in schema "sandbox"."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, cast
+
+import asyncpg
+
+from ..ports import SandboxRecord, SandboxState
+
+SCHEMA = "sandbox"
+
+DDL = """
+CREATE TABLE IF NOT EXISTS calls (
+    build_id   text NOT NULL,
+    call_id    text NOT NULL,
+    status     text NOT NULL CHECK (status IN ('started', 'done')),
+    result     jsonb,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (build_id, call_id)
+);
+CREATE TABLE IF NOT EXISTS sandboxes (
+    build_id   text PRIMARY KEY,
+    provider   text NOT NULL,
+    sandbox_id text NOT NULL,
+    state      text NOT NULL CHECK (state IN ('running', 'paused', 'stopped')),
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+
+class PgCallStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def get(self, build_id: str, call_id: str) -> tuple[str, dict[str, Any] | None] | None:
+        row = await self.pool.fetchrow(
+            "SELECT status, result FROM calls WHERE build_id = $1 AND call_id = $2",
+            build_id,
+            call_id,
+        )
+        if row is None:
+            return None
+        result = json.loads(row["result"]) if row["result"] is not None else None
+        return cast(str, row["status"]), result
+
+    async def begin(self, build_id: str, call_id: str) -> bool:
+        status = await self.pool.execute(
+            "INSERT INTO calls (build_id, call_id, status) VALUES ($1, $2, 'started') "
+            "ON CONFLICT DO NOTHING",
+            build_id,
+            call_id,
+        )
+        return bool(status == "INSERT 0 1")
+
+    async def finish(self, build_id: str, call_id: str, result: dict[str, Any]) -> None:
+        await self.pool.execute(
+            "UPDATE calls SET status = 'done', result = $3::jsonb, updated_at = now() "
+            "WHERE build_id = $1 AND call_id = $2",
+            build_id,
+            call_id,
+            json.dumps(result),
+        )
+
+
+class PgRegistry:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def get(self, build_id: str) -> SandboxRecord | None:
+        row = await self.pool.fetchrow(
+            "SELECT build_id, provider, sandbox_id, state FROM sandboxes WHERE build_id = $1",
+            build_id,
+        )
+        if row is None:
+            return None
+        return SandboxRecord(
+            row["build_id"], row["provider"], row["sandbox_id"], cast(SandboxState, row["state"])
+        )
+
+    async def put(self, record: SandboxRecord) -> None:
+        await self.pool.execute(
+            "INSERT INTO sandboxes (build_id, provider, sandbox_id, state) VALUES ($1, $2, $3, $4) "
+            "ON CONFLICT (build_id) DO UPDATE SET provider = EXCLUDED.provider, "
+            "sandbox_id = EXCLUDED.sandbox_id, state = EXCLUDED.state, updated_at = now()",
+            record.build_id,
+            record.provider,
+            record.sandbox_id,
+            record.state,
+        )

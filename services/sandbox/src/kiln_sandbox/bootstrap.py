@@ -1,0 +1,61 @@
+"""The one place that wires the real adapters: Postgres, the provider, the bus."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from kiln_runtime.bus import Bus
+from kiln_runtime.db import create_pool
+from kiln_runtime.service import serve
+
+from .adapters.local import LocalProvider
+from .adapters.postgres import DDL, SCHEMA, PgCallStore, PgRegistry
+from .app import SERVICE, SandboxApp
+from .handlers import SandboxService
+from .ports import Provider
+from .settings import SandboxSettings
+
+
+def make_provider(settings: SandboxSettings) -> Provider:
+    if settings.provider == "local":
+        return LocalProvider(settings.sandbox_root)
+    raise ValueError(f"unknown sandbox provider {settings.provider!r}")
+
+
+@dataclass
+class Runtime:
+    """The wired service: ``start`` after the bus connects, ``stop`` after it stops consuming."""
+
+    settings: SandboxSettings
+    bus: Bus
+    app: SandboxApp
+    pool: asyncpg.Pool | None = None
+    provider: Provider | None = field(default=None)
+
+    async def start(self) -> None:
+        self.pool = await create_pool(self.settings.database_url, schema=SCHEMA, ddl=DDL)
+        self.provider = make_provider(self.settings)
+        self.app.service = SandboxService(
+            self.provider, PgRegistry(self.pool), PgCallStore(self.pool), self.bus
+        )
+        await self.app.start_rpc()
+
+    async def stop(self) -> None:
+        await self.app.stop_rpc()
+        if self.provider is not None:
+            await self.provider.close()
+        if self.pool is not None:
+            await self.pool.close()
+
+
+def build(settings: SandboxSettings, *, service: str = SERVICE) -> Runtime:
+    bus = Bus(settings, service)
+    app = SandboxApp(bus, max_workers=settings.max_workers)
+    return Runtime(settings=settings, bus=bus, app=app)
+
+
+async def run(settings: SandboxSettings) -> None:
+    runtime = build(settings)
+    await serve(runtime.bus, start=runtime.start, stop=runtime.stop)

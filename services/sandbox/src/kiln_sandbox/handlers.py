@@ -1,0 +1,303 @@
+"""The sandbox service's domain: run tool calls exactly once, manage each build's sandbox, and
+serve the snapshot service's manifest and upload requests. Plain ``async def``; no bus imports."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from kiln_contracts import (
+    BuildCancelled,
+    BuildFailed,
+    ManifestReply,
+    ManifestRequest,
+    SandboxStarted,
+    SandboxStopped,
+    SnapshotSaved,
+    ToolCall,
+    ToolResult,
+    UploadReply,
+    UploadRequest,
+    stable_id,
+)
+
+from .ports import (
+    CallStore,
+    Provider,
+    Publisher,
+    Registry,
+    Sandbox,
+    SandboxError,
+    SandboxGone,
+    SandboxRecord,
+    SandboxState,
+)
+from .tools import run_tool
+
+log = logging.getLogger(__name__)
+
+INTERRUPTED = (
+    "the previous run of this call was interrupted (the sandbox service restarted); "
+    "it was not re-run"
+)
+# Extra time a whole call may take beyond its command timeout (stat scans, file reads ...).
+CALL_MARGIN_S = 30.0
+UPLOAD_CONCURRENCY = 8
+
+
+class BuildLocks:
+    """One asyncio.Lock per build, dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, build_id: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(build_id, (asyncio.Lock(), 0))
+        self._locks[build_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[build_id]
+            if users <= 1:
+                del self._locks[build_id]
+            else:
+                self._locks[build_id] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
+class SandboxService:
+    def __init__(
+        self,
+        provider: Provider,
+        registry: Registry,
+        calls: CallStore,
+        bus: Publisher,
+    ) -> None:
+        self.provider = provider
+        self.registry = registry
+        self.calls = calls
+        self.bus = bus
+        self.locks = BuildLocks()
+
+    # ------------------------------------------------------------------ tool calls
+
+    async def handle_tool_call(self, call: ToolCall) -> ToolResult:
+        """Run a call at most once; a repeat gets the stored result, an interrupted one an error."""
+        extra = {"build_id": call.build_id, "call_id": call.call_id, "event_id": call.event_id}
+        async with self.locks.hold(call.build_id):
+            seen = await self.calls.get(call.build_id, call.call_id)
+            if seen is None:
+                record = await self.registry.get(call.build_id)
+                if record is not None and record.state == "stopped":
+                    result = self._result(
+                        call,
+                        output="the build's sandbox has been stopped (the build ended); "
+                        "the call was not run",
+                        is_error=True,
+                    )
+                    if await self.calls.begin(call.build_id, call.call_id):
+                        await self.calls.finish(
+                            call.build_id, call.call_id, result.model_dump(mode="json")
+                        )
+                        await self.bus.publish(result)
+                        return result
+                    seen = await self.calls.get(call.build_id, call.call_id)
+                else:
+                    # Get the sandbox before recording 'started': a failure here is retried.
+                    sandbox = await self._sandbox(call, record)
+                    if await self.calls.begin(call.build_id, call.call_id):
+                        result = await self._run(sandbox, call)
+                        await self.calls.finish(
+                            call.build_id, call.call_id, result.model_dump(mode="json")
+                        )
+                        await self.bus.publish(result)
+                        log.info(
+                            "ran %s (error=%s, %d ms)",
+                            call.tool,
+                            result.is_error,
+                            result.duration_ms,
+                            extra=extra,
+                        )
+                        return result
+                    seen = await self.calls.get(call.build_id, call.call_id)
+            assert seen is not None
+            status, stored = seen
+            if status == "done" and stored is not None:
+                result = ToolResult.model_validate(stored)
+                log.info("call already done; republishing its result", extra=extra)
+            else:
+                result = self._result(call, output=INTERRUPTED, is_error=True)
+                await self.calls.finish(call.build_id, call.call_id, result.model_dump(mode="json"))
+                log.warning("call was interrupted earlier; not re-running it", extra=extra)
+            await self.bus.publish(result)
+            return result
+
+    def _result(self, call: ToolCall, **fields: Any) -> ToolResult:
+        return call.caused(
+            ToolResult, call_id=call.call_id, iteration=call.iteration, **fields
+        ).with_id(stable_id(call.build_id, "tool_result", call.call_id))
+
+    async def _run(self, sandbox: Sandbox, call: ToolCall) -> ToolResult:
+        started = time.monotonic()
+        try:
+            outcome = await asyncio.wait_for(
+                run_tool(sandbox, call.tool, dict(call.input), timeout_s=call.timeout_s),
+                timeout=call.timeout_s + CALL_MARGIN_S,
+            )
+        except TimeoutError:
+            return self._result(
+                call,
+                output=f"{call.tool} did not finish within {call.timeout_s + CALL_MARGIN_S:g}s",
+                is_error=True,
+                duration_ms=int((time.monotonic() - started) * 1000),
+            )
+        except SandboxGone as err:
+            await self.registry.put(
+                SandboxRecord(call.build_id, self.provider.name, sandbox.sandbox_id, "stopped")
+            )
+            return self._result(
+                call,
+                output=f"the sandbox went away while running this call ({err}); "
+                "a fresh one is used for the next call",
+                is_error=True,
+                duration_ms=int((time.monotonic() - started) * 1000),
+            )
+        return self._result(
+            call,
+            output=outcome.output,
+            is_error=outcome.is_error,
+            exit_code=outcome.exit_code,
+            duration_ms=int((time.monotonic() - started) * 1000),
+            files_changed=outcome.files_changed,
+        )
+
+    async def _sandbox(self, call: ToolCall, record: SandboxRecord | None) -> Sandbox:
+        if record is not None and record.provider == self.provider.name:
+            try:
+                sandbox = await self.provider.connect(call.build_id, record.sandbox_id)
+            except SandboxGone:
+                log.warning("sandbox %s is gone; creating a fresh one", record.sandbox_id)
+            else:
+                if record.state != "running":
+                    await self._set_state(record, "running")
+                return sandbox
+        sandbox = await self.provider.create(call.build_id)
+        await self.registry.put(
+            SandboxRecord(call.build_id, self.provider.name, sandbox.sandbox_id, "running")
+        )
+        await self.bus.publish(
+            call.caused(
+                SandboxStarted, sandbox_id=sandbox.sandbox_id, provider=self.provider.name
+            ).with_id(stable_id(call.build_id, "sandbox_started", sandbox.sandbox_id))
+        )
+        return sandbox
+
+    async def _set_state(self, record: SandboxRecord, state: SandboxState) -> None:
+        await self.registry.put(
+            SandboxRecord(record.build_id, record.provider, record.sandbox_id, state)
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def handle_snapshot_saved(self, event: SnapshotSaved) -> None:
+        """After the final snapshot stop the sandbox; after the sleep snapshot pause it."""
+        if event.reason == "final":
+            await self._stop(event, "stopped", f"final snapshot {event.snapshot_id} saved")
+        elif event.reason == "sleep":
+            await self._stop(event, "paused", f"build sleeping (snapshot {event.snapshot_id})")
+
+    async def handle_build_ended(self, event: BuildCancelled | BuildFailed) -> None:
+        await self._stop(event, "stopped", f"build {event.kind.removeprefix('build_')}")
+
+    async def _stop(
+        self,
+        event: SnapshotSaved | BuildCancelled | BuildFailed,
+        state: SandboxState,
+        reason: str,
+    ) -> None:
+        record = await self.registry.get(event.build_id)
+        if record is None or record.state == "stopped" or record.state == state:
+            return
+        if record.provider != self.provider.name:
+            log.warning("sandbox of %s belongs to provider %s", event.build_id, record.provider)
+            return
+        # Not under the build's lock: stopping must also kill a command that is running.
+        if state == "paused":
+            await self.provider.pause(event.build_id, record.sandbox_id)
+        else:
+            await self.provider.stop(event.build_id, record.sandbox_id)
+        await self.bus.publish(
+            event.caused(
+                SandboxStopped,
+                sandbox_id=record.sandbox_id,
+                provider=record.provider,
+                reason=reason,
+            ).with_id(
+                stable_id(event.build_id, "sandbox_stopped", record.sandbox_id, event.event_id)
+            )
+        )
+        await self._set_state(record, state)
+        log.info(
+            "sandbox %s %s: %s",
+            record.sandbox_id,
+            state,
+            reason,
+            extra={"build_id": event.build_id},
+        )
+
+    # ------------------------------------------------------------------ snapshot rpc
+
+    async def _existing(self, build_id: str) -> Sandbox:
+        record = await self.registry.get(build_id)
+        if record is None:
+            raise SandboxError(f"no sandbox for build {build_id}")
+        try:
+            return await self.provider.connect(build_id, record.sandbox_id)
+        except SandboxGone as err:
+            raise SandboxError(f"the sandbox of build {build_id} is gone: {err}") from err
+
+    async def manifest(self, request: ManifestRequest) -> ManifestReply:
+        try:
+            sandbox = await self._existing(request.build_id)
+            entries = await sandbox.manifest(request.excludes)
+        except (SandboxError, OSError) as err:
+            return ManifestReply(ok=False, error=str(err))
+        return ManifestReply(entries=entries)
+
+    async def upload(self, request: UploadRequest) -> UploadReply:
+        try:
+            sandbox = await self._existing(request.build_id)
+        except SandboxError as err:
+            return UploadReply(ok=False, error=str(err))
+        gate = asyncio.Semaphore(UPLOAD_CONCURRENCY)
+
+        async def one(path: str, sha256: str, url: str) -> int:
+            async with gate:
+                return await sandbox.upload(path, sha256, url)
+
+        results = await asyncio.gather(
+            *(one(u.path, u.sha256, u.url) for u in request.uploads), return_exceptions=True
+        )
+        sent = [r for r in results if isinstance(r, int)]
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            return UploadReply(
+                ok=False,
+                error="; ".join(_describe(e) for e in errors[:5])
+                + (f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""),
+                uploaded=len(sent),
+                bytes_uploaded=sum(sent),
+            )
+        return UploadReply(uploaded=len(sent), bytes_uploaded=sum(sent))
+
+
+def _describe(err: BaseException) -> str:
+    return str(err) if isinstance(err, SandboxError) else f"{type(err).__name__}: {err}"

@@ -1,0 +1,137 @@
+"""What the sandbox service needs from the outside world, as Protocols.
+
+``Provider`` / ``Sandbox`` are shaped after e2b's ``AsyncSandbox`` (``create``, ``connect``,
+``pause``, ``kill``, ``set_timeout``, ``files.read/write/list``, ``commands.run``) so that an E2B
+adapter is a thin translation; the ``local`` provider implements them with a directory and
+subprocesses. Paths given to a ``Sandbox`` are relative to its workspace root ('/'-separated);
+the tools normalise them first, the adapter still refuses anything that resolves outside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from kiln_contracts import Envelope, ManifestEntry
+
+SandboxState = Literal["running", "paused", "stopped"]
+
+
+class SandboxError(Exception):
+    """A tool-level failure to report to the model (is_error result), not a service failure."""
+
+
+class PathOutsideWorkspace(SandboxError):
+    pass
+
+
+class SandboxGone(Exception):
+    """The sandbox no longer exists (expired, killed, crashed): create a fresh one."""
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    path: str  # relative to the workspace root, '/'-separated
+    is_dir: bool
+    size: int
+    mtime_ns: int
+    mode: int = 0o644
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """A finished command; output is stdout+stderr combined, head and tail kept, middle dropped."""
+
+    exit_code: int | None
+    head: bytes
+    tail: bytes
+    total_bytes: int
+    timed_out: bool = False
+
+
+class Sandbox(Protocol):
+    """One build's sandbox (its workspace)."""
+
+    @property
+    def sandbox_id(self) -> str: ...
+
+    @property
+    def root(self) -> str:
+        """The workspace's absolute path inside the sandbox (absolute paths under it are allowed)."""
+        ...
+
+    async def run(self, command: str, *, timeout_s: float, max_output: int) -> CommandResult: ...
+
+    async def read(self, path: str) -> bytes: ...
+
+    async def write(self, path: str, data: bytes) -> None:
+        """Write a file, creating its parent directories."""
+        ...
+
+    async def stat(self, path: str) -> FileInfo | None: ...
+
+    async def list_entries(
+        self, path: str = "", *, depth: int = 1, skip_dirs: frozenset[str] = frozenset(), limit: int
+    ) -> list[FileInfo]:
+        """Entries under ``path`` up to ``depth`` levels (at most ``limit``; symlinks not followed)."""
+        ...
+
+    async def manifest(self, excludes: list[str]) -> list[ManifestEntry]:
+        """Every regular file minus ``excludes``, hashed inside the sandbox."""
+        ...
+
+    async def upload(self, path: str, sha256: str, url: str) -> int:
+        """PUT the file's bytes to a presigned URL after checking its sha256; the bytes sent."""
+        ...
+
+
+class Provider(Protocol):
+    name: str
+
+    async def create(self, build_id: str) -> Sandbox: ...
+
+    async def connect(self, build_id: str, sandbox_id: str) -> Sandbox:
+        """Reattach to (and resume, if paused) a sandbox; SandboxGone when it no longer exists."""
+        ...
+
+    async def pause(self, build_id: str, sandbox_id: str) -> None: ...
+
+    async def stop(self, build_id: str, sandbox_id: str) -> None:
+        """Kill the sandbox (the local provider keeps the workspace directory for downloads)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SandboxRecord:
+    build_id: str
+    provider: str
+    sandbox_id: str
+    state: SandboxState
+
+
+class Registry(Protocol):
+    """Which sandbox belongs to which build; survives restarts."""
+
+    async def get(self, build_id: str) -> SandboxRecord | None: ...
+
+    async def put(self, record: SandboxRecord) -> None: ...
+
+
+class CallStore(Protocol):
+    """The exactly-once ledger of tool calls."""
+
+    async def get(self, build_id: str, call_id: str) -> tuple[str, dict[str, Any] | None] | None:
+        """(status, stored result) of a call seen before, or None."""
+        ...
+
+    async def begin(self, build_id: str, call_id: str) -> bool:
+        """Record the call as 'started'; False if it was already recorded."""
+        ...
+
+    async def finish(self, build_id: str, call_id: str, result: dict[str, Any]) -> None: ...
+
+
+class Publisher(Protocol):
+    async def publish(self, msg: Envelope) -> None: ...

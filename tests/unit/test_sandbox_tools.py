@@ -1,0 +1,282 @@
+"""Every tool on the local provider, in a temporary directory."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from kiln_sandbox.adapters.local import LocalProvider, LocalSandbox
+from kiln_sandbox.tools import MAX_OUTPUT_CHARS, glob_to_regex, run_tool
+
+
+@pytest.fixture
+async def sb(tmp_path: Path) -> LocalSandbox:
+    provider = LocalProvider(tmp_path / "root")
+    sandbox = await provider.create("b1")
+    yield sandbox
+    await provider.close()
+
+
+def ws(sb: LocalSandbox) -> Path:
+    return Path(sb.root)
+
+
+async def call(sb: LocalSandbox, tool: str, timeout_s: float = 30.0, **args):
+    return await run_tool(sb, tool, args, timeout_s=timeout_s)
+
+
+# ---------------------------------------------------------------------------- files
+
+
+async def test_write_then_read_with_line_numbers(sb):
+    out = await call(sb, "write_file", path="src/app/main.py", content="a\nb\nc\n")
+    assert not out.is_error, out.output
+    assert out.files_changed == ["src/app/main.py"]
+    assert (ws(sb) / "src/app/main.py").read_text() == "a\nb\nc\n"
+
+    out = await call(sb, "read_file", path="src/app/main.py")
+    assert out.output == "   1\ta\n   2\tb\n   3\tc"
+    out = await call(sb, "read_file", path="src/app/main.py", offset=2, limit=1)
+    assert out.output.startswith("   2\tb\n")
+    assert "lines 2-2 of 3" in out.output
+
+
+async def test_read_errors(sb):
+    (ws(sb) / "bin.dat").write_bytes(b"\x00\x01\x02binary")
+    (ws(sb) / "big.txt").write_bytes(b"x" * (5 * 1024 * 1024 + 1))
+    (ws(sb) / "d").mkdir()
+    assert "binary" in (await call(sb, "read_file", path="bin.dat")).output
+    big = await call(sb, "read_file", path="big.txt")
+    assert big.is_error and "5 MB" in big.output
+    missing = await call(sb, "read_file", path="nope.txt")
+    assert missing.is_error and "not found" in missing.output
+    assert (await call(sb, "read_file", path="d")).is_error
+
+
+async def test_edit_file_exact_unique_and_replace_all(sb):
+    (ws(sb) / "f.txt").write_text("one two two three\n")
+    out = await call(sb, "edit_file", path="f.txt", old_string="one", new_string="1")
+    assert not out.is_error and out.files_changed == ["f.txt"]
+    assert (ws(sb) / "f.txt").read_text() == "1 two two three\n"
+
+    amb = await call(sb, "edit_file", path="f.txt", old_string="two", new_string="2")
+    assert amb.is_error and "2 times" in amb.output
+    assert (ws(sb) / "f.txt").read_text() == "1 two two three\n"
+
+    out = await call(
+        sb, "edit_file", path="f.txt", old_string="two", new_string="2", replace_all=True
+    )
+    assert not out.is_error and "2 replacements" in out.output
+    assert (ws(sb) / "f.txt").read_text() == "1 2 2 three\n"
+
+    nf = await call(sb, "edit_file", path="f.txt", old_string="zzz", new_string="y")
+    assert nf.is_error and "not found" in nf.output
+    missing = await call(sb, "edit_file", path="none.txt", old_string="a", new_string="b")
+    assert missing.is_error and "not found" in missing.output
+
+
+# ---------------------------------------------------------------------------- confinement
+
+
+@pytest.mark.parametrize(
+    "path", ["../x.txt", "a/../../x.txt", "/etc/passwd", "/tmp/elsewhere.txt", "a/\x00b"]
+)
+async def test_paths_outside_are_refused(sb, path):
+    for tool, args in (
+        ("read_file", {"path": path}),
+        ("write_file", {"path": path, "content": "x"}),
+        ("edit_file", {"path": path, "old_string": "a", "new_string": "b"}),
+        ("list_dir", {"path": path}),
+        ("grep", {"pattern": "x", "path": path}),
+    ):
+        out = await run_tool(sb, tool, args, timeout_s=5)
+        assert out.is_error, (tool, path, out.output)
+        assert "outside" in out.output or "leaves" in out.output or "NUL" in out.output
+    assert not (ws(sb).parent / "x.txt").exists()
+
+
+async def test_symlinks_leading_outside_are_refused(sb, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("secret")
+    os.symlink(outside, ws(sb) / "link")
+    os.symlink(outside / "secret.txt", ws(sb) / "s.txt")
+    assert (await call(sb, "read_file", path="link/secret.txt")).is_error
+    assert (await call(sb, "read_file", path="s.txt")).is_error
+    out = await call(sb, "write_file", path="link/new.txt", content="x")
+    assert out.is_error and "outside" in out.output
+    assert not (outside / "new.txt").exists()
+    out = await call(sb, "edit_file", path="s.txt", old_string="secret", new_string="x")
+    assert out.is_error
+    assert (outside / "secret.txt").read_text() == "secret"
+
+
+async def test_absolute_path_inside_the_workspace_is_allowed(sb):
+    out = await call(sb, "write_file", path=f"{sb.root}/a/b.txt", content="hi")
+    assert not out.is_error and out.files_changed == ["a/b.txt"]
+    assert "hi" in (await call(sb, "read_file", path="a/b.txt")).output
+
+
+# ---------------------------------------------------------------------------- bash
+
+
+async def test_bash_output_exit_code_and_files_changed(sb):
+    (ws(sb) / "keep.txt").write_text("same")
+    out = await call(sb, "bash", command="echo out; echo err >&2; mkdir -p d; echo x > d/new.txt")
+    assert not out.is_error and out.exit_code == 0
+    assert "out" in out.output and "err" in out.output
+    assert out.files_changed == ["d/new.txt"]
+    assert (await call(sb, "bash", command="pwd")).output.strip() == _real(sb.root)
+
+    failed = await call(sb, "bash", command="echo nope; exit 3")
+    assert failed.exit_code == 3 and "exit code 3" in failed.output
+
+
+async def test_bash_does_not_see_service_secrets(sb, monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-secret")
+    out = await call(sb, "bash", command="echo key=${ANTHROPIC_API_KEY:-none}")
+    assert "key=none" in out.output
+
+
+async def test_bash_truncates_10_mb_of_output(sb):
+    out = await call(
+        sb, "bash", command="head -c 10485760 /dev/zero | tr '\\0' 'a'; echo; echo END"
+    )
+    assert not out.is_error
+    assert len(out.output) < MAX_OUTPUT_CHARS + 500
+    assert "bytes of output truncated" in out.output
+    assert "10,485,7" in out.output  # the total is reported
+    assert out.output.rstrip().endswith("END")
+    assert out.output.startswith("aaaa")
+
+
+async def test_bash_timeout_kills_the_whole_process_group(sb):
+    pidfile = ws(sb) / "child.pid"
+    started = time.monotonic()
+    out = await call(
+        sb,
+        "bash",
+        timeout_s=1.0,
+        command=f"sleep 300 & echo $! > {pidfile}; echo started; wait",
+    )
+    assert time.monotonic() - started < 10
+    assert out.is_error and out.exit_code is None
+    assert "timed out after 1s" in out.output and "started" in out.output
+    child = int(pidfile.read_text())
+    for _ in range(100):  # up to 5 s
+        if not _alive(child):
+            break
+        await asyncio.sleep(0.05)
+    assert not _alive(child), "the child of the timed-out command survived"
+
+
+async def test_bash_returns_while_a_background_process_holds_the_pipe(sb):
+    pidfile = ws(sb) / "bg.pid"
+    started = time.monotonic()
+    out = await call(sb, "bash", command=f"sleep 60 & echo $! > {pidfile}; echo done")
+    assert time.monotonic() - started < 5
+    assert not out.is_error and "done" in out.output
+    os.kill(int(pidfile.read_text()), 9)
+
+
+async def test_bash_timeout_argument_is_capped_by_the_call(sb):
+    started = time.monotonic()
+    out = await run_tool(sb, "bash", {"command": "sleep 30", "timeout_s": 100}, timeout_s=0.5)
+    assert out.is_error and "timed out after 0.5s" in out.output
+    assert time.monotonic() - started < 10
+
+
+def _real(path: str) -> str:
+    return os.path.realpath(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (not yet reaped by its dead parent's reaper) counts as gone
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+# ---------------------------------------------------------------------------- search
+
+
+async def test_glob_grep_and_list_dir(sb):
+    root = ws(sb)
+    (root / "src/pkg").mkdir(parents=True)
+    (root / "src/pkg/a.py").write_text("import os\nVALUE = 1\n")
+    (root / "src/b.py").write_text("value = 2\n")
+    (root / "README.md").write_text("# Value\n")
+    (root / "__pycache__").mkdir()
+    (root / "__pycache__/x.py").write_text("VALUE\n")
+
+    out = await call(sb, "glob", pattern="**/*.py")
+    assert sorted(out.output.splitlines()) == ["src/b.py", "src/pkg/a.py"]
+    assert (await call(sb, "glob", pattern="*.md")).output == "README.md"
+    assert (await call(sb, "glob", pattern="*.rs")).output == "no files match"
+
+    out = await call(sb, "grep", pattern=r"VALUE\s*=")
+    assert out.output == "src/pkg/a.py:2:VALUE = 1"
+    out = await call(sb, "grep", pattern="(?i)value", glob="*.py")
+    assert out.output.splitlines() == ["src/b.py:1:value = 2", "src/pkg/a.py:2:VALUE = 1"]
+    out = await call(sb, "grep", pattern="value", path="src/b.py")
+    assert out.output == "src/b.py:1:value = 2"
+    assert (await call(sb, "grep", pattern="nothing-here")).output == "no matches"
+
+    out = await call(sb, "list_dir")
+    assert out.output.splitlines()[0] == "README.md  (8 bytes)"
+    assert "src/" in out.output.splitlines()
+    assert (await call(sb, "list_dir", path="src")).output.splitlines() == [
+        "b.py  (10 bytes)",
+        "pkg/",
+    ]
+
+
+def test_glob_translation():
+    assert glob_to_regex("**/*.py").match("a/b/c.py")
+    assert glob_to_regex("**/*.py").match("c.py")
+    assert not glob_to_regex("*.py").match("a/c.py")
+    assert glob_to_regex("src/{a,b}.ts").match("src/b.ts")
+    assert glob_to_regex("file?.[ch]").match("file1.h")
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("tool", "args", "needle"),
+    [
+        ("read_file", {}, "missing required argument 'path'"),
+        ("read_file", {"path": 3}, "must be a string"),
+        ("read_file", {"path": "a", "offset": "x"}, "'offset' must be an integer"),
+        ("write_file", {"path": "a.txt"}, "missing required argument 'content'"),
+        ("write_file", {"path": "", "content": "x"}, "must name a file"),
+        ("edit_file", {"path": "a", "old_string": "", "new_string": "b"}, "must not be empty"),
+        ("edit_file", {"path": "a", "old_string": "x", "new_string": "x"}, "the same"),
+        (
+            "edit_file",
+            {"path": "a", "old_string": "x", "new_string": "y", "replace_all": "yes"},
+            "boolean",
+        ),
+        ("bash", {}, "missing required argument 'command'"),
+        ("bash", {"command": "true", "timeout_s": "soon"}, "must be an integer or a number"),
+        ("bash", {"command": "true", "timeout_s": -1}, "must be > 0"),
+        ("glob", {}, "missing required argument 'pattern'"),
+        ("grep", {"pattern": "("}, "invalid regular expression"),
+        ("list_dir", {"path": ["x"]}, "must be a string"),
+        ("nope", {}, "unknown tool"),
+    ],
+)
+async def test_bad_input_is_an_error_result(sb, tool, args, needle):
+    out = await run_tool(sb, tool, args, timeout_s=5)
+    assert out.is_error
+    assert needle in out.output
