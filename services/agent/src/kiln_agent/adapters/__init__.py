@@ -1,0 +1,1 @@
+"""Real adapters (Postgres, Anthropic) and an in-memory checkpoint store for tests and tools."""

@@ -1,0 +1,101 @@
+"""The model: one Anthropic Messages call per think, retried with jittered backoff on 429 / 529 /
+5xx / timeouts (retry-after honoured), then ModelError."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import anthropic
+
+from kiln_contracts import Usage
+from kiln_runtime.retry import retry
+
+from ..ports import ModelError, ModelReply, ModelRequest
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = (
+    anthropic.RateLimitError,
+    anthropic.InternalServerError,  # 5xx, 529 overloaded
+    anthropic.APIConnectionError,  # includes timeouts
+)
+
+
+def retry_after(err: BaseException, attempt: int) -> float | None:
+    """The server's advice (retry-after-ms / retry-after seconds), capped at 60 s."""
+    response = getattr(err, "response", None)
+    if response is None:
+        return None
+    headers = response.headers
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value:
+            try:
+                return min(60.0, max(0.0, float(value) * scale))
+            except ValueError:
+                continue
+    return None
+
+
+class AnthropicModel:
+    def __init__(
+        self,
+        client: anthropic.AsyncAnthropic,
+        *,
+        attempts: int = 6,
+        backoff_base_s: float = 1.0,
+        backoff_cap_s: float = 30.0,
+    ) -> None:
+        self.client = client
+        self.attempts = attempts
+        self.base = backoff_base_s
+        self.cap = backoff_cap_s
+
+    @classmethod
+    def connect(
+        cls, *, base_url: str | None, api_key: str, timeout_s: float, **kwargs: Any
+    ) -> AnthropicModel:
+        client = anthropic.AsyncAnthropic(
+            api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout_s
+        )
+        return cls(client, **kwargs)
+
+    async def complete(self, request: ModelRequest) -> ModelReply:
+        async def call() -> Any:
+            return await self.client.messages.create(
+                model=request.model,
+                max_tokens=request.max_tokens,
+                system=request.system,  # type: ignore[arg-type]
+                tools=request.tools,  # type: ignore[arg-type]
+                messages=request.messages,  # type: ignore[arg-type]
+            )
+
+        try:
+            message = await retry(
+                call,
+                attempts=self.attempts,
+                retry_on=RETRYABLE,
+                base=self.base,
+                cap=self.cap,
+                delay_for=retry_after,
+            )
+        except anthropic.APIStatusError as err:
+            raise ModelError(f"HTTP {err.status_code}: {err.message}"[:2000]) from err
+        except anthropic.APIError as err:
+            raise ModelError(f"{type(err).__name__}: {err}"[:2000]) from err
+        usage = message.usage
+        return ModelReply(
+            model=message.model,
+            content=[block.model_dump(mode="json", exclude_none=True) for block in message.content],
+            stop_reason=message.stop_reason or "end_turn",
+            usage=Usage(
+                input_tokens=usage.input_tokens or 0,
+                output_tokens=usage.output_tokens or 0,
+                cache_creation_input_tokens=usage.cache_creation_input_tokens or 0,
+                cache_read_input_tokens=usage.cache_read_input_tokens or 0,
+            ),
+        )
+
+    async def close(self) -> None:
+        await self.client.close()

@@ -1,0 +1,44 @@
+"""An in-memory CheckpointStore with the same semantics as the Postgres one (tests, demos)."""
+
+from __future__ import annotations
+
+import copy
+
+from ..checkpoint import Checkpoint, Turn
+from ..ports import VersionConflict
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self.rows: dict[str, Checkpoint] = {}
+        self.conversation: dict[str, list[Turn]] = {}
+        self.saves = 0
+
+    async def create(self, cp: Checkpoint, turns: list[Turn]) -> bool:
+        if cp.build_id in self.rows:
+            return False
+        cp.version = 1
+        self.rows[cp.build_id] = copy.deepcopy(cp)
+        self.conversation[cp.build_id] = list(turns)
+        return True
+
+    async def load(self, build_id: str) -> Checkpoint | None:
+        row = self.rows.get(build_id)
+        return copy.deepcopy(row) if row else None
+
+    async def turns(self, build_id: str) -> list[Turn]:
+        return list(self.conversation.get(build_id, []))
+
+    async def save(self, cp: Checkpoint, new_turns: list[Turn]) -> None:
+        row = self.rows.get(cp.build_id)
+        if row is None or row.version != cp.version:
+            raise VersionConflict(cp.build_id)
+        cp.version += 1
+        self.rows[cp.build_id] = copy.deepcopy(cp)
+        self.conversation[cp.build_id].extend(new_turns)
+        self.saves += 1
+
+    async def mark_sent(self, build_id: str, version: int) -> None:
+        row = self.rows.get(build_id)
+        if row is not None and row.version == version:
+            row.outbox = []

@@ -1,0 +1,143 @@
+"""The checkpoint in Postgres (schema "agent"): a small ``builds`` row per build, advanced with
+optimistic concurrency, and an append-only ``turns`` table, so a save never rewrites history."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import asyncpg
+
+from kiln_contracts import BuildLimits
+
+from ..checkpoint import Checkpoint, State, Turn, dump_outbox, load_outbox
+from ..ports import VersionConflict
+
+SCHEMA = "agent"
+
+DDL = """
+CREATE TABLE IF NOT EXISTS builds (
+    build_id        text PRIMARY KEY,
+    user_id         text NOT NULL,
+    version         integer NOT NULL,
+    status          text NOT NULL,
+    iteration       integer NOT NULL,
+    model           text NOT NULL,
+    tier            text NOT NULL,
+    limits          jsonb NOT NULL,
+    cost_micro_usd  bigint NOT NULL,
+    system          text NOT NULL,
+    turns           integer NOT NULL,
+    state           jsonb NOT NULL,
+    outbox          jsonb NOT NULL DEFAULT '[]',
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS builds_status ON builds (status);
+CREATE TABLE IF NOT EXISTS turns (
+    build_id  text NOT NULL,
+    seq       integer NOT NULL,
+    role      text NOT NULL,
+    content   jsonb NOT NULL,
+    PRIMARY KEY (build_id, seq)
+);
+"""
+
+_COLUMNS = (
+    "build_id, user_id, version, status, iteration, model, tier, limits, cost_micro_usd, "
+    "system, turns, state, outbox"
+)
+
+
+class PostgresStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def create(self, cp: Checkpoint, turns: list[Turn]) -> bool:
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"INSERT INTO builds ({_COLUMNS}) VALUES "
+                "($1, $2, 1, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) "
+                "ON CONFLICT (build_id) DO NOTHING RETURNING version",
+                cp.build_id,
+                cp.user_id,
+                cp.status,
+                cp.iteration,
+                cp.model,
+                cp.tier,
+                cp.limits.model_dump_json(),
+                cp.cost_micro_usd,
+                cp.system,
+                cp.turns,
+                cp.state.model_dump_json(),
+                json.dumps(dump_outbox(cp.outbox)),
+            )
+            if row is None:
+                return False
+            await _insert_turns(conn, cp.build_id, turns)
+        cp.version = 1
+        return True
+
+    async def load(self, build_id: str) -> Checkpoint | None:
+        row = await self.pool.fetchrow(
+            f"SELECT {_COLUMNS} FROM builds WHERE build_id = $1", build_id
+        )
+        if row is None:
+            return None
+        return Checkpoint(
+            build_id=row["build_id"],
+            user_id=row["user_id"],
+            version=row["version"],
+            status=row["status"],
+            iteration=row["iteration"],
+            model=row["model"],
+            tier=row["tier"],
+            limits=BuildLimits.model_validate_json(row["limits"]),
+            cost_micro_usd=row["cost_micro_usd"],
+            system=row["system"],
+            turns=row["turns"],
+            state=State.model_validate_json(row["state"]),
+            outbox=load_outbox(json.loads(row["outbox"])),
+        )
+
+    async def turns(self, build_id: str) -> list[Turn]:
+        rows = await self.pool.fetch(
+            "SELECT seq, role, content FROM turns WHERE build_id = $1 ORDER BY seq", build_id
+        )
+        return [Turn(r["seq"], r["role"], json.loads(r["content"])) for r in rows]
+
+    async def save(self, cp: Checkpoint, new_turns: list[Turn]) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            status = await conn.execute(
+                "UPDATE builds SET version = version + 1, status = $3, iteration = $4, "
+                "cost_micro_usd = $5, turns = $6, state = $7, outbox = $8, model = $9, "
+                "updated_at = now() WHERE build_id = $1 AND version = $2",
+                cp.build_id,
+                cp.version,
+                cp.status,
+                cp.iteration,
+                cp.cost_micro_usd,
+                cp.turns,
+                cp.state.model_dump_json(),
+                json.dumps(dump_outbox(cp.outbox)),
+                cp.model,
+            )
+            if status != "UPDATE 1":
+                raise VersionConflict(cp.build_id)
+            await _insert_turns(conn, cp.build_id, new_turns)
+        cp.version += 1
+
+    async def mark_sent(self, build_id: str, version: int) -> None:
+        await self.pool.execute(
+            "UPDATE builds SET outbox = '[]' WHERE build_id = $1 AND version = $2",
+            build_id,
+            version,
+        )
+
+
+async def _insert_turns(conn: Any, build_id: str, turns: list[Turn]) -> None:
+    if turns:
+        await conn.executemany(
+            "INSERT INTO turns (build_id, seq, role, content) VALUES ($1, $2, $3, $4)",
+            [(build_id, t.seq, t.role, json.dumps(t.content)) for t in turns],
+        )

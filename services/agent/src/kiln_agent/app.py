@@ -1,0 +1,44 @@
+"""Subscribers: validate (the bus does) and delegate to the loop; nothing else."""
+
+from __future__ import annotations
+
+from kiln_contracts import (
+    BuildRequested,
+    CancelRequested,
+    SleepRequested,
+    ToolResult,
+    WakeRequested,
+)
+from kiln_runtime.bus import Bus, Delivery
+
+from .loop import Agent
+
+SERVICE = "agent"
+
+
+def register(bus: Bus, agent: Agent, *, workers: int = 128) -> None:
+    async def on_build_requested(msg: BuildRequested, _: Delivery) -> None:
+        """Start a build (a repeat of the same build id is a no-op)."""
+        await agent.build_requested(msg)
+
+    async def on_tool_result(msg: ToolResult, _: Delivery) -> None:
+        """Record a tool result; think the next iteration when the set is complete."""
+        await agent.tool_result(msg)
+
+    async def on_cancel(msg: CancelRequested, _: Delivery) -> None:
+        """Cancel a build; later results are ignored."""
+        await agent.cancel(msg)
+
+    async def on_sleep(msg: SleepRequested, _: Delivery) -> None:
+        """Put a build to sleep once no call is in flight."""
+        await agent.sleep(msg)
+
+    async def on_wake(msg: WakeRequested, _: Delivery) -> None:
+        """Resume a sleeping build."""
+        await agent.wake(msg)
+
+    bus.consume(BuildRequested, on_build_requested, max_workers=workers)
+    bus.consume(ToolResult, on_tool_result, max_workers=workers)
+    bus.consume(CancelRequested, on_cancel, max_workers=8)
+    bus.consume(SleepRequested, on_sleep, max_workers=8)
+    bus.consume(WakeRequested, on_wake, max_workers=8)

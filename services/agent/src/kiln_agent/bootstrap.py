@@ -1,0 +1,54 @@
+"""The one place that wires the real adapters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import asyncpg
+
+from kiln_runtime import config as kiln_config
+from kiln_runtime.bus import Bus
+from kiln_runtime.db import create_pool
+
+from . import app, config
+from .adapters.anthropic_model import AnthropicModel
+from .adapters.postgres import DDL, SCHEMA, PostgresStore
+from .loop import Agent
+from .settings import AgentSettings, MissingApiKey
+
+
+@dataclass
+class Service:
+    bus: Bus
+    settings: AgentSettings
+    pool: asyncpg.Pool | None = None
+    model: AnthropicModel | None = None
+
+    async def start(self) -> None:
+        """Open the database and the model client, then register the subscribers."""
+        cfg = config.load(self.settings.agent_config)
+        self.pool = await create_pool(
+            self.settings.database_url, schema=SCHEMA, ddl=DDL, max_size=self.settings.db_pool_size
+        )
+        self.model = AnthropicModel.connect(
+            base_url=self.settings.anthropic_base_url,
+            api_key=self.settings.anthropic_api_key or "",
+            timeout_s=self.settings.model_timeout_s,
+            attempts=cfg.model_attempts,
+            backoff_base_s=cfg.backoff_base_s,
+            backoff_cap_s=cfg.backoff_cap_s,
+        )
+        agent = Agent(PostgresStore(self.pool), self.model, self.bus, cfg, kiln_config.default())
+        app.register(self.bus, agent, workers=self.settings.workers)
+
+    async def stop(self) -> None:
+        if self.model:
+            await self.model.close()
+        if self.pool:
+            await self.pool.close()
+
+
+def build(settings: AgentSettings) -> Service:
+    if not settings.anthropic_api_key:
+        raise MissingApiKey()
+    return Service(Bus(settings, app.SERVICE), settings)

@@ -1,0 +1,89 @@
+"""A build's checkpoint: the small row the state machine advances (the turns are stored apart)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+
+from kiln_contracts import BY_KIND, BuildLimits, Envelope
+
+Status = Literal["thinking", "acting", "sleeping", "completed", "failed", "cancelled"]
+TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PendingCall(_Model):
+    """One tool_use block of the current iteration, in the order the model wrote them."""
+
+    call_id: str
+    tool: str
+    input: dict[str, JsonValue]
+
+
+class Outcome(_Model):
+    """The result of a pending call, as the model will see it."""
+
+    content: str
+    is_error: bool = False
+    files_changed: list[str] = Field(default_factory=list)
+
+
+class SleepRequest(_Model):
+    reason: str
+    wake_at: datetime | None = None
+
+
+class State(_Model):
+    """The jsonb part of the row: bounded in size, whatever the conversation's length."""
+
+    pending: list[PendingCall] = Field(default_factory=list)
+    results: dict[str, Outcome] = Field(default_factory=dict)
+    sleep: SleepRequest | None = Field(
+        default=None, description="A sleep requested while calls were in flight."
+    )
+    sleeps: int = Field(default=0, description="How many times the build went to sleep.")
+    streak_call: str | None = Field(default=None, description="The last call's signature.")
+    streak: int = Field(default=0, description="How many times in a row it was made.")
+    detail: str = ""
+
+
+@dataclass
+class Checkpoint:
+    build_id: str
+    user_id: str
+    tier: str
+    model: str
+    limits: BuildLimits
+    system: str
+    status: Status = "thinking"
+    iteration: int = 0
+    cost_micro_usd: int = 0
+    state: State = field(default_factory=State)
+    version: int = 0
+    turns: int = 0
+    outbox: list[Envelope] = field(default_factory=list)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+@dataclass(frozen=True)
+class Turn:
+    seq: int
+    role: Literal["user", "assistant"]
+    content: list[dict[str, Any]]
+
+
+def dump_outbox(outbox: list[Envelope]) -> list[dict[str, Any]]:
+    return [{"kind": m.kind, "message": m.model_dump(mode="json")} for m in outbox]
+
+
+def load_outbox(raw: list[dict[str, Any]]) -> list[Envelope]:
+    return [BY_KIND[item["kind"]].model_validate(item["message"]) for item in raw]

@@ -1,0 +1,42 @@
+"""The agent's prompts and limits, loaded from ``config.yaml`` (or ``KILN_AGENT_CONFIG``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from kiln_contracts import QnA
+
+DEFAULT_PATH = Path(__file__).with_name("config.yaml")
+
+
+class AgentConfig(BaseModel):
+    """Documented field by field in config.yaml."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    system_prompt: str
+    kickoff: str
+    max_tokens: int = Field(default=8192, ge=1)
+    repetition_limit: int = Field(default=3, ge=2)
+    model_attempts: int = Field(default=6, ge=1)
+    backoff_base_s: float = Field(default=1.0, ge=0)
+    backoff_cap_s: float = Field(default=30.0, ge=0)
+    keep_tool_results: int = Field(default=8, ge=1)
+    clear_over_chars: int = Field(default=2000, ge=0)
+    narrate_description: str
+
+    def system(self, idea_brief: str, qna: list[QnA]) -> str:
+        lines = "\n".join(f"Q: {q.question}\nA: {q.answer}" for q in qna) or "(none)"
+        return self.system_prompt.format(idea_brief=idea_brief.strip(), qna=lines)
+
+    def first_turn(self, build_id: str) -> str:
+        return self.kickoff.format(build_id=build_id).strip()
+
+
+def load(path: str | Path | None = None) -> AgentConfig:
+    source = Path(path or os.environ.get("KILN_AGENT_CONFIG") or DEFAULT_PATH)
+    return AgentConfig.model_validate(yaml.safe_load(source.read_text()))

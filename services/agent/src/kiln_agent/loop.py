@@ -1,0 +1,521 @@
+"""The TAOR loop as a state machine: each message loads a build's checkpoint, advances it, saves it
+(optimistic concurrency on its version) and only then publishes what the step produced.
+
+The messages a step produces are stored in the row (its outbox) in the same transaction; the next
+handling of any message of the build republishes an outbox that was never marked sent, with the
+same stable event ids, so a crash between commit and publish loses nothing and duplicates nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from kiln_contracts import (
+    AgentNarrated,
+    BuildCancelled,
+    BuildCompleted,
+    BuildFailed,
+    BuildRequested,
+    BuildResumed,
+    BuildSleeping,
+    CancelRequested,
+    CheckpointSaved,
+    Envelope,
+    IterationCompleted,
+    SleepRequested,
+    ToolCall,
+    ToolResult,
+    WakeRequested,
+    stable_id,
+)
+from kiln_contracts.messages import FailureReason
+from kiln_runtime.config import KilnConfig
+from kiln_runtime.errors import Conflict
+
+from . import tools
+from .checkpoint import Checkpoint, Outcome, PendingCall, SleepRequest, Turn
+from .config import AgentConfig
+from .ports import (
+    CheckpointStore,
+    Model,
+    ModelError,
+    ModelReply,
+    ModelRequest,
+    Publisher,
+    VersionConflict,
+)
+
+log = logging.getLogger(__name__)
+
+CACHE = {"type": "ephemeral"}
+CONTINUE = "Your reply was cut off by the token limit. Continue where you stopped."
+
+Advance = Callable[[Checkpoint], list[Turn] | None]
+"""A step: mutate the checkpoint and return the new turns ([] for none), or None for no change."""
+
+
+class Agent:
+    def __init__(
+        self,
+        store: CheckpointStore,
+        model: Model,
+        publisher: Publisher,
+        config: AgentConfig,
+        kiln: KilnConfig,
+        *,
+        save_attempts: int = 5,
+    ) -> None:
+        self.store = store
+        self.model = model
+        self.publisher = publisher
+        self.config = config
+        self.kiln = kiln
+        self.save_attempts = save_attempts
+        self.tools = tools.definitions(config.narrate_description)
+
+    # ------------------------------------------------------------------ messages
+
+    async def build_requested(self, msg: BuildRequested) -> None:
+        """Start a build; a second request for the same build id changes nothing."""
+        if await self.store.load(msg.build_id) is None:
+            cp = self._new_checkpoint(msg)
+            first = Turn(
+                0, "user", [{"type": "text", "text": self.config.first_turn(msg.build_id)}]
+            )
+            cp.turns = 1
+            if await self.store.create(cp, [first]):
+                log.info("build started", extra={"build_id": msg.build_id})
+        await self._after(msg.build_id, msg.event_id)
+
+    async def tool_result(self, msg: ToolResult) -> None:
+        """Record a result of the current iteration; think again once the set is complete."""
+        await self._step(msg.build_id, lambda cp: self._record(cp, msg))
+        await self._after(msg.build_id, msg.event_id)
+
+    async def cancel(self, msg: CancelRequested) -> None:
+        def advance(cp: Checkpoint) -> list[Turn] | None:
+            if cp.terminal:
+                return None
+            cp.status = "cancelled"
+            cp.state.pending, cp.state.results = [], {}
+            cp.outbox.append(
+                _caused(
+                    msg,
+                    BuildCancelled,
+                    stable_id(cp.build_id, "cancelled"),
+                    reason=msg.reason,
+                    iterations=cp.iteration,
+                    cost_micro_usd=cp.cost_micro_usd,
+                )
+            )
+            return []
+
+        await self._step(msg.build_id, advance)
+
+    async def sleep(self, msg: SleepRequested) -> None:
+        """Sleep now if no call is in flight, else as soon as the iteration's set completes."""
+
+        def advance(cp: Checkpoint) -> list[Turn] | None:
+            if cp.terminal or cp.status == "sleeping" or cp.state.sleep is not None:
+                return None
+            cp.state.sleep = SleepRequest(reason=msg.reason, wake_at=msg.wake_at)
+            if cp.status == "thinking":
+                self._go_to_sleep(cp, msg.event_id)
+            return []
+
+        await self._step(msg.build_id, advance)
+
+    async def wake(self, msg: WakeRequested) -> None:
+        def advance(cp: Checkpoint) -> list[Turn] | None:
+            if cp.status == "sleeping":
+                cp.status = "thinking"
+                cp.outbox.append(
+                    _caused(
+                        msg,
+                        BuildResumed,
+                        stable_id(cp.build_id, "resumed", cp.state.sleeps),
+                        reason=msg.reason,
+                    )
+                )
+                return []
+            if cp.state.sleep is not None and not cp.terminal:
+                cp.state.sleep = None  # woken before the pending sleep took effect
+                return []
+            return None
+
+        await self._step(msg.build_id, advance)
+        await self._after(msg.build_id, msg.event_id)
+
+    # ------------------------------------------------------------------ the loop
+
+    async def _after(self, build_id: str, cause: uuid.UUID) -> None:
+        """Republish a stranded outbox, and think while the build wants a model call."""
+        while await self._think(build_id, cause):
+            pass
+
+    async def _think(self, build_id: str, cause: uuid.UUID) -> bool:
+        """One model call if the build is thinking; True if it still is afterwards."""
+        cp = await self.store.load(build_id)
+        if cp is None:
+            return False
+        await self._flush(cp)
+        if cp.status != "thinking":
+            return False
+        iteration = cp.iteration
+        reply: ModelReply | ModelError | None = None
+        if (failure := self._precheck(cp)) is None:
+            try:
+                turns = await self.store.turns(build_id)
+                reply = await self.model.complete(self._request(cp, turns))
+            except ModelError as err:
+                reply = err
+
+        def advance(c: Checkpoint) -> list[Turn] | None:
+            if c.status != "thinking" or c.iteration != iteration:
+                return None  # moved on meanwhile (cancel, sleep, a twin think): drop the reply
+            if failure is not None:
+                self._fail(c, cause, *failure)
+                return []
+            if isinstance(reply, ModelError):
+                self._fail(c, cause, "model_error", str(reply))
+                return []
+            assert reply is not None
+            return self._apply(c, reply, cause)
+
+        saved = await self._step(build_id, advance)
+        return saved is not None and saved.status == "thinking"
+
+    def _precheck(self, cp: Checkpoint) -> tuple[FailureReason, str] | None:
+        if not cp.model:
+            return "internal", f"unknown tier {cp.tier!r}"
+        if cp.iteration >= cp.limits.max_iterations:
+            return "iteration_limit", f"reached {cp.limits.max_iterations} iterations"
+        cap = self._cap(cp)
+        if cap is not None and cp.cost_micro_usd >= cap:
+            return "cost_limit", f"spent {cp.cost_micro_usd} of {cap} micro-USD"
+        return None
+
+    def _apply(self, cp: Checkpoint, reply: ModelReply, cause: uuid.UUID) -> list[Turn]:
+        """Advance by one model reply: the assistant turn, then act on its stop reason."""
+        cp.iteration += 1
+        n = cp.iteration
+        price = self.kiln.prices.get(reply.model) or self.kiln.prices.get(cp.model)
+        cost = price.cost_micro_usd(reply.usage) if price else 0
+        cp.cost_micro_usd += cost
+        cp.outbox.append(
+            IterationCompleted(
+                event_id=stable_id(cp.build_id, "iteration", n),
+                build_id=cp.build_id,
+                user_id=cp.user_id,
+                causation_id=cause,
+                iteration=n,
+                model=reply.model,
+                usage=reply.usage,
+                stop_reason=reply.stop_reason,
+                cost_micro_usd=cost,
+            )
+        )
+        content = _clean(reply.content)
+        calls = [b for b in content if b["type"] == "tool_use"]
+        if reply.stop_reason in ("max_tokens", "pause_turn"):
+            content = [b for b in content if b["type"] != "tool_use"] or [
+                {"type": "text", "text": "(cut off)"}
+            ]
+        turns = [self._turn(cp, "assistant", content)]
+        cap = self._cap(cp)
+        if cap is not None and cp.cost_micro_usd > cap:
+            self._fail(cp, cause, "cost_limit", f"spent {cp.cost_micro_usd} of {cap} micro-USD")
+        elif reply.stop_reason == "tool_use" and calls:
+            turns += self._act(cp, calls, cause)
+        elif reply.stop_reason in ("end_turn", "stop_sequence"):
+            self._finish(cp, _text(content), cause)
+        elif reply.stop_reason in ("max_tokens", "pause_turn"):
+            if reply.stop_reason == "max_tokens":
+                turns.append(self._turn(cp, "user", [{"type": "text", "text": CONTINUE}]))
+        elif reply.stop_reason == "refusal":
+            self._fail(cp, cause, "model_refusal", _text(content)[:2000])
+        else:
+            self._fail(cp, cause, "model_error", f"unexpected stop_reason {reply.stop_reason!r}")
+        return turns
+
+    def _act(self, cp: Checkpoint, calls: list[dict[str, Any]], cause: uuid.UUID) -> list[Turn]:
+        """One ToolCall per tool_use block; narrate is answered here, without the sandbox."""
+        cp.state.pending, cp.state.results = [], {}
+        for block in calls:
+            call = PendingCall(call_id=block["id"], tool=block["name"], input=block["input"])
+            cp.state.pending.append(call)
+            signature = f"{call.tool}:{json.dumps(call.input, sort_keys=True)}"
+            if signature == cp.state.streak_call:
+                cp.state.streak += 1
+            else:
+                cp.state.streak_call, cp.state.streak = signature, 1
+            if cp.state.streak >= self.config.repetition_limit:
+                self._fail(
+                    cp, cause, "repetition", f"{cp.state.streak} identical calls: {signature[:500]}"
+                )
+                return []
+            if call.tool == tools.NARRATE:
+                text = str(call.input.get("text", ""))[:20_000]
+                cp.outbox.append(
+                    AgentNarrated(
+                        event_id=stable_id(cp.build_id, "narrated", call.call_id),
+                        build_id=cp.build_id,
+                        user_id=cp.user_id,
+                        causation_id=cause,
+                        iteration=cp.iteration,
+                        text=text,
+                    )
+                )
+                cp.state.results[call.call_id] = Outcome(content="ok")
+            elif call.tool not in tools.SANDBOX_TOOLS:
+                cp.state.results[call.call_id] = Outcome(
+                    content=f"unknown tool {call.tool!r}", is_error=True
+                )
+            else:
+                cp.outbox.append(
+                    ToolCall(
+                        event_id=stable_id(cp.build_id, "tool_call", call.call_id),
+                        build_id=cp.build_id,
+                        user_id=cp.user_id,
+                        causation_id=cause,
+                        call_id=call.call_id,
+                        iteration=cp.iteration,
+                        tool=call.tool,  # type: ignore[arg-type]
+                        input=call.input,
+                        timeout_s=cp.limits.tool_timeout_s,
+                    )
+                )
+        cp.status = "acting"
+        if len(cp.state.results) == len(cp.state.pending):
+            return self._observe(cp, cause)
+        return []
+
+    def _record(self, cp: Checkpoint, msg: ToolResult) -> list[Turn] | None:
+        if cp.status != "acting" or msg.iteration != cp.iteration:
+            return None  # stale, or the build ended
+        if msg.call_id not in {c.call_id for c in cp.state.pending}:
+            return None
+        if msg.call_id in cp.state.results:
+            return None  # a duplicate
+        cp.state.results[msg.call_id] = Outcome(
+            content=msg.output or "(no output)",
+            is_error=msg.is_error,
+            files_changed=msg.files_changed,
+        )
+        if len(cp.state.results) < len(cp.state.pending):
+            return []
+        return self._observe(cp, msg.event_id)
+
+    def _observe(self, cp: Checkpoint, cause: uuid.UUID) -> list[Turn]:
+        """The set is complete: one user turn with every result, in the order of the calls."""
+        blocks = []
+        changed = False
+        for call in cp.state.pending:
+            outcome = cp.state.results[call.call_id]
+            changed = changed or bool(outcome.files_changed)
+            blocks.append(
+                {
+                    "type": "tool_result",
+                    "tool_use_id": call.call_id,
+                    "content": outcome.content,
+                    "is_error": outcome.is_error,
+                }
+            )
+        cp.state.pending, cp.state.results = [], {}
+        if changed:
+            cp.outbox.append(
+                self._checkpoint(cp, "files_changed", cause, ("files_changed", cp.iteration))
+            )
+        cp.status = "thinking"
+        if cp.state.sleep is not None:
+            self._go_to_sleep(cp, cause)
+        return [self._turn(cp, "user", blocks)]
+
+    # ------------------------------------------------------------------ endings and sleep
+
+    def _go_to_sleep(self, cp: Checkpoint, cause: uuid.UUID) -> None:
+        request = cp.state.sleep
+        assert request is not None
+        cp.state.sleeps += 1
+        cp.state.sleep = None
+        cp.status = "sleeping"
+        cp.outbox.append(self._checkpoint(cp, "sleep", cause, ("sleep", cp.state.sleeps)))
+        cp.outbox.append(
+            BuildSleeping(
+                event_id=stable_id(cp.build_id, "sleeping", cp.state.sleeps),
+                build_id=cp.build_id,
+                user_id=cp.user_id,
+                causation_id=cause,
+                reason=request.reason,
+                wake_at=request.wake_at,
+            )
+        )
+
+    def _finish(self, cp: Checkpoint, summary: str, cause: uuid.UUID) -> None:
+        final = self._checkpoint(cp, "final", cause, ("final",))
+        cp.status = "completed"
+        cp.outbox += [
+            final,
+            BuildCompleted(
+                event_id=stable_id(cp.build_id, "completed"),
+                build_id=cp.build_id,
+                user_id=cp.user_id,
+                causation_id=cause,
+                summary=summary or "(no summary)",
+                iterations=cp.iteration,
+                cost_micro_usd=cp.cost_micro_usd,
+                final_checkpoint_id=final.event_id,
+            ),
+        ]
+
+    def _fail(self, cp: Checkpoint, cause: uuid.UUID, reason: FailureReason, detail: str) -> None:
+        log.info("build failed: %s %s", reason, detail, extra={"build_id": cp.build_id})
+        cp.status = "failed"
+        cp.state.detail = f"{reason}: {detail}"
+        cp.state.pending, cp.state.results = [], {}
+        cp.outbox.append(
+            BuildFailed(
+                event_id=stable_id(cp.build_id, "failed"),
+                build_id=cp.build_id,
+                user_id=cp.user_id,
+                causation_id=cause,
+                reason=reason,
+                detail=detail[:4000],
+                iterations=cp.iteration,
+                cost_micro_usd=cp.cost_micro_usd,
+            )
+        )
+
+    def _checkpoint(
+        self, cp: Checkpoint, reason: Any, cause: uuid.UUID, key: tuple[object, ...]
+    ) -> CheckpointSaved:
+        return CheckpointSaved(
+            event_id=stable_id(cp.build_id, "checkpoint", *key),
+            build_id=cp.build_id,
+            user_id=cp.user_id,
+            causation_id=cause,
+            iteration=cp.iteration,
+            reason=reason,
+        )
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def _step(self, build_id: str, advance: Advance) -> Checkpoint | None:
+        """Load, advance, save (retrying a lost race on fresh state), then publish."""
+        for _ in range(self.save_attempts):
+            cp = await self.store.load(build_id)
+            if cp is None:
+                return None
+            await self._flush(cp)
+            new_turns = advance(cp)
+            if new_turns is None:
+                return None
+            try:
+                await self.store.save(cp, new_turns)
+            except VersionConflict:
+                log.info("version conflict; re-applying", extra={"build_id": build_id})
+                continue
+            await self._flush(cp)
+            return cp
+        raise Conflict(f"build {build_id} kept changing under {self.save_attempts} attempts")
+
+    async def _flush(self, cp: Checkpoint) -> None:
+        if not cp.outbox:
+            return
+        for msg in cp.outbox:
+            await self.publisher.publish(msg)
+        await self.store.mark_sent(cp.build_id, cp.version)
+        cp.outbox = []
+
+    def _turn(self, cp: Checkpoint, role: Any, content: list[dict[str, Any]]) -> Turn:
+        turn = Turn(cp.turns, role, content)
+        cp.turns += 1
+        return turn
+
+    def _cap(self, cp: Checkpoint) -> int | None:
+        if cp.limits.max_cost_micro_usd is not None:
+            return cp.limits.max_cost_micro_usd
+        tier = self.kiln.tiers.get(cp.tier)
+        return tier.per_build_cap_micro_usd if tier else None
+
+    def _new_checkpoint(self, msg: BuildRequested) -> Checkpoint:
+        tier = self.kiln.tiers.get(msg.tier)
+        return Checkpoint(
+            build_id=msg.build_id,
+            user_id=msg.user_id,
+            tier=msg.tier,
+            model=(tier.models.get("agent", "") if tier else ""),
+            limits=msg.limits,
+            system=self.config.system(msg.idea_brief, msg.understanding_qna),
+        )
+
+    def _request(self, cp: Checkpoint, turns: list[Turn]) -> ModelRequest:
+        return build_request(cp, turns, self.tools, self.config)
+
+
+def build_request(
+    cp: Checkpoint, turns: list[Turn], tool_defs: list[dict[str, Any]], config: AgentConfig
+) -> ModelRequest:
+    """The Messages request: cache breakpoints on the system block, the last tool and the last user
+    turn; old long tool results cleared (compaction) while the stored turns keep them."""
+    tool_results = [i for i, t in enumerate(turns) if _has_tool_result(t)]
+    keep = set(tool_results[-config.keep_tool_results :])
+    messages: list[dict[str, Any]] = []
+    for i, turn in enumerate(turns):
+        content = [dict(b) for b in turn.content]
+        if i in tool_results and i not in keep:
+            for b in content:
+                text = b.get("content")
+                if b["type"] == "tool_result" and isinstance(text, str):
+                    if len(text) > config.clear_over_chars:
+                        b["content"] = f"[{len(text)} characters of old output cleared]"
+        messages.append({"role": turn.role, "content": content})
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+    if last_user is not None and messages[last_user]["content"]:
+        blocks = messages[last_user]["content"]
+        blocks[-1] = {**blocks[-1], "cache_control": CACHE}
+    tool_defs = [dict(t) for t in tool_defs]
+    if tool_defs:
+        tool_defs[-1] = {**tool_defs[-1], "cache_control": CACHE}
+    return ModelRequest(
+        model=cp.model,
+        system=[{"type": "text", "text": cp.system, "cache_control": CACHE}],
+        tools=tool_defs,
+        messages=messages,
+        max_tokens=config.max_tokens,
+    )
+
+
+def _has_tool_result(turn: Turn) -> bool:
+    return turn.role == "user" and any(b.get("type") == "tool_result" for b in turn.content)
+
+
+def _clean(content: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep what the next request may send back: text and tool_use blocks, minimal fields."""
+    out: list[dict[str, Any]] = []
+    for b in content:
+        if b.get("type") == "text" and b.get("text"):
+            out.append({"type": "text", "text": b["text"]})
+        elif b.get("type") == "tool_use":
+            raw = b.get("input")
+            out.append(
+                {
+                    "type": "tool_use",
+                    "id": b["id"],
+                    "name": b["name"],
+                    "input": raw if isinstance(raw, dict) else {},
+                }
+            )
+    return out
+
+
+def _text(content: list[dict[str, Any]]) -> str:
+    return "\n".join(b["text"] for b in content if b["type"] == "text").strip()
+
+
+def _caused(msg: Envelope, cls: type[Any], event_id: uuid.UUID, **fields: Any) -> Any:
+    return msg.caused(cls, **fields).with_id(event_id)

@@ -1,0 +1,63 @@
+"""What the agent needs from the outside world, as Protocols (real adapters in adapters/)."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+from kiln_contracts import Envelope, Usage
+
+from .checkpoint import Checkpoint, Turn
+
+
+class VersionConflict(Exception):
+    """The checkpoint changed since it was loaded (another handler saved first)."""
+
+
+class CheckpointStore(Protocol):
+    async def create(self, cp: Checkpoint, turns: list[Turn]) -> bool:
+        """Insert a new build; False if the build already exists."""
+
+    async def load(self, build_id: str) -> Checkpoint | None: ...
+
+    async def turns(self, build_id: str) -> list[Turn]:
+        """The whole conversation, in order."""
+
+    async def save(self, cp: Checkpoint, new_turns: list[Turn]) -> None:
+        """Write ``cp`` (with its outbox) and append ``new_turns`` in one transaction, if the stored
+        version is still ``cp.version``; then ``cp.version`` is the new one. Else VersionConflict."""
+
+    async def mark_sent(self, build_id: str, version: int) -> None:
+        """Clear the outbox of that version (a no-op if the build has moved on)."""
+
+
+class Publisher(Protocol):
+    async def publish(self, msg: Envelope) -> None: ...
+
+
+class ModelRequest(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    model: str
+    system: list[dict[str, Any]]
+    tools: list[dict[str, Any]]
+    messages: list[dict[str, Any]]
+    max_tokens: int
+
+
+class ModelReply(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    model: str
+    content: list[dict[str, Any]]
+    stop_reason: str
+    usage: Usage
+
+
+class ModelError(Exception):
+    """The model could not answer (after retries, or a request it will never accept)."""
+
+
+class Model(Protocol):
+    async def complete(self, request: ModelRequest) -> ModelReply: ...

@@ -1,0 +1,313 @@
+"""A deterministic scripted model: the demo, and the model of the tests.
+
+It decides the next assistant turn from the request's messages alone (no hidden state): the phase
+of the last assistant turn is encoded in its tool_use ids, and the tool results that answered it
+decide what comes next. The script builds a small standard-library Python package, ``textstats``,
+with the real sandbox tools: it plans (narrate + list_dir in parallel), writes the package with a
+deliberate bug, its unittest suite and a README (three parallel calls), runs the tests (they fail),
+reads the code, fixes the bug with edit_file, runs the tests again and reports. Whenever a result
+is not what the script expects, it ends its turn and says so instead of pressing on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import OrderedDict
+from typing import Any
+
+from kiln_contracts import Usage
+
+from .ports import ModelReply, ModelRequest
+
+TEST_COMMAND = "python -m unittest discover -s tests -v"
+BUG = "key=lambda item: (item[1], item[0])"
+FIX = "key=lambda item: (-item[1], item[0])"
+
+PACKAGE = f'''"""textstats: count words, lines and characters, and find the most common words."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+__all__ = ["char_count", "line_count", "top_words", "word_count", "words"]
+
+_WORD = re.compile(r"[A-Za-z0-9']+")
+
+
+def words(text: str) -> list[str]:
+    """The words of ``text``, lower-cased."""
+    return [w.lower() for w in _WORD.findall(text)]
+
+
+def word_count(text: str) -> int:
+    return len(words(text))
+
+
+def line_count(text: str) -> int:
+    return len(text.splitlines())
+
+
+def char_count(text: str, *, spaces: bool = True) -> int:
+    return len(text) if spaces else len(re.sub(r"\\s", "", text))
+
+
+def top_words(text: str, n: int = 3) -> list[tuple[str, int]]:
+    """The ``n`` most common words with their counts, most common first (ties: alphabetical)."""
+    counts = Counter(words(text))
+    return sorted(counts.items(), {BUG})[:n]
+'''
+
+TESTS = """import unittest
+
+from textstats import char_count, line_count, top_words, word_count
+
+TEXT = "the cat sat on the mat\\nthe dog sat too\\n"
+
+
+class TextStatsTest(unittest.TestCase):
+    def test_word_count(self):
+        self.assertEqual(word_count(TEXT), 10)
+
+    def test_line_count(self):
+        self.assertEqual(line_count(TEXT), 2)
+
+    def test_char_count(self):
+        self.assertEqual(char_count("a b"), 3)
+        self.assertEqual(char_count("a b", spaces=False), 2)
+
+    def test_top_words(self):
+        self.assertEqual(top_words(TEXT, 2), [("the", 3), ("sat", 2)])
+
+    def test_empty(self):
+        self.assertEqual(word_count(""), 0)
+        self.assertEqual(top_words(""), [])
+
+
+if __name__ == "__main__":
+    unittest.main()
+"""
+
+README = f"""# textstats
+
+Word, line and character counts for text, and its most common words. Standard library only.
+
+```python
+from textstats import top_words, word_count
+word_count("the cat sat")        # 3
+top_words("a b a", n=1)          # [("a", 2)]
+```
+
+Run the tests: `{TEST_COMMAND}`
+"""
+
+SUMMARY = (
+    "Built `textstats`, a small standard-library Python package: `word_count`, `line_count`, "
+    "`char_count` and `top_words` in `textstats/__init__.py`, a unittest suite in "
+    "`tests/test_textstats.py` and a README. The first test run caught a bug in `top_words` "
+    "(least common words came first); it is fixed and all tests pass. "
+    f"Run them with `{TEST_COMMAND}`."
+)
+
+
+class ScriptedModel:
+    """The script, as a Model (for the agent's tests) and as a Messages API responder."""
+
+    def __init__(self) -> None:
+        self.usage = UsageEstimator()
+
+    # ---------------------------------------------------------------- the Model port
+
+    async def complete(self, request: ModelRequest) -> ModelReply:
+        body = self.respond(request.model_dump())
+        return ModelReply(
+            model=body["model"],
+            content=body["content"],
+            stop_reason=body["stop_reason"],
+            usage=Usage(**body["usage"]),
+        )
+
+    # ---------------------------------------------------------------- Messages API
+
+    def respond(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A Messages API response body for a request body."""
+        messages = request.get("messages") or []
+        digest = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:12]
+        content, stop = next_turn(messages, digest)
+        return {
+            "id": f"msg_{digest}",
+            "type": "message",
+            "role": "assistant",
+            "model": request.get("model") or "scripted",
+            "content": content,
+            "stop_reason": stop,
+            "stop_sequence": None,
+            "usage": self.usage.estimate(request, content),
+        }
+
+
+def next_turn(messages: list[dict[str, Any]], digest: str) -> tuple[list[dict[str, Any]], str]:
+    """The next assistant turn (content blocks, stop_reason) given the conversation so far."""
+    phase, results = _last_phase(messages)
+
+    def call(name: str, i: int, **tool_input: Any) -> dict[str, Any]:
+        return {"type": "tool_use", "id": f"toolu_{phase_next}_{i}_{digest}", "name": name,
+                "input": tool_input}  # fmt: skip
+
+    def say(text: str) -> dict[str, Any]:
+        return {"type": "text", "text": text}
+
+    def end(text: str) -> tuple[list[dict[str, Any]], str]:
+        return [say(text)], "end_turn"
+
+    if any(r.get("is_error") for r in results) and phase not in ("test1", "test2"):
+        return end(f"I stopped: a tool failed unexpectedly: {_text(results[-1])[:500]}")
+    if phase is None:
+        phase_next = "plan"
+        return [
+            say("I'll build a small Python package, textstats, test it, and fix what fails."),
+            call(
+                "narrate",
+                0,
+                text="Plan: write the textstats package, its unit tests and a README, then run "
+                "the tests and fix anything that fails.",
+            ),
+            call("list_dir", 1, path="."),
+        ], "tool_use"
+    if phase == "plan":
+        phase_next = "write"
+        return [
+            call("write_file", 0, path="textstats/__init__.py", content=PACKAGE),
+            call("write_file", 1, path="tests/test_textstats.py", content=TESTS),
+            call("write_file", 2, path="README.md", content=README),
+        ], "tool_use"
+    if phase == "write":
+        phase_next = "test1"
+        return [call("bash", 0, command=TEST_COMMAND, timeout_s=60)], "tool_use"
+    if phase == "test1":
+        if _passed(results[0]):
+            phase_next = "report"
+            return [call("narrate", 0, text="All tests pass on the first run.")], "tool_use"
+        if "test_top_words" not in _text(results[0]):
+            return end("The tests fail in a way I did not expect:\n" + _text(results[0])[-1500:])
+        phase_next = "read"
+        return [
+            say("test_top_words fails: the order is wrong. Let me read the code."),
+            call("read_file", 0, path="textstats/__init__.py"),
+        ], "tool_use"
+    if phase == "read":
+        if BUG not in _text(results[0]):
+            return end("I could not find the line to fix in textstats/__init__.py; stopping.")
+        phase_next = "fix"
+        return [
+            say("top_words sorts by ascending count; it must sort by descending count."),
+            call("edit_file", 0, path="textstats/__init__.py", old_string=BUG, new_string=FIX),
+        ], "tool_use"
+    if phase == "fix":
+        phase_next = "test2"
+        return [call("bash", 0, command=TEST_COMMAND, timeout_s=60)], "tool_use"
+    if phase == "test2":
+        if not _passed(results[0]):
+            return end(
+                "I gave up: the tests still fail after my fix:\n" + _text(results[0])[-1500:]
+            )
+        phase_next = "report"
+        return [
+            call("narrate", 0, text="Fixed the sorting bug in top_words; all 5 tests pass."),
+        ], "tool_use"
+    if phase == "report":
+        return end(SUMMARY)
+    return end("I lost track of the script; stopping here.")
+
+
+def _last_phase(messages: list[dict[str, Any]]) -> tuple[str | None, list[dict[str, Any]]]:
+    """The phase of the last assistant turn with tool calls, and the results that answered it."""
+    for i in range(len(messages) - 1, -1, -1):
+        m = messages[i]
+        if m.get("role") != "assistant" or not isinstance(m.get("content"), list):
+            continue
+        ids = [b["id"] for b in m["content"] if b.get("type") == "tool_use"]
+        if not ids:
+            continue
+        match = re.match(r"toolu_([a-z0-9]+)_", ids[0])
+        answer = messages[i + 1]["content"] if i + 1 < len(messages) else []
+        by_id = {
+            b.get("tool_use_id"): b
+            for b in (answer if isinstance(answer, list) else [])
+            if b.get("type") == "tool_result"
+        }
+        results = [by_id.get(x, {"content": "(missing result)", "is_error": True}) for x in ids]
+        return (match.group(1) if match else "unknown"), results
+    return None, []
+
+
+def _text(result: dict[str, Any]) -> str:
+    content = result.get("content", "")
+    if isinstance(content, list):
+        return "\n".join(str(b.get("text", "")) for b in content if isinstance(b, dict))
+    return str(content)
+
+
+def _passed(result: dict[str, Any]) -> bool:
+    text = _text(result)
+    return (
+        not result.get("is_error")
+        and "FAILED" not in text
+        and re.search(r"^OK", text, re.M) is not None
+    )
+
+
+# -------------------------------------------------------------------- usage and prompt caching
+
+
+def tokens(value: Any) -> int:
+    """A rough token count: a quarter of the characters of the value's JSON."""
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return len(text) // 4
+
+
+class UsageEstimator:
+    """Usage with prompt caching as the API reports it: the request is tools, then system, then
+    messages; each cache_control marks a prefix; a prefix seen before is a cache read, the rest of
+    the prefix up to the last breakpoint a cache write, what follows plain input."""
+
+    def __init__(self, max_entries: int = 10_000) -> None:
+        self.cache: OrderedDict[str, None] = OrderedDict()
+        self.max_entries = max_entries
+
+    def estimate(self, request: dict[str, Any], output: list[dict[str, Any]]) -> dict[str, int]:
+        parts: list[tuple[Any, bool]] = []
+        for tool in request.get("tools") or []:
+            parts.append((tool, "cache_control" in tool))
+        system = request.get("system") or []
+        for block in [{"type": "text", "text": system}] if isinstance(system, str) else system:
+            parts.append((block, "cache_control" in block))
+        for m in request.get("messages") or []:
+            content = m.get("content")
+            blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            for block in blocks:
+                parts.append(({"role": m.get("role"), **block}, "cache_control" in block))
+        hasher = hashlib.sha256()
+        total = read = breakpoint = 0
+        for part, marked in parts:
+            clean = {k: v for k, v in part.items() if k != "cache_control"}
+            hasher.update(json.dumps(clean, sort_keys=True).encode())
+            total += tokens(clean)
+            if marked:
+                key = hasher.hexdigest()
+                if key in self.cache:
+                    read = total
+                    self.cache.move_to_end(key)
+                else:
+                    self.cache[key] = None
+                breakpoint = total
+        while len(self.cache) > self.max_entries:
+            self.cache.popitem(last=False)
+        return {
+            "input_tokens": max(1, total - breakpoint),
+            "output_tokens": max(1, sum(tokens(b) for b in output)),
+            "cache_creation_input_tokens": breakpoint - read,
+            "cache_read_input_tokens": read,
+        }

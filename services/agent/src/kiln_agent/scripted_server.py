@@ -1,0 +1,142 @@
+"""An Anthropic-compatible HTTP server for the scripted model (asyncio, standard library only).
+
+``python -m kiln_agent.scripted_server --port 8765 [--host 127.0.0.1] [--latency-s 0.2]``
+
+POST /v1/messages (non-streaming) answers with a Messages API response; GET /healthz answers ok.
+HTTP/1.1 with keep-alive; each connection is its own task, so many clients can be served at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+from .scripted import ScriptedModel
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 32 * 1024 * 1024
+
+
+class ScriptedServer:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, latency_s: float = 0.0) -> None:
+        self.host = host
+        self.port = port
+        self.latency_s = latency_s
+        self.model = ScriptedModel()
+        self.requests = 0
+        self._server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, self.host, self.port, backlog=1024)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                request_line = await reader.readline()
+                if not request_line:
+                    return
+                method, path, _ = request_line.decode("latin-1").split(" ", 2)
+                headers: dict[str, str] = {}
+                while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    name, _, value = line.decode("latin-1").partition(":")
+                    headers[name.strip().lower()] = value.strip()
+                length = int(headers.get("content-length") or 0)
+                if length > MAX_BODY:
+                    await _send(writer, 413, _error("request_too_large", "body too large"))
+                    return
+                body = await reader.readexactly(length) if length else b""
+                status, payload = await self._handle(method, path.split("?")[0], body)
+                await _send(writer, status, payload)
+                if headers.get("connection", "").lower() == "close":
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+            return
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _handle(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
+        if method == "GET" and path in ("/healthz", "/"):
+            return 200, {"status": "ok", "requests": self.requests}
+        if path != "/v1/messages":
+            return 404, _error("not_found_error", f"no route {method} {path}")
+        if method != "POST":
+            return 405, _error("invalid_request_error", "use POST")
+        try:
+            request = json.loads(body)
+            if not isinstance(request.get("messages"), list) or not request.get("max_tokens"):
+                raise ValueError("messages and max_tokens are required")
+        except ValueError as err:
+            return 400, _error("invalid_request_error", str(err))
+        if request.get("stream"):
+            return 400, _error("invalid_request_error", "streaming is not supported")
+        self.requests += 1
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        return 200, self.model.respond(request)
+
+
+def _error(kind: str, message: str) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    413: "Payload Too Large",
+}
+
+
+async def _send(writer: asyncio.StreamWriter, status: int, payload: dict[str, Any]) -> None:
+    data = json.dumps(payload).encode()
+    head = (
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n"
+        "Connection: keep-alive\r\n"
+        f"request-id: req_scripted_{id(payload):x}\r\n\r\n"
+    )
+    writer.write(head.encode() + data)
+    await writer.drain()
+
+
+async def serve(host: str, port: int, latency_s: float) -> None:
+    server = ScriptedServer(host, port, latency_s)
+    await server.start()
+    log.info("scripted model listening on %s", server.url)
+    print(f"scripted model listening on {server.url}", flush=True)
+    await asyncio.Event().wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="An Anthropic-compatible scripted model server.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--latency-s", type=float, default=0.0, help="Delay before each reply.")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(args.host, args.port, args.latency_s))
+
+
+if __name__ == "__main__":
+    main()

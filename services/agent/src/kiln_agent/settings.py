@@ -1,0 +1,27 @@
+"""The agent's settings (environment variables)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from kiln_runtime.settings import DatabaseSettings, env
+
+
+class AgentSettings(DatabaseSettings):
+    anthropic_api_key: str | None = Field(default=None, validation_alias=env("ANTHROPIC_API_KEY"))
+    anthropic_base_url: str | None = Field(default=None, validation_alias=env("ANTHROPIC_BASE_URL"))
+    model_timeout_s: float = Field(
+        default=600.0, gt=0, validation_alias=env("KILN_MODEL_TIMEOUT_S")
+    )
+    agent_config: str | None = Field(default=None, validation_alias=env("KILN_AGENT_CONFIG"))
+    workers: int = Field(default=128, ge=1, validation_alias=env("KILN_AGENT_WORKERS"))
+    db_pool_size: int = Field(default=20, ge=1, validation_alias=env("KILN_AGENT_DB_POOL"))
+
+
+class MissingApiKey(SystemExit):
+    def __init__(self) -> None:
+        super().__init__(
+            "kiln-agent: ANTHROPIC_API_KEY is not set. Set it to an Anthropic API key, or set "
+            "ANTHROPIC_BASE_URL to a compatible server (e.g. `python -m kiln_agent.scripted_server "
+            "--port 8765`, then ANTHROPIC_BASE_URL=http://127.0.0.1:8765 ANTHROPIC_API_KEY=any)."
+        )
