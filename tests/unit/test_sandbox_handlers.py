@@ -1,0 +1,231 @@
+"""The sandbox service's domain with in-memory fakes (no broker, no database)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kiln_contracts import (
+    BuildCancelled,
+    BuildFailed,
+    Envelope,
+    ManifestRequest,
+    SandboxStarted,
+    SandboxStopped,
+    SnapshotSaved,
+    ToolCall,
+    ToolResult,
+    Upload,
+    UploadRequest,
+    stable_id,
+)
+from kiln_sandbox.adapters.local import LocalProvider
+from kiln_sandbox.handlers import INTERRUPTED, SandboxService
+from kiln_sandbox.ports import SandboxRecord
+
+
+class FakeRegistry:
+    def __init__(self) -> None:
+        self.rows: dict[str, SandboxRecord] = {}
+
+    async def get(self, build_id: str) -> SandboxRecord | None:
+        return self.rows.get(build_id)
+
+    async def put(self, record: SandboxRecord) -> None:
+        self.rows[record.build_id] = record
+
+
+class FakeCalls:
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str], tuple[str, dict[str, Any] | None]] = {}
+
+    async def get(self, build_id: str, call_id: str):
+        return self.rows.get((build_id, call_id))
+
+    async def begin(self, build_id: str, call_id: str) -> bool:
+        if (build_id, call_id) in self.rows:
+            return False
+        self.rows[(build_id, call_id)] = ("started", None)
+        return True
+
+    async def finish(self, build_id: str, call_id: str, result: dict[str, Any]) -> None:
+        self.rows[(build_id, call_id)] = ("done", result)
+
+
+class FakeBus:
+    def __init__(self) -> None:
+        self.published: list[Envelope] = []
+
+    async def publish(self, msg: Envelope) -> None:
+        self.published.append(msg)
+
+    def of(self, cls: type) -> list[Any]:
+        return [m for m in self.published if isinstance(m, cls)]
+
+
+@pytest.fixture
+async def svc(tmp_path: Path):
+    provider = LocalProvider(tmp_path / "sandboxes")
+    service = SandboxService(provider, FakeRegistry(), FakeCalls(), FakeBus())
+    yield service
+    await provider.close()
+
+
+def bus(svc: SandboxService) -> FakeBus:
+    assert isinstance(svc.bus, FakeBus)
+    return svc.bus
+
+
+def workspace_file(svc: SandboxService, build_id: str, name: str) -> str | None:
+    assert isinstance(svc.provider, LocalProvider)
+    path = svc.provider.root / build_id / name
+    return path.read_text() if path.exists() else None
+
+
+def tool_call(uid: str, call_id: str = "toolu_1", **fields: Any) -> ToolCall:
+    fields.setdefault("tool", "bash")
+    fields.setdefault("input", {"command": "echo line >> log.txt; wc -l < log.txt"})
+    return ToolCall(build_id=f"b{uid}", user_id="u1", call_id=call_id, iteration=1, **fields)
+
+
+async def test_first_call_creates_the_sandbox_and_publishes_the_result(svc, uid):
+    call = tool_call(uid)
+    result = await svc.handle_tool_call(call)
+    assert result.event_id == stable_id(call.build_id, "tool_result", call.call_id)
+    assert result.causation_id == call.event_id
+    assert result.output.strip() == "1" and result.exit_code == 0
+    assert result.files_changed == ["log.txt"]
+    started = bus(svc).of(SandboxStarted)
+    assert len(started) == 1 and started[0].provider == "local"
+    assert bus(svc).of(ToolResult) == [result]
+    record = await svc.registry.get(call.build_id)
+    assert record is not None and record.state == "running"
+
+
+async def test_the_same_call_twice_runs_once_and_republishes_the_same_result(svc, uid):
+    call = tool_call(uid)
+    first = await svc.handle_tool_call(call)
+    again = await svc.handle_tool_call(call)
+    redelivered_with_new_id = await svc.handle_tool_call(call.with_id(stable_id("other", uid)))
+    assert first == again == redelivered_with_new_id
+    assert workspace_file(svc, call.build_id, "log.txt") == "line\n"
+    assert len(bus(svc).of(SandboxStarted)) == 1
+    assert [r.event_id for r in bus(svc).of(ToolResult)] == [first.event_id] * 3
+
+
+async def test_a_call_found_started_is_reported_interrupted_not_rerun(svc, uid):
+    call = tool_call(uid)
+    await svc.calls.begin(call.build_id, call.call_id)  # a crash after 'started'
+    result = await svc.handle_tool_call(call)
+    assert result.is_error and result.output == INTERRUPTED
+    assert result.event_id == stable_id(call.build_id, "tool_result", call.call_id)
+    assert workspace_file(svc, call.build_id, "log.txt") is None
+    # and from now on that error is the stored result
+    assert await svc.handle_tool_call(call) == result
+
+
+async def test_calls_to_a_stopped_build_are_not_run(svc, uid):
+    await svc.handle_tool_call(tool_call(uid, "c1", input={"command": "true"}))
+    await svc.handle_build_ended(
+        BuildCancelled(
+            build_id=f"b{uid}", user_id="u1", reason="user", iterations=1, cost_micro_usd=0
+        )
+    )
+    result = await svc.handle_tool_call(tool_call(uid, "c2"))
+    assert result.is_error and "stopped" in result.output
+    assert workspace_file(svc, f"b{uid}", "log.txt") is None
+
+
+async def test_sleep_pauses_final_stops_and_both_are_idempotent(svc, uid):
+    call = tool_call(uid)
+    await svc.handle_tool_call(call)
+
+    def snap(reason: str) -> SnapshotSaved:
+        return SnapshotSaved(
+            build_id=call.build_id,
+            user_id="u1",
+            snapshot_id=f"s-{reason}",
+            iteration=1,
+            reason=reason,  # type: ignore[arg-type]
+            files=1,
+            bytes_total=5,
+            bytes_uploaded=5,
+        )
+
+    await svc.handle_snapshot_saved(snap("periodic"))
+    assert bus(svc).of(SandboxStopped) == []
+
+    sleep = snap("sleep")
+    await svc.handle_snapshot_saved(sleep)
+    await svc.handle_snapshot_saved(sleep)
+    assert (await svc.registry.get(call.build_id)).state == "paused"
+    assert len(bus(svc).of(SandboxStopped)) == 1
+
+    # a woken build's next call resumes the same sandbox (no new SandboxStarted)
+    await svc.handle_tool_call(tool_call(uid, "c2", input={"command": "cat log.txt"}))
+    assert (await svc.registry.get(call.build_id)).state == "running"
+    assert len(bus(svc).of(SandboxStarted)) == 1
+
+    final = snap("final")
+    await svc.handle_snapshot_saved(final)
+    await svc.handle_snapshot_saved(final)
+    stopped = bus(svc).of(SandboxStopped)
+    assert len(stopped) == 2 and "final" in stopped[-1].reason
+    assert (await svc.registry.get(call.build_id)).state == "stopped"
+    # the local provider keeps the workspace for downloads
+    assert workspace_file(svc, call.build_id, "log.txt") == "line\n"
+
+
+async def test_build_failed_stops_the_sandbox(svc, uid):
+    await svc.handle_tool_call(tool_call(uid, input={"command": "true"}))
+    failed = BuildFailed(
+        build_id=f"b{uid}", user_id="u1", reason="internal", iterations=1, cost_micro_usd=0
+    )
+    await svc.handle_build_ended(failed)
+    await svc.handle_build_ended(failed)
+    assert len(bus(svc).of(SandboxStopped)) == 1
+    # a build without a sandbox: nothing to stop, nothing published
+    await svc.handle_build_ended(failed.model_copy(update={"build_id": f"x{uid}"}))
+    assert len(bus(svc).of(SandboxStopped)) == 1
+
+
+async def test_a_vanished_workspace_is_replaced_by_a_fresh_sandbox(svc, uid):
+    await svc.handle_tool_call(tool_call(uid, "c1", input={"command": "true"}))
+    await svc.registry.put(SandboxRecord(f"b{uid}", "local", "gone-sandbox", "running"))
+    result = await svc.handle_tool_call(tool_call(uid, "c2", input={"command": "echo ok"}))
+    assert result.output.strip() == "ok"
+    assert (await svc.registry.get(f"b{uid}")).sandbox_id == f"b{uid}"
+
+
+async def test_manifest_and_upload_errors(svc, uid):
+    reply = await svc.manifest(ManifestRequest(build_id=f"none{uid}"))
+    assert not reply.ok and "no sandbox" in reply.error
+
+    call = tool_call(
+        uid,
+        input={"command": "mkdir -p a __pycache__ && echo hi > a/x.txt && echo c > __pycache__/c"},
+    )
+    await svc.handle_tool_call(call)
+    reply = await svc.manifest(ManifestRequest(build_id=call.build_id, excludes=["__pycache__"]))
+    assert reply.ok, reply.error
+    assert [(e.path, e.size, e.sha256, e.mode) for e in reply.entries] == [
+        ("a/x.txt", 3, hashlib.sha256(b"hi\n").hexdigest(), 0o644),
+    ]
+
+    bad = await svc.upload(
+        UploadRequest(
+            build_id=call.build_id,
+            uploads=[Upload(path="a/x.txt", sha256="0" * 64, url="http://127.0.0.1:9/x")],
+        )
+    )
+    assert not bad.ok and "changed since the manifest" in bad.error and bad.uploaded == 0
+    escape = await svc.upload(
+        UploadRequest(
+            build_id=call.build_id,
+            uploads=[Upload(path="../x", sha256="0" * 64, url="http://127.0.0.1:9/x")],
+        )
+    )
+    assert not escape.ok and "outside" in escape.error
