@@ -1,0 +1,334 @@
+"""The agent's state machine with fakes: no broker, no database, no model server."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from kiln_agent.loop import CONTINUE
+from kiln_agent.ports import ModelError, VersionConflict
+from kiln_agent.scripted import ScriptedModel
+from kiln_contracts import (
+    AgentNarrated,
+    BuildCancelled,
+    BuildCompleted,
+    BuildFailed,
+    BuildLimits,
+    BuildRequested,
+    BuildResumed,
+    BuildSleeping,
+    CancelRequested,
+    CheckpointSaved,
+    IterationCompleted,
+    QnA,
+    SleepRequested,
+    ToolCall,
+    WakeRequested,
+    stable_id,
+)
+from kiln_runtime.errors import Conflict
+from tests.unit.test_agent_fakes import (
+    FakeModel,
+    Workspace,
+    make_agent,
+    result_for,
+    text,
+    tool_use,
+)
+
+
+def request(build_id: str = "b1", **fields) -> BuildRequested:
+    fields.setdefault("idea_brief", "A tool that counts words.")
+    return BuildRequested(build_id=build_id, user_id="u1", tier="pro", **fields)
+
+
+TWO_CALLS = (
+    [
+        text("writing"),
+        tool_use("c1", "write_file", path="a.py", content="x"),
+        tool_use("c2", "bash", command="ls"),
+    ],
+    "tool_use",
+)
+DONE = ([text("All done.")], "end_turn")
+
+
+async def test_happy_path_with_the_scripted_model_and_real_tools(tmp_path: Path) -> None:
+    agent, store, pub = make_agent(ScriptedModel())
+    ws = Workspace(tmp_path)
+    await agent.build_requested(request(understanding_qna=[QnA(question="Who?", answer="Me")]))
+    answered: set[str] = set()
+    for _ in range(20):
+        calls = [c for c in pub.of(ToolCall) if c.call_id not in answered]
+        if not calls:
+            break
+        for call in calls:
+            answered.add(call.call_id)
+            await agent.tool_result(ws.run(call))
+    done = pub.of(BuildCompleted)
+    assert len(done) == 1, [type(m).__name__ for m in pub.sent]
+    assert "all tests pass" in done[0].summary
+    final = [c for c in pub.of(CheckpointSaved) if c.reason == "final"]
+    assert (
+        done[0].final_checkpoint_id == final[0].event_id == stable_id("b1", "checkpoint", "final")
+    )
+    iterations = pub.of(IterationCompleted)
+    assert [i.iteration for i in iterations] == list(range(1, done[0].iterations + 1))
+    assert done[0].cost_micro_usd == sum(i.cost_micro_usd for i in iterations) > 0
+    assert iterations[1].usage.cache_read_input_tokens > 0  # the cached prefix of turn 1
+    assert len(pub.of(AgentNarrated)) == 2
+    assert any(c.reason == "files_changed" for c in pub.of(CheckpointSaved))
+    # a turn with three parallel calls, and the package really works at the end
+    assert max(len([c for c in pub.of(ToolCall) if c.iteration == n]) for n in range(1, 9)) == 3
+    assert "-item[1]" in (tmp_path / "textstats/__init__.py").read_text()
+    cp = await store.load("b1")
+    assert cp is not None and cp.status == "completed"
+    assert [t.seq for t in await store.turns("b1")] == list(range(cp.turns))
+    system = cp.system
+    assert "A tool that counts words." in system and "Q: Who?\nA: Me" in system
+
+
+async def test_request_carries_cache_breakpoints_and_the_tools() -> None:
+    model = FakeModel(DONE)
+    agent, _, _ = make_agent(model)
+    await agent.build_requested(request())
+    req = model.requests[0]
+    assert req.model == "claude-sonnet-4-5"  # the pro tier's agent model
+    assert req.system[0]["cache_control"] == {"type": "ephemeral"}
+    assert req.tools[-1]["cache_control"] == {"type": "ephemeral"}
+    assert req.messages[-1]["content"][-1]["cache_control"] == {"type": "ephemeral"}
+    names = {t["name"] for t in req.tools}
+    assert names == {
+        "read_file",
+        "write_file",
+        "edit_file",
+        "bash",
+        "glob",
+        "grep",
+        "list_dir",
+        "narrate",
+    }
+
+
+async def test_duplicate_build_requested_is_a_no_op() -> None:
+    model = FakeModel(TWO_CALLS)
+    agent, store, pub = make_agent(model)
+    msg = request()
+    await agent.build_requested(msg)
+    await agent.build_requested(msg)
+    await agent.build_requested(request(idea_brief="something else"))
+    assert len(model.requests) == 1
+    assert len(pub.of(ToolCall)) == 2
+    cp = await store.load("b1")
+    assert cp is not None and cp.iteration == 1
+
+
+async def test_results_out_of_order_and_duplicates_make_one_turn() -> None:
+    model = FakeModel(TWO_CALLS, DONE)
+    agent, _store, pub = make_agent(model)
+    await agent.build_requested(request())
+    c1, c2 = pub.of(ToolCall)
+    assert (c1.call_id, c2.call_id) == ("c1", "c2")
+    assert c1.event_id == stable_id("b1", "tool_call", "c1")
+    assert c1.timeout_s == BuildLimits().tool_timeout_s
+    r2 = result_for(c2, "listing")
+    await agent.tool_result(r2)
+    await agent.tool_result(r2)  # duplicate
+    assert len(model.requests) == 1
+    await agent.tool_result(result_for(c1, "wrote", files_changed=["a.py"]))
+    await agent.tool_result(result_for(c1, "wrote again"))  # stale: the iteration moved on
+    assert len(model.requests) == 2
+    last = model.requests[1].messages[-1]["content"]
+    assert [b["tool_use_id"] for b in last] == ["c1", "c2"]  # the order of the tool_use blocks
+    assert [b["content"] for b in last] == ["wrote", "listing"]
+    assert len(pub.of(BuildCompleted)) == 1
+    assert [c.reason for c in pub.of(CheckpointSaved)] == ["files_changed", "final"]
+
+
+async def test_result_of_an_unknown_call_is_ignored() -> None:
+    model = FakeModel(TWO_CALLS, DONE)
+    agent, store, pub = make_agent(model)
+    await agent.build_requested(request())
+    c1 = pub.of(ToolCall)[0]
+    before = (await store.load("b1")).version  # type: ignore[union-attr]
+    await agent.tool_result(c1.caused(type(result_for(c1)), call_id="nope", iteration=1, output=""))
+    await agent.tool_result(result_for(c1).model_copy(update={"iteration": 7}))
+    assert (await store.load("b1")).version == before  # type: ignore[union-attr]
+
+
+async def test_narrate_is_answered_without_the_sandbox() -> None:
+    model = FakeModel(([tool_use("n1", "narrate", text="Starting!")], "tool_use"), DONE)
+    agent, _, pub = make_agent(model)
+    await agent.build_requested(request())
+    narrated = pub.of(AgentNarrated)
+    assert [(n.text, n.iteration) for n in narrated] == [("Starting!", 1)]
+    assert narrated[0].event_id == stable_id("b1", "narrated", "n1")
+    assert pub.of(ToolCall) == []
+    assert model.requests[1].messages[-1]["content"][0]["content"] == "ok"
+    assert len(pub.of(BuildCompleted)) == 1
+
+
+async def test_cancel_ignores_later_results() -> None:
+    model = FakeModel(TWO_CALLS, DONE)
+    agent, store, pub = make_agent(model)
+    await agent.build_requested(request())
+    c1, c2 = pub.of(ToolCall)
+    cancel = CancelRequested(build_id="b1", user_id="u1")
+    await agent.cancel(cancel)
+    await agent.cancel(cancel)
+    await agent.tool_result(result_for(c1))
+    await agent.tool_result(result_for(c2))
+    [cancelled] = pub.of(BuildCancelled)
+    assert (cancelled.iterations, cancelled.cost_micro_usd > 0) == (1, True)
+    assert len(model.requests) == 1
+    assert (await store.load("b1")).status == "cancelled"  # type: ignore[union-attr]
+
+
+async def test_iteration_limit() -> None:
+    model = FakeModel(
+        *[([tool_use(f"n{i}", "narrate", text=f"step {i}")], "tool_use") for i in range(10)]
+    )
+    agent, _, pub = make_agent(model)
+    await agent.build_requested(request(limits=BuildLimits(max_iterations=3)))
+    [failed] = pub.of(BuildFailed)
+    assert (failed.reason, failed.iterations) == ("iteration_limit", 3)
+    assert len(model.requests) == 3
+
+
+async def test_cost_limit() -> None:
+    model = FakeModel(TWO_CALLS)
+    agent, _, pub = make_agent(model)
+    await agent.build_requested(request(limits=BuildLimits(max_cost_micro_usd=100)))
+    [failed] = pub.of(BuildFailed)
+    assert failed.reason == "cost_limit" and failed.cost_micro_usd > 100
+    assert pub.of(ToolCall) == []
+    assert len(pub.of(IterationCompleted)) == 1
+
+
+async def test_repetition_of_the_same_call_fails_the_build() -> None:
+    same = ([tool_use("x", "bash", command="ls")], "tool_use")
+    model = FakeModel(same)
+    agent, _store, pub = make_agent(model)
+    await agent.build_requested(request())
+    for i in range(2):
+        calls = pub.of(ToolCall)
+        assert len(calls) == i + 1
+        model.replies = [([tool_use(f"x{i}", "bash", command="ls")], "tool_use")]
+        await agent.tool_result(result_for(calls[-1]))
+    [failed] = pub.of(BuildFailed)
+    assert failed.reason == "repetition" and failed.iterations == 3
+
+
+async def test_model_error_and_refusal() -> None:
+    agent, _, pub = make_agent(FakeModel(ModelError("HTTP 529: overloaded")))
+    await agent.build_requested(request())
+    [failed] = pub.of(BuildFailed)
+    assert failed.reason == "model_error" and "529" in failed.detail
+    agent, _, pub = make_agent(FakeModel(([text("no")], "refusal")))
+    await agent.build_requested(request())
+    assert pub.of(BuildFailed)[0].reason == "model_refusal"
+
+
+async def test_max_tokens_continues() -> None:
+    model = FakeModel(([text("part one")], "max_tokens"), DONE)
+    agent, _, pub = make_agent(model)
+    await agent.build_requested(request())
+    assert model.requests[1].messages[-1]["content"][0]["text"] == CONTINUE
+    assert len(pub.of(BuildCompleted)) == 1
+
+
+async def test_sleep_waits_for_calls_in_flight_then_wake_resumes() -> None:
+    model = FakeModel(TWO_CALLS, DONE)
+    agent, _store, pub = make_agent(model)
+    await agent.build_requested(request())
+    c1, c2 = pub.of(ToolCall)
+    sleep = SleepRequested(build_id="b1", user_id="u1", reason="budget")
+    await agent.sleep(sleep)
+    assert pub.of(BuildSleeping) == []
+    await agent.tool_result(result_for(c1))
+    await agent.tool_result(result_for(c2))
+    await agent.sleep(sleep)  # duplicate
+    [sleeping] = pub.of(BuildSleeping)
+    assert sleeping.reason == "budget"
+    assert [c.reason for c in pub.of(CheckpointSaved)] == ["sleep"]
+    assert len(model.requests) == 1  # no think while asleep
+    wake = WakeRequested(build_id="b1", user_id="u1", reason="top-up")
+    await agent.wake(wake)
+    await agent.wake(wake)
+    assert len(pub.of(BuildResumed)) == 1
+    assert len(model.requests) == 2 and len(pub.of(BuildCompleted)) == 1
+
+
+async def test_sleep_with_nothing_in_flight_is_immediate() -> None:
+    model = FakeModel(DONE)
+    agent, store, pub = make_agent(model)
+    model.gate = asyncio.Event()
+    thinking = asyncio.create_task(agent.build_requested(request()))
+    await asyncio.sleep(0.01)
+    await agent.sleep(SleepRequested(build_id="b1", user_id="u1", reason="budget"))
+    model.gate.set()
+    await thinking  # the reply lost the race: dropped, the build sleeps
+    assert len(pub.of(BuildSleeping)) == 1 and pub.of(BuildCompleted) == []
+    assert (await store.load("b1")).iteration == 0  # type: ignore[union-attr]
+
+
+async def test_outbox_is_republished_after_a_crash_between_commit_and_publish() -> None:
+    model = FakeModel(TWO_CALLS, DONE)
+    agent, store, pub = make_agent(model)
+    pub.fail_next = 1  # the process "dies" right after the commit
+    msg = request()
+    with pytest.raises(ConnectionError):
+        await agent.build_requested(msg)
+    assert pub.of(ToolCall) == []
+    cp = await store.load("b1")
+    assert cp is not None and len(cp.outbox) == 3  # IterationCompleted + 2 ToolCalls
+    await agent.build_requested(msg)  # the redelivery
+    assert [c.call_id for c in pub.of(ToolCall)] == ["c1", "c2"]
+    assert len(pub.of(IterationCompleted)) == 1 and len(model.requests) == 1
+    assert (await store.load("b1")).outbox == []  # type: ignore[union-attr]
+
+
+async def test_lost_race_is_reapplied_on_fresh_state() -> None:
+    model = FakeModel(TWO_CALLS, DONE)
+    agent, store, pub = make_agent(model)
+    await agent.build_requested(request())
+    c1, c2 = pub.of(ToolCall)
+    real_save = store.save
+    raced = False
+
+    async def save_losing_once(cp, turns):  # another replica records c2 just before us
+        nonlocal raced
+        if not raced:
+            raced = True
+            other = await store.load("b1")
+            assert other is not None
+            await real_save(other, [])
+        await real_save(cp, turns)
+
+    store.save = save_losing_once  # type: ignore[method-assign]
+    await agent.tool_result(result_for(c1))
+    store.save = real_save  # type: ignore[method-assign]
+    await agent.tool_result(result_for(c2))
+    assert len(pub.of(BuildCompleted)) == 1
+    assert [b["tool_use_id"] for b in model.requests[1].messages[-1]["content"]] == ["c1", "c2"]
+
+
+async def test_persistent_conflict_raises_conflict() -> None:
+    agent, store, pub = make_agent(FakeModel(TWO_CALLS), save_attempts=3)
+    await agent.build_requested(request())
+    c1 = pub.of(ToolCall)[0]
+
+    async def always_conflict(cp, turns):
+        raise VersionConflict(cp.build_id)
+
+    store.save = always_conflict  # type: ignore[method-assign]
+    with pytest.raises(Conflict):
+        await agent.tool_result(result_for(c1))
+
+
+async def test_unknown_tier_fails_the_build() -> None:
+    agent, _, pub = make_agent(FakeModel(DONE))
+    await agent.build_requested(request().model_copy(update={"tier": "platinum"}))
+    assert pub.of(BuildFailed)[0].reason == "internal"
