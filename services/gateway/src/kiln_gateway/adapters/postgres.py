@@ -1,0 +1,220 @@
+"""The builds read model and API keys in Postgres (schema ``gateway``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from datetime import datetime
+from typing import Any, Literal
+
+import asyncpg
+
+from kiln_contracts import BuildRequested
+
+from ..model import TERMINAL, Build, Caller, NewBuild, Projection
+from ..ports import Inserted
+
+DDL = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_sha256  text PRIMARY KEY,
+    user_id     text NOT NULL,
+    tier        text NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    revoked_at  timestamptz
+);
+CREATE TABLE IF NOT EXISTS builds (
+    build_id          text PRIMARY KEY,
+    user_id           text NOT NULL,
+    tier              text NOT NULL,
+    idea_brief        text NOT NULL,
+    understanding_qna jsonb NOT NULL DEFAULT '[]',
+    limits            jsonb NOT NULL DEFAULT '{}',
+    idempotency_key   text,
+    request_sha256    text,
+    published_at      timestamptz,
+    status            text NOT NULL DEFAULT 'queued',
+    iteration         integer NOT NULL DEFAULT 0,
+    cost_micro_usd    bigint NOT NULL DEFAULT 0,
+    last_snapshot_id  text,
+    summary           text,
+    reason            text,
+    last_seq          bigint NOT NULL DEFAULT 0,
+    terminal_seq      bigint,
+    finished_at       timestamptz,
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    updated_at        timestamptz NOT NULL DEFAULT now()
+);
+CREATE UNIQUE INDEX IF NOT EXISTS builds_user_idempotency
+    ON builds (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS builds_user_created ON builds (user_id, created_at DESC, build_id DESC);
+CREATE INDEX IF NOT EXISTS builds_unpublished ON builds (created_at) WHERE published_at IS NULL;
+"""
+
+_PROJECTION = tuple(Projection.__dataclass_fields__)
+_TERMINAL = sorted(TERMINAL)
+
+
+def _build(row: asyncpg.Record) -> Build:
+    return Build(
+        build_id=row["build_id"],
+        user_id=row["user_id"],
+        tier=row["tier"],
+        idea_brief=row["idea_brief"],
+        understanding_qna=json.loads(row["understanding_qna"]),
+        limits=json.loads(row["limits"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        idempotency_key=row["idempotency_key"],
+        request_sha256=row["request_sha256"],
+        published_at=row["published_at"],
+        state=Projection(**{k: row[k] for k in _PROJECTION}),
+    )
+
+
+class PgStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def ping(self) -> None:
+        await self.pool.fetchval("SELECT 1", timeout=2)
+
+    # ------------------------------------------------------------------ keys
+
+    async def caller_for_key(self, key_sha256: str) -> Caller | None:
+        row = await self.pool.fetchrow(
+            "SELECT user_id, tier FROM api_keys WHERE key_sha256 = $1 AND revoked_at IS NULL",
+            key_sha256,
+        )
+        return Caller(row["user_id"], row["tier"]) if row else None
+
+    async def upsert_key(self, key_sha256: str, user_id: str, tier: str) -> None:
+        await self.pool.execute(
+            """INSERT INTO api_keys (key_sha256, user_id, tier) VALUES ($1, $2, $3)
+               ON CONFLICT (key_sha256) DO UPDATE
+               SET user_id = EXCLUDED.user_id, tier = EXCLUDED.tier, revoked_at = NULL""",
+            key_sha256,
+            user_id,
+            tier,
+        )
+
+    # ------------------------------------------------------------------ builds
+
+    async def insert_build(self, new: NewBuild, *, cap: int) -> Inserted:
+        async with self.pool.acquire() as conn, conn.transaction():
+            # One creation at a time per user: the idempotency check and the cap are exact.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('build:' || $1))", new.user_id
+            )
+            if new.idempotency_key is not None:
+                row = await conn.fetchrow(
+                    "SELECT * FROM builds WHERE user_id = $1 AND idempotency_key = $2",
+                    new.user_id,
+                    new.idempotency_key,
+                )
+                if row:
+                    return Inserted("existing", _build(row))
+            active = await conn.fetchval(
+                "SELECT count(*) FROM builds WHERE user_id = $1 AND status <> ALL($2::text[])",
+                new.user_id,
+                _TERMINAL,
+            )
+            if active >= cap:
+                return Inserted("capped", None)
+            row = await conn.fetchrow(
+                """INSERT INTO builds (build_id, user_id, tier, idea_brief, understanding_qna,
+                                       limits, idempotency_key, request_sha256)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING *""",
+                new.build_id,
+                new.user_id,
+                new.tier,
+                new.idea_brief,
+                json.dumps(new.understanding_qna),
+                json.dumps(new.limits),
+                new.idempotency_key,
+                new.request_sha256,
+            )
+            return Inserted("created", _build(row))
+
+    async def mark_published(self, build_id: str) -> None:
+        await self.pool.execute(
+            "UPDATE builds SET published_at = now() WHERE build_id = $1 AND published_at IS NULL",
+            build_id,
+        )
+
+    async def unpublished(self, older_than_s: float, limit: int = 100) -> list[Build]:
+        rows = await self.pool.fetch(
+            """SELECT * FROM builds WHERE published_at IS NULL
+               AND created_at <= now() - make_interval(secs => $1)
+               ORDER BY created_at LIMIT $2""",
+            older_than_s,
+            limit,
+        )
+        return [_build(r) for r in rows]
+
+    async def get(self, build_id: str) -> Build | None:
+        row = await self.pool.fetchrow("SELECT * FROM builds WHERE build_id = $1", build_id)
+        return _build(row) if row else None
+
+    async def list_for_user(
+        self,
+        user_id: str,
+        *,
+        status: str | None,
+        limit: int,
+        before: tuple[datetime, str] | None,
+    ) -> list[Build]:
+        args: list[Any] = [user_id]
+        where = ["user_id = $1"]
+        if status:
+            args.append(status)
+            where.append(f"status = ${len(args)}")
+        if before:
+            args += list(before)
+            where.append(f"(created_at, build_id) < (${len(args) - 1}, ${len(args)})")
+        args.append(limit)
+        rows = await self.pool.fetch(
+            f"SELECT * FROM builds WHERE {' AND '.join(where)} "
+            f"ORDER BY created_at DESC, build_id DESC LIMIT ${len(args)}",
+            *args,
+        )
+        return [_build(r) for r in rows]
+
+    # ------------------------------------------------------------------ projection
+
+    async def insert_from_event(self, event: BuildRequested) -> None:
+        await self.pool.execute(
+            """INSERT INTO builds (build_id, user_id, tier, idea_brief, understanding_qna, limits,
+                                   published_at, created_at)
+               VALUES ($1, $2, $3, $4, $5, $6, now(), $7)
+               ON CONFLICT (build_id) DO NOTHING""",
+            event.build_id,
+            event.user_id,
+            event.tier,
+            event.idea_brief,
+            json.dumps([q.model_dump(mode="json") for q in event.understanding_qna]),
+            event.limits.model_dump_json(),
+            event.occurred_at,
+        )
+
+    async def update_projection(
+        self, build_id: str, seq: int, evolve: Callable[[Projection], Projection]
+    ) -> Literal["applied", "duplicate", "missing"]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"SELECT {', '.join(_PROJECTION)} FROM builds WHERE build_id = $1 FOR UPDATE",
+                build_id,
+            )
+            if row is None:
+                return "missing"
+            current = Projection(**dict(row))
+            if seq <= current.last_seq:
+                return "duplicate"
+            new = asdict(evolve(current))
+            sets = ", ".join(f"{k} = ${i}" for i, k in enumerate(_PROJECTION, start=2))
+            await conn.execute(
+                f"UPDATE builds SET {sets}, updated_at = now() WHERE build_id = $1",
+                build_id,
+                *(new[k] for k in _PROJECTION),
+            )
+            return "applied"

@@ -1,0 +1,151 @@
+"""The gateway application: the FastAPI app, its lifespan and the read-model subscriber."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kiln_contracts import Envelope
+from kiln_runtime.bus import Delivery
+from kiln_runtime.retry import retry
+
+from . import builds
+from .bootstrap import Runtime, running
+from .routes import router
+from .settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+TRANSIENT_DB = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+)
+
+
+def register_consumers(rt: Runtime) -> None:
+    async def project(event: Envelope, delivery: Delivery) -> None:
+        """Project every build event onto the gateway's builds read model."""
+        # Retried here, in order, rather than redelivered behind later events of the build.
+        await retry(
+            lambda: builds.project(rt.store, event, delivery.stream_seq, delivery.num_delivered),
+            attempts=3,
+            retry_on=TRANSIENT_DB,
+            base=0.2,
+            cap=2.0,
+        )
+
+    rt.bus.consume_all(project, durable=rt.settings.projection_durable, max_workers=1)
+
+
+async def _republish_loop(rt: Runtime) -> None:
+    """Builds stored while the bus was unreachable are published as soon as it is back."""
+    older_than = 0.0  # at start-up: everything left over
+    while True:
+        with contextlib.suppress(Exception):
+            if n := await builds.republish_pending(rt.store, rt.publish, older_than):
+                log.info("republished %d queued build(s)", n)
+        older_than = rt.settings.republish_every_s
+        await asyncio.sleep(rt.settings.republish_every_s)
+
+
+class BodyLimit:
+    """413 for a request body over ``max_bytes`` (declared or streamed)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_big = JSONResponse(
+            {"detail": f"request body larger than {self.max_bytes} bytes"}, status_code=413
+        )
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                await JSONResponse({"detail": "invalid Content-Length"}, 400)(scope, receive, send)
+                return
+            if declared > self.max_bytes:
+                await too_big(scope, receive, send)
+                return
+        seen = 0
+        answered = False
+
+        async def limited() -> Message:
+            nonlocal seen, answered
+            message = await receive()
+            if message["type"] == "http.request" and not answered:
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    answered = True
+                    await too_big(scope, receive, send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded(message: Message) -> None:
+            if not answered:
+                await send(message)
+
+        await self.app(scope, limited, guarded)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors: list[dict[str, Any]] = []
+    parts: list[str] = []
+    for e in exc.errors():
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        where = ".".join(loc) or "body"
+        parts.append(f"{where}: {e.get('msg', 'invalid')}")
+        errors.append({"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")})
+    return JSONResponse(
+        {"detail": "invalid request: " + "; ".join(parts[:10]), "errors": errors},
+        status_code=422,
+    )
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    settings = settings or GatewaySettings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with running(settings) as rt:
+            register_consumers(rt)
+            await rt.bus.start()
+            republisher = asyncio.create_task(_republish_loop(rt))
+            app.state.runtime = rt
+            log.info("gateway ready")
+            try:
+                yield
+            finally:
+                app.state.runtime = None
+                republisher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await republisher
+
+    app = FastAPI(
+        title="Kiln gateway",
+        version="1",
+        description="Submit idea briefs, follow builds live, wake and cancel them.",
+        lifespan=lifespan,
+    )
+    app.state.runtime = None
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.include_router(router)
+    return app

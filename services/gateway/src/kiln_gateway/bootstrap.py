@@ -1,0 +1,77 @@
+"""The one place that wires the gateway's real adapters: the bus, Postgres and the stream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import asyncpg
+
+from kiln_runtime import config as kiln_config
+from kiln_runtime.bus import Bus
+from kiln_runtime.db import create_pool
+from kiln_runtime.service import connect_with_retry
+
+from . import builds
+from .adapters.jetstream import JetStreamHistory
+from .adapters.postgres import DDL, PgStore
+from .ports import BuildStore, EventSource, Publish
+from .settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: GatewaySettings
+    bus: Bus
+    store: BuildStore
+    events: EventSource
+    publish: Publish
+    config: kiln_config.KilnConfig
+    pool: asyncpg.Pool | None = None
+
+    async def ready(self) -> bool:
+        if not self.bus.nc.is_connected:
+            return False
+        try:
+            await asyncio.wait_for(self.store.ping(), timeout=2)
+        except Exception:
+            return False
+        return True
+
+
+@contextlib.asynccontextmanager
+async def running(settings: GatewaySettings) -> AsyncIterator[Runtime]:
+    """Connect to NATS and Postgres; the caller registers consumers and starts the bus."""
+    bus = Bus(settings, "gateway")
+    pool: asyncpg.Pool | None = None
+    try:
+        await connect_with_retry(bus)
+        pool = await create_pool(settings.database_url, schema=settings.db_schema, ddl=DDL)
+        store = PgStore(pool)
+        if settings.dev_api_key and settings.dev_user:
+            await builds.ensure_dev_key(
+                store, settings.dev_api_key, settings.dev_user, settings.dev_tier
+            )
+            log.info(
+                "development API key for user %r (tier %s)", settings.dev_user, settings.dev_tier
+            )
+        yield Runtime(
+            settings=settings,
+            bus=bus,
+            store=store,
+            events=JetStreamHistory(bus.nc),
+            publish=bus.publish,
+            config=kiln_config.default(),
+            pool=pool,
+        )
+    finally:
+        # Stop consuming first (handlers finish), then close the pool they use.
+        with contextlib.suppress(Exception):
+            await bus.stop()
+        if pool is not None:
+            await pool.close()

@@ -1,0 +1,258 @@
+"""The gateway's domain: creating builds, projecting events onto them, replaying their history.
+
+Plain async functions over the ports; no web framework and no broker here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+from kiln_contracts import (
+    TERMINAL_KINDS,
+    BuildCancelled,
+    BuildCompleted,
+    BuildFailed,
+    BuildLimits,
+    BuildRequested,
+    BuildResumed,
+    BuildSleeping,
+    Envelope,
+    IterationCompleted,
+    QnA,
+    SnapshotSaved,
+    stable_id,
+)
+from kiln_runtime.errors import RetryLater
+
+from . import model
+from .model import Build, Caller, NewBuild, Projection
+from .ports import BuildStore, EventSource, Publish, StoredEvent
+
+log = logging.getLogger(__name__)
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before with a different request."""
+
+
+class TooManyBuilds(Exception):
+    def __init__(self, cap: int) -> None:
+        super().__init__(f"your tier allows {cap} concurrent build(s); wait for one to finish")
+        self.cap = cap
+
+
+class PublishFailed(Exception):
+    """The build is stored but could not be handed to the bus yet; it will be republished."""
+
+    def __init__(self, build_id: str) -> None:
+        super().__init__(f"build {build_id} is stored but could not be queued yet; retry")
+        self.build_id = build_id
+
+
+def key_digest(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def request_digest(idea_brief: str, qna: list[QnA], limits: BuildLimits | None) -> str:
+    doc = {
+        "idea_brief": idea_brief,
+        "understanding_qna": [q.model_dump(mode="json") for q in qna],
+        "limits": limits.model_dump(mode="json") if limits else None,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------- API keys
+
+
+async def authenticate(store: BuildStore, api_key: str | None) -> Caller | None:
+    if not api_key:
+        return None
+    return await store.caller_for_key(key_digest(api_key))
+
+
+async def ensure_dev_key(store: BuildStore, api_key: str, user_id: str, tier: str) -> None:
+    await store.upsert_key(key_digest(api_key), user_id, tier)
+
+
+# ---------------------------------------------------------------------------- creating builds
+
+
+def build_requested(build: Build) -> BuildRequested:
+    """The event that starts ``build``; the same event (same id) every time it is published."""
+    return BuildRequested(
+        event_id=stable_id(build.build_id, BuildRequested.kind),
+        build_id=build.build_id,
+        user_id=build.user_id,
+        occurred_at=build.created_at,
+        tier=build.tier,
+        idea_brief=build.idea_brief,
+        understanding_qna=[QnA.model_validate(q) for q in build.understanding_qna],
+        limits=BuildLimits.model_validate(build.limits),
+    )
+
+
+async def create_build(
+    store: BuildStore,
+    publish: Publish,
+    caller: Caller,
+    *,
+    idea_brief: str,
+    understanding_qna: list[QnA],
+    limits: BuildLimits | None,
+    idempotency_key: str | None,
+    cap: int,
+) -> tuple[Build, bool]:
+    """Store a build, then publish its BuildRequested. Returns (build, created).
+
+    The row is written first, so a failed publish never loses the build: a retry with the same
+    Idempotency-Key republishes it, and so does the periodic ``republish_pending``.
+    """
+    digest = request_digest(idea_brief, understanding_qna, limits)
+    new = NewBuild(
+        build_id=uuid.uuid4().hex,
+        user_id=caller.user_id,
+        tier=caller.tier,
+        idea_brief=idea_brief,
+        understanding_qna=[q.model_dump(mode="json") for q in understanding_qna],
+        limits=(limits or BuildLimits()).model_dump(mode="json"),
+        idempotency_key=idempotency_key,
+        request_sha256=digest,
+    )
+    inserted = await store.insert_build(new, cap=cap)
+    if inserted.outcome == "capped":
+        raise TooManyBuilds(cap)
+    build = inserted.build
+    assert build is not None
+    if inserted.outcome == "existing" and build.request_sha256 != digest:
+        raise IdempotencyConflict(
+            "this Idempotency-Key was already used with a different request body"
+        )
+    if build.published_at is None:
+        await _publish(store, publish, build)
+        build = replace(build, published_at=build.created_at)
+    return build, inserted.outcome == "created"
+
+
+async def _publish(store: BuildStore, publish: Publish, build: Build) -> None:
+    try:
+        await publish(build_requested(build))
+    except Exception as err:
+        log.warning(
+            "could not publish build_requested: %s", err, extra={"build_id": build.build_id}
+        )
+        raise PublishFailed(build.build_id) from err
+    await store.mark_published(build.build_id)
+
+
+async def republish_pending(store: BuildStore, publish: Publish, older_than_s: float) -> int:
+    """Publish the builds whose publish failed; the stable event id makes a repeat harmless."""
+    count = 0
+    for build in await store.unpublished(older_than_s):
+        try:
+            await _publish(store, publish, build)
+            count += 1
+        except PublishFailed:
+            break
+    return count
+
+
+# ---------------------------------------------------------------------------- the read model
+
+
+def evolve(state: Projection, event: Envelope, seq: int) -> Projection:
+    """The build's projected state after ``event`` (stream sequence ``seq``). Terminal states stick."""
+    new = replace(state, last_seq=max(state.last_seq, seq))
+    if state.terminal:
+        return new
+    if isinstance(event, BuildRequested):
+        if state.status == model.QUEUED:
+            new = replace(new, status=model.RUNNING)
+    elif isinstance(event, IterationCompleted):
+        new = replace(
+            new,
+            iteration=max(state.iteration, event.iteration),
+            cost_micro_usd=state.cost_micro_usd + event.cost_micro_usd,
+        )
+    elif isinstance(event, SnapshotSaved):
+        new = replace(new, last_snapshot_id=event.snapshot_id)
+    elif isinstance(event, BuildSleeping):
+        new = replace(new, status=model.SLEEPING, reason=event.reason)
+    elif isinstance(event, BuildResumed):
+        if state.status in (model.SLEEPING, model.QUEUED):
+            new = replace(new, status=model.RUNNING, reason=None)
+    elif isinstance(event, BuildCompleted | BuildFailed | BuildCancelled):
+        status = {
+            BuildCompleted.kind: model.COMPLETED,
+            BuildFailed.kind: model.FAILED,
+            BuildCancelled.kind: model.CANCELLED,
+        }[event.kind]
+        if isinstance(event, BuildCompleted):
+            summary, reason = event.summary, None
+        elif isinstance(event, BuildFailed):
+            summary = None
+            reason = f"{event.reason}: {event.detail}" if event.detail else event.reason
+        else:
+            summary, reason = None, event.reason
+        new = replace(
+            new,
+            status=status,
+            iteration=max(state.iteration, event.iterations),
+            cost_micro_usd=max(state.cost_micro_usd, event.cost_micro_usd),
+            summary=summary,
+            reason=reason,
+            terminal_seq=seq,
+            finished_at=event.occurred_at,
+        )
+    return new
+
+
+async def project(store: BuildStore, event: Envelope, seq: int, num_delivered: int = 1) -> str:
+    """Apply one event of the stream to the builds read model; idempotent by stream sequence."""
+    if isinstance(event, BuildRequested):
+        await store.insert_from_event(event)
+    outcome = await store.update_projection(event.build_id, seq, lambda s: evolve(s, event, seq))
+    if outcome == "missing" and num_delivered < 3:
+        # The build's BuildRequested may still be on its way back (redelivered); wait for it.
+        raise RetryLater(f"unknown build {event.build_id}", delay_s=2.0)
+    return outcome
+
+
+# ---------------------------------------------------------------------------- history (SSE)
+
+
+HEARTBEAT = ": heartbeat\n\n"
+RETRY = "retry: 2000\n\n"
+
+
+def sse_frame(ev: StoredEvent) -> str:
+    """One Server-Sent Event: ``id`` = stream sequence, ``event`` = kind, ``data`` = the message."""
+    text = ev.data.decode("utf-8", errors="replace")
+    lines = [f"id: {ev.seq}", f"event: {ev.kind}"]
+    lines += [f"data: {line}" for line in (text.splitlines() or [""])]
+    return "\n".join(lines) + "\n\n"
+
+
+async def event_stream(
+    events: EventSource, build: Build, after_seq: int, idle_s: float
+) -> AsyncIterator[str]:
+    """The build's history after ``after_seq`` then live events as SSE text, ending after the
+    first terminal event; a heartbeat comment after ``idle_s`` of quiet."""
+    terminal_seq = build.state.terminal_seq
+    if terminal_seq is not None and after_seq >= terminal_seq:
+        return  # the client has already seen the end
+    yield RETRY
+    async with contextlib.aclosing(events.history(build.build_id, after_seq, idle_s)) as history:
+        async for ev in history:
+            if ev is None:
+                yield HEARTBEAT
+                continue
+            yield sse_frame(ev)
+            if ev.kind in TERMINAL_KINDS:
+                return

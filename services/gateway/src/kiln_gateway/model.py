@@ -1,0 +1,75 @@
+"""The gateway's records: an API caller, a build row and its projected state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+QUEUED = "queued"
+RUNNING = "running"
+SLEEPING = "sleeping"
+COMPLETED = "completed"
+FAILED = "failed"
+CANCELLED = "cancelled"
+STATUSES = (QUEUED, RUNNING, SLEEPING, COMPLETED, FAILED, CANCELLED)
+TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who an API key belongs to."""
+
+    user_id: str
+    tier: str
+
+
+@dataclass(frozen=True)
+class Projection:
+    """The part of a build row the event projection owns."""
+
+    status: str = QUEUED
+    iteration: int = 0
+    cost_micro_usd: int = 0
+    last_snapshot_id: str | None = None
+    summary: str | None = None
+    reason: str | None = None
+    last_seq: int = 0
+    terminal_seq: int | None = None
+    finished_at: datetime | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+@dataclass(frozen=True)
+class NewBuild:
+    build_id: str
+    user_id: str
+    tier: str
+    idea_brief: str
+    understanding_qna: list[dict[str, Any]]
+    limits: dict[str, Any]
+    idempotency_key: str | None = None
+    request_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class Build:
+    build_id: str
+    user_id: str
+    tier: str
+    idea_brief: str
+    understanding_qna: list[dict[str, Any]]
+    limits: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    state: Projection = field(default_factory=Projection)
+    idempotency_key: str | None = None
+    request_sha256: str | None = None
+    published_at: datetime | None = None
+
+    @property
+    def status(self) -> str:
+        return self.state.status

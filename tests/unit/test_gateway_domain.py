@@ -1,0 +1,249 @@
+"""The gateway's domain with fakes: creating builds, the projection, the SSE stream."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncGenerator, Callable
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import pytest
+
+from kiln_contracts import (
+    BuildCancelled,
+    BuildCompleted,
+    BuildRequested,
+    BuildResumed,
+    BuildSleeping,
+    Envelope,
+    IterationCompleted,
+    QnA,
+    SnapshotSaved,
+    Usage,
+    stable_id,
+)
+from kiln_gateway import builds
+from kiln_gateway.model import Build, Caller, NewBuild, Projection
+from kiln_gateway.ports import Inserted, StoredEvent
+from kiln_runtime.errors import RetryLater
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.rows: dict[str, Build] = {}
+
+    async def insert_build(self, new: NewBuild, *, cap: int) -> Inserted:
+        for b in self.rows.values():
+            if new.idempotency_key and (b.user_id, b.idempotency_key) == (
+                new.user_id,
+                new.idempotency_key,
+            ):
+                return Inserted("existing", b)
+        active = [
+            b for b in self.rows.values() if b.user_id == new.user_id and not b.state.terminal
+        ]
+        if len(active) >= cap:
+            return Inserted("capped", None)
+        now = datetime.now(UTC)
+        build = Build(**dataclasses.asdict(new), created_at=now, updated_at=now)
+        self.rows[new.build_id] = build
+        return Inserted("created", build)
+
+    async def mark_published(self, build_id: str) -> None:
+        b = self.rows[build_id]
+        self.rows[build_id] = dataclasses.replace(b, published_at=b.created_at)
+
+    async def unpublished(self, older_than_s: float, limit: int = 100) -> list[Build]:
+        return [b for b in self.rows.values() if b.published_at is None]
+
+    async def insert_from_event(self, event: BuildRequested) -> None:
+        if event.build_id not in self.rows:
+            self.rows[event.build_id] = Build(
+                build_id=event.build_id,
+                user_id=event.user_id,
+                tier=event.tier,
+                idea_brief=event.idea_brief,
+                understanding_qna=[],
+                limits={},
+                created_at=event.occurred_at,
+                updated_at=event.occurred_at,
+            )
+
+    async def update_projection(
+        self, build_id: str, seq: int, evolve: Callable[[Projection], Projection]
+    ) -> Literal["applied", "duplicate", "missing"]:
+        b = self.rows.get(build_id)
+        if b is None:
+            return "missing"
+        if seq <= b.state.last_seq:
+            return "duplicate"
+        self.rows[build_id] = dataclasses.replace(b, state=evolve(b.state))
+        return "applied"
+
+
+class Publisher:
+    def __init__(self) -> None:
+        self.sent: list[Envelope] = []
+        self.fail = False
+
+    async def __call__(self, msg: Envelope) -> None:
+        if self.fail:
+            raise ConnectionError("down")
+        self.sent.append(msg)
+
+
+ME = Caller("u1", "pro")
+
+
+async def create(
+    store: Any, pub: Publisher, key: str | None = None, brief: str = "b", cap: int = 5
+):
+    return await builds.create_build(
+        store,
+        pub,
+        ME,
+        idea_brief=brief,
+        understanding_qna=[QnA(question="q", answer="a")],
+        limits=None,
+        idempotency_key=key,
+        cap=cap,
+    )
+
+
+async def test_create_publishes_a_stable_build_requested():
+    store, pub = FakeStore(), Publisher()
+    build, created = await create(store, pub)
+    assert created
+    (msg,) = pub.sent
+    assert isinstance(msg, BuildRequested)
+    assert msg.event_id == stable_id(build.build_id, "build_requested")
+    assert (msg.user_id, msg.tier, msg.idea_brief) == ("u1", "pro", "b")
+    assert msg.understanding_qna == [QnA(question="q", answer="a")]
+    assert store.rows[build.build_id].published_at is not None
+
+
+async def test_idempotency_key_same_build_conflict_on_other_body():
+    store, pub = FakeStore(), Publisher()
+    first, _ = await create(store, pub, key="k")
+    again, created = await create(store, pub, key="k")
+    assert (again.build_id, created, len(pub.sent)) == (first.build_id, False, 1)
+    with pytest.raises(builds.IdempotencyConflict):
+        await create(store, pub, key="k", brief="other")
+
+
+async def test_cap_and_publish_failure_then_retry_republishes():
+    store, pub = FakeStore(), Publisher()
+    pub.fail = True
+    with pytest.raises(builds.PublishFailed):
+        await create(store, pub, key="k", cap=1)
+    assert len(store.rows) == 1 and not pub.sent
+    with pytest.raises(builds.TooManyBuilds):
+        await create(store, pub, key="other", cap=1)
+    pub.fail = False
+    build, created = await create(store, pub, key="k", cap=1)
+    assert not created and [m.build_id for m in pub.sent] == [build.build_id]
+    assert await builds.republish_pending(store, pub, 0) == 0
+
+
+async def test_republish_pending_publishes_unpublished_builds():
+    store, pub = FakeStore(), Publisher()
+    pub.fail = True
+    with pytest.raises(builds.PublishFailed):
+        await create(store, pub)
+    pub.fail = False
+    assert await builds.republish_pending(store, pub, 0) == 1
+    assert len(pub.sent) == 1 and await store.unpublished(0) == []
+
+
+def ev(kind: type[Envelope], **fields: Any) -> Envelope:
+    return kind(build_id="b1", user_id="u1", **fields)
+
+
+def test_evolve_walks_the_lifecycle_and_terminal_sticks():
+    s = Projection()
+    s = builds.evolve(s, ev(BuildRequested, idea_brief="x"), 1)
+    assert s.status == "running"
+    it = ev(
+        IterationCompleted, iteration=2, model="m", usage=Usage(), stop_reason="x", cost_micro_usd=7
+    )
+    s = builds.evolve(s, it, 2)
+    assert (s.iteration, s.cost_micro_usd) == (2, 7)
+    snap = ev(
+        SnapshotSaved,
+        snapshot_id="s1",
+        iteration=2,
+        reason="periodic",
+        files=1,
+        bytes_total=1,
+        bytes_uploaded=1,
+    )
+    s = builds.evolve(s, snap, 3)
+    s = builds.evolve(s, ev(BuildSleeping, reason="budget"), 4)
+    assert (s.status, s.last_snapshot_id, s.reason) == ("sleeping", "s1", "budget")
+    s = builds.evolve(s, ev(BuildResumed, reason="wake"), 5)
+    assert (s.status, s.reason) == ("running", None)
+    s = builds.evolve(s, ev(BuildCompleted, summary="done", iterations=3, cost_micro_usd=9), 6)
+    assert (s.status, s.summary, s.iteration, s.cost_micro_usd, s.terminal_seq) == (
+        "completed",
+        "done",
+        3,
+        9,
+        6,
+    )
+    after = builds.evolve(s, ev(BuildCancelled, reason="late", iterations=3, cost_micro_usd=9), 7)
+    assert (after.status, after.summary, after.last_seq) == ("completed", "done", 7)
+
+
+async def test_project_is_idempotent_and_waits_for_an_unknown_build():
+    store = FakeStore()
+    it = ev(
+        IterationCompleted, iteration=1, model="m", usage=Usage(), stop_reason="x", cost_micro_usd=5
+    )
+    with pytest.raises(RetryLater):
+        await builds.project(store, it, 2, num_delivered=1)
+    assert await builds.project(store, it, 2, num_delivered=3) == "missing"
+    assert await builds.project(store, ev(BuildRequested, idea_brief="x"), 1) == "applied"
+    assert await builds.project(store, it, 2) == "applied"
+    assert await builds.project(store, it, 2) == "duplicate"
+    assert store.rows["b1"].state.cost_micro_usd == 5
+
+
+class FakeHistory:
+    def __init__(self, events: list[StoredEvent | None]) -> None:
+        self.events = events
+        self.after: int | None = None
+        self.closed = False
+
+    async def history(
+        self, build_id: str, after_seq: int, idle_s: float
+    ) -> AsyncGenerator[StoredEvent | None, None]:
+        self.after = after_seq
+        try:
+            for e in self.events:
+                if e is None or e.seq > after_seq:
+                    yield e
+        finally:
+            self.closed = True
+
+
+async def test_event_stream_frames_heartbeats_and_ends_on_terminal():
+    src = FakeHistory(
+        [
+            StoredEvent(3, "agent_narrated", b'{"text":"hi"}'),
+            None,
+            StoredEvent(4, "build_failed", b'{"a":1}\n{"b":2}'),
+            StoredEvent(5, "agent_narrated", b"{}"),
+        ]
+    )
+    now = datetime.now(UTC)
+    build = Build("b1", "u1", "pro", "x", [], {}, now, now)
+    out = [chunk async for chunk in builds.event_stream(src, build, 2, 15)]
+    assert out == [
+        builds.RETRY,
+        'id: 3\nevent: agent_narrated\ndata: {"text":"hi"}\n\n',
+        ": heartbeat\n\n",
+        'id: 4\nevent: build_failed\ndata: {"a":1}\ndata: {"b":2}\n\n',
+    ]
+    assert src.after == 2 and src.closed
+    done = dataclasses.replace(build, state=Projection(status="failed", terminal_seq=4))
+    assert [c async for c in builds.event_stream(src, done, 4, 15)] == []
