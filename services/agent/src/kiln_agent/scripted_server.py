@@ -29,6 +29,8 @@ class ScriptedServer:
         self.latency_s = latency_s
         self.model = ScriptedModel()
         self.requests = 0
+        # Fault injection for tests: statuses to answer (with retry-after: 0) before the script.
+        self.faults: list[int] = []
         self._server: asyncio.Server | None = None
 
     @property
@@ -87,6 +89,10 @@ class ScriptedServer:
             return 400, _error("invalid_request_error", str(err))
         if request.get("stream"):
             return 400, _error("invalid_request_error", "streaming is not supported")
+        if self.faults:
+            status = self.faults.pop(0)
+            kind = {429: "rate_limit_error", 529: "overloaded_error"}.get(status, "api_error")
+            return status, _error(kind, f"injected {status}")
         self.requests += 1
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
@@ -108,14 +114,16 @@ _REASONS = {
 
 async def _send(writer: asyncio.StreamWriter, status: int, payload: dict[str, Any]) -> None:
     data = json.dumps(payload).encode()
-    head = (
-        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
-        "Content-Type: application/json\r\n"
-        f"Content-Length: {len(data)}\r\n"
-        "Connection: keep-alive\r\n"
-        f"request-id: req_scripted_{id(payload):x}\r\n\r\n"
-    )
-    writer.write(head.encode() + data)
+    headers = [
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(data)}",
+        "Connection: keep-alive",
+        f"request-id: req_scripted_{id(payload):x}",
+    ]
+    if status in (429, 529):
+        headers.append("retry-after: 0")
+    writer.write(("\r\n".join(headers) + "\r\n\r\n").encode() + data)
     await writer.drain()
 
 

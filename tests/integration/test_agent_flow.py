@@ -1,0 +1,231 @@
+"""The agent on real NATS + Postgres, the model through the anthropic SDK against the scripted
+server, and a tiny sandbox responder in the test that runs the ToolCalls in a temp directory."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from kiln_agent import app, config
+from kiln_agent.adapters.anthropic_model import AnthropicModel
+from kiln_agent.adapters.postgres import DDL, SCHEMA, PostgresStore
+from kiln_agent.checkpoint import Checkpoint, Turn
+from kiln_agent.loop import Agent, build_request
+from kiln_agent.ports import ModelError, ModelRequest, VersionConflict
+from kiln_agent.scripted_server import ScriptedServer
+from kiln_agent.settings import AgentSettings
+from kiln_contracts import (
+    BuildCompleted,
+    BuildLimits,
+    BuildRequested,
+    Envelope,
+    IterationCompleted,
+    ToolCall,
+    ToolResult,
+)
+from kiln_runtime import config as kiln_config
+from kiln_runtime.bus import Bus, Delivery
+from kiln_runtime.db import create_pool
+from kiln_runtime.settings import CommonSettings
+from tests.unit.test_agent_fakes import Workspace
+
+pytestmark = pytest.mark.integration
+
+
+async def until(predicate, timeout: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met before the deadline")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[ScriptedServer]:
+    server = ScriptedServer()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+class OnlyMine(Agent):
+    """The real agent, deaf to other tests' builds on the shared stream."""
+
+    prefix = ""
+
+    async def build_requested(self, msg):  # type: ignore[no-untyped-def]
+        if msg.build_id.startswith(self.prefix):
+            await super().build_requested(msg)
+
+    async def tool_result(self, msg):  # type: ignore[no-untyped-def]
+        if msg.build_id.startswith(self.prefix):
+            await super().tool_result(msg)
+
+
+async def test_build_completes_on_nats_and_postgres_through_the_sdk(
+    infra, uid, scripted, tmp_path: Path
+) -> None:
+    settings = AgentSettings(
+        nats_url=infra["NATS_URL"],
+        database_url=infra["DATABASE_URL"],
+        anthropic_base_url=scripted.url,
+        anthropic_api_key="test",
+        ack_wait_s=10,
+    )
+    pool = await create_pool(settings.database_url, schema=SCHEMA, ddl=DDL)
+    model = AnthropicModel.connect(base_url=scripted.url, api_key="test", timeout_s=30)
+    bus = Bus(settings, f"agent{uid}")
+    agent = OnlyMine(PostgresStore(pool), model, bus, config.load(), kiln_config.default())
+    agent.prefix = uid
+    app.register(bus, agent, workers=16)
+
+    # the test's sandbox: answers this test's ToolCalls by running them in a directory
+    sandbox = Bus(CommonSettings(nats_url=infra["NATS_URL"]), f"sandbox{uid}")
+    seen: list[Envelope] = []
+    workspaces: dict[str, Workspace] = {}
+
+    async def run_tool(call: ToolCall, delivery: Delivery) -> None:
+        if call.build_id.startswith(uid):
+            ws = workspaces.setdefault(call.build_id, Workspace(tmp_path / call.build_id))
+            ws.root.mkdir(exist_ok=True)
+            await sandbox.publish(await asyncio.to_thread(ws.run, call))
+
+    async def watch(event: Envelope, delivery: Delivery) -> None:
+        if event.build_id.startswith(uid):
+            seen.append(event)
+
+    sandbox.consume(ToolCall, run_tool, max_workers=8)
+    sandbox.consume_all(watch, durable=f"watch{uid}", max_workers=4)
+    for b in (bus, sandbox):
+        await b.connect()
+        await b.start()
+    try:
+        builds = [f"{uid}-{i}" for i in range(3)]
+        for build_id in builds:
+            msg = BuildRequested(build_id=build_id, user_id="u1", tier="pro", idea_brief="stats")
+            await bus.publish(msg)
+            await bus.publish(msg.with_id(msg.event_id))  # a duplicate publish
+            await bus.publish(BuildRequested(build_id=build_id, user_id="u1", idea_brief="again"))
+
+        def completed() -> list[BuildCompleted]:
+            return [e for e in seen if isinstance(e, BuildCompleted)]
+
+        await until(lambda: len(completed()) == len(builds), timeout=60)
+        await asyncio.sleep(0.3)  # nothing more may follow
+        assert sorted(e.build_id for e in completed()) == builds
+        for done in completed():
+            assert "all tests pass" in done.summary
+            mine = [e for e in seen if e.build_id == done.build_id]
+            iterations = [e.iteration for e in mine if isinstance(e, IterationCompleted)]
+            assert iterations == list(range(1, done.iterations + 1))
+            models = {e.model for e in mine if isinstance(e, IterationCompleted)}
+            assert models == {"claude-sonnet-4-5"}  # echoed by the scripted server
+            calls = {e.call_id for e in mine if isinstance(e, ToolCall)}
+            results = {e.call_id for e in mine if isinstance(e, ToolResult)}
+            assert calls == results
+            pkg = tmp_path / done.build_id / "textstats" / "__init__.py"
+            assert "-item[1]" in pkg.read_text()
+        row = await pool.fetchrow(
+            "SELECT status, turns, version FROM builds WHERE build_id = $1", builds[0]
+        )
+        assert row["status"] == "completed"
+        n_turns = await pool.fetchval("SELECT count(*) FROM turns WHERE build_id = $1", builds[0])
+        assert n_turns == row["turns"]
+    finally:
+        for b in (bus, sandbox):
+            await b.stop()
+        await model.close()
+        await pool.close()
+
+
+async def test_postgres_checkpoint_optimistic_concurrency(infra, uid) -> None:
+    pool = await create_pool(infra["DATABASE_URL"], schema=SCHEMA, ddl=DDL)
+    store = PostgresStore(pool)
+    try:
+        cp = Checkpoint(
+            build_id=f"pg{uid}",
+            user_id="u",
+            tier="pro",
+            model="m",
+            limits=BuildLimits(),
+            system="s",
+        )
+        cp.turns = 1
+        assert await store.create(cp, [Turn(0, "user", [{"type": "text", "text": "go"}])])
+        assert not await store.create(cp, [])
+        a, b = await store.load(cp.build_id), await store.load(cp.build_id)
+        assert a is not None and b is not None
+        a.iteration, a.turns = 1, 2
+        a.outbox = [
+            ToolCall(
+                build_id=cp.build_id, user_id="u", call_id="c", iteration=1, tool="bash", input={}
+            )
+        ]
+        await store.save(a, [Turn(1, "assistant", [{"type": "text", "text": "hi"}])])
+        with pytest.raises(VersionConflict):
+            await store.save(b, [Turn(1, "assistant", [])])
+        fresh = await store.load(cp.build_id)
+        assert fresh is not None and fresh.version == 2 and fresh.iteration == 1
+        assert [m.kind for m in fresh.outbox] == ["tool_call"]
+        await store.mark_sent(cp.build_id, 1)  # a stale version: no effect
+        assert (await store.load(cp.build_id)).outbox  # type: ignore[union-attr]
+        await store.mark_sent(cp.build_id, 2)
+        assert (await store.load(cp.build_id)).outbox == []  # type: ignore[union-attr]
+        assert [t.role for t in await store.turns(cp.build_id)] == ["user", "assistant"]
+    finally:
+        await pool.close()
+
+
+async def test_sdk_path_against_the_scripted_server(scripted) -> None:
+    model = AnthropicModel.connect(
+        base_url=scripted.url, api_key="k", timeout_s=10, attempts=3, backoff_base_s=0.01
+    )
+    try:
+        cp = Checkpoint(
+            build_id="b", user_id="u", tier="pro", model="any-model", limits=BuildLimits(),
+            system="You build things.",
+        )  # fmt: skip
+        cfg = config.load()
+        from kiln_agent.tools import definitions
+
+        turns = [Turn(0, "user", [{"type": "text", "text": "Build it."}])]
+        request = build_request(cp, turns, definitions(cfg.narrate_description), cfg)
+        reply = await model.complete(request)
+        assert reply.model == "any-model" and reply.stop_reason == "tool_use"
+        assert [b["name"] for b in reply.content if b["type"] == "tool_use"] == [
+            "narrate",
+            "list_dir",
+        ]
+        assert reply.usage.cache_creation_input_tokens > 0
+        again = await model.complete(request)
+        assert again.usage.cache_read_input_tokens == reply.usage.cache_creation_input_tokens
+
+        scripted.faults = [529, 429]  # retried (retry-after: 0), then answered
+        assert (await model.complete(request)).stop_reason == "tool_use"
+        scripted.faults = [529, 529, 529]
+        with pytest.raises(ModelError, match="529"):
+            await model.complete(request)
+        scripted.faults = []
+        bad = ModelRequest(model="m", system=[], tools=[], messages=[], max_tokens=0)
+        with pytest.raises(ModelError, match="400"):
+            await model.complete(bad)
+    finally:
+        await model.close()
+
+
+async def test_scripted_server_serves_many_connections(scripted) -> None:
+    models = [
+        AnthropicModel.connect(base_url=scripted.url, api_key="k", timeout_s=10) for _ in range(50)
+    ]
+    request = ModelRequest(
+        model="m", system=[], tools=[], max_tokens=10,
+        messages=[{"role": "user", "content": "hi"}],
+    )  # fmt: skip
+    try:
+        replies = await asyncio.gather(*(m.complete(request) for m in models))
+        assert {r.stop_reason for r in replies} == {"tool_use"}
+    finally:
+        await asyncio.gather(*(m.close() for m in models))
