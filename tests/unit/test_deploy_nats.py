@@ -1,0 +1,67 @@
+"""deploy/nats: the per-service users agree with the contracts, and the generated files are fresh."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from kiln_contracts import BY_KIND, subjects
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "deploy" / "nats"))
+import render  # noqa: E402
+
+DOC = render.load()
+SERVICES = DOC["services"]
+
+
+def test_generated_files_are_up_to_date():
+    stale = [
+        str(path.relative_to(ROOT))
+        for path, text in render.outputs().items()
+        if not path.exists() or path.read_text() != text
+    ]
+    assert not stale, f"run `uv run --frozen python deploy/nats/render.py`: stale {stale}"
+
+
+def test_permissions_name_real_kinds_streams_and_rpc_subjects():
+    assert (DOC["stream"], DOC["dlq_stream"]) == (subjects.STREAM, subjects.DLQ_STREAM)
+    rpc = {subjects.SANDBOX_MANIFEST, subjects.SANDBOX_UPLOAD, subjects.SNAPSHOT_RESTORE_PLAN}
+    assert set(SERVICES) == {"gateway", "agent", "sandbox", "budget", "snapshot"}
+    for name, spec in SERVICES.items():
+        for kind in [*spec.get("publishes", []), *spec.get("consumes", [])]:
+            assert kind in BY_KIND, f"{name}: unknown kind {kind}"
+        assert set(spec.get("requests", [])) <= rpc
+        assert set(spec.get("serves", [])) <= rpc
+
+
+def test_every_consumed_kind_has_a_publisher_and_every_rpc_a_server():
+    published = {k for spec in SERVICES.values() for k in spec.get("publishes", [])}
+    consumed = {k for spec in SERVICES.values() for k in spec.get("consumes", [])}
+    assert consumed <= published
+    served = {s for spec in SERVICES.values() for s in spec.get("serves", [])}
+    requested = {s for spec in SERVICES.values() for s in spec.get("requests", [])}
+    assert requested <= served
+
+
+def test_durables_follow_the_bus_naming():
+    assert render.durable("agent", "tool_result") == "agent-tool-result"
+    assert "sandbox-tool-call" in render.durables("sandbox", SERVICES["sandbox"])
+    assert "gateway-projection" in render.durables("gateway", SERVICES["gateway"])
+
+
+def test_no_password_is_committed():
+    for text in render.outputs().values():
+        for line in text.splitlines():
+            if "password:" in line:
+                assert "$KILN_NATS_PASSWORD_" in line, line
+
+
+def test_only_responders_may_reply_and_only_the_budget_schedules():
+    for name, spec in SERVICES.items():
+        perms = render.permissions(name, spec, DOC)
+        assert perms.get("allow_responses", False) == bool(spec.get("serves"))
+        scheduled = "kiln.schedule.>" in perms["publish"]["allow"]
+        assert scheduled == (name == "budget")
+        assert f"kiln.dlq.{name}.>" in perms["publish"]["allow"]
+        assert not any(s in ("kiln.>", "kiln.build.>", ">") for s in perms["publish"]["allow"])
