@@ -1,0 +1,177 @@
+"""The gateway's HTTP API from the command line: builds, and their events as Server-Sent Events."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from kiln_contracts import TERMINAL_KINDS
+
+TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class SseEvent:
+    """One Server-Sent Event; ``data`` is the message, parsed. A comment has kind ''."""
+
+    kind: str
+    data: dict[str, Any] = field(default_factory=dict)
+    id: int | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.kind in TERMINAL_KINDS
+
+
+def parse_sse(lines: Iterable[str]) -> Iterator[SseEvent]:
+    """Events from the lines of a text/event-stream (heartbeat comments too, as kind '')."""
+    kind, ident = "", None
+    data: list[str] = []
+    for line in lines:
+        if line.startswith(":"):
+            yield SseEvent("")
+            continue
+        if line == "":
+            if kind or data:
+                text = "\n".join(data)
+                try:
+                    payload = json.loads(text) if text else {}
+                except json.JSONDecodeError:
+                    payload = {"raw": text}
+                yield SseEvent(
+                    kind or "message", payload if isinstance(payload, dict) else {}, ident
+                )
+            kind, data, ident = "", [], None
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "event":
+            kind = value
+        elif name == "data":
+            data.append(value)
+        elif name == "id":
+            ident = int(value) if value.isdigit() else None
+
+
+class KilnClient:
+    def __init__(
+        self,
+        url: str,
+        api_key: str,
+        *,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.http = httpx.Client(
+            base_url=url.rstrip("/"),
+            headers={"Authorization": f"Bearer {api_key}"},
+            timeout=timeout,
+            transport=transport,
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> KilnClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _json(self, resp: httpx.Response) -> Any:
+        if resp.status_code >= 400:
+            try:
+                detail = resp.json().get("detail", resp.text)
+            except ValueError:
+                detail = resp.text
+            raise ApiError(resp.status_code, str(detail))
+        return resp.json()
+
+    def create_build(
+        self,
+        idea_brief: str,
+        understanding_qna: list[dict[str, str]] | None = None,
+        *,
+        limits: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "idea_brief": idea_brief,
+            "understanding_qna": understanding_qna or [],
+        }
+        if limits:
+            body["limits"] = limits
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        result: dict[str, Any] = self._json(
+            self.http.post("/v1/builds", json=body, headers=headers)
+        )
+        return result
+
+    def get_build(self, build_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._json(self.http.get(f"/v1/builds/{build_id}"))
+        return result
+
+    def events(self, build_id: str, last_event_id: int | None = None) -> Iterator[SseEvent]:
+        """One connection to the build's event stream (history after ``last_event_id``, then live)."""
+        headers = {"Accept": "text/event-stream"}
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = str(last_event_id)
+        timeout = httpx.Timeout(10.0, read=60.0)  # the server sends a heartbeat every 15 s
+        with self.http.stream(
+            "GET", f"/v1/builds/{build_id}/events", headers=headers, timeout=timeout
+        ) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                self._json(resp)
+            yield from parse_sse(resp.iter_lines())
+
+    def follow(
+        self,
+        build_id: str,
+        *,
+        on_idle: Callable[[], None] | None = None,
+        retries: int = 30,
+    ) -> Iterator[SseEvent]:
+        """The build's events until a terminal one, reconnecting (Last-Event-ID) if cut off.
+
+        ``on_idle`` runs on each heartbeat (e.g. to check a deadline); it may raise to stop.
+        """
+        last: int | None = None
+        failures = 0
+        while True:
+            try:
+                for event in self.events(build_id, last):
+                    failures = 0
+                    if not event.kind:
+                        if on_idle:
+                            on_idle()
+                        continue
+                    if event.id is not None:
+                        last = event.id
+                    yield event
+                    if event.terminal:
+                        return
+            except httpx.TransportError:
+                failures += 1
+                if failures > retries:
+                    raise
+                time.sleep(min(5.0, 0.5 * failures))
+                continue
+            # The server ended the stream without a terminal event: done if the build is.
+            if self.get_build(build_id).get("status") in TERMINAL_STATUSES:
+                return
+            if on_idle:
+                on_idle()
+            time.sleep(0.5)
