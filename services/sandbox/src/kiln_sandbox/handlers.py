@@ -85,7 +85,8 @@ class SandboxService:
         self.registry = registry
         self.calls = calls
         self.bus = bus
-        self.locks = BuildLocks()
+        self.locks = BuildLocks()  # tool calls of one build run one at a time
+        self.lifecycle = BuildLocks()  # pause/stop of one build, one at a time
 
     # ------------------------------------------------------------------ tool calls
 
@@ -210,18 +211,32 @@ class SandboxService:
     async def handle_snapshot_saved(self, event: SnapshotSaved) -> None:
         """After the final snapshot stop the sandbox; after the sleep snapshot pause it."""
         if event.reason == "final":
-            await self._stop(event, "stopped", f"final snapshot {event.snapshot_id} saved")
+            reason = f"final snapshot {event.snapshot_id} saved"
+            await self._stop(event, "stopped", reason, event.snapshot_id)
         elif event.reason == "sleep":
-            await self._stop(event, "paused", f"build sleeping (snapshot {event.snapshot_id})")
+            reason = f"build sleeping (snapshot {event.snapshot_id})"
+            await self._stop(event, "paused", reason, event.snapshot_id)
 
     async def handle_build_ended(self, event: BuildCancelled | BuildFailed) -> None:
-        await self._stop(event, "stopped", f"build {event.kind.removeprefix('build_')}")
+        await self._stop(event, "stopped", f"build {event.kind.removeprefix('build_')}", event.kind)
 
     async def _stop(
         self,
         event: SnapshotSaved | BuildCancelled | BuildFailed,
         state: SandboxState,
         reason: str,
+        discriminator: str,
+    ) -> None:
+        # Not under the build's tool-call lock: stopping must also kill a command that is running.
+        async with self.lifecycle.hold(event.build_id):
+            await self._stop_locked(event, state, reason, discriminator)
+
+    async def _stop_locked(
+        self,
+        event: SnapshotSaved | BuildCancelled | BuildFailed,
+        state: SandboxState,
+        reason: str,
+        discriminator: str,
     ) -> None:
         record = await self.registry.get(event.build_id)
         if record is None or record.state == "stopped" or record.state == state:
@@ -229,7 +244,6 @@ class SandboxService:
         if record.provider != self.provider.name:
             log.warning("sandbox of %s belongs to provider %s", event.build_id, record.provider)
             return
-        # Not under the build's lock: stopping must also kill a command that is running.
         if state == "paused":
             await self.provider.pause(event.build_id, record.sandbox_id)
         else:
@@ -241,7 +255,7 @@ class SandboxService:
                 provider=record.provider,
                 reason=reason,
             ).with_id(
-                stable_id(event.build_id, "sandbox_stopped", record.sandbox_id, event.event_id)
+                stable_id(event.build_id, "sandbox_stopped", record.sandbox_id, discriminator)
             )
         )
         await self._set_state(record, state)
