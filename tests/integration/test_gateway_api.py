@@ -417,6 +417,19 @@ async def test_unpublished_builds_are_republished_in_the_background(gw: Gateway,
     await until(published)
 
 
+async def test_cancel_and_wake_publish_commands_for_the_owner(gw: Gateway, uid: str):
+    key, other = await gw.key(f"w{uid}"), await gw.key(f"x{uid}")
+    async with gw.client(key) as c:
+        build_id = (await c.post("/v1/builds", json=BRIEF)).json()["build_id"]
+        r = await c.post(f"/v1/builds/{build_id}/wake")
+        assert (r.status_code, r.json()["requested"]) == (202, "wake")
+        assert (await c.post(f"/v1/builds/{build_id}/cancel")).status_code == 202
+    async with gw.client(other) as c:
+        assert (await c.post(f"/v1/builds/{build_id}/wake")).status_code == 404
+    kinds = [k for _, k in await gw.history(build_id)]
+    assert kinds == ["build_requested", "wake_requested", "cancel_requested"]
+
+
 # ---------------------------------------------------------------------------- SSE
 
 

@@ -44,7 +44,11 @@ HISTORY = [
     (
         7,
         "tool_result",
-        {"iteration": 2, "output": "Ran 3 tests\nFAILED (failures=1)", "exit_code": 1},
+        {
+            "iteration": 2,
+            "output": "Ran 3 tests\nFAILED (failures=1)\n[exit code 1]",
+            "exit_code": 1,
+        },
     ),
     (8, "iteration_completed", {"iteration": 2, "model": "scripted", "cost_micro_usd": 2500}),
     (9, "build_sleeping", {"reason": "budget", "wake_at": "2026-01-02T00:00:00Z"}),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -9,6 +10,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from .client import SseEvent
+
+_EXIT_LINE = re.compile(r"^\[exit (code|status)[^\]]*\]$")
 
 
 def usd(micro: int) -> str:
@@ -79,7 +82,11 @@ class Renderer:
         self.print(f"  [dim]\\[iter {self.iteration}][/] [bold]{escape(tool)}[/] {escape(summary)}")
 
     def on_tool_result(self, d: dict[str, Any]) -> None:
-        lines = [ln for ln in str(d.get("output", "")).splitlines() if ln.strip()]
+        lines = [
+            ln
+            for ln in str(d.get("output", "")).splitlines()
+            if ln.strip() and not _EXIT_LINE.match(ln.strip())
+        ]
         first = short(lines[-1] if lines else "", 100)
         code = d.get("exit_code")
         if d.get("is_error") or code not in (0, None):
