@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,13 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from kiln_contracts import (
     BY_KIND,
+    Download,
     Envelope,
     ManifestReply,
     ManifestRequest,
+    RestorePlanReply,
+    RestorePlanRequest,
+    SandboxRestored,
     SandboxStarted,
     SandboxStopped,
     SnapshotSaved,
@@ -202,7 +207,7 @@ async def test_a_call_found_started_comes_back_as_interrupted(runtime, infra, ui
     assert read_text(workspace(runtime, build_id) / "runs.txt") is None
 
 
-async def test_manifest_and_upload_to_s3_then_stop_after_the_final_snapshot(runtime, infra, uid):
+async def test_manifest_upload_restore_and_stop_after_the_final_snapshot(runtime, infra, uid):
     build_id = f"b{uid}"
     results = Results()
     sub = await results.watch(runtime.bus.nc, build_id)
@@ -280,6 +285,49 @@ async def test_manifest_and_upload_to_s3_then_stop_after_the_final_snapshot(runt
     # invalid requests get an error reply, not silence
     raw = await nc.request(subjects.SANDBOX_MANIFEST, b'{"nope": 1}', timeout=10)
     assert not ManifestReply.model_validate_json(raw.data).ok
+
+    # the sandbox vanishes (an E2B sandbox expires): the next call restores the snapshot first
+    await asyncio.to_thread(shutil.rmtree, workspace(runtime, build_id))
+
+    async def restore_plan(msg: Any) -> None:
+        request = RestorePlanRequest.model_validate_json(msg.data)
+        assert request.build_id == build_id
+        files = [
+            Download(
+                path=e.path,
+                sha256=e.sha256,
+                mode=e.mode,
+                url=s3.generate_presigned_url(
+                    "get_object", Params={"Bucket": bucket, "Key": f"blobs/{e.sha256}"}
+                ),
+            )
+            for e in manifest.entries
+        ]
+        await msg.respond(
+            RestorePlanReply(snapshot_id="snap-1", files=files).model_dump_json().encode()
+        )
+
+    plan_sub = await nc.subscribe(subjects.SNAPSHOT_RESTORE_PLAN, cb=restore_plan)
+    results = Results()
+    sub = await results.watch(nc, build_id)
+    try:
+        await runtime.bus.publish(
+            ToolCall(
+                build_id=build_id,
+                user_id="u1",
+                call_id="toolu_after_expiry",
+                iteration=2,
+                tool="bash",
+                input={"command": "cat src/a.txt; ./run.sh"},
+            )
+        )
+        await until(lambda: len(results.seen) == 1)
+    finally:
+        await sub.unsubscribe()
+        await plan_sub.unsubscribe()
+    assert results.seen[0].output == "hellohi\n", results.seen[0].output
+    restored = [e for e in await history(nc, build_id) if isinstance(e, SandboxRestored)]
+    assert len(restored) == 1 and restored[0].from_snapshot == "snap-1"
 
     final = SnapshotSaved(
         build_id=build_id,

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from kiln_contracts import (
     BuildCancelled,
     BuildFailed,
+    Download,
     Envelope,
     ManifestRequest,
+    RestorePlanReply,
+    SandboxRestored,
     SandboxStarted,
     SandboxStopped,
     SnapshotSaved,
@@ -24,7 +29,7 @@ from kiln_contracts import (
 )
 from kiln_sandbox.adapters.local import LocalProvider
 from kiln_sandbox.handlers import INTERRUPTED, SandboxService
-from kiln_sandbox.ports import SandboxRecord
+from kiln_sandbox.ports import SandboxError, SandboxRecord
 
 
 class FakeRegistry:
@@ -229,3 +234,86 @@ async def test_manifest_and_upload_errors(svc, uid):
         )
     )
     assert not escape.ok and "outside" in escape.error
+
+
+class FakeRestorer:
+    def __init__(self, plan: RestorePlanReply | None) -> None:
+        self.plan = plan
+        self.asked: list[str] = []
+
+    async def restore_plan(self, build_id: str) -> RestorePlanReply | None:
+        self.asked.append(build_id)
+        return self.plan
+
+
+async def test_a_gone_sandbox_is_restored_from_the_latest_snapshot(tmp_path, uid):
+    blobs = {"/blob/a": b"restored\n", "/blob/run": b"#!/bin/sh\necho hi\n"}
+    http = httpx.AsyncClient(
+        transport=httpx.MockTransport(
+            lambda req: (
+                httpx.Response(200, content=blobs[req.url.path])
+                if req.url.path in blobs
+                else httpx.Response(404)
+            )
+        )
+    )
+    provider = LocalProvider(tmp_path / "sandboxes", http=http)
+    plan = RestorePlanReply(
+        snapshot_id="snap-7",
+        files=[
+            Download(
+                path="src/a.txt",
+                sha256=hashlib.sha256(blobs["/blob/a"]).hexdigest(),
+                mode=0o644,
+                url="http://s3.test/blob/a",
+            ),
+            Download(
+                path="run.sh",
+                sha256=hashlib.sha256(blobs["/blob/run"]).hexdigest(),
+                mode=0o755,
+                url="http://s3.test/blob/run",
+            ),
+        ],
+    )
+    restorer = FakeRestorer(plan)
+    svc = SandboxService(provider, FakeRegistry(), FakeCalls(), FakeBus(), restorer)
+    try:
+        # a brand-new build: nothing to restore, no question asked
+        await svc.handle_tool_call(tool_call(uid, "c1", input={"command": "true"}))
+        assert restorer.asked == []
+        await svc.registry.put(SandboxRecord(f"b{uid}", "local", "expired", "running"))
+        result = await svc.handle_tool_call(
+            tool_call(uid, "c2", input={"command": "cat src/a.txt && ./run.sh"})
+        )
+        assert result.output == "restored\nhi\n", result.output
+        assert restorer.asked == [f"b{uid}"]
+        restored = bus(svc).of(SandboxRestored)
+        assert len(restored) == 1 and restored[0].from_snapshot == "snap-7"
+
+        # a corrupt blob fails the restore before the call is recorded: it is retried, not lost
+        plan2 = plan.model_copy(
+            update={"files": [plan.files[0].model_copy(update={"sha256": "0" * 64})]}
+        )
+        svc.restorer = FakeRestorer(plan2)
+        await svc.registry.put(SandboxRecord(f"b{uid}", "local", "expired-again", "running"))
+        with pytest.raises(SandboxError, match="sha256"):
+            await svc.handle_tool_call(tool_call(uid, "c3", input={"command": "true"}))
+        assert await svc.calls.get(f"b{uid}", "c3") is None
+    finally:
+        await provider.close()
+
+
+async def test_cancelling_a_build_kills_its_running_command(svc, uid):
+    call = tool_call(uid, input={"command": "echo started; sleep 60"}, timeout_s=120)
+    running = asyncio.create_task(svc.handle_tool_call(call))
+    for _ in range(200):
+        if await svc.registry.get(call.build_id) is not None and svc.provider._groups:  # type: ignore[attr-defined]
+            break
+        await asyncio.sleep(0.02)
+    await svc.handle_build_ended(
+        BuildCancelled(
+            build_id=call.build_id, user_id="u1", reason="user", iterations=1, cost_micro_usd=0
+        )
+    )
+    result = await asyncio.wait_for(running, timeout=10)
+    assert result.exit_code == -9 and "started" in result.output

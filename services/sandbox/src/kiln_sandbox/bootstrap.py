@@ -11,6 +11,7 @@ from kiln_runtime.db import create_pool
 from kiln_runtime.service import serve
 
 from .adapters.local import LocalProvider
+from .adapters.nats_rpc import NatsRestorer
 from .adapters.postgres import DDL, SCHEMA, PgCallStore, PgRegistry
 from .app import SERVICE, SandboxApp
 from .handlers import SandboxService
@@ -38,7 +39,11 @@ class Runtime:
         self.pool = await create_pool(self.settings.database_url, schema=SCHEMA, ddl=DDL)
         self.provider = make_provider(self.settings)
         self.app.service = SandboxService(
-            self.provider, PgRegistry(self.pool), PgCallStore(self.pool), self.bus
+            self.provider,
+            PgRegistry(self.pool),
+            PgCallStore(self.pool),
+            self.bus,
+            NatsRestorer(self.bus.nc),
         )
         await self.app.start_rpc()
 

@@ -15,6 +15,7 @@ from kiln_contracts import (
     BuildFailed,
     ManifestReply,
     ManifestRequest,
+    SandboxRestored,
     SandboxStarted,
     SandboxStopped,
     SnapshotSaved,
@@ -30,6 +31,7 @@ from .ports import (
     Provider,
     Publisher,
     Registry,
+    Restorer,
     Sandbox,
     SandboxError,
     SandboxGone,
@@ -47,6 +49,8 @@ INTERRUPTED = (
 # Extra time a whole call may take beyond its command timeout (stat scans, file reads ...).
 CALL_MARGIN_S = 30.0
 UPLOAD_CONCURRENCY = 8
+# A ToolResult must stay well under the stream's message size limit.
+MAX_FILES_CHANGED = 500
 
 
 class BuildLocks:
@@ -80,8 +84,10 @@ class SandboxService:
         registry: Registry,
         calls: CallStore,
         bus: Publisher,
+        restorer: Restorer | None = None,
     ) -> None:
         self.provider = provider
+        self.restorer = restorer
         self.registry = registry
         self.calls = calls
         self.bus = bus
@@ -161,9 +167,7 @@ class SandboxService:
                 duration_ms=int((time.monotonic() - started) * 1000),
             )
         except SandboxGone as err:
-            await self.registry.put(
-                SandboxRecord(call.build_id, self.provider.name, sandbox.sandbox_id, "stopped")
-            )
+            # The registry still says 'running': the next call finds it gone and replaces it.
             return self._result(
                 call,
                 output=f"the sandbox went away while running this call ({err}); "
@@ -177,7 +181,7 @@ class SandboxService:
             is_error=outcome.is_error,
             exit_code=outcome.exit_code,
             duration_ms=int((time.monotonic() - started) * 1000),
-            files_changed=outcome.files_changed,
+            files_changed=outcome.files_changed[:MAX_FILES_CHANGED],
         )
 
     async def _sandbox(self, call: ToolCall, record: SandboxRecord | None) -> Sandbox:
@@ -191,15 +195,58 @@ class SandboxService:
                     await self._set_state(record, "running")
                 return sandbox
         sandbox = await self.provider.create(call.build_id)
+        snapshot_id = None
+        if record is not None:  # it existed and is gone: rebuild it from the latest snapshot
+            snapshot_id = await self._restore(call.build_id, sandbox)
         await self.registry.put(
             SandboxRecord(call.build_id, self.provider.name, sandbox.sandbox_id, "running")
         )
-        await self.bus.publish(
-            call.caused(
-                SandboxStarted, sandbox_id=sandbox.sandbox_id, provider=self.provider.name
-            ).with_id(stable_id(call.build_id, "sandbox_started", sandbox.sandbox_id))
-        )
+        if snapshot_id is not None:
+            await self.bus.publish(
+                call.caused(
+                    SandboxRestored,
+                    sandbox_id=sandbox.sandbox_id,
+                    provider=self.provider.name,
+                    from_snapshot=snapshot_id,
+                ).with_id(
+                    stable_id(call.build_id, "sandbox_restored", sandbox.sandbox_id, snapshot_id)
+                )
+            )
+        else:
+            await self.bus.publish(
+                call.caused(
+                    SandboxStarted, sandbox_id=sandbox.sandbox_id, provider=self.provider.name
+                ).with_id(stable_id(call.build_id, "sandbox_started", sandbox.sandbox_id))
+            )
         return sandbox
+
+    async def _restore(self, build_id: str, sandbox: Sandbox) -> str | None:
+        """Download the latest snapshot into a fresh sandbox; its id, or None if there is none.
+
+        A failed download raises, so the call is redelivered (it has not been recorded yet).
+        """
+        if self.restorer is None:
+            return None
+        plan = await self.restorer.restore_plan(build_id)
+        if plan is None or plan.snapshot_id is None:
+            return None
+        if not plan.ok:
+            raise RuntimeError(f"restore plan for {build_id} failed: {plan.error}")
+        gate = asyncio.Semaphore(UPLOAD_CONCURRENCY)
+
+        async def one(path: str, sha256: str, mode: int, url: str) -> int:
+            async with gate:
+                return await sandbox.download(path, sha256, mode, url)
+
+        sizes = await asyncio.gather(*(one(f.path, f.sha256, f.mode, f.url) for f in plan.files))
+        log.info(
+            "restored %d files (%d bytes) from snapshot %s",
+            len(sizes),
+            sum(sizes),
+            plan.snapshot_id,
+            extra={"build_id": build_id},
+        )
+        return plan.snapshot_id
 
     async def _set_state(self, record: SandboxRecord, state: SandboxState) -> None:
         await self.registry.put(

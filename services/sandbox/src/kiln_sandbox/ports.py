@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from kiln_contracts import Envelope, ManifestEntry
+from kiln_contracts import Envelope, ManifestEntry, RestorePlanReply
 
 SandboxState = Literal["running", "paused", "stopped"]
 
@@ -84,6 +84,10 @@ class Sandbox(Protocol):
         """PUT the file's bytes to a presigned URL after checking its sha256; the bytes sent."""
         ...
 
+    async def download(self, path: str, sha256: str, mode: int, url: str) -> int:
+        """GET a file from a presigned URL into the workspace, checking its sha256; its size."""
+        ...
+
 
 class Provider(Protocol):
     name: str
@@ -131,6 +135,14 @@ class CallStore(Protocol):
         ...
 
     async def finish(self, build_id: str, call_id: str, result: dict[str, Any]) -> None: ...
+
+
+class Restorer(Protocol):
+    """Asks the snapshot service how to rebuild a build's workspace (its latest snapshot)."""
+
+    async def restore_plan(self, build_id: str) -> RestorePlanReply | None:
+        """The plan, or None when no snapshot service answered."""
+        ...
 
 
 class Publisher(Protocol):

@@ -211,6 +211,19 @@ class LocalSandbox:
             raise SandboxError(f"upload of {path} failed: HTTP {response.status_code}")
         return len(data)
 
+    async def download(self, path: str, sha256: str, mode: int, url: str) -> int:
+        real = self.resolve(path)
+        response = await self._provider.http.get(url)
+        if response.status_code // 100 != 2:
+            raise SandboxError(f"download of {path} failed: HTTP {response.status_code}")
+        data = response.content
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha256:
+            raise SandboxError(f"download of {path} has sha256 {actual}, not {sha256}")
+        await self.write(path, data)
+        await asyncio.to_thread(os.chmod, real, mode & 0o7777)
+        return len(data)
+
     # ------------------------------------------------------------------ commands
 
     async def run(self, command: str, *, timeout_s: float, max_output: int) -> CommandResult:
@@ -307,9 +320,15 @@ class LocalProvider:
 
     name = "local"
 
-    def __init__(self, root: str | Path, *, http_timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        http_timeout_s: float = 60.0,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
         self.root = Path(root).absolute()
-        self._http: httpx.AsyncClient | None = None
+        self._http: httpx.AsyncClient | None = http
         self._http_timeout_s = http_timeout_s
         self._groups: dict[str, set[int]] = {}
 
