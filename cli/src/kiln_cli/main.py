@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import time
 import uuid
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 import typer
 import yaml
 from rich.console import Console
@@ -19,7 +22,7 @@ from rich.table import Table
 from kiln_devstack.infra import InfraError
 from kiln_devstack.stack import DEV_API_KEY, Stack
 
-from .client import ApiError, KilnClient
+from .client import TERMINAL_STATUSES, ApiError, KilnClient
 from .render import Renderer, usd
 
 app = typer.Typer(help="Kiln: an autonomous coding agent that builds apps from idea briefs.")
@@ -71,6 +74,16 @@ def follow(client: KilnClient, build_id: str, on_idle: Any = None) -> Renderer:
     return renderer
 
 
+def wait_projected(client: KilnClient, build_id: str, timeout: float = 15.0) -> dict[str, Any]:
+    """The build once the gateway's read model has caught up with its end (or as it is)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        build = client.get_build(build_id)
+        if build.get("status") in TERMINAL_STATUSES or time.monotonic() > deadline:
+            return build
+        time.sleep(0.2)
+
+
 def _print_build(b: dict[str, Any]) -> None:
     table = Table(show_header=False, box=None)
     for key in ("build_id", "status", "tier", "iteration"):
@@ -113,12 +126,8 @@ def build(
             status = follow(client, build_id).status
         except ApiError as e:
             raise _fail(e.detail if e.status != 401 else "the API key was refused") from None
-        except OSError as e:
+        except (OSError, httpx.HTTPError) as e:
             raise _fail(f"cannot reach the gateway at {url}: {e}") from None
-        except Exception as e:
-            if type(e).__module__.startswith("httpx"):
-                raise _fail(f"cannot reach the gateway at {url}: {e}") from None
-            raise
     raise typer.Exit(0 if status == "completed" else 1)
 
 
@@ -134,10 +143,8 @@ def status(
             _print_build(client.get_build(build_id))
         except ApiError as e:
             raise _fail(e.detail) from None
-        except Exception as e:
-            if type(e).__module__.startswith("httpx"):
-                raise _fail(f"cannot reach the gateway at {url}: {e}") from None
-            raise
+        except (OSError, httpx.HTTPError) as e:
+            raise _fail(f"cannot reach the gateway at {url}: {e}") from None
 
 
 def _start(data_dir: Path, port: int) -> Stack:
@@ -150,11 +157,18 @@ def _start(data_dir: Path, port: int) -> Stack:
     return stack
 
 
-def _sigterm_as_interrupt() -> None:
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops like Ctrl-C (the stack is stopped on the way out)."""
+
     def raise_interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, raise_interrupt)
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @app.command()
@@ -163,17 +177,21 @@ def up(
     port: Annotated[int, typer.Option(help="The gateway's port.")] = 8080,
 ) -> None:
     """Start the whole local stack and keep it running until Ctrl-C."""
-    _sigterm_as_interrupt()
+    with _sigterm_as_interrupt():
+        _up(data_dir, port)
+
+
+def _up(data_dir: Path, port: int) -> None:
     stack = _start(data_dir, port)
     try:
         console.print(f"gateway   [bold]{stack.gateway_url}[/]  (docs: {stack.gateway_url}/docs)")
         console.print(f"API key   [bold]{stack.env.get('KILN_DEV_API_KEY', DEV_API_KEY)}[/]")
-        console.print(f"data dir  {data_dir.resolve()}  (logs in {stack.infra.log_dir})")
+        console.print(f"data dir  {data_dir.resolve()}  (logs in {data_dir.resolve() / 'logs'})")
         console.print("Ctrl-C stops it.")
         reported: set[str] = set()
         while True:
             time.sleep(1)
-            for name, proc in stack.services.items():
+            for name, proc in getattr(stack, "services", {}).items():
                 if not proc.alive() and name not in reported:
                     reported.add(name)
                     err.print(f"[red]{name} exited:[/]\n{proc.tail()}", highlight=False)
@@ -192,7 +210,12 @@ def demo(
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 900,
 ) -> None:
     """Start the stack, build the bundled "textstats" brief live, and show where it went."""
-    _sigterm_as_interrupt()
+    with _sigterm_as_interrupt():
+        ok = _demo(data_dir, port, timeout)
+    raise typer.Exit(0 if ok else 1)
+
+
+def _demo(data_dir: Path, port: int, timeout: float) -> bool:
     shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(parents=True, exist_ok=True)
     stack = _start(data_dir, port)
@@ -208,10 +231,10 @@ def demo(
         with KilnClient(stack.gateway_url, stack.env.get("KILN_DEV_API_KEY", DEV_API_KEY)) as c:
             created = c.create_build(brief, DEMO_QNA, idempotency_key=uuid.uuid4().hex)
             build_id = created["build_id"]
-            follow(c, build_id, on_idle=on_idle)
-            final = c.get_build(build_id)
+            status = follow(c, build_id, on_idle=on_idle).status
+            final = wait_projected(c, build_id)
         console.print()
-        console.print(f"status     [bold]{final['status']}[/]")
+        console.print(f"status     [bold]{status}[/]")
         console.print(f"workspace  {(data_dir / 'sandboxes' / build_id).resolve()}")
         snap = final.get("last_snapshot_id")
         bucket = stack.env.get("KILN_S3_BUCKET", "kiln-snapshots")
@@ -222,15 +245,15 @@ def demo(
             )
         else:
             console.print("snapshot   none yet")
-        ok = final["status"] == "completed"
-    except (InfraError, TimeoutError, ApiError) as e:
+        ok = status == "completed"
+    except (InfraError, TimeoutError, ApiError, httpx.HTTPError) as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False)
         ok = False
     except KeyboardInterrupt:
         ok = False
     finally:
         stack.stop()
-    raise typer.Exit(0 if ok else 1)
+    return ok
 
 
 if __name__ == "__main__":
