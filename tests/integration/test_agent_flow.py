@@ -108,7 +108,9 @@ async def test_build_completes_on_nats_and_postgres_through_the_sdk(
             msg = BuildRequested(build_id=build_id, user_id="u1", tier="pro", idea_brief="stats")
             await bus.publish(msg)
             await bus.publish(msg.with_id(msg.event_id))  # a duplicate publish
-            await bus.publish(BuildRequested(build_id=build_id, user_id="u1", idea_brief="again"))
+            # another request for the same build id (it may even win the race): still one build
+            again = BuildRequested(build_id=build_id, user_id="u1", tier="pro", idea_brief="again")
+            await bus.publish(again)
 
         def completed() -> list[BuildCompleted]:
             return [e for e in seen if isinstance(e, BuildCompleted)]
@@ -229,3 +231,21 @@ async def test_scripted_server_serves_many_connections(scripted) -> None:
         assert {r.stop_reason for r in replies} == {"tool_use"}
     finally:
         await asyncio.gather(*(m.close() for m in models))
+
+
+async def test_bootstrap_wires_the_real_adapters(infra, scripted) -> None:
+    from kiln_agent.bootstrap import build
+
+    settings = AgentSettings(
+        nats_url=infra["NATS_URL"],
+        database_url=infra["DATABASE_URL"],
+        anthropic_base_url=scripted.url,
+        anthropic_api_key="k",
+    )
+    service = build(settings)
+    await service.start()  # opens the pool and the client, registers the subscribers
+    try:
+        assert service.pool is not None and await service.pool.fetchval("SELECT 1") == 1
+        assert len(service.bus.broker.subscribers) == 5
+    finally:
+        await service.stop()
