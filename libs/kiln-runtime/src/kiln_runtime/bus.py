@@ -114,6 +114,10 @@ class Bus:
             max_reconnect_attempts=-1,
             reconnect_time_wait=1,
             connect_timeout=5,
+            # FastStream's per-message "Received/Processed" lines are debug detail here; Kiln logs
+            # its own outcomes with build_id and event_id.
+            logger=logging.getLogger("faststream.kiln"),
+            log_level=logging.DEBUG,
         )
         self._stream = JStream(subjects.STREAM, declare=False)
 
