@@ -12,6 +12,7 @@ import pytest
 from nats.aio.client import Client
 
 from kiln_contracts import ToolCall, ToolResult, subjects
+from kiln_runtime.bus import ensure_streams
 
 pytestmark = pytest.mark.integration
 
@@ -37,6 +38,7 @@ async def test_python_m_kiln_sandbox_runs_a_call_and_stops_cleanly(infra, tmp_pa
     results: list[ToolResult] = []
     nc = Client()
     await nc.connect(infra["NATS_URL"])
+    await ensure_streams(nc)  # as any producer does; the service may not have started yet
 
     async def cb(msg: Any) -> None:
         results.append(ToolResult.model_validate_json(msg.data))
