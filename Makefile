@@ -53,3 +53,19 @@ test: lint typecheck  ## the whole suite: lint, types, unit, integration, e2e
 
 clean:  ## remove local state
 	rm -rf .kiln .pytest_cache .mypy_cache .ruff_cache
+
+# ---------------------------------------------------------------- deployment (deploy/, docs/OPERATIONS.md)
+.PHONY: deploy-check nats-render
+DEPLOY_OUT := .kiln/deploy
+
+deploy-check: install  ## render every kustomize overlay and validate it; check compose and generated NATS files
+	@mkdir -p $(DEPLOY_OUT)
+	@set -e; for overlay in $$(ls deploy/k8s/overlays); do \
+		echo "kubectl kustomize deploy/k8s/overlays/$$overlay"; \
+		$(RUN) kubectl kustomize deploy/k8s/overlays/$$overlay > $(DEPLOY_OUT)/$$overlay.yaml; \
+		$(RUN) kubernetes-validate --strict --quiet --no-warn -k 1.33.0 $(DEPLOY_OUT)/$$overlay.yaml; \
+	done
+	$(RUN) python deploy/check.py
+
+nats-render: install  ## regenerate the NATS users (Helm values, nats-server.conf) from deploy/nats/permissions.yaml
+	$(RUN) python deploy/nats/render.py
