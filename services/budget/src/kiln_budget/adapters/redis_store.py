@@ -1,0 +1,166 @@
+"""Spend counters in Redis: one Lua script charges an event exactly once.
+
+Keys (all amounts integer micro-dollars):
+
+* ``kiln:charged:<event_id>``                      the event was charged (35-day TTL)
+* ``kiln:spend:user:<user>:day:<YYYY-MM-DD>``      a user's spend on a UTC day
+* ``kiln:spend:user:<user>:month:<YYYY-MM>``       a user's spend in a UTC month
+* ``kiln:spend:build:<build_id>``                  a build's spend
+* ``kiln:running:<user>``                          set of the user's running build ids
+* ``kiln:ended:<build_id>``                        the build ended (keeps a late BuildRequested out)
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ..ports import Charge
+
+DAY_S = 24 * 3600
+CHARGED_TTL_S = 35 * DAY_S
+DAY_TTL_S = 40 * DAY_S
+MONTH_TTL_S = 400 * DAY_S
+BUILD_TTL_S = 35 * DAY_S
+ENDED_TTL_S = 35 * DAY_S
+
+# KEYS: charged, day, month, build   ARGV: amount, charged ttl, day ttl, month ttl, build ttl
+CHARGE_LUA = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  return 0
+end
+redis.call('INCRBY', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('INCRBY', KEYS[3], ARGV[1])
+redis.call('EXPIRE', KEYS[3], ARGV[4])
+redis.call('INCRBY', KEYS[4], ARGV[1])
+redis.call('EXPIRE', KEYS[4], ARGV[5])
+return 1
+"""
+
+# KEYS: running, ended   ARGV: build id
+STARTED_LUA = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return 0
+end
+return redis.call('SADD', KEYS[1], ARGV[1])
+"""
+
+# KEYS: running, ended   ARGV: build id, ended ttl
+ENDED_LUA = """
+redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
+return redis.call('SREM', KEYS[1], ARGV[1])
+"""
+
+
+def charged_key(event_id: object) -> str:
+    return f"kiln:charged:{event_id}"
+
+
+def day_key(user_id: str, day: date) -> str:
+    return f"kiln:spend:user:{user_id}:day:{day.isoformat()}"
+
+
+def month_key(user_id: str, year: int, month: int) -> str:
+    return f"kiln:spend:user:{user_id}:month:{year:04d}-{month:02d}"
+
+
+def build_key(build_id: str) -> str:
+    return f"kiln:spend:build:{build_id}"
+
+
+def running_key(user_id: str) -> str:
+    return f"kiln:running:{user_id}"
+
+
+def ended_key(build_id: str) -> str:
+    return f"kiln:ended:{build_id}"
+
+
+class RedisSpendStore:
+    """The SpendStore on Redis. ``open()`` creates the client (nothing connects before)."""
+
+    def __init__(self, url: str, *, timeout_s: float = 5.0) -> None:
+        self.url = url
+        self.timeout_s = timeout_s
+        self._redis: aioredis.Redis | None = None
+        self._charge: Any = None
+        self._started: Any = None
+        self._ended: Any = None
+
+    async def open(self) -> None:
+        client = aioredis.from_url(
+            self.url,
+            socket_timeout=self.timeout_s,
+            socket_connect_timeout=self.timeout_s,
+            retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), 3),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+            health_check_interval=30,
+            decode_responses=True,
+        )
+        await client.ping()
+        self._redis = client
+        self._charge = client.register_script(CHARGE_LUA)
+        self._started = client.register_script(STARTED_LUA)
+        self._ended = client.register_script(ENDED_LUA)
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()  # type: ignore[attr-defined]  # stale stubs
+            self._redis = None
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        if self._redis is None:
+            raise RuntimeError("RedisSpendStore used before open()")
+        return self._redis
+
+    async def charge(self, charge: Charge) -> bool:
+        _ = self.redis
+        day = charge.day
+        applied = await self._charge(
+            keys=[
+                charged_key(charge.event_id),
+                day_key(charge.user_id, day),
+                month_key(charge.user_id, day.year, day.month),
+                build_key(charge.build_id),
+            ],
+            args=[charge.amount_micro_usd, CHARGED_TTL_S, DAY_TTL_S, MONTH_TTL_S, BUILD_TTL_S],
+        )
+        return bool(int(applied))
+
+    async def _int(self, key: str) -> int:
+        value = await self.redis.get(key)
+        return int(value) if value is not None else 0
+
+    async def user_day(self, user_id: str, day: date) -> int:
+        return await self._int(day_key(user_id, day))
+
+    async def user_month(self, user_id: str, year: int, month: int) -> int:
+        return await self._int(month_key(user_id, year, month))
+
+    async def build(self, build_id: str) -> int:
+        return await self._int(build_key(build_id))
+
+    async def build_started(self, user_id: str, build_id: str) -> bool:
+        _ = self.redis
+        added = await self._started(
+            keys=[running_key(user_id), ended_key(build_id)], args=[build_id]
+        )
+        return bool(int(added))
+
+    async def build_ended(self, user_id: str, build_id: str) -> None:
+        _ = self.redis
+        await self._ended(
+            keys=[running_key(user_id), ended_key(build_id)], args=[build_id, ENDED_TTL_S]
+        )
+
+    async def running(self, user_id: str) -> set[str]:
+        members = await self.redis.smembers(running_key(user_id))  # type: ignore[misc]
+        return {str(m) for m in members}
