@@ -65,3 +65,17 @@ def test_only_responders_may_reply_and_only_the_budget_schedules():
         assert scheduled == (name == "budget")
         assert f"kiln.dlq.{name}.>" in perms["publish"]["allow"]
         assert not any(s in ("kiln.>", "kiln.build.>", ">") for s in perms["publish"]["allow"])
+
+
+def test_helm_values_pin_a_server_with_message_schedules_in_a_cluster_of_three():
+    import yaml
+
+    values = yaml.safe_load((ROOT / "deploy" / "nats" / "values.yaml").read_text())
+    major, minor = (
+        int(x) for x in values["container"]["image"]["tag"].split("-")[0].split(".")[:2]
+    )
+    assert (major, minor) >= (2, 12)
+    assert values["config"]["cluster"]["replicas"] == 3
+    assert values["config"]["jetstream"]["fileStore"]["enabled"] is True
+    users = yaml.safe_load(render.VALUES.read_text())
+    assert set(users["config"]["merge"]["accounts"]) == {DOC["account"]}
