@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -9,9 +10,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import boto3
 import httpx
 import pytest
@@ -25,10 +29,27 @@ BRIEF = """A tiny Python package `textstats` that counts words, lines and charac
 lists the most frequent words, with unit tests."""
 
 
+def own_database(url: str, name: str) -> str:
+    """A fresh database on the session's Postgres, so other tests' rows stay out of this stack."""
+
+    async def create() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
 @pytest.fixture(scope="module")
 def stack(infra: dict[str, str]) -> Iterator[Stack]:
+    """The five services as processes, on their own NATS server and database (Redis and S3 shared)."""
     data_dir = Path(tempfile.mkdtemp(prefix="ke-", dir="/tmp"))
-    env = {k: v for k, v in infra.items()}
+    env = {k: v for k, v in infra.items() if k != "NATS_URL"}
+    env["DATABASE_URL"] = own_database(infra["DATABASE_URL"], f"e2e_{uuid.uuid4().hex[:8]}")
     env["ANTHROPIC_API_KEY"] = ""  # always the scripted model in tests
     s = Stack(data_dir, gateway_port=free_port(), extra_env=env)
     s.start()
