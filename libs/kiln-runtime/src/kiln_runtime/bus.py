@@ -60,8 +60,9 @@ class ServerTooOld(RuntimeError):
     pass
 
 
-def stream_config() -> StreamConfig:
+def stream_config(replicas: int = 1) -> StreamConfig:
     return StreamConfig(
+        num_replicas=replicas,
         name=subjects.STREAM,
         subjects=list(subjects.STREAM_SUBJECTS),
         duplicate_window=subjects.DUPLICATE_WINDOW_S,
@@ -71,8 +72,9 @@ def stream_config() -> StreamConfig:
     )
 
 
-def dlq_stream_config() -> StreamConfig:
+def dlq_stream_config(replicas: int = 1) -> StreamConfig:
     return StreamConfig(
+        num_replicas=replicas,
         name=subjects.DLQ_STREAM,
         subjects=list(subjects.DLQ_SUBJECTS),
         duplicate_window=subjects.DUPLICATE_WINDOW_S,
@@ -80,7 +82,7 @@ def dlq_stream_config() -> StreamConfig:
     )
 
 
-async def ensure_streams(nc: Client) -> None:
+async def ensure_streams(nc: Client, replicas: int = 1) -> None:
     """Check the server can do what Kiln needs, then create or update Kiln's streams."""
     version = nc.connected_server_version
     if (version.major, version.minor) < MIN_SERVER:
@@ -89,7 +91,7 @@ async def ensure_streams(nc: Client) -> None:
             "with JetStream (message schedules). Point NATS_URL at a newer server."
         )
     js = nc.jetstream()
-    for config in (stream_config(), dlq_stream_config()):
+    for config in (stream_config(replicas), dlq_stream_config(replicas)):
         try:
             await js.stream_info(config.name or "")
             await js.update_stream(config)
@@ -125,7 +127,7 @@ class Bus:
 
     async def connect(self) -> None:
         await self.broker.connect()
-        await ensure_streams(self.broker.connection)
+        await ensure_streams(self.broker.connection, self.settings.stream_replicas)
 
     async def start(self) -> None:
         """Start consuming (after the service's own resources are ready)."""
