@@ -1,0 +1,140 @@
+"""The ObjectStore on S3 (or any S3 API: moto, MinIO) with aioboto3; every call has timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import aioboto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+log = logging.getLogger(__name__)
+
+NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+
+
+def _code(err: ClientError) -> str:
+    return str(err.response.get("Error", {}).get("Code", ""))
+
+
+class S3Store:
+    """One bucket. ``open()`` creates the client and the bucket if missing; nothing before."""
+
+    def __init__(
+        self,
+        bucket: str,
+        *,
+        endpoint_url: str | None = None,
+        region: str = "us-east-1",
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 30.0,
+        max_attempts: int = 5,
+        presign_expiry_s: int = 3600,
+        head_concurrency: int = 16,
+    ) -> None:
+        self.bucket = bucket
+        self.endpoint_url = endpoint_url
+        self.region = region
+        self.presign_expiry_s = presign_expiry_s
+        self.config = Config(
+            connect_timeout=connect_timeout_s,
+            read_timeout=read_timeout_s,
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+            signature_version="s3v4",
+            # Path-style for S3-compatible endpoints (moto, MinIO); virtual hosts on AWS.
+            s3={"addressing_style": "path" if endpoint_url else "auto"},
+        )
+        self._head = asyncio.Semaphore(head_concurrency)
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._client: Any = None
+
+    async def open(self) -> None:
+        stack = contextlib.AsyncExitStack()
+        session = aioboto3.Session()
+        self._client = await stack.enter_async_context(
+            session.client(
+                "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=self.config
+            )
+        )
+        self._stack = stack
+        await self.ensure_bucket()
+
+    async def close(self) -> None:
+        if self._stack is not None:
+            await self._stack.aclose()
+            self._stack = None
+            self._client = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            raise RuntimeError("S3Store used before open()")
+        return self._client
+
+    async def ensure_bucket(self) -> None:
+        try:
+            await self.client.head_bucket(Bucket=self.bucket)
+            return
+        except ClientError as err:
+            if _code(err) not in NOT_FOUND:
+                raise
+        kwargs: dict[str, Any] = {"Bucket": self.bucket}
+        if self.region != "us-east-1":
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
+        try:
+            await self.client.create_bucket(**kwargs)
+            log.info("created bucket %s", self.bucket)
+        except ClientError as err:
+            if _code(err) not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+                raise
+
+    async def get(self, key: str) -> bytes | None:
+        try:
+            response = await self.client.get_object(Bucket=self.bucket, Key=key)
+        except ClientError as err:
+            if _code(err) in NOT_FOUND:
+                return None
+            raise
+        async with response["Body"] as body:
+            data: bytes = await body.read()
+        return data
+
+    async def put(self, key: str, data: bytes, content_type: str = "application/json") -> None:
+        await self.client.put_object(
+            Bucket=self.bucket, Key=key, Body=data, ContentType=content_type
+        )
+
+    async def exists(self, key: str) -> bool:
+        async with self._head:
+            try:
+                await self.client.head_object(Bucket=self.bucket, Key=key)
+                return True
+            except ClientError as err:
+                if _code(err) in NOT_FOUND:
+                    return False
+                raise
+
+    async def missing(self, keys: Iterable[str]) -> set[str]:
+        keys = list(keys)
+        found = await asyncio.gather(*(self.exists(k) for k in keys))
+        return {k for k, there in zip(keys, found, strict=True) if not there}
+
+    async def presign_put(self, key: str) -> str:
+        url: str = await self.client.generate_presigned_url(
+            "put_object",
+            Params={"Bucket": self.bucket, "Key": key},
+            ExpiresIn=self.presign_expiry_s,
+        )
+        return url
+
+    async def presign_get(self, key: str) -> str:
+        url: str = await self.client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": key},
+            ExpiresIn=self.presign_expiry_s,
+        )
+        return url

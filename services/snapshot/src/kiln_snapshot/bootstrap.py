@@ -1,0 +1,71 @@
+"""The one place that wires the snapshot's real adapters."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+from nats.aio.subscription import Subscription
+
+from kiln_runtime.bus import Bus
+from kiln_runtime.service import serve
+
+from . import app
+from .adapters.s3 import S3Store
+from .adapters.sandbox_rpc import NatsSandbox
+from .settings import SnapshotSettings
+from .snapshots import Deps
+
+
+@dataclass
+class Wiring:
+    """The wired service. ``start()`` after ``bus.connect()``, before ``bus.start()``."""
+
+    bus: Bus
+    deps: Deps
+    store: S3Store
+    _subscription: Subscription | None = field(default=None, repr=False)
+
+    async def start(self) -> None:
+        await self.store.open()
+        self._subscription = await app.serve_restore_plans(self.bus.nc, self.deps)
+
+    async def stop(self) -> None:
+        if self._subscription is not None:
+            with contextlib.suppress(Exception):
+                await self._subscription.unsubscribe()
+            self._subscription = None
+        await self.store.close()
+
+
+def build(settings: SnapshotSettings, *, service: str = "snapshot") -> Wiring:
+    """Wire the service; nothing connects until ``bus.connect()`` / ``start()``."""
+    bus = Bus(settings, service)
+    store = S3Store(
+        settings.bucket,
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.region,
+        connect_timeout_s=settings.s3_connect_timeout_s,
+        read_timeout_s=settings.s3_read_timeout_s,
+        max_attempts=settings.s3_max_attempts,
+        presign_expiry_s=settings.presign_expiry_s,
+    )
+    sandbox = NatsSandbox(
+        lambda: bus.nc,
+        manifest_timeout_s=settings.manifest_timeout_s,
+        upload_timeout_s=settings.upload_timeout_s,
+    )
+    deps = Deps(
+        store=store,
+        sandbox=sandbox,
+        publisher=bus,
+        excludes=list(settings.excludes),
+        upload_batch=settings.upload_batch,
+    )
+    app.register(bus, deps, max_workers=settings.workers)
+    return Wiring(bus=bus, deps=deps, store=store)
+
+
+async def run(settings: SnapshotSettings) -> None:
+    wiring = build(settings)
+    await serve(wiring.bus, start=wiring.start, stop=wiring.stop)

@@ -1,0 +1,54 @@
+"""The snapshot service's settings (environment variables)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
+
+from kiln_runtime.settings import CommonSettings, env
+
+DEFAULT_EXCLUDES = ["__pycache__", ".cache", ".pytest_cache", "node_modules/.cache"]
+
+
+class SnapshotSettings(CommonSettings):
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        validation_alias=env("S3_ENDPOINT_URL", "KILN_S3_ENDPOINT_URL"),
+        description="None: AWS S3.",
+    )
+    bucket: str = Field(default="kiln-snapshots", validation_alias=env("KILN_S3_BUCKET"))
+    region: str = Field(
+        default="us-east-1", validation_alias=env("AWS_REGION", "AWS_DEFAULT_REGION")
+    )
+    excludes: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_EXCLUDES),
+        validation_alias=env("KILN_SNAPSHOT_EXCLUDES"),
+        description="Comma-separated names or relative paths the sandbox leaves out.",
+    )
+    s3_connect_timeout_s: float = Field(
+        default=5.0, gt=0, validation_alias=env("KILN_S3_CONNECT_TIMEOUT_S")
+    )
+    s3_read_timeout_s: float = Field(
+        default=30.0, gt=0, validation_alias=env("KILN_S3_READ_TIMEOUT_S")
+    )
+    s3_max_attempts: int = Field(default=5, ge=1, validation_alias=env("KILN_S3_MAX_ATTEMPTS"))
+    presign_expiry_s: int = Field(
+        default=3600, ge=60, validation_alias=env("KILN_PRESIGN_EXPIRY_S")
+    )
+    manifest_timeout_s: float = Field(
+        default=60.0, gt=0, validation_alias=env("KILN_MANIFEST_TIMEOUT_S")
+    )
+    upload_timeout_s: float = Field(
+        default=300.0, gt=0, validation_alias=env("KILN_UPLOAD_TIMEOUT_S")
+    )
+    upload_batch: int = Field(default=200, ge=1, validation_alias=env("KILN_UPLOAD_BATCH"))
+    workers: int = Field(default=8, ge=1, le=64, validation_alias=env("KILN_SNAPSHOT_WORKERS"))
+
+    @field_validator("excludes", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value

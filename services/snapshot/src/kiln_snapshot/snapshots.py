@@ -1,0 +1,272 @@
+"""Content-addressed, incremental snapshots of a build's workspace, and restore plans.
+
+Layout in the bucket:
+
+* ``blobs/<sha256>``                                  a file's bytes (shared by every build)
+* ``builds/<build_id>/manifests/<snapshot_id>.json``  one snapshot: entries, iteration, reason ...
+* ``builds/<build_id>/latest``                        text: the newest snapshot's id
+
+A snapshot's id is the event_id of the CheckpointSaved it was taken for. Bytes go from the sandbox
+to S3 directly (presigned PUTs); a manifest is written only once every blob it names exists, and
+``latest`` only moves forward (by the checkpoint's iteration, then time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from kiln_contracts import CheckpointSaved, SnapshotSaved, stable_id
+from kiln_contracts.messages import utcnow
+from kiln_contracts.rpc import (
+    Download,
+    ManifestEntry,
+    ManifestRequest,
+    RestorePlanReply,
+    RestorePlanRequest,
+    Upload,
+    UploadRequest,
+)
+from kiln_runtime.errors import PermanentError, RetryLater
+
+from .ports import ObjectStore, Publisher, Sandbox
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = 1
+# Checkpoints that someone waits on (the sandbox pauses or stops after them): never coalesced away.
+NEVER_SKIPPED = frozenset({"sleep", "final"})
+
+
+def blob_key(sha256: str) -> str:
+    return f"blobs/{sha256}"
+
+
+def manifest_key(build_id: str, snapshot_id: str) -> str:
+    return f"builds/{build_id}/manifests/{snapshot_id}.json"
+
+
+def latest_key(build_id: str) -> str:
+    return f"builds/{build_id}/latest"
+
+
+class Coalescer:
+    """The newest checkpoint seen per build (in this process) and a lock per build.
+
+    Checkpoints are ordered by (iteration, stream sequence). A checkpoint older than one already
+    seen for the same build is skipped, since the newer one's snapshot supersedes it; snapshots of
+    one build never run concurrently in a process, so the same content is not uploaded twice.
+    """
+
+    def __init__(self, max_builds: int = 10_000) -> None:
+        self.max_builds = max_builds
+        self._newest: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    def seen(self, build_id: str, order: tuple[int, int]) -> None:
+        current = self._newest.get(build_id)
+        if current is None or order > current:
+            self._newest[build_id] = order
+        self._newest.move_to_end(build_id)
+        while len(self._newest) > self.max_builds:
+            self._newest.popitem(last=False)
+
+    def superseded(self, build_id: str, order: tuple[int, int]) -> bool:
+        newest = self._newest.get(build_id)
+        return newest is not None and newest > order
+
+    def lock(self, build_id: str) -> asyncio.Lock:
+        lock = self._locks.get(build_id)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._locks[build_id] = lock
+        return lock
+
+
+@dataclass
+class Deps:
+    store: ObjectStore
+    sandbox: Sandbox
+    publisher: Publisher
+    excludes: list[str] = field(default_factory=list)
+    coalescer: Coalescer = field(default_factory=Coalescer)
+    upload_batch: int = 200
+
+
+class Manifest(dict[str, Any]):
+    """A stored manifest document (JSON object)."""
+
+
+# ------------------------------------------------------------------------------ snapshots
+
+
+async def take_snapshot(
+    deps: Deps, event: CheckpointSaved, stream_seq: int = 0
+) -> SnapshotSaved | None:
+    """Snapshot the build's workspace for ``event``; None when a newer checkpoint superseded it."""
+    build_id = event.build_id
+    snapshot_id = str(event.event_id)
+    order = (event.iteration, stream_seq)
+    extra = {"build_id": build_id, "event_id": event.event_id, "iteration": event.iteration}
+    deps.coalescer.seen(build_id, order)
+    async with deps.coalescer.lock(build_id):
+        stored = await _load_manifest(deps.store, build_id, snapshot_id)
+        if stored is not None:
+            # Redelivered after the manifest was written: finish the job, publish the same event.
+            await _advance_latest(deps.store, build_id, stored)
+            saved = snapshot_saved(event, stored)
+            await deps.publisher.publish(saved)
+            log.info("snapshot %s already stored; republished", snapshot_id, extra=extra)
+            return saved
+        if event.reason not in NEVER_SKIPPED and deps.coalescer.superseded(build_id, order):
+            log.info("checkpoint superseded by a newer one; skipped", extra=extra)
+            return None
+
+        reply = await deps.sandbox.manifest(
+            ManifestRequest(build_id=build_id, excludes=list(deps.excludes))
+        )
+        if not reply.ok:
+            raise PermanentError(
+                f"sandbox could not list the workspace of {build_id}: {reply.error}"
+            )
+        entries = _normalise(reply.entries)
+        by_sha = {e.sha256: e for e in entries}
+        missing = await _missing_blobs(deps, list(by_sha))
+        if missing:
+            await _upload(deps, build_id, [by_sha[sha] for sha in sorted(missing)])
+        doc = Manifest(
+            format=MANIFEST_FORMAT,
+            snapshot_id=snapshot_id,
+            build_id=build_id,
+            user_id=event.user_id,
+            iteration=event.iteration,
+            reason=event.reason,
+            checkpoint_at=event.occurred_at.isoformat(),
+            created_at=utcnow().isoformat(),
+            files=len(entries),
+            bytes_total=sum(e.size for e in entries),
+            bytes_uploaded=sum(by_sha[sha].size for sha in missing),
+            entries=[e.model_dump() for e in entries],
+        )
+        await deps.store.put(manifest_key(build_id, snapshot_id), json.dumps(doc).encode())
+        await _advance_latest(deps.store, build_id, doc)
+        saved = snapshot_saved(event, doc)
+        await deps.publisher.publish(saved)
+        log.info(
+            "snapshot %s: %d files, %d bytes, %d uploaded",
+            snapshot_id,
+            saved.files,
+            saved.bytes_total,
+            saved.bytes_uploaded,
+            extra=extra,
+        )
+        return saved
+
+
+def snapshot_saved(event: CheckpointSaved, doc: dict[str, Any]) -> SnapshotSaved:
+    """The SnapshotSaved for a stored manifest: the same event (and id) however often it is built."""
+    snapshot_id = str(event.event_id)
+    return event.caused(
+        SnapshotSaved,
+        event_id=stable_id(event.build_id, "snapshot_saved", snapshot_id),
+        occurred_at=datetime.fromisoformat(doc["created_at"]),
+        snapshot_id=snapshot_id,
+        iteration=event.iteration,
+        reason=event.reason,
+        files=int(doc["files"]),
+        bytes_total=int(doc["bytes_total"]),
+        bytes_uploaded=int(doc["bytes_uploaded"]),
+    )
+
+
+def _normalise(entries: list[ManifestEntry]) -> list[ManifestEntry]:
+    """One entry per path (the last wins), sorted; paths must stay inside the workspace."""
+    by_path: dict[str, ManifestEntry] = {}
+    for entry in entries:
+        parts = entry.path.split("/")
+        if entry.path.startswith("/") or not entry.path or ".." in parts or "\\" in entry.path:
+            raise PermanentError(f"sandbox manifest has an unsafe path: {entry.path!r}")
+        by_path[entry.path] = entry
+    return [by_path[p] for p in sorted(by_path)]
+
+
+async def _missing_blobs(deps: Deps, shas: list[str]) -> set[str]:
+    keys = {blob_key(sha): sha for sha in shas}
+    absent = await deps.store.missing(keys)
+    return {keys[k] for k in absent}
+
+
+async def _upload(deps: Deps, build_id: str, entries: list[ManifestEntry]) -> None:
+    """Have the sandbox PUT the missing blobs, then check every one of them exists."""
+    uploads = [
+        Upload(path=e.path, sha256=e.sha256, url=await deps.store.presign_put(blob_key(e.sha256)))
+        for e in entries
+    ]
+    for start in range(0, len(uploads), deps.upload_batch):
+        batch = uploads[start : start + deps.upload_batch]
+        reply = await deps.sandbox.upload(UploadRequest(build_id=build_id, uploads=batch))
+        if not reply.ok:
+            raise RetryLater(f"sandbox upload failed: {reply.error}", delay_s=5.0)
+    still = await _missing_blobs(deps, [e.sha256 for e in entries])
+    if still:
+        raise RetryLater(f"{len(still)} blobs still missing after the upload", delay_s=5.0)
+
+
+async def _load_manifest(store: ObjectStore, build_id: str, snapshot_id: str) -> Manifest | None:
+    data = await store.get(manifest_key(build_id, snapshot_id))
+    return None if data is None else Manifest(json.loads(data))
+
+
+def _order(doc: dict[str, Any]) -> tuple[int, datetime]:
+    return int(doc["iteration"]), datetime.fromisoformat(doc["checkpoint_at"])
+
+
+async def _advance_latest(store: ObjectStore, build_id: str, doc: dict[str, Any]) -> None:
+    """Point ``latest`` at ``doc`` unless it already points at a newer snapshot."""
+    current_id = await store.get(latest_key(build_id))
+    if current_id is not None:
+        if current_id.decode() == doc["snapshot_id"]:
+            return
+        current = await _load_manifest(store, build_id, current_id.decode())
+        if current is not None and _order(current) > _order(doc):
+            return
+    await store.put(latest_key(build_id), str(doc["snapshot_id"]).encode(), "text/plain")
+
+
+# ------------------------------------------------------------------------------ restore
+
+
+async def latest_manifest(store: ObjectStore, build_id: str) -> Manifest | None:
+    snapshot_id = await store.get(latest_key(build_id))
+    if snapshot_id is None:
+        return None
+    return await _load_manifest(store, build_id, snapshot_id.decode())
+
+
+async def restore_plan(deps: Deps, request: RestorePlanRequest) -> RestorePlanReply:
+    """The latest snapshot's files with presigned GET URLs (ok=False, "no snapshot" when none)."""
+    doc = await latest_manifest(deps.store, request.build_id)
+    if doc is None:
+        return RestorePlanReply(ok=False, error="no snapshot")
+    try:
+        entries = [ManifestEntry.model_validate(e) for e in doc["entries"]]
+    except (KeyError, ValidationError) as err:
+        return RestorePlanReply(ok=False, error=f"unreadable manifest: {err}")
+    files = [
+        Download(
+            path=e.path,
+            sha256=e.sha256,
+            mode=e.mode,
+            url=await deps.store.presign_get(blob_key(e.sha256)),
+        )
+        for e in entries
+    ]
+    return RestorePlanReply(ok=True, snapshot_id=str(doc["snapshot_id"]), files=files)

@@ -1,0 +1,251 @@
+"""The snapshot domain with fakes: incremental uploads, manifests after blobs, coalescing, restore."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import pytest
+
+from kiln_contracts import CheckpointSaved, Envelope, SnapshotSaved, stable_id
+from kiln_contracts.rpc import (
+    ManifestEntry,
+    ManifestReply,
+    ManifestRequest,
+    RestorePlanRequest,
+    UploadReply,
+    UploadRequest,
+)
+from kiln_runtime.errors import PermanentError, RetryLater
+from kiln_snapshot import app, snapshots
+from kiln_snapshot.settings import DEFAULT_EXCLUDES, SnapshotSettings
+from kiln_snapshot.snapshots import Deps
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class FakeStore:
+    objects: dict[str, bytes] = field(default_factory=dict)
+    puts: list[str] = field(default_factory=list)
+
+    async def get(self, key: str) -> bytes | None:
+        await asyncio.sleep(0)
+        return self.objects.get(key)
+
+    async def put(self, key: str, data: bytes, content_type: str = "application/json") -> None:
+        self.objects[key] = data
+        self.puts.append(key)
+
+    async def missing(self, keys: Iterable[str]) -> set[str]:
+        await asyncio.sleep(0)
+        return {k for k in keys if k not in self.objects}
+
+    async def presign_put(self, key: str) -> str:
+        return f"fake://put/{key}"
+
+    async def presign_get(self, key: str) -> str:
+        return f"fake://get/{key}"
+
+
+@dataclass
+class FakeSandbox:
+    store: FakeStore
+    files: dict[str, bytes] = field(default_factory=dict)
+    manifest_error: str = ""
+    upload_error: str = ""
+    drop_uploads: bool = False
+    manifest_requests: list[ManifestRequest] = field(default_factory=list)
+    uploaded: list[str] = field(default_factory=list)
+
+    async def manifest(self, request: ManifestRequest) -> ManifestReply:
+        self.manifest_requests.append(request)
+        await asyncio.sleep(0)
+        if self.manifest_error:
+            return ManifestReply(ok=False, error=self.manifest_error)
+        return ManifestReply(
+            entries=[
+                ManifestEntry(path=p, sha256=sha(b), size=len(b), mode=0o644)
+                for p, b in self.files.items()
+            ]
+        )
+
+    async def upload(self, request: UploadRequest) -> UploadReply:
+        if self.upload_error:
+            return UploadReply(ok=False, error=self.upload_error)
+        total = 0
+        for up in request.uploads:
+            data = self.files[up.path]
+            assert sha(data) == up.sha256
+            key = up.url.removeprefix("fake://put/")
+            assert key == f"blobs/{up.sha256}"
+            if not self.drop_uploads:
+                self.store.objects[key] = data
+            self.uploaded.append(up.sha256)
+            total += len(data)
+        return UploadReply(uploaded=len(request.uploads), bytes_uploaded=total)
+
+
+@dataclass
+class FakePublisher:
+    published: list[Envelope] = field(default_factory=list)
+
+    async def publish(self, msg: Envelope) -> None:
+        self.published.append(msg)
+
+
+@pytest.fixture
+def store() -> FakeStore:
+    return FakeStore()
+
+
+@pytest.fixture
+def sandbox(store: FakeStore) -> FakeSandbox:
+    return FakeSandbox(store, files={"a.txt": b"alpha", "b/c.py": b"print(1)\n", "dup": b"alpha"})
+
+
+@pytest.fixture
+def deps(store: FakeStore, sandbox: FakeSandbox) -> Deps:
+    return Deps(store=store, sandbox=sandbox, publisher=FakePublisher(), excludes=["node_modules"])
+
+
+def checkpoint(iteration: int = 1, reason: str = "periodic") -> CheckpointSaved:
+    return CheckpointSaved(build_id="b1", user_id="u1", iteration=iteration, reason=reason)  # type: ignore[arg-type]
+
+
+def published(deps: Deps) -> list[SnapshotSaved]:
+    return deps.publisher.published  # type: ignore[attr-defined,no-any-return]
+
+
+async def test_first_snapshot_uploads_each_distinct_blob_then_writes_the_manifest(
+    deps: Deps, store: FakeStore, sandbox: FakeSandbox
+) -> None:
+    event = checkpoint()
+    saved = await snapshots.take_snapshot(deps, event, 10)
+    assert saved is not None
+    assert sorted(sandbox.uploaded) == sorted({sha(b"alpha"), sha(b"print(1)\n")})
+    assert sandbox.manifest_requests[0].excludes == ["node_modules"]
+    sid = str(event.event_id)
+    assert saved.snapshot_id == sid
+    assert saved.event_id == stable_id("b1", "snapshot_saved", sid)
+    assert saved.causation_id == event.event_id
+    assert (saved.files, saved.bytes_total, saved.bytes_uploaded) == (3, 5 + 9 + 5, 5 + 9)
+    assert published(deps) == [saved]
+    # manifest before latest, and only blobs that exist are referenced
+    assert store.puts == [f"builds/b1/manifests/{sid}.json", "builds/b1/latest"]
+    doc = json.loads(store.objects[f"builds/b1/manifests/{sid}.json"])
+    assert [e["path"] for e in doc["entries"]] == ["a.txt", "b/c.py", "dup"]
+    assert all(f"blobs/{e['sha256']}" in store.objects for e in doc["entries"])
+    assert (doc["iteration"], doc["reason"]) == (1, "periodic")
+    assert "created_at" in doc
+    assert store.objects["builds/b1/latest"] == sid.encode()
+
+
+async def test_second_snapshot_uploads_only_the_changed_file(
+    deps: Deps, sandbox: FakeSandbox
+) -> None:
+    await snapshots.take_snapshot(deps, checkpoint(1), 10)
+    sandbox.uploaded.clear()
+    sandbox.files["b/c.py"] = b"print(2)\n"
+    saved = await snapshots.take_snapshot(deps, checkpoint(2), 11)
+    assert saved is not None
+    assert sandbox.uploaded == [sha(b"print(2)\n")]
+    assert (saved.files, saved.bytes_uploaded) == (3, 9)
+
+
+async def test_redelivered_checkpoint_republishes_the_same_event_without_work(
+    deps: Deps, store: FakeStore, sandbox: FakeSandbox
+) -> None:
+    event = checkpoint()
+    first = await snapshots.take_snapshot(deps, event, 10)
+    sandbox.files["new"] = b"changed since"
+    again = await snapshots.take_snapshot(deps, event, 10)
+    assert again == first
+    assert len(sandbox.manifest_requests) == 1
+    assert published(deps) == [first, first]  # same event_id: the server drops the repeat
+    assert store.puts.count("builds/b1/latest") == 1
+
+
+async def test_sandbox_errors(deps: Deps, store: FakeStore, sandbox: FakeSandbox) -> None:
+    sandbox.manifest_error = "workspace not found"
+    with pytest.raises(PermanentError, match="workspace not found"):
+        await snapshots.take_snapshot(deps, checkpoint(), 1)
+    sandbox.manifest_error = ""
+    sandbox.upload_error = "disk on fire"
+    with pytest.raises(RetryLater, match="disk on fire"):
+        await snapshots.take_snapshot(deps, checkpoint(), 2)
+    sandbox.upload_error = ""
+    sandbox.drop_uploads = True  # says ok but the blobs never arrive
+    with pytest.raises(RetryLater, match="still missing"):
+        await snapshots.take_snapshot(deps, checkpoint(), 3)
+    assert not [k for k in store.objects if k.startswith("builds/")]
+    assert published(deps) == []
+
+
+async def test_unsafe_paths_are_refused(deps: Deps, sandbox: FakeSandbox) -> None:
+    sandbox.files = {"../etc/passwd": b"x"}
+    with pytest.raises(PermanentError, match="unsafe path"):
+        await snapshots.take_snapshot(deps, checkpoint(), 1)
+
+
+async def test_an_older_periodic_checkpoint_is_skipped_once_a_newer_one_is_known(
+    deps: Deps, sandbox: FakeSandbox
+) -> None:
+    deps.coalescer.seen("b1", (5, 50))
+    assert await snapshots.take_snapshot(deps, checkpoint(4), 40) is None
+    assert sandbox.manifest_requests == []
+    # a sleep or final checkpoint is always honoured (someone waits for its SnapshotSaved)
+    assert await snapshots.take_snapshot(deps, checkpoint(4, "sleep"), 41) is not None
+
+
+async def test_a_backlog_of_one_build_uploads_once(deps: Deps, sandbox: FakeSandbox) -> None:
+    events = [checkpoint(i) for i in range(1, 6)]
+    results = await asyncio.gather(
+        *(snapshots.take_snapshot(deps, e, 100 + i) for i, e in enumerate(events))
+    )
+    done = [r for r in results if r is not None]
+    assert [r.iteration for r in done] == [5]
+    assert len(sandbox.manifest_requests) == 1
+    assert len(sandbox.uploaded) == 2
+
+
+async def test_latest_never_moves_back(deps: Deps, store: FakeStore) -> None:
+    newer = checkpoint(7, "periodic")
+    await snapshots.take_snapshot(deps, newer, 70)
+    older = checkpoint(3, "sleep")
+    assert await snapshots.take_snapshot(deps, older, 30) is not None
+    assert store.objects["builds/b1/latest"] == str(newer.event_id).encode()
+
+
+async def test_restore_plan(deps: Deps, sandbox: FakeSandbox) -> None:
+    none = await snapshots.restore_plan(deps, RestorePlanRequest(build_id="b1"))
+    assert (none.ok, none.error, none.files) == (False, "no snapshot", [])
+    event = checkpoint()
+    await snapshots.take_snapshot(deps, event, 1)
+    plan = await snapshots.restore_plan(deps, RestorePlanRequest(build_id="b1"))
+    assert plan.ok and plan.snapshot_id == str(event.event_id)
+    assert [(f.path, f.mode) for f in plan.files] == [
+        ("a.txt", 0o644),
+        ("b/c.py", 0o644),
+        ("dup", 0o644),
+    ]
+    assert plan.files[0].url == f"fake://get/blobs/{sha(b'alpha')}"
+
+
+async def test_restore_plan_answers_bad_requests(deps: Deps) -> None:
+    reply = await app.answer_restore_plan(deps, b'{"build_id": "no such.id"}')
+    assert not reply.ok and "invalid RestorePlanRequest" in reply.error
+
+
+def test_excludes_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KILN_SNAPSHOT_EXCLUDES", raising=False)
+    assert SnapshotSettings().excludes == DEFAULT_EXCLUDES
+    monkeypatch.setenv("KILN_SNAPSHOT_EXCLUDES", "node_modules, .venv,,dist")
+    assert SnapshotSettings().excludes == ["node_modules", ".venv", "dist"]
+    monkeypatch.setenv("KILN_SNAPSHOT_EXCLUDES", "")
+    assert SnapshotSettings().excludes == []
