@@ -46,6 +46,13 @@ class FakeStore:
         await asyncio.sleep(0)
         return {k for k in keys if k not in self.objects}
 
+    async def sizes(self, keys: Iterable[str]) -> dict[str, int | None]:
+        await asyncio.sleep(0)
+        return {k: len(self.objects[k]) if k in self.objects else None for k in keys}
+
+    async def delete(self, key: str) -> None:
+        self.objects.pop(key, None)
+
     async def presign_put(self, key: str) -> str:
         return f"fake://put/{key}"
 
@@ -60,6 +67,7 @@ class FakeSandbox:
     manifest_error: str = ""
     upload_error: str = ""
     drop_uploads: bool = False
+    changed_during_upload: dict[str, bytes] = field(default_factory=dict)
     manifest_requests: list[ManifestRequest] = field(default_factory=list)
     uploaded: list[str] = field(default_factory=list)
 
@@ -80,8 +88,7 @@ class FakeSandbox:
             return UploadReply(ok=False, error=self.upload_error)
         total = 0
         for up in request.uploads:
-            data = self.files[up.path]
-            assert sha(data) == up.sha256
+            data = self.changed_during_upload.get(up.path) or self.files[up.path]
             key = up.url.removeprefix("fake://put/")
             assert key == f"blobs/{up.sha256}"
             if not self.drop_uploads:
@@ -185,6 +192,21 @@ async def test_sandbox_errors(deps: Deps, store: FakeStore, sandbox: FakeSandbox
         await snapshots.take_snapshot(deps, checkpoint(), 3)
     assert not [k for k in store.objects if k.startswith("builds/")]
     assert published(deps) == []
+
+
+async def test_a_file_changed_during_the_upload_leaves_no_wrong_blob(
+    deps: Deps, store: FakeStore, sandbox: FakeSandbox
+) -> None:
+    sandbox.changed_during_upload = {"b/c.py": b"print('longer')\n"}
+    with pytest.raises(RetryLater, match="workspace changed"):
+        await snapshots.take_snapshot(deps, checkpoint(), 1)
+    assert f"blobs/{sha(b'print(1)' + bytes([10]))}" not in store.objects
+    assert not [k for k in store.objects if k.startswith("builds/")]
+    # the retry (workspace settled) succeeds and re-uploads only that blob
+    sandbox.changed_during_upload = {}
+    sandbox.uploaded.clear()
+    saved = await snapshots.take_snapshot(deps, checkpoint(), 2)
+    assert saved is not None and sandbox.uploaded == [sha(b"print(1)\n")]
 
 
 async def test_unsafe_paths_are_refused(deps: Deps, sandbox: FakeSandbox) -> None:

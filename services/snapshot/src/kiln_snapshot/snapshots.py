@@ -215,9 +215,21 @@ async def _upload(deps: Deps, build_id: str, entries: list[ManifestEntry]) -> No
         reply = await deps.sandbox.upload(UploadRequest(build_id=build_id, uploads=batch))
         if not reply.ok:
             raise RetryLater(f"sandbox upload failed: {reply.error}", delay_s=5.0)
-    still = await _missing_blobs(deps, [e.sha256 for e in entries])
+    sizes = await deps.store.sizes([blob_key(e.sha256) for e in entries])
+    still = [e for e in entries if sizes[blob_key(e.sha256)] is None]
     if still:
         raise RetryLater(f"{len(still)} blobs still missing after the upload", delay_s=5.0)
+    # A blob is named by its hash, so a wrong one would poison every later snapshot: one whose
+    # size is not the file's (it changed between manifest and upload) is deleted and retried.
+    wrong = [e for e in entries if sizes[blob_key(e.sha256)] != e.size]
+    for entry in wrong:
+        await deps.store.delete(blob_key(entry.sha256))
+    if wrong:
+        raise RetryLater(
+            f"{len(wrong)} uploaded blobs do not have the manifest's size "
+            f"(e.g. {wrong[0].path!r}); the workspace changed during the snapshot",
+            delay_s=1.0,
+        )
 
 
 async def _load_manifest(store: ObjectStore, build_id: str, snapshot_id: str) -> Manifest | None:

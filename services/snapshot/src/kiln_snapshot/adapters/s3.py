@@ -108,20 +108,26 @@ class S3Store:
             Bucket=self.bucket, Key=key, Body=data, ContentType=content_type
         )
 
-    async def exists(self, key: str) -> bool:
+    async def size(self, key: str) -> int | None:
         async with self._head:
             try:
-                await self.client.head_object(Bucket=self.bucket, Key=key)
-                return True
+                head = await self.client.head_object(Bucket=self.bucket, Key=key)
             except ClientError as err:
                 if _code(err) in NOT_FOUND:
-                    return False
+                    return None
                 raise
+        return int(head["ContentLength"])
+
+    async def sizes(self, keys: Iterable[str]) -> dict[str, int | None]:
+        keys = list(keys)
+        found = await asyncio.gather(*(self.size(k) for k in keys))
+        return dict(zip(keys, found, strict=True))
 
     async def missing(self, keys: Iterable[str]) -> set[str]:
-        keys = list(keys)
-        found = await asyncio.gather(*(self.exists(k) for k in keys))
-        return {k for k, there in zip(keys, found, strict=True) if not there}
+        return {k for k, size in (await self.sizes(keys)).items() if size is None}
+
+    async def delete(self, key: str) -> None:
+        await self.client.delete_object(Bucket=self.bucket, Key=key)
 
     async def presign_put(self, key: str) -> str:
         url: str = await self.client.generate_presigned_url(
