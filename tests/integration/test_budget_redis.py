@@ -150,7 +150,7 @@ async def test_running_builds_and_unknown_model_dead_letter(
     user = f"u{uid}"
     for n in range(2):
         await budget.bus.publish(
-            BuildRequested(build_id=f"b{n}{uid}", user_id=user, idea_brief="x")
+            BuildRequested(build_id=f"b{n}{uid}", user_id=user, idea_brief="x", tier="pro")
         )
     await until_async(
         lambda: _equals(spending.running_builds(deps, user), {f"b0{uid}", f"b1{uid}"})
@@ -161,6 +161,9 @@ async def test_running_builds_and_unknown_model_dead_letter(
         )
     )
     await until_async(lambda: _equals(spending.running_builds(deps, user), {f"b1{uid}"}))
+    status = await spending.allowance(deps, user)
+    assert (status.tier, status.spent_today_micro_usd) == ("pro", 0)
+    assert status.allowance_today_micro_usd > 0
 
     bad = iteration(uid, input_tokens=1).model_copy(update={"model": "no-such-model"})
     await budget.bus.publish(bad)

@@ -32,6 +32,13 @@ class FakeStore:
     counters: dict[str, int] = field(default_factory=dict)
     running_sets: dict[str, set[str]] = field(default_factory=dict)
     ended: set[str] = field(default_factory=set)
+    tiers: dict[str, str] = field(default_factory=dict)
+
+    async def set_tier(self, user_id: str, tier: str) -> None:
+        self.tiers[user_id] = tier
+
+    async def tier(self, user_id: str) -> str | None:
+        return self.tiers.get(user_id)
 
     def _add(self, key: str, amount: int) -> None:
         self.counters[key] = self.counters.get(key, 0) + amount
@@ -220,3 +227,38 @@ def test_register_consumes_each_kind_once(deps: Deps) -> None:
         "build_requested",
         "iteration_completed",
     ]
+
+
+def test_daily_allowance_spreads_what_is_left_over_the_days_left() -> None:
+    # $5 on March 1st: 31 days left
+    assert spending.daily_allowance(5_000_000, 0, date(2025, 3, 1)) == 161_290
+    # March 31st: the whole rest is today's
+    assert spending.daily_allowance(5_000_000, 4_000_000, date(2025, 3, 31)) == 1_000_000
+    # unspent budget rolls forward: nothing spent by the 16th of a 30-day month -> 5M / 15
+    assert spending.daily_allowance(5_000_000, 0, date(2025, 4, 16)) == 333_333
+    # overspent: nothing left, never negative
+    assert spending.daily_allowance(5_000_000, 6_000_000, date(2025, 4, 16)) == 0
+    # February in a leap year has 29 days
+    assert spending.daily_allowance(29, 0, date(2024, 2, 1)) == 1
+
+
+async def test_allowance_uses_the_users_tier_and_todays_spend(deps: Deps) -> None:
+    # NOW is March 31st: the allowance is the whole month's remainder
+    await spending.build_started(
+        deps, BuildRequested(build_id="b9", user_id="u1", idea_brief="x", tier="pro")
+    )
+    earlier = iteration(input_tokens=1_000_000).model_copy(
+        update={"occurred_at": NOW - timedelta(days=3)}
+    )
+    await spending.charge_iteration(deps, earlier)  # $3 on March 28th
+    await spending.charge_iteration(deps, iteration(output_tokens=1_000_000))  # $15 today
+    status = await spending.allowance(deps, "u1")
+    assert status.tier == "pro"
+    assert status.spent_month_micro_usd == 18_000_000
+    assert status.spent_today_micro_usd == 15_000_000
+    assert status.allowance_today_micro_usd == 97_000_000
+    assert status.remaining_today_micro_usd == 82_000_000 and not status.exhausted
+    free = await spending.allowance(deps, "u1", tier="free")
+    assert free.allowance_today_micro_usd == 2_000_000 and free.exhausted
+    assert free.remaining_today_micro_usd == 0
+    assert (await spending.allowance(deps, "nobody")).tier == "free"

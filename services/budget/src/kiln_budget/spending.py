@@ -5,6 +5,7 @@ Plain async functions over the ports (no broker here). Amounts are integer micro
 
 from __future__ import annotations
 
+import calendar
 import logging
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -80,6 +81,7 @@ async def charge_iteration(deps: Deps, event: IterationCompleted) -> Charged:
 
 async def build_started(deps: Deps, event: BuildRequested) -> None:
     await deps.store.build_started(event.user_id, event.build_id)
+    await deps.store.set_tier(event.user_id, event.tier)
 
 
 async def build_ended(deps: Deps, event: BuildEnded) -> None:
@@ -104,3 +106,51 @@ async def spent_build(deps: Deps, build_id: str) -> int:
 
 async def running_builds(deps: Deps, user_id: str) -> set[str]:
     return await deps.store.running(user_id)
+
+
+# ------------------------------------------------------------------------------ allowance
+
+
+@dataclass(frozen=True)
+class Allowance:
+    """A user's daily allowance: what is left of the month's budget over the days left in it."""
+
+    tier: str
+    monthly_budget_micro_usd: int
+    spent_month_micro_usd: int
+    spent_today_micro_usd: int
+    allowance_today_micro_usd: int
+
+    @property
+    def remaining_today_micro_usd(self) -> int:
+        return max(0, self.allowance_today_micro_usd - self.spent_today_micro_usd)
+
+    @property
+    def exhausted(self) -> bool:
+        return self.spent_today_micro_usd >= self.allowance_today_micro_usd
+
+
+def daily_allowance(monthly_budget: int, spent_before_today: int, today: date) -> int:
+    """Today's allowance: the budget left at the start of today over the days left (today too).
+
+    Unspent allowance rolls forward: a quiet day raises every later day's allowance.
+    """
+    days_in_month = calendar.monthrange(today.year, today.month)[1]
+    days_left = days_in_month - today.day + 1
+    return max(0, monthly_budget - spent_before_today) // days_left
+
+
+async def allowance(deps: Deps, user_id: str, tier: str | None = None) -> Allowance:
+    """The user's allowance today (the tier last seen in their BuildRequested, else ``free``)."""
+    today = utc_day(deps.clock.now())
+    tier_name = tier or await deps.store.tier(user_id) or "free"
+    monthly = deps.config.tier(tier_name).monthly_budget_micro_usd
+    spent_month = await deps.store.user_month(user_id, today.year, today.month)
+    spent_today = await deps.store.user_day(user_id, today)
+    return Allowance(
+        tier=tier_name,
+        monthly_budget_micro_usd=monthly,
+        spent_month_micro_usd=spent_month,
+        spent_today_micro_usd=spent_today,
+        allowance_today_micro_usd=daily_allowance(monthly, spent_month - spent_today, today),
+    )

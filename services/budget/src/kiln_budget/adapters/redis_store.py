@@ -8,6 +8,7 @@ Keys (all amounts integer micro-dollars):
 * ``kiln:spend:build:<build_id>``                  a build's spend
 * ``kiln:running:<user>``                          set of the user's running build ids
 * ``kiln:ended:<build_id>``                        the build ended (keeps a late BuildRequested out)
+* ``kiln:tier:<user>``                             the tier of the user's latest BuildRequested
 """
 
 from __future__ import annotations
@@ -81,6 +82,10 @@ def running_key(user_id: str) -> str:
 
 def ended_key(build_id: str) -> str:
     return f"kiln:ended:{build_id}"
+
+
+def tier_key(user_id: str) -> str:
+    return f"kiln:tier:{user_id}"
 
 
 class RedisSpendStore:
@@ -164,3 +169,10 @@ class RedisSpendStore:
     async def running(self, user_id: str) -> set[str]:
         members = await self.redis.smembers(running_key(user_id))  # type: ignore[misc]
         return {str(m) for m in members}
+
+    async def set_tier(self, user_id: str, tier: str) -> None:
+        await self.redis.set(tier_key(user_id), tier, ex=MONTH_TTL_S)
+
+    async def tier(self, user_id: str) -> str | None:
+        value = await self.redis.get(tier_key(user_id))
+        return None if value is None else str(value)
