@@ -259,6 +259,15 @@ async def test_restore_plan(deps: Deps, sandbox: FakeSandbox) -> None:
     assert plan.files[0].url == f"fake://get/blobs/{sha(b'alpha')}"
 
 
+async def test_restore_plan_of_an_unreadable_snapshot_names_it(
+    deps: Deps, store: FakeStore
+) -> None:
+    store.objects["builds/b1/latest"] = b"s-gone"
+    plan = await snapshots.restore_plan(deps, RestorePlanRequest(build_id="b1"))
+    assert (plan.ok, plan.snapshot_id) == (False, "s-gone")
+    assert "missing" in plan.error
+
+
 async def test_restore_plan_answers_bad_requests(deps: Deps) -> None:
     reply = await app.answer_restore_plan(deps, b'{"build_id": "no such.id"}')
     assert not reply.ok and "invalid RestorePlanRequest" in reply.error

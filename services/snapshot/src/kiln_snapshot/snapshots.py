@@ -264,14 +264,24 @@ async def latest_manifest(store: ObjectStore, build_id: str) -> Manifest | None:
 
 
 async def restore_plan(deps: Deps, request: RestorePlanRequest) -> RestorePlanReply:
-    """The latest snapshot's files with presigned GET URLs (ok=False, "no snapshot" when none)."""
-    doc = await latest_manifest(deps.store, request.build_id)
-    if doc is None:
+    """The latest snapshot's files with presigned GET URLs.
+
+    ok=False with error "no snapshot" (and no snapshot_id) only when the build has none; a
+    snapshot that exists but cannot be read comes back ok=False *with* its snapshot_id.
+    """
+    latest = await deps.store.get(latest_key(request.build_id))
+    if latest is None:
         return RestorePlanReply(ok=False, error="no snapshot")
+    snapshot_id = latest.decode()
     try:
+        doc = await _load_manifest(deps.store, request.build_id, snapshot_id)
+        if doc is None:
+            raise KeyError(f"manifest {snapshot_id} is missing")
         entries = [ManifestEntry.model_validate(e) for e in doc["entries"]]
-    except (KeyError, ValidationError) as err:
-        return RestorePlanReply(ok=False, error=f"unreadable manifest: {err}")
+    except (KeyError, ValueError, ValidationError) as err:
+        return RestorePlanReply(
+            ok=False, snapshot_id=snapshot_id, error=f"unreadable snapshot: {err}"
+        )
     files = [
         Download(
             path=e.path,
@@ -281,4 +291,4 @@ async def restore_plan(deps: Deps, request: RestorePlanRequest) -> RestorePlanRe
         )
         for e in entries
     ]
-    return RestorePlanReply(ok=True, snapshot_id=str(doc["snapshot_id"]), files=files)
+    return RestorePlanReply(ok=True, snapshot_id=snapshot_id, files=files)
