@@ -235,7 +235,8 @@ async def test_invalid_bodies(gw: Gateway, uid: str):
             assert r.status_code == 422, (body, r.text)
             assert r.json()["detail"].startswith("invalid request: ")
         r = await c.post("/v1/builds", json={})
-        assert "idea_brief: Field required" in r.json()["detail"]
+        assert "give idea_brief" in r.json()["detail"]
+        assert r.headers["content-type"] == "application/problem+json"
         r = await c.post(
             "/v1/builds", content=b"{not json", headers={"content-type": "application/json"}
         )

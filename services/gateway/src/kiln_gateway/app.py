@@ -6,21 +6,22 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from pathlib import Path
 
 import asyncpg
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiln_contracts import Envelope
 from kiln_runtime.bus import Delivery
 from kiln_runtime.retry import retry
 
-from . import builds
+from . import builds, routes, routes_accounts, routes_projects
 from .bootstrap import Runtime, running
-from .routes import router
+from .problems import install as install_problems
+from .problems import problem
 from .settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -70,15 +71,13 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_big = JSONResponse(
-            {"detail": f"request body larger than {self.max_bytes} bytes"}, status_code=413
-        )
+        too_big = problem(413, f"request body larger than {self.max_bytes} bytes")
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None:
             try:
                 declared = int(length)
             except ValueError:
-                await JSONResponse({"detail": "invalid Content-Length"}, 400)(scope, receive, send)
+                await problem(400, "invalid Content-Length")(scope, receive, send)
                 return
             if declared > self.max_bytes:
                 await too_big(scope, receive, send)
@@ -104,19 +103,13 @@ class BodyLimit:
         await self.app(scope, limited, guarded)
 
 
-async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
-    errors: list[dict[str, Any]] = []
-    parts: list[str] = []
-    for e in exc.errors():
-        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-        where = ".".join(loc) or "body"
-        parts.append(f"{where}: {e.get('msg', 'invalid')}")
-        errors.append({"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")})
-    return JSONResponse(
-        {"detail": "invalid request: " + "; ".join(parts[:10]), "errors": errors},
-        status_code=422,
-    )
+STATIC = Path(__file__).with_name("static")
+DESCRIPTION = """Submit idea briefs, follow builds live, wake and cancel them.
+
+Authenticate with `Authorization: Bearer <API key>` (or `X-API-Key`). Errors are RFC 9457
+problem details (`application/problem+json`). Another user's build or project is a 404.
+The web dashboard is at `/dashboard/`; the bus's AsyncAPI document at `/v1/asyncapi.json`.
+"""
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -141,11 +134,19 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app = FastAPI(
         title="Kiln gateway",
         version="1",
-        description="Submit idea briefs, follow builds live, wake and cancel them.",
+        description=DESCRIPTION,
         lifespan=lifespan,
     )
     app.state.runtime = None
-    app.add_exception_handler(RequestValidationError, _validation_error)
+    install_problems(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.include_router(router)
+    app.include_router(routes.router)
+    app.include_router(routes_projects.router)
+    app.include_router(routes_accounts.router)
+    app.mount("/dashboard", StaticFiles(directory=STATIC, html=True), name="dashboard")
+
+    @app.get("/", include_in_schema=False)
+    async def home() -> RedirectResponse:
+        return RedirectResponse("/dashboard/")
+
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -18,7 +19,9 @@ from kiln_runtime.service import connect_with_retry
 from . import builds
 from .adapters.jetstream import JetStreamHistory
 from .adapters.postgres import DDL, PgStore
-from .ports import BuildStore, EventSource, Publish
+from .adapters.redis_spend import RedisSpend
+from .adapters.s3_files import S3Files
+from .ports import BuildStore, EventSource, Publish, SnapshotFiles, SpendReader
 from .settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,9 @@ class Runtime:
     events: EventSource
     publish: Publish
     config: kiln_config.KilnConfig
+    files: SnapshotFiles
+    spend: SpendReader
+    token_secret: bytes
     pool: asyncpg.Pool | None = None
 
     async def ready(self) -> bool:
@@ -49,8 +55,16 @@ async def running(settings: GatewaySettings) -> AsyncIterator[Runtime]:
     """Connect to NATS and Postgres; the caller registers consumers and starts the bus."""
     bus = Bus(settings, "gateway")
     pool: asyncpg.Pool | None = None
+    files = S3Files(
+        settings.bucket,
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.region,
+        timeout_s=settings.s3_timeout_s,
+    )
+    spend = RedisSpend(settings.redis_url, settings.redis_timeout_s)
     try:
         await connect_with_retry(bus)
+        await files.open()
         pool = await create_pool(settings.database_url, schema=settings.db_schema, ddl=DDL)
         store = PgStore(pool)
         if settings.dev_api_key and settings.dev_user:
@@ -67,6 +81,9 @@ async def running(settings: GatewaySettings) -> AsyncIterator[Runtime]:
             events=JetStreamHistory(bus.nc),
             publish=bus.publish,
             config=kiln_config.default(),
+            files=files,
+            spend=spend,
+            token_secret=(settings.token_secret or secrets.token_hex(32)).encode(),
             pool=pool,
         )
     finally:
@@ -75,3 +92,7 @@ async def running(settings: GatewaySettings) -> AsyncIterator[Runtime]:
             await bus.stop()
         if pool is not None:
             await pool.close()
+        with contextlib.suppress(Exception):
+            await files.close()
+        with contextlib.suppress(Exception):
+            await spend.close()

@@ -59,12 +59,20 @@ def key_digest(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()
 
 
-def request_digest(idea_brief: str, qna: list[QnA], limits: BuildLimits | None) -> str:
-    doc = {
-        "idea_brief": idea_brief,
-        "understanding_qna": [q.model_dump(mode="json") for q in qna],
-        "limits": limits.model_dump(mode="json") if limits else None,
-    }
+def request_digest(
+    idea_brief: str,
+    qna: list[QnA],
+    limits: BuildLimits | None,
+    project: tuple[str, int | None] | None = None,
+) -> str:
+    """The request's fingerprint; for a project build, the project and the version *asked for*
+    (an Idempotency-Key replay after the project was edited still returns the same build)."""
+    doc: dict[str, object] = {"limits": limits.model_dump(mode="json") if limits else None}
+    if project is None:
+        doc["idea_brief"] = idea_brief
+        doc["understanding_qna"] = [q.model_dump(mode="json") for q in qna]
+    else:
+        doc["project"] = list(project)
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -108,13 +116,15 @@ async def create_build(
     limits: BuildLimits | None,
     idempotency_key: str | None,
     cap: int,
+    project: tuple[str, int] | None = None,
+    project_asked: tuple[str, int | None] | None = None,
 ) -> tuple[Build, bool]:
     """Store a build, then publish its BuildRequested. Returns (build, created).
 
     The row is written first, so a failed publish never loses the build: a retry with the same
     Idempotency-Key republishes it, and so does the periodic ``republish_pending``.
     """
-    digest = request_digest(idea_brief, understanding_qna, limits)
+    digest = request_digest(idea_brief, understanding_qna, limits, project_asked)
     new = NewBuild(
         build_id=uuid.uuid4().hex,
         user_id=caller.user_id,
@@ -124,6 +134,8 @@ async def create_build(
         limits=(limits or BuildLimits()).model_dump(mode="json"),
         idempotency_key=idempotency_key,
         request_sha256=digest,
+        project_id=project[0] if project else None,
+        project_version=project[1] if project else None,
     )
     inserted = await store.insert_build(new, cap=cap)
     if inserted.outcome == "capped":

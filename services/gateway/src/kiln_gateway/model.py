@@ -53,6 +53,8 @@ class NewBuild:
     limits: dict[str, Any]
     idempotency_key: str | None = None
     request_sha256: str | None = None
+    project_id: str | None = None
+    project_version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,36 @@ class Build:
     idempotency_key: str | None = None
     request_sha256: str | None = None
     published_at: datetime | None = None
+    project_id: str | None = None
+    project_version: int | None = None
 
     @property
     def status(self) -> str:
         return self.state.status
+
+
+@dataclass(frozen=True)
+class Project:
+    """One version of a project: an idea brief and its understanding-interview answers."""
+
+    project_id: str
+    user_id: str
+    name: str
+    version: int
+    latest_version: int
+    idea_brief: str
+    understanding_qna: list[dict[str, Any]]
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """An API key's record (never the key itself)."""
+
+    key_id: str
+    key_prefix: str
+    user_id: str
+    tier: str
+    created_at: datetime
+    revoked_at: datetime | None = None

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from kiln_contracts import BuildRequested, Envelope
 
-from .model import Build, Caller, NewBuild, Projection
+from .model import ApiKey, Build, Caller, NewBuild, Project, Projection
 
 Publish = Callable[[Envelope], Awaitable[None]]
 
@@ -62,6 +62,71 @@ class BuildStore(Protocol):
         self, build_id: str, seq: int, evolve: Callable[[Projection], Projection]
     ) -> Literal["applied", "duplicate", "missing"]:
         """Apply ``evolve`` to the build's projection unless ``seq`` was already applied."""
+        ...
+
+    async def ping(self) -> None: ...
+
+    # API keys (admin)
+    async def create_key(
+        self, key_sha256: str, key_id: str, key_prefix: str, user_id: str, tier: str
+    ) -> ApiKey: ...
+
+    async def find_keys(self, ident: str) -> list[ApiKey]: ...
+
+    async def revoke_key(self, key_id: str) -> ApiKey | None: ...
+
+    async def list_keys(self, user_id: str | None) -> list[ApiKey]: ...
+
+    # projects
+    async def create_project(
+        self, project_id: str, user_id: str, name: str, idea_brief: str, qna: list[dict[str, Any]]
+    ) -> Project: ...
+
+    async def get_project(self, project_id: str, version: int | None = None) -> Project | None: ...
+
+    async def add_project_version(
+        self,
+        project_id: str,
+        base_version: int | None,
+        name: str,
+        idea_brief: str,
+        qna: list[dict[str, Any]],
+    ) -> Project | Literal["missing", "conflict"]: ...
+
+    async def list_projects(
+        self, user_id: str, *, limit: int, before: tuple[datetime, str] | None
+    ) -> list[Project]: ...
+
+    async def project_versions(self, project_id: str) -> list[Project]: ...
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a snapshot (as the snapshot service's manifest lists it)."""
+
+    path: str
+    sha256: str
+    size: int
+    mode: int
+
+
+class SnapshotFiles(Protocol):
+    """The snapshot service's bucket, read only."""
+
+    async def latest(self, build_id: str) -> tuple[str, list[FileEntry]] | None:
+        """(snapshot id, entries) of the build's newest snapshot; None if it has none."""
+        ...
+
+    def blob(self, sha256: str) -> AsyncIterator[bytes]:
+        """A file's bytes, in chunks."""
+        ...
+
+
+class SpendReader(Protocol):
+    """The budget service's counters, read only (micro-dollars)."""
+
+    async def spent(self, user_id: str, day: str, month: str) -> tuple[int, int]:
+        """(spent on ``day`` YYYY-MM-DD, spent in ``month`` YYYY-MM)."""
         ...
 
     async def ping(self) -> None: ...

@@ -1,72 +1,35 @@
-"""The HTTP API: validate, authenticate, delegate to the domain."""
+"""The builds API and operations: validate, authenticate, delegate to the domain."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import json
+import logging
 from datetime import datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, Security
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
-from kiln_contracts import CancelRequested, WakeRequested
+from kiln_contracts import CancelRequested, QnA, WakeRequested
 
-from . import builds
+from . import accounts, archive, builds, projects
 from .bootstrap import Runtime
-from .model import STATUSES, Build, Caller
-from .schemas import Accepted, BuildList, BuildOut, CreateBuild, Problem
+from .deps import Key, Me, Owned, Rt, build_of, unauthorized
+from .model import STATUSES, Build
+from .problems import responses
+from .schemas import Accepted, BuildList, BuildOut, CreateBuild, StreamToken
+
+log = logging.getLogger(__name__)
 
 BUILDS_CREATED = Counter("kiln_gateway_builds_created_total", "Builds created", ["tier"])
 
 router = APIRouter()
-_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
-_api_key = APIKeyHeader(name="X-API-Key", auto_error=False)
 
-NOT_FOUND = HTTPException(404, "build not found")
 Status = Literal["queued", "running", "sleeping", "completed", "failed", "cancelled"]
 assert set(Status.__args__) == set(STATUSES)  # type: ignore[attr-defined]
-
-
-def runtime(request: Request) -> Runtime:
-    rt: Runtime = request.app.state.runtime
-    return rt
-
-
-Rt = Annotated[Runtime, Depends(runtime)]
-
-
-async def caller(
-    rt: Rt,
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
-    api_key: Annotated[str | None, Security(_api_key)],
-) -> Caller:
-    key = bearer.credentials if bearer else api_key
-    who = await builds.authenticate(rt.store, key)
-    if who is None:
-        raise HTTPException(
-            401,
-            "missing or unknown API key" if key else "missing API key",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    return who
-
-
-Me = Annotated[Caller, Depends(caller)]
-
-
-async def owned_build(build_id: str, rt: Rt, me: Me) -> Build:
-    """The caller's build; another user's build does not exist for them (404, never 403)."""
-    build = await rt.store.get(build_id) if len(build_id) <= 64 else None
-    if build is None or build.user_id != me.user_id:
-        raise NOT_FOUND
-    return build
-
-
-Owned = Annotated[Build, Depends(owned_build)]
 
 
 # ---------------------------------------------------------------------------- builds
@@ -76,11 +39,10 @@ Owned = Annotated[Build, Depends(owned_build)]
     "/v1/builds",
     status_code=201,
     response_model=BuildOut,
+    tags=["builds"],
     responses={
         200: {"model": BuildOut, "description": "Same Idempotency-Key: the existing build"},
-        409: {"model": Problem},
-        429: {"model": Problem},
-        503: {"model": Problem},
+        **responses(401, 403, 404, 409, 413, 422, 429, 503),
     },
 )
 async def create_build(
@@ -90,21 +52,38 @@ async def create_build(
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> BuildOut:
-    """Start a build. Send an Idempotency-Key to make retries safe."""
+    """Start a build, from an idea brief given inline or from a project (a version of it).
+
+    Send an ``Idempotency-Key`` to make retries safe. At the tier's concurrent-build cap: 429
+    with ``Retry-After``.
+    """
     try:
         tier = rt.config.tier(me.tier)
     except KeyError as err:
         raise HTTPException(403, f"your API key's tier {me.tier!r} is not configured") from err
+    project = asked = None
+    if body.project_id is not None:
+        try:
+            p = await projects.get(rt.store, me, body.project_id, body.project_version)
+        except projects.ProjectNotFound as err:
+            raise HTTPException(404, str(err)) from err
+        brief, qna = p.idea_brief, [QnA.model_validate(q) for q in p.understanding_qna]
+        project, asked = (p.project_id, p.version), (p.project_id, body.project_version)
+    else:
+        assert body.idea_brief is not None
+        brief, qna = body.idea_brief, body.understanding_qna or []
     try:
         build, created = await builds.create_build(
             rt.store,
             rt.publish,
             me,
-            idea_brief=body.idea_brief,
-            understanding_qna=body.understanding_qna,
+            idea_brief=brief,
+            understanding_qna=qna,
             limits=body.limits,
             idempotency_key=idempotency_key,
             cap=tier.concurrent_builds,
+            project=project,
+            project_asked=asked,
         )
     except builds.IdempotencyConflict as err:
         raise HTTPException(409, str(err)) from err
@@ -123,71 +102,127 @@ async def create_build(
     return BuildOut.of(build)
 
 
-def _cursor(build: Build) -> str:
-    raw = json.dumps([build.created_at.isoformat(), build.build_id]).encode()
+def encode_cursor(created_at: datetime, ident: str) -> str:
+    raw = json.dumps([created_at.isoformat(), ident]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _parse_cursor(cursor: str) -> tuple[datetime, str]:
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created, build_id = json.loads(raw)
-        return datetime.fromisoformat(created), str(build_id)
+        created, ident = json.loads(raw)
+        return datetime.fromisoformat(created), str(ident)
     except (binascii.Error, ValueError, TypeError) as err:
         raise HTTPException(400, "invalid cursor") from err
 
 
-@router.get("/v1/builds", response_model=BuildList)
+@router.get(
+    "/v1/builds", response_model=BuildList, tags=["builds"], responses=responses(400, 401, 422)
+)
 async def list_builds(
     rt: Rt,
     me: Me,
-    status: Status | None = None,
+    status: Annotated[Status | None, Query(description="Only builds in this status.")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: str | None = None,
+    cursor: Annotated[str | None, Query(max_length=500)] = None,
 ) -> BuildList:
-    """The caller's builds, newest first."""
-    before = _parse_cursor(cursor) if cursor else None
+    """The caller's builds, newest first, a page at a time."""
+    before = decode_cursor(cursor) if cursor else None
     page = await rt.store.list_for_user(me.user_id, status=status, limit=limit + 1, before=before)
     more = len(page) > limit
     page = page[:limit]
     return BuildList(
         builds=[BuildOut.of(b, detail=False) for b in page],
-        next_cursor=_cursor(page[-1]) if more and page else None,
+        next_cursor=encode_cursor(page[-1].created_at, page[-1].build_id) if more else None,
     )
 
 
-@router.get("/v1/builds/{build_id}", response_model=BuildOut, responses={404: {"model": Problem}})
+@router.get(
+    "/v1/builds/{build_id}",
+    response_model=BuildOut,
+    tags=["builds"],
+    responses=responses(401, 404),
+)
 async def get_build(build: Owned) -> BuildOut:
     return BuildOut.of(build)
+
+
+def _after(last_event_id: str | None) -> int:
+    if last_event_id is None or not last_event_id.strip():
+        return 0
+    try:
+        after = int(last_event_id)
+    except ValueError:
+        raise HTTPException(400, "Last-Event-ID must be an integer stream sequence") from None
+    if after < 0:
+        raise HTTPException(400, "Last-Event-ID must not be negative")
+    return after
 
 
 @router.get(
     "/v1/builds/{build_id}/events",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}, 404: {"model": Problem}},
+    tags=["builds"],
+    responses={
+        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+        **responses(400, 401, 404),
+    },
 )
 async def build_events(
-    build: Owned,
+    build_id: str,
     rt: Rt,
-    last_event_id: Annotated[str | None, Header()] = None,
+    key: Key,
+    last_event_id: Annotated[str | None, Header(max_length=40)] = None,
+    token: Annotated[
+        str | None,
+        Query(
+            max_length=1000,
+            description="A stream token (POST .../events/token) instead of the API key, for "
+            "browsers' EventSource, which cannot send headers.",
+        ),
+    ] = None,
+    last_event_id_q: Annotated[
+        str | None,
+        Query(
+            alias="last_event_id",
+            max_length=40,
+            description="Resume after this stream sequence (if no Last-Event-ID header).",
+        ),
+    ] = None,
 ) -> StreamingResponse:
     """The build's events as Server-Sent Events: its history, then live, until it ends.
 
-    Each event's ``id`` is its stream sequence; reconnect with ``Last-Event-ID`` to resume.
+    Each event's ``id`` is its stream sequence; reconnect with ``Last-Event-ID`` to resume. A
+    ``: heartbeat`` comment is sent while nothing happens.
     """
-    after = 0
-    if last_event_id is not None and last_event_id.strip():
-        try:
-            after = int(last_event_id)
-        except ValueError:
-            raise HTTPException(400, "Last-Event-ID must be an integer stream sequence") from None
-        if after < 0:
-            raise HTTPException(400, "Last-Event-ID must not be negative")
+    me = await builds.authenticate(rt.store, key) if key else None
+    if me is None and token:
+        me = accounts.check_stream_token(rt.token_secret, token, build_id)
+    if me is None:
+        raise unauthorized(key)
+    build = await build_of(rt, me, build_id)
+    after = _after(last_event_id if last_event_id is not None else last_event_id_q)
     stream = builds.event_stream(rt.events, build, after, rt.settings.sse_heartbeat_s)
     return StreamingResponse(
         stream,
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.post(
+    "/v1/builds/{build_id}/events/token",
+    response_model=StreamToken,
+    tags=["builds"],
+    responses=responses(401, 404),
+)
+async def stream_token(build: Owned, rt: Rt, me: Me) -> StreamToken:
+    """A short-lived token for this build's event stream (for a browser's EventSource)."""
+    token, expires = accounts.stream_token(
+        rt.token_secret, me, build.build_id, rt.settings.stream_token_ttl_s
+    )
+    return StreamToken(
+        token=token, expires_at=expires, events_url=f"/v1/builds/{build.build_id}/events"
     )
 
 
@@ -207,7 +242,8 @@ async def _command(
     "/v1/builds/{build_id}/cancel",
     status_code=202,
     response_model=Accepted,
-    responses={404: {"model": Problem}, 409: {"model": Problem}},
+    tags=["builds"],
+    responses=responses(401, 404, 409, 503),
 )
 async def cancel_build(build: Owned, rt: Rt, me: Me) -> Accepted:
     msg = CancelRequested(build_id=build.build_id, user_id=me.user_id, reason="cancelled by user")
@@ -218,11 +254,46 @@ async def cancel_build(build: Owned, rt: Rt, me: Me) -> Accepted:
     "/v1/builds/{build_id}/wake",
     status_code=202,
     response_model=Accepted,
-    responses={404: {"model": Problem}, 409: {"model": Problem}},
+    tags=["builds"],
+    responses=responses(401, 404, 409, 503),
 )
 async def wake_build(build: Owned, rt: Rt, me: Me) -> Accepted:
     msg = WakeRequested(build_id=build.build_id, user_id=me.user_id, reason="woken by user")
     return await _command(rt, build, "wake", msg)
+
+
+@router.get(
+    "/v1/builds/{build_id}/files",
+    response_class=StreamingResponse,
+    tags=["builds"],
+    responses={
+        200: {
+            "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "The latest snapshot's files as a tar.gz (streamed)",
+        },
+        **responses(401, 404, 503),
+    },
+)
+async def build_files(build: Owned, rt: Rt) -> StreamingResponse:
+    """The build's files, as its latest snapshot holds them, as a streamed ``.tar.gz``."""
+    try:
+        latest = await rt.files.latest(build.build_id)
+    except Exception as err:
+        log.warning("snapshot store unavailable: %s", err, extra={"build_id": build.build_id})
+        raise HTTPException(503, "the snapshot store is unavailable; retry") from err
+    if latest is None:
+        raise HTTPException(404, "this build has no snapshot yet")
+    snapshot_id, entries = latest
+    mtime = int(build.updated_at.timestamp())
+    name = f"kiln-{build.build_id}"
+    return StreamingResponse(
+        archive.tar_gz(entries, rt.files.blob, root=name, mtime=mtime),
+        media_type="application/gzip",
+        headers={
+            "Content-Disposition": f'attachment; filename="{name}.tar.gz"',
+            "X-Kiln-Snapshot-Id": snapshot_id,
+        },
+    )
 
 
 # ---------------------------------------------------------------------------- operations

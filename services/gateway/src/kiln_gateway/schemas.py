@@ -1,35 +1,80 @@
-"""The HTTP API's request and response bodies."""
+"""The HTTP API's request and response bodies (with the examples shown in the OpenAPI docs)."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from kiln_contracts import BuildLimits, QnA
 
-from .model import Build
+from .budget import BudgetView
+from .model import ApiKey, Build, Project
+
+Brief = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100_000)]
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+Ident = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+
+QNA_EXAMPLE: Any = [
+    {"question": "Which Python version?", "answer": "3.11, standard library only"},
+    {"question": "How should it be tested?", "answer": "unittest"},
+]
+BRIEF_EXAMPLE = "A tiny Python package `textstats` that counts words, lines and characters."
 
 
 class CreateBuild(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Either an idea brief (and Q&A) inline, or a project (and optionally one of its versions)."""
 
-    idea_brief: Annotated[
-        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100_000)
-    ] = Field(description="What to build, in the user's words (markdown).")
-    understanding_qna: list[QnA] = Field(
-        default_factory=list, max_length=200, description="The understanding interview."
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "idea_brief": BRIEF_EXAMPLE,
+                    "understanding_qna": QNA_EXAMPLE,
+                    "limits": {"max_iterations": 40},
+                },
+                {"project_id": "3f2c9a7e5b8d4c1e9f0a1b2c3d4e5f60", "project_version": 2},
+            ]
+        },
+    )
+
+    idea_brief: Brief | None = Field(
+        default=None, description="What to build, in the user's words (markdown)."
+    )
+    understanding_qna: list[QnA] | None = Field(
+        default=None, max_length=200, description="The understanding interview."
+    )
+    project_id: Ident | None = Field(
+        default=None, description="Build this project's brief and Q&A instead of inline ones."
+    )
+    project_version: int | None = Field(
+        default=None, ge=1, description="The project's version (default: its latest)."
     )
     limits: BuildLimits | None = Field(default=None, description="Per-build limits.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CreateBuild:
+        if self.project_id is None:
+            if self.idea_brief is None:
+                raise ValueError("give idea_brief (and understanding_qna) or project_id")
+            if self.project_version is not None:
+                raise ValueError("project_version needs project_id")
+        elif self.idea_brief is not None or self.understanding_qna is not None:
+            raise ValueError("give either project_id or idea_brief/understanding_qna, not both")
+        return self
 
 
 class BuildOut(BaseModel):
     build_id: str
-    status: str
+    status: str = Field(
+        description="queued, running, sleeping, completed, failed or cancelled",
+        examples=["running"],
+    )
     tier: str
     iteration: int
-    cost_micro_usd: int
+    cost_micro_usd: int = Field(description="Spent so far, in millionths of a US dollar.")
     last_snapshot_id: str | None
     summary: str | None
     reason: str | None
@@ -37,6 +82,8 @@ class BuildOut(BaseModel):
     updated_at: datetime
     finished_at: datetime | None
     limits: dict[str, Any]
+    project_id: str | None = None
+    project_version: int | None = None
     idea_brief: str | None = None
     understanding_qna: list[dict[str, Any]] | None = None
 
@@ -56,6 +103,8 @@ class BuildOut(BaseModel):
             updated_at=build.updated_at,
             finished_at=s.finished_at,
             limits=build.limits,
+            project_id=build.project_id,
+            project_version=build.project_version,
             idea_brief=build.idea_brief if detail else None,
             understanding_qna=build.understanding_qna if detail else None,
         )
@@ -68,8 +117,165 @@ class BuildList(BaseModel):
 
 class Accepted(BaseModel):
     build_id: str
-    requested: str
+    requested: str = Field(examples=["wake"])
+
+
+class StreamToken(BaseModel):
+    token: str = Field(description="Pass as ?token= to this build's events endpoint.")
+    expires_at: int = Field(description="Unix time.")
+    events_url: str
 
 
 class Problem(BaseModel):
+    """An error, as RFC 9457 problem details (``application/problem+json``)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "type": "https://kiln.dev/problems/not-found",
+                    "title": "Not Found",
+                    "status": 404,
+                    "detail": "build not found",
+                    "instance": "/v1/builds/0123456789abcdef",
+                }
+            ]
+        }
+    )
+
+    type: str = "about:blank"
+    title: str = ""
+    status: int = 0
     detail: str
+    instance: str | None = None
+    errors: list[dict[str, Any]] | None = Field(
+        default=None, description="For 422: each invalid field."
+    )
+
+
+# ---------------------------------------------------------------------------- projects
+
+
+class CreateProject(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"name": "textstats", "idea_brief": BRIEF_EXAMPLE, "understanding_qna": QNA_EXAMPLE}
+            ]
+        },
+    )
+
+    name: Name = "untitled"
+    idea_brief: Brief
+    understanding_qna: list[QnA] = Field(default_factory=list, max_length=200)
+
+
+class EditProject(BaseModel):
+    """PATCH: the fields to change (others are kept). PUT: the whole project."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"understanding_qna": QNA_EXAMPLE, "base_version": 1},
+            ]
+        },
+    )
+
+    name: Name | None = None
+    idea_brief: Brief | None = None
+    understanding_qna: list[QnA] | None = Field(default=None, max_length=200)
+    base_version: int | None = Field(
+        default=None,
+        ge=1,
+        description="Refuse (409) unless this is still the latest version (optimistic locking).",
+    )
+
+
+class ReplaceProject(CreateProject):
+    model_config = ConfigDict(extra="forbid")
+
+    base_version: int | None = Field(default=None, ge=1)
+
+
+class ProjectOut(BaseModel):
+    project_id: str
+    name: str
+    version: int
+    latest_version: int
+    idea_brief: str | None = None
+    understanding_qna: list[dict[str, Any]] | None = None
+    created_at: datetime
+    updated_at: datetime = Field(description="When this version was made.")
+
+    @classmethod
+    def of(cls, p: Project, *, detail: bool = True) -> ProjectOut:
+        return cls(
+            project_id=p.project_id,
+            name=p.name,
+            version=p.version,
+            latest_version=p.latest_version,
+            idea_brief=p.idea_brief if detail else None,
+            understanding_qna=p.understanding_qna if detail else None,
+            created_at=p.created_at,
+            updated_at=p.updated_at,
+        )
+
+
+class ProjectList(BaseModel):
+    projects: list[ProjectOut]
+    next_cursor: str | None = None
+
+
+# ---------------------------------------------------------------------------- budget, keys
+
+
+class BudgetOut(BaseModel):
+    user_id: str
+    tier: str
+    day: str = Field(examples=["2025-06-01"])
+    month: str = Field(examples=["2025-06"])
+    spent_today_micro_usd: int
+    spent_month_micro_usd: int
+    monthly_budget_micro_usd: int
+    daily_allowance_micro_usd: int = Field(
+        description="What is left of the month before today, over the days left (today included)."
+    )
+    remaining_today_micro_usd: int
+    per_build_cap_micro_usd: int
+    concurrent_builds: int
+
+    @classmethod
+    def of(cls, v: BudgetView) -> BudgetOut:
+        return cls(**v.__dict__)
+
+
+class CreateKey(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"user_id": "alice", "tier": "pro"}]}
+    )
+
+    user_id: Ident
+    tier: Name = "free"
+
+
+class KeyOut(BaseModel):
+    key_id: str
+    key_prefix: str
+    user_id: str
+    tier: str
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+    @classmethod
+    def of(cls, k: ApiKey) -> KeyOut:
+        return cls(**k.__dict__)
+
+
+class KeyCreated(KeyOut):
+    api_key: str = Field(description="Shown once; only its hash is stored.")
+
+
+class KeyList(BaseModel):
+    keys: list[KeyOut]

@@ -28,3 +28,27 @@ class GatewaySettings(DatabaseSettings):
     republish_every_s: float = Field(
         default=30.0, gt=0, validation_alias=env("KILN_REPUBLISH_EVERY_S")
     )
+    # Redis: the budget service's spend counters (read only).
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0", validation_alias=env("REDIS_URL", "KILN_REDIS_URL")
+    )
+    redis_timeout_s: float = Field(default=3.0, gt=0, validation_alias=env("KILN_REDIS_TIMEOUT_S"))
+    # S3: the snapshot service's bucket (read only), for the files archive.
+    s3_endpoint_url: str | None = Field(
+        default=None, validation_alias=env("S3_ENDPOINT_URL", "KILN_S3_ENDPOINT_URL")
+    )
+    bucket: str = Field(default="kiln-snapshots", validation_alias=env("KILN_S3_BUCKET"))
+    region: str = Field(
+        default="us-east-1", validation_alias=env("AWS_REGION", "AWS_DEFAULT_REGION")
+    )
+    s3_timeout_s: float = Field(default=30.0, gt=0, validation_alias=env("KILN_S3_TIMEOUT_S"))
+    # Admin endpoints (/v1/admin/...) are off unless this is set.
+    admin_api_key: str | None = Field(default=None, validation_alias=env("KILN_ADMIN_API_KEY"))
+    # Signs the short-lived event-stream tokens of the dashboard; random per process if unset
+    # (set the same value on every replica).
+    token_secret: str | None = Field(default=None, validation_alias=env("KILN_TOKEN_SECRET"))
+    stream_token_ttl_s: int = Field(
+        default=3600, ge=10, validation_alias=env("KILN_STREAM_TOKEN_TTL_S")
+    )
+    # The AsyncAPI document served at /v1/asyncapi.json (default: contracts/schemas/asyncapi.json).
+    asyncapi_path: str | None = Field(default=None, validation_alias=env("KILN_ASYNCAPI_PATH"))

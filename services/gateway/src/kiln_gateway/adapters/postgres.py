@@ -12,7 +12,7 @@ import asyncpg
 
 from kiln_contracts import BuildRequested
 
-from ..model import TERMINAL, Build, Caller, NewBuild, Projection
+from ..model import TERMINAL, ApiKey, Build, Caller, NewBuild, Project, Projection
 from ..ports import Inserted
 
 DDL = """
@@ -49,10 +49,64 @@ CREATE UNIQUE INDEX IF NOT EXISTS builds_user_idempotency
     ON builds (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS builds_user_created ON builds (user_id, created_at DESC, build_id DESC);
 CREATE INDEX IF NOT EXISTS builds_unpublished ON builds (created_at) WHERE published_at IS NULL;
+ALTER TABLE builds ADD COLUMN IF NOT EXISTS project_id text;
+ALTER TABLE builds ADD COLUMN IF NOT EXISTS project_version integer;
+ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS key_id text;
+ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS key_prefix text;
+CREATE UNIQUE INDEX IF NOT EXISTS api_keys_key_id ON api_keys (key_id) WHERE key_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS projects (
+    project_id      text PRIMARY KEY,
+    user_id         text NOT NULL,
+    latest_version  integer NOT NULL,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS projects_user_created
+    ON projects (user_id, created_at DESC, project_id DESC);
+CREATE TABLE IF NOT EXISTS project_versions (
+    project_id        text NOT NULL REFERENCES projects (project_id),
+    version           integer NOT NULL,
+    name              text NOT NULL,
+    idea_brief        text NOT NULL,
+    understanding_qna jsonb NOT NULL DEFAULT '[]',
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (project_id, version)
+);
+"""
+
+_PROJECT_SELECT = """
+SELECT p.project_id, p.user_id, p.latest_version, p.created_at, v.version, v.name,
+       v.idea_brief, v.understanding_qna, v.created_at AS updated_at
+FROM projects p JOIN project_versions v ON v.project_id = p.project_id
 """
 
 _PROJECTION = tuple(Projection.__dataclass_fields__)
 _TERMINAL = sorted(TERMINAL)
+
+
+def _project(row: asyncpg.Record) -> Project:
+    return Project(
+        project_id=row["project_id"],
+        user_id=row["user_id"],
+        name=row["name"],
+        version=row["version"],
+        latest_version=row["latest_version"],
+        idea_brief=row["idea_brief"],
+        understanding_qna=json.loads(row["understanding_qna"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _key(row: asyncpg.Record) -> ApiKey:
+    return ApiKey(
+        key_id=row["key_id"] or row["key_sha256"][:16],
+        key_prefix=row["key_prefix"] or "",
+        user_id=row["user_id"],
+        tier=row["tier"],
+        created_at=row["created_at"],
+        revoked_at=row["revoked_at"],
+    )
 
 
 def _build(row: asyncpg.Record) -> Build:
@@ -68,6 +122,8 @@ def _build(row: asyncpg.Record) -> Build:
         idempotency_key=row["idempotency_key"],
         request_sha256=row["request_sha256"],
         published_at=row["published_at"],
+        project_id=row["project_id"],
+        project_version=row["project_version"],
         state=Projection(**{k: row[k] for k in _PROJECTION}),
     )
 
@@ -90,13 +146,150 @@ class PgStore:
 
     async def upsert_key(self, key_sha256: str, user_id: str, tier: str) -> None:
         await self.pool.execute(
-            """INSERT INTO api_keys (key_sha256, user_id, tier) VALUES ($1, $2, $3)
+            """INSERT INTO api_keys (key_sha256, key_id, user_id, tier)
+               VALUES ($1, left($1, 16), $2, $3)
                ON CONFLICT (key_sha256) DO UPDATE
                SET user_id = EXCLUDED.user_id, tier = EXCLUDED.tier, revoked_at = NULL""",
             key_sha256,
             user_id,
             tier,
         )
+
+    async def create_key(
+        self, key_sha256: str, key_id: str, key_prefix: str, user_id: str, tier: str
+    ) -> ApiKey:
+        row = await self.pool.fetchrow(
+            """INSERT INTO api_keys (key_sha256, key_id, key_prefix, user_id, tier)
+               VALUES ($1, $2, $3, $4, $5) RETURNING *""",
+            key_sha256,
+            key_id,
+            key_prefix,
+            user_id,
+            tier,
+        )
+        return _key(row)
+
+    async def find_keys(self, ident: str) -> list[ApiKey]:
+        """Keys whose id is ``ident`` or whose shown prefix starts with it."""
+        rows = await self.pool.fetch(
+            """SELECT * FROM api_keys
+               WHERE key_id = $1 OR (key_prefix IS NOT NULL AND key_prefix <> ''
+                                     AND starts_with(key_prefix, $1) AND length($1) >= 6)
+               ORDER BY created_at LIMIT 10""",
+            ident,
+        )
+        return [_key(r) for r in rows]
+
+    async def revoke_key(self, key_id: str) -> ApiKey | None:
+        row = await self.pool.fetchrow(
+            """UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())
+               WHERE key_id = $1 RETURNING *""",
+            key_id,
+        )
+        return _key(row) if row else None
+
+    async def list_keys(self, user_id: str | None) -> list[ApiKey]:
+        rows = await self.pool.fetch(
+            """SELECT * FROM api_keys WHERE ($1::text IS NULL OR user_id = $1)
+               ORDER BY created_at DESC LIMIT 1000""",
+            user_id,
+        )
+        return [_key(r) for r in rows]
+
+    # ------------------------------------------------------------------ projects
+
+    async def create_project(
+        self, project_id: str, user_id: str, name: str, idea_brief: str, qna: list[dict[str, Any]]
+    ) -> Project:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO projects (project_id, user_id, latest_version) VALUES ($1, $2, 1)",
+                project_id,
+                user_id,
+            )
+            await conn.execute(
+                """INSERT INTO project_versions (project_id, version, name, idea_brief,
+                                                 understanding_qna)
+                   VALUES ($1, 1, $2, $3, $4)""",
+                project_id,
+                name,
+                idea_brief,
+                json.dumps(qna),
+            )
+            row = await conn.fetchrow(
+                _PROJECT_SELECT + "WHERE p.project_id = $1 AND v.version = 1", project_id
+            )
+        return _project(row)
+
+    async def get_project(self, project_id: str, version: int | None = None) -> Project | None:
+        row = await self.pool.fetchrow(
+            _PROJECT_SELECT
+            + "WHERE p.project_id = $1 AND v.version = coalesce($2::int, p.latest_version)",
+            project_id,
+            version,
+        )
+        return _project(row) if row else None
+
+    async def add_project_version(
+        self,
+        project_id: str,
+        base_version: int | None,
+        name: str,
+        idea_brief: str,
+        qna: list[dict[str, Any]],
+    ) -> Project | Literal["missing", "conflict"]:
+        """A new version; "conflict" if ``base_version`` is given and is not the latest."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            latest = await conn.fetchval(
+                "SELECT latest_version FROM projects WHERE project_id = $1 FOR UPDATE", project_id
+            )
+            if latest is None:
+                return "missing"
+            if base_version is not None and base_version != latest:
+                return "conflict"
+            version = latest + 1
+            await conn.execute(
+                """INSERT INTO project_versions (project_id, version, name, idea_brief,
+                                                 understanding_qna)
+                   VALUES ($1, $2, $3, $4, $5)""",
+                project_id,
+                version,
+                name,
+                idea_brief,
+                json.dumps(qna),
+            )
+            await conn.execute(
+                """UPDATE projects SET latest_version = $2, updated_at = now()
+                   WHERE project_id = $1""",
+                project_id,
+                version,
+            )
+            row = await conn.fetchrow(
+                _PROJECT_SELECT + "WHERE p.project_id = $1 AND v.version = $2", project_id, version
+            )
+        return _project(row)
+
+    async def list_projects(
+        self, user_id: str, *, limit: int, before: tuple[datetime, str] | None
+    ) -> list[Project]:
+        args: list[Any] = [user_id]
+        where = "p.user_id = $1 AND v.version = p.latest_version"
+        if before:
+            args += list(before)
+            where += " AND (p.created_at, p.project_id) < ($2, $3)"
+        args.append(limit)
+        rows = await self.pool.fetch(
+            _PROJECT_SELECT + f"WHERE {where} "
+            f"ORDER BY p.created_at DESC, p.project_id DESC LIMIT ${len(args)}",
+            *args,
+        )
+        return [_project(r) for r in rows]
+
+    async def project_versions(self, project_id: str) -> list[Project]:
+        rows = await self.pool.fetch(
+            _PROJECT_SELECT + "WHERE p.project_id = $1 ORDER BY v.version", project_id
+        )
+        return [_project(r) for r in rows]
 
     # ------------------------------------------------------------------ builds
 
@@ -123,8 +316,9 @@ class PgStore:
                 return Inserted("capped", None)
             row = await conn.fetchrow(
                 """INSERT INTO builds (build_id, user_id, tier, idea_brief, understanding_qna,
-                                       limits, idempotency_key, request_sha256)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING *""",
+                                       limits, idempotency_key, request_sha256, project_id,
+                                       project_version)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING *""",
                 new.build_id,
                 new.user_id,
                 new.tier,
@@ -133,6 +327,8 @@ class PgStore:
                 json.dumps(new.limits),
                 new.idempotency_key,
                 new.request_sha256,
+                new.project_id,
+                new.project_version,
             )
             return Inserted("created", _build(row))
 

@@ -1,0 +1,85 @@
+"""The snapshot service's bucket, read only, with aioboto3 (every call has timeouts).
+
+Layout (written by the snapshot service): ``builds/<build_id>/latest`` holds the newest snapshot's
+id, ``builds/<build_id>/manifests/<snapshot_id>.json`` its entries, ``blobs/<sha256>`` the bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aioboto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from ..ports import FileEntry
+
+NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+CHUNK = 256 * 1024
+
+
+class S3Files:
+    def __init__(
+        self, bucket: str, *, endpoint_url: str | None, region: str, timeout_s: float
+    ) -> None:
+        self.bucket = bucket
+        self.endpoint_url = endpoint_url
+        self.region = region
+        self.config = Config(
+            connect_timeout=min(5.0, timeout_s),
+            read_timeout=timeout_s,
+            retries={"max_attempts": 3, "mode": "standard"},
+            signature_version="s3v4",
+            s3={"addressing_style": "path" if endpoint_url else "auto"},
+        )
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._client: Any = None
+
+    async def open(self) -> None:
+        """Create the client (no network call yet)."""
+        stack = contextlib.AsyncExitStack()
+        self._client = await stack.enter_async_context(
+            aioboto3.Session().client(
+                "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=self.config
+            )
+        )
+        self._stack = stack
+
+    async def close(self) -> None:
+        if self._stack is not None:
+            await self._stack.aclose()
+            self._stack, self._client = None, None
+
+    async def _get(self, key: str) -> bytes | None:
+        try:
+            response = await self._client.get_object(Bucket=self.bucket, Key=key)
+        except ClientError as err:
+            if str(err.response.get("Error", {}).get("Code", "")) in NOT_FOUND:
+                return None
+            raise
+        async with response["Body"] as body:
+            data: bytes = await body.read()
+        return data
+
+    async def latest(self, build_id: str) -> tuple[str, list[FileEntry]] | None:
+        snapshot_id = await self._get(f"builds/{build_id}/latest")
+        if not snapshot_id:
+            return None
+        sid = snapshot_id.decode().strip()
+        doc = await self._get(f"builds/{build_id}/manifests/{sid}.json")
+        if doc is None:
+            return None
+        entries = [
+            FileEntry(str(e["path"]), str(e["sha256"]), int(e["size"]), int(e.get("mode", 0o644)))
+            for e in json.loads(doc).get("entries", [])
+        ]
+        return sid, entries
+
+    async def blob(self, sha256: str) -> AsyncIterator[bytes]:
+        response = await self._client.get_object(Bucket=self.bucket, Key=f"blobs/{sha256}")
+        async with response["Body"] as body:
+            while chunk := await body.read(CHUNK):
+                yield chunk
