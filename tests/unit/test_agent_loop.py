@@ -77,7 +77,11 @@ async def test_happy_path_with_the_scripted_model_and_real_tools(tmp_path: Path)
     iterations = pub.of(IterationCompleted)
     assert [i.iteration for i in iterations] == list(range(1, done[0].iterations + 1))
     assert done[0].cost_micro_usd == sum(i.cost_micro_usd for i in iterations) > 0
-    assert iterations[1].usage.cache_read_input_tokens > 0  # the cached prefix of turn 1
+    # the first request is under the API's 1024-token minimum for a cache entry; the second writes
+    # one, and from the third on the prefix is read from the cache
+    assert iterations[0].usage.cache_creation_input_tokens == 0
+    assert iterations[1].usage.cache_creation_input_tokens > 0
+    assert all(i.usage.cache_read_input_tokens > 0 for i in iterations[2:])
     assert len(pub.of(AgentNarrated)) == 2
     assert any(c.reason == "files_changed" for c in pub.of(CheckpointSaved))
     # a turn with three parallel calls, and the package really works at the end

@@ -38,7 +38,14 @@ class Service:
             backoff_base_s=cfg.backoff_base_s,
             backoff_cap_s=cfg.backoff_cap_s,
         )
-        agent = Agent(PostgresStore(self.pool), self.model, self.bus, cfg, kiln_config.default())
+        agent = Agent(
+            PostgresStore(self.pool),
+            self.model,
+            self.bus,
+            cfg,
+            kiln_config.default(),
+            lease_s=self.settings.lease_s or self.settings.ack_wait_s,
+        )
         app.register(self.bus, agent, workers=self.settings.workers)
 
     async def stop(self) -> None:

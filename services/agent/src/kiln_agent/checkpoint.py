@@ -51,6 +51,14 @@ class State(_Model):
     streak_call: str | None = Field(default=None, description="The last call's signature.")
     streak: int = Field(default=0, description="How many times in a row it was made.")
     detail: str = ""
+    compacted_before: int = Field(
+        default=0, description="Turns before this seq are sent with long tool output cleared."
+    )
+    context_tokens: int | None = Field(
+        default=None, description="Tokens of the last call (input + cache + output) per the API."
+    )
+    context_turns: int = Field(default=0, description="The turns that count covers.")
+    compact_now: bool = Field(default=False, description="The last call overflowed the window.")
 
 
 @dataclass

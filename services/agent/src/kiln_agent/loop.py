@@ -8,6 +8,7 @@ same stable event ids, so a crash between commit and publish loses nothing and d
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -34,13 +35,15 @@ from kiln_contracts import (
 )
 from kiln_contracts.messages import FailureReason
 from kiln_runtime.config import KilnConfig
-from kiln_runtime.errors import Conflict
+from kiln_runtime.errors import Conflict, RetryLater
 
 from . import tools
 from .checkpoint import Checkpoint, Outcome, PendingCall, SleepRequest, Turn
 from .config import AgentConfig
+from .context import CACHE, build_request, compaction_point, context_tokens
 from .ports import (
     CheckpointStore,
+    ContextWindowExceeded,
     Model,
     ModelError,
     ModelReply,
@@ -49,9 +52,10 @@ from .ports import (
     VersionConflict,
 )
 
+__all__ = ["CACHE", "CONTINUE", "Agent", "build_request"]
+
 log = logging.getLogger(__name__)
 
-CACHE = {"type": "ephemeral"}
 CONTINUE = "Your reply was cut off by the token limit. Continue where you stopped."
 
 Advance = Callable[[Checkpoint], list[Turn] | None]
@@ -68,6 +72,7 @@ class Agent:
         kiln: KilnConfig,
         *,
         save_attempts: int = 5,
+        lease_s: float = 30.0,
     ) -> None:
         self.store = store
         self.model = model
@@ -75,6 +80,7 @@ class Agent:
         self.config = config
         self.kiln = kiln
         self.save_attempts = save_attempts
+        self.lease_s = lease_s
         self.tools = tools.definitions(config.narrate_description)
 
     # ------------------------------------------------------------------ messages
@@ -158,27 +164,53 @@ class Agent:
             pass
 
     async def _think(self, build_id: str, cause: uuid.UUID) -> bool:
-        """One model call if the build is thinking; True if it still is afterwards."""
+        """One model call if the build is thinking; True if it still is afterwards.
+
+        The call runs under the build's lease: a replica that finds another's fresh lease (a
+        redelivery while that replica is mid-call) defers the message instead of calling too."""
         cp = await self.store.load(build_id)
         if cp is None:
             return False
         await self._flush(cp)
         if cp.status != "thinking":
             return False
+        token = uuid.uuid4().hex
+        wait = await self.store.lease(build_id, token, self.lease_s)
+        if wait > 0:
+            raise RetryLater(f"build {build_id} is thinking on another replica", delay_s=wait)
+        renew = asyncio.create_task(self._renew(build_id, token))
+        try:
+            return await self._think_leased(build_id, cause)
+        finally:
+            renew.cancel()
+            await self.store.release(build_id, token)
+
+    async def _think_leased(self, build_id: str, cause: uuid.UUID) -> bool:
+        cp = await self.store.load(build_id)  # fresh: a twin may have thought before the lease
+        if cp is None or cp.status != "thinking":
+            return False
         iteration = cp.iteration
         reply: ModelReply | ModelError | None = None
         if (failure := self._precheck(cp)) is None:
-            try:
-                turns = await self.store.turns(build_id)
-                reply = await self.model.complete(self._request(cp, turns))
-            except ModelError as err:
-                reply = err
+            turns = await self.store.turns(build_id)
+            fitted = await self._fit(cp, turns)
+            if fitted is None:
+                return True  # moved on while compacting: look again
+            request, failure = fitted
+            if request is not None:
+                try:
+                    reply = await self.model.complete(request)
+                except ModelError as err:
+                    reply = err
 
         def advance(c: Checkpoint) -> list[Turn] | None:
             if c.status != "thinking" or c.iteration != iteration:
                 return None  # moved on meanwhile (cancel, sleep, a twin think): drop the reply
             if failure is not None:
                 self._fail(c, cause, *failure)
+                return []
+            if isinstance(reply, ContextWindowExceeded):
+                c.state.compact_now = True  # compact, then ask again
                 return []
             if isinstance(reply, ModelError):
                 self._fail(c, cause, "model_error", str(reply))
@@ -188,6 +220,60 @@ class Agent:
 
         saved = await self._step(build_id, advance)
         return saved is not None and saved.status == "thinking"
+
+    async def _fit(
+        self, cp: Checkpoint, turns: list[Turn]
+    ) -> tuple[ModelRequest | None, tuple[FailureReason, str] | None] | None:
+        """The request, compacted first if it would pass ``compact_at`` of the window (or the last
+        call overflowed); a context_window failure if it cannot fit; None if the build moved on."""
+        request = self._request(cp, turns)
+        window = self.config.window(cp.model)
+        size = context_tokens(cp, turns, request)
+        if cp.state.compact_now or size > self.config.compact_at * window:
+            point = compaction_point(cp, turns, self.config)
+            if point is not None:
+                iteration = cp.iteration
+
+                def compact(c: Checkpoint) -> list[Turn] | None:
+                    if c.status != "thinking" or c.iteration != iteration:
+                        return None
+                    c.state.compacted_before = max(c.state.compacted_before, point)
+                    c.state.context_tokens, c.state.compact_now = None, False
+                    return []
+
+                saved = await self._step(cp.build_id, compact)
+                if saved is None:
+                    return None
+                log.info(
+                    "compacted: turns before %d cleared (~%d tokens of %d)",
+                    point,
+                    size,
+                    window,
+                    extra={"build_id": cp.build_id},
+                )
+                request = self._request(saved, turns)
+                size = context_tokens(saved, turns, request)
+            elif cp.state.compact_now:
+                return None, (
+                    "context_window",
+                    f"the conversation overflowed the {window}-token window of {cp.model} "
+                    "and no old tool output is left to clear",
+                )
+        if size > window:
+            return None, (
+                "context_window",
+                f"~{size} tokens do not fit the {window}-token window of {cp.model}",
+            )
+        return request, None
+
+    async def _renew(self, build_id: str, token: str) -> None:
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            try:
+                if await self.store.lease(build_id, token, self.lease_s) > 0:
+                    log.warning("think lease lost mid-call", extra={"build_id": build_id})
+            except Exception:
+                log.warning("could not renew the think lease", extra={"build_id": build_id})
 
     def _precheck(self, cp: Checkpoint) -> tuple[FailureReason, str] | None:
         if not cp.model:
@@ -219,6 +305,13 @@ class Agent:
                 cost_micro_usd=cost,
             )
         )
+        cap = self._cap(cp)
+        if cap is not None and cp.cost_micro_usd > cap:
+            self._fail(cp, cause, "cost_limit", f"spent {cp.cost_micro_usd} of {cap} micro-USD")
+            return []
+        if reply.stop_reason == "model_context_window_exceeded":
+            cp.state.compact_now = True  # the partial reply is dropped; compact, then ask again
+            return []
         content = _clean(reply.content)
         calls = [b for b in content if b["type"] == "tool_use"]
         if reply.stop_reason in ("max_tokens", "pause_turn"):
@@ -226,16 +319,22 @@ class Agent:
                 {"type": "text", "text": "(cut off)"}
             ]
         turns = [self._turn(cp, "assistant", content)]
-        cap = self._cap(cp)
-        if cap is not None and cp.cost_micro_usd > cap:
-            self._fail(cp, cause, "cost_limit", f"spent {cp.cost_micro_usd} of {cap} micro-USD")
-        elif reply.stop_reason == "tool_use" and calls:
+        u = reply.usage
+        cp.state.context_tokens = (
+            u.input_tokens
+            + u.cache_read_input_tokens
+            + u.cache_creation_input_tokens
+            + u.output_tokens
+        )
+        cp.state.context_turns = cp.turns
+        if reply.stop_reason == "tool_use" and calls:
             turns += self._act(cp, calls, cause)
         elif reply.stop_reason in ("end_turn", "stop_sequence"):
             self._finish(cp, _text(content), cause)
-        elif reply.stop_reason in ("max_tokens", "pause_turn"):
-            if reply.stop_reason == "max_tokens":
-                turns.append(self._turn(cp, "user", [{"type": "text", "text": CONTINUE}]))
+        elif reply.stop_reason == "max_tokens":
+            turns.append(self._turn(cp, "user", [{"type": "text", "text": CONTINUE}]))
+        elif reply.stop_reason == "pause_turn":
+            pass  # the request ends with this assistant turn: the model carries on from it
         elif reply.stop_reason == "refusal":
             self._fail(cp, cause, "model_refusal", _text(content)[:2000])
         else:
@@ -455,43 +554,6 @@ class Agent:
 
     def _request(self, cp: Checkpoint, turns: list[Turn]) -> ModelRequest:
         return build_request(cp, turns, self.tools, self.config)
-
-
-def build_request(
-    cp: Checkpoint, turns: list[Turn], tool_defs: list[dict[str, Any]], config: AgentConfig
-) -> ModelRequest:
-    """The Messages request: cache breakpoints on the system block, the last tool and the last user
-    turn; old long tool results cleared (compaction) while the stored turns keep them."""
-    tool_results = [i for i, t in enumerate(turns) if _has_tool_result(t)]
-    keep = set(tool_results[-config.keep_tool_results :])
-    messages: list[dict[str, Any]] = []
-    for i, turn in enumerate(turns):
-        content = [dict(b) for b in turn.content]
-        if i in tool_results and i not in keep:
-            for b in content:
-                text = b.get("content")
-                if b["type"] == "tool_result" and isinstance(text, str):
-                    if len(text) > config.clear_over_chars:
-                        b["content"] = f"[{len(text)} characters of old output cleared]"
-        messages.append({"role": turn.role, "content": content})
-    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
-    if last_user is not None and messages[last_user]["content"]:
-        blocks = messages[last_user]["content"]
-        blocks[-1] = {**blocks[-1], "cache_control": CACHE}
-    tool_defs = [dict(t) for t in tool_defs]
-    if tool_defs:
-        tool_defs[-1] = {**tool_defs[-1], "cache_control": CACHE}
-    return ModelRequest(
-        model=cp.model,
-        system=[{"type": "text", "text": cp.system, "cache_control": CACHE}],
-        tools=tool_defs,
-        messages=messages,
-        max_tokens=config.max_tokens,
-    )
-
-
-def _has_tool_result(turn: Turn) -> bool:
-    return turn.role == "user" and any(b.get("type") == "tool_result" for b in turn.content)
 
 
 def _clean(content: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -31,6 +31,14 @@ class CheckpointStore(Protocol):
     async def mark_sent(self, build_id: str, version: int) -> None:
         """Clear the outbox of that version (a no-op if the build has moved on)."""
 
+    async def lease(self, build_id: str, token: str, ttl_s: float) -> float:
+        """Take or renew the build's think lease for ``token`` for ``ttl_s`` seconds: 0.0 if it is
+        now held by ``token``, else the seconds left on another holder's lease. Apart from the
+        version: taking it never conflicts with a save."""
+
+    async def release(self, build_id: str, token: str) -> None:
+        """Give the lease up if ``token`` still holds it."""
+
 
 class Publisher(Protocol):
     async def publish(self, msg: Envelope) -> None: ...
@@ -57,6 +65,10 @@ class ModelReply(BaseModel):
 
 class ModelError(Exception):
     """The model could not answer (after retries, or a request it will never accept)."""
+
+
+class ContextWindowExceeded(ModelError):
+    """The request does not fit the model's context window (e.g. "prompt is too long")."""
 
 
 class Model(Protocol):

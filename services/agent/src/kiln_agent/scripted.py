@@ -134,10 +134,15 @@ class ScriptedModel:
     def respond(self, request: dict[str, Any]) -> dict[str, Any]:
         """A Messages API response body for a request body."""
         messages = request.get("messages") or []
-        digest = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:12]
-        content, stop = next_turn(messages, digest)
+        content, stop = next_turn(messages, digest(messages))
+        return self.reply(request, content, stop)
+
+    def reply(
+        self, request: dict[str, Any], content: list[dict[str, Any]], stop: str
+    ) -> dict[str, Any]:
+        """A Messages API response body with ``content``, usage as the API would report it."""
         return {
-            "id": f"msg_{digest}",
+            "id": f"msg_{digest(request.get('messages') or [])}",
             "type": "message",
             "role": "assistant",
             "model": request.get("model") or "scripted",
@@ -146,6 +151,10 @@ class ScriptedModel:
             "stop_sequence": None,
             "usage": self.usage.estimate(request, content),
         }
+
+
+def digest(messages: list[dict[str, Any]]) -> str:
+    return hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def next_turn(messages: list[dict[str, Any]], digest: str) -> tuple[list[dict[str, Any]], str]:
@@ -269,13 +278,20 @@ def tokens(value: Any) -> int:
 
 
 class UsageEstimator:
-    """Usage with prompt caching as the API reports it: the request is tools, then system, then
-    messages; each cache_control marks a prefix; a prefix seen before is a cache read, the rest of
-    the prefix up to the last breakpoint a cache write, what follows plain input."""
+    """Usage with prompt caching as the API reports it. The request is read as tools, then system,
+    then message blocks. Each cache_control block writes a cache entry for the prefix ending there
+    (if at least ``min_cache_tokens`` long); at each one the API looks for an earlier entry at that
+    block or up to ``lookback`` blocks before it, and the longest hit is read from the cache.
+    ``cache_read_input_tokens`` is that hit, ``cache_creation_input_tokens`` the rest of the prefix
+    up to the last breakpoint written, ``input_tokens`` what follows."""
 
-    def __init__(self, max_entries: int = 10_000) -> None:
+    def __init__(
+        self, max_entries: int = 10_000, min_cache_tokens: int = 1024, lookback: int = 20
+    ) -> None:
         self.cache: OrderedDict[str, None] = OrderedDict()
         self.max_entries = max_entries
+        self.min_cache_tokens = min_cache_tokens
+        self.lookback = lookback
 
     def estimate(self, request: dict[str, Any], output: list[dict[str, Any]]) -> dict[str, int]:
         parts: list[tuple[Any, bool]] = []
@@ -290,24 +306,33 @@ class UsageEstimator:
             for block in blocks:
                 parts.append(({"role": m.get("role"), **block}, "cache_control" in block))
         hasher = hashlib.sha256()
-        total = read = breakpoint = 0
-        for part, marked in parts:
+        keys: list[str] = []
+        sizes: list[int] = []
+        total = 0
+        for part, _ in parts:
             clean = {k: v for k, v in part.items() if k != "cache_control"}
             hasher.update(json.dumps(clean, sort_keys=True).encode())
             total += tokens(clean)
-            if marked:
-                key = hasher.hexdigest()
-                if key in self.cache:
-                    read = total
-                    self.cache.move_to_end(key)
-                else:
-                    self.cache[key] = None
-                breakpoint = total
+            keys.append(hasher.hexdigest())
+            sizes.append(total)
+        marked = [i for i, (_, m) in enumerate(parts) if m]
+        read = 0
+        for m in marked:
+            for j in range(m, max(-1, m - self.lookback), -1):
+                if keys[j] in self.cache:
+                    read = max(read, sizes[j])
+                    self.cache.move_to_end(keys[j])
+                    break
+        written = read
+        for m in marked:
+            if sizes[m] >= self.min_cache_tokens:
+                self.cache[keys[m]] = None
+                written = max(written, sizes[m])
         while len(self.cache) > self.max_entries:
             self.cache.popitem(last=False)
         return {
-            "input_tokens": max(1, total - breakpoint),
+            "input_tokens": max(1, total - written),
             "output_tokens": max(1, sum(tokens(b) for b in output)),
-            "cache_creation_input_tokens": breakpoint - read,
+            "cache_creation_input_tokens": written - read,
             "cache_read_input_tokens": read,
         }

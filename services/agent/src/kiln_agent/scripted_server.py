@@ -4,6 +4,13 @@
 
 POST /v1/messages (non-streaming) answers with a Messages API response; GET /healthz answers ok.
 HTTP/1.1 with keep-alive; each connection is its own task, so many clients can be served at once.
+Any path prefix before /v1/messages is accepted and recorded (``ANTHROPIC_BASE_URL=<url>/replica-a``
+tells the tests which client called).
+
+For tests: ``faults`` (statuses, retry-after, delays that outlast the client's timeout) are served
+before the script, ``canned`` replies (e.g. max_tokens, refusal) next, then ``responder`` (the
+scripted model by default); ``on_request`` may hold or observe a call; ``record`` keeps every
+request with its raw body and the usage reported.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from .scripted import ScriptedModel
@@ -20,6 +29,36 @@ from .scripted import ScriptedModel
 log = logging.getLogger(__name__)
 
 MAX_BODY = 32 * 1024 * 1024
+MESSAGES = "/v1/messages"
+
+
+@dataclass
+class Fault:
+    """One injected failure: ``status`` with optional retry-after headers, after ``delay_s``
+    (a delay longer than the client's timeout is a timeout; status 0 then answers nothing)."""
+
+    status: int = 0
+    retry_after: str | None = None
+    retry_after_ms: str | None = None
+    delay_s: float = 0.0
+    message: str = ""
+
+
+@dataclass
+class Recorded:
+    """A request the server answered from the script (faults are not recorded)."""
+
+    prefix: str
+    body: bytes
+    request: dict[str, Any]
+    response: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def usage(self) -> dict[str, int]:
+        return dict(self.response.get("usage") or {})
+
+
+Responder = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 class ScriptedServer:
@@ -28,9 +67,16 @@ class ScriptedServer:
         self.port = port
         self.latency_s = latency_s
         self.model = ScriptedModel()
+        self.responder: Responder = self.model.respond
         self.requests = 0
-        # Fault injection for tests: statuses to answer (with retry-after: 0) before the script.
-        self.faults: list[int] = []
+        # For tests: faults first (an int is that status with retry-after: 0), then canned
+        # replies (content, stop_reason), then the responder.
+        self.faults: list[int | Fault] = []
+        self.canned: list[tuple[list[dict[str, Any]], str]] = []
+        self.on_request: Callable[[Recorded], Awaitable[None]] | None = None
+        self.record = False
+        self.recorded: list[Recorded] = []
+        self.attempts = 0
         self._server: asyncio.Server | None = None
 
     @property
@@ -63,8 +109,10 @@ class ScriptedServer:
                     await _send(writer, 413, _error("request_too_large", "body too large"))
                     return
                 body = await reader.readexactly(length) if length else b""
-                status, payload = await self._handle(method, path.split("?")[0], body)
-                await _send(writer, status, payload)
+                status, payload, extra = await self._handle(method, path.split("?")[0], body)
+                if status == 0:
+                    return  # an injected hang-up
+                await _send(writer, status, payload, extra)
                 if headers.get("connection", "").lower() == "close":
                     return
         except (asyncio.IncompleteReadError, ConnectionError, ValueError):
@@ -74,29 +122,55 @@ class ScriptedServer:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _handle(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
+    async def _handle(
+        self, method: str, path: str, body: bytes
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
         if method == "GET" and path in ("/healthz", "/"):
-            return 200, {"status": "ok", "requests": self.requests}
-        if path != "/v1/messages":
-            return 404, _error("not_found_error", f"no route {method} {path}")
+            return 200, {"status": "ok", "requests": self.requests}, {}
+        if not path.endswith(MESSAGES):
+            return 404, _error("not_found_error", f"no route {method} {path}"), {}
         if method != "POST":
-            return 405, _error("invalid_request_error", "use POST")
+            return 405, _error("invalid_request_error", "use POST"), {}
         try:
             request = json.loads(body)
             if not isinstance(request.get("messages"), list) or not request.get("max_tokens"):
                 raise ValueError("messages and max_tokens are required")
         except ValueError as err:
-            return 400, _error("invalid_request_error", str(err))
+            return 400, _error("invalid_request_error", str(err)), {}
         if request.get("stream"):
-            return 400, _error("invalid_request_error", "streaming is not supported")
+            return 400, _error("invalid_request_error", "streaming is not supported"), {}
+        self.attempts += 1
         if self.faults:
-            status = self.faults.pop(0)
-            kind = {429: "rate_limit_error", 529: "overloaded_error"}.get(status, "api_error")
-            return status, _error(kind, f"injected {status}")
+            fault = self.faults.pop(0)
+            if isinstance(fault, int):
+                fault = Fault(fault, retry_after="0" if fault in (429, 529) else None)
+            if fault.delay_s:
+                await asyncio.sleep(fault.delay_s)
+            kind = {
+                400: "invalid_request_error",
+                429: "rate_limit_error",
+                529: "overloaded_error",
+            }.get(fault.status, "api_error")
+            headers = {}
+            if fault.retry_after is not None:
+                headers["retry-after"] = fault.retry_after
+            if fault.retry_after_ms is not None:
+                headers["retry-after-ms"] = fault.retry_after_ms
+            return fault.status, _error(kind, fault.message or f"injected {fault.status}"), headers
         self.requests += 1
+        seen = Recorded(path[: -len(MESSAGES)], body, request)
+        if self.record:
+            self.recorded.append(seen)
+        if self.on_request is not None:
+            await self.on_request(seen)
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
-        return 200, self.model.respond(request)
+        if self.canned:
+            content, stop = self.canned.pop(0)
+            seen.response = self.model.reply(request, content, stop)
+        else:
+            seen.response = self.responder(request)
+        return 200, seen.response, {}
 
 
 def _error(kind: str, message: str) -> dict[str, Any]:
@@ -109,10 +183,18 @@ _REASONS = {
     404: "Not Found",
     405: "Method Not Allowed",
     413: "Payload Too Large",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    529: "Overloaded",
 }
 
 
-async def _send(writer: asyncio.StreamWriter, status: int, payload: dict[str, Any]) -> None:
+async def _send(
+    writer: asyncio.StreamWriter,
+    status: int,
+    payload: dict[str, Any],
+    extra: dict[str, str] | None = None,
+) -> None:
     data = json.dumps(payload).encode()
     headers = [
         f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
@@ -121,8 +203,7 @@ async def _send(writer: asyncio.StreamWriter, status: int, payload: dict[str, An
         "Connection: keep-alive",
         f"request-id: req_scripted_{id(payload):x}",
     ]
-    if status in (429, 529):
-        headers.append("retry-after: 0")
+    headers += [f"{k}: {v}" for k, v in (extra or {}).items()]
     writer.write(("\r\n".join(headers) + "\r\n\r\n").encode() + data)
     await writer.drain()
 

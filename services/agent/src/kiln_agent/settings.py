@@ -15,6 +15,12 @@ class AgentSettings(DatabaseSettings):
     )
     agent_config: str | None = Field(default=None, validation_alias=env("KILN_AGENT_CONFIG"))
     workers: int = Field(default=128, ge=1, validation_alias=env("KILN_AGENT_WORKERS"))
+    lease_s: float | None = Field(
+        default=None,
+        gt=0,
+        validation_alias=env("KILN_AGENT_LEASE_S"),
+        description="The think lease (renewed while a model call runs); default: ack_wait_s.",
+    )
     db_pool_size: int = Field(default=20, ge=1, validation_alias=env("KILN_AGENT_DB_POOL"))
 
 

@@ -1,5 +1,6 @@
-"""The model: one Anthropic Messages call per think, retried with jittered backoff on 429 / 529 /
-5xx / timeouts (retry-after honoured), then ModelError."""
+"""The model: one Anthropic Messages call per think, retried with jittered backoff on 408 / 409 /
+429 / 5xx / 529 / timeouts / connection errors (retry-after honoured), then ModelError; a request
+too long for the context window raises ContextWindowExceeded (the loop compacts or fails)."""
 
 from __future__ import annotations
 
@@ -11,20 +12,30 @@ import anthropic
 from kiln_contracts import Usage
 from kiln_runtime.retry import retry
 
-from ..ports import ModelError, ModelReply, ModelRequest
+from ..ports import ContextWindowExceeded, ModelError, ModelReply, ModelRequest
 
 log = logging.getLogger(__name__)
 
 RETRYABLE = (
-    anthropic.RateLimitError,
+    anthropic.RateLimitError,  # 429
     anthropic.InternalServerError,  # 5xx, 529 overloaded
-    anthropic.APIConnectionError,  # includes timeouts
+    anthropic.APIConnectionError,  # includes APITimeoutError
+    anthropic.ConflictError,  # 409
 )
+TOO_LONG = ("prompt is too long", "context window", "context_window", "too many tokens")
+
+
+class _RequestTimeout(Exception):
+    """A 408 from the server, retried like a timeout."""
+
+
+def _too_long(err: anthropic.APIStatusError) -> bool:
+    return err.status_code in (400, 413) and any(s in err.message.lower() for s in TOO_LONG)
 
 
 def retry_after(err: BaseException, attempt: int) -> float | None:
     """The server's advice (retry-after-ms / retry-after seconds), capped at 60 s."""
-    response = getattr(err, "response", None)
+    response = getattr(err, "response", None) or getattr(err.__cause__, "response", None)
     if response is None:
         return None
     headers = response.headers
@@ -63,24 +74,35 @@ class AnthropicModel:
 
     async def complete(self, request: ModelRequest) -> ModelReply:
         async def call() -> Any:
-            return await self.client.messages.create(
-                model=request.model,
-                max_tokens=request.max_tokens,
-                system=request.system,  # type: ignore[arg-type]
-                tools=request.tools,  # type: ignore[arg-type]
-                messages=request.messages,  # type: ignore[arg-type]
-            )
+            try:
+                return await self.client.messages.create(
+                    model=request.model,
+                    max_tokens=request.max_tokens,
+                    system=request.system,  # type: ignore[arg-type]
+                    tools=request.tools,  # type: ignore[arg-type]
+                    messages=request.messages,  # type: ignore[arg-type]
+                )
+            except anthropic.APIStatusError as err:
+                if err.status_code == 408:
+                    raise _RequestTimeout(err.message) from err
+                raise
 
         try:
             message = await retry(
                 call,
                 attempts=self.attempts,
-                retry_on=RETRYABLE,
+                retry_on=(*RETRYABLE, _RequestTimeout),
                 base=self.base,
                 cap=self.cap,
                 delay_for=retry_after,
             )
+        except _RequestTimeout as err:
+            raise ModelError(f"HTTP 408: {err}"[:2000]) from err
         except anthropic.APIStatusError as err:
+            if _too_long(err):
+                raise ContextWindowExceeded(
+                    f"HTTP {err.status_code}: {err.message}"[:2000]
+                ) from err
             raise ModelError(f"HTTP {err.status_code}: {err.message}"[:2000]) from err
         except anthropic.APIError as err:
             raise ModelError(f"{type(err).__name__}: {err}"[:2000]) from err

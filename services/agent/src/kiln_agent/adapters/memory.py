@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 from ..checkpoint import Checkpoint, Turn
 from ..ports import VersionConflict
@@ -13,6 +14,7 @@ class MemoryStore:
         self.rows: dict[str, Checkpoint] = {}
         self.conversation: dict[str, list[Turn]] = {}
         self.saves = 0
+        self.leases: dict[str, tuple[str, float]] = {}
 
     async def create(self, cp: Checkpoint, turns: list[Turn]) -> bool:
         if cp.build_id in self.rows:
@@ -42,3 +44,15 @@ class MemoryStore:
         row = self.rows.get(build_id)
         if row is not None and row.version == version:
             row.outbox = []
+
+    async def lease(self, build_id: str, token: str, ttl_s: float) -> float:
+        now = time.monotonic()
+        holder, until = self.leases.get(build_id, ("", 0.0))
+        if holder not in ("", token) and until > now:
+            return until - now
+        self.leases[build_id] = (token, now + ttl_s)
+        return 0.0
+
+    async def release(self, build_id: str, token: str) -> None:
+        if self.leases.get(build_id, ("", 0.0))[0] == token:
+            del self.leases[build_id]

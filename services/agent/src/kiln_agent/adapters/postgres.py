@@ -34,6 +34,8 @@ CREATE TABLE IF NOT EXISTS builds (
     updated_at      timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS builds_status ON builds (status);
+ALTER TABLE builds ADD COLUMN IF NOT EXISTS lease_token text;
+ALTER TABLE builds ADD COLUMN IF NOT EXISTS lease_until timestamptz;
 CREATE TABLE IF NOT EXISTS turns (
     build_id  text NOT NULL,
     seq       integer NOT NULL,
@@ -132,6 +134,32 @@ class PostgresStore:
             "UPDATE builds SET outbox = '[]' WHERE build_id = $1 AND version = $2",
             build_id,
             version,
+        )
+
+    async def lease(self, build_id: str, token: str, ttl_s: float) -> float:
+        row = await self.pool.fetchrow(
+            "UPDATE builds SET lease_token = $2, lease_until = now() + make_interval(secs => $3) "
+            "WHERE build_id = $1 AND (lease_until IS NULL OR lease_until <= now() "
+            "OR lease_token = $2) RETURNING 0.0::float8 AS wait",
+            build_id,
+            token,
+            ttl_s,
+        )
+        if row is not None:
+            return 0.0
+        left = await self.pool.fetchval(
+            "SELECT extract(epoch FROM lease_until - now())::float8 FROM builds "
+            "WHERE build_id = $1",
+            build_id,
+        )
+        return max(0.001, float(left or 0.001))
+
+    async def release(self, build_id: str, token: str) -> None:
+        await self.pool.execute(
+            "UPDATE builds SET lease_token = NULL, lease_until = NULL "
+            "WHERE build_id = $1 AND lease_token = $2",
+            build_id,
+            token,
         )
 
 
