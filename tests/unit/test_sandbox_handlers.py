@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from kiln_contracts import (
 )
 from kiln_sandbox.adapters.local import LocalProvider
 from kiln_sandbox.handlers import INTERRUPTED, SandboxService
-from kiln_sandbox.ports import SandboxError, SandboxRecord
+from kiln_sandbox.ports import CallRecord, SandboxError, SandboxRecord
 
 
 class FakeRegistry:
@@ -44,20 +45,34 @@ class FakeRegistry:
 
 
 class FakeCalls:
+    """The ledger in memory; leases on a monotonic clock."""
+
     def __init__(self) -> None:
-        self.rows: dict[tuple[str, str], tuple[str, dict[str, Any] | None]] = {}
+        self.rows: dict[tuple[str, str], CallRecord] = {}
+        self.until: dict[tuple[str, str], float] = {}
 
-    async def get(self, build_id: str, call_id: str):
-        return self.rows.get((build_id, call_id))
+    async def get(self, build_id: str, call_id: str) -> CallRecord | None:
+        row = self.rows.get((build_id, call_id))
+        if row is None:
+            return None
+        left = self.until.get((build_id, call_id), 0.0) - time.monotonic()
+        return CallRecord(row.status, row.result, row.owner, max(0.0, left))
 
-    async def begin(self, build_id: str, call_id: str) -> bool:
+    async def begin(self, build_id: str, call_id: str, owner: str, lease_s: float) -> bool:
         if (build_id, call_id) in self.rows:
             return False
-        self.rows[(build_id, call_id)] = ("started", None)
+        self.rows[(build_id, call_id)] = CallRecord("started", None, owner)
+        self.until[(build_id, call_id)] = time.monotonic() + lease_s
         return True
 
+    async def renew(self, build_id: str, call_id: str, owner: str, lease_s: float) -> None:
+        row = self.rows.get((build_id, call_id))
+        if row is not None and row.owner == owner and row.status == "started":
+            self.until[(build_id, call_id)] = time.monotonic() + lease_s
+
     async def finish(self, build_id: str, call_id: str, result: dict[str, Any]) -> None:
-        self.rows[(build_id, call_id)] = ("done", result)
+        owner = self.rows[(build_id, call_id)].owner
+        self.rows[(build_id, call_id)] = CallRecord("done", result, owner)
 
 
 class FakeBus:
@@ -123,7 +138,7 @@ async def test_the_same_call_twice_runs_once_and_republishes_the_same_result(svc
 
 async def test_a_call_found_started_is_reported_interrupted_not_rerun(svc, uid):
     call = tool_call(uid)
-    await svc.calls.begin(call.build_id, call.call_id)  # a crash after 'started'
+    await svc.calls.begin(call.build_id, call.call_id, "dead-replica", 0.0)  # crashed mid-run
     result = await svc.handle_tool_call(call)
     assert result.is_error and result.output == INTERRUPTED
     assert result.event_id == stable_id(call.build_id, "tool_result", call.call_id)

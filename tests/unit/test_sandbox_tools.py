@@ -1,4 +1,5 @@
-"""Every tool on the local provider, in a temporary directory."""
+"""Every tool on both providers: the local one for real, the E2B adapter against ``FakeE2B``
+(the SDK surface it uses, on this host), so the adapter's whole code path runs."""
 
 from __future__ import annotations
 
@@ -9,23 +10,37 @@ from pathlib import Path
 
 import pytest
 
-from kiln_sandbox.adapters.local import LocalProvider, LocalSandbox
+from kiln_sandbox.adapters.e2b import E2BProvider
+from kiln_sandbox.adapters.local import LocalProvider
+from kiln_sandbox.ports import Sandbox
+from kiln_sandbox.testing import FakeE2B
 from kiln_sandbox.tools import MAX_OUTPUT_CHARS, glob_to_regex, run_tool
 
-
-@pytest.fixture
-async def sb(tmp_path: Path) -> LocalSandbox:
-    provider = LocalProvider(tmp_path / "root")
-    sandbox = await provider.create("b1")
-    yield sandbox
-    await provider.close()
+HOST_ROOT: dict[int, Path] = {}  # id(sandbox) -> its workspace on this host
 
 
-def ws(sb: LocalSandbox) -> Path:
-    return Path(sb.root)
+@pytest.fixture(params=["local", "e2b"])
+async def sb(request, tmp_path: Path) -> Sandbox:
+    if request.param == "local":
+        local = LocalProvider(tmp_path / "root")
+        sandbox: Sandbox = await local.create("b1")
+        HOST_ROOT[id(sandbox)] = Path(sandbox.root)
+        yield sandbox
+        await local.close()
+    else:
+        fake = FakeE2B(tmp_path / "e2b")
+        provider = E2BProvider(api_key="e2b_test", sdk=fake)
+        sandbox = await provider.create("b1", user_id="u1")
+        HOST_ROOT[id(sandbox)] = fake.sandboxes[sandbox.sandbox_id].home / "workspace"
+        yield sandbox
+    HOST_ROOT.pop(id(sandbox), None)
 
 
-async def call(sb: LocalSandbox, tool: str, timeout_s: float = 30.0, **args):
+def ws(sb: Sandbox) -> Path:
+    return HOST_ROOT[id(sb)]
+
+
+async def call(sb: Sandbox, tool: str, timeout_s: float = 30.0, **args):
     return await run_tool(sb, tool, args, timeout_s=timeout_s)
 
 
@@ -130,7 +145,7 @@ async def test_bash_output_exit_code_and_files_changed(sb):
     assert not out.is_error and out.exit_code == 0
     assert "out" in out.output and "err" in out.output
     assert out.files_changed == ["d/new.txt"]
-    assert (await call(sb, "bash", command="pwd")).output.strip() == _real(sb.root)
+    assert (await call(sb, "bash", command="pwd")).output.strip() == _real(str(ws(sb)))
 
     failed = await call(sb, "bash", command="echo nope; exit 3")
     assert failed.exit_code == 3 and "exit code 3" in failed.output

@@ -19,10 +19,29 @@ from .ports import Provider
 from .settings import SandboxSettings
 
 
+class ConfigError(RuntimeError):
+    """The service cannot start with this configuration; the message says what to set."""
+
+
 def make_provider(settings: SandboxSettings) -> Provider:
     if settings.provider == "local":
         return LocalProvider(settings.sandbox_root)
-    raise ValueError(f"unknown sandbox provider {settings.provider!r}")
+    if settings.provider == "e2b":
+        if not settings.e2b_api_key:
+            raise ConfigError(
+                "KILN_SANDBOX_PROVIDER=e2b needs E2B_API_KEY (an API key from e2b.dev); "
+                "or set KILN_SANDBOX_PROVIDER=local for development"
+            )
+        from .adapters.e2b import E2BProvider  # imported only when used: the SDK is large
+
+        return E2BProvider(
+            api_key=settings.e2b_api_key,
+            template=settings.e2b_template,
+            workdir=settings.e2b_workdir,
+            idle_timeout_s=settings.e2b_idle_timeout_s,
+            request_timeout_s=settings.e2b_request_timeout_s,
+        )
+    raise ConfigError(f"unknown sandbox provider {settings.provider!r}")
 
 
 @dataclass
@@ -37,13 +56,15 @@ class Runtime:
 
     async def start(self) -> None:
         self.pool = await create_pool(self.settings.database_url, schema=SCHEMA, ddl=DDL)
-        self.provider = make_provider(self.settings)
+        if self.provider is None:
+            self.provider = make_provider(self.settings)
         self.app.service = SandboxService(
             self.provider,
             PgRegistry(self.pool),
             PgCallStore(self.pool),
             self.bus,
             NatsRestorer(self.bus.nc),
+            lease_s=self.settings.lease_s,
         )
         await self.app.start_rpc()
 
@@ -58,7 +79,8 @@ class Runtime:
 def build(settings: SandboxSettings, *, service: str = SERVICE) -> Runtime:
     bus = Bus(settings, service)
     app = SandboxApp(bus, max_workers=settings.max_workers)
-    return Runtime(settings=settings, bus=bus, app=app)
+    # Built here, not at start, so a bad configuration fails before anything connects.
+    return Runtime(settings=settings, bus=bus, app=app, provider=make_provider(settings))
 
 
 async def run(settings: SandboxSettings) -> None:

@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,6 +28,7 @@ from kiln_contracts import (
     UploadRequest,
     stable_id,
 )
+from kiln_runtime.errors import RetryLater
 
 from .ports import (
     CallStore,
@@ -85,8 +89,14 @@ class SandboxService:
         calls: CallStore,
         bus: Publisher,
         restorer: Restorer | None = None,
+        *,
+        owner: str | None = None,
+        lease_s: float = 30.0,
     ) -> None:
         self.provider = provider
+        # Who runs a call (this replica) and for how long its claim holds without renewal.
+        self.owner = owner or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.lease_s = lease_s
         self.restorer = restorer
         self.registry = registry
         self.calls = calls
@@ -110,7 +120,9 @@ class SandboxService:
                         "the call was not run",
                         is_error=True,
                     )
-                    if await self.calls.begin(call.build_id, call.call_id):
+                    if await self.calls.begin(
+                        call.build_id, call.call_id, self.owner, self.lease_s
+                    ):
                         await self.calls.finish(
                             call.build_id, call.call_id, result.model_dump(mode="json")
                         )
@@ -120,8 +132,11 @@ class SandboxService:
                 else:
                     # Get the sandbox before recording 'started': a failure here is retried.
                     sandbox = await self._sandbox(call, record)
-                    if await self.calls.begin(call.build_id, call.call_id):
-                        result = await self._run(sandbox, call)
+                    if await self.calls.begin(
+                        call.build_id, call.call_id, self.owner, self.lease_s
+                    ):
+                        async with self._leased(call):
+                            result = await self._run(sandbox, call)
                         await self.calls.finish(
                             call.build_id, call.call_id, result.model_dump(mode="json")
                         )
@@ -136,9 +151,14 @@ class SandboxService:
                         return result
                     seen = await self.calls.get(call.build_id, call.call_id)
             assert seen is not None
-            status, stored = seen
-            if status == "done" and stored is not None:
-                result = ToolResult.model_validate(stored)
+            if seen.status == "started" and seen.owner != self.owner and seen.lease_left_s > 0:
+                # Another replica is running it (its lease is fresh): ask again when it expires.
+                raise RetryLater(
+                    f"call {call.call_id} is running on {seen.owner}",
+                    delay_s=min(seen.lease_left_s, self.lease_s) + 0.2,
+                )
+            if seen.status == "done" and seen.result is not None:
+                result = ToolResult.model_validate(seen.result)
                 log.info("call already done; republishing its result", extra=extra)
             else:
                 result = self._result(call, output=INTERRUPTED, is_error=True)
@@ -146,6 +166,26 @@ class SandboxService:
                 log.warning("call was interrupted earlier; not re-running it", extra=extra)
             await self.bus.publish(result)
             return result
+
+    @contextlib.asynccontextmanager
+    async def _leased(self, call: ToolCall) -> AsyncIterator[None]:
+        """Renew this replica's lease on the call every third of the lease while it runs."""
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(self.lease_s / 3)
+                try:
+                    await self.calls.renew(call.build_id, call.call_id, self.owner, self.lease_s)
+                except Exception:
+                    log.warning("could not renew the lease on %s", call.call_id, exc_info=True)
+
+        task = asyncio.create_task(renew())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     def _result(self, call: ToolCall, **fields: Any) -> ToolResult:
         return call.caused(
@@ -194,7 +234,7 @@ class SandboxService:
                 if record.state != "running":
                     await self._set_state(record, "running")
                 return sandbox
-        sandbox = await self.provider.create(call.build_id)
+        sandbox = await self.provider.create(call.build_id, user_id=call.user_id)
         snapshot_id = None
         if record is not None:  # it existed and is gone: rebuild it from the latest snapshot
             snapshot_id = await self._restore(call.build_id, sandbox)

@@ -92,7 +92,9 @@ class Sandbox(Protocol):
 class Provider(Protocol):
     name: str
 
-    async def create(self, build_id: str) -> Sandbox: ...
+    async def create(self, build_id: str, *, user_id: str = "") -> Sandbox:
+        """A fresh sandbox for a build (tagged with the build and the user where supported)."""
+        ...
 
     async def connect(self, build_id: str, sandbox_id: str) -> Sandbox:
         """Reattach to (and resume, if paused) a sandbox; SandboxGone when it no longer exists."""
@@ -123,15 +125,27 @@ class Registry(Protocol):
     async def put(self, record: SandboxRecord) -> None: ...
 
 
+@dataclass(frozen=True)
+class CallRecord:
+    """A call seen before: 'started' (with the lease of the replica running it) or 'done'."""
+
+    status: Literal["started", "done"]
+    result: dict[str, Any] | None = None
+    owner: str | None = None
+    lease_left_s: float = 0.0  # > 0 while the owner's lease is fresh
+
+
 class CallStore(Protocol):
     """The exactly-once ledger of tool calls."""
 
-    async def get(self, build_id: str, call_id: str) -> tuple[str, dict[str, Any] | None] | None:
-        """(status, stored result) of a call seen before, or None."""
+    async def get(self, build_id: str, call_id: str) -> CallRecord | None: ...
+
+    async def begin(self, build_id: str, call_id: str, owner: str, lease_s: float) -> bool:
+        """Record the call as 'started' by ``owner``; False if it was already recorded."""
         ...
 
-    async def begin(self, build_id: str, call_id: str) -> bool:
-        """Record the call as 'started'; False if it was already recorded."""
+    async def renew(self, build_id: str, call_id: str, owner: str, lease_s: float) -> None:
+        """Extend the owner's lease on a running call."""
         ...
 
     async def finish(self, build_id: str, call_id: str, result: dict[str, Any]) -> None: ...

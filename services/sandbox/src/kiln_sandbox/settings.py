@@ -15,9 +15,38 @@ class SandboxSettings(DatabaseSettings):
         validation_alias=env("KILN_SANDBOX_ROOT"),
         description="Where the local provider keeps one workspace directory per build.",
     )
-    provider: Literal["local"] = Field(
+    provider: Literal["local", "e2b"] = Field(
         default="local",
         validation_alias=env("KILN_SANDBOX_PROVIDER"),
-        description="Sandbox provider; 'local' (no security boundary) until the E2B adapter lands.",
+        description="'e2b' (one E2B sandbox per build; needs E2B_API_KEY) or 'local' "
+        "(a directory and subprocesses on this host: no security boundary).",
     )
     max_workers: int = Field(default=32, ge=1, validation_alias=env("KILN_SANDBOX_MAX_WORKERS"))
+    lease_s: float = Field(
+        default=30.0,
+        gt=0,
+        validation_alias=env("KILN_SANDBOX_LEASE_S"),
+        description="A running call's lease, renewed every third of it; a redelivery of a call "
+        "whose lease is fresh (another replica runs it) is retried later, not reported "
+        "interrupted.",
+    )
+    e2b_api_key: str | None = Field(default=None, validation_alias=env("E2B_API_KEY"))
+    e2b_template: str | None = Field(
+        default=None,
+        validation_alias=env("KILN_E2B_TEMPLATE"),
+        description="E2B template name or id (default: E2B's 'base').",
+    )
+    e2b_workdir: str = Field(
+        default="/home/user/workspace", validation_alias=env("KILN_E2B_WORKDIR")
+    )
+    e2b_idle_timeout_s: int = Field(
+        default=900,
+        ge=60,
+        le=86_400,
+        validation_alias=env("KILN_E2B_IDLE_TIMEOUT_S"),
+        description="Each call pushes the sandbox's E2B timeout this far ahead (keep-alive); "
+        "a build idle for longer loses its sandbox and is restored from its snapshot.",
+    )
+    e2b_request_timeout_s: float = Field(
+        default=30.0, gt=0, validation_alias=env("KILN_E2B_REQUEST_TIMEOUT_S")
+    )

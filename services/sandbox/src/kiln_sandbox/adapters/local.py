@@ -353,7 +353,7 @@ class LocalProvider:
             raise ValueError(f"bad build id {build_id!r}")
         return self.root / build_id
 
-    async def create(self, build_id: str) -> LocalSandbox:
+    async def create(self, build_id: str, *, user_id: str = "") -> LocalSandbox:
         path = self._workspace(build_id)
         await asyncio.to_thread(path.mkdir, parents=True, exist_ok=True)
         return LocalSandbox(build_id, path, self)

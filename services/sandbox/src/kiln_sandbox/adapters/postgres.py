@@ -7,7 +7,7 @@ from typing import Any, cast
 
 import asyncpg
 
-from ..ports import SandboxRecord, SandboxState
+from ..ports import CallRecord, SandboxRecord, SandboxState
 
 SCHEMA = "sandbox"
 
@@ -21,6 +21,8 @@ CREATE TABLE IF NOT EXISTS calls (
     updated_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (build_id, call_id)
 );
+ALTER TABLE calls ADD COLUMN IF NOT EXISTS owner text;
+ALTER TABLE calls ADD COLUMN IF NOT EXISTS lease_until timestamptz;
 CREATE TABLE IF NOT EXISTS sandboxes (
     build_id   text PRIMARY KEY,
     provider   text NOT NULL,
@@ -35,25 +37,45 @@ class PgCallStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
 
-    async def get(self, build_id: str, call_id: str) -> tuple[str, dict[str, Any] | None] | None:
+    async def get(self, build_id: str, call_id: str) -> CallRecord | None:
         row = await self.pool.fetchrow(
-            "SELECT status, result FROM calls WHERE build_id = $1 AND call_id = $2",
+            "SELECT status, result, owner, "
+            "COALESCE(EXTRACT(EPOCH FROM (lease_until - now())), 0)::float8 AS lease_left "
+            "FROM calls WHERE build_id = $1 AND call_id = $2",
             build_id,
             call_id,
         )
         if row is None:
             return None
         result = json.loads(row["result"]) if row["result"] is not None else None
-        return cast(str, row["status"]), result
+        return CallRecord(
+            status=cast(Any, row["status"]),
+            result=result,
+            owner=row["owner"],
+            lease_left_s=float(row["lease_left"]),
+        )
 
-    async def begin(self, build_id: str, call_id: str) -> bool:
+    async def begin(self, build_id: str, call_id: str, owner: str, lease_s: float) -> bool:
         status = await self.pool.execute(
-            "INSERT INTO calls (build_id, call_id, status) VALUES ($1, $2, 'started') "
+            "INSERT INTO calls (build_id, call_id, status, owner, lease_until) "
+            "VALUES ($1, $2, 'started', $3, now() + make_interval(secs => $4)) "
             "ON CONFLICT DO NOTHING",
             build_id,
             call_id,
+            owner,
+            lease_s,
         )
         return bool(status == "INSERT 0 1")
+
+    async def renew(self, build_id: str, call_id: str, owner: str, lease_s: float) -> None:
+        await self.pool.execute(
+            "UPDATE calls SET lease_until = now() + make_interval(secs => $4) "
+            "WHERE build_id = $1 AND call_id = $2 AND owner = $3 AND status = 'started'",
+            build_id,
+            call_id,
+            owner,
+            lease_s,
+        )
 
     async def finish(self, build_id: str, call_id: str, result: dict[str, Any]) -> None:
         await self.pool.execute(
