@@ -127,7 +127,17 @@ class Infra:
             self.urls["NATS_URL"] = environ.get("NATS_URL") or self.start_nats()
             self.urls["DATABASE_URL"] = environ.get("DATABASE_URL") or self.start_postgres()
             self.urls["REDIS_URL"] = environ.get("REDIS_URL") or self.start_redis()
-            self.urls["S3_ENDPOINT_URL"] = environ.get("S3_ENDPOINT_URL") or self.start_s3()
+            if environ.get("S3_ENDPOINT_URL"):
+                self.urls["S3_ENDPOINT_URL"] = environ["S3_ENDPOINT_URL"]
+            else:
+                self.urls["S3_ENDPOINT_URL"] = self.start_s3()
+                # moto accepts any credentials; the SDKs still insist on having some.
+                for key, value in (
+                    ("AWS_ACCESS_KEY_ID", "kiln-local"),
+                    ("AWS_SECRET_ACCESS_KEY", "kiln-local"),
+                    ("AWS_DEFAULT_REGION", "us-east-1"),
+                ):
+                    self.urls[key] = environ.get(key) or value
         except BaseException:
             self.stop()
             raise

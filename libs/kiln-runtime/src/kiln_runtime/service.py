@@ -30,6 +30,13 @@ async def connect_with_retry(bus: Bus, attempts: int = 30) -> None:
             await asyncio.sleep(backoff_delay(attempt, base=0.2, cap=2.0))
 
 
+async def _start(bus: Bus, start: Hook | None) -> None:
+    await connect_with_retry(bus)
+    if start:
+        await start()
+    await bus.start()
+
+
 async def serve(bus: Bus, *, start: Hook | None = None, stop: Hook | None = None) -> None:
     """Start, consume until SIGINT/SIGTERM, then stop consuming, let handlers finish, and close."""
     stopping = asyncio.Event()
@@ -39,10 +46,18 @@ async def serve(bus: Bus, *, start: Hook | None = None, stop: Hook | None = None
             loop.add_signal_handler(sig, stopping.set)
     if bus.settings.health_port:
         start_http_server(bus.settings.health_port)
-    await connect_with_retry(bus)
-    if start:
-        await start()
-    await bus.start()
+    # A SIGTERM while NATS or a database is still unreachable stops the service at once.
+    starting = asyncio.ensure_future(_start(bus, start))
+    await asyncio.wait(
+        {starting, asyncio.ensure_future(stopping.wait())}, return_when="FIRST_COMPLETED"
+    )
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        log.info("%s stopped before it finished starting", bus.service)
+        return
+    starting.result()
     log.info("%s consuming from %s", bus.service, bus.settings.nats_url)
     await stopping.wait()
     log.info("%s shutting down", bus.service)

@@ -26,7 +26,9 @@ class CommonSettings(BaseSettings):
     max_deliver: int = Field(default=20, ge=1, validation_alias=env("KILN_MAX_DELIVER"))
     health_port: int = Field(default=0, ge=0, validation_alias=env("KILN_HEALTH_PORT"))
     # Copies of each stream kept by a NATS cluster (3 in production; 1 on a single server).
-    stream_replicas: int = Field(default=1, ge=1, le=5, validation_alias=env("KILN_STREAM_REPLICAS"))
+    stream_replicas: int = Field(
+        default=1, ge=1, le=5, validation_alias=env("KILN_STREAM_REPLICAS")
+    )
 
 
 class DatabaseSettings(CommonSettings):
