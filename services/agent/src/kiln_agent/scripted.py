@@ -336,3 +336,55 @@ class UsageEstimator:
             "cache_creation_input_tokens": written - read,
             "cache_read_input_tokens": read,
         }
+
+
+class LongScript:
+    """A long build for benchmarks and tests: ``iterations`` model calls; each of the first
+    ``iterations - 1`` makes ``parallel`` bash calls (a narration every tenth turn), the last ends
+    the turn. The turn number is the count of assistant turns so far (no hidden state)."""
+
+    def __init__(
+        self, iterations: int = 50, parallel: int = 1, usage: UsageEstimator | None = None
+    ):
+        self.iterations = iterations
+        self.parallel = parallel
+        self.usage = usage or UsageEstimator()
+
+    def respond(self, request: dict[str, Any]) -> dict[str, Any]:
+        messages = request.get("messages") or []
+        n = sum(1 for m in messages if m.get("role") == "assistant")
+        key = digest(messages)
+        if n + 1 >= self.iterations:
+            content: list[dict[str, Any]] = [{"type": "text", "text": f"Done after {n} turns."}]
+            stop = "end_turn"
+        else:
+            content = [{"type": "text", "text": f"Step {n + 1}: checking the next part."}]
+            content += [
+                {
+                    "type": "tool_use",
+                    "id": f"toolu_long{n}_{i}_{key}",
+                    "name": "bash",
+                    "input": {"command": f"echo step {n + 1} part {i}"},
+                }
+                for i in range(self.parallel)
+            ]
+            if n % 10 == 0:
+                content.append(
+                    {
+                        "type": "tool_use",
+                        "id": f"toolu_long{n}_n_{key}",
+                        "name": "narrate",
+                        "input": {"text": f"Working on step {n + 1}."},
+                    }
+                )
+            stop = "tool_use"
+        return {
+            "id": f"msg_{key}",
+            "type": "message",
+            "role": "assistant",
+            "model": request.get("model") or "scripted",
+            "content": content,
+            "stop_reason": stop,
+            "stop_sequence": None,
+            "usage": self.usage.estimate(request, content),
+        }

@@ -1,0 +1,63 @@
+"""Fixtures of the agent's integration tests: the scripted Anthropic-compatible server, and a NATS
+server and database of the module's own (so agent processes see only this module's builds)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from kiln_agent.scripted_server import ScriptedServer
+from kiln_devstack.infra import Infra
+
+
+async def until(predicate: Callable[[], object], timeout: float = 30.0, what: str = "") -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not met before the deadline: {what or predicate}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[ScriptedServer]:
+    server = ScriptedServer()
+    server.record = True
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture(scope="module")
+def own_nats() -> Iterator[str]:
+    """A nats-server of this module's own (JetStream, in a temporary directory)."""
+    data_dir = Path(tempfile.mkdtemp(prefix="kn-", dir="/tmp"))
+    infra = Infra(data_dir)
+    try:
+        yield infra.start_nats()
+    finally:
+        infra.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def own_db(infra: dict[str, str]) -> str:
+    """A fresh database on the session's Postgres."""
+    url, name = infra["DATABASE_URL"], f"agent_{uuid.uuid4().hex[:10]}"
+
+    async def create() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))

@@ -1,0 +1,170 @@
+"""Compaction (token counting, a watermark that moves in jumps), the context-window failure, and
+the think lease, with fakes."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from kiln_agent import config as agent_config
+from kiln_agent.adapters.memory import MemoryStore
+from kiln_agent.context import compaction_point, context_tokens, estimate_tokens
+from kiln_agent.loop import Agent, build_request
+from kiln_agent.ports import ModelReply, ModelRequest
+from kiln_agent.tools import definitions
+from kiln_contracts import (
+    BuildCompleted,
+    BuildFailed,
+    BuildRequested,
+    ToolCall,
+    Usage,
+    WakeRequested,
+)
+from kiln_runtime import config as kiln_config
+from kiln_runtime.errors import RetryLater
+from tests.unit.test_agent_fakes import FakeModel, FakePublisher, result_for, text, tool_use
+
+
+async def until(predicate: Any, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "not met before the deadline"
+        await asyncio.sleep(0.005)
+
+
+def start() -> BuildRequested:
+    return BuildRequested(build_id="b1", user_id="u1", tier="pro", idea_brief="A tool.")
+
+
+def agent_with(model: FakeModel, **config: Any) -> tuple[Agent, MemoryStore, FakePublisher]:
+    cfg = agent_config.load().model_copy(update=config)
+    store, pub = MemoryStore(), FakePublisher()
+    return Agent(store, model, pub, cfg, kiln_config.default()), store, pub
+
+
+def call(i: int) -> tuple[list[dict[str, Any]], str]:
+    return [tool_use(f"c{i}", "bash", command=f"cat big{i}")], "tool_use"
+
+
+def cleared(request: Any) -> list[int]:
+    return [
+        i
+        for i, m in enumerate(request.messages)
+        for b in m["content"]
+        if str(b.get("content", "")).endswith("old output cleared]")
+    ]
+
+
+class CountingModel(FakeModel):
+    """Reports the request's (estimated) size as its input tokens, as the API would."""
+
+    async def complete(self, request: ModelRequest) -> ModelReply:
+        reply = await super().complete(request)
+        size = sum(estimate_tokens(x) for x in (request.system, request.tools, request.messages))
+        return reply.model_copy(update={"usage": Usage(input_tokens=size, output_tokens=20)})
+
+
+def strip(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {
+            **m,
+            "content": [{k: v for k, v in b.items() if k != "cache_control"} for b in m["content"]],
+        }
+        for m in messages
+    ]
+
+
+async def test_compaction_moves_a_watermark_when_the_context_passes_compact_at() -> None:
+    # ~1100 tokens of system and tools; each 5000-character result adds ~1250
+    model = CountingModel(call(1), call(2), call(3), call(4), ([text("done")], "end_turn"))
+    agent, store, pub = agent_with(
+        model, context_windows={"default": 8000}, compact_at=0.5, keep_recent_turns=2
+    )
+    await agent.build_requested(start())
+    for n in range(4):
+        await agent.tool_result(result_for(pub.of(ToolCall)[n], "x" * 5000))
+    assert len(pub.of(BuildCompleted)) == 1
+    marks = [cleared(r) for r in model.requests]
+    # request 4 would pass half the window (~4900 of 4000 tokens): the results before the last
+    # two turns are cleared from then on
+    assert marks[:3] == [[], [], []]
+    assert marks[3] == [2, 4]
+    # the watermark does not slide: request 5 (~3700 tokens) clears the same turns, so it starts
+    # with all of request 4
+    assert marks[4] == [2, 4]
+    assert strip(model.requests[4].messages[:7]) == strip(model.requests[3].messages)
+    cp = await store.load("b1")
+    assert cp is not None and cp.state.compacted_before == 5
+
+
+async def test_counting_uses_the_api_usage_plus_an_estimate_of_new_turns() -> None:
+    model = FakeModel(call(1), ([text("done")], "end_turn"))
+    agent, store, pub = agent_with(model)
+    await agent.build_requested(start())
+    cp = await store.load("b1")
+    assert cp is not None and cp.state.context_tokens == 1000 + 500 + 100  # input+cache+output
+    await agent.tool_result(result_for(pub.of(ToolCall)[0], "y" * 4000))
+    turns = await store.turns("b1")
+    cp = await store.load("b1")
+    assert cp is not None
+    cfg = agent_config.load()
+    # after the last reply: its count, plus the turns written since
+    cp.state.context_tokens, cp.state.context_turns = 1600, 2
+    request = build_request(cp, turns[:3], definitions(cfg.narrate_description), cfg)
+    assert context_tokens(cp, turns[:3], request) == 1600 + estimate_tokens(turns[2].content)
+    cp.state.context_tokens = None  # no count (e.g. after a compaction): the whole request
+    assert context_tokens(cp, turns[:3], request) > estimate_tokens("y" * 4000)
+
+
+async def test_nothing_to_clear_means_no_compaction_point() -> None:
+    model = FakeModel(call(1), ([text("done")], "end_turn"))
+    agent, store, pub = agent_with(model, keep_recent_turns=2)
+    await agent.build_requested(start())
+    await agent.tool_result(result_for(pub.of(ToolCall)[0], "short"))
+    cp = await store.load("b1")
+    assert cp is not None
+    assert compaction_point(cp, await store.turns("b1"), agent.config) is None
+
+
+async def test_a_request_that_cannot_fit_fails_with_context_window() -> None:
+    model = FakeModel(([text("done")], "end_turn"))
+    agent, _, pub = agent_with(model, context_windows={"default": 300})
+    await agent.build_requested(start())
+    [failed] = pub.of(BuildFailed)
+    assert failed.reason == "context_window" and "300-token window" in failed.detail
+    assert model.requests == []  # never sent
+
+
+async def test_a_fresh_lease_defers_a_second_think() -> None:
+    model = FakeModel(([text("done")], "end_turn"))
+    model.gate = asyncio.Event()
+    store, pub = MemoryStore(), FakePublisher()
+    one = Agent(store, model, pub, agent_config.load(), kiln_config.default(), lease_s=5)
+    two = Agent(store, model, pub, agent_config.load(), kiln_config.default(), lease_s=5)
+    thinking = asyncio.create_task(one.build_requested(start()))
+    await until(lambda: model.requests)
+    wake = WakeRequested(build_id="b1", user_id="u1", reason="manual")
+    with pytest.raises(RetryLater) as deferred:
+        await two.wake(wake)  # another message of the build, on another replica, mid-call
+    assert 0 < deferred.value.delay_s <= 5
+    model.gate.set()
+    await thinking
+    await two.wake(wake)  # its redelivery: the build has moved on, nothing to do
+    assert len(model.requests) == 1 and len(pub.of(BuildCompleted)) == 1
+    assert store.leases == {}  # released
+
+
+async def test_an_expired_lease_is_taken_over() -> None:
+    store = MemoryStore()
+    assert await store.lease("b1", "dead", 0.05) == 0.0
+    assert await store.lease("b1", "alive", 1) > 0
+    assert await store.lease("b1", "dead", 0.05) == 0.0  # the holder renews
+    deadline = asyncio.get_running_loop().time() + 5
+    while await store.lease("b1", "alive", 1) > 0:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.01)
+    assert store.leases["b1"][0] == "alive"
+    await store.release("b1", "dead")  # not the holder: no effect
+    assert store.leases["b1"][0] == "alive"
