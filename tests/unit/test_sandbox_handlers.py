@@ -28,6 +28,7 @@ from kiln_contracts import (
     UploadRequest,
     stable_id,
 )
+from kiln_runtime.errors import RetryLater
 from kiln_sandbox.adapters.local import LocalProvider
 from kiln_sandbox.handlers import INTERRUPTED, SandboxService
 from kiln_sandbox.ports import CallRecord, SandboxError, SandboxRecord
@@ -332,3 +333,48 @@ async def test_cancelling_a_build_kills_its_running_command(svc, uid):
     )
     result = await asyncio.wait_for(running, timeout=10)
     assert result.exit_code == -9 and "started" in result.output
+
+
+async def test_a_redelivery_to_a_second_replica_waits_while_the_first_still_runs_it(tmp_path, uid):
+    provider = LocalProvider(tmp_path / "sandboxes")
+    registry, calls = FakeRegistry(), FakeCalls()
+    first = SandboxService(provider, registry, calls, FakeBus(), owner="replica-1", lease_s=0.3)
+    second_bus = FakeBus()
+    second = SandboxService(provider, registry, calls, second_bus, owner="replica-2", lease_s=0.3)
+    call = tool_call(uid, input={"command": "sleep 1; echo ran >> runs.txt"})
+    try:
+        running = asyncio.create_task(first.handle_tool_call(call))
+        for _ in range(250):
+            if await calls.get(call.build_id, call.call_id) is not None:
+                break
+            await asyncio.sleep(0.02)
+        # the lease (0.3 s) is renewed while the 1 s command runs: never reported interrupted
+        retries = 0
+        while not running.done():
+            with pytest.raises(RetryLater) as err:
+                await second.handle_tool_call(call)
+            assert 0 < err.value.delay_s <= 0.6
+            retries += 1
+            await asyncio.sleep(0.1)
+        assert retries >= 3
+        done = await running
+        assert not done.is_error and workspace_file(first, call.build_id, "runs.txt") == "ran\n"
+        assert await second.handle_tool_call(call) == done  # the stored result, not a re-run
+        assert workspace_file(first, call.build_id, "runs.txt") == "ran\n"
+
+        # a replica that died mid-run: retried until its lease runs out, then "interrupted"
+        ghost = tool_call(uid, "toolu_ghost")
+        await calls.begin(ghost.build_id, ghost.call_id, "replica-dead", 0.3)
+        with pytest.raises(RetryLater):
+            await second.handle_tool_call(ghost)
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                result = await second.handle_tool_call(ghost)
+                break
+            except RetryLater:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+        assert result.is_error and result.output == INTERRUPTED
+    finally:
+        await provider.close()
