@@ -80,6 +80,9 @@ class S3Files:
 
     async def blob(self, sha256: str) -> AsyncIterator[bytes]:
         response = await self._client.get_object(Bucket=self.bucket, Key=f"blobs/{sha256}")
-        async with response["Body"] as body:
-            while chunk := await body.read(CHUNK):
+        body = response["Body"]
+        try:
+            async for chunk in body.iter_chunks(CHUNK):
                 yield chunk
+        finally:
+            body.close()
