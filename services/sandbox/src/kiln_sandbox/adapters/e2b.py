@@ -98,6 +98,8 @@ async def _guard(what: str, call: Awaitable[T], timeout_s: float) -> T:
         if _gone(err):
             raise SandboxGone(f"{what}: {err}") from err
         raise SandboxError(f"{what} failed: {err}") from err
+    except Exception as err:  # ServiceBusyException (503), network errors ...: reported, not lost
+        raise SandboxError(f"{what} failed: {type(err).__name__}: {err}") from err
 
 
 # The wrapper a bash command runs in. $1 the command, $2 the timeout (s), $3 the head/tail size.
