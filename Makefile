@@ -36,8 +36,9 @@ fmt: install  ## format the code
 typecheck: install  ## mypy
 	$(RUN) mypy $(foreach p,$(PACKAGES),-p $(p))
 
-schemas: install  ## regenerate contracts/schemas (JSON Schema + AsyncAPI)
+schemas: install  ## regenerate contracts/schemas (JSON Schema of each message + the AsyncAPI document)
 	$(RUN) python -m kiln_contracts.schemas
+	$(RUN) python -m kiln_runtime.asyncapi
 
 unit: install  ## unit tests only
 	$(RUN) pytest tests/unit -q

@@ -67,3 +67,13 @@ def test_subject_parse():
     assert subjects.parse("kiln.build.b1.tool_call") == ("b1", "tool_call")
     with pytest.raises(ValueError):
         subjects.parse("kiln.dlq.agent.tool_call")
+
+
+def test_asyncapi_document_is_up_to_date():
+    from kiln_runtime.asyncapi import render as render_asyncapi
+
+    on_disk = (SCHEMA_DIR / "asyncapi.json").read_text()
+    assert on_disk == render_asyncapi(), "run `make schemas`: asyncapi.json is stale"
+    doc = json.loads(on_disk)
+    assert doc["asyncapi"].startswith("3.")
+    assert "agent:tool_result" in json.dumps(doc["operations"])

@@ -1,0 +1,61 @@
+"""Who consumes and who publishes each message: the bus's topology, as data.
+
+The AsyncAPI document (contracts/schemas/asyncapi.json) is generated from this table, and a test
+checks that each service's subscribers are exactly the kinds listed here.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from .messages import (
+    MESSAGES,
+    AgentNarrated,
+    BuildCancelled,
+    BuildCompleted,
+    BuildFailed,
+    BuildRequested,
+    BuildResumed,
+    BuildSleeping,
+    CancelRequested,
+    CheckpointSaved,
+    Envelope,
+    IterationCompleted,
+    SandboxRestored,
+    SandboxStarted,
+    SandboxStopped,
+    SleepRequested,
+    SnapshotSaved,
+    ToolCall,
+    ToolResult,
+    WakeRequested,
+)
+
+Kinds = tuple[type[Envelope], ...]
+
+CONSUMES: Final[dict[str, Kinds]] = {
+    # The gateway projects every event onto its read model (and replays them over SSE).
+    "gateway": MESSAGES,
+    "agent": (BuildRequested, ToolResult, CancelRequested, SleepRequested, WakeRequested),
+    "sandbox": (ToolCall, SnapshotSaved, BuildCancelled, BuildFailed),
+    "budget": (IterationCompleted, BuildRequested, BuildCompleted, BuildFailed, BuildCancelled),
+    "snapshot": (CheckpointSaved,),
+}
+
+PUBLISHES: Final[dict[str, Kinds]] = {
+    "gateway": (BuildRequested, CancelRequested, WakeRequested),
+    "agent": (
+        ToolCall,
+        IterationCompleted,
+        CheckpointSaved,
+        AgentNarrated,
+        BuildSleeping,
+        BuildResumed,
+        BuildCompleted,
+        BuildFailed,
+        BuildCancelled,
+    ),
+    "sandbox": (ToolResult, SandboxStarted, SandboxRestored, SandboxStopped),
+    "budget": (),
+    "snapshot": (SnapshotSaved,),
+}
