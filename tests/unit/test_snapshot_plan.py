@@ -7,10 +7,12 @@ import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import pytest
 
 from kiln_contracts import CheckpointSaved, Envelope, SnapshotSaved, stable_id
+from kiln_contracts.messages import utcnow
 from kiln_contracts.rpc import (
     ManifestEntry,
     ManifestReply,
@@ -21,6 +23,7 @@ from kiln_contracts.rpc import (
 )
 from kiln_runtime.errors import PermanentError, RetryLater
 from kiln_snapshot import app, snapshots
+from kiln_snapshot.ports import StoredObject
 from kiln_snapshot.settings import DEFAULT_EXCLUDES, SnapshotSettings
 from kiln_snapshot.snapshots import Deps
 
@@ -33,6 +36,7 @@ def sha(data: bytes) -> str:
 class FakeStore:
     objects: dict[str, bytes] = field(default_factory=dict)
     puts: list[str] = field(default_factory=list)
+    modified: dict[str, datetime] = field(default_factory=dict)
 
     async def get(self, key: str) -> bytes | None:
         await asyncio.sleep(0)
@@ -41,6 +45,15 @@ class FakeStore:
     async def put(self, key: str, data: bytes, content_type: str = "application/json") -> None:
         self.objects[key] = data
         self.puts.append(key)
+        self.modified[key] = utcnow()
+
+    async def list(self, prefix: str) -> list[StoredObject]:
+        await asyncio.sleep(0)
+        return [
+            StoredObject(k, len(v), self.modified.get(k, utcnow()))
+            for k, v in sorted(self.objects.items())
+            if k.startswith(prefix)
+        ]
 
     async def missing(self, keys: Iterable[str]) -> set[str]:
         await asyncio.sleep(0)
@@ -144,7 +157,13 @@ async def test_first_snapshot_uploads_each_distinct_blob_then_writes_the_manifes
     assert (saved.files, saved.bytes_total, saved.bytes_uploaded) == (3, 5 + 9 + 5, 5 + 9)
     assert published(deps) == [saved]
     # manifest before latest, and only blobs that exist are referenced
-    assert store.puts == [f"builds/b1/manifests/{sid}.json", "builds/b1/latest"]
+    # the pending marker first, then the manifest, then latest; the marker is gone afterwards
+    assert store.puts == [
+        f"pending/b1/{sid}.json",
+        f"builds/b1/manifests/{sid}.json",
+        "builds/b1/latest",
+    ]
+    assert f"pending/b1/{sid}.json" not in store.objects
     doc = json.loads(store.objects[f"builds/b1/manifests/{sid}.json"])
     assert [e["path"] for e in doc["entries"]] == ["a.txt", "b/c.py", "dup"]
     assert all(f"blobs/{e['sha256']}" in store.objects for e in doc["entries"])

@@ -6,21 +6,45 @@ itself, through presigned URLs the snapshot service hands it.
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal, Self
+
+from pydantic import Field, model_validator
 
 from .messages import Id, Model
 
+EntryType = Literal["file", "dir", "symlink"]
+
 
 class ManifestEntry(Model):
+    """One entry of a workspace: a regular file (the default), a directory or a symlink.
+
+    ``sha256``/``size`` are the file's bytes; for a symlink those of its target string; for a
+    directory those of empty content. ``mode`` holds the permission bits (a symlink's are not
+    restored). Symlinks are recorded as they are (``target`` is what readlink returns).
+    """
+
     path: str = Field(description="Relative to the workspace root, '/'-separated.")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size: int = Field(ge=0)
     mode: int = Field(ge=0, description="Permission bits, e.g. 0o644.")
+    type: EntryType = "file"
+    target: str | None = Field(default=None, description="A symlink's target, as readlink says.")
+
+    @model_validator(mode="after")
+    def _target_only_for_symlinks(self) -> Self:
+        if (self.type == "symlink") != (self.target is not None):
+            raise ValueError("target is required for a symlink and only for a symlink")
+        return self
 
 
 class ManifestRequest(Model):
     build_id: Id
     excludes: list[str] = Field(default_factory=list)
+    include_dirs_and_symlinks: bool = Field(
+        default=False,
+        description="Also list directories and symlinks (type 'dir' / 'symlink'); without it "
+        "only regular files, as an older snapshot service expects.",
+    )
 
 
 class ManifestReply(Model):
@@ -59,10 +83,17 @@ class Download(Model):
 
 
 class RestorePlanReply(Model):
+    """The latest snapshot: ``files`` to download, then ``dirs`` to create (and chmod, deepest
+    first, after the files) and ``symlinks`` to create. ``skipped``: symlinks the snapshot
+    recorded but that are not restored because they would lead outside the workspace."""
+
     ok: bool = True
     error: str = ""
     snapshot_id: str | None = None
     files: list[Download] = Field(default_factory=list)
+    dirs: list[ManifestEntry] = Field(default_factory=list)
+    symlinks: list[ManifestEntry] = Field(default_factory=list)
+    skipped: list[str] = Field(default_factory=list)
 
 
 RPC_MODELS = (

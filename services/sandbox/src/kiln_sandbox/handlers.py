@@ -279,13 +279,24 @@ class SandboxService:
                 return await sandbox.download(path, sha256, mode, url)
 
         sizes = await asyncio.gather(*(one(f.path, f.sha256, f.mode, f.url) for f in plan.files))
+        # Directories (modes set after the files went in) and symlinks; a symlink that would
+        # lead outside the workspace is not restored (the plan leaves those out already).
+        skipped = await sandbox.restore_tree(plan.dirs, plan.symlinks) + plan.skipped
         log.info(
-            "restored %d files (%d bytes) from snapshot %s",
+            "restored %d files (%d bytes), %d directories, %d symlinks from snapshot %s",
             len(sizes),
             sum(sizes),
+            len(plan.dirs),
+            len(plan.symlinks),
             plan.snapshot_id,
             extra={"build_id": build_id},
         )
+        if skipped:
+            log.warning(
+                "symlinks leading outside the workspace not restored: %s",
+                ", ".join(skipped[:20]),
+                extra={"build_id": build_id},
+            )
         return plan.snapshot_id
 
     async def _set_state(self, record: SandboxRecord, state: SandboxState) -> None:
@@ -368,7 +379,9 @@ class SandboxService:
     async def manifest(self, request: ManifestRequest) -> ManifestReply:
         try:
             sandbox = await self._existing(request.build_id)
-            entries = await sandbox.manifest(request.excludes)
+            entries = await sandbox.manifest(
+                request.excludes, dirs_and_symlinks=request.include_dirs_and_symlinks
+            )
         except (SandboxError, OSError) as err:
             return ManifestReply(ok=False, error=str(err))
         return ManifestReply(entries=entries)

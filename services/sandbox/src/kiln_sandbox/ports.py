@@ -76,8 +76,11 @@ class Sandbox(Protocol):
         """Entries under ``path`` up to ``depth`` levels (at most ``limit``; symlinks not followed)."""
         ...
 
-    async def manifest(self, excludes: list[str]) -> list[ManifestEntry]:
-        """Every regular file minus ``excludes``, hashed inside the sandbox."""
+    async def manifest(
+        self, excludes: list[str], *, dirs_and_symlinks: bool = False
+    ) -> list[ManifestEntry]:
+        """Every regular file minus ``excludes``, hashed inside the sandbox; with
+        ``dirs_and_symlinks`` also every directory and symlink (not followed), sorted by path."""
         ...
 
     async def upload(self, path: str, sha256: str, url: str) -> int:
@@ -86,6 +89,14 @@ class Sandbox(Protocol):
 
     async def download(self, path: str, sha256: str, mode: int, url: str) -> int:
         """GET a file from a presigned URL into the workspace, checking its sha256; its size."""
+        ...
+
+    async def restore_tree(
+        self, dirs: list[ManifestEntry], symlinks: list[ManifestEntry]
+    ) -> list[str]:
+        """After the files: create ``dirs`` and ``symlinks``, then set the directories' modes
+        (deepest first). A symlink that resolves outside the workspace once created is removed;
+        the paths of those are returned."""
         ...
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from dataclasses import dataclass, field
 
@@ -10,7 +11,7 @@ from nats.aio.subscription import Subscription
 from kiln_runtime.bus import Bus
 from kiln_runtime.service import serve
 
-from . import app
+from . import app, gc
 from .adapters.s3 import S3Store
 from .adapters.sandbox_rpc import NatsSandbox
 from .settings import SnapshotSettings
@@ -24,13 +25,33 @@ class Wiring:
     bus: Bus
     deps: Deps
     store: S3Store
+    settings: SnapshotSettings
     _subscription: Subscription | None = field(default=None, repr=False)
+    _gc: asyncio.Task[None] | None = field(default=None, repr=False)
+    _gc_stop: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     async def start(self) -> None:
         await self.store.open()
         self._subscription = await app.serve_restore_plans(self.bus.nc, self.deps)
+        if self.settings.gc_interval_s > 0:
+            self._gc = asyncio.create_task(
+                gc.run_periodically(
+                    self.store,
+                    self.settings.gc_interval_s,
+                    self._gc_stop,
+                    keep=self.settings.keep,
+                    grace_s=self.settings.gc_grace_s,
+                    max_snapshot_s=self.settings.max_snapshot_s,
+                    sweep_s=self.settings.gc_sweep_s,
+                )
+            )
 
     async def stop(self) -> None:
+        if self._gc is not None:
+            self._gc_stop.set()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._gc, timeout=30)
+            self._gc = None
         if self._subscription is not None:
             with contextlib.suppress(Exception):
                 await self._subscription.unsubscribe()
@@ -38,10 +59,8 @@ class Wiring:
         await self.store.close()
 
 
-def build(settings: SnapshotSettings, *, service: str = "snapshot") -> Wiring:
-    """Wire the service; nothing connects until ``bus.connect()`` / ``start()``."""
-    bus = Bus(settings, service)
-    store = S3Store(
+def make_store(settings: SnapshotSettings) -> S3Store:
+    return S3Store(
         settings.bucket,
         endpoint_url=settings.s3_endpoint_url,
         region=settings.region,
@@ -50,6 +69,12 @@ def build(settings: SnapshotSettings, *, service: str = "snapshot") -> Wiring:
         max_attempts=settings.s3_max_attempts,
         presign_expiry_s=settings.presign_expiry_s,
     )
+
+
+def build(settings: SnapshotSettings, *, service: str = "snapshot") -> Wiring:
+    """Wire the service; nothing connects until ``bus.connect()`` / ``start()``."""
+    bus = Bus(settings, service)
+    store = make_store(settings)
     sandbox = NatsSandbox(
         lambda: bus.nc,
         manifest_timeout_s=settings.manifest_timeout_s,
@@ -61,9 +86,12 @@ def build(settings: SnapshotSettings, *, service: str = "snapshot") -> Wiring:
         publisher=bus,
         excludes=list(settings.excludes),
         upload_batch=settings.upload_batch,
+        keep=settings.keep,
+        max_snapshot_s=settings.max_snapshot_s,
+        gc_sweep_s=settings.gc_sweep_s,
     )
     app.register(bus, deps, max_workers=settings.workers)
-    return Wiring(bus=bus, deps=deps, store=store)
+    return Wiring(bus=bus, deps=deps, store=store, settings=settings)
 
 
 async def run(settings: SnapshotSettings) -> None:

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 from kiln_contracts import Envelope
 from kiln_contracts.rpc import ManifestReply, ManifestRequest, UploadReply, UploadRequest
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    size: int
+    last_modified: datetime  # timezone-aware, as the store reports it
 
 
 class ObjectStore(Protocol):
@@ -27,6 +36,10 @@ class ObjectStore(Protocol):
         ...
 
     async def delete(self, key: str) -> None: ...
+
+    async def list(self, prefix: str) -> list[StoredObject]:
+        """Every object whose key starts with ``prefix`` (all pages)."""
+        ...
 
     async def presign_put(self, key: str) -> str: ...
 

@@ -45,6 +45,37 @@ class SnapshotSettings(CommonSettings):
     )
     upload_batch: int = Field(default=200, ge=1, validation_alias=env("KILN_UPLOAD_BATCH"))
     workers: int = Field(default=8, ge=1, le=64, validation_alias=env("KILN_SNAPSHOT_WORKERS"))
+    keep: int = Field(
+        default=5,
+        ge=1,
+        validation_alias=env("KILN_SNAPSHOT_KEEP"),
+        description="Manifests kept per build (the newest; latest's always).",
+    )
+    max_snapshot_s: float = Field(
+        default=1800.0,
+        gt=0,
+        validation_alias=env("KILN_SNAPSHOT_MAX_S"),
+        description="A snapshot still unwritten after this long starts again (GC safety).",
+    )
+    gc_grace_s: float = Field(
+        default=3600.0,
+        ge=0,
+        validation_alias=env("KILN_SNAPSHOT_GC_GRACE_S"),
+        description="An unreferenced blob is deleted only once it is this old.",
+    )
+    gc_sweep_s: float = Field(
+        default=600.0,
+        gt=0,
+        validation_alias=env("KILN_SNAPSHOT_GC_SWEEP_S"),
+        description="How long one collection may sweep; snapshots wait while it does.",
+    )
+    gc_interval_s: float = Field(
+        default=0.0,
+        ge=0,
+        validation_alias=env("KILN_SNAPSHOT_GC_INTERVAL_S"),
+        description="Run the collection in the service every this many seconds; 0: never "
+        "(run `python -m kiln_snapshot.gc` from a CronJob instead).",
+    )
 
     @field_validator("excludes", mode="before")
     @classmethod

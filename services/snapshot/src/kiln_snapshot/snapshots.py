@@ -1,25 +1,45 @@
 """Content-addressed, incremental snapshots of a build's workspace, and restore plans.
 
-Layout in the bucket:
+Layout in the bucket (readers such as the gateway rely on the first three; keep it stable):
 
 * ``blobs/<sha256>``                                  a file's bytes (shared by every build)
-* ``builds/<build_id>/manifests/<snapshot_id>.json``  one snapshot: entries, iteration, reason ...
+* ``builds/<build_id>/manifests/<snapshot_id>.json``  one snapshot: ``entries`` (regular files:
+  path, sha256, size, mode), ``dirs`` (path, mode), ``symlinks`` (path, target), iteration ...
 * ``builds/<build_id>/latest``                        text: the newest snapshot's id
+* ``pending/<build_id>/<snapshot_id>.json``           a snapshot being written (see ``gc``)
+* ``gc/running/<run_id>``                             a garbage collection sweeping (see ``gc``)
 
 A snapshot's id is the event_id of the CheckpointSaved it was taken for. Bytes go from the sandbox
 to S3 directly (presigned PUTs); a manifest is written only once every blob it names exists, and
-``latest`` only moves forward (by the checkpoint's iteration, then time).
+``latest`` only moves forward (by the checkpoint's iteration, then time). After each snapshot the
+build's manifests beyond the newest ``keep`` (by write time; ``latest``'s never) are deleted.
+
+Safety against the garbage collector (``kiln_snapshot.gc``), in this order:
+
+1. write the pending marker (every sha256 the manifest will name, and the start time);
+2. if a collection is sweeping (a fresh ``gc/running/*``), give up for now (RetryLater): the
+   sweep may act on a listing taken before our marker existed;
+3. check which blobs exist, have the sandbox upload the missing ones, verify them;
+4. if more than ``max_snapshot_s`` passed since step 1, give up (RetryLater; a collection ignores
+   markers that old, so our blobs may no longer be protected);
+5. write the manifest, move ``latest``, delete the marker.
+
+Entries: regular files (uploaded as blobs), directories (all of them, so that empty ones and
+modes come back) and symlinks, recorded as they are, never followed. A restore plan leaves out a
+symlink whose target is absolute or that leads outside the workspace once every symlink of the
+snapshot is followed (it is listed in ``skipped``); the sandbox checks again on its filesystem.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -41,7 +61,11 @@ from .ports import ObjectStore, Publisher, Sandbox
 
 log = logging.getLogger(__name__)
 
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
 MANIFEST_FORMAT = 1
+# Allowance for clock skew between replicas and for the last writes of a slow snapshot.
+CLOCK_SLACK_S = 300.0
 # Checkpoints that someone waits on (the sandbox pauses or stops after them): never coalesced away.
 NEVER_SKIPPED = frozenset({"sleep", "final"})
 
@@ -56,6 +80,18 @@ def manifest_key(build_id: str, snapshot_id: str) -> str:
 
 def latest_key(build_id: str) -> str:
     return f"builds/{build_id}/latest"
+
+
+def manifests_prefix(build_id: str) -> str:
+    return f"builds/{build_id}/manifests/"
+
+
+def pending_key(build_id: str, snapshot_id: str) -> str:
+    return f"pending/{build_id}/{snapshot_id}.json"
+
+
+PENDING_PREFIX = "pending/"
+GC_RUNNING_PREFIX = "gc/running/"
 
 
 class Coalescer:
@@ -99,6 +135,10 @@ class Deps:
     excludes: list[str] = field(default_factory=list)
     coalescer: Coalescer = field(default_factory=Coalescer)
     upload_batch: int = 200
+    keep: int = 5  # manifests kept per build
+    max_snapshot_s: float = 1800.0  # a snapshot older than this gives up (see the docstring)
+    gc_sweep_s: float = 600.0  # how long a collection may sweep (kiln_snapshot.gc)
+    retry_delay_s: float = 5.0
 
 
 class Manifest(dict[str, Any]):
@@ -131,32 +171,64 @@ async def take_snapshot(
             return None
 
         reply = await deps.sandbox.manifest(
-            ManifestRequest(build_id=build_id, excludes=list(deps.excludes))
+            ManifestRequest(
+                build_id=build_id, excludes=list(deps.excludes), include_dirs_and_symlinks=True
+            )
         )
         if not reply.ok:
             raise PermanentError(
                 f"sandbox could not list the workspace of {build_id}: {reply.error}"
             )
         entries = _normalise(reply.entries)
-        by_sha = {e.sha256: e for e in entries}
-        missing = await _missing_blobs(deps, list(by_sha))
-        if missing:
-            await _upload(deps, build_id, [by_sha[sha] for sha in sorted(missing)])
-        doc = Manifest(
-            format=MANIFEST_FORMAT,
-            snapshot_id=snapshot_id,
-            build_id=build_id,
-            user_id=event.user_id,
-            iteration=event.iteration,
-            reason=event.reason,
-            checkpoint_at=event.occurred_at.isoformat(),
-            created_at=utcnow().isoformat(),
-            files=len(entries),
-            bytes_total=sum(e.size for e in entries),
-            bytes_uploaded=sum(by_sha[sha].size for sha in missing),
-            entries=[e.model_dump() for e in entries],
+        files = [e for e in entries if e.type == "file"]
+        by_sha = {e.sha256: e for e in files}
+        started = utcnow()
+        marker = pending_key(build_id, snapshot_id)
+        await deps.store.put(
+            marker,
+            json.dumps({"started_at": started.isoformat(), "blobs": sorted(by_sha)}).encode(),
         )
-        await deps.store.put(manifest_key(build_id, snapshot_id), json.dumps(doc).encode())
+        try:
+            sweeping = await collections_sweeping(deps.store, started, deps.gc_sweep_s)
+            if sweeping:
+                raise RetryLater(
+                    f"a garbage collection is sweeping ({sweeping[0]}); snapshot later",
+                    delay_s=deps.retry_delay_s,
+                )
+            missing = await _missing_blobs(deps, list(by_sha))
+            if missing:
+                await _upload(deps, build_id, [by_sha[sha] for sha in sorted(missing)])
+            if (utcnow() - started).total_seconds() > deps.max_snapshot_s:
+                raise RetryLater(
+                    f"snapshot took longer than {deps.max_snapshot_s:g}s; its blobs may have "
+                    "been collected meanwhile, starting again",
+                    delay_s=deps.retry_delay_s,
+                )
+            doc = Manifest(
+                format=MANIFEST_FORMAT,
+                snapshot_id=snapshot_id,
+                build_id=build_id,
+                user_id=event.user_id,
+                iteration=event.iteration,
+                reason=event.reason,
+                checkpoint_at=event.occurred_at.isoformat(),
+                created_at=utcnow().isoformat(),
+                files=len(files),
+                bytes_total=sum(e.size for e in files),
+                bytes_uploaded=sum(by_sha[sha].size for sha in missing),
+                entries=[
+                    {"path": e.path, "sha256": e.sha256, "size": e.size, "mode": e.mode}
+                    for e in files
+                ],
+                dirs=[{"path": e.path, "mode": e.mode} for e in entries if e.type == "dir"],
+                symlinks=[
+                    {"path": e.path, "target": e.target} for e in entries if e.type == "symlink"
+                ],
+            )
+            await deps.store.put(manifest_key(build_id, snapshot_id), json.dumps(doc).encode())
+        finally:
+            # Without a manifest the marker may stay (a crash): collections ignore it once old.
+            await deps.store.delete(marker)
         await _advance_latest(deps.store, build_id, doc)
         saved = snapshot_saved(event, doc)
         await deps.publisher.publish(saved)
@@ -168,7 +240,33 @@ async def take_snapshot(
             saved.bytes_uploaded,
             extra=extra,
         )
+        try:
+            await prune_manifests(deps.store, build_id, deps.keep)
+        except Exception:
+            log.warning("could not prune old manifests", exc_info=True, extra=extra)
         return saved
+
+
+async def collections_sweeping(store: ObjectStore, now: datetime, sweep_s: float) -> list[str]:
+    """The keys of collections that may be sweeping now (stale flags of dead runs ignored)."""
+    horizon = now - timedelta(seconds=sweep_s + CLOCK_SLACK_S)
+    return [o.key for o in await store.list(GC_RUNNING_PREFIX) if o.last_modified > horizon]
+
+
+async def prune_manifests(store: ObjectStore, build_id: str, keep: int) -> list[str]:
+    """Delete the build's manifests beyond the newest ``keep`` (never ``latest``'s); their keys."""
+    objects = await store.list(manifests_prefix(build_id))
+    if len(objects) <= keep:
+        return []
+    latest = await store.get(latest_key(build_id))
+    protected = manifest_key(build_id, latest.decode()) if latest is not None else None
+    objects.sort(key=lambda o: (o.last_modified, o.key), reverse=True)
+    doomed = [o.key for o in objects[keep:] if o.key != protected]
+    for key in doomed:
+        await store.delete(key)
+    if doomed:
+        log.info("pruned %d old manifests", len(doomed), extra={"build_id": build_id})
+    return doomed
 
 
 def snapshot_saved(event: CheckpointSaved, doc: dict[str, Any]) -> SnapshotSaved:
@@ -291,4 +389,61 @@ async def restore_plan(deps: Deps, request: RestorePlanRequest) -> RestorePlanRe
         )
         for e in entries
     ]
-    return RestorePlanReply(ok=True, snapshot_id=snapshot_id, files=files)
+    dirs = [_dir(str(d["path"]), int(d["mode"])) for d in doc.get("dirs", [])]
+    links = {str(x["path"]): str(x["target"]) for x in doc.get("symlinks", [])}
+    symlinks = [
+        _symlink(path, target) for path, target in links.items() if not escapes(path, links)
+    ]
+    skipped = sorted(path for path in links if escapes(path, links))
+    return RestorePlanReply(
+        ok=True,
+        snapshot_id=snapshot_id,
+        files=files,
+        dirs=dirs,
+        symlinks=symlinks,
+        skipped=skipped,
+    )
+
+
+def escapes(path: str, links: dict[str, str], max_hops: int = 40) -> bool:
+    """Whether ``path`` leads outside the workspace when the snapshot's ``links`` are followed
+    (as ``realpath -m`` would in the restored tree). Absolute targets always count as outside:
+    the workspace's absolute path differs from one sandbox to the next."""
+    todo = list(reversed(path.split("/")))
+    done: list[str] = []
+    hops = 0
+    while todo:
+        part = todo.pop()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not done:
+                return True
+            done.pop()
+            continue
+        candidate = "/".join([*done, part])
+        target = links.get(candidate)
+        if target is None:
+            done.append(part)
+            continue
+        hops += 1
+        if hops > max_hops or target.startswith("/"):
+            return True  # a loop, or absolute
+        todo.extend(reversed(target.split("/")))
+    return False
+
+
+def _dir(path: str, mode: int) -> ManifestEntry:
+    return ManifestEntry(path=path, sha256=EMPTY_SHA256, size=0, mode=mode, type="dir")
+
+
+def _symlink(path: str, target: str) -> ManifestEntry:
+    raw = target.encode("utf-8", "surrogateescape")
+    return ManifestEntry(
+        path=path,
+        sha256=hashlib.sha256(raw).hexdigest(),
+        size=len(raw),
+        mode=0o777,
+        type="symlink",
+        target=target,
+    )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import logging
 import posixpath
 import shlex
@@ -253,7 +254,9 @@ class E2BSandbox:
 
     # ------------------------------------------------------------------ snapshots
 
-    async def manifest(self, excludes: list[str]) -> list[ManifestEntry]:
+    async def manifest(
+        self, excludes: list[str], *, dirs_and_symlinks: bool = False
+    ) -> list[ManifestEntry]:
         prune = ""
         if excludes:
             conds = " -o ".join(
@@ -265,10 +268,21 @@ class E2BSandbox:
             f"{select} -printf '%m %s %P\\0'; printf '\\n--sha256--\\n'; "
             f"{select} -print0 | xargs -0 -r sha256sum -z --"
         )
+        if dirs_and_symlinks:
+            script += (
+                "; printf '\\n--dirs--\\n'; "
+                f"find . -mindepth 1 {prune}-type d -printf '%m %P\\0'; "
+                "printf '\\n--links--\\n'; "
+                f"find . -mindepth 1 {prune}-type l -printf '%P\\0%l\\0'"
+            )
         code, out, err = await self._sh(script, timeout_s=self._provider.manifest_timeout_s)
-        if "\n--sha256--\n" not in out:
+        if "\n--sha256--\n" not in out or (dirs_and_symlinks and "\n--links--\n" not in out):
             raise SandboxError(f"manifest failed: {err.strip() or f'exit {code}'}")
         stats_part, sums_part = out.split("\n--sha256--\n", 1)
+        dirs_part = links_part = ""
+        if dirs_and_symlinks:
+            sums_part, rest = sums_part.split("\n--dirs--\n", 1)
+            dirs_part, links_part = rest.split("\n--links--\n", 1)
         stats: dict[str, tuple[int, int]] = {}
         for rec in stats_part.split(_RECORD):
             if rec:
@@ -283,6 +297,14 @@ class E2BSandbox:
             if rel in stats:  # a file that appeared between the two walks is left out
                 mode, size = stats[rel]
                 out_entries.append(ManifestEntry(path=rel, sha256=digest, size=size, mode=mode))
+        for rec in dirs_part.split(_RECORD):
+            if rec:
+                mode_s, rel = rec.split(" ", 1)
+                out_entries.append(_dir_entry(rel, int(mode_s, 8)))
+        fields = links_part.split(_RECORD)
+        for rel, target in zip(fields[0::2], fields[1::2], strict=False):
+            if rel:
+                out_entries.append(_symlink_entry(rel, target))
         out_entries.sort(key=lambda e: e.path)
         return out_entries
 
@@ -327,6 +349,36 @@ class E2BSandbox:
             raise SandboxError(f"download of {path} failed: {err.strip()[-500:] or f'exit {code}'}")
         return int(out.strip())
 
+    async def restore_tree(
+        self, dirs: list[ManifestEntry], symlinks: list[ManifestEntry]
+    ) -> list[str]:
+        lines = ["set -e"]
+        for d in dirs:
+            await self.resolve(d.path)
+            lines.append(f"mkdir -p -- {shlex.quote(d.path)}")
+        for link in symlinks:
+            if link.target is None:
+                continue
+            parent = posixpath.dirname(link.path)
+            if parent:
+                await self.resolve(parent)
+                lines.append(f"mkdir -p -- {shlex.quote(parent)}")
+            lines.append(f"ln -sfn -- {shlex.quote(link.target)} {shlex.quote(link.path)}")
+        for link in symlinks:  # checked once every link exists (one may lead through another)
+            p = shlex.quote(link.path)
+            lines.append(
+                f"r=$(realpath -m --relative-base=. -- {p}); "
+                f'case "$r" in /*|..|../*) rm -f -- {p}; printf "%s\\0" {p};; esac'
+            )
+        for d in sorted(dirs, key=lambda e: e.path.count("/"), reverse=True):
+            lines.append(f"chmod {d.mode & 0o7777:o} -- {shlex.quote(d.path)}")
+        code, out, err = await self._sh(
+            "\n".join(lines), timeout_s=self._provider.manifest_timeout_s, what="restore tree"
+        )
+        if code != 0:
+            raise SandboxError(f"restoring directories and symlinks failed: {err.strip()[-500:]}")
+        return [p for p in out.split(_RECORD) if p]
+
     # ------------------------------------------------------------------ commands
 
     async def run(self, command: str, *, timeout_s: float, max_output: int) -> CommandResult:
@@ -352,6 +404,25 @@ class E2BSandbox:
             total_bytes=total,
             timed_out=bool(timed_out),
         )
+
+
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+
+def _dir_entry(rel: str, mode: int) -> ManifestEntry:
+    return ManifestEntry(path=rel, sha256=EMPTY_SHA256, size=0, mode=mode & 0o7777, type="dir")
+
+
+def _symlink_entry(rel: str, target: str) -> ManifestEntry:
+    raw = target.encode("utf-8", "surrogateescape")
+    return ManifestEntry(
+        path=rel,
+        sha256=hashlib.sha256(raw).hexdigest(),
+        size=len(raw),
+        mode=0o777,
+        type="symlink",
+        target=target,
+    )
 
 
 def _signed(rc: int) -> int:

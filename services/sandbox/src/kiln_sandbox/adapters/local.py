@@ -162,10 +162,12 @@ class LocalSandbox:
                     stack.append((entry.path, level + 1))
         return out
 
-    async def manifest(self, excludes: list[str]) -> list[ManifestEntry]:
-        return await asyncio.to_thread(self._manifest, excludes)
+    async def manifest(
+        self, excludes: list[str], *, dirs_and_symlinks: bool = False
+    ) -> list[ManifestEntry]:
+        return await asyncio.to_thread(self._manifest, excludes, dirs_and_symlinks)
 
-    def _manifest(self, excludes: list[str]) -> list[ManifestEntry]:
+    def _manifest(self, excludes: list[str], dirs_and_symlinks: bool) -> list[ManifestEntry]:
         def excluded(rel: str) -> bool:
             parts = rel.split("/")
             return any(
@@ -175,26 +177,32 @@ class LocalSandbox:
 
         out: list[ManifestEntry] = []
         for dirpath, dirnames, filenames in os.walk(self._real_root):
-            dirnames[:] = sorted(
-                d for d in dirnames if not excluded(self._rel(os.path.join(dirpath, d)))
-            )
-            for name in sorted(filenames):
+            walk_into: list[str] = []
+            for name in sorted(dirnames + filenames):
                 full = os.path.join(dirpath, name)
                 rel = self._rel(full)
                 if excluded(rel):
                     continue
                 try:
                     st = os.lstat(full)
-                    if not stat.S_ISREG(st.st_mode):
-                        continue
-                    digest = _sha256_file(full)
+                    if stat.S_ISDIR(st.st_mode):
+                        walk_into.append(name)
+                        if dirs_and_symlinks:
+                            out.append(_dir_entry(rel, st.st_mode))
+                    elif stat.S_ISLNK(st.st_mode):
+                        if dirs_and_symlinks:
+                            out.append(_symlink_entry(rel, os.readlink(full)))
+                    elif stat.S_ISREG(st.st_mode):
+                        digest = _sha256_file(full)
+                        out.append(
+                            ManifestEntry(
+                                path=rel, sha256=digest, size=st.st_size, mode=st.st_mode & 0o7777
+                            )
+                        )
                 except OSError:
                     continue  # vanished or unreadable while walking
-                out.append(
-                    ManifestEntry(
-                        path=rel, sha256=digest, size=st.st_size, mode=st.st_mode & 0o7777
-                    )
-                )
+            dirnames[:] = walk_into  # symlinked directories are recorded, never followed
+        out.sort(key=lambda e: e.path)
         return out
 
     async def upload(self, path: str, sha256: str, url: str) -> int:
@@ -223,6 +231,41 @@ class LocalSandbox:
         await self.write(path, data)
         await asyncio.to_thread(os.chmod, real, mode & 0o7777)
         return len(data)
+
+    async def restore_tree(
+        self, dirs: list[ManifestEntry], symlinks: list[ManifestEntry]
+    ) -> list[str]:
+        return await asyncio.to_thread(self._restore_tree, dirs, symlinks)
+
+    def _restore_tree(self, dirs: list[ManifestEntry], symlinks: list[ManifestEntry]) -> list[str]:
+        for d in dirs:
+            self.resolve(d.path).mkdir(parents=True, exist_ok=True)
+        made: list[str] = []
+        for link in symlinks:
+            if link.target is None:
+                continue
+            name = link.path.rsplit("/", 1)[-1]
+            parent = self.resolve(link.path.rsplit("/", 1)[0] if "/" in link.path else "")
+            if name in ("", ".", ".."):
+                raise PathOutsideWorkspace(f"bad symlink path {link.path!r}")
+            parent.mkdir(parents=True, exist_ok=True)
+            full = parent / name
+            if full.is_symlink() or full.is_file():
+                full.unlink()
+            elif full.exists():
+                raise SandboxError(f"cannot restore symlink {link.path}: a directory is there")
+            os.symlink(link.target, full)
+            made.append(link.path)
+        # Checked once every link exists (a link may lead through another one).
+        skipped = []
+        for rel in made:
+            full = Path(self._real_root) / rel
+            if not _is_within(os.path.realpath(full), self._real_root):
+                full.unlink()
+                skipped.append(rel)
+        for d in sorted(dirs, key=lambda e: e.path.count("/"), reverse=True):
+            os.chmod(self.resolve(d.path), d.mode & 0o7777)
+        return skipped
 
     # ------------------------------------------------------------------ commands
 
@@ -305,6 +348,25 @@ class LocalSandbox:
 def _killpg(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
+
+
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+
+def _dir_entry(rel: str, mode: int) -> ManifestEntry:
+    return ManifestEntry(path=rel, sha256=EMPTY_SHA256, size=0, mode=mode & 0o7777, type="dir")
+
+
+def _symlink_entry(rel: str, target: str) -> ManifestEntry:
+    raw = target.encode("utf-8", "surrogateescape")
+    return ManifestEntry(
+        path=rel,
+        sha256=hashlib.sha256(raw).hexdigest(),
+        size=len(raw),
+        mode=0o777,
+        type="symlink",
+        target=target,
+    )
 
 
 def _sha256_file(path: str) -> str:

@@ -12,6 +12,8 @@ import aioboto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from ..ports import StoredObject
+
 log = logging.getLogger(__name__)
 
 NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
@@ -128,6 +130,20 @@ class S3Store:
 
     async def delete(self, key: str) -> None:
         await self.client.delete_object(Bucket=self.bucket, Key=key)
+
+    async def list(self, prefix: str) -> list[StoredObject]:
+        out: list[StoredObject] = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                out.append(
+                    StoredObject(
+                        key=str(obj["Key"]),
+                        size=int(obj["Size"]),
+                        last_modified=obj["LastModified"],
+                    )
+                )
+        return out
 
     async def presign_put(self, key: str) -> str:
         url: str = await self.client.generate_presigned_url(
