@@ -11,6 +11,7 @@ from decimal import Decimal
 import pytest
 
 from kiln_budget import app, spending
+from kiln_budget.periods import ShortCalendar, UtcCalendar, rfc3339
 from kiln_budget.ports import Charge
 from kiln_budget.spending import Deps
 from kiln_contracts import (
@@ -18,8 +19,12 @@ from kiln_contracts import (
     BuildCompleted,
     BuildFailed,
     BuildRequested,
+    BuildResumed,
+    Envelope,
     IterationCompleted,
+    SleepRequested,
     Usage,
+    WakeRequested,
 )
 from kiln_runtime import config as kiln_config
 from kiln_runtime.config import KilnConfig, Price
@@ -33,6 +38,11 @@ class FakeStore:
     running_sets: dict[str, set[str]] = field(default_factory=dict)
     ended: set[str] = field(default_factory=set)
     tiers: dict[str, str] = field(default_factory=dict)
+    topup_list: dict[str, dict[str, tuple[int, datetime]]] = field(default_factory=dict)
+    generations: dict[str, str] = field(default_factory=dict)
+    slept_marks: dict[tuple[str, str], str] = field(default_factory=dict)
+    sleeping_sets: dict[str, set[str]] = field(default_factory=dict)
+    statuses: dict[str, dict[str, str]] = field(default_factory=dict)
 
     async def set_tier(self, user_id: str, tier: str) -> None:
         self.tiers[user_id] = tier
@@ -48,17 +58,16 @@ class FakeStore:
         if charge.event_id in self.charged:
             return False
         self.charged.add(charge.event_id)
-        d = charge.day
-        self._add(f"day:{charge.user_id}:{d}", charge.amount_micro_usd)
-        self._add(f"month:{charge.user_id}:{d.year}-{d.month}", charge.amount_micro_usd)
+        self._add(f"day:{charge.user_id}:{charge.period}", charge.amount_micro_usd)
+        self._add(f"month:{charge.user_id}:{charge.cycle}", charge.amount_micro_usd)
         self._add(f"build:{charge.build_id}", charge.amount_micro_usd)
         return True
 
-    async def user_day(self, user_id: str, day: date) -> int:
-        return self.counters.get(f"day:{user_id}:{day}", 0)
+    async def user_day(self, user_id: str, period: str) -> int:
+        return self.counters.get(f"day:{user_id}:{period}", 0)
 
-    async def user_month(self, user_id: str, year: int, month: int) -> int:
-        return self.counters.get(f"month:{user_id}:{year}-{month}", 0)
+    async def user_month(self, user_id: str, cycle: str) -> int:
+        return self.counters.get(f"month:{user_id}:{cycle}", 0)
 
     async def build(self, build_id: str) -> int:
         return self.counters.get(f"build:{build_id}", 0)
@@ -74,9 +83,51 @@ class FakeStore:
     async def build_ended(self, user_id: str, build_id: str) -> None:
         self.ended.add(build_id)
         self.running_sets.setdefault(user_id, set()).discard(build_id)
+        self.sleeping_sets.setdefault(user_id, set()).discard(build_id)
 
     async def running(self, user_id: str) -> set[str]:
         return set(self.running_sets.get(user_id, set()))
+
+    async def add_topup(self, user_id: str, topup_id: str, amount: int, at: datetime) -> None:
+        self.topup_list.setdefault(user_id, {})[topup_id] = (amount, at)
+
+    async def topups(self, user_id: str, since: datetime, until: datetime) -> int:
+        made = self.topup_list.get(user_id, {}).values()
+        return sum(amount for amount, at in made if since <= at < until)
+
+    async def wake_generation(self, build_id: str) -> str:
+        return self.generations.get(build_id, "0")
+
+    async def slept(self, build_id: str, period: str) -> str | None:
+        return self.slept_marks.get((build_id, period))
+
+    async def mark_slept(
+        self, user_id: str, build_id: str, period: str, generation: str, ttl_s: int
+    ) -> None:
+        self.slept_marks[(build_id, period)] = generation
+        self.sleeping_sets.setdefault(user_id, set()).add(build_id)
+
+    async def resumed(self, user_id: str, build_id: str, generation: str) -> None:
+        self.generations[build_id] = generation
+        self.sleeping_sets.setdefault(user_id, set()).discard(build_id)
+
+    async def sleeping(self, user_id: str) -> set[str]:
+        return set(self.sleeping_sets.get(user_id, set()))
+
+    async def save_status(self, user_id: str, status: dict[str, str], ttl_s: int) -> None:
+        self.statuses[user_id] = status
+
+
+@dataclass
+class FakeCommands:
+    now: list[Envelope] = field(default_factory=list)
+    scheduled: dict[tuple[str, str], tuple[Envelope, datetime]] = field(default_factory=dict)
+
+    async def publish(self, msg: Envelope) -> None:
+        self.now.append(msg)
+
+    async def publish_at(self, msg: Envelope, at: datetime, name: str) -> None:
+        self.scheduled[(msg.build_id, name)] = (msg, at)
 
 
 @dataclass
@@ -178,9 +229,9 @@ async def test_the_day_is_the_events_utc_day_not_the_clocks(deps: Deps) -> None:
     local = datetime(2025, 4, 1, 0, 30, tzinfo=timezone(timedelta(hours=2)))
     event = iteration(input_tokens=1).model_copy(update={"occurred_at": local})
     await spending.charge_iteration(deps, event)
-    assert await deps.store.user_day("u1", date(2025, 3, 31)) == 3
-    assert await deps.store.user_month("u1", 2025, 3) == 3
-    assert await deps.store.user_month("u1", 2025, 4) == 0
+    assert await deps.store.user_day("u1", "2025-03-31") == 3
+    assert await deps.store.user_month("u1", "2025-03") == 3
+    assert await deps.store.user_month("u1", "2025-04") == 0
     # the clock decides what "today" means for reads
     later = Deps(deps.store, FixedClock(NOW + timedelta(hours=1)), deps.config)
     assert await spending.spent_today(later, "u1") == 0
@@ -225,21 +276,26 @@ def test_register_consumes_each_kind_once(deps: Deps) -> None:
         "build_completed",
         "build_failed",
         "build_requested",
+        "build_resumed",
         "iteration_completed",
     ]
 
 
+def days_left(day: date) -> int:
+    return UtcCalendar().period(datetime(day.year, day.month, day.day, 12, tzinfo=UTC)).days_left
+
+
 def test_daily_allowance_spreads_what_is_left_over_the_days_left() -> None:
     # $5 on March 1st: 31 days left
-    assert spending.daily_allowance(5_000_000, 0, date(2025, 3, 1)) == 161_290
+    assert spending.daily_allowance(5_000_000, 0, days_left(date(2025, 3, 1))) == 161_290
     # March 31st: the whole rest is today's
-    assert spending.daily_allowance(5_000_000, 4_000_000, date(2025, 3, 31)) == 1_000_000
+    assert spending.daily_allowance(5_000_000, 4_000_000, days_left(date(2025, 3, 31))) == 1_000_000
     # unspent budget rolls forward: nothing spent by the 16th of a 30-day month -> 5M / 15
-    assert spending.daily_allowance(5_000_000, 0, date(2025, 4, 16)) == 333_333
+    assert spending.daily_allowance(5_000_000, 0, days_left(date(2025, 4, 16))) == 333_333
     # overspent: nothing left, never negative
-    assert spending.daily_allowance(5_000_000, 6_000_000, date(2025, 4, 16)) == 0
+    assert spending.daily_allowance(5_000_000, 6_000_000, days_left(date(2025, 4, 16))) == 0
     # February in a leap year has 29 days
-    assert spending.daily_allowance(29, 0, date(2024, 2, 1)) == 1
+    assert spending.daily_allowance(29, 0, days_left(date(2024, 2, 1))) == 1
 
 
 async def test_allowance_uses_the_users_tier_and_todays_spend(deps: Deps) -> None:
@@ -262,3 +318,142 @@ async def test_allowance_uses_the_users_tier_and_todays_spend(deps: Deps) -> Non
     assert free.allowance_today_micro_usd == 2_000_000 and free.exhausted
     assert free.remaining_today_micro_usd == 0
     assert (await spending.allowance(deps, "nobody")).tier == "free"
+
+
+# ------------------------------------------------------------------------------ periods
+
+
+def test_utc_calendar_days_in_months() -> None:
+    p = UtcCalendar().period(datetime(2024, 2, 28, 23, 59, tzinfo=UTC))
+    assert (p.key, p.cycle, p.days_left) == ("2024-02-28", "2024-02", 2)
+    assert p.end == datetime(2024, 2, 29, tzinfo=UTC)
+    assert p.cycle_end == datetime(2024, 3, 1, tzinfo=UTC)
+    # a moment in another zone is placed by its UTC time
+    local = datetime(2025, 4, 1, 0, 30, tzinfo=timezone(timedelta(hours=2)))
+    assert UtcCalendar().period(local).key == "2025-03-31"
+
+
+def test_short_calendar_shrinks_a_day_to_seconds() -> None:
+    cal = ShortCalendar(period_s=2, periods_per_cycle=3)
+    p = cal.period(datetime.fromtimestamp(7.5, UTC))  # period 3 = the first of cycle 1
+    assert (p.key, p.cycle, p.days_left) == ("p3", "c1", 3)
+    assert (p.start.timestamp(), p.end.timestamp()) == (6, 8)
+    assert (p.cycle_start.timestamp(), p.cycle_end.timestamp()) == (6, 12)
+    assert cal.period(datetime.fromtimestamp(11.9, UTC)).days_left == 1
+    with pytest.raises(ValueError):
+        ShortCalendar(period_s=0)
+
+
+def test_rfc3339_never_fires_early() -> None:
+    assert rfc3339(datetime(2025, 3, 31, 23, 59, 59, 1, tzinfo=UTC)) == "2025-04-01T00:00:00Z"
+    assert rfc3339(datetime(2025, 3, 31, tzinfo=UTC)) == "2025-03-31T00:00:00Z"
+
+
+# ------------------------------------------------------------------------------ sleep and wake
+
+
+def sleepy(allowance_micro_usd: int | None = 1_000) -> tuple[Deps, FakeCommands]:
+    commands = FakeCommands()
+    deps = Deps(
+        store=FakeStore(),
+        clock=FixedClock(NOW),
+        config=kiln_config.default(),
+        commands=commands,
+        demo_allowance_micro_usd=allowance_micro_usd,
+    )
+    return deps, commands
+
+
+async def start(deps: Deps, *builds: str, tier: str = "free") -> None:
+    for b in builds:
+        await spending.build_started(
+            deps, BuildRequested(build_id=b, user_id="u1", idea_brief="x", tier=tier)
+        )
+
+
+async def test_below_the_allowance_nothing_sleeps() -> None:
+    d, commands = sleepy(1_000)
+    await start(d, "b1")
+    assert await spending.iteration_completed(d, iteration(input_tokens=100)) == []  # 300
+    assert commands.now == [] and commands.scheduled == {}
+    assert d.store.statuses["u1"]["remaining_micro_usd"] == "700"  # type: ignore[attr-defined]
+
+
+async def test_at_the_allowance_every_running_build_sleeps_once_until_the_reset() -> None:
+    d, commands = sleepy(1_000)
+    await start(d, "b1", "b2")
+    event = iteration(input_tokens=400)  # 1_200 micro-USD
+    assert await spending.iteration_completed(d, event) == ["b1", "b2"]
+    sleeps = [m for m in commands.now if isinstance(m, SleepRequested)]
+    assert [s.build_id for s in sleeps] == ["b1", "b2"]
+    reset = datetime(2025, 4, 1, tzinfo=UTC)
+    assert all(s.wake_at == reset and s.causation_id == event.event_id for s in sleeps)
+    assert "daily allowance used up" in sleeps[0].reason
+    for b in ("b1", "b2"):
+        wake, at = commands.scheduled[(b, "budget-wake")]
+        assert isinstance(wake, WakeRequested) and at == reset
+    # the same event again, and another one: nothing more (once per build and period)
+    assert await spending.iteration_completed(d, event) == []
+    assert await spending.iteration_completed(d, iteration(input_tokens=1)) == []
+    assert len(commands.now) == 2
+    assert await d.store.sleeping("u1") == {"b1", "b2"}
+
+
+async def test_a_woken_build_over_the_allowance_sleeps_again() -> None:
+    d, commands = sleepy(1_000)
+    await start(d, "b1")
+    await spending.iteration_completed(d, iteration(input_tokens=400))
+    resumed = BuildResumed(build_id="b1", user_id="u1", reason="woken by user")
+    await spending.build_resumed(d, resumed)
+    await spending.build_resumed(d, resumed)  # redelivered
+    assert await d.store.sleeping("u1") == set()
+    assert await spending.iteration_completed(d, iteration(input_tokens=1)) == ["b1"]
+    first, second = (m for m in commands.now if isinstance(m, SleepRequested))
+    assert first.event_id != second.event_id
+
+
+async def test_a_top_up_wakes_the_sleeping_builds_and_raises_the_allowance() -> None:
+    d, commands = sleepy(1_000)
+    await start(d, "b1", "b2")
+    await spending.iteration_completed(d, iteration(input_tokens=400))  # 1_200 of 1_000
+    await spending.build_ended(
+        d, BuildCancelled(build_id="b2", user_id="u1", reason="", iterations=1, cost_micro_usd=0)
+    )
+    woken = await spending.top_up(d, "u1", "t1", 5_000)
+    assert woken == {"b1"}
+    wakes = [m for m in commands.now if isinstance(m, WakeRequested)]
+    assert [(w.build_id, w.reason) for w in wakes] == [("b1", "top-up")]
+    status = await spending.allowance(d, "u1")
+    assert status.allowance_today_micro_usd == 6_000 and not status.exhausted
+    await spending.top_up(d, "u1", "t1", 5_000)  # the same top-up again counts once
+    assert (await spending.allowance(d, "u1")).allowance_today_micro_usd == 6_000
+
+
+async def test_a_top_up_spreads_over_the_cycle_from_the_next_day() -> None:
+    d, _ = sleepy(None)
+    await d.store.add_topup("u1", "t1", 31_000, NOW - timedelta(days=30))  # March 1st
+    # free tier: $5 + 0.031 over the 1 day left (March 31st)
+    assert (await spending.allowance(d, "u1")).allowance_today_micro_usd == 5_031_000
+
+
+async def test_when_the_cycle_is_spent_the_wake_is_at_the_next_cycle() -> None:
+    d, commands = sleepy(None)
+    mid = datetime(2025, 3, 10, 12, tzinfo=UTC)
+    d = Deps(d.store, FixedClock(mid), d.config, commands=commands)
+    await start(d, "b1")
+    big = iteration("claude-haiku-4-5", output_tokens=1_000_000).model_copy(
+        update={"occurred_at": mid}
+    )  # $5: the free tier's month
+    assert await spending.iteration_completed(d, big) == ["b1"]
+    (sleep,) = commands.now
+    assert isinstance(sleep, SleepRequested) and "monthly budget used up" in sleep.reason
+    assert sleep.wake_at == datetime(2025, 4, 1, tzinfo=UTC)
+
+
+async def test_the_per_build_cap_is_not_the_budgets_business() -> None:
+    # The agent ends a build over its cap (BuildFailed cost_limit); the budget only counts.
+    d, commands = sleepy(10**9)
+    await start(d, "b1")
+    over_cap = iteration("claude-haiku-4-5", output_tokens=300_000)  # $1.50 > free's $1 cap
+    assert await spending.iteration_completed(d, over_cap) == []
+    assert commands.now == [] and await spending.spent_build(d, "b1") == 1_500_000

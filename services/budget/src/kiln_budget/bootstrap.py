@@ -11,8 +11,10 @@ from kiln_runtime.config import KilnConfig
 from kiln_runtime.service import serve
 
 from . import app
+from .adapters.bus_commands import BusCommands
 from .adapters.clock import SystemClock
 from .adapters.redis_store import RedisSpendStore
+from .periods import Calendar, ShortCalendar, UtcCalendar
 from .ports import Clock
 from .settings import BudgetSettings
 from .spending import Deps
@@ -26,17 +28,31 @@ class Wiring:
     stop: Callable[[], Awaitable[None]]
 
 
+def calendar_of(settings: BudgetSettings) -> Calendar:
+    if settings.period_s is None:
+        return UtcCalendar()
+    return ShortCalendar(settings.period_s, settings.periods_per_cycle)
+
+
 def build(
     settings: BudgetSettings,
     *,
     service: str = "budget",
     clock: Clock | None = None,
     config: KilnConfig | None = None,
+    calendar: Calendar | None = None,
 ) -> Wiring:
     """Wire the service; nothing connects until ``start()`` / ``bus.connect()``."""
     store = RedisSpendStore(settings.redis_url, timeout_s=settings.redis_timeout_s)
-    deps = Deps(store=store, clock=clock or SystemClock(), config=config or kiln_config.default())
     bus = Bus(settings, service)
+    deps = Deps(
+        store=store,
+        clock=clock or SystemClock(),
+        config=config or kiln_config.default(),
+        calendar=calendar or calendar_of(settings),
+        commands=BusCommands(bus),
+        demo_allowance_micro_usd=settings.demo_allowance_micro_usd,
+    )
     app.register(bus, deps, max_workers=settings.workers)
     return Wiring(bus=bus, deps=deps, start=store.open, stop=store.close)
 

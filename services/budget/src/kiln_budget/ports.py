@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import datetime
 from typing import Protocol
+
+from kiln_contracts import Envelope
 
 
 class Clock(Protocol):
@@ -16,25 +18,26 @@ class Clock(Protocol):
 
 @dataclass(frozen=True)
 class Charge:
-    """One iteration's cost, to be added to a user's day and month and to a build, once."""
+    """One iteration's cost, to be added to a user's period and cycle and to a build, once."""
 
     event_id: uuid.UUID
     user_id: str
     build_id: str
-    day: date
+    period: str  # the period's counter key (2025-03-31)
+    cycle: str  # the cycle's counter key (2025-03)
     amount_micro_usd: int
 
 
 class SpendStore(Protocol):
-    """Spend counters (integer micro-dollars) and each user's running builds."""
+    """Spend counters (integer micro-dollars), top-ups, running and sleeping builds."""
 
     async def charge(self, charge: Charge) -> bool:
         """Apply ``charge`` atomically unless its event_id was charged before; True if applied."""
         ...
 
-    async def user_day(self, user_id: str, day: date) -> int: ...
+    async def user_day(self, user_id: str, period: str) -> int: ...
 
-    async def user_month(self, user_id: str, year: int, month: int) -> int: ...
+    async def user_month(self, user_id: str, cycle: str) -> int: ...
 
     async def build(self, build_id: str) -> int: ...
 
@@ -43,7 +46,7 @@ class SpendStore(Protocol):
         ...
 
     async def build_ended(self, user_id: str, build_id: str) -> None:
-        """Mark a build ended for good: it leaves the running set and never re-enters it."""
+        """Mark a build ended for good: it leaves the running (and sleeping) set for good."""
         ...
 
     async def running(self, user_id: str) -> set[str]: ...
@@ -51,3 +54,47 @@ class SpendStore(Protocol):
     async def set_tier(self, user_id: str, tier: str) -> None: ...
 
     async def tier(self, user_id: str) -> str | None: ...
+
+    async def add_topup(
+        self, user_id: str, topup_id: str, amount_micro_usd: int, at: datetime
+    ) -> None:
+        """Credit ``amount`` at ``at`` (the same ``topup_id`` again is one top-up)."""
+        ...
+
+    async def topups(self, user_id: str, since: datetime, until: datetime) -> int:
+        """Sum of the user's top-ups made in ``[since, until)``."""
+        ...
+
+    async def wake_generation(self, build_id: str) -> str:
+        """Changes each time the build resumes (its last BuildResumed); "0" before the first."""
+        ...
+
+    async def slept(self, build_id: str, period: str) -> str | None:
+        """The wake generation the budget last put the build to sleep in, in ``period``."""
+        ...
+
+    async def mark_slept(
+        self, user_id: str, build_id: str, period: str, generation: str, ttl_s: int
+    ) -> None:
+        """Remember the sleep (see ``slept``) and list the build among the user's sleeping ones."""
+        ...
+
+    async def resumed(self, user_id: str, build_id: str, generation: str) -> None:
+        """The build resumed: a new wake generation, and it leaves the sleeping set."""
+        ...
+
+    async def sleeping(self, user_id: str) -> set[str]: ...
+
+    async def save_status(self, user_id: str, status: dict[str, str], ttl_s: int) -> None:
+        """The user's latest allowance, for the gateway's GET /v1/budget (a thin read)."""
+        ...
+
+
+class Commands(Protocol):
+    """The bus, as the budget uses it: publish now, or at a time (a JetStream message schedule)."""
+
+    async def publish(self, msg: Envelope) -> None: ...
+
+    async def publish_at(self, msg: Envelope, at: datetime, name: str) -> None:
+        """Deliver ``msg`` at ``at``; one pending schedule per (build, name): a new one replaces it."""
+        ...

@@ -1,30 +1,50 @@
-"""The budget's domain: price each iteration's token usage and charge it exactly once.
+"""The budget's domain: charge each iteration once, keep each user within a daily allowance.
 
 Plain async functions over the ports (no broker here). Amounts are integer micro-dollars.
+
+* Charge: an IterationCompleted is priced by model and usage and added to the user's period
+  ("day") and cycle ("month") of the event's time, and to the build, once per event.
+* Allowance: what is left of the cycle's budget (tier budget + top-ups) at the start of the
+  period, over the periods left (this one included), plus the period's own top-ups. Unspent
+  allowance rolls forward. ``demo_allowance_micro_usd`` replaces it with a fixed amount per period.
+* Sleep: once the period's spend reaches the allowance, every running build of the user gets a
+  SleepRequested (once per build, period and wake generation) and a WakeRequested scheduled for
+  the reset (a JetStream message schedule: no timer here, nothing lost when this service restarts).
+* Per-build cap: enforced by the agent (BuildFailed reason ``cost_limit``), not here.
 """
 
 from __future__ import annotations
 
-import calendar
 import logging
-from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from dataclasses import dataclass, field
+from datetime import datetime
 
 from kiln_contracts import (
     BuildCancelled,
     BuildCompleted,
     BuildFailed,
     BuildRequested,
+    BuildResumed,
     IterationCompleted,
+    SleepRequested,
+    WakeRequested,
+    stable_id,
 )
 from kiln_runtime.config import KilnConfig
 from kiln_runtime.errors import PermanentError
 
-from .ports import Charge, Clock, SpendStore
+from .periods import Calendar, Period, UtcCalendar, as_utc
+from .ports import Charge, Clock, Commands, SpendStore
 
 log = logging.getLogger(__name__)
 
 BuildEnded = BuildCompleted | BuildFailed | BuildCancelled
+
+# The name of a build's one pending budget wake: kiln.schedule.<build_id>.budget-wake
+WAKE_SCHEDULE = "budget-wake"
+SLEEP_REASON_DAY = "daily allowance used up"
+SLEEP_REASON_CYCLE = "monthly budget used up"
+WAKE_REASON = "allowance reset"
 
 
 @dataclass(frozen=True)
@@ -32,19 +52,18 @@ class Deps:
     store: SpendStore
     clock: Clock
     config: KilnConfig
+    calendar: Calendar = field(default_factory=UtcCalendar)
+    commands: Commands | None = None
+    demo_allowance_micro_usd: int | None = None  # a fixed allowance per period (the demo)
+
+    def now(self) -> datetime:
+        return as_utc(self.clock.now())
 
 
 @dataclass(frozen=True)
 class Charged:
     amount_micro_usd: int
     applied: bool  # False: this event was charged before (a redelivery or another replica)
-
-
-def utc_day(moment: datetime) -> date:
-    """The UTC calendar day of ``moment`` (a naive datetime is taken as UTC)."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).date()
 
 
 def cost_of(config: KilnConfig, event: IterationCompleted) -> int:
@@ -60,14 +79,16 @@ def cost_of(config: KilnConfig, event: IterationCompleted) -> int:
 
 
 async def charge_iteration(deps: Deps, event: IterationCompleted) -> Charged:
-    """Charge the user (day and month of the event's UTC time) and the build, once per event."""
+    """Charge the user (the period and cycle of the event's time) and the build, once per event."""
     amount = cost_of(deps.config, event)
+    period = deps.calendar.period(event.occurred_at)
     applied = await deps.store.charge(
         Charge(
             event_id=event.event_id,
             user_id=event.user_id,
             build_id=event.build_id,
-            day=utc_day(event.occurred_at),
+            period=period.key,
+            cycle=period.cycle,
             amount_micro_usd=amount,
         )
     )
@@ -79,6 +100,17 @@ async def charge_iteration(deps: Deps, event: IterationCompleted) -> Charged:
     return Charged(amount, applied)
 
 
+async def iteration_completed(deps: Deps, event: IterationCompleted) -> list[str]:
+    """Charge the iteration, then put the user's builds to sleep if that used up the allowance.
+
+    Runs in full on a redelivery too (the charge is once; the sleep is once per build, period and
+    wake generation), so a crash between the charge and the sleep loses neither."""
+    await charge_iteration(deps, event)
+    # A charge means the build runs (unless it ended), even if its BuildRequested is still queued.
+    await deps.store.build_started(event.user_id, event.build_id)
+    return await enforce(deps, event.user_id, event)
+
+
 async def build_started(deps: Deps, event: BuildRequested) -> None:
     await deps.store.build_started(event.user_id, event.build_id)
     await deps.store.set_tier(event.user_id, event.tier)
@@ -88,16 +120,20 @@ async def build_ended(deps: Deps, event: BuildEnded) -> None:
     await deps.store.build_ended(event.user_id, event.build_id)
 
 
+async def build_resumed(deps: Deps, event: BuildResumed) -> None:
+    """A woken build starts a new wake generation: it may be put to sleep again this period."""
+    await deps.store.resumed(event.user_id, event.build_id, str(event.event_id))
+
+
 # ------------------------------------------------------------------------------ reads
 
 
 async def spent_today(deps: Deps, user_id: str) -> int:
-    return await deps.store.user_day(user_id, utc_day(deps.clock.now()))
+    return await deps.store.user_day(user_id, deps.calendar.period(deps.now()).key)
 
 
 async def spent_this_month(deps: Deps, user_id: str) -> int:
-    today = utc_day(deps.clock.now())
-    return await deps.store.user_month(user_id, today.year, today.month)
+    return await deps.store.user_month(user_id, deps.calendar.period(deps.now()).cycle)
 
 
 async def spent_build(deps: Deps, build_id: str) -> int:
@@ -113,10 +149,12 @@ async def running_builds(deps: Deps, user_id: str) -> set[str]:
 
 @dataclass(frozen=True)
 class Allowance:
-    """A user's daily allowance: what is left of the month's budget over the days left in it."""
+    """A user's allowance in the current period ("today")."""
 
     tier: str
+    period: Period
     monthly_budget_micro_usd: int
+    topups_micro_usd: int  # made this cycle, this period's included
     spent_month_micro_usd: int
     spent_today_micro_usd: int
     allowance_today_micro_usd: int
@@ -129,28 +167,140 @@ class Allowance:
     def exhausted(self) -> bool:
         return self.spent_today_micro_usd >= self.allowance_today_micro_usd
 
+    @property
+    def cycle_left_micro_usd(self) -> int:
+        """What is left of the cycle's budget and top-ups after everything spent so far."""
+        return self.monthly_budget_micro_usd + self.topups_micro_usd - self.spent_month_micro_usd
 
-def daily_allowance(monthly_budget: int, spent_before_today: int, today: date) -> int:
-    """Today's allowance: the budget left at the start of today over the days left (today too).
+    def wake_at(self) -> datetime:
+        """When a build put to sleep now should wake: the next period, or the next cycle when
+        nothing is left for the periods between."""
+        return self.period.end if self.cycle_left_micro_usd > 0 else self.period.cycle_end
+
+    def as_status(self, now: datetime) -> dict[str, str]:
+        return {
+            "tier": self.tier,
+            "period": self.period.key,
+            "cycle": self.period.cycle,
+            "period_start": self.period.start.isoformat(),
+            "period_end": self.period.end.isoformat(),
+            "allowance_micro_usd": str(self.allowance_today_micro_usd),
+            "spent_period_micro_usd": str(self.spent_today_micro_usd),
+            "remaining_micro_usd": str(self.remaining_today_micro_usd),
+            "spent_cycle_micro_usd": str(self.spent_month_micro_usd),
+            "topups_cycle_micro_usd": str(self.topups_micro_usd),
+            "monthly_budget_micro_usd": str(self.monthly_budget_micro_usd),
+            "wake_at": self.wake_at().isoformat(),
+            "updated_at": now.isoformat(),
+        }
+
+
+def daily_allowance(budget: int, spent_before_today: int, days_left: int) -> int:
+    """The budget left at the start of today over the days left (today too), never negative.
 
     Unspent allowance rolls forward: a quiet day raises every later day's allowance.
     """
-    days_in_month = calendar.monthrange(today.year, today.month)[1]
-    days_left = days_in_month - today.day + 1
-    return max(0, monthly_budget - spent_before_today) // days_left
+    return max(0, budget - spent_before_today) // max(1, days_left)
 
 
 async def allowance(deps: Deps, user_id: str, tier: str | None = None) -> Allowance:
-    """The user's allowance today (the tier last seen in their BuildRequested, else ``free``)."""
-    today = utc_day(deps.clock.now())
+    """The user's allowance now (the tier last seen in their BuildRequested, else ``free``)."""
+    now = deps.now()
+    period = deps.calendar.period(now)
     tier_name = tier or await deps.store.tier(user_id) or "free"
     monthly = deps.config.tier(tier_name).monthly_budget_micro_usd
-    spent_month = await deps.store.user_month(user_id, today.year, today.month)
-    spent_today = await deps.store.user_day(user_id, today)
+    spent_month = await deps.store.user_month(user_id, period.cycle)
+    spent_today = await deps.store.user_day(user_id, period.key)
+    topups_before = await deps.store.topups(user_id, period.cycle_start, period.start)
+    topups_today = await deps.store.topups(user_id, period.start, period.end)
+    if deps.demo_allowance_micro_usd is not None:
+        today = deps.demo_allowance_micro_usd + topups_today
+    else:
+        before = spent_month - spent_today
+        today = daily_allowance(monthly + topups_before, before, period.days_left) + topups_today
     return Allowance(
         tier=tier_name,
+        period=period,
         monthly_budget_micro_usd=monthly,
+        topups_micro_usd=topups_before + topups_today,
         spent_month_micro_usd=spent_month,
         spent_today_micro_usd=spent_today,
-        allowance_today_micro_usd=daily_allowance(monthly, spent_month - spent_today, today),
+        allowance_today_micro_usd=today,
     )
+
+
+# ------------------------------------------------------------------------------ sleep and wake
+
+
+async def enforce(deps: Deps, user_id: str, cause: IterationCompleted | None = None) -> list[str]:
+    """At the allowance, put each running build of the user to sleep until the reset.
+
+    Returns the builds asked to sleep now. Per build: schedule the wake first, then request the
+    sleep, then remember it; a crash in between redoes the steps (the same event ids: the server
+    drops a repeat within its duplicate window, the agent ignores a second sleep or wake)."""
+    now = deps.now()
+    status = await allowance(deps, user_id)
+    await deps.store.save_status(user_id, status.as_status(now), _ttl(status.period))
+    if not status.exhausted:
+        return []
+    if deps.commands is None:
+        raise RuntimeError("the budget needs Commands to put builds to sleep")
+    wake_at = status.wake_at()
+    reason = SLEEP_REASON_DAY if wake_at == status.period.end else SLEEP_REASON_CYCLE
+    asleep = []
+    for build_id in sorted(await deps.store.running(user_id)):
+        generation = await deps.store.wake_generation(build_id)
+        if await deps.store.slept(build_id, status.period.key) == generation:
+            continue
+        causation = cause.event_id if cause else None
+        wake = WakeRequested(
+            event_id=stable_id(build_id, "budget-wake", wake_at.isoformat()),
+            build_id=build_id,
+            user_id=user_id,
+            causation_id=causation,
+            reason=WAKE_REASON,
+        )
+        await deps.commands.publish_at(wake, wake_at, WAKE_SCHEDULE)
+        sleep = SleepRequested(
+            event_id=stable_id(build_id, "budget-sleep", status.period.key, generation),
+            build_id=build_id,
+            user_id=user_id,
+            causation_id=causation,
+            reason=f"{reason}: spent {status.spent_today_micro_usd} of "
+            f"{status.allowance_today_micro_usd} micro-USD",
+            wake_at=wake_at,
+        )
+        await deps.commands.publish(sleep)
+        await deps.store.mark_slept(
+            user_id, build_id, status.period.key, generation, _ttl(status.period)
+        )
+        log.info(
+            "asked to sleep until %s: %s", wake_at.isoformat(), reason, extra={"build_id": build_id}
+        )
+        asleep.append(build_id)
+    return asleep
+
+
+async def top_up(deps: Deps, user_id: str, topup_id: str, amount_micro_usd: int) -> set[str]:
+    """Credit the user now and wake the builds the budget put to sleep (what the gateway's
+    ``POST /v1/budget/top-up`` does through the same Redis keys); returns the builds woken."""
+    if deps.commands is None:
+        raise RuntimeError("the budget needs Commands to wake builds")
+    await deps.store.add_topup(user_id, topup_id, amount_micro_usd, deps.now())
+    woken = await deps.store.sleeping(user_id)
+    for build_id in sorted(woken):
+        await deps.commands.publish(
+            WakeRequested(
+                event_id=stable_id(build_id, "top-up", topup_id),
+                build_id=build_id,
+                user_id=user_id,
+                reason="top-up",
+            )
+        )
+    await enforce(deps, user_id)  # refresh the status the gateway reads
+    return woken
+
+
+def _ttl(period: Period) -> int:
+    """Keep per-period marks for two periods (and at least a minute)."""
+    return max(60, int(period.length_s * 2))

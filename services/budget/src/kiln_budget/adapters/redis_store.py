@@ -3,17 +3,31 @@
 Keys (all amounts integer micro-dollars):
 
 * ``kiln:charged:<event_id>``                      the event was charged (35-day TTL)
-* ``kiln:spend:user:<user>:day:<YYYY-MM-DD>``      a user's spend on a UTC day
-* ``kiln:spend:user:<user>:month:<YYYY-MM>``       a user's spend in a UTC month
+* ``kiln:spend:user:<user>:day:<YYYY-MM-DD>``      a user's spend on a UTC day (``p<n>`` when
+                                                   periods are shortened, see ``periods.py``)
+* ``kiln:spend:user:<user>:month:<YYYY-MM>``       a user's spend in a UTC month (or ``c<n>``)
 * ``kiln:spend:build:<build_id>``                  a build's spend
 * ``kiln:running:<user>``                          set of the user's running build ids
 * ``kiln:ended:<build_id>``                        the build ended (keeps a late BuildRequested out)
 * ``kiln:tier:<user>``                             the tier of the user's latest BuildRequested
+
+Sleep and wake (see docs/ARCHITECTURE.md, budget):
+
+* ``kiln:budget:topups:<user>``                    sorted set of top-ups: member ``<topup_id>:<micro>``,
+                                                   score = Unix time of the top-up. WRITTEN BY THE
+                                                   GATEWAY (POST /v1/budget/top-up) too: that is the
+                                                   key contract.
+* ``kiln:budget:sleeping:<user>``                  set of the builds the budget put to sleep (a
+                                                   top-up wakes these); left on BuildResumed or end
+* ``kiln:budget:gen:<build_id>``                   the build's wake generation (its last BuildResumed)
+* ``kiln:budget:slept:<build_id>:<period>``        the generation the budget slept the build in
+* ``kiln:budget:user:<user>``                      hash: the user's latest allowance (read by the
+                                                   gateway's GET /v1/budget)
 """
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import datetime
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -53,9 +67,10 @@ end
 return redis.call('SADD', KEYS[1], ARGV[1])
 """
 
-# KEYS: running, ended   ARGV: build id, ended ttl
+# KEYS: running, ended, sleeping   ARGV: build id, ended ttl
 ENDED_LUA = """
 redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
+redis.call('SREM', KEYS[3], ARGV[1])
 return redis.call('SREM', KEYS[1], ARGV[1])
 """
 
@@ -64,12 +79,12 @@ def charged_key(event_id: object) -> str:
     return f"kiln:charged:{event_id}"
 
 
-def day_key(user_id: str, day: date) -> str:
-    return f"kiln:spend:user:{user_id}:day:{day.isoformat()}"
+def day_key(user_id: str, period: str) -> str:
+    return f"kiln:spend:user:{user_id}:day:{period}"
 
 
-def month_key(user_id: str, year: int, month: int) -> str:
-    return f"kiln:spend:user:{user_id}:month:{year:04d}-{month:02d}"
+def month_key(user_id: str, cycle: str) -> str:
+    return f"kiln:spend:user:{user_id}:month:{cycle}"
 
 
 def build_key(build_id: str) -> str:
@@ -86,6 +101,35 @@ def ended_key(build_id: str) -> str:
 
 def tier_key(user_id: str) -> str:
     return f"kiln:tier:{user_id}"
+
+
+def topups_key(user_id: str) -> str:
+    return f"kiln:budget:topups:{user_id}"
+
+
+def sleeping_key(user_id: str) -> str:
+    return f"kiln:budget:sleeping:{user_id}"
+
+
+def generation_key(build_id: str) -> str:
+    return f"kiln:budget:gen:{build_id}"
+
+
+def slept_key(build_id: str, period: str) -> str:
+    return f"kiln:budget:slept:{build_id}:{period}"
+
+
+def status_key(user_id: str) -> str:
+    return f"kiln:budget:user:{user_id}"
+
+
+def topup_member(topup_id: str, amount_micro_usd: int) -> str:
+    """A top-up's member in ``kiln:budget:topups:<user>`` (ids must not contain ':')."""
+    if not topup_id or ":" in topup_id:
+        raise ValueError(f"invalid top-up id {topup_id!r}: non-empty, without ':'")
+    if amount_micro_usd <= 0:
+        raise ValueError(f"a top-up is positive, not {amount_micro_usd}")
+    return f"{topup_id}:{amount_micro_usd}"
 
 
 class RedisSpendStore:
@@ -128,12 +172,11 @@ class RedisSpendStore:
 
     async def charge(self, charge: Charge) -> bool:
         _ = self.redis
-        day = charge.day
         applied = await self._charge(
             keys=[
                 charged_key(charge.event_id),
-                day_key(charge.user_id, day),
-                month_key(charge.user_id, day.year, day.month),
+                day_key(charge.user_id, charge.period),
+                month_key(charge.user_id, charge.cycle),
                 build_key(charge.build_id),
             ],
             args=[charge.amount_micro_usd, CHARGED_TTL_S, DAY_TTL_S, MONTH_TTL_S, BUILD_TTL_S],
@@ -144,11 +187,11 @@ class RedisSpendStore:
         value = await self.redis.get(key)
         return int(value) if value is not None else 0
 
-    async def user_day(self, user_id: str, day: date) -> int:
-        return await self._int(day_key(user_id, day))
+    async def user_day(self, user_id: str, period: str) -> int:
+        return await self._int(day_key(user_id, period))
 
-    async def user_month(self, user_id: str, year: int, month: int) -> int:
-        return await self._int(month_key(user_id, year, month))
+    async def user_month(self, user_id: str, cycle: str) -> int:
+        return await self._int(month_key(user_id, cycle))
 
     async def build(self, build_id: str) -> int:
         return await self._int(build_key(build_id))
@@ -163,7 +206,8 @@ class RedisSpendStore:
     async def build_ended(self, user_id: str, build_id: str) -> None:
         _ = self.redis
         await self._ended(
-            keys=[running_key(user_id), ended_key(build_id)], args=[build_id, ENDED_TTL_S]
+            keys=[running_key(user_id), ended_key(build_id), sleeping_key(user_id)],
+            args=[build_id, ENDED_TTL_S],
         )
 
     async def running(self, user_id: str) -> set[str]:
@@ -176,3 +220,56 @@ class RedisSpendStore:
     async def tier(self, user_id: str) -> str | None:
         value = await self.redis.get(tier_key(user_id))
         return None if value is None else str(value)
+
+    # ------------------------------------------------------------------ top-ups, sleep, status
+
+    async def add_topup(
+        self, user_id: str, topup_id: str, amount_micro_usd: int, at: datetime
+    ) -> None:
+        key = topups_key(user_id)
+        member = topup_member(topup_id, amount_micro_usd)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(key, {member: at.timestamp()})
+            pipe.zremrangebyscore(key, "-inf", at.timestamp() - MONTH_TTL_S)
+            pipe.expire(key, MONTH_TTL_S)
+            await pipe.execute()
+
+    async def topups(self, user_id: str, since: datetime, until: datetime) -> int:
+        members = await self.redis.zrangebyscore(
+            topups_key(user_id), since.timestamp(), f"({until.timestamp()}"
+        )
+        return sum(int(str(m).rsplit(":", 1)[1]) for m in members)
+
+    async def wake_generation(self, build_id: str) -> str:
+        value = await self.redis.get(generation_key(build_id))
+        return "0" if value is None else str(value)
+
+    async def slept(self, build_id: str, period: str) -> str | None:
+        value = await self.redis.get(slept_key(build_id, period))
+        return None if value is None else str(value)
+
+    async def mark_slept(
+        self, user_id: str, build_id: str, period: str, generation: str, ttl_s: int
+    ) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(slept_key(build_id, period), generation, ex=ttl_s)
+            pipe.sadd(sleeping_key(user_id), build_id)
+            pipe.expire(sleeping_key(user_id), MONTH_TTL_S)
+            await pipe.execute()
+
+    async def resumed(self, user_id: str, build_id: str, generation: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(generation_key(build_id), generation, ex=ENDED_TTL_S)
+            pipe.srem(sleeping_key(user_id), build_id)
+            await pipe.execute()
+
+    async def sleeping(self, user_id: str) -> set[str]:
+        members = await self.redis.smembers(sleeping_key(user_id))  # type: ignore[misc]
+        return {str(m) for m in members}
+
+    async def save_status(self, user_id: str, status: dict[str, str], ttl_s: int) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(status_key(user_id))
+            pipe.hset(status_key(user_id), mapping=status)  # type: ignore[arg-type]
+            pipe.expire(status_key(user_id), ttl_s)
+            await pipe.execute()
