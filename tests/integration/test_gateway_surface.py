@@ -198,6 +198,9 @@ async def test_errors_are_problem_documents(gw: Gateway, uid: str):
         is_problem(await c.post("/v1/builds", json={"idea_brief": "x" * 70_000}), 413)
         is_problem(await c.post("/v1/projects", json={"idea_brief": "x" * 70_000}), 413)
         is_problem(await c.get("/v1/builds?cursor=%%%"), 400)
+        # Postgres text cannot hold NUL: refused as invalid input, never a server error.
+        is_problem(await c.post("/v1/projects", json={"idea_brief": "a\u0000b"}), 422)
+        is_problem(await c.post("/v1/builds", json={"idea_brief": "a\u0000b"}), 422)
         assert (await c.post("/v1/builds", json=BRIEF)).status_code == 201
         capped = is_problem(await c.post("/v1/builds", json=BRIEF), 429)
         assert "concurrent" in capped["detail"]

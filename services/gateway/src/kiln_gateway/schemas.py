@@ -23,7 +23,28 @@ QNA_EXAMPLE: Any = [
 BRIEF_EXAMPLE = "A tiny Python package `textstats` that counts words, lines and characters."
 
 
-class CreateBuild(BaseModel):
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\0" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+class Body(BaseModel):
+    """A request body: no NUL characters in text (JSON allows "\\u0000"; Postgres text cannot
+    hold it)."""
+
+    @model_validator(mode="after")
+    def _no_nul(self) -> Body:
+        if _has_nul(self.model_dump()):
+            raise ValueError("text must not contain NUL characters (\\u0000)")
+        return self
+
+
+class CreateBuild(Body):
     """Either an idea brief (and Q&A) inline, or a project (and optionally one of its versions)."""
 
     model_config = ConfigDict(
@@ -156,7 +177,7 @@ class Problem(BaseModel):
 # ---------------------------------------------------------------------------- projects
 
 
-class CreateProject(BaseModel):
+class CreateProject(Body):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
@@ -171,7 +192,7 @@ class CreateProject(BaseModel):
     understanding_qna: list[QnA] = Field(default_factory=list, max_length=200)
 
 
-class EditProject(BaseModel):
+class EditProject(Body):
     """PATCH: the fields to change (others are kept). PUT: the whole project."""
 
     model_config = ConfigDict(
@@ -251,7 +272,7 @@ class BudgetOut(BaseModel):
         return cls(**v.__dict__)
 
 
-class CreateKey(BaseModel):
+class CreateKey(Body):
     model_config = ConfigDict(
         extra="forbid", json_schema_extra={"examples": [{"user_id": "alice", "tier": "pro"}]}
     )
