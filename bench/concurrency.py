@@ -1,0 +1,221 @@
+"""Concurrency: one agent process driving many concurrent builds against a model with 1 s latency.
+
+    uv run --frozen python bench/concurrency.py [--builds 100,300,1000] [--latency-s 1.0]
+        [--measure-s 20]
+
+For each size: a fresh nats-server and Postgres, one ``python -m kiln_agent`` (with
+KILN_AGENT_WORKERS = max(128, builds) so that the consumer's worker cap is not what limits it),
+``bench/loop_model.py`` as its own process (every reply one ``list_dir`` after ``--latency-s``),
+and a fake sandbox in this process that answers every ToolCall at once (a bare nats-py push
+consumer: publish the ToolResult, ack). All builds are requested together; once each has made a model call the window
+opens and lasts ``--measure-s``.
+
+* iters_per_s: model replies in the window / its length. ideal_iters_per_s: builds / latency
+  (the fake sandbox's tool time is 0), what the model server alone allows.
+* overhead_p50/p99_ms: per iteration, from a reply leaving the model server to the same build's
+  next request arriving there: the agent's bookkeeping (SDK, checkpoint, outbox, publishes), both
+  bus hops and the fake sandbox. 1 s of model time is not in it.
+* rss_mb: the agent's peak RSS (psutil, sampled every 0.25 s).
+* cpu: each process's share of the machine's CPUs during the window.
+
+The last line is the last size's: ``concurrency builds=… iters_per_s=… ideal_iters_per_s=…
+overhead_p50_ms=… overhead_p99_ms=… rss_mb=… knee_builds=…`` (knee_builds: the largest size that
+kept iterations/s within 80% of the ideal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from _common import Bench, bench, connect, figures, percentile, publish, rss_mb, wait_port
+from nats.aio.msg import Msg
+
+from kiln_contracts import BuildLimits, BuildRequested, ToolCall, ToolResult, stable_id, subjects
+from kiln_devstack.infra import free_port
+
+HERE = Path(__file__).resolve().parent
+
+
+def get(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=30) as r:
+        data: dict[str, Any] = json.loads(r.read())
+        return data
+
+
+def processes(b: Bench, agent: int, model: int) -> dict[str, list[psutil.Process]]:
+    """The processes whose CPU is reported, by role."""
+    groups: dict[str, list[psutil.Process]] = {
+        "agent": [psutil.Process(agent)],
+        "model": [psutil.Process(model)],
+        "bench+fake_sandbox": [psutil.Process()],
+        "nats": [],
+        "postgres": [],
+    }
+    for p in psutil.process_iter(["name", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if str(b.data_dir) in cmd and "nats-server" in cmd:
+            groups["nats"].append(p)
+        elif "postgres" in (p.info["name"] or "") and (
+            str(b.data_dir) in cmd or p.info["name"] == "postgres"
+        ):
+            groups["postgres"].append(p)
+    return groups
+
+
+async def run_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
+    with bench("concurrency") as b:
+        port = free_port()
+        model = b.start(
+            "model",
+            [str(HERE / "loop_model.py"), "--port", str(port), "--latency-s", str(args.latency_s)],
+        )
+        url = f"http://127.0.0.1:{port}"
+        wait_port(url)
+        nc = await connect(b.urls["NATS_URL"])
+        js = nc.jetstream()
+
+        async def answer(msg: Msg) -> None:
+            """The fake sandbox: a push consumer answering each ToolCall at once."""
+            call = ToolCall.model_validate_json(msg.data)
+            result = call.caused(
+                ToolResult, call_id=call.call_id, iteration=call.iteration, output="(empty)"
+            ).with_id(stable_id(call.build_id, "tool_result", call.call_id))
+            await publish(nc, result)
+            await msg.ack()
+
+        await js.subscribe(
+            subjects.kind_filter("tool_call"),
+            durable="bench-fake-sandbox",
+            cb=answer,
+            manual_ack=True,
+            pending_msgs_limit=-1,
+        )
+        agent = b.start(
+            "agent",
+            ["-m", "kiln_agent"],
+            ANTHROPIC_BASE_URL=url,
+            ANTHROPIC_API_KEY="bench",
+            KILN_AGENT_WORKERS=str(max(128, size)),
+        )
+        peak = 0.0
+        sampling = True
+
+        async def sample() -> None:
+            nonlocal peak
+            while sampling:
+                if agent.alive():
+                    peak = max(peak, rss_mb(agent.popen.pid))
+                await asyncio.sleep(0.25)
+
+        sampler = asyncio.create_task(sample())
+        try:
+            limits = BuildLimits(max_iterations=10_000)
+            ids = [f"cc-{uuid.uuid4().hex[:12]}" for _ in range(size)]
+            for chunk in range(0, size, 100):
+                await asyncio.gather(
+                    *(
+                        publish(
+                            nc,
+                            BuildRequested(
+                                build_id=i, user_id="bench", tier="pro", idea_brief="x",
+                                limits=limits,
+                            ),
+                        )  # fmt: skip
+                        for i in ids[chunk : chunk + 100]
+                    )
+                )
+            loop = asyncio.get_running_loop()
+
+            def requests() -> int:
+                return int(get(url + "/healthz")["requests"])
+
+            async def started() -> bool:
+                return await loop.run_in_executor(None, requests) >= size
+
+            deadline = time.monotonic() + 120 + size / 5
+            while not await started():
+                b.check(agent)
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"{size} builds did not all start in time")
+                await asyncio.sleep(0.5)
+            await asyncio.sleep(2 * args.latency_s)  # every build past its first call
+            groups = processes(b, agent.popen.pid, model.popen.pid)
+            for ps in groups.values():
+                for p in ps:
+                    p.cpu_percent()
+            t0 = time.time()
+            await asyncio.sleep(args.measure_s)
+            t1 = time.time()
+            cpu = {}
+            for name, ps in groups.items():
+                total = 0.0
+                for p in ps:
+                    try:
+                        total += p.cpu_percent()
+                    except psutil.Error:
+                        pass
+                cpu[name] = total
+            b.check(agent)
+            stats = await loop.run_in_executor(None, get, f"{url}/stats/{t0}")
+        finally:
+            sampling = False
+            await sampler
+            b.stop_all()
+            await nc.close()
+    replies = [t for t in stats["replies"] if t0 <= t < t1]
+    gaps = stats["gaps_ms"]
+    return {
+        "builds": size,
+        "iters_per_s": len(replies) / (t1 - t0),
+        "ideal_iters_per_s": size / args.latency_s,
+        "overhead_p50_ms": percentile(gaps, 50),
+        "overhead_p99_ms": percentile(gaps, 99),
+        "rss_mb": peak,
+        "cpu": cpu,
+    }
+
+
+async def main(args: argparse.Namespace) -> None:
+    sizes = [int(s) for s in args.builds.split(",")]
+    results = []
+    for size in sizes:
+        r = await run_size(size, args)
+        results.append(r)
+        share = r["iters_per_s"] / r["ideal_iters_per_s"]
+        cpu = " ".join(f"{k}={v:.0f}%" for k, v in r["cpu"].items())
+        print(
+            f"builds={size}: {r['iters_per_s']:.1f} iterations/s of {r['ideal_iters_per_s']:.0f} "
+            f"({share:.0%}), overhead p50 {r['overhead_p50_ms']:.1f} ms p99 "
+            f"{r['overhead_p99_ms']:.1f} ms, agent peak RSS {r['rss_mb']:.0f} MB; CPU (100% = "
+            f"one core of {psutil.cpu_count()}): {cpu}",
+            flush=True,
+        )
+    ok = [r["builds"] for r in results if r["iters_per_s"] >= 0.8 * r["ideal_iters_per_s"]]
+    last = results[-1]
+    above = [r["builds"] for r in results if r["builds"] not in ok]
+    if ok and above:
+        print(f"knee: between {max(ok)} and {min(b for b in above if b > max(ok)) if any(b > max(ok) for b in above) else '?'} builds")
+    print(
+        figures(
+            "concurrency",
+            **{k: v for k, v in last.items() if k != "cpu"},
+            knee_builds=max(ok) if ok else 0,
+        )
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--builds", default="100,300,1000", help="Sizes, comma-separated.")
+    parser.add_argument("--latency-s", type=float, default=1.0, help="Model latency per call.")
+    parser.add_argument("--measure-s", type=float, default=20.0, help="The measuring window.")
+    asyncio.run(main(parser.parse_args()))

@@ -1,0 +1,135 @@
+"""An Anthropic-compatible model server for the benchmarks: every build loops on one cheap tool.
+
+    uv run --frozen python bench/loop_model.py --port 8766 [--latency-s 1.0] [--iterations 0]
+
+Each reply is one ``list_dir`` tool_use (the path alternates between ``.`` and ``./`` so the
+agent's repetition limit never trips) until the build has made ``iterations`` model calls
+(0: forever), then ``end_turn``. Usage is a small constant, so no cost cap is reached.
+
+It is the scripted server (``kiln_agent.scripted_server``: asyncio, one task per connection,
+keep-alive) with this responder, plus timing: for every build it remembers when the last reply
+left and, when the build's next request arrives, records the gap (everything Kiln did between
+two model calls). ``GET /stats[/<since>]`` returns those gaps and the reply times as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import re
+import time
+from collections import defaultdict
+from typing import Any
+
+from kiln_agent.scripted_server import Recorded, ScriptedServer
+
+BUILD = re.compile(r"\(Build ([^)\s]+)\.\)")
+USAGE = {
+    "input_tokens": 200,
+    "output_tokens": 20,
+    "cache_creation_input_tokens": 0,
+    "cache_read_input_tokens": 0,
+}
+
+
+def build_of(request: dict[str, Any]) -> str:
+    """The build id, from the agent's kickoff turn ("... (Build <id>.)")."""
+    for m in request.get("messages") or []:
+        content = m.get("content")
+        blocks = [{"text": content}] if isinstance(content, str) else content or []
+        for b in blocks:
+            found = BUILD.search(str(b.get("text", "")))
+            if found:
+                return found.group(1)
+    return "?"
+
+
+class LoopModel(ScriptedServer):
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, latency_s: float = 0.0, iterations: int = 0
+    ) -> None:
+        super().__init__(host, port, latency_s)
+        self.iterations = iterations
+        self.responder = self.respond
+        self.on_request = self._arrived
+        self.sent_at: dict[str, float] = {}
+        self.gaps: list[tuple[str, float, float]] = []  # (build, reply left, next request came)
+        self.arrivals: dict[str, list[tuple[str, float]]] = defaultdict(list)  # build → (prefix, t)
+        self.replies: list[float] = []
+        self.hook: Any = None  # an async callable(build_id, prefix) for the recovery benchmark
+
+    async def _arrived(self, seen: Recorded) -> None:
+        now = time.time()
+        build = build_of(seen.request)
+        self.arrivals[build].append((seen.prefix, now))
+        last = self.sent_at.pop(build, None)
+        if last is not None:
+            self.gaps.append((build, last, now))
+        if self.hook is not None:
+            await self.hook(build, seen.prefix)
+
+    def respond(self, request: dict[str, Any]) -> dict[str, Any]:
+        messages = request.get("messages") or []
+        n = sum(1 for m in messages if m.get("role") == "assistant")
+        build = build_of(request)
+        if self.iterations and n + 1 >= self.iterations:
+            content: list[dict[str, Any]] = [{"type": "text", "text": f"Done after {n} turns."}]
+            stop = "end_turn"
+        else:
+            path = "." if n % 2 == 0 else "./"
+            content = [
+                {"type": "tool_use", "id": f"toolu_b{n}", "name": "list_dir",
+                 "input": {"path": path}},
+            ]  # fmt: skip
+            stop = "tool_use"
+        now = time.time()
+        self.sent_at[build] = now
+        self.replies.append(now)
+        return {
+            "id": f"msg_{build}_{n}",
+            "type": "message",
+            "role": "assistant",
+            "model": request.get("model") or "scripted",
+            "content": content,
+            "stop_reason": stop,
+            "stop_sequence": None,
+            "usage": dict(USAGE),
+        }
+
+    def stats(self, since: float = 0.0) -> dict[str, Any]:
+        return {
+            "gaps_ms": [(b - a) * 1000 for _, a, b in self.gaps if a >= since],
+            "replies": [t for t in self.replies if t >= since],
+            "requests": self.requests,
+        }
+
+    async def _handle(
+        self, method: str, path: str, body: bytes
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        if method == "GET" and path.startswith("/stats"):  # /stats or /stats/<since, epoch s>
+            tail = path.removeprefix("/stats").strip("/")
+            return 200, self.stats(float(tail or 0)), {}
+        return await super()._handle(method, path, body)
+
+
+async def serve(host: str, port: int, latency_s: float, iterations: int) -> None:
+    server = LoopModel(host, port, latency_s, iterations)
+    await server.start()
+    print(f"loop model listening on {server.url}", flush=True)
+    await asyncio.Event().wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8766)
+    parser.add_argument("--latency-s", type=float, default=0.0)
+    parser.add_argument("--iterations", type=int, default=0, help="Model calls per build (0: ∞).")
+    args = parser.parse_args()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(args.host, args.port, args.latency_s, args.iterations))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Tool-call round trip through Kiln vs the raw JetStream floor, measured in the same run.
+
+    uv run --frozen python bench/roundtrip.py [--builds 20] [--calls 25] [--floor 1000]
+
+Kiln: ``python -m kiln_agent`` and ``python -m kiln_sandbox`` (local provider) as processes on a
+nats-server and Postgres of the benchmark's own; the model is ``bench/loop_model.py`` in this
+process with no latency, answering every turn with one ``list_dir`` of the empty workspace.
+``--builds`` builds run one after the other, each making ``--calls`` tool calls; the first call
+of each build (which creates the sandbox) is left out. One sample is the time from the ToolCall's
+stream timestamp (the server stored it: the agent published it after its checkpoint committed) to
+the arrival of the build's next model request: the sandbox consumes the call, records it in its
+ledger, runs list_dir, stores the result and publishes the ToolResult; the agent consumes it,
+records it and commits the checkpoint, takes the think lease, loads the conversation and sends
+the next request. Bookkeeping on both sides is included; the model is not.
+
+Floor: a bare nats-py JetStream round trip on the same server: publish (PubAck awaited) to a
+stream → a durable pull consumer fetches and acks → publish the reply → a second durable pull
+consumer fetches and acks; one at a time, timed from the first publish to the reply in hand.
+
+Ends with ``roundtrip p50_ms=… p99_ms=… floor_p50_ms=… floor_p99_ms=… ratio_p50=… ratio_p99=…``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+import uuid
+
+from nats.aio.client import Client
+from nats.js.api import StreamConfig
+
+from _common import Bench, bench, connect, figures, percentile, publish, until, watch
+from kiln_contracts import BuildLimits, BuildRequested, subjects
+from loop_model import LoopModel
+
+PAYLOAD = b'{"tool": "list_dir", "input": {"path": "."}, "pad": "' + b"x" * 400 + b'"}'
+
+
+async def floor(nc_a: Client, nc_b: Client, n: int) -> list[float]:
+    """Round trips in milliseconds: A publishes, B consumes and publishes, A consumes."""
+    js_a, js_b = nc_a.jetstream(), nc_b.jetstream()
+    name = f"FLOOR{uuid.uuid4().hex[:8]}"
+    await js_a.add_stream(StreamConfig(name=name, subjects=[f"{name}.>"]))
+    ping = await js_b.pull_subscribe(f"{name}.ping", durable=f"{name}-ping")
+    pong = await js_a.pull_subscribe(f"{name}.pong", durable=f"{name}-pong")
+
+    async def responder() -> None:
+        while True:
+            try:
+                msgs = await ping.fetch(1, timeout=5)
+            except TimeoutError:
+                continue
+            for m in msgs:
+                await m.ack()
+                await js_b.publish(
+                    f"{name}.pong", m.data, headers={"Nats-Msg-Id": uuid.uuid4().hex}, timeout=10
+                )
+
+    task = asyncio.create_task(responder())
+    out: list[float] = []
+    try:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await js_a.publish(
+                f"{name}.ping", PAYLOAD, headers={"Nats-Msg-Id": uuid.uuid4().hex}, timeout=10
+            )
+            (reply,) = await pong.fetch(1, timeout=10)
+            await reply.ack()
+            out.append((time.perf_counter() - t0) * 1000)
+    finally:
+        task.cancel()
+        await js_a.delete_stream(name)
+    return out
+
+
+async def kiln(b: Bench, nc: Client, builds: int, calls: int) -> dict[str, list[float]]:
+    model = LoopModel(iterations=calls + 1)
+    await model.start()
+    b.start("sandbox", ["-m", "kiln_sandbox"])
+    b.start(
+        "agent",
+        ["-m", "kiln_agent"],
+        ANTHROPIC_BASE_URL=model.url,
+        ANTHROPIC_API_KEY="bench",
+    )
+    out: dict[str, list[float]] = {"roundtrip": [], "sandbox_leg": [], "agent_leg": []}
+    try:
+        for _ in range(builds):
+            build_id = f"rt-{uuid.uuid4().hex[:12]}"
+            seen = await watch(nc, subjects.build_filter(build_id))
+            await publish(
+                nc,
+                BuildRequested(
+                    build_id=build_id,
+                    user_id="bench",
+                    tier="pro",
+                    idea_brief="A benchmark that lists an empty directory.",
+                    limits=BuildLimits(max_iterations=calls + 5),
+                ),
+            )
+            await until(
+                lambda: any(s.kind in ("build_completed", "build_failed") for s in seen)
+                or any(not p.alive() for p in b.processes),
+                timeout=60 + calls,
+                what=f"build {build_id} to finish",
+            )
+            for p in b.processes:
+                b.check(p)
+            if not any(s.kind == "build_completed" for s in seen):
+                raise SystemExit(f"build {build_id} failed: {seen[-1].data}")
+            arrivals = [t for _, t in model.arrivals[build_id]]
+            tool_calls = sorted((s for s in seen if s.kind == "tool_call"), key=lambda s: s.at)
+            results = {s.data["call_id"]: s.at for s in seen if s.kind == "tool_result"}
+            for call in tool_calls[1:]:  # the first call also creates the sandbox
+                nxt = min(t for t in arrivals if t > call.at)
+                res = results[call.data["call_id"]]
+                out["roundtrip"].append((nxt - call.at) * 1000)
+                out["sandbox_leg"].append((res - call.at) * 1000)
+                out["agent_leg"].append((nxt - res) * 1000)
+    finally:
+        b.stop_all()
+        await model.stop()
+    return out
+
+
+async def main(args: argparse.Namespace) -> None:
+    with bench("roundtrip") as b:
+        nc_a = await connect(b.urls["NATS_URL"])
+        nc_b = await connect(b.urls["NATS_URL"])
+        try:
+            await floor(nc_a, nc_b, 20)  # warm-up
+            raw = await floor(nc_a, nc_b, args.floor)
+            got = await kiln(b, nc_a, args.builds, args.calls)
+        finally:
+            await nc_a.close()
+            await nc_b.close()
+    rt = got["roundtrip"]
+    for name, values in (("floor", raw), *got.items()):
+        print(
+            f"{name}: n={len(values)} p50={percentile(values, 50):.2f}ms "
+            f"p90={percentile(values, 90):.2f}ms p99={percentile(values, 99):.2f}ms "
+            f"max={max(values):.2f}ms"
+        )
+    p50, p99 = percentile(rt, 50), percentile(rt, 99)
+    f50, f99 = percentile(raw, 50), percentile(raw, 99)
+    print(
+        figures(
+            "roundtrip",
+            p50_ms=p50,
+            p99_ms=p99,
+            floor_p50_ms=f50,
+            floor_p99_ms=f99,
+            ratio_p50=p50 / f50,
+            ratio_p99=p99 / f99,
+        )
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--builds", type=int, default=20, help="Builds, one after the other.")
+    parser.add_argument("--calls", type=int, default=25, help="Tool calls per build.")
+    parser.add_argument("--floor", type=int, default=1000, help="Raw round trips.")
+    asyncio.run(main(parser.parse_args()))
