@@ -6,7 +6,7 @@ import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 
@@ -117,6 +117,55 @@ class KilnClient:
         result: dict[str, Any] = self._json(
             self.http.post("/v1/builds", json=body, headers=headers)
         )
+        return result
+
+    def list_builds(
+        self, status: str | None = None, limit: int = 20, cursor: str | None = None
+    ) -> dict[str, Any]:
+        params: dict[str, Any] = {"limit": limit}
+        if status:
+            params["status"] = status
+        if cursor:
+            params["cursor"] = cursor
+        result: dict[str, Any] = self._json(self.http.get("/v1/builds", params=params))
+        return result
+
+    def command(self, build_id: str, what: str) -> dict[str, Any]:
+        """``wake`` or ``cancel``."""
+        result: dict[str, Any] = self._json(self.http.post(f"/v1/builds/{build_id}/{what}"))
+        return result
+
+    def budget(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._json(self.http.get("/v1/budget"))
+        return result
+
+    def download(self, build_id: str, out: BinaryIO) -> int:
+        """Write the build's files (tar.gz of the latest snapshot) to ``out``; returns bytes."""
+        written = 0
+        timeout = httpx.Timeout(10.0, read=120.0)
+        with self.http.stream("GET", f"/v1/builds/{build_id}/files", timeout=timeout) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                self._json(resp)
+            for chunk in resp.iter_bytes():
+                out.write(chunk)
+                written += len(chunk)
+        return written
+
+    # -- admin (the admin key, KILN_ADMIN_API_KEY on the gateway) --------------------------
+
+    def create_key(self, user_id: str, tier: str) -> dict[str, Any]:
+        body = {"user_id": user_id, "tier": tier}
+        result: dict[str, Any] = self._json(self.http.post("/v1/admin/keys", json=body))
+        return result
+
+    def revoke_key(self, ident: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._json(self.http.delete(f"/v1/admin/keys/{ident}"))
+        return result
+
+    def list_keys(self, user_id: str | None = None) -> dict[str, Any]:
+        params = {"user_id": user_id} if user_id else {}
+        result: dict[str, Any] = self._json(self.http.get("/v1/admin/keys", params=params))
         return result
 
     def get_build(self, build_id: str) -> dict[str, Any]:

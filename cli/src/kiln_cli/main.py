@@ -17,11 +17,13 @@ import httpx
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kiln_devstack.infra import InfraError
 from kiln_devstack.stack import DEV_API_KEY, Stack
 
+from . import config as cli_config
 from .client import TERMINAL_STATUSES, ApiError, KilnClient
 from .render import Renderer, usd
 
@@ -39,15 +41,56 @@ DEMO_QNA = [
     {"question": "Which Python version?", "answer": "Python 3.11, no third-party packages."},
 ]
 
-UrlOpt = Annotated[str, typer.Option("--url", envvar="KILN_URL", help="The gateway's URL.")]
+UrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--url", envvar="KILN_URL", help="The gateway's URL (else config.toml's url, else local)."
+    ),
+]
 KeyOpt = Annotated[
     str | None,
-    typer.Option("--key", envvar="KILN_API_KEY", help="API key (default: the dev key)."),
+    typer.Option(
+        "--key",
+        envvar="KILN_API_KEY",
+        help="API key (else config.toml's api_key, else the local dev key).",
+    ),
 ]
+AdminOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--admin-key", envvar="KILN_ADMIN_API_KEY", help="Admin key (else config.toml's admin_key)."
+    ),
+]
+keys_app = typer.Typer(help="API keys (admin): create, revoke, list.")
+app.add_typer(keys_app, name="keys")
 
 
 def _key(key: str | None) -> str:
-    return key or os.environ.get("KILN_DEV_API_KEY") or DEV_API_KEY
+    try:
+        found = cli_config.resolve(key, "api_key")
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    return found or os.environ.get("KILN_DEV_API_KEY") or DEV_API_KEY
+
+
+def _url(url: str | None) -> str:
+    try:
+        return cli_config.resolve(url, "url", cli_config.DEFAULT_URL) or cli_config.DEFAULT_URL
+    except ValueError as e:
+        raise _fail(str(e)) from None
+
+
+@contextlib.contextmanager
+def _client(url: str | None, key: str | None) -> Iterator[KilnClient]:
+    """A client; API errors and unreachable gateways end the command with a clear message."""
+    base = _url(url)
+    try:
+        with KilnClient(base, _key(key)) as client:
+            yield client
+    except ApiError as e:
+        raise _fail(e.detail if e.status != 401 else f"the key was refused ({e.detail})") from None
+    except (OSError, httpx.HTTPError) as e:
+        raise _fail(f"cannot reach the gateway at {base}: {e}") from None
 
 
 def _fail(message: str) -> typer.Exit:
@@ -68,10 +111,37 @@ def load_qna(path: Path) -> list[dict[str, str]]:
 
 
 def follow(client: KilnClient, build_id: str, on_idle: Any = None) -> Renderer:
+    """Render the build's events live, under a status line: iteration, current tool, cost vs
+    the day's allowance, sleeping or waking."""
     renderer = Renderer(console)
-    for event in client.follow(build_id, on_idle=on_idle):
-        renderer(event)
+    allowance = _allowance(client)
+    with console.status(progress_line(renderer, allowance)) as line:
+        for event in client.follow(build_id, on_idle=on_idle):
+            renderer(event)
+            if event.kind == "iteration_completed":
+                allowance = _allowance(client) or allowance
+            line.update(progress_line(renderer, allowance))
     return renderer
+
+
+def _allowance(client: KilnClient) -> dict[str, Any] | None:
+    try:
+        return client.budget()
+    except (ApiError, httpx.HTTPError, ValueError):
+        return None
+
+
+def progress_line(r: Renderer, budget: dict[str, Any] | None) -> str:
+    state = {"sleeping": "💤 sleeping", None: "starting"}.get(r.status, r.status or "")
+    if r.status == "running" and r.woken:
+        state = "⏰ woken, running"
+    tool = f" · tool [bold]{escape(r.tool)}[/]" if r.tool and r.status == "running" else ""
+    cost = usd(r.cost_micro_usd)
+    if budget:
+        spent = usd(int(budget.get("spent_today_micro_usd", 0)))
+        allowance = usd(int(budget.get("daily_allowance_micro_usd", 0)))
+        cost += f" (today {spent} of {allowance} allowance)"
+    return f"{state} · iteration {r.iteration}{tool} · cost {cost}"
 
 
 def wait_projected(client: KilnClient, build_id: str, timeout: float = 15.0) -> dict[str, Any]:
@@ -106,7 +176,7 @@ def build(
         typer.Option("--qna", exists=True, dir_okay=False, help="Understanding Q&A (YAML)."),
     ] = None,
     follow_: Annotated[bool, typer.Option("--follow", "-f", help="Watch it live.")] = False,
-    url: UrlOpt = "http://127.0.0.1:8080",
+    url: UrlOpt = None,
     key: KeyOpt = None,
 ) -> None:
     """Submit a build; with --follow, watch it until it ends (exit 0 only if it completed)."""
@@ -114,37 +184,203 @@ def build(
         answers = load_qna(qna) if qna else []
     except (ValueError, KeyError, yaml.YAMLError) as e:
         raise _fail(f"could not read the Q&A: {e}") from None
-    with KilnClient(url, _key(key)) as client:
-        try:
-            created = client.create_build(
-                brief.read_text(), answers, idempotency_key=uuid.uuid4().hex
-            )
-            build_id = created["build_id"]
-            console.print(f"build [bold]{build_id}[/] {created['status']}", highlight=False)
-            if not follow_:
-                return
-            status = follow(client, build_id).status
-        except ApiError as e:
-            raise _fail(e.detail if e.status != 401 else "the API key was refused") from None
-        except (OSError, httpx.HTTPError) as e:
-            raise _fail(f"cannot reach the gateway at {url}: {e}") from None
+    with _client(url, key) as client:
+        created = client.create_build(brief.read_text(), answers, idempotency_key=uuid.uuid4().hex)
+        build_id = created["build_id"]
+        console.print(f"build [bold]{build_id}[/] {created['status']}", highlight=False)
+        if not follow_:
+            return
+        status = follow(client, build_id).status
     raise typer.Exit(0 if status == "completed" else 1)
 
 
 @app.command()
 def status(
     build_id: Annotated[str, typer.Argument(help="The build's id.")],
-    url: UrlOpt = "http://127.0.0.1:8080",
+    url: UrlOpt = None,
     key: KeyOpt = None,
 ) -> None:
     """Print a build."""
-    with KilnClient(url, _key(key)) as client:
-        try:
-            _print_build(client.get_build(build_id))
-        except ApiError as e:
-            raise _fail(e.detail) from None
-        except (OSError, httpx.HTTPError) as e:
-            raise _fail(f"cannot reach the gateway at {url}: {e}") from None
+    with _client(url, key) as client:
+        _print_build(client.get_build(build_id))
+
+
+@app.command("list")
+def list_(
+    status_: Annotated[
+        str | None, typer.Option("--status", help="Only builds in this status.")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="How many (newest first).")] = 20,
+    url: UrlOpt = None,
+    key: KeyOpt = None,
+) -> None:
+    """List your builds, newest first."""
+    with _client(url, key) as client:
+        builds: list[dict[str, Any]] = []
+        cursor = None
+        while len(builds) < limit:
+            page = client.list_builds(status_, min(100, limit - len(builds)), cursor)
+            builds += page["builds"]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                break
+    table = Table("build", "status", "iter", "cost", "created")
+    for b in builds:
+        table.add_row(
+            b["build_id"],
+            b["status"],
+            str(b["iteration"]),
+            usd(int(b["cost_micro_usd"])),
+            str(b["created_at"])[:19],
+        )
+    console.print(table)
+
+
+@app.command()
+def logs(
+    build_id: Annotated[str, typer.Argument(help="The build's id.")],
+    follow_: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep watching until the build ends.")
+    ] = False,
+    url: UrlOpt = None,
+    key: KeyOpt = None,
+) -> None:
+    """Print the build's events so far (with --follow: live, until it ends)."""
+    with _client(url, key) as client:
+        if follow_:
+            follow(client, build_id)
+            return
+        renderer = Renderer(console)
+        for event in client.events(build_id):
+            if not event.kind:  # a heartbeat: the history is all sent
+                break
+            renderer(event)
+            if event.terminal:
+                break
+
+
+@app.command()
+def wake(
+    build_id: Annotated[str, typer.Argument(help="The build's id.")],
+    url: UrlOpt = None,
+    key: KeyOpt = None,
+) -> None:
+    """Wake a sleeping build now."""
+    with _client(url, key) as client:
+        client.command(build_id, "wake")
+    console.print(f"wake requested for {build_id}", highlight=False)
+
+
+@app.command()
+def cancel(
+    build_id: Annotated[str, typer.Argument(help="The build's id.")],
+    url: UrlOpt = None,
+    key: KeyOpt = None,
+) -> None:
+    """Cancel a build."""
+    with _client(url, key) as client:
+        client.command(build_id, "cancel")
+    console.print(f"cancel requested for {build_id}", highlight=False)
+
+
+@app.command()
+def download(
+    build_id: Annotated[str, typer.Argument(help="The build's id.")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Default: kiln-<build>.tar.gz")
+    ] = None,
+    url: UrlOpt = None,
+    key: KeyOpt = None,
+) -> None:
+    """Download the build's files (its latest snapshot) as a .tar.gz."""
+    target = output or Path(f"kiln-{build_id}.tar.gz")
+    partial = target.with_name(target.name + ".part")
+    try:
+        with _client(url, key) as client, partial.open("wb") as out:
+            size = client.download(build_id, out)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(target)
+    console.print(f"{target} ({size} bytes)", highlight=False)
+
+
+@app.command()
+def budget(url: UrlOpt = None, key: KeyOpt = None) -> None:
+    """Your spend today and this month, and today's allowance."""
+    with _client(url, key) as client:
+        b = client.budget()
+    table = Table(show_header=False, box=None)
+    table.add_row("user", f"{b['user_id']} (tier {b['tier']})")
+    table.add_row(
+        "today", f"{usd(b['spent_today_micro_usd'])} of {usd(b['daily_allowance_micro_usd'])}"
+    )
+    table.add_row(
+        "this month", f"{usd(b['spent_month_micro_usd'])} of {usd(b['monthly_budget_micro_usd'])}"
+    )
+    table.add_row("per-build cap", usd(b["per_build_cap_micro_usd"]))
+    table.add_row("concurrent builds", str(b["concurrent_builds"]))
+    console.print(table)
+
+
+def _admin_key(admin_key: str | None) -> str:
+    try:
+        found = cli_config.resolve(admin_key, "admin_key")
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    if not found:
+        raise _fail(
+            "an admin key is needed: --admin-key, KILN_ADMIN_API_KEY or admin_key in config.toml"
+        )
+    return found
+
+
+@keys_app.command("create")
+def keys_create(
+    user: Annotated[str, typer.Option("--user", help="The user the key belongs to.")],
+    tier: Annotated[str, typer.Option("--tier", help="free, pro, team ... (kiln.yaml)")] = "free",
+    url: UrlOpt = None,
+    admin_key: AdminOpt = None,
+) -> None:
+    """Create an API key; it is printed once and only its hash is stored."""
+    with _client(url, _admin_key(admin_key)) as client:
+        k = client.create_key(user, tier)
+    err.print(f"key {k['key_id']} for {k['user_id']} (tier {k['tier']}); it is not shown again:")
+    console.print(k["api_key"], highlight=False)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    ident: Annotated[str, typer.Argument(help="The key's id, or the start of the key.")],
+    url: UrlOpt = None,
+    admin_key: AdminOpt = None,
+) -> None:
+    """Revoke an API key (by its id or its prefix, at least 6 characters)."""
+    with _client(url, _admin_key(admin_key)) as client:
+        k = client.revoke_key(ident)
+    console.print(f"revoked {k['key_id']} ({k['user_id']})", highlight=False)
+
+
+@keys_app.command("list")
+def keys_list(
+    user: Annotated[str | None, typer.Option("--user")] = None,
+    url: UrlOpt = None,
+    admin_key: AdminOpt = None,
+) -> None:
+    """List API keys (never the keys themselves)."""
+    with _client(url, _admin_key(admin_key)) as client:
+        keys = client.list_keys(user)["keys"]
+    table = Table("id", "prefix", "user", "tier", "created", "revoked")
+    for k in keys:
+        table.add_row(
+            k["key_id"],
+            k["key_prefix"],
+            k["user_id"],
+            k["tier"],
+            str(k["created_at"])[:19],
+            str(k.get("revoked_at") or "")[:19],
+        )
+    console.print(table)
 
 
 def _start(data_dir: Path, port: int) -> Stack:

@@ -41,6 +41,8 @@ class Renderer:
         self.cost_micro_usd = 0
         self.status: str | None = None
         self.summary: str | None = None
+        self.tool: str | None = None
+        self.woken = False
 
     def __call__(self, event: SseEvent) -> None:
         handler = getattr(self, f"on_{event.kind}", None)
@@ -77,6 +79,7 @@ class Renderer:
     def on_tool_call(self, d: dict[str, Any]) -> None:
         self.iteration = max(self.iteration, int(d.get("iteration", 0)))
         tool = str(d.get("tool", "?"))
+        self.tool = tool
         inp = d.get("input") or {}
         summary = tool_summary(tool, inp if isinstance(inp, dict) else {})
         self.print(f"  [dim]\\[iter {self.iteration}][/] [bold]{escape(tool)}[/] {escape(summary)}")
@@ -116,6 +119,7 @@ class Renderer:
 
     def on_build_resumed(self, d: dict[str, Any]) -> None:
         self.status = "running"
+        self.woken = True
         self.print(f"[yellow]⏰ waking up ({escape(str(d.get('reason', '')))})[/]")
 
     def _final(self, d: dict[str, Any]) -> str:
