@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo $(TOOLS)/bin/uv)
 RUN := $(UV) run --frozen
 PACKAGES := kiln_contracts kiln_runtime kiln_devstack kiln_cli kiln_gateway kiln_agent kiln_sandbox kiln_budget kiln_snapshot
 
-.PHONY: help install demo up test lint fmt typecheck unit integration e2e schemas bench clean
+.PHONY: help install demo up test lint fmt typecheck unit integration e2e schemas bench clean browser
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -46,10 +46,13 @@ unit: install  ## unit tests only
 integration: install  ## integration tests (real NATS, Postgres, Redis, S3 API)
 	$(RUN) pytest tests/integration -q
 
-e2e: install  ## end-to-end tests (every service as a process)
+browser:  ## Debian's Chromium for the dashboard test (idempotent; fails loudly if it cannot)
+	bash scripts/install-browser.sh
+
+e2e: install browser  ## end-to-end tests (every service as a process; the dashboard in Chromium)
 	$(RUN) pytest tests/e2e -q
 
-test: lint typecheck  ## the whole suite: lint, types, unit, integration, e2e
+test: lint typecheck browser  ## the whole suite: lint, types, unit, integration, e2e
 	$(RUN) pytest -q -p no:cacheprovider
 
 clean:  ## remove local state
