@@ -51,6 +51,7 @@ def stack(infra: dict[str, str]) -> Iterator[Stack]:
     env = {k: v for k, v in infra.items() if k != "NATS_URL"}
     env["DATABASE_URL"] = own_database(infra["DATABASE_URL"], f"e2e_{uuid.uuid4().hex[:8]}")
     env["ANTHROPIC_API_KEY"] = ""  # always the scripted model in tests
+    env["KILN_TRACE_DIR"] = str(data_dir / "traces")
     s = Stack(data_dir, gateway_port=free_port(), extra_env=env)
     s.start()
     try:
@@ -74,9 +75,13 @@ def wait_for_status(
     raise AssertionError(f"build {build_id} did not reach {statuses}: {body}")
 
 
-def test_a_build_runs_through_every_service_to_a_working_program(stack: Stack) -> None:
-    headers = {"Authorization": f"Bearer {DEV_API_KEY}"}
-    with httpx.Client(base_url=stack.gateway_url, headers=headers, timeout=10) as client:
+HEADERS = {"Authorization": f"Bearer {DEV_API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def build_id(stack: Stack) -> str:
+    """One build, posted over HTTP and followed until it ends."""
+    with httpx.Client(base_url=stack.gateway_url, headers=HEADERS, timeout=10) as client:
         created = client.post(
             "/v1/builds",
             json={
@@ -87,11 +92,16 @@ def test_a_build_runs_through_every_service_to_a_working_program(stack: Stack) -
             },
         )
         assert created.status_code == 201, created.text
-        build_id = created.json()["build_id"]
-
-        final = wait_for_status(client, stack, build_id, {"completed", "failed", "cancelled"})
+        build: str = created.json()["build_id"]
+        final = wait_for_status(client, stack, build, {"completed", "failed", "cancelled"})
         assert final["status"] == "completed", final
+        return build
 
+
+def test_a_build_runs_through_every_service_to_a_working_program(
+    stack: Stack, build_id: str
+) -> None:
+    with httpx.Client(base_url=stack.gateway_url, headers=HEADERS, timeout=10) as client:
         # The event history, as a user's SSE client sees it.
         kinds: list[str] = []
         results: list[dict] = []
@@ -148,3 +158,56 @@ def test_a_build_runs_through_every_service_to_a_working_program(stack: Stack) -
     assert "textstats/__init__.py" in paths
     for entry in manifest["entries"]:
         s3.head_object(Bucket=bucket, Key=f"blobs/{entry['sha256']}")
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus exposition (0 when absent)."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+SERVICE_KINDS = {
+    "gateway": "build_completed",  # the projection
+    "agent": "tool_result",
+    "sandbox": "tool_call",
+    "budget": "iteration_completed",
+    "snapshot": "checkpoint_saved",
+}
+
+
+def test_every_service_exposes_its_metrics(stack: Stack, build_id: str) -> None:
+    for service, kind in SERVICE_KINDS.items():
+        text = httpx.get(stack.metrics_url(service), timeout=5).text
+        handled = metric(
+            text, "kiln_messages_handled_total", service=service, kind=kind, outcome="ok"
+        )
+        assert handled >= 1, f"{service} handled no {kind}"
+        assert metric(text, "kiln_handler_seconds_count", service=service, kind=kind) >= 1
+        assert "# TYPE kiln_dead_letters_total counter" in text
+    sandbox = httpx.get(stack.metrics_url("sandbox"), timeout=5).text
+    assert metric(sandbox, "kiln_tool_seconds_count", tool="bash", outcome="ok") >= 1
+    assert metric(sandbox, "kiln_tool_seconds_count", tool="write_file") >= 1
+
+
+def test_one_trace_follows_the_build_through_all_five_services(stack: Stack, build_id: str) -> None:
+    trace_dir = stack.data_dir / "traces"
+    deadline = time.monotonic() + 30
+    services: dict[str, set[str]] = {}
+    while time.monotonic() < deadline:
+        services = {}
+        for path in trace_dir.glob("*.jsonl"):
+            for line in path.read_text().splitlines():
+                span = json.loads(line)
+                if span["attributes"].get("kiln.build_id") == build_id:
+                    services.setdefault(span["trace_id"], set()).add(span["service"])
+        if any(len(s) == 5 for s in services.values()):
+            break
+        time.sleep(0.2)
+    assert len(services) == 1, f"the build's spans are spread over {len(services)} traces"
+    (seen,) = services.values()
+    assert seen == {f"kiln-{s}" for s in SERVICE_KINDS}

@@ -28,6 +28,7 @@ class Stack:
     services: dict[str, Process] = field(default_factory=dict)
     model_server: Process | None = None
     env: dict[str, str] = field(default_factory=dict)
+    metrics_ports: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.infra = Infra(self.data_dir, nats_port=self.nats_port)
@@ -35,6 +36,11 @@ class Stack:
     @property
     def gateway_url(self) -> str:
         return f"http://127.0.0.1:{self.gateway_port}"
+
+    def metrics_url(self, name: str) -> str:
+        if name == "gateway":
+            return f"{self.gateway_url}/metrics"
+        return f"http://127.0.0.1:{self.metrics_ports[name]}/metrics"
 
     def start(self, services: tuple[str, ...] = SERVICES) -> None:
         try:
@@ -77,7 +83,12 @@ class Stack:
         self.env["ANTHROPIC_API_KEY"] = "scripted-local"
 
     def start_service(self, name: str) -> Process:
-        proc = spawn(name, [sys.executable, "-m", f"kiln_{name}"], self.infra.log_dir, self.env)
+        env = dict(self.env)
+        if name != "gateway":  # the gateway serves /metrics on its HTTP port
+            port = self.metrics_ports.get(name) or free_port()
+            self.metrics_ports[name] = port
+            env["KILN_HEALTH_PORT"] = str(port)
+        proc = spawn(name, [sys.executable, "-m", f"kiln_{name}"], self.infra.log_dir, env)
         self.services[name] = proc
         return proc
 

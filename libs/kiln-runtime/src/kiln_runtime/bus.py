@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from kiln_contracts import BY_KIND, Envelope, subjects
 
-from . import metrics
+from . import metrics, tracing
 from .errors import PermanentError, RetryLater
 from .retry import backoff_delay
 from .settings import CommonSettings
@@ -144,13 +144,17 @@ class Bus:
 
     async def publish(self, msg: Envelope) -> None:
         """Publish an event to the stream; the server drops a repeat of the same event_id."""
-        await self.broker.publish(
-            msg.model_dump_json().encode(),
-            subjects.subject_of(msg),
-            headers={"Nats-Msg-Id": str(msg.event_id), "Kiln-Kind": msg.kind},
-            stream=subjects.STREAM,
-            timeout=10,
-        )
+        subject = subjects.subject_of(msg)
+        headers = {"Nats-Msg-Id": str(msg.event_id), "Kiln-Kind": msg.kind}
+        with tracing.publishing(msg.kind, subject, **{"kiln.build_id": msg.build_id}):
+            tracing.inject(headers)
+            await self.broker.publish(
+                msg.model_dump_json().encode(),
+                subject,
+                headers=headers,
+                stream=subjects.STREAM,
+                timeout=10,
+            )
         metrics.PUBLISHED.labels(self.service, msg.kind).inc()
 
     async def publish_at(self, msg: Envelope, at_rfc3339: str, name: str) -> None:
@@ -291,8 +295,15 @@ class _Consumer(Generic[E]):
         extra = {"build_id": event.build_id, "event_id": event.event_id, "kind": kind}
         beat = asyncio.create_task(self._heartbeat(msg))
         started = asyncio.get_running_loop().time()
+        span = tracing.consuming(
+            service,
+            kind,
+            raw.headers,
+            **{"kiln.build_id": event.build_id, "kiln.event_id": str(event.event_id)},
+        )
         try:
-            await self.handler(event, delivery)
+            with span:
+                await self.handler(event, delivery)
         except PermanentError as err:
             await self.bus.dead_letter(msg, str(err))
             await msg.ack()

@@ -1,4 +1,5 @@
-"""Logging set-up, called only by entrypoints. JSON lines in production, text in development."""
+"""Telemetry set-up, called only by entrypoints: logging (JSON lines in production, text in
+development) and tracing (see ``kiln_runtime.tracing``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import logging
 import sys
 from datetime import UTC, datetime
 from typing import Any
+
+from opentelemetry import trace
+
+from . import tracing
 
 _EXTRA_KEYS = ("build_id", "event_id", "kind", "call_id", "iteration", "service")
 
@@ -22,6 +27,9 @@ class JsonFormatter(logging.Formatter):
         for key in _EXTRA_KEYS:
             if (value := getattr(record, key, None)) is not None:
                 doc[key] = str(value)
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            doc["trace_id"] = f"{span.trace_id:032x}"
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc)
@@ -46,5 +54,6 @@ def configure(service: str, level: str = "INFO", json_lines: bool = False) -> No
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    tracing.configure(service)
     for noisy in ("faststream", "nats", "httpx", "botocore", "aiobotocore", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

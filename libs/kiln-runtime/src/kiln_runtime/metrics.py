@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 HANDLED = Counter(
     "kiln_messages_handled_total", "Messages handled, by outcome", ["service", "kind", "outcome"]
@@ -15,3 +15,18 @@ HANDLER_SECONDS = Histogram(
 )
 PUBLISHED = Counter("kiln_messages_published_total", "Messages published", ["service", "kind"])
 DEAD_LETTERS = Counter("kiln_dead_letters_total", "Messages dead-lettered", ["service", "kind"])
+
+# Service-specific figures, defined here so that every service names them the same way.
+TOOL_SECONDS = Histogram(
+    "kiln_tool_seconds",
+    "Time a tool call took in the sandbox",
+    ["tool", "outcome"],
+    buckets=(0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600),
+)
+MODEL_TOKENS = Counter(
+    "kiln_model_tokens_total", "Model tokens used, by model and token type", ["model", "type"]
+)
+MODEL_COST = Counter(
+    "kiln_model_cost_micro_usd_total", "Model cost charged, in micro-dollars", ["model"]
+)
+BUILDS_SLEEPING = Gauge("kiln_builds_sleeping", "Builds asleep waiting for budget or a wake")

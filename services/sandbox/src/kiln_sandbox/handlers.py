@@ -28,6 +28,7 @@ from kiln_contracts import (
     UploadRequest,
     stable_id,
 )
+from kiln_runtime import metrics
 from kiln_runtime.errors import RetryLater
 
 from .ports import (
@@ -193,6 +194,12 @@ class SandboxService:
         ).with_id(stable_id(call.build_id, "tool_result", call.call_id))
 
     async def _run(self, sandbox: Sandbox, call: ToolCall) -> ToolResult:
+        result = await self._execute(sandbox, call)
+        outcome = "error" if result.is_error else "ok"
+        metrics.TOOL_SECONDS.labels(call.tool, outcome).observe(result.duration_ms / 1000)
+        return result
+
+    async def _execute(self, sandbox: Sandbox, call: ToolCall) -> ToolResult:
         started = time.monotonic()
         try:
             outcome = await asyncio.wait_for(
