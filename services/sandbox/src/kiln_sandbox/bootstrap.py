@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import asyncpg
 
@@ -65,6 +66,7 @@ class Runtime:
             self.bus,
             NatsRestorer(self.bus.nc),
             lease_s=self.settings.lease_s,
+            exec_log=Path(self.settings.exec_log) if self.settings.exec_log else None,
         )
         await self.app.start_rpc()
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from kiln_contracts import (
@@ -93,8 +95,11 @@ class SandboxService:
         *,
         owner: str | None = None,
         lease_s: float = 30.0,
+        exec_log: Path | None = None,
     ) -> None:
         self.provider = provider
+        # An audit trail: one line per execution, appended just before a tool runs.
+        self.exec_log = exec_log
         # Who runs a call (this replica) and for how long its claim holds without renewal.
         self.owner = owner or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.lease_s = lease_s
@@ -136,6 +141,7 @@ class SandboxService:
                     if await self.calls.begin(
                         call.build_id, call.call_id, self.owner, self.lease_s
                     ):
+                        self._log_execution(call)
                         async with self._leased(call):
                             result = await self._run(sandbox, call)
                         await self.calls.finish(
@@ -167,6 +173,16 @@ class SandboxService:
                 log.warning("call was interrupted earlier; not re-running it", extra=extra)
             await self.bus.publish(result)
             return result
+
+    def _log_execution(self, call: ToolCall) -> None:
+        if self.exec_log is None:
+            return
+        line = json.dumps(
+            {"build_id": call.build_id, "call_id": call.call_id, "tool": call.tool,
+             "owner": self.owner, "at": time.time()}
+        )  # fmt: skip
+        with self.exec_log.open("a") as out:  # one short line: an atomic append
+            out.write(line + "\n")
 
     @contextlib.asynccontextmanager
     async def _leased(self, call: ToolCall) -> AsyncIterator[None]:

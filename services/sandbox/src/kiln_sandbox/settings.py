@@ -22,6 +22,12 @@ class SandboxSettings(DatabaseSettings):
         "(a directory and subprocesses on this host: no security boundary).",
     )
     max_workers: int = Field(default=32, ge=1, validation_alias=env("KILN_SANDBOX_MAX_WORKERS"))
+    exec_log: str | None = Field(
+        default=None,
+        validation_alias=env("KILN_SANDBOX_EXEC_LOG"),
+        description="A file to append one JSON line to for every tool execution (an audit "
+        "trail; the chaos test reads it to prove no call ran twice).",
+    )
     lease_s: float = Field(
         default=30.0,
         gt=0,
