@@ -73,3 +73,21 @@ deploy-check: install  ## render every kustomize overlay and validate it; check 
 
 nats-render: install  ## regenerate the NATS users (Helm values, nats-server.conf) from deploy/nats/permissions.yaml
 	$(RUN) python deploy/nats/render.py
+
+# ---------------------------------------------------------------- benchmarks (bench/, docs/BENCHMARKS.md)
+.PHONY: bench-roundtrip bench-concurrency bench-sleeping bench-recovery
+
+bench: bench-roundtrip bench-concurrency bench-sleeping bench-recovery  ## run every benchmark (minutes; figures in docs/BENCHMARKS.md)
+	@if [ -f bench/snapshot.py ]; then $(MAKE) --no-print-directory bench-snapshot; fi
+
+bench-roundtrip: install  ## tool-call round trip through Kiln vs a bare JetStream round trip
+	$(RUN) python bench/roundtrip.py
+
+bench-concurrency: install  ## one agent, 100/300/1,000 concurrent builds, model with 1 s latency
+	$(RUN) python bench/concurrency.py
+
+bench-sleeping: install  ## 10,000 sleeping builds: agent RSS and task growth, sandboxes alive
+	$(RUN) python bench/sleeping.py
+
+bench-recovery: install  ## SIGKILL the agent mid-build: time to the next event from a second replica
+	$(RUN) python bench/recovery.py
