@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from kiln_agent import tools
 from kiln_agent.loop import CONTINUE
 from kiln_agent.ports import ModelError, VersionConflict
 from kiln_agent.scripted import ScriptedModel
@@ -172,6 +173,77 @@ async def test_narrate_is_answered_without_the_sandbox() -> None:
     assert pub.of(ToolCall) == []
     assert model.requests[1].messages[-1]["content"][0]["content"] == "ok"
     assert len(pub.of(BuildCompleted)) == 1
+
+
+async def test_input_failing_the_schema_is_an_error_result_without_the_sandbox() -> None:
+    mixed = (
+        [
+            tool_use("c1", "read_file", path="a.py"),
+            tool_use("c2", "write_file", path="b.py"),  # no content
+            tool_use("c3", "narrate", text=7),
+        ],
+        "tool_use",
+    )
+    model = FakeModel(mixed, DONE)
+    agent, store, pub = make_agent(model)
+    await agent.build_requested(request())
+    [call] = pub.of(ToolCall)  # only the valid call goes out
+    assert (call.call_id, call.tool) == ("c1", "read_file")
+    assert pub.of(AgentNarrated) == []
+    assert len(model.requests) == 1  # the set waits for the valid call's result
+    await agent.tool_result(result_for(call, "1\tx = 1"))
+    assert len(model.requests) == 2
+    results = model.requests[1].messages[-1]["content"]
+    assert [b["tool_use_id"] for b in results] == ["c1", "c2", "c3"]
+    assert [b["is_error"] for b in results] == [False, True, True]
+    assert 'missing required field "content"' in results[1]["content"]
+    assert results[1]["content"].startswith("invalid input for write_file")
+    assert 'field "text" must be of type string, not integer' in results[2]["content"]
+    assert len(pub.of(BuildCompleted)) == 1
+    cp = await store.load("b1")
+    assert cp is not None and cp.iteration == 2
+
+
+async def test_a_turn_of_only_invalid_calls_completes_its_set_at_once() -> None:
+    bad = ([tool_use("c1", "bash", command="ls", timeout_s=0, shell="zsh")], "tool_use")
+    model = FakeModel(bad, DONE)
+    agent, _, pub = make_agent(model)
+    await agent.build_requested(request())
+    assert pub.of(ToolCall) == []
+    assert len(model.requests) == 2  # thought again without waiting for anything
+    [result] = model.requests[1].messages[-1]["content"]
+    assert result["is_error"] is True
+    assert 'unknown field "shell"' in result["content"]
+    assert 'field "timeout_s"' in result["content"]
+    assert len(pub.of(BuildCompleted)) == 1
+
+
+@pytest.mark.parametrize(
+    ("tool", "tool_input", "expected"),
+    [
+        ("read_file", {"path": "a"}, None),
+        ("read_file", {"path": "a", "offset": 3, "limit": 10}, None),
+        ("list_dir", {}, None),
+        (
+            "edit_file",
+            {"path": "a", "old_string": "x", "new_string": "y", "replace_all": 1},
+            'field "replace_all" must be of type boolean, not integer',
+        ),
+        ("read_file", {}, 'missing required field "path"'),
+        ("read_file", {"path": "a", "offset": 0}, 'field "offset": 0 is less than the minimum'),
+        ("read_file", {"path": None}, 'field "path" must be of type string, not null'),
+        ("glob", {"pattern": "*", "a": 1, "b": 2}, 'unknown fields "a", "b" (allowed: pattern)'),
+        ("narrate", {"text": "x" * 20_001}, "at most 20000 characters long, not 20001"),
+        ("no_such_tool", {"anything": 1}, None),  # not ours to check (an unknown tool)
+    ],
+)
+def test_input_error_names_the_field(tool: str, tool_input: dict, expected: str | None) -> None:
+    problem = tools.input_error(tool, tool_input)
+    if expected is None:
+        assert problem is None
+    else:
+        assert problem is not None and expected in problem, problem
+        assert len(problem) < 1000
 
 
 async def test_cancel_ignores_later_results() -> None:

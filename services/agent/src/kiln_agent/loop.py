@@ -342,7 +342,8 @@ class Agent:
         return turns
 
     def _act(self, cp: Checkpoint, calls: list[dict[str, Any]], cause: uuid.UUID) -> list[Turn]:
-        """One ToolCall per tool_use block; narrate is answered here, without the sandbox."""
+        """One ToolCall per valid tool_use block. Narrate, unknown tools and input that fails the
+        tool's schema are answered here (the last two as errors), without the sandbox."""
         cp.state.pending, cp.state.results = [], {}
         for block in calls:
             call = PendingCall(call_id=block["id"], tool=block["name"], input=block["input"])
@@ -357,7 +358,14 @@ class Agent:
                     cp, cause, "repetition", f"{cp.state.streak} identical calls: {signature[:500]}"
                 )
                 return []
-            if call.tool == tools.NARRATE:
+            if call.tool not in tools.SANDBOX_TOOLS and call.tool != tools.NARRATE:
+                cp.state.results[call.call_id] = Outcome(
+                    content=f"unknown tool {call.tool!r}", is_error=True
+                )
+            elif (problem := tools.input_error(call.tool, call.input)) is not None:
+                # answered here: a call the sandbox would refuse never reaches it
+                cp.state.results[call.call_id] = Outcome(content=problem, is_error=True)
+            elif call.tool == tools.NARRATE:
                 text = str(call.input.get("text", ""))[:20_000]
                 cp.outbox.append(
                     AgentNarrated(
@@ -370,10 +378,6 @@ class Agent:
                     )
                 )
                 cp.state.results[call.call_id] = Outcome(content="ok")
-            elif call.tool not in tools.SANDBOX_TOOLS:
-                cp.state.results[call.call_id] = Outcome(
-                    content=f"unknown tool {call.tool!r}", is_error=True
-                )
             else:
                 cp.outbox.append(
                     ToolCall(
