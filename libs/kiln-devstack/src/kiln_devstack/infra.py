@@ -208,6 +208,20 @@ class Infra:
             raise InfraError(f"embedded Postgres failed to start in {pgdata}: {err}") from err
         return str(self._pg.get_uri())
 
+    def restart(self, name: str, *, kill: bool = False) -> Process:
+        """Stop one of the embedded servers (SIGTERM, or SIGKILL) and start it again as it was."""
+        index = next(i for i, p in enumerate(self.processes) if p.name == name)
+        old = self.processes[index]
+        if kill:
+            old.popen.kill()
+            old.popen.wait()
+        else:
+            old.stop()
+        args = [str(a) for a in old.popen.args]  # type: ignore[union-attr]
+        new = spawn(name, args, self.log_dir)
+        self.processes[index] = new
+        return new
+
     def stop(self) -> None:
         for proc in reversed(self.processes):
             proc.stop()

@@ -1,0 +1,208 @@
+"""Chaos: concurrent builds while services are SIGKILLed at random and NATS restarts once.
+
+Every build must complete; no tool call may run twice (the sandbox's execution log); no iteration
+may be charged twice (the budget's per-build spend equals the price of the distinct iterations);
+each build's history has no gaps; nothing is dead-lettered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import nats
+import pytest
+import redis
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from kiln_contracts import BY_KIND, IterationCompleted, subjects
+from kiln_devstack.infra import free_port, port_in_use, wait_for
+from kiln_devstack.stack import DEV_API_KEY, Stack
+from kiln_runtime.config import default as config
+from tests.e2e.test_build_end_to_end import BRIEF, own_database
+
+pytestmark = pytest.mark.e2e
+
+BUILDS = 6
+VICTIMS = ("gateway", "agent", "sandbox", "budget", "snapshot")
+HEADERS = {"Authorization": f"Bearer {DEV_API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def stack(infra: dict[str, str]) -> Iterator[Stack]:
+    data_dir = Path(tempfile.mkdtemp(prefix="kc-", dir="/tmp"))
+    env = {k: v for k, v in infra.items() if k != "NATS_URL"}
+    env.update(
+        DATABASE_URL=own_database(infra["DATABASE_URL"], f"chaos_{int(time.time())}"),
+        ANTHROPIC_API_KEY="",
+        KILN_DEV_TIER="team",  # room for every build at once
+        KILN_SANDBOX_EXEC_LOG=str(data_dir / "exec.jsonl"),
+        # Redeliver a dead replica's messages after 5 s instead of 30 s.
+        KILN_ACK_WAIT_S="5",
+        KILN_SANDBOX_LEASE_S="5",
+        KILN_MAX_DELIVER="50",
+    )
+    s = Stack(data_dir, gateway_port=free_port(), extra_env=env)
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+class Chaos(threading.Thread):
+    """SIGKILLs a random service every few seconds (restarting it) and restarts NATS once."""
+
+    def __init__(self, stack: Stack, seed: int) -> None:
+        super().__init__(daemon=True)
+        self.stack = stack
+        self.rng = random.Random(seed)
+        self.done = threading.Event()
+        self.kills: list[str] = []
+        self.nats_restarted = False
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            rounds = 0
+            while not self.done.wait(self.rng.uniform(2.0, 4.0)):
+                rounds += 1
+                if rounds == 4 and not self.nats_restarted:
+                    self.restart_nats()
+                    continue
+                victim = self.rng.choice(VICTIMS)
+                self.stack.kill(victim, signal.SIGKILL)
+                self.kills.append(victim)
+                time.sleep(self.rng.uniform(0.2, 1.5))
+                self.stack.start_service(victim)
+        except BaseException as err:  # surfaced by the test
+            self.error = err
+
+    def restart_nats(self) -> None:
+        port = int(self.stack.env["NATS_URL"].rsplit(":", 1)[1])
+        self.stack.infra.restart("nats-server")
+        wait_for(lambda: port_in_use(port), "nats-server after restart")
+        self.nats_restarted = True
+
+
+def post_builds(stack: Stack) -> list[str]:
+    ids = []
+    with httpx.Client(base_url=stack.gateway_url, headers=HEADERS, timeout=10) as client:
+        for n in range(BUILDS):
+            created = client.post(
+                "/v1/builds",
+                json={"idea_brief": f"{BRIEF}\n(build {n})"},
+                headers={"Idempotency-Key": f"chaos-{n}"},
+            )
+            assert created.status_code == 201, created.text
+            ids.append(created.json()["build_id"])
+    return ids
+
+
+def wait_all_completed(stack: Stack, ids: list[str], chaos: Chaos, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    status: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        if chaos.error:
+            raise chaos.error
+        try:
+            with httpx.Client(base_url=stack.gateway_url, headers=HEADERS, timeout=5) as c:
+                status = {b: c.get(f"/v1/builds/{b}").json().get("status", "?") for b in ids}
+        except (httpx.HTTPError, ValueError):
+            pass  # the gateway may be down right now
+        if status and all(s in ("completed", "failed", "cancelled") for s in status.values()):
+            break
+        time.sleep(0.5)
+    assert status and all(s == "completed" for s in status.values()), status
+
+
+async def history(nats_url: str, build_id: str) -> list[tuple[str, dict]]:
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        sub = await js.subscribe(
+            subjects.build_filter(build_id),
+            ordered_consumer=True,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+        )
+        events = []
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=2)
+            except Exception:
+                break
+            events.append((subjects.parse(msg.subject)[1], json.loads(msg.data)))
+        return events
+    finally:
+        await nc.close()
+
+
+async def dead_letter_count(nats_url: str) -> int:
+    nc = await nats.connect(nats_url)
+    try:
+        info = await nc.jetstream().stream_info(subjects.DLQ_STREAM)
+        return int(info.state.messages)
+    finally:
+        await nc.close()
+
+
+def test_builds_survive_random_kills_and_a_nats_restart(stack: Stack) -> None:
+    ids = post_builds(stack)
+    chaos = Chaos(stack, seed=int(time.time()))
+    chaos.start()
+    try:
+        wait_all_completed(stack, ids, chaos, timeout=420)
+    finally:
+        chaos.done.set()
+        chaos.join(30)
+    for name in VICTIMS:  # everything is back up for the checks below
+        if not stack.services[name].alive():
+            stack.start_service(name)
+    assert chaos.nats_restarted and len(chaos.kills) >= 3, chaos.kills
+    print(f"killed {len(chaos.kills)} times: {Counter(chaos.kills)}; NATS restarted once")
+
+    # No tool call ran twice.
+    lines = [json.loads(x) for x in (stack.data_dir / "exec.jsonl").read_text().splitlines()]
+    runs = Counter((x["build_id"], x["call_id"]) for x in lines)
+    assert runs and max(runs.values()) == 1, [k for k, n in runs.items() if n > 1]
+
+    nats_url = stack.env["NATS_URL"]
+    store = redis.Redis.from_url(stack.env["REDIS_URL"])
+    for build_id in ids:
+        events = asyncio.run(history(nats_url, build_id))
+        kinds = [k for k, _ in events]
+        assert kinds.count("build_completed") == 1 and kinds[-1] != "build_requested"
+        for kind, body in events:  # every event on the stream is a valid message
+            BY_KIND[kind].model_validate(body)
+
+        # Gap-free: iterations 1..n, each tool call answered exactly once.
+        iterations = [
+            IterationCompleted.model_validate(b) for k, b in events if k == "iteration_completed"
+        ]
+        numbers = [it.iteration for it in iterations]
+        assert sorted(numbers) == list(range(1, len(numbers) + 1)), numbers
+        calls = [b["call_id"] for k, b in events if k == "tool_call"]
+        results = [b["call_id"] for k, b in events if k == "tool_result"]
+        assert len(calls) == len(set(calls)) and sorted(calls) == sorted(results)
+        assert {c for c in calls} <= {cid for (b, cid) in runs if b == build_id}
+
+        # Charged once per iteration: the build's spend is the price of what was used.
+        expected = sum(config().price(it.model).cost_micro_usd(it.usage) for it in iterations)
+        wait_for(
+            lambda b=build_id, e=expected: int(store.get(f"kiln:spend:build:{b}") or 0) == e,
+            f"the budget of {build_id}",
+            timeout=30,
+        )
+
+    assert asyncio.run(dead_letter_count(nats_url)) == 0
