@@ -37,15 +37,26 @@ class FakeStore:
     objects: dict[str, bytes] = field(default_factory=dict)
     puts: list[str] = field(default_factory=list)
     modified: dict[str, datetime] = field(default_factory=dict)
+    meta: dict[str, dict[str, str]] = field(default_factory=dict)
 
     async def get(self, key: str) -> bytes | None:
         await asyncio.sleep(0)
         return self.objects.get(key)
 
-    async def put(self, key: str, data: bytes, content_type: str = "application/json") -> None:
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        content_type: str = "application/json",
+        metadata: dict[str, str] | None = None,
+    ) -> None:
         self.objects[key] = data
         self.puts.append(key)
         self.modified[key] = utcnow()
+        self.meta[key] = dict(metadata or {})
+
+    async def metadata(self, key: str) -> dict[str, str] | None:
+        return self.meta.get(key) if key in self.objects else None
 
     async def list(self, prefix: str) -> list[StoredObject]:
         await asyncio.sleep(0)
@@ -299,3 +310,51 @@ def test_excludes_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     assert SnapshotSettings().excludes == ["node_modules", ".venv", "dist"]
     monkeypatch.setenv("KILN_SNAPSHOT_EXCLUDES", "")
     assert SnapshotSettings().excludes == []
+
+
+# ------------------------------------------------------------------ GC safety, symlinks
+
+
+async def test_a_snapshot_started_while_a_collection_sweeps_waits_and_leaves_nothing() -> None:
+    store = FakeStore()
+    deps = make_deps(store, {"a.txt": b"a"})
+    await store.put("gc/running/run-1", b"{}")
+    event = CheckpointSaved(build_id="b1", user_id="u1", iteration=1, reason="periodic")
+    with pytest.raises(RetryLater, match="garbage collection is sweeping"):
+        await snapshots.take_snapshot(deps, event)
+    assert not [k for k in store.objects if k.startswith(("pending/", "builds/", "blobs/"))]
+    await store.delete("gc/running/run-1")
+    saved = await snapshots.take_snapshot(deps, event)
+    assert saved is not None and saved.files == 1
+
+
+async def test_a_snapshot_slower_than_its_limit_starts_again() -> None:
+    store = FakeStore()
+    deps = make_deps(store, {"a.txt": b"a"})
+    deps.max_snapshot_s = 0.0
+    event = CheckpointSaved(build_id="b1", user_id="u1", iteration=1, reason="periodic")
+    with pytest.raises(RetryLater, match="longer than"):
+        await snapshots.take_snapshot(deps, event)
+    assert not [k for k in store.objects if k.startswith(("pending/", "builds/"))]
+
+
+@pytest.mark.parametrize(
+    ("path", "links", "outside"),
+    [
+        ("a", {"a": "b/c"}, False),
+        ("a", {"a": "/etc/passwd"}, True),
+        ("d/a", {"d/a": "../x"}, False),
+        ("d/a", {"d/a": "../../x"}, True),
+        ("e", {"d": ".", "e": "d/.."}, True),
+        ("e", {"d": "sub", "e": "d/.."}, False),
+        ("loop", {"loop": "loop2", "loop2": "loop"}, True),
+    ],
+)
+def test_symlinks_leading_outside_are_recognised(
+    path: str, links: dict[str, str], outside: bool
+) -> None:
+    assert snapshots.escapes(path, links) is outside
+
+
+def make_deps(store: FakeStore, files: dict[str, bytes]) -> Deps:
+    return Deps(store=store, sandbox=FakeSandbox(store, files=files), publisher=FakePublisher())

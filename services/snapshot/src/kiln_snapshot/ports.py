@@ -25,7 +25,17 @@ class ObjectStore(Protocol):
         """The object's bytes, None when there is no such object."""
         ...
 
-    async def put(self, key: str, data: bytes, content_type: str = "application/json") -> None: ...
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        content_type: str = "application/json",
+        metadata: dict[str, str] | None = None,
+    ) -> None: ...
+
+    async def metadata(self, key: str) -> dict[str, str] | None:
+        """The object's user metadata (x-amz-meta-*), None when there is no such object."""
+        ...
 
     async def missing(self, keys: Iterable[str]) -> set[str]:
         """Those of ``keys`` that do not exist."""

@@ -39,7 +39,7 @@ import logging
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -92,6 +92,7 @@ def pending_key(build_id: str, snapshot_id: str) -> str:
 
 PENDING_PREFIX = "pending/"
 GC_RUNNING_PREFIX = "gc/running/"
+ORDER_META = "kiln-order"  # S3 user metadata on a manifest: see order_tag
 
 
 class Coalescer:
@@ -225,7 +226,11 @@ async def take_snapshot(
                     {"path": e.path, "target": e.target} for e in entries if e.type == "symlink"
                 ],
             )
-            await deps.store.put(manifest_key(build_id, snapshot_id), json.dumps(doc).encode())
+            await deps.store.put(
+                manifest_key(build_id, snapshot_id),
+                json.dumps(doc).encode(),
+                metadata={ORDER_META: order_tag(doc)},
+            )
         finally:
             # Without a manifest the marker may stay (a crash): collections ignore it once old.
             await deps.store.delete(marker)
@@ -254,19 +259,29 @@ async def collections_sweeping(store: ObjectStore, now: datetime, sweep_s: float
 
 
 async def prune_manifests(store: ObjectStore, build_id: str, keep: int) -> list[str]:
-    """Delete the build's manifests beyond the newest ``keep`` (never ``latest``'s); their keys."""
+    """Delete the build's manifests beyond the newest ``keep`` (never ``latest``'s); their keys.
+
+    Newest by the order tag each manifest carries as metadata (iteration, then checkpoint time);
+    S3's LastModified (one-second resolution) breaks ties and orders untagged manifests."""
     objects = await store.list(manifests_prefix(build_id))
     if len(objects) <= keep:
         return []
     latest = await store.get(latest_key(build_id))
     protected = manifest_key(build_id, latest.decode()) if latest is not None else None
-    objects.sort(key=lambda o: (o.last_modified, o.key), reverse=True)
+    tags = {o.key: ((await store.metadata(o.key)) or {}).get(ORDER_META, "") for o in objects}
+    objects.sort(key=lambda o: (tags[o.key], o.last_modified, o.key), reverse=True)
     doomed = [o.key for o in objects[keep:] if o.key != protected]
     for key in doomed:
         await store.delete(key)
     if doomed:
         log.info("pruned %d old manifests", len(doomed), extra={"build_id": build_id})
     return doomed
+
+
+def order_tag(doc: dict[str, Any]) -> str:
+    """Sorts like ``_order``: the iteration (zero-padded), then the checkpoint's time in UTC."""
+    at = datetime.fromisoformat(doc["checkpoint_at"]).astimezone(UTC)
+    return f"{int(doc['iteration']):012d}-{at.strftime('%Y%m%dT%H%M%S.%f')}"
 
 
 def snapshot_saved(event: CheckpointSaved, doc: dict[str, Any]) -> SnapshotSaved:

@@ -105,10 +105,30 @@ class S3Store:
             data: bytes = await body.read()
         return data
 
-    async def put(self, key: str, data: bytes, content_type: str = "application/json") -> None:
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        content_type: str = "application/json",
+        metadata: dict[str, str] | None = None,
+    ) -> None:
         await self.client.put_object(
-            Bucket=self.bucket, Key=key, Body=data, ContentType=content_type
+            Bucket=self.bucket,
+            Key=key,
+            Body=data,
+            ContentType=content_type,
+            Metadata=metadata or {},
         )
+
+    async def metadata(self, key: str) -> dict[str, str] | None:
+        async with self._head:
+            try:
+                head = await self.client.head_object(Bucket=self.bucket, Key=key)
+            except ClientError as err:
+                if _code(err) in NOT_FOUND:
+                    return None
+                raise
+        return {str(k): str(v) for k, v in head.get("Metadata", {}).items()}
 
     async def size(self, key: str) -> int | None:
         async with self._head:
