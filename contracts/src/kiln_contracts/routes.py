@@ -38,7 +38,14 @@ CONSUMES: Final[dict[str, Kinds]] = {
     "gateway": MESSAGES,
     "agent": (BuildRequested, ToolResult, CancelRequested, SleepRequested, WakeRequested),
     "sandbox": (ToolCall, SnapshotSaved, BuildCancelled, BuildFailed),
-    "budget": (IterationCompleted, BuildRequested, BuildCompleted, BuildFailed, BuildCancelled),
+    "budget": (
+        IterationCompleted,
+        BuildRequested,
+        BuildResumed,
+        BuildCompleted,
+        BuildFailed,
+        BuildCancelled,
+    ),
     "snapshot": (CheckpointSaved,),
 }
 
@@ -56,6 +63,6 @@ PUBLISHES: Final[dict[str, Kinds]] = {
         BuildCancelled,
     ),
     "sandbox": (ToolResult, SandboxStarted, SandboxRestored, SandboxStopped),
-    "budget": (),
+    "budget": (SleepRequested, WakeRequested),
     "snapshot": (SnapshotSaved,),
 }
