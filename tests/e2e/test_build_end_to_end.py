@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -18,9 +19,14 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import boto3
 import httpx
+import nats
 import pytest
+import redis
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from kiln_devstack.infra import free_port
+from kiln_contracts import BY_KIND, subjects
+from kiln_contracts.routes import CONSUMES
+from kiln_devstack.infra import free_port, wait_for
 from kiln_devstack.stack import DEV_API_KEY, Stack
 
 pytestmark = pytest.mark.e2e
@@ -52,6 +58,7 @@ def stack(infra: dict[str, str]) -> Iterator[Stack]:
     env["DATABASE_URL"] = own_database(infra["DATABASE_URL"], f"e2e_{uuid.uuid4().hex[:8]}")
     env["ANTHROPIC_API_KEY"] = ""  # always the scripted model in tests
     env["KILN_TRACE_DIR"] = str(data_dir / "traces")
+    env["KILN_SANDBOX_EXEC_LOG"] = str(data_dir / "exec.jsonl")
     s = Stack(data_dir, gateway_port=free_port(), extra_env=env)
     s.start()
     try:
@@ -73,6 +80,71 @@ def wait_for_status(
             return body
         time.sleep(0.25)
     raise AssertionError(f"build {build_id} did not reach {statuses}: {body}")
+
+
+async def _publish_poison(nats_url: str, build_id: str) -> str:
+    """Bad messages on every subject a service consumes; returns the server's oversize error."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        for kind in BY_KIND:
+            subject = subjects.subject(build_id, kind)
+            await js.publish(subject, b"{not json")
+            envelope = {"build_id": build_id, "user_id": "u", "schema_version": 99}
+            await js.publish(subject, json.dumps(envelope).encode())
+        await js.publish(subjects.subject(build_id, "no_such_kind"), b"{}")
+        try:
+            await js.publish(subjects.subject(build_id, "tool_call"), b"x" * (2 * 1024 * 1024))
+        except Exception as err:  # the stream refuses it: it never reaches a consumer
+            return str(err) or type(err).__name__
+        return ""
+    finally:
+        await nc.close()
+
+
+async def _dead_letters(nats_url: str, build_id: str) -> Counter[str]:
+    nc = await nats.connect(nats_url)
+    try:
+        sub = await nc.jetstream().subscribe(
+            "kiln.dlq.>",
+            ordered_consumer=True,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+        )
+        seen: Counter[str] = Counter()
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=1)
+            except Exception:
+                break
+            headers = msg.headers or {}
+            if f".{build_id}." in headers.get("Kiln-Original-Subject", ""):
+                assert headers.get("Kiln-Dlq-Reason"), msg.subject
+                seen[msg.subject] += 1
+        return seen
+    finally:
+        await nc.close()
+
+
+def test_poison_is_dead_lettered_with_a_reason_and_counted(stack: Stack) -> None:
+    """Runs first: the build below then shows every consumer kept serving."""
+    nats_url = stack.env["NATS_URL"]
+    poisoned = f"poison{uuid.uuid4().hex[:8]}"
+    refused = asyncio.run(_publish_poison(nats_url, poisoned))
+    assert refused, "a 2 MiB message was accepted by the stream"
+    expected: Counter[str] = Counter()
+    for service, models in CONSUMES.items():
+        for model in models:
+            expected[subjects.dlq_subject(service, model.kind)] = 2
+    expected[subjects.dlq_subject("gateway", "no_such_kind")] = 1
+    seen: Counter[str] = Counter()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and seen != expected:
+        seen = asyncio.run(_dead_letters(nats_url, poisoned))
+    assert seen == expected
+    for service, models in CONSUMES.items():
+        text = httpx.get(stack.metrics_url(service), timeout=5).text
+        for model in models:
+            assert metric(text, "kiln_dead_letters_total", service=service, kind=model.kind) >= 2
 
 
 HEADERS = {"Authorization": f"Bearer {DEV_API_KEY}"}
@@ -211,3 +283,71 @@ def test_one_trace_follows_the_build_through_all_five_services(stack: Stack, bui
     assert len(services) == 1, f"the build's spans are spread over {len(services)} traces"
     (seen,) = services.values()
     assert seen == {f"kiln-{s}" for s in SERVICE_KINDS}
+
+
+async def _stream_history(nats_url: str, build_id: str) -> list[tuple[str, bytes, dict]]:
+    nc = await nats.connect(nats_url)
+    try:
+        sub = await nc.jetstream().subscribe(
+            subjects.build_filter(build_id),
+            ordered_consumer=True,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+        )
+        out = []
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=2)
+            except Exception:
+                break
+            out.append((msg.subject, msg.data, dict(msg.headers or {})))
+        return out
+    finally:
+        await nc.close()
+
+
+async def _settled(nats_url: str) -> bool:
+    """Every durable consumer has nothing pending and nothing unacknowledged."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        consumers = await js.consumers_info(subjects.STREAM)
+        return all(c.num_pending == 0 and c.num_ack_pending == 0 for c in consumers)
+    finally:
+        await nc.close()
+
+
+def test_every_message_delivered_twice_has_one_effect(stack: Stack, build_id: str) -> None:
+    """Replay the build's whole history with fresh message ids: the server keeps the copies,
+    every consumer gets each message a second time, and nothing changes."""
+    nats_url = stack.env["NATS_URL"]
+    spend_key = f"kiln:spend:build:{build_id}"
+    store = redis.Redis.from_url(stack.env["REDIS_URL"])
+    exec_log = stack.data_dir / "exec.jsonl"
+    before = asyncio.run(_stream_history(nats_url, build_id))
+    spend_before = store.get(spend_key)
+    runs_before = exec_log.read_text() if exec_log.exists() else ""
+    with httpx.Client(base_url=stack.gateway_url, headers=HEADERS, timeout=10) as client:
+        status_before = client.get(f"/v1/builds/{build_id}").json()
+
+    async def replay() -> None:
+        nc = await nats.connect(nats_url)
+        try:
+            js = nc.jetstream()
+            for subject, data, headers in before:
+                headers["Nats-Msg-Id"] = f"replay-{uuid.uuid4()}"
+                await js.publish(subject, data, headers=headers)
+        finally:
+            await nc.close()
+
+    asyncio.run(replay())
+    wait_for(lambda: asyncio.run(_settled(nats_url)), "consumers to drain the replay", 60)
+
+    after = asyncio.run(_stream_history(nats_url, build_id))
+    # The copies are there, and not one message more: every reaction was a duplicate.
+    assert len(after) == 2 * len(before), [s for s, _, _ in after[len(before) * 2 :]]
+    assert store.get(spend_key) == spend_before
+    assert (exec_log.read_text() if exec_log.exists() else "") == runs_before
+    with httpx.Client(base_url=stack.gateway_url, headers=HEADERS, timeout=10) as client:
+        status_after = client.get(f"/v1/builds/{build_id}").json()
+    for field in ("status", "iteration", "cost_micro_usd", "summary"):
+        assert status_after.get(field) == status_before.get(field), field
