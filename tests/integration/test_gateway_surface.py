@@ -210,7 +210,11 @@ async def test_errors_are_problem_documents(gw: Gateway, uid: str):
 
 
 def _put_snapshot(
-    infra: dict[str, str], bucket: str, build_id: str, files: dict[str, tuple[bytes, int]]
+    infra: dict[str, str],
+    bucket: str,
+    build_id: str,
+    files: dict[str, tuple[bytes, int]],
+    extra: list[dict] | None = None,
 ) -> str:
     s3 = boto3.client("s3", endpoint_url=infra["S3_ENDPOINT_URL"], region_name="us-east-1")
     try:
@@ -222,6 +226,7 @@ def _put_snapshot(
         digest = hashlib.sha256(data).hexdigest()
         s3.put_object(Bucket=bucket, Key=f"blobs/{digest}", Body=data)
         entries.append({"path": path, "sha256": digest, "size": len(data), "mode": mode})
+    entries += extra or []
     snapshot_id = f"snap-{build_id}"
     s3.put_object(
         Bucket=bucket,
@@ -246,7 +251,13 @@ async def test_files_is_the_latest_snapshot_as_a_tar_gz(gw: Gateway, infra, uid:
             "data/big.bin": (big, 0o644),
             "empty.txt": (b"", 0o644),
         }
-        snapshot_id = _put_snapshot(infra, "kiln-gw-surface", build_id, files)
+        empty = hashlib.sha256(b"").hexdigest()
+        link = {"path": "latest.sh", "sha256": hashlib.sha256(b"run.sh").hexdigest(), "size": 6}
+        extra = [
+            {"path": "empty-dir", "sha256": empty, "size": 0, "mode": 0o750, "type": "dir"},
+            link | {"mode": 0o777, "type": "symlink", "target": "run.sh"},
+        ]
+        snapshot_id = _put_snapshot(infra, "kiln-gw-surface", build_id, files, extra)
         r = await c.get(f"/v1/builds/{build_id}/files")
         assert r.status_code == 200, r.text
         assert r.headers["content-type"] == "application/gzip"
@@ -254,7 +265,11 @@ async def test_files_is_the_latest_snapshot_as_a_tar_gz(gw: Gateway, infra, uid:
         assert f"kiln-{build_id}.tar.gz" in r.headers["content-disposition"]
     with tarfile.open(fileobj=io.BytesIO(r.content), mode="r:gz") as tar:
         members = {m.name: m for m in tar.getmembers()}
-        assert set(members) == {f"kiln-{build_id}/{p}" for p in files}
+        root = f"kiln-{build_id}"
+        assert set(members) == {f"{root}/{p}" for p in [*files, "empty-dir", "latest.sh"]}
+        assert members[f"{root}/empty-dir"].isdir() and members[f"{root}/empty-dir"].mode == 0o750
+        assert members[f"{root}/latest.sh"].issym()
+        assert members[f"{root}/latest.sh"].linkname == "run.sh"
         for path, (data, mode) in files.items():
             m = members[f"kiln-{build_id}/{path}"]
             assert m.mode == mode

@@ -18,10 +18,14 @@ class ArchiveError(Exception):
 
 def _header(entry: FileEntry, mtime: int, root: str) -> bytes:
     info = tarfile.TarInfo(f"{root}/{entry.path}" if root else entry.path)
-    info.size = entry.size
-    info.mode = entry.mode & 0o7777 or 0o644
     info.mtime = mtime
-    info.type = tarfile.REGTYPE
+    if entry.type == "dir":
+        info.type, info.mode = tarfile.DIRTYPE, entry.mode & 0o7777 or 0o755
+    elif entry.type == "symlink":
+        info.type, info.mode, info.linkname = tarfile.SYMTYPE, 0o777, entry.target or ""
+    else:
+        info.type, info.size = tarfile.REGTYPE, entry.size
+        info.mode = entry.mode & 0o7777 or 0o644
     return info.tobuf(format=tarfile.PAX_FORMAT)
 
 
@@ -49,6 +53,8 @@ async def tar_gz(
             continue
         if chunk := out(_header(entry, mtime, root)):
             yield chunk
+        if entry.type in ("dir", "symlink"):
+            continue  # no content in the archive
         written = 0
         async for data in blob(entry.sha256):
             written += len(data)

@@ -102,12 +102,15 @@ class BuildStore(Protocol):
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One file of a snapshot (as the snapshot service's manifest lists it)."""
+    """One entry of a snapshot (as the snapshot service's manifest lists it): a regular file,
+    a directory, or a symlink to ``target``."""
 
     path: str
     sha256: str
     size: int
     mode: int
+    type: str = "file"
+    target: str | None = None
 
 
 class SnapshotFiles(Protocol):

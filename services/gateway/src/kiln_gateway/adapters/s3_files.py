@@ -73,7 +73,14 @@ class S3Files:
         if doc is None:
             return None
         entries = [
-            FileEntry(str(e["path"]), str(e["sha256"]), int(e["size"]), int(e.get("mode", 0o644)))
+            FileEntry(
+                path=str(e["path"]),
+                sha256=str(e.get("sha256", "")),
+                size=int(e.get("size", 0)),
+                mode=int(e.get("mode", 0o644)),
+                type=str(e.get("type", "file")),
+                target=e.get("target"),
+            )
             for e in json.loads(doc).get("entries", [])
         ]
         return sid, entries
