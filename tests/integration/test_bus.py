@@ -104,3 +104,72 @@ async def test_old_server_is_refused_with_a_clear_error():
 
     with pytest.raises(ServerTooOld, match="too old"):
         await ensure_streams(FakeClient())  # type: ignore[arg-type]
+
+
+async def _consumer_state(bus: Bus, durable: str) -> tuple[int, int]:
+    info = await bus.nc.jetstream().consumer_info(subjects.STREAM, durable)
+    return info.num_pending, info.num_ack_pending
+
+
+async def test_sigterm_lets_a_handler_in_flight_finish(infra, uid):
+    service = f"g{uid}"
+    bus = Bus(CommonSettings(nats_url=infra["NATS_URL"], ack_wait_s=30), service)
+    started, finished = asyncio.Event(), []
+
+    async def slow(event: CancelRequested, delivery) -> None:
+        if event.build_id != f"s{uid}":
+            return  # a new durable also replays earlier tests' messages
+        started.set()
+        await asyncio.sleep(1.0)
+        finished.append(event.build_id)
+
+    bus.consume(CancelRequested, slow)
+    await bus.connect()
+    await bus.start()
+    await bus.publish(CancelRequested(build_id=f"s{uid}", user_id="u"))
+    await asyncio.wait_for(started.wait(), 15)
+    await bus.stop(grace_s=10)  # what serve() does on SIGTERM
+    assert finished == [f"s{uid}"]
+
+    probe = Bus(CommonSettings(nats_url=infra["NATS_URL"]), service)
+    await probe.connect()
+    try:
+        assert await _consumer_state(probe, f"{service}-cancel-requested") == (0, 0)
+    finally:
+        await probe.broker.stop()
+
+
+async def test_a_handler_still_running_at_the_deadline_is_handed_back_at_once(infra, uid):
+    service = f"h{uid}"
+    settings = CommonSettings(nats_url=infra["NATS_URL"], ack_wait_s=60)
+    first = Bus(settings, service)
+    started = asyncio.Event()
+
+    async def stuck(event: CancelRequested, delivery) -> None:
+        if event.build_id != f"s{uid}":
+            return
+        started.set()
+        await asyncio.sleep(3600)
+
+    first.consume(CancelRequested, stuck)
+    await first.connect()
+    await first.start()
+    await first.publish(CancelRequested(build_id=f"s{uid}", user_id="u"))
+    await asyncio.wait_for(started.wait(), 15)
+    await first.stop(grace_s=0.2)
+
+    deliveries: list[int] = []
+
+    async def record(event: CancelRequested, delivery) -> None:
+        if event.build_id == f"s{uid}":
+            deliveries.append(delivery.num_delivered)
+
+    second = Bus(settings, service)
+    second.consume(CancelRequested, record)
+    await second.connect()
+    await second.start()
+    try:
+        # Handed back with a nak: redelivered long before the 60 s ack_wait would expire.
+        await until(lambda: deliveries == [2], timeout=20)
+    finally:
+        await second.stop(grace_s=1)

@@ -122,6 +122,19 @@ class Bus:
             log_level=logging.DEBUG,
         )
         self._stream = JStream(subjects.STREAM, declare=False)
+        self.draining = False  # shutting down: take no new work
+        self.inflight = 0  # handlers running now
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def _begin(self) -> None:
+        self.inflight += 1
+        self._idle.clear()
+
+    def _end(self) -> None:
+        self.inflight -= 1
+        if not self.inflight:
+            self._idle.set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -133,7 +146,18 @@ class Bus:
         """Start consuming (after the service's own resources are ready)."""
         await self.broker.start()
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain, then disconnect: new deliveries are handed back at once, handlers in flight
+        get up to ``grace_s`` to finish; any still running then are cancelled and handed back
+        (nak) for redelivery elsewhere."""
+        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        self.draining = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), grace)
+        if self.inflight:
+            log.warning(
+                "%d handlers still running after %.0fs; handing them back", self.inflight, grace
+            )
         await self.broker.stop()
 
     @property
@@ -279,6 +303,9 @@ class _Consumer(Generic[E]):
         meta = raw.metadata
         service = self.bus.service
         kind = _split(raw.subject)[1] or "unknown"
+        if self.bus.draining:  # shutting down: another replica (or our successor) takes it
+            await msg.nack(delay=1.0)
+            return
         if meta.num_delivered > self.bus.settings.max_deliver:
             await self.bus.dead_letter(msg, f"gave up after {meta.num_delivered - 1} deliveries")
             await msg.ack()
@@ -301,9 +328,16 @@ class _Consumer(Generic[E]):
             raw.headers,
             **{"kiln.build_id": event.build_id, "kiln.event_id": str(event.event_id)},
         )
+        self.bus._begin()
         try:
             with span:
                 await self.handler(event, delivery)
+        except asyncio.CancelledError:
+            # Stopped mid-handling: hand the message back now rather than after ack_wait.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(msg.nack())
+            metrics.HANDLED.labels(service, kind, "cancelled").inc()
+            raise
         except PermanentError as err:
             await self.bus.dead_letter(msg, str(err))
             await msg.ack()
@@ -325,6 +359,7 @@ class _Consumer(Generic[E]):
             await msg.ack()
             metrics.HANDLED.labels(service, kind, "ok").inc()
         finally:
+            self.bus._end()
             beat.cancel()
             metrics.HANDLER_SECONDS.labels(service, kind).observe(
                 asyncio.get_running_loop().time() - started

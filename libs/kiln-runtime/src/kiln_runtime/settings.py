@@ -25,6 +25,11 @@ class CommonSettings(BaseSettings):
     ack_wait_s: float = Field(default=30.0, gt=0, validation_alias=env("KILN_ACK_WAIT_S"))
     max_deliver: int = Field(default=20, ge=1, validation_alias=env("KILN_MAX_DELIVER"))
     health_port: int = Field(default=0, ge=0, validation_alias=env("KILN_HEALTH_PORT"))
+    # On SIGTERM, how long handlers in flight may run on before they are handed back (keep it
+    # below the pod's terminationGracePeriodSeconds).
+    shutdown_grace_s: float = Field(
+        default=25.0, ge=0, validation_alias=env("KILN_SHUTDOWN_GRACE_S")
+    )
     # Copies of each stream kept by a NATS cluster (3 in production; 1 on a single server).
     stream_replicas: int = Field(
         default=1, ge=1, le=5, validation_alias=env("KILN_STREAM_REPLICAS")
