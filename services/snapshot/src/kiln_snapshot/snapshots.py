@@ -19,7 +19,8 @@ Safety against the garbage collector (``kiln_snapshot.gc``), in this order:
 1. write the pending marker (every sha256 the manifest will name, and the start time);
 2. if a collection is sweeping (a fresh ``gc/running/*``), give up for now (RetryLater): the
    sweep may act on a listing taken before our marker existed;
-3. check which blobs exist, have the sandbox upload the missing ones, verify them;
+3. check which blobs exist (those of the build's latest manifest do; the others by a HEAD
+   each), have the sandbox upload the missing ones, verify them;
 4. if more than ``max_snapshot_s`` passed since step 1, give up (RetryLater; a collection ignores
    markers that old, so our blobs may no longer be protected);
 5. write the manifest, move ``latest``, delete the marker.
@@ -196,7 +197,11 @@ async def take_snapshot(
                     f"a garbage collection is sweeping ({sweeping[0]}); snapshot later",
                     delay_s=deps.retry_delay_s,
                 )
-            missing = await _missing_blobs(deps, list(by_sha))
+            # The blobs of the build's latest manifest exist (a manifest is written only once
+            # its blobs do, and from here on our marker keeps them from being collected):
+            # only the others are looked up, one HEAD each.
+            known = await _blobs_of_latest(deps.store, build_id)
+            missing = await _missing_blobs(deps, [sha for sha in by_sha if sha not in known])
             if missing:
                 await _upload(deps, build_id, [by_sha[sha] for sha in sorted(missing)])
             if (utcnow() - started).total_seconds() > deps.max_snapshot_s:
@@ -309,6 +314,14 @@ def _normalise(entries: list[ManifestEntry]) -> list[ManifestEntry]:
             raise PermanentError(f"sandbox manifest has an unsafe path: {entry.path!r}")
         by_path[entry.path] = entry
     return [by_path[p] for p in sorted(by_path)]
+
+
+async def _blobs_of_latest(store: ObjectStore, build_id: str) -> set[str]:
+    try:
+        doc = await latest_manifest(store, build_id)
+    except ValueError:  # unreadable: look every blob up
+        return set()
+    return set() if doc is None else {str(e["sha256"]) for e in doc.get("entries", [])}
 
 
 async def _missing_blobs(deps: Deps, shas: list[str]) -> set[str]:
