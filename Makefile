@@ -75,7 +75,7 @@ nats-render: install  ## regenerate the NATS users (Helm values, nats-server.con
 	$(RUN) python deploy/nats/render.py
 
 # ---------------------------------------------------------------- benchmarks (bench/, docs/BENCHMARKS.md)
-.PHONY: bench-roundtrip bench-concurrency bench-sleeping bench-recovery
+.PHONY: bench-roundtrip bench-concurrency bench-sleeping bench-recovery bench-snapshot
 
 bench: bench-roundtrip bench-concurrency bench-sleeping bench-recovery  ## run every benchmark (minutes; figures in docs/BENCHMARKS.md)
 	@if [ -f bench/snapshot.py ]; then $(MAKE) --no-print-directory bench-snapshot; fi
@@ -91,3 +91,6 @@ bench-sleeping: install  ## 10,000 sleeping builds: agent RSS and task growth, s
 
 bench-recovery: install  ## SIGKILL the agent mid-build: time to the next event from a second replica
 	$(RUN) python bench/recovery.py
+
+bench-snapshot: install  ## 2,000 files / ~50 MB, one file changed: Kiln's incremental snapshot vs tar czf + upload
+	$(RUN) python bench/snapshot.py
