@@ -19,8 +19,11 @@ class FakeStack:
     instances: list[FakeStack] = []
     fail: str | None = None
 
-    def __init__(self, data_dir: Path, gateway_port: int = 8080) -> None:
+    def __init__(
+        self, data_dir: Path, gateway_port: int = 8080, extra_env: dict[str, str] | None = None
+    ) -> None:
         self.data_dir = data_dir
+        self.extra_env = extra_env or {}
         self.gateway_url = f"http://127.0.0.1:{gateway_port}"
         self.env = {"KILN_DEV_API_KEY": "devkey", "S3_ENDPOINT_URL": "http://s3.local"}
         self.started = self.stopped = False
@@ -87,6 +90,20 @@ def test_demo_wipes_builds_follows_and_reports(monkeypatch, tmp_path: Path, fina
     out = "".join(result.output.split())  # rich may wrap long paths
     assert str((data_dir / "sandboxes" / "b9").resolve()) in out
     assert "snap-7ins3://kiln-snapshots/builds/b9/manifests/" in out
+
+
+def test_demo_show_sleep_gives_the_budget_a_tiny_allowance(monkeypatch, tmp_path: Path):
+    handle, _ = gateway("build_completed")
+    monkeypatch.setattr(
+        main,
+        "KilnClient",
+        lambda url, key: KilnClient(url, key, transport=httpx.MockTransport(handle)),
+    )
+    args = ["demo", "--data-dir", str(tmp_path / "d"), "--show-sleep"]
+    assert CliRunner().invoke(main.app, args).exit_code == 0
+    (stack,) = FakeStack.instances
+    assert stack.extra_env == main.SHOW_SLEEP_ENV
+    assert set(stack.extra_env) == {"KILN_BUDGET_PERIOD_S", "KILN_BUDGET_DEMO_ALLOWANCE_USD"}
 
 
 def test_up_reports_infra_errors_and_exits_1(tmp_path: Path):

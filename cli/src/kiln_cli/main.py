@@ -383,8 +383,8 @@ def keys_list(
     console.print(table)
 
 
-def _start(data_dir: Path, port: int) -> Stack:
-    stack = Stack(data_dir, gateway_port=port)
+def _start(data_dir: Path, port: int, extra_env: dict[str, str] | None = None) -> Stack:
+    stack = Stack(data_dir, gateway_port=port, extra_env=extra_env or {})
     with console.status("starting the stack (NATS, Postgres, Redis, S3, five services)…"):
         try:
             stack.start()
@@ -444,17 +444,30 @@ def demo(
     ),
     port: Annotated[int, typer.Option(help="The gateway's port.")] = 8080,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 900,
+    show_sleep: Annotated[
+        bool,
+        typer.Option(
+            "--show-sleep",
+            help="Give the user a tiny daily allowance over 30-second 'days', so the build "
+            "sleeps when it is spent and wakes by itself when the next 'day' begins.",
+        ),
+    ] = False,
 ) -> None:
     """Start the stack, build the bundled "textstats" brief live, and show where it went."""
+    extra = SHOW_SLEEP_ENV if show_sleep else {}
     with _sigterm_as_interrupt():
-        ok = _demo(data_dir, port, timeout)
+        ok = _demo(data_dir, port, timeout, extra)
     raise typer.Exit(0 if ok else 1)
 
 
-def _demo(data_dir: Path, port: int, timeout: float) -> bool:
+# A scripted iteration costs about $0.004: $0.02 a "day" runs out after about five of them.
+SHOW_SLEEP_ENV = {"KILN_BUDGET_PERIOD_S": "30", "KILN_BUDGET_DEMO_ALLOWANCE_USD": "0.02"}
+
+
+def _demo(data_dir: Path, port: int, timeout: float, extra_env: dict[str, str]) -> bool:
     shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(parents=True, exist_ok=True)
-    stack = _start(data_dir, port)
+    stack = _start(data_dir, port, extra_env)
     deadline = time.monotonic() + timeout
 
     def on_idle() -> None:
