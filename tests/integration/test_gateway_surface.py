@@ -9,7 +9,7 @@ import io
 import json
 import tarfile
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import boto3
 import httpx
@@ -18,7 +18,7 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 import uvicorn
 
-from kiln_contracts import AgentNarrated, BuildCompleted, BuildRequested
+from kiln_contracts import AgentNarrated, BuildCompleted, BuildRequested, BuildSleeping
 from kiln_gateway import builds
 from kiln_gateway.app import create_app
 from kiln_gateway.settings import GatewaySettings
@@ -314,6 +314,55 @@ async def test_budget_reads_the_budget_services_counters(gw: Gateway, infra, uid
         or b["daily_allowance_micro_usd"] < empty["daily_allowance_micro_usd"]
     )
     assert b["remaining_today_micro_usd"] == b["daily_allowance_micro_usd"] - 1500
+    assert empty["source"] == b["source"] == "estimate" and b["sleeping_builds"] == []
+
+
+async def test_budget_shows_the_budget_services_period_and_the_sleeping_builds(
+    gw: Gateway, infra, uid: str
+):
+    """Once the budget service has priced the user's spend, its figure (top-ups and the
+    period's real length included) is what the user sees, with the builds asleep."""
+    user, build_id = f"z{uid}", f"b{uid}"
+    key = await gw.key(user, "pro")
+    await gw.bus.publish(BuildRequested(build_id=build_id, user_id=user, idea_brief="zz"))
+    await gw.bus.publish(BuildSleeping(build_id=build_id, user_id=user, reason="allowance"))
+
+    async def asleep() -> bool:
+        async with gw.client(key) as c:
+            return (await c.get(f"/v1/builds/{build_id}")).json().get("status") == "sleeping"
+
+    await until(asleep)
+    end = datetime.now(UTC) + timedelta(seconds=30)
+    status = {
+        "tier": "pro",
+        "period": "p-42",
+        "cycle": "c-1",
+        "period_start": datetime.now(UTC).isoformat(),
+        "period_end": end.isoformat(),
+        "allowance_micro_usd": "20000",
+        "spent_period_micro_usd": "20115",
+        "remaining_micro_usd": "0",
+        "spent_cycle_micro_usd": "50000",
+        "topups_cycle_micro_usd": "7000",
+        "monthly_budget_micro_usd": "100000000",
+        "wake_at": end.isoformat(),
+        "updated_at": datetime.now(UTC).isoformat(),
+    }
+    r = aioredis.from_url(infra["REDIS_URL"])
+    try:
+        await r.hset(f"kiln:budget:user:{user}", mapping=status)
+        async with gw.client(key) as c:
+            b = (await c.get("/v1/budget")).json()
+        await r.hset(f"kiln:budget:user:{user}", "period_end", datetime.now(UTC).isoformat())
+        async with gw.client(key) as c:
+            stale = (await c.get("/v1/budget")).json()
+    finally:
+        await r.aclose()
+    assert b["source"] == "budget" and b["day"] == "p-42" and b["month"] == "c-1"
+    assert (b["daily_allowance_micro_usd"], b["spent_today_micro_usd"]) == (20000, 20115)
+    assert b["remaining_today_micro_usd"] == 0 and b["topups_micro_usd"] == 7000
+    assert b["period_end"] == end.isoformat() and b["sleeping_builds"] == [build_id]
+    assert stale["source"] == "estimate"  # a period that has ended is not shown
 
 
 # ---------------------------------------------------------------------------- admin keys

@@ -132,6 +132,10 @@ class SpendReader(Protocol):
         """(spent on ``day`` YYYY-MM-DD, spent in ``month`` YYYY-MM)."""
         ...
 
+    async def status(self, user_id: str) -> dict[str, str] | None:
+        """The budget service's latest allowance for the user (``kiln:budget:user:<user>``)."""
+        ...
+
     async def ping(self) -> None: ...
 
 

@@ -28,7 +28,10 @@ router = APIRouter()
 async def get_budget(rt: Rt, me: Me) -> BudgetOut:
     """What the caller spent today and this month, and today's allowance (UTC days)."""
     try:
-        view = await budget.view(rt.spend, rt.config, me, datetime.now(UTC))
+        asleep = await rt.store.list_for_user(me.user_id, status="sleeping", limit=100, before=None)
+        view = await budget.view(
+            rt.spend, rt.config, me, datetime.now(UTC), [b.build_id for b in asleep]
+        )
     except KeyError as err:
         raise HTTPException(403, f"your API key's tier {me.tier!r} is not configured") from err
     except Exception as err:

@@ -266,6 +266,13 @@ class BudgetOut(BaseModel):
     remaining_today_micro_usd: int
     per_build_cap_micro_usd: int
     concurrent_builds: int
+    period_end: str = Field(description="When today's allowance resets (UTC, RFC 3339).")
+    topups_micro_usd: int = Field(description="Top-ups credited this month.")
+    source: str = Field(
+        description="'budget': the budget service's figure for the current period; "
+        "'estimate': computed by the gateway before the budget service has seen any spend."
+    )
+    sleeping_builds: list[str] = Field(description="The caller's builds asleep right now.")
 
     @classmethod
     def of(cls, v: BudgetView) -> BudgetOut:

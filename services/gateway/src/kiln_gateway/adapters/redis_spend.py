@@ -1,7 +1,9 @@
 """The budget service's spend counters in Redis, read only.
 
 Keys (written by the budget service): ``kiln:spend:user:<user>:day:<YYYY-MM-DD>`` and
-``kiln:spend:user:<user>:month:<YYYY-MM>``, integer micro-dollars.
+``kiln:spend:user:<user>:month:<YYYY-MM>``, integer micro-dollars; ``kiln:budget:user:<user>``,
+a hash with the user's allowance as the budget service last computed it (its period, top-ups,
+remaining, wake time).
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ class RedisSpend:
             f"kiln:spend:user:{user_id}:day:{day}", f"kiln:spend:user:{user_id}:month:{month}"
         )
         return int(today or 0), int(this_month or 0)
+
+    async def status(self, user_id: str) -> dict[str, str] | None:
+        raw = await self.redis.hgetall(f"kiln:budget:user:{user_id}")
+        return {k.decode(): v.decode() for k, v in raw.items()} or None
 
     async def ping(self) -> None:
         await self.redis.ping()
