@@ -264,6 +264,12 @@ def test_every_service_exposes_its_metrics(stack: Stack, build_id: str) -> None:
     sandbox = httpx.get(stack.metrics_url("sandbox"), timeout=5).text
     assert metric(sandbox, "kiln_tool_seconds_count", tool="bash", outcome="ok") >= 1
     assert metric(sandbox, "kiln_tool_seconds_count", tool="write_file") >= 1
+    budget = httpx.get(stack.metrics_url("budget"), timeout=5).text
+    assert metric(budget, "kiln_model_tokens_total", type="input") > 0
+    assert metric(budget, "kiln_model_tokens_total", type="output") > 0
+    assert metric(budget, "kiln_model_cost_micro_usd_total") > 0
+    gateway = httpx.get(stack.metrics_url("gateway"), timeout=5).text
+    assert "kiln_builds_sleeping 0.0" in gateway
 
 
 def test_one_trace_follows_the_build_through_all_five_services(stack: Stack, build_id: str) -> None:

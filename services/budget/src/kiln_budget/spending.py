@@ -30,6 +30,7 @@ from kiln_contracts import (
     WakeRequested,
     stable_id,
 )
+from kiln_runtime import metrics
 from kiln_runtime.config import KilnConfig
 from kiln_runtime.errors import PermanentError
 
@@ -95,9 +96,23 @@ async def charge_iteration(deps: Deps, event: IterationCompleted) -> Charged:
     extra = {"build_id": event.build_id, "event_id": event.event_id, "iteration": event.iteration}
     if applied:
         log.info("charged %d micro-USD to %s", amount, event.user_id, extra=extra)
+        _count(event, amount)
     else:
         log.info("iteration already charged; nothing to do", extra=extra)
     return Charged(amount, applied)
+
+
+def _count(event: IterationCompleted, amount: int) -> None:
+    """Tokens and cost for /metrics, once per charged iteration."""
+    usage = event.usage
+    for kind, tokens in (
+        ("input", usage.input_tokens),
+        ("output", usage.output_tokens),
+        ("cache_write", usage.cache_creation_input_tokens),
+        ("cache_read", usage.cache_read_input_tokens),
+    ):
+        metrics.MODEL_TOKENS.labels(event.model, kind).inc(tokens)
+    metrics.MODEL_COST.labels(event.model).inc(amount)
 
 
 async def iteration_completed(deps: Deps, event: IterationCompleted) -> list[str]:

@@ -45,6 +45,10 @@ class BuildStore(Protocol):
 
     async def get(self, build_id: str) -> Build | None: ...
 
+    async def count_with_status(self, status: str) -> int:
+        """How many builds (of every user) are in ``status`` now."""
+        ...
+
     async def list_for_user(
         self,
         user_id: str,

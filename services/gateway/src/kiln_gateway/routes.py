@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import logging
 from datetime import datetime
@@ -14,6 +15,7 @@ from fastapi.responses import StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
 from kiln_contracts import CancelRequested, QnA, WakeRequested
+from kiln_runtime import metrics as kiln_metrics
 
 from . import accounts, archive, builds, projects
 from .bootstrap import Runtime
@@ -316,5 +318,7 @@ async def readyz(request: Request) -> Response:
 
 
 @router.get("/metrics", include_in_schema=False)
-async def metrics() -> Response:
+async def metrics(rt: Rt) -> Response:
+    with contextlib.suppress(Exception):  # the figure is skipped, not the scrape, if PG is down
+        kiln_metrics.BUILDS_SLEEPING.set(await rt.store.count_with_status("sleeping"))
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -352,6 +352,10 @@ class PgStore:
         row = await self.pool.fetchrow("SELECT * FROM builds WHERE build_id = $1", build_id)
         return _build(row) if row else None
 
+    async def count_with_status(self, status: str) -> int:
+        count = await self.pool.fetchval("SELECT count(*) FROM builds WHERE status = $1", status)
+        return int(count or 0)
+
     async def list_for_user(
         self,
         user_id: str,
