@@ -200,7 +200,8 @@ async def take_snapshot(
             # The blobs of the build's latest manifest exist (a manifest is written only once
             # its blobs do, and from here on our marker keeps them from being collected):
             # only the others are looked up, one HEAD each.
-            known = await _blobs_of_latest(deps.store, build_id)
+            previous = await _readable_latest(deps.store, build_id)
+            known = {str(e["sha256"]) for e in previous.get("entries", [])} if previous else set()
             missing = await _missing_blobs(deps, [sha for sha in by_sha if sha not in known])
             if missing:
                 await _upload(deps, build_id, [by_sha[sha] for sha in sorted(missing)])
@@ -239,7 +240,7 @@ async def take_snapshot(
         finally:
             # Without a manifest the marker may stay (a crash): collections ignore it once old.
             await deps.store.delete(marker)
-        await _advance_latest(deps.store, build_id, doc)
+        await _advance_latest(deps.store, build_id, doc, previous)
         saved = snapshot_saved(event, doc)
         await deps.publisher.publish(saved)
         log.info(
@@ -316,12 +317,11 @@ def _normalise(entries: list[ManifestEntry]) -> list[ManifestEntry]:
     return [by_path[p] for p in sorted(by_path)]
 
 
-async def _blobs_of_latest(store: ObjectStore, build_id: str) -> set[str]:
+async def _readable_latest(store: ObjectStore, build_id: str) -> Manifest | None:
     try:
-        doc = await latest_manifest(store, build_id)
-    except ValueError:  # unreadable: look every blob up
-        return set()
-    return set() if doc is None else {str(e["sha256"]) for e in doc.get("entries", [])}
+        return await latest_manifest(store, build_id)
+    except ValueError:  # unreadable: every blob is looked up
+        return None
 
 
 async def _missing_blobs(deps: Deps, shas: list[str]) -> set[str]:
@@ -367,13 +367,23 @@ def _order(doc: dict[str, Any]) -> tuple[int, datetime]:
     return int(doc["iteration"]), datetime.fromisoformat(doc["checkpoint_at"])
 
 
-async def _advance_latest(store: ObjectStore, build_id: str, doc: dict[str, Any]) -> None:
-    """Point ``latest`` at ``doc`` unless it already points at a newer snapshot."""
+async def _advance_latest(
+    store: ObjectStore,
+    build_id: str,
+    doc: dict[str, Any],
+    read_before: dict[str, Any] | None = None,
+) -> None:
+    """Point ``latest`` at ``doc`` unless it already points at a newer snapshot.
+
+    ``read_before``: the manifest ``latest`` pointed at earlier, not read again if still so."""
     current_id = await store.get(latest_key(build_id))
     if current_id is not None:
         if current_id.decode() == doc["snapshot_id"]:
             return
-        current = await _load_manifest(store, build_id, current_id.decode())
+        if read_before is not None and read_before.get("snapshot_id") == current_id.decode():
+            current: dict[str, Any] | None = read_before
+        else:
+            current = await _load_manifest(store, build_id, current_id.decode())
         if current is not None and _order(current) > _order(doc):
             return
     await store.put(latest_key(build_id), str(doc["snapshot_id"]).encode(), "text/plain")
