@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -55,8 +56,17 @@ class Bench:
         return proc
 
     def stop_all(self) -> None:
-        for proc in reversed(self.processes):
-            proc.stop(timeout=5)
+        """SIGTERM to all at once, then SIGKILL what has not exited within 5 s."""
+        live = [p for p in self.processes if p.alive()]
+        for proc in live:
+            proc.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        for proc in live:
+            try:
+                proc.popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+                proc.popen.wait()
 
     def check(self, proc: Process) -> None:
         if not proc.alive():
@@ -65,6 +75,8 @@ class Bench:
 
 @contextlib.contextmanager
 def bench(name: str) -> Iterator[Bench]:
+    # SIGTERM (make's Ctrl-C, a test's timeout) unwinds like Ctrl-C so the services are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     data_dir = Path(tempfile.mkdtemp(prefix=f"kb-{name}-", dir="/tmp"))
     infra = Infra(data_dir)
     b: Bench | None = None
@@ -79,7 +91,10 @@ def bench(name: str) -> Iterator[Bench]:
         if b is not None:
             b.stop_all()
         infra.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
+        if os.environ.get("KILN_BENCH_KEEP"):
+            print(f"kept {data_dir} (logs in {infra.log_dir})", file=sys.stderr)
+        else:
+            shutil.rmtree(data_dir, ignore_errors=True)
 
 
 async def connect(url: str) -> Client:

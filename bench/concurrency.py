@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-
 from _common import Bench, bench, connect, figures, percentile, publish, rss_mb, wait_port
 from nats.aio.msg import Msg
 
@@ -99,12 +98,14 @@ async def run_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
             manual_ack=True,
             pending_msgs_limit=-1,
         )
+        extra = {"KILN_BENCH_PULL_BATCH": str(args.pull_batch)} if args.pull_batch else {}
         agent = b.start(
             "agent",
-            ["-m", "kiln_agent"],
+            [str(HERE / "agent_probe.py")] if args.pull_batch else ["-m", "kiln_agent"],
             ANTHROPIC_BASE_URL=url,
             ANTHROPIC_API_KEY="bench",
             KILN_AGENT_WORKERS=str(max(128, size)),
+            **extra,
         )
         peak = 0.0
         sampling = True
@@ -126,10 +127,13 @@ async def run_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
                         publish(
                             nc,
                             BuildRequested(
-                                build_id=i, user_id="bench", tier="pro", idea_brief="x",
+                                build_id=i,
+                                user_id="bench",
+                                tier="pro",
+                                idea_brief="x",
                                 limits=limits,
                             ),
-                        )  # fmt: skip
+                        )
                         for i in ids[chunk : chunk + 100]
                     )
                 )
@@ -203,7 +207,9 @@ async def main(args: argparse.Namespace) -> None:
     last = results[-1]
     above = [r["builds"] for r in results if r["builds"] not in ok]
     if ok and above:
-        print(f"knee: between {max(ok)} and {min(b for b in above if b > max(ok)) if any(b > max(ok) for b in above) else '?'} builds")
+        print(
+            f"knee: between {max(ok)} and {min(b for b in above if b > max(ok)) if any(b > max(ok) for b in above) else '?'} builds"
+        )
     print(
         figures(
             "concurrency",
@@ -218,4 +224,10 @@ if __name__ == "__main__":
     parser.add_argument("--builds", default="100,300,1000", help="Sizes, comma-separated.")
     parser.add_argument("--latency-s", type=float, default=1.0, help="Model latency per call.")
     parser.add_argument("--measure-s", type=float, default=20.0, help="The measuring window.")
+    parser.add_argument(
+        "--pull-batch",
+        type=int,
+        default=0,
+        help="Experiment: the agent's bus fetches at most N messages per pull (bench/agent_probe.py).",
+    )
     asyncio.run(main(parser.parse_args()))

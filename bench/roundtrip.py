@@ -27,12 +27,12 @@ import asyncio
 import time
 import uuid
 
+from _common import Bench, bench, connect, figures, percentile, publish, until, watch
+from loop_model import LoopModel
 from nats.aio.client import Client
 from nats.js.api import StreamConfig
 
-from _common import Bench, bench, connect, figures, percentile, publish, until, watch
 from kiln_contracts import BuildLimits, BuildRequested, subjects
-from loop_model import LoopModel
 
 PAYLOAD = b'{"tool": "list_dir", "input": {"path": "."}, "pad": "' + b"x" * 400 + b'"}'
 
@@ -100,8 +100,10 @@ async def kiln(b: Bench, nc: Client, builds: int, calls: int) -> dict[str, list[
                 ),
             )
             await until(
-                lambda: any(s.kind in ("build_completed", "build_failed") for s in seen)
-                or any(not p.alive() for p in b.processes),
+                lambda seen=seen: (  # type: ignore[misc]
+                    any(s.kind in ("build_completed", "build_failed") for s in seen)
+                    or any(not p.alive() for p in b.processes)
+                ),
                 timeout=60 + calls,
                 what=f"build {build_id} to finish",
             )

@@ -1,0 +1,84 @@
+"""Each benchmark script runs at a tiny size, so that none of them rots. Figures are not checked
+(no wall-clock assertions); the properties that do not depend on speed are.
+
+Each takes 20-60 s on 2 cores (service start-up and shut-down dominate), so only the round trip
+runs in the suite; set KILN_BENCH_SMOKE=1 to run all four."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_bench(
+    infra: dict[str, str], script: str, *args: str, timeout: float = 90
+) -> dict[str, str]:
+    """Run bench/<script> (its own nats-server, the session's Postgres); its figures line."""
+    env = {k: v for k, v in os.environ.items() if k != "NATS_URL"}
+    env["DATABASE_URL"] = infra["DATABASE_URL"]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # the script stops the services it started on SIGTERM
+        out, err = proc.communicate(timeout=30)
+        raise AssertionError(f"{script} timed out:\n{out[-3000:]}{err[-3000:]}") from None
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    name, *pairs = out.strip().splitlines()[-1].split()
+    assert name == script.removesuffix(".py"), out
+    return dict(p.split("=", 1) for p in pairs)
+
+
+def test_roundtrip(infra) -> None:
+    got = run_bench(infra, "roundtrip.py", "--builds", "1", "--calls", "3", "--floor", "20")
+    assert set(got) == {"p50_ms", "p99_ms", "floor_p50_ms", "floor_p99_ms", "ratio_p50",
+                        "ratio_p99"}  # fmt: skip
+    assert float(got["p50_ms"]) > 0 and float(got["floor_p50_ms"]) > 0
+
+
+all_of_them = pytest.mark.skipif(
+    not os.environ.get("KILN_BENCH_SMOKE"), reason="slow; set KILN_BENCH_SMOKE=1"
+)
+
+
+@all_of_them
+def test_concurrency(infra) -> None:
+    got = run_bench(
+        infra, "concurrency.py", "--builds", "4", "--latency-s", "0.2", "--measure-s", "2"
+    )
+    assert got["builds"] == "4"
+    assert float(got["iters_per_s"]) > 0
+    assert float(got["rss_mb"]) > 0
+    for key in ("ideal_iters_per_s", "overhead_p50_ms", "overhead_p99_ms", "knee_builds"):
+        assert key in got
+
+
+@all_of_them
+def test_sleeping(infra) -> None:
+    got = run_bench(infra, "sleeping.py", "--builds", "8", "--warmup", "2")
+    assert got["builds"] == "8"
+    assert got["sandboxes_alive"] == "0"
+    assert int(got["tasks_growth"]) < 8  # no task per sleeping build
+    assert "rss_growth_mb" in got
+
+
+@all_of_them
+def test_recovery(infra) -> None:
+    got = run_bench(infra, "recovery.py", "--ack-wait-s", "2", "--latency-s", "0.1")
+    assert float(got["seconds"]) > 0
+    assert got["ack_wait_s"] == "2"
