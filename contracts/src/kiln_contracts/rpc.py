@@ -6,6 +6,7 @@ itself, through presigned URLs the snapshot service hands it.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Literal, Self
 
 from pydantic import Field, model_validator
@@ -13,6 +14,9 @@ from pydantic import Field, model_validator
 from .messages import Id, Model
 
 EntryType = Literal["file", "dir", "symlink"]
+
+
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
 class ManifestEntry(Model):
@@ -29,6 +33,22 @@ class ManifestEntry(Model):
     mode: int = Field(ge=0, description="Permission bits, e.g. 0o644.")
     type: EntryType = "file"
     target: str | None = Field(default=None, description="A symlink's target, as readlink says.")
+
+    @classmethod
+    def directory(cls, path: str, mode: int) -> ManifestEntry:
+        return cls(path=path, sha256=EMPTY_SHA256, size=0, mode=mode & 0o7777, type="dir")
+
+    @classmethod
+    def symlink(cls, path: str, target: str) -> ManifestEntry:
+        raw = target.encode("utf-8", "surrogateescape")
+        return cls(
+            path=path,
+            sha256=hashlib.sha256(raw).hexdigest(),
+            size=len(raw),
+            mode=0o777,
+            type="symlink",
+            target=target,
+        )
 
     @model_validator(mode="after")
     def _target_only_for_symlinks(self) -> Self:

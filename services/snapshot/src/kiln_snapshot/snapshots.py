@@ -34,7 +34,6 @@ snapshot is followed (it is listed in ``skipped``); the sandbox checks again on 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import weakref
@@ -62,7 +61,6 @@ from .ports import ObjectStore, Publisher, Sandbox
 
 log = logging.getLogger(__name__)
 
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 MANIFEST_FORMAT = 1
 # Allowance for clock skew between replicas and for the last writes of a slow snapshot.
@@ -427,10 +425,12 @@ async def restore_plan(deps: Deps, request: RestorePlanRequest) -> RestorePlanRe
         )
         for e in entries
     ]
-    dirs = [_dir(str(d["path"]), int(d["mode"])) for d in doc.get("dirs", [])]
+    dirs = [ManifestEntry.directory(str(d["path"]), int(d["mode"])) for d in doc.get("dirs", [])]
     links = {str(x["path"]): str(x["target"]) for x in doc.get("symlinks", [])}
     symlinks = [
-        _symlink(path, target) for path, target in links.items() if not escapes(path, links)
+        ManifestEntry.symlink(path, target)
+        for path, target in links.items()
+        if not escapes(path, links)
     ]
     skipped = sorted(path for path in links if escapes(path, links))
     return RestorePlanReply(
@@ -469,19 +469,3 @@ def escapes(path: str, links: dict[str, str], max_hops: int = 40) -> bool:
             return True  # a loop, or absolute
         todo.extend(reversed(target.split("/")))
     return False
-
-
-def _dir(path: str, mode: int) -> ManifestEntry:
-    return ManifestEntry(path=path, sha256=EMPTY_SHA256, size=0, mode=mode, type="dir")
-
-
-def _symlink(path: str, target: str) -> ManifestEntry:
-    raw = target.encode("utf-8", "surrogateescape")
-    return ManifestEntry(
-        path=path,
-        sha256=hashlib.sha256(raw).hexdigest(),
-        size=len(raw),
-        mode=0o777,
-        type="symlink",
-        target=target,
-    )

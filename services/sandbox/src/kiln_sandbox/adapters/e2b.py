@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import logging
 import posixpath
 import shlex
@@ -300,11 +299,11 @@ class E2BSandbox:
         for rec in dirs_part.split(_RECORD):
             if rec:
                 mode_s, rel = rec.split(" ", 1)
-                out_entries.append(_dir_entry(rel, int(mode_s, 8)))
+                out_entries.append(ManifestEntry.directory(rel, int(mode_s, 8)))
         fields = links_part.split(_RECORD)
         for rel, target in zip(fields[0::2], fields[1::2], strict=False):
             if rel:
-                out_entries.append(_symlink_entry(rel, target))
+                out_entries.append(ManifestEntry.symlink(rel, target))
         out_entries.sort(key=lambda e: e.path)
         return out_entries
 
@@ -404,25 +403,6 @@ class E2BSandbox:
             total_bytes=total,
             timed_out=bool(timed_out),
         )
-
-
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-
-
-def _dir_entry(rel: str, mode: int) -> ManifestEntry:
-    return ManifestEntry(path=rel, sha256=EMPTY_SHA256, size=0, mode=mode & 0o7777, type="dir")
-
-
-def _symlink_entry(rel: str, target: str) -> ManifestEntry:
-    raw = target.encode("utf-8", "surrogateescape")
-    return ManifestEntry(
-        path=rel,
-        sha256=hashlib.sha256(raw).hexdigest(),
-        size=len(raw),
-        mode=0o777,
-        type="symlink",
-        target=target,
-    )
 
 
 def _signed(rc: int) -> int:

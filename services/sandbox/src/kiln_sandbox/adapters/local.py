@@ -188,10 +188,10 @@ class LocalSandbox:
                     if stat.S_ISDIR(st.st_mode):
                         walk_into.append(name)
                         if dirs_and_symlinks:
-                            out.append(_dir_entry(rel, st.st_mode))
+                            out.append(ManifestEntry.directory(rel, st.st_mode))
                     elif stat.S_ISLNK(st.st_mode):
                         if dirs_and_symlinks:
-                            out.append(_symlink_entry(rel, os.readlink(full)))
+                            out.append(ManifestEntry.symlink(rel, os.readlink(full)))
                     elif stat.S_ISREG(st.st_mode):
                         digest = _sha256_file(full)
                         out.append(
@@ -348,25 +348,6 @@ class LocalSandbox:
 def _killpg(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
-
-
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-
-
-def _dir_entry(rel: str, mode: int) -> ManifestEntry:
-    return ManifestEntry(path=rel, sha256=EMPTY_SHA256, size=0, mode=mode & 0o7777, type="dir")
-
-
-def _symlink_entry(rel: str, target: str) -> ManifestEntry:
-    raw = target.encode("utf-8", "surrogateescape")
-    return ManifestEntry(
-        path=rel,
-        sha256=hashlib.sha256(raw).hexdigest(),
-        size=len(raw),
-        mode=0o777,
-        type="symlink",
-        target=target,
-    )
 
 
 def _sha256_file(path: str) -> str:
