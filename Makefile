@@ -94,3 +94,7 @@ bench-recovery: install  ## SIGKILL the agent mid-build: time to the next event 
 
 bench-snapshot: install  ## 2,000 files / ~50 MB, one file changed: Kiln's incremental snapshot vs tar czf + upload
 	$(RUN) python bench/snapshot.py
+
+.PHONY: bench-bookkeeping
+bench-bookkeeping: install  ## the agent's per-iteration bookkeeping near iteration 1 and 200 of one build (target: ratio <= 1.5)
+	$(RUN) python bench/bookkeeping.py

@@ -168,3 +168,84 @@ async def test_an_expired_lease_is_taken_over() -> None:
     assert store.leases["b1"][0] == "alive"
     await store.release("b1", "dead")  # not the holder: no effect
     assert store.leases["b1"][0] == "alive"
+
+
+class SpyStore(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[tuple[str, int]] = []
+
+    async def turns(self, build_id: str, since: int = 0) -> list[Any]:
+        self.asked.append((build_id, since))
+        return await super().turns(build_id, since)
+
+
+class ByIteration(FakeModel):
+    """A tool call per iteration (numbered by the request's length), then done at the fifth."""
+
+    async def complete(self, request: ModelRequest) -> ModelReply:
+        n = (len(request.messages) + 1) // 2
+        self.replies = [call(n) if n < 5 else ([text("done")], "end_turn")]
+        return await super().complete(request)
+
+
+async def _two_builds(turn_cache_mb: float) -> tuple[ByIteration, SpyStore, Agent]:
+    """Two builds of five iterations each, interleaved, on one replica (the cache never holds
+    more than its limit)."""
+    model, store, pub = ByIteration(), SpyStore(), FakePublisher()
+    agent = Agent(
+        store, model, pub, agent_config.load(), kiln_config.default(), turn_cache_mb=turn_cache_mb
+    )
+    builds = ["b1", "b2"]
+    for build_id in builds:
+        await agent.build_requested(start().model_copy(update={"build_id": build_id}))
+    for _ in range(4):
+        for build_id in builds:
+            latest = [c for c in pub.of(ToolCall) if c.build_id == build_id][-1]
+            await agent.tool_result(result_for(latest, "x" * 50))
+            assert agent._cached_chars <= turn_cache_mb * 2**20
+            assert agent._cached_chars == sum(k.chars for k in agent._conversations.values())
+    assert sorted(m.build_id for m in pub.of(BuildCompleted)) == builds
+    return model, store, agent
+
+
+async def test_a_think_reads_only_the_turns_added_since_the_last() -> None:
+    cached, store, _ = await _two_builds(turn_cache_mb=64)
+    uncached, plain, _ = await _two_builds(turn_cache_mb=0)
+    # the same requests either way
+    assert [r.messages for r in cached.requests] == [r.messages for r in uncached.requests]
+    assert len(cached.requests) == 10
+    for build_id in ("b1", "b2"):
+        assert [since for b, since in store.asked if b == build_id] == [0, 1, 3, 5, 7]
+    assert {since for _, since in plain.asked} == {0}
+
+
+async def test_the_turn_cache_is_bounded_and_stays_correct() -> None:
+    limit_mb = 0.001  # 1048 characters: less than the two builds' turns at the end
+    small, store, agent = await _two_builds(turn_cache_mb=limit_mb)
+    uncached, _, _ = await _two_builds(turn_cache_mb=0)
+    assert [r.messages for r in small.requests] == [r.messages for r in uncached.requests]
+    assert list(agent._conversations) == [] and agent._cached_chars == 0  # both builds ended
+    misses = [since for _, since in store.asked if since == 0]
+    assert len(misses) > 2  # evicted, then read whole again
+
+
+async def test_tool_calls_are_published_after_the_lease_is_released() -> None:
+    model = FakeModel(call(1), ([text("done")], "end_turn"))
+    store = MemoryStore()
+    held_when_published: list[bool] = []
+
+    class Watching(FakePublisher):
+        async def publish(self, msg: Any) -> None:
+            if isinstance(msg, ToolCall):
+                held_when_published.append(msg.build_id in store.leases)
+            await super().publish(msg)
+
+    pub = Watching()
+    agent = Agent(store, model, pub, agent_config.load(), kiln_config.default())
+    await agent.build_requested(start())
+    [c] = pub.of(ToolCall)
+    assert held_when_published == [False]
+    # a result answering at once thinks straight away (no RetryLater on a held lease)
+    await agent.tool_result(result_for(c))
+    assert len(pub.of(BuildCompleted)) == 1

@@ -45,6 +45,7 @@ class Service:
             cfg,
             kiln_config.default(),
             lease_s=self.settings.lease_s or self.settings.ack_wait_s,
+            turn_cache_mb=self.settings.turn_cache_mb,
         )
         app.register(self.bus, agent, workers=self.settings.workers)
 

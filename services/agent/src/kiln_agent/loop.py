@@ -12,7 +12,9 @@ import asyncio
 import json
 import logging
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from kiln_contracts import (
@@ -40,7 +42,14 @@ from kiln_runtime.errors import Conflict, RetryLater
 from . import tools
 from .checkpoint import Checkpoint, Outcome, PendingCall, SleepRequest, Turn
 from .config import AgentConfig
-from .context import CACHE, build_request, compaction_point, context_tokens
+from .context import (
+    CACHE,
+    CHARS_PER_TOKEN,
+    build_request,
+    compaction_point,
+    context_tokens,
+    estimate_tokens,
+)
 from .ports import (
     CheckpointStore,
     ContextWindowExceeded,
@@ -73,6 +82,7 @@ class Agent:
         *,
         save_attempts: int = 5,
         lease_s: float = 30.0,
+        turn_cache_mb: float = 64.0,
     ) -> None:
         self.store = store
         self.model = model
@@ -82,6 +92,11 @@ class Agent:
         self.save_attempts = save_attempts
         self.lease_s = lease_s
         self.tools = tools.definitions(config.narrate_description)
+        # the turns this replica has read, per build (least recently used first), up to about
+        # turn_cache_mb of JSON: committed turns never change, so a think fetches only newer ones
+        self.turn_cache_chars = int(turn_cache_mb * 2**20)
+        self._conversations: OrderedDict[str, _Known] = OrderedDict()
+        self._cached_chars = 0
 
     # ------------------------------------------------------------------ messages
 
@@ -173,6 +188,8 @@ class Agent:
             return False
         await self._flush(cp)
         if cp.status != "thinking":
+            if cp.terminal:
+                self._forget(build_id)
             return False
         token = uuid.uuid4().hex
         wait = await self.store.lease(build_id, token, self.lease_s)
@@ -180,22 +197,32 @@ class Agent:
             raise RetryLater(f"build {build_id} is thinking on another replica", delay_s=wait)
         renew = asyncio.create_task(self._renew(build_id, token))
         try:
-            return await self._think_leased(build_id, cause)
+            again, saved = await self._think_leased(build_id, cause)
         finally:
             renew.cancel()
             await self.store.release(build_id, token)
+        if saved is not None and saved.terminal:
+            self._forget(build_id)
+        if saved is not None:
+            # published after the release, so that a result answering one of these ToolCalls at
+            # once never finds the lease still held (and waits for it to run out)
+            await self._flush(saved)
+        return again
 
-    async def _think_leased(self, build_id: str, cause: uuid.UUID) -> bool:
+    async def _think_leased(
+        self, build_id: str, cause: uuid.UUID
+    ) -> tuple[bool, Checkpoint | None]:
+        """(think again?, the saved checkpoint whose outbox is still to be published)."""
         cp = await self.store.load(build_id)  # fresh: a twin may have thought before the lease
         if cp is None or cp.status != "thinking":
-            return False
+            return False, None
         iteration = cp.iteration
         reply: ModelReply | ModelError | None = None
         if (failure := self._precheck(cp)) is None:
-            turns = await self.store.turns(build_id)
+            turns = await self._turns(cp)
             fitted = await self._fit(cp, turns)
             if fitted is None:
-                return True  # moved on while compacting: look again
+                return True, None  # moved on while compacting: look again
             request, failure = fitted
             if request is not None:
                 try:
@@ -218,8 +245,36 @@ class Agent:
             assert reply is not None
             return self._apply(c, reply, cause)
 
-        saved = await self._step(build_id, advance)
-        return saved is not None and saved.status == "thinking"
+        saved = await self._step(build_id, advance, publish=False)
+        return saved is not None and saved.status == "thinking", saved
+
+    async def _turns(self, cp: Checkpoint) -> list[Turn]:
+        """The checkpoint's ``cp.turns`` turns: those this replica read before are reused, only
+        newer ones are fetched, so a think does not read the whole conversation again."""
+        known = self._forget(cp.build_id) or _Known()
+        if len(known.turns) < cp.turns:
+            new = await self.store.turns(cp.build_id, since=len(known.turns))
+            known.turns.extend(new)
+            known.chars += sum(estimate_tokens(t.content) * CHARS_PER_TOKEN for t in new)
+        turns = known.turns[: cp.turns]
+        if any(t.seq != i for i, t in enumerate(turns)) or len(turns) != cp.turns:
+            log.warning(
+                "turns cache out of step; reading them all", extra={"build_id": cp.build_id}
+            )
+            return await self.store.turns(cp.build_id)
+        if known.chars <= self.turn_cache_chars:
+            self._conversations[cp.build_id] = known
+            self._cached_chars += known.chars
+            while self._cached_chars > self.turn_cache_chars:
+                _, evicted = self._conversations.popitem(last=False)
+                self._cached_chars -= evicted.chars
+        return turns
+
+    def _forget(self, build_id: str) -> _Known | None:
+        known = self._conversations.pop(build_id, None)
+        if known is not None:
+            self._cached_chars -= known.chars
+        return known
 
     async def _fit(
         self, cp: Checkpoint, turns: list[Turn]
@@ -507,8 +562,11 @@ class Agent:
 
     # ------------------------------------------------------------------ plumbing
 
-    async def _step(self, build_id: str, advance: Advance) -> Checkpoint | None:
-        """Load, advance, save (retrying a lost race on fresh state), then publish."""
+    async def _step(
+        self, build_id: str, advance: Advance, *, publish: bool = True
+    ) -> Checkpoint | None:
+        """Load, advance, save (retrying a lost race on fresh state), then publish (unless the
+        caller publishes the returned checkpoint's outbox itself)."""
         for _ in range(self.save_attempts):
             cp = await self.store.load(build_id)
             if cp is None:
@@ -522,7 +580,8 @@ class Agent:
             except VersionConflict:
                 log.info("version conflict; re-applying", extra={"build_id": build_id})
                 continue
-            await self._flush(cp)
+            if publish:
+                await self._flush(cp)
             return cp
         raise Conflict(f"build {build_id} kept changing under {self.save_attempts} attempts")
 
@@ -558,6 +617,14 @@ class Agent:
 
     def _request(self, cp: Checkpoint, turns: list[Turn]) -> ModelRequest:
         return build_request(cp, turns, self.tools, self.config)
+
+
+@dataclass
+class _Known:
+    """The turns of a build a replica has read (seq 0 … n-1), and their size in JSON characters."""
+
+    turns: list[Turn] = field(default_factory=list)
+    chars: int = 0
 
 
 def _clean(content: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -21,8 +21,9 @@ class CheckpointStore(Protocol):
 
     async def load(self, build_id: str) -> Checkpoint | None: ...
 
-    async def turns(self, build_id: str) -> list[Turn]:
-        """The whole conversation, in order."""
+    async def turns(self, build_id: str, since: int = 0) -> list[Turn]:
+        """The conversation's turns from seq ``since`` on, in order (committed turns never
+        change, so a reader may keep the ones it has and ask only for newer ones)."""
 
     async def save(self, cp: Checkpoint, new_turns: list[Turn]) -> None:
         """Write ``cp`` (with its outbox) and append ``new_turns`` in one transaction, if the stored

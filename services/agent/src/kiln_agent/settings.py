@@ -22,6 +22,12 @@ class AgentSettings(DatabaseSettings):
         description="The think lease (renewed while a model call runs); default: ack_wait_s.",
     )
     db_pool_size: int = Field(default=20, ge=1, validation_alias=env("KILN_AGENT_DB_POOL"))
+    turn_cache_mb: float = Field(
+        default=64.0,
+        ge=0,
+        validation_alias=env("KILN_AGENT_TURN_CACHE_MB"),
+        description="Turns kept in memory across thinks (0: read every build's turns each time).",
+    )
 
 
 class MissingApiKey(SystemExit):

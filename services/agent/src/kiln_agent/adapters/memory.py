@@ -28,8 +28,8 @@ class MemoryStore:
         row = self.rows.get(build_id)
         return copy.deepcopy(row) if row else None
 
-    async def turns(self, build_id: str) -> list[Turn]:
-        return list(self.conversation.get(build_id, []))
+    async def turns(self, build_id: str, since: int = 0) -> list[Turn]:
+        return [t for t in self.conversation.get(build_id, []) if t.seq >= since]
 
     async def save(self, cp: Checkpoint, new_turns: list[Turn]) -> None:
         row = self.rows.get(cp.build_id)

@@ -102,9 +102,11 @@ class PostgresStore:
             outbox=load_outbox(json.loads(row["outbox"])),
         )
 
-    async def turns(self, build_id: str) -> list[Turn]:
+    async def turns(self, build_id: str, since: int = 0) -> list[Turn]:
         rows = await self.pool.fetch(
-            "SELECT seq, role, content FROM turns WHERE build_id = $1 ORDER BY seq", build_id
+            "SELECT seq, role, content FROM turns WHERE build_id = $1 AND seq >= $2 ORDER BY seq",
+            build_id,
+            since,
         )
         return [Turn(r["seq"], r["role"], json.loads(r["content"])) for r in rows]
 
