@@ -22,7 +22,7 @@ class CommonSettings(BaseSettings):
     log_level: str = Field(default="INFO", validation_alias=env("KILN_LOG_LEVEL", "LOG_LEVEL"))
     log_json: bool = Field(default=False, validation_alias=env("KILN_LOG_JSON"))
     # Delivery: a message not acked (nor heartbeated) within ack_wait is redelivered elsewhere.
-    ack_wait_s: float = Field(default=30.0, gt=0, validation_alias=env("KILN_ACK_WAIT_S"))
+    ack_wait_s: float = Field(default=10.0, gt=0, validation_alias=env("KILN_ACK_WAIT_S"))
     max_deliver: int = Field(default=20, ge=1, validation_alias=env("KILN_MAX_DELIVER"))
     health_port: int = Field(default=0, ge=0, validation_alias=env("KILN_HEALTH_PORT"))
     # On SIGTERM, how long handlers in flight may run on before they are handed back (keep it
