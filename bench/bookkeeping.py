@@ -1,7 +1,7 @@
 """The agent's per-iteration bookkeeping near iteration 1 and near iteration 200 of one build.
 
     uv run --frozen python bench/bookkeeping.py [--iterations 210] [--window 20] [--builds 3]
-        [--output-chars 1500] [--text-chars 300] [--warmup 20]
+        [--output-chars 1500] [--text-chars 300] [--warmup 20] [--turn-cache-mb 64]
 
 Bookkeeping is everything the agent does for an iteration except the model call and the tool:
 record the tool result (load the checkpoint, advance, save, publish), then think (republish any
@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import contextlib
 import contextvars
+import gc
 import json
 import logging
 import os
@@ -190,7 +191,19 @@ class TimedAgent(Agent):
 
 # ---------------------------------------------------------------------------- the figures
 
-PARTS = ("load", "turns", "save", "mark_sent", "lease", "release", "publish", "request")
+PARTS = ("load", "turns", "save", "mark_sent", "lease", "release", "publish", "request", "gc")
+
+_gc_began = 0.0
+
+
+def _gc_timer(phase: str, info: dict[str, int]) -> None:
+    """Charge the garbage collector's passes to the sample being taken (they may also fall inside
+    a timed part: the parts can overlap by that much)."""
+    global _gc_began
+    if phase == "start":
+        _gc_began = time.perf_counter()
+    elif (sample := _SAMPLE.get()) is not None:
+        sample.parts["gc"].append(time.perf_counter() - _gc_began)
 
 
 def p50_ms(samples: list[Sample]) -> float:
@@ -204,7 +217,9 @@ def breakdown(samples: list[Sample]) -> str:
         calls = statistics.median(len(s.parts.get(name, [])) for s in samples)
         spent = statistics.median(sum(s.parts.get(name, [])) for s in samples) * 1000
         parts.append(f"{name} {calls:g}x {spent:.2f}")
-    rest = statistics.median(s.total_s - sum(sum(v) for v in s.parts.values()) for s in samples)
+    rest = statistics.median(
+        s.total_s - sum(sum(v) for k, v in s.parts.items() if k != "gc") for s in samples
+    )
     parts.append(f"other {rest * 1000:.2f}")
     return ", ".join(parts)
 
@@ -267,9 +282,12 @@ async def run(
     output_chars: int = 1500,
     text_chars: int = 300,
     warmup: int = 20,
+    turn_cache_mb: float = 64.0,
 ) -> Result:
     if iterations < 2 * window + 2:
         raise SystemExit(f"--iterations must be at least {2 * window + 2} for --window {window}")
+    if _gc_timer not in gc.callbacks:
+        gc.callbacks.append(_gc_timer)
     run_id = uuid.uuid4().hex[:8]
     prefix = f"bench-bk-{run_id}"
     settings = CommonSettings(nats_url=nats_url, ack_wait_s=60)
@@ -277,7 +295,12 @@ async def run(
     model = InstantModel(text_chars)
     bus = Bus(settings, f"bench-agent-{run_id}")
     agent = TimedAgent(
-        TimedStore(pool), model, TimedPublisher(bus), config.load(), kiln_config.default()
+        TimedStore(pool),
+        model,
+        TimedPublisher(bus),
+        config.load(),
+        kiln_config.default(),
+        turn_cache_mb=turn_cache_mb,
     )
     agent.prefix, agent.samples = prefix, defaultdict(list)
     app.register(bus, agent, workers=4)
@@ -354,6 +377,9 @@ def main() -> None:
     parser.add_argument("--output-chars", type=int, default=1500, help="Output of each tool call.")
     parser.add_argument("--text-chars", type=int, default=300, help="Text of each model turn.")
     parser.add_argument("--warmup", type=int, default=20, help="Iterations of the warm-up build.")
+    parser.add_argument(
+        "--turn-cache-mb", type=float, default=64.0, help="The agent's turn cache (0: none)."
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     data_dir = Path(tempfile.mkdtemp(prefix="kb-bk-", dir="/tmp"))
@@ -371,6 +397,7 @@ def main() -> None:
                 output_chars=args.output_chars,
                 text_chars=args.text_chars,
                 warmup=args.warmup,
+                turn_cache_mb=args.turn_cache_mb,
             )
         )
     finally:

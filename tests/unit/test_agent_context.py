@@ -249,3 +249,20 @@ async def test_tool_calls_are_published_after_the_lease_is_released() -> None:
     # a result answering at once thinks straight away (no RetryLater on a held lease)
     await agent.tool_result(result_for(c))
     assert len(pub.of(BuildCompleted)) == 1
+
+
+async def test_building_a_request_leaves_the_turns_as_they_were() -> None:
+    model = FakeModel(call(1), call(2), ([text("done")], "end_turn"))
+    agent, store, pub = agent_with(model, keep_recent_turns=2, clear_over_chars=10)
+    await agent.build_requested(start())
+    await agent.tool_result(result_for(pub.of(ToolCall)[0], "x" * 100))
+    turns = await store.turns("b1")
+    before = [[dict(b) for b in t.content] for t in turns]
+    cp = await store.load("b1")
+    assert cp is not None
+    cp.state.compacted_before = len(turns)  # clear every long output
+    request = build_request(cp, turns, definitions("n"), agent.config)
+    marked = [b for m in request.messages for b in m["content"] if "cache_control" in b]
+    assert cleared(request) and len(marked) == 2  # the last two user turns
+    assert [[dict(b) for b in t.content] for t in turns] == before
+    assert not any("cache_control" in b for t in turns for b in t.content)

@@ -36,7 +36,9 @@ def build_request(
     Long tool results of turns before the compaction watermark are sent cleared."""
     messages: list[dict[str, Any]] = []
     for turn in turns:
-        content = [dict(b) for b in turn.content]
+        # the blocks are shared with the turns, never changed: a block that differs (cleared,
+        # marked with cache_control) is a new dict
+        content = list(turn.content)
         if turn.seq < cp.state.compacted_before:
             content = [_cleared(b, config.clear_over_chars) for b in content]
         messages.append({"role": turn.role, "content": content})
