@@ -77,8 +77,7 @@ nats-render: install  ## regenerate the NATS users (Helm values, nats-server.con
 # ---------------------------------------------------------------- benchmarks (bench/, docs/BENCHMARKS.md)
 .PHONY: bench-roundtrip bench-concurrency bench-sleeping bench-recovery bench-snapshot
 
-bench: bench-roundtrip bench-concurrency bench-sleeping bench-recovery  ## run every benchmark (minutes; figures in docs/BENCHMARKS.md)
-	@if [ -f bench/snapshot.py ]; then $(MAKE) --no-print-directory bench-snapshot; fi
+bench: bench-roundtrip bench-concurrency bench-sleeping bench-recovery bench-snapshot bench-bookkeeping  ## run every benchmark (minutes; figures in docs/BENCHMARKS.md)
 
 bench-roundtrip: install  ## tool-call round trip through Kiln vs a bare JetStream round trip
 	$(RUN) python bench/roundtrip.py
