@@ -1,7 +1,7 @@
 """Recovery: SIGKILL the agent mid-build with a second replica running; time to the build's next
 event, now from the other replica.
 
-    uv run --frozen python bench/recovery.py [--ack-wait-s default,10] [--latency-s 0.3]
+    uv run --frozen python bench/recovery.py [--ack-wait-s default,30] [--latency-s 0.3]
 
 For each setting: a fresh nats-server and Postgres, ``python -m kiln_sandbox`` and two
 ``python -m kiln_agent`` replicas (the same durable consumers), each sending its model calls under
@@ -14,7 +14,8 @@ handling unacked, and the build's think lease). Measured from the kill:
 * seconds: until the build's next event is stored in the stream (the other replica's
   IterationCompleted, after its model call).
 
-``default`` leaves KILN_ACK_WAIT_S unset (30 s); a number sets it for both replicas.
+``default`` leaves KILN_ACK_WAIT_S unset (the runtime's default); a number sets it for both
+replicas.
 Ends with ``recovery seconds=… takeover_s=… ack_wait_s=…`` for the first setting, plus
 ``seconds_ack_wait_<N>=…`` for each further one.
 """
@@ -32,6 +33,7 @@ from loop_model import LoopModel
 
 from kiln_contracts import BuildLimits, BuildRequested, subjects
 from kiln_devstack.infra import Process
+from kiln_runtime.settings import CommonSettings
 
 
 async def once(ack_wait: str, latency_s: float) -> dict[str, float]:
@@ -93,7 +95,8 @@ async def main(args: argparse.Namespace) -> None:
     out: dict[str, float | str] = {}
     for i, setting in enumerate(settings):
         r = await once(setting, args.latency_s)
-        ack = "30 (default)" if setting == "default" else setting
+        default = CommonSettings().ack_wait_s
+        ack = f"{default:g} (default)" if setting == "default" else setting
         print(
             f"KILN_ACK_WAIT_S={ack}: next event ({r['next_event']}) {r['seconds']:.2f} s after "
             f"the SIGKILL; the other replica called the model after {r['takeover_s']:.2f} s",
@@ -103,7 +106,7 @@ async def main(args: argparse.Namespace) -> None:
             out.update(
                 seconds=r["seconds"],
                 takeover_s=r["takeover_s"],
-                ack_wait_s=30 if setting == "default" else setting,
+                ack_wait_s=f"{default:g}" if setting == "default" else setting,
             )
         else:
             out[f"seconds_ack_wait_{setting}"] = r["seconds"]
@@ -113,7 +116,7 @@ async def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--ack-wait-s", default="default,10", help="KILN_ACK_WAIT_S settings, comma-separated."
+        "--ack-wait-s", default="default,30", help="KILN_ACK_WAIT_S settings, comma-separated."
     )
     parser.add_argument("--latency-s", type=float, default=0.3, help="Model latency per call.")
     asyncio.run(main(parser.parse_args()))
