@@ -9,7 +9,7 @@ PACKAGES := kiln_contracts kiln_runtime kiln_devstack kiln_cli kiln_gateway kiln
 .PHONY: help install demo up test lint fmt typecheck unit integration e2e schemas bench clean browser
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 $(TOOLS)/bin/uv:
 	$(PYTHON) -m venv $(TOOLS)
