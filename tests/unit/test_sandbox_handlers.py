@@ -51,6 +51,7 @@ class FakeCalls:
     def __init__(self) -> None:
         self.rows: dict[tuple[str, str], CallRecord] = {}
         self.until: dict[tuple[str, str], float] = {}
+        self.renewals: list[str] = []
 
     async def get(self, build_id: str, call_id: str) -> CallRecord | None:
         row = self.rows.get((build_id, call_id))
@@ -66,7 +67,20 @@ class FakeCalls:
         self.until[(build_id, call_id)] = time.monotonic() + lease_s
         return True
 
+    async def claim(
+        self, build_id: str, call_id: str, owner: str, lease_s: float
+    ) -> CallRecord | None:
+        if await self.begin(build_id, call_id, owner, lease_s):
+            return None
+        return await self.get(build_id, call_id)
+
+    async def release(self, build_id: str, call_id: str, owner: str) -> None:
+        row = self.rows.get((build_id, call_id))
+        if row is not None and row.owner == owner and row.status == "started":
+            del self.rows[(build_id, call_id)]
+
     async def renew(self, build_id: str, call_id: str, owner: str, lease_s: float) -> None:
+        self.renewals.append(call_id)
         row = self.rows.get((build_id, call_id))
         if row is not None and row.owner == owner and row.status == "started":
             self.until[(build_id, call_id)] = time.monotonic() + lease_s
@@ -378,3 +392,51 @@ async def test_a_redelivery_to_a_second_replica_waits_while_the_first_still_runs
         assert result.is_error and result.output == INTERRUPTED
     finally:
         await provider.close()
+
+
+class FlakyBus(FakeBus):
+    """A bus whose first publish fails after the ledger was written (a crash in between)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 1
+
+    async def publish(self, msg: Envelope) -> None:
+        if self.failures and isinstance(msg, ToolResult):
+            self.failures -= 1
+            raise ConnectionError("the stream did not answer")
+        await super().publish(msg)
+
+
+async def test_a_result_stored_but_not_published_is_republished_with_its_event_id(tmp_path, uid):
+    provider = LocalProvider(tmp_path / "sandboxes")
+    calls, flaky = FakeCalls(), FlakyBus()
+    svc = SandboxService(provider, FakeRegistry(), calls, flaky)
+    call = tool_call(uid)
+    try:
+        with pytest.raises(ConnectionError):
+            await svc.handle_tool_call(call)
+        stored = await calls.get(call.build_id, call.call_id)
+        assert stored is not None and stored.status == "done"  # 'done' before the publish
+        result = await svc.handle_tool_call(call)  # the redelivery
+    finally:
+        await provider.close()
+    assert flaky.of(ToolResult) == [result]
+    assert result.event_id == stable_id(call.build_id, "tool_result", call.call_id)
+    assert result.output.strip() == "1"  # the stored result of the one run
+    assert workspace_file(svc, call.build_id, "log.txt") == "line\n"
+
+
+async def test_the_lease_is_renewed_only_for_a_call_still_running_after_a_third_of_it(
+    tmp_path, uid
+):
+    provider = LocalProvider(tmp_path / "sandboxes")
+    calls = FakeCalls()
+    svc = SandboxService(provider, FakeRegistry(), calls, FakeBus(), lease_s=0.6)
+    try:
+        await svc.handle_tool_call(tool_call(uid, "quick", input={"command": "true"}))
+        await svc.handle_tool_call(tool_call(uid, "slow", input={"command": "sleep 0.7"}))
+    finally:
+        await provider.close()
+    assert "quick" not in calls.renewals
+    assert calls.renewals.count("slow") >= 2

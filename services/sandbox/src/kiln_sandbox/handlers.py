@@ -34,6 +34,7 @@ from kiln_runtime import metrics
 from kiln_runtime.errors import RetryLater
 
 from .ports import (
+    CallRecord,
     CallStore,
     Provider,
     Publisher,
@@ -113,12 +114,17 @@ class SandboxService:
     # ------------------------------------------------------------------ tool calls
 
     async def handle_tool_call(self, call: ToolCall) -> ToolResult:
-        """Run a call at most once; a repeat gets the stored result, an interrupted one an error."""
+        """Run a call at most once; a repeat gets the stored result, an interrupted one an error.
+
+        The usual path is three round trips: the claim (one INSERT, with the registry lookup
+        alongside it), the tool, then 'done' with the result (one UPDATE) before the ToolResult
+        is published. 'done' is committed before the publish: a crash between the two leaves a
+        stored result that the redelivered call republishes with the same event id.
+        """
         extra = {"build_id": call.build_id, "call_id": call.call_id, "event_id": call.event_id}
         async with self.locks.hold(call.build_id):
-            seen = await self.calls.get(call.build_id, call.call_id)
-            if seen is None:
-                record = await self.registry.get(call.build_id)
+            record, seen = await self._claim(call)
+            if seen is None:  # this replica holds the call now: run it
                 if record is not None and record.state == "stopped":
                     result = self._result(
                         call,
@@ -126,38 +132,21 @@ class SandboxService:
                         "the call was not run",
                         is_error=True,
                     )
-                    if await self.calls.begin(
-                        call.build_id, call.call_id, self.owner, self.lease_s
-                    ):
-                        await self.calls.finish(
-                            call.build_id, call.call_id, result.model_dump(mode="json")
-                        )
-                        await self.bus.publish(result)
-                        return result
-                    seen = await self.calls.get(call.build_id, call.call_id)
                 else:
-                    # Get the sandbox before recording 'started': a failure here is retried.
-                    sandbox = await self._sandbox(call, record)
-                    if await self.calls.begin(
-                        call.build_id, call.call_id, self.owner, self.lease_s
-                    ):
-                        self._log_execution(call)
-                        async with self._leased(call):
-                            result = await self._run(sandbox, call)
-                        await self.calls.finish(
-                            call.build_id, call.call_id, result.model_dump(mode="json")
-                        )
-                        await self.bus.publish(result)
-                        log.info(
-                            "ran %s (error=%s, %d ms)",
-                            call.tool,
-                            result.is_error,
-                            result.duration_ms,
-                            extra=extra,
-                        )
-                        return result
-                    seen = await self.calls.get(call.build_id, call.call_id)
-            assert seen is not None
+                    sandbox = await self._sandbox_or_release(call, record)
+                    self._log_execution(call)
+                    async with self._leased(call):
+                        result = await self._run(sandbox, call)
+                await self.calls.finish(call.build_id, call.call_id, result.model_dump(mode="json"))
+                await self.bus.publish(result)
+                log.info(
+                    "ran %s (error=%s, %d ms)",
+                    call.tool,
+                    result.is_error,
+                    result.duration_ms,
+                    extra=extra,
+                )
+                return result
             if seen.status == "started" and seen.owner != self.owner and seen.lease_left_s > 0:
                 # Another replica is running it (its lease is fresh): ask again when it expires.
                 raise RetryLater(
@@ -174,6 +163,40 @@ class SandboxService:
             await self.bus.publish(result)
             return result
 
+    async def _claim(self, call: ToolCall) -> tuple[SandboxRecord | None, CallRecord | None]:
+        """The build's sandbox record and the call's earlier record (None: claimed just now),
+        read concurrently; the claim is given back if the registry lookup fails."""
+        got_record, got_seen = await asyncio.gather(
+            self.registry.get(call.build_id),
+            self.calls.claim(call.build_id, call.call_id, self.owner, self.lease_s),
+            return_exceptions=True,
+        )
+        if isinstance(got_seen, BaseException):
+            raise got_seen
+        if isinstance(got_record, BaseException):
+            if got_seen is None:
+                await self._release(call)
+            raise got_record
+        return got_record, got_seen
+
+    async def _sandbox_or_release(self, call: ToolCall, record: SandboxRecord | None) -> Sandbox:
+        """The build's sandbox; on a failure (creating, restoring) the claim is given back so
+        that the redelivered call is run, not reported interrupted."""
+        try:
+            return await self._sandbox(call, record)
+        except BaseException:
+            await self._release(call)
+            raise
+
+    async def _release(self, call: ToolCall) -> None:
+        try:
+            await self.calls.release(call.build_id, call.call_id, self.owner)
+        except Exception:  # the original error matters more; a later delivery sees 'started'
+            log.warning(
+                "could not release the claim on %s", call.call_id, exc_info=True,
+                extra={"build_id": call.build_id},
+            )  # fmt: skip
+
     def _log_execution(self, call: ToolCall) -> None:
         if self.exec_log is None:
             return
@@ -186,23 +209,31 @@ class SandboxService:
 
     @contextlib.asynccontextmanager
     async def _leased(self, call: ToolCall) -> AsyncIterator[None]:
-        """Renew this replica's lease on the call every third of the lease while it runs."""
+        """Renew this replica's lease on the call every third of the lease while it runs.
+
+        Nothing is started for a tool that finishes within the first third (most do): a timer
+        starts the renewing task then.
+        """
 
         async def renew() -> None:
             while True:
-                await asyncio.sleep(self.lease_s / 3)
                 try:
                     await self.calls.renew(call.build_id, call.call_id, self.owner, self.lease_s)
                 except Exception:
                     log.warning("could not renew the lease on %s", call.call_id, exc_info=True)
+                await asyncio.sleep(self.lease_s / 3)
 
-        task = asyncio.create_task(renew())
+        loop = asyncio.get_running_loop()
+        tasks: list[asyncio.Task[None]] = []
+        timer = loop.call_later(self.lease_s / 3, lambda: tasks.append(loop.create_task(renew())))
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            timer.cancel()
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     def _result(self, call: ToolCall, **fields: Any) -> ToolResult:
         return call.caused(

@@ -151,8 +151,15 @@ class CallStore(Protocol):
 
     async def get(self, build_id: str, call_id: str) -> CallRecord | None: ...
 
-    async def begin(self, build_id: str, call_id: str, owner: str, lease_s: float) -> bool:
-        """Record the call as 'started' by ``owner``; False if it was already recorded."""
+    async def claim(
+        self, build_id: str, call_id: str, owner: str, lease_s: float
+    ) -> CallRecord | None:
+        """Record the call as 'started' by ``owner`` (leased for ``lease_s``) and return None;
+        if it was recorded already, change nothing and return that record."""
+        ...
+
+    async def release(self, build_id: str, call_id: str, owner: str) -> None:
+        """Forget ``owner``'s 'started' record of a call it did not run (so it can be retried)."""
         ...
 
     async def renew(self, build_id: str, call_id: str, owner: str, lease_s: float) -> None:

@@ -55,17 +55,35 @@ class PgCallStore:
             lease_left_s=float(row["lease_left"]),
         )
 
-    async def begin(self, build_id: str, call_id: str, owner: str, lease_s: float) -> bool:
-        status = await self.pool.execute(
-            "INSERT INTO calls (build_id, call_id, status, owner, lease_until) "
-            "VALUES ($1, $2, 'started', $3, now() + make_interval(secs => $4)) "
-            "ON CONFLICT DO NOTHING",
+    async def claim(
+        self, build_id: str, call_id: str, owner: str, lease_s: float
+    ) -> CallRecord | None:
+        # One statement when the call is new (the usual case); a SELECT only on a conflict.
+        while True:
+            inserted = await self.pool.fetchval(
+                "INSERT INTO calls (build_id, call_id, status, owner, lease_until) "
+                "VALUES ($1, $2, 'started', $3, now() + make_interval(secs => $4)) "
+                "ON CONFLICT DO NOTHING RETURNING true",
+                build_id,
+                call_id,
+                owner,
+                lease_s,
+            )
+            if inserted:
+                return None
+            seen = await self.get(build_id, call_id)
+            if seen is not None:
+                return seen
+            # Released (deleted) in between by a replica that could not run it: free again.
+
+    async def release(self, build_id: str, call_id: str, owner: str) -> None:
+        await self.pool.execute(
+            "DELETE FROM calls "
+            "WHERE build_id = $1 AND call_id = $2 AND owner = $3 AND status = 'started'",
             build_id,
             call_id,
             owner,
-            lease_s,
         )
-        return bool(status == "INSERT 0 1")
 
     async def renew(self, build_id: str, call_id: str, owner: str, lease_s: float) -> None:
         await self.pool.execute(
