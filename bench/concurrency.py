@@ -82,6 +82,9 @@ async def run_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
         nc = await connect(b.urls["NATS_URL"])
         js = nc.jetstream()
 
+        # per build: (ToolCall stored, ToolResult stored) — stored ≈ the publish's ack
+        answered: dict[str, list[tuple[float, float]]] = {}
+
         async def answer(msg: Msg) -> None:
             """The fake sandbox: a push consumer answering each ToolCall at once."""
             call = ToolCall.model_validate_json(msg.data)
@@ -89,6 +92,9 @@ async def run_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
                 ToolResult, call_id=call.call_id, iteration=call.iteration, output="(empty)"
             ).with_id(stable_id(call.build_id, "tool_result", call.call_id))
             await publish(nc, result)
+            answered.setdefault(call.build_id, []).append(
+                (msg.metadata.timestamp.timestamp(), time.time())
+            )
             await msg.ack()
 
         await js.subscribe(
@@ -177,6 +183,7 @@ async def run_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
             await nc.close()
     replies = [t for t in stats["replies"] if t0 <= t < t1]
     gaps = stats["gaps_ms"]
+    parts = breakdown(stats["gap_spans"], answered)
     return {
         "builds": size,
         "iters_per_s": len(replies) / (t1 - t0),
@@ -185,7 +192,27 @@ async def run_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
         "overhead_p99_ms": percentile(gaps, 99),
         "rss_mb": peak,
         "cpu": cpu,
+        "parts": parts,
     }
+
+
+def breakdown(
+    spans: list[tuple[str, float, float]], answered: dict[str, list[tuple[float, float]]]
+) -> dict[str, tuple[float, float]]:
+    """The overhead split by where it went, (p50, p99) ms each: ``after_model`` from the reply
+    leaving the model server to the ToolCall stored in the stream (the agent's bookkeeping after
+    the call); ``sandbox`` from there to the ToolResult stored (the fake sandbox's consumer and
+    publish); ``before_model`` from there to the next request arriving at the model server (the
+    agent's fetch, its bookkeeping before the call, the HTTP send)."""
+    out: dict[str, list[float]] = {"after_model": [], "sandbox": [], "before_model": []}
+    for build, left, came in spans:
+        for stored, done in answered.get(build, []):
+            if left <= stored <= came:
+                out["after_model"].append((stored - left) * 1000)
+                out["sandbox"].append((done - stored) * 1000)
+                out["before_model"].append((came - done) * 1000)
+                break
+    return {k: (percentile(v, 50), percentile(v, 99)) for k, v in out.items()}
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -203,6 +230,11 @@ async def main(args: argparse.Namespace) -> None:
             f"one core of {psutil.cpu_count()}): {cpu}",
             flush=True,
         )
+        print(
+            "  overhead by part (p50 / p99 ms): "
+            + ", ".join(f"{k} {a:.1f} / {b:.1f}" for k, (a, b) in r["parts"].items()),
+            flush=True,
+        )
     ok = [r["builds"] for r in results if r["iters_per_s"] >= 0.8 * r["ideal_iters_per_s"]]
     last = results[-1]
     above = [r["builds"] for r in results if r["builds"] not in ok]
@@ -213,7 +245,7 @@ async def main(args: argparse.Namespace) -> None:
     print(
         figures(
             "concurrency",
-            **{k: v for k, v in last.items() if k != "cpu"},
+            **{k: v for k, v in last.items() if k not in ("cpu", "parts")},
             knee_builds=max(ok) if ok else 0,
         )
     )

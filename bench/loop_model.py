@@ -100,6 +100,7 @@ class LoopModel(ScriptedServer):
     def stats(self, since: float = 0.0) -> dict[str, Any]:
         return {
             "gaps_ms": [(b - a) * 1000 for _, a, b in self.gaps if a >= since],
+            "gap_spans": [g for g in self.gaps if g[1] >= since],  # (build, reply left, next came)
             "replies": [t for t in self.replies if t >= since],
             "requests": self.requests,
         }

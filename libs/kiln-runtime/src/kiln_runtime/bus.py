@@ -5,12 +5,19 @@
 dead letter with the reason), heartbeats the message while the handler runs (so JetStream does not
 redeliver a long model call elsewhere), acks on success, redelivers transient failures with backoff,
 and dead-letters permanent failures or messages that exhausted their deliveries.
+
+Each consumer pulls with its own loop (``_Puller``) rather than FastStream's: up to ``max_workers``
+handlers run at once, and a message is handed to a handler the moment it arrives. FastStream's
+loop (a ``fetch`` of a batch) waits until the whole batch has arrived or the pull expires before
+handing any of it over, so under a steady trickle every message waited for the batch to fill —
+seconds for an agent whose handlers hold a slot for a whole model call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -21,6 +28,8 @@ from faststream.nats import JStream, NatsBroker, PullSub
 from faststream.nats.annotations import NatsMessage
 from faststream.security import SASLPlaintext
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerConfig, StreamConfig
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
@@ -37,6 +46,8 @@ log = logging.getLogger(__name__)
 E = TypeVar("E", bound=Envelope)
 
 MIN_SERVER = (2, 12)
+PULL_EXPIRES_S = 5.0  # a pull request lingers this long on the server when nothing is pending
+MAX_PULL_BATCH = 256  # messages asked for in one pull request
 
 
 @dataclass(frozen=True)
@@ -206,56 +217,64 @@ class Bus:
     ) -> None:
         """Handle every ``model`` message of every build with a durable, explicitly-acked consumer."""
         name = durable or f"{self.service}-{model.kind}".replace("_", "-")
-        config = ConsumerConfig(
-            durable_name=name,
-            ack_wait=self.settings.ack_wait_s,
-            max_ack_pending=max(1000, max_workers * 4),
-        )
-        consumer = _Consumer(self, model, handler)
-
-        async def on_message(msg: NatsMessage) -> None:
-            await consumer(msg)
-
-        on_message.__name__ = consumer.__name__
-        self.broker.subscriber(
+        self._subscribe(
             subjects.kind_filter(model.kind),
-            stream=self._stream,
-            durable=name,
-            config=config,
-            pull_sub=PullSub(batch_size=max(1, min(max_workers, 64)), timeout=5),
-            max_workers=max_workers,
-            ack_policy=AckPolicy.MANUAL,
-            no_reply=True,
+            name,
+            _Consumer(self, model, handler),
+            max_workers,
             title=f"{self.service}:{model.kind}",
             description=(handler.__doc__ or "").strip() or None,
-        )(on_message)
+        )
 
     def consume_all(
         self, handler: Handler[Envelope], *, durable: str, max_workers: int = 1
     ) -> None:
         """Handle every message of every kind (e.g. the gateway's read-model projection)."""
+        self._subscribe(
+            "kiln.build.>", durable, _Consumer(self, None, handler), max_workers,
+            title=f"{self.service}:all",
+        )  # fmt: skip
+
+    def _subscribe(
+        self,
+        subject: str,
+        durable: str,
+        consumer: _Consumer[Any],
+        max_workers: int,
+        *,
+        title: str,
+        description: str | None = None,
+    ) -> None:
+        """A FastStream subscriber (it declares the durable consumer and documents it), whose
+        pull loop is Kiln's ``_Puller``."""
+        max_workers = max(1, max_workers)
         config = ConsumerConfig(
             durable_name=durable,
             ack_wait=self.settings.ack_wait_s,
-            max_ack_pending=max(1000, max_workers * 4),
+            # room for every handler running plus a pull request's worth waiting to be handled
+            max_ack_pending=max(1000, max_workers + MAX_PULL_BATCH),
         )
-        consumer = _Consumer(self, None, handler)
 
         async def on_message(msg: NatsMessage) -> None:
             await consumer(msg)
 
-        on_message.__name__ = f"{self.service}_all"
-        self.broker.subscriber(
-            "kiln.build.>",
+        on_message.__name__ = consumer.__name__
+        subscriber = self.broker.subscriber(
+            subject,
             stream=self._stream,
             durable=durable,
             config=config,
-            pull_sub=PullSub(batch_size=max(1, min(max_workers, 64)), timeout=5),
-            max_workers=max_workers,
+            pull_sub=PullSub(batch_size=1, timeout=PULL_EXPIRES_S),
             ack_policy=AckPolicy.MANUAL,
             no_reply=True,
-            title=f"{self.service}:all",
-        )(on_message)
+            title=title,
+            description=description,
+        )
+        subscriber(on_message)
+        puller = _Puller(self, durable, max_workers)
+        # FastStream starts ``_consume_pull(cb=subscriber.consume)`` as the subscriber's task
+        # (restarted if it fails, cancelled on stop): Kiln's loop takes its place.
+        subscriber._consume_pull = puller.run  # type: ignore[union-attr,method-assign]
 
     async def dead_letter(self, raw: NatsMessage, reason: str) -> None:
         _, kind = _split(raw.raw_message.subject)
@@ -278,6 +297,83 @@ class Bus:
             reason,
             extra={"service": self.service, "kind": kind},
         )
+
+
+class _Puller:
+    """One consumer's pull loop: keep one pull request open on the server for as many messages
+    as there are free handler slots, and start each message's handler as soon as it arrives.
+
+    The request is JetStream's ``CONSUMER.MSG.NEXT`` API on an inbox of our own; a new one is
+    sent once the last has been filled, expired (status 408), refused (409) or not answered
+    within its expiry (a reconnect loses it)."""
+
+    def __init__(self, bus: Bus, durable: str, max_workers: int) -> None:
+        self.bus = bus
+        self.durable = durable
+        self.max_workers = max_workers
+        self.running = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._answered = asyncio.Event()
+        self._wanted = 0
+
+    async def run(self, cb: Callable[[Msg], Awaitable[Any]]) -> None:
+        nc = self.bus.nc
+        inbox = nc.new_inbox()
+        subject = f"$JS.API.CONSUMER.MSG.NEXT.{subjects.STREAM}.{self.durable}"
+        expires_ns = int(PULL_EXPIRES_S * 1e9)
+        sub: Subscription | None = None
+
+        async def arrived(msg: Msg) -> None:
+            status = msg.headers.get("Status") if msg.headers else None
+            if status and not msg.data:
+                if status != "100":  # 100: an idle heartbeat; 404/408/409: the request is over
+                    self._answered.set()
+                return
+            self._wanted -= 1
+            if self._wanted <= 0:
+                self._answered.set()
+            self.running += 1
+            if self.running >= self.max_workers:
+                self._room.clear()
+            task = asyncio.create_task(self._handle(cb, msg))
+            self._tasks.add(task)
+
+        try:
+            sub = await nc.subscribe(inbox, cb=arrived, pending_msgs_limit=-1)
+            while True:
+                await self._room.wait()
+                if self.running >= self.max_workers:
+                    self._room.clear()
+                    continue
+                self._wanted = min(self.max_workers - self.running, MAX_PULL_BATCH)
+                self._answered.clear()
+                request = {"batch": self._wanted, "expires": expires_ns}
+                try:
+                    await nc.publish(subject, json.dumps(request).encode(), reply=inbox)
+                except Exception as err:  # disconnected: the client reconnects, ask again then
+                    log.debug("pull request not sent: %s", err)
+                    await asyncio.sleep(0.5)
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._answered.wait(), PULL_EXPIRES_S + 1)
+        finally:
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+            for task in self._tasks:
+                task.cancel()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _handle(self, cb: Callable[[Msg], Awaitable[Any]], msg: Msg) -> None:
+        try:
+            await cb(msg)
+        finally:
+            self.running -= 1
+            self._room.set()
+            self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
 
 
 def _split(subject: str) -> tuple[str | None, str | None]:

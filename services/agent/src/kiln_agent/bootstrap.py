@@ -34,6 +34,7 @@ class Service:
             base_url=self.settings.anthropic_base_url,
             api_key=self.settings.anthropic_api_key or "",
             timeout_s=self.settings.model_timeout_s,
+            connections=self.settings.workers,
             attempts=cfg.model_attempts,
             backoff_base_s=cfg.backoff_base_s,
             backoff_cap_s=cfg.backoff_cap_s,

@@ -65,10 +65,26 @@ class AnthropicModel:
 
     @classmethod
     def connect(
-        cls, *, base_url: str | None, api_key: str, timeout_s: float, **kwargs: Any
+        cls,
+        *,
+        base_url: str | None,
+        api_key: str,
+        timeout_s: float,
+        connections: int = 100,
+        **kwargs: Any,
     ) -> AnthropicModel:
+        """``connections``: the most calls in flight at once, each on a connection kept open for
+        the next (the SDK's default keeps only 100 alive, so above that every call opened and
+        closed a connection of its own)."""
+        limits = type(anthropic.DEFAULT_CONNECTION_LIMITS)(
+            max_connections=connections, max_keepalive_connections=connections
+        )
         client = anthropic.AsyncAnthropic(
-            api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout_s
+            api_key=api_key,
+            base_url=base_url,
+            max_retries=0,
+            timeout=timeout_s,
+            http_client=anthropic.DefaultAsyncHttpxClient(limits=limits, timeout=timeout_s),
         )
         return cls(client, **kwargs)
 
