@@ -13,9 +13,20 @@ log = logging.getLogger(__name__)
 
 
 async def create_pool(
-    url: str, *, schema: str, ddl: str, min_size: int = 1, max_size: int = 10
+    url: str,
+    *,
+    schema: str,
+    ddl: str,
+    min_size: int = 1,
+    max_size: int = 10,
+    reset_sessions: bool = True,
 ) -> asyncpg.Pool:
-    """A pool whose connections use ``schema``; ``ddl`` (idempotent) is applied once."""
+    """A pool whose connections use ``schema``; ``ddl`` (idempotent) is applied once.
+
+    ``reset_sessions=False`` skips asyncpg's reset query (advisory unlock, CLOSE ALL, UNLISTEN,
+    RESET ALL: one more round trip) each time a connection goes back to the pool; an open
+    transaction is still rolled back. Only for code that never changes session state.
+    """
     for attempt in range(1, 31):
         try:
             admin = await asyncpg.connect(url, timeout=10)
@@ -41,6 +52,11 @@ async def create_pool(
         command_timeout=30,
         timeout=10,
         server_settings={"search_path": schema},
+        reset=None if reset_sessions else _keep_session,
     )
     assert pool is not None
     return pool
+
+
+async def _keep_session(con: asyncpg.Connection) -> None:
+    """A pool's reset that adds nothing to asyncpg's own (rolling back an open transaction)."""

@@ -56,7 +56,11 @@ class Runtime:
     provider: Provider | None = field(default=None)
 
     async def start(self) -> None:
-        self.pool = await create_pool(self.settings.database_url, schema=SCHEMA, ddl=DDL)
+        # The adapters never change session state (no SET, LISTEN, advisory lock or cursor):
+        # no reset query each time a connection goes back to the pool.
+        self.pool = await create_pool(
+            self.settings.database_url, schema=SCHEMA, ddl=DDL, reset_sessions=False
+        )
         if self.provider is None:
             self.provider = make_provider(self.settings)
         self.app.service = SandboxService(
