@@ -114,8 +114,8 @@ class Agent:
 
     async def tool_result(self, msg: ToolResult) -> None:
         """Record a result of the current iteration; think again once the set is complete."""
-        await self._step(msg.build_id, lambda cp: self._record(cp, msg))
-        await self._after(msg.build_id, msg.event_id)
+        saved = await self._step(msg.build_id, lambda cp: self._record(cp, msg))
+        await self._after(msg.build_id, msg.event_id, saved)
 
     async def cancel(self, msg: CancelRequested) -> None:
         def advance(cp: Checkpoint) -> list[Turn] | None:
@@ -173,17 +173,24 @@ class Agent:
 
     # ------------------------------------------------------------------ the loop
 
-    async def _after(self, build_id: str, cause: uuid.UUID) -> None:
-        """Republish a stranded outbox, and think while the build wants a model call."""
-        while await self._think(build_id, cause):
-            pass
+    async def _after(
+        self, build_id: str, cause: uuid.UUID, known: Checkpoint | None = None
+    ) -> None:
+        """Republish a stranded outbox, and think while the build wants a model call.
 
-    async def _think(self, build_id: str, cause: uuid.UUID) -> bool:
+        ``known``: the checkpoint this handler has just saved (and published), so the first
+        look need not read it again."""
+        while await self._think(build_id, cause, known):
+            known = None
+
+    async def _think(
+        self, build_id: str, cause: uuid.UUID, known: Checkpoint | None = None
+    ) -> bool:
         """One model call if the build is thinking; True if it still is afterwards.
 
         The call runs under the build's lease: a replica that finds another's fresh lease (a
         redelivery while that replica is mid-call) defers the message instead of calling too."""
-        cp = await self.store.load(build_id)
+        cp = known if known is not None else await self.store.load(build_id)
         if cp is None:
             return False
         await self._flush(cp)
@@ -245,7 +252,9 @@ class Agent:
             assert reply is not None
             return self._apply(c, reply, cause)
 
-        saved = await self._step(build_id, advance, publish=False)
+        # the reply is saved on the checkpoint read under the lease: no read again unless it
+        # changed meanwhile (the save's version check)
+        saved = await self._step(build_id, advance, publish=False, first=cp)
         return saved is not None and saved.status == "thinking", saved
 
     async def _turns(self, cp: Checkpoint) -> list[Turn]:
@@ -563,12 +572,19 @@ class Agent:
     # ------------------------------------------------------------------ plumbing
 
     async def _step(
-        self, build_id: str, advance: Advance, *, publish: bool = True
+        self,
+        build_id: str,
+        advance: Advance,
+        *,
+        publish: bool = True,
+        first: Checkpoint | None = None,
     ) -> Checkpoint | None:
         """Load, advance, save (retrying a lost race on fresh state), then publish (unless the
-        caller publishes the returned checkpoint's outbox itself)."""
-        for _ in range(self.save_attempts):
-            cp = await self.store.load(build_id)
+        caller publishes the returned checkpoint's outbox itself). ``first``: a checkpoint the
+        caller has loaded, tried before reading it again (a stale one fails the save's version
+        check and is read afresh)."""
+        for attempt in range(self.save_attempts):
+            cp = first if attempt == 0 and first is not None else await self.store.load(build_id)
             if cp is None:
                 return None
             await self._flush(cp)

@@ -5,6 +5,7 @@ too long for the context window raises ContextWindowExceeded (the loop compacts 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import anthropic
@@ -49,16 +50,23 @@ def retry_after(err: BaseException, attempt: int) -> float | None:
     return None
 
 
+POOL_CONNECTIONS = 16  # connections per client (see ``connect``)
+
+
 class AnthropicModel:
     def __init__(
         self,
-        client: anthropic.AsyncAnthropic,
+        client: anthropic.AsyncAnthropic | Sequence[anthropic.AsyncAnthropic],
         *,
         attempts: int = 6,
         backoff_base_s: float = 1.0,
         backoff_cap_s: float = 30.0,
     ) -> None:
-        self.client = client
+        self.clients = [client] if isinstance(client, anthropic.AsyncAnthropic) else list(client)
+        if not self.clients:
+            raise ValueError("AnthropicModel needs at least one client")
+        self.client = self.clients[0]
+        self._busy = [0] * len(self.clients)  # calls in flight per client
         self.attempts = attempts
         self.base = backoff_base_s
         self.cap = backoff_cap_s
@@ -74,24 +82,34 @@ class AnthropicModel:
         **kwargs: Any,
     ) -> AnthropicModel:
         """``connections``: the most calls in flight at once, each on a connection kept open for
-        the next (the SDK's default keeps only 100 alive, so above that every call opened and
-        closed a connection of its own)."""
+        the next. They are spread over clients of ``POOL_CONNECTIONS`` each (a call goes to the
+        least busy): the HTTP pool looks at every idle connection of its own on each request and
+        response, so one pool of hundreds cost more CPU per call the more builds there were; and
+        the SDK's default pool keeps only 100 alive, so above that every call opened and closed
+        a connection of its own."""
+        per = min(POOL_CONNECTIONS, max(1, connections))
         limits = type(anthropic.DEFAULT_CONNECTION_LIMITS)(
-            max_connections=connections, max_keepalive_connections=connections
+            max_connections=per, max_keepalive_connections=per
         )
-        client = anthropic.AsyncAnthropic(
-            api_key=api_key,
-            base_url=base_url,
-            max_retries=0,
-            timeout=timeout_s,
-            http_client=anthropic.DefaultAsyncHttpxClient(limits=limits, timeout=timeout_s),
-        )
-        return cls(client, **kwargs)
+        clients = [
+            anthropic.AsyncAnthropic(
+                api_key=api_key,
+                base_url=base_url,
+                max_retries=0,
+                timeout=timeout_s,
+                http_client=anthropic.DefaultAsyncHttpxClient(limits=limits, timeout=timeout_s),
+            )
+            for _ in range(-(-max(1, connections) // per))
+        ]
+        return cls(clients, **kwargs)
 
     async def complete(self, request: ModelRequest) -> ModelReply:
+        i = min(range(len(self.clients)), key=self._busy.__getitem__)
+        client = self.clients[i]
+
         async def call() -> Any:
             try:
-                return await self.client.messages.create(
+                return await client.messages.create(
                     model=request.model,
                     max_tokens=request.max_tokens,
                     system=request.system,  # type: ignore[arg-type]
@@ -103,6 +121,7 @@ class AnthropicModel:
                     raise _RequestTimeout(err.message) from err
                 raise
 
+        self._busy[i] += 1
         try:
             message = await retry(
                 call,
@@ -122,6 +141,8 @@ class AnthropicModel:
             raise ModelError(f"HTTP {err.status_code}: {err.message}"[:2000]) from err
         except anthropic.APIError as err:
             raise ModelError(f"{type(err).__name__}: {err}"[:2000]) from err
+        finally:
+            self._busy[i] -= 1
         usage = message.usage
         return ModelReply(
             model=message.model,
@@ -136,4 +157,5 @@ class AnthropicModel:
         )
 
     async def close(self) -> None:
-        await self.client.close()
+        for client in self.clients:
+            await client.close()

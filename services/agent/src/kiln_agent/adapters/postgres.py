@@ -111,24 +111,32 @@ class PostgresStore:
         return [Turn(r["seq"], r["role"], json.loads(r["content"])) for r in rows]
 
     async def save(self, cp: Checkpoint, new_turns: list[Turn]) -> None:
-        async with self.pool.acquire() as conn, conn.transaction():
-            status = await conn.execute(
-                "UPDATE builds SET version = version + 1, status = $3, iteration = $4, "
-                "cost_micro_usd = $5, turns = $6, state = $7, outbox = $8, model = $9, "
-                "updated_at = now() WHERE build_id = $1 AND version = $2",
-                cp.build_id,
-                cp.version,
-                cp.status,
-                cp.iteration,
-                cp.cost_micro_usd,
-                cp.turns,
-                cp.state.model_dump_json(),
-                json.dumps(dump_outbox(cp.outbox)),
-                cp.model,
-            )
-            if status != "UPDATE 1":
-                raise VersionConflict(cp.build_id)
-            await _insert_turns(conn, cp.build_id, new_turns)
+        # one statement (atomic on its own): the row's update and the new turns, which are
+        # inserted only if the update matched the version
+        updated = await self.pool.fetchval(
+            "WITH u AS (UPDATE builds SET version = version + 1, status = $3, iteration = $4, "
+            "cost_micro_usd = $5, turns = $6, state = $7, outbox = $8, model = $9, "
+            "updated_at = now() WHERE build_id = $1 AND version = $2 RETURNING 1), "
+            "t AS (INSERT INTO turns (build_id, seq, role, content) "
+            "SELECT $1, x.seq, x.role, x.content::jsonb "
+            "FROM unnest($10::integer[], $11::text[], $12::text[]) AS x(seq, role, content) "
+            "WHERE EXISTS (SELECT 1 FROM u)) "
+            "SELECT count(*) FROM u",
+            cp.build_id,
+            cp.version,
+            cp.status,
+            cp.iteration,
+            cp.cost_micro_usd,
+            cp.turns,
+            cp.state.model_dump_json(),
+            json.dumps(dump_outbox(cp.outbox)),
+            cp.model,
+            [t.seq for t in new_turns],
+            [t.role for t in new_turns],
+            [json.dumps(t.content) for t in new_turns],
+        )
+        if updated != 1:
+            raise VersionConflict(cp.build_id)
         cp.version += 1
 
     async def mark_sent(self, build_id: str, version: int) -> None:
