@@ -17,6 +17,8 @@ opens and lasts ``--measure-s``.
   bus hops and the fake sandbox. 1 s of model time is not in it.
 * rss_mb: the agent's peak RSS (psutil, sampled every 0.25 s).
 * cpu: each process's share of the machine's CPUs during the window.
+* overhead by part (printed per size): after_model (reply → ToolCall stored), sandbox (→ ToolResult
+  stored), before_model (→ the next request at the model server), p50 / p99 each.
 
 The last line is the last size's: ``concurrency builds=… iters_per_s=… ideal_iters_per_s=…
 overhead_p50_ms=… overhead_p99_ms=… rss_mb=… knee_builds=…`` (knee_builds: the largest size that
@@ -104,14 +106,12 @@ async def run_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
             manual_ack=True,
             pending_msgs_limit=-1,
         )
-        extra = {"KILN_BENCH_PULL_BATCH": str(args.pull_batch)} if args.pull_batch else {}
         agent = b.start(
             "agent",
-            [str(HERE / "agent_probe.py")] if args.pull_batch else ["-m", "kiln_agent"],
+            ["-m", "kiln_agent"],
             ANTHROPIC_BASE_URL=url,
             ANTHROPIC_API_KEY="bench",
             KILN_AGENT_WORKERS=str(max(128, size)),
-            **extra,
         )
         peak = 0.0
         sampling = True
@@ -256,10 +256,4 @@ if __name__ == "__main__":
     parser.add_argument("--builds", default="100,300,1000", help="Sizes, comma-separated.")
     parser.add_argument("--latency-s", type=float, default=1.0, help="Model latency per call.")
     parser.add_argument("--measure-s", type=float, default=20.0, help="The measuring window.")
-    parser.add_argument(
-        "--pull-batch",
-        type=int,
-        default=0,
-        help="Experiment: the agent's bus fetches at most N messages per pull (bench/agent_probe.py).",
-    )
     asyncio.run(main(parser.parse_args()))
