@@ -18,6 +18,7 @@ from kiln_contracts import (
     BuildCompleted,
     BuildFailed,
     BuildRequested,
+    SleepRequested,
     ToolCall,
     Usage,
     WakeRequested,
@@ -266,3 +267,16 @@ async def test_building_a_request_leaves_the_turns_as_they_were() -> None:
     assert cleared(request) and len(marked) == 2  # the last two user turns
     assert [[dict(b) for b in t.content] for t in turns] == before
     assert not any("cache_control" in b for t in turns for b in t.content)
+
+
+async def test_a_build_put_to_sleep_leaves_nothing_in_the_turn_cache() -> None:
+    model, store, pub = ByIteration(), SpyStore(), FakePublisher()
+    agent = Agent(store, model, pub, agent_config.load(), kiln_config.default())
+    await agent.build_requested(start())
+    first = pub.of(ToolCall)[-1]
+    await agent.tool_result(result_for(first, "x" * 50))  # a second think: turns now cached
+    assert first.build_id in agent._conversations
+    await agent.sleep(first.caused(SleepRequested, reason="allowance"))
+    await agent.tool_result(result_for(pub.of(ToolCall)[-1], "y"))  # the set completes: sleeps
+    assert (await store.load(first.build_id)).status == "sleeping"  # type: ignore[union-attr]
+    assert agent._conversations == {} and agent._cached_chars == 0

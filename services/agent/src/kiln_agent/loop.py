@@ -596,6 +596,8 @@ class Agent:
             except VersionConflict:
                 log.info("version conflict; re-applying", extra={"build_id": build_id})
                 continue
+            if cp.terminal or cp.status == "sleeping":
+                self._forget(build_id)  # a sleeping or finished build holds no memory here
             if publish:
                 await self._flush(cp)
             return cp
