@@ -5,6 +5,7 @@ retention and garbage collection keep what is referenced; ``python -m kiln_snaps
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import stat
@@ -225,7 +226,7 @@ async def test_retention_keeps_the_newest_manifests_and_gc_keeps_what_is_referen
     assert manifests == sorted(f"builds/{build}/manifests/{e.event_id}.json" for e in events[2:])
     assert await store.get(f"builds/{build}/latest") == str(events[3].event_id).encode()
 
-    sha = snapshots.hashlib.sha256
+    sha = hashlib.sha256
     live = {sha(f"version {i}\n".encode()).hexdigest() for i in (3, 4)}
     live.add(sha(b"never changes\n").hexdigest())
     dead = {sha(f"version {i}\n".encode()).hexdigest() for i in (1, 2)}
