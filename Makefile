@@ -53,7 +53,7 @@ e2e: install browser  ## end-to-end tests (every service as a process; the dashb
 	$(RUN) pytest tests/e2e -q
 
 test: lint typecheck browser  ## the whole suite: lint, types, unit, integration, e2e
-	$(RUN) pytest -q -p no:cacheprovider
+	$(RUN) pytest -q -p no:cacheprovider --durations=10
 
 clean:  ## remove local state
 	rm -rf .kiln .pytest_cache .mypy_cache .ruff_cache
