@@ -51,6 +51,8 @@ def stack(infra: dict[str, str]) -> Iterator[Stack]:
         KILN_ACK_WAIT_S="5",
         KILN_SANDBOX_LEASE_S="5",
         KILN_MAX_DELIVER="50",
+        # Slow the model down so that the builds are still running while the chaos happens.
+        KILN_SCRIPTED_LATENCY_S="1.5",
     )
     s = Stack(data_dir, gateway_port=free_port(), extra_env=env)
     s.start()
@@ -76,9 +78,9 @@ class Chaos(threading.Thread):
     def run(self) -> None:
         try:
             rounds = 0
-            while not self.done.wait(self.rng.uniform(2.0, 4.0)):
+            while not self.done.wait(self.rng.uniform(1.0, 2.5)):
                 rounds += 1
-                if rounds == 4 and not self.nats_restarted:
+                if rounds == 2 and not self.nats_restarted:
                     self.restart_nats()
                     continue
                 victim = self.rng.choice(VICTIMS)
