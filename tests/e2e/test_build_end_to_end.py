@@ -291,7 +291,7 @@ def test_one_trace_follows_the_build_through_all_five_services(stack: Stack, bui
     assert seen == {f"kiln-{s}" for s in SERVICE_KINDS}
 
 
-async def _stream_history(nats_url: str, build_id: str) -> list[tuple[str, bytes, dict]]:
+async def stream_history(nats_url: str, build_id: str) -> list[tuple[str, bytes, dict]]:
     nc = await nats.connect(nats_url)
     try:
         sub = await nc.jetstream().subscribe(
@@ -329,7 +329,7 @@ def test_every_message_delivered_twice_has_one_effect(stack: Stack, build_id: st
     spend_key = f"kiln:spend:build:{build_id}"
     store = redis.Redis.from_url(stack.env["REDIS_URL"])
     exec_log = stack.data_dir / "exec.jsonl"
-    before = asyncio.run(_stream_history(nats_url, build_id))
+    before = asyncio.run(stream_history(nats_url, build_id))
     spend_before = store.get(spend_key)
     runs_before = exec_log.read_text() if exec_log.exists() else ""
     with httpx.Client(base_url=stack.gateway_url, headers=HEADERS, timeout=10) as client:
@@ -348,7 +348,7 @@ def test_every_message_delivered_twice_has_one_effect(stack: Stack, build_id: st
     asyncio.run(replay())
     wait_for(lambda: asyncio.run(_settled(nats_url)), "consumers to drain the replay", 60)
 
-    after = asyncio.run(_stream_history(nats_url, build_id))
+    after = asyncio.run(stream_history(nats_url, build_id))
     # The copies are there, and not one message more: every reaction was a duplicate.
     assert len(after) == 2 * len(before), [s for s, _, _ in after[len(before) * 2 :]]
     assert store.get(spend_key) == spend_before

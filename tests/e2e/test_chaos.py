@@ -23,13 +23,12 @@ import httpx
 import nats
 import pytest
 import redis
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from kiln_contracts import BY_KIND, IterationCompleted, subjects
 from kiln_devstack.infra import free_port, port_in_use, wait_for
 from kiln_devstack.stack import DEV_API_KEY, Stack
 from kiln_runtime.config import default as config
-from tests.e2e.test_build_end_to_end import BRIEF, own_database
+from tests.e2e.test_build_end_to_end import BRIEF, own_database, stream_history
 
 pytestmark = pytest.mark.e2e
 
@@ -129,25 +128,10 @@ def wait_all_completed(stack: Stack, ids: list[str], chaos: Chaos, timeout: floa
     assert status and all(s == "completed" for s in status.values()), status
 
 
-async def history(nats_url: str, build_id: str) -> list[tuple[str, dict]]:
-    nc = await nats.connect(nats_url)
-    try:
-        js = nc.jetstream()
-        sub = await js.subscribe(
-            subjects.build_filter(build_id),
-            ordered_consumer=True,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
-        )
-        events = []
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=2)
-            except Exception:
-                break
-            events.append((subjects.parse(msg.subject)[1], json.loads(msg.data)))
-        return events
-    finally:
-        await nc.close()
+def history(nats_url: str, build_id: str) -> list[tuple[str, dict]]:
+    """(kind, message) of every event of the build, in stream order."""
+    raw = asyncio.run(stream_history(nats_url, build_id))
+    return [(subjects.parse(subject)[1], json.loads(data)) for subject, data, _ in raw]
 
 
 async def dead_letter_count(nats_url: str) -> int:
@@ -182,7 +166,7 @@ def test_builds_survive_random_kills_and_a_nats_restart(stack: Stack) -> None:
     nats_url = stack.env["NATS_URL"]
     store = redis.Redis.from_url(stack.env["REDIS_URL"])
     for build_id in ids:
-        events = asyncio.run(history(nats_url, build_id))
+        events = history(nats_url, build_id)
         kinds = [k for k, _ in events]
         assert kinds.count("build_completed") == 1 and kinds[-1] != "build_requested"
         for kind, body in events:  # every event on the stream is a valid message

@@ -52,7 +52,9 @@ def test_roundtrip(infra) -> None:
 
 
 all_of_them = pytest.mark.skipif(
-    not os.environ.get("KILN_BENCH_SMOKE"), reason="slow; set KILN_BENCH_SMOKE=1"
+    not os.environ.get("KILN_BENCH_SMOKE"),
+    reason="a 20-60 s smoke run of a benchmark script (make bench runs them in full); "
+    "set KILN_BENCH_SMOKE=1 to include it",
 )
 
 
