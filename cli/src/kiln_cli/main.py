@@ -144,12 +144,18 @@ def progress_line(r: Renderer, budget: dict[str, Any] | None) -> str:
     return f"{state} · iteration {r.iteration}{tool} · cost {cost}"
 
 
-def wait_projected(client: KilnClient, build_id: str, timeout: float = 15.0) -> dict[str, Any]:
-    """The build once the gateway's read model has caught up with its end (or as it is)."""
+def wait_projected(
+    client: KilnClient, build_id: str, timeout: float = 15.0, *, snapshot: bool = False
+) -> dict[str, Any]:
+    """The build once the gateway's read model has caught up with its end (or as it is);
+    ``snapshot``: and with a snapshot of its files (the final one is taken after the end)."""
     deadline = time.monotonic() + timeout
     while True:
         build = client.get_build(build_id)
-        if build.get("status") in TERMINAL_STATUSES or time.monotonic() > deadline:
+        done = build.get("status") in TERMINAL_STATUSES
+        if (
+            done and (build.get("last_snapshot_id") or not snapshot)
+        ) or time.monotonic() > deadline:
             return build
         time.sleep(0.2)
 
@@ -481,7 +487,7 @@ def _demo(data_dir: Path, port: int, timeout: float, extra_env: dict[str, str]) 
             created = c.create_build(brief, DEMO_QNA, idempotency_key=uuid.uuid4().hex)
             build_id = created["build_id"]
             status = follow(c, build_id, on_idle=on_idle).status
-            final = wait_projected(c, build_id)
+            final = wait_projected(c, build_id, timeout=30, snapshot=True)
         console.print()
         console.print(f"status     [bold]{status}[/]")
         console.print(f"workspace  {(data_dir / 'sandboxes' / build_id).resolve()}")
