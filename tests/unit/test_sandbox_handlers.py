@@ -29,7 +29,7 @@ from kiln_contracts import (
     stable_id,
 )
 from kiln_runtime.errors import RetryLater
-from kiln_sandbox.adapters.local import LocalProvider
+from kiln_sandbox.adapters.local import LocalProvider, LocalSandbox
 from kiln_sandbox.handlers import INTERRUPTED, SandboxService
 from kiln_sandbox.ports import CallRecord, SandboxError, SandboxRecord
 
@@ -160,6 +160,42 @@ async def test_a_call_found_started_is_reported_interrupted_not_rerun(svc, uid):
     assert workspace_file(svc, call.build_id, "log.txt") is None
     # and from now on that error is the stored result
     assert await svc.handle_tool_call(call) == result
+
+
+class SlowToCreate(LocalProvider):
+    """Creating a sandbox waits until the test lets it go on."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.creating = asyncio.Event()
+        self.go_on = asyncio.Event()
+
+    async def create(self, build_id: str, *, user_id: str = "") -> LocalSandbox:
+        self.creating.set()
+        await self.go_on.wait()
+        return await super().create(build_id, user_id=user_id)
+
+
+async def test_a_crash_while_the_sandbox_is_created_leaves_the_call_to_be_run(tmp_path, uid):
+    calls, registry = FakeCalls(), FakeRegistry()
+    slow = SlowToCreate(tmp_path / "a")
+    first = SandboxService(slow, registry, calls, FakeBus(), owner="replica-a")
+    second = SandboxService(LocalProvider(tmp_path / "b"), registry, calls, FakeBus(), owner="b")
+    call = tool_call(uid)
+    stuck = asyncio.create_task(first.handle_tool_call(call))
+    await slow.creating.wait()
+    # Were replica-a SIGKILLed now, nothing says the call started: its redelivery runs it.
+    assert await calls.get(call.build_id, call.call_id) is None
+    result = await second.handle_tool_call(call)
+    assert not result.is_error and result.output.strip() == "1"
+    # replica-a, let go on, finds the call taken and asks for a redelivery, which republishes.
+    slow.go_on.set()
+    with pytest.raises(RetryLater):
+        await stuck
+    assert await first.handle_tool_call(call) == result
+    assert workspace_file(second, call.build_id, "log.txt") == "line\n"
+    await slow.close()
+    await second.provider.close()
 
 
 async def test_calls_to_a_stopped_build_are_not_run(svc, uid):

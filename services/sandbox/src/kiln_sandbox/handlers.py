@@ -288,6 +288,17 @@ class SandboxService:
                 if record.state != "running":
                     await self._set_state(record, "running")
                 return sandbox
+        # Creating (and restoring) takes a while: the claim is given back meanwhile, so that a
+        # crash in between leaves a call that is run on redelivery, not reported interrupted.
+        await self.calls.release(call.build_id, call.call_id, self.owner)
+        sandbox = await self._create(call, record)
+        seen = await self.calls.claim(call.build_id, call.call_id, self.owner, self.lease_s)
+        if seen is not None and not (seen.owner == self.owner and seen.status == "started"):
+            # Another replica took the call meanwhile: its redelivery finds out what became of it.
+            raise RetryLater(f"call {call.call_id} was claimed by {seen.owner}", delay_s=0.5)
+        return sandbox
+
+    async def _create(self, call: ToolCall, record: SandboxRecord | None) -> Sandbox:
         sandbox = await self.provider.create(call.build_id, user_id=call.user_id)
         snapshot_id = None
         if record is not None:  # it existed and is gone: rebuild it from the latest snapshot
