@@ -1,11 +1,13 @@
 """Concurrency: one agent process driving many concurrent builds against a model with 1 s latency.
 
     uv run --frozen python bench/concurrency.py [--builds 100,300,1000] [--latency-s 1.0]
-        [--measure-s 20]
+        [--jitter 0] [--measure-s 20]
 
 For each size: a fresh nats-server and Postgres, one ``python -m kiln_agent`` (with
 KILN_AGENT_WORKERS = max(128, builds) so that the consumer's worker cap is not what limits it),
-``bench/loop_model.py`` as its own process (every reply one ``list_dir`` after ``--latency-s``),
+``bench/loop_model.py`` as its own process (every reply one ``list_dir`` after ``--latency-s``,
+or a latency drawn from ``latency × [1 - jitter, 1 + jitter]``: with all builds requested at
+once and a fixed latency, their iterations arrive in waves, one a second),
 and a fake sandbox in this process that answers every ToolCall at once (a bare nats-py push
 consumer: publish the ToolResult, ack). All builds are requested together; once each has made a model call the window
 opens and lasts ``--measure-s``.
@@ -77,7 +79,10 @@ async def run_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
         port = free_port()
         model = b.start(
             "model",
-            [str(HERE / "loop_model.py"), "--port", str(port), "--latency-s", str(args.latency_s)],
+            [
+                *(str(HERE / "loop_model.py"), "--port", str(port)),
+                *("--latency-s", str(args.latency_s), "--jitter", str(args.jitter)),
+            ],
         )
         url = f"http://127.0.0.1:{port}"
         wait_port(url)
@@ -255,5 +260,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--builds", default="100,300,1000", help="Sizes, comma-separated.")
     parser.add_argument("--latency-s", type=float, default=1.0, help="Model latency per call.")
+    parser.add_argument(
+        "--jitter",
+        type=float,
+        default=0.0,
+        help="Model latency spread: uniform in latency × [1 - j, 1 + j] (0: every call the same).",
+    )
     parser.add_argument("--measure-s", type=float, default=20.0, help="The measuring window.")
     asyncio.run(main(parser.parse_args()))

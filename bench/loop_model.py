@@ -1,10 +1,13 @@
 """An Anthropic-compatible model server for the benchmarks: every build loops on one cheap tool.
 
-    uv run --frozen python bench/loop_model.py --port 8766 [--latency-s 1.0] [--iterations 0]
+    uv run --frozen python bench/loop_model.py --port 8766 [--latency-s 1.0] [--jitter 0.5]
+        [--iterations 0]
 
 Each reply is one ``list_dir`` tool_use (the path alternates between ``.`` and ``./`` so the
 agent's repetition limit never trips) until the build has made ``iterations`` model calls
-(0: forever), then ``end_turn``. Usage is a small constant, so no cost cap is reached.
+(0: forever), then ``end_turn``. Usage is a small constant, so no cost cap is reached. With
+``--jitter j`` each call takes a latency drawn uniformly from ``latency × [1 - j, 1 + j]`` (the
+same mean), as a real model's does; without it every call takes exactly ``latency``.
 
 It is the scripted server (``kiln_agent.scripted_server``: asyncio, one task per connection,
 keep-alive) with this responder, plus timing: for every build it remembers when the last reply
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import random
 import re
 import time
 from collections import defaultdict
@@ -47,9 +51,18 @@ def build_of(request: dict[str, Any]) -> str:
 
 class LoopModel(ScriptedServer):
     def __init__(
-        self, host: str = "127.0.0.1", port: int = 0, latency_s: float = 0.0, iterations: int = 0
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        latency_s: float = 0.0,
+        iterations: int = 0,
+        jitter: float = 0.0,
     ) -> None:
-        super().__init__(host, port, latency_s)
+        if not 0.0 <= jitter <= 1.0:
+            raise ValueError(f"jitter must be between 0 and 1, not {jitter}")
+        # the fixed part is the server's own latency, the random part is slept in _arrived
+        super().__init__(host, port, latency_s * (1 - jitter))
+        self.spread_s = 2 * jitter * latency_s
         self.iterations = iterations
         self.responder = self.respond
         self.on_request = self._arrived
@@ -68,6 +81,8 @@ class LoopModel(ScriptedServer):
             self.gaps.append((build, last, now))
         if self.hook is not None:
             await self.hook(build, seen.prefix)
+        if self.spread_s:
+            await asyncio.sleep(random.uniform(0.0, self.spread_s))
 
     def respond(self, request: dict[str, Any]) -> dict[str, Any]:
         messages = request.get("messages") or []
@@ -114,8 +129,8 @@ class LoopModel(ScriptedServer):
         return await super()._handle(method, path, body)
 
 
-async def serve(host: str, port: int, latency_s: float, iterations: int) -> None:
-    server = LoopModel(host, port, latency_s, iterations)
+async def serve(host: str, port: int, latency_s: float, iterations: int, jitter: float) -> None:
+    server = LoopModel(host, port, latency_s, iterations, jitter)
     await server.start()
     print(f"loop model listening on {server.url}", flush=True)
     await asyncio.Event().wait()
@@ -126,10 +141,11 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8766)
     parser.add_argument("--latency-s", type=float, default=0.0)
+    parser.add_argument("--jitter", type=float, default=0.0, help="Latency spread, 0..1.")
     parser.add_argument("--iterations", type=int, default=0, help="Model calls per build (0: ∞).")
     args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args.host, args.port, args.latency_s, args.iterations))
+        asyncio.run(serve(args.host, args.port, args.latency_s, args.iterations, args.jitter))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,11 @@ class Service:
         """Open the database and the model client, then register the subscribers."""
         cfg = config.load(self.settings.agent_config)
         self.pool = await create_pool(
-            self.settings.database_url, schema=SCHEMA, ddl=DDL, max_size=self.settings.db_pool_size
+            self.settings.database_url,
+            schema=SCHEMA,
+            ddl=DDL,
+            max_size=self.settings.db_pool_size,
+            reset_sessions=False,  # the store keeps no session state: no reset round trip
         )
         self.model = AnthropicModel.connect(
             base_url=self.settings.anthropic_base_url,

@@ -49,7 +49,8 @@ def build_request(
     tool_defs = [dict(t) for t in tool_defs]
     if tool_defs:
         tool_defs[-1] = {**tool_defs[-1], "cache_control": CACHE}
-    return ModelRequest(
+    # built here from checked data: not validated again (that would copy every block)
+    return ModelRequest.model_construct(
         model=cp.model,
         system=[{"type": "text", "text": cp.system, "cache_control": CACHE}],
         tools=tool_defs,

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import anthropic
+import pydantic_core
+from anthropic.types import Message
 
 from kiln_contracts import Usage
 from kiln_runtime.retry import retry
@@ -50,6 +52,7 @@ def retry_after(err: BaseException, attempt: int) -> float | None:
     return None
 
 
+MESSAGES_PATH = "/v1/messages"
 POOL_CONNECTIONS = 16  # connections per client (see ``connect``)
 
 
@@ -107,15 +110,24 @@ class AnthropicModel:
         i = min(range(len(self.clients)), key=self._busy.__getitem__)
         client = self.clients[i]
 
-        async def call() -> Any:
+        # The request is plain JSON already: it is encoded once here and sent through the SDK's
+        # own POST (its auth headers, errors and response parsing) as bytes. Given as arguments
+        # of ``messages.create`` instead, the SDK walks and copies the whole conversation and
+        # encodes it again on every call: most of the agent's CPU per iteration with long
+        # conversations (docs/BENCHMARKS.md, concurrency).
+        body = pydantic_core.to_json(
+            {
+                "model": request.model,
+                "max_tokens": request.max_tokens,
+                "system": request.system,
+                "tools": request.tools,
+                "messages": request.messages,
+            }
+        )
+
+        async def call() -> Message:
             try:
-                return await client.messages.create(
-                    model=request.model,
-                    max_tokens=request.max_tokens,
-                    system=request.system,  # type: ignore[arg-type]
-                    tools=request.tools,  # type: ignore[arg-type]
-                    messages=request.messages,  # type: ignore[arg-type]
-                )
+                return await client.post(MESSAGES_PATH, cast_to=Message, content=body)
             except anthropic.APIStatusError as err:
                 if err.status_code == 408:
                     raise _RequestTimeout(err.message) from err

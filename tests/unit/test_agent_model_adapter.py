@@ -1,0 +1,57 @@
+"""What the Anthropic adapter puts on the wire: the SDK's own headers and the request as JSON."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anthropic
+import httpx2
+
+from kiln_agent.adapters.anthropic_model import AnthropicModel
+from kiln_agent.ports import ModelRequest
+
+REPLY = {
+    "id": "msg_1",
+    "type": "message",
+    "role": "assistant",
+    "model": "claude-x",
+    "content": [{"type": "tool_use", "id": "toolu_1", "name": "list_dir", "input": {"path": "."}}],
+    "stop_reason": "tool_use",
+    "stop_sequence": None,
+    "usage": {"input_tokens": 12, "output_tokens": 3, "cache_read_input_tokens": 7},
+}
+
+
+async def test_the_request_goes_out_as_json_with_the_sdks_headers() -> None:
+    seen: list[httpx2.Request] = []
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        seen.append(request)
+        return httpx2.Response(200, json=REPLY)
+
+    client = anthropic.AsyncAnthropic(
+        api_key="sk-test",
+        base_url="http://model.test",
+        max_retries=0,
+        http_client=anthropic.DefaultAsyncHttpxClient(transport=httpx2.MockTransport(answer)),
+    )
+    request = ModelRequest(
+        model="claude-x",
+        system=[{"type": "text", "text": "be brief", "cache_control": {"type": "ephemeral"}}],
+        tools=[{"name": "list_dir", "input_schema": {"type": "object"}}],
+        messages=[{"role": "user", "content": [{"type": "text", "text": "héllo"}]}],
+        max_tokens=64,
+    )
+    reply = await AnthropicModel(client).complete(request)
+
+    (sent,) = seen
+    assert sent.method == "POST" and sent.url.path == "/v1/messages"
+    body: dict[str, Any] = json.loads(sent.content)
+    assert body == request.model_dump()
+    assert sent.headers["content-type"] == "application/json"
+    assert sent.headers["anthropic-version"]  # the SDK's headers, auth among them
+    assert "sk-test" in (sent.headers.get("x-api-key", "") + sent.headers.get("authorization", ""))
+    assert reply.stop_reason == "tool_use" and reply.content == REPLY["content"]
+    assert reply.usage.input_tokens == 12 and reply.usage.cache_read_input_tokens == 7
+    await client.close()
