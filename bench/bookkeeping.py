@@ -5,8 +5,9 @@
 
 Bookkeeping is everything the agent does for an iteration except the model call and the tool:
 record the tool result (load the checkpoint, advance, save, publish), then think (republish any
-stranded outbox, take the lease, load the checkpoint and the turns added since the last think,
-build and size the request, save the reply with its new turns, release the lease, publish
+stranded outbox, take the lease and read the checkpoint under it (one statement), load the turns
+added since the last think, build and size the request, save the reply with its new turns and
+give the lease up (one statement), publish
 IterationCompleted and the ToolCall from the outbox, mark it sent). It runs on real Postgres and
 NATS JetStream (embedded ones started here, unless NATS_URL / DATABASE_URL name running servers),
 the real ``Agent`` with its Postgres store and bus subscribers, an instant model (one cheap
@@ -133,14 +134,18 @@ class TimedStore(PostgresStore):
     async def turns(self, build_id: str, since: int = 0) -> list[Turn]:
         return await _timed("turns", super().turns(build_id, since))
 
-    async def save(self, cp: Checkpoint, new_turns: list[Turn]) -> None:
-        await _timed("save", super().save(cp, new_turns))
+    async def save(
+        self, cp: Checkpoint, new_turns: list[Turn], *, release: str | None = None
+    ) -> None:
+        await _timed("save", super().save(cp, new_turns, release=release))
 
     async def mark_sent(self, build_id: str, version: int) -> None:
         await _timed("mark_sent", super().mark_sent(build_id, version))
 
-    async def lease(self, build_id: str, token: str, ttl_s: float) -> float:
-        return await _timed("lease", super().lease(build_id, token, ttl_s))
+    async def take(
+        self, build_id: str, token: str, ttl_s: float
+    ) -> tuple[float, Checkpoint | None]:
+        return await _timed("take", super().take(build_id, token, ttl_s))
 
     async def release(self, build_id: str, token: str) -> None:
         await _timed("release", super().release(build_id, token))
@@ -191,7 +196,7 @@ class TimedAgent(Agent):
 
 # ---------------------------------------------------------------------------- the figures
 
-PARTS = ("load", "turns", "save", "mark_sent", "lease", "release", "publish", "request", "gc")
+PARTS = ("load", "turns", "save", "mark_sent", "take", "release", "publish", "request", "gc")
 
 _gc_began = 0.0
 

@@ -181,6 +181,35 @@ async def test_postgres_checkpoint_optimistic_concurrency(infra, uid) -> None:
         await pool.close()
 
 
+async def test_postgres_think_lease_is_taken_with_the_checkpoint_and_given_up_by_the_save(
+    infra, uid
+) -> None:
+    pool = await create_pool(infra["DATABASE_URL"], schema=SCHEMA, ddl=DDL)
+    store = PostgresStore(pool)
+    try:
+        cp = Checkpoint(
+            build_id=f"lease{uid}", user_id="u", tier="pro", model="m", limits=BuildLimits(),
+            system="s",
+        )  # fmt: skip
+        assert await store.create(cp, [])
+        wait, held = await store.take(cp.build_id, "one", 5)
+        assert wait == 0.0 and held is not None and held.version == 1
+        wait, none = await store.take(cp.build_id, "two", 5)
+        assert none is None and 4 < wait <= 5
+        assert await store.renew(cp.build_id, "one", 5)
+        assert not await store.renew(cp.build_id, "two", 5)
+        await store.save(held, [], release="two")  # not the holder: the lease stays
+        assert (await store.take(cp.build_id, "two", 5))[0] > 0
+        held.iteration = 1
+        await store.save(held, [], release="one")  # the holder: saved and given up at once
+        assert not await store.renew(cp.build_id, "one", 5)  # a late renewal takes nothing
+        wait, fresh = await store.take(cp.build_id, "two", 5)
+        assert wait == 0.0 and fresh is not None and fresh.iteration == 1 and fresh.version == 3
+        assert await store.take(f"missing{uid}", "two", 5) == (0.0, None)
+    finally:
+        await pool.close()
+
+
 async def test_sdk_path_against_the_scripted_server(scripted) -> None:
     model = AnthropicModel.connect(
         base_url=scripted.url, api_key="k", timeout_s=10, attempts=3, backoff_base_s=0.01

@@ -157,18 +157,25 @@ async def test_a_fresh_lease_defers_a_second_think() -> None:
     assert store.leases == {}  # released
 
 
-async def test_an_expired_lease_is_taken_over() -> None:
-    store = MemoryStore()
-    assert await store.lease("b1", "dead", 0.05) == 0.0
-    assert await store.lease("b1", "alive", 1) > 0
-    assert await store.lease("b1", "dead", 0.05) == 0.0  # the holder renews
+async def test_an_expired_lease_is_taken_over_and_a_lost_one_is_not_renewed() -> None:
+    agent, store, _ = agent_with(FakeModel())
+    await store.create(agent._new_checkpoint(start()), [])
+    wait, cp = await store.take("b1", "dead", 0.05)
+    assert wait == 0.0 and cp is not None and cp.build_id == "b1"
+    wait, cp = await store.take("b1", "alive", 1)
+    assert wait > 0 and cp is None
+    assert await store.renew("b1", "dead", 0.05)  # the holder renews
     deadline = asyncio.get_running_loop().time() + 5
-    while await store.lease("b1", "alive", 1) > 0:
+    while (await store.take("b1", "alive", 1))[0] > 0:
         assert asyncio.get_running_loop().time() < deadline
         await asyncio.sleep(0.01)
     assert store.leases["b1"][0] == "alive"
+    assert not await store.renew("b1", "dead", 1)  # taken over: not renewed
     await store.release("b1", "dead")  # not the holder: no effect
     assert store.leases["b1"][0] == "alive"
+    await store.release("b1", "alive")
+    assert not await store.renew("b1", "alive", 1)  # given up: not taken again by a renewal
+    assert await store.take("nope", "alive", 1) == (0.0, None)
 
 
 class SpyStore(MemoryStore):

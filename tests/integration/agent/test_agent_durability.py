@@ -209,9 +209,9 @@ async def test_replicas_killed_mid_collection_and_mid_call_finish_the_build(
 class CountingStore(PostgresStore):
     conflicts = 0
 
-    async def save(self, cp: Any, new_turns: Any) -> None:
+    async def save(self, cp: Any, new_turns: Any, *, release: str | None = None) -> None:
         try:
-            await super().save(cp, new_turns)
+            await super().save(cp, new_turns, release=release)
         except VersionConflict:
             CountingStore.conflicts += 1
             raise

@@ -199,15 +199,21 @@ class Agent:
                 self._forget(build_id)
             return False
         token = uuid.uuid4().hex
-        wait = await self.store.lease(build_id, token, self.lease_s)
+        # the lease taken and the checkpoint read afresh under it, in one statement (a twin may
+        # have thought before the lease)
+        wait, cp = await self.store.take(build_id, token, self.lease_s)
         if wait > 0:
             raise RetryLater(f"build {build_id} is thinking on another replica", delay_s=wait)
+        if cp is None:
+            return False
         renew = asyncio.create_task(self._renew(build_id, token))
+        saved: Checkpoint | None = None
         try:
-            again, saved = await self._think_leased(build_id, cause)
+            again, saved = await self._think_leased(cp, cause, token)
         finally:
             renew.cancel()
-            await self.store.release(build_id, token)
+            if saved is None:  # else the save gave the lease up
+                await self.store.release(build_id, token)
         if saved is not None and saved.terminal:
             self._forget(build_id)
         if saved is not None:
@@ -217,11 +223,12 @@ class Agent:
         return again
 
     async def _think_leased(
-        self, build_id: str, cause: uuid.UUID
+        self, cp: Checkpoint, cause: uuid.UUID, token: str
     ) -> tuple[bool, Checkpoint | None]:
-        """(think again?, the saved checkpoint whose outbox is still to be published)."""
-        cp = await self.store.load(build_id)  # fresh: a twin may have thought before the lease
-        if cp is None or cp.status != "thinking":
+        """(think again?, the saved checkpoint whose outbox is still to be published; its save
+        gave the lease of ``token`` up)."""
+        build_id = cp.build_id
+        if cp.status != "thinking":
             return False, None
         iteration = cp.iteration
         reply: ModelReply | ModelError | None = None
@@ -254,7 +261,7 @@ class Agent:
 
         # the reply is saved on the checkpoint read under the lease: no read again unless it
         # changed meanwhile (the save's version check)
-        saved = await self._step(build_id, advance, publish=False, first=cp)
+        saved = await self._step(build_id, advance, publish=False, first=cp, release=token)
         return saved is not None and saved.status == "thinking", saved
 
     async def _turns(self, cp: Checkpoint) -> list[Turn]:
@@ -334,7 +341,7 @@ class Agent:
         while True:
             await asyncio.sleep(self.lease_s / 3)
             try:
-                if await self.store.lease(build_id, token, self.lease_s) > 0:
+                if not await self.store.renew(build_id, token, self.lease_s):
                     log.warning("think lease lost mid-call", extra={"build_id": build_id})
             except Exception:
                 log.warning("could not renew the think lease", extra={"build_id": build_id})
@@ -578,11 +585,12 @@ class Agent:
         *,
         publish: bool = True,
         first: Checkpoint | None = None,
+        release: str | None = None,
     ) -> Checkpoint | None:
         """Load, advance, save (retrying a lost race on fresh state), then publish (unless the
         caller publishes the returned checkpoint's outbox itself). ``first``: a checkpoint the
         caller has loaded, tried before reading it again (a stale one fails the save's version
-        check and is read afresh)."""
+        check and is read afresh). ``release``: a lease token the save gives up."""
         for attempt in range(self.save_attempts):
             cp = first if attempt == 0 and first is not None else await self.store.load(build_id)
             if cp is None:
@@ -592,7 +600,7 @@ class Agent:
             if new_turns is None:
                 return None
             try:
-                await self.store.save(cp, new_turns)
+                await self.store.save(cp, new_turns, release=release)
             except VersionConflict:
                 log.info("version conflict; re-applying", extra={"build_id": build_id})
                 continue

@@ -25,17 +25,28 @@ class CheckpointStore(Protocol):
         """The conversation's turns from seq ``since`` on, in order (committed turns never
         change, so a reader may keep the ones it has and ask only for newer ones)."""
 
-    async def save(self, cp: Checkpoint, new_turns: list[Turn]) -> None:
+    async def save(
+        self, cp: Checkpoint, new_turns: list[Turn], *, release: str | None = None
+    ) -> None:
         """Write ``cp`` (with its outbox) and append ``new_turns`` in one transaction, if the stored
-        version is still ``cp.version``; then ``cp.version`` is the new one. Else VersionConflict."""
+        version is still ``cp.version``; then ``cp.version`` is the new one. Else VersionConflict.
+        ``release``: a lease token whose lease the same write gives up (if it still holds it)."""
 
     async def mark_sent(self, build_id: str, version: int) -> None:
         """Clear the outbox of that version (a no-op if the build has moved on)."""
 
-    async def lease(self, build_id: str, token: str, ttl_s: float) -> float:
-        """Take or renew the build's think lease for ``token`` for ``ttl_s`` seconds: 0.0 if it is
-        now held by ``token``, else the seconds left on another holder's lease. Apart from the
-        version: taking it never conflicts with a save."""
+    async def take(
+        self, build_id: str, token: str, ttl_s: float
+    ) -> tuple[float, Checkpoint | None]:
+        """Take the build's think lease for ``token`` for ``ttl_s`` seconds (if it is free, ran
+        out or is ``token``'s already) and read the checkpoint under it, in one go: (0.0, the
+        checkpoint) if ``token`` holds it now, (seconds left, None) if another holder does,
+        (0.0, None) if there is no such build. Apart from the version: the lease never conflicts
+        with a save."""
+
+    async def renew(self, build_id: str, token: str, ttl_s: float) -> bool:
+        """Extend ``token``'s lease to ``ttl_s`` from now; False if ``token`` no longer holds it
+        (never takes a lease that was given up or taken over)."""
 
     async def release(self, build_id: str, token: str) -> None:
         """Give the lease up if ``token`` still holds it."""

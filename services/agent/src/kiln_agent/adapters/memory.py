@@ -31,7 +31,9 @@ class MemoryStore:
     async def turns(self, build_id: str, since: int = 0) -> list[Turn]:
         return [t for t in self.conversation.get(build_id, []) if t.seq >= since]
 
-    async def save(self, cp: Checkpoint, new_turns: list[Turn]) -> None:
+    async def save(
+        self, cp: Checkpoint, new_turns: list[Turn], *, release: str | None = None
+    ) -> None:
         row = self.rows.get(cp.build_id)
         if row is None or row.version != cp.version:
             raise VersionConflict(cp.build_id)
@@ -39,19 +41,31 @@ class MemoryStore:
         self.rows[cp.build_id] = copy.deepcopy(cp)
         self.conversation[cp.build_id].extend(new_turns)
         self.saves += 1
+        if release is not None:
+            await self.release(cp.build_id, release)
 
     async def mark_sent(self, build_id: str, version: int) -> None:
         row = self.rows.get(build_id)
         if row is not None and row.version == version:
             row.outbox = []
 
-    async def lease(self, build_id: str, token: str, ttl_s: float) -> float:
+    async def take(
+        self, build_id: str, token: str, ttl_s: float
+    ) -> tuple[float, Checkpoint | None]:
+        if build_id not in self.rows:
+            return 0.0, None
         now = time.monotonic()
         holder, until = self.leases.get(build_id, ("", 0.0))
         if holder not in ("", token) and until > now:
-            return until - now
+            return until - now, None
         self.leases[build_id] = (token, now + ttl_s)
-        return 0.0
+        return 0.0, await self.load(build_id)
+
+    async def renew(self, build_id: str, token: str, ttl_s: float) -> bool:
+        if self.leases.get(build_id, ("", 0.0))[0] != token:
+            return False
+        self.leases[build_id] = (token, time.monotonic() + ttl_s)
+        return True
 
     async def release(self, build_id: str, token: str) -> None:
         if self.leases.get(build_id, ("", 0.0))[0] == token:

@@ -84,23 +84,22 @@ class PostgresStore:
         row = await self.pool.fetchrow(
             f"SELECT {_COLUMNS} FROM builds WHERE build_id = $1", build_id
         )
-        if row is None:
-            return None
-        return Checkpoint(
-            build_id=row["build_id"],
-            user_id=row["user_id"],
-            version=row["version"],
-            status=row["status"],
-            iteration=row["iteration"],
-            model=row["model"],
-            tier=row["tier"],
-            limits=BuildLimits.model_validate_json(row["limits"]),
-            cost_micro_usd=row["cost_micro_usd"],
-            system=row["system"],
-            turns=row["turns"],
-            state=State.model_validate_json(row["state"]),
-            outbox=load_outbox(json.loads(row["outbox"])),
+        return None if row is None else _checkpoint(row)
+
+    async def take(
+        self, build_id: str, token: str, ttl_s: float
+    ) -> tuple[float, Checkpoint | None]:
+        row = await self.pool.fetchrow(
+            "UPDATE builds SET lease_token = $2, lease_until = now() + make_interval(secs => $3) "
+            "WHERE build_id = $1 AND (lease_until IS NULL OR lease_until <= now() "
+            f"OR lease_token = $2) RETURNING {_COLUMNS}",
+            build_id,
+            token,
+            ttl_s,
         )
+        if row is not None:
+            return 0.0, _checkpoint(row)
+        return await self._wait(build_id), None
 
     async def turns(self, build_id: str, since: int = 0) -> list[Turn]:
         rows = await self.pool.fetch(
@@ -110,12 +109,16 @@ class PostgresStore:
         )
         return [Turn(r["seq"], r["role"], json.loads(r["content"])) for r in rows]
 
-    async def save(self, cp: Checkpoint, new_turns: list[Turn]) -> None:
+    async def save(
+        self, cp: Checkpoint, new_turns: list[Turn], *, release: str | None = None
+    ) -> None:
         # one statement (atomic on its own): the row's update and the new turns, which are
-        # inserted only if the update matched the version
+        # inserted only if the update matched the version; the lease of token $13 given up
         updated = await self.pool.fetchval(
             "WITH u AS (UPDATE builds SET version = version + 1, status = $3, iteration = $4, "
             "cost_micro_usd = $5, turns = $6, state = $7, outbox = $8, model = $9, "
+            "lease_until = CASE WHEN lease_token = $13 THEN NULL ELSE lease_until END, "
+            "lease_token = CASE WHEN lease_token = $13 THEN NULL ELSE lease_token END, "
             "updated_at = now() WHERE build_id = $1 AND version = $2 RETURNING 1), "
             "t AS (INSERT INTO turns (build_id, seq, role, content) "
             "SELECT $1, x.seq, x.role, x.content::jsonb "
@@ -134,6 +137,7 @@ class PostgresStore:
             [t.seq for t in new_turns],
             [t.role for t in new_turns],
             [json.dumps(t.content) for t in new_turns],
+            release,
         )
         if updated != 1:
             raise VersionConflict(cp.build_id)
@@ -146,23 +150,24 @@ class PostgresStore:
             version,
         )
 
-    async def lease(self, build_id: str, token: str, ttl_s: float) -> float:
-        row = await self.pool.fetchrow(
-            "UPDATE builds SET lease_token = $2, lease_until = now() + make_interval(secs => $3) "
-            "WHERE build_id = $1 AND (lease_until IS NULL OR lease_until <= now() "
-            "OR lease_token = $2) RETURNING 0.0::float8 AS wait",
+    async def renew(self, build_id: str, token: str, ttl_s: float) -> bool:
+        renewed = await self.pool.fetchval(
+            "UPDATE builds SET lease_until = now() + make_interval(secs => $3) "
+            "WHERE build_id = $1 AND lease_token = $2 RETURNING true",
             build_id,
             token,
             ttl_s,
         )
-        if row is not None:
-            return 0.0
-        left = await self.pool.fetchval(
-            "SELECT extract(epoch FROM lease_until - now())::float8 FROM builds "
+        return bool(renewed)
+
+    async def _wait(self, build_id: str) -> float:
+        """The seconds left on another holder's lease (0.0: there is no such build)."""
+        row = await self.pool.fetchrow(
+            "SELECT extract(epoch FROM lease_until - now())::float8 AS left FROM builds "
             "WHERE build_id = $1",
             build_id,
         )
-        return max(0.001, float(left or 0.001))
+        return 0.0 if row is None else max(0.001, float(row["left"] or 0.001))
 
     async def release(self, build_id: str, token: str) -> None:
         await self.pool.execute(
@@ -179,3 +184,21 @@ async def _insert_turns(conn: Any, build_id: str, turns: list[Turn]) -> None:
             "INSERT INTO turns (build_id, seq, role, content) VALUES ($1, $2, $3, $4)",
             [(build_id, t.seq, t.role, json.dumps(t.content)) for t in turns],
         )
+
+
+def _checkpoint(row: Any) -> Checkpoint:
+    return Checkpoint(
+        build_id=row["build_id"],
+        user_id=row["user_id"],
+        version=row["version"],
+        status=row["status"],
+        iteration=row["iteration"],
+        model=row["model"],
+        tier=row["tier"],
+        limits=BuildLimits.model_validate_json(row["limits"]),
+        cost_micro_usd=row["cost_micro_usd"],
+        system=row["system"],
+        turns=row["turns"],
+        state=State.model_validate_json(row["state"]),
+        outbox=load_outbox(json.loads(row["outbox"])),
+    )
