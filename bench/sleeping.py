@@ -1,6 +1,7 @@
 """Sleeping builds: many builds asleep cost the agent no memory growth, no task and no sandbox.
 
-    uv run --frozen python bench/sleeping.py [--builds 10000] [--warmup 200]
+    uv run --frozen python bench/sleeping.py [--builds 10000] [--warmup 200] [--rate 0]
+        [--tracemalloc]
 
 A nats-server and Postgres of the benchmark's own, ``python -m kiln_sandbox`` (local provider),
 the agent as ``bench/agent_probe.py`` (``python -m kiln_agent`` plus a probe that writes its
@@ -16,7 +17,16 @@ Then ``--builds`` more go to sleep, and once every one has (and its sandbox is n
 running) they are measured again. sandboxes_alive counts the sandbox registry's rows
 (``sandbox.sandboxes``) still ``running``.
 
-Ends with ``sleeping builds=… rss_growth_mb=… tasks_growth=… sandboxes_alive=…``.
+``--rate N`` requests at most N builds a second (0: all at once, in chunks of 200), so that how
+many builds are in flight at once, and with it the allocator's high-water mark, stays bounded.
+Besides RSS the probe reports the objects the garbage collector tracks and the allocator's live
+blocks (``sys.getallocatedblocks``): Python-level state kept per build grows those, a high-water
+mark the process keeps from a peak grows only RSS. ``--tracemalloc`` runs the agent with
+allocation tracing (slower) and prints the 15 source lines whose live memory grew the most
+between the two measurements.
+
+Ends with ``sleeping builds=… rss_growth_mb=… tasks_growth=… sandboxes_alive=…
+objects_growth=… blocks_growth=…``.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import argparse
 import asyncio
 import json
 import time
+import tracemalloc
 import uuid
 from pathlib import Path
 
@@ -70,6 +81,7 @@ async def run(
         ANTHROPIC_BASE_URL=model.url,
         ANTHROPIC_API_KEY="bench",
         KILN_BENCH_PROBE=str(probe),
+        KILN_BENCH_TRACEMALLOC="1" if args.tracemalloc else "0",
     )
     asked: set[str] = set()
     sleeping: set[str] = set()
@@ -129,7 +141,9 @@ async def run(
         mine.extend(ids)
         started = time.monotonic()
         limits = BuildLimits(max_iterations=10_000)
-        for chunk in range(0, n, 200):
+        step = 200 if not args.rate else max(1, int(args.rate / 10))  # 10 chunks a second
+        for chunk in range(0, n, step):
+            began = time.monotonic()
             await asyncio.gather(
                 *(
                     publish(
@@ -138,9 +152,11 @@ async def run(
                             build_id=i, user_id="bench", tier="pro", idea_brief="x", limits=limits
                         ),
                     )
-                    for i in ids[chunk : chunk + 200]
+                    for i in ids[chunk : chunk + step]
                 )
             )
+            if args.rate:
+                await asyncio.sleep(max(0.0, step / args.rate - (time.monotonic() - began)))
         want = set(ids)
         await until(
             lambda: want <= sleeping or not agent.alive(), 300 + n / 5, f"{n} builds to sleep"
@@ -153,30 +169,58 @@ async def run(
         print(f"{n} builds asleep in {time.monotonic() - started:.0f} s", flush=True)
         return ids
 
-    async def measure() -> tuple[float, int]:
+    async def measure(label: str) -> dict[str, float]:
+        snap = probe.with_name(f"{probe.name}.snap-{label}")
+        snap.touch()
         await asyncio.sleep(3)  # let the last handlers finish and the probe write
-        return rss_mb(agent.popen.pid), int(json.loads(probe.read_text())["tasks"])
+        await until(lambda: not snap.exists(), 120, "the probe's snapshot")
+        got = json.loads(probe.read_text())
+        return {"rss": rss_mb(agent.popen.pid), **got}
 
     try:
         await put_to_sleep(args.warmup)
-        rss0, tasks0 = await measure()
-        print(f"baseline after {args.warmup} builds: RSS {rss0:.1f} MB, {tasks0} tasks")
+        m0 = await measure("before")
+        print(f"baseline after {args.warmup} builds: {describe(m0)}")
         await put_to_sleep(args.builds)
-        rss1, tasks1 = await measure()
+        m1 = await measure("after")
         alive = await running()
-        print(f"after {args.builds} more: RSS {rss1:.1f} MB, {tasks1} tasks, {alive} running")
+        print(f"after {args.builds} more: {describe(m1)}, {alive} running")
     finally:
         await pg.close()
+    if args.tracemalloc:
+        print_growth(probe)
     return {
         "builds": args.builds,
-        "rss_growth_mb": rss1 - rss0,
-        "tasks_growth": tasks1 - tasks0,
+        "rss_growth_mb": m1["rss"] - m0["rss"],
+        "tasks_growth": int(m1["tasks"] - m0["tasks"]),
         "sandboxes_alive": alive,
+        "objects_growth": int(m1["objects"] - m0["objects"]),
+        "blocks_growth": int(m1["blocks"] - m0["blocks"]),
     }
+
+
+def describe(m: dict[str, float]) -> str:
+    return (
+        f"RSS {m['rss']:.1f} MB, {m['tasks']:.0f} tasks, {m['objects']:.0f} gc-tracked objects, "
+        f"{m['blocks']:.0f} allocated blocks"
+    )
+
+
+def print_growth(probe: Path) -> None:
+    before = tracemalloc.Snapshot.load(str(probe.with_suffix(".before.tracemalloc")))
+    after = tracemalloc.Snapshot.load(str(probe.with_suffix(".after.tracemalloc")))
+    total = sum(s.size_diff for s in after.compare_to(before, "filename"))
+    print(f"traced Python memory grew {total / 2**20:.2f} MB; the 15 lines that grew the most:")
+    for stat in after.compare_to(before, "lineno")[:15]:
+        print(
+            f"  {stat.size_diff / 1024:+10.1f} KiB {stat.count_diff:+8d} blocks  {stat.traceback}"
+        )
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--builds", type=int, default=10_000)
     parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--rate", type=float, default=0, help="Builds requested per second.")
+    parser.add_argument("--tracemalloc", action="store_true", help="Trace the agent's memory.")
     asyncio.run(main(parser.parse_args()))

@@ -53,3 +53,15 @@ async def test_retry_gives_up_after_attempts_and_honours_advice():
     with pytest.raises(ConnectionError):
         await retry(flaky, attempts=3, retry_on=(ConnectionError,), delay_for=lambda e, n: 0.0)
     assert len(calls) == 3
+
+
+def test_start_up_objects_are_frozen_out_of_collection() -> None:
+    import gc
+
+    from kiln_runtime.service import freeze_start_up_objects
+
+    try:
+        freeze_start_up_objects()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
