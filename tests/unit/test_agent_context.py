@@ -10,6 +10,7 @@ import pytest
 
 from kiln_agent import config as agent_config
 from kiln_agent.adapters.memory import MemoryStore
+from kiln_agent.checkpoint import Turn
 from kiln_agent.context import compaction_point, context_tokens, estimate_tokens
 from kiln_agent.loop import Agent, build_request
 from kiln_agent.ports import ModelReply, ModelRequest
@@ -285,5 +286,35 @@ async def test_a_build_put_to_sleep_leaves_nothing_in_the_turn_cache() -> None:
     assert first.build_id in agent._conversations
     await agent.sleep(first.caused(SleepRequested, reason="allowance"))
     await agent.tool_result(result_for(pub.of(ToolCall)[-1], "y"))  # the set completes: sleeps
+    assert (await store.load(first.build_id)).status == "sleeping"  # type: ignore[union-attr]
+    assert agent._conversations == {} and agent._cached_chars == 0
+
+
+class SlowTurns(SpyStore):
+    """Reading turns waits until the test lets it go on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = asyncio.Event()
+        self.go_on: asyncio.Event | None = None
+
+    async def turns(self, build_id: str, since: int = 0) -> list[Turn]:
+        if self.go_on is not None:
+            self.reading.set()
+            await self.go_on.wait()
+        return await super().turns(build_id, since)
+
+
+async def test_a_build_put_to_sleep_mid_think_leaves_nothing_in_the_turn_cache() -> None:
+    model, store, pub = ByIteration(), SlowTurns(), FakePublisher()
+    agent = Agent(store, model, pub, agent_config.load(), kiln_config.default())
+    await agent.build_requested(start())
+    first = pub.of(ToolCall)[-1]
+    store.go_on = asyncio.Event()
+    thinking = asyncio.create_task(agent.tool_result(result_for(first, "x" * 50)))
+    await store.reading.wait()  # the think holds its lease and is reading the turns
+    await agent.sleep(first.caused(SleepRequested, reason="allowance"))  # sleeps at once
+    store.go_on.set()
+    await thinking  # its reply is dropped: the build has moved on
     assert (await store.load(first.build_id)).status == "sleeping"  # type: ignore[union-attr]
     assert agent._conversations == {} and agent._cached_chars == 0
