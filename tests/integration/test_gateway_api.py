@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
 import pytest_asyncio
-import uvicorn
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from kiln_contracts import (
     AgentNarrated,
@@ -26,99 +22,24 @@ from kiln_contracts import (
     SnapshotSaved,
     ToolCall,
     Usage,
-    subjects,
 )
 from kiln_gateway import builds
-from kiln_gateway.app import create_app
-from kiln_gateway.bootstrap import Runtime
-from kiln_gateway.settings import GatewaySettings
-from kiln_runtime.bus import Bus
-from kiln_runtime.settings import CommonSettings
+from tests.integration.gateway_fixtures import Gateway, read_sse, running_gateway, until
 
 pytestmark = pytest.mark.integration
 
 
-async def until(predicate, timeout: float = 15.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        await asyncio.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Gateway:
-    url: str
-    rt: Runtime
-    bus: Bus  # a separate connection, as another producer
-
-    def client(self, key: str | None = None, **headers: str) -> httpx.AsyncClient:
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=10)
-
-    async def key(self, user: str, tier: str = "pro") -> str:
-        key = f"key-{user}"
-        await builds.ensure_dev_key(self.rt.store, key, user, tier)
-        return key
-
-    async def history(self, build_id: str) -> list[tuple[int, str]]:
-        """(stream sequence, kind) of every message of the build on the stream."""
-        sub = await self.bus.nc.jetstream().subscribe(
-            subjects.build_filter(build_id),
-            stream=subjects.STREAM,
-            ordered_consumer=True,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
-        )
-        out = []
-        try:
-            while True:
-                msg = await sub.next_msg(timeout=0.5)
-                out.append((msg.metadata.sequence.stream, msg.subject.rsplit(".", 1)[-1]))
-        except Exception:
-            pass
-        finally:
-            await sub.unsubscribe()
-        return out
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def gw(infra) -> AsyncIterator[Gateway]:
-    port = free_port()
-    settings = GatewaySettings(
-        nats_url=infra["NATS_URL"],
-        database_url=infra["DATABASE_URL"],
-        port=port,
+    async with running_gateway(
+        infra,
+        "gwtest",
         sse_heartbeat_s=0.3,
         republish_every_s=0.5,
         dev_api_key="kiln-test-dev-key",
         dev_user="devtest",
-    )
-    app = create_app(settings)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
-    )
-    task = asyncio.create_task(server.serve())
-    deadline = asyncio.get_running_loop().time() + 60
-    while not server.started:
-        if task.done():
-            task.result()
-        assert asyncio.get_running_loop().time() < deadline, "gateway did not start"
-        await asyncio.sleep(0.05)
-    bus = Bus(CommonSettings(nats_url=infra["NATS_URL"]), "gwtest")
-    await bus.connect()
-    try:
-        yield Gateway(f"http://127.0.0.1:{port}", app.state.runtime, bus)
-    finally:
-        await bus.stop()
-        server.should_exit = True
-        await asyncio.wait_for(task, 30)
+    ) as gateway:
+        yield gateway
 
 
 BRIEF = {"idea_brief": "A tiny CLI that counts words.", "understanding_qna": []}
@@ -432,25 +353,6 @@ async def test_cancel_and_wake_publish_commands_for_the_owner(gw: Gateway, uid: 
 
 
 # ---------------------------------------------------------------------------- SSE
-
-
-async def read_sse(lines: AsyncIterator[str], count: int | None = None) -> list[dict[str, str]]:
-    """Parse SSE events (and heartbeat comments as {"comment": ...}) until ``count`` events or EOF."""
-    out: list[dict[str, str]] = []
-    current: dict[str, str] = {}
-    async for line in lines:
-        if line.startswith(":"):
-            out.append({"comment": line[1:].strip()})
-        elif line == "":
-            if "event" in current:
-                out.append(current)
-                if count is not None and sum("event" in e for e in out) >= count:
-                    return out
-            current = {}
-        else:
-            field, _, value = line.partition(":")
-            current[field] = value.removeprefix(" ")
-    return out
 
 
 async def test_sse_replays_resumes_and_ends(gw: Gateway, uid: str):

@@ -16,15 +16,10 @@ import httpx
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
-import uvicorn
 
 from kiln_contracts import AgentNarrated, BuildCompleted, BuildRequested, BuildSleeping
 from kiln_gateway import builds
-from kiln_gateway.app import create_app
-from kiln_gateway.settings import GatewaySettings
-from kiln_runtime.bus import Bus
-from kiln_runtime.settings import CommonSettings
-from tests.integration.test_gateway_api import Gateway, free_port, read_sse, until
+from tests.integration.gateway_fixtures import Gateway, read_sse, running_gateway, until
 
 pytestmark = pytest.mark.integration
 
@@ -35,38 +30,18 @@ BRIEF = {"idea_brief": "A tiny CLI that counts words.", "understanding_qna": []}
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def gw(infra) -> AsyncIterator[Gateway]:
-    port = free_port()
-    settings = GatewaySettings(
-        nats_url=infra["NATS_URL"],
-        database_url=infra["DATABASE_URL"],
+    async with running_gateway(
+        infra,
+        "gwsurface",
         redis_url=infra["REDIS_URL"],
         s3_endpoint_url=infra["S3_ENDPOINT_URL"],
         bucket="kiln-gw-surface",
-        port=port,
         sse_heartbeat_s=0.3,
         admin_api_key=ADMIN,
         projection_durable="gateway-projection-surface",
         max_body_bytes=64 * 1024,
-    )
-    app = create_app(settings)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
-    )
-    task = asyncio.create_task(server.serve())
-    deadline = asyncio.get_running_loop().time() + 60
-    while not server.started:
-        if task.done():
-            task.result()
-        assert asyncio.get_running_loop().time() < deadline, "gateway did not start"
-        await asyncio.sleep(0.05)
-    bus = Bus(CommonSettings(nats_url=infra["NATS_URL"]), "gwsurface")
-    await bus.connect()
-    try:
-        yield Gateway(f"http://127.0.0.1:{port}", app.state.runtime, bus)
-    finally:
-        await bus.stop()
-        server.should_exit = True
-        await asyncio.wait_for(task, 30)
+    ) as gateway:
+        yield gateway
 
 
 def is_problem(r: httpx.Response, status: int) -> dict:

@@ -7,43 +7,28 @@ import asyncio
 import contextlib
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 from nats.aio.client import Client
-from nats.js.errors import NotFoundError
 
 from kiln_contracts import ToolCall, ToolResult, subjects
 from kiln_runtime.bus import ensure_streams
 from kiln_sandbox.handlers import INTERRUPTED
+from tests.integration.service_process import set_ack_wait, start_service
 
 pytestmark = pytest.mark.integration
 
 
 ACK_WAIT_S = 2.0
 DURABLE = "sandbox-tool-call"
+SERVICE = "kiln_sandbox"
 
 
-async def set_ack_wait(nc: Client, ack_wait_s: float) -> float | None:
-    """Set the shared durable's ack_wait; its previous value (None if it did not exist yet)."""
-    jsm = nc.jsm()
-    try:
-        info = await jsm.consumer_info(subjects.STREAM, DURABLE)
-    except NotFoundError:
-        return None
-    before = info.config.ack_wait
-    config = info.config
-    config.ack_wait = ack_wait_s
-    await jsm.add_consumer(subjects.STREAM, config)
-    return before
-
-
-async def start_service(infra: dict[str, str], root: Path) -> asyncio.subprocess.Process:
-    env = {
-        **os.environ,
+def service_env(infra: dict[str, str], root: Path) -> dict[str, str]:
+    return {
         "NATS_URL": infra["NATS_URL"],
         "DATABASE_URL": infra["DATABASE_URL"],
         "KILN_SANDBOX_ROOT": str(root),
@@ -51,14 +36,6 @@ async def start_service(infra: dict[str, str], root: Path) -> asyncio.subprocess
         "KILN_ACK_WAIT_S": str(ACK_WAIT_S),
         "KILN_SANDBOX_LEASE_S": "2",
     }
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "kiln_sandbox",
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
 
 
 async def test_sigkill_mid_call_yields_the_interrupted_result_and_no_rerun(infra, tmp_path, uid):
@@ -77,8 +54,8 @@ async def test_sigkill_mid_call_yields_the_interrupted_result_and_no_rerun(infra
     db = await asyncpg.connect(infra["DATABASE_URL"])
     # The durable is shared with the other sandbox tests; whoever created it chose its ack_wait.
     # A short one here so the redelivery comes quickly; the original is put back afterwards.
-    restore_ack_wait = await set_ack_wait(nc, ACK_WAIT_S)
-    first = await start_service(infra, root)
+    restore_ack_wait = await set_ack_wait(nc, DURABLE, ACK_WAIT_S)
+    first = await start_service(SERVICE, service_env(infra, root))
     second: asyncio.subprocess.Process | None = None
     try:
         call = ToolCall(
@@ -110,7 +87,7 @@ async def test_sigkill_mid_call_yields_the_interrupted_result_and_no_rerun(infra
 
         first.send_signal(signal.SIGKILL)
         await first.wait()
-        second = await start_service(infra, root)
+        second = await start_service(SERVICE, service_env(infra, root))
         deadline = loop.time() + 60
         while not results:
             assert second.returncode is None, "the second service exited"
@@ -133,7 +110,7 @@ async def test_sigkill_mid_call_yields_the_interrupted_result_and_no_rerun(infra
                 proc.kill()  # a clean SIGTERM stop is the entrypoint test's subject
                 await proc.wait()
         if restore_ack_wait is not None:
-            await set_ack_wait(nc, restore_ack_wait)
+            await set_ack_wait(nc, DURABLE, restore_ack_wait)
         await sub.unsubscribe()
         await nc.close()
         await db.close()

@@ -8,16 +8,13 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import os
 import signal
-import sys
 from typing import Any
 
 import httpx
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.errors import NotFoundError
 
 from kiln_contracts import CheckpointSaved, SnapshotSaved, subjects
 from kiln_contracts.rpc import (
@@ -30,27 +27,15 @@ from kiln_contracts.rpc import (
 from kiln_runtime.bus import ensure_streams
 from kiln_snapshot import gc
 from kiln_snapshot.adapters.s3 import S3Store
+from tests.integration.service_process import set_ack_wait, start_service, wait_for
 
 pytestmark = pytest.mark.integration
 
 ACK_WAIT_S = 2.0
 DEFAULT_ACK_WAIT_S = 30.0  # CommonSettings' default
 DURABLE = "snapshot-checkpoint-saved"
+SERVICE = "kiln_snapshot"
 FILES = {f"f{i:02d}.txt": f"content {i}\n".encode() * 50 for i in range(12)}
-
-
-async def set_ack_wait(nc: Client, ack_wait_s: float) -> float | None:
-    """Set the shared durable's ack_wait; its previous value (None if it did not exist yet)."""
-    jsm = nc.jsm()
-    try:
-        info = await jsm.consumer_info(subjects.STREAM, DURABLE)
-    except NotFoundError:
-        return None
-    before = info.config.ack_wait
-    config = info.config
-    config.ack_wait = ack_wait_s
-    await jsm.add_consumer(subjects.STREAM, config)
-    return before
 
 
 class SlowSandbox:
@@ -94,9 +79,8 @@ class SlowSandbox:
         await msg.respond(reply.model_dump_json().encode())
 
 
-async def start_service(infra: dict[str, str], bucket: str) -> asyncio.subprocess.Process:
-    env = {
-        **os.environ,
+def service_env(infra: dict[str, str], bucket: str) -> dict[str, str]:
+    return {
         "NATS_URL": infra["NATS_URL"],
         "S3_ENDPOINT_URL": infra["S3_ENDPOINT_URL"],
         "KILN_S3_BUCKET": bucket,
@@ -104,22 +88,6 @@ async def start_service(infra: dict[str, str], bucket: str) -> asyncio.subproces
         "KILN_UPLOAD_BATCH": "4",
         "KILN_UPLOAD_TIMEOUT_S": "60",
     }
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "kiln_snapshot",
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-
-
-async def wait_for(predicate: Any, timeout: float = 60.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        await asyncio.sleep(0.1)
 
 
 async def every_manifest_is_complete(store: S3Store) -> int:
@@ -164,10 +132,10 @@ async def test_sigkill_mid_upload_leaves_no_dangling_manifest_and_a_restart_comp
     await nc.subscribe(subjects.subject(build_id, SnapshotSaved.kind), cb=on_saved)
     # The durable is shared with the other entrypoint tests: a short ack_wait for a quick
     # redelivery, the original put back afterwards.
-    restore_ack_wait = await set_ack_wait(nc, ACK_WAIT_S)
+    restore_ack_wait = await set_ack_wait(nc, DURABLE, ACK_WAIT_S)
     store = S3Store(bucket, endpoint_url=infra["S3_ENDPOINT_URL"])
     await store.open()  # creates the bucket
-    first = await start_service(infra, bucket)
+    first = await start_service(SERVICE, service_env(infra, bucket))
     second: asyncio.subprocess.Process | None = None
     try:
         event = CheckpointSaved(build_id=build_id, user_id=f"u{uid}", iteration=1, reason="final")
@@ -193,7 +161,7 @@ async def test_sigkill_mid_upload_leaves_no_dangling_manifest_and_a_restart_comp
 
         # a fresh process gets the redelivered checkpoint and completes the snapshot
         fake.stall = False
-        second = await start_service(infra, bucket)
+        second = await start_service(SERVICE, service_env(infra, bucket))
 
         async def done() -> bool:
             return bool(saved)
@@ -214,7 +182,7 @@ async def test_sigkill_mid_upload_leaves_no_dangling_manifest_and_a_restart_comp
                 if proc.returncode is None:
                     proc.kill()
                     await proc.wait()
-        await set_ack_wait(nc, restore_ack_wait or DEFAULT_ACK_WAIT_S)
+        await set_ack_wait(nc, DURABLE, restore_ack_wait or DEFAULT_ACK_WAIT_S)
         for task in list(tasks):
             task.cancel()
         await store.close()
