@@ -28,21 +28,11 @@ from kiln_contracts.rpc import ManifestRequest, UploadRequest
 from kiln_sandbox.adapters.local import LocalProvider
 from kiln_sandbox.handlers import SandboxService
 from kiln_sandbox.ports import SandboxRecord
+from kiln_sandbox.testing import MemoryRegistry
 from kiln_snapshot import bootstrap
 from kiln_snapshot.settings import SnapshotSettings
 
 BUILD = "bench-snapshot"
-
-
-class Registry:
-    def __init__(self) -> None:
-        self.rows: dict[str, SandboxRecord] = {}
-
-    async def get(self, build_id: str) -> SandboxRecord | None:
-        return self.rows.get(build_id)
-
-    async def put(self, record: SandboxRecord) -> None:
-        self.rows[record.build_id] = record
 
 
 def make_tree(root: Path, files: int, total_mb: float, seed: int = 7) -> int:
@@ -71,7 +61,7 @@ async def main(files: int, total_mb: float, rounds: int) -> None:
         os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "kiln-bench")
         bucket = f"kiln-bench-{int(time.time())}"
         provider = LocalProvider(b.data_dir / "sandboxes")
-        registry = Registry()
+        registry = MemoryRegistry()
         sandbox_svc = SandboxService(provider, registry, None, None)  # type: ignore[arg-type]
         sandbox = await provider.create(BUILD)
         await registry.put(SandboxRecord(BUILD, "local", sandbox.sandbox_id, "running"))

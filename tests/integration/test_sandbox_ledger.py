@@ -1,9 +1,11 @@
-"""The Postgres ledger of tool calls: claim, release, finish (the exactly-once bookkeeping)."""
+"""The Postgres ledger of tool calls (claim, release, finish: the exactly-once bookkeeping) and
+the sandbox registry's compare-and-set."""
 
 from __future__ import annotations
 
 from kiln_runtime.db import create_pool
-from kiln_sandbox.adapters.postgres import DDL, SCHEMA, PgCallStore
+from kiln_sandbox.adapters.postgres import DDL, SCHEMA, PgCallStore, PgRegistry
+from kiln_sandbox.ports import SandboxRecord
 
 
 async def test_claim_release_and_finish(infra, uid):
@@ -26,5 +28,24 @@ async def test_claim_release_and_finish(infra, uid):
         await calls.release(build_id, "c1", "replica-2")  # a finished call is never released
         done = await calls.claim(build_id, "c1", "replica-1", 30.0)
         assert done is not None and done.status == "done" and done.result == {"output": "ok"}
+    finally:
+        await pool.close()
+
+
+async def test_the_registry_keeps_the_sandbox_recorded_first(infra, uid):
+    pool = await create_pool(infra["DATABASE_URL"], schema=SCHEMA, ddl=DDL)
+    registry = PgRegistry(pool)
+    build_id = f"b{uid}"
+    try:
+        first = SandboxRecord(build_id, "e2b", "sb-1", "running")
+        assert await registry.replace(first, expected=None) == first
+        late = SandboxRecord(build_id, "e2b", "sb-2", "running")
+        assert await registry.replace(late, expected=None) == first  # made meanwhile: loses
+        await registry.put(SandboxRecord(build_id, "e2b", "sb-1", "paused"))
+        fresh = SandboxRecord(build_id, "e2b", "sb-3", "running")  # sb-1 vanished: replaced
+        assert await registry.replace(fresh, expected="sb-1") == fresh
+        stale = SandboxRecord(build_id, "e2b", "sb-4", "running")  # replacing sb-1 again: too late
+        assert await registry.replace(stale, expected="sb-1") == fresh
+        assert await registry.get(build_id) == fresh
     finally:
         await pool.close()

@@ -26,23 +26,13 @@ from kiln_sandbox.adapters.local import LocalProvider
 from kiln_sandbox.adapters.nats_rpc import NatsRestorer
 from kiln_sandbox.handlers import SandboxService
 from kiln_sandbox.ports import SandboxRecord
+from kiln_sandbox.testing import MemoryRegistry
 from kiln_snapshot import bootstrap, gc, snapshots
 from kiln_snapshot.adapters.s3 import S3Store
 from kiln_snapshot.settings import SnapshotSettings
 from tests.integration.test_snapshot_s3 import until, until_async, watch_saved
 
 pytestmark = pytest.mark.integration
-
-
-class Registry:
-    def __init__(self) -> None:
-        self.rows: dict[str, SandboxRecord] = {}
-
-    async def get(self, build_id: str) -> SandboxRecord | None:
-        return self.rows.get(build_id)
-
-    async def put(self, record: SandboxRecord) -> None:
-        self.rows[record.build_id] = record
 
 
 async def serve_sandbox_rpc(url: str, svc: SandboxService) -> Any:
@@ -110,7 +100,7 @@ async def test_restore_is_byte_identical_with_modes_empty_dirs_and_symlinks(
 ) -> None:
     build = f"b{uid}"
     provider = LocalProvider(tmp_path / "one")
-    registry = Registry()
+    registry = MemoryRegistry()
     svc = SandboxService(provider, registry, None, None)  # type: ignore[arg-type]
     sandbox = await provider.create(build)
     await registry.put(SandboxRecord(build, "local", sandbox.sandbox_id, "running"))
@@ -165,7 +155,7 @@ async def test_restore_is_byte_identical_with_modes_empty_dirs_and_symlinks(
         try:
             restoring = SandboxService(
                 fresh_provider,
-                Registry(),
+                MemoryRegistry(),
                 None,  # type: ignore[arg-type]
                 None,  # type: ignore[arg-type]
                 NatsRestorer(nc, timeout_s=10),
@@ -194,7 +184,7 @@ async def test_retention_keeps_the_newest_manifests_and_gc_keeps_what_is_referen
 ) -> None:
     build = f"b{uid}"
     provider = LocalProvider(tmp_path)
-    registry = Registry()
+    registry = MemoryRegistry()
     svc = SandboxService(provider, registry, None, None)  # type: ignore[arg-type]
     sandbox = await provider.create(build)
     await registry.put(SandboxRecord(build, "local", sandbox.sandbox_id, "running"))

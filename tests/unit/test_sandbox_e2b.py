@@ -30,8 +30,8 @@ from kiln_sandbox.bootstrap import ConfigError, make_provider
 from kiln_sandbox.handlers import SandboxService
 from kiln_sandbox.ports import SandboxError, SandboxGone
 from kiln_sandbox.settings import SandboxSettings
-from kiln_sandbox.testing import FakeE2B
-from tests.unit.test_sandbox_handlers import FakeBus, FakeCalls, FakeRegistry, FakeRestorer
+from kiln_sandbox.testing import FakeE2B, MemoryRegistry
+from tests.unit.test_sandbox_handlers import FakeBus, FakeCalls, FakeRestorer
 
 
 class Blobs(ThreadingHTTPServer):
@@ -193,7 +193,7 @@ async def test_a_sandbox_that_disappears_mid_build_is_restored_and_the_call_comp
     )
     restorer = FakeRestorer(plan)
     bus = FakeBus()
-    svc = SandboxService(provider(fake), FakeRegistry(), FakeCalls(), bus, restorer)
+    svc = SandboxService(provider(fake), MemoryRegistry(), FakeCalls(), bus, restorer)
     build_id = f"b{uid}"
 
     first = await svc.handle_tool_call(_call(build_id, "c1", "mkdir src; echo v1 > src/a.txt"))
@@ -220,7 +220,7 @@ async def test_a_sandbox_that_disappears_mid_build_is_restored_and_the_call_comp
 
 async def test_sleep_pauses_and_final_kills_the_e2b_sandbox(fake, uid):
     bus = FakeBus()
-    svc = SandboxService(provider(fake), FakeRegistry(), FakeCalls(), bus)
+    svc = SandboxService(provider(fake), MemoryRegistry(), FakeCalls(), bus)
     build_id = f"b{uid}"
     await svc.handle_tool_call(_call(build_id, "c1", "echo hi > a.txt"))
     record = await svc.registry.get(build_id)
@@ -249,3 +249,48 @@ async def test_sleep_pauses_and_final_kills_the_e2b_sandbox(fake, uid):
         "build sleeping (snapshot s1)",
         "final snapshot s2 saved",
     ]
+
+
+class SlowFirstCreate(E2BProvider):
+    """The first ``create`` waits until the test lets it go on."""
+
+    def __init__(self, fake: FakeE2B) -> None:
+        super().__init__(api_key="e2b_test", sdk=fake)
+        self.creating = asyncio.Event()
+        self.go_on = asyncio.Event()
+
+    async def create(self, build_id: str, *, user_id: str = "") -> Any:
+        if not self.creating.is_set():
+            self.creating.set()
+            await self.go_on.wait()
+        return await super().create(build_id, user_id=user_id)
+
+
+async def test_two_replicas_making_a_builds_sandbox_at_once_keep_one(fake):
+    """Parallel calls of one build on two replicas, both finding no sandbox: the one recorded
+    first is the build's; the other replica stops its own and runs its call in that one."""
+    registry, calls = MemoryRegistry(), FakeCalls()
+    slow = SlowFirstCreate(fake)
+    one = SandboxService(slow, registry, calls, FakeBus(), owner="one")
+    two = SandboxService(provider(fake), registry, calls, FakeBus(), owner="two")
+
+    def write(call_id: str, name: str) -> ToolCall:
+        return ToolCall(
+            build_id="b1", user_id="u1", call_id=call_id, iteration=1, tool="write_file",
+            input={"path": name, "content": call_id},
+        )  # fmt: skip
+
+    first = asyncio.create_task(one.handle_tool_call(write("c1", "one.txt")))
+    await slow.creating.wait()
+    done = await two.handle_tool_call(write("c2", "two.txt"))  # makes and records its own
+    assert not done.is_error
+    slow.go_on.set()
+    result = await first
+    assert not result.is_error, result.output
+
+    record = await registry.get("b1")
+    assert record is not None and record.state == "running"
+    alive = [i for i, st in fake.sandboxes.items() if st.state == "running"]
+    assert alive == [record.sandbox_id]  # the second one made was stopped
+    kept = await provider(fake).connect("b1", record.sandbox_id)
+    assert await kept.read("one.txt") == b"c1" and await kept.read("two.txt") == b"c2"

@@ -32,17 +32,7 @@ from kiln_runtime.errors import RetryLater
 from kiln_sandbox.adapters.local import LocalProvider, LocalSandbox
 from kiln_sandbox.handlers import INTERRUPTED, SandboxService
 from kiln_sandbox.ports import CallRecord, SandboxError, SandboxRecord
-
-
-class FakeRegistry:
-    def __init__(self) -> None:
-        self.rows: dict[str, SandboxRecord] = {}
-
-    async def get(self, build_id: str) -> SandboxRecord | None:
-        return self.rows.get(build_id)
-
-    async def put(self, record: SandboxRecord) -> None:
-        self.rows[record.build_id] = record
+from kiln_sandbox.testing import MemoryRegistry
 
 
 class FakeCalls:
@@ -104,7 +94,7 @@ class FakeBus:
 @pytest.fixture
 async def svc(tmp_path: Path):
     provider = LocalProvider(tmp_path / "sandboxes")
-    service = SandboxService(provider, FakeRegistry(), FakeCalls(), FakeBus())
+    service = SandboxService(provider, MemoryRegistry(), FakeCalls(), FakeBus())
     yield service
     await provider.close()
 
@@ -177,7 +167,7 @@ class SlowToCreate(LocalProvider):
 
 
 async def test_a_crash_while_the_sandbox_is_created_leaves_the_call_to_be_run(tmp_path, uid):
-    calls, registry = FakeCalls(), FakeRegistry()
+    calls, registry = FakeCalls(), MemoryRegistry()
     slow = SlowToCreate(tmp_path / "a")
     first = SandboxService(slow, registry, calls, FakeBus(), owner="replica-a")
     second = SandboxService(LocalProvider(tmp_path / "b"), registry, calls, FakeBus(), owner="b")
@@ -342,7 +332,7 @@ async def test_a_gone_sandbox_is_restored_from_the_latest_snapshot(tmp_path, uid
         ],
     )
     restorer = FakeRestorer(plan)
-    svc = SandboxService(provider, FakeRegistry(), FakeCalls(), FakeBus(), restorer)
+    svc = SandboxService(provider, MemoryRegistry(), FakeCalls(), FakeBus(), restorer)
     try:
         # a brand-new build: nothing to restore, no question asked
         await svc.handle_tool_call(tool_call(uid, "c1", input={"command": "true"}))
@@ -387,7 +377,7 @@ async def test_cancelling_a_build_kills_its_running_command(svc, uid):
 
 async def test_a_redelivery_to_a_second_replica_waits_while_the_first_still_runs_it(tmp_path, uid):
     provider = LocalProvider(tmp_path / "sandboxes")
-    registry, calls = FakeRegistry(), FakeCalls()
+    registry, calls = MemoryRegistry(), FakeCalls()
     first = SandboxService(provider, registry, calls, FakeBus(), owner="replica-1", lease_s=0.3)
     second_bus = FakeBus()
     second = SandboxService(provider, registry, calls, second_bus, owner="replica-2", lease_s=0.3)
@@ -447,7 +437,7 @@ class FlakyBus(FakeBus):
 async def test_a_result_stored_but_not_published_is_republished_with_its_event_id(tmp_path, uid):
     provider = LocalProvider(tmp_path / "sandboxes")
     calls, flaky = FakeCalls(), FlakyBus()
-    svc = SandboxService(provider, FakeRegistry(), calls, flaky)
+    svc = SandboxService(provider, MemoryRegistry(), calls, flaky)
     call = tool_call(uid)
     try:
         with pytest.raises(ConnectionError):
@@ -468,7 +458,7 @@ async def test_the_lease_is_renewed_only_for_a_call_still_running_after_a_third_
 ):
     provider = LocalProvider(tmp_path / "sandboxes")
     calls = FakeCalls()
-    svc = SandboxService(provider, FakeRegistry(), calls, FakeBus(), lease_s=0.6)
+    svc = SandboxService(provider, MemoryRegistry(), calls, FakeBus(), lease_s=0.6)
     try:
         await svc.handle_tool_call(tool_call(uid, "quick", input={"command": "true"}))
         await svc.handle_tool_call(tool_call(uid, "slow", input={"command": "sleep 0.7"}))

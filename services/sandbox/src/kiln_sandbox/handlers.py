@@ -303,9 +303,21 @@ class SandboxService:
         snapshot_id = None
         if record is not None:  # it existed and is gone: rebuild it from the latest snapshot
             snapshot_id = await self._restore(call.build_id, sandbox)
-        await self.registry.put(
-            SandboxRecord(call.build_id, self.provider.name, sandbox.sandbox_id, "running")
+        held = await self.registry.replace(
+            SandboxRecord(call.build_id, self.provider.name, sandbox.sandbox_id, "running"),
+            expected=record.sandbox_id if record is not None else None,
         )
+        if held.sandbox_id != sandbox.sandbox_id:
+            # Another replica made the build's sandbox meanwhile (a parallel call of the same
+            # build, or a redelivery): that one is kept and used, this one is stopped.
+            log.info(
+                "the build's sandbox %s was made elsewhere first; stopping %s",
+                held.sandbox_id,
+                sandbox.sandbox_id,
+                extra={"build_id": call.build_id},
+            )
+            await self.provider.stop(call.build_id, sandbox.sandbox_id)
+            return await self.provider.connect(call.build_id, held.sandbox_id)
         if snapshot_id is not None:
             await self.bus.publish(
                 call.caused(

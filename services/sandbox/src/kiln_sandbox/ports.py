@@ -135,6 +135,12 @@ class Registry(Protocol):
 
     async def put(self, record: SandboxRecord) -> None: ...
 
+    async def replace(self, record: SandboxRecord, expected: str | None) -> SandboxRecord:
+        """Record a build's new sandbox only if the build's sandbox id is still ``expected``
+        (None: no record yet), so that of two replicas creating one at once only the first is
+        kept; the record that holds afterwards (``record``, or the one that got there first)."""
+        ...
+
 
 @dataclass(frozen=True)
 class CallRecord:

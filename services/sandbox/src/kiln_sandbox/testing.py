@@ -1,4 +1,6 @@
-"""A stand-in for ``e2b.AsyncSandbox`` with the surface the E2B adapter uses, on this host.
+"""Stand-ins for tests and benchmarks: ``MemoryRegistry`` (the sandbox registry in memory, with
+the Postgres one's semantics) and ``FakeE2B``, for ``e2b.AsyncSandbox`` with the surface the E2B
+adapter uses, on this host.
 
 ``FakeE2B`` plays the ``AsyncSandbox`` class (``create``, ``connect``, ``set_timeout``, ``pause``,
 ``kill``); the sandboxes it returns have ``files.read/write/get_info/make_dir`` and
@@ -35,7 +37,30 @@ from e2b import (
     TimeoutException,
 )
 
+from .ports import SandboxRecord
+
 HOME = "/home/user"
+
+
+class MemoryRegistry:
+    """Which sandbox belongs to which build, in memory."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, SandboxRecord] = {}
+
+    async def get(self, build_id: str) -> SandboxRecord | None:
+        return self.rows.get(build_id)
+
+    async def put(self, record: SandboxRecord) -> None:
+        self.rows[record.build_id] = record
+
+    async def replace(self, record: SandboxRecord, expected: str | None) -> SandboxRecord:
+        held = self.rows.get(record.build_id)
+        if (held.sandbox_id if held is not None else None) != expected:
+            assert held is not None
+            return held
+        self.rows[record.build_id] = record
+        return record
 
 
 @dataclass

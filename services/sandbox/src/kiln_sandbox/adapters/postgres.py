@@ -120,6 +120,23 @@ class PgRegistry:
             row["build_id"], row["provider"], row["sandbox_id"], cast(SandboxState, row["state"])
         )
 
+    async def replace(self, record: SandboxRecord, expected: str | None) -> SandboxRecord:
+        row = await self.pool.fetchrow(
+            "INSERT INTO sandboxes (build_id, provider, sandbox_id, state) VALUES ($1, $2, $3, $4) "
+            "ON CONFLICT (build_id) DO UPDATE SET provider = EXCLUDED.provider, "
+            "sandbox_id = EXCLUDED.sandbox_id, state = EXCLUDED.state, updated_at = now() "
+            "WHERE sandboxes.sandbox_id IS NOT DISTINCT FROM $5 RETURNING build_id",
+            record.build_id,
+            record.provider,
+            record.sandbox_id,
+            record.state,
+            expected,
+        )
+        if row is not None:
+            return record
+        held = await self.get(record.build_id)  # another replica's, recorded first
+        return held if held is not None else record
+
     async def put(self, record: SandboxRecord) -> None:
         await self.pool.execute(
             "INSERT INTO sandboxes (build_id, provider, sandbox_id, state) VALUES ($1, $2, $3, $4) "
