@@ -7,13 +7,14 @@ from pathlib import Path
 
 from kiln_sandbox.adapters.local import LocalProvider
 from kiln_sandbox.handlers import SandboxService
-from tests.unit.test_sandbox_handlers import FakeBus, FakeCalls, FakeRegistry, tool_call
+from kiln_sandbox.testing import MemoryRegistry
+from tests.unit.test_sandbox_handlers import FakeBus, FakeCalls, tool_call
 
 
 async def test_each_execution_is_logged_once(tmp_path: Path, uid: str) -> None:
     log = tmp_path / "exec.jsonl"
     provider = LocalProvider(tmp_path / "sandboxes")
-    svc = SandboxService(provider, FakeRegistry(), FakeCalls(), FakeBus(), exec_log=log)
+    svc = SandboxService(provider, MemoryRegistry(), FakeCalls(), FakeBus(), exec_log=log)
     try:
         first, second = tool_call(uid, "toolu_1"), tool_call(uid, "toolu_2")
         await svc.handle_tool_call(first)
