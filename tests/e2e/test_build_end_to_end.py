@@ -231,6 +231,18 @@ def test_a_build_runs_through_every_service_to_a_working_program(
     for entry in manifest["entries"]:
         s3.head_object(Bucket=bucket, Key=f"blobs/{entry['sha256']}")
 
+    # The API names the build's final snapshot (it is taken after the build completed).
+    stored = asyncio.run(stream_history(stack.env["NATS_URL"], build_id))
+    saved = [json.loads(data) for subject, data, _ in stored if subject.endswith(".snapshot_saved")]
+    final_id = next(b["snapshot_id"] for b in saved if b["reason"] == "final")
+    with httpx.Client(base_url=stack.gateway_url, headers=HEADERS, timeout=10) as client:
+        wait_for(
+            lambda: client.get(f"/v1/builds/{build_id}").json().get("last_snapshot_id") == final_id,
+            "the final snapshot in the read model",
+            timeout=30,
+        )
+    s3.head_object(Bucket=bucket, Key=f"builds/{build_id}/manifests/{final_id}.json")
+
 
 def metric(text: str, name: str, **labels: str) -> float:
     """The value of one sample in a Prometheus exposition (0 when absent)."""

@@ -192,6 +192,9 @@ def test_evolve_walks_the_lifecycle_and_terminal_sticks():
     )
     after = builds.evolve(s, ev(BuildCancelled, reason="late", iterations=3, cost_micro_usd=9), 7)
     assert (after.status, after.summary, after.last_seq) == ("completed", "done", 7)
+    final = snap.model_copy(update={"snapshot_id": "s-final", "reason": "final"})
+    after = builds.evolve(after, final, 8)  # the final snapshot is taken after the end
+    assert (after.status, after.last_snapshot_id, after.last_seq) == ("completed", "s-final", 8)
 
 
 async def test_project_is_idempotent_and_waits_for_an_unknown_build():

@@ -179,8 +179,11 @@ async def republish_pending(store: BuildStore, publish: Publish, older_than_s: f
 
 
 def evolve(state: Projection, event: Envelope, seq: int) -> Projection:
-    """The build's projected state after ``event`` (stream sequence ``seq``). Terminal states stick."""
+    """The build's projected state after ``event`` (stream sequence ``seq``). Terminal states
+    stick; a snapshot still counts after the end (the final one is taken after it)."""
     new = replace(state, last_seq=max(state.last_seq, seq))
+    if isinstance(event, SnapshotSaved):
+        return replace(new, last_snapshot_id=event.snapshot_id)
     if state.terminal:
         return new
     if isinstance(event, BuildRequested):
@@ -192,8 +195,6 @@ def evolve(state: Projection, event: Envelope, seq: int) -> Projection:
             iteration=max(state.iteration, event.iteration),
             cost_micro_usd=state.cost_micro_usd + event.cost_micro_usd,
         )
-    elif isinstance(event, SnapshotSaved):
-        new = replace(new, last_snapshot_id=event.snapshot_id)
     elif isinstance(event, BuildSleeping):
         new = replace(new, status=model.SLEEPING, reason=event.reason)
     elif isinstance(event, BuildResumed):
