@@ -214,9 +214,9 @@ class Agent:
             renew.cancel()
             if saved is None:  # else the save gave the lease up
                 await self.store.release(build_id, token)
-        if saved is None or saved.terminal:
-            # it ended, or moved on during the think (slept, was cancelled): the turns this
-            # think read into the cache are not kept
+        if saved is None:
+            # the build moved on during the think (slept, was cancelled): the turns this think
+            # read into the cache are not kept (a save that ends or sleeps it forgets them too)
             self._forget(build_id)
         if saved is not None:
             # published after the release, so that a result answering one of these ToolCalls at

@@ -68,7 +68,6 @@ class AnthropicModel:
         self.clients = [client] if isinstance(client, anthropic.AsyncAnthropic) else list(client)
         if not self.clients:
             raise ValueError("AnthropicModel needs at least one client")
-        self.client = self.clients[0]
         self._busy = [0] * len(self.clients)  # calls in flight per client
         self.attempts = attempts
         self.base = backoff_base_s
