@@ -5,18 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import boto3
 import httpx
 import nats
@@ -26,8 +22,9 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from kiln_contracts import BY_KIND, subjects
 from kiln_contracts.routes import CONSUMES
-from kiln_devstack.infra import free_port, wait_for
+from kiln_devstack.infra import wait_for
 from kiln_devstack.stack import DEV_API_KEY, Stack
+from tests.e2e.stacks import own_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -35,37 +32,16 @@ BRIEF = """A tiny Python package `textstats` that counts words, lines and charac
 lists the most frequent words, with unit tests."""
 
 
-def own_database(url: str, name: str) -> str:
-    """A fresh database on the session's Postgres, so other tests' rows stay out of this stack."""
-
-    async def create() -> None:
-        conn = await asyncpg.connect(url)
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-
-    asyncio.run(create())
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{name}"))
-
-
 @pytest.fixture(scope="module")
 def stack(infra: dict[str, str]) -> Iterator[Stack]:
-    """The five services as processes, on their own NATS server and database (Redis and S3 shared)."""
-    data_dir = Path(tempfile.mkdtemp(prefix="ke-", dir="/tmp"))
-    env = {k: v for k, v in infra.items() if k != "NATS_URL"}
-    env["DATABASE_URL"] = own_database(infra["DATABASE_URL"], f"e2e_{uuid.uuid4().hex[:8]}")
-    env["ANTHROPIC_API_KEY"] = ""  # always the scripted model in tests
-    env["KILN_TRACE_DIR"] = str(data_dir / "traces")
-    env["KILN_SANDBOX_EXEC_LOG"] = str(data_dir / "exec.jsonl")
-    s = Stack(data_dir, gateway_port=free_port(), extra_env=env)
-    s.start()
-    try:
+    def env(data_dir: Path) -> dict[str, str]:
+        return {
+            "KILN_TRACE_DIR": str(data_dir / "traces"),
+            "KILN_SANDBOX_EXEC_LOG": str(data_dir / "exec.jsonl"),
+        }
+
+    with own_stack(infra, "e2e", env) as s:
         yield s
-    finally:
-        s.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def wait_for_status(

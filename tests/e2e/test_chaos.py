@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -25,11 +23,12 @@ import pytest
 import redis
 
 from kiln_contracts import BY_KIND, IterationCompleted, subjects
-from kiln_devstack.infra import free_port, port_in_use, wait_for
+from kiln_devstack.infra import port_in_use, wait_for
 from kiln_devstack.stack import DEV_API_KEY, Stack
 from kiln_runtime.config import default as config
 from kiln_sandbox.handlers import INTERRUPTED
-from tests.e2e.test_build_end_to_end import BRIEF, own_database, stream_history
+from tests.e2e.stacks import own_stack
+from tests.e2e.test_build_end_to_end import BRIEF, stream_history
 
 pytestmark = pytest.mark.e2e
 
@@ -40,27 +39,20 @@ HEADERS = {"Authorization": f"Bearer {DEV_API_KEY}"}
 
 @pytest.fixture(scope="module")
 def stack(infra: dict[str, str]) -> Iterator[Stack]:
-    data_dir = Path(tempfile.mkdtemp(prefix="kc-", dir="/tmp"))
-    env = {k: v for k, v in infra.items() if k != "NATS_URL"}
-    env.update(
-        DATABASE_URL=own_database(infra["DATABASE_URL"], f"chaos_{int(time.time())}"),
-        ANTHROPIC_API_KEY="",
-        KILN_DEV_TIER="team",  # room for every build at once
-        KILN_SANDBOX_EXEC_LOG=str(data_dir / "exec.jsonl"),
-        # Redeliver a dead replica's messages after 5 s instead of 30 s.
-        KILN_ACK_WAIT_S="5",
-        KILN_SANDBOX_LEASE_S="5",
-        KILN_MAX_DELIVER="50",
-        # Slow the model down so that the builds are still running while the chaos happens.
-        KILN_SCRIPTED_LATENCY_S="1.5",
-    )
-    s = Stack(data_dir, gateway_port=free_port(), extra_env=env)
-    s.start()
-    try:
+    def env(data_dir: Path) -> dict[str, str]:
+        return {
+            "KILN_DEV_TIER": "team",  # room for every build at once
+            "KILN_SANDBOX_EXEC_LOG": str(data_dir / "exec.jsonl"),
+            # Redeliver a dead replica's messages after 5 s instead of 10 s.
+            "KILN_ACK_WAIT_S": "5",
+            "KILN_SANDBOX_LEASE_S": "5",
+            "KILN_MAX_DELIVER": "50",
+            # Slow the model down so that the builds are still running while the chaos happens.
+            "KILN_SCRIPTED_LATENCY_S": "1.5",
+        }
+
+    with own_stack(infra, "chaos", env) as s:
         yield s
-    finally:
-        s.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 class Chaos(threading.Thread):

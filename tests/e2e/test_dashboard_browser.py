@@ -8,7 +8,6 @@ import concurrent.futures
 import os
 import shutil
 import tarfile
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,11 +15,10 @@ from pathlib import Path
 import pytest
 
 from kiln_contracts import SleepRequested
-from kiln_devstack.infra import free_port
 from kiln_devstack.stack import DEV_API_KEY, DEV_USER, Stack
 from kiln_runtime.bus import Bus
 from kiln_runtime.settings import CommonSettings
-from tests.e2e.test_build_end_to_end import own_database
+from tests.e2e.stacks import own_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -40,21 +38,11 @@ TIMEOUT_MS = 180_000
 
 @pytest.fixture(scope="module")
 def stack(infra: dict[str, str]) -> Iterator[Stack]:
-    """The five services as processes, on their own NATS server and database."""
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: run scripts/install-browser.sh (make test does)")
-    data_dir = Path(tempfile.mkdtemp(prefix="kd-", dir="/tmp"))
-    env = {k: v for k, v in infra.items() if k != "NATS_URL"}
-    env["DATABASE_URL"] = own_database(infra["DATABASE_URL"], f"dash_{uuid.uuid4().hex[:8]}")
-    env["ANTHROPIC_API_KEY"] = ""
-    env["KILN_S3_BUCKET"] = f"kiln-dash-{uuid.uuid4().hex[:8]}"
-    s = Stack(data_dir, gateway_port=free_port(), extra_env=env)
-    s.start()
-    try:
+    bucket = f"kiln-dash-{uuid.uuid4().hex[:8]}"
+    with own_stack(infra, "dash", lambda data_dir: {"KILN_S3_BUCKET": bucket}) as s:
         yield s
-    finally:
-        s.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def publish(stack: Stack, message: SleepRequested) -> None:

@@ -3,19 +3,16 @@ the reset (a JetStream message schedule), then completes — every service a pro
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from kiln_devstack.infra import free_port
 from kiln_devstack.stack import DEV_API_KEY, Stack
-from tests.e2e.test_build_end_to_end import BRIEF, own_database, wait_for_status
+from tests.e2e.stacks import own_stack
+from tests.e2e.test_build_end_to_end import BRIEF, wait_for_status
 
 pytestmark = pytest.mark.e2e
 
@@ -25,22 +22,15 @@ HEADERS = {"Authorization": f"Bearer {DEV_API_KEY}"}
 
 @pytest.fixture(scope="module")
 def stack(infra: dict[str, str]) -> Iterator[Stack]:
-    data_dir = Path(tempfile.mkdtemp(prefix="kw-", dir="/tmp"))
-    env = {k: v for k, v in infra.items() if k != "NATS_URL"}
-    env.update(
-        DATABASE_URL=own_database(infra["DATABASE_URL"], f"sleep_{uuid.uuid4().hex[:8]}"),
-        ANTHROPIC_API_KEY="",
-        KILN_BUDGET_PERIOD_S=str(PERIOD_S),
-        # A scripted iteration costs a few thousand micro-dollars: this runs out mid-build.
-        KILN_BUDGET_DEMO_ALLOWANCE_USD="0.02",
-    )
-    s = Stack(data_dir, gateway_port=free_port(), extra_env=env)
-    s.start()
-    try:
+    def env(data_dir: Path) -> dict[str, str]:
+        return {
+            "KILN_BUDGET_PERIOD_S": str(PERIOD_S),
+            # A scripted iteration costs a few thousand micro-dollars: this runs out mid-build.
+            "KILN_BUDGET_DEMO_ALLOWANCE_USD": "0.02",
+        }
+
+    with own_stack(infra, "sleep", env) as s:
         yield s
-    finally:
-        s.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def test_a_build_sleeps_at_the_allowance_and_the_scheduled_wake_finishes_it(stack: Stack):

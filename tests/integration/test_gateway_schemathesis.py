@@ -27,7 +27,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from kiln_devstack.infra import Infra, free_port
-from tests.e2e.test_build_end_to_end import own_database
+from tests.e2e.stacks import own_database
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,56 @@
+"""The multi-process stack the e2e tests run against: the five services as processes, on a
+nats-server and a database of their own (Redis and S3 are the session's), with the scripted
+model."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from kiln_devstack.infra import free_port
+from kiln_devstack.stack import Stack
+
+
+def own_database(url: str, name: str) -> str:
+    """A fresh database on the session's Postgres, so other tests' rows stay out of this stack."""
+
+    async def create() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@contextmanager
+def own_stack(
+    infra: dict[str, str],
+    name: str,
+    env: Callable[[Path], dict[str, str]] = lambda data_dir: {},
+) -> Iterator[Stack]:
+    """A started stack named ``name`` (its temporary directory and database are named after it);
+    ``env``: more environment for it, given its data directory. Stopped and removed on exit."""
+    data_dir = Path(tempfile.mkdtemp(prefix=f"kiln-{name}-", dir="/tmp"))
+    extra = {k: v for k, v in infra.items() if k != "NATS_URL"}
+    extra["DATABASE_URL"] = own_database(infra["DATABASE_URL"], f"{name}_{uuid.uuid4().hex[:8]}")
+    extra["ANTHROPIC_API_KEY"] = ""  # always the scripted model in tests
+    extra.update(env(data_dir))
+    stack = Stack(data_dir, gateway_port=free_port(), extra_env=extra)
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
