@@ -4,11 +4,11 @@
         [--output-chars 1500] [--text-chars 300] [--warmup 20] [--turn-cache-mb 64]
 
 Bookkeeping is everything the agent does for an iteration except the model call and the tool:
-record the tool result (load the checkpoint, advance, save, publish), then think (republish any
-stranded outbox, take the lease and read the checkpoint under it (one statement), load the turns
-added since the last think, build and size the request, save the reply with its new turns and
-give the lease up (one statement), publish
-IterationCompleted and the ToolCall from the outbox, mark it sent). It runs on real Postgres and
+record the tool result (advance the checkpoint kept from the last iteration, save it and take the
+think lease in one statement), then think (the turns kept from earlier thinks and saves, build and
+size the request, save the reply with its new turns and give the lease up in one statement,
+publish IterationCompleted and the ToolCall from the outbox, mark it sent). A replica that has not
+kept them reads the checkpoint and the turns added since. It runs on real Postgres and
 NATS JetStream (embedded ones started here, unless NATS_URL / DATABASE_URL name running servers),
 the real ``Agent`` with its Postgres store and bus subscribers, an instant model (one cheap
 ``glob`` call per turn, then ``end_turn``) and an instant fake sandbox that answers each ToolCall
@@ -134,10 +134,8 @@ class TimedStore(PostgresStore):
     async def turns(self, build_id: str, since: int = 0) -> list[Turn]:
         return await _timed("turns", super().turns(build_id, since))
 
-    async def save(
-        self, cp: Checkpoint, new_turns: list[Turn], *, release: str | None = None
-    ) -> None:
-        await _timed("save", super().save(cp, new_turns, release=release))
+    async def save(self, cp: Checkpoint, new_turns: list[Turn], **kw: Any) -> bool:
+        return bool(await _timed("save", super().save(cp, new_turns, **kw)))
 
     async def mark_sent(self, build_id: str, version: int) -> None:
         await _timed("mark_sent", super().mark_sent(build_id, version))

@@ -4,6 +4,7 @@ server, and a tiny sandbox responder in the test that runs the ToolCalls in a te
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -206,6 +207,39 @@ async def test_postgres_think_lease_is_taken_with_the_checkpoint_and_given_up_by
         wait, fresh = await store.take(cp.build_id, "two", 5)
         assert wait == 0.0 and fresh is not None and fresh.iteration == 1 and fresh.version == 3
         assert await store.take(f"missing{uid}", "two", 5) == (0.0, None)
+        # a save takes the lease for its token only if it is free; it is saved either way
+        fresh.iteration = 2
+        assert not await store.save(fresh, [], take="three", ttl_s=5)  # "two" holds it
+        await store.release(cp.build_id, "two")
+        assert await store.save(fresh, [], take="three", ttl_s=5)
+        assert (await store.take(cp.build_id, "two", 5))[0] > 4
+        assert await store.save(fresh, [], take="three", ttl_s=5)  # its own already
+        again = await store.load(cp.build_id)
+        assert again is not None and again.version == 6 and again.iteration == 2
+    finally:
+        await pool.close()
+
+
+async def test_postgres_turns_read_back_as_they_were_saved(infra, uid) -> None:
+    """Same keys in the same order (jsonb would sort them): requests built from turns read back
+    are byte-identical to those built from the turns the agent kept."""
+    pool = await create_pool(infra["DATABASE_URL"], schema=SCHEMA, ddl=DDL)
+    store = PostgresStore(pool)
+    try:
+        cp = Checkpoint(
+            build_id=f"order{uid}", user_id="u", tier="pro", model="m", limits=BuildLimits(),
+            system="s",
+        )  # fmt: skip
+        content = [
+            {"type": "tool_use", "id": "c1", "name": "bash", "input": {"zz": 1.5, "a": [{"y": 1}]}},
+            {"type": "text", "text": 'é ✓ \\ "q"'},
+        ]
+        cp.turns = 1
+        assert await store.create(cp, [Turn(0, "user", [{"type": "text", "text": "go"}])])
+        cp.turns = 2
+        await store.save(cp, [Turn(1, "assistant", content)])
+        [back] = await store.turns(cp.build_id, since=1)
+        assert json.dumps(back.content) == json.dumps(content)
     finally:
         await pool.close()
 

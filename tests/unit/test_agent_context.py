@@ -218,15 +218,85 @@ async def _two_builds(turn_cache_mb: float) -> tuple[ByIteration, SpyStore, Agen
     return model, store, agent
 
 
-async def test_a_think_reads_only_the_turns_added_since_the_last() -> None:
+async def test_a_replica_reads_a_turn_once_and_keeps_the_turns_it_saves() -> None:
     cached, store, _ = await _two_builds(turn_cache_mb=64)
     uncached, plain, _ = await _two_builds(turn_cache_mb=0)
     # the same requests either way
     assert [r.messages for r in cached.requests] == [r.messages for r in uncached.requests]
     assert len(cached.requests) == 10
     for build_id in ("b1", "b2"):
-        assert [since for b, since in store.asked if b == build_id] == [0, 1, 3, 5, 7]
+        # the first think reads the first turn; every later turn this replica saved itself
+        assert [since for b, since in store.asked if b == build_id] == [0]
     assert {since for _, since in plain.asked} == {0}
+
+
+class CountingStore(SpyStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    async def load(self, build_id: str) -> Any:
+        self.calls.append("load")
+        return await super().load(build_id)
+
+    async def take(self, build_id: str, token: str, ttl_s: float) -> Any:
+        self.calls.append("take")
+        return await super().take(build_id, token, ttl_s)
+
+    async def save(self, cp: Any, new_turns: Any, **kw: Any) -> bool:
+        self.calls.append("save")
+        return await super().save(cp, new_turns, **kw)
+
+    async def turns(self, build_id: str, since: int = 0) -> list[Any]:
+        self.calls.append("turns")
+        return await super().turns(build_id, since)
+
+    async def mark_sent(self, build_id: str, version: int) -> None:
+        self.calls.append("mark_sent")
+        await super().mark_sent(build_id, version)
+
+
+async def test_an_iteration_is_two_saves_and_clearing_the_outbox() -> None:
+    """A result on the replica that made the call: recorded by a save that takes the think lease,
+    on the checkpoint kept from the call's save, then the turns kept, the model, the reply's save
+    (the lease given up), and the outbox cleared once published: no read of any kind."""
+    model, store, pub = ByIteration(), CountingStore(), FakePublisher()
+    agent = Agent(store, model, pub, agent_config.load(), kiln_config.default())
+    await agent.build_requested(start())
+    for _ in range(3):
+        store.calls.clear()
+        await agent.tool_result(result_for(pub.of(ToolCall)[-1], "out"))
+        assert store.calls == ["save", "save", "mark_sent"]
+        assert store.leases == {}
+    assert len(model.requests) == 4
+
+
+async def test_a_checkpoint_kept_from_before_another_replica_moved_on_is_read_afresh() -> None:
+    """Replica A keeps the build's checkpoint; replica B then runs an iteration of it; the next
+    result reaches A, whose kept checkpoint is an iteration behind: A reads it afresh (the
+    result is not dropped as stale) and reads only the turns B added."""
+    model, store = ByIteration(), CountingStore()
+    pub = FakePublisher()
+    a = Agent(store, model, pub, agent_config.load(), kiln_config.default())
+    b = Agent(store, model, pub, agent_config.load(), kiln_config.default())
+    await a.build_requested(start())
+    await b.tool_result(result_for(pub.of(ToolCall)[-1], "one"))  # iteration 2 called by B
+    assert a._conversations["b1"].checkpoint is not None  # A's, at iteration 1
+    store.calls.clear()
+    store.asked.clear()
+    await a.tool_result(result_for(pub.of(ToolCall)[-1], "two"))
+    assert store.calls[:2] == ["load", "save"]  # "stale" on the kept one: confirmed afresh
+    assert store.asked == [("b1", 2)]  # from the first turn B saved on
+    assert [m["content"][-1].get("content") for m in model.requests[-1].messages[2::2]] == [
+        "one",
+        "two",
+    ]
+    # a change decided on a kept checkpoint that is behind fails the version check, and is
+    # applied again on fresh state
+    await b.tool_result(result_for(pub.of(ToolCall)[-1], "three"))
+    await a.tool_result(result_for(pub.of(ToolCall)[-1], "four"))
+    done = await store.load("b1")
+    assert done is not None and done.status == "completed" and done.iteration == 5
 
 
 async def test_the_turn_cache_is_bounded_and_stays_correct() -> None:
@@ -307,10 +377,13 @@ class SlowTurns(SpyStore):
 
 async def test_a_build_put_to_sleep_mid_think_leaves_nothing_in_the_turn_cache() -> None:
     model, store, pub = ByIteration(), SlowTurns(), FakePublisher()
-    agent = Agent(store, model, pub, agent_config.load(), kiln_config.default())
-    await agent.build_requested(start())
+    await Agent(store, model, pub, agent_config.load(), kiln_config.default()).build_requested(
+        start()
+    )
     first = pub.of(ToolCall)[-1]
     store.go_on = asyncio.Event()
+    # the result reaches another replica, which has no turns of the build yet
+    agent = Agent(store, model, pub, agent_config.load(), kiln_config.default())
     thinking = asyncio.create_task(agent.tool_result(result_for(first, "x" * 50)))
     await store.reading.wait()  # the think holds its lease and is reading the turns
     await agent.sleep(first.caused(SleepRequested, reason="allowance"))  # sleeps at once

@@ -374,16 +374,14 @@ async def test_lost_race_is_reapplied_on_fresh_state() -> None:
     real_save = store.save
     raced = False
 
-    async def save_losing_once(
-        cp, turns, release=None
-    ):  # another replica records c2 just before us
+    async def save_losing_once(cp, turns, **kw):  # another replica records c2 just before us
         nonlocal raced
         if not raced:
             raced = True
             other = await store.load("b1")
             assert other is not None
             await real_save(other, [])
-        await real_save(cp, turns, release=release)
+        return await real_save(cp, turns, **kw)
 
     store.save = save_losing_once  # type: ignore[method-assign]
     await agent.tool_result(result_for(c1))
@@ -398,7 +396,7 @@ async def test_persistent_conflict_raises_conflict() -> None:
     await agent.build_requested(request())
     c1 = pub.of(ToolCall)[0]
 
-    async def always_conflict(cp, turns, release=None):
+    async def always_conflict(cp, turns, **kw):
         raise VersionConflict(cp.build_id)
 
     store.save = always_conflict  # type: ignore[method-assign]

@@ -209,9 +209,9 @@ async def test_replicas_killed_mid_collection_and_mid_call_finish_the_build(
 class CountingStore(PostgresStore):
     conflicts = 0
 
-    async def save(self, cp: Any, new_turns: Any, *, release: str | None = None) -> None:
+    async def save(self, cp: Any, new_turns: Any, **kw: Any) -> bool:
         try:
-            await super().save(cp, new_turns, release=release)
+            return await super().save(cp, new_turns, **kw)
         except VersionConflict:
             CountingStore.conflicts += 1
             raise

@@ -76,6 +76,9 @@ class Checkpoint:
     version: int = 0
     turns: int = 0
     outbox: list[Envelope] = field(default_factory=list)
+    lease: str | None = None
+    """The token under which this replica holds the build's think lease, if the read or save
+    that gave this checkpoint took it (not stored)."""
 
     @property
     def terminal(self) -> bool:

@@ -113,8 +113,11 @@ class Agent:
         await self._after(msg.build_id, msg.event_id)
 
     async def tool_result(self, msg: ToolResult) -> None:
-        """Record a result of the current iteration; think again once the set is complete."""
-        saved = await self._step(msg.build_id, lambda cp: self._record(cp, msg))
+        """Record a result of the current iteration; think again once the set is complete (the
+        save that completes it takes the think lease as well)."""
+        saved = await self._step(
+            msg.build_id, lambda cp: self._record(cp, msg), lease=uuid.uuid4().hex
+        )
         await self._after(msg.build_id, msg.event_id, saved)
 
     async def cancel(self, msg: CancelRequested) -> None:
@@ -197,15 +200,20 @@ class Agent:
         if cp.status != "thinking":
             if cp.terminal:
                 self._forget(build_id)
+            else:
+                self._remember(cp)
             return False
-        token = uuid.uuid4().hex
-        # the lease taken and the checkpoint read afresh under it, in one statement (a twin may
-        # have thought before the lease)
-        wait, cp = await self.store.take(build_id, token, self.lease_s)
-        if wait > 0:
-            raise RetryLater(f"build {build_id} is thinking on another replica", delay_s=wait)
-        if cp is None:
-            return False
+        token = cp.lease
+        if token is None:
+            token = uuid.uuid4().hex
+            # the lease taken and the checkpoint read afresh under it, in one statement (a twin
+            # may have thought before the lease)
+            wait, cp = await self.store.take(build_id, token, self.lease_s)
+            if wait > 0:
+                raise RetryLater(f"build {build_id} is thinking on another replica", delay_s=wait)
+            if cp is None:
+                return False
+        # else the save that made the build thinking took the lease: cp is the latest state
         renew = asyncio.create_task(self._renew(build_id, token))
         saved: Checkpoint | None = None
         try:
@@ -218,10 +226,12 @@ class Agent:
             # the build moved on during the think (slept, was cancelled): the turns this think
             # read into the cache are not kept (a save that ends or sleeps it forgets them too)
             self._forget(build_id)
-        if saved is not None:
-            # published after the release, so that a result answering one of these ToolCalls at
-            # once never finds the lease still held (and waits for it to run out)
-            await self._flush(saved)
+            return again
+        # published after the release, so that a result answering one of these ToolCalls at
+        # once never finds the lease still held (and waits for it to run out)
+        await self._flush(saved)
+        if not again:
+            self._remember(saved)
         return again
 
     async def _think_leased(
@@ -267,32 +277,68 @@ class Agent:
         return saved is not None and saved.status == "thinking", saved
 
     async def _turns(self, cp: Checkpoint) -> list[Turn]:
-        """The checkpoint's ``cp.turns`` turns: those this replica read before are reused, only
-        newer ones are fetched, so a think does not read the whole conversation again."""
+        """The checkpoint's ``cp.turns`` turns: those this replica read or saved before are
+        reused, only newer ones are fetched, so a think does not read the whole conversation
+        again."""
         known = self._forget(cp.build_id) or _Known()
+        new = []
         if len(known.turns) < cp.turns:
             new = await self.store.turns(cp.build_id, since=len(known.turns))
-            known.turns.extend(new)
-            known.chars += sum(estimate_tokens(t.content) * CHARS_PER_TOKEN for t in new)
+        self._keep(cp.build_id, known, new)
         turns = known.turns[: cp.turns]
         if any(t.seq != i for i, t in enumerate(turns)) or len(turns) != cp.turns:
             log.warning(
                 "turns cache out of step; reading them all", extra={"build_id": cp.build_id}
             )
+            self._forget(cp.build_id)
             return await self.store.turns(cp.build_id)
-        if known.chars <= self.turn_cache_chars:
-            self._conversations[cp.build_id] = known
-            self._cached_chars += known.chars
-            while self._cached_chars > self.turn_cache_chars:
-                _, evicted = self._conversations.popitem(last=False)
-                self._cached_chars -= evicted.chars
         return turns
+
+    def _keep(self, build_id: str, known: _Known, new: list[Turn]) -> None:
+        """Keep a build's turns (``new`` appended) as the most recently used, if they fit; evict
+        the least recently used builds beyond the limit."""
+        self._forget(build_id)
+        known.turns.extend(new)
+        known.chars += sum(estimate_tokens(t.content) * CHARS_PER_TOKEN for t in new)
+        if known.chars > self.turn_cache_chars:
+            return
+        self._conversations[build_id] = known
+        self._cached_chars += known.chars
+        while self._cached_chars > self.turn_cache_chars:
+            _, evicted = self._conversations.popitem(last=False)
+            self._cached_chars -= evicted.chars
 
     def _forget(self, build_id: str) -> _Known | None:
         known = self._conversations.pop(build_id, None)
         if known is not None:
             self._cached_chars -= known.chars
         return known
+
+    def _remember(self, cp: Checkpoint) -> None:
+        """Keep the checkpoint a handler is done with for the build's next message, if the
+        build's turns are kept (the next save's version check catches a stale one)."""
+        known = self._conversations.get(cp.build_id)
+        if known is not None:
+            cp.lease = None
+            known.checkpoint = cp
+
+    def _recall(self, build_id: str) -> Checkpoint | None:
+        """The checkpoint kept for the build, handed out once (a handler mutates it)."""
+        known = self._conversations.get(build_id)
+        if known is None or known.checkpoint is None:
+            return None
+        cp, known.checkpoint = known.checkpoint, None
+        return cp
+
+    def _saved_turns(self, cp: Checkpoint, new_turns: list[Turn]) -> None:
+        """Add the turns a save appended to the build's kept turns, if they follow on."""
+        known = self._conversations.get(cp.build_id)
+        if new_turns and known is not None:
+            if len(known.turns) + len(new_turns) == cp.turns:
+                self._keep(cp.build_id, known, new_turns)
+            elif len(known.turns) + len(new_turns) > cp.turns:
+                self._forget(cp.build_id)  # out of step: read afresh next time
+            # else another replica saved turns in between: the next think reads from the gap
 
     async def _fit(
         self, cp: Checkpoint, turns: list[Turn]
@@ -588,27 +634,46 @@ class Agent:
         publish: bool = True,
         first: Checkpoint | None = None,
         release: str | None = None,
+        lease: str | None = None,
     ) -> Checkpoint | None:
         """Load, advance, save (retrying a lost race on fresh state), then publish (unless the
         caller publishes the returned checkpoint's outbox itself). ``first``: a checkpoint the
-        caller has loaded, tried before reading it again (a stale one fails the save's version
-        check and is read afresh). ``release``: a lease token the save gives up."""
-        for attempt in range(self.save_attempts):
-            cp = first if attempt == 0 and first is not None else await self.store.load(build_id)
+        caller has loaded, tried before reading it again; else the one this replica kept from
+        the build's last message, if any. A change decided on either is checked by the save's
+        version; "no change" is confirmed on a fresh read. ``release``: a lease token the save
+        gives up. ``lease``: a token for which the save takes the think lease if the build is
+        then thinking (the returned checkpoint's ``lease`` says whether it did)."""
+        cp = first if first is not None else self._recall(build_id)
+        fresh = False
+        for _ in range(self.save_attempts):
             if cp is None:
-                return None
+                cp, fresh = await self.store.load(build_id), True
+                if cp is None:
+                    return None
             await self._flush(cp)
             new_turns = advance(cp)
             if new_turns is None:
-                return None
+                if fresh:
+                    return None
+                cp = None  # decided on an earlier read: look again
+                continue
+            take = lease if cp.status == "thinking" else None
             try:
-                await self.store.save(cp, new_turns, release=release)
+                took = await self.store.save(
+                    cp, new_turns, release=release, take=take, ttl_s=self.lease_s
+                )
             except VersionConflict:
                 log.info("version conflict; re-applying", extra={"build_id": build_id})
+                cp = None
                 continue
+            cp.lease = take if took else None
             if cp.terminal or cp.status == "sleeping":
                 self._forget(build_id)  # a sleeping or finished build holds no memory here
+            else:
+                self._saved_turns(cp, new_turns)
             if publish:
+                # a failure here leaves a lease this save took to run out (lease_s): the
+                # redelivery of the message then waits for it
                 await self._flush(cp)
             return cp
         raise Conflict(f"build {build_id} kept changing under {self.save_attempts} attempts")
@@ -649,10 +714,12 @@ class Agent:
 
 @dataclass
 class _Known:
-    """The turns of a build a replica has read (seq 0 … n-1), and their size in JSON characters."""
+    """What a replica keeps of a build it is running: the turns it has read or saved (seq 0 …
+    n-1), their size in JSON characters, and the checkpoint its last handler was done with."""
 
     turns: list[Turn] = field(default_factory=list)
     chars: int = 0
+    checkpoint: Checkpoint | None = None
 
 
 def _clean(content: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -22,15 +22,26 @@ class CheckpointStore(Protocol):
     async def load(self, build_id: str) -> Checkpoint | None: ...
 
     async def turns(self, build_id: str, since: int = 0) -> list[Turn]:
-        """The conversation's turns from seq ``since`` on, in order (committed turns never
-        change, so a reader may keep the ones it has and ask only for newer ones)."""
+        """The conversation's turns from seq ``since`` on, in order, each as it was saved (the
+        same keys in the same order: a turn the agent keeps from its own save and the same turn
+        read back build byte-identical requests). Committed turns never change, so a reader may
+        keep the ones it has and ask only for newer ones."""
 
     async def save(
-        self, cp: Checkpoint, new_turns: list[Turn], *, release: str | None = None
-    ) -> None:
+        self,
+        cp: Checkpoint,
+        new_turns: list[Turn],
+        *,
+        release: str | None = None,
+        take: str | None = None,
+        ttl_s: float = 0.0,
+    ) -> bool:
         """Write ``cp`` (with its outbox) and append ``new_turns`` in one transaction, if the stored
         version is still ``cp.version``; then ``cp.version`` is the new one. Else VersionConflict.
-        ``release``: a lease token whose lease the same write gives up (if it still holds it)."""
+        ``release``: a lease token whose lease the same write gives up (if it still holds it).
+        ``take``: a lease token that the same write takes the lease for, for ``ttl_s`` seconds, if
+        the lease is free (as ``take()`` would); True if it did. The write itself never waits for
+        the lease."""
 
     async def mark_sent(self, build_id: str, version: int) -> None:
         """Clear the outbox of that version (a no-op if the build has moved on)."""

@@ -32,17 +32,34 @@ class MemoryStore:
         return [t for t in self.conversation.get(build_id, []) if t.seq >= since]
 
     async def save(
-        self, cp: Checkpoint, new_turns: list[Turn], *, release: str | None = None
-    ) -> None:
+        self,
+        cp: Checkpoint,
+        new_turns: list[Turn],
+        *,
+        release: str | None = None,
+        take: str | None = None,
+        ttl_s: float = 0.0,
+    ) -> bool:
         row = self.rows.get(cp.build_id)
         if row is None or row.version != cp.version:
             raise VersionConflict(cp.build_id)
         cp.version += 1
         self.rows[cp.build_id] = copy.deepcopy(cp)
-        self.conversation[cp.build_id].extend(new_turns)
+        self.conversation[cp.build_id].extend(copy.deepcopy(new_turns))
         self.saves += 1
         if release is not None:
             await self.release(cp.build_id, release)
+        return take is not None and self._lease(cp.build_id, take, ttl_s) == 0.0
+
+    def _lease(self, build_id: str, token: str, ttl_s: float) -> float:
+        """Take the lease for ``token`` if it is free, ran out or is its own: 0.0; else the
+        seconds left on the other holder's."""
+        now = time.monotonic()
+        holder, until = self.leases.get(build_id, ("", 0.0))
+        if holder not in ("", token) and until > now:
+            return until - now
+        self.leases[build_id] = (token, now + ttl_s)
+        return 0.0
 
     async def mark_sent(self, build_id: str, version: int) -> None:
         row = self.rows.get(build_id)
@@ -54,12 +71,8 @@ class MemoryStore:
     ) -> tuple[float, Checkpoint | None]:
         if build_id not in self.rows:
             return 0.0, None
-        now = time.monotonic()
-        holder, until = self.leases.get(build_id, ("", 0.0))
-        if holder not in ("", token) and until > now:
-            return until - now, None
-        self.leases[build_id] = (token, now + ttl_s)
-        return 0.0, await self.load(build_id)
+        wait = self._lease(build_id, token, ttl_s)
+        return (wait, None) if wait > 0 else (0.0, await self.load(build_id))
 
     async def renew(self, build_id: str, token: str, ttl_s: float) -> bool:
         if self.leases.get(build_id, ("", 0.0))[0] != token:

@@ -1,5 +1,9 @@
 """The checkpoint in Postgres (schema "agent"): a small ``builds`` row per build, advanced with
-optimistic concurrency, and an append-only ``turns`` table, so a save never rewrites history."""
+optimistic concurrency, and an append-only ``turns`` table, so a save never rewrites history.
+
+A turn's content is ``json``, not ``jsonb``: it reads back as the text that was written (jsonb
+would reorder the keys), so requests built from turns read back and from turns kept in memory
+are byte-identical, as prompt caching needs."""
 
 from __future__ import annotations
 
@@ -40,15 +44,30 @@ CREATE TABLE IF NOT EXISTS turns (
     build_id  text NOT NULL,
     seq       integer NOT NULL,
     role      text NOT NULL,
-    content   jsonb NOT NULL,
+    content   json NOT NULL,
     PRIMARY KEY (build_id, seq)
 );
+DO $$ BEGIN
+    IF (SELECT data_type FROM information_schema.columns WHERE table_schema = current_schema()
+        AND table_name = 'turns' AND column_name = 'content') = 'jsonb' THEN
+        ALTER TABLE turns ALTER COLUMN content TYPE json;
+    END IF;
+END $$;
 """
 
 _COLUMNS = (
     "build_id, user_id, version, status, iteration, model, tier, limits, cost_micro_usd, "
     "system, turns, state, outbox"
 )
+
+
+def _free(token: str) -> str:
+    """SQL: the lease can be taken by the token in parameter ``token`` (free, run out, or the
+    token's own already)."""
+    return (
+        f"{token}::text IS NOT NULL "
+        f"AND (lease_until IS NULL OR lease_until <= now() OR lease_token = {token})"
+    )
 
 
 class PostgresStore:
@@ -91,8 +110,7 @@ class PostgresStore:
     ) -> tuple[float, Checkpoint | None]:
         row = await self.pool.fetchrow(
             "UPDATE builds SET lease_token = $2, lease_until = now() + make_interval(secs => $3) "
-            "WHERE build_id = $1 AND (lease_until IS NULL OR lease_until <= now() "
-            f"OR lease_token = $2) RETURNING {_COLUMNS}",
+            f"WHERE build_id = $1 AND {_free('$2')} RETURNING {_COLUMNS}",
             build_id,
             token,
             ttl_s,
@@ -110,21 +128,31 @@ class PostgresStore:
         return [Turn(r["seq"], r["role"], json.loads(r["content"])) for r in rows]
 
     async def save(
-        self, cp: Checkpoint, new_turns: list[Turn], *, release: str | None = None
-    ) -> None:
+        self,
+        cp: Checkpoint,
+        new_turns: list[Turn],
+        *,
+        release: str | None = None,
+        take: str | None = None,
+        ttl_s: float = 0.0,
+    ) -> bool:
         # one statement (atomic on its own): the row's update and the new turns, which are
-        # inserted only if the update matched the version; the lease of token $13 given up
-        updated = await self.pool.fetchval(
+        # inserted only if the update matched the version; the lease of token $13 given up, or
+        # taken for token $14 if it is free (the SET sees the row as it was before the update)
+        took = await self.pool.fetchrow(
             "WITH u AS (UPDATE builds SET version = version + 1, status = $3, iteration = $4, "
             "cost_micro_usd = $5, turns = $6, state = $7, outbox = $8, model = $9, "
-            "lease_until = CASE WHEN lease_token = $13 THEN NULL ELSE lease_until END, "
-            "lease_token = CASE WHEN lease_token = $13 THEN NULL ELSE lease_token END, "
-            "updated_at = now() WHERE build_id = $1 AND version = $2 RETURNING 1), "
+            f"lease_until = CASE WHEN lease_token = $13 THEN NULL WHEN {_free('$14')} "
+            "THEN now() + make_interval(secs => $15) ELSE lease_until END, "
+            "lease_token = CASE WHEN lease_token = $13 THEN NULL "
+            f"WHEN {_free('$14')} THEN $14 ELSE lease_token END, "
+            "updated_at = now() WHERE build_id = $1 AND version = $2 "
+            "RETURNING coalesce(lease_token = $14, false) AS took), "
             "t AS (INSERT INTO turns (build_id, seq, role, content) "
-            "SELECT $1, x.seq, x.role, x.content::jsonb "
+            "SELECT $1, x.seq, x.role, x.content::json "
             "FROM unnest($10::integer[], $11::text[], $12::text[]) AS x(seq, role, content) "
             "WHERE EXISTS (SELECT 1 FROM u)) "
-            "SELECT count(*) FROM u",
+            "SELECT took FROM u",
             cp.build_id,
             cp.version,
             cp.status,
@@ -138,10 +166,13 @@ class PostgresStore:
             [t.role for t in new_turns],
             [json.dumps(t.content) for t in new_turns],
             release,
+            take,
+            ttl_s,
         )
-        if updated != 1:
+        if took is None:
             raise VersionConflict(cp.build_id)
         cp.version += 1
+        return bool(took["took"])
 
     async def mark_sent(self, build_id: str, version: int) -> None:
         await self.pool.execute(
