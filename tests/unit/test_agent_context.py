@@ -213,7 +213,7 @@ async def _two_builds(turn_cache_mb: float) -> tuple[ByIteration, SpyStore, Agen
             latest = [c for c in pub.of(ToolCall) if c.build_id == build_id][-1]
             await agent.tool_result(result_for(latest, "x" * 50))
             assert agent._cached_chars <= turn_cache_mb * 2**20
-            assert agent._cached_chars == sum(k.chars for k in agent._conversations.values())
+            assert agent._cached_chars == sum(k.size for k in agent._conversations.values())
     assert sorted(m.build_id for m in pub.of(BuildCompleted)) == builds
     return model, store, agent
 

@@ -294,51 +294,56 @@ class Agent:
             return await self.store.turns(cp.build_id)
         return turns
 
-    def _keep(self, build_id: str, known: _Known, new: list[Turn]) -> None:
-        """Keep a build's turns (``new`` appended) as the most recently used, if they fit; evict
-        the least recently used builds beyond the limit."""
-        self._forget(build_id)
-        known.turns.extend(new)
-        known.chars += sum(estimate_tokens(t.content) * CHARS_PER_TOKEN for t in new)
-        if known.chars > self.turn_cache_chars:
+    def _keep(self, build_id: str, known: _Known, new: list[Turn] | None = None) -> None:
+        """Keep a build's entry (not in the cache: forgotten first), ``new`` turns appended, as
+        the most recently used, if it fits; evict the least recently used beyond the limit."""
+        for turn in new or ():
+            known.turns.append(turn)
+            known.turn_chars += estimate_tokens(turn.content) * CHARS_PER_TOKEN
+        if known.size > self.turn_cache_chars:
             return
         self._conversations[build_id] = known
-        self._cached_chars += known.chars
+        self._cached_chars += known.size
         while self._cached_chars > self.turn_cache_chars:
             _, evicted = self._conversations.popitem(last=False)
-            self._cached_chars -= evicted.chars
+            self._cached_chars -= evicted.size
 
     def _forget(self, build_id: str) -> _Known | None:
         known = self._conversations.pop(build_id, None)
         if known is not None:
-            self._cached_chars -= known.chars
+            self._cached_chars -= known.size
         return known
 
     def _remember(self, cp: Checkpoint) -> None:
         """Keep the checkpoint a handler is done with for the build's next message, if the
         build's turns are kept (the next save's version check catches a stale one)."""
-        known = self._conversations.get(cp.build_id)
+        known = self._forget(cp.build_id)
         if known is not None:
-            cp.lease = None
-            known.checkpoint = cp
+            cp.lease, known.checkpoint = None, cp
+            self._keep(cp.build_id, known)
 
     def _recall(self, build_id: str) -> Checkpoint | None:
         """The checkpoint kept for the build, handed out once (a handler mutates it)."""
-        known = self._conversations.get(build_id)
-        if known is None or known.checkpoint is None:
+        entry = self._conversations.get(build_id)
+        if entry is None or entry.checkpoint is None:
             return None
+        known = self._forget(build_id)
+        assert known is not None and known.checkpoint is not None
         cp, known.checkpoint = known.checkpoint, None
+        self._keep(build_id, known)
         return cp
 
     def _saved_turns(self, cp: Checkpoint, new_turns: list[Turn]) -> None:
         """Add the turns a save appended to the build's kept turns, if they follow on."""
-        known = self._conversations.get(cp.build_id)
-        if new_turns and known is not None:
-            if len(known.turns) + len(new_turns) == cp.turns:
-                self._keep(cp.build_id, known, new_turns)
-            elif len(known.turns) + len(new_turns) > cp.turns:
-                self._forget(cp.build_id)  # out of step: read afresh next time
-            # else another replica saved turns in between: the next think reads from the gap
+        known = self._forget(cp.build_id) if new_turns else None
+        if known is None:
+            return
+        if len(known.turns) + len(new_turns) == cp.turns:
+            self._keep(cp.build_id, known, new_turns)
+        elif len(known.turns) + len(new_turns) < cp.turns:
+            # another replica saved turns in between: the next think reads from the gap
+            self._keep(cp.build_id, known)
+        # else out of step: forgotten, read afresh next time
 
     async def _fit(
         self, cp: Checkpoint, turns: list[Turn]
@@ -718,8 +723,14 @@ class _Known:
     n-1), their size in JSON characters, and the checkpoint its last handler was done with."""
 
     turns: list[Turn] = field(default_factory=list)
-    chars: int = 0
+    turn_chars: int = 0
     checkpoint: Checkpoint | None = None
+
+    @property
+    def size(self) -> int:
+        """What it counts towards the cache's limit: the turns, and the kept checkpoint's system
+        prompt (the rest of a checkpoint is small)."""
+        return self.turn_chars + (len(self.checkpoint.system) if self.checkpoint else 0)
 
 
 def _clean(content: list[dict[str, Any]]) -> list[dict[str, Any]]:
