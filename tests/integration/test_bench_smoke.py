@@ -74,3 +74,11 @@ def test_recovery(infra) -> None:
     got = run_bench(infra, "recovery.py", "--ack-wait-s", "2", "--latency-s", "0.1")
     assert float(got["seconds"]) > 0
     assert got["ack_wait_s"] == "2"
+
+
+def test_model_client(infra) -> None:
+    got = run_bench(
+        infra, "model_client.py", "--calls", "50", "--concurrency", "5", "--rounds", "1"
+    )
+    assert set(got) == {"httpx_cpu_ms", "aiohttp_cpu_ms", "ratio"}
+    assert float(got["httpx_cpu_ms"]) > 0 and float(got["aiohttp_cpu_ms"]) > 0

@@ -391,3 +391,24 @@ async def test_a_build_put_to_sleep_mid_think_leaves_nothing_in_the_turn_cache()
     await thinking  # its reply is dropped: the build has moved on
     assert (await store.load(first.build_id)).status == "sleeping"  # type: ignore[union-attr]
     assert agent._conversations == {} and agent._cached_chars == 0
+
+
+async def test_parallel_results_on_one_replica_leave_the_latest_checkpoint_kept() -> None:
+    """Two results of one iteration handled at once: one handler starts from the kept checkpoint,
+    the other reads the row; the loser of the race re-applies on fresh state, the set completes
+    once, the checkpoint kept afterwards is the newest, and the next iteration reads nothing."""
+    two = [tool_use("c1", "bash", command="a"), tool_use("c2", "bash", command="b")], "tool_use"
+    model = FakeModel(two, call(3), ([text("done")], "end_turn"))
+    store, pub = CountingStore(), FakePublisher()
+    agent = Agent(store, model, pub, agent_config.load(), kiln_config.default())
+    await agent.build_requested(start())
+    c1, c2 = pub.of(ToolCall)
+    await asyncio.gather(agent.tool_result(result_for(c1)), agent.tool_result(result_for(c2)))
+    assert len(model.requests) == 2  # one think for the completed set
+    kept = agent._conversations["b1"].checkpoint
+    row = await store.load("b1")
+    assert kept is not None and row is not None and kept.version == row.version
+    store.calls.clear()
+    await agent.tool_result(result_for(pub.of(ToolCall)[-1]))
+    assert store.calls == ["save", "save", "mark_sent"]
+    assert len(pub.of(BuildCompleted)) == 1

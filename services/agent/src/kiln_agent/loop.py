@@ -319,7 +319,8 @@ class Agent:
         build's turns are kept (the next save's version check catches a stale one)."""
         known = self._forget(cp.build_id)
         if known is not None:
-            cp.lease, known.checkpoint = None, cp
+            if known.checkpoint is None or known.checkpoint.version <= cp.version:
+                cp.lease, known.checkpoint = None, cp  # not one older than a handler's since
             self._keep(cp.build_id, known)
 
     def _recall(self, build_id: str) -> Checkpoint | None:

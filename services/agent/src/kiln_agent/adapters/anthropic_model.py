@@ -88,7 +88,8 @@ class AnthropicModel:
         least busy): the HTTP pool looks at every idle connection of its own on each request and
         response, so one pool of hundreds cost more CPU per call the more builds there were; and
         the SDK's default pool keeps only 100 alive, so above that every call opened and closed
-        a connection of its own."""
+        a connection of its own. The SDK's aiohttp transport carries the calls: a third less CPU
+        per call than its default one (docs/BENCHMARKS.md, concurrency)."""
         per = min(POOL_CONNECTIONS, max(1, connections))
         limits = type(anthropic.DEFAULT_CONNECTION_LIMITS)(
             max_connections=per, max_keepalive_connections=per
@@ -99,7 +100,7 @@ class AnthropicModel:
                 base_url=base_url,
                 max_retries=0,
                 timeout=timeout_s,
-                http_client=anthropic.DefaultAsyncHttpxClient(limits=limits, timeout=timeout_s),
+                http_client=anthropic.DefaultAioHttpClient(limits=limits, timeout=timeout_s),
             )
             for _ in range(-(-max(1, connections) // per))
         ]
