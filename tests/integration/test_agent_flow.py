@@ -297,6 +297,25 @@ async def test_scripted_server_serves_many_connections(scripted) -> None:
         await asyncio.gather(*(m.close() for m in models))
 
 
+async def test_an_idle_model_connection_is_kept_for_the_next_call(scripted) -> None:
+    request = ModelRequest(
+        model="m", system=[], tools=[], max_tokens=10,
+        messages=[{"role": "user", "content": "hi"}],
+    )  # fmt: skip
+    for keepalive_s, connections in ((0.1, 2), (30.0, 1)):
+        model = AnthropicModel.connect(
+            base_url=scripted.url, api_key="k", timeout_s=10, keepalive_s=keepalive_s
+        )
+        before = scripted.connections
+        try:
+            await model.complete(request)
+            await asyncio.sleep(1.0)  # idle longer than the short keep-alive
+            await model.complete(request)
+        finally:
+            await model.close()
+        assert scripted.connections - before == connections
+
+
 async def test_bootstrap_wires_the_real_adapters(infra, scripted) -> None:
     from kiln_agent.bootstrap import build
 

@@ -82,3 +82,9 @@ def test_model_client(infra) -> None:
     )
     assert set(got) == {"httpx_cpu_ms", "aiohttp_cpu_ms", "ratio"}
     assert float(got["httpx_cpu_ms"]) > 0 and float(got["aiohttp_cpu_ms"]) > 0
+
+
+def test_bus_consume(infra) -> None:
+    got = run_bench(infra, "bus_consume.py", "--messages", "300", "--rounds", "1")
+    assert set(got) == {"kiln_cpu_us", "bare_cpu_us", "ratio"}
+    assert float(got["kiln_cpu_us"]) > 0 and float(got["bare_cpu_us"]) > 0

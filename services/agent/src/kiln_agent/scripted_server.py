@@ -77,6 +77,7 @@ class ScriptedServer:
         self.record = False
         self.recorded: list[Recorded] = []
         self.attempts = 0
+        self.connections = 0  # accepted so far
         self._server: asyncio.Server | None = None
 
     @property
@@ -94,6 +95,7 @@ class ScriptedServer:
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         try:
             while True:
                 request_line = await reader.readline()

@@ -54,6 +54,10 @@ def retry_after(err: BaseException, attempt: int) -> float | None:
 
 MESSAGES_PATH = "/v1/messages"
 POOL_CONNECTIONS = 16  # connections per client (see ``connect``)
+# An idle connection is kept this long (the SDK's default is 5 s): a build's next call comes after
+# its tools have run, often later than that, and each new connection costs a TLS handshake. Under
+# the 60 s after which load balancers commonly close idle connections.
+KEEPALIVE_S = 30.0
 
 
 class AnthropicModel:
@@ -81,6 +85,7 @@ class AnthropicModel:
         api_key: str,
         timeout_s: float,
         connections: int = 100,
+        keepalive_s: float = KEEPALIVE_S,
         **kwargs: Any,
     ) -> AnthropicModel:
         """``connections``: the most calls in flight at once, each on a connection kept open for
@@ -92,7 +97,7 @@ class AnthropicModel:
         per call than its default one (docs/BENCHMARKS.md, concurrency)."""
         per = min(POOL_CONNECTIONS, max(1, connections))
         limits = type(anthropic.DEFAULT_CONNECTION_LIMITS)(
-            max_connections=per, max_keepalive_connections=per
+            max_connections=per, max_keepalive_connections=per, keepalive_expiry=keepalive_s
         )
         clients = [
             anthropic.AsyncAnthropic(

@@ -1,0 +1,167 @@
+"""CPU per message of Kiln's consume path, against a bare nats-py consumer of the same messages.
+
+    uv run --frozen python bench/bus_consume.py [--messages 20000] [--rounds 3]
+        [--baseline-rev REV]
+
+A nats-server of its own (or ``NATS_URL``). ``--messages`` ToolResults (one per build, a few
+hundred bytes each) are published to Kiln's stream once, then consumed whole by a new durable
+consumer ``--rounds`` times each way, alternating, each in a fresh process that does nothing
+else:
+
+* **kiln**: ``Bus.consume(ToolResult, handler, max_workers=128)`` with a handler that only counts
+  (the real path: Kiln's pull loop, the contract's validation, the consumer span, metrics, the
+  heartbeat task, the ack);
+* **bare**: a nats-py pull subscription fetching batches of 128 and acking each message (no
+  parsing: the floor of consuming from JetStream in Python).
+
+CPU = the consuming process's CPU time from its first pull to the last ack / messages.
+``--baseline-rev REV`` adds a third way: Kiln's path as of git revision REV (its
+``libs/kiln-runtime/src`` put first on the path). The last line:
+``bus_consume kiln_cpu_us=… bare_cpu_us=… ratio=…`` (medians; ratio = kiln / bare), plus
+``baseline_cpu_us=… baseline_ratio=…`` (baseline / kiln) with ``--baseline-rev``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+DURABLE = "bench-bus"
+
+
+async def publish_all(url: str, n: int) -> None:
+    sys.path.insert(0, str(HERE))
+    from _common import connect, publish
+
+    from kiln_contracts import ToolResult
+
+    nc = await connect(url)
+    gate = asyncio.Semaphore(256)
+
+    async def one(i: int) -> None:
+        async with gate:
+            await publish(
+                nc,
+                ToolResult(
+                    build_id=f"bus{i}", user_id="u", call_id=f"c{i}", iteration=1,
+                    output="x" * 200, duration_ms=3,
+                ),
+            )  # fmt: skip
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+    await nc.drain()
+
+
+async def consume_kiln(url: str, n: int, durable: str) -> float:
+    from kiln_contracts import ToolResult
+    from kiln_runtime.bus import Bus, Delivery
+    from kiln_runtime.settings import CommonSettings
+
+    done = asyncio.Event()
+    count = 0
+
+    async def handler(msg: ToolResult, delivery: Delivery) -> None:
+        nonlocal count
+        count += 1
+        if count >= n:
+            done.set()
+
+    bus = Bus(CommonSettings(nats_url=url), "benchbus")
+    bus.consume(ToolResult, handler, durable=durable, max_workers=128)
+    await bus.connect()
+    began = time.process_time()
+    await bus.start()
+    await done.wait()
+    spent = time.process_time() - began
+    await bus.stop()
+    return spent
+
+
+async def consume_bare(url: str, n: int, durable: str) -> float:
+    import nats
+
+    nc = await nats.connect(url)
+    sub = await nc.jetstream().pull_subscribe("kiln.build.*.tool_result", durable=durable)
+    began = time.process_time()
+    count = 0
+    while count < n:
+        for msg in await sub.fetch(128, timeout=5):
+            await msg.ack()
+            count += 1
+    spent = time.process_time() - began
+    await nc.drain()
+    return spent
+
+
+def run_one(url: str, way: str, n: int, durable: str, pythonpath: str | None) -> float:
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    out = subprocess.run(
+        [sys.executable, __file__, "--consume", way, "--url", url, "--messages", str(n),
+         "--durable", durable],
+        env=env, capture_output=True, text=True, check=True, timeout=600,
+    ).stdout  # fmt: skip
+    return float(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--baseline-rev", default=None)
+    parser.add_argument("--consume", choices=("kiln", "bare"), help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--durable", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.consume:  # a child: consume and print the CPU seconds
+        way = consume_kiln if args.consume == "kiln" else consume_bare
+        print(asyncio.run(way(args.url, args.messages, args.durable)))
+        return
+
+    sys.path.insert(0, str(HERE))
+    from _common import bench
+
+    with bench("bus") as b, tempfile.TemporaryDirectory() as tmp:
+        url = b.urls["NATS_URL"]
+        ways: dict[str, str | None] = {"kiln": None, "bare": None}
+        if args.baseline_rev:
+            archive = subprocess.run(
+                ["git", "-C", str(ROOT), "archive", args.baseline_rev, "libs/kiln-runtime/src"],
+                capture_output=True, check=True,
+            ).stdout  # fmt: skip
+            subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+            ways["baseline"] = str(Path(tmp) / "libs/kiln-runtime/src")
+        asyncio.run(publish_all(url, args.messages))  # each consumer below reads them all
+        cpu: dict[str, list[float]] = {way: [] for way in ways}
+        for r in range(args.rounds):
+            for way, path in ways.items():
+                durable = f"{DURABLE}-{way}-{r}"
+                spent = run_one(url, "bare" if way == "bare" else "kiln", args.messages,
+                                durable, path)  # fmt: skip
+                cpu[way].append(spent / args.messages * 1e6)
+                print(f"round {r + 1} {way}: {cpu[way][-1]:.1f} µs CPU per message", flush=True)
+    med = {way: statistics.median(v) for way, v in cpu.items()}
+    line = (
+        f"bus_consume kiln_cpu_us={med['kiln']:.1f} bare_cpu_us={med['bare']:.1f} "
+        f"ratio={med['kiln'] / med['bare']:.2f}"
+    )
+    if "baseline" in med:
+        line += (
+            f" baseline_cpu_us={med['baseline']:.1f} "
+            f"baseline_ratio={med['baseline'] / med['kiln']:.2f}"
+        )
+    print(line)
+
+
+if __name__ == "__main__":
+    main()
