@@ -412,3 +412,30 @@ async def test_parallel_results_on_one_replica_leave_the_latest_checkpoint_kept(
     await agent.tool_result(result_for(pub.of(ToolCall)[-1]))
     assert store.calls == ["save", "save", "mark_sent"]
     assert len(pub.of(BuildCompleted)) == 1
+
+
+async def test_a_result_arriving_while_the_outbox_is_being_cleared_starts_from_the_kept_one() -> (
+    None
+):
+    """The ToolCall is published, the clearing of the outbox has not finished when its result
+    arrives: the result is handled from the kept checkpoint (no read), and the late clearing
+    (for a version the build has moved past) changes nothing."""
+    go_on = asyncio.Event()
+
+    class SlowClearing(CountingStore):
+        async def mark_sent(self, build_id: str, version: int) -> None:
+            await go_on.wait()
+            await super().mark_sent(build_id, version)
+
+    model, store, pub = ByIteration(), SlowClearing(), FakePublisher()
+    agent = Agent(store, model, pub, agent_config.load(), kiln_config.default())
+    first = asyncio.create_task(agent.build_requested(start()))
+    await until(lambda: len(pub.of(ToolCall)) == 1)
+    store.calls.clear()
+    second = asyncio.create_task(agent.tool_result(result_for(pub.of(ToolCall)[-1], "one")))
+    await until(lambda: len(pub.of(ToolCall)) == 2)
+    assert "load" not in store.calls and store.calls[:2] == ["save", "save"]
+    go_on.set()
+    await asyncio.gather(first, second)
+    row = await store.load("b1")
+    assert row is not None and row.outbox == [] and row.iteration == 2

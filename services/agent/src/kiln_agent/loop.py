@@ -229,9 +229,7 @@ class Agent:
             return again
         # published after the release, so that a result answering one of these ToolCalls at
         # once never finds the lease still held (and waits for it to run out)
-        await self._flush(saved)
-        if not again:
-            self._remember(saved)
+        await self._flush(saved, keep=not again)
         return again
 
     async def _think_leased(
@@ -684,13 +682,20 @@ class Agent:
             return cp
         raise Conflict(f"build {build_id} kept changing under {self.save_attempts} attempts")
 
-    async def _flush(self, cp: Checkpoint) -> None:
-        if not cp.outbox:
-            return
-        for msg in cp.outbox:
-            await self.publisher.publish(msg)
-        await self.store.mark_sent(cp.build_id, cp.version)
-        cp.outbox = []
+    async def _flush(self, cp: Checkpoint, *, keep: bool = False) -> None:
+        """Publish the outbox, then clear it in the row. ``keep``: the handler is done with ``cp``;
+        it is kept for the build's next message as soon as everything is published (a result
+        answering a ToolCall just published often arrives before the clearing is done; a save
+        from the kept checkpoint overwrites the published outbox, so the clearing may lose)."""
+        if cp.outbox:
+            for msg in cp.outbox:
+                await self.publisher.publish(msg)
+            cp.outbox, version = [], cp.version
+            if keep:
+                self._remember(cp)
+            await self.store.mark_sent(cp.build_id, version)
+        elif keep:
+            self._remember(cp)
 
     def _turn(self, cp: Checkpoint, role: Any, content: list[dict[str, Any]]) -> Turn:
         turn = Turn(cp.turns, role, content)
