@@ -198,13 +198,16 @@ class ByIteration(FakeModel):
         return await super().complete(request)
 
 
-async def _two_builds(turn_cache_mb: float) -> tuple[ByIteration, SpyStore, Agent]:
+async def _two_builds(
+    turn_cache_mb: float, turn_cache_builds: int = 1_000
+) -> tuple[ByIteration, SpyStore, Agent]:
     """Two builds of five iterations each, interleaved, on one replica (the cache never holds
-    more than its limit)."""
+    more than its limits)."""
     model, store, pub = ByIteration(), SpyStore(), FakePublisher()
     agent = Agent(
-        store, model, pub, agent_config.load(), kiln_config.default(), turn_cache_mb=turn_cache_mb
-    )
+        store, model, pub, agent_config.load(), kiln_config.default(),
+        turn_cache_mb=turn_cache_mb, turn_cache_builds=turn_cache_builds,
+    )  # fmt: skip
     builds = ["b1", "b2"]
     for build_id in builds:
         await agent.build_requested(start().model_copy(update={"build_id": build_id}))
@@ -213,9 +216,18 @@ async def _two_builds(turn_cache_mb: float) -> tuple[ByIteration, SpyStore, Agen
             latest = [c for c in pub.of(ToolCall) if c.build_id == build_id][-1]
             await agent.tool_result(result_for(latest, "x" * 50))
             assert agent._cached_chars <= turn_cache_mb * 2**20
+            assert len(agent._conversations) <= turn_cache_builds
             assert agent._cached_chars == sum(k.size for k in agent._conversations.values())
     assert sorted(m.build_id for m in pub.of(BuildCompleted)) == builds
     return model, store, agent
+
+
+async def test_the_cache_keeps_at_most_its_number_of_builds() -> None:
+    one, store, _ = await _two_builds(turn_cache_mb=64, turn_cache_builds=1)
+    uncached, _, _ = await _two_builds(turn_cache_mb=0)
+    assert [r.messages for r in one.requests] == [r.messages for r in uncached.requests]
+    # interleaved, each build evicts the other: every think reads its build's turns whole
+    assert [since for _, since in store.asked] == [0] * 10
 
 
 async def test_a_replica_reads_a_turn_once_and_keeps_the_turns_it_saves() -> None:

@@ -51,6 +51,11 @@ class Service:
             kiln_config.default(),
             lease_s=self.settings.lease_s or self.settings.ack_wait_s,
             turn_cache_mb=self.settings.turn_cache_mb,
+            turn_cache_builds=(
+                self.settings.turn_cache_builds
+                if self.settings.turn_cache_builds is not None
+                else 2 * self.settings.workers
+            ),
         )
         app.register(self.bus, agent, workers=self.settings.workers)
 

@@ -83,6 +83,7 @@ class Agent:
         save_attempts: int = 5,
         lease_s: float = 30.0,
         turn_cache_mb: float = 64.0,
+        turn_cache_builds: int = 1_000,
     ) -> None:
         self.store = store
         self.model = model
@@ -93,8 +94,10 @@ class Agent:
         self.lease_s = lease_s
         self.tools = tools.definitions(config.narrate_description)
         # the turns this replica has read, per build (least recently used first), up to about
-        # turn_cache_mb of JSON: committed turns never change, so a think fetches only newer ones
+        # turn_cache_mb of JSON and turn_cache_builds builds: committed turns never change, so a
+        # think fetches only newer ones
         self.turn_cache_chars = int(turn_cache_mb * 2**20)
+        self.turn_cache_builds = turn_cache_builds
         self._conversations: OrderedDict[str, _Known] = OrderedDict()
         self._cached_chars = 0
 
@@ -298,11 +301,14 @@ class Agent:
         for turn in new or ():
             known.turns.append(turn)
             known.turn_chars += estimate_tokens(turn.content) * CHARS_PER_TOKEN
-        if known.size > self.turn_cache_chars:
+        if known.size > self.turn_cache_chars or self.turn_cache_builds < 1:
             return
         self._conversations[build_id] = known
         self._cached_chars += known.size
-        while self._cached_chars > self.turn_cache_chars:
+        while (
+            self._cached_chars > self.turn_cache_chars
+            or len(self._conversations) > self.turn_cache_builds
+        ):
             _, evicted = self._conversations.popitem(last=False)
             self._cached_chars -= evicted.size
 

@@ -28,6 +28,13 @@ class AgentSettings(DatabaseSettings):
         validation_alias=env("KILN_AGENT_TURN_CACHE_MB"),
         description="Turns kept in memory across thinks (0: read every build's turns each time).",
     )
+    turn_cache_builds: int | None = Field(
+        default=None,
+        ge=0,
+        validation_alias=env("KILN_AGENT_TURN_CACHE_BUILDS"),
+        description="The most builds whose turns and checkpoint are kept; default: twice "
+        "KILN_AGENT_WORKERS, the builds a replica can be driving at once.",
+    )
 
 
 class MissingApiKey(SystemExit):
