@@ -36,6 +36,12 @@ from tests.unit.test_agent_fakes import Workspace
 pytestmark = pytest.mark.integration
 
 
+def new_checkpoint(build_id: str) -> Checkpoint:
+    return Checkpoint(
+        build_id=build_id, user_id="u", tier="pro", model="m", limits=BuildLimits(), system="s"
+    )
+
+
 async def until(predicate, timeout: float = 30.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():
@@ -148,14 +154,7 @@ async def test_postgres_checkpoint_optimistic_concurrency(infra, uid) -> None:
     pool = await create_pool(infra["DATABASE_URL"], schema=SCHEMA, ddl=DDL)
     store = PostgresStore(pool)
     try:
-        cp = Checkpoint(
-            build_id=f"pg{uid}",
-            user_id="u",
-            tier="pro",
-            model="m",
-            limits=BuildLimits(),
-            system="s",
-        )
+        cp = new_checkpoint(f"pg{uid}")
         cp.turns = 1
         assert await store.create(cp, [Turn(0, "user", [{"type": "text", "text": "go"}])])
         assert not await store.create(cp, [])
@@ -188,10 +187,7 @@ async def test_postgres_think_lease_is_taken_with_the_checkpoint_and_given_up_by
     pool = await create_pool(infra["DATABASE_URL"], schema=SCHEMA, ddl=DDL)
     store = PostgresStore(pool)
     try:
-        cp = Checkpoint(
-            build_id=f"lease{uid}", user_id="u", tier="pro", model="m", limits=BuildLimits(),
-            system="s",
-        )  # fmt: skip
+        cp = new_checkpoint(f"lease{uid}")
         assert await store.create(cp, [])
         wait, held = await store.take(cp.build_id, "one", 5)
         assert wait == 0.0 and held is not None and held.version == 1
@@ -226,10 +222,7 @@ async def test_postgres_turns_read_back_as_they_were_saved(infra, uid) -> None:
     pool = await create_pool(infra["DATABASE_URL"], schema=SCHEMA, ddl=DDL)
     store = PostgresStore(pool)
     try:
-        cp = Checkpoint(
-            build_id=f"order{uid}", user_id="u", tier="pro", model="m", limits=BuildLimits(),
-            system="s",
-        )  # fmt: skip
+        cp = new_checkpoint(f"order{uid}")
         content = [
             {"type": "tool_use", "id": "c1", "name": "bash", "input": {"zz": 1.5, "a": [{"y": 1}]}},
             {"type": "text", "text": 'é ✓ \\ "q"'},
