@@ -215,9 +215,9 @@ async def _two_builds(
         for build_id in builds:
             latest = [c for c in pub.of(ToolCall) if c.build_id == build_id][-1]
             await agent.tool_result(result_for(latest, "x" * 50))
-            assert agent._cached_chars <= turn_cache_mb * 2**20
-            assert len(agent._conversations) <= turn_cache_builds
-            assert agent._cached_chars == sum(k.size for k in agent._conversations.values())
+            assert agent.kept.chars <= turn_cache_mb * 2**20
+            assert len(agent.kept.entries) <= turn_cache_builds
+            assert agent.kept.chars == sum(k.size for k in agent.kept.entries.values())
     assert sorted(m.build_id for m in pub.of(BuildCompleted)) == builds
     return model, store, agent
 
@@ -293,7 +293,7 @@ async def test_a_checkpoint_kept_from_before_another_replica_moved_on_is_read_af
     b = Agent(store, model, pub, agent_config.load(), kiln_config.default())
     await a.build_requested(start())
     await b.tool_result(result_for(pub.of(ToolCall)[-1], "one"))  # iteration 2 called by B
-    assert a._conversations["b1"].checkpoint is not None  # A's, at iteration 1
+    assert a.kept.entries["b1"].checkpoint is not None  # A's, at iteration 1
     store.calls.clear()
     store.asked.clear()
     await a.tool_result(result_for(pub.of(ToolCall)[-1], "two"))
@@ -316,7 +316,7 @@ async def test_the_turn_cache_is_bounded_and_stays_correct() -> None:
     small, store, agent = await _two_builds(turn_cache_mb=limit_mb)
     uncached, _, _ = await _two_builds(turn_cache_mb=0)
     assert [r.messages for r in small.requests] == [r.messages for r in uncached.requests]
-    assert list(agent._conversations) == [] and agent._cached_chars == 0  # both builds ended
+    assert list(agent.kept.entries) == [] and agent.kept.chars == 0  # both builds ended
     misses = [since for _, since in store.asked if since == 0]
     assert len(misses) > 2  # evicted, then read whole again
 
@@ -365,11 +365,11 @@ async def test_a_build_put_to_sleep_leaves_nothing_in_the_turn_cache() -> None:
     await agent.build_requested(start())
     first = pub.of(ToolCall)[-1]
     await agent.tool_result(result_for(first, "x" * 50))  # a second think: turns now cached
-    assert first.build_id in agent._conversations
+    assert first.build_id in agent.kept.entries
     await agent.sleep(first.caused(SleepRequested, reason="allowance"))
     await agent.tool_result(result_for(pub.of(ToolCall)[-1], "y"))  # the set completes: sleeps
     assert (await store.load(first.build_id)).status == "sleeping"  # type: ignore[union-attr]
-    assert agent._conversations == {} and agent._cached_chars == 0
+    assert agent.kept.entries == {} and agent.kept.chars == 0
 
 
 class SlowTurns(SpyStore):
@@ -402,7 +402,7 @@ async def test_a_build_put_to_sleep_mid_think_leaves_nothing_in_the_turn_cache()
     store.go_on.set()
     await thinking  # its reply is dropped: the build has moved on
     assert (await store.load(first.build_id)).status == "sleeping"  # type: ignore[union-attr]
-    assert agent._conversations == {} and agent._cached_chars == 0
+    assert agent.kept.entries == {} and agent.kept.chars == 0
 
 
 async def test_parallel_results_on_one_replica_leave_the_latest_checkpoint_kept() -> None:
@@ -417,7 +417,7 @@ async def test_parallel_results_on_one_replica_leave_the_latest_checkpoint_kept(
     c1, c2 = pub.of(ToolCall)
     await asyncio.gather(agent.tool_result(result_for(c1)), agent.tool_result(result_for(c2)))
     assert len(model.requests) == 2  # one think for the completed set
-    kept = agent._conversations["b1"].checkpoint
+    kept = agent.kept.entries["b1"].checkpoint
     row = await store.load("b1")
     assert kept is not None and row is not None and kept.version == row.version
     store.calls.clear()

@@ -12,9 +12,7 @@ import asyncio
 import json
 import logging
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from kiln_contracts import (
@@ -42,14 +40,8 @@ from kiln_runtime.errors import Conflict, RetryLater
 from . import tools
 from .checkpoint import Checkpoint, Outcome, PendingCall, SleepRequest, Turn
 from .config import AgentConfig
-from .context import (
-    CACHE,
-    CHARS_PER_TOKEN,
-    build_request,
-    compaction_point,
-    context_tokens,
-    estimate_tokens,
-)
+from .context import CACHE, build_request, compaction_point, context_tokens
+from .kept import Entry, Kept
 from .ports import (
     CheckpointStore,
     ContextWindowExceeded,
@@ -93,13 +85,7 @@ class Agent:
         self.save_attempts = save_attempts
         self.lease_s = lease_s
         self.tools = tools.definitions(config.narrate_description)
-        # the turns this replica has read, per build (least recently used first), up to about
-        # turn_cache_mb of JSON and turn_cache_builds builds: committed turns never change, so a
-        # think fetches only newer ones
-        self.turn_cache_chars = int(turn_cache_mb * 2**20)
-        self.turn_cache_builds = turn_cache_builds
-        self._conversations: OrderedDict[str, _Known] = OrderedDict()
-        self._cached_chars = 0
+        self.kept = Kept(int(turn_cache_mb * 2**20), turn_cache_builds)
 
     # ------------------------------------------------------------------ messages
 
@@ -202,9 +188,9 @@ class Agent:
         await self._flush(cp)
         if cp.status != "thinking":
             if cp.terminal:
-                self._forget(build_id)
+                self.kept.forget(build_id)
             else:
-                self._remember(cp)
+                self.kept.remember(cp)
             return False
         token = cp.lease
         if token is None:
@@ -228,7 +214,7 @@ class Agent:
         if saved is None:
             # the build moved on during the think (slept, was cancelled): the turns this think
             # read into the cache are not kept (a save that ends or sleeps it forgets them too)
-            self._forget(build_id)
+            self.kept.forget(build_id)
             return again
         # published after the release, so that a result answering one of these ToolCalls at
         # once never finds the lease still held (and waits for it to run out)
@@ -281,74 +267,19 @@ class Agent:
         """The checkpoint's ``cp.turns`` turns: those this replica read or saved before are
         reused, only newer ones are fetched, so a think does not read the whole conversation
         again."""
-        known = self._forget(cp.build_id) or _Known()
+        known = self.kept.forget(cp.build_id) or Entry()
         new = []
         if len(known.turns) < cp.turns:
             new = await self.store.turns(cp.build_id, since=len(known.turns))
-        self._keep(cp.build_id, known, new)
+        self.kept.keep(cp.build_id, known, new)
         turns = known.turns[: cp.turns]
         if any(t.seq != i for i, t in enumerate(turns)) or len(turns) != cp.turns:
             log.warning(
                 "turns cache out of step; reading them all", extra={"build_id": cp.build_id}
             )
-            self._forget(cp.build_id)
+            self.kept.forget(cp.build_id)
             return await self.store.turns(cp.build_id)
         return turns
-
-    def _keep(self, build_id: str, known: _Known, new: list[Turn] | None = None) -> None:
-        """Keep a build's entry (not in the cache: forgotten first), ``new`` turns appended, as
-        the most recently used, if it fits; evict the least recently used beyond the limit."""
-        for turn in new or ():
-            known.turns.append(turn)
-            known.turn_chars += estimate_tokens(turn.content) * CHARS_PER_TOKEN
-        if known.size > self.turn_cache_chars or self.turn_cache_builds < 1:
-            return
-        self._conversations[build_id] = known
-        self._cached_chars += known.size
-        while (
-            self._cached_chars > self.turn_cache_chars
-            or len(self._conversations) > self.turn_cache_builds
-        ):
-            _, evicted = self._conversations.popitem(last=False)
-            self._cached_chars -= evicted.size
-
-    def _forget(self, build_id: str) -> _Known | None:
-        known = self._conversations.pop(build_id, None)
-        if known is not None:
-            self._cached_chars -= known.size
-        return known
-
-    def _remember(self, cp: Checkpoint) -> None:
-        """Keep the checkpoint a handler is done with for the build's next message, if the
-        build's turns are kept (the next save's version check catches a stale one)."""
-        known = self._forget(cp.build_id)
-        if known is not None:
-            if known.checkpoint is None or known.checkpoint.version <= cp.version:
-                cp.lease, known.checkpoint = None, cp  # not one older than a handler's since
-            self._keep(cp.build_id, known)
-
-    def _recall(self, build_id: str) -> Checkpoint | None:
-        """The checkpoint kept for the build, handed out once (a handler mutates it)."""
-        entry = self._conversations.get(build_id)
-        if entry is None or entry.checkpoint is None:
-            return None
-        known = self._forget(build_id)
-        assert known is not None and known.checkpoint is not None
-        cp, known.checkpoint = known.checkpoint, None
-        self._keep(build_id, known)
-        return cp
-
-    def _saved_turns(self, cp: Checkpoint, new_turns: list[Turn]) -> None:
-        """Add the turns a save appended to the build's kept turns, if they follow on."""
-        known = self._forget(cp.build_id) if new_turns else None
-        if known is None:
-            return
-        if len(known.turns) + len(new_turns) == cp.turns:
-            self._keep(cp.build_id, known, new_turns)
-        elif len(known.turns) + len(new_turns) < cp.turns:
-            # another replica saved turns in between: the next think reads from the gap
-            self._keep(cp.build_id, known)
-        # else out of step: forgotten, read afresh next time
 
     async def _fit(
         self, cp: Checkpoint, turns: list[Turn]
@@ -653,7 +584,7 @@ class Agent:
         version; "no change" is confirmed on a fresh read. ``release``: a lease token the save
         gives up. ``lease``: a token for which the save takes the think lease if the build is
         then thinking (the returned checkpoint's ``lease`` says whether it did)."""
-        cp = first if first is not None else self._recall(build_id)
+        cp = first if first is not None else self.kept.recall(build_id)
         fresh = False
         for _ in range(self.save_attempts):
             if cp is None:
@@ -678,9 +609,9 @@ class Agent:
                 continue
             cp.lease = take if took else None
             if cp.terminal or cp.status == "sleeping":
-                self._forget(build_id)  # a sleeping or finished build holds no memory here
+                self.kept.forget(build_id)  # a sleeping or finished build holds no memory here
             else:
-                self._saved_turns(cp, new_turns)
+                self.kept.saved(cp, new_turns)
             if publish:
                 # a failure here leaves a lease this save took to run out (lease_s): the
                 # redelivery of the message then waits for it
@@ -698,10 +629,10 @@ class Agent:
                 await self.publisher.publish(msg)
             cp.outbox, version = [], cp.version
             if keep:
-                self._remember(cp)
+                self.kept.remember(cp)
             await self.store.mark_sent(cp.build_id, version)
         elif keep:
-            self._remember(cp)
+            self.kept.remember(cp)
 
     def _turn(self, cp: Checkpoint, role: Any, content: list[dict[str, Any]]) -> Turn:
         turn = Turn(cp.turns, role, content)
@@ -727,22 +658,6 @@ class Agent:
 
     def _request(self, cp: Checkpoint, turns: list[Turn]) -> ModelRequest:
         return build_request(cp, turns, self.tools, self.config)
-
-
-@dataclass
-class _Known:
-    """What a replica keeps of a build it is running: the turns it has read or saved (seq 0 …
-    n-1), their size in JSON characters, and the checkpoint its last handler was done with."""
-
-    turns: list[Turn] = field(default_factory=list)
-    turn_chars: int = 0
-    checkpoint: Checkpoint | None = None
-
-    @property
-    def size(self) -> int:
-        """What it counts towards the cache's limit: the turns, and the kept checkpoint's system
-        prompt (the rest of a checkpoint is small)."""
-        return self.turn_chars + (len(self.checkpoint.system) if self.checkpoint else 0)
 
 
 def _clean(content: list[dict[str, Any]]) -> list[dict[str, Any]]:
