@@ -192,7 +192,7 @@ class Agent:
             else:
                 self.kept.remember(cp)
             return False
-        token = cp.lease
+        token = known.lease if known is not None else None
         if token is None:
             token = uuid.uuid4().hex
             # the lease taken and the checkpoint read afresh under it, in one statement (a twin

@@ -20,7 +20,7 @@ class MemoryStore:
         if cp.build_id in self.rows:
             return False
         cp.version = 1
-        self.rows[cp.build_id] = copy.deepcopy(cp)
+        self.rows[cp.build_id] = self._row(cp)
         self.conversation[cp.build_id] = list(turns)
         return True
 
@@ -44,12 +44,18 @@ class MemoryStore:
         if row is None or row.version != cp.version:
             raise VersionConflict(cp.build_id)
         cp.version += 1
-        self.rows[cp.build_id] = copy.deepcopy(cp)
+        self.rows[cp.build_id] = self._row(cp)
         self.conversation[cp.build_id].extend(copy.deepcopy(new_turns))
         self.saves += 1
         if release is not None:
             await self.release(cp.build_id, release)
         return take is not None and self._lease(cp.build_id, take, ttl_s) == 0.0
+
+    @staticmethod
+    def _row(cp: Checkpoint) -> Checkpoint:
+        row = copy.deepcopy(cp)
+        row.lease = None  # a holder's, in its memory: not part of the row
+        return row
 
     def _lease(self, build_id: str, token: str, ttl_s: float) -> float:
         """Take the lease for ``token`` if it is free, ran out or is its own: 0.0; else the
