@@ -3,11 +3,15 @@ when a Docker engine answers, else the embedded servers (kiln_devstack)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
 
 from kiln_devstack.infra import Infra
 
@@ -77,3 +81,18 @@ def infrastructure(data_dir: Path) -> Iterator[dict[str, str]]:
         yield infra.start(given)
     finally:
         infra.stop()
+
+
+def own_database(url: str, name: str) -> str:
+    """A fresh database on the session's Postgres, so other tests' rows stay out of this stack."""
+
+    async def create() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))

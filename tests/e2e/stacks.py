@@ -4,34 +4,16 @@ model."""
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
-
-import asyncpg
 
 from kiln_devstack.infra import free_port
 from kiln_devstack.stack import Stack
-
-
-def own_database(url: str, name: str) -> str:
-    """A fresh database on the session's Postgres, so other tests' rows stay out of this stack."""
-
-    async def create() -> None:
-        conn = await asyncpg.connect(url)
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-
-    asyncio.run(create())
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{name}"))
+from tests.infra import own_database
 
 
 @contextmanager

@@ -27,7 +27,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from kiln_devstack.infra import Infra, free_port
-from tests.e2e.stacks import own_database
+from tests.infra import own_database
 
 pytestmark = pytest.mark.integration
 

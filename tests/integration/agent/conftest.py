@@ -9,13 +9,12 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import pytest
 
 from kiln_agent.scripted_server import ScriptedServer
 from kiln_devstack.infra import Infra
+from tests.infra import own_database
 
 
 async def until(predicate: Callable[[], object], timeout: float = 30.0, what: str = "") -> None:
@@ -50,14 +49,4 @@ def own_nats() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def own_db(infra: dict[str, str]) -> str:
     """A fresh database on the session's Postgres."""
-    url, name = infra["DATABASE_URL"], f"agent_{uuid.uuid4().hex[:10]}"
-
-    async def create() -> None:
-        conn = await asyncpg.connect(url)
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-
-    asyncio.run(create())
-    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+    return own_database(infra["DATABASE_URL"], f"agent_{uuid.uuid4().hex[:10]}")

@@ -139,7 +139,7 @@ class PostgresStore:
         # one statement (atomic on its own): the row's update and the new turns, which are
         # inserted only if the update matched the version; the lease of token $13 given up, or
         # taken for token $14 if it is free (the SET sees the row as it was before the update)
-        took = await self.pool.fetchrow(
+        took = await self.pool.fetchval(
             "WITH u AS (UPDATE builds SET version = version + 1, status = $3, iteration = $4, "
             "cost_micro_usd = $5, turns = $6, state = $7, outbox = $8, model = $9, "
             f"lease_until = CASE WHEN lease_token = $13 THEN NULL WHEN {_free('$14')} "
@@ -172,7 +172,7 @@ class PostgresStore:
         if took is None:
             raise VersionConflict(cp.build_id)
         cp.version += 1
-        return bool(took["took"])
+        return bool(took)
 
     async def mark_sent(self, build_id: str, version: int) -> None:
         await self.pool.execute(
