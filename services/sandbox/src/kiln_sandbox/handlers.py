@@ -249,10 +249,10 @@ class SandboxService:
     async def _execute(self, sandbox: Sandbox, call: ToolCall) -> ToolResult:
         started = time.monotonic()
         try:
-            outcome = await asyncio.wait_for(
-                run_tool(sandbox, call.tool, dict(call.input), timeout_s=call.timeout_s),
-                timeout=call.timeout_s + CALL_MARGIN_S,
-            )
+            async with asyncio.timeout(call.timeout_s + CALL_MARGIN_S):
+                outcome = await run_tool(
+                    sandbox, call.tool, dict(call.input), timeout_s=call.timeout_s
+                )
         except TimeoutError:
             return self._result(
                 call,
