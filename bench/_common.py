@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.js.errors
 import psutil
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -138,6 +139,39 @@ async def watch(
 
     await nc.jetstream().subscribe(subject, ordered_consumer=True, cb=cb)
     return seen
+
+
+async def stored(nc: Client, subject: str) -> list[Seen]:
+    """Every message stored on ``subject`` so far, read once (an ordered consumer, stopped when
+    it has caught up): for looking at a run afterwards without watching it while it runs."""
+    js = nc.jetstream()
+    seen: list[Seen] = []
+    sub = await js.subscribe(subject, ordered_consumer=True)
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=2)
+            except TimeoutError:
+                if not seen:
+                    break  # nothing stored on it
+                raise
+            build_id, kind = subjects.parse(msg.subject)
+            seen.append(Seen(build_id, kind, msg.metadata.timestamp.timestamp(), json.loads(msg.data)))
+            if msg.metadata.num_pending == 0:
+                break
+    finally:
+        await sub.unsubscribe()
+    return seen
+
+
+async def last_stored(nc: Client, subject: str) -> Seen | None:
+    """The last message stored on ``subject`` (one request to the server), or None."""
+    try:
+        msg = await nc.jetstream().get_last_msg(subjects.STREAM, subject)
+    except nats.js.errors.NotFoundError:
+        return None
+    build_id, kind = subjects.parse(msg.subject)
+    return Seen(build_id, kind, 0.0, json.loads(msg.data or b"{}"))
 
 
 async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
