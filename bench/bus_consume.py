@@ -1,4 +1,4 @@
-"""CPU per message of Kiln's consume path, against a bare nats-py consumer of the same messages.
+"""CPU per message of Kiln's consume and publish paths, against bare nats-py doing the same.
 
     uv run --frozen python bench/bus_consume.py [--messages 20000] [--rounds 3]
         [--baseline-rev REV]
@@ -15,8 +15,16 @@ else:
   parsing: the floor of consuming from JetStream in Python).
 
 CPU = the consuming process's CPU time from its first pull to the last ack / messages.
-``--baseline-rev REV`` adds a third way: Kiln's path as of git revision REV (its
-``libs/kiln-runtime/src`` put first on the path). The last line:
+
+Publishing the same way: ``--messages`` ToolResults published one after the other, each PubAck
+awaited (as a handler does), by a fresh process each round: **kiln** = ``Bus.publish`` (the
+producer span, the trace headers, the event id as ``Nats-Msg-Id``, metrics), **bare** = nats-py's
+``js.publish`` with the same subject, body and ``Nats-Msg-Id``. CPU = the publishing process's
+CPU time / messages.
+
+``--baseline-rev REV`` adds a third way to both: Kiln's path as of git revision REV (its
+``libs/kiln-runtime/src`` put first on the path). The last two lines:
+``bus_publish kiln_cpu_us=… bare_cpu_us=… ratio=…`` and
 ``bus_consume kiln_cpu_us=… bare_cpu_us=… ratio=…`` (medians; ratio = kiln / bare), plus
 ``baseline_cpu_us=… baseline_ratio=…`` (baseline / kiln) with ``--baseline-rev``.
 """
@@ -102,12 +110,61 @@ async def consume_bare(url: str, n: int, durable: str) -> float:
     return spent
 
 
+def _results(n: int) -> list:  # type: ignore[type-arg]
+    from kiln_contracts import ToolResult
+
+    return [
+        ToolResult(
+            build_id=f"pub{i}", user_id="u", call_id=f"c{i}", iteration=1,
+            output="x" * 200, duration_ms=3,
+        )
+        for i in range(n)
+    ]  # fmt: skip
+
+
+async def publish_kiln(url: str, n: int) -> float:
+    from kiln_runtime.bus import Bus
+    from kiln_runtime.settings import CommonSettings
+
+    bus = Bus(CommonSettings(nats_url=url), "benchbus")
+    await bus.connect()
+    messages = _results(n)
+    began = time.process_time()
+    for msg in messages:
+        await bus.publish(msg)
+    spent = time.process_time() - began
+    await bus.stop()
+    return spent
+
+
+async def publish_bare(url: str, n: int) -> float:
+    import nats
+
+    from kiln_contracts import subjects
+
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    messages = _results(n)
+    began = time.process_time()
+    for msg in messages:
+        await js.publish(
+            subjects.subject_of(msg),
+            msg.model_dump_json().encode(),
+            headers={"Nats-Msg-Id": str(msg.event_id)},
+            timeout=10,
+        )
+    spent = time.process_time() - began
+    await nc.drain()
+    return spent
+
+
 def run_one(url: str, way: str, n: int, durable: str, pythonpath: str | None) -> float:
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
+    action, _, way = way.partition(":")  # "consume:kiln", "publish:bare" ...
     out = subprocess.run(
-        [sys.executable, __file__, "--consume", way, "--url", url, "--messages", str(n),
+        [sys.executable, __file__, f"--{action}", way, "--url", url, "--messages", str(n),
          "--durable", durable],
         env=env, capture_output=True, text=True, check=True, timeout=600,
     ).stdout  # fmt: skip
@@ -120,12 +177,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--baseline-rev", default=None)
     parser.add_argument("--consume", choices=("kiln", "bare"), help=argparse.SUPPRESS)
+    parser.add_argument("--publish", choices=("kiln", "bare"), help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--durable", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.consume:  # a child: consume and print the CPU seconds
         way = consume_kiln if args.consume == "kiln" else consume_bare
         print(asyncio.run(way(args.url, args.messages, args.durable)))
+        return
+    if args.publish:  # a child: publish and print the CPU seconds
+        send = publish_kiln if args.publish == "kiln" else publish_bare
+        print(asyncio.run(send(args.url, args.messages)))
         return
 
     sys.path.insert(0, str(HERE))
@@ -142,17 +204,27 @@ def main() -> None:
             subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
             ways["baseline"] = str(Path(tmp) / "libs/kiln-runtime/src")
         asyncio.run(publish_all(url, args.messages))  # each consumer below reads them all
-        cpu: dict[str, list[float]] = {way: [] for way in ways}
-        for r in range(args.rounds):
-            for way, path in ways.items():
-                durable = f"{DURABLE}-{way}-{r}"
-                spent = run_one(url, "bare" if way == "bare" else "kiln", args.messages,
-                                durable, path)  # fmt: skip
-                cpu[way].append(spent / args.messages * 1e6)
-                print(f"round {r + 1} {way}: {cpu[way][-1]:.1f} µs CPU per message", flush=True)
+        lines = []
+        for action in ("publish", "consume"):
+            cpu: dict[str, list[float]] = {way: [] for way in ways}
+            for r in range(args.rounds):
+                for way, path in ways.items():
+                    durable = f"{DURABLE}-{way}-{r}"
+                    code = f"{action}:{'bare' if way == 'bare' else 'kiln'}"
+                    spent = run_one(url, code, args.messages, durable, path)
+                    cpu[way].append(spent / args.messages * 1e6)
+                    print(
+                        f"{action} round {r + 1} {way}: {cpu[way][-1]:.1f} µs CPU per message",
+                        flush=True,
+                    )
+            lines.append(summary(f"bus_{action}", cpu))
+    print("\n".join(lines))
+
+
+def summary(name: str, cpu: dict[str, list[float]]) -> str:
     med = {way: statistics.median(v) for way, v in cpu.items()}
     line = (
-        f"bus_consume kiln_cpu_us={med['kiln']:.1f} bare_cpu_us={med['bare']:.1f} "
+        f"{name} kiln_cpu_us={med['kiln']:.1f} bare_cpu_us={med['bare']:.1f} "
         f"ratio={med['kiln'] / med['bare']:.2f}"
     )
     if "baseline" in med:
@@ -160,7 +232,7 @@ def main() -> None:
             f" baseline_cpu_us={med['baseline']:.1f} "
             f"baseline_ratio={med['baseline'] / med['kiln']:.2f}"
         )
-    print(line)
+    return line
 
 
 if __name__ == "__main__":

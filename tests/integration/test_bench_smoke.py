@@ -21,6 +21,14 @@ def run_bench(
     infra: dict[str, str], script: str, *args: str, timeout: float = 90
 ) -> dict[str, str]:
     """Run bench/<script> (its own nats-server, the session's Postgres); its figures line."""
+    return run_bench_lines(infra, script, *args, timeout=timeout)[script.removesuffix(".py")]
+
+
+def run_bench_lines(
+    infra: dict[str, str], script: str, *args: str, timeout: float = 90
+) -> dict[str, dict[str, str]]:
+    """Run bench/<script>; every ``name key=value …`` line it printed, by name (the last line
+    must be one, named like the script)."""
     env = {k: v for k, v in os.environ.items() if k != "NATS_URL"}
     env["DATABASE_URL"] = infra["DATABASE_URL"]
     proc = subprocess.Popen(
@@ -38,9 +46,13 @@ def run_bench(
         out, err = proc.communicate(timeout=30)
         raise AssertionError(f"{script} timed out:\n{out[-3000:]}{err[-3000:]}") from None
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
-    name, *pairs = out.strip().splitlines()[-1].split()
-    assert name == script.removesuffix(".py"), out
-    return dict(p.split("=", 1) for p in pairs)
+    lines = [line.split() for line in out.strip().splitlines() if line.strip()]
+    assert lines[-1][0] == script.removesuffix(".py"), out
+    return {
+        name: dict(p.split("=", 1) for p in pairs)
+        for name, *pairs in lines
+        if pairs and all("=" in p for p in pairs)
+    }
 
 
 def test_roundtrip(infra) -> None:
@@ -84,7 +96,9 @@ def test_model_client(infra) -> None:
     assert float(got["httpx_cpu_ms"]) > 0 and float(got["aiohttp_cpu_ms"]) > 0
 
 
-def test_bus_consume(infra) -> None:
-    got = run_bench(infra, "bus_consume.py", "--messages", "300", "--rounds", "1")
-    assert set(got) == {"kiln_cpu_us", "bare_cpu_us", "ratio"}
-    assert float(got["kiln_cpu_us"]) > 0 and float(got["bare_cpu_us"]) > 0
+def test_bus_consume_and_publish(infra) -> None:
+    lines = run_bench_lines(infra, "bus_consume.py", "--messages", "300", "--rounds", "1")
+    for name in ("bus_consume", "bus_publish"):
+        got = lines[name]
+        assert set(got) == {"kiln_cpu_us", "bare_cpu_us", "ratio"}
+        assert float(got["kiln_cpu_us"]) > 0 and float(got["bare_cpu_us"]) > 0

@@ -139,11 +139,13 @@ class Bus:
         self._stream = JStream(subjects.STREAM, declare=False)
         self.draining = False  # shutting down: take no new work
         self.inflight = 0  # handlers running now
+        self.started = 0  # handlers started so far
         self._idle = asyncio.Event()
         self._idle.set()
 
     def _begin(self) -> None:
         self.inflight += 1
+        self.started += 1
         self._idle.clear()
 
     def _end(self) -> None:

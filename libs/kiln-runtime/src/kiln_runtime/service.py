@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from prometheus_client import start_http_server
 
 from .bus import Bus
+from .memory import trim_after_work
 from .retry import backoff_delay
 
 log = logging.getLogger(__name__)
@@ -68,9 +69,13 @@ async def serve(bus: Bus, *, start: Hook | None = None, stop: Hook | None = None
         return
     starting.result()
     freeze_start_up_objects()
+    trimmer = asyncio.ensure_future(
+        trim_after_work(bus) if bus.settings.memory_trim else asyncio.sleep(0)
+    )
     log.info("%s consuming from %s", bus.service, bus.settings.nats_url)
     await stopping.wait()
     log.info("%s shutting down", bus.service)
+    trimmer.cancel()
     await bus.stop()
     if stop:
         await stop()

@@ -30,6 +30,8 @@ class CommonSettings(BaseSettings):
     shutdown_grace_s: float = Field(
         default=25.0, ge=0, validation_alias=env("KILN_SHUTDOWN_GRACE_S")
     )
+    # Give memory freed after a burst of work back to the OS (glibc's malloc_trim; kiln_runtime.memory).
+    memory_trim: bool = Field(default=True, validation_alias=env("KILN_MEMORY_TRIM"))
     # Copies of each stream kept by a NATS cluster (3 in production; 1 on a single server).
     stream_replicas: int = Field(
         default=1, ge=1, le=5, validation_alias=env("KILN_STREAM_REPLICAS")
