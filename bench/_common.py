@@ -156,7 +156,9 @@ async def stored(nc: Client, subject: str) -> list[Seen]:
                     break  # nothing stored on it
                 raise
             build_id, kind = subjects.parse(msg.subject)
-            seen.append(Seen(build_id, kind, msg.metadata.timestamp.timestamp(), json.loads(msg.data)))
+            seen.append(
+                Seen(build_id, kind, msg.metadata.timestamp.timestamp(), json.loads(msg.data))
+            )
             if msg.metadata.num_pending == 0:
                 break
     finally:

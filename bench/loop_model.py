@@ -73,7 +73,7 @@ class LoopModel(ScriptedServer):
         self.hook: Any = None  # an async callable(build_id, prefix) for the recovery benchmark
 
     async def _arrived(self, seen: Recorded) -> None:
-        now = time.time()
+        now = seen.arrived_at  # its request line read: the server's own parsing is not Kiln's
         build = build_of(seen.request)
         self.arrivals[build].append((seen.prefix, now))
         last = self.sent_at.pop(build, None)
@@ -121,12 +121,12 @@ class LoopModel(ScriptedServer):
         }
 
     async def _handle(
-        self, method: str, path: str, body: bytes
+        self, method: str, path: str, body: bytes, arrived_at: float = 0.0
     ) -> tuple[int, dict[str, Any], dict[str, str]]:
         if method == "GET" and path.startswith("/stats"):  # /stats or /stats/<since, epoch s>
             tail = path.removeprefix("/stats").strip("/")
             return 200, self.stats(float(tail or 0)), {}
-        return await super()._handle(method, path, body)
+        return await super()._handle(method, path, body, arrived_at)
 
 
 async def serve(host: str, port: int, latency_s: float, iterations: int, jitter: float) -> None:

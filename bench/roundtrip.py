@@ -8,10 +8,14 @@ process with no latency, answering every turn with one ``list_dir`` of the empty
 ``--builds`` builds run one after the other, each making ``--calls`` tool calls; the first call
 of each build (which creates the sandbox) is left out. One sample is the time from the ToolCall's
 stream timestamp (the server stored it: the agent published it after its checkpoint committed) to
-the arrival of the build's next model request: the sandbox consumes the call, records it in its
-ledger, runs list_dir, stores the result and publishes the ToolResult; the agent consumes it,
-records it and commits the checkpoint, takes the think lease, loads the conversation and sends
-the next request. Bookkeeping on both sides is included; the model is not.
+the arrival of the build's next model request (the model server has read its request line): the
+sandbox consumes the call, claims it in its ledger, runs list_dir, stores the result and
+publishes the ToolResult; the agent consumes it, records it and takes the think lease in one
+commit and sends the next request. Bookkeeping on both sides is included; the model is not.
+Nothing watches the build while it runs: its end is polled for (one request every 50 ms), its
+events and their stream timestamps are read afterwards. ``--synchronous-commit off`` gives the
+services Postgres' ``synchronous_commit=off`` in their DATABASE_URL (a commit returns before its
+WAL is flushed to disk).
 
 Floor: a bare nats-py JetStream round trip on the same server: publish (PubAck awaited) to a
 stream → a durable pull consumer fetches and acks → publish the reply → a second durable pull

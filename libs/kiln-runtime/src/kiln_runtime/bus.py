@@ -189,8 +189,8 @@ class Bus:
         headers = {"Nats-Msg-Id": str(msg.event_id), "Kiln-Kind": msg.kind}
         with tracing.publishing(msg.kind, subject, **{"kiln.build_id": msg.build_id}):
             tracing.inject(headers)
-            # nats-py's JetStream publish, not FastStream's publisher path (its middlewares and
-            # headers): ~40% less CPU per publish (docs/BENCHMARKS.md, publish)
+            # nats-py's JetStream publish directly, not through FastStream's publisher (its
+            # middlewares and headers): 7% less CPU per publish (docs/BENCHMARKS.md, bus)
             await self.nc.jetstream().publish(
                 subject,
                 msg.model_dump_json().encode(),

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,7 @@ class Recorded:
     body: bytes
     request: dict[str, Any]
     response: dict[str, Any] = field(default_factory=dict)
+    arrived_at: float = 0.0  # time.time() when its request line was read
 
     @property
     def usage(self) -> dict[str, int]:
@@ -101,6 +103,7 @@ class ScriptedServer:
                 request_line = await reader.readline()
                 if not request_line:
                     return
+                arrived_at = time.time()
                 method, path, _ = request_line.decode("latin-1").split(" ", 2)
                 headers: dict[str, str] = {}
                 while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
@@ -111,7 +114,9 @@ class ScriptedServer:
                     await _send(writer, 413, _error("request_too_large", "body too large"))
                     return
                 body = await reader.readexactly(length) if length else b""
-                status, payload, extra = await self._handle(method, path.split("?")[0], body)
+                status, payload, extra = await self._handle(
+                    method, path.split("?")[0], body, arrived_at
+                )
                 if status == 0:
                     return  # an injected hang-up
                 await _send(writer, status, payload, extra)
@@ -125,7 +130,7 @@ class ScriptedServer:
                 await writer.wait_closed()
 
     async def _handle(
-        self, method: str, path: str, body: bytes
+        self, method: str, path: str, body: bytes, arrived_at: float = 0.0
     ) -> tuple[int, dict[str, Any], dict[str, str]]:
         if method == "GET" and path in ("/healthz", "/"):
             return 200, {"status": "ok", "requests": self.requests}, {}
@@ -160,7 +165,7 @@ class ScriptedServer:
                 headers["retry-after-ms"] = fault.retry_after_ms
             return fault.status, _error(kind, fault.message or f"injected {fault.status}"), headers
         self.requests += 1
-        seen = Recorded(path[: -len(MESSAGES)], body, request)
+        seen = Recorded(path[: -len(MESSAGES)], body, request, arrived_at=arrived_at)
         if self.record:
             self.recorded.append(seen)
         if self.on_request is not None:
