@@ -101,5 +101,5 @@ bench-bookkeeping: install  ## the agent's per-iteration bookkeeping near iterat
 bench-model-client: install  ## the agent's CPU per model call, the SDK's default HTTP transport vs its aiohttp one
 	$(RUN) python bench/model_client.py
 
-bench-bus: install  ## CPU per consumed message: Kiln's consume path vs a bare nats-py pull consumer
+bench-bus: install  ## CPU per published and per consumed message: Kiln vs bare nats-py
 	$(RUN) python bench/bus_consume.py
