@@ -173,3 +173,28 @@ async def test_a_handler_still_running_at_the_deadline_is_handed_back_at_once(in
         await until(lambda: deliveries == [2], timeout=20)
     finally:
         await second.stop(grace_s=1)
+
+
+async def test_every_message_comes_through_kilns_own_pull_loop(infra, uid):
+    """FastStream's loop is replaced by Kiln's through an internal attribute: if an upgrade of
+    FastStream ignored it, its own loop (a batch fetch that waits for the batch to fill) would
+    deliver instead, slowly and silently. Here every message must come through Kiln's."""
+    bus = Bus(CommonSettings(nats_url=infra["NATS_URL"]), f"p{uid}")
+    seen: list[str] = []
+
+    async def handle(event: CancelRequested, delivery) -> None:
+        seen.append(event.build_id)
+
+    bus.consume(CancelRequested, handle, max_workers=4)
+    await bus.connect()
+    await bus.start()
+    try:
+        ids = [f"pl{uid}-{i}" for i in range(5)]
+        for build_id in ids:
+            await bus.publish(CancelRequested(build_id=build_id, user_id="u1", reason="x"))
+        await until(lambda: set(ids) <= set(seen))
+        (puller,) = bus.pullers.values()
+        mine = [b for b in seen if b.startswith(f"pl{uid}-")]
+        assert puller.delivered >= len(mine) == len(ids)
+    finally:
+        await bus.stop()

@@ -140,6 +140,7 @@ class Bus:
         self.draining = False  # shutting down: take no new work
         self.inflight = 0  # handlers running now
         self.started = 0  # handlers started so far
+        self.pullers: dict[str, _Puller] = {}  # Kiln's pull loop of each durable consumer
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -283,8 +284,15 @@ class Bus:
         subscriber(on_message)
         puller = _Puller(self, durable, max_workers, consumer)
         # FastStream starts ``_consume_pull(cb=subscriber.consume)`` as the subscriber's task
-        # (restarted if it fails, cancelled on stop): Kiln's loop takes its place.
+        # (restarted if it fails, cancelled on stop): Kiln's loop takes its place. A FastStream
+        # without it would quietly run its own, batch-waiting loop: refuse to start instead.
+        if not callable(getattr(subscriber, "_consume_pull", None)):
+            raise RuntimeError(
+                f"this FastStream ({type(subscriber).__module__}) has no _consume_pull to replace; "
+                "kiln_runtime.bus needs faststream[nats] >=0.7.8,<0.8"
+            )
         subscriber._consume_pull = puller.run  # type: ignore[union-attr,method-assign]
+        self.pullers[durable] = puller
 
     async def dead_letter(self, raw: Msg, reason: str) -> None:
         _, kind = _split(raw.subject)
@@ -325,6 +333,7 @@ class _Puller:
         self.max_workers = max_workers
         self.consumer = consumer
         self.running = 0
+        self.delivered = 0  # messages this loop has handed to the consumer
         self._tasks: set[asyncio.Task[None]] = set()
         self._room = asyncio.Event()
         self._room.set()
@@ -348,6 +357,7 @@ class _Puller:
             self._wanted -= 1
             if self._wanted <= 0:
                 self._answered.set()
+            self.delivered += 1
             self.running += 1
             if self.running >= self.max_workers:
                 self._room.clear()
