@@ -65,3 +65,22 @@ def test_start_up_objects_are_frozen_out_of_collection() -> None:
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+def test_the_model_sdks_request_lines_are_quieted() -> None:
+    """The anthropic SDK's HTTP client (httpx2) logs every request at INFO: a line per model
+    call, for every build, is noise (and CPU); services show them only from WARNING."""
+    import logging
+
+    import httpx2._client
+
+    from kiln_runtime.log import quiet_libraries
+
+    sdk_logger = httpx2._client.logger
+    before = sdk_logger.level
+    try:
+        quiet_libraries(logging.INFO)
+        assert not sdk_logger.isEnabledFor(logging.INFO)
+        assert sdk_logger.isEnabledFor(logging.WARNING)
+    finally:
+        sdk_logger.setLevel(before)

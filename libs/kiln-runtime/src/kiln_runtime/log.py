@@ -55,5 +55,15 @@ def configure(service: str, level: str = "INFO", json_lines: bool = False) -> No
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     tracing.configure(service)
-    for noisy in ("faststream", "nats", "httpx", "botocore", "aiobotocore", "uvicorn.access"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    quiet_libraries(root.level)
+
+
+# Libraries that log routine work at INFO: one line per HTTP request (httpx, and httpx2, the
+# copy of it the anthropic SDK carries: a line per model call), per connection, per S3 call.
+NOISY = ("faststream", "nats", "httpx", "httpx2", "botocore", "aiobotocore", "uvicorn.access")
+
+
+def quiet_libraries(level: int) -> None:
+    """Let the NOISY libraries through only from WARNING (or ``level``, if higher)."""
+    for noisy in NOISY:
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, level))
