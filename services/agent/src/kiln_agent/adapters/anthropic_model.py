@@ -10,7 +10,6 @@ from typing import Any
 
 import anthropic
 import pydantic_core
-from anthropic.types import Message
 
 from kiln_contracts import Usage
 from kiln_runtime.retry import retry
@@ -116,10 +115,12 @@ class AnthropicModel:
         client = self.clients[i]
 
         # The request is plain JSON already: it is encoded once here and sent through the SDK's
-        # own POST (its auth headers, errors and response parsing) as bytes. Given as arguments
+        # own POST (its auth headers, retries' bookkeeping, errors) as bytes. Given as arguments
         # of ``messages.create`` instead, the SDK walks and copies the whole conversation and
         # encodes it again on every call: most of the agent's CPU per iteration with long
-        # conversations (docs/BENCHMARKS.md, concurrency).
+        # conversations (docs/BENCHMARKS.md, concurrency). The reply comes back as bytes too:
+        # its content blocks are kept as the JSON they are, not built into the SDK's models
+        # and dumped back to the same dicts (a quarter of the CPU of a call).
         body = pydantic_core.to_json(
             {
                 "model": request.model,
@@ -130,9 +131,9 @@ class AnthropicModel:
             }
         )
 
-        async def call() -> Message:
+        async def call() -> bytes:
             try:
-                return await client.post(MESSAGES_PATH, cast_to=Message, content=body)
+                return await client.post(MESSAGES_PATH, cast_to=bytes, content=body)
             except anthropic.APIStatusError as err:
                 if err.status_code == 408:
                     raise _RequestTimeout(err.message) from err
@@ -140,7 +141,7 @@ class AnthropicModel:
 
         self._busy[i] += 1
         try:
-            message = await retry(
+            raw = await retry(
                 call,
                 attempts=self.attempts,
                 retry_on=(*RETRYABLE, _RequestTimeout),
@@ -160,19 +161,34 @@ class AnthropicModel:
             raise ModelError(f"{type(err).__name__}: {err}"[:2000]) from err
         finally:
             self._busy[i] -= 1
-        usage = message.usage
-        return ModelReply(
-            model=message.model,
-            content=[block.model_dump(mode="json", exclude_none=True) for block in message.content],
-            stop_reason=message.stop_reason or "end_turn",
-            usage=Usage(
-                input_tokens=usage.input_tokens or 0,
-                output_tokens=usage.output_tokens or 0,
-                cache_creation_input_tokens=usage.cache_creation_input_tokens or 0,
-                cache_read_input_tokens=usage.cache_read_input_tokens or 0,
-            ),
-        )
+        return _reply(raw, request.model)
 
     async def close(self) -> None:
         for client in self.clients:
             await client.close()
+
+
+def _reply(raw: bytes, model: str) -> ModelReply:
+    """A Messages response as a reply: its content blocks as the API sent them, fields that are
+    null left out (as the SDK's ``model_dump(exclude_none=True)`` of them did); a body that is
+    not a Messages response is a ModelError."""
+    try:
+        data = pydantic_core.from_json(raw)
+        usage = data.get("usage") or {}
+        return ModelReply(
+            model=data.get("model") or model,
+            content=[
+                {k: v for k, v in block.items() if v is not None} for block in data["content"]
+            ],
+            stop_reason=data.get("stop_reason") or "end_turn",
+            usage=Usage(
+                input_tokens=usage.get("input_tokens") or 0,
+                output_tokens=usage.get("output_tokens") or 0,
+                cache_creation_input_tokens=usage.get("cache_creation_input_tokens") or 0,
+                cache_read_input_tokens=usage.get("cache_read_input_tokens") or 0,
+            ),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ModelError(
+            f"not a Messages response ({type(err).__name__}: {err}): {raw[:200]!r}"
+        ) from err
