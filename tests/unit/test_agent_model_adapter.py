@@ -24,6 +24,15 @@ REPLY = {
 }
 
 
+def _client(answer: Any) -> anthropic.AsyncAnthropic:
+    return anthropic.AsyncAnthropic(
+        api_key="sk-test",
+        base_url="http://model.test",
+        max_retries=0,
+        http_client=anthropic.DefaultAsyncHttpxClient(transport=httpx2.MockTransport(answer)),
+    )
+
+
 async def test_the_request_goes_out_as_json_with_the_sdks_headers() -> None:
     seen: list[httpx2.Request] = []
 
@@ -31,12 +40,7 @@ async def test_the_request_goes_out_as_json_with_the_sdks_headers() -> None:
         seen.append(request)
         return httpx2.Response(200, json=REPLY)
 
-    client = anthropic.AsyncAnthropic(
-        api_key="sk-test",
-        base_url="http://model.test",
-        max_retries=0,
-        http_client=anthropic.DefaultAsyncHttpxClient(transport=httpx2.MockTransport(answer)),
-    )
+    client = _client(answer)
     request = ModelRequest(
         model="claude-x",
         system=[{"type": "text", "text": "be brief", "cache_control": {"type": "ephemeral"}}],
@@ -56,15 +60,6 @@ async def test_the_request_goes_out_as_json_with_the_sdks_headers() -> None:
     assert reply.stop_reason == "tool_use" and reply.content == REPLY["content"]
     assert reply.usage.input_tokens == 12 and reply.usage.cache_read_input_tokens == 7
     await client.close()
-
-
-def _client(answer: Any) -> anthropic.AsyncAnthropic:
-    return anthropic.AsyncAnthropic(
-        api_key="sk-test",
-        base_url="http://model.test",
-        max_retries=0,
-        http_client=anthropic.DefaultAsyncHttpxClient(transport=httpx2.MockTransport(answer)),
-    )
 
 
 REQUEST = ModelRequest(
