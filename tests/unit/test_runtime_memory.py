@@ -77,6 +77,25 @@ async def test_a_slow_trim_spaces_out_the_next() -> None:
     assert 1 <= trim.calls <= 1 + elapsed / 0.2
 
 
+async def test_a_failing_trim_is_logged_and_not_tried_again(caplog) -> None:
+    calls = 0
+
+    def failing() -> None:
+        nonlocal calls
+        calls += 1
+        raise OSError("no")
+
+    activity = Activity()
+    task = asyncio.create_task(trim_after_work(activity, failing, poll_s=0.01))
+    await asyncio.sleep(0.02)
+    for _ in range(20):
+        activity.started += 1
+        await asyncio.sleep(0.01)
+    assert task.done() and task.exception() is None
+    assert calls == 1
+    assert "not trying again" in caplog.text
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
 def test_glibc_trim_is_found_and_runs_here() -> None:
     trim = glibc_trim()

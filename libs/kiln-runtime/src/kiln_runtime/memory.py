@@ -74,7 +74,13 @@ async def trim_after_work(
             continue
         seen = activity.started
         began = time.perf_counter()
-        trim()
+        try:
+            trim()
+        except Exception:  # never worth more than a line in the log: stop trying
+            log.warning(
+                "could not give freed memory back to the OS; not trying again", exc_info=True
+            )
+            return
         took = time.perf_counter() - began
         trimmed_at, gap = time.monotonic(), max(poll_s, took / share)
         log.debug("gave freed memory back to the OS in %.1f ms", took * 1000)
