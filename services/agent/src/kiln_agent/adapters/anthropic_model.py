@@ -120,7 +120,7 @@ class AnthropicModel:
         # encodes it again on every call: most of the agent's CPU per iteration with long
         # conversations (docs/BENCHMARKS.md, concurrency). The reply comes back as bytes too:
         # its content blocks are kept as the JSON they are, not built into the SDK's models
-        # and dumped back to the same dicts (a quarter of the CPU of a call).
+        # and dumped back to the same dicts (~190 µs less CPU per call: docs/BENCHMARKS.md).
         body = pydantic_core.to_json(
             {
                 "model": request.model,
