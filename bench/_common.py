@@ -173,7 +173,8 @@ async def last_stored(nc: Client, subject: str) -> Seen | None:
     except nats.js.errors.NotFoundError:
         return None
     build_id, kind = subjects.parse(msg.subject)
-    return Seen(build_id, kind, 0.0, json.loads(msg.data or b"{}"))
+    at = msg.time.timestamp() if msg.time else float("nan")
+    return Seen(build_id, kind, at, json.loads(msg.data or b"{}"))
 
 
 async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:

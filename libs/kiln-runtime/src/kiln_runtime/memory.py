@@ -7,7 +7,7 @@ reuse: the process's RSS stays at the burst's high-water mark although nothing i
 requested at once and put to sleep, the agent's RSS grew 26.8 MB without it and 10.7–11.0 MB
 with it (docs/BENCHMARKS.md, sleeping builds).
 
-A service trims once its handlers have gone quiet after work (none running at two looks a
+A worker service (one run by ``kiln_runtime.service.serve``) trims once its handlers have gone quiet after work (none running at two looks a
 second apart), and at most every minute under steady load; each trim is timed and the next waits
 at least a hundred times as long, so trimming never takes more than 1% of the process's time.
 Not glibc (musl, macOS): nothing is done.
