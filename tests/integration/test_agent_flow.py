@@ -131,7 +131,7 @@ async def test_build_completes_on_nats_and_postgres_through_the_sdk(
             iterations = [e.iteration for e in mine if isinstance(e, IterationCompleted)]
             assert iterations == list(range(1, done.iterations + 1))
             models = {e.model for e in mine if isinstance(e, IterationCompleted)}
-            assert models == {"claude-sonnet-4-5"}  # echoed by the scripted server
+            assert models == {"claude-sonnet-5-5"}  # the pro tier's model, a dateless id
             calls = {e.call_id for e in mine if isinstance(e, ToolCall)}
             results = {e.call_id for e in mine if isinstance(e, ToolResult)}
             assert calls == results
@@ -243,7 +243,7 @@ async def test_sdk_path_against_the_scripted_server(scripted) -> None:
     )
     try:
         cp = Checkpoint(
-            build_id="b", user_id="u", tier="pro", model="any-model", limits=BuildLimits(),
+            build_id="b", user_id="u", tier="pro", model="claude-haiku-5-5", limits=BuildLimits(),
             system="You build things.",
         )  # fmt: skip
         cfg = config.load()
@@ -253,7 +253,7 @@ async def test_sdk_path_against_the_scripted_server(scripted) -> None:
         scripted.model.usage.min_cache_tokens = 0  # this short request may be cached too
         request = build_request(cp, turns, definitions(cfg.narrate_description), cfg)
         reply = await model.complete(request)
-        assert reply.model == "any-model" and reply.stop_reason == "tool_use"
+        assert reply.model == "claude-haiku-5-5" and reply.stop_reason == "tool_use"
         assert [b["name"] for b in reply.content if b["type"] == "tool_use"] == [
             "narrate",
             "list_dir",
@@ -268,7 +268,7 @@ async def test_sdk_path_against_the_scripted_server(scripted) -> None:
         with pytest.raises(ModelError, match="529"):
             await model.complete(request)
         scripted.faults = []
-        bad = ModelRequest(model="m", system=[], tools=[], messages=[], max_tokens=0)
+        bad = ModelRequest(model="claude-haiku-5-5", system=[], tools=[], messages=[], max_tokens=0)
         with pytest.raises(ModelError, match="400"):
             await model.complete(bad)
     finally:
@@ -280,7 +280,7 @@ async def test_scripted_server_serves_many_connections(scripted) -> None:
         AnthropicModel.connect(base_url=scripted.url, api_key="k", timeout_s=10) for _ in range(50)
     ]
     request = ModelRequest(
-        model="m", system=[], tools=[], max_tokens=10,
+        model="claude-haiku-5-5", system=[], tools=[], max_tokens=10,
         messages=[{"role": "user", "content": "hi"}],
     )  # fmt: skip
     try:
@@ -292,7 +292,7 @@ async def test_scripted_server_serves_many_connections(scripted) -> None:
 
 async def test_an_idle_model_connection_is_kept_for_the_next_call(scripted) -> None:
     request = ModelRequest(
-        model="m", system=[], tools=[], max_tokens=10,
+        model="claude-haiku-5-5", system=[], tools=[], max_tokens=10,
         messages=[{"role": "user", "content": "hi"}],
     )  # fmt: skip
     for keepalive_s, connections in ((0.1, 2), (30.0, 1)):

@@ -174,7 +174,7 @@ def test_workspace_confines_paths_and_runs_tools(tmp_path: Path) -> None:
 
 async def test_fake_model_repeats_its_last_reply() -> None:
     model = FakeModel(([text("a")], "end_turn"), ModelError("boom"))
-    req = ModelRequest(model="m", system=[], tools=[], messages=[], max_tokens=1)
+    req = ModelRequest(model="claude-haiku-5-5", system=[], tools=[], messages=[], max_tokens=1)
     assert (await model.complete(req)).content == [text("a")]
     for _ in range(2):
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, timezone
@@ -27,7 +28,8 @@ from kiln_contracts import (
     WakeRequested,
 )
 from kiln_runtime import config as kiln_config
-from kiln_runtime.config import KilnConfig, Price
+from kiln_runtime import metrics
+from kiln_runtime.config import KilnConfig, ModelSpec, Price
 from kiln_runtime.errors import PermanentError
 
 
@@ -176,12 +178,15 @@ def test_fractions_are_rounded_up_once_over_the_sum() -> None:
     assert spending.cost_of(config, iteration("claude-haiku-4-5", cache_read_input_tokens=10)) == 1
     # 0.5 + 0.5 sums to 1 (not 2, as rounding each part would give)
     price = Price(
+        since=date(2025, 1, 1),
         input=Decimal("0.5"),
         output=Decimal("0.5"),
-        cache_write=Decimal(0),
+        cache_write_5m=Decimal(0),
+        cache_write_1h=Decimal(0),
         cache_read=Decimal(0),
     )
-    custom = KilnConfig(tiers={}, prices={"m": price})
+    spec = ModelSpec(context_window=1000, max_output_tokens=10, thinking="none", prices=[price])
+    custom = KilnConfig(tiers={}, models={"m": spec})
     assert spending.cost_of(custom, iteration("m", input_tokens=1, output_tokens=1)) == 1
     assert spending.cost_of(config, iteration()) == 0
 
@@ -192,15 +197,31 @@ def test_large_usage_is_exact() -> None:
     assert spending.cost_of(kiln_config.default(), event) == 75_000_000
 
 
-def test_unknown_model_is_a_permanent_error_with_the_reason() -> None:
-    with pytest.raises(PermanentError, match="no price for model 'gpt-x'"):
-        spending.cost_of(kiln_config.default(), iteration("gpt-x", input_tokens=1))
+def test_an_unknown_model_is_charged_at_the_fallback_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = kiln_config.default()
+    before = metrics.UNPRICED_ITERATIONS.labels("budget", "gpt-x")._value.get()
+    with caplog.at_level(logging.ERROR):
+        cost = spending.cost_of(config, iteration("gpt-x", input_tokens=10, output_tokens=10))
+    # the most expensive model of the table: claude-opus-4-1 at $15 / $75 per Mtok
+    assert config.fallback_model == "claude-opus-4-1"
+    assert cost == 150 + 750
+    assert metrics.UNPRICED_ITERATIONS.labels("budget", "gpt-x")._value.get() == before + 1
+    assert "no price for model 'gpt-x'" in caplog.text
 
 
-async def test_unknown_model_charges_nothing(deps: Deps) -> None:
-    with pytest.raises(PermanentError):
-        await spending.charge_iteration(deps, iteration("gpt-x", input_tokens=1))
-    assert await spending.spent_build(deps, "b1") == 0
+async def test_an_unknown_model_is_never_free(deps: Deps) -> None:
+    charged = await spending.charge_iteration(deps, iteration("gpt-x", input_tokens=1))
+    assert charged.applied and charged.amount_micro_usd == 15
+    assert await spending.spent_build(deps, "b1") == 15
+
+
+def test_a_dated_snapshot_id_is_priced_as_its_model() -> None:
+    config = kiln_config.default()
+    event = iteration("claude-haiku-4-5-20251001", input_tokens=1000)
+    assert spending.cost_of(config, event) == 1000  # $1 per Mtok
+    assert config.resolve("claude-sonnet-4-5-20250929") == "claude-sonnet-4-5"
 
 
 async def test_charged_once_per_event(deps: Deps) -> None:
@@ -303,7 +324,7 @@ async def test_allowance_uses_the_users_tier_and_todays_spend(deps: Deps) -> Non
     await spending.build_started(
         deps, BuildRequested(build_id="b9", user_id="u1", idea_brief="x", tier="pro")
     )
-    earlier = iteration(input_tokens=1_000_000).model_copy(
+    earlier = iteration(output_tokens=200_000).model_copy(
         update={"occurred_at": NOW - timedelta(days=3)}
     )
     await spending.charge_iteration(deps, earlier)  # $3 on March 28th

@@ -88,11 +88,23 @@ class BuildLimits(Model):
     tool_timeout_s: float = Field(default=120.0, gt=0, le=3_600)
 
 
+class CacheCreation(Model):
+    """Cache writes by TTL, as the Messages API reports them (their sum is
+    ``cache_creation_input_tokens``)."""
+
+    ephemeral_5m_input_tokens: int = Field(default=0, ge=0)
+    ephemeral_1h_input_tokens: int = Field(default=0, ge=0)
+
+
 class Usage(Model):
+    """A model call's token usage, as the Messages API reports it: ``input_tokens`` excludes the
+    cache reads and writes (the prompt is the sum of the three)."""
+
     input_tokens: int = Field(default=0, ge=0)
     output_tokens: int = Field(default=0, ge=0)
     cache_creation_input_tokens: int = Field(default=0, ge=0)
     cache_read_input_tokens: int = Field(default=0, ge=0)
+    cache_creation: CacheCreation | None = None
 
 
 # ---------------------------------------------------------------------------- messages
@@ -196,6 +208,11 @@ class AgentNarrated(Envelope):
 
     iteration: int = Field(ge=0)
     text: Annotated[str, StringConstraints(max_length=20_000)]
+    source: Literal["narrate", "thinking"] = Field(
+        default="narrate",
+        description="narrate: the model's narrate tool; thinking: the progress it wrote in its "
+        "(summarized) thinking and before its tool calls in one iteration.",
+    )
 
 
 class SandboxStarted(Envelope):

@@ -11,7 +11,7 @@ from kiln_runtime.bus import Bus
 from kiln_runtime.db import create_pool
 
 from . import app, config
-from .adapters.anthropic_model import AnthropicModel
+from .adapters.anthropic_model import AnthropicModel, ModelUnavailable
 from .adapters.postgres import DDL, SCHEMA, PostgresStore
 from .loop import Agent
 from .settings import AgentSettings, MissingApiKey
@@ -43,12 +43,23 @@ class Service:
             backoff_base_s=cfg.backoff_base_s,
             backoff_cap_s=cfg.backoff_cap_s,
         )
+        kiln = kiln_config.default()
+        try:
+            await self.model.check_models(
+                {
+                    model: f"tier {name} {role}"
+                    for name, tier in kiln.tiers.items()
+                    for role, model in tier.models.items()
+                }
+            )
+        except ModelUnavailable as err:
+            raise SystemExit(f"kiln-agent: {err}") from err
         agent = Agent(
             PostgresStore(self.pool),
             self.model,
             self.bus,
             cfg,
-            kiln_config.default(),
+            kiln,
             lease_s=self.settings.lease_s or self.settings.ack_wait_s,
             turn_cache_mb=self.settings.turn_cache_mb,
             turn_cache_builds=(

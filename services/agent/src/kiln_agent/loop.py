@@ -34,6 +34,7 @@ from kiln_contracts import (
     stable_id,
 )
 from kiln_contracts.messages import FailureReason
+from kiln_runtime import metrics
 from kiln_runtime.config import KilnConfig
 from kiln_runtime.errors import Conflict, RetryLater
 
@@ -231,6 +232,9 @@ class Agent:
             return False, None
         iteration = cp.iteration
         reply: ModelReply | ModelError | None = None
+        switch = self._model_switch(cp)
+        if switch is not None:
+            switch(cp)
         if (failure := self._precheck(cp)) is None:
             turns = await self._turns(cp)
             fitted = await self._fit(cp, turns)
@@ -246,6 +250,8 @@ class Agent:
         def advance(c: Checkpoint) -> list[Turn] | None:
             if c.status != "thinking" or c.iteration != iteration:
                 return None  # moved on meanwhile (cancel, sleep, a twin think): drop the reply
+            if switch is not None:
+                switch(c)
             if failure is not None:
                 self._fail(c, cause, *failure)
                 return []
@@ -287,7 +293,7 @@ class Agent:
         """The request, compacted first if it would pass ``compact_at`` of the window (or the last
         call overflowed); a context_window failure if it cannot fit; None if the build moved on."""
         request = self._request(cp, turns)
-        window = self.config.window(cp.model)
+        window = self._window(cp.model)
         size = context_tokens(cp, turns, request)
         if cp.state.compact_now or size > self.config.compact_at * window:
             point = compaction_point(cp, turns, self.config)
@@ -335,6 +341,33 @@ class Agent:
             except Exception:
                 log.warning("could not renew the think lease", extra={"build_id": build_id})
 
+    def _model_switch(self, cp: Checkpoint) -> Callable[[Checkpoint], None] | None:
+        """The change to the tier's model if kiln.yaml now names another one than the build's
+        (the build moves to it at this think with its whole conversation, thinking blocks
+        included: the API drops those the new model cannot read), else None."""
+        tier = self.kiln.tiers.get(cp.tier)
+        model = tier.models.get("agent") if tier else None
+        if not model or model == cp.model or not cp.model:
+            return None
+        effort = tier.effort.get("agent") if tier else None
+
+        def switch(c: Checkpoint) -> None:
+            if c.model != model:
+                log.info(
+                    "the tier's model is now %s: the build moves from %s",
+                    model,
+                    c.model,
+                    extra={"build_id": c.build_id},
+                )
+                c.model, c.state.effort = model, effort
+                c.state.context_tokens = None  # another model counts tokens its own way
+
+        return switch
+
+    def _window(self, model: str) -> int:
+        name = self.kiln.resolve(model)
+        return self.config.window(model, self.kiln.models[name].context_window if name else None)
+
     def _precheck(self, cp: Checkpoint) -> tuple[FailureReason, str] | None:
         if not cp.model:
             return "internal", f"unknown tier {cp.tier!r}"
@@ -349,22 +382,27 @@ class Agent:
         """Advance by one model reply: the assistant turn, then act on its stop reason."""
         cp.iteration += 1
         n = cp.iteration
-        price = self.kiln.prices.get(reply.model) or self.kiln.prices.get(cp.model)
-        cost = price.cost_micro_usd(reply.usage) if price else 0
-        cp.cost_micro_usd += cost
-        cp.outbox.append(
-            IterationCompleted(
-                event_id=stable_id(cp.build_id, "iteration", n),
-                build_id=cp.build_id,
-                user_id=cp.user_id,
-                causation_id=cause,
-                iteration=n,
-                model=reply.model,
-                usage=reply.usage,
-                stop_reason=reply.stop_reason,
-                cost_micro_usd=cost,
-            )
+        done = IterationCompleted(
+            event_id=stable_id(cp.build_id, "iteration", n),
+            build_id=cp.build_id,
+            user_id=cp.user_id,
+            causation_id=cause,
+            iteration=n,
+            model=reply.model,
+            usage=reply.usage,
+            stop_reason=reply.stop_reason,
         )
+        cost = self.kiln.cost(reply.model, reply.usage, done.occurred_at)
+        if cost.fallback:
+            metrics.UNPRICED_ITERATIONS.labels("agent", reply.model).inc()
+            log.error(
+                "no price for model %r: counted at %s's prices",
+                reply.model,
+                cost.priced_as,
+                extra={"build_id": cp.build_id},
+            )
+        cp.cost_micro_usd += cost.micro_usd
+        cp.outbox.append(done.model_copy(update={"cost_micro_usd": cost.micro_usd}))
         cap = self._cap(cp)
         if cap is not None and cp.cost_micro_usd > cap:
             self._fail(cp, cause, "cost_limit", f"spent {cp.cost_micro_usd} of {cap} micro-USD")
@@ -372,12 +410,13 @@ class Agent:
         if reply.stop_reason == "model_context_window_exceeded":
             cp.state.compact_now = True  # the partial reply is dropped; compact, then ask again
             return []
-        content = _clean(reply.content)
+        content = _kept(reply.content)
         calls = [b for b in content if b["type"] == "tool_use"]
         if reply.stop_reason in ("max_tokens", "pause_turn"):
-            content = [b for b in content if b["type"] != "tool_use"] or [
-                {"type": "text", "text": "(cut off)"}
-            ]
+            content = [b for b in content if b["type"] != "tool_use"]
+            if all(b["type"] in THINKING for b in content):
+                content.append({"type": "text", "text": "(cut off)"})
+        self._narrate_thinking(cp, content, cause)
         turns = [self._turn(cp, "assistant", content)]
         u = reply.usage
         cp.state.context_tokens = (
@@ -400,6 +439,33 @@ class Agent:
         else:
             self._fail(cp, cause, "model_error", f"unexpected stop_reason {reply.stop_reason!r}")
         return turns
+
+    def _narrate_thinking(
+        self, cp: Checkpoint, content: list[dict[str, Any]], cause: uuid.UUID
+    ) -> None:
+        """The progress the model wrote in its thinking (returned summarized: ``display``), and
+        the text it wrote before tool calls, as one AgentNarrated of the iteration."""
+        calls = any(b["type"] == "tool_use" for b in content)
+        parts = [
+            b["thinking"].strip()
+            for b in content
+            if b["type"] == "thinking" and isinstance(b.get("thinking"), str)
+        ]
+        if calls:
+            parts += [b["text"].strip() for b in content if b["type"] == "text"]
+        text = "\n\n".join(p for p in parts if p)
+        if text:
+            cp.outbox.append(
+                AgentNarrated(
+                    event_id=stable_id(cp.build_id, "narrated", "thinking", cp.iteration),
+                    build_id=cp.build_id,
+                    user_id=cp.user_id,
+                    causation_id=cause,
+                    iteration=cp.iteration,
+                    text=text[:20_000],
+                    source="thinking",
+                )
+            )
 
     def _act(self, cp: Checkpoint, calls: list[dict[str, Any]], cause: uuid.UUID) -> list[Turn]:
         """One ToolCall per valid tool_use block. Narrate, unknown tools and input that fails the
@@ -647,7 +713,7 @@ class Agent:
 
     def _new_checkpoint(self, msg: BuildRequested) -> Checkpoint:
         tier = self.kiln.tiers.get(msg.tier)
-        return Checkpoint(
+        cp = Checkpoint(
             build_id=msg.build_id,
             user_id=msg.user_id,
             tier=msg.tier,
@@ -655,27 +721,31 @@ class Agent:
             limits=msg.limits,
             system=self.config.system(msg.idea_brief, msg.understanding_qna),
         )
+        cp.state.effort = tier.effort.get("agent") if tier else None
+        return cp
 
     def _request(self, cp: Checkpoint, turns: list[Turn]) -> ModelRequest:
-        return build_request(cp, turns, self.tools, self.config)
+        name = self.kiln.resolve(cp.model)
+        spec = self.kiln.models[name] if name else None
+        return build_request(cp, turns, self.tools, self.config, spec)
 
 
-def _clean(content: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Keep what the next request may send back: text and tool_use blocks, minimal fields."""
+THINKING = frozenset({"thinking", "redacted_thinking"})
+
+
+def _kept(content: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The reply's blocks as the next request sends them back: every block as received, in its
+    place (thinking and redacted_thinking blocks, signatures included, are never altered: the
+    API refuses a turn whose thinking changed); only empty text blocks are left out (the API
+    refuses those), and a tool_use input that is not an object is sent as {}."""
     out: list[dict[str, Any]] = []
     for b in content:
-        if b.get("type") == "text" and b.get("text"):
-            out.append({"type": "text", "text": b["text"]})
-        elif b.get("type") == "tool_use":
-            raw = b.get("input")
-            out.append(
-                {
-                    "type": "tool_use",
-                    "id": b["id"],
-                    "name": b["name"],
-                    "input": raw if isinstance(raw, dict) else {},
-                }
-            )
+        kind = b.get("type")
+        if kind == "text" and not b.get("text"):
+            continue
+        if kind == "tool_use" and not isinstance(b.get("input"), dict):
+            b = {**b, "input": {}}
+        out.append(b)
     return out
 
 

@@ -75,6 +75,9 @@ class ModelRequest(BaseModel):
     tools: list[dict[str, Any]]
     messages: list[dict[str, Any]]
     max_tokens: int
+    thinking: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None
+    betas: list[str] = []
 
 
 class ModelReply(BaseModel):

@@ -25,12 +25,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import scripted_api as api
 from .scripted import ScriptedModel
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 32 * 1024 * 1024
 MESSAGES = "/v1/messages"
+MODELS = "/v1/models"
 
 
 @dataclass
@@ -80,6 +82,8 @@ class ScriptedServer:
         self.recorded: list[Recorded] = []
         self.attempts = 0
         self.connections = 0  # accepted so far
+        self.issued = api.Issued()  # thinking blocks sent with each tool call, to check them
+        self.refused: list[api.ApiError] = []  # the requests the rules refused
         self._server: asyncio.Server | None = None
 
     @property
@@ -115,7 +119,7 @@ class ScriptedServer:
                     return
                 body = await reader.readexactly(length) if length else b""
                 status, payload, extra = await self._handle(
-                    method, path.split("?")[0], body, arrived_at
+                    method, path.split("?")[0], body, arrived_at, headers
                 )
                 if status == 0:
                     return  # an injected hang-up
@@ -130,10 +134,17 @@ class ScriptedServer:
                 await writer.wait_closed()
 
     async def _handle(
-        self, method: str, path: str, body: bytes, arrived_at: float = 0.0
+        self,
+        method: str,
+        path: str,
+        body: bytes,
+        arrived_at: float = 0.0,
+        headers: dict[str, str] | None = None,
     ) -> tuple[int, dict[str, Any], dict[str, str]]:
         if method == "GET" and path in ("/healthz", "/"):
             return 200, {"status": "ok", "requests": self.requests}, {}
+        if method == "GET" and MODELS in path:
+            return _models(path[path.index(MODELS) + len(MODELS) :])
         if not path.endswith(MESSAGES):
             return 404, _error("not_found_error", f"no route {method} {path}"), {}
         if method != "POST":
@@ -146,6 +157,12 @@ class ScriptedServer:
             return 400, _error("invalid_request_error", str(err)), {}
         if request.get("stream"):
             return 400, _error("invalid_request_error", "streaming is not supported"), {}
+        betas = {b.strip() for b in (headers or {}).get("anthropic-beta", "").split(",") if b}
+        try:
+            checked = api.check(request, betas, self.issued)
+        except api.ApiError as err:
+            self.refused.append(err)
+            return err.status, _error(err.kind, err.message), {}
         self.attempts += 1
         if self.faults:
             fault = self.faults.pop(0)
@@ -174,14 +191,50 @@ class ScriptedServer:
             await asyncio.sleep(self.latency_s)
         if self.canned:
             content, stop = self.canned.pop(0)
-            seen.response = self.model.reply(request, content, stop)
+            response = self.model.reply(request, content, stop)
         else:
-            seen.response = self.responder(request)
+            response = self.responder(request)
+        seen.response = self._as_served(request, checked, response)
         return 200, seen.response, {}
+
+    def _as_served(
+        self, request: dict[str, Any], checked: api.Checked, response: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The script's answer as the API sends it: the served model's id (an alias answered
+        with its dated snapshot), thinking blocks, cache writes split by TTL."""
+        content = api.with_thinking(request, checked, response["content"], response["id"][4:])
+        self.issued.remember(content, response["stop_reason"])
+        usage = dict(response["usage"])
+        if checked.thinking:
+            usage["output_tokens"] += 40 * sum(1 for b in content if b["type"] != "tool_use")
+        usage["cache_creation"] = {
+            "ephemeral_5m_input_tokens": usage.get("cache_creation_input_tokens", 0),
+            "ephemeral_1h_input_tokens": 0,
+        }
+        served = {**response, "model": checked.info.id, "content": content, "usage": usage}
+        if checked.dropped:
+            served["input_transformations"] = checked.dropped
+        return served
 
 
 def _error(kind: str, message: str) -> dict[str, Any]:
-    return {"type": "error", "error": {"type": kind, "message": message}}
+    return {
+        "type": "error",
+        "error": {"type": kind, "message": message},
+        "request_id": f"req_scripted_{abs(hash(message)):x}",
+    }
+
+
+def _models(rest: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """GET /v1/models (the catalogue, newest first) or /v1/models/{id or alias}."""
+    if rest in ("", "/"):
+        data = [m.card() for m in api.CATALOGUE if m.lifecycle != "retired"]
+        return 200, {"data": data, "first_id": data[0]["id"], "last_id": data[-1]["id"],
+                     "has_more": False}, {}  # fmt: skip
+    try:
+        return 200, api.lookup(rest.strip("/"), for_messages=False).card(), {}
+    except api.ApiError as err:
+        return err.status, _error(err.kind, err.message), {}
 
 
 _REASONS = {

@@ -32,7 +32,6 @@ from kiln_contracts import (
 )
 from kiln_runtime import metrics
 from kiln_runtime.config import KilnConfig
-from kiln_runtime.errors import PermanentError
 
 from .periods import Calendar, Period, UtcCalendar, as_utc
 from .ports import Charge, Clock, Commands, SpendStore
@@ -68,15 +67,21 @@ class Charged:
 
 
 def cost_of(config: KilnConfig, event: IterationCompleted) -> int:
-    """Micro-dollars for the iteration's usage at the model's prices; unknown model: permanent."""
-    try:
-        price = config.price(event.model)
-    except KeyError as err:
-        raise PermanentError(
-            f"cannot price iteration {event.iteration}: no price for model {event.model!r} "
-            f"(known: {', '.join(sorted(config.prices))})"
-        ) from err
-    return price.cost_micro_usd(event.usage)
+    """Micro-dollars for the iteration's usage at its model's price in force when the call was
+    made. A model id with no entry is charged at the fallback's prices (never free), counted and
+    logged as an error that names it."""
+    cost = config.cost(event.model, event.usage, event.occurred_at)
+    if cost.fallback:
+        metrics.UNPRICED_ITERATIONS.labels("budget", event.model).inc()
+        log.error(
+            "no price for model %r: iteration %d charged at %s's prices; add the model to "
+            "kiln.yaml",
+            event.model,
+            event.iteration,
+            cost.priced_as,
+            extra={"build_id": event.build_id, "event_id": event.event_id},
+        )
+    return cost.micro_usd
 
 
 async def charge_iteration(deps: Deps, event: IterationCompleted) -> Charged:
