@@ -73,6 +73,9 @@ TARGET_RATIO = 1.5
 # ---------------------------------------------------------------------------- the instant parts
 
 
+SIGNATURE = "EqQBCkYIBxgCKkD" + "x" * 300  # the size of a real thinking block's signature
+
+
 class InstantModel:
     """One ``glob`` call per turn (a different pattern each time), ``end_turn`` at ``last``. The
     iteration is read from the request (1 + 2 per earlier iteration messages); usage is reported
@@ -91,6 +94,8 @@ class InstantModel:
             stop = "end_turn"
         else:
             content = [
+                # as the current models answer: a signed thinking block first (display omitted)
+                {"type": "thinking", "thinking": "", "signature": SIGNATURE},
                 {"type": "text", "text": f"{self.text} (step {n})"},
                 {
                     "type": "tool_use",

@@ -94,7 +94,7 @@ class LoopModel(ScriptedServer):
         else:
             path = "." if n % 2 == 0 else "./"
             content = [
-                {"type": "tool_use", "id": f"toolu_b{n}", "name": "list_dir",
+                {"type": "tool_use", "id": f"toolu_{build}_{n}", "name": "list_dir",
                  "input": {"path": path}},
             ]  # fmt: skip
             stop = "tool_use"
@@ -121,12 +121,17 @@ class LoopModel(ScriptedServer):
         }
 
     async def _handle(
-        self, method: str, path: str, body: bytes, arrived_at: float = 0.0
+        self,
+        method: str,
+        path: str,
+        body: bytes,
+        arrived_at: float = 0.0,
+        headers: dict[str, str] | None = None,
     ) -> tuple[int, dict[str, Any], dict[str, str]]:
         if method == "GET" and path.startswith("/stats"):  # /stats or /stats/<since, epoch s>
             tail = path.removeprefix("/stats").strip("/")
             return 200, self.stats(float(tail or 0)), {}
-        return await super()._handle(method, path, body, arrived_at)
+        return await super()._handle(method, path, body, arrived_at, headers)
 
 
 async def serve(host: str, port: int, latency_s: float, iterations: int, jitter: float) -> None:

@@ -35,7 +35,7 @@ CLIENTS, PER_CLIENT = 4, 16
 def body(i: int) -> bytes:
     return pydantic_core.to_json(
         {
-            "model": "claude-sonnet-4-5",
+            "model": "claude-sonnet-5-5",
             "max_tokens": 1024,
             "system": [{"type": "text", "text": f"(Build b{i % 200}.) You build apps."}],
             "tools": [],

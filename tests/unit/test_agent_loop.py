@@ -86,7 +86,7 @@ async def test_happy_path_with_the_scripted_model_and_real_tools(tmp_path: Path)
     narrated = pub.of(AgentNarrated)
     assert len([n for n in narrated if n.source == "narrate"]) == 2
     # the notes the script writes before its tool calls are shown too
-    assert [n.text for n in narrated if n.source == "thinking"][0].startswith("I'll build")
+    assert next(n.text for n in narrated if n.source == "thinking").startswith("I'll build")
     assert any(c.reason == "files_changed" for c in pub.of(CheckpointSaved))
     # a turn with three parallel calls, and the package really works at the end
     assert max(len([c for c in pub.of(ToolCall) if c.iteration == n]) for n in range(1, 9)) == 3

@@ -30,7 +30,6 @@ from kiln_contracts import (
 from kiln_runtime import config as kiln_config
 from kiln_runtime import metrics
 from kiln_runtime.config import KilnConfig, ModelSpec, Price
-from kiln_runtime.errors import PermanentError
 
 
 @dataclass

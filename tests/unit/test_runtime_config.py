@@ -1,14 +1,13 @@
 from __future__ import annotations
 
-import pytest
-
 from datetime import UTC, datetime
 from decimal import Decimal
+
+import pytest
 
 from kiln_contracts import CacheCreation, Usage
 from kiln_runtime.config import default, load
 from kiln_runtime.retry import backoff_delay, retry
-
 
 AT = datetime(2026, 12, 1, tzinfo=UTC)
 

@@ -21,9 +21,9 @@ from .ports import ModelRequest
 CACHE = {"type": "ephemeral"}
 # Adaptive thinking with its text returned summarized: on the current models the progress the
 # model writes between tool calls comes back in thinking blocks, shown to the user as narration.
-ADAPTIVE = {"type": "adaptive", "display": "summarized"}
+ADAPTIVE: dict[str, Any] = {"type": "adaptive", "display": "summarized"}
 # After a compaction: thinking blocks bound to the turns it changed are dropped by the API.
-DROP_UNBOUND = {"prefix_mismatch_behavior": "drop_block"}
+DROP_UNBOUND: dict[str, Any] = {"prefix_mismatch_behavior": "drop_block"}
 BINDING_BETA = "thinking-binding-controls-2026-08-01"
 CHARS_PER_TOKEN = 4
 
@@ -68,7 +68,9 @@ def build_request(
         tool_defs[-1] = {**tool_defs[-1], "cache_control": CACHE}
     # built here from checked data: not validated again (that would copy every block)
     max_tokens = min(config.max_tokens, spec.max_output_tokens) if spec else config.max_tokens
-    thinking = ADAPTIVE if spec and spec.thinking in ("adaptive", "always") else None
+    thinking: dict[str, Any] | None = (
+        ADAPTIVE if spec and spec.thinking in ("adaptive", "always") else None
+    )
     betas: list[str] = []
     if thinking is not None and cp.state.compacted_before > 0:
         thinking = {**thinking, "block_binding": DROP_UNBOUND}

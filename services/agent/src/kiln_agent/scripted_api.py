@@ -426,7 +426,7 @@ def with_thinking(
     out: list[dict[str, Any]] = [
         {"type": "thinking", "thinking": "Deciding the next step from what the tools returned."}
     ]
-    if int(digest[:2], 16) % 4 == 0:
+    if hashlib.sha256(digest.encode()).digest()[0] % 4 == 0:
         out.append({"type": "redacted_thinking", "data": ""})
     for block in content:
         if calls and block.get("type") == "text":

@@ -202,7 +202,7 @@ class ScriptedServer:
     ) -> dict[str, Any]:
         """The script's answer as the API sends it: the served model's id (an alias answered
         with its dated snapshot), thinking blocks, cache writes split by TTL."""
-        content = api.with_thinking(request, checked, response["content"], response["id"][4:])
+        content = api.with_thinking(request, checked, response["content"], str(response["id"]))
         self.issued.remember(content, response["stop_reason"])
         usage = dict(response["usage"])
         if checked.thinking:
