@@ -49,8 +49,8 @@ async def budget(infra: dict[str, str], uid: str) -> AsyncIterator[bootstrap.Wir
         nats_url=infra["NATS_URL"], redis_url=infra["REDIS_URL"], ack_wait_s=5, max_deliver=3
     )
     wiring = bootstrap.build(settings, service=f"budget-{uid}")
-    await wiring.start()
     await wiring.bus.connect()
+    await wiring.start()
     await wiring.bus.start()
     try:
         yield wiring
@@ -59,11 +59,11 @@ async def budget(infra: dict[str, str], uid: str) -> AsyncIterator[bootstrap.Wir
         await wiring.stop()
 
 
-def iteration(uid: str, **usage: int) -> IterationCompleted:
+def iteration(uid: str, it: int = 1, **usage: int) -> IterationCompleted:
     return IterationCompleted(
         build_id=f"b{uid}",
         user_id=f"u{uid}",
-        iteration=1,
+        iteration=it,
         model="claude-sonnet-4-5",
         usage=Usage(**usage),
         stop_reason="end_turn",
@@ -101,13 +101,18 @@ async def test_iteration_charged_once_even_when_delivered_twice(
     assert await spending.spent_today(deps, f"u{uid}") == expected
 
 
+async def opened(infra: dict[str, str]) -> RedisSpendStore:
+    store = RedisSpendStore(infra["REDIS_URL"])
+    await store.open()
+    return store
+
+
 async def test_two_replicas_charging_the_same_event_concurrently_charge_once(
     infra: dict[str, str], uid: str
 ) -> None:
     replicas = []
     for _ in range(2):
-        store = RedisSpendStore(infra["REDIS_URL"])
-        await store.open()
+        store = await opened(infra)
         replicas.append(spending.Deps(store, SystemClock(), kiln_config.default()))
     try:
         event = iteration(uid, input_tokens=7)
@@ -126,8 +131,7 @@ async def test_two_replicas_charging_the_same_event_concurrently_charge_once(
 
 
 async def test_charge_goes_to_the_events_utc_day_and_month(infra: dict[str, str], uid: str) -> None:
-    store = RedisSpendStore(infra["REDIS_URL"])
-    await store.open()
+    store = await opened(infra)
     try:
         event = iteration(uid, output_tokens=2).model_copy(
             update={"occurred_at": datetime(2024, 12, 31, 23, 59, 59, tzinfo=UTC)}

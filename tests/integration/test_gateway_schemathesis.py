@@ -47,7 +47,6 @@ def gateway_url(infra: dict[str, str]) -> Iterator[str]:
             **os.environ,
             "NATS_URL": nats.start_nats(),
             "DATABASE_URL": own_database(infra["DATABASE_URL"], f"st_{uuid.uuid4().hex[:8]}"),
-            "REDIS_URL": infra["REDIS_URL"],
             "S3_ENDPOINT_URL": infra["S3_ENDPOINT_URL"],
             "KILN_GATEWAY_PORT": str(port),
             "KILN_GATEWAY_HOST": "127.0.0.1",

@@ -27,7 +27,12 @@ def test_generated_files_are_up_to_date():
 
 def test_permissions_name_real_kinds_streams_and_rpc_subjects():
     assert (DOC["stream"], DOC["dlq_stream"]) == (subjects.STREAM, subjects.DLQ_STREAM)
-    rpc = {subjects.SANDBOX_MANIFEST, subjects.SANDBOX_UPLOAD, subjects.SNAPSHOT_RESTORE_PLAN}
+    rpc = {
+        subjects.SANDBOX_MANIFEST,
+        subjects.SANDBOX_UPLOAD,
+        subjects.SNAPSHOT_RESTORE_PLAN,
+        subjects.BUDGET_STATUS,
+    }
     assert set(SERVICES) == {"gateway", "agent", "sandbox", "budget", "snapshot"}
     for name, spec in SERVICES.items():
         for kind in [*spec.get("publishes", []), *spec.get("consumes", [])]:

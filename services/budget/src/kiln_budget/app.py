@@ -1,6 +1,15 @@
-"""The budget's subscribers: validation is the bus's, the work is the domain's."""
+"""The budget's subscribers: validation is the bus's, the work is the domain's. Also the answer
+to ``kiln.rpc.budget.status`` (request/reply)."""
 
 from __future__ import annotations
+
+import asyncio
+import logging
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from pydantic import ValidationError
 
 from kiln_contracts import (
     BuildCancelled,
@@ -9,11 +18,18 @@ from kiln_contracts import (
     BuildRequested,
     BuildResumed,
     IterationCompleted,
+    TopUpRequested,
+    subjects,
 )
+from kiln_contracts.rpc import BudgetStatusReply, BudgetStatusRequest
 from kiln_runtime.bus import Bus, Delivery
 
 from . import spending
 from .spending import BuildEnded, Deps
+
+log = logging.getLogger(__name__)
+
+STATUS_QUEUE = "budget"
 
 
 def register(bus: Bus, deps: Deps, *, max_workers: int = 8) -> None:
@@ -33,9 +49,47 @@ def register(bus: Bus, deps: Deps, *, max_workers: int = 8) -> None:
         """Remove the build from its user's running builds."""
         await spending.build_ended(deps, event)
 
+    async def on_top_up_requested(event: TopUpRequested, _: Delivery) -> None:
+        """Credit the top-up once and wake the user's builds the budget put to sleep."""
+        await spending.top_up(deps, event)
+
     bus.consume(IterationCompleted, on_iteration_completed, max_workers=max_workers)
     bus.consume(BuildRequested, on_build_requested, max_workers=max_workers)
     bus.consume(BuildResumed, on_build_resumed, max_workers=max_workers)
     bus.consume(BuildCompleted, on_build_ended, max_workers=max_workers)
     bus.consume(BuildFailed, on_build_ended, max_workers=max_workers)
     bus.consume(BuildCancelled, on_build_ended, max_workers=max_workers)
+    bus.consume(TopUpRequested, on_top_up_requested, max_workers=max_workers)
+
+
+async def answer_status(deps: Deps, data: bytes) -> BudgetStatusReply:
+    """A reply for every request: invalid input and failures come back as ok=False."""
+    try:
+        request = BudgetStatusRequest.model_validate_json(data)
+    except ValidationError as err:
+        return BudgetStatusReply(ok=False, error=f"invalid BudgetStatusRequest: {err}")
+    try:
+        status = await spending.allowance(deps, request.user_id, unseen_tier=request.tier)
+    except Exception as err:
+        log.exception("budget status failed for %s", request.user_id)
+        return BudgetStatusReply(
+            ok=False, error=f"budget status failed: {type(err).__name__}: {err}"
+        )
+    return BudgetStatusReply(status=status.as_status(request.user_id))
+
+
+async def serve_status(nc: Client, deps: Deps) -> Subscription:
+    """Answer BudgetStatusRequests on BUDGET_STATUS (queue group "budget"), concurrently."""
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def respond(msg: Msg) -> None:
+        reply = await answer_status(deps, msg.data)
+        if msg.reply:
+            await msg.respond(reply.model_dump_json().encode())
+
+    async def on_request(msg: Msg) -> None:
+        task = asyncio.create_task(respond(msg))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    return await nc.subscribe(subjects.BUDGET_STATUS, queue=STATUS_QUEUE, cb=on_request)

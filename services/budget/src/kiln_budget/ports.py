@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Literal, Protocol
 
 from kiln_contracts import Envelope
 
@@ -26,6 +26,11 @@ class Charge:
     period: str  # the period's counter key (2025-03-31)
     cycle: str  # the cycle's counter key (2025-03)
     amount_micro_usd: int
+
+
+# A top-up's state in the store: "new" (credited now), "credited" (before, its wakes not yet
+# known to be sent), "woken" (credited and its wakes sent: nothing left to do).
+TopUpState = Literal["new", "credited", "woken"]
 
 
 class SpendStore(Protocol):
@@ -56,9 +61,18 @@ class SpendStore(Protocol):
     async def tier(self, user_id: str) -> str | None: ...
 
     async def add_topup(
-        self, user_id: str, topup_id: str, amount_micro_usd: int, at: datetime
-    ) -> None:
-        """Credit ``amount`` at ``at`` (the same ``topup_id`` again is one top-up)."""
+        self,
+        user_id: str,
+        topup_id: str,
+        amount_micro_usd: int,
+        at: datetime,
+    ) -> TopUpState:
+        """Credit ``amount`` at ``at`` unless the user's ``topup_id`` was credited before (the
+        same id again, whatever its amount, is one top-up); its state now."""
+        ...
+
+    async def topup_woken(self, user_id: str, topup_id: str) -> None:
+        """The top-up's wakes have been sent."""
         ...
 
     async def topups(self, user_id: str, since: datetime, until: datetime) -> int:
@@ -84,10 +98,6 @@ class SpendStore(Protocol):
         ...
 
     async def sleeping(self, user_id: str) -> set[str]: ...
-
-    async def save_status(self, user_id: str, status: dict[str, str], ttl_s: int) -> None:
-        """The user's latest allowance, for the gateway's GET /v1/budget (a thin read)."""
-        ...
 
 
 class Commands(Protocol):

@@ -1,5 +1,7 @@
 """Spend counters in Redis: one Lua script charges an event exactly once.
 
+The budget service alone reads and writes these keys.
+
 Keys (all amounts integer micro-dollars):
 
 * ``kiln:charged:<event_id>``                      the event was charged (35-day TTL)
@@ -11,24 +13,22 @@ Keys (all amounts integer micro-dollars):
 * ``kiln:ended:<build_id>``                        the build ended (keeps a late BuildRequested out)
 * ``kiln:tier:<user>``                             the tier of the user's latest BuildRequested
 
-Sleep and wake (see docs/ARCHITECTURE.md, budget):
+Sleep, wake and top-ups (see docs/ARCHITECTURE.md, budget):
 
 * ``kiln:budget:topups:<user>``                    sorted set of top-ups: member ``<topup_id>:<micro>``,
-                                                   score = Unix time of the top-up. WRITTEN BY THE
-                                                   GATEWAY (POST /v1/budget/top-up) too: that is the
-                                                   key contract.
+                                                   score = Unix time of the top-up
+* ``kiln:budget:topup:<user>:<topup_id>``          the top-up was credited (``credited``) and its
+                                                   wakes sent (``woken``)
 * ``kiln:budget:sleeping:<user>``                  set of the builds the budget put to sleep (a
                                                    top-up wakes these); left on BuildResumed or end
 * ``kiln:budget:gen:<build_id>``                   the build's wake generation (its last BuildResumed)
 * ``kiln:budget:slept:<build_id>:<period>``        the generation the budget slept the build in
-* ``kiln:budget:user:<user>``                      hash: the user's latest allowance (read by the
-                                                   gateway's GET /v1/budget)
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -36,7 +36,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..ports import Charge
+from ..ports import Charge, TopUpState
 
 DAY_S = 24 * 3600
 CHARGED_TTL_S = 35 * DAY_S
@@ -57,6 +57,19 @@ redis.call('EXPIRE', KEYS[3], ARGV[4])
 redis.call('INCRBY', KEYS[4], ARGV[1])
 redis.call('EXPIRE', KEYS[4], ARGV[5])
 return 1
+"""
+
+# KEYS: ledger, topups   ARGV: member, score, ttl, trim below this score
+TOPUP_LUA = """
+local state = redis.call('GET', KEYS[1])
+if state then
+  return state
+end
+redis.call('SET', KEYS[1], 'credited', 'EX', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return 'new'
 """
 
 # KEYS: running, ended   ARGV: build id
@@ -119,8 +132,8 @@ def slept_key(build_id: str, period: str) -> str:
     return f"kiln:budget:slept:{build_id}:{period}"
 
 
-def status_key(user_id: str) -> str:
-    return f"kiln:budget:user:{user_id}"
+def topup_key(user_id: str, topup_id: str) -> str:
+    return f"kiln:budget:topup:{user_id}:{topup_id}"
 
 
 def topup_member(topup_id: str, amount_micro_usd: int) -> str:
@@ -142,6 +155,7 @@ class RedisSpendStore:
         self._charge: Any = None
         self._started: Any = None
         self._ended: Any = None
+        self._topup: Any = None
 
     async def open(self) -> None:
         client = aioredis.from_url(
@@ -158,6 +172,7 @@ class RedisSpendStore:
         self._charge = client.register_script(CHARGE_LUA)
         self._started = client.register_script(STARTED_LUA)
         self._ended = client.register_script(ENDED_LUA)
+        self._topup = client.register_script(TOPUP_LUA)
 
     async def close(self) -> None:
         if self._redis is not None:
@@ -224,15 +239,30 @@ class RedisSpendStore:
     # ------------------------------------------------------------------ top-ups, sleep, status
 
     async def add_topup(
-        self, user_id: str, topup_id: str, amount_micro_usd: int, at: datetime
-    ) -> None:
-        key = topups_key(user_id)
-        member = topup_member(topup_id, amount_micro_usd)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zadd(key, {member: at.timestamp()})
-            pipe.zremrangebyscore(key, "-inf", at.timestamp() - MONTH_TTL_S)
-            pipe.expire(key, MONTH_TTL_S)
-            await pipe.execute()
+        self,
+        user_id: str,
+        topup_id: str,
+        amount_micro_usd: int,
+        at: datetime,
+    ) -> TopUpState:
+        _ = self.redis
+        state = str(
+            await self._topup(
+                keys=[topup_key(user_id, topup_id), topups_key(user_id)],
+                args=[
+                    topup_member(topup_id, amount_micro_usd),
+                    at.timestamp(),
+                    MONTH_TTL_S,
+                    at.timestamp() - MONTH_TTL_S,
+                ],
+            )
+        )
+        if state not in ("new", "credited", "woken"):
+            raise RuntimeError(f"unexpected top-up state {state!r}")
+        return cast(TopUpState, state)
+
+    async def topup_woken(self, user_id: str, topup_id: str) -> None:
+        await self.redis.set(topup_key(user_id, topup_id), "woken", xx=True, keepttl=True)
 
     async def topups(self, user_id: str, since: datetime, until: datetime) -> int:
         members = await self.redis.zrangebyscore(
@@ -266,10 +296,3 @@ class RedisSpendStore:
     async def sleeping(self, user_id: str) -> set[str]:
         members = await self.redis.smembers(sleeping_key(user_id))  # type: ignore[misc]
         return {str(m) for m in members}
-
-    async def save_status(self, user_id: str, status: dict[str, str], ttl_s: int) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(status_key(user_id))
-            pipe.hset(status_key(user_id), mapping=status)  # type: ignore[arg-type]
-            pipe.expire(status_key(user_id), ttl_s)
-            await pipe.execute()
