@@ -25,6 +25,7 @@ import nats
 import pytest
 from nats.aio.client import Client
 
+from kiln_budget.adapters.stream_history import StreamHistory
 from kiln_contracts import BY_KIND, Envelope, TopUpRequested, WakeRequested, budget_id, subjects
 from kiln_runtime.bus import Bus, Delivery
 from kiln_runtime.settings import CommonSettings
@@ -200,6 +201,12 @@ async def test_each_service_user_runs_its_own_flows(server, uid):
         replayed = [await sub.next_msg(timeout=5) for _ in of_the_build]
         assert [m.subject.rsplit(".", 1)[1] for m in replayed] == of_the_build
         await sub.unsubscribe()
+
+        # The budget replays its kinds from the stream (the rebuild of a lost Redis).
+        kinds = [BY_KIND[k] for k in SERVICES["budget"]["consumes"]]
+        history = StreamHistory(lambda: buses["budget"].nc)
+        seen = [m.kind async for m in history.replay(kinds) if m.user_id == USER]
+        assert sorted(seen) == sorted(SERVICES["budget"]["consumes"])
 
         # The budget schedules a wake-up with a JetStream message schedule.
         at = (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")

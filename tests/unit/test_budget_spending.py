@@ -1,5 +1,5 @@
 """The budget's domain with an in-memory store: pricing, rounding, charge-once, running builds,
-sleep, wake and top-ups."""
+sleep, wake and top-ups, and the rebuild of a store that has lost its data."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from kiln_budget import app, spending
 from kiln_budget.periods import ShortCalendar, UtcCalendar, rfc3339
-from kiln_budget.ports import Charge, TopUpState
+from kiln_budget.ports import Charge, SpendLost, TopUpState
 from kiln_budget.spending import Deps
 from kiln_contracts import (
     BuildCancelled,
@@ -45,6 +45,13 @@ class FakeStore:
     slept_marks: dict[tuple[str, str], str] = field(default_factory=dict)
     sleeping_sets: dict[str, set[str]] = field(default_factory=dict)
     topup_states: dict[tuple[str, str], TopUpState] = field(default_factory=dict)
+    marked_intact: bool = True
+    rebuilds: set[str] = field(default_factory=set)
+
+    def lose_everything(self) -> None:
+        """What a FLUSHALL does to Redis."""
+        fresh = FakeStore(marked_intact=False)
+        self.__dict__.update(fresh.__dict__)
 
     async def set_tier(self, user_id: str, tier: str) -> None:
         self.tiers[user_id] = tier
@@ -55,8 +62,10 @@ class FakeStore:
     def _add(self, key: str, amount: int) -> None:
         self.counters[key] = self.counters.get(key, 0) + amount
 
-    async def charge(self, charge: Charge) -> bool:
+    async def charge(self, charge: Charge, *, replay: bool = False) -> bool:
         await asyncio.sleep(0)  # let concurrent callers interleave
+        if not replay and not self.marked_intact:
+            raise SpendLost("lost")
         if charge.event_id in self.charged:
             return False
         self.charged.add(charge.event_id)
@@ -90,7 +99,11 @@ class FakeStore:
     async def running(self, user_id: str) -> set[str]:
         return set(self.running_sets.get(user_id, set()))
 
-    async def add_topup(self, user_id: str, topup_id: str, amount: int, at: datetime) -> TopUpState:
+    async def add_topup(
+        self, user_id: str, topup_id: str, amount: int, at: datetime, *, replay: bool = False
+    ) -> TopUpState:
+        if not replay and not self.marked_intact:
+            raise SpendLost("lost")
         if (user_id, topup_id) in self.topup_states:
             return self.topup_states[(user_id, topup_id)]
         self.topup_states[(user_id, topup_id)] = "credited"
@@ -122,6 +135,21 @@ class FakeStore:
 
     async def sleeping(self, user_id: str) -> set[str]:
         return set(self.sleeping_sets.get(user_id, set()))
+
+    async def intact(self) -> bool:
+        return self.marked_intact
+
+    async def begin_rebuild(self) -> str:
+        token = uuid.uuid4().hex
+        self.rebuilds.add(token)
+        return token
+
+    async def finish_rebuild(self, token: str) -> bool:
+        if token not in self.rebuilds:
+            return False
+        self.rebuilds.discard(token)
+        self.marked_intact = True
+        return True
 
 
 @dataclass

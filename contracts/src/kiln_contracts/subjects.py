@@ -19,8 +19,9 @@ DLQ_SUBJECTS: Final = ("kiln.dlq.>",)
 DUPLICATE_WINDOW_S: Final = 600.0
 # Largest message accepted on the stream (tool output is truncated well below this).
 MAX_MSG_BYTES: Final = 1024 * 1024
-# How long a build's history is kept.
-MAX_AGE_S: Final = 30 * 24 * 3600.0
+# How long a build's history is kept: longer than a budget cycle (a month), which the budget
+# service rebuilds its counters from when its Redis has lost them.
+MAX_AGE_S: Final = 32 * 24 * 3600.0
 
 # Request/reply (core NATS, not persisted): the file exchange between snapshot and sandbox, and
 # a user's allowance, which the budget service answers the gateway.

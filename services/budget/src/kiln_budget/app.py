@@ -1,5 +1,5 @@
-"""The budget's subscribers: validation is the bus's, the work is the domain's. Also the answer
-to ``kiln.rpc.budget.status`` (request/reply)."""
+"""The budget's subscribers: validation is the bus's, the work is the domain's, on an intact store
+(``recovery.guarded``). Also the answer to ``kiln.rpc.budget.status`` (request/reply)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from kiln_contracts import (
 from kiln_contracts.rpc import BudgetStatusReply, BudgetStatusRequest
 from kiln_runtime.bus import Bus, Delivery
 
-from . import spending
+from . import recovery, spending
 from .spending import BuildEnded, Deps
 
 log = logging.getLogger(__name__)
@@ -35,23 +35,23 @@ STATUS_QUEUE = "budget"
 def register(bus: Bus, deps: Deps, *, max_workers: int = 8) -> None:
     async def on_iteration_completed(event: IterationCompleted, _: Delivery) -> None:
         """Price the iteration's usage and charge it once; at the allowance, sleep the builds."""
-        await spending.iteration_completed(deps, event)
+        await recovery.guarded(deps, spending.iteration_completed, event)
 
     async def on_build_requested(event: BuildRequested, _: Delivery) -> None:
         """Count the build among its user's running builds."""
-        await spending.build_started(deps, event)
+        await recovery.guarded(deps, spending.build_started, event)
 
     async def on_build_resumed(event: BuildResumed, _: Delivery) -> None:
         """A woken build may be put to sleep again (a new wake generation)."""
-        await spending.build_resumed(deps, event)
+        await recovery.guarded(deps, spending.build_resumed, event)
 
     async def on_build_ended(event: BuildEnded, _: Delivery) -> None:
         """Remove the build from its user's running builds."""
-        await spending.build_ended(deps, event)
+        await recovery.guarded(deps, spending.build_ended, event)
 
     async def on_top_up_requested(event: TopUpRequested, _: Delivery) -> None:
         """Credit the top-up once and wake the user's builds the budget put to sleep."""
-        await spending.top_up(deps, event)
+        await recovery.guarded(deps, spending.top_up, event)
 
     bus.consume(IterationCompleted, on_iteration_completed, max_workers=max_workers)
     bus.consume(BuildRequested, on_build_requested, max_workers=max_workers)
@@ -69,6 +69,7 @@ async def answer_status(deps: Deps, data: bytes) -> BudgetStatusReply:
     except ValidationError as err:
         return BudgetStatusReply(ok=False, error=f"invalid BudgetStatusRequest: {err}")
     try:
+        await recovery.ensure_intact(deps)
         status = await spending.allowance(deps, request.user_id, unseen_tier=request.tier)
     except Exception as err:
         log.exception("budget status failed for %s", request.user_id)

@@ -16,6 +16,7 @@ from . import app
 from .adapters.bus_commands import BusCommands
 from .adapters.clock import SystemClock
 from .adapters.redis_store import RedisSpendStore
+from .adapters.stream_history import StreamHistory
 from .periods import Calendar, ShortCalendar, UtcCalendar
 from .ports import Clock
 from .settings import BudgetSettings
@@ -67,6 +68,7 @@ def build(
         calendar=calendar or calendar_of(settings),
         commands=BusCommands(bus),
         demo_allowance_micro_usd=settings.demo_allowance_micro_usd,
+        history=StreamHistory(lambda: bus.nc),
     )
     app.register(bus, deps, max_workers=settings.workers)
     return Wiring(bus=bus, deps=deps, store=store)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, Protocol
@@ -28,15 +29,24 @@ class Charge:
     amount_micro_usd: int
 
 
+class SpendLost(Exception):
+    """The store has lost its data (its "intact" mark is gone: a flushed or empty Redis): it
+    charges and credits nothing until it has been rebuilt from the stream."""
+
+
 # A top-up's state in the store: "new" (credited now), "credited" (before, its wakes not yet
 # known to be sent), "woken" (credited and its wakes sent: nothing left to do).
 TopUpState = Literal["new", "credited", "woken"]
 
 
 class SpendStore(Protocol):
-    """Spend counters (integer micro-dollars), top-ups, running and sleeping builds."""
+    """Spend counters (integer micro-dollars), top-ups, running and sleeping builds.
 
-    async def charge(self, charge: Charge) -> bool:
+    The store knows whether it holds everything since it was last rebuilt (``intact``): a store
+    that has lost its data refuses ``charge`` and ``add_topup`` (``SpendLost``) until
+    ``finish_rebuild``; ``replay=True`` (the rebuild itself) skips that check."""
+
+    async def charge(self, charge: Charge, *, replay: bool = False) -> bool:
         """Apply ``charge`` atomically unless its event_id was charged before; True if applied."""
         ...
 
@@ -66,6 +76,8 @@ class SpendStore(Protocol):
         topup_id: str,
         amount_micro_usd: int,
         at: datetime,
+        *,
+        replay: bool = False,
     ) -> TopUpState:
         """Credit ``amount`` at ``at`` unless the user's ``topup_id`` was credited before (the
         same id again, whatever its amount, is one top-up); its state now."""
@@ -98,6 +110,27 @@ class SpendStore(Protocol):
         ...
 
     async def sleeping(self, user_id: str) -> set[str]: ...
+
+    async def intact(self) -> bool:
+        """True unless the store has lost its data since its last rebuild (or never had one)."""
+        ...
+
+    async def begin_rebuild(self) -> str:
+        """Start a rebuild; returns its token (lost with the data, should that go again)."""
+        ...
+
+    async def finish_rebuild(self, token: str) -> bool:
+        """Mark the store intact, unless it lost its data (and the token) during the rebuild."""
+        ...
+
+
+class History(Protocol):
+    """The stream, read back: the budget's own inputs, to rebuild a store that lost its data."""
+
+    def replay(self, kinds: Sequence[type[Envelope]]) -> AsyncIterator[Envelope]:
+        """Every valid message of ``kinds`` the stream holds, in stream order, up to the last
+        one stored when the replay reached it; then the iterator ends."""
+        ...
 
 
 class Commands(Protocol):

@@ -13,10 +13,13 @@ Plain async functions over the ports (no broker here). Amounts are integer micro
 * Top-up: a TopUpRequested credits the user once per top-up id and wakes the builds the budget
   put to sleep.
 * Per-build cap: enforced by the agent (BuildFailed reason ``cost_limit``), not here.
+
+These rules assume an intact store; ``recovery.py`` rebuilds one that has lost its data.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -39,7 +42,7 @@ from kiln_runtime.config import KilnConfig
 from kiln_runtime.errors import PermanentError
 
 from .periods import Calendar, Period, UtcCalendar, as_utc
-from .ports import Charge, Clock, Commands, SpendStore
+from .ports import Charge, Clock, Commands, History, SpendStore
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,8 @@ class Deps:
     calendar: Calendar = field(default_factory=UtcCalendar)
     commands: Commands | None = None
     demo_allowance_micro_usd: int | None = None  # a fixed allowance per period (the demo)
+    history: History | None = None  # the stream, to rebuild a store that lost its data
+    rebuild_lock: asyncio.Lock = field(default_factory=asyncio.Lock, compare=False, repr=False)
 
     def now(self) -> datetime:
         return as_utc(self.clock.now())
@@ -233,10 +238,11 @@ async def allowance(
     tier: str | None = None,
     *,
     unseen_tier: str | None = None,
+    at: datetime | None = None,
 ) -> Allowance:
-    """The user's allowance now: by ``tier``, else the tier last seen in their BuildRequested,
-    else ``unseen_tier``, else ``free``."""
-    period = deps.calendar.period(deps.now())
+    """The user's allowance now (or ``at``): by ``tier``, else the tier last seen in their
+    BuildRequested, else ``unseen_tier``, else ``free``."""
+    period = deps.calendar.period(at or deps.now())
     tier_name = tier or await deps.store.tier(user_id) or unseen_tier or "free"
     monthly = deps.config.tier(tier_name).monthly_budget_micro_usd
     spent_month = await deps.store.user_month(user_id, period.cycle)
@@ -268,7 +274,8 @@ async def enforce(deps: Deps, user_id: str, cause: IterationCompleted | None = N
     Returns the builds asked to sleep now. Per build: schedule the wake first, then request the
     sleep, then remember it; a crash in between redoes the steps (the same event ids: the server
     drops a repeat within its duplicate window, the agent ignores a second sleep or wake)."""
-    status = await allowance(deps, user_id)
+    now = deps.now()
+    status = await allowance(deps, user_id, at=now)
     if not status.exhausted:
         return []
     if deps.commands is None:
@@ -293,6 +300,7 @@ async def enforce(deps: Deps, user_id: str, cause: IterationCompleted | None = N
             event_id=stable_id(build_id, "budget-sleep", status.period.key, generation),
             build_id=build_id,
             user_id=user_id,
+            occurred_at=now,  # the budget's time: a rebuild places the sleep in its period
             causation_id=causation,
             reason=f"{reason}: spent {status.spent_today_micro_usd} of "
             f"{status.allowance_today_micro_usd} micro-USD",
