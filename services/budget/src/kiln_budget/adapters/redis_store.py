@@ -280,7 +280,7 @@ class RedisSpendStore:
         value = await self.redis.get(tier_key(user_id))
         return None if value is None else str(value)
 
-    # ------------------------------------------------------------------ top-ups, sleep, status
+    # ------------------------------------------------------------------ top-ups, sleep and wake
 
     async def add_topup(
         self,
