@@ -1,4 +1,5 @@
-"""The budget's domain with an in-memory store: pricing, rounding, charge-once, running builds."""
+"""The budget's domain with an in-memory store: pricing, rounding, charge-once, running builds,
+sleep, wake and top-ups, and the rebuild of a store that has lost its data."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from kiln_budget import app, spending
 from kiln_budget.periods import ShortCalendar, UtcCalendar, rfc3339
-from kiln_budget.ports import Charge
+from kiln_budget.ports import Charge, SpendLost, TopUpState
 from kiln_budget.spending import Deps
 from kiln_contracts import (
     BuildCancelled,
@@ -24,6 +25,7 @@ from kiln_contracts import (
     Envelope,
     IterationCompleted,
     SleepRequested,
+    TopUpRequested,
     Usage,
     WakeRequested,
 )
@@ -43,7 +45,14 @@ class FakeStore:
     generations: dict[str, str] = field(default_factory=dict)
     slept_marks: dict[tuple[str, str], str] = field(default_factory=dict)
     sleeping_sets: dict[str, set[str]] = field(default_factory=dict)
-    statuses: dict[str, dict[str, str]] = field(default_factory=dict)
+    topup_states: dict[tuple[str, str], TopUpState] = field(default_factory=dict)
+    marked_intact: bool = True
+    rebuilds: set[str] = field(default_factory=set)
+
+    def lose_everything(self) -> None:
+        """What a FLUSHALL does to Redis."""
+        fresh = FakeStore(marked_intact=False)
+        self.__dict__.update(fresh.__dict__)
 
     async def set_tier(self, user_id: str, tier: str) -> None:
         self.tiers[user_id] = tier
@@ -54,8 +63,10 @@ class FakeStore:
     def _add(self, key: str, amount: int) -> None:
         self.counters[key] = self.counters.get(key, 0) + amount
 
-    async def charge(self, charge: Charge) -> bool:
+    async def charge(self, charge: Charge, *, replay: bool = False) -> bool:
         await asyncio.sleep(0)  # let concurrent callers interleave
+        if not replay and not self.marked_intact:
+            raise SpendLost("lost")
         if charge.event_id in self.charged:
             return False
         self.charged.add(charge.event_id)
@@ -89,8 +100,19 @@ class FakeStore:
     async def running(self, user_id: str) -> set[str]:
         return set(self.running_sets.get(user_id, set()))
 
-    async def add_topup(self, user_id: str, topup_id: str, amount: int, at: datetime) -> None:
+    async def add_topup(
+        self, user_id: str, topup_id: str, amount: int, at: datetime, *, replay: bool = False
+    ) -> TopUpState:
+        if not replay and not self.marked_intact:
+            raise SpendLost("lost")
+        if (user_id, topup_id) in self.topup_states:
+            return self.topup_states[(user_id, topup_id)]
+        self.topup_states[(user_id, topup_id)] = "credited"
         self.topup_list.setdefault(user_id, {})[topup_id] = (amount, at)
+        return "new"
+
+    async def topup_woken(self, user_id: str, topup_id: str) -> None:
+        self.topup_states[(user_id, topup_id)] = "woken"
 
     async def topups(self, user_id: str, since: datetime, until: datetime) -> int:
         made = self.topup_list.get(user_id, {}).values()
@@ -115,8 +137,20 @@ class FakeStore:
     async def sleeping(self, user_id: str) -> set[str]:
         return set(self.sleeping_sets.get(user_id, set()))
 
-    async def save_status(self, user_id: str, status: dict[str, str], ttl_s: int) -> None:
-        self.statuses[user_id] = status
+    async def intact(self) -> bool:
+        return self.marked_intact
+
+    async def begin_rebuild(self) -> str:
+        token = uuid.uuid4().hex
+        self.rebuilds.add(token)
+        return token
+
+    async def finish_rebuild(self, token: str) -> bool:
+        if token not in self.rebuilds:
+            return False
+        self.rebuilds.discard(token)
+        self.marked_intact = True
+        return True
 
 
 @dataclass
@@ -298,6 +332,7 @@ def test_register_consumes_each_kind_once(deps: Deps) -> None:
         "build_requested",
         "build_resumed",
         "iteration_completed",
+        "top_up_requested",
     ]
 
 
@@ -384,6 +419,12 @@ def sleepy(allowance_micro_usd: int | None = 1_000) -> tuple[Deps, FakeCommands]
     return deps, commands
 
 
+def topup(user_id: str, topup_id: str, amount_micro_usd: int) -> TopUpRequested:
+    """A top-up requested now (by the tests' clock)."""
+    command = TopUpRequested.of(user_id, topup_id, amount_micro_usd)
+    return command.model_copy(update={"occurred_at": NOW})
+
+
 async def start(deps: Deps, *builds: str, tier: str = "free") -> None:
     for b in builds:
         await spending.build_started(
@@ -396,7 +437,7 @@ async def test_below_the_allowance_nothing_sleeps() -> None:
     await start(d, "b1")
     assert await spending.iteration_completed(d, iteration(input_tokens=100)) == []  # 300
     assert commands.now == [] and commands.scheduled == {}
-    assert d.store.statuses["u1"]["remaining_micro_usd"] == "700"  # type: ignore[attr-defined]
+    assert (await spending.allowance(d, "u1")).remaining_today_micro_usd == 700
 
 
 async def test_at_the_allowance_every_running_build_sleeps_once_until_the_reset() -> None:
@@ -439,13 +480,44 @@ async def test_a_top_up_wakes_the_sleeping_builds_and_raises_the_allowance() -> 
     await spending.build_ended(
         d, BuildCancelled(build_id="b2", user_id="u1", reason="", iterations=1, cost_micro_usd=0)
     )
-    woken = await spending.top_up(d, "u1", "t1", 5_000)
+    command = topup("u1", "t1", 5_000)
+    woken = await spending.top_up(d, command)
     assert woken == {"b1"}
     wakes = [m for m in commands.now if isinstance(m, WakeRequested)]
-    assert [(w.build_id, w.reason) for w in wakes] == [("b1", "top-up")]
+    assert [(w.build_id, w.reason, w.causation_id) for w in wakes] == [
+        ("b1", "top-up", command.event_id)
+    ]
     status = await spending.allowance(d, "u1")
     assert status.allowance_today_micro_usd == 6_000 and not status.exhausted
-    await spending.top_up(d, "u1", "t1", 5_000)  # the same top-up again counts once
+
+
+async def test_a_top_up_delivered_twice_is_applied_once() -> None:
+    d, commands = sleepy(1_000)
+    await start(d, "b1")
+    await spending.iteration_completed(d, iteration(input_tokens=400))  # asleep
+    command = topup("u1", "t1", 5_000)
+    assert await spending.top_up(d, command) == {"b1"}
+    sent = list(commands.now)
+    # the same message again, and the same top-up id under another event id and amount
+    assert await spending.top_up(d, command) == set()
+    again = topup("u1", "t1", 9_000).with_id(uuid.uuid4())
+    assert await spending.top_up(d, again) == set()
+    assert commands.now == sent
+    assert (await spending.allowance(d, "u1")).allowance_today_micro_usd == 6_000
+    # another user's top-up of the same id is another top-up
+    assert await spending.top_up(d, topup("u2", "t1", 1)) == set()
+    assert await d.store.topups("u2", NOW - timedelta(days=1), NOW + timedelta(days=1)) == 1
+
+
+async def test_a_top_up_credited_before_a_crash_sends_its_wakes_when_redelivered() -> None:
+    d, commands = sleepy(1_000)
+    await start(d, "b1")
+    await spending.iteration_completed(d, iteration(input_tokens=400))
+    command = topup("u1", "t1", 5_000)
+    # credited, then the service died before it sent the wakes
+    await d.store.add_topup("u1", "t1", 5_000, command.occurred_at)
+    assert await spending.top_up(d, command) == {"b1"}
+    assert [m.build_id for m in commands.now if isinstance(m, WakeRequested)] == ["b1"]
     assert (await spending.allowance(d, "u1")).allowance_today_micro_usd == 6_000
 
 

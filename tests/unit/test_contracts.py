@@ -77,3 +77,19 @@ def test_asyncapi_document_is_up_to_date():
     doc = json.loads(on_disk)
     assert doc["asyncapi"].startswith("3.")
     assert "agent:tool_result" in json.dumps(doc["operations"])
+
+
+def test_a_top_up_is_on_its_users_budget_subject_with_a_stable_id():
+    from kiln_contracts import TopUpRequested, budget_id
+
+    command = TopUpRequested.of("alice", "t1", 5_000_000)
+    assert command.event_id == TopUpRequested.of("alice", "t1", 1).event_id  # one top-up id
+    assert command.event_id != TopUpRequested.of("bob", "t1", 5_000_000).event_id
+    assert subjects.subject_of(command) == f"kiln.build.{budget_id('alice')}.top_up_requested"
+    assert budget_id("alice").startswith("budget-") and len(budget_id("x" * 64)) == 39
+    again = TopUpRequested.model_validate_json(command.model_dump_json())
+    assert again == command
+    with pytest.raises(ValidationError, match="budget_id"):
+        TopUpRequested(build_id="b1", user_id="alice", topup_id="t1", amount_micro_usd=1)
+    with pytest.raises(ValidationError):
+        TopUpRequested.of("alice", "t1", 0)

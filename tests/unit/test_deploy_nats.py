@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from kiln_contracts import BY_KIND, subjects
+from kiln_contracts.routes import CONSUMES, PUBLISHES
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "deploy" / "nats"))
@@ -26,7 +27,12 @@ def test_generated_files_are_up_to_date():
 
 def test_permissions_name_real_kinds_streams_and_rpc_subjects():
     assert (DOC["stream"], DOC["dlq_stream"]) == (subjects.STREAM, subjects.DLQ_STREAM)
-    rpc = {subjects.SANDBOX_MANIFEST, subjects.SANDBOX_UPLOAD, subjects.SNAPSHOT_RESTORE_PLAN}
+    rpc = {
+        subjects.SANDBOX_MANIFEST,
+        subjects.SANDBOX_UPLOAD,
+        subjects.SNAPSHOT_RESTORE_PLAN,
+        subjects.BUDGET_STATUS,
+    }
     assert set(SERVICES) == {"gateway", "agent", "sandbox", "budget", "snapshot"}
     for name, spec in SERVICES.items():
         for kind in [*spec.get("publishes", []), *spec.get("consumes", [])]:
@@ -42,6 +48,14 @@ def test_every_consumed_kind_has_a_publisher_and_every_rpc_a_server():
     served = {s for spec in SERVICES.values() for s in spec.get("serves", [])}
     requested = {s for spec in SERVICES.values() for s in spec.get("requests", [])}
     assert requested <= served
+
+
+def test_each_service_publishes_and_consumes_what_the_routes_say():
+    for name, spec in SERVICES.items():
+        assert set(spec["publishes"]) == {m.kind for m in PUBLISHES[name]}, name
+        if spec.get("consumes_all"):
+            continue  # one consumer for every kind (the gateway's projection)
+        assert set(spec.get("consumes", [])) == {m.kind for m in CONSUMES[name]}, name
 
 
 def test_durables_follow_the_bus_naming():

@@ -2,7 +2,15 @@
 
 from . import subjects
 from .messages import *  # noqa: F403
-from .messages import BY_KIND, MESSAGES, TERMINAL_KINDS, Envelope, stable_id
+from .messages import BY_KIND, MESSAGES, TERMINAL_KINDS, Envelope, budget_id, stable_id
 from .rpc import *  # noqa: F403
 
-__all__ = ["BY_KIND", "MESSAGES", "TERMINAL_KINDS", "Envelope", "stable_id", "subjects"]
+__all__ = [
+    "BY_KIND",
+    "MESSAGES",
+    "TERMINAL_KINDS",
+    "Envelope",
+    "budget_id",
+    "stable_id",
+    "subjects",
+]

@@ -1,4 +1,5 @@
-"""Request/reply messages between snapshot and sandbox (core NATS, not persisted).
+"""Request/reply messages (core NATS, not persisted): between snapshot and sandbox, and the
+budget's answer to the gateway.
 
 Bytes never travel on the bus: the sandbox hashes its files and uploads the missing blobs to S3
 itself, through presigned URLs the snapshot service hands it.
@@ -7,11 +8,12 @@ itself, through presigned URLs the snapshot service hands it.
 from __future__ import annotations
 
 import hashlib
-from typing import Literal, Self
+from datetime import datetime
+from typing import Annotated, Literal, Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, StringConstraints, model_validator
 
-from .messages import Id, Model
+from .messages import Id, MicroUsd, Model
 
 EntryType = Literal["file", "dir", "symlink"]
 
@@ -116,6 +118,41 @@ class RestorePlanReply(Model):
     skipped: list[str] = Field(default_factory=list)
 
 
+class BudgetStatusRequest(Model):
+    """What the budget allows a user now (``kiln.rpc.budget.status``)."""
+
+    user_id: Id
+    tier: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_-]{1,32}$")] | None = Field(
+        default=None,
+        description="The caller's tier, for a user whose builds the budget has not seen yet "
+        "(otherwise the budget goes by the tier of the user's latest BuildRequested).",
+    )
+
+
+class BudgetStatus(Model):
+    """A user's allowance in the current period ("today"), as the budget enforces it."""
+
+    user_id: Id
+    tier: str
+    period: str = Field(description="The period's key: 2025-03-31 (or p<n> when shortened).")
+    cycle: str = Field(description="The cycle's key: 2025-03 (or c<n>).")
+    period_start: datetime
+    period_end: datetime = Field(description="The reset: the allowance is recomputed then.")
+    allowance_micro_usd: MicroUsd
+    spent_period_micro_usd: MicroUsd
+    remaining_micro_usd: MicroUsd
+    spent_cycle_micro_usd: MicroUsd
+    topups_cycle_micro_usd: MicroUsd
+    monthly_budget_micro_usd: MicroUsd
+    wake_at: datetime = Field(description="When a build put to sleep now would wake.")
+
+
+class BudgetStatusReply(Model):
+    ok: bool = True
+    error: str = ""
+    status: BudgetStatus | None = None
+
+
 RPC_MODELS = (
     ManifestEntry,
     ManifestRequest,
@@ -126,4 +163,7 @@ RPC_MODELS = (
     RestorePlanRequest,
     Download,
     RestorePlanReply,
+    BudgetStatusRequest,
+    BudgetStatus,
+    BudgetStatusReply,
 )

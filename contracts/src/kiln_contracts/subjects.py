@@ -19,13 +19,16 @@ DLQ_SUBJECTS: Final = ("kiln.dlq.>",)
 DUPLICATE_WINDOW_S: Final = 600.0
 # Largest message accepted on the stream (tool output is truncated well below this).
 MAX_MSG_BYTES: Final = 1024 * 1024
-# How long a build's history is kept.
-MAX_AGE_S: Final = 30 * 24 * 3600.0
+# How long a build's history is kept: longer than a budget cycle (a month), which the budget
+# service rebuilds its counters from when its Redis has lost them.
+MAX_AGE_S: Final = 32 * 24 * 3600.0
 
-# Request/reply (core NATS, not persisted): the file exchange between snapshot and sandbox.
+# Request/reply (core NATS, not persisted): the file exchange between snapshot and sandbox, and
+# a user's allowance, which the budget service answers the gateway.
 SANDBOX_MANIFEST: Final = "kiln.rpc.sandbox.manifest"
 SANDBOX_UPLOAD: Final = "kiln.rpc.sandbox.upload"
 SNAPSHOT_RESTORE_PLAN: Final = "kiln.rpc.snapshot.restore_plan"
+BUDGET_STATUS: Final = "kiln.rpc.budget.status"
 
 
 def subject(build_id: str, kind: str) -> str:

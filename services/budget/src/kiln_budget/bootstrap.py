@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
+
+from nats.aio.subscription import Subscription
 
 from kiln_runtime import config as kiln_config
 from kiln_runtime.bus import Bus
@@ -14,6 +16,7 @@ from . import app
 from .adapters.bus_commands import BusCommands
 from .adapters.clock import SystemClock
 from .adapters.redis_store import RedisSpendStore
+from .adapters.stream_history import StreamHistory
 from .periods import Calendar, ShortCalendar, UtcCalendar
 from .ports import Clock
 from .settings import BudgetSettings
@@ -22,10 +25,23 @@ from .spending import Deps
 
 @dataclass
 class Wiring:
+    """The wired service. ``start()`` after ``bus.connect()``, before ``bus.start()``."""
+
     bus: Bus
     deps: Deps
-    start: Callable[[], Awaitable[None]]
-    stop: Callable[[], Awaitable[None]]
+    store: RedisSpendStore
+    _status: Subscription | None = field(default=None, repr=False)
+
+    async def start(self) -> None:
+        await self.store.open()
+        self._status = await app.serve_status(self.bus.nc, self.deps)
+
+    async def stop(self) -> None:
+        if self._status is not None:
+            with contextlib.suppress(Exception):
+                await self._status.unsubscribe()
+            self._status = None
+        await self.store.close()
 
 
 def calendar_of(settings: BudgetSettings) -> Calendar:
@@ -42,7 +58,7 @@ def build(
     config: KilnConfig | None = None,
     calendar: Calendar | None = None,
 ) -> Wiring:
-    """Wire the service; nothing connects until ``start()`` / ``bus.connect()``."""
+    """Wire the service; nothing connects until ``bus.connect()`` / ``start()``."""
     store = RedisSpendStore(settings.redis_url, timeout_s=settings.redis_timeout_s)
     bus = Bus(settings, service)
     deps = Deps(
@@ -52,9 +68,10 @@ def build(
         calendar=calendar or calendar_of(settings),
         commands=BusCommands(bus),
         demo_allowance_micro_usd=settings.demo_allowance_micro_usd,
+        history=StreamHistory(lambda: bus.nc),
     )
     app.register(bus, deps, max_workers=settings.workers)
-    return Wiring(bus=bus, deps=deps, start=store.open, stop=store.close)
+    return Wiring(bus=bus, deps=deps, store=store)
 
 
 async def run(settings: BudgetSettings) -> None:

@@ -10,11 +10,16 @@ Plain async functions over the ports (no broker here). Amounts are integer micro
 * Sleep: once the period's spend reaches the allowance, every running build of the user gets a
   SleepRequested (once per build, period and wake generation) and a WakeRequested scheduled for
   the reset (a JetStream message schedule: no timer here, nothing lost when this service restarts).
+* Top-up: a TopUpRequested credits the user once per top-up id and wakes the builds the budget
+  put to sleep.
 * Per-build cap: enforced by the agent (BuildFailed reason ``cost_limit``), not here.
+
+These rules assume an intact store; ``recovery.py`` rebuilds one that has lost its data.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -27,14 +32,16 @@ from kiln_contracts import (
     BuildResumed,
     IterationCompleted,
     SleepRequested,
+    TopUpRequested,
     WakeRequested,
     stable_id,
 )
+from kiln_contracts.rpc import BudgetStatus
 from kiln_runtime import metrics
 from kiln_runtime.config import KilnConfig
 
 from .periods import Calendar, Period, UtcCalendar, as_utc
-from .ports import Charge, Clock, Commands, SpendStore
+from .ports import Charge, Clock, Commands, History, SpendStore
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +62,8 @@ class Deps:
     calendar: Calendar = field(default_factory=UtcCalendar)
     commands: Commands | None = None
     demo_allowance_micro_usd: int | None = None  # a fixed allowance per period (the demo)
+    history: History | None = None  # the stream, to rebuild a store that lost its data
+    rebuild_lock: asyncio.Lock = field(default_factory=asyncio.Lock, compare=False, repr=False)
 
     def now(self) -> datetime:
         return as_utc(self.clock.now())
@@ -84,20 +93,24 @@ def cost_of(config: KilnConfig, event: IterationCompleted) -> int:
     return cost.micro_usd
 
 
+def charge_of(deps: Deps, event: IterationCompleted) -> Charge:
+    """The iteration's charge: its price, to the period and cycle of the event's time."""
+    period = deps.calendar.period(event.occurred_at)
+    return Charge(
+        event_id=event.event_id,
+        user_id=event.user_id,
+        build_id=event.build_id,
+        period=period.key,
+        cycle=period.cycle,
+        amount_micro_usd=cost_of(deps.config, event),
+    )
+
+
 async def charge_iteration(deps: Deps, event: IterationCompleted) -> Charged:
     """Charge the user (the period and cycle of the event's time) and the build, once per event."""
-    amount = cost_of(deps.config, event)
-    period = deps.calendar.period(event.occurred_at)
-    applied = await deps.store.charge(
-        Charge(
-            event_id=event.event_id,
-            user_id=event.user_id,
-            build_id=event.build_id,
-            period=period.key,
-            cycle=period.cycle,
-            amount_micro_usd=amount,
-        )
-    )
+    charge = charge_of(deps, event)
+    amount = charge.amount_micro_usd
+    applied = await deps.store.charge(charge)
     extra = {"build_id": event.build_id, "event_id": event.event_id, "iteration": event.iteration}
     if applied:
         log.info("charged %d micro-USD to %s", amount, event.user_id, extra=extra)
@@ -197,22 +210,23 @@ class Allowance:
         nothing is left for the periods between."""
         return self.period.end if self.cycle_left_micro_usd > 0 else self.period.cycle_end
 
-    def as_status(self, now: datetime) -> dict[str, str]:
-        return {
-            "tier": self.tier,
-            "period": self.period.key,
-            "cycle": self.period.cycle,
-            "period_start": self.period.start.isoformat(),
-            "period_end": self.period.end.isoformat(),
-            "allowance_micro_usd": str(self.allowance_today_micro_usd),
-            "spent_period_micro_usd": str(self.spent_today_micro_usd),
-            "remaining_micro_usd": str(self.remaining_today_micro_usd),
-            "spent_cycle_micro_usd": str(self.spent_month_micro_usd),
-            "topups_cycle_micro_usd": str(self.topups_micro_usd),
-            "monthly_budget_micro_usd": str(self.monthly_budget_micro_usd),
-            "wake_at": self.wake_at().isoformat(),
-            "updated_at": now.isoformat(),
-        }
+    def as_status(self, user_id: str) -> BudgetStatus:
+        """The allowance as the budget answers it (``kiln.rpc.budget.status``)."""
+        return BudgetStatus(
+            user_id=user_id,
+            tier=self.tier,
+            period=self.period.key,
+            cycle=self.period.cycle,
+            period_start=self.period.start,
+            period_end=self.period.end,
+            allowance_micro_usd=self.allowance_today_micro_usd,
+            spent_period_micro_usd=self.spent_today_micro_usd,
+            remaining_micro_usd=self.remaining_today_micro_usd,
+            spent_cycle_micro_usd=self.spent_month_micro_usd,
+            topups_cycle_micro_usd=self.topups_micro_usd,
+            monthly_budget_micro_usd=self.monthly_budget_micro_usd,
+            wake_at=self.wake_at(),
+        )
 
 
 def daily_allowance(budget: int, spent_before_today: int, days_left: int) -> int:
@@ -223,11 +237,18 @@ def daily_allowance(budget: int, spent_before_today: int, days_left: int) -> int
     return max(0, budget - spent_before_today) // max(1, days_left)
 
 
-async def allowance(deps: Deps, user_id: str, tier: str | None = None) -> Allowance:
-    """The user's allowance now (the tier last seen in their BuildRequested, else ``free``)."""
-    now = deps.now()
-    period = deps.calendar.period(now)
-    tier_name = tier or await deps.store.tier(user_id) or "free"
+async def allowance(
+    deps: Deps,
+    user_id: str,
+    tier: str | None = None,
+    *,
+    unseen_tier: str | None = None,
+    at: datetime | None = None,
+) -> Allowance:
+    """The user's allowance now (or ``at``): by ``tier``, else the tier last seen in their
+    BuildRequested, else ``unseen_tier``, else ``free``."""
+    period = deps.calendar.period(at or deps.now())
+    tier_name = tier or await deps.store.tier(user_id) or unseen_tier or "free"
     monthly = deps.config.tier(tier_name).monthly_budget_micro_usd
     spent_month = await deps.store.user_month(user_id, period.cycle)
     spent_today = await deps.store.user_day(user_id, period.key)
@@ -259,8 +280,7 @@ async def enforce(deps: Deps, user_id: str, cause: IterationCompleted | None = N
     sleep, then remember it; a crash in between redoes the steps (the same event ids: the server
     drops a repeat within its duplicate window, the agent ignores a second sleep or wake)."""
     now = deps.now()
-    status = await allowance(deps, user_id)
-    await deps.store.save_status(user_id, status.as_status(now), _ttl(status.period))
+    status = await allowance(deps, user_id, at=now)
     if not status.exhausted:
         return []
     if deps.commands is None:
@@ -285,6 +305,7 @@ async def enforce(deps: Deps, user_id: str, cause: IterationCompleted | None = N
             event_id=stable_id(build_id, "budget-sleep", status.period.key, generation),
             build_id=build_id,
             user_id=user_id,
+            occurred_at=now,  # the budget's time: a rebuild places the sleep in its period
             causation_id=causation,
             reason=f"{reason}: spent {status.spent_today_micro_usd} of "
             f"{status.allowance_today_micro_usd} micro-USD",
@@ -292,7 +313,7 @@ async def enforce(deps: Deps, user_id: str, cause: IterationCompleted | None = N
         )
         await deps.commands.publish(sleep)
         await deps.store.mark_slept(
-            user_id, build_id, status.period.key, generation, _ttl(status.period)
+            user_id, build_id, status.period.key, generation, marks_ttl(status.period)
         )
         log.info(
             "asked to sleep until %s: %s", wake_at.isoformat(), reason, extra={"build_id": build_id}
@@ -301,12 +322,20 @@ async def enforce(deps: Deps, user_id: str, cause: IterationCompleted | None = N
     return asleep
 
 
-async def top_up(deps: Deps, user_id: str, topup_id: str, amount_micro_usd: int) -> set[str]:
-    """Credit the user now and wake the builds the budget put to sleep (what the gateway's
-    ``POST /v1/budget/top-up`` does through the same Redis keys); returns the builds woken."""
+async def top_up(deps: Deps, command: TopUpRequested) -> set[str]:
+    """Credit the user once per top-up id, at the command's time, then wake the builds the budget
+    put to sleep; returns the builds woken. A repeat changes nothing; a repeat of a top-up
+    whose wakes were not all sent (a crash in between) sends them."""
     if deps.commands is None:
         raise RuntimeError("the budget needs Commands to wake builds")
-    await deps.store.add_topup(user_id, topup_id, amount_micro_usd, deps.now())
+    user_id, topup_id = command.user_id, command.topup_id
+    extra = {"build_id": command.build_id, "event_id": command.event_id}
+    state = await deps.store.add_topup(
+        user_id, topup_id, command.amount_micro_usd, command.occurred_at
+    )
+    if state == "woken":
+        log.info("top-up %s of %s already applied; nothing to do", topup_id, user_id, extra=extra)
+        return set()
     woken = await deps.store.sleeping(user_id)
     for build_id in sorted(woken):
         await deps.commands.publish(
@@ -314,13 +343,23 @@ async def top_up(deps: Deps, user_id: str, topup_id: str, amount_micro_usd: int)
                 event_id=stable_id(build_id, "top-up", topup_id),
                 build_id=build_id,
                 user_id=user_id,
+                causation_id=command.event_id,
                 reason="top-up",
             )
         )
-    await enforce(deps, user_id)  # refresh the status the gateway reads
+    await deps.store.topup_woken(user_id, topup_id)
+    log.info(
+        "top-up %s of %d micro-USD for %s woke %s",
+        topup_id,
+        command.amount_micro_usd,
+        user_id,
+        sorted(woken),
+        extra=extra,
+    )
+    await enforce(deps, user_id)  # the allowance has changed
     return woken
 
 
-def _ttl(period: Period) -> int:
+def marks_ttl(period: Period) -> int:
     """Keep per-period marks for two periods (and at least a minute)."""
     return max(60, int(period.length_s * 2))

@@ -1,4 +1,5 @@
-"""The one place that wires the gateway's real adapters: the bus, Postgres and the stream."""
+"""The one place that wires the gateway's real adapters: the bus, Postgres, the stream, S3 and
+the budget service's answers."""
 
 from __future__ import annotations
 
@@ -17,11 +18,11 @@ from kiln_runtime.db import create_pool
 from kiln_runtime.service import connect_with_retry
 
 from . import builds
+from .adapters.budget_rpc import NatsBudget
 from .adapters.jetstream import JetStreamHistory
 from .adapters.postgres import DDL, PgStore
-from .adapters.redis_spend import RedisSpend
 from .adapters.s3_files import S3Files
-from .ports import BuildStore, EventSource, Publish, SnapshotFiles, SpendReader
+from .ports import Budget, BuildStore, EventSource, Publish, SnapshotFiles
 from .settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class Runtime:
     publish: Publish
     config: kiln_config.KilnConfig
     files: SnapshotFiles
-    spend: SpendReader
+    budget: Budget
     token_secret: bytes
     pool: asyncpg.Pool | None = None
 
@@ -61,7 +62,6 @@ async def running(settings: GatewaySettings) -> AsyncIterator[Runtime]:
         region=settings.region,
         timeout_s=settings.s3_timeout_s,
     )
-    spend = RedisSpend(settings.redis_url, settings.redis_timeout_s)
     try:
         await connect_with_retry(bus)
         await files.open()
@@ -82,7 +82,7 @@ async def running(settings: GatewaySettings) -> AsyncIterator[Runtime]:
             publish=bus.publish,
             config=kiln_config.default(),
             files=files,
-            spend=spend,
+            budget=NatsBudget(lambda: bus.nc, timeout_s=settings.budget_timeout_s),
             token_secret=(settings.token_secret or secrets.token_hex(32)).encode(),
             pool=pool,
         )
@@ -94,5 +94,3 @@ async def running(settings: GatewaySettings) -> AsyncIterator[Runtime]:
             await pool.close()
         with contextlib.suppress(Exception):
             await files.close()
-        with contextlib.suppress(Exception):
-            await spend.close()

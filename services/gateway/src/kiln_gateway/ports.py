@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any, Literal, Protocol
 
 from kiln_contracts import BuildRequested, Envelope
+from kiln_contracts.rpc import BudgetStatus
 
 from .model import ApiKey, Build, Caller, NewBuild, Project, Projection
 
@@ -129,18 +130,17 @@ class SnapshotFiles(Protocol):
         ...
 
 
-class SpendReader(Protocol):
-    """The budget service's counters, read only (micro-dollars)."""
+class BudgetUnavailable(Exception):
+    """The budget service did not answer (down, busy rebuilding, or it failed)."""
 
-    async def spent(self, user_id: str, day: str, month: str) -> tuple[int, int]:
-        """(spent on ``day`` YYYY-MM-DD, spent in ``month`` YYYY-MM)."""
+
+class Budget(Protocol):
+    """The budget service, asked: it owns spend, top-ups and allowances."""
+
+    async def status(self, user_id: str, tier: str) -> BudgetStatus:
+        """The user's allowance now as the budget enforces it (``tier``: the caller's, for a
+        user the budget has not seen yet); ``BudgetUnavailable`` without an answer."""
         ...
-
-    async def status(self, user_id: str) -> dict[str, str] | None:
-        """The budget service's latest allowance for the user (``kiln:budget:user:<user>``)."""
-        ...
-
-    async def ping(self) -> None: ...
 
 
 class EventSource(Protocol):

@@ -1,30 +1,24 @@
 """``POST /v1/budget/top-up`` (admin): credit a user and wake the builds the budget put to sleep.
 
-The budget service owns the keys; this route writes through their documented contract
-(``kiln_budget.adapters.redis_store``, docs/ARCHITECTURE.md "budget"):
-
-* ``ZADD kiln:budget:topups:<user> <unix time> <topup_id>:<micro_usd>`` — the budget counts a
-  top-up into the allowance of the period it was made in (spread over the rest of the cycle from
-  the next period on). The same ``topup_id`` again is the same member: one top-up.
-* ``SMEMBERS kiln:budget:sleeping:<user>`` — the builds the budget put to sleep; each gets a
-  WakeRequested (reason ``top-up``) now. One still over the allowance is put to sleep again after
-  its next iteration.
+The budget service owns spend and top-ups: this route sends it a ``TopUpRequested`` on the bus
+(event id stable per user and top-up id, so a retry is dropped by the server or ignored by the
+budget) and the budget applies it once, counting it into the allowance of the period it was
+requested in, and wakes the builds it put to sleep.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-import time
+import re
 import uuid
 from decimal import Decimal
 from typing import Annotated
 
-import redis.asyncio as aioredis
 from fastapi import APIRouter, Header, HTTPException
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from kiln_contracts import WakeRequested, stable_id
+from kiln_contracts import TopUpRequested, stable_id
 
 from .deps import Key, Rt
 from .problems import responses
@@ -33,10 +27,8 @@ log = logging.getLogger(__name__)
 
 router = APIRouter()
 
-Ident = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
-TOPUPS_KEY = "kiln:budget:topups:{user_id}"
-SLEEPING_KEY = "kiln:budget:sleeping:{user_id}"
-KEEP_S = 400 * 24 * 3600
+IDENT = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+Ident = Annotated[str, StringConstraints(pattern=IDENT)]
 
 
 class TopUp(BaseModel):
@@ -56,7 +48,17 @@ class TopUpDone(BaseModel):
     user_id: str
     topup_id: str
     amount_micro_usd: int
-    woken: list[str] = Field(description="The builds sent a WakeRequested.")
+    woken: list[str] = Field(
+        description="The user's builds asleep now: the budget wakes those it put to sleep."
+    )
+
+
+def topup_id_of(idempotency_key: str | None) -> str | None:
+    """The Idempotency-Key as a top-up id (one that starts with ``_`` or ``-``, which ids may
+    not, stands for a stable digest of it)."""
+    if idempotency_key is None or re.fullmatch(IDENT, idempotency_key):
+        return idempotency_key
+    return stable_id("idempotency-key", idempotency_key).hex
 
 
 def require_admin(rt: Rt, key: Key) -> None:
@@ -85,43 +87,19 @@ async def top_up(
 ) -> TopUpDone:
     """Credit a user (admin key) and wake their sleeping builds at once."""
     require_admin(rt, key)
-    topup_id = body.topup_id or idempotency_key or uuid.uuid4().hex
+    topup_id = body.topup_id or topup_id_of(idempotency_key) or uuid.uuid4().hex
     micro = int(body.amount_usd * 1_000_000)
-    # A short-lived client: top-ups are rare, and nothing connects before the first one.
-    client = aioredis.from_url(
-        rt.settings.redis_url,
-        socket_timeout=rt.settings.redis_timeout_s,
-        socket_connect_timeout=rt.settings.redis_timeout_s,
-        decode_responses=True,
-    )
+    command = TopUpRequested.of(body.user_id, topup_id, micro)
     try:
-        now = time.time()
-        topups = TOPUPS_KEY.format(user_id=body.user_id)
-        async with client.pipeline(transaction=True) as pipe:
-            pipe.zadd(topups, {f"{topup_id}:{micro}": now})
-            pipe.zremrangebyscore(topups, "-inf", now - KEEP_S)
-            pipe.expire(topups, KEEP_S)
-            pipe.smembers(SLEEPING_KEY.format(user_id=body.user_id))
-            *_, sleeping = await pipe.execute()
+        asleep = await rt.store.list_for_user(
+            body.user_id, status="sleeping", limit=100, before=None
+        )
+        await rt.publish(command)
     except Exception as err:
-        log.warning("budget store unavailable for a top-up: %s", err)
-        raise HTTPException(503, "the budget store is unavailable; retry") from err
-    finally:
-        await client.aclose()  # type: ignore[attr-defined]
-    woken = sorted(str(b) for b in sleeping)
-    try:
-        for build_id in woken:
-            await rt.publish(
-                WakeRequested(
-                    event_id=stable_id(build_id, "top-up", topup_id),
-                    build_id=build_id,
-                    user_id=body.user_id,
-                    reason="top-up",
-                )
-            )
-    except Exception as err:
+        log.warning("top-up %s for %s not sent: %s", topup_id, body.user_id, err)
         raise HTTPException(
-            503, "credited, but the wake could not be sent; retry with the same topup_id"
+            503, "the top-up could not be sent; retry with the same topup_id"
         ) from err
-    log.info("top-up of %d micro-USD for %s woke %s", micro, body.user_id, woken)
+    log.info("top-up of %d micro-USD for %s sent (%s)", micro, body.user_id, topup_id)
+    woken = sorted(b.build_id for b in asleep)
     return TopUpDone(user_id=body.user_id, topup_id=topup_id, amount_micro_usd=micro, woken=woken)

@@ -28,11 +28,10 @@ class GatewaySettings(DatabaseSettings):
     republish_every_s: float = Field(
         default=30.0, gt=0, validation_alias=env("KILN_REPUBLISH_EVERY_S")
     )
-    # Redis: the budget service's spend counters (read only).
-    redis_url: str = Field(
-        default="redis://127.0.0.1:6379/0", validation_alias=env("REDIS_URL", "KILN_REDIS_URL")
+    # How long GET /v1/budget waits for the budget service's answer (kiln.rpc.budget.status).
+    budget_timeout_s: float = Field(
+        default=5.0, gt=0, validation_alias=env("KILN_GATEWAY_BUDGET_TIMEOUT_S")
     )
-    redis_timeout_s: float = Field(default=3.0, gt=0, validation_alias=env("KILN_REDIS_TIMEOUT_S"))
     # S3: the snapshot service's bucket (read only), for the files archive.
     s3_endpoint_url: str | None = Field(
         default=None, validation_alias=env("S3_ENDPOINT_URL", "KILN_S3_ENDPOINT_URL")

@@ -1,0 +1,35 @@
+"""The budget service's answer for a user's allowance (core NATS request/reply)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from kiln_contracts import subjects
+from kiln_contracts.rpc import BudgetStatus, BudgetStatusReply, BudgetStatusRequest
+
+from ..ports import BudgetUnavailable
+
+
+class NatsBudget:
+    def __init__(self, nc: Callable[[], Client], *, timeout_s: float = 5.0) -> None:
+        self._nc = nc
+        self.timeout_s = timeout_s
+
+    async def status(self, user_id: str, tier: str) -> BudgetStatus:
+        request = BudgetStatusRequest(user_id=user_id, tier=tier).model_dump_json().encode()
+        try:
+            msg = await self._nc().request(subjects.BUDGET_STATUS, request, timeout=self.timeout_s)
+        except NoRespondersError as err:
+            raise BudgetUnavailable("no budget service is answering") from err
+        except (NatsTimeoutError, TimeoutError) as err:
+            raise BudgetUnavailable(
+                f"the budget service did not answer in {self.timeout_s} s"
+            ) from err
+        reply = BudgetStatusReply.model_validate_json(msg.data)
+        if not reply.ok or reply.status is None:
+            raise BudgetUnavailable(reply.error or "the budget service gave no status")
+        return reply.status
