@@ -9,8 +9,7 @@ agent's repetition limit never trips) until the build has made ``iterations`` mo
 ``--jitter j`` each call takes a latency drawn uniformly from ``latency × [1 - j, 1 + j]`` (the
 same mean), as a real model's does; without it every call takes exactly ``latency``.
 
-It is the scripted server (``kiln_agent.scripted_server``: asyncio, one task per connection,
-keep-alive) with this responder, plus timing: for every build it remembers when the last reply
+It is the scripted server (``kiln_devstack.model.server``: aiohttp, keep-alive) with this responder, plus timing: for every build it remembers when the last reply
 left and, when the build's next request arrives, records the gap (everything Kiln did between
 two model calls). ``GET /stats[/<since>]`` returns those gaps and the reply times as JSON.
 """
@@ -26,7 +25,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from kiln_agent.scripted_server import Recorded, ScriptedServer
+from kiln_devstack.model.server import Recorded, ScriptedServer
 
 BUILD = re.compile(r"\(Build ([^)\s]+)\.\)")
 USAGE = {

@@ -16,7 +16,6 @@ from kiln_agent.adapters.postgres import DDL, SCHEMA, PostgresStore
 from kiln_agent.checkpoint import Checkpoint, Turn
 from kiln_agent.loop import Agent, build_request
 from kiln_agent.ports import ModelError, ModelRequest, VersionConflict
-from kiln_agent.scripted_server import ScriptedServer
 from kiln_agent.settings import AgentSettings
 from kiln_contracts import (
     BuildCompleted,
@@ -27,6 +26,7 @@ from kiln_contracts import (
     ToolCall,
     ToolResult,
 )
+from kiln_devstack.model.server import ScriptedServer
 from kiln_runtime import config as kiln_config
 from kiln_runtime.bus import Bus, Delivery
 from kiln_runtime.db import create_pool

@@ -22,11 +22,11 @@ from nats.aio.msg import Msg
 from kiln_contracts import CheckpointSaved, ManifestReply, UploadReply, subjects
 from kiln_contracts.messages import utcnow
 from kiln_contracts.rpc import ManifestRequest, UploadRequest
+from kiln_devstack.sandbox import MemoryRegistry
 from kiln_sandbox.adapters.local import LocalProvider
 from kiln_sandbox.adapters.nats_rpc import NatsRestorer
 from kiln_sandbox.handlers import SandboxService
 from kiln_sandbox.ports import SandboxRecord
-from kiln_sandbox.testing import MemoryRegistry
 from kiln_snapshot import bootstrap, gc, snapshots
 from kiln_snapshot.adapters.s3 import S3Store
 from kiln_snapshot.settings import SnapshotSettings

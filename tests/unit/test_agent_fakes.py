@@ -17,6 +17,7 @@ from kiln_agent.adapters.memory import MemoryStore
 from kiln_agent.loop import Agent
 from kiln_agent.ports import ModelError, ModelReply, ModelRequest
 from kiln_contracts import Envelope, ToolCall, ToolResult, Usage
+from kiln_devstack.model import script
 from kiln_runtime import config as kiln_config
 
 
@@ -69,6 +70,22 @@ class FakeModel:
             content=content,
             stop_reason=stop,
             usage=Usage(input_tokens=1000, output_tokens=100, cache_read_input_tokens=500),
+        )
+
+
+class ScriptedModel:
+    """The scripted model (kiln_devstack) as the agent's Model port, without HTTP."""
+
+    def __init__(self) -> None:
+        self.script = script.ScriptedModel()
+
+    async def complete(self, request: ModelRequest) -> ModelReply:
+        body = self.script.respond(request.model_dump())
+        return ModelReply(
+            model=body["model"],
+            content=body["content"],
+            stop_reason=body["stop_reason"],
+            usage=Usage(**body["usage"]),
         )
 
 

@@ -10,7 +10,6 @@ import pytest
 from kiln_agent import tools
 from kiln_agent.loop import CONTINUE
 from kiln_agent.ports import ModelError, VersionConflict
-from kiln_agent.scripted import ScriptedModel
 from kiln_contracts import (
     AgentNarrated,
     BuildCancelled,
@@ -32,6 +31,7 @@ from kiln_contracts import (
 from kiln_runtime.errors import Conflict
 from tests.unit.test_agent_fakes import (
     FakeModel,
+    ScriptedModel,
     Workspace,
     make_agent,
     result_for,

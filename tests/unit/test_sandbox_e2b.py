@@ -25,12 +25,12 @@ from kiln_contracts import (
     ToolCall,
     ToolResult,
 )
+from kiln_devstack.sandbox import FakeE2B, MemoryRegistry
 from kiln_sandbox.adapters.e2b import E2BProvider
 from kiln_sandbox.bootstrap import ConfigError, make_provider
 from kiln_sandbox.handlers import SandboxService
 from kiln_sandbox.ports import SandboxError, SandboxGone
 from kiln_sandbox.settings import SandboxSettings
-from kiln_sandbox.testing import FakeE2B, MemoryRegistry
 from tests.unit.test_sandbox_handlers import FakeBus, FakeCalls, FakeRestorer
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from kiln_agent import scripted_build
+from bench import caching as scripted_build
 
 pytestmark = pytest.mark.integration
 

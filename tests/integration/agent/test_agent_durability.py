@@ -30,10 +30,10 @@ from kiln_agent.adapters.anthropic_model import AnthropicModel
 from kiln_agent.adapters.postgres import DDL, SCHEMA, PostgresStore
 from kiln_agent.loop import Agent
 from kiln_agent.ports import VersionConflict
-from kiln_agent.scripted import LongScript
-from kiln_agent.scripted_server import Recorded, ScriptedServer
 from kiln_agent.settings import AgentSettings
 from kiln_contracts import BuildRequested, ToolCall, ToolResult
+from kiln_devstack.model.script import LongScript
+from kiln_devstack.model.server import Recorded, ScriptedServer
 from kiln_runtime import config as kiln_config
 from kiln_runtime.bus import Bus, Delivery
 from kiln_runtime.db import create_pool

@@ -14,8 +14,8 @@ from kiln_agent.adapters.anthropic_model import AnthropicModel
 from kiln_agent.adapters.memory import MemoryStore
 from kiln_agent.loop import CONTINUE, Agent
 from kiln_agent.ports import ContextWindowExceeded, ModelRequest
-from kiln_agent.scripted_server import Fault, ScriptedServer
 from kiln_contracts import BuildCompleted, BuildFailed, BuildRequested, IterationCompleted, ToolCall
+from kiln_devstack.model.server import Fault, ScriptedServer
 from kiln_runtime import config as kiln_config
 from tests.unit.test_agent_fakes import FakePublisher, result_for, text, tool_use
 

@@ -15,9 +15,9 @@ from kiln_agent import app, config
 from kiln_agent.adapters.anthropic_model import AnthropicModel
 from kiln_agent.adapters.postgres import DDL, SCHEMA, PostgresStore
 from kiln_agent.loop import Agent
-from kiln_agent.scripted_server import ScriptedServer
 from kiln_agent.settings import AgentSettings
 from kiln_contracts import BuildCompleted, BuildRequested, Envelope, ToolCall
+from kiln_devstack.model.server import ScriptedServer
 from kiln_runtime import config as kiln_config
 from kiln_runtime.bus import Bus, Delivery
 from kiln_runtime.db import create_pool

@@ -17,7 +17,6 @@ from kiln_agent import config as agent_config
 from kiln_agent.adapters.anthropic_model import AnthropicModel, ModelUnavailable
 from kiln_agent.adapters.memory import MemoryStore
 from kiln_agent.loop import Agent
-from kiln_agent.scripted_server import ScriptedServer
 from kiln_contracts import (
     AgentNarrated,
     BuildCompleted,
@@ -27,6 +26,7 @@ from kiln_contracts import (
     ToolCall,
     ToolResult,
 )
+from kiln_devstack.model.server import ScriptedServer
 from kiln_runtime import config as kiln_config
 from kiln_runtime.config import KilnConfig
 from tests.unit.test_agent_fakes import FakePublisher

@@ -41,6 +41,6 @@ class MissingApiKey(SystemExit):
     def __init__(self) -> None:
         super().__init__(
             "kiln-agent: ANTHROPIC_API_KEY is not set. Set it to an Anthropic API key, or set "
-            "ANTHROPIC_BASE_URL to a compatible server (e.g. `python -m kiln_agent.scripted_server "
+            "ANTHROPIC_BASE_URL to a compatible server (e.g. `python -m kiln_devstack.model.server "
             "--port 8765`, then ANTHROPIC_BASE_URL=http://127.0.0.1:8765 ANTHROPIC_API_KEY=any)."
         )

@@ -1,9 +1,9 @@
-"""An Anthropic-compatible HTTP server for the scripted model (asyncio, standard library only).
+"""An Anthropic-compatible HTTP server for the scripted model (aiohttp).
 
-``python -m kiln_agent.scripted_server --port 8765 [--host 127.0.0.1] [--latency-s 0.2]``
+``python -m kiln_devstack.model.server --port 8765 [--host 127.0.0.1] [--latency-s 0.2]``
 
-POST /v1/messages (non-streaming) answers with a Messages API response; GET /healthz answers ok.
-HTTP/1.1 with keep-alive; each connection is its own task, so many clients can be served at once.
+POST /v1/messages (non-streaming) answers with a Messages API response under the rules of
+``rules.py``; GET /v1/models[/{id}] serves the model catalogue; GET /healthz answers ok.
 Any path prefix before /v1/messages is accepted and recorded (``ANTHROPIC_BASE_URL=<url>/replica-a``
 tells the tests which client called).
 
@@ -21,12 +21,15 @@ import contextlib
 import json
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import scripted_api as api
-from .scripted import ScriptedModel
+from aiohttp import web
+
+from . import rules as api
+from .script import ScriptedModel
 
 log = logging.getLogger(__name__)
 
@@ -84,54 +87,47 @@ class ScriptedServer:
         self.connections = 0  # accepted so far
         self.issued = api.Issued()  # thinking blocks sent with each tool call, to check them
         self.refused: list[api.ApiError] = []  # the requests the rules refused
-        self._server: asyncio.Server | None = None
+        self._runner: web.AppRunner | None = None
+        self._transports: weakref.WeakSet[Any] = weakref.WeakSet()
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port, backlog=1024)
-        self.port = self._server.sockets[0].getsockname()[1]
+        app = web.Application(client_max_size=MAX_BODY)
+        app.router.add_route("*", "/{tail:.*}", self._serve)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, backlog=1024)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
 
     async def stop(self) -> None:
-        if self._server:
-            self._server.close()
+        if self._runner is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
+                await asyncio.wait_for(self._runner.cleanup(), 2)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            while True:
-                request_line = await reader.readline()
-                if not request_line:
-                    return
-                arrived_at = time.time()
-                method, path, _ = request_line.decode("latin-1").split(" ", 2)
-                headers: dict[str, str] = {}
-                while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
-                    name, _, value = line.decode("latin-1").partition(":")
-                    headers[name.strip().lower()] = value.strip()
-                length = int(headers.get("content-length") or 0)
-                if length > MAX_BODY:
-                    await _send(writer, 413, _error("request_too_large", "body too large"))
-                    return
-                body = await reader.readexactly(length) if length else b""
-                status, payload, extra = await self._handle(
-                    method, path.split("?")[0], body, arrived_at, headers
-                )
-                if status == 0:
-                    return  # an injected hang-up
-                await _send(writer, status, payload, extra)
-                if headers.get("connection", "").lower() == "close":
-                    return
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
-            return
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+    async def _serve(self, request: web.Request) -> web.StreamResponse:
+        arrived_at = time.time()
+        transport = request.transport
+        if transport is not None and transport not in self._transports:
+            self._transports.add(transport)
+            self.connections += 1
+        body = await request.read()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        status, payload, extra = await self._handle(
+            request.method, request.path, body, arrived_at, headers
+        )
+        if status == 0:  # an injected hang-up: the connection closes without an answer
+            if transport is not None:
+                transport.close()
+            raise ConnectionResetError("injected hang-up")
+        return web.json_response(
+            payload,
+            status=status,
+            headers={"request-id": f"req_scripted_{id(payload):x}", **extra},
+        )
 
     async def _handle(
         self,
@@ -175,12 +171,12 @@ class ScriptedServer:
                 429: "rate_limit_error",
                 529: "overloaded_error",
             }.get(fault.status, "api_error")
-            headers = {}
+            advice = {}
             if fault.retry_after is not None:
-                headers["retry-after"] = fault.retry_after
+                advice["retry-after"] = fault.retry_after
             if fault.retry_after_ms is not None:
-                headers["retry-after-ms"] = fault.retry_after_ms
-            return fault.status, _error(kind, fault.message or f"injected {fault.status}"), headers
+                advice["retry-after-ms"] = fault.retry_after_ms
+            return fault.status, _error(kind, fault.message or f"injected {fault.status}"), advice
         self.requests += 1
         seen = Recorded(path[: -len(MESSAGES)], body, request, arrived_at=arrived_at)
         if self.record:
@@ -235,37 +231,6 @@ def _models(rest: str) -> tuple[int, dict[str, Any], dict[str, str]]:
         return 200, api.lookup(rest.strip("/"), for_messages=False).card(), {}
     except api.ApiError as err:
         return err.status, _error(err.kind, err.message), {}
-
-
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    413: "Payload Too Large",
-    429: "Too Many Requests",
-    500: "Internal Server Error",
-    529: "Overloaded",
-}
-
-
-async def _send(
-    writer: asyncio.StreamWriter,
-    status: int,
-    payload: dict[str, Any],
-    extra: dict[str, str] | None = None,
-) -> None:
-    data = json.dumps(payload).encode()
-    headers = [
-        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
-        "Content-Type: application/json",
-        f"Content-Length: {len(data)}",
-        "Connection: keep-alive",
-        f"request-id: req_scripted_{id(payload):x}",
-    ]
-    headers += [f"{k}: {v}" for k, v in (extra or {}).items()]
-    writer.write(("\r\n".join(headers) + "\r\n\r\n").encode() + data)
-    await writer.drain()
 
 
 async def serve(host: str, port: int, latency_s: float) -> None:
