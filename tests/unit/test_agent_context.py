@@ -10,7 +10,7 @@ import pytest
 
 from kiln_agent import config as agent_config
 from kiln_agent.adapters.memory import MemoryStore
-from kiln_agent.checkpoint import Turn
+from kiln_agent.checkpoint import Checkpoint, Turn
 from kiln_agent.context import compaction_point, context_tokens, estimate_tokens
 from kiln_agent.loop import Agent, build_request
 from kiln_agent.ports import ModelReply, ModelRequest
@@ -18,6 +18,7 @@ from kiln_agent.tools import definitions
 from kiln_contracts import (
     BuildCompleted,
     BuildFailed,
+    BuildLimits,
     BuildRequested,
     SleepRequested,
     ToolCall,
@@ -453,3 +454,16 @@ async def test_a_result_arriving_while_the_outbox_is_being_cleared_starts_from_t
     await asyncio.gather(first, second)
     row = await store.load("b1")
     assert row is not None and row.outbox == [] and row.iteration == 2
+
+
+def test_the_window_and_output_limit_follow_the_models_entry() -> None:
+    agent, _, _ = agent_with(FakeModel(([text("done")], "end_turn")))
+    assert agent._window("claude-sonnet-5-5") == 1_000_000
+    assert agent._window("claude-haiku-4-5-20251001") == 200_000  # a dated id, its entry's
+    cp = Checkpoint("b", "u", "free", "claude-haiku-4-5", BuildLimits(), "system")
+    spec = kiln_config.default().models["claude-haiku-4-5"]
+    request = build_request(
+        cp, [], [], agent.config.model_copy(update={"max_tokens": 100_000}), spec
+    )
+    assert request.max_tokens == 64_000  # Haiku 4.5's output limit
+    assert request.thinking is None and request.output_config is None  # no budget, no effort
