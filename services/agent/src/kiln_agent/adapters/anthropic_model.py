@@ -96,8 +96,8 @@ class AnthropicModel:
         least busy): the HTTP pool looks at every idle connection of its own on each request and
         response, so one pool of hundreds cost more CPU per call the more builds there were; and
         the SDK's default pool keeps only 100 alive, so above that every call opened and closed
-        a connection of its own. The SDK's aiohttp transport carries the calls: a third less CPU
-        per call than its default one (docs/BENCHMARKS.md, concurrency)."""
+        a connection of its own. The SDK's aiohttp transport carries the calls: it spends less
+        CPU per call than the default httpx one (figures: docs/BENCHMARKS.md, model client)."""
         per = min(POOL_CONNECTIONS, max(1, connections))
         limits = type(anthropic.DEFAULT_CONNECTION_LIMITS)(
             max_connections=per, max_keepalive_connections=per, keepalive_expiry=keepalive_s
@@ -121,10 +121,10 @@ class AnthropicModel:
         # The request is plain JSON already: it is encoded once here and sent through the SDK's
         # own POST (its auth headers, retries' bookkeeping, errors) as bytes. Given as arguments
         # of ``messages.create`` instead, the SDK walks and copies the whole conversation and
-        # encodes it again on every call: most of the agent's CPU per iteration with long
-        # conversations (docs/BENCHMARKS.md, concurrency). The reply comes back as bytes too:
-        # its content blocks are kept as the JSON they are, not built into the SDK's models
-        # and dumped back to the same dicts (~190 µs less CPU per call: docs/BENCHMARKS.md).
+        # encodes it again on every call, work that grows with the conversation. The reply
+        # comes back as bytes too: its content blocks are kept as the JSON they are, not built
+        # into the SDK's models and dumped back to the same dicts, which only costs CPU
+        # (figures: docs/BENCHMARKS.md, model client).
         fields: dict[str, Any] = {
             "model": request.model,
             "max_tokens": request.max_tokens,
