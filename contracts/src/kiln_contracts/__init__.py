@@ -1,8 +1,9 @@
-"""Kiln's wire formats: every message, subject and stream setting."""
+"""Kiln's wire formats: every message, subject and stream setting, the snapshot manifest and the
+snapshot bucket's key layout."""
 
-from . import subjects
+from . import bucket, subjects
 from .messages import *  # noqa: F403
 from .messages import BY_KIND, MESSAGES, TERMINAL_KINDS, Envelope, stable_id
 from .rpc import *  # noqa: F403
 
-__all__ = ["BY_KIND", "MESSAGES", "TERMINAL_KINDS", "Envelope", "stable_id", "subjects"]
+__all__ = ["BY_KIND", "MESSAGES", "TERMINAL_KINDS", "Envelope", "bucket", "stable_id", "subjects"]
