@@ -28,6 +28,8 @@ from kiln_contracts import (
     IterationCompleted,
     Usage,
 )
+from kiln_contracts import bucket as bucket_keys
+from kiln_contracts.manifest import DirEntry, FileEntry, Manifest, SymlinkEntry
 from kiln_gateway import builds
 from kiln_gateway.ports import BudgetUnavailable
 from tests.integration.gateway_fixtures import Gateway, read_sse, running_gateway, until
@@ -217,8 +219,10 @@ def _put_snapshot(
     bucket: str,
     build_id: str,
     files: dict[str, tuple[bytes, int]],
-    extra: list[dict] | None = None,
+    dirs: dict[str, int] | None = None,
+    symlinks: dict[str, str] | None = None,
 ) -> str:
+    """A snapshot as the snapshot service stores it: blobs, a manifest, ``latest``."""
     s3 = boto3.client("s3", endpoint_url=infra["S3_ENDPOINT_URL"], region_name="us-east-1")
     try:
         s3.create_bucket(Bucket=bucket)
@@ -227,16 +231,29 @@ def _put_snapshot(
     entries = []
     for path, (data, mode) in files.items():
         digest = hashlib.sha256(data).hexdigest()
-        s3.put_object(Bucket=bucket, Key=f"blobs/{digest}", Body=data)
-        entries.append({"path": path, "sha256": digest, "size": len(data), "mode": mode})
-    entries += extra or []
+        s3.put_object(Bucket=bucket, Key=bucket_keys.blob_key(digest), Body=data)
+        entries.append(FileEntry(path=path, sha256=digest, size=len(data), mode=mode))
     snapshot_id = f"snap-{build_id}"
-    s3.put_object(
-        Bucket=bucket,
-        Key=f"builds/{build_id}/manifests/{snapshot_id}.json",
-        Body=json.dumps({"snapshot_id": snapshot_id, "entries": entries}).encode(),
+    now = datetime.now(UTC)
+    manifest = Manifest(
+        snapshot_id=snapshot_id,
+        build_id=build_id,
+        user_id="someone",
+        iteration=1,
+        reason="periodic",
+        checkpoint_at=now,
+        created_at=now,
+        files=len(entries),
+        bytes_total=sum(e.size for e in entries),
+        bytes_uploaded=sum(e.size for e in entries),
+        entries=entries,
+        dirs=[DirEntry(path=p, mode=m) for p, m in (dirs or {}).items()],
+        symlinks=[SymlinkEntry(path=p, target=t) for p, t in (symlinks or {}).items()],
     )
-    s3.put_object(Bucket=bucket, Key=f"builds/{build_id}/latest", Body=snapshot_id.encode())
+    s3.put_object(
+        Bucket=bucket, Key=bucket_keys.manifest_key(build_id, snapshot_id), Body=manifest.dump()
+    )
+    s3.put_object(Bucket=bucket, Key=bucket_keys.latest_key(build_id), Body=snapshot_id.encode())
     return snapshot_id
 
 
@@ -254,13 +271,14 @@ async def test_files_is_the_latest_snapshot_as_a_tar_gz(gw: Gateway, infra, uid:
             "data/big.bin": (big, 0o644),
             "empty.txt": (b"", 0o644),
         }
-        empty = hashlib.sha256(b"").hexdigest()
-        link = {"path": "latest.sh", "sha256": hashlib.sha256(b"run.sh").hexdigest(), "size": 6}
-        extra = [
-            {"path": "empty-dir", "sha256": empty, "size": 0, "mode": 0o750, "type": "dir"},
-            link | {"mode": 0o777, "type": "symlink", "target": "run.sh"},
-        ]
-        snapshot_id = _put_snapshot(infra, "kiln-gw-surface", build_id, files, extra)
+        snapshot_id = _put_snapshot(
+            infra,
+            "kiln-gw-surface",
+            build_id,
+            files,
+            dirs={"empty-dir": 0o750},
+            symlinks={"latest.sh": "run.sh"},
+        )
         r = await c.get(f"/v1/builds/{build_id}/files")
         assert r.status_code == 200, r.text
         assert r.headers["content-type"] == "application/gzip"

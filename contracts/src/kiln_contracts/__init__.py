@@ -1,6 +1,7 @@
-"""Kiln's wire formats: every message, subject and stream setting."""
+"""Kiln's wire formats: every message, subject and stream setting, the snapshot manifest and the
+snapshot bucket's key layout."""
 
-from . import subjects
+from . import bucket, subjects
 from .messages import *  # noqa: F403
 from .messages import BY_KIND, MESSAGES, TERMINAL_KINDS, Envelope, budget_id, stable_id
 from .rpc import *  # noqa: F403
@@ -10,6 +11,7 @@ __all__ = [
     "MESSAGES",
     "TERMINAL_KINDS",
     "Envelope",
+    "bucket",
     "budget_id",
     "stable_id",
     "subjects",

@@ -7,56 +7,28 @@ itself, through presigned URLs the snapshot service hands it.
 
 from __future__ import annotations
 
-import hashlib
 from datetime import datetime
-from typing import Annotated, Literal, Self
+from typing import Annotated
 
-from pydantic import Field, StringConstraints, model_validator
+from pydantic import Field, StringConstraints
 
+from .manifest import EMPTY_SHA256, EntryType, ManifestEntry
 from .messages import Id, MicroUsd, Model
 
-EntryType = Literal["file", "dir", "symlink"]
-
-
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-
-
-class ManifestEntry(Model):
-    """One entry of a workspace: a regular file (the default), a directory or a symlink.
-
-    ``sha256``/``size`` are the file's bytes; for a symlink those of its target string; for a
-    directory those of empty content. ``mode`` holds the permission bits (a symlink's are not
-    restored). Symlinks are recorded as they are (``target`` is what readlink returns).
-    """
-
-    path: str = Field(description="Relative to the workspace root, '/'-separated.")
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    size: int = Field(ge=0)
-    mode: int = Field(ge=0, description="Permission bits, e.g. 0o644.")
-    type: EntryType = "file"
-    target: str | None = Field(default=None, description="A symlink's target, as readlink says.")
-
-    @classmethod
-    def directory(cls, path: str, mode: int) -> ManifestEntry:
-        return cls(path=path, sha256=EMPTY_SHA256, size=0, mode=mode & 0o7777, type="dir")
-
-    @classmethod
-    def symlink(cls, path: str, target: str) -> ManifestEntry:
-        raw = target.encode("utf-8", "surrogateescape")
-        return cls(
-            path=path,
-            sha256=hashlib.sha256(raw).hexdigest(),
-            size=len(raw),
-            mode=0o777,
-            type="symlink",
-            target=target,
-        )
-
-    @model_validator(mode="after")
-    def _target_only_for_symlinks(self) -> Self:
-        if (self.type == "symlink") != (self.target is not None):
-            raise ValueError("target is required for a symlink and only for a symlink")
-        return self
+__all__ = [
+    "EMPTY_SHA256",
+    "RPC_MODELS",
+    "Download",
+    "EntryType",
+    "ManifestEntry",
+    "ManifestReply",
+    "ManifestRequest",
+    "RestorePlanReply",
+    "RestorePlanRequest",
+    "Upload",
+    "UploadReply",
+    "UploadRequest",
+]
 
 
 class ManifestRequest(Model):

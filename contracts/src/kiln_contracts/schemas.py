@@ -1,4 +1,5 @@
-"""Generate the JSON Schema of every message into contracts/schemas/ (``python -m kiln_contracts.schemas``).
+"""Generate the JSON Schema of every message, and of the snapshot manifest S3 keeps, into
+contracts/schemas/ (``python -m kiln_contracts.schemas``).
 
 Non-Python producers validate against these files; a test fails when they are stale.
 """
@@ -9,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from .bucket import manifest_key
+from .manifest import Manifest
 from .messages import MESSAGES
 from .rpc import RPC_MODELS
 from .subjects import subject
@@ -26,6 +29,10 @@ def render() -> dict[str, str]:
     for rpc in RPC_MODELS:
         schema = rpc.model_json_schema()
         out[f"rpc/{rpc.__name__}.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
+    schema = Manifest.model_json_schema()
+    schema["$id"] = "https://kiln.dev/schemas/s3/Manifest.json"
+    schema["x-kiln-key"] = manifest_key("{build_id}", "{snapshot_id}")
+    out["s3/Manifest.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
     return out
 
 

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any, Literal, Protocol
 
 from kiln_contracts import BuildRequested, Envelope
+from kiln_contracts.manifest import Manifest
 from kiln_contracts.rpc import BudgetStatus
 
 from .model import ApiKey, Build, Caller, NewBuild, Project, Projection
@@ -105,24 +106,11 @@ class BuildStore(Protocol):
     async def project_versions(self, project_id: str) -> list[Project]: ...
 
 
-@dataclass(frozen=True)
-class FileEntry:
-    """One entry of a snapshot (as the snapshot service's manifest lists it): a regular file,
-    a directory, or a symlink to ``target``."""
-
-    path: str
-    sha256: str
-    size: int
-    mode: int
-    type: str = "file"
-    target: str | None = None
-
-
 class SnapshotFiles(Protocol):
     """The snapshot service's bucket, read only."""
 
-    async def latest(self, build_id: str) -> tuple[str, list[FileEntry]] | None:
-        """(snapshot id, entries) of the build's newest snapshot; None if it has none."""
+    async def latest(self, build_id: str) -> Manifest | None:
+        """The manifest of the build's newest snapshot; None if it has none."""
         ...
 
     def blob(self, sha256: str) -> AsyncIterator[bytes]:
