@@ -15,7 +15,7 @@ from kiln_agent.adapters.anthropic_model import AnthropicModel
 from kiln_agent.adapters.postgres import DDL, SCHEMA, PostgresStore
 from kiln_agent.checkpoint import Checkpoint, Turn
 from kiln_agent.loop import Agent, build_request
-from kiln_agent.ports import ModelError, ModelRequest, VersionConflict
+from kiln_agent.ports import LeaseChange, ModelError, ModelRequest, VersionConflict
 from kiln_agent.settings import AgentSettings
 from kiln_contracts import (
     BuildCompleted,
@@ -189,27 +189,29 @@ async def test_postgres_think_lease_is_taken_with_the_checkpoint_and_given_up_by
     try:
         cp = new_checkpoint(f"lease{uid}")
         assert await store.create(cp, [])
-        wait, held = await store.take(cp.build_id, "one", 5)
+        wait, held = await store.take_lease(cp.build_id, "one", 5)
         assert wait == 0.0 and held is not None and held.version == 1
-        wait, none = await store.take(cp.build_id, "two", 5)
+        wait, none = await store.take_lease(cp.build_id, "two", 5)
         assert none is None and 4 < wait <= 5
-        assert await store.renew(cp.build_id, "one", 5)
-        assert not await store.renew(cp.build_id, "two", 5)
-        await store.save(held, [], release="two")  # not the holder: the lease stays
-        assert (await store.take(cp.build_id, "two", 5))[0] > 0
+        assert await store.extend_lease(cp.build_id, "one", 5)
+        assert not await store.extend_lease(cp.build_id, "two", 5)
+        await store.save(held, [], LeaseChange(give_up="two"))  # not the holder: the lease stays
+        assert (await store.take_lease(cp.build_id, "two", 5))[0] > 0
         held.iteration = 1
-        await store.save(held, [], release="one")  # the holder: saved and given up at once
-        assert not await store.renew(cp.build_id, "one", 5)  # a late renewal takes nothing
-        wait, fresh = await store.take(cp.build_id, "two", 5)
+        await store.save(
+            held, [], LeaseChange(give_up="one")
+        )  # the holder: saved and given up at once
+        assert not await store.extend_lease(cp.build_id, "one", 5)  # a late renewal takes nothing
+        wait, fresh = await store.take_lease(cp.build_id, "two", 5)
         assert wait == 0.0 and fresh is not None and fresh.iteration == 1 and fresh.version == 3
-        assert await store.take(f"missing{uid}", "two", 5) == (0.0, None)
+        assert await store.take_lease(f"missing{uid}", "two", 5) == (0.0, None)
         # a save takes the lease for its token only if it is free; it is saved either way
         fresh.iteration = 2
-        assert not await store.save(fresh, [], take="three", ttl_s=5)  # "two" holds it
-        await store.release(cp.build_id, "two")
-        assert await store.save(fresh, [], take="three", ttl_s=5)
-        assert (await store.take(cp.build_id, "two", 5))[0] > 4
-        assert await store.save(fresh, [], take="three", ttl_s=5)  # its own already
+        assert not await store.save(fresh, [], LeaseChange(take="three", ttl_s=5))  # "two" holds it
+        await store.release_lease(cp.build_id, "two")
+        assert await store.save(fresh, [], LeaseChange(take="three", ttl_s=5))
+        assert (await store.take_lease(cp.build_id, "two", 5))[0] > 4
+        assert await store.save(fresh, [], LeaseChange(take="three", ttl_s=5))  # its own already
         again = await store.load(cp.build_id)
         assert again is not None and again.version == 6 and again.iteration == 2
     finally:

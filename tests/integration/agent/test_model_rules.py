@@ -17,6 +17,7 @@ from kiln_agent import config as agent_config
 from kiln_agent.adapters.anthropic_model import AnthropicModel, ModelUnavailable
 from kiln_agent.adapters.memory import MemoryStore
 from kiln_agent.loop import Agent
+from kiln_agent.transitions import Rules
 from kiln_contracts import (
     AgentNarrated,
     BuildCompleted,
@@ -304,7 +305,7 @@ async def test_a_refused_request_fails_the_build_with_the_apis_message_at_once(
     spec = kiln.models["claude-sonnet-5-5"].model_copy(update={"max_output_tokens": 300_000})
     wrong = kiln.model_copy(update={"models": {**kiln.models, "claude-sonnet-5-5": spec}})
     agent, _store, pub, model = agent_on(scripted, wrong)
-    agent.config = agent.config.model_copy(update={"max_tokens": 300_000})
+    agent.rules = Rules(agent.rules.config.model_copy(update={"max_tokens": 300_000}), wrong)
     try:
         build = BuildRequested(build_id="rules-2", user_id="u1", tier="pro", idea_brief="A tool.")
         await agent.build_requested(build)
@@ -331,7 +332,9 @@ async def test_a_tier_moved_to_another_model_carries_the_conversation_over(
         moved = kiln.tiers["pro"].model_copy(
             update={"models": {"agent": "claude-haiku-5-5"}, "effort": {"agent": "low"}}
         )
-        agent.kiln = kiln.model_copy(update={"tiers": {**kiln.tiers, "pro": moved}})
+        agent.rules = Rules(
+            agent.rules.config, kiln.model_copy(update={"tiers": {**kiln.tiers, "pro": moved}})
+        )
         calls = list(pub.of(ToolCall))
         for call in calls:
             await agent.tool_result(

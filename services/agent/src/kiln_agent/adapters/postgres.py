@@ -15,7 +15,7 @@ import asyncpg
 from kiln_contracts import BuildLimits
 
 from ..checkpoint import Checkpoint, State, Turn, dump_outbox, load_outbox
-from ..ports import VersionConflict
+from ..ports import NO_LEASE_CHANGE, LeaseChange, VersionConflict
 
 SCHEMA = "agent"
 
@@ -105,7 +105,7 @@ class PostgresStore:
         )
         return None if row is None else _checkpoint(row)
 
-    async def take(
+    async def take_lease(
         self, build_id: str, token: str, ttl_s: float
     ) -> tuple[float, Checkpoint | None]:
         row = await self.pool.fetchrow(
@@ -131,10 +131,7 @@ class PostgresStore:
         self,
         cp: Checkpoint,
         new_turns: list[Turn],
-        *,
-        release: str | None = None,
-        take: str | None = None,
-        ttl_s: float = 0.0,
+        lease: LeaseChange = NO_LEASE_CHANGE,
     ) -> bool:
         # one statement (atomic on its own): the row's update and the new turns, which are
         # inserted only if the update matched the version; the lease of token $13 given up, or
@@ -165,9 +162,9 @@ class PostgresStore:
             [t.seq for t in new_turns],
             [t.role for t in new_turns],
             [json.dumps(t.content) for t in new_turns],
-            release,
-            take,
-            ttl_s,
+            lease.give_up,
+            lease.take,
+            lease.ttl_s,
         )
         if took is None:
             raise VersionConflict(cp.build_id)
@@ -181,7 +178,7 @@ class PostgresStore:
             version,
         )
 
-    async def renew(self, build_id: str, token: str, ttl_s: float) -> bool:
+    async def extend_lease(self, build_id: str, token: str, ttl_s: float) -> bool:
         renewed = await self.pool.fetchval(
             "UPDATE builds SET lease_until = now() + make_interval(secs => $3) "
             "WHERE build_id = $1 AND lease_token = $2 RETURNING true",
@@ -200,7 +197,7 @@ class PostgresStore:
         )
         return 0.0 if row is None else max(0.001, float(row["left"] or 0.001))
 
-    async def release(self, build_id: str, token: str) -> None:
+    async def release_lease(self, build_id: str, token: str) -> None:
         await self.pool.execute(
             "UPDATE builds SET lease_token = NULL, lease_until = NULL "
             "WHERE build_id = $1 AND lease_token = $2",
