@@ -12,7 +12,7 @@ from kiln_runtime.db import create_pool
 
 from . import app, config
 from .adapters.anthropic_model import AnthropicModel, ModelUnavailable
-from .adapters.postgres import DDL, SCHEMA, PostgresStore
+from .adapters.postgres import SCHEMA, PostgresStore, migrations
 from .loop import Agent
 from .settings import AgentSettings, MissingApiKey
 
@@ -30,7 +30,7 @@ class Service:
         self.pool = await create_pool(
             self.settings.database_url,
             schema=SCHEMA,
-            ddl=DDL,
+            migrations=migrations(),
             max_size=self.settings.db_pool_size,
             reset_sessions=False,  # the store keeps no session state: no reset round trip
         )

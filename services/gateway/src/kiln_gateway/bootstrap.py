@@ -20,7 +20,7 @@ from kiln_runtime.service import connect_with_retry
 from . import builds
 from .adapters.budget_rpc import NatsBudget
 from .adapters.jetstream import JetStreamHistory
-from .adapters.postgres import DDL, PgStore
+from .adapters.postgres import PgStore, migrations
 from .adapters.s3_files import S3Files
 from .ports import Budget, BuildStore, EventSource, Publish, SnapshotFiles
 from .settings import GatewaySettings
@@ -65,7 +65,9 @@ async def running(settings: GatewaySettings) -> AsyncIterator[Runtime]:
     try:
         await connect_with_retry(bus)
         await files.open()
-        pool = await create_pool(settings.database_url, schema=settings.db_schema, ddl=DDL)
+        pool = await create_pool(
+            settings.database_url, schema=settings.db_schema, migrations=migrations()
+        )
         store = PgStore(pool)
         if settings.dev_api_key and settings.dev_user:
             await builds.ensure_dev_key(

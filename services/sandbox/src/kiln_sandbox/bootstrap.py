@@ -13,7 +13,7 @@ from kiln_runtime.service import serve
 
 from .adapters.local import LocalProvider
 from .adapters.nats_rpc import NatsRestorer
-from .adapters.postgres import DDL, SCHEMA, PgCallStore, PgRegistry
+from .adapters.postgres import SCHEMA, PgCallStore, PgRegistry, migrations
 from .app import SERVICE, SandboxApp
 from .handlers import SandboxService
 from .ports import Provider
@@ -59,7 +59,7 @@ class Runtime:
         # The adapters never change session state (no SET, LISTEN, advisory lock or cursor):
         # no reset query each time a connection goes back to the pool.
         self.pool = await create_pool(
-            self.settings.database_url, schema=SCHEMA, ddl=DDL, reset_sessions=False
+            self.settings.database_url, schema=SCHEMA, migrations=migrations(), reset_sessions=False
         )
         if self.provider is None:
             self.provider = make_provider(self.settings)
