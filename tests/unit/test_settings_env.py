@@ -182,15 +182,31 @@ def test_each_variable_of_the_docs_and_deploy_sets_a_field(name, monkeypatch):
 
 
 def test_a_variable_sets_only_its_own_field(monkeypatch):
-    assert fields_set_by("KILN_AGENT_WORKERS", AgentSettings, monkeypatch) == {
-        next(f for f in AgentSettings.model_fields if "workers" in f)
-    }
+    assert fields_set_by("KILN_AGENT_WORKERS", AgentSettings, monkeypatch) == {"agent_workers"}
     assert fields_set_by("NATS_URL", GatewaySettings, monkeypatch) == {"nats_url"}
     assert fields_set_by("KILN_NATS_URL", GatewaySettings, monkeypatch) == {"nats_url"}
     assert fields_set_by("KILN_SANDBOX_PROVIDER", SandboxSettings, monkeypatch) == {
-        next(f for f in SandboxSettings.model_fields if "provider" in f)
+        "sandbox_provider"
     }
     assert fields_set_by("KILN_NOT_A_SETTING", GatewaySettings, monkeypatch) == set()
+    # A bare field name is no variable (a platform's PORT or a shell's HOST moves nothing).
+    for cls, bare in [
+        (GatewaySettings, "PORT"),
+        (GatewaySettings, "HOST"),
+        (GatewaySettings, "GATEWAY_PORT"),
+        (AgentSettings, "WORKERS"),
+        (SnapshotSettings, "KEEP"),
+        (SandboxSettings, "PROVIDER"),
+        (BudgetSettings, "ACK_WAIT_S"),
+    ]:
+        assert fields_set_by(bare, cls, monkeypatch) == set(), bare
+
+
+def test_a_field_is_its_variable_less_the_prefix_unless_it_names_another():
+    for cls in SETTINGS.values():
+        for name, field in cls.model_fields.items():
+            if field.validation_alias is None:
+                assert f"KILN_{name.upper()}" in set().union(*READ.values()), name
 
 
 @pytest.mark.parametrize(

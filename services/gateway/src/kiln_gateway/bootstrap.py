@@ -57,7 +57,7 @@ async def running(settings: GatewaySettings) -> AsyncIterator[Runtime]:
     bus = Bus(settings, "gateway")
     pool: asyncpg.Pool | None = None
     files = S3Files(
-        settings.bucket,
+        settings.s3_bucket,
         endpoint_url=settings.s3_endpoint_url,
         region=settings.region,
         timeout_s=settings.s3_timeout_s,
@@ -66,7 +66,7 @@ async def running(settings: GatewaySettings) -> AsyncIterator[Runtime]:
         await connect_with_retry(bus)
         await files.open()
         pool = await create_pool(
-            settings.database_url, schema=settings.db_schema, migrations=migrations()
+            settings.database_url, schema=settings.gateway_db_schema, migrations=migrations()
         )
         store = PgStore(pool)
         if settings.dev_api_key and settings.dev_user:
@@ -84,7 +84,7 @@ async def running(settings: GatewaySettings) -> AsyncIterator[Runtime]:
             publish=bus.publish,
             config=kiln_config.default(),
             files=files,
-            budget=NatsBudget(lambda: bus.nc, timeout_s=settings.budget_timeout_s),
+            budget=NatsBudget(lambda: bus.nc, timeout_s=settings.gateway_budget_timeout_s),
             token_secret=(settings.token_secret or secrets.token_hex(32)).encode(),
             pool=pool,
         )
