@@ -83,7 +83,7 @@ async def main(files: int, total_mb: float, rounds: int) -> None:
         await nc.subscribe(subjects.SANDBOX_UPLOAD, cb=upload)
 
         settings = SnapshotSettings(
-            nats_url=b.urls["NATS_URL"], s3_endpoint_url=s3_url, bucket=bucket
+            nats_url=b.urls["NATS_URL"], s3_endpoint_url=s3_url, s3_bucket=bucket
         )
         wiring = bootstrap.build(settings)
         await wiring.bus.connect()

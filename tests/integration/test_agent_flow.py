@@ -12,7 +12,7 @@ import pytest
 
 from kiln_agent import app, config
 from kiln_agent.adapters.anthropic_model import AnthropicModel
-from kiln_agent.adapters.postgres import DDL, SCHEMA, PostgresStore
+from kiln_agent.adapters.postgres import SCHEMA, PostgresStore, migrations
 from kiln_agent.checkpoint import Checkpoint, Turn
 from kiln_agent.loop import Agent, build_request
 from kiln_agent.ports import LeaseChange, ModelError, ModelRequest, VersionConflict
@@ -82,7 +82,7 @@ async def test_build_completes_on_nats_and_postgres_through_the_sdk(
         anthropic_api_key="test",
         ack_wait_s=10,
     )
-    pool = await create_pool(settings.database_url, schema=SCHEMA, ddl=DDL)
+    pool = await create_pool(settings.database_url, schema=SCHEMA, migrations=migrations())
     model = AnthropicModel.connect(base_url=scripted.url, api_key="test", timeout_s=30)
     bus = Bus(settings, f"agent{uid}")
     agent = OnlyMine(PostgresStore(pool), model, bus, config.load(), kiln_config.default())
@@ -151,7 +151,7 @@ async def test_build_completes_on_nats_and_postgres_through_the_sdk(
 
 
 async def test_postgres_checkpoint_optimistic_concurrency(infra, uid) -> None:
-    pool = await create_pool(infra["DATABASE_URL"], schema=SCHEMA, ddl=DDL)
+    pool = await create_pool(infra["DATABASE_URL"], schema=SCHEMA, migrations=migrations())
     store = PostgresStore(pool)
     try:
         cp = new_checkpoint(f"pg{uid}")
@@ -184,7 +184,7 @@ async def test_postgres_checkpoint_optimistic_concurrency(infra, uid) -> None:
 async def test_postgres_think_lease_is_taken_with_the_checkpoint_and_given_up_by_the_save(
     infra, uid
 ) -> None:
-    pool = await create_pool(infra["DATABASE_URL"], schema=SCHEMA, ddl=DDL)
+    pool = await create_pool(infra["DATABASE_URL"], schema=SCHEMA, migrations=migrations())
     store = PostgresStore(pool)
     try:
         cp = new_checkpoint(f"lease{uid}")
@@ -221,7 +221,7 @@ async def test_postgres_think_lease_is_taken_with_the_checkpoint_and_given_up_by
 async def test_postgres_turns_read_back_as_they_were_saved(infra, uid) -> None:
     """Same keys in the same order (jsonb would sort them): requests built from turns read back
     are byte-identical to those built from the turns the agent kept."""
-    pool = await create_pool(infra["DATABASE_URL"], schema=SCHEMA, ddl=DDL)
+    pool = await create_pool(infra["DATABASE_URL"], schema=SCHEMA, migrations=migrations())
     store = PostgresStore(pool)
     try:
         cp = new_checkpoint(f"order{uid}")

@@ -47,9 +47,9 @@ def settings(infra: dict[str, str], **extra: Any) -> BudgetSettings:
         redis_url=infra["REDIS_URL"],
         ack_wait_s=5,
         max_deliver=3,
-        period_s=PERIOD_S,
-        periods_per_cycle=10,
-        demo_allowance_usd=ALLOWANCE_USD,
+        budget_period_s=PERIOD_S,
+        budget_periods_per_cycle=10,
+        budget_demo_allowance_usd=ALLOWANCE_USD,
         **extra,
     )
 

@@ -65,10 +65,10 @@ async def _gateway(infra) -> AsyncIterator[Gateway]:
         infra,
         "gwsurface",
         s3_endpoint_url=infra["S3_ENDPOINT_URL"],
-        bucket="kiln-gw-surface",
+        s3_bucket="kiln-gw-surface",
         sse_heartbeat_s=0.3,
         admin_api_key=ADMIN,
-        projection_durable="gateway-projection-surface",
+        gateway_projection_durable="gateway-projection-surface",
         max_body_bytes=64 * 1024,
     ) as gateway:
         yield gateway

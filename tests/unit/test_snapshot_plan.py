@@ -307,11 +307,11 @@ async def test_restore_plan_answers_bad_requests(deps: Deps) -> None:
 
 def test_excludes_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KILN_SNAPSHOT_EXCLUDES", raising=False)
-    assert SnapshotSettings().excludes == DEFAULT_EXCLUDES
+    assert SnapshotSettings().snapshot_excludes == DEFAULT_EXCLUDES
     monkeypatch.setenv("KILN_SNAPSHOT_EXCLUDES", "node_modules, .venv,,dist")
-    assert SnapshotSettings().excludes == ["node_modules", ".venv", "dist"]
+    assert SnapshotSettings().snapshot_excludes == ["node_modules", ".venv", "dist"]
     monkeypatch.setenv("KILN_SNAPSHOT_EXCLUDES", "")
-    assert SnapshotSettings().excludes == []
+    assert SnapshotSettings().snapshot_excludes == []
 
 
 # ------------------------------------------------------------------ GC safety, symlinks

@@ -13,7 +13,7 @@ import pytest
 
 from kiln_agent import app, config
 from kiln_agent.adapters.anthropic_model import AnthropicModel
-from kiln_agent.adapters.postgres import DDL, SCHEMA, PostgresStore
+from kiln_agent.adapters.postgres import SCHEMA, PostgresStore, migrations
 from kiln_agent.loop import Agent
 from kiln_agent.settings import AgentSettings
 from kiln_contracts import BuildCompleted, BuildRequested, Envelope, ToolCall
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 async def pg(own_db: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await create_pool(own_db, schema=SCHEMA, ddl=DDL)
+    pool = await create_pool(own_db, schema=SCHEMA, migrations=migrations())
     yield pool
     await pool.close()
 

@@ -1,37 +1,32 @@
-"""The agent's settings (environment variables)."""
+"""The agent's settings (environment variables: ``KILN_`` + the field's name, or its alias)."""
 
 from __future__ import annotations
 
 from pydantic import Field
 
-from kiln_runtime.settings import DatabaseSettings, env
+from kiln_runtime.settings import DatabaseSettings
 
 
 class AgentSettings(DatabaseSettings):
-    anthropic_api_key: str | None = Field(default=None, validation_alias=env("ANTHROPIC_API_KEY"))
-    anthropic_base_url: str | None = Field(default=None, validation_alias=env("ANTHROPIC_BASE_URL"))
-    model_timeout_s: float = Field(
-        default=600.0, gt=0, validation_alias=env("KILN_MODEL_TIMEOUT_S")
-    )
-    agent_config: str | None = Field(default=None, validation_alias=env("KILN_AGENT_CONFIG"))
-    workers: int = Field(default=128, ge=1, validation_alias=env("KILN_AGENT_WORKERS"))
-    lease_s: float | None = Field(
+    anthropic_api_key: str | None = Field(default=None, validation_alias="ANTHROPIC_API_KEY")
+    anthropic_base_url: str | None = Field(default=None, validation_alias="ANTHROPIC_BASE_URL")
+    model_timeout_s: float = Field(default=600.0, gt=0)
+    agent_config: str | None = None
+    agent_workers: int = Field(default=128, ge=1)
+    agent_lease_s: float | None = Field(
         default=None,
         gt=0,
-        validation_alias=env("KILN_AGENT_LEASE_S"),
         description="The think lease (renewed while a model call runs); default: ack_wait_s.",
     )
-    db_pool_size: int = Field(default=20, ge=1, validation_alias=env("KILN_AGENT_DB_POOL"))
-    turn_cache_mb: float = Field(
+    agent_db_pool: int = Field(default=20, ge=1)
+    agent_turn_cache_mb: float = Field(
         default=64.0,
         ge=0,
-        validation_alias=env("KILN_AGENT_TURN_CACHE_MB"),
         description="Turns kept in memory across thinks (0: read every build's turns each time).",
     )
-    turn_cache_builds: int | None = Field(
+    agent_turn_cache_builds: int | None = Field(
         default=None,
         ge=0,
-        validation_alias=env("KILN_AGENT_TURN_CACHE_BUILDS"),
         description="The most builds whose turns and checkpoint are kept; default: twice "
         "KILN_AGENT_WORKERS, the builds a replica can be driving at once.",
     )

@@ -45,9 +45,9 @@ class Wiring:
 
 
 def calendar_of(settings: BudgetSettings) -> Calendar:
-    if settings.period_s is None:
+    if settings.budget_period_s is None:
         return UtcCalendar()
-    return ShortCalendar(settings.period_s, settings.periods_per_cycle)
+    return ShortCalendar(settings.budget_period_s, settings.budget_periods_per_cycle)
 
 
 def build(
@@ -70,7 +70,7 @@ def build(
         demo_allowance_micro_usd=settings.demo_allowance_micro_usd,
         history=StreamHistory(lambda: bus.nc),
     )
-    app.register(bus, deps, max_workers=settings.workers)
+    app.register(bus, deps, max_workers=settings.budget_workers)
     return Wiring(bus=bus, deps=deps, store=store)
 
 

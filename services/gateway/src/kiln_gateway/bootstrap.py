@@ -20,7 +20,7 @@ from kiln_runtime.service import connect_with_retry
 from . import builds
 from .adapters.budget_rpc import NatsBudget
 from .adapters.jetstream import JetStreamHistory
-from .adapters.postgres import DDL, PgStore
+from .adapters.postgres import PgStore, migrations
 from .adapters.s3_files import S3Files
 from .ports import Budget, BuildStore, EventSource, Publish, SnapshotFiles
 from .settings import GatewaySettings
@@ -57,7 +57,7 @@ async def running(settings: GatewaySettings) -> AsyncIterator[Runtime]:
     bus = Bus(settings, "gateway")
     pool: asyncpg.Pool | None = None
     files = S3Files(
-        settings.bucket,
+        settings.s3_bucket,
         endpoint_url=settings.s3_endpoint_url,
         region=settings.region,
         timeout_s=settings.s3_timeout_s,
@@ -65,7 +65,9 @@ async def running(settings: GatewaySettings) -> AsyncIterator[Runtime]:
     try:
         await connect_with_retry(bus)
         await files.open()
-        pool = await create_pool(settings.database_url, schema=settings.db_schema, ddl=DDL)
+        pool = await create_pool(
+            settings.database_url, schema=settings.gateway_db_schema, migrations=migrations()
+        )
         store = PgStore(pool)
         if settings.dev_api_key and settings.dev_user:
             await builds.ensure_dev_key(
@@ -82,7 +84,7 @@ async def running(settings: GatewaySettings) -> AsyncIterator[Runtime]:
             publish=bus.publish,
             config=kiln_config.default(),
             files=files,
-            budget=NatsBudget(lambda: bus.nc, timeout_s=settings.budget_timeout_s),
+            budget=NatsBudget(lambda: bus.nc, timeout_s=settings.gateway_budget_timeout_s),
             token_secret=(settings.token_secret or secrets.token_hex(32)).encode(),
             pool=pool,
         )

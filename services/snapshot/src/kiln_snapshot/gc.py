@@ -198,10 +198,10 @@ async def _main(dry_run: bool) -> Report:
     try:
         return await collect(
             store,
-            keep=settings.keep,
-            grace_s=settings.gc_grace_s,
-            max_snapshot_s=settings.max_snapshot_s,
-            sweep_s=settings.gc_sweep_s,
+            keep=settings.snapshot_keep,
+            grace_s=settings.snapshot_gc_grace_s,
+            max_snapshot_s=settings.snapshot_max_s,
+            sweep_s=settings.snapshot_gc_sweep_s,
             dry_run=dry_run,
         )
     finally:

@@ -8,52 +8,24 @@ are byte-identical, as prompt caching needs."""
 from __future__ import annotations
 
 import json
+from importlib.resources import files
 from typing import Any
 
 import asyncpg
 
 from kiln_contracts import BuildLimits
+from kiln_runtime.db import Migration, read_migrations
 
 from ..checkpoint import Checkpoint, State, Turn, dump_outbox, load_outbox
 from ..ports import NO_LEASE_CHANGE, LeaseChange, VersionConflict
 
 SCHEMA = "agent"
 
-DDL = """
-CREATE TABLE IF NOT EXISTS builds (
-    build_id        text PRIMARY KEY,
-    user_id         text NOT NULL,
-    version         integer NOT NULL,
-    status          text NOT NULL,
-    iteration       integer NOT NULL,
-    model           text NOT NULL,
-    tier            text NOT NULL,
-    limits          jsonb NOT NULL,
-    cost_micro_usd  bigint NOT NULL,
-    system          text NOT NULL,
-    turns           integer NOT NULL,
-    state           jsonb NOT NULL,
-    outbox          jsonb NOT NULL DEFAULT '[]',
-    created_at      timestamptz NOT NULL DEFAULT now(),
-    updated_at      timestamptz NOT NULL DEFAULT now()
-);
-CREATE INDEX IF NOT EXISTS builds_status ON builds (status);
-ALTER TABLE builds ADD COLUMN IF NOT EXISTS lease_token text;
-ALTER TABLE builds ADD COLUMN IF NOT EXISTS lease_until timestamptz;
-CREATE TABLE IF NOT EXISTS turns (
-    build_id  text NOT NULL,
-    seq       integer NOT NULL,
-    role      text NOT NULL,
-    content   json NOT NULL,
-    PRIMARY KEY (build_id, seq)
-);
-DO $$ BEGIN
-    IF (SELECT data_type FROM information_schema.columns WHERE table_schema = current_schema()
-        AND table_name = 'turns' AND column_name = 'content') = 'jsonb' THEN
-        ALTER TABLE turns ALTER COLUMN content TYPE json;
-    END IF;
-END $$;
-"""
+
+def migrations() -> list[Migration]:
+    """This schema's migrations: ``migrations/NNNN_name.sql`` beside this module."""
+    return read_migrations(files("kiln_agent.adapters") / "migrations")
+
 
 _COLUMNS = (
     "build_id, user_id, version, status, iteration, model, tier, limits, cost_micro_usd, "
