@@ -40,13 +40,13 @@ from .ports import (
     Publisher,
     Registry,
     Restorer,
-    Sandbox,
     SandboxError,
     SandboxGone,
     SandboxRecord,
     SandboxState,
 )
 from .tools import run_tool
+from .workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,6 @@ INTERRUPTED = (
 )
 # Extra time a whole call may take beyond its command timeout (stat scans, file reads ...).
 CALL_MARGIN_S = 30.0
-UPLOAD_CONCURRENCY = 8
 # A ToolResult must stay well under the stream's message size limit.
 MAX_FILES_CHANGED = 500
 
@@ -179,7 +178,7 @@ class SandboxService:
             raise got_record
         return got_record, got_seen
 
-    async def _sandbox_or_release(self, call: ToolCall, record: SandboxRecord | None) -> Sandbox:
+    async def _sandbox_or_release(self, call: ToolCall, record: SandboxRecord | None) -> Workspace:
         """The build's sandbox; on a failure (creating, restoring) the claim is given back so
         that the redelivered call is run, not reported interrupted."""
         try:
@@ -240,13 +239,13 @@ class SandboxService:
             ToolResult, call_id=call.call_id, iteration=call.iteration, **fields
         ).with_id(stable_id(call.build_id, "tool_result", call.call_id))
 
-    async def _run(self, sandbox: Sandbox, call: ToolCall) -> ToolResult:
+    async def _run(self, sandbox: Workspace, call: ToolCall) -> ToolResult:
         result = await self._execute(sandbox, call)
         outcome = "error" if result.is_error else "ok"
         metrics.TOOL_SECONDS.labels(call.tool, outcome).observe(result.duration_ms / 1000)
         return result
 
-    async def _execute(self, sandbox: Sandbox, call: ToolCall) -> ToolResult:
+    async def _execute(self, sandbox: Workspace, call: ToolCall) -> ToolResult:
         started = time.monotonic()
         try:
             async with asyncio.timeout(call.timeout_s + CALL_MARGIN_S):
@@ -278,10 +277,10 @@ class SandboxService:
             files_changed=outcome.files_changed[:MAX_FILES_CHANGED],
         )
 
-    async def _sandbox(self, call: ToolCall, record: SandboxRecord | None) -> Sandbox:
+    async def _sandbox(self, call: ToolCall, record: SandboxRecord | None) -> Workspace:
         if record is not None and record.provider == self.provider.name:
             try:
-                sandbox = await self.provider.connect(call.build_id, record.sandbox_id)
+                sandbox = Workspace(await self.provider.connect(call.build_id, record.sandbox_id))
             except SandboxGone:
                 log.warning("sandbox %s is gone; creating a fresh one", record.sandbox_id)
             else:
@@ -298,8 +297,8 @@ class SandboxService:
             raise RetryLater(f"call {call.call_id} was claimed by {seen.owner}", delay_s=0.5)
         return sandbox
 
-    async def _create(self, call: ToolCall, record: SandboxRecord | None) -> Sandbox:
-        sandbox = await self.provider.create(call.build_id, user_id=call.user_id)
+    async def _create(self, call: ToolCall, record: SandboxRecord | None) -> Workspace:
+        sandbox = Workspace(await self.provider.create(call.build_id, user_id=call.user_id))
         snapshot_id = None
         if record is not None:  # it existed and is gone: rebuild it from the latest snapshot
             snapshot_id = await self._restore(call.build_id, sandbox)
@@ -317,7 +316,7 @@ class SandboxService:
                 extra={"build_id": call.build_id},
             )
             await self.provider.stop(call.build_id, sandbox.sandbox_id)
-            return await self.provider.connect(call.build_id, held.sandbox_id)
+            return Workspace(await self.provider.connect(call.build_id, held.sandbox_id))
         if snapshot_id is not None:
             await self.bus.publish(
                 call.caused(
@@ -337,7 +336,7 @@ class SandboxService:
             )
         return sandbox
 
-    async def _restore(self, build_id: str, sandbox: Sandbox) -> str | None:
+    async def _restore(self, build_id: str, sandbox: Workspace) -> str | None:
         """Download the latest snapshot into a fresh sandbox; its id, or None if there is none.
 
         A failed download raises, so the call is redelivered (it has not been recorded yet).
@@ -349,29 +348,20 @@ class SandboxService:
             return None
         if not plan.ok:
             raise RuntimeError(f"restore plan for {build_id} failed: {plan.error}")
-        gate = asyncio.Semaphore(UPLOAD_CONCURRENCY)
-
-        async def one(path: str, sha256: str, mode: int, url: str) -> int:
-            async with gate:
-                return await sandbox.download(path, sha256, mode, url)
-
-        sizes = await asyncio.gather(*(one(f.path, f.sha256, f.mode, f.url) for f in plan.files))
-        # Directories (modes set after the files went in) and symlinks; a symlink that would
-        # lead outside the workspace is not restored (the plan leaves those out already).
-        skipped = await sandbox.restore_tree(plan.dirs, plan.symlinks) + plan.skipped
+        restored = await sandbox.restore(plan)
         log.info(
             "restored %d files (%d bytes), %d directories, %d symlinks from snapshot %s",
-            len(sizes),
-            sum(sizes),
+            restored.files,
+            restored.bytes,
             len(plan.dirs),
             len(plan.symlinks),
             plan.snapshot_id,
             extra={"build_id": build_id},
         )
-        if skipped:
+        if restored.skipped:
             log.warning(
                 "symlinks leading outside the workspace not restored: %s",
-                ", ".join(skipped[:20]),
+                ", ".join(restored.skipped[:20]),
                 extra={"build_id": build_id},
             )
         return plan.snapshot_id
@@ -444,12 +434,12 @@ class SandboxService:
 
     # ------------------------------------------------------------------ snapshot rpc
 
-    async def _existing(self, build_id: str) -> Sandbox:
+    async def _existing(self, build_id: str) -> Workspace:
         record = await self.registry.get(build_id)
         if record is None:
             raise SandboxError(f"no sandbox for build {build_id}")
         try:
-            return await self.provider.connect(build_id, record.sandbox_id)
+            return Workspace(await self.provider.connect(build_id, record.sandbox_id))
         except SandboxGone as err:
             raise SandboxError(f"the sandbox of build {build_id} is gone: {err}") from err
 
@@ -468,15 +458,7 @@ class SandboxService:
             sandbox = await self._existing(request.build_id)
         except SandboxError as err:
             return UploadReply(ok=False, error=str(err))
-        gate = asyncio.Semaphore(UPLOAD_CONCURRENCY)
-
-        async def one(path: str, sha256: str, url: str) -> int:
-            async with gate:
-                return await sandbox.upload(path, sha256, url)
-
-        results = await asyncio.gather(
-            *(one(u.path, u.sha256, u.url) for u in request.uploads), return_exceptions=True
-        )
+        results = await sandbox.upload_all(request.uploads)
         sent = [r for r in results if isinstance(r, int)]
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:

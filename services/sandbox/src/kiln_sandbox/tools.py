@@ -1,4 +1,4 @@
-"""The tools the model calls, Claude-Code style, on top of any ``Sandbox``.
+"""The tools the model calls, Claude-Code style, on a build's ``Workspace``.
 
 Every tool takes the call's ``input`` dict and returns a ``ToolOutcome``; bad input and tool
 failures become ``is_error`` outcomes with a clear message, never exceptions (only a vanished
@@ -15,7 +15,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .ports import FileInfo, PathOutsideWorkspace, Sandbox, SandboxError
+from .ports import FileInfo, Located, PathOutsideWorkspace, SandboxError
+from .workspace import Workspace
 
 MAX_OUTPUT_CHARS = 30_000
 MAX_READ_BYTES = 5 * 1024 * 1024
@@ -46,28 +47,11 @@ def error(text: str) -> ToolOutcome:
     return ToolOutcome(output=text, is_error=True)
 
 
-# ---------------------------------------------------------------------------- helpers
-
-
-def normalize(sandbox: Sandbox, path: Any, *, allow_root: bool = True) -> str:
+def normalize(ws: Workspace, path: Any, *, allow_root: bool = True) -> str:
     """A workspace-relative, '/'-separated path; PathOutsideWorkspace if it leaves the workspace."""
     if not isinstance(path, str):
         raise BadInput("path must be a string")
-    path = path.strip()
-    if "\x00" in path:
-        raise PathOutsideWorkspace("path contains a NUL byte")
-    root = sandbox.root.rstrip("/")
-    if path.startswith("/"):
-        if path == root or path.startswith(root + "/"):
-            path = path[len(root) :].lstrip("/")
-        else:
-            raise PathOutsideWorkspace(
-                f"{path!r} is outside the workspace; use paths relative to it"
-            )
-    if ".." in path.split("/"):
-        raise PathOutsideWorkspace(f"{path!r} leaves the workspace ('..' is not allowed)")
-    rel = posixpath.normpath(path) if path else "."
-    rel = "" if rel == "." else rel
+    rel = ws.relative(path)
     if not rel and not allow_root:
         raise BadInput("path must name a file")
     return rel
@@ -81,7 +65,7 @@ def truncate(text: str, limit: int = MAX_OUTPUT_CHARS) -> str:
     return f"{text[:half]}\n\n[... {cut} characters truncated ...]\n\n{text[-half:]}"
 
 
-def _arg(args: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+def arg(args: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
     if name not in args or args[name] is None:
         if default is ...:
             raise BadInput(f"missing required argument {name!r}")
@@ -100,6 +84,10 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}
     kinds = kind if isinstance(kind, tuple) else (kind,)
     return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def looks_binary(data: bytes) -> bool:
+    return b"\x00" in data[:8192]
 
 
 def glob_to_regex(pattern: str) -> re.Pattern[str]:
@@ -144,24 +132,21 @@ def glob_to_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out) + r"\Z")
 
 
-def _looks_binary(data: bytes) -> bool:
-    return b"\x00" in data[:8192]
-
-
 # ---------------------------------------------------------------------------- the tools
 
 
-async def read_file(sb: Sandbox, args: dict[str, Any]) -> ToolOutcome:
-    path = normalize(sb, _arg(args, "path", str), allow_root=False)
-    offset = _arg(args, "offset", int, 1)
-    limit = _arg(args, "limit", int, DEFAULT_READ_LINES)
+async def read_file(ws: Workspace, args: dict[str, Any]) -> ToolOutcome:
+    path = normalize(ws, arg(args, "path", str), allow_root=False)
+    offset = arg(args, "offset", int, 1)
+    limit = arg(args, "limit", int, DEFAULT_READ_LINES)
     if offset < 1:
         offset = 1 if offset == 0 else offset
         if offset < 0:
             raise BadInput("offset is a 1-based line number and must be >= 1")
     if limit < 1:
         raise BadInput("limit must be >= 1")
-    info = await sb.stat(path)
+    found = await ws.locate(path)
+    info = found.info
     if info is None:
         return error(f"file not found: {path}")
     if info.is_dir:
@@ -171,8 +156,8 @@ async def read_file(sb: Sandbox, args: dict[str, Any]) -> ToolOutcome:
             f"{path} is {info.size:,} bytes, larger than the {MAX_READ_BYTES // (1024 * 1024)} MB "
             "read limit; use bash (e.g. head, sed -n, grep) to look at parts of it"
         )
-    data = await sb.read(path)
-    if _looks_binary(data):
+    data = await ws.read(found)
+    if looks_binary(data):
         return error(f"{path} looks like a binary file ({len(data):,} bytes); not shown")
     text = data.decode("utf-8", errors="replace")
     if not text:
@@ -191,28 +176,30 @@ async def read_file(sb: Sandbox, args: dict[str, Any]) -> ToolOutcome:
     return ToolOutcome(output=truncate(body))
 
 
-async def write_file(sb: Sandbox, args: dict[str, Any]) -> ToolOutcome:
-    path = normalize(sb, _arg(args, "path", str), allow_root=False)
-    content = _arg(args, "content", str)
-    existing = await sb.stat(path)
+async def write_file(ws: Workspace, args: dict[str, Any]) -> ToolOutcome:
+    path = normalize(ws, arg(args, "path", str), allow_root=False)
+    content = arg(args, "content", str)
+    found = await ws.locate(path)
+    existing = found.info
     if existing is not None and existing.is_dir:
         return error(f"{path} is a directory")
     data = content.encode("utf-8")
-    await sb.write(path, data)
+    await ws.write(found, data)
     verb = "overwrote" if existing is not None else "created"
     return ToolOutcome(output=f"{verb} {path} ({len(data):,} bytes)", files_changed=[path])
 
 
-async def edit_file(sb: Sandbox, args: dict[str, Any]) -> ToolOutcome:
-    path = normalize(sb, _arg(args, "path", str), allow_root=False)
-    old = _arg(args, "old_string", str)
-    new = _arg(args, "new_string", str)
-    replace_all = _arg(args, "replace_all", bool, False)
+async def edit_file(ws: Workspace, args: dict[str, Any]) -> ToolOutcome:
+    path = normalize(ws, arg(args, "path", str), allow_root=False)
+    old = arg(args, "old_string", str)
+    new = arg(args, "new_string", str)
+    replace_all = arg(args, "replace_all", bool, False)
     if old == "":
         raise BadInput("old_string must not be empty (use write_file to create a file)")
     if old == new:
         raise BadInput("old_string and new_string are the same; nothing to change")
-    info = await sb.stat(path)
+    found = await ws.locate(path)
+    info = found.info
     if info is None:
         return error(f"file not found: {path}")
     if info.is_dir:
@@ -221,8 +208,8 @@ async def edit_file(sb: Sandbox, args: dict[str, Any]) -> ToolOutcome:
         return error(
             f"{path} is larger than {MAX_READ_BYTES // (1024 * 1024)} MB; edit it with bash"
         )
-    data = await sb.read(path)
-    if _looks_binary(data):
+    data = await ws.read(found)
+    if looks_binary(data):
         return error(f"{path} looks like a binary file; not edited")
     try:
         text = data.decode("utf-8")
@@ -240,29 +227,29 @@ async def edit_file(sb: Sandbox, args: dict[str, Any]) -> ToolOutcome:
             "or pass replace_all=true"
         )
     updated = text.replace(old, new) if replace_all else text.replace(old, new, 1)
-    await sb.write(path, updated.encode("utf-8"))
+    await ws.write(found, updated.encode("utf-8"))
     n = count if replace_all else 1
     return ToolOutcome(
         output=f"edited {path}: {n} replacement{'s' if n != 1 else ''}", files_changed=[path]
     )
 
 
-async def _snapshot_stats(sb: Sandbox) -> dict[str, tuple[int, int]]:
-    entries = await sb.list_entries("", depth=64, skip_dirs=SCAN_SKIP_DIRS, limit=MAX_SCAN_ENTRIES)
+async def _snapshot_stats(ws: Workspace) -> dict[str, tuple[int, int]]:
+    entries = await ws.list_entries("", depth=64, skip_dirs=SCAN_SKIP_DIRS, limit=MAX_SCAN_ENTRIES)
     return {e.path: (e.mtime_ns, e.size) for e in entries if not e.is_dir}
 
 
-async def bash(sb: Sandbox, args: dict[str, Any], *, default_timeout_s: float) -> ToolOutcome:
-    command = _arg(args, "command", str)
+async def bash(ws: Workspace, args: dict[str, Any], *, default_timeout_s: float) -> ToolOutcome:
+    command = arg(args, "command", str)
     if not command.strip():
         raise BadInput("command must not be empty")
-    timeout_s = float(_arg(args, "timeout_s", (int, float), default_timeout_s))
+    timeout_s = float(arg(args, "timeout_s", (int, float), default_timeout_s))
     if timeout_s <= 0:
         raise BadInput("timeout_s must be > 0")
     timeout_s = min(timeout_s, default_timeout_s)
-    before = await _snapshot_stats(sb)
-    result = await sb.run(command, timeout_s=timeout_s, max_output=MAX_OUTPUT_CHARS)
-    after = await _snapshot_stats(sb)
+    before = await _snapshot_stats(ws)
+    result = await ws.run(command, timeout_s=timeout_s, max_output=MAX_OUTPUT_CHARS)
+    after = await _snapshot_stats(ws)
     changed = sorted(p for p, s in after.items() if before.get(p) != s)
     head = result.head.decode("utf-8", errors="replace")
     tail = result.tail.decode("utf-8", errors="replace")
@@ -289,18 +276,18 @@ async def bash(sb: Sandbox, args: dict[str, Any], *, default_timeout_s: float) -
     )
 
 
-async def glob(sb: Sandbox, args: dict[str, Any]) -> ToolOutcome:
-    pattern = _arg(args, "pattern", str)
-    base = normalize(sb, _arg(args, "path", str, ""))
+async def glob(ws: Workspace, args: dict[str, Any]) -> ToolOutcome:
+    pattern = arg(args, "pattern", str)
+    base = normalize(ws, arg(args, "path", str, ""))
     if not pattern.strip():
         raise BadInput("pattern must not be empty")
     if pattern.startswith("/") or ".." in pattern.split("/"):
         raise BadInput("pattern must be relative to the workspace, without '..'")
     regex = glob_to_regex(pattern)
-    entries = await sb.list_entries(
-        base, depth=64, skip_dirs=SCAN_SKIP_DIRS, limit=MAX_SCAN_ENTRIES
-    )
-    prefix = f"{base}/" if base else ""
+    top: str | Located = await ws.locate(base) if base else ""
+    entries = await ws.list_entries(top, depth=64, skip_dirs=SCAN_SKIP_DIRS, limit=MAX_SCAN_ENTRIES)
+    real = top.real if isinstance(top, Located) else ""
+    prefix = f"{real}/" if real else ""
     hits = [e for e in entries if not e.is_dir and regex.match(e.path[len(prefix) :])]
     hits.sort(key=lambda e: (-e.mtime_ns, e.path))
     if not hits:
@@ -311,21 +298,22 @@ async def glob(sb: Sandbox, args: dict[str, Any]) -> ToolOutcome:
     return ToolOutcome(output=truncate("\n".join(lines)))
 
 
-async def grep(sb: Sandbox, args: dict[str, Any]) -> ToolOutcome:
-    pattern = _arg(args, "pattern", str)
-    path = normalize(sb, _arg(args, "path", str, ""))
-    file_glob = _arg(args, "glob", str, None)
+async def grep(ws: Workspace, args: dict[str, Any]) -> ToolOutcome:
+    pattern = arg(args, "pattern", str)
+    path = normalize(ws, arg(args, "path", str, ""))
+    file_glob = arg(args, "glob", str, None)
     try:
         regex = re.compile(pattern)
     except re.error as err:
         raise BadInput(f"invalid regular expression: {err}") from err
-    info = await sb.stat(path)
+    found = await ws.locate(path)
+    info = found.info
     if info is None:
         return error(f"path not found: {path or '.'}")
     files: list[FileInfo]
     if info.is_dir:
-        entries = await sb.list_entries(
-            path, depth=64, skip_dirs=SCAN_SKIP_DIRS, limit=MAX_SCAN_ENTRIES
+        entries = await ws.list_entries(
+            found, depth=64, skip_dirs=SCAN_SKIP_DIRS, limit=MAX_SCAN_ENTRIES
         )
         files = [e for e in entries if not e.is_dir]
     else:
@@ -346,11 +334,11 @@ async def grep(sb: Sandbox, args: dict[str, Any]) -> ToolOutcome:
     for f in sorted(files, key=lambda e: e.path):
         if f.size > MAX_READ_BYTES or f.size == 0:
             continue
-        try:
-            data = await sb.read(f.path)
+        try:  # a file listed is where it is; a symlink is followed (and confined)
+            data = await ws.read(Located(f.path, f) if f.kind == "file" else f.path)
         except SandboxError:
             continue
-        if _looks_binary(data):
+        if looks_binary(data):
             continue
         for n, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
             if regex.search(line):
@@ -368,17 +356,19 @@ async def grep(sb: Sandbox, args: dict[str, Any]) -> ToolOutcome:
     return ToolOutcome(output=truncate("\n".join(matches)))
 
 
-async def list_dir(sb: Sandbox, args: dict[str, Any]) -> ToolOutcome:
-    path = normalize(sb, _arg(args, "path", str, ""))
-    info = await sb.stat(path)
+async def list_dir(ws: Workspace, args: dict[str, Any]) -> ToolOutcome:
+    path = normalize(ws, arg(args, "path", str, ""))
+    found = await ws.locate(path)
+    info = found.info
     if info is None:
         return error(f"directory not found: {path or '.'}")
     if not info.is_dir:
         return error(f"{path} is a file, not a directory")
-    entries = await sb.list_entries(path, depth=1, limit=MAX_LIST_ENTRIES + 1)
+    entries = await ws.list_entries(found, depth=1, limit=MAX_LIST_ENTRIES + 1)
     if not entries:
         return ToolOutcome(output=f"(directory {path or '.'} is empty)")
-    prefix = f"{path}/" if path else ""
+    entries.sort(key=lambda e: e.path)
+    prefix = f"{found.real}/" if found.real else ""
     lines = [
         f"{e.path[len(prefix) :]}/" if e.is_dir else f"{e.path[len(prefix) :]}  ({e.size:,} bytes)"
         for e in entries[:MAX_LIST_ENTRIES]
@@ -388,22 +378,22 @@ async def list_dir(sb: Sandbox, args: dict[str, Any]) -> ToolOutcome:
     return ToolOutcome(output="\n".join(lines))
 
 
-Tool = Callable[[Sandbox, dict[str, Any]], Awaitable[ToolOutcome]]
+Tool = Callable[[Workspace, dict[str, Any]], Awaitable[ToolOutcome]]
 
 
 async def run_tool(
-    sb: Sandbox, tool: str, args: dict[str, Any], *, timeout_s: float
+    ws: Workspace, tool: str, args: dict[str, Any], *, timeout_s: float
 ) -> ToolOutcome:
     """Run one tool; every failure but a vanished sandbox becomes an is_error outcome."""
     try:
         if not isinstance(args, dict):
             raise BadInput("input must be an object")
         if tool == "bash":
-            return await bash(sb, args, default_timeout_s=timeout_s)
+            return await bash(ws, args, default_timeout_s=timeout_s)
         fn = TOOLS.get(tool)
         if fn is None:
             return error(f"unknown tool {tool!r}; available: {', '.join([*TOOLS, 'bash'])}")
-        return await fn(sb, args)
+        return await fn(ws, args)
     except BadInput as err:
         return error(f"invalid input for {tool}: {err}")
     except PathOutsideWorkspace as err:
