@@ -100,7 +100,7 @@ class Sandboxes:
         sandbox = Workspace(await self.provider.create(call.build_id, user_id=call.user_id))
         snapshot_id = None
         if record is not None:  # it existed and is gone: rebuild it from the latest snapshot
-            snapshot_id = await self._restore(call.build_id, sandbox)
+            snapshot_id = await self.restore(call.build_id, sandbox)
         held = await self.registry.replace(
             SandboxRecord(call.build_id, self.provider.name, sandbox.sandbox_id, "running"),
             expected=record.sandbox_id if record is not None else None,
@@ -135,7 +135,7 @@ class Sandboxes:
             )
         return sandbox
 
-    async def _restore(self, build_id: str, sandbox: Workspace) -> str | None:
+    async def restore(self, build_id: str, sandbox: Workspace) -> str | None:
         """Download the latest snapshot into a fresh sandbox; its id, or None if there is none.
 
         A failed download raises, so the call is redelivered (it has not been recorded yet).
