@@ -25,6 +25,7 @@ from kiln_sandbox.adapters.local import LocalProvider
 from kiln_sandbox.adapters.nats_rpc import NatsRestorer
 from kiln_sandbox.handlers import SandboxService
 from kiln_sandbox.ports import SandboxRecord
+from kiln_sandbox.workspace import Workspace
 from kiln_snapshot import bootstrap
 from tests.integration.gateway_fixtures import Gateway, running_gateway
 from tests.integration.test_snapshot_restore_gc import serve_sandbox_rpc, settings, tree
@@ -227,7 +228,7 @@ async def test_a_manifest_stored_before_downloads_and_restores(
             None,  # type: ignore[arg-type]
             NatsRestorer(nc, timeout_s=10),
         )
-        assert await restoring._restore(build, fresh) == snapshot_id
+        assert await restoring.sandboxes.restore(build, Workspace(fresh)) == snapshot_id
     finally:
         await nc.close()
         await provider.close()

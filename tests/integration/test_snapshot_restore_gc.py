@@ -27,6 +27,7 @@ from kiln_sandbox.adapters.local import LocalProvider
 from kiln_sandbox.adapters.nats_rpc import NatsRestorer
 from kiln_sandbox.handlers import SandboxService
 from kiln_sandbox.ports import SandboxRecord
+from kiln_sandbox.workspace import Workspace
 from kiln_snapshot import bootstrap, gc, snapshots
 from kiln_snapshot.adapters.s3 import S3Store
 from kiln_snapshot.settings import SnapshotSettings
@@ -160,7 +161,7 @@ async def test_restore_is_byte_identical_with_modes_empty_dirs_and_symlinks(
                 None,  # type: ignore[arg-type]
                 NatsRestorer(nc, timeout_s=10),
             )
-            assert await restoring._restore(build, fresh) == str(event.event_id)
+            assert await restoring.sandboxes.restore(build, Workspace(fresh)) == str(event.event_id)
             plan = await NatsRestorer(nc).restore_plan(build)
         finally:
             await nc.close()

@@ -31,6 +31,7 @@ from kiln_sandbox.bootstrap import ConfigError, make_provider
 from kiln_sandbox.handlers import SandboxService
 from kiln_sandbox.ports import SandboxError, SandboxGone
 from kiln_sandbox.settings import SandboxSettings
+from kiln_sandbox.workspace import Workspace
 from tests.unit.test_sandbox_handlers import FakeBus, FakeCalls, FakeRestorer
 
 
@@ -149,7 +150,7 @@ async def test_an_sdk_call_that_hangs_times_out_with_a_clear_error(fake, monkeyp
 async def test_manifest_and_upload_run_inside_the_sandbox(fake, blobs):
     base, store = blobs
     p = provider(fake)
-    sb = await p.create("b1")
+    sb = Workspace(await p.create("b1"))
     await sb.write("src/app.py", b"print('hi')\n")
     await sb.write("node_modules/x/big.js", b"x")
     await sb.write("weird name.txt", b"spaces\n")

@@ -13,34 +13,34 @@ import pytest
 from kiln_devstack.sandbox import FakeE2B
 from kiln_sandbox.adapters.e2b import E2BProvider
 from kiln_sandbox.adapters.local import LocalProvider
-from kiln_sandbox.ports import Sandbox
 from kiln_sandbox.tools import MAX_OUTPUT_CHARS, glob_to_regex, run_tool
+from kiln_sandbox.workspace import Workspace
 
 HOST_ROOT: dict[int, Path] = {}  # id(sandbox) -> its workspace on this host
 
 
 @pytest.fixture(params=["local", "e2b"])
-async def sb(request, tmp_path: Path) -> Sandbox:
+async def sb(request, tmp_path: Path) -> Workspace:
     if request.param == "local":
         local = LocalProvider(tmp_path / "root")
-        sandbox: Sandbox = await local.create("b1")
+        sandbox = Workspace(await local.create("b1"))
         HOST_ROOT[id(sandbox)] = Path(sandbox.root)
         yield sandbox
         await local.close()
     else:
         fake = FakeE2B(tmp_path / "e2b")
         provider = E2BProvider(api_key="e2b_test", sdk=fake)
-        sandbox = await provider.create("b1", user_id="u1")
+        sandbox = Workspace(await provider.create("b1", user_id="u1"))
         HOST_ROOT[id(sandbox)] = fake.sandboxes[sandbox.sandbox_id].home / "workspace"
         yield sandbox
     HOST_ROOT.pop(id(sandbox), None)
 
 
-def ws(sb: Sandbox) -> Path:
+def ws(sb: Workspace) -> Path:
     return HOST_ROOT[id(sb)]
 
 
-async def call(sb: Sandbox, tool: str, timeout_s: float = 30.0, **args):
+async def call(sb: Workspace, tool: str, timeout_s: float = 30.0, **args):
     return await run_tool(sb, tool, args, timeout_s=timeout_s)
 
 

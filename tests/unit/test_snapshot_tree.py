@@ -11,6 +11,7 @@ import pytest
 
 from kiln_devstack.sandbox import FakeE2B
 from kiln_sandbox.adapters.local import LocalProvider
+from kiln_sandbox.workspace import Workspace
 from tests.unit.test_sandbox_e2b import provider as e2b_provider
 
 
@@ -22,7 +23,7 @@ def make(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
 
 
 async def test_manifest_lists_dirs_and_symlinks_and_restore_tree_rebuilds_them(make: Any) -> None:
-    sb = await make.create("b1")
+    sb = Workspace(await make.create("b1"))
     await sb.run(
         "mkdir -p src empty/deep node_modules/x && echo hi > src/a.txt && chmod 700 empty/deep"
         " && ln -s src/a.txt link && ln -s /etc/passwd abs && ln -s ../../out src/up"
@@ -44,7 +45,7 @@ async def test_manifest_lists_dirs_and_symlinks_and_restore_tree_rebuilds_them(m
         "src/up": ("symlink", 0, "../../out"),
     }
 
-    fresh = await make.create("b2")
+    fresh = Workspace(await make.create("b2"))
     dirs = [e for e in entries if e.type == "dir"]
     links = [e for e in entries if e.type == "symlink"]
     skipped = await fresh.restore_tree(dirs, links)

@@ -1,5 +1,6 @@
-"""The sandbox service's domain: run tool calls exactly once, manage each build's sandbox, and
-serve the snapshot service's manifest and upload requests. Plain ``async def``; no bus imports."""
+"""The sandbox service's domain: run tool calls exactly once in each build's sandbox
+(``sandboxes.py`` finds, makes and stops those), and serve the snapshot service's manifest and
+upload requests. Plain ``async def``; no bus imports."""
 
 from __future__ import annotations
 
@@ -20,9 +21,6 @@ from kiln_contracts import (
     BuildFailed,
     ManifestReply,
     ManifestRequest,
-    SandboxRestored,
-    SandboxStarted,
-    SandboxStopped,
     SnapshotSaved,
     ToolCall,
     ToolResult,
@@ -40,13 +38,12 @@ from .ports import (
     Publisher,
     Registry,
     Restorer,
-    Sandbox,
-    SandboxError,
     SandboxGone,
     SandboxRecord,
-    SandboxState,
 )
+from .sandboxes import BuildLocks, Sandboxes
 from .tools import run_tool
+from .workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -56,33 +53,8 @@ INTERRUPTED = (
 )
 # Extra time a whole call may take beyond its command timeout (stat scans, file reads ...).
 CALL_MARGIN_S = 30.0
-UPLOAD_CONCURRENCY = 8
 # A ToolResult must stay well under the stream's message size limit.
 MAX_FILES_CHANGED = 500
-
-
-class BuildLocks:
-    """One asyncio.Lock per build, dropped when nobody holds or waits for it."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, build_id: str) -> AsyncIterator[None]:
-        lock, users = self._locks.get(build_id, (asyncio.Lock(), 0))
-        self._locks[build_id] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[build_id]
-            if users <= 1:
-                del self._locks[build_id]
-            else:
-                self._locks[build_id] = (lock, users - 1)
-
-    def __len__(self) -> int:
-        return len(self._locks)
 
 
 class SandboxService:
@@ -98,18 +70,25 @@ class SandboxService:
         lease_s: float = 30.0,
         exec_log: Path | None = None,
     ) -> None:
+        self.sandboxes = Sandboxes(provider, registry, bus, restorer)
         self.provider = provider
         # An audit trail: one line per execution, appended just before a tool runs.
         self.exec_log = exec_log
         # Who runs a call (this replica) and for how long its claim holds without renewal.
         self.owner = owner or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.lease_s = lease_s
-        self.restorer = restorer
         self.registry = registry
         self.calls = calls
         self.bus = bus
         self.locks = BuildLocks()  # tool calls of one build run one at a time
-        self.lifecycle = BuildLocks()  # pause/stop of one build, one at a time
+
+    @property
+    def restorer(self) -> Restorer | None:
+        return self.sandboxes.restorer
+
+    @restorer.setter
+    def restorer(self, restorer: Restorer | None) -> None:
+        self.sandboxes.restorer = restorer
 
     # ------------------------------------------------------------------ tool calls
 
@@ -179,7 +158,7 @@ class SandboxService:
             raise got_record
         return got_record, got_seen
 
-    async def _sandbox_or_release(self, call: ToolCall, record: SandboxRecord | None) -> Sandbox:
+    async def _sandbox_or_release(self, call: ToolCall, record: SandboxRecord | None) -> Workspace:
         """The build's sandbox; on a failure (creating, restoring) the claim is given back so
         that the redelivered call is run, not reported interrupted."""
         try:
@@ -240,13 +219,13 @@ class SandboxService:
             ToolResult, call_id=call.call_id, iteration=call.iteration, **fields
         ).with_id(stable_id(call.build_id, "tool_result", call.call_id))
 
-    async def _run(self, sandbox: Sandbox, call: ToolCall) -> ToolResult:
+    async def _run(self, sandbox: Workspace, call: ToolCall) -> ToolResult:
         result = await self._execute(sandbox, call)
         outcome = "error" if result.is_error else "ok"
         metrics.TOOL_SECONDS.labels(call.tool, outcome).observe(result.duration_ms / 1000)
         return result
 
-    async def _execute(self, sandbox: Sandbox, call: ToolCall) -> ToolResult:
+    async def _execute(self, sandbox: Workspace, call: ToolCall) -> ToolResult:
         started = time.monotonic()
         try:
             async with asyncio.timeout(call.timeout_s + CALL_MARGIN_S):
@@ -278,217 +257,32 @@ class SandboxService:
             files_changed=outcome.files_changed[:MAX_FILES_CHANGED],
         )
 
-    async def _sandbox(self, call: ToolCall, record: SandboxRecord | None) -> Sandbox:
-        if record is not None and record.provider == self.provider.name:
-            try:
-                sandbox = await self.provider.connect(call.build_id, record.sandbox_id)
-            except SandboxGone:
-                log.warning("sandbox %s is gone; creating a fresh one", record.sandbox_id)
-            else:
-                if record.state != "running":
-                    await self._set_state(record, "running")
-                return sandbox
+    async def _sandbox(self, call: ToolCall, record: SandboxRecord | None) -> Workspace:
+        if record is not None and (found := await self.sandboxes.connect(record)) is not None:
+            return found
         # Creating (and restoring) takes a while: the claim is given back meanwhile, so that a
         # crash in between leaves a call that is run on redelivery, not reported interrupted.
         await self.calls.release(call.build_id, call.call_id, self.owner)
-        sandbox = await self._create(call, record)
+        sandbox = await self.sandboxes.create(call, record)
         seen = await self.calls.claim(call.build_id, call.call_id, self.owner, self.lease_s)
         if seen is not None and not (seen.owner == self.owner and seen.status == "started"):
             # Another replica took the call meanwhile: its redelivery finds out what became of it.
             raise RetryLater(f"call {call.call_id} was claimed by {seen.owner}", delay_s=0.5)
         return sandbox
 
-    async def _create(self, call: ToolCall, record: SandboxRecord | None) -> Sandbox:
-        sandbox = await self.provider.create(call.build_id, user_id=call.user_id)
-        snapshot_id = None
-        if record is not None:  # it existed and is gone: rebuild it from the latest snapshot
-            snapshot_id = await self._restore(call.build_id, sandbox)
-        held = await self.registry.replace(
-            SandboxRecord(call.build_id, self.provider.name, sandbox.sandbox_id, "running"),
-            expected=record.sandbox_id if record is not None else None,
-        )
-        if held.sandbox_id != sandbox.sandbox_id:
-            # Another replica made the build's sandbox meanwhile (a parallel call of the same
-            # build, or a redelivery): that one is kept and used, this one is stopped.
-            log.info(
-                "the build's sandbox %s was made elsewhere first; stopping %s",
-                held.sandbox_id,
-                sandbox.sandbox_id,
-                extra={"build_id": call.build_id},
-            )
-            await self.provider.stop(call.build_id, sandbox.sandbox_id)
-            return await self.provider.connect(call.build_id, held.sandbox_id)
-        if snapshot_id is not None:
-            await self.bus.publish(
-                call.caused(
-                    SandboxRestored,
-                    sandbox_id=sandbox.sandbox_id,
-                    provider=self.provider.name,
-                    from_snapshot=snapshot_id,
-                ).with_id(
-                    stable_id(call.build_id, "sandbox_restored", sandbox.sandbox_id, snapshot_id)
-                )
-            )
-        else:
-            await self.bus.publish(
-                call.caused(
-                    SandboxStarted, sandbox_id=sandbox.sandbox_id, provider=self.provider.name
-                ).with_id(stable_id(call.build_id, "sandbox_started", sandbox.sandbox_id))
-            )
-        return sandbox
-
-    async def _restore(self, build_id: str, sandbox: Sandbox) -> str | None:
-        """Download the latest snapshot into a fresh sandbox; its id, or None if there is none.
-
-        A failed download raises, so the call is redelivered (it has not been recorded yet).
-        """
-        if self.restorer is None:
-            return None
-        plan = await self.restorer.restore_plan(build_id)
-        if plan is None or plan.snapshot_id is None:
-            return None
-        if not plan.ok:
-            raise RuntimeError(f"restore plan for {build_id} failed: {plan.error}")
-        gate = asyncio.Semaphore(UPLOAD_CONCURRENCY)
-
-        async def one(path: str, sha256: str, mode: int, url: str) -> int:
-            async with gate:
-                return await sandbox.download(path, sha256, mode, url)
-
-        sizes = await asyncio.gather(*(one(f.path, f.sha256, f.mode, f.url) for f in plan.files))
-        # Directories (modes set after the files went in) and symlinks; a symlink that would
-        # lead outside the workspace is not restored (the plan leaves those out already).
-        skipped = await sandbox.restore_tree(plan.dirs, plan.symlinks) + plan.skipped
-        log.info(
-            "restored %d files (%d bytes), %d directories, %d symlinks from snapshot %s",
-            len(sizes),
-            sum(sizes),
-            len(plan.dirs),
-            len(plan.symlinks),
-            plan.snapshot_id,
-            extra={"build_id": build_id},
-        )
-        if skipped:
-            log.warning(
-                "symlinks leading outside the workspace not restored: %s",
-                ", ".join(skipped[:20]),
-                extra={"build_id": build_id},
-            )
-        return plan.snapshot_id
-
-    async def _set_state(self, record: SandboxRecord, state: SandboxState) -> None:
-        await self.registry.put(
-            SandboxRecord(record.build_id, record.provider, record.sandbox_id, state)
-        )
-
     # ------------------------------------------------------------------ lifecycle
 
     async def handle_snapshot_saved(self, event: SnapshotSaved) -> None:
         """After the final snapshot stop the sandbox; after the sleep snapshot pause it."""
-        if event.reason == "final":
-            reason = f"final snapshot {event.snapshot_id} saved"
-            await self._stop(event, "stopped", reason, event.snapshot_id)
-        elif event.reason == "sleep":
-            reason = f"build sleeping (snapshot {event.snapshot_id})"
-            await self._stop(event, "paused", reason, event.snapshot_id)
+        await self.sandboxes.after_snapshot(event)
 
     async def handle_build_ended(self, event: BuildCancelled | BuildFailed) -> None:
-        await self._stop(event, "stopped", f"build {event.kind.removeprefix('build_')}", event.kind)
-
-    async def _stop(
-        self,
-        event: SnapshotSaved | BuildCancelled | BuildFailed,
-        state: SandboxState,
-        reason: str,
-        discriminator: str,
-    ) -> None:
-        # Not under the build's tool-call lock: stopping must also kill a command that is running.
-        async with self.lifecycle.hold(event.build_id):
-            await self._stop_locked(event, state, reason, discriminator)
-
-    async def _stop_locked(
-        self,
-        event: SnapshotSaved | BuildCancelled | BuildFailed,
-        state: SandboxState,
-        reason: str,
-        discriminator: str,
-    ) -> None:
-        record = await self.registry.get(event.build_id)
-        if record is None or record.state == "stopped" or record.state == state:
-            return
-        if record.provider != self.provider.name:
-            log.warning("sandbox of %s belongs to provider %s", event.build_id, record.provider)
-            return
-        if state == "paused":
-            await self.provider.pause(event.build_id, record.sandbox_id)
-        else:
-            await self.provider.stop(event.build_id, record.sandbox_id)
-        await self.bus.publish(
-            event.caused(
-                SandboxStopped,
-                sandbox_id=record.sandbox_id,
-                provider=record.provider,
-                reason=reason,
-            ).with_id(
-                stable_id(event.build_id, "sandbox_stopped", record.sandbox_id, discriminator)
-            )
-        )
-        await self._set_state(record, state)
-        log.info(
-            "sandbox %s %s: %s",
-            record.sandbox_id,
-            state,
-            reason,
-            extra={"build_id": event.build_id},
-        )
+        await self.sandboxes.after_build_ended(event)
 
     # ------------------------------------------------------------------ snapshot rpc
 
-    async def _existing(self, build_id: str) -> Sandbox:
-        record = await self.registry.get(build_id)
-        if record is None:
-            raise SandboxError(f"no sandbox for build {build_id}")
-        try:
-            return await self.provider.connect(build_id, record.sandbox_id)
-        except SandboxGone as err:
-            raise SandboxError(f"the sandbox of build {build_id} is gone: {err}") from err
-
     async def manifest(self, request: ManifestRequest) -> ManifestReply:
-        try:
-            sandbox = await self._existing(request.build_id)
-            entries = await sandbox.manifest(
-                request.excludes, dirs_and_symlinks=request.include_dirs_and_symlinks
-            )
-        except (SandboxError, OSError) as err:
-            return ManifestReply(ok=False, error=str(err))
-        return ManifestReply(entries=entries)
+        return await self.sandboxes.manifest(request)
 
     async def upload(self, request: UploadRequest) -> UploadReply:
-        try:
-            sandbox = await self._existing(request.build_id)
-        except SandboxError as err:
-            return UploadReply(ok=False, error=str(err))
-        gate = asyncio.Semaphore(UPLOAD_CONCURRENCY)
-
-        async def one(path: str, sha256: str, url: str) -> int:
-            async with gate:
-                return await sandbox.upload(path, sha256, url)
-
-        results = await asyncio.gather(
-            *(one(u.path, u.sha256, u.url) for u in request.uploads), return_exceptions=True
-        )
-        sent = [r for r in results if isinstance(r, int)]
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            return UploadReply(
-                ok=False,
-                error="; ".join(_describe(e) for e in errors[:5])
-                + (f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""),
-                uploaded=len(sent),
-                bytes_uploaded=sum(sent),
-            )
-        return UploadReply(uploaded=len(sent), bytes_uploaded=sum(sent))
-
-
-def _describe(err: BaseException) -> str:
-    return str(err) if isinstance(err, SandboxError) else f"{type(err).__name__}: {err}"
+        return await self.sandboxes.upload(request)

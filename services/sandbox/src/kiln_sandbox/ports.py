@@ -1,21 +1,24 @@
 """What the sandbox service needs from the outside world, as Protocols.
 
-``Provider`` / ``Sandbox`` are shaped after e2b's ``AsyncSandbox`` (``create``, ``connect``,
-``pause``, ``kill``, ``set_timeout``, ``files.read/write/list``, ``commands.run``) so that an E2B
-adapter is a thin translation; the ``local`` provider implements them with a directory and
-subprocesses. Paths given to a ``Sandbox`` are relative to its workspace root ('/'-separated);
-the tools normalise them first, the adapter still refuses anything that resolves outside.
+A provider (``Provider``) makes, finds, pauses and kills a build's sandbox and hands out a
+``Machine``: the few primitives a sandbox offers (run a shell command, locate paths, read and
+write a file, list a tree, move a file to or from a URL, apply a batch of filesystem changes).
+Everything the service does with files (the tools, path confinement, the snapshot manifest,
+uploads, restores) is written once over them, in ``workspace.py``. Paths given to a ``Machine``
+are relative to its workspace ('/'-separated, '' the workspace itself) and, except for
+``locate``'s, already confined by the workspace: real paths inside it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from kiln_contracts import Envelope, RestorePlanReply
-from kiln_contracts.manifest import ManifestEntry
 
 SandboxState = Literal["running", "paused", "stopped"]
+EntryKind = Literal["file", "dir", "symlink", "other"]
 
 
 class SandboxError(Exception):
@@ -26,6 +29,18 @@ class PathOutsideWorkspace(SandboxError):
     pass
 
 
+class DigestMismatch(SandboxError):
+    """The bytes moved by ``put`` / ``get`` do not have the expected sha256 (``actual``)."""
+
+    def __init__(self, actual: str) -> None:
+        super().__init__(f"sha256 {actual}")
+        self.actual = actual
+
+
+class TransferFailed(SandboxError):
+    """``put`` / ``get`` could not move the bytes (the reason: HTTP status, curl's error ...)."""
+
+
 class SandboxGone(Exception):
     """The sandbox no longer exists (expired, killed, crashed): create a fresh one."""
 
@@ -33,10 +48,37 @@ class SandboxGone(Exception):
 @dataclass(frozen=True)
 class FileInfo:
     path: str  # relative to the workspace root, '/'-separated
-    is_dir: bool
+    kind: EntryKind
     size: int
     mtime_ns: int
     mode: int = 0o644
+    target: str | None = None  # a symlink's target, as readlink says (listed with content)
+    sha256: str | None = None  # a regular file's (listed with content)
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == "dir"
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where a path leads: ``real`` as ``realpath -m --relative-base=<workspace>`` prints it
+    (relative when inside, '' for the workspace itself; absolute or '..'-led when it leads
+    outside) and what is there, symlinks followed (None: nothing)."""
+
+    real: str
+    info: FileInfo | None
+
+
+@dataclass(frozen=True)
+class FsOp:
+    """One change of ``Machine.apply``: ``mkdir`` (with parents), ``symlink`` (``arg`` the
+    target; replaces a file or symlink, fails on a directory), ``chmod`` (``arg`` octal bits),
+    ``unlink``."""
+
+    op: Literal["mkdir", "symlink", "chmod", "unlink"]
+    path: str
+    arg: str = ""
 
 
 @dataclass(frozen=True)
@@ -50,18 +92,27 @@ class CommandResult:
     timed_out: bool = False
 
 
-class Sandbox(Protocol):
-    """One build's sandbox (its workspace)."""
+class Machine(Protocol):
+    """One build's sandbox as its provider offers it. Each primitive is one round trip to the
+    sandbox; any of them raises ``SandboxGone`` when the sandbox no longer exists and
+    ``SandboxError`` for a failure to report to the model."""
 
     @property
     def sandbox_id(self) -> str: ...
 
     @property
     def root(self) -> str:
-        """The workspace's absolute path inside the sandbox (absolute paths under it are allowed)."""
+        """The workspace's absolute path inside the sandbox."""
         ...
 
-    async def run(self, command: str, *, timeout_s: float, max_output: int) -> CommandResult: ...
+    async def run(self, command: str, *, timeout_s: float, max_output: int) -> CommandResult:
+        """A shell command in the workspace, in a process group of its own that is killed at
+        the timeout; its output's head and tail (``max_output`` bytes in all) are kept."""
+        ...
+
+    async def locate(self, paths: Sequence[str]) -> list[Located]:
+        """Where each path leads (not yet confined: '..' and symlinks are followed)."""
+        ...
 
     async def read(self, path: str) -> bytes: ...
 
@@ -69,47 +120,49 @@ class Sandbox(Protocol):
         """Write a file, creating its parent directories."""
         ...
 
-    async def stat(self, path: str) -> FileInfo | None: ...
-
-    async def list_entries(
-        self, path: str = "", *, depth: int = 1, skip_dirs: frozenset[str] = frozenset(), limit: int
+    async def walk(
+        self,
+        path: str,
+        *,
+        depth: int | None,
+        skip_dirs: frozenset[str] = frozenset(),
+        exclude: Sequence[str] = (),
+        content: bool = False,
+        limit: int | None = None,
     ) -> list[FileInfo]:
-        """Entries under ``path`` up to ``depth`` levels (at most ``limit``; symlinks not followed)."""
+        """The entries under ``path`` (not itself) up to ``depth`` levels (None: all), in no
+        set order, symlinks not followed, at most ``limit``. Directories named in
+        ``skip_dirs`` are listed but not entered; entries whose name or workspace-relative
+        path matches an ``exclude`` pattern (fnmatch) are neither. With ``content``, also each
+        regular file's sha256 (a file that cannot be hashed is left out) and each symlink's
+        target."""
         ...
 
-    async def manifest(
-        self, excludes: list[str], *, dirs_and_symlinks: bool = False
-    ) -> list[ManifestEntry]:
-        """Every regular file minus ``excludes``, hashed inside the sandbox; with
-        ``dirs_and_symlinks`` also every directory and symlink (not followed), sorted by path."""
+    async def put(self, path: str, url: str, *, sha256: str) -> int:
+        """PUT the file to a URL from inside the sandbox if its bytes still hash to ``sha256``
+        (else ``DigestMismatch``); the bytes sent. ``TransferFailed`` if the PUT fails."""
         ...
 
-    async def upload(self, path: str, sha256: str, url: str) -> int:
-        """PUT the file's bytes to a presigned URL after checking its sha256; the bytes sent."""
+    async def get(self, url: str, path: str, *, sha256: str, mode: int) -> int:
+        """GET a URL into the file (parents created) from inside the sandbox, replacing it only
+        once the bytes hash to ``sha256`` (else ``DigestMismatch``), with ``mode``; the size."""
         ...
 
-    async def download(self, path: str, sha256: str, mode: int, url: str) -> int:
-        """GET a file from a presigned URL into the workspace, checking its sha256; its size."""
-        ...
-
-    async def restore_tree(
-        self, dirs: list[ManifestEntry], symlinks: list[ManifestEntry]
-    ) -> list[str]:
-        """After the files: create ``dirs`` and ``symlinks``, then set the directories' modes
-        (deepest first). A symlink that resolves outside the workspace once created is removed;
-        the paths of those are returned."""
+    async def apply(self, ops: Sequence[FsOp]) -> None:
+        """Make the changes in order; ``SandboxError`` at the first that fails."""
         ...
 
 
 class Provider(Protocol):
     name: str
 
-    async def create(self, build_id: str, *, user_id: str = "") -> Sandbox:
+    async def create(self, build_id: str, *, user_id: str = "") -> Machine:
         """A fresh sandbox for a build (tagged with the build and the user where supported)."""
         ...
 
-    async def connect(self, build_id: str, sandbox_id: str) -> Sandbox:
-        """Reattach to (and resume, if paused) a sandbox; SandboxGone when it no longer exists."""
+    async def connect(self, build_id: str, sandbox_id: str) -> Machine:
+        """Reattach to (and resume, if paused) a sandbox and keep it alive for a while;
+        SandboxGone when it no longer exists."""
         ...
 
     async def pause(self, build_id: str, sandbox_id: str) -> None: ...

@@ -1,0 +1,274 @@
+"""Each build's sandbox: found, made (and restored from the latest snapshot when it existed and
+is gone), paused and stopped, with the events that say so; and the snapshot service's manifest
+and upload requests, served from it. Plain ``async def``; no bus imports."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from kiln_contracts import (
+    BuildCancelled,
+    BuildFailed,
+    ManifestReply,
+    ManifestRequest,
+    SandboxRestored,
+    SandboxStarted,
+    SandboxStopped,
+    SnapshotSaved,
+    ToolCall,
+    UploadReply,
+    UploadRequest,
+    stable_id,
+)
+
+from .ports import (
+    Provider,
+    Publisher,
+    Registry,
+    Restorer,
+    SandboxError,
+    SandboxGone,
+    SandboxRecord,
+    SandboxState,
+)
+from .workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+class BuildLocks:
+    """One asyncio.Lock per build, dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, build_id: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(build_id, (asyncio.Lock(), 0))
+        self._locks[build_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[build_id]
+            if users <= 1:
+                del self._locks[build_id]
+            else:
+                self._locks[build_id] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
+class Sandboxes:
+    """The builds' sandboxes of one provider, as the registry records them."""
+
+    def __init__(
+        self,
+        provider: Provider,
+        registry: Registry,
+        bus: Publisher,
+        restorer: Restorer | None = None,
+    ) -> None:
+        self.provider = provider
+        self.registry = registry
+        self.bus = bus
+        self.restorer = restorer
+        self.lifecycle = BuildLocks()  # pause/stop of one build, one at a time
+
+    async def connect(self, record: SandboxRecord) -> Workspace | None:
+        """The recorded sandbox (resumed, marked running), or None when it is gone or was made
+        by another provider."""
+        if record.provider != self.provider.name:
+            return None
+        try:
+            sandbox = Workspace(await self.provider.connect(record.build_id, record.sandbox_id))
+        except SandboxGone:
+            log.warning("sandbox %s is gone; creating a fresh one", record.sandbox_id)
+            return None
+        if record.state != "running":
+            await self._set_state(record, "running")
+        return sandbox
+
+    async def create(self, call: ToolCall, record: SandboxRecord | None) -> Workspace:
+        """A fresh sandbox for the build, recorded by compare-and-set on the one it replaces
+        (``record``, gone; None for a build's first) and restored from the latest snapshot
+        when there was one; ``SandboxStarted`` or ``SandboxRestored``."""
+        sandbox = Workspace(await self.provider.create(call.build_id, user_id=call.user_id))
+        snapshot_id = None
+        if record is not None:  # it existed and is gone: rebuild it from the latest snapshot
+            snapshot_id = await self.restore(call.build_id, sandbox)
+        held = await self.registry.replace(
+            SandboxRecord(call.build_id, self.provider.name, sandbox.sandbox_id, "running"),
+            expected=record.sandbox_id if record is not None else None,
+        )
+        if held.sandbox_id != sandbox.sandbox_id:
+            # Another replica made the build's sandbox meanwhile (a parallel call of the same
+            # build, or a redelivery): that one is kept and used, this one is stopped.
+            log.info(
+                "the build's sandbox %s was made elsewhere first; stopping %s",
+                held.sandbox_id,
+                sandbox.sandbox_id,
+                extra={"build_id": call.build_id},
+            )
+            await self.provider.stop(call.build_id, sandbox.sandbox_id)
+            return Workspace(await self.provider.connect(call.build_id, held.sandbox_id))
+        if snapshot_id is not None:
+            await self.bus.publish(
+                call.caused(
+                    SandboxRestored,
+                    sandbox_id=sandbox.sandbox_id,
+                    provider=self.provider.name,
+                    from_snapshot=snapshot_id,
+                ).with_id(
+                    stable_id(call.build_id, "sandbox_restored", sandbox.sandbox_id, snapshot_id)
+                )
+            )
+        else:
+            await self.bus.publish(
+                call.caused(
+                    SandboxStarted, sandbox_id=sandbox.sandbox_id, provider=self.provider.name
+                ).with_id(stable_id(call.build_id, "sandbox_started", sandbox.sandbox_id))
+            )
+        return sandbox
+
+    async def restore(self, build_id: str, sandbox: Workspace) -> str | None:
+        """Download the latest snapshot into a fresh sandbox; its id, or None if there is none.
+
+        A failed download raises, so the call is redelivered (it has not been recorded yet).
+        """
+        if self.restorer is None:
+            return None
+        plan = await self.restorer.restore_plan(build_id)
+        if plan is None or plan.snapshot_id is None:
+            return None
+        if not plan.ok:
+            raise RuntimeError(f"restore plan for {build_id} failed: {plan.error}")
+        restored = await sandbox.restore(plan)
+        log.info(
+            "restored %d files (%d bytes), %d directories, %d symlinks from snapshot %s",
+            restored.files,
+            restored.bytes,
+            len(plan.dirs),
+            len(plan.symlinks),
+            plan.snapshot_id,
+            extra={"build_id": build_id},
+        )
+        if restored.skipped:
+            log.warning(
+                "symlinks leading outside the workspace not restored: %s",
+                ", ".join(restored.skipped[:20]),
+                extra={"build_id": build_id},
+            )
+        return plan.snapshot_id
+
+    async def _set_state(self, record: SandboxRecord, state: SandboxState) -> None:
+        await self.registry.put(
+            SandboxRecord(record.build_id, record.provider, record.sandbox_id, state)
+        )
+
+    async def after_snapshot(self, event: SnapshotSaved) -> None:
+        """After the final snapshot stop the sandbox; after the sleep snapshot pause it."""
+        if event.reason == "final":
+            reason = f"final snapshot {event.snapshot_id} saved"
+            await self.stop(event, "stopped", reason, event.snapshot_id)
+        elif event.reason == "sleep":
+            reason = f"build sleeping (snapshot {event.snapshot_id})"
+            await self.stop(event, "paused", reason, event.snapshot_id)
+
+    async def after_build_ended(self, event: BuildCancelled | BuildFailed) -> None:
+        await self.stop(event, "stopped", f"build {event.kind.removeprefix('build_')}", event.kind)
+
+    async def stop(
+        self,
+        event: SnapshotSaved | BuildCancelled | BuildFailed,
+        state: SandboxState,
+        reason: str,
+        discriminator: str,
+    ) -> None:
+        """Pause or stop the build's sandbox once (a repeat changes nothing), then
+        ``SandboxStopped``. Not under the build's tool-call lock: stopping must also kill a
+        command that is running."""
+        async with self.lifecycle.hold(event.build_id):
+            await self._stop(event, state, reason, discriminator)
+
+    async def _stop(
+        self,
+        event: SnapshotSaved | BuildCancelled | BuildFailed,
+        state: SandboxState,
+        reason: str,
+        discriminator: str,
+    ) -> None:
+        record = await self.registry.get(event.build_id)
+        if record is None or record.state == "stopped" or record.state == state:
+            return
+        if record.provider != self.provider.name:
+            log.warning("sandbox of %s belongs to provider %s", event.build_id, record.provider)
+            return
+        if state == "paused":
+            await self.provider.pause(event.build_id, record.sandbox_id)
+        else:
+            await self.provider.stop(event.build_id, record.sandbox_id)
+        await self.bus.publish(
+            event.caused(
+                SandboxStopped,
+                sandbox_id=record.sandbox_id,
+                provider=record.provider,
+                reason=reason,
+            ).with_id(
+                stable_id(event.build_id, "sandbox_stopped", record.sandbox_id, discriminator)
+            )
+        )
+        await self._set_state(record, state)
+        log.info(
+            "sandbox %s %s: %s",
+            record.sandbox_id,
+            state,
+            reason,
+            extra={"build_id": event.build_id},
+        )
+
+    async def existing(self, build_id: str) -> Workspace:
+        """The build's sandbox as it is (for the snapshot service); SandboxError if none."""
+        record = await self.registry.get(build_id)
+        if record is None:
+            raise SandboxError(f"no sandbox for build {build_id}")
+        try:
+            return Workspace(await self.provider.connect(build_id, record.sandbox_id))
+        except SandboxGone as err:
+            raise SandboxError(f"the sandbox of build {build_id} is gone: {err}") from err
+
+    async def manifest(self, request: ManifestRequest) -> ManifestReply:
+        try:
+            sandbox = await self.existing(request.build_id)
+            entries = await sandbox.manifest(
+                request.excludes, dirs_and_symlinks=request.include_dirs_and_symlinks
+            )
+        except (SandboxError, OSError) as err:
+            return ManifestReply(ok=False, error=str(err))
+        return ManifestReply(entries=entries)
+
+    async def upload(self, request: UploadRequest) -> UploadReply:
+        try:
+            sandbox = await self.existing(request.build_id)
+        except SandboxError as err:
+            return UploadReply(ok=False, error=str(err))
+        results = await sandbox.upload_all(request.uploads)
+        sent = [r for r in results if isinstance(r, int)]
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            return UploadReply(
+                ok=False,
+                error="; ".join(_describe(e) for e in errors[:5])
+                + (f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""),
+                uploaded=len(sent),
+                bytes_uploaded=sum(sent),
+            )
+        return UploadReply(uploaded=len(sent), bytes_uploaded=sum(sent))
+
+
+def _describe(err: BaseException) -> str:
+    return str(err) if isinstance(err, SandboxError) else f"{type(err).__name__}: {err}"

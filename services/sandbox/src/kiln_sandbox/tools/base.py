@@ -1,0 +1,79 @@
+"""What every tool shares: its outcome, its limits, reading its arguments, normalising a path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..workspace import Workspace
+
+MAX_OUTPUT_CHARS = 30_000
+MAX_READ_BYTES = 5 * 1024 * 1024
+DEFAULT_READ_LINES = 2_000
+MAX_LINE_CHARS = 2_000
+MAX_GLOB_RESULTS = 1_000
+MAX_GREP_MATCHES = 500
+MAX_LIST_ENTRIES = 1_000
+MAX_SCAN_ENTRIES = 20_000
+SCAN_SKIP_DIRS = frozenset(
+    {".git", "__pycache__", "node_modules", ".venv", ".cache", ".mypy_cache", ".pytest_cache"}
+)
+
+
+@dataclass(frozen=True)
+class ToolOutcome:
+    output: str
+    is_error: bool = False
+    exit_code: int | None = None
+    files_changed: list[str] = field(default_factory=list)
+
+
+class BadInput(Exception):
+    pass
+
+
+def error(text: str) -> ToolOutcome:
+    return ToolOutcome(output=text, is_error=True)
+
+
+def normalize(ws: Workspace, path: Any, *, allow_root: bool = True) -> str:
+    """A workspace-relative, '/'-separated path; PathOutsideWorkspace if it leaves the workspace."""
+    if not isinstance(path, str):
+        raise BadInput("path must be a string")
+    rel = ws.relative(path)
+    if not rel and not allow_root:
+        raise BadInput("path must name a file")
+    return rel
+
+
+def truncate(text: str, limit: int = MAX_OUTPUT_CHARS) -> str:
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    cut = len(text) - 2 * half
+    return f"{text[:half]}\n\n[... {cut} characters truncated ...]\n\n{text[-half:]}"
+
+
+def arg(args: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    if name not in args or args[name] is None:
+        if default is ...:
+            raise BadInput(f"missing required argument {name!r}")
+        return default
+    value = args[name]
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) and kind is not bool:
+        raise BadInput(f"argument {name!r} must be {_kind_name(kind)}")
+    if not isinstance(value, kind):
+        raise BadInput(f"argument {name!r} must be {_kind_name(kind)}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def looks_binary(data: bytes) -> bool:
+    return b"\x00" in data[:8192]

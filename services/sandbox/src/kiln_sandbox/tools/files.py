@@ -1,0 +1,118 @@
+"""The file tools: ``read_file``, ``write_file``, ``edit_file``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..workspace import Workspace
+from .base import (
+    DEFAULT_READ_LINES,
+    MAX_LINE_CHARS,
+    MAX_READ_BYTES,
+    BadInput,
+    ToolOutcome,
+    arg,
+    error,
+    looks_binary,
+    normalize,
+    truncate,
+)
+
+
+async def read_file(ws: Workspace, args: dict[str, Any]) -> ToolOutcome:
+    path = normalize(ws, arg(args, "path", str), allow_root=False)
+    offset = arg(args, "offset", int, 1)
+    limit = arg(args, "limit", int, DEFAULT_READ_LINES)
+    if offset < 1:
+        offset = 1 if offset == 0 else offset
+        if offset < 0:
+            raise BadInput("offset is a 1-based line number and must be >= 1")
+    if limit < 1:
+        raise BadInput("limit must be >= 1")
+    found = await ws.locate(path)
+    info = found.info
+    if info is None:
+        return error(f"file not found: {path}")
+    if info.is_dir:
+        return error(f"{path} is a directory; use list_dir")
+    if info.size > MAX_READ_BYTES:
+        return error(
+            f"{path} is {info.size:,} bytes, larger than the {MAX_READ_BYTES // (1024 * 1024)} MB "
+            "read limit; use bash (e.g. head, sed -n, grep) to look at parts of it"
+        )
+    data = await ws.read(found)
+    if looks_binary(data):
+        return error(f"{path} looks like a binary file ({len(data):,} bytes); not shown")
+    text = data.decode("utf-8", errors="replace")
+    if not text:
+        return ToolOutcome(output=f"(file {path} is empty)")
+    lines = text.splitlines()
+    if offset > len(lines):
+        return error(f"offset {offset} is past the end of {path} ({len(lines)} lines)")
+    chosen = lines[offset - 1 : offset - 1 + limit]
+    body = "\n".join(
+        f"{n:>4}\t{line if len(line) <= MAX_LINE_CHARS else line[:MAX_LINE_CHARS] + ' [line truncated]'}"
+        for n, line in enumerate(chosen, start=offset)
+    )
+    last = offset - 1 + len(chosen)
+    if last < len(lines):
+        body += f"\n[showing lines {offset}-{last} of {len(lines)}; pass offset to read more]"
+    return ToolOutcome(output=truncate(body))
+
+
+async def write_file(ws: Workspace, args: dict[str, Any]) -> ToolOutcome:
+    path = normalize(ws, arg(args, "path", str), allow_root=False)
+    content = arg(args, "content", str)
+    found = await ws.locate(path)
+    existing = found.info
+    if existing is not None and existing.is_dir:
+        return error(f"{path} is a directory")
+    data = content.encode("utf-8")
+    await ws.write(found, data)
+    verb = "overwrote" if existing is not None else "created"
+    return ToolOutcome(output=f"{verb} {path} ({len(data):,} bytes)", files_changed=[path])
+
+
+async def edit_file(ws: Workspace, args: dict[str, Any]) -> ToolOutcome:
+    path = normalize(ws, arg(args, "path", str), allow_root=False)
+    old = arg(args, "old_string", str)
+    new = arg(args, "new_string", str)
+    replace_all = arg(args, "replace_all", bool, False)
+    if old == "":
+        raise BadInput("old_string must not be empty (use write_file to create a file)")
+    if old == new:
+        raise BadInput("old_string and new_string are the same; nothing to change")
+    found = await ws.locate(path)
+    info = found.info
+    if info is None:
+        return error(f"file not found: {path}")
+    if info.is_dir:
+        return error(f"{path} is a directory")
+    if info.size > MAX_READ_BYTES:
+        return error(
+            f"{path} is larger than {MAX_READ_BYTES // (1024 * 1024)} MB; edit it with bash"
+        )
+    data = await ws.read(found)
+    if looks_binary(data):
+        return error(f"{path} looks like a binary file; not edited")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return error(f"{path} is not valid UTF-8; not edited")
+    count = text.count(old)
+    if count == 0:
+        return error(
+            f"old_string not found in {path}; it must match exactly (whitespace and indentation "
+            "included). Read the file first."
+        )
+    if count > 1 and not replace_all:
+        return error(
+            f"old_string occurs {count} times in {path}; add surrounding context to make it unique, "
+            "or pass replace_all=true"
+        )
+    updated = text.replace(old, new) if replace_all else text.replace(old, new, 1)
+    await ws.write(found, updated.encode("utf-8"))
+    n = count if replace_all else 1
+    return ToolOutcome(
+        output=f"edited {path}: {n} replacement{'s' if n != 1 else ''}", files_changed=[path]
+    )

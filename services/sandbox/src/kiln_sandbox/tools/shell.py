@@ -1,0 +1,50 @@
+"""The ``bash`` tool: a command in the workspace, and the files it changed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..workspace import Workspace
+from .base import MAX_OUTPUT_CHARS, MAX_SCAN_ENTRIES, SCAN_SKIP_DIRS, BadInput, ToolOutcome, arg
+
+
+async def _snapshot_stats(ws: Workspace) -> dict[str, tuple[int, int]]:
+    entries = await ws.list_entries("", depth=64, skip_dirs=SCAN_SKIP_DIRS, limit=MAX_SCAN_ENTRIES)
+    return {e.path: (e.mtime_ns, e.size) for e in entries if not e.is_dir}
+
+
+async def bash(ws: Workspace, args: dict[str, Any], *, default_timeout_s: float) -> ToolOutcome:
+    command = arg(args, "command", str)
+    if not command.strip():
+        raise BadInput("command must not be empty")
+    timeout_s = float(arg(args, "timeout_s", (int, float), default_timeout_s))
+    if timeout_s <= 0:
+        raise BadInput("timeout_s must be > 0")
+    timeout_s = min(timeout_s, default_timeout_s)
+    before = await _snapshot_stats(ws)
+    result = await ws.run(command, timeout_s=timeout_s, max_output=MAX_OUTPUT_CHARS)
+    after = await _snapshot_stats(ws)
+    changed = sorted(p for p, s in after.items() if before.get(p) != s)
+    head = result.head.decode("utf-8", errors="replace")
+    tail = result.tail.decode("utf-8", errors="replace")
+    omitted = result.total_bytes - len(result.head) - len(result.tail)
+    if omitted > 0:
+        output = (
+            f"{head}\n\n[... {omitted:,} bytes of output truncated "
+            f"({result.total_bytes:,} bytes in all) ...]\n\n{tail}"
+        )
+    else:
+        output = head + tail
+    if result.timed_out:
+        output += f"\n[command timed out after {timeout_s:g}s; its process group was killed]"
+        return ToolOutcome(output=output, is_error=True, exit_code=None, files_changed=changed)
+    if not output:
+        output = "(no output)"
+    if result.exit_code:
+        output += f"\n[exit code {result.exit_code}]"
+    return ToolOutcome(
+        output=output,
+        is_error=False,
+        exit_code=result.exit_code,
+        files_changed=changed,
+    )
