@@ -50,7 +50,7 @@ async def gw(infra: dict[str, str], bucket_name: str) -> AsyncIterator[Gateway]:
         "gwarchive",
         redis_url=infra["REDIS_URL"],
         s3_endpoint_url=infra["S3_ENDPOINT_URL"],
-        bucket=bucket_name,
+        s3_bucket=bucket_name,
         projection_durable="gateway-projection-archive",
     ) as gateway:
         yield gateway
@@ -61,7 +61,7 @@ async def service(
     infra: dict[str, str], uid: str, bucket_name: str
 ) -> AsyncIterator[bootstrap.Wiring]:
     wiring = bootstrap.build(
-        settings(infra, uid).model_copy(update={"bucket": bucket_name}),
+        settings(infra, uid).model_copy(update={"s3_bucket": bucket_name}),
         service=f"snapshot-{uid}",
     )
     await wiring.bus.connect()
