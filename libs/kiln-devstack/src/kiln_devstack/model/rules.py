@@ -423,9 +423,9 @@ def with_thinking(
     if not checked.thinking:
         return content
     calls = any(b.get("type") == "tool_use" for b in content)
-    out: list[dict[str, Any]] = [
-        {"type": "thinking", "thinking": "Deciding the next step from what the tools returned."}
-    ]
+    names = [str(b.get("name")) for b in content if b.get("type") == "tool_use"]
+    summary = f"Next: {', '.join(dict.fromkeys(names))}." if names else "Summing up the work."
+    out: list[dict[str, Any]] = [{"type": "thinking", "thinking": summary}]
     if hashlib.sha256(digest.encode()).digest()[0] % 4 == 0:
         out.append({"type": "redacted_thinking", "data": ""})
     for block in content:
