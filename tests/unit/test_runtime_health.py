@@ -256,6 +256,9 @@ async def test_the_consume_loop_says_it_is_up_waiting_and_answered() -> None:
     assert puller.waiting_since is not None
     await nc.cb(_Status("409"))  # refused: no proof that the consumer is served
     assert puller.waiting_since is not None
+    # Cancelled while it waits (not as an answer arrives: Python 3.11's wait_for would then
+    # return the answer and drop the cancellation).
+    await _until(lambda: len(nc.requests) == 3)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -278,6 +281,7 @@ async def test_a_consume_loop_that_fails_says_when_until_jetstream_answers_it_ag
     assert puller.up and puller.failed_at == failed_at  # running, not proven yet
     await nc.cb(_Status("408"))
     assert puller.failed_at is None
+    await _until(lambda: len(nc.requests) == 2)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
