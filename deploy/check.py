@@ -3,8 +3,10 @@
 - standard kinds: the Kubernetes OpenAPI schemas (kubernetes-validate, strict: unknown fields fail);
 - KEDA ScaledObjects: the JSON Schema in deploy/k8s/schemas/ (the only CRD kind allowed; any other
   kind without a schema is an error, not a warning);
-- Kiln's own rules: hardened pods, probes, resources, a ServiceAccount without a token and a
-  PodDisruptionBudget per service, replicas >= 2 and JSON logs in prod;
+- Kiln's own rules: hardened pods, resources, a ServiceAccount without a token and a
+  PodDisruptionBudget per service, replicas >= 2 and JSON logs in prod; probes that say something:
+  each on the endpoint meant for it (a worker's /livez and /readyz on KILN_HEALTH_PORT, the
+  gateway's /healthz and /readyz), never /metrics;
 - the HPA fallback component renders and validates too;
 - deploy/compose.yaml parses, and every Kiln service runs the one image as the non-root user;
 - deploy/k8s/base/kiln.yaml equals the runtime's kiln.yaml; the NATS files are freshly rendered.
@@ -33,6 +35,19 @@ OVERLAYS = K8S / "overlays"
 SCHEMAS = K8S / "schemas"
 COMPOSE = DEPLOY / "compose.yaml"
 SERVICES = ("gateway", "agent", "sandbox", "budget", "snapshot")
+WORKERS = SERVICES[1:]
+# What each probe asks (kiln_runtime.health; the gateway's routes.py).
+PROBES = {
+    "gateway": {
+        "startupProbe": "/healthz",
+        "livenessProbe": "/healthz",
+        "readinessProbe": "/readyz",
+    },
+    **{
+        svc: {"startupProbe": "/readyz", "livenessProbe": "/livez", "readinessProbe": "/readyz"}
+        for svc in WORKERS
+    },
+}
 K8S_VERSION = "1.33"
 UID = 10001
 
@@ -88,8 +103,32 @@ def _by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]
     return {d["metadata"]["name"]: d for d in docs if d.get("kind") == kind}
 
 
+def check_probes(svc: str, container: dict[str, Any], health_port: str | None) -> list[str]:
+    errors = []
+    ports = {p.get("name"): p.get("containerPort") for p in container.get("ports", [])}
+    for probe, path in PROBES[svc].items():
+        if probe not in container:
+            errors.append(f"{svc}: no {probe}")
+            continue
+        get = container[probe].get("httpGet") or {}
+        if get.get("path") != path:
+            errors.append(f"{svc}: {probe} must ask {path}, not {get.get('path')}")
+        port = ports.get(get.get("port"), get.get("port"))
+        if svc in WORKERS and str(port) != str(health_port):
+            errors.append(
+                f"{svc}: {probe} must ask port KILN_HEALTH_PORT ({health_port}), not {port}"
+            )
+    return errors
+
+
 def check_hardening(docs: list[dict[str, Any]], overlay: str) -> list[str]:
     errors = []
+    env = {
+        k: v
+        for cm in docs
+        if cm.get("kind") == "ConfigMap" and cm["metadata"]["name"].startswith("kiln-env")
+        for k, v in cm.get("data", {}).items()
+    }
     deployments = _by_kind(docs, "Deployment")
     accounts = _by_kind(docs, "ServiceAccount")
     pdbs = _by_kind(docs, "PodDisruptionBudget")
@@ -124,9 +163,7 @@ def check_hardening(docs: list[dict[str, Any]], overlay: str) -> list[str]:
                 errors.append(
                     f"{overlay}/{svc}: container must be read-only, no escalation, drop ALL"
                 )
-            for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-                if probe not in c:
-                    errors.append(f"{overlay}/{svc}: no {probe}")
+            errors += [f"{overlay}/{e}" for e in check_probes(svc, c, env.get("KILN_HEALTH_PORT"))]
             res = c.get("resources", {})
             if not (res.get("requests") and res.get("limits")):
                 errors.append(f"{overlay}/{svc}: needs resource requests and limits")
@@ -146,12 +183,6 @@ def check_hardening(docs: list[dict[str, Any]], overlay: str) -> list[str]:
             if (replicas or 0) < 2 and (floor or 0) < 2:
                 errors.append(f"prod/{svc}: needs at least 2 replicas")
     if overlay == "prod":
-        env = {
-            k: v
-            for cm in docs
-            if cm.get("kind") == "ConfigMap" and cm["metadata"]["name"].startswith("kiln-env")
-            for k, v in cm.get("data", {}).items()
-        }
         if env.get("KILN_LOG_JSON") != "true":
             errors.append("prod: KILN_LOG_JSON must be true")
     policies = _by_kind(docs, "NetworkPolicy")

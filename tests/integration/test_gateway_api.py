@@ -48,7 +48,8 @@ BRIEF = {"idea_brief": "A tiny CLI that counts words.", "understanding_qna": []}
 async def test_health_ready_metrics_docs_and_dev_key(gw: Gateway):
     async with gw.client() as c:
         assert (await c.get("/healthz")).status_code == 200
-        assert (await c.get("/readyz")).status_code == 200
+        ready = await c.get("/readyz")
+        assert (ready.status_code, ready.json()) == (200, {"status": "ready", "problems": []})
         assert "kiln_gateway_builds_created_total" in (await c.get("/metrics")).text
         assert (await c.get("/docs")).status_code == 200
         assert "/v1/builds" in (await c.get("/openapi.json")).json()["paths"]

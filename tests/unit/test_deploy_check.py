@@ -68,6 +68,21 @@ def test_hardening_rules_catch_a_weakened_pod(prod, break_it):
     assert check.check_hardening(docs, "prod")
 
 
+def test_probes_must_ask_the_health_endpoints_not_the_metrics(prod):
+    assert check.check_hardening(prod, "prod") == []
+    docs = copy.deepcopy(prod)
+    agent = _find(docs, "Deployment", "agent")["spec"]["template"]["spec"]["containers"][0]
+    agent["livenessProbe"]["httpGet"]["path"] = "/metrics"
+    agent["readinessProbe"]["httpGet"]["port"] = 8080
+    gateway = _find(docs, "Deployment", "gateway")["spec"]["template"]["spec"]["containers"][0]
+    gateway["readinessProbe"]["httpGet"]["path"] = "/healthz"
+    assert check.check_hardening(docs, "prod") == [
+        "prod/gateway: readinessProbe must ask /readyz, not /healthz",
+        "prod/agent: livenessProbe must ask /livez, not /metrics",
+        "prod/agent: readinessProbe must ask port KILN_HEALTH_PORT (9090), not 8080",
+    ]
+
+
 def test_prod_needs_two_replicas_and_json_logs(prod):
     docs = copy.deepcopy(prod)
     _find(docs, "Deployment", "budget")["spec"]["replicas"] = 1

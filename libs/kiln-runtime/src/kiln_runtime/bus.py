@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -52,6 +53,9 @@ E = TypeVar("E", bound=Envelope)
 
 MIN_SERVER = (2, 12)
 PULL_EXPIRES_S = 5.0  # a pull request lingers this long on the server when nothing is pending
+# JetStream answers every pull request within its expiry (messages, or 408 when it expires): a
+# consume loop with no answer for this long, while connected, is not consuming.
+PULL_STALL_S = 3 * PULL_EXPIRES_S
 MAX_PULL_BATCH = 256  # messages asked for in one pull request
 
 
@@ -129,6 +133,7 @@ class Bus:
                 else None
             ),
             name=f"kiln-{service}",
+            reconnected_cb=self._reconnected,
             max_reconnect_attempts=-1,
             reconnect_time_wait=1,
             connect_timeout=5,
@@ -142,6 +147,9 @@ class Bus:
         self.inflight = 0  # handlers running now
         self.started = 0  # handlers started so far
         self.pullers: dict[str, _Puller] = {}  # Kiln's pull loop of each durable consumer
+        self.connected_at: float | None = None  # time.monotonic() of the last (re)connection
+        self.consuming_since: float | None = None  # time.monotonic() when start() returned
+        self._nc: Client | None = None
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -158,12 +166,27 @@ class Bus:
     # ------------------------------------------------------------------ lifecycle
 
     async def connect(self) -> None:
-        await self.broker.connect()
-        await ensure_streams(self.broker.connection, self.settings.stream_replicas)
+        self._nc = await self.broker.connect()
+        self.connected_at = time.monotonic()
+        await ensure_streams(self._nc, self.settings.stream_replicas)
+
+    async def _reconnected(self) -> None:
+        self.connected_at = time.monotonic()
 
     async def start(self) -> None:
         """Start consuming (after the service's own resources are ready)."""
         await self.broker.start()
+        self.consuming_since = time.monotonic()
+
+    @property
+    def nats_connected(self) -> bool:
+        """Connected to NATS now (not before the first connection, nor while reconnecting)."""
+        return self._nc is not None and self._nc.is_connected
+
+    @property
+    def nats_closed(self) -> bool:
+        """The connection is closed for good: the client will not reconnect by itself."""
+        return self._nc is not None and self._nc.is_closed
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain, then disconnect: new deliveries are handed back at once, handlers in flight
@@ -324,7 +347,11 @@ class _Puller:
 
     The request is JetStream's ``CONSUMER.MSG.NEXT`` API on an inbox of our own; a new one is
     sent once the last has been filled, expired (status 408), refused (409) or not answered
-    within its expiry (a reconnect loses it)."""
+    within its expiry (a reconnect loses it).
+
+    What the health checks read (``kiln_runtime.health``): ``up`` while the loop runs;
+    ``failed_at``, when it last failed (FastStream starts it again), until JetStream next answers
+    it; ``waiting_since``, when the oldest pull request JetStream has not answered was sent."""
 
     def __init__(
         self, bus: Bus, durable: str, max_workers: int, consumer: Callable[[Msg], Awaitable[None]]
@@ -335,6 +362,9 @@ class _Puller:
         self.consumer = consumer
         self.running = 0
         self.delivered = 0  # messages this loop has handed to the consumer
+        self.up = False
+        self.failed_at: float | None = None
+        self.waiting_since: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._room = asyncio.Event()
         self._room.set()
@@ -354,7 +384,10 @@ class _Puller:
             if status and not msg.data:
                 if status != "100":  # 100: an idle heartbeat; 404/408/409: the request is over
                     self._answered.set()
+                if status == "408":  # expired unfilled: JetStream is serving the consumer
+                    self._served()
                 return
+            self._served()
             self._wanted -= 1
             if self._wanted <= 0:
                 self._answered.set()
@@ -367,6 +400,7 @@ class _Puller:
 
         try:
             sub = await nc.subscribe(inbox, cb=arrived, pending_msgs_limit=-1)
+            self.up = True
             while True:
                 await self._room.wait()
                 if self.running >= self.max_workers:
@@ -375,6 +409,8 @@ class _Puller:
                 self._wanted = min(self.max_workers - self.running, MAX_PULL_BATCH)
                 self._answered.clear()
                 request = {"batch": self._wanted, "expires": expires_ns}
+                if self.waiting_since is None:
+                    self.waiting_since = time.monotonic()
                 try:
                     await nc.publish(subject, json.dumps(request).encode(), reply=inbox)
                 except Exception as err:  # disconnected: the client reconnects, ask again then
@@ -383,7 +419,13 @@ class _Puller:
                     continue
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._answered.wait(), PULL_EXPIRES_S + 1)
+        except Exception:
+            if self.failed_at is None:
+                self.failed_at = time.monotonic()
+            raise
         finally:
+            self.up = False
+            self.waiting_since = None
             if sub is not None:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
@@ -391,6 +433,10 @@ class _Puller:
                 task.cancel()
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _served(self) -> None:
+        self.waiting_since = None
+        self.failed_at = None
 
     async def _handle(self, msg: Msg) -> None:
         try:

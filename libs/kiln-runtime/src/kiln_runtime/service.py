@@ -9,9 +9,8 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 
-from prometheus_client import start_http_server
-
 from .bus import Bus
+from .health import Health, HealthServer, watch
 from .memory import trim_after_work
 from .retry import backoff_delay
 
@@ -48,14 +47,28 @@ async def _start(bus: Bus, start: Hook | None) -> None:
 
 
 async def serve(bus: Bus, *, start: Hook | None = None, stop: Hook | None = None) -> None:
-    """Start, consume until SIGINT/SIGTERM, then stop consuming, let handlers finish, and close."""
+    """Start, consume until SIGINT/SIGTERM, then stop consuming, let handlers finish, and close.
+
+    From the beginning to the end, the health checks (``kiln_runtime.health``) are served with
+    the metrics on ``KILN_HEALTH_PORT``, if set."""
+    health = Health(bus.settings.health_stall_s)
+    heartbeat = asyncio.ensure_future(watch(bus, health))
+    port = bus.settings.health_port
+    server = HealthServer(port, health) if port else None
+    try:
+        await _serve(bus, start, stop)
+    finally:
+        heartbeat.cancel()
+        if server is not None:
+            server.close()
+
+
+async def _serve(bus: Bus, start: Hook | None, stop: Hook | None) -> None:
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stopping.set)
-    if bus.settings.health_port:
-        start_http_server(bus.settings.health_port)
     # A SIGTERM while NATS or a database is still unreachable stops the service at once.
     starting = asyncio.ensure_future(_start(bus, start))
     await asyncio.wait(

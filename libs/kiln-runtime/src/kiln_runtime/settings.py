@@ -27,7 +27,11 @@ class CommonSettings(BaseSettings):
     # Delivery: a message not acked (nor heartbeated) within ack_wait is redelivered elsewhere.
     ack_wait_s: float = Field(default=10.0, gt=0)
     max_deliver: int = Field(default=20, ge=1)
+    # A worker's /metrics, /livez and /readyz (kiln_runtime.health); 0: not served.
     health_port: int = Field(default=0, ge=0)
+    # Liveness fails when the event loop has not beaten for this long, or a consume loop that
+    # failed has not worked again for this long.
+    health_stall_s: float = Field(default=20.0, gt=0)
     # On SIGTERM, how long handlers in flight may run on before they are handed back (keep it
     # below the pod's terminationGracePeriodSeconds).
     shutdown_grace_s: float = Field(default=25.0, ge=0)

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import asyncpg
 from kiln_runtime import config as kiln_config
 from kiln_runtime.bus import Bus
 from kiln_runtime.db import create_pool
+from kiln_runtime.health import Problems, bus_problems
 from kiln_runtime.service import connect_with_retry
 
 from . import builds
@@ -41,14 +43,18 @@ class Runtime:
     token_secret: bytes
     pool: asyncpg.Pool | None = None
 
-    async def ready(self) -> bool:
-        if not self.bus.nc.is_connected:
-            return False
+    def bus_problems(self) -> Problems:
+        """The bus's health as a worker's /livez and /readyz see it (NATS, the consume loop)."""
+        return bus_problems(self.bus, time.monotonic(), self.settings.health_stall_s)
+
+    async def not_ready(self) -> list[str]:
+        """Why the gateway cannot serve now: its bus, or Postgres not answering."""
+        problems = list(self.bus_problems().not_ready)
         try:
             await asyncio.wait_for(self.store.ping(), timeout=2)
         except Exception:
-            return False
-        return True
+            problems.append("Postgres does not answer")
+        return problems
 
 
 @contextlib.asynccontextmanager

@@ -301,20 +301,29 @@ async def build_files(build: Owned, rt: Rt) -> StreamingResponse:
 # ---------------------------------------------------------------------------- operations
 
 
+def _status(problems: list[str], good: str, bad: str) -> Response:
+    return Response(
+        json.dumps({"status": bad if problems else good, "problems": problems}),
+        status_code=503 if problems else 200,
+        media_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
 @router.get("/healthz", include_in_schema=False)
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+async def healthz(request: Request) -> Response:
+    """Live: the event loop answers (this is served by it) and the bus is not broken for good."""
+    rt: Runtime | None = getattr(request.app.state, "runtime", None)
+    problems = list(rt.bus_problems().not_live) if rt is not None else []
+    return _status(problems, "ok", "not live")
 
 
 @router.get("/readyz", include_in_schema=False)
 async def readyz(request: Request) -> Response:
+    """Ready: started, connected to NATS, consuming, and Postgres answers."""
     rt: Runtime | None = getattr(request.app.state, "runtime", None)
-    ok = rt is not None and await rt.ready()
-    return Response(
-        json.dumps({"status": "ready" if ok else "not ready"}),
-        status_code=200 if ok else 503,
-        media_type="application/json",
-    )
+    problems = await rt.not_ready() if rt is not None else ["starting or shutting down"]
+    return _status(problems, "ready", "not ready")
 
 
 @router.get("/metrics", include_in_schema=False)
