@@ -1,4 +1,5 @@
-"""Request/reply messages between snapshot and sandbox (core NATS, not persisted).
+"""Request/reply messages (core NATS, not persisted): between snapshot and sandbox, and the
+gateway's top-up to the budget service.
 
 Bytes never travel on the bus: the sandbox hashes its files and uploads the missing blobs to S3
 itself, through presigned URLs the snapshot service hands it.
@@ -116,6 +117,22 @@ class RestorePlanReply(Model):
     skipped: list[str] = Field(default_factory=list)
 
 
+class TopUpRequest(Model):
+    """Credit a user (the same ``topup_id`` again is the same top-up): the budget service adds it
+    to the allowance, opens the user's gate if that leaves allowance, then wakes the builds it put
+    to sleep."""
+
+    user_id: Id
+    topup_id: Id
+    amount_micro_usd: int = Field(gt=0)
+
+
+class TopUpReply(Model):
+    ok: bool = True
+    error: str = ""
+    woken: list[str] = Field(default_factory=list, description="The builds sent a WakeRequested.")
+
+
 RPC_MODELS = (
     ManifestEntry,
     ManifestRequest,
@@ -126,4 +143,6 @@ RPC_MODELS = (
     RestorePlanRequest,
     Download,
     RestorePlanReply,
+    TopUpRequest,
+    TopUpReply,
 )

@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+from . import subjects
+from .gates import BudgetGate
 from .messages import MESSAGES
 from .rpc import RPC_MODELS
 from .subjects import subject
@@ -26,6 +28,11 @@ def render() -> dict[str, str]:
     for rpc in RPC_MODELS:
         schema = rpc.model_json_schema()
         out[f"rpc/{rpc.__name__}.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
+    # Key-value values: the budget gates (one per user in bucket KILN_BUDGET_GATES).
+    schema = BudgetGate.model_json_schema()
+    schema["$id"] = "https://kiln.dev/schemas/kv/budget_gate.json"
+    schema["x-kiln-bucket"] = subjects.BUDGET_GATES
+    out["kv/budget_gate.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
     return out
 
 

@@ -22,10 +22,19 @@ MAX_MSG_BYTES: Final = 1024 * 1024
 # How long a build's history is kept.
 MAX_AGE_S: Final = 30 * 24 * 3600.0
 
-# Request/reply (core NATS, not persisted): the file exchange between snapshot and sandbox.
+# The budget gates (kiln_contracts.gates): a JetStream key-value bucket, one key per user, written
+# only by the budget service. A gate is kept this long after its last write (a closed one never
+# lasts longer than a budget cycle).
+BUDGET_GATES: Final = "KILN_BUDGET_GATES"
+BUDGET_GATES_MAX_AGE_S: Final = 40 * 24 * 3600.0
+BUDGET_GATES_MAX_VALUE_BYTES: Final = 4096
+
+# Request/reply (core NATS, not persisted): the file exchange between snapshot and sandbox, and
+# the top-up the gateway hands the budget service.
 SANDBOX_MANIFEST: Final = "kiln.rpc.sandbox.manifest"
 SANDBOX_UPLOAD: Final = "kiln.rpc.sandbox.upload"
 SNAPSHOT_RESTORE_PLAN: Final = "kiln.rpc.snapshot.restore_plan"
+BUDGET_TOP_UP: Final = "kiln.rpc.budget.top_up"
 
 
 def subject(build_id: str, kind: str) -> str:
