@@ -49,8 +49,8 @@ async def budget(infra: dict[str, str], uid: str) -> AsyncIterator[bootstrap.Wir
         nats_url=infra["NATS_URL"], redis_url=infra["REDIS_URL"], ack_wait_s=5, max_deliver=3
     )
     wiring = bootstrap.build(settings, service=f"budget-{uid}")
-    await wiring.start()
     await wiring.bus.connect()
+    await wiring.start()
     await wiring.bus.start()
     try:
         yield wiring

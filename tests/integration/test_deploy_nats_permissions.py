@@ -66,6 +66,12 @@ FIELDS: dict[str, dict[str, Any]] = {
     "build_completed": {"summary": "done", "iterations": 1, "cost_micro_usd": 1},
     "build_failed": {"reason": "internal", "iterations": 1, "cost_micro_usd": 1},
     "build_cancelled": {"reason": "user", "iterations": 1, "cost_micro_usd": 1},
+    "build_rejected": {
+        "reason": "daily allowance used up",
+        "spent_micro_usd": 2,
+        "allowance_micro_usd": 1,
+        "resets_at": "2030-01-01T00:00:00Z",
+    },
 }
 
 

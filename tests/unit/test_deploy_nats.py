@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from kiln_contracts import BY_KIND, subjects
+from kiln_contracts.routes import CONSUMES, PUBLISHES
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "deploy" / "nats"))
@@ -26,13 +27,26 @@ def test_generated_files_are_up_to_date():
 
 def test_permissions_name_real_kinds_streams_and_rpc_subjects():
     assert (DOC["stream"], DOC["dlq_stream"]) == (subjects.STREAM, subjects.DLQ_STREAM)
-    rpc = {subjects.SANDBOX_MANIFEST, subjects.SANDBOX_UPLOAD, subjects.SNAPSHOT_RESTORE_PLAN}
+    rpc = {
+        subjects.SANDBOX_MANIFEST,
+        subjects.SANDBOX_UPLOAD,
+        subjects.SNAPSHOT_RESTORE_PLAN,
+        subjects.BUDGET_TOP_UP,
+    }
+    assert DOC["gates_bucket"] == subjects.BUDGET_GATES
     assert set(SERVICES) == {"gateway", "agent", "sandbox", "budget", "snapshot"}
     for name, spec in SERVICES.items():
         for kind in [*spec.get("publishes", []), *spec.get("consumes", [])]:
             assert kind in BY_KIND, f"{name}: unknown kind {kind}"
         assert set(spec.get("requests", [])) <= rpc
         assert set(spec.get("serves", [])) <= rpc
+
+
+def test_users_publish_and_consume_what_the_topology_says():
+    for name, spec in SERVICES.items():
+        assert set(spec["publishes"]) == {m.kind for m in PUBLISHES[name]}, name
+        if not spec.get("consumes_all"):
+            assert set(spec.get("consumes", [])) == {m.kind for m in CONSUMES[name]}, name
 
 
 def test_every_consumed_kind_has_a_publisher_and_every_rpc_a_server():

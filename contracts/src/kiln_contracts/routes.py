@@ -14,6 +14,7 @@ from .messages import (
     BuildCancelled,
     BuildCompleted,
     BuildFailed,
+    BuildRejected,
     BuildRequested,
     BuildResumed,
     BuildSleeping,
@@ -45,6 +46,7 @@ CONSUMES: Final[dict[str, Kinds]] = {
         BuildCompleted,
         BuildFailed,
         BuildCancelled,
+        BuildRejected,
     ),
     "snapshot": (CheckpointSaved,),
 }
@@ -61,6 +63,7 @@ PUBLISHES: Final[dict[str, Kinds]] = {
         BuildCompleted,
         BuildFailed,
         BuildCancelled,
+        BuildRejected,
     ),
     "sandbox": (ToolResult, SandboxStarted, SandboxRestored, SandboxStopped),
     "budget": (SleepRequested, WakeRequested),

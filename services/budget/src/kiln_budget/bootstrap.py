@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
+
+from nats.aio.subscription import Subscription
 
 from kiln_runtime import config as kiln_config
 from kiln_runtime.bus import Bus
@@ -13,6 +15,7 @@ from kiln_runtime.service import serve
 from . import app
 from .adapters.bus_commands import BusCommands
 from .adapters.clock import SystemClock
+from .adapters.kv_gates import KvGates
 from .adapters.redis_store import RedisSpendStore
 from .periods import Calendar, ShortCalendar, UtcCalendar
 from .ports import Clock
@@ -22,10 +25,25 @@ from .spending import Deps
 
 @dataclass
 class Wiring:
+    """The wired service. ``start()`` after ``bus.connect()``, before ``bus.start()``."""
+
     bus: Bus
     deps: Deps
-    start: Callable[[], Awaitable[None]]
-    stop: Callable[[], Awaitable[None]]
+    store: RedisSpendStore
+    gates: KvGates
+    _top_ups: Subscription | None = field(default=None, repr=False)
+
+    async def start(self) -> None:
+        await self.store.open()
+        await self.gates.open()
+        self._top_ups = await app.serve_top_ups(self.bus.nc, self.deps)
+
+    async def stop(self) -> None:
+        if self._top_ups is not None:
+            with contextlib.suppress(Exception):
+                await self._top_ups.unsubscribe()
+            self._top_ups = None
+        await self.store.close()
 
 
 def calendar_of(settings: BudgetSettings) -> Calendar:
@@ -45,6 +63,7 @@ def build(
     """Wire the service; nothing connects until ``start()`` / ``bus.connect()``."""
     store = RedisSpendStore(settings.redis_url, timeout_s=settings.redis_timeout_s)
     bus = Bus(settings, service)
+    gates = KvGates(bus)
     deps = Deps(
         store=store,
         clock=clock or SystemClock(),
@@ -52,9 +71,10 @@ def build(
         calendar=calendar or calendar_of(settings),
         commands=BusCommands(bus),
         demo_allowance_micro_usd=settings.demo_allowance_micro_usd,
+        gates=gates,
     )
     app.register(bus, deps, max_workers=settings.workers)
-    return Wiring(bus=bus, deps=deps, start=store.open, stop=store.close)
+    return Wiring(bus=bus, deps=deps, store=store, gates=gates)
 
 
 async def run(settings: BudgetSettings) -> None:

@@ -67,6 +67,16 @@ end
 return redis.call('SADD', KEYS[1], ARGV[1])
 """
 
+# KEYS: generation, sleeping   ARGV: generation, build id, ttl   (once per generation)
+RESUMED_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+redis.call('SREM', KEYS[2], ARGV[2])
+return 1
+"""
+
 # KEYS: running, ended, sleeping   ARGV: build id, ended ttl
 ENDED_LUA = """
 redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
@@ -142,6 +152,7 @@ class RedisSpendStore:
         self._charge: Any = None
         self._started: Any = None
         self._ended: Any = None
+        self._resumed: Any = None
 
     async def open(self) -> None:
         client = aioredis.from_url(
@@ -158,6 +169,7 @@ class RedisSpendStore:
         self._charge = client.register_script(CHARGE_LUA)
         self._started = client.register_script(STARTED_LUA)
         self._ended = client.register_script(ENDED_LUA)
+        self._resumed = client.register_script(RESUMED_LUA)
 
     async def close(self) -> None:
         if self._redis is not None:
@@ -258,10 +270,11 @@ class RedisSpendStore:
             await pipe.execute()
 
     async def resumed(self, user_id: str, build_id: str, generation: str) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(generation_key(build_id), generation, ex=ENDED_TTL_S)
-            pipe.srem(sleeping_key(user_id), build_id)
-            await pipe.execute()
+        _ = self.redis
+        await self._resumed(
+            keys=[generation_key(build_id), sleeping_key(user_id)],
+            args=[generation, build_id, ENDED_TTL_S],
+        )
 
     async def sleeping(self, user_id: str) -> set[str]:
         members = await self.redis.smembers(sleeping_key(user_id))  # type: ignore[misc]
