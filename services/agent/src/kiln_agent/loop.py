@@ -17,6 +17,7 @@ from typing import Any
 
 from kiln_contracts import (
     AgentNarrated,
+    BudgetGate,
     BuildCancelled,
     BuildCompleted,
     BuildFailed,
@@ -37,7 +38,7 @@ from kiln_contracts.messages import FailureReason
 from kiln_runtime.config import KilnConfig
 from kiln_runtime.errors import Conflict, RetryLater
 
-from . import tools
+from . import gates, tools
 from .checkpoint import Checkpoint, Outcome, PendingCall, SleepRequest, Turn
 from .config import AgentConfig
 from .context import CACHE, build_request, compaction_point, context_tokens
@@ -45,6 +46,7 @@ from .kept import Entry, Kept
 from .ports import (
     CheckpointStore,
     ContextWindowExceeded,
+    Gates,
     Model,
     ModelError,
     ModelReply,
@@ -76,6 +78,7 @@ class Agent:
         lease_s: float = 30.0,
         turn_cache_mb: float = 64.0,
         turn_cache_builds: int = 1_000,
+        budget_gates: Gates | None = None,
     ) -> None:
         self.store = store
         self.model = model
@@ -86,19 +89,25 @@ class Agent:
         self.lease_s = lease_s
         self.tools = tools.definitions(config.narrate_description)
         self.kept = Kept(int(turn_cache_mb * 2**20), turn_cache_builds)
+        self.budget_gates = budget_gates  # None: no budget (an in-process run)
 
     # ------------------------------------------------------------------ messages
 
     async def build_requested(self, msg: BuildRequested) -> None:
-        """Start a build; a second request for the same build id changes nothing."""
+        """Start a build; a second request for the same build id changes nothing. Behind its
+        user's closed budget gate the build is rejected instead, for good (BuildRejected)."""
         if await self.store.load(msg.build_id) is None:
+            extra = {"build_id": msg.build_id}
             cp = self._new_checkpoint(msg)
             first = Turn(
                 0, "user", [{"type": "text", "text": self.config.first_turn(msg.build_id)}]
             )
-            cp.turns = 1
-            if await self.store.create(cp, [first]):
-                log.info("build started", extra={"build_id": msg.build_id})
+            cp.turns, turns = 1, [first]
+            if (gate := await self._gate(cp)) is not None:  # no allowance: it never starts
+                cp.status, cp.turns, turns = "rejected", 0, []
+                cp.outbox.append(gates.rejection(msg, gate))
+            if await self.store.create(cp, turns):
+                log.info("build %s", "started" if turns else "rejected", extra=extra)
         await self._after(msg.build_id, msg.event_id)
 
     async def tool_result(self, msg: ToolResult) -> None:
@@ -232,6 +241,16 @@ class Agent:
         iteration = cp.iteration
         reply: ModelReply | ModelError | None = None
         if (failure := self._precheck(cp)) is None:
+            # no allowance left (the user's gate): no model call
+            if (sleep := await self._gate_sleep(cp)) is not None:
+                slept = await self._step(
+                    build_id,
+                    lambda c: self._sleep_before_call(c, sleep, iteration, cause),
+                    publish=False,
+                    first=cp,
+                    release=token,
+                )
+                return False, slept
             turns = await self._turns(cp)
             fitted = await self._fit(cp, turns)
             if fitted is None:
@@ -334,6 +353,24 @@ class Agent:
                     log.warning("think lease lost mid-call", extra={"build_id": build_id})
             except Exception:
                 log.warning("could not renew the think lease", extra={"build_id": build_id})
+
+    async def _gate(self, cp: Checkpoint) -> BudgetGate | None:
+        """The build's user's budget gate if it is closed (RetryLater if it cannot be known)."""
+        return None if self.budget_gates is None else await self.budget_gates.closed(cp.user_id)
+
+    async def _gate_sleep(self, cp: Checkpoint) -> SleepRequest | None:
+        """Behind a closed gate: asleep until it opens, as the budget's SleepRequested would say."""
+        gate = await self._gate(cp)
+        return None if gate is None else SleepRequest(reason=gate.sleep_reason, wake_at=gate.until)
+
+    def _sleep_before_call(
+        self, cp: Checkpoint, sleep: SleepRequest, iteration: int, cause: uuid.UUID
+    ) -> list[Turn] | None:
+        if cp.status != "thinking" or cp.iteration != iteration:
+            return None
+        cp.state.sleep = sleep
+        self._go_to_sleep(cp, cause)
+        return []
 
     def _precheck(self, cp: Checkpoint) -> tuple[FailureReason, str] | None:
         if not cp.model:

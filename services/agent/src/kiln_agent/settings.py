@@ -21,6 +21,12 @@ class AgentSettings(DatabaseSettings):
         validation_alias=env("KILN_AGENT_LEASE_S"),
         description="The think lease (renewed while a model call runs); default: ack_wait_s.",
     )
+    gates_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        validation_alias=env("KILN_AGENT_GATES_TIMEOUT_S"),
+        description="How long start-up waits for the budget gates' current values (then fails).",
+    )
     db_pool_size: int = Field(default=20, ge=1, validation_alias=env("KILN_AGENT_DB_POOL"))
     turn_cache_mb: float = Field(
         default=64.0,
