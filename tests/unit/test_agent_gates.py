@@ -291,3 +291,18 @@ async def test_the_per_build_cap_still_ends_the_build_before_the_gate_is_asked()
     [failed] = pub.of(BuildFailed)
     assert failed.reason == "cost_limit" and pub.of(BuildSleeping) == []
     assert len(model.requests) == 1
+
+
+async def test_a_sleep_asked_for_while_the_think_waits_needs_no_gate_and_no_model_call():
+    gates = FakeGates()
+    model = FakeModel(TOOL, DONE)
+    agent, _, pub = make_agent(model, budget_gates=gates)
+    await agent.build_requested(request())
+    [call] = pub.of(ToolCall)
+    gates.unknown = True
+    with pytest.raises(RetryLater):
+        await agent.tool_result(result_for(call))  # recorded; the think waits for the gates
+    await agent.sleep(SleepRequested(build_id="b1", user_id="u1", reason="budget"))
+    await agent.tool_result(result_for(call))  # redelivered, gates still unknown: it sleeps
+    [sleeping] = pub.of(BuildSleeping)
+    assert sleeping.reason == "budget" and len(model.requests) == 1

@@ -139,14 +139,14 @@ class Agent:
         await self._step(msg.build_id, advance)
 
     async def sleep(self, msg: SleepRequested) -> None:
-        """Sleep now if no call is in flight, else as soon as the iteration's set completes."""
+        """Sleep before the build's next model call: a call in flight is answered and its reply
+        kept (it is paid for, and charged), and the build sleeps at its next think, or as soon as
+        the iteration's set completes."""
 
         def advance(cp: Checkpoint) -> list[Turn] | None:
             if cp.terminal or cp.status == "sleeping" or cp.state.sleep is not None:
                 return None
             cp.state.sleep = SleepRequest(reason=msg.reason, wake_at=msg.wake_at)
-            if cp.status == "thinking":
-                self._go_to_sleep(cp, msg.event_id)
             return []
 
         await self._step(msg.build_id, advance)
@@ -241,8 +241,8 @@ class Agent:
         iteration = cp.iteration
         reply: ModelReply | ModelError | None = None
         if (failure := self._precheck(cp)) is None:
-            # no allowance left (the user's gate): no model call
-            if (sleep := await self._gate_sleep(cp)) is not None:
+            # a sleep asked for, or no allowance left (the user's gate): no model call
+            if (sleep := cp.state.sleep or await self._gate_sleep(cp)) is not None:
                 slept = await self._step(
                     build_id,
                     lambda c: self._sleep_before_call(c, sleep, iteration, cause),
@@ -368,7 +368,7 @@ class Agent:
     ) -> list[Turn] | None:
         if cp.status != "thinking" or cp.iteration != iteration:
             return None
-        cp.state.sleep = sleep
+        cp.state.sleep = cp.state.sleep or sleep
         self._go_to_sleep(cp, cause)
         return []
 
