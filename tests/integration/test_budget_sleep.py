@@ -24,7 +24,7 @@ from kiln_budget import bootstrap, spending
 from kiln_budget.periods import ShortCalendar
 from kiln_budget.settings import BudgetSettings
 from kiln_contracts import BuildRequested, BuildResumed, IterationCompleted, Usage, subjects
-from kiln_runtime.bus import ensure_streams
+from kiln_runtime.bus import ensure_gates, ensure_streams
 
 pytestmark = pytest.mark.integration
 
@@ -286,25 +286,20 @@ async def _top_up(
     budget: bootstrap.Wiring, nc: Client, infra: dict[str, str], uid: str, at: datetime
 ) -> None:
     from kiln_gateway import routes_budget_admin
+    from kiln_gateway.adapters.budget_service import NatsBudget
 
     user = f"u{uid}"
-    published: list[Any] = []
-
-    async def publish(msg: Any) -> None:
-        published.append(msg)
-        await budget.bus.publish(msg)
-
     app = FastAPI()
     app.include_router(routes_budget_admin.router)
     app.state.runtime = SimpleNamespace(
-        settings=SimpleNamespace(
-            admin_api_key="adm", redis_url=infra["REDIS_URL"], redis_timeout_s=3.0
-        ),
-        publish=publish,
+        settings=SimpleNamespace(admin_api_key="adm"),
+        budget=NatsBudget(nc, await ensure_gates(nc)),  # the gateway's: request/reply
     )
     await budget.bus.publish(requested(uid))
     await budget.bus.publish(iteration(uid, at=at))
     await until(lambda: count_at_least(nc, f"b0{uid}", "sleep_requested", 1))
+    gate, _ = await budget.gates.read(user)
+    assert gate is not None and gate.closed_at(at)
 
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
@@ -322,9 +317,12 @@ async def _top_up(
         again = await client.post("/v1/budget/top-up", json=body, headers={"X-API-Key": "adm"})
         assert again.status_code == 200
 
+    # the gate opened before the wake went out (the budget's order), and the wake is now
+    gate, _ = await budget.gates.read(user)
+    assert gate is not None and gate.state == "open"
     wakes = await on_stream(nc, f"b0{uid}", "wake_requested")  # now, not only at the reset
     assert [w["reason"] for w in wakes if w["reason"] == "top-up"] == ["top-up"]
-    # credited once (the retry is the same top-up), at the gateway's time
+    # credited once (the retry is the same top-up), at the budget's time
     epoch, far = datetime(1970, 1, 1, tzinfo=UTC), datetime(2999, 1, 1, tzinfo=UTC)
     assert await budget.deps.store.topups(user, epoch, far) == 500_000
 

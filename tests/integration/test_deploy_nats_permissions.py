@@ -25,7 +25,7 @@ import nats
 import pytest
 from nats.aio.client import Client
 
-from kiln_contracts import BY_KIND, Envelope, WakeRequested, subjects
+from kiln_contracts import BY_KIND, BudgetGate, Envelope, WakeRequested, gate_key, subjects
 from kiln_runtime.bus import Bus, Delivery
 from kiln_runtime.settings import CommonSettings
 
@@ -206,6 +206,25 @@ async def test_each_service_user_runs_its_own_flows(server, uid):
         await buses["budget"].publish_at(sample("wake_requested", build_id), at, "reset")
         assert isinstance(sample("wake_requested", build_id), WakeRequested)
 
+        # The budget gates: the budget writes them, the agent watches them, the gateway reads
+        # them (each of the three may create the bucket: whichever starts first).
+        gate = BudgetGate(
+            user_id="u1",
+            state="closed",
+            until=datetime.now(UTC) + timedelta(hours=1),
+            reason="daily allowance used up",
+        )
+        kvs = {name: await buses[name].gates() for name in ("gateway", "agent", "budget")}
+        watcher = await kvs["agent"].watchall()
+        assert await watcher.updates(timeout=5) is None  # the bucket's current values: none
+        await kvs["budget"].put(gate_key("u1"), gate.model_dump_json().encode())
+        seen = await watcher.updates(timeout=5)
+        assert seen is not None and BudgetGate.model_validate_json(seen.value) == gate
+        await watcher.stop()
+        for name in ("gateway", "agent"):
+            entry = await kvs[name].get(gate_key("u1"))
+            assert BudgetGate.model_validate_json(entry.value) == gate
+
         # Every service may dead-letter on its own kiln.dlq.<service>.> subject.
         for name, bus in buses.items():
             ack = await bus.nc.jetstream().publish(
@@ -297,6 +316,13 @@ async def refused(server: Server, user: str, action: str, subject: str) -> str:
         ("budget", "sub", "kiln.rpc.sandbox.manifest"),
         ("agent", "sub", "kiln.build.>"),
         ("gateway", "sub", "kiln.rpc.snapshot.restore_plan"),
+        ("agent", "pub", "$KV.KILN_BUDGET_GATES.u1"),
+        ("gateway", "pub", "$KV.KILN_BUDGET_GATES.u1"),
+        ("sandbox", "pub", "$JS.API.STREAM.MSG.GET.KV_KILN_BUDGET_GATES"),
+        ("snapshot", "pub", "$JS.API.STREAM.CREATE.KV_KILN_BUDGET_GATES"),
+        ("agent", "pub", "$JS.API.STREAM.PURGE.KV_KILN_BUDGET_GATES"),
+        ("agent", "sub", "kiln.rpc.budget.top_up"),
+        ("sandbox", "pub", "kiln.rpc.budget.top_up"),
     ],
 )
 async def test_a_service_is_refused_what_belongs_to_another(server, user, action, subject):

@@ -49,6 +49,22 @@ def test_users_publish_and_consume_what_the_topology_says():
             assert set(spec.get("consumes", [])) == {m.kind for m in CONSUMES[name]}, name
 
 
+def test_only_the_budget_writes_the_gates_and_the_agent_watches_them():
+    bucket = DOC["gates_bucket"]
+    access = {name: spec.get("gates") for name, spec in SERVICES.items()}
+    assert access == {
+        "gateway": "read",
+        "agent": "watch",
+        "sandbox": None,
+        "budget": "write",
+        "snapshot": None,
+    }
+    for name, spec in SERVICES.items():
+        allowed = render.permissions(name, spec, DOC)["publish"]["allow"]
+        assert (f"$KV.{bucket}.>" in allowed) == (name == "budget"), name
+        assert (f"$JS.API.STREAM.MSG.GET.KV_{bucket}" in allowed) == (access[name] is not None)
+
+
 def test_every_consumed_kind_has_a_publisher_and_every_rpc_a_server():
     published = {k for spec in SERVICES.values() for k in spec.get("publishes", [])}
     consumed = {k for spec in SERVICES.values() for k in spec.get("consumes", [])}

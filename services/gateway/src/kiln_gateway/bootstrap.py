@@ -17,11 +17,12 @@ from kiln_runtime.db import create_pool
 from kiln_runtime.service import connect_with_retry
 
 from . import builds
+from .adapters.budget_service import NatsBudget
 from .adapters.jetstream import JetStreamHistory
 from .adapters.postgres import DDL, PgStore
 from .adapters.redis_spend import RedisSpend
 from .adapters.s3_files import S3Files
-from .ports import BuildStore, EventSource, Publish, SnapshotFiles, SpendReader
+from .ports import Budget, BuildStore, EventSource, Publish, SnapshotFiles, SpendReader
 from .settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class Runtime:
     config: kiln_config.KilnConfig
     files: SnapshotFiles
     spend: SpendReader
+    budget: Budget
     token_secret: bytes
     pool: asyncpg.Pool | None = None
 
@@ -64,6 +66,7 @@ async def running(settings: GatewaySettings) -> AsyncIterator[Runtime]:
     spend = RedisSpend(settings.redis_url, settings.redis_timeout_s)
     try:
         await connect_with_retry(bus)
+        budget = NatsBudget(bus.nc, await bus.gates())
         await files.open()
         pool = await create_pool(settings.database_url, schema=settings.db_schema, ddl=DDL)
         store = PgStore(pool)
@@ -83,6 +86,7 @@ async def running(settings: GatewaySettings) -> AsyncIterator[Runtime]:
             config=kiln_config.default(),
             files=files,
             spend=spend,
+            budget=budget,
             token_secret=(settings.token_secret or secrets.token_hex(32)).encode(),
             pool=pool,
         )

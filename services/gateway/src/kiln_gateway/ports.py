@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
-from kiln_contracts import BuildRequested, Envelope
+from kiln_contracts import BudgetGate, BuildRequested, Envelope
+from kiln_contracts.rpc import TopUpReply, TopUpRequest
 
 from .model import ApiKey, Build, Caller, NewBuild, Project, Projection
 
@@ -141,6 +142,18 @@ class SpendReader(Protocol):
         ...
 
     async def ping(self) -> None: ...
+
+
+class Budget(Protocol):
+    """The budget service: its users' gates (read only) and top-ups (it applies them)."""
+
+    async def gate(self, user_id: str) -> BudgetGate | None:
+        """The user's budget gate as the budget service last wrote it (None: never closed)."""
+        ...
+
+    async def top_up(self, request: TopUpRequest) -> TopUpReply:
+        """Hand a top-up to the budget service and wait for its answer."""
+        ...
 
 
 class EventSource(Protocol):

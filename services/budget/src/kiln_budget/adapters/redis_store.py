@@ -14,15 +14,17 @@ Keys (all amounts integer micro-dollars):
 Sleep and wake (see docs/ARCHITECTURE.md, budget):
 
 * ``kiln:budget:topups:<user>``                    sorted set of top-ups: member ``<topup_id>:<micro>``,
-                                                   score = Unix time of the top-up. WRITTEN BY THE
-                                                   GATEWAY (POST /v1/budget/top-up) too: that is the
-                                                   key contract.
+                                                   score = Unix time of the top-up (the gateway's
+                                                   POST /v1/budget/top-up hands them to this service)
 * ``kiln:budget:sleeping:<user>``                  set of the builds the budget put to sleep (a
                                                    top-up wakes these); left on BuildResumed or end
 * ``kiln:budget:gen:<build_id>``                   the build's wake generation (its last BuildResumed)
 * ``kiln:budget:slept:<build_id>:<period>``        the generation the budget slept the build in
 * ``kiln:budget:user:<user>``                      hash: the user's latest allowance (read by the
                                                    gateway's GET /v1/budget)
+
+The budget gates are not here: they live in the JetStream key-value bucket KILN_BUDGET_GATES
+(``adapters/kv_gates.py``), which the agent and the gateway read.
 """
 
 from __future__ import annotations
