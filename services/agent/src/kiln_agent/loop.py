@@ -241,8 +241,16 @@ class Agent:
         iteration = cp.iteration
         reply: ModelReply | ModelError | None = None
         if (failure := self._precheck(cp)) is None:
-            # a sleep asked for, or no allowance left (the user's gate): no model call
-            if (sleep := cp.state.sleep or await self._gate_sleep(cp)) is not None:
+            turns = await self._turns(cp)
+            fitted = await self._fit(cp, turns)
+            if fitted is None:
+                return True, None  # moved on while compacting: look again
+            request, failure = fitted
+            # right before the call: a sleep asked for, or no allowance left (the user's gate)
+            if (
+                request is not None
+                and (sleep := cp.state.sleep or await self._gate_sleep(cp)) is not None
+            ):
                 slept = await self._step(
                     build_id,
                     lambda c: self._sleep_before_call(c, sleep, iteration, cause),
@@ -251,11 +259,6 @@ class Agent:
                     release=token,
                 )
                 return False, slept
-            turns = await self._turns(cp)
-            fitted = await self._fit(cp, turns)
-            if fitted is None:
-                return True, None  # moved on while compacting: look again
-            request, failure = fitted
             if request is not None:
                 try:
                     reply = await self.model.complete(request)
