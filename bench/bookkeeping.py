@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln_agent import app, config
-from kiln_agent.adapters.postgres import DDL, SCHEMA, PostgresStore
+from kiln_agent.adapters.postgres import SCHEMA, PostgresStore, migrations
 from kiln_agent.checkpoint import Checkpoint, Turn
 from kiln_agent.loop import Agent
 from kiln_agent.ports import ModelReply, ModelRequest
@@ -73,6 +73,9 @@ TARGET_RATIO = 1.5
 # ---------------------------------------------------------------------------- the instant parts
 
 
+SIGNATURE = "EqQBCkYIBxgCKkD" + "x" * 300  # the size of a real thinking block's signature
+
+
 class InstantModel:
     """One ``glob`` call per turn (a different pattern each time), ``end_turn`` at ``last``. The
     iteration is read from the request (1 + 2 per earlier iteration messages); usage is reported
@@ -91,6 +94,8 @@ class InstantModel:
             stop = "end_turn"
         else:
             content = [
+                # as the current models answer: a signed thinking block first (display omitted)
+                {"type": "thinking", "thinking": "", "signature": SIGNATURE},
                 {"type": "text", "text": f"{self.text} (step {n})"},
                 {
                     "type": "tool_use",
@@ -294,7 +299,7 @@ async def run(
     run_id = uuid.uuid4().hex[:8]
     prefix = f"bench-bk-{run_id}"
     settings = CommonSettings(nats_url=nats_url, ack_wait_s=60)
-    pool = await create_pool(database_url, schema=SCHEMA, ddl=DDL, max_size=5)
+    pool = await create_pool(database_url, schema=SCHEMA, migrations=migrations(), max_size=5)
     model = InstantModel(text_chars)
     bus = Bus(settings, f"bench-agent-{run_id}")
     agent = TimedAgent(

@@ -9,8 +9,7 @@ agent's repetition limit never trips) until the build has made ``iterations`` mo
 ``--jitter j`` each call takes a latency drawn uniformly from ``latency × [1 - j, 1 + j]`` (the
 same mean), as a real model's does; without it every call takes exactly ``latency``.
 
-It is the scripted server (``kiln_agent.scripted_server``: asyncio, one task per connection,
-keep-alive) with this responder, plus timing: for every build it remembers when the last reply
+It is the scripted server (``kiln_devstack.model.server``: aiohttp, keep-alive) with this responder, plus timing: for every build it remembers when the last reply
 left and, when the build's next request arrives, records the gap (everything Kiln did between
 two model calls). ``GET /stats[/<since>]`` returns those gaps and the reply times as JSON.
 """
@@ -26,7 +25,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from kiln_agent.scripted_server import Recorded, ScriptedServer
+from kiln_devstack.model.server import Recorded, ScriptedServer
 
 BUILD = re.compile(r"\(Build ([^)\s]+)\.\)")
 USAGE = {
@@ -94,7 +93,7 @@ class LoopModel(ScriptedServer):
         else:
             path = "." if n % 2 == 0 else "./"
             content = [
-                {"type": "tool_use", "id": f"toolu_b{n}", "name": "list_dir",
+                {"type": "tool_use", "id": f"toolu_{build}_{n}", "name": "list_dir",
                  "input": {"path": path}},
             ]  # fmt: skip
             stop = "tool_use"
@@ -121,12 +120,17 @@ class LoopModel(ScriptedServer):
         }
 
     async def _handle(
-        self, method: str, path: str, body: bytes, arrived_at: float = 0.0
+        self,
+        method: str,
+        path: str,
+        body: bytes,
+        arrived_at: float = 0.0,
+        headers: dict[str, str] | None = None,
     ) -> tuple[int, dict[str, Any], dict[str, str]]:
         if method == "GET" and path.startswith("/stats"):  # /stats or /stats/<since, epoch s>
             tail = path.removeprefix("/stats").strip("/")
             return 200, self.stats(float(tail or 0)), {}
-        return await super()._handle(method, path, body, arrived_at)
+        return await super()._handle(method, path, body, arrived_at, headers)
 
 
 async def serve(host: str, port: int, latency_s: float, iterations: int, jitter: float) -> None:

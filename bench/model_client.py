@@ -3,12 +3,13 @@
     uv run --frozen python bench/model_client.py [--calls 3000] [--concurrency 50] [--rounds 3]
 
 ``bench/loop_model.py`` runs as its own process (no latency); this process makes ``--calls``
-Messages calls, ``--concurrency`` at a time, the way ``AnthropicModel`` does (the request as JSON
-bytes through the SDK's own POST, replies parsed into ``Message``; four clients of 16 connections
-each), once with the SDK's default transport (``DefaultAsyncHttpxClient``) and once with its
-aiohttp one (``DefaultAioHttpClient``), alternating for ``--rounds`` rounds. CPU = this process's
-CPU time over the calls / calls. The last line: ``model_client httpx_cpu_ms=… aiohttp_cpu_ms=…
-ratio=…`` (medians over the rounds; ratio = aiohttp / httpx).
+Messages calls, ``--concurrency`` at a time, sent the way ``AnthropicModel`` sends them (the
+request as JSON bytes through the SDK's own POST; four clients of 16 connections each) and the
+replies parsed into ``Message`` (``AnthropicModel`` itself keeps them as bytes), once with the
+SDK's default transport (``DefaultAsyncHttpxClient``) and once with its aiohttp one
+(``DefaultAioHttpClient``), alternating for ``--rounds`` rounds. CPU = this process's CPU time
+over the calls / calls. The last line: ``model_client httpx_cpu_ms=… aiohttp_cpu_ms=… ratio=…``
+(medians over the rounds; ratio = aiohttp / httpx).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ CLIENTS, PER_CLIENT = 4, 16
 def body(i: int) -> bytes:
     return pydantic_core.to_json(
         {
-            "model": "claude-sonnet-4-5",
+            "model": "claude-sonnet-5-5",
             "max_tokens": 1024,
             "system": [{"type": "text", "text": f"(Build b{i % 200}.) You build apps."}],
             "tools": [],

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from kiln_agent import scripted_build
+import caching as scripted_build
 
 
 def main() -> None:

@@ -25,10 +25,10 @@ from _common import bench, connect, figures
 
 from kiln_contracts import CheckpointSaved, SnapshotSaved, subjects
 from kiln_contracts.rpc import ManifestRequest, UploadRequest
+from kiln_devstack.sandbox import MemoryRegistry
 from kiln_sandbox.adapters.local import LocalProvider
 from kiln_sandbox.handlers import SandboxService
 from kiln_sandbox.ports import SandboxRecord
-from kiln_sandbox.testing import MemoryRegistry
 from kiln_snapshot import bootstrap
 from kiln_snapshot.settings import SnapshotSettings
 
@@ -83,7 +83,7 @@ async def main(files: int, total_mb: float, rounds: int) -> None:
         await nc.subscribe(subjects.SANDBOX_UPLOAD, cb=upload)
 
         settings = SnapshotSettings(
-            nats_url=b.urls["NATS_URL"], s3_endpoint_url=s3_url, bucket=bucket
+            nats_url=b.urls["NATS_URL"], s3_endpoint_url=s3_url, s3_bucket=bucket
         )
         wiring = bootstrap.build(settings)
         await wiring.bus.connect()

@@ -186,7 +186,10 @@ def test_builds_survive_random_kills_and_a_nats_restart(stack: Stack) -> None:
         assert {c for c in calls} <= {cid for (b, cid) in runs if b == build_id}
 
         # Charged once per iteration: the build's spend is the price of what was used.
-        expected = sum(config().price(it.model).cost_micro_usd(it.usage) for it in iterations)
+        expected = sum(
+            config().cost(it.model, it.usage, it.occurred_at).micro_usd for it in iterations
+        )
+        assert expected > 0
         wait_for(
             lambda b=build_id, e=expected: int(store.get(f"kiln:spend:build:{b}") or 0) == e,
             f"the budget of {build_id}",

@@ -84,7 +84,7 @@ async def running_gateway(
         GatewaySettings(
             nats_url=infra["NATS_URL"],
             database_url=infra["DATABASE_URL"],
-            port=port,
+            gateway_port=port,
             **settings,
         )
     )

@@ -12,11 +12,10 @@ import pytest
 
 from kiln_agent import app, config
 from kiln_agent.adapters.anthropic_model import AnthropicModel
-from kiln_agent.adapters.postgres import DDL, SCHEMA, PostgresStore
+from kiln_agent.adapters.postgres import SCHEMA, PostgresStore, migrations
 from kiln_agent.checkpoint import Checkpoint, Turn
 from kiln_agent.loop import Agent, build_request
-from kiln_agent.ports import ModelError, ModelRequest, VersionConflict
-from kiln_agent.scripted_server import ScriptedServer
+from kiln_agent.ports import LeaseChange, ModelError, ModelRequest, VersionConflict
 from kiln_agent.settings import AgentSettings
 from kiln_contracts import (
     BuildCompleted,
@@ -27,6 +26,7 @@ from kiln_contracts import (
     ToolCall,
     ToolResult,
 )
+from kiln_devstack.model.server import ScriptedServer
 from kiln_runtime import config as kiln_config
 from kiln_runtime.bus import Bus, Delivery
 from kiln_runtime.db import create_pool
@@ -82,7 +82,7 @@ async def test_build_completes_on_nats_and_postgres_through_the_sdk(
         anthropic_api_key="test",
         ack_wait_s=10,
     )
-    pool = await create_pool(settings.database_url, schema=SCHEMA, ddl=DDL)
+    pool = await create_pool(settings.database_url, schema=SCHEMA, migrations=migrations())
     model = AnthropicModel.connect(base_url=scripted.url, api_key="test", timeout_s=30)
     bus = Bus(settings, f"agent{uid}")
     agent = OnlyMine(PostgresStore(pool), model, bus, config.load(), kiln_config.default())
@@ -131,7 +131,7 @@ async def test_build_completes_on_nats_and_postgres_through_the_sdk(
             iterations = [e.iteration for e in mine if isinstance(e, IterationCompleted)]
             assert iterations == list(range(1, done.iterations + 1))
             models = {e.model for e in mine if isinstance(e, IterationCompleted)}
-            assert models == {"claude-sonnet-4-5"}  # echoed by the scripted server
+            assert models == {"claude-sonnet-5-5"}  # the pro tier's model, a dateless id
             calls = {e.call_id for e in mine if isinstance(e, ToolCall)}
             results = {e.call_id for e in mine if isinstance(e, ToolResult)}
             assert calls == results
@@ -151,7 +151,7 @@ async def test_build_completes_on_nats_and_postgres_through_the_sdk(
 
 
 async def test_postgres_checkpoint_optimistic_concurrency(infra, uid) -> None:
-    pool = await create_pool(infra["DATABASE_URL"], schema=SCHEMA, ddl=DDL)
+    pool = await create_pool(infra["DATABASE_URL"], schema=SCHEMA, migrations=migrations())
     store = PostgresStore(pool)
     try:
         cp = new_checkpoint(f"pg{uid}")
@@ -184,32 +184,34 @@ async def test_postgres_checkpoint_optimistic_concurrency(infra, uid) -> None:
 async def test_postgres_think_lease_is_taken_with_the_checkpoint_and_given_up_by_the_save(
     infra, uid
 ) -> None:
-    pool = await create_pool(infra["DATABASE_URL"], schema=SCHEMA, ddl=DDL)
+    pool = await create_pool(infra["DATABASE_URL"], schema=SCHEMA, migrations=migrations())
     store = PostgresStore(pool)
     try:
         cp = new_checkpoint(f"lease{uid}")
         assert await store.create(cp, [])
-        wait, held = await store.take(cp.build_id, "one", 5)
+        wait, held = await store.take_lease(cp.build_id, "one", 5)
         assert wait == 0.0 and held is not None and held.version == 1
-        wait, none = await store.take(cp.build_id, "two", 5)
+        wait, none = await store.take_lease(cp.build_id, "two", 5)
         assert none is None and 4 < wait <= 5
-        assert await store.renew(cp.build_id, "one", 5)
-        assert not await store.renew(cp.build_id, "two", 5)
-        await store.save(held, [], release="two")  # not the holder: the lease stays
-        assert (await store.take(cp.build_id, "two", 5))[0] > 0
+        assert await store.extend_lease(cp.build_id, "one", 5)
+        assert not await store.extend_lease(cp.build_id, "two", 5)
+        await store.save(held, [], LeaseChange(give_up="two"))  # not the holder: the lease stays
+        assert (await store.take_lease(cp.build_id, "two", 5))[0] > 0
         held.iteration = 1
-        await store.save(held, [], release="one")  # the holder: saved and given up at once
-        assert not await store.renew(cp.build_id, "one", 5)  # a late renewal takes nothing
-        wait, fresh = await store.take(cp.build_id, "two", 5)
+        await store.save(
+            held, [], LeaseChange(give_up="one")
+        )  # the holder: saved and given up at once
+        assert not await store.extend_lease(cp.build_id, "one", 5)  # a late renewal takes nothing
+        wait, fresh = await store.take_lease(cp.build_id, "two", 5)
         assert wait == 0.0 and fresh is not None and fresh.iteration == 1 and fresh.version == 3
-        assert await store.take(f"missing{uid}", "two", 5) == (0.0, None)
+        assert await store.take_lease(f"missing{uid}", "two", 5) == (0.0, None)
         # a save takes the lease for its token only if it is free; it is saved either way
         fresh.iteration = 2
-        assert not await store.save(fresh, [], take="three", ttl_s=5)  # "two" holds it
-        await store.release(cp.build_id, "two")
-        assert await store.save(fresh, [], take="three", ttl_s=5)
-        assert (await store.take(cp.build_id, "two", 5))[0] > 4
-        assert await store.save(fresh, [], take="three", ttl_s=5)  # its own already
+        assert not await store.save(fresh, [], LeaseChange(take="three", ttl_s=5))  # "two" holds it
+        await store.release_lease(cp.build_id, "two")
+        assert await store.save(fresh, [], LeaseChange(take="three", ttl_s=5))
+        assert (await store.take_lease(cp.build_id, "two", 5))[0] > 4
+        assert await store.save(fresh, [], LeaseChange(take="three", ttl_s=5))  # its own already
         again = await store.load(cp.build_id)
         assert again is not None and again.version == 6 and again.iteration == 2
     finally:
@@ -219,7 +221,7 @@ async def test_postgres_think_lease_is_taken_with_the_checkpoint_and_given_up_by
 async def test_postgres_turns_read_back_as_they_were_saved(infra, uid) -> None:
     """Same keys in the same order (jsonb would sort them): requests built from turns read back
     are byte-identical to those built from the turns the agent kept."""
-    pool = await create_pool(infra["DATABASE_URL"], schema=SCHEMA, ddl=DDL)
+    pool = await create_pool(infra["DATABASE_URL"], schema=SCHEMA, migrations=migrations())
     store = PostgresStore(pool)
     try:
         cp = new_checkpoint(f"order{uid}")
@@ -243,7 +245,7 @@ async def test_sdk_path_against_the_scripted_server(scripted) -> None:
     )
     try:
         cp = Checkpoint(
-            build_id="b", user_id="u", tier="pro", model="any-model", limits=BuildLimits(),
+            build_id="b", user_id="u", tier="pro", model="claude-haiku-5-5", limits=BuildLimits(),
             system="You build things.",
         )  # fmt: skip
         cfg = config.load()
@@ -253,7 +255,7 @@ async def test_sdk_path_against_the_scripted_server(scripted) -> None:
         scripted.model.usage.min_cache_tokens = 0  # this short request may be cached too
         request = build_request(cp, turns, definitions(cfg.narrate_description), cfg)
         reply = await model.complete(request)
-        assert reply.model == "any-model" and reply.stop_reason == "tool_use"
+        assert reply.model == "claude-haiku-5-5" and reply.stop_reason == "tool_use"
         assert [b["name"] for b in reply.content if b["type"] == "tool_use"] == [
             "narrate",
             "list_dir",
@@ -268,7 +270,7 @@ async def test_sdk_path_against_the_scripted_server(scripted) -> None:
         with pytest.raises(ModelError, match="529"):
             await model.complete(request)
         scripted.faults = []
-        bad = ModelRequest(model="m", system=[], tools=[], messages=[], max_tokens=0)
+        bad = ModelRequest(model="claude-haiku-5-5", system=[], tools=[], messages=[], max_tokens=0)
         with pytest.raises(ModelError, match="400"):
             await model.complete(bad)
     finally:
@@ -280,7 +282,7 @@ async def test_scripted_server_serves_many_connections(scripted) -> None:
         AnthropicModel.connect(base_url=scripted.url, api_key="k", timeout_s=10) for _ in range(50)
     ]
     request = ModelRequest(
-        model="m", system=[], tools=[], max_tokens=10,
+        model="claude-haiku-5-5", system=[], tools=[], max_tokens=10,
         messages=[{"role": "user", "content": "hi"}],
     )  # fmt: skip
     try:
@@ -292,7 +294,7 @@ async def test_scripted_server_serves_many_connections(scripted) -> None:
 
 async def test_an_idle_model_connection_is_kept_for_the_next_call(scripted) -> None:
     request = ModelRequest(
-        model="m", system=[], tools=[], max_tokens=10,
+        model="claude-haiku-5-5", system=[], tools=[], max_tokens=10,
         messages=[{"role": "user", "content": "hi"}],
     )  # fmt: skip
     for keepalive_s, connections in ((0.1, 2), (30.0, 1)):

@@ -25,7 +25,6 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from kiln_agent import bootstrap as agent_bootstrap
-from kiln_agent.scripted_server import ScriptedServer
 from kiln_agent.settings import AgentSettings
 from kiln_budget import bootstrap as budget_bootstrap
 from kiln_budget import spending
@@ -36,13 +35,14 @@ from kiln_contracts import (
     BuildRequested,
     ToolCall,
     ToolResult,
+    TopUpRequested,
     Usage,
     gate_key,
     stable_id,
     subjects,
 )
-from kiln_contracts.rpc import TopUpReply, TopUpRequest
 from kiln_devstack.infra import Infra
+from kiln_devstack.model.server import ScriptedServer
 from kiln_runtime import config as kiln_config
 from kiln_runtime.bus import Bus, ensure_gates, ensure_streams
 from kiln_runtime.settings import CommonSettings
@@ -168,8 +168,8 @@ async def stack(
             redis_url=infra["REDIS_URL"],
             ack_wait_s=10,
             shutdown_grace_s=1,
-            period_s=10**6,  # a "day" of 11.6 days: no reset during the test
-            demo_allowance_usd=ALLOWANCE_USD,
+            budget_period_s=10**6,  # a "day" of 11.6 days: no reset during the test
+            budget_demo_allowance_usd=ALLOWANCE_USD,
         )
     )
     sandbox = Bus(CommonSettings(nats_url=own_nats, shutdown_grace_s=1), "sandbox")
@@ -236,12 +236,14 @@ async def test_no_model_call_starts_once_the_gate_closes_and_a_top_up_opens_it_f
     before = len(arrivals)
     spent = await spending.spent_today(stack.budget.deps, stack.user)
     over = spent - ALLOWANCE_CALLS * CALL_MICRO_USD
-    request = TopUpRequest(
-        user_id=stack.user, topup_id=f"t{uid}", amount_micro_usd=over + 10 * CALL_MICRO_USD
+    await stack.agent.bus.publish(
+        TopUpRequested.of(stack.user, f"t{uid}", over + 10 * CALL_MICRO_USD)
     )
-    raw = await stack.nc.request(subjects.BUDGET_TOP_UP, request.model_dump_json().encode(), 10)
-    reply = TopUpReply.model_validate_json(raw.data)
-    assert reply.ok and sorted(reply.woken) == sorted(ids)
+
+    async def woken() -> bool:
+        return len(await stack.kinds("build_resumed")) >= BUILDS
+
+    await until(woken, what="every build woken by the top-up")
     await until(lambda: asleep(2 * BUILDS), what="every build asleep again")
     resumed = await stack.kinds("build_resumed")
     assert len(resumed) == BUILDS

@@ -1,20 +1,28 @@
-"""The budget service on real NATS and Redis: each iteration is charged exactly once."""
+"""The budget service on real NATS and Redis: each iteration is charged exactly once, and the
+spend comes back after Redis loses it."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
 import pytest
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from kiln_budget import bootstrap, spending
 from kiln_budget.adapters.clock import SystemClock
 from kiln_budget.adapters.redis_store import RedisSpendStore
 from kiln_budget.settings import BudgetSettings
-from kiln_contracts import BuildCompleted, BuildRequested, IterationCompleted, Usage, subjects
+from kiln_contracts import (
+    BuildCompleted,
+    BuildRequested,
+    Envelope,
+    IterationCompleted,
+    TopUpRequested,
+    Usage,
+    subjects,
+)
+from kiln_contracts.rpc import BudgetStatus, BudgetStatusReply, BudgetStatusRequest
 from kiln_runtime import config as kiln_config
 
 pytestmark = pytest.mark.integration
@@ -59,11 +67,11 @@ async def budget(infra: dict[str, str], uid: str) -> AsyncIterator[bootstrap.Wir
         await wiring.stop()
 
 
-def iteration(uid: str, **usage: int) -> IterationCompleted:
+def iteration(uid: str, it: int = 1, **usage: int) -> IterationCompleted:
     return IterationCompleted(
         build_id=f"b{uid}",
         user_id=f"u{uid}",
-        iteration=1,
+        iteration=it,
         model="claude-sonnet-4-5",
         usage=Usage(**usage),
         stop_reason="end_turn",
@@ -101,13 +109,22 @@ async def test_iteration_charged_once_even_when_delivered_twice(
     assert await spending.spent_today(deps, f"u{uid}") == expected
 
 
+async def opened(infra: dict[str, str]) -> RedisSpendStore:
+    """The store, taken as intact (these tests charge through the domain, with no stream to
+    rebuild from): what a rebuild from an empty stream leaves."""
+    store = RedisSpendStore(infra["REDIS_URL"])
+    await store.open()
+    if not await store.intact():
+        assert await store.finish_rebuild(await store.begin_rebuild())
+    return store
+
+
 async def test_two_replicas_charging_the_same_event_concurrently_charge_once(
     infra: dict[str, str], uid: str
 ) -> None:
     replicas = []
     for _ in range(2):
-        store = RedisSpendStore(infra["REDIS_URL"])
-        await store.open()
+        store = await opened(infra)
         replicas.append(spending.Deps(store, SystemClock(), kiln_config.default()))
     try:
         event = iteration(uid, input_tokens=7)
@@ -126,8 +143,7 @@ async def test_two_replicas_charging_the_same_event_concurrently_charge_once(
 
 
 async def test_charge_goes_to_the_events_utc_day_and_month(infra: dict[str, str], uid: str) -> None:
-    store = RedisSpendStore(infra["REDIS_URL"])
-    await store.open()
+    store = await opened(infra)
     try:
         event = iteration(uid, output_tokens=2).model_copy(
             update={"occurred_at": datetime(2024, 12, 31, 23, 59, 59, tzinfo=UTC)}
@@ -143,7 +159,7 @@ async def test_charge_goes_to_the_events_utc_day_and_month(infra: dict[str, str]
         await store.close()
 
 
-async def test_running_builds_and_unknown_model_dead_letter(
+async def test_running_builds_and_an_unknown_model_charged_at_the_fallback(
     budget: bootstrap.Wiring, uid: str
 ) -> None:
     deps = budget.deps
@@ -165,33 +181,86 @@ async def test_running_builds_and_unknown_model_dead_letter(
     assert (status.tier, status.spent_today_micro_usd) == ("pro", 0)
     assert status.allowance_today_micro_usd > 0
 
+    # a model with no price is never free and never dead-lettered: the fallback's prices
+    # (claude-opus-4-1, $15 per Mtok input) are charged
     bad = iteration(uid, input_tokens=1).model_copy(update={"model": "no-such-model"})
     await budget.bus.publish(bad)
-    reason = await _dead_letter_reason(budget, str(bad.event_id))
-    assert "no price for model 'no-such-model'" in reason
-    assert await spending.spent_build(deps, f"b{uid}") == 0
+    await until_async(lambda: _equals(spending.spent_build(deps, f"b{uid}"), 15))
 
 
 async def _equals(awaitable: object, expected: object) -> bool:
     return await awaitable == expected  # type: ignore[misc]
 
 
-async def _dead_letter_reason(wiring: bootstrap.Wiring, event_id: str) -> str:
-    js = wiring.bus.nc.jetstream()
-    deadline = asyncio.get_running_loop().time() + 15
-    while asyncio.get_running_loop().time() < deadline:
-        sub = await js.subscribe(
-            f"kiln.dlq.{wiring.bus.service}.iteration_completed",
-            ordered_consumer=True,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
-        )
-        try:
-            while True:
-                msg = await sub.next_msg(timeout=0.5)
-                if json.loads(msg.data).get("event_id") == event_id:
-                    return str(msg.headers.get("Kiln-Dlq-Reason", "")) if msg.headers else ""
-        except Exception:
-            pass
-        finally:
-            await sub.unsubscribe()
-    raise AssertionError(f"no dead letter for {event_id}")
+async def republish(wiring: bootstrap.Wiring, event: Envelope) -> int:
+    """``event`` again under another Nats-Msg-Id (as after the duplicate window); its seq."""
+    ack = await wiring.bus.nc.jetstream().publish(
+        subjects.subject_of(event),
+        event.model_dump_json().encode(),
+        headers={"Nats-Msg-Id": f"again-{event.event_id}"},
+    )
+    assert not ack.duplicate
+    return ack.seq
+
+
+async def status_of(wiring: bootstrap.Wiring, user: str) -> BudgetStatus:
+    """The budget's answer on kiln.rpc.budget.status, as the gateway asks it."""
+    request = BudgetStatusRequest(user_id=user).model_dump_json().encode()
+    msg = await wiring.bus.nc.request(subjects.BUDGET_STATUS, request, timeout=10)
+    reply = BudgetStatusReply.model_validate_json(msg.data)
+    assert reply.ok and reply.status is not None, reply.error
+    return reply.status
+
+
+async def test_spend_and_top_ups_survive_losing_redis(budget: bootstrap.Wiring, uid: str) -> None:
+    deps, user = budget.deps, f"u{uid}"
+    epoch, far = datetime(1970, 1, 1, tzinfo=UTC), datetime(2999, 1, 1, tzinfo=UTC)
+    charged = [
+        iteration(uid, 1, input_tokens=1000, output_tokens=10),
+        iteration(uid, 2, input_tokens=2000, cache_read_input_tokens=500),
+        iteration(uid, 3, output_tokens=300, cache_creation_input_tokens=40),
+    ]
+    priced = sum(spending.cost_of(deps.config, e) for e in charged)
+    for event in charged:
+        await budget.bus.publish(event)
+    await budget.bus.publish(TopUpRequested.of(user, f"t{uid}", 5_000))
+    seq = await republish(budget, charged[0])  # the same iteration twice on the stream
+    await until_async(lambda: consumer_caught_up(budget, "iteration_completed", seq))
+    await until_async(lambda: _equals(deps.store.topups(user, epoch, far), 5_000))
+    assert await spending.spent_today(deps, user) == priced
+    assert await spending.spent_this_month(deps, user) == priced
+
+    # Redis loses everything in the middle of the day
+    await deps.store.redis.flushall()  # type: ignore[attr-defined]
+    assert await spending.spent_today(deps, user) == 0 and not await deps.store.intact()
+
+    # the next charge finds the store lost: it is rebuilt from the stream first, then added to
+    later = iteration(uid, 4, output_tokens=7)
+    await budget.bus.publish(later)
+    total = priced + spending.cost_of(deps.config, later)
+    await until_async(lambda: _equals(spending.spent_build(deps, f"b{uid}"), total))
+    assert await deps.store.intact()
+    assert await spending.spent_today(deps, user) == total
+    assert await spending.spent_this_month(deps, user) == total
+    assert await deps.store.topups(user, epoch, far) == 5_000
+
+    # redeliveries of an iteration charged before the loss and of one charged after: nothing more
+    seq = max([await republish(budget, charged[1]), await republish(budget, later)])
+    await until_async(lambda: consumer_caught_up(budget, "iteration_completed", seq))
+    status = await status_of(budget, user)
+    assert (status.spent_period_micro_usd, status.spent_cycle_micro_usd) == (total, total)
+    assert status.topups_cycle_micro_usd == 5_000
+    assert await spending.spent_build(deps, f"b{uid}") == total
+
+
+async def test_a_lost_redis_is_rebuilt_before_the_budget_answers(
+    budget: bootstrap.Wiring, uid: str
+) -> None:
+    deps, user = budget.deps, f"u{uid}"
+    event = iteration(uid, input_tokens=100)
+    await budget.bus.publish(event)
+    await until_async(lambda: spending.spent_build(deps, f"b{uid}"))
+    await deps.store.redis.flushall()  # type: ignore[attr-defined]
+    status = await status_of(budget, user)
+    assert status.spent_period_micro_usd == spending.cost_of(deps.config, event) == 300
+    assert await deps.store.intact()

@@ -23,8 +23,17 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from kiln_budget import bootstrap, spending
 from kiln_budget.periods import ShortCalendar
 from kiln_budget.settings import BudgetSettings
-from kiln_contracts import BuildRequested, BuildResumed, IterationCompleted, Usage, subjects
-from kiln_runtime.bus import ensure_gates, ensure_streams
+from kiln_contracts import (
+    BuildRequested,
+    BuildResumed,
+    IterationCompleted,
+    TopUpRequested,
+    Usage,
+    budget_id,
+    subjects,
+)
+from kiln_contracts.rpc import BudgetStatus, BudgetStatusReply, BudgetStatusRequest
+from kiln_runtime.bus import ensure_streams
 
 pytestmark = pytest.mark.integration
 
@@ -38,9 +47,9 @@ def settings(infra: dict[str, str], **extra: Any) -> BudgetSettings:
         redis_url=infra["REDIS_URL"],
         ack_wait_s=5,
         max_deliver=3,
-        period_s=PERIOD_S,
-        periods_per_cycle=10,
-        demo_allowance_usd=ALLOWANCE_USD,
+        budget_period_s=PERIOD_S,
+        budget_periods_per_cycle=10,
+        budget_demo_allowance_usd=ALLOWANCE_USD,
         **extra,
     )
 
@@ -120,6 +129,16 @@ async def on_stream(nc: Client, build_id: str, kind: str) -> list[dict[str, Any]
     return found
 
 
+async def status_of(nc: Client, user: str) -> BudgetStatus:
+    """The budget's answer on kiln.rpc.budget.status."""
+    request = BudgetStatusRequest(user_id=user).model_dump_json().encode()
+    reply = BudgetStatusReply.model_validate_json(
+        (await nc.request(subjects.BUDGET_STATUS, request, timeout=10)).data
+    )
+    assert reply.ok and reply.status is not None, reply.error
+    return reply.status
+
+
 async def count_at_least(nc: Client, build_id: str, kind: str, n: int) -> bool:
     return len(await on_stream(nc, build_id, kind)) >= n
 
@@ -174,8 +193,6 @@ async def test_a_tiny_allowance_sleeps_every_running_build_and_the_scheduled_wak
     assert sleep["causation_id"] == str(event.event_id)
     assert "daily allowance used up" in sleep["reason"]
     assert await deps.store.sleeping(user) == {f"b0{uid}", f"b1{uid}"}
-    status = await deps.store.redis.hgetall(f"kiln:budget:user:{user}")  # type: ignore[attr-defined]
-    assert status["allowance_micro_usd"] == "1000" and status["remaining_micro_usd"] == "0"
 
     # The reset: the server publishes the scheduled WakeRequested at the period's end.
     wake_at = datetime.fromisoformat(sleep["wake_at"])
@@ -206,6 +223,11 @@ async def _duplicate_then_resume(
     event = iteration(uid, at=at)
     await budget.bus.publish(event)
     await until(lambda: count_at_least(nc, f"b0{uid}", "sleep_requested", 1))
+    (sleep,) = await on_stream(nc, f"b0{uid}", "sleep_requested")
+    status = await status_of(nc, f"u{uid}")  # what the gateway's GET /v1/budget shows
+    assert (status.allowance_micro_usd, status.remaining_micro_usd) == (1_000, 0)
+    assert status.spent_period_micro_usd == 1_200 and status.tier == "pro"
+    assert status.wake_at == datetime.fromisoformat(sleep["wake_at"])
     # the same event again under another Nats-Msg-Id (so the server does not drop it)
     ack = await nc.jetstream().publish(
         subjects.subject_of(event),
@@ -277,23 +299,37 @@ async def test_a_top_up_wakes_at_once(nc: Client, infra: dict[str, str], uid: st
     at = later()
     budget = await started(infra, f"budget-{uid}", FixedClock(at))
     try:
-        await _top_up(budget, nc, infra, uid, at)
+        await _top_up(budget, nc, uid, at)
     finally:
         await stopped(budget)
 
 
-async def _top_up(
-    budget: bootstrap.Wiring, nc: Client, infra: dict[str, str], uid: str, at: datetime
-) -> None:
+@dataclass
+class AsleepInTheReadModel:
+    """The gateway's read model, as the top-up route reads it: the user's sleeping builds."""
+
+    build_ids: list[str]
+
+    async def list_for_user(self, user_id: str, **_: Any) -> list[Any]:
+        return [SimpleNamespace(build_id=b) for b in self.build_ids]
+
+
+async def _top_up(budget: bootstrap.Wiring, nc: Client, uid: str, at: datetime) -> None:
     from kiln_gateway import routes_budget_admin
-    from kiln_gateway.adapters.budget_service import NatsBudget
 
     user = f"u{uid}"
+    published: list[Any] = []
+
+    async def publish(msg: Any) -> None:
+        published.append(msg)
+        await budget.bus.publish(msg)
+
     app = FastAPI()
     app.include_router(routes_budget_admin.router)
     app.state.runtime = SimpleNamespace(
         settings=SimpleNamespace(admin_api_key="adm"),
-        budget=NatsBudget(nc, await ensure_gates(nc)),  # the gateway's: request/reply
+        publish=publish,
+        store=AsleepInTheReadModel([f"b0{uid}"]),
     )
     await budget.bus.publish(requested(uid))
     await budget.bus.publish(iteration(uid, at=at))
@@ -316,15 +352,36 @@ async def _top_up(
         # a retry with the same topup_id is the same top-up
         again = await client.post("/v1/budget/top-up", json=body, headers={"X-API-Key": "adm"})
         assert again.status_code == 200
+    (command, repeat) = published
+    assert isinstance(command, TopUpRequested) and command.build_id == budget_id(user)
+    assert (repeat.event_id, repeat.topup_id) == (command.event_id, command.topup_id)
 
-    # the gate opened before the wake went out (the budget's order), and the wake is now
-    gate, _ = await budget.gates.read(user)
-    assert gate is not None and gate.state == "open"
-    wakes = await on_stream(nc, f"b0{uid}", "wake_requested")  # now, not only at the reset
-    assert [w["reason"] for w in wakes if w["reason"] == "top-up"] == ["top-up"]
-    # credited once (the retry is the same top-up), at the budget's time
+    await until(lambda: _at_least(wakes_of(nc, f"b0{uid}"), 1))
+    # now, not only at the reset; credited once, at the time it was requested
     epoch, far = datetime(1970, 1, 1, tzinfo=UTC), datetime(2999, 1, 1, tzinfo=UTC)
     assert await budget.deps.store.topups(user, epoch, far) == 500_000
+
+    # the same command delivered again (another Nats-Msg-Id, as after the duplicate window) and
+    # the same top-up id with another amount: acked, and nothing more credited or woken
+    other = TopUpRequested.of(user, f"t{uid}", 900_000)
+    for msg, msg_id in ((command, f"again-{command.event_id}"), (other, f"other-{uid}")):
+        ack = await nc.jetstream().publish(
+            subjects.subject_of(msg),
+            msg.model_dump_json().encode(),
+            headers={"Nats-Msg-Id": msg_id},
+        )
+    await until(lambda: _caught_up(budget, "top_up_requested", ack.seq))
+    assert await budget.deps.store.topups(user, epoch, far) == 500_000
+    wakes = await wakes_of(nc, f"b0{uid}")
+    assert len(wakes) == 1 and wakes[0]["causation_id"] == str(command.event_id)
+
+
+async def wakes_of(nc: Client, build_id: str) -> list[dict[str, Any]]:
+    return [w for w in await on_stream(nc, build_id, "wake_requested") if w["reason"] == "top-up"]
+
+
+async def _at_least(awaitable: Awaitable[list[Any]], n: int) -> bool:
+    return len(await awaitable) >= n
 
 
 async def _equals(awaitable: Awaitable[object], expected: object) -> bool:

@@ -25,7 +25,17 @@ import nats
 import pytest
 from nats.aio.client import Client
 
-from kiln_contracts import BY_KIND, BudgetGate, Envelope, WakeRequested, gate_key, subjects
+from kiln_budget.adapters.stream_history import StreamHistory
+from kiln_contracts import (
+    BY_KIND,
+    BudgetGate,
+    Envelope,
+    TopUpRequested,
+    WakeRequested,
+    budget_id,
+    gate_key,
+    subjects,
+)
 from kiln_runtime.bus import Bus, Delivery
 from kiln_runtime.settings import CommonSettings
 
@@ -72,11 +82,16 @@ FIELDS: dict[str, dict[str, Any]] = {
         "allowance_micro_usd": 1,
         "resets_at": "2030-01-01T00:00:00Z",
     },
+    "top_up_requested": {"topup_id": "t1", "amount_micro_usd": 1},
 }
+USER = "u1"
 
 
 def sample(kind: str, build_id: str) -> Envelope:
-    return BY_KIND[kind](build_id=build_id, user_id="u1", **FIELDS[kind])
+    """The smallest ``kind`` for the build (a top-up: on the user's budget subject instead)."""
+    if kind == TopUpRequested.kind:
+        build_id = budget_id(USER)
+    return BY_KIND[kind](build_id=build_id, user_id=USER, **FIELDS[kind])
 
 
 def free_port() -> int:
@@ -146,7 +161,7 @@ async def test_each_service_user_runs_its_own_flows(server, uid):
 
     def recorder(service: str):
         async def handle(msg: Envelope, delivery: Delivery) -> None:
-            if msg.build_id == build_id:
+            if msg.build_id in (build_id, budget_id(USER)):
                 received[service].add(msg.kind)
 
         return handle
@@ -197,9 +212,16 @@ async def test_each_service_user_runs_its_own_flows(server, uid):
             .nc.jetstream()
             .subscribe(subjects.build_filter(build_id), ordered_consumer=True)
         )
-        replayed = [await sub.next_msg(timeout=5) for _ in published]
-        assert [m.subject.rsplit(".", 1)[1] for m in replayed] == published
+        of_the_build = [k for k in published if k != TopUpRequested.kind]
+        replayed = [await sub.next_msg(timeout=5) for _ in of_the_build]
+        assert [m.subject.rsplit(".", 1)[1] for m in replayed] == of_the_build
         await sub.unsubscribe()
+
+        # The budget replays its kinds from the stream (the rebuild of a lost Redis).
+        kinds = [BY_KIND[k] for k in SERVICES["budget"]["consumes"]]
+        history = StreamHistory(lambda: buses["budget"].nc)
+        seen = [m.kind async for m in history.replay(kinds) if m.user_id == USER]
+        assert sorted(seen) == sorted(SERVICES["budget"]["consumes"])
 
         # The budget schedules a wake-up with a JetStream message schedule.
         at = (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -313,6 +335,9 @@ async def refused(server: Server, user: str, action: str, subject: str) -> str:
         ("agent", "pub", "$JS.API.CONSUMER.DELETE.KILN.sandbox-tool-call"),
         ("snapshot", "pub", "$JS.ACK.KILN.agent-tool-result.1.1.1.1.0"),
         ("snapshot", "pub", "$JS.API.CONSUMER.CREATE.KILN"),
+        ("gateway", "pub", "kiln.build.b1.sleep_requested"),
+        ("agent", "pub", "kiln.build.budget-x.top_up_requested"),
+        ("gateway", "sub", "kiln.rpc.budget.status"),
         ("budget", "sub", "kiln.rpc.sandbox.manifest"),
         ("agent", "sub", "kiln.build.>"),
         ("gateway", "sub", "kiln.rpc.snapshot.restore_plan"),
@@ -321,8 +346,6 @@ async def refused(server: Server, user: str, action: str, subject: str) -> str:
         ("sandbox", "pub", "$JS.API.STREAM.MSG.GET.KV_KILN_BUDGET_GATES"),
         ("snapshot", "pub", "$JS.API.STREAM.CREATE.KV_KILN_BUDGET_GATES"),
         ("agent", "pub", "$JS.API.STREAM.PURGE.KV_KILN_BUDGET_GATES"),
-        ("agent", "sub", "kiln.rpc.budget.top_up"),
-        ("sandbox", "pub", "kiln.rpc.budget.top_up"),
     ],
 )
 async def test_a_service_is_refused_what_belongs_to_another(server, user, action, subject):

@@ -20,9 +20,9 @@ from kiln_agent.adapters.memory import MemoryStore
 from kiln_agent.gates import BudgetGates
 from kiln_agent.loop import Agent
 from kiln_budget import bootstrap as budget_bootstrap
-from kiln_budget import spending
+from kiln_budget import recovery, spending
 from kiln_budget.settings import BudgetSettings
-from kiln_contracts import BuildRequested, IterationCompleted, Usage
+from kiln_contracts import BuildRequested, IterationCompleted, TopUpRequested, Usage
 from kiln_runtime import config as kiln_config
 from kiln_runtime.bus import Bus
 from kiln_runtime.settings import CommonSettings
@@ -49,8 +49,8 @@ async def budget(infra, uid) -> AsyncIterator[budget_bootstrap.Wiring]:
         BudgetSettings(
             nats_url=infra["NATS_URL"],
             redis_url=infra["REDIS_URL"],
-            period_s=PERIOD_S,
-            demo_allowance_usd=Decimal("0.001"),  # 1_000 micro-USD
+            budget_period_s=PERIOD_S,
+            budget_demo_allowance_usd=Decimal("0.001"),  # 1_000 micro-USD
         ),
         service=f"budget-{uid}",
     )
@@ -106,8 +106,9 @@ async def test_a_user_without_allowance_is_refused_clearly_then_a_top_up_lets_th
         first = await c.post("/v1/builds", json={"idea_brief": "a word counter"})
         assert first.status_code == 201, first.text
         build_id = first.json()["build_id"]
-        await spending.iteration_completed(
+        await recovery.guarded(  # as the budget's consumer handles it
             budget.deps,
+            spending.iteration_completed,
             IterationCompleted(
                 build_id=build_id,
                 user_id=user,
@@ -150,7 +151,8 @@ async def test_a_user_without_allowance_is_refused_clearly_then_a_top_up_lets_th
         assert kinds[-1] == "build_rejected" and "iteration_completed" not in kinds
         assert agent.model.requests == []  # type: ignore[attr-defined]
 
-    # A top-up through the gateway: the budget credits it and opens the gate.
+    # A top-up through the gateway: it publishes the command, the budget applies it (here by
+    # hand: its consumers are not started) and opens the gate.
     async with gw.client(ADMIN) as admin:
         done = await admin.post(
             "/v1/budget/top-up",
@@ -158,6 +160,9 @@ async def test_a_user_without_allowance_is_refused_clearly_then_a_top_up_lets_th
         )
         assert done.status_code == 200, done.text
         assert done.json()["amount_micro_usd"] == 10_000
+    command = TopUpRequested.of(user, f"t{uid}", 10_000)
+    assert "top_up_requested" in [kind for _, kind in await gw.history(command.build_id)]
+    await recovery.guarded(budget.deps, spending.top_up, command)
     gate, _ = await budget.gates.read(user)
     assert gate is not None and gate.state == "open"
     async with gw.client(key) as c:

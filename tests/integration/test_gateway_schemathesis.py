@@ -1,6 +1,7 @@
 """schemathesis against the gateway's own OpenAPI document: generated requests (valid and not)
 to every operation, and no server error. The gateway runs as a process on its own NATS server
-and database, so the builds it creates reach no other test's consumers."""
+and database, so the builds it creates reach no other test's consumers; a budget service runs
+beside it (it answers GET /v1/budget and applies the top-ups)."""
 
 from __future__ import annotations
 
@@ -42,12 +43,19 @@ def gateway_url(infra: dict[str, str]) -> Iterator[str]:
     port = free_port()
     log = (data_dir / "gateway.log").open("wb")
     proc: subprocess.Popen[bytes] | None = None
+    budget: subprocess.Popen[bytes] | None = None
     try:
+        nats_url = nats.start_nats()
+        budget = subprocess.Popen(
+            [sys.executable, "-m", "kiln_budget"],
+            env={**os.environ, "NATS_URL": nats_url, "REDIS_URL": infra["REDIS_URL"]},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         env = {
             **os.environ,
-            "NATS_URL": nats.start_nats(),
+            "NATS_URL": nats_url,
             "DATABASE_URL": own_database(infra["DATABASE_URL"], f"st_{uuid.uuid4().hex[:8]}"),
-            "REDIS_URL": infra["REDIS_URL"],
             "S3_ENDPOINT_URL": infra["S3_ENDPOINT_URL"],
             "KILN_GATEWAY_PORT": str(port),
             "KILN_GATEWAY_HOST": "127.0.0.1",
@@ -72,14 +80,20 @@ def gateway_url(infra: dict[str, str]) -> Iterator[str]:
                 pass
             assert time.monotonic() < deadline, "the gateway did not become ready"
             time.sleep(0.1)
+        auth = {"Authorization": f"Bearer {KEY}"}
+        while httpx.get(f"{url}/v1/budget", headers=auth, timeout=10).status_code != 200:
+            assert budget.poll() is None, (data_dir / "gateway.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the budget service did not answer"
+            time.sleep(0.1)
         yield url
     finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        for p in (proc, budget):
+            if p is not None:
+                p.terminate()
+                try:
+                    p.wait(15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
         log.close()
         if proc is not None and proc.returncode not in (0, -15, None):
             print((data_dir / "gateway.log").read_text()[-3000:])

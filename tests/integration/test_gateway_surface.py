@@ -1,9 +1,11 @@
-"""The gateway's user-facing surface over real NATS, Postgres, Redis and S3: projects, isolation,
-problem+json errors, the files archive, budget, admin keys, stream tokens and resumable SSE."""
+"""The gateway's user-facing surface over real NATS, Postgres and S3 (and the budget service on
+Redis): projects, isolation, problem+json errors, the files archive, budget and top-ups, admin
+keys, stream tokens and resumable SSE."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -15,10 +17,21 @@ import boto3
 import httpx
 import pytest
 import pytest_asyncio
-import redis.asyncio as aioredis
 
-from kiln_contracts import AgentNarrated, BuildCompleted, BuildRequested, BuildSleeping
+from kiln_budget import bootstrap as budget_bootstrap
+from kiln_budget.settings import BudgetSettings
+from kiln_contracts import (
+    AgentNarrated,
+    BuildCompleted,
+    BuildRequested,
+    BuildSleeping,
+    IterationCompleted,
+    Usage,
+)
+from kiln_contracts import bucket as bucket_keys
+from kiln_contracts.manifest import DirEntry, FileEntry, Manifest, SymlinkEntry
 from kiln_gateway import builds
+from kiln_gateway.ports import BudgetUnavailable
 from tests.integration.gateway_fixtures import Gateway, read_sse, running_gateway, until
 
 pytestmark = pytest.mark.integration
@@ -30,15 +43,32 @@ BRIEF = {"idea_brief": "A tiny CLI that counts words.", "understanding_qna": []}
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def gw(infra) -> AsyncIterator[Gateway]:
+    """The gateway, with a budget service answering its budget questions."""
+    budget = budget_bootstrap.build(
+        BudgetSettings(nats_url=infra["NATS_URL"], redis_url=infra["REDIS_URL"], ack_wait_s=5),
+        service="budget-surface",
+    )
+    await budget.bus.connect()
+    await budget.start()
+    await budget.bus.start()
+    try:
+        async with _gateway(infra) as gateway:
+            yield gateway
+    finally:
+        await budget.bus.stop()
+        await budget.stop()
+
+
+@contextlib.asynccontextmanager
+async def _gateway(infra) -> AsyncIterator[Gateway]:
     async with running_gateway(
         infra,
         "gwsurface",
-        redis_url=infra["REDIS_URL"],
         s3_endpoint_url=infra["S3_ENDPOINT_URL"],
-        bucket="kiln-gw-surface",
+        s3_bucket="kiln-gw-surface",
         sse_heartbeat_s=0.3,
         admin_api_key=ADMIN,
-        projection_durable="gateway-projection-surface",
+        gateway_projection_durable="gateway-projection-surface",
         max_body_bytes=64 * 1024,
     ) as gateway:
         yield gateway
@@ -189,8 +219,10 @@ def _put_snapshot(
     bucket: str,
     build_id: str,
     files: dict[str, tuple[bytes, int]],
-    extra: list[dict] | None = None,
+    dirs: dict[str, int] | None = None,
+    symlinks: dict[str, str] | None = None,
 ) -> str:
+    """A snapshot as the snapshot service stores it: blobs, a manifest, ``latest``."""
     s3 = boto3.client("s3", endpoint_url=infra["S3_ENDPOINT_URL"], region_name="us-east-1")
     try:
         s3.create_bucket(Bucket=bucket)
@@ -199,16 +231,29 @@ def _put_snapshot(
     entries = []
     for path, (data, mode) in files.items():
         digest = hashlib.sha256(data).hexdigest()
-        s3.put_object(Bucket=bucket, Key=f"blobs/{digest}", Body=data)
-        entries.append({"path": path, "sha256": digest, "size": len(data), "mode": mode})
-    entries += extra or []
+        s3.put_object(Bucket=bucket, Key=bucket_keys.blob_key(digest), Body=data)
+        entries.append(FileEntry(path=path, sha256=digest, size=len(data), mode=mode))
     snapshot_id = f"snap-{build_id}"
-    s3.put_object(
-        Bucket=bucket,
-        Key=f"builds/{build_id}/manifests/{snapshot_id}.json",
-        Body=json.dumps({"snapshot_id": snapshot_id, "entries": entries}).encode(),
+    now = datetime.now(UTC)
+    manifest = Manifest(
+        snapshot_id=snapshot_id,
+        build_id=build_id,
+        user_id="someone",
+        iteration=1,
+        reason="periodic",
+        checkpoint_at=now,
+        created_at=now,
+        files=len(entries),
+        bytes_total=sum(e.size for e in entries),
+        bytes_uploaded=sum(e.size for e in entries),
+        entries=entries,
+        dirs=[DirEntry(path=p, mode=m) for p, m in (dirs or {}).items()],
+        symlinks=[SymlinkEntry(path=p, target=t) for p, t in (symlinks or {}).items()],
     )
-    s3.put_object(Bucket=bucket, Key=f"builds/{build_id}/latest", Body=snapshot_id.encode())
+    s3.put_object(
+        Bucket=bucket, Key=bucket_keys.manifest_key(build_id, snapshot_id), Body=manifest.dump()
+    )
+    s3.put_object(Bucket=bucket, Key=bucket_keys.latest_key(build_id), Body=snapshot_id.encode())
     return snapshot_id
 
 
@@ -226,13 +271,14 @@ async def test_files_is_the_latest_snapshot_as_a_tar_gz(gw: Gateway, infra, uid:
             "data/big.bin": (big, 0o644),
             "empty.txt": (b"", 0o644),
         }
-        empty = hashlib.sha256(b"").hexdigest()
-        link = {"path": "latest.sh", "sha256": hashlib.sha256(b"run.sh").hexdigest(), "size": 6}
-        extra = [
-            {"path": "empty-dir", "sha256": empty, "size": 0, "mode": 0o750, "type": "dir"},
-            link | {"mode": 0o777, "type": "symlink", "target": "run.sh"},
-        ]
-        snapshot_id = _put_snapshot(infra, "kiln-gw-surface", build_id, files, extra)
+        snapshot_id = _put_snapshot(
+            infra,
+            "kiln-gw-surface",
+            build_id,
+            files,
+            dirs={"empty-dir": 0o750},
+            symlinks={"latest.sh": "run.sh"},
+        )
         r = await c.get(f"/v1/builds/{build_id}/files")
         assert r.status_code == 200, r.text
         assert r.headers["content-type"] == "application/gzip"
@@ -255,48 +301,54 @@ async def test_files_is_the_latest_snapshot_as_a_tar_gz(gw: Gateway, infra, uid:
 # ---------------------------------------------------------------------------- budget
 
 
-async def test_budget_reads_the_budget_services_counters(gw: Gateway, infra, uid: str):
+async def budget_of(gw: Gateway, key: str, until_: object = None) -> dict:
+    """GET /v1/budget, asked again until ``until_(body)`` holds (the budget charges
+    asynchronously)."""
+    deadline = asyncio.get_running_loop().time() + 15
+    while True:
+        async with gw.client(key) as c:
+            r = await c.get("/v1/budget")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        if until_ is None or until_(body):  # type: ignore[operator]
+            return body
+        assert asyncio.get_running_loop().time() < deadline, body
+        await asyncio.sleep(0.1)
+
+
+async def test_budget_is_the_budget_services_answer(gw: Gateway, uid: str):
     user = f"m{uid}"
     key = await gw.key(user, "pro")
     now = datetime.now(UTC)
-    r = aioredis.from_url(infra["REDIS_URL"])
-    try:
-        async with gw.client(key) as c:
-            empty = (await c.get("/v1/budget")).json()
-            assert (empty["spent_today_micro_usd"], empty["spent_month_micro_usd"]) == (0, 0)
-            await r.set(f"kiln:spend:user:{user}:day:{now:%Y-%m-%d}", 1500)
-            await r.set(f"kiln:spend:user:{user}:month:{now:%Y-%m}", 4500)
-            b = (await c.get("/v1/budget")).json()
-    finally:
-        await r.aclose()
-    assert (b["user_id"], b["tier"], b["day"], b["month"]) == (
-        user,
-        "pro",
-        f"{now:%Y-%m-%d}",
-        f"{now:%Y-%m}",
-    )
-    assert (b["spent_today_micro_usd"], b["spent_month_micro_usd"]) == (1500, 4500)
-    assert (
-        b["daily_allowance_micro_usd"]
-        == empty["daily_allowance_micro_usd"]
-        - (
-            3000
-            // (
-                (empty["monthly_budget_micro_usd"] // max(1, empty["daily_allowance_micro_usd"]))
-                or 1
-            )
+    empty = await budget_of(gw, key)
+    assert (empty["user_id"], empty["tier"], empty["source"]) == (user, "pro", "budget")
+    assert (empty["day"], empty["month"]) == (f"{now:%Y-%m-%d}", f"{now:%Y-%m}")
+    assert (empty["spent_today_micro_usd"], empty["spent_month_micro_usd"]) == (0, 0)
+    tier = gw.rt.config.tier("pro")
+    assert empty["monthly_budget_micro_usd"] == tier.monthly_budget_micro_usd
+    assert empty["daily_allowance_micro_usd"] == empty["remaining_today_micro_usd"] > 0
+    assert empty["per_build_cap_micro_usd"] == tier.per_build_cap_micro_usd
+    assert empty["concurrent_builds"] == tier.concurrent_builds
+    assert empty["period_end"].startswith((now + timedelta(days=1)).strftime("%Y-%m-%d"))
+
+    await gw.bus.publish(
+        IterationCompleted(
+            build_id=f"b{uid}",
+            user_id=user,
+            iteration=1,
+            model="claude-sonnet-4-5",
+            usage=Usage(input_tokens=500),  # 1_500 micro-USD
+            stop_reason="end_turn",
         )
-        or b["daily_allowance_micro_usd"] < empty["daily_allowance_micro_usd"]
     )
-    assert b["remaining_today_micro_usd"] == b["daily_allowance_micro_usd"] - 1500
-    assert empty["source"] == b["source"] == "estimate" and b["sleeping_builds"] == []
+    b = await budget_of(gw, key, lambda b: b["spent_today_micro_usd"] == 1_500)
+    assert b["spent_month_micro_usd"] == 1_500
+    assert b["daily_allowance_micro_usd"] == empty["daily_allowance_micro_usd"]
+    assert b["remaining_today_micro_usd"] == b["daily_allowance_micro_usd"] - 1_500
+    assert b["sleeping_builds"] == [] and b["topups_micro_usd"] == 0
 
 
-async def test_budget_shows_the_budget_services_period_and_the_sleeping_builds(
-    gw: Gateway, infra, uid: str
-):
-    """Once the budget service has priced the user's spend, its figure (top-ups and the
-    period's real length included) is what the user sees, with the builds asleep."""
+async def test_a_top_up_is_sent_to_the_budget_and_shows_in_the_budget(gw: Gateway, uid: str):
     user, build_id = f"z{uid}", f"b{uid}"
     key = await gw.key(user, "pro")
     await gw.bus.publish(BuildRequested(build_id=build_id, user_id=user, idea_brief="zz"))
@@ -307,37 +359,45 @@ async def test_budget_shows_the_budget_services_period_and_the_sleeping_builds(
             return (await c.get(f"/v1/builds/{build_id}")).json().get("status") == "sleeping"
 
     await until(asleep)
-    end = datetime.now(UTC) + timedelta(seconds=30)
-    status = {
-        "tier": "pro",
-        "period": "p-42",
-        "cycle": "c-1",
-        "period_start": datetime.now(UTC).isoformat(),
-        "period_end": end.isoformat(),
-        "allowance_micro_usd": "20000",
-        "spent_period_micro_usd": "20115",
-        "remaining_micro_usd": "0",
-        "spent_cycle_micro_usd": "50000",
-        "topups_cycle_micro_usd": "7000",
-        "monthly_budget_micro_usd": "100000000",
-        "wake_at": end.isoformat(),
-        "updated_at": datetime.now(UTC).isoformat(),
-    }
-    r = aioredis.from_url(infra["REDIS_URL"])
+    before = await budget_of(gw, key)
+    body = {"user_id": user, "amount_usd": "0.007"}
+    async with gw.client(ADMIN) as admin:
+        done = await admin.post(
+            "/v1/budget/top-up", json=body, headers={"Idempotency-Key": f"k{uid}"}
+        )
+        assert done.status_code == 200, done.text
+        assert done.json() == {
+            "user_id": user,
+            "topup_id": f"k{uid}",
+            "amount_micro_usd": 7_000,
+            "woken": [build_id],
+        }
+        # a retry with the same Idempotency-Key is the same top-up
+        again = await admin.post(
+            "/v1/budget/top-up", json=body, headers={"Idempotency-Key": f"k{uid}"}
+        )
+        assert again.status_code == 200
+        is_problem(await admin.post("/v1/budget/top-up", json={**body, "amount_usd": "0"}), 422)
+    async with gw.client(key) as c:
+        is_problem(await c.post("/v1/budget/top-up", json=body), 401)  # not the admin key
+    b = await budget_of(gw, key, lambda b: b["topups_micro_usd"] == 7_000)
+    assert b["daily_allowance_micro_usd"] == before["daily_allowance_micro_usd"] + 7_000
+    assert b["sleeping_builds"] == [build_id]
+
+
+async def test_budget_without_the_budget_services_answer_is_503(gw: Gateway, uid: str):
+    class Silent:
+        async def status(self, user_id: str, tier: str) -> object:
+            raise BudgetUnavailable("no budget service is answering")
+
+    key = await gw.key(f"s{uid}", "pro")
+    answering, gw.rt.budget = gw.rt.budget, Silent()  # type: ignore[assignment]
     try:
-        await r.hset(f"kiln:budget:user:{user}", mapping=status)
         async with gw.client(key) as c:
-            b = (await c.get("/v1/budget")).json()
-        await r.hset(f"kiln:budget:user:{user}", "period_end", datetime.now(UTC).isoformat())
-        async with gw.client(key) as c:
-            stale = (await c.get("/v1/budget")).json()
+            body = is_problem(await c.get("/v1/budget"), 503)
     finally:
-        await r.aclose()
-    assert b["source"] == "budget" and b["day"] == "p-42" and b["month"] == "c-1"
-    assert (b["daily_allowance_micro_usd"], b["spent_today_micro_usd"]) == (20000, 20115)
-    assert b["remaining_today_micro_usd"] == 0 and b["topups_micro_usd"] == 7000
-    assert b["period_end"] == end.isoformat() and b["sleeping_builds"] == [build_id]
-    assert stale["source"] == "estimate"  # a period that has ended is not shown
+        gw.rt.budget = answering
+    assert "budget service is unavailable" in body["detail"]
 
 
 # ---------------------------------------------------------------------------- admin keys

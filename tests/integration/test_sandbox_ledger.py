@@ -4,12 +4,12 @@ the sandbox registry's compare-and-set."""
 from __future__ import annotations
 
 from kiln_runtime.db import create_pool
-from kiln_sandbox.adapters.postgres import DDL, SCHEMA, PgCallStore, PgRegistry
+from kiln_sandbox.adapters.postgres import SCHEMA, PgCallStore, PgRegistry, migrations
 from kiln_sandbox.ports import SandboxRecord
 
 
 async def test_claim_release_and_finish(infra, uid):
-    pool = await create_pool(infra["DATABASE_URL"], schema=SCHEMA, ddl=DDL)
+    pool = await create_pool(infra["DATABASE_URL"], schema=SCHEMA, migrations=migrations())
     calls = PgCallStore(pool)
     build_id = f"b{uid}"
     try:
@@ -33,7 +33,7 @@ async def test_claim_release_and_finish(infra, uid):
 
 
 async def test_the_registry_keeps_the_sandbox_recorded_first(infra, uid):
-    pool = await create_pool(infra["DATABASE_URL"], schema=SCHEMA, ddl=DDL)
+    pool = await create_pool(infra["DATABASE_URL"], schema=SCHEMA, migrations=migrations())
     registry = PgRegistry(pool)
     build_id = f"b{uid}"
     try:

@@ -22,11 +22,11 @@ from nats.aio.msg import Msg
 from kiln_contracts import CheckpointSaved, ManifestReply, UploadReply, subjects
 from kiln_contracts.messages import utcnow
 from kiln_contracts.rpc import ManifestRequest, UploadRequest
+from kiln_devstack.sandbox import MemoryRegistry
 from kiln_sandbox.adapters.local import LocalProvider
 from kiln_sandbox.adapters.nats_rpc import NatsRestorer
 from kiln_sandbox.handlers import SandboxService
 from kiln_sandbox.ports import SandboxRecord
-from kiln_sandbox.testing import MemoryRegistry
 from kiln_snapshot import bootstrap, gc, snapshots
 from kiln_snapshot.adapters.s3 import S3Store
 from kiln_snapshot.settings import SnapshotSettings
@@ -56,7 +56,7 @@ def settings(infra: dict[str, str], uid: str, **kw: Any) -> SnapshotSettings:
     return SnapshotSettings(
         nats_url=infra["NATS_URL"],
         s3_endpoint_url=infra["S3_ENDPOINT_URL"],
-        bucket=f"kiln-rgc-{uid}",
+        s3_bucket=f"kiln-rgc-{uid}",
         ack_wait_s=5,
         max_deliver=3,
         manifest_timeout_s=5,
@@ -67,7 +67,7 @@ def settings(infra: dict[str, str], uid: str, **kw: Any) -> SnapshotSettings:
 
 @pytest.fixture
 async def service(infra: dict[str, str], uid: str) -> AsyncIterator[bootstrap.Wiring]:
-    wiring = bootstrap.build(settings(infra, uid, keep=2), service=f"snapshot-{uid}")
+    wiring = bootstrap.build(settings(infra, uid, snapshot_keep=2), service=f"snapshot-{uid}")
     await wiring.bus.connect()
     await wiring.start()
     await wiring.bus.start()

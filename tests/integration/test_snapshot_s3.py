@@ -113,7 +113,7 @@ async def service(infra: dict[str, str], uid: str) -> AsyncIterator[bootstrap.Wi
     settings = SnapshotSettings(
         nats_url=infra["NATS_URL"],
         s3_endpoint_url=infra["S3_ENDPOINT_URL"],
-        bucket=f"kiln-snap-{uid}",
+        s3_bucket=f"kiln-snap-{uid}",
         ack_wait_s=5,
         max_deliver=3,
         manifest_timeout_s=3,

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from kiln_agent import config as agent_config
+from kiln_agent import control
 from kiln_agent.adapters.memory import MemoryStore
-from kiln_agent.checkpoint import Turn
+from kiln_agent.checkpoint import Checkpoint, Turn
 from kiln_agent.context import compaction_point, context_tokens, estimate_tokens
 from kiln_agent.loop import Agent, build_request
 from kiln_agent.ports import ModelReply, ModelRequest
@@ -18,6 +19,7 @@ from kiln_agent.tools import definitions
 from kiln_contracts import (
     BuildCompleted,
     BuildFailed,
+    BuildLimits,
     BuildRequested,
     CancelRequested,
     SleepRequested,
@@ -128,7 +130,7 @@ async def test_nothing_to_clear_means_no_compaction_point() -> None:
     await agent.tool_result(result_for(pub.of(ToolCall)[0], "short"))
     cp = await store.load("b1")
     assert cp is not None
-    assert compaction_point(cp, await store.turns("b1"), agent.config) is None
+    assert compaction_point(cp, await store.turns("b1"), agent.rules.config) is None
 
 
 async def test_a_request_that_cannot_fit_fails_with_context_window() -> None:
@@ -161,23 +163,23 @@ async def test_a_fresh_lease_defers_a_second_think() -> None:
 
 async def test_an_expired_lease_is_taken_over_and_a_lost_one_is_not_renewed() -> None:
     agent, store, _ = agent_with(FakeModel())
-    await store.create(agent._new_checkpoint(start()), [])
-    wait, cp = await store.take("b1", "dead", 0.05)
+    await store.create(*control.start(agent.rules, start()))
+    wait, cp = await store.take_lease("b1", "dead", 0.05)
     assert wait == 0.0 and cp is not None and cp.build_id == "b1"
-    wait, cp = await store.take("b1", "alive", 1)
+    wait, cp = await store.take_lease("b1", "alive", 1)
     assert wait > 0 and cp is None
-    assert await store.renew("b1", "dead", 0.05)  # the holder renews
+    assert await store.extend_lease("b1", "dead", 0.05)  # the holder renews
     deadline = asyncio.get_running_loop().time() + 5
-    while (await store.take("b1", "alive", 1))[0] > 0:
+    while (await store.take_lease("b1", "alive", 1))[0] > 0:
         assert asyncio.get_running_loop().time() < deadline
         await asyncio.sleep(0.01)
     assert store.leases["b1"][0] == "alive"
-    assert not await store.renew("b1", "dead", 1)  # taken over: not renewed
-    await store.release("b1", "dead")  # not the holder: no effect
+    assert not await store.extend_lease("b1", "dead", 1)  # taken over: not renewed
+    await store.release_lease("b1", "dead")  # not the holder: no effect
     assert store.leases["b1"][0] == "alive"
-    await store.release("b1", "alive")
-    assert not await store.renew("b1", "alive", 1)  # given up: not taken again by a renewal
-    assert await store.take("nope", "alive", 1) == (0.0, None)
+    await store.release_lease("b1", "alive")
+    assert not await store.extend_lease("b1", "alive", 1)  # given up: not taken again by a renewal
+    assert await store.take_lease("nope", "alive", 1) == (0.0, None)
 
 
 class SpyStore(MemoryStore):
@@ -216,9 +218,9 @@ async def _two_builds(
         for build_id in builds:
             latest = [c for c in pub.of(ToolCall) if c.build_id == build_id][-1]
             await agent.tool_result(result_for(latest, "x" * 50))
-            assert agent.kept.chars <= turn_cache_mb * 2**20
-            assert len(agent.kept.entries) <= turn_cache_builds
-            assert agent.kept.chars == sum(k.size for k in agent.kept.entries.values())
+            assert agent.store.kept.chars <= turn_cache_mb * 2**20
+            assert len(agent.store.kept.entries) <= turn_cache_builds
+            assert agent.store.kept.chars == sum(k.size for k in agent.store.kept.entries.values())
     assert sorted(m.build_id for m in pub.of(BuildCompleted)) == builds
     return model, store, agent
 
@@ -252,9 +254,9 @@ class CountingStore(SpyStore):
         self.calls.append("load")
         return await super().load(build_id)
 
-    async def take(self, build_id: str, token: str, ttl_s: float) -> Any:
+    async def take_lease(self, build_id: str, token: str, ttl_s: float) -> Any:
         self.calls.append("take")
-        return await super().take(build_id, token, ttl_s)
+        return await super().take_lease(build_id, token, ttl_s)
 
     async def save(self, cp: Any, new_turns: Any, **kw: Any) -> bool:
         self.calls.append("save")
@@ -296,7 +298,7 @@ async def test_a_checkpoint_kept_from_before_another_replica_moved_on_is_read_af
     b = Agent(store, model, pub, agent_config.load(), kiln_config.default())
     await a.build_requested(start())
     await b.tool_result(result_for(pub.of(ToolCall)[-1], "one"))  # iteration 2 called by B
-    assert a.kept.entries["b1"].checkpoint is not None  # A's, at iteration 1
+    assert a.store.kept.entries["b1"].checkpoint is not None  # A's, at iteration 1
     store.calls.clear()
     store.asked.clear()
     await a.tool_result(result_for(pub.of(ToolCall)[-1], "two"))
@@ -319,7 +321,7 @@ async def test_the_turn_cache_is_bounded_and_stays_correct() -> None:
     small, store, agent = await _two_builds(turn_cache_mb=limit_mb)
     uncached, _, _ = await _two_builds(turn_cache_mb=0)
     assert [r.messages for r in small.requests] == [r.messages for r in uncached.requests]
-    assert list(agent.kept.entries) == [] and agent.kept.chars == 0  # both builds ended
+    assert list(agent.store.kept.entries) == [] and agent.store.kept.chars == 0  # both builds ended
     misses = [since for _, since in store.asked if since == 0]
     assert len(misses) > 2  # evicted, then read whole again
 
@@ -355,7 +357,7 @@ async def test_building_a_request_leaves_the_turns_as_they_were() -> None:
     cp = await store.load("b1")
     assert cp is not None
     cp.state.compacted_before = len(turns)  # clear every long output
-    request = build_request(cp, turns, definitions("n"), agent.config)
+    request = build_request(cp, turns, definitions("n"), agent.rules.config)
     marked = [b for m in request.messages for b in m["content"] if "cache_control" in b]
     assert cleared(request) and len(marked) == 2  # the last two user turns
     assert [[dict(b) for b in t.content] for t in turns] == before
@@ -368,11 +370,11 @@ async def test_a_build_put_to_sleep_leaves_nothing_in_the_turn_cache() -> None:
     await agent.build_requested(start())
     first = pub.of(ToolCall)[-1]
     await agent.tool_result(result_for(first, "x" * 50))  # a second think: turns now cached
-    assert first.build_id in agent.kept.entries
+    assert first.build_id in agent.store.kept.entries
     await agent.sleep(first.caused(SleepRequested, reason="allowance"))
     await agent.tool_result(result_for(pub.of(ToolCall)[-1], "y"))  # the set completes: sleeps
     assert (await store.load(first.build_id)).status == "sleeping"  # type: ignore[union-attr]
-    assert agent.kept.entries == {} and agent.kept.chars == 0
+    assert agent.store.kept.entries == {} and agent.store.kept.chars == 0
 
 
 class SlowTurns(SpyStore):
@@ -405,7 +407,7 @@ async def test_a_build_that_moves_on_mid_think_leaves_nothing_in_the_turn_cache(
     store.go_on.set()
     await thinking  # its reply is dropped: the build has moved on
     assert (await store.load(first.build_id)).status == "cancelled"  # type: ignore[union-attr]
-    assert agent.kept.entries == {} and agent.kept.chars == 0
+    assert agent.store.kept.entries == {} and agent.store.kept.chars == 0
 
 
 async def test_a_build_put_to_sleep_mid_think_leaves_nothing_in_the_turn_cache() -> None:
@@ -425,7 +427,7 @@ async def test_a_build_put_to_sleep_mid_think_leaves_nothing_in_the_turn_cache()
         if call.iteration == 2:
             await agent.tool_result(result_for(call))
     assert (await store.load(first.build_id)).status == "sleeping"  # type: ignore[union-attr]
-    assert agent.kept.entries == {} and agent.kept.chars == 0
+    assert agent.store.kept.entries == {} and agent.store.kept.chars == 0
 
 
 async def test_parallel_results_on_one_replica_leave_the_latest_checkpoint_kept() -> None:
@@ -440,7 +442,7 @@ async def test_parallel_results_on_one_replica_leave_the_latest_checkpoint_kept(
     c1, c2 = pub.of(ToolCall)
     await asyncio.gather(agent.tool_result(result_for(c1)), agent.tool_result(result_for(c2)))
     assert len(model.requests) == 2  # one think for the completed set
-    kept = agent.kept.entries["b1"].checkpoint
+    kept = agent.store.kept.entries["b1"].checkpoint
     row = await store.load("b1")
     assert kept is not None and row is not None and kept.version == row.version
     store.calls.clear()
@@ -474,3 +476,16 @@ async def test_a_result_arriving_while_the_outbox_is_being_cleared_starts_from_t
     await asyncio.gather(first, second)
     row = await store.load("b1")
     assert row is not None and row.outbox == [] and row.iteration == 2
+
+
+def test_the_window_and_output_limit_follow_the_models_entry() -> None:
+    agent, _, _ = agent_with(FakeModel(([text("done")], "end_turn")))
+    assert agent.rules.window("claude-sonnet-5-5") == 1_000_000
+    assert agent.rules.window("claude-haiku-4-5-20251001") == 200_000  # a dated id, its entry's
+    cp = Checkpoint("b", "u", "free", "claude-haiku-4-5", BuildLimits(), "system")
+    spec = kiln_config.default().models["claude-haiku-4-5"]
+    request = build_request(
+        cp, [], [], agent.rules.config.model_copy(update={"max_tokens": 100_000}), spec
+    )
+    assert request.max_tokens == 64_000  # Haiku 4.5's output limit
+    assert request.thinking is None and request.output_config is None  # no budget, no effort

@@ -17,6 +17,7 @@ from kiln_agent.adapters.memory import MemoryStore
 from kiln_agent.loop import Agent
 from kiln_agent.ports import ModelError, ModelReply, ModelRequest
 from kiln_contracts import Envelope, ToolCall, ToolResult, Usage
+from kiln_devstack.model import script
 from kiln_runtime import config as kiln_config
 
 
@@ -69,6 +70,22 @@ class FakeModel:
             content=content,
             stop_reason=stop,
             usage=Usage(input_tokens=1000, output_tokens=100, cache_read_input_tokens=500),
+        )
+
+
+class ScriptedModel:
+    """The scripted model (kiln_devstack) as the agent's Model port, without HTTP."""
+
+    def __init__(self) -> None:
+        self.script = script.ScriptedModel()
+
+    async def complete(self, request: ModelRequest) -> ModelReply:
+        body = self.script.respond(request.model_dump())
+        return ModelReply(
+            model=body["model"],
+            content=body["content"],
+            stop_reason=body["stop_reason"],
+            usage=Usage(**body["usage"]),
         )
 
 
@@ -174,7 +191,7 @@ def test_workspace_confines_paths_and_runs_tools(tmp_path: Path) -> None:
 
 async def test_fake_model_repeats_its_last_reply() -> None:
     model = FakeModel(([text("a")], "end_turn"), ModelError("boom"))
-    req = ModelRequest(model="m", system=[], tools=[], messages=[], max_tokens=1)
+    req = ModelRequest(model="claude-haiku-5-5", system=[], tools=[], messages=[], max_tokens=1)
     assert (await model.complete(req)).content == [text("a")]
     for _ in range(2):
         try:

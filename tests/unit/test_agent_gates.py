@@ -285,8 +285,8 @@ async def test_the_per_build_cap_still_ends_the_build_before_the_gate_is_asked()
     cp = await store.load("b1")
     assert cp is not None
     cp.limits = BuildLimits(max_cost_micro_usd=cp.cost_micro_usd)  # the cap is reached
-    agent.kept.forget("b1")
-    await store.save(cp, [])  # type: ignore[call-arg]
+    agent.store.drop("b1")
+    await store.save(cp, [])
     await agent.tool_result(result_for(call))
     [failed] = pub.of(BuildFailed)
     assert failed.reason == "cost_limit" and pub.of(BuildSleeping) == []

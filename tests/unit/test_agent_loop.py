@@ -10,7 +10,6 @@ import pytest
 from kiln_agent import tools
 from kiln_agent.loop import CONTINUE
 from kiln_agent.ports import ModelError, VersionConflict
-from kiln_agent.scripted import ScriptedModel
 from kiln_contracts import (
     AgentNarrated,
     BuildCancelled,
@@ -32,6 +31,7 @@ from kiln_contracts import (
 from kiln_runtime.errors import Conflict
 from tests.unit.test_agent_fakes import (
     FakeModel,
+    ScriptedModel,
     Workspace,
     make_agent,
     result_for,
@@ -83,7 +83,10 @@ async def test_happy_path_with_the_scripted_model_and_real_tools(tmp_path: Path)
     assert iterations[0].usage.cache_creation_input_tokens == 0
     assert iterations[1].usage.cache_creation_input_tokens > 0
     assert all(i.usage.cache_read_input_tokens > 0 for i in iterations[2:])
-    assert len(pub.of(AgentNarrated)) == 2
+    narrated = pub.of(AgentNarrated)
+    assert len([n for n in narrated if n.source == "narrate"]) == 2
+    # the notes the script writes before its tool calls are shown too
+    assert next(n.text for n in narrated if n.source == "thinking").startswith("I'll build")
     assert any(c.reason == "files_changed" for c in pub.of(CheckpointSaved))
     # a turn with three parallel calls, and the package really works at the end
     assert max(len([c for c in pub.of(ToolCall) if c.iteration == n]) for n in range(1, 9)) == 3
@@ -100,7 +103,10 @@ async def test_request_carries_cache_breakpoints_and_the_tools() -> None:
     agent, _, _ = make_agent(model)
     await agent.build_requested(request())
     req = model.requests[0]
-    assert req.model == "claude-sonnet-4-5"  # the pro tier's agent model
+    assert req.model == "claude-sonnet-5-5"  # the pro tier's agent model
+    # adaptive thinking with its text shown, the tier's effort; nothing the model refuses
+    assert req.thinking == {"type": "adaptive", "display": "summarized"}
+    assert req.output_config == {"effort": "high"}
     assert req.system[0]["cache_control"] == {"type": "ephemeral"}
     assert req.tools[-1]["cache_control"] == {"type": "ephemeral"}
     assert req.messages[-1]["content"][-1]["cache_control"] == {"type": "ephemeral"}
@@ -376,7 +382,8 @@ async def test_outbox_is_republished_after_a_crash_between_commit_and_publish() 
         await agent.build_requested(msg)
     assert pub.of(ToolCall) == []
     cp = await store.load("b1")
-    assert cp is not None and len(cp.outbox) == 3  # IterationCompleted + 2 ToolCalls
+    # IterationCompleted, the note before the calls, 2 ToolCalls
+    assert cp is not None and len(cp.outbox) == 4
     await agent.build_requested(msg)  # the redelivery
     assert [c.call_id for c in pub.of(ToolCall)] == ["c1", "c2"]
     assert len(pub.of(IterationCompleted)) == 1 and len(model.requests) == 1

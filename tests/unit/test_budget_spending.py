@@ -1,8 +1,10 @@
-"""The budget's domain with an in-memory store: pricing, rounding, charge-once, running builds."""
+"""The budget's domain with an in-memory store: pricing, rounding, charge-once, running builds,
+sleep, wake and top-ups, and the rebuild of a store that has lost its data."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, timezone
@@ -12,7 +14,7 @@ import pytest
 
 from kiln_budget import app, spending
 from kiln_budget.periods import ShortCalendar, UtcCalendar, rfc3339
-from kiln_budget.ports import Charge
+from kiln_budget.ports import Charge, SpendLost, TopUpState
 from kiln_budget.spending import Deps
 from kiln_contracts import (
     BudgetGate,
@@ -24,12 +26,13 @@ from kiln_contracts import (
     Envelope,
     IterationCompleted,
     SleepRequested,
+    TopUpRequested,
     Usage,
     WakeRequested,
 )
 from kiln_runtime import config as kiln_config
-from kiln_runtime.config import KilnConfig, Price
-from kiln_runtime.errors import PermanentError
+from kiln_runtime import metrics
+from kiln_runtime.config import KilnConfig, ModelSpec, Price
 
 
 @dataclass
@@ -43,7 +46,14 @@ class FakeStore:
     generations: dict[str, str] = field(default_factory=dict)
     slept_marks: dict[tuple[str, str], str] = field(default_factory=dict)
     sleeping_sets: dict[str, set[str]] = field(default_factory=dict)
-    statuses: dict[str, dict[str, str]] = field(default_factory=dict)
+    topup_states: dict[tuple[str, str], TopUpState] = field(default_factory=dict)
+    marked_intact: bool = True
+    rebuilds: set[str] = field(default_factory=set)
+
+    def lose_everything(self) -> None:
+        """What a FLUSHALL does to Redis."""
+        fresh = FakeStore(marked_intact=False)
+        self.__dict__.update(fresh.__dict__)
 
     async def set_tier(self, user_id: str, tier: str) -> None:
         self.tiers[user_id] = tier
@@ -54,8 +64,10 @@ class FakeStore:
     def _add(self, key: str, amount: int) -> None:
         self.counters[key] = self.counters.get(key, 0) + amount
 
-    async def charge(self, charge: Charge) -> bool:
+    async def charge(self, charge: Charge, *, replay: bool = False) -> bool:
         await asyncio.sleep(0)  # let concurrent callers interleave
+        if not replay and not self.marked_intact:
+            raise SpendLost("lost")
         if charge.event_id in self.charged:
             return False
         self.charged.add(charge.event_id)
@@ -89,8 +101,19 @@ class FakeStore:
     async def running(self, user_id: str) -> set[str]:
         return set(self.running_sets.get(user_id, set()))
 
-    async def add_topup(self, user_id: str, topup_id: str, amount: int, at: datetime) -> None:
+    async def add_topup(
+        self, user_id: str, topup_id: str, amount: int, at: datetime, *, replay: bool = False
+    ) -> TopUpState:
+        if not replay and not self.marked_intact:
+            raise SpendLost("lost")
+        if (user_id, topup_id) in self.topup_states:
+            return self.topup_states[(user_id, topup_id)]
+        self.topup_states[(user_id, topup_id)] = "credited"
         self.topup_list.setdefault(user_id, {})[topup_id] = (amount, at)
+        return "new"
+
+    async def topup_woken(self, user_id: str, topup_id: str) -> None:
+        self.topup_states[(user_id, topup_id)] = "woken"
 
     async def topups(self, user_id: str, since: datetime, until: datetime) -> int:
         made = self.topup_list.get(user_id, {}).values()
@@ -117,8 +140,20 @@ class FakeStore:
     async def sleeping(self, user_id: str) -> set[str]:
         return set(self.sleeping_sets.get(user_id, set()))
 
-    async def save_status(self, user_id: str, status: dict[str, str], ttl_s: int) -> None:
-        self.statuses[user_id] = status
+    async def intact(self) -> bool:
+        return self.marked_intact
+
+    async def begin_rebuild(self) -> str:
+        token = uuid.uuid4().hex
+        self.rebuilds.add(token)
+        return token
+
+    async def finish_rebuild(self, token: str) -> bool:
+        if token not in self.rebuilds:
+            return False
+        self.rebuilds.discard(token)
+        self.marked_intact = True
+        return True
 
 
 @dataclass
@@ -179,12 +214,15 @@ def test_fractions_are_rounded_up_once_over_the_sum() -> None:
     assert spending.cost_of(config, iteration("claude-haiku-4-5", cache_read_input_tokens=10)) == 1
     # 0.5 + 0.5 sums to 1 (not 2, as rounding each part would give)
     price = Price(
+        since=date(2025, 1, 1),
         input=Decimal("0.5"),
         output=Decimal("0.5"),
-        cache_write=Decimal(0),
+        cache_write_5m=Decimal(0),
+        cache_write_1h=Decimal(0),
         cache_read=Decimal(0),
     )
-    custom = KilnConfig(tiers={}, prices={"m": price})
+    spec = ModelSpec(context_window=1000, max_output_tokens=10, thinking="none", prices=[price])
+    custom = KilnConfig(tiers={}, models={"m": spec})
     assert spending.cost_of(custom, iteration("m", input_tokens=1, output_tokens=1)) == 1
     assert spending.cost_of(config, iteration()) == 0
 
@@ -195,15 +233,31 @@ def test_large_usage_is_exact() -> None:
     assert spending.cost_of(kiln_config.default(), event) == 75_000_000
 
 
-def test_unknown_model_is_a_permanent_error_with_the_reason() -> None:
-    with pytest.raises(PermanentError, match="no price for model 'gpt-x'"):
-        spending.cost_of(kiln_config.default(), iteration("gpt-x", input_tokens=1))
+def test_an_unknown_model_is_charged_at_the_fallback_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = kiln_config.default()
+    before = metrics.UNPRICED_ITERATIONS.labels("budget", "gpt-x")._value.get()
+    with caplog.at_level(logging.ERROR):
+        cost = spending.cost_of(config, iteration("gpt-x", input_tokens=10, output_tokens=10))
+    # the most expensive model of the table: claude-opus-4-1 at $15 / $75 per Mtok
+    assert config.fallback_model == "claude-opus-4-1"
+    assert cost == 150 + 750
+    assert metrics.UNPRICED_ITERATIONS.labels("budget", "gpt-x")._value.get() == before + 1
+    assert "no price for model 'gpt-x'" in caplog.text
 
 
-async def test_unknown_model_charges_nothing(deps: Deps) -> None:
-    with pytest.raises(PermanentError):
-        await spending.charge_iteration(deps, iteration("gpt-x", input_tokens=1))
-    assert await spending.spent_build(deps, "b1") == 0
+async def test_an_unknown_model_is_never_free(deps: Deps) -> None:
+    charged = await spending.charge_iteration(deps, iteration("gpt-x", input_tokens=1))
+    assert charged.applied and charged.amount_micro_usd == 15
+    assert await spending.spent_build(deps, "b1") == 15
+
+
+def test_a_dated_snapshot_id_is_priced_as_its_model() -> None:
+    config = kiln_config.default()
+    event = iteration("claude-haiku-4-5-20251001", input_tokens=1000)
+    assert spending.cost_of(config, event) == 1000  # $1 per Mtok
+    assert config.resolve("claude-sonnet-4-5-20250929") == "claude-sonnet-4-5"
 
 
 async def test_charged_once_per_event(deps: Deps) -> None:
@@ -282,6 +336,7 @@ def test_register_consumes_each_kind_once(deps: Deps) -> None:
         "build_requested",
         "build_resumed",
         "iteration_completed",
+        "top_up_requested",
     ]
 
 
@@ -307,7 +362,7 @@ async def test_allowance_uses_the_users_tier_and_todays_spend(deps: Deps) -> Non
     await spending.build_started(
         deps, BuildRequested(build_id="b9", user_id="u1", idea_brief="x", tier="pro")
     )
-    earlier = iteration(input_tokens=1_000_000).model_copy(
+    earlier = iteration(output_tokens=200_000).model_copy(
         update={"occurred_at": NOW - timedelta(days=3)}
     )
     await spending.charge_iteration(deps, earlier)  # $3 on March 28th
@@ -368,6 +423,12 @@ def sleepy(allowance_micro_usd: int | None = 1_000) -> tuple[Deps, FakeCommands]
     return deps, commands
 
 
+def topup(user_id: str, topup_id: str, amount_micro_usd: int) -> TopUpRequested:
+    """A top-up requested now (by the tests' clock)."""
+    command = TopUpRequested.of(user_id, topup_id, amount_micro_usd)
+    return command.model_copy(update={"occurred_at": NOW})
+
+
 async def start(deps: Deps, *builds: str, tier: str = "free") -> None:
     for b in builds:
         await spending.build_started(
@@ -380,7 +441,7 @@ async def test_below_the_allowance_nothing_sleeps() -> None:
     await start(d, "b1")
     assert await spending.iteration_completed(d, iteration(input_tokens=100)) == []  # 300
     assert commands.now == [] and commands.scheduled == {}
-    assert d.store.statuses["u1"]["remaining_micro_usd"] == "700"  # type: ignore[attr-defined]
+    assert (await spending.allowance(d, "u1")).remaining_today_micro_usd == 700
 
 
 async def test_at_the_allowance_every_running_build_sleeps_once_until_the_reset() -> None:
@@ -408,8 +469,8 @@ async def test_a_woken_build_over_the_allowance_sleeps_again_at_once() -> None:
     await start(d, "b1")
     await spending.iteration_completed(d, iteration(input_tokens=400))
     resumed = BuildResumed(build_id="b1", user_id="u1", reason="woken by user")
-    await spending.build_resumed(d, resumed)
-    await spending.build_resumed(d, resumed)  # redelivered: the same wake generation
+    await spending.build_woken(d, resumed)
+    await spending.build_woken(d, resumed)  # redelivered: the same wake generation
     # asleep again without another iteration (the agent, behind the closed gate, calls no model)
     assert await d.store.sleeping("u1") == {"b1"}
     first, second = (m for m in commands.now if isinstance(m, SleepRequested))
@@ -424,13 +485,44 @@ async def test_a_top_up_wakes_the_sleeping_builds_and_raises_the_allowance() -> 
     await spending.build_ended(
         d, BuildCancelled(build_id="b2", user_id="u1", reason="", iterations=1, cost_micro_usd=0)
     )
-    woken = await spending.top_up(d, "u1", "t1", 5_000)
+    command = topup("u1", "t1", 5_000)
+    woken = await spending.top_up(d, command)
     assert woken == {"b1"}
     wakes = [m for m in commands.now if isinstance(m, WakeRequested)]
-    assert [(w.build_id, w.reason) for w in wakes] == [("b1", "top-up")]
+    assert [(w.build_id, w.reason, w.causation_id) for w in wakes] == [
+        ("b1", "top-up", command.event_id)
+    ]
     status = await spending.allowance(d, "u1")
     assert status.allowance_today_micro_usd == 6_000 and not status.exhausted
-    await spending.top_up(d, "u1", "t1", 5_000)  # the same top-up again counts once
+
+
+async def test_a_top_up_delivered_twice_is_applied_once() -> None:
+    d, commands = sleepy(1_000)
+    await start(d, "b1")
+    await spending.iteration_completed(d, iteration(input_tokens=400))  # asleep
+    command = topup("u1", "t1", 5_000)
+    assert await spending.top_up(d, command) == {"b1"}
+    sent = list(commands.now)
+    # the same message again, and the same top-up id under another event id and amount
+    assert await spending.top_up(d, command) == set()
+    again = topup("u1", "t1", 9_000).with_id(uuid.uuid4())
+    assert await spending.top_up(d, again) == set()
+    assert commands.now == sent
+    assert (await spending.allowance(d, "u1")).allowance_today_micro_usd == 6_000
+    # another user's top-up of the same id is another top-up
+    assert await spending.top_up(d, topup("u2", "t1", 1)) == set()
+    assert await d.store.topups("u2", NOW - timedelta(days=1), NOW + timedelta(days=1)) == 1
+
+
+async def test_a_top_up_credited_before_a_crash_sends_its_wakes_when_redelivered() -> None:
+    d, commands = sleepy(1_000)
+    await start(d, "b1")
+    await spending.iteration_completed(d, iteration(input_tokens=400))
+    command = topup("u1", "t1", 5_000)
+    # credited, then the service died before it sent the wakes
+    await d.store.add_topup("u1", "t1", 5_000, command.occurred_at)
+    assert await spending.top_up(d, command) == {"b1"}
+    assert [m.build_id for m in commands.now if isinstance(m, WakeRequested)] == ["b1"]
     assert (await spending.allowance(d, "u1")).allowance_today_micro_usd == 6_000
 
 
@@ -545,10 +637,10 @@ async def test_a_top_up_opens_the_gate_before_it_wakes_the_builds() -> None:
     await start(d, "b1")
     await spending.iteration_completed(d, iteration(input_tokens=400))  # 1_200 of 1_000
     commands.log.clear()
-    assert await spending.top_up(d, "u1", "small", 100) == set()  # 1_100: still used up
-    assert commands.log == ["gate closed"] and gates.of("u1").state == "closed"  # type: ignore[union-attr]
+    await spending.top_up(d, topup("u1", "small", 100))  # 1_100: still used up
+    assert gates.of("u1").state == "closed"  # type: ignore[union-attr]
     commands.log.clear()
-    assert await spending.top_up(d, "u1", "t1", 5_000) == {"b1"}
+    assert await spending.top_up(d, topup("u1", "t1", 5_000)) == {"b1"}
     assert commands.log == ["gate open", "wake_requested b1"]
     assert not gates.of("u1").closed_at(NOW)  # type: ignore[union-attr]
 
@@ -570,7 +662,9 @@ async def test_a_build_started_while_the_allowance_is_used_up_sleeps_at_once() -
     await start(d, "b1")
     await spending.iteration_completed(d, iteration(input_tokens=400))
     # the agent may have started b2 on a gate it saw open a moment before: its wake is scheduled
-    await start(d, "b2")
+    await spending.build_requested(
+        d, BuildRequested(build_id="b2", user_id="u1", idea_brief="x", tier="free")
+    )
     assert ("b2", "budget-wake") in commands.scheduled
     assert [m.build_id for m in commands.now if isinstance(m, SleepRequested)] == ["b1", "b2"]
     assert await d.store.sleeping("u1") == {"b1", "b2"}

@@ -207,3 +207,14 @@ def test_build_reports_api_errors(monkeypatch, tmp_path: Path):
     result = CliRunner().invoke(main.app, ["build", str(brief), "--key", "k"])
     assert result.exit_code == 1
     assert "idea_brief: too long" in result.output
+
+
+def test_thinking_narration_is_shown_apart_from_the_narrate_tools():
+    buf = io.StringIO()
+    console = Console(file=buf, width=120, color_system="truecolor")
+    r = Renderer(console)
+    r(SseEvent("agent_narrated", {"iteration": 1, "text": "Planning.", "source": "thinking"}))
+    r(SseEvent("agent_narrated", {"iteration": 1, "text": "Writing the package."}))
+    thinking, narrate = buf.getvalue().splitlines()
+    assert "Planning." in thinking and "Writing the package." in narrate
+    assert thinking.split("Planning.")[0] != narrate.split("Writing the package.")[0]  # styles

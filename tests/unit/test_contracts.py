@@ -101,3 +101,19 @@ def test_a_budget_gate_is_closed_until_a_time_and_opens_by_itself():
     refusal = gate.refusal()
     assert "spent 1200 of 1000 micro-USD" in refusal and "2025-04-01T00:00:00+00:00" in refusal
     assert "POST /v1/budget/top-up" in refusal
+
+
+def test_a_top_up_is_on_its_users_budget_subject_with_a_stable_id():
+    from kiln_contracts import TopUpRequested, budget_id
+
+    command = TopUpRequested.of("alice", "t1", 5_000_000)
+    assert command.event_id == TopUpRequested.of("alice", "t1", 1).event_id  # one top-up id
+    assert command.event_id != TopUpRequested.of("bob", "t1", 5_000_000).event_id
+    assert subjects.subject_of(command) == f"kiln.build.{budget_id('alice')}.top_up_requested"
+    assert budget_id("alice").startswith("budget-") and len(budget_id("x" * 64)) == 39
+    again = TopUpRequested.model_validate_json(command.model_dump_json())
+    assert again == command
+    with pytest.raises(ValidationError, match="budget_id"):
+        TopUpRequested(build_id="b1", user_id="alice", topup_id="t1", amount_micro_usd=1)
+    with pytest.raises(ValidationError):
+        TopUpRequested.of("alice", "t1", 0)

@@ -21,6 +21,7 @@ from kiln_contracts import (
     IterationCompleted,
     QnA,
     SnapshotSaved,
+    TopUpRequested,
     Usage,
     stable_id,
 )
@@ -262,6 +263,12 @@ async def test_project_is_idempotent_and_waits_for_an_unknown_build():
     assert await builds.project(store, it, 2) == "applied"
     assert await builds.project(store, it, 2) == "duplicate"
     assert store.rows["b1"].state.cost_micro_usd == 5
+
+
+async def test_a_top_up_is_left_to_the_budget_by_the_projection():
+    store = FakeStore()
+    outcome = await builds.project(store, TopUpRequested.of("u1", "t1", 5), 7, num_delivered=1)
+    assert outcome == "not a build" and store.rows == {}
 
 
 class FakeHistory:

@@ -40,7 +40,7 @@ def registered(service: str) -> set[str]:
         from kiln_gateway.app import register_consumers
 
         register_consumers(
-            SimpleNamespace(bus=bus, settings=SimpleNamespace(projection_durable="p"))  # type: ignore[arg-type]
+            SimpleNamespace(bus=bus, settings=SimpleNamespace(gateway_projection_durable="p"))  # type: ignore[arg-type]
         )
     return subscribed(bus)
 

@@ -25,12 +25,12 @@ from kiln_contracts import (
     ToolCall,
     ToolResult,
 )
+from kiln_devstack.sandbox import FakeE2B, MemoryRegistry
 from kiln_sandbox.adapters.e2b import E2BProvider
 from kiln_sandbox.bootstrap import ConfigError, make_provider
 from kiln_sandbox.handlers import SandboxService
 from kiln_sandbox.ports import SandboxError, SandboxGone
 from kiln_sandbox.settings import SandboxSettings
-from kiln_sandbox.testing import FakeE2B, MemoryRegistry
 from tests.unit.test_sandbox_handlers import FakeBus, FakeCalls, FakeRestorer
 
 
@@ -82,8 +82,10 @@ def provider(fake: FakeE2B, **kw: Any) -> E2BProvider:
 def test_e2b_needs_an_api_key_with_a_clear_error(monkeypatch):
     monkeypatch.delenv("E2B_API_KEY", raising=False)
     with pytest.raises(ConfigError, match="E2B_API_KEY"):
-        make_provider(SandboxSettings(provider="e2b"))
-    made = make_provider(SandboxSettings(provider="e2b", e2b_api_key="k", e2b_template="node"))
+        make_provider(SandboxSettings(sandbox_provider="e2b"))
+    made = make_provider(
+        SandboxSettings(sandbox_provider="e2b", e2b_api_key="k", e2b_template="node")
+    )
     assert isinstance(made, E2BProvider) and made.template == "node"
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kiln_devstack.sandbox import MemoryRegistry
 from kiln_sandbox.adapters.local import LocalProvider
 from kiln_sandbox.handlers import SandboxService
-from kiln_sandbox.testing import MemoryRegistry
 from tests.unit.test_sandbox_handlers import FakeBus, FakeCalls, tool_call
 
 

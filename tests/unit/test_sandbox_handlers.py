@@ -28,11 +28,11 @@ from kiln_contracts import (
     UploadRequest,
     stable_id,
 )
+from kiln_devstack.sandbox import MemoryRegistry
 from kiln_runtime.errors import RetryLater
 from kiln_sandbox.adapters.local import LocalProvider, LocalSandbox
 from kiln_sandbox.handlers import INTERRUPTED, SandboxService
 from kiln_sandbox.ports import CallRecord, SandboxError, SandboxRecord
-from kiln_sandbox.testing import MemoryRegistry
 
 
 class FakeCalls:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from kiln_devstack.sandbox import FakeE2B
 from kiln_sandbox.adapters.e2b import E2BProvider
 from kiln_sandbox.adapters.local import LocalProvider
 from kiln_sandbox.ports import Sandbox
-from kiln_sandbox.testing import FakeE2B
 from kiln_sandbox.tools import MAX_OUTPUT_CHARS, glob_to_regex, run_tool
 
 HOST_ROOT: dict[int, Path] = {}  # id(sandbox) -> its workspace on this host

@@ -7,9 +7,11 @@ import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from kiln_contracts import CheckpointSaved, Envelope, SnapshotSaved, stable_id
 from kiln_contracts.messages import utcnow
@@ -305,11 +307,11 @@ async def test_restore_plan_answers_bad_requests(deps: Deps) -> None:
 
 def test_excludes_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KILN_SNAPSHOT_EXCLUDES", raising=False)
-    assert SnapshotSettings().excludes == DEFAULT_EXCLUDES
+    assert SnapshotSettings().snapshot_excludes == DEFAULT_EXCLUDES
     monkeypatch.setenv("KILN_SNAPSHOT_EXCLUDES", "node_modules, .venv,,dist")
-    assert SnapshotSettings().excludes == ["node_modules", ".venv", "dist"]
+    assert SnapshotSettings().snapshot_excludes == ["node_modules", ".venv", "dist"]
     monkeypatch.setenv("KILN_SNAPSHOT_EXCLUDES", "")
-    assert SnapshotSettings().excludes == []
+    assert SnapshotSettings().snapshot_excludes == []
 
 
 # ------------------------------------------------------------------ GC safety, symlinks
@@ -358,3 +360,71 @@ def test_symlinks_leading_outside_are_recognised(
 
 def make_deps(store: FakeStore, files: dict[str, bytes]) -> Deps:
     return Deps(store=store, sandbox=FakeSandbox(store, files=files), publisher=FakePublisher())
+
+
+# ------------------------------------------------------------------ manifests stored before
+
+
+@pytest.mark.parametrize("oldest", [False, True])
+async def test_a_stored_manifest_restores_and_is_built_upon(oldest: bool) -> None:
+    from tests.unit.test_manifest import STORED, entries_only
+
+    store = FakeStore()
+    doc = json.loads(STORED)
+    build, sid = doc["build_id"], doc["snapshot_id"]
+    store.objects[f"builds/{build}/manifests/{sid}.json"] = (
+        entries_only(STORED) if oldest else STORED
+    ).encode()
+    store.objects[f"builds/{build}/latest"] = sid.encode()
+    files = {"run.sh": b"#!/bin/sh\necho hi\n", "src/app.py": b"print('hi')\n"}
+    for data in files.values():
+        store.objects[f"blobs/{sha(data)}"] = data
+    deps = make_deps(store, files)
+
+    plan = await snapshots.restore_plan(deps, RestorePlanRequest(build_id=build))
+    assert plan.ok and plan.snapshot_id == sid
+    assert [(f.path, f.mode) for f in plan.files] == [("run.sh", 0o755), ("src/app.py", 0o644)]
+    if oldest:
+        assert (plan.dirs, plan.symlinks, plan.skipped) == ([], [], [])
+    else:
+        assert [(d.path, d.type, d.mode) for d in plan.dirs] == [
+            ("empty", "dir", 0o700),
+            ("src", "dir", 0o755),
+        ]
+        assert [(s.path, s.target) for s in plan.symlinks] == [("app.py", "src/app.py")]
+        assert plan.skipped == ["passwd"]
+
+    # the next snapshot takes the stored manifest's blobs as present: nothing to upload
+    event = CheckpointSaved(build_id=build, user_id="u-legacy", iteration=4, reason="periodic")
+    saved = await snapshots.take_snapshot(deps, event)
+    assert saved is not None and saved.bytes_uploaded == 0
+    assert deps.sandbox.uploaded == []  # type: ignore[attr-defined]
+    assert store.objects[f"builds/{build}/latest"] == str(event.event_id).encode()
+
+
+async def test_gc_keeps_a_stored_manifests_blobs_and_stops_at_an_unreadable_one() -> None:
+    from kiln_snapshot import gc
+    from tests.unit.test_manifest import STORED
+
+    store = FakeStore()
+    doc = json.loads(STORED)
+    store.objects[f"builds/{doc['build_id']}/manifests/{doc['snapshot_id']}.json"] = STORED.encode()
+    named = {e["sha256"] for e in doc["entries"]}
+    orphan = sha(b"orphan")
+    for blob in [*named, orphan]:
+        await store.put(f"blobs/{blob}", b"x", "application/octet-stream")
+    later = utcnow() + timedelta(hours=2)
+    options: dict[str, Any] = {"keep": 5, "grace_s": 60, "max_snapshot_s": 60, "sweep_s": 60}
+
+    store.objects["builds/b2/manifests/s2.json"] = b'{"format": 1, "entries": "?"}'
+    with pytest.raises(ValidationError):
+        await gc.collect(store, clock=lambda: later, **options)
+    assert {k for k in store.objects if k.startswith("blobs/")} == {
+        f"blobs/{b}" for b in [*named, orphan]
+    }
+    assert not [k for k in store.objects if k.startswith("gc/")]
+
+    del store.objects["builds/b2/manifests/s2.json"]
+    report = await gc.collect(store, clock=lambda: later, **options)
+    assert report.deleted == [orphan]
+    assert {k for k in store.objects if k.startswith("blobs/")} == {f"blobs/{b}" for b in named}

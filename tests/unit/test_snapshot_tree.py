@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from kiln_devstack.sandbox import FakeE2B
 from kiln_sandbox.adapters.local import LocalProvider
-from kiln_sandbox.testing import FakeE2B
 from tests.unit.test_sandbox_e2b import provider as e2b_provider
 
 

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from kiln_contracts.bucket import manifests_prefix
 from kiln_devstack.infra import InfraError
 from kiln_devstack.stack import DEV_API_KEY, Stack
 
@@ -496,7 +497,7 @@ def _demo(data_dir: Path, port: int, timeout: float, extra_env: dict[str, str]) 
         endpoint = stack.env.get("S3_ENDPOINT_URL", "")
         if snap:
             console.print(
-                f"snapshot   {snap} in s3://{bucket}/builds/{build_id}/manifests/ ({endpoint})"
+                f"snapshot   {snap} in s3://{bucket}/{manifests_prefix(build_id)} ({endpoint})"
             )
         else:
             console.print("snapshot   none yet")

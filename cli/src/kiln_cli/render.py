@@ -73,7 +73,9 @@ class Renderer:
 
     def on_agent_narrated(self, d: dict[str, Any]) -> None:
         text = str(d.get("text", "")).strip()
-        if text:
+        if text and d.get("source") == "thinking":  # the notes the model wrote as it worked
+            self.print(f"[dim italic]  {escape(text)}[/]")
+        elif text:
             self.print(f"[italic cyan]  {escape(text)}[/]")
 
     def on_tool_call(self, d: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, model_validator
 
 SCHEMA_VERSION: Literal[1] = 1
 
@@ -88,11 +88,23 @@ class BuildLimits(Model):
     tool_timeout_s: float = Field(default=120.0, gt=0, le=3_600)
 
 
+class CacheCreation(Model):
+    """Cache writes by TTL, as the Messages API reports them (their sum is
+    ``cache_creation_input_tokens``)."""
+
+    ephemeral_5m_input_tokens: int = Field(default=0, ge=0)
+    ephemeral_1h_input_tokens: int = Field(default=0, ge=0)
+
+
 class Usage(Model):
+    """A model call's token usage, as the Messages API reports it: ``input_tokens`` excludes the
+    cache reads and writes (the prompt is the sum of the three)."""
+
     input_tokens: int = Field(default=0, ge=0)
     output_tokens: int = Field(default=0, ge=0)
     cache_creation_input_tokens: int = Field(default=0, ge=0)
     cache_read_input_tokens: int = Field(default=0, ge=0)
+    cache_creation: CacheCreation | None = None
 
 
 # ---------------------------------------------------------------------------- messages
@@ -178,6 +190,36 @@ class CancelRequested(Envelope):
     reason: str = "cancelled by user"
 
 
+class TopUpRequested(Envelope):
+    """Credit a user's budget now (a command to the budget service, which applies a ``topup_id``
+    once and wakes the builds it put to sleep). About a user, not a build: ``build_id`` is the
+    user's budget token ``budget-<hex>`` (``budget_id(user_id)``), so a user's top-ups share one
+    subject that no build has; ``TopUpRequested.of`` fills it and the stable event id in."""
+
+    kind: ClassVar[str] = "top_up_requested"
+
+    topup_id: Id = Field(description="The same top-up id again (for the user) is the same top-up.")
+    amount_micro_usd: int = Field(gt=0, le=10**12, description="US dollars x 1,000,000.")
+
+    @classmethod
+    def of(cls, user_id: str, topup_id: str, amount_micro_usd: int) -> TopUpRequested:
+        return cls(
+            event_id=stable_id("top-up", user_id, topup_id),
+            build_id=budget_id(user_id),
+            user_id=user_id,
+            topup_id=topup_id,
+            amount_micro_usd=amount_micro_usd,
+        )
+
+    @model_validator(mode="after")
+    def _on_the_users_budget_subject(self) -> Self:
+        if self.build_id != budget_id(self.user_id):
+            raise ValueError(
+                f"a top-up's build_id is budget_id(user_id) = {budget_id(self.user_id)}"
+            )
+        return self
+
+
 class BuildSleeping(Envelope):
     kind: ClassVar[str] = "build_sleeping"
 
@@ -196,6 +238,11 @@ class AgentNarrated(Envelope):
 
     iteration: int = Field(ge=0)
     text: Annotated[str, StringConstraints(max_length=20_000)]
+    source: Literal["narrate", "thinking"] = Field(
+        default="narrate",
+        description="narrate: the model's narrate tool; thinking: the progress it wrote in its "
+        "(summarized) thinking and before its tool calls in one iteration.",
+    )
 
 
 class SandboxStarted(Envelope):
@@ -272,6 +319,7 @@ MESSAGES: tuple[type[Envelope], ...] = (
     SleepRequested,
     WakeRequested,
     CancelRequested,
+    TopUpRequested,
     BuildSleeping,
     BuildResumed,
     AgentNarrated,
@@ -296,3 +344,9 @@ _NAMESPACE = uuid.UUID("5d1c8f0e-4a43-4a8e-9a86-0c9b1f3a6e11")
 def stable_id(*parts: object) -> uuid.UUID:
     """A deterministic event id from its parts (build id, kind, iteration, call id ...)."""
     return uuid.uuid5(_NAMESPACE, "/".join(str(p) for p in parts))
+
+
+def budget_id(user_id: str) -> str:
+    """The ``build_id`` of a user's budget commands (``budget-`` + 32 hex digits): the subject
+    token ``kiln.build.budget-<hex>.<kind>`` of a user, which no build id the gateway makes has."""
+    return f"budget-{stable_id('budget', user_id).hex}"

@@ -29,13 +29,15 @@ from .messages import (
     SnapshotSaved,
     ToolCall,
     ToolResult,
+    TopUpRequested,
     WakeRequested,
 )
 
 Kinds = tuple[type[Envelope], ...]
 
 CONSUMES: Final[dict[str, Kinds]] = {
-    # The gateway projects every event onto its read model (and replays them over SSE).
+    # The gateway projects every build event onto its read model (and replays them over SSE); it
+    # receives a user's top-ups too, and leaves them to the budget.
     "gateway": MESSAGES,
     "agent": (BuildRequested, ToolResult, CancelRequested, SleepRequested, WakeRequested),
     "sandbox": (ToolCall, SnapshotSaved, BuildCancelled, BuildFailed),
@@ -47,12 +49,13 @@ CONSUMES: Final[dict[str, Kinds]] = {
         BuildFailed,
         BuildCancelled,
         BuildRejected,
+        TopUpRequested,
     ),
     "snapshot": (CheckpointSaved,),
 }
 
 PUBLISHES: Final[dict[str, Kinds]] = {
-    "gateway": (BuildRequested, CancelRequested, WakeRequested),
+    "gateway": (BuildRequested, CancelRequested, WakeRequested, TopUpRequested),
     "agent": (
         ToolCall,
         IterationCompleted,

@@ -1,5 +1,5 @@
 """Request/reply messages (core NATS, not persisted): between snapshot and sandbox, and the
-gateway's top-up to the budget service.
+budget's answer to the gateway.
 
 Bytes never travel on the bus: the sandbox hashes its files and uploads the missing blobs to S3
 itself, through presigned URLs the snapshot service hands it.
@@ -7,55 +7,28 @@ itself, through presigned URLs the snapshot service hands it.
 
 from __future__ import annotations
 
-import hashlib
-from typing import Literal, Self
+from datetime import datetime
+from typing import Annotated
 
-from pydantic import Field, model_validator
+from pydantic import Field, StringConstraints
 
-from .messages import Id, Model
+from .manifest import EMPTY_SHA256, EntryType, ManifestEntry
+from .messages import Id, MicroUsd, Model
 
-EntryType = Literal["file", "dir", "symlink"]
-
-
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-
-
-class ManifestEntry(Model):
-    """One entry of a workspace: a regular file (the default), a directory or a symlink.
-
-    ``sha256``/``size`` are the file's bytes; for a symlink those of its target string; for a
-    directory those of empty content. ``mode`` holds the permission bits (a symlink's are not
-    restored). Symlinks are recorded as they are (``target`` is what readlink returns).
-    """
-
-    path: str = Field(description="Relative to the workspace root, '/'-separated.")
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    size: int = Field(ge=0)
-    mode: int = Field(ge=0, description="Permission bits, e.g. 0o644.")
-    type: EntryType = "file"
-    target: str | None = Field(default=None, description="A symlink's target, as readlink says.")
-
-    @classmethod
-    def directory(cls, path: str, mode: int) -> ManifestEntry:
-        return cls(path=path, sha256=EMPTY_SHA256, size=0, mode=mode & 0o7777, type="dir")
-
-    @classmethod
-    def symlink(cls, path: str, target: str) -> ManifestEntry:
-        raw = target.encode("utf-8", "surrogateescape")
-        return cls(
-            path=path,
-            sha256=hashlib.sha256(raw).hexdigest(),
-            size=len(raw),
-            mode=0o777,
-            type="symlink",
-            target=target,
-        )
-
-    @model_validator(mode="after")
-    def _target_only_for_symlinks(self) -> Self:
-        if (self.type == "symlink") != (self.target is not None):
-            raise ValueError("target is required for a symlink and only for a symlink")
-        return self
+__all__ = [
+    "EMPTY_SHA256",
+    "RPC_MODELS",
+    "Download",
+    "EntryType",
+    "ManifestEntry",
+    "ManifestReply",
+    "ManifestRequest",
+    "RestorePlanReply",
+    "RestorePlanRequest",
+    "Upload",
+    "UploadReply",
+    "UploadRequest",
+]
 
 
 class ManifestRequest(Model):
@@ -117,20 +90,39 @@ class RestorePlanReply(Model):
     skipped: list[str] = Field(default_factory=list)
 
 
-class TopUpRequest(Model):
-    """Credit a user (the same ``topup_id`` again is the same top-up): the budget service adds it
-    to the allowance, opens the user's gate if that leaves allowance, then wakes the builds it put
-    to sleep."""
+class BudgetStatusRequest(Model):
+    """What the budget allows a user now (``kiln.rpc.budget.status``)."""
 
     user_id: Id
-    topup_id: Id
-    amount_micro_usd: int = Field(gt=0)
+    tier: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_-]{1,32}$")] | None = Field(
+        default=None,
+        description="The caller's tier, for a user whose builds the budget has not seen yet "
+        "(otherwise the budget goes by the tier of the user's latest BuildRequested).",
+    )
 
 
-class TopUpReply(Model):
+class BudgetStatus(Model):
+    """A user's allowance in the current period ("today"), as the budget enforces it."""
+
+    user_id: Id
+    tier: str
+    period: str = Field(description="The period's key: 2025-03-31 (or p<n> when shortened).")
+    cycle: str = Field(description="The cycle's key: 2025-03 (or c<n>).")
+    period_start: datetime
+    period_end: datetime = Field(description="The reset: the allowance is recomputed then.")
+    allowance_micro_usd: MicroUsd
+    spent_period_micro_usd: MicroUsd
+    remaining_micro_usd: MicroUsd
+    spent_cycle_micro_usd: MicroUsd
+    topups_cycle_micro_usd: MicroUsd
+    monthly_budget_micro_usd: MicroUsd
+    wake_at: datetime = Field(description="When a build put to sleep now would wake.")
+
+
+class BudgetStatusReply(Model):
     ok: bool = True
     error: str = ""
-    woken: list[str] = Field(default_factory=list, description="The builds sent a WakeRequested.")
+    status: BudgetStatus | None = None
 
 
 RPC_MODELS = (
@@ -143,6 +135,7 @@ RPC_MODELS = (
     RestorePlanRequest,
     Download,
     RestorePlanReply,
-    TopUpRequest,
-    TopUpReply,
+    BudgetStatusRequest,
+    BudgetStatus,
+    BudgetStatusReply,
 )

@@ -1,4 +1,5 @@
-"""Generate the JSON Schema of every message into contracts/schemas/ (``python -m kiln_contracts.schemas``).
+"""Generate the JSON Schema of every message, and of the snapshot manifest S3 keeps, into
+contracts/schemas/ (``python -m kiln_contracts.schemas``).
 
 Non-Python producers validate against these files; a test fails when they are stale.
 """
@@ -10,7 +11,9 @@ import sys
 from pathlib import Path
 
 from . import subjects
+from .bucket import manifest_key
 from .gates import BudgetGate
+from .manifest import Manifest
 from .messages import MESSAGES
 from .rpc import RPC_MODELS
 from .subjects import subject
@@ -28,6 +31,10 @@ def render() -> dict[str, str]:
     for rpc in RPC_MODELS:
         schema = rpc.model_json_schema()
         out[f"rpc/{rpc.__name__}.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
+    schema = Manifest.model_json_schema()
+    schema["$id"] = "https://kiln.dev/schemas/s3/Manifest.json"
+    schema["x-kiln-key"] = manifest_key("{build_id}", "{snapshot_id}")
+    out["s3/Manifest.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
     # Key-value values: the budget gates (one per user in bucket KILN_BUDGET_GATES).
     schema = BudgetGate.model_json_schema()
     schema["$id"] = "https://kiln.dev/schemas/kv/budget_gate.json"

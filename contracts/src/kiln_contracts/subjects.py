@@ -19,8 +19,9 @@ DLQ_SUBJECTS: Final = ("kiln.dlq.>",)
 DUPLICATE_WINDOW_S: Final = 600.0
 # Largest message accepted on the stream (tool output is truncated well below this).
 MAX_MSG_BYTES: Final = 1024 * 1024
-# How long a build's history is kept.
-MAX_AGE_S: Final = 30 * 24 * 3600.0
+# How long a build's history is kept: longer than a budget cycle (a month), which the budget
+# service rebuilds its counters from when its Redis has lost them.
+MAX_AGE_S: Final = 32 * 24 * 3600.0
 
 # The budget gates (kiln_contracts.gates): a JetStream key-value bucket, one key per user, written
 # only by the budget service. A gate is kept this long after its last write (a closed one never
@@ -30,11 +31,11 @@ BUDGET_GATES_MAX_AGE_S: Final = 40 * 24 * 3600.0
 BUDGET_GATES_MAX_VALUE_BYTES: Final = 4096
 
 # Request/reply (core NATS, not persisted): the file exchange between snapshot and sandbox, and
-# the top-up the gateway hands the budget service.
+# a user's allowance, which the budget service answers the gateway.
 SANDBOX_MANIFEST: Final = "kiln.rpc.sandbox.manifest"
 SANDBOX_UPLOAD: Final = "kiln.rpc.sandbox.upload"
 SNAPSHOT_RESTORE_PLAN: Final = "kiln.rpc.snapshot.restore_plan"
-BUDGET_TOP_UP: Final = "kiln.rpc.budget.top_up"
+BUDGET_STATUS: Final = "kiln.rpc.budget.status"
 
 
 def subject(build_id: str, kind: str) -> str:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from kiln_agent.scripted_server import ScriptedServer
 from kiln_devstack.infra import Infra
+from kiln_devstack.model.server import ScriptedServer
 from tests.infra import own_database
 
 

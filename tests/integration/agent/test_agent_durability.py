@@ -27,13 +27,13 @@ import pytest
 
 from kiln_agent import app, config
 from kiln_agent.adapters.anthropic_model import AnthropicModel
-from kiln_agent.adapters.postgres import DDL, SCHEMA, PostgresStore
+from kiln_agent.adapters.postgres import SCHEMA, PostgresStore, migrations
 from kiln_agent.loop import Agent
 from kiln_agent.ports import VersionConflict
-from kiln_agent.scripted import LongScript
-from kiln_agent.scripted_server import Recorded, ScriptedServer
 from kiln_agent.settings import AgentSettings
 from kiln_contracts import BuildRequested, ToolCall, ToolResult
+from kiln_devstack.model.script import LongScript
+from kiln_devstack.model.server import Recorded, ScriptedServer
 from kiln_runtime import config as kiln_config
 from kiln_runtime.bus import Bus, Delivery
 from kiln_runtime.db import create_pool
@@ -70,7 +70,7 @@ class Replica:
 
 @pytest.fixture
 async def pg(own_db: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await create_pool(own_db, schema=SCHEMA, ddl=DDL)
+    pool = await create_pool(own_db, schema=SCHEMA, migrations=migrations())
     yield pool
     await pool.close()
 
@@ -225,7 +225,7 @@ async def test_two_replicas_and_many_parallel_calls_lose_nothing(
     settings = AgentSettings(nats_url=own_nats, database_url=own_db, ack_wait_s=5)
     buses, models, pools = [], [], []
     for _ in range(2):
-        pool = await create_pool(own_db, schema=SCHEMA, ddl=DDL)
+        pool = await create_pool(own_db, schema=SCHEMA, migrations=migrations())
         model = AnthropicModel.connect(base_url=scripted.url, api_key="k", timeout_s=30)
         bus = Bus(settings, "agentpar")  # the same durable consumers: two replicas
         agent = Agent(

@@ -14,15 +14,19 @@ from kiln_agent.adapters.anthropic_model import AnthropicModel
 from kiln_agent.adapters.memory import MemoryStore
 from kiln_agent.loop import CONTINUE, Agent
 from kiln_agent.ports import ContextWindowExceeded, ModelRequest
-from kiln_agent.scripted_server import Fault, ScriptedServer
 from kiln_contracts import BuildCompleted, BuildFailed, BuildRequested, IterationCompleted, ToolCall
+from kiln_devstack.model.server import Fault, ScriptedServer
 from kiln_runtime import config as kiln_config
 from tests.unit.test_agent_fakes import FakePublisher, result_for, text, tool_use
 
 pytestmark = pytest.mark.integration
 
 REQUEST = ModelRequest(
-    model="m", system=[], tools=[], max_tokens=10, messages=[{"role": "user", "content": "hi"}]
+    model="claude-haiku-5-5",
+    system=[],
+    tools=[],
+    max_tokens=10,
+    messages=[{"role": "user", "content": "hi"}],
 )
 
 
@@ -103,11 +107,13 @@ async def test_stop_reasons(scripted: ScriptedServer) -> None:
         requests = [r.request for r in scripted.recorded]
         assert len(requests) == 3
         # max_tokens: the partial turn, then a user turn asking to continue
-        assert requests[1]["messages"][-2]["content"][0]["text"] == "Half a thought"
+        # (each assistant turn starts with the thinking block it came with)
+        assert requests[1]["messages"][-2]["content"][0]["type"] == "thinking"
+        assert requests[1]["messages"][-2]["content"][-1]["text"] == "Half a thought"
         assert requests[1]["messages"][-1]["content"][0]["text"] == CONTINUE
         # pause_turn: the request ends with the paused assistant turn, for the model to go on
         assert requests[2]["messages"][-1]["role"] == "assistant"
-        assert requests[2]["messages"][-1]["content"][0]["text"] == "Searching the web"
+        assert requests[2]["messages"][-1]["content"][-1]["text"] == "Searching the web"
         [failed] = pub.of(BuildFailed)
         assert failed.reason == "model_refusal" and "will not build" in failed.detail
         stops = [i.stop_reason for i in pub.of(IterationCompleted)]

@@ -13,11 +13,11 @@ import pytest
 
 from kiln_agent import app, config
 from kiln_agent.adapters.anthropic_model import AnthropicModel
-from kiln_agent.adapters.postgres import DDL, SCHEMA, PostgresStore
+from kiln_agent.adapters.postgres import SCHEMA, PostgresStore, migrations
 from kiln_agent.loop import Agent
-from kiln_agent.scripted_server import ScriptedServer
 from kiln_agent.settings import AgentSettings
 from kiln_contracts import BuildCompleted, BuildRequested, Envelope, ToolCall
+from kiln_devstack.model.server import ScriptedServer
 from kiln_runtime import config as kiln_config
 from kiln_runtime.bus import Bus, Delivery
 from kiln_runtime.db import create_pool
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 async def pg(own_db: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await create_pool(own_db, schema=SCHEMA, ddl=DDL)
+    pool = await create_pool(own_db, schema=SCHEMA, migrations=migrations())
     yield pool
     await pool.close()
 

@@ -75,7 +75,7 @@ class Stack:
         self.model_server = spawn(
             "scripted-model",
             [
-                *(sys.executable, "-m", "kiln_agent.scripted_server", "--port", str(port)),
+                *(sys.executable, "-m", "kiln_devstack.model.server", "--port", str(port)),
                 # seconds per model call (tests that need builds to take a while)
                 *("--latency-s", self.env.get("KILN_SCRIPTED_LATENCY_S", "0")),
             ],

@@ -12,9 +12,10 @@ loop (a ``fetch`` of a batch) waits until the whole batch has arrived or the pul
 handing any of it over, so under a steady trickle every message waited for the batch to fill —
 seconds for an agent whose handlers hold a slot for a whole model call. The loop hands each
 message straight to Kiln's wrapper (``_Consumer``), which does the validating, acking, tracing and
-metrics itself: through FastStream's per-message path (its middlewares, a JSON decode of the body
-nobody reads, dependency injection) a message cost 7× the CPU (``make bench-bus``). FastStream
-still declares the consumers, documents them (AsyncAPI) and runs and stops the loops.
+metrics itself: FastStream's per-message path (its middlewares, a JSON decode of the body nobody
+reads, dependency injection) adds CPU to every message for nothing Kiln uses (figures: ``make
+bench-bus``, docs/BENCHMARKS.md). FastStream still declares the consumers, documents them
+(AsyncAPI) and runs and stops the loops.
 """
 
 from __future__ import annotations
@@ -230,8 +231,8 @@ class Bus:
         headers = {"Nats-Msg-Id": str(msg.event_id), "Kiln-Kind": msg.kind}
         with tracing.publishing(msg.kind, subject, **{"kiln.build_id": msg.build_id}):
             tracing.inject(headers)
-            # nats-py's JetStream publish directly, not through FastStream's publisher (its
-            # middlewares and headers): 7% less CPU per publish (docs/BENCHMARKS.md, bus)
+            # nats-py's JetStream publish directly, not through FastStream's publisher: its
+            # middlewares and headers add CPU to every publish (docs/BENCHMARKS.md, bus)
             await self.nc.jetstream().publish(
                 subject,
                 msg.model_dump_json().encode(),

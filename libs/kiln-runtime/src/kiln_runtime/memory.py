@@ -3,9 +3,8 @@
 CPython hands every allocation over 512 bytes (message bodies, JSON, request payloads, large
 dicts and lists) to the C allocator. After a burst, glibc keeps what was freed in its heap for
 reuse: the process's RSS stays at the burst's high-water mark although nothing is live there.
-``malloc_trim(0)`` returns the heap's whole free pages to the kernel. With 10,000 builds
-requested at once and put to sleep, the agent's RSS grew 26.8 MB without it and 10.7–11.0 MB
-with it (docs/BENCHMARKS.md, sleeping builds).
+``malloc_trim(0)`` returns the heap's whole free pages to the kernel, so a burst leaves the RSS
+near what is live (with and without it: docs/BENCHMARKS.md, sleeping builds).
 
 A worker service (one run by ``kiln_runtime.service.serve``) trims once its handlers have gone quiet after work (none running at two looks a
 second apart), and at most every minute under steady load; each trim is timed and the next waits

@@ -29,4 +29,9 @@ MODEL_TOKENS = Counter(
 MODEL_COST = Counter(
     "kiln_model_cost_micro_usd_total", "Model cost charged, in micro-dollars", ["model"]
 )
+UNPRICED_ITERATIONS = Counter(
+    "kiln_unpriced_iterations_total",
+    "Iterations of a model with no price in kiln.yaml, charged at the fallback model's prices",
+    ["service", "model"],
+)
 BUILDS_SLEEPING = Gauge("kiln_builds_sleeping", "Builds asleep waiting for budget or a wake")

@@ -1,4 +1,9 @@
-"""Settings every service shares; each service subclasses with its own fields."""
+"""Settings every service shares; each service subclasses with its own fields.
+
+A field reads the variable ``KILN_`` + its name in upper case (``ack_wait_s``: ``KILN_ACK_WAIT_S``);
+only a field read from a variable of another form names it, with ``validation_alias``
+(``NATS_URL``, ``DATABASE_URL``, an SDK's own key ...).
+"""
 
 from __future__ import annotations
 
@@ -6,40 +11,34 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-def env(*names: str) -> AliasChoices:
-    """Accept a variable under several names (``NATS_URL`` or ``KILN_NATS_URL`` ...)."""
-    return AliasChoices(*names)
-
-
 class CommonSettings(BaseSettings):
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore", populate_by_name=True)
 
     nats_url: str = Field(
-        default="nats://127.0.0.1:14222", validation_alias=env("NATS_URL", "KILN_NATS_URL")
+        default="nats://127.0.0.1:14222",
+        validation_alias=AliasChoices("NATS_URL", "KILN_NATS_URL"),
     )
-    nats_user: str | None = Field(default=None, validation_alias=env("NATS_USER"))
-    nats_password: str | None = Field(default=None, validation_alias=env("NATS_PASSWORD"))
-    log_level: str = Field(default="INFO", validation_alias=env("KILN_LOG_LEVEL", "LOG_LEVEL"))
-    log_json: bool = Field(default=False, validation_alias=env("KILN_LOG_JSON"))
+    nats_user: str | None = Field(default=None, validation_alias="NATS_USER")
+    nats_password: str | None = Field(default=None, validation_alias="NATS_PASSWORD")
+    log_level: str = Field(
+        default="INFO", validation_alias=AliasChoices("KILN_LOG_LEVEL", "LOG_LEVEL")
+    )
+    log_json: bool = False
     # Delivery: a message not acked (nor heartbeated) within ack_wait is redelivered elsewhere.
-    ack_wait_s: float = Field(default=10.0, gt=0, validation_alias=env("KILN_ACK_WAIT_S"))
-    max_deliver: int = Field(default=20, ge=1, validation_alias=env("KILN_MAX_DELIVER"))
-    health_port: int = Field(default=0, ge=0, validation_alias=env("KILN_HEALTH_PORT"))
+    ack_wait_s: float = Field(default=10.0, gt=0)
+    max_deliver: int = Field(default=20, ge=1)
+    health_port: int = Field(default=0, ge=0)
     # On SIGTERM, how long handlers in flight may run on before they are handed back (keep it
     # below the pod's terminationGracePeriodSeconds).
-    shutdown_grace_s: float = Field(
-        default=25.0, ge=0, validation_alias=env("KILN_SHUTDOWN_GRACE_S")
-    )
+    shutdown_grace_s: float = Field(default=25.0, ge=0)
     # Give memory freed after a burst of work back to the OS (glibc's malloc_trim; kiln_runtime.memory).
-    memory_trim: bool = Field(default=True, validation_alias=env("KILN_MEMORY_TRIM"))
+    memory_trim: bool = True
     # Copies of each stream kept by a NATS cluster (3 in production; 1 on a single server).
-    stream_replicas: int = Field(
-        default=1, ge=1, le=5, validation_alias=env("KILN_STREAM_REPLICAS")
-    )
+    stream_replicas: int = Field(default=1, ge=1, le=5)
 
 
 class DatabaseSettings(CommonSettings):
     database_url: str = Field(
         default="postgresql://postgres@127.0.0.1:5432/postgres",
-        validation_alias=env("DATABASE_URL", "KILN_DATABASE_URL"),
+        validation_alias=AliasChoices("DATABASE_URL", "KILN_DATABASE_URL"),
     )

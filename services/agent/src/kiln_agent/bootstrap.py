@@ -11,9 +11,9 @@ from kiln_runtime.bus import Bus
 from kiln_runtime.db import create_pool
 
 from . import app, config
-from .adapters.anthropic_model import AnthropicModel
+from .adapters.anthropic_model import AnthropicModel, ModelUnavailable
 from .adapters.kv_gates import KvGateSource
-from .adapters.postgres import DDL, SCHEMA, PostgresStore
+from .adapters.postgres import SCHEMA, PostgresStore, migrations
 from .gates import BudgetGates
 from .loop import Agent
 from .settings import AgentSettings, MissingApiKey
@@ -34,39 +34,50 @@ class Service:
         source = KvGateSource(self.bus)
         await source.open()
         self.gates = BudgetGates(source)
-        await self.gates.start(timeout_s=self.settings.gates_timeout_s)
+        await self.gates.start(timeout_s=self.settings.agent_gates_timeout_s)
         self.pool = await create_pool(
             self.settings.database_url,
             schema=SCHEMA,
-            ddl=DDL,
-            max_size=self.settings.db_pool_size,
+            migrations=migrations(),
+            max_size=self.settings.agent_db_pool,
             reset_sessions=False,  # the store keeps no session state: no reset round trip
         )
         self.model = AnthropicModel.connect(
             base_url=self.settings.anthropic_base_url,
             api_key=self.settings.anthropic_api_key or "",
             timeout_s=self.settings.model_timeout_s,
-            connections=self.settings.workers,
+            connections=self.settings.agent_workers,
             attempts=cfg.model_attempts,
             backoff_base_s=cfg.backoff_base_s,
             backoff_cap_s=cfg.backoff_cap_s,
         )
+        kiln = kiln_config.default()
+        try:
+            await self.model.check_models(
+                {
+                    model: f"tier {name} {role}"
+                    for name, tier in kiln.tiers.items()
+                    for role, model in tier.models.items()
+                }
+            )
+        except ModelUnavailable as err:
+            raise SystemExit(f"kiln-agent: {err}") from err
         agent = Agent(
             PostgresStore(self.pool),
             self.model,
             self.bus,
             cfg,
-            kiln_config.default(),
-            lease_s=self.settings.lease_s or self.settings.ack_wait_s,
-            turn_cache_mb=self.settings.turn_cache_mb,
+            kiln,
+            lease_s=self.settings.agent_lease_s or self.settings.ack_wait_s,
+            turn_cache_mb=self.settings.agent_turn_cache_mb,
             turn_cache_builds=(
-                self.settings.turn_cache_builds
-                if self.settings.turn_cache_builds is not None
-                else 2 * self.settings.workers
+                self.settings.agent_turn_cache_builds
+                if self.settings.agent_turn_cache_builds is not None
+                else 2 * self.settings.agent_workers
             ),
             budget_gates=self.gates,
         )
-        app.register(self.bus, agent, workers=self.settings.workers)
+        app.register(self.bus, agent, workers=self.settings.agent_workers)
 
     async def stop(self) -> None:
         if self.gates:

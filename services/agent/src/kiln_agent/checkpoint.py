@@ -59,6 +59,9 @@ class State(_Model):
     )
     context_turns: int = Field(default=0, description="The turns that count covers.")
     compact_now: bool = Field(default=False, description="The last call overflowed the window.")
+    effort: str | None = Field(
+        default=None, description="output_config.effort of every call (constant per model)."
+    )
 
 
 @dataclass

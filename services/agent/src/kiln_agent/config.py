@@ -25,7 +25,7 @@ class AgentConfig(BaseModel):
     model_attempts: int = Field(default=6, ge=1)
     backoff_base_s: float = Field(default=1.0, ge=0)
     backoff_cap_s: float = Field(default=30.0, ge=0)
-    context_windows: dict[str, int] = Field(default_factory=lambda: {"default": 200_000})
+    context_windows: dict[str, int] = Field(default_factory=dict)
     compact_at: float = Field(default=0.75, gt=0, le=1)
     keep_recent_turns: int = Field(default=8, ge=2)
     clear_over_chars: int = Field(default=2000, ge=0)
@@ -35,9 +35,15 @@ class AgentConfig(BaseModel):
         lines = "\n".join(f"Q: {q.question}\nA: {q.answer}" for q in qna) or "(none)"
         return self.system_prompt.format(idea_brief=idea_brief.strip(), qna=lines)
 
-    def window(self, model: str) -> int:
-        """The model's context window in tokens (``default`` for a model not listed)."""
-        return self.context_windows.get(model) or self.context_windows.get("default") or 200_000
+    def window(self, model: str, known: int | None) -> int:
+        """The model's context window in tokens: this file's override for it (or its
+        ``default``), else ``known`` (the model's entry in kiln.yaml), else 200k."""
+        return (
+            self.context_windows.get(model)
+            or self.context_windows.get("default")
+            or known
+            or 200_000
+        )
 
     def first_turn(self, build_id: str) -> str:
         return self.kickoff.format(build_id=build_id).strip()

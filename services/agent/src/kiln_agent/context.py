@@ -12,11 +12,19 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from kiln_runtime.config import ModelSpec
+
 from .checkpoint import Checkpoint, Turn
 from .config import AgentConfig
 from .ports import ModelRequest
 
 CACHE = {"type": "ephemeral"}
+# Adaptive thinking with its text returned summarized: on the current models the progress the
+# model writes between tool calls comes back in thinking blocks, shown to the user as narration.
+ADAPTIVE: dict[str, Any] = {"type": "adaptive", "display": "summarized"}
+# After a compaction: thinking blocks bound to the turns it changed are dropped by the API.
+DROP_UNBOUND: dict[str, Any] = {"prefix_mismatch_behavior": "drop_block"}
+BINDING_BETA = "thinking-binding-controls-2026-08-01"
 CHARS_PER_TOKEN = 4
 
 
@@ -28,12 +36,21 @@ def estimate_tokens(value: Any) -> int:
 
 
 def build_request(
-    cp: Checkpoint, turns: list[Turn], tool_defs: list[dict[str, Any]], config: AgentConfig
+    cp: Checkpoint,
+    turns: list[Turn],
+    tool_defs: list[dict[str, Any]],
+    config: AgentConfig,
+    spec: ModelSpec | None = None,
 ) -> ModelRequest:
     """The Messages request. Cache breakpoints (four, the API's maximum): the last tool, the
     system block, and the last block of each of the last two user turns, so that the previous
     call's last breakpoint is still marked and read back whole, however many blocks a turn has.
-    Long tool results of turns before the compaction watermark are sent cleared."""
+    Long tool results of turns before the compaction watermark are sent cleared. Thinking blocks
+    go back exactly as they came, a model switch included (the API drops those the new model
+    cannot read). Each is bound to everything before it: once compaction has changed earlier
+    turns, the request asks the API to drop the blocks so unbound (``block_binding``) instead of
+    refusing the request. ``spec``: the model's entry (its
+    thinking mode, effort and output limit); nothing the model would refuse is sent."""
     messages: list[dict[str, Any]] = []
     for turn in turns:
         # the blocks are shared with the turns, never changed: a block that differs (cleared,
@@ -50,12 +67,24 @@ def build_request(
     if tool_defs:
         tool_defs[-1] = {**tool_defs[-1], "cache_control": CACHE}
     # built here from checked data: not validated again (that would copy every block)
+    max_tokens = min(config.max_tokens, spec.max_output_tokens) if spec else config.max_tokens
+    thinking: dict[str, Any] | None = (
+        ADAPTIVE if spec and spec.thinking in ("adaptive", "always") else None
+    )
+    betas: list[str] = []
+    if thinking is not None and cp.state.compacted_before > 0:
+        thinking = {**thinking, "block_binding": DROP_UNBOUND}
+        betas.append(BINDING_BETA)
+    effort = cp.state.effort if spec and spec.effort else None
     return ModelRequest.model_construct(
         model=cp.model,
         system=[{"type": "text", "text": cp.system, "cache_control": CACHE}],
         tools=tool_defs,
         messages=messages,
-        max_tokens=config.max_tokens,
+        max_tokens=max_tokens,
+        thinking=thinking,
+        output_config={"effort": effort} if effort else None,
+        betas=betas,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
@@ -13,6 +14,20 @@ from .checkpoint import Checkpoint, Turn
 
 class VersionConflict(Exception):
     """The checkpoint changed since it was loaded (another handler saved first)."""
+
+
+@dataclass(frozen=True)
+class LeaseChange:
+    """What a save does to the build's think lease, in the same write: ``give_up``, a token whose
+    lease it gives up (if that token still holds it); ``take``, a token it takes the lease for,
+    for ``ttl_s`` seconds, if the lease is free, ran out or is that token's already."""
+
+    give_up: str | None = None
+    take: str | None = None
+    ttl_s: float = 0.0
+
+
+NO_LEASE_CHANGE = LeaseChange()
 
 
 class CheckpointStore(Protocol):
@@ -28,25 +43,17 @@ class CheckpointStore(Protocol):
         keep the ones it has and ask only for newer ones."""
 
     async def save(
-        self,
-        cp: Checkpoint,
-        new_turns: list[Turn],
-        *,
-        release: str | None = None,
-        take: str | None = None,
-        ttl_s: float = 0.0,
+        self, cp: Checkpoint, new_turns: list[Turn], lease: LeaseChange = NO_LEASE_CHANGE
     ) -> bool:
         """Write ``cp`` (with its outbox) and append ``new_turns`` in one transaction, if the stored
         version is still ``cp.version``; then ``cp.version`` is the new one. Else VersionConflict.
-        ``release``: a lease token whose lease the same write gives up (if it still holds it).
-        ``take``: a lease token that the same write takes the lease for, for ``ttl_s`` seconds, if
-        the lease is free (as ``take()`` would); True if it did. The write itself never waits for
-        the lease."""
+        ``lease``: what the same write does to the think lease (see LeaseChange); True if it took
+        the lease. The write itself never waits for the lease."""
 
     async def mark_sent(self, build_id: str, version: int) -> None:
         """Clear the outbox of that version (a no-op if the build has moved on)."""
 
-    async def take(
+    async def take_lease(
         self, build_id: str, token: str, ttl_s: float
     ) -> tuple[float, Checkpoint | None]:
         """Take the build's think lease for ``token`` for ``ttl_s`` seconds (if it is free, ran
@@ -55,11 +62,11 @@ class CheckpointStore(Protocol):
         (0.0, None) if there is no such build. Apart from the version: the lease never conflicts
         with a save."""
 
-    async def renew(self, build_id: str, token: str, ttl_s: float) -> bool:
+    async def extend_lease(self, build_id: str, token: str, ttl_s: float) -> bool:
         """Extend ``token``'s lease to ``ttl_s`` from now; False if ``token`` no longer holds it
         (never takes a lease that was given up or taken over)."""
 
-    async def release(self, build_id: str, token: str) -> None:
+    async def release_lease(self, build_id: str, token: str) -> None:
         """Give the lease up if ``token`` still holds it."""
 
 
@@ -75,6 +82,9 @@ class ModelRequest(BaseModel):
     tools: list[dict[str, Any]]
     messages: list[dict[str, Any]]
     max_tokens: int
+    thinking: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None
+    betas: list[str] = []
 
 
 class ModelReply(BaseModel):

@@ -1,5 +1,5 @@
-"""The budget's subscribers (validation is the bus's, the work is the domain's), and the top-ups
-it answers over request/reply."""
+"""The budget's subscribers: validation is the bus's, the work is the domain's, on an intact store
+(``recovery.guarded``). Also the answer to ``kiln.rpc.budget.status`` (request/reply)."""
 
 from __future__ import annotations
 
@@ -19,36 +19,44 @@ from kiln_contracts import (
     BuildRequested,
     BuildResumed,
     IterationCompleted,
+    TopUpRequested,
     subjects,
 )
-from kiln_contracts.rpc import TopUpReply, TopUpRequest
+from kiln_contracts.rpc import BudgetStatusReply, BudgetStatusRequest
 from kiln_runtime.bus import Bus, Delivery
 
-from . import spending
+from . import recovery, spending
 from .spending import BuildEnded, Deps
 
 log = logging.getLogger(__name__)
 
-TOP_UP_QUEUE = "budget"
+STATUS_QUEUE = "budget"
 
 
 def register(bus: Bus, deps: Deps, *, max_workers: int = 8) -> None:
     async def on_iteration_completed(event: IterationCompleted, _: Delivery) -> None:
         """Price the iteration's usage and charge it once; at the allowance, close the user's
         gate and sleep the builds."""
-        await spending.iteration_completed(deps, event)
+        await recovery.guarded(deps, spending.iteration_completed, event)
 
     async def on_build_requested(event: BuildRequested, _: Delivery) -> None:
-        """Count the build among its user's running builds."""
-        await spending.build_started(deps, event)
+        """Count the build among its user's running builds (asleep at once if the allowance is
+        used up)."""
+        await recovery.guarded(deps, spending.build_requested, event)
 
     async def on_build_resumed(event: BuildResumed, _: Delivery) -> None:
-        """A woken build may be put to sleep again (a new wake generation)."""
-        await spending.build_resumed(deps, event)
+        """A woken build may be put to sleep again (a new wake generation): at once while the
+        allowance is used up."""
+        await recovery.guarded(deps, spending.build_woken, event)
 
     async def on_build_ended(event: BuildEnded, _: Delivery) -> None:
         """Remove the build from its user's running builds."""
-        await spending.build_ended(deps, event)
+        await recovery.guarded(deps, spending.build_ended, event)
+
+    async def on_top_up_requested(event: TopUpRequested, _: Delivery) -> None:
+        """Credit the top-up once, open the user's gate if that leaves allowance, then wake the
+        user's builds the budget put to sleep."""
+        await recovery.guarded(deps, spending.top_up, event)
 
     bus.consume(IterationCompleted, on_iteration_completed, max_workers=max_workers)
     bus.consume(BuildRequested, on_build_requested, max_workers=max_workers)
@@ -57,31 +65,32 @@ def register(bus: Bus, deps: Deps, *, max_workers: int = 8) -> None:
     bus.consume(BuildFailed, on_build_ended, max_workers=max_workers)
     bus.consume(BuildCancelled, on_build_ended, max_workers=max_workers)
     bus.consume(BuildRejected, on_build_ended, max_workers=max_workers)
+    bus.consume(TopUpRequested, on_top_up_requested, max_workers=max_workers)
 
 
-async def answer_top_up(deps: Deps, data: bytes) -> TopUpReply:
-    """A reply for every request: invalid input and failures come back as ok=False (the caller
-    retries with the same topup_id: it is credited once)."""
+async def answer_status(deps: Deps, data: bytes) -> BudgetStatusReply:
+    """A reply for every request: invalid input and failures come back as ok=False."""
     try:
-        request = TopUpRequest.model_validate_json(data)
+        request = BudgetStatusRequest.model_validate_json(data)
     except ValidationError as err:
-        return TopUpReply(ok=False, error=f"invalid TopUpRequest: {err}")
+        return BudgetStatusReply(ok=False, error=f"invalid BudgetStatusRequest: {err}")
     try:
-        woken = await spending.top_up(
-            deps, request.user_id, request.topup_id, request.amount_micro_usd
-        )
+        await recovery.ensure_intact(deps)
+        status = await spending.allowance(deps, request.user_id, unseen_tier=request.tier)
     except Exception as err:
-        log.exception("top-up failed for %s", request.user_id)
-        return TopUpReply(ok=False, error=f"top-up failed: {type(err).__name__}: {err}")
-    return TopUpReply(woken=sorted(woken))
+        log.exception("budget status failed for %s", request.user_id)
+        return BudgetStatusReply(
+            ok=False, error=f"budget status failed: {type(err).__name__}: {err}"
+        )
+    return BudgetStatusReply(status=status.as_status(request.user_id))
 
 
-async def serve_top_ups(nc: Client, deps: Deps) -> Subscription:
-    """Answer TopUpRequests on BUDGET_TOP_UP (queue group "budget": one replica each)."""
+async def serve_status(nc: Client, deps: Deps) -> Subscription:
+    """Answer BudgetStatusRequests on BUDGET_STATUS (queue group "budget"), concurrently."""
     tasks: set[asyncio.Task[None]] = set()
 
     async def respond(msg: Msg) -> None:
-        reply = await answer_top_up(deps, msg.data)
+        reply = await answer_status(deps, msg.data)
         if msg.reply:
             await msg.respond(reply.model_dump_json().encode())
 
@@ -90,4 +99,4 @@ async def serve_top_ups(nc: Client, deps: Deps) -> Subscription:
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    return await nc.subscribe(subjects.BUDGET_TOP_UP, queue=TOP_UP_QUEUE, cb=on_request)
+    return await nc.subscribe(subjects.BUDGET_STATUS, queue=STATUS_QUEUE, cb=on_request)

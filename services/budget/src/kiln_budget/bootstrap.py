@@ -17,6 +17,7 @@ from .adapters.bus_commands import BusCommands
 from .adapters.clock import SystemClock
 from .adapters.kv_gates import KvGates
 from .adapters.redis_store import RedisSpendStore
+from .adapters.stream_history import StreamHistory
 from .periods import Calendar, ShortCalendar, UtcCalendar
 from .ports import Clock
 from .settings import BudgetSettings
@@ -31,25 +32,25 @@ class Wiring:
     deps: Deps
     store: RedisSpendStore
     gates: KvGates
-    _top_ups: Subscription | None = field(default=None, repr=False)
+    _status: Subscription | None = field(default=None, repr=False)
 
     async def start(self) -> None:
         await self.store.open()
         await self.gates.open()
-        self._top_ups = await app.serve_top_ups(self.bus.nc, self.deps)
+        self._status = await app.serve_status(self.bus.nc, self.deps)
 
     async def stop(self) -> None:
-        if self._top_ups is not None:
+        if self._status is not None:
             with contextlib.suppress(Exception):
-                await self._top_ups.unsubscribe()
-            self._top_ups = None
+                await self._status.unsubscribe()
+            self._status = None
         await self.store.close()
 
 
 def calendar_of(settings: BudgetSettings) -> Calendar:
-    if settings.period_s is None:
+    if settings.budget_period_s is None:
         return UtcCalendar()
-    return ShortCalendar(settings.period_s, settings.periods_per_cycle)
+    return ShortCalendar(settings.budget_period_s, settings.budget_periods_per_cycle)
 
 
 def build(
@@ -60,7 +61,7 @@ def build(
     config: KilnConfig | None = None,
     calendar: Calendar | None = None,
 ) -> Wiring:
-    """Wire the service; nothing connects until ``start()`` / ``bus.connect()``."""
+    """Wire the service; nothing connects until ``bus.connect()`` / ``start()``."""
     store = RedisSpendStore(settings.redis_url, timeout_s=settings.redis_timeout_s)
     bus = Bus(settings, service)
     gates = KvGates(bus)
@@ -71,9 +72,10 @@ def build(
         calendar=calendar or calendar_of(settings),
         commands=BusCommands(bus),
         demo_allowance_micro_usd=settings.demo_allowance_micro_usd,
+        history=StreamHistory(lambda: bus.nc),
         gates=gates,
     )
-    app.register(bus, deps, max_workers=settings.workers)
+    app.register(bus, deps, max_workers=settings.budget_workers)
     return Wiring(bus=bus, deps=deps, store=store, gates=gates)
 
 

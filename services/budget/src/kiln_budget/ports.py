@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Literal, Protocol
 
 from kiln_contracts import BudgetGate, Envelope
 
@@ -28,10 +29,24 @@ class Charge:
     amount_micro_usd: int
 
 
-class SpendStore(Protocol):
-    """Spend counters (integer micro-dollars), top-ups, running and sleeping builds."""
+class SpendLost(Exception):
+    """The store has lost its data (its "intact" mark is gone: a flushed or empty Redis): it
+    charges and credits nothing until it has been rebuilt from the stream."""
 
-    async def charge(self, charge: Charge) -> bool:
+
+# A top-up's state in the store: "new" (credited now), "credited" (before, its wakes not yet
+# known to be sent), "woken" (credited and its wakes sent: nothing left to do).
+TopUpState = Literal["new", "credited", "woken"]
+
+
+class SpendStore(Protocol):
+    """Spend counters (integer micro-dollars), top-ups, running and sleeping builds.
+
+    The store knows whether it holds everything since it was last rebuilt (``intact``): a store
+    that has lost its data refuses ``charge`` and ``add_topup`` (``SpendLost``) until
+    ``finish_rebuild``; ``replay=True`` (the rebuild itself) skips that check."""
+
+    async def charge(self, charge: Charge, *, replay: bool = False) -> bool:
         """Apply ``charge`` atomically unless its event_id was charged before; True if applied."""
         ...
 
@@ -56,9 +71,20 @@ class SpendStore(Protocol):
     async def tier(self, user_id: str) -> str | None: ...
 
     async def add_topup(
-        self, user_id: str, topup_id: str, amount_micro_usd: int, at: datetime
-    ) -> None:
-        """Credit ``amount`` at ``at`` (the same ``topup_id`` again is one top-up)."""
+        self,
+        user_id: str,
+        topup_id: str,
+        amount_micro_usd: int,
+        at: datetime,
+        *,
+        replay: bool = False,
+    ) -> TopUpState:
+        """Credit ``amount`` at ``at`` unless the user's ``topup_id`` was credited before (the
+        same id again, whatever its amount, is one top-up); its state now."""
+        ...
+
+    async def topup_woken(self, user_id: str, topup_id: str) -> None:
+        """The top-up's wakes have been sent."""
         ...
 
     async def topups(self, user_id: str, since: datetime, until: datetime) -> int:
@@ -86,8 +112,25 @@ class SpendStore(Protocol):
 
     async def sleeping(self, user_id: str) -> set[str]: ...
 
-    async def save_status(self, user_id: str, status: dict[str, str], ttl_s: int) -> None:
-        """The user's latest allowance, for the gateway's GET /v1/budget (a thin read)."""
+    async def intact(self) -> bool:
+        """True unless the store has lost its data since its last rebuild (or never had one)."""
+        ...
+
+    async def begin_rebuild(self) -> str:
+        """Start a rebuild; returns its token (lost with the data, should that go again)."""
+        ...
+
+    async def finish_rebuild(self, token: str) -> bool:
+        """Mark the store intact, unless it lost its data (and the token) during the rebuild."""
+        ...
+
+
+class History(Protocol):
+    """The stream, read back: the budget's own inputs, to rebuild a store that lost its data."""
+
+    def replay(self, kinds: Sequence[type[Envelope]]) -> AsyncIterator[Envelope]:
+        """Every valid message of ``kinds`` the stream holds, in stream order, up to the last
+        one stored when the replay reached it; then the iterator ends."""
         ...
 
 

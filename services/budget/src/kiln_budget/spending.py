@@ -15,11 +15,16 @@ Plain async functions over the ports (no broker here). Amounts are integer micro
   build, period and wake generation) and a WakeRequested scheduled for the reset (a JetStream
   message schedule: no timer here, nothing lost when this service restarts). A build that starts
   or is woken while the allowance is used up gets them too.
+* Top-up: a TopUpRequested credits the user once per top-up id, opens the gate if that leaves
+  allowance, then wakes the builds the budget put to sleep.
 * Per-build cap: enforced by the agent (BuildFailed reason ``cost_limit``), not here.
+
+These rules assume an intact store; ``recovery.py`` rebuilds one that has lost its data.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -35,15 +40,17 @@ from kiln_contracts import (
     Envelope,
     IterationCompleted,
     SleepRequested,
+    TopUpRequested,
     WakeRequested,
     stable_id,
 )
+from kiln_contracts.rpc import BudgetStatus
 from kiln_runtime import metrics
 from kiln_runtime.config import KilnConfig
-from kiln_runtime.errors import Conflict, PermanentError
+from kiln_runtime.errors import Conflict
 
 from .periods import Calendar, Period, UtcCalendar, as_utc
-from .ports import Charge, Clock, Commands, Gates, SpendStore
+from .ports import Charge, Clock, Commands, Gates, History, SpendStore
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +71,9 @@ class Deps:
     calendar: Calendar = field(default_factory=UtcCalendar)
     commands: Commands | None = None
     demo_allowance_micro_usd: int | None = None  # a fixed allowance per period (the demo)
-    gates: Gates | None = None
+    history: History | None = None  # the stream, to rebuild a store that lost its data
+    rebuild_lock: asyncio.Lock = field(default_factory=asyncio.Lock, compare=False, repr=False)
+    gates: Gates | None = None  # the users' budget gates (the key-value bucket)
 
     def now(self) -> datetime:
         return as_utc(self.clock.now())
@@ -77,31 +86,41 @@ class Charged:
 
 
 def cost_of(config: KilnConfig, event: IterationCompleted) -> int:
-    """Micro-dollars for the iteration's usage at the model's prices; unknown model: permanent."""
-    try:
-        price = config.price(event.model)
-    except KeyError as err:
-        raise PermanentError(
-            f"cannot price iteration {event.iteration}: no price for model {event.model!r} "
-            f"(known: {', '.join(sorted(config.prices))})"
-        ) from err
-    return price.cost_micro_usd(event.usage)
+    """Micro-dollars for the iteration's usage at its model's price in force when the call was
+    made. A model id with no entry is charged at the fallback's prices (never free), counted and
+    logged as an error that names it."""
+    cost = config.cost(event.model, event.usage, event.occurred_at)
+    if cost.fallback:
+        metrics.UNPRICED_ITERATIONS.labels("budget", event.model).inc()
+        log.error(
+            "no price for model %r: iteration %d charged at %s's prices; add the model to "
+            "kiln.yaml",
+            event.model,
+            event.iteration,
+            cost.priced_as,
+            extra={"build_id": event.build_id, "event_id": event.event_id},
+        )
+    return cost.micro_usd
+
+
+def charge_of(deps: Deps, event: IterationCompleted) -> Charge:
+    """The iteration's charge: its price, to the period and cycle of the event's time."""
+    period = deps.calendar.period(event.occurred_at)
+    return Charge(
+        event_id=event.event_id,
+        user_id=event.user_id,
+        build_id=event.build_id,
+        period=period.key,
+        cycle=period.cycle,
+        amount_micro_usd=cost_of(deps.config, event),
+    )
 
 
 async def charge_iteration(deps: Deps, event: IterationCompleted) -> Charged:
     """Charge the user (the period and cycle of the event's time) and the build, once per event."""
-    amount = cost_of(deps.config, event)
-    period = deps.calendar.period(event.occurred_at)
-    applied = await deps.store.charge(
-        Charge(
-            event_id=event.event_id,
-            user_id=event.user_id,
-            build_id=event.build_id,
-            period=period.key,
-            cycle=period.cycle,
-            amount_micro_usd=amount,
-        )
-    )
+    charge = charge_of(deps, event)
+    amount = charge.amount_micro_usd
+    applied = await deps.store.charge(charge)
     extra = {"build_id": event.build_id, "event_id": event.event_id, "iteration": event.iteration}
     if applied:
         log.info("charged %d micro-USD to %s", amount, event.user_id, extra=extra)
@@ -136,12 +155,16 @@ async def iteration_completed(deps: Deps, event: IterationCompleted) -> list[str
 
 
 async def build_started(deps: Deps, event: BuildRequested) -> None:
+    await deps.store.build_started(event.user_id, event.build_id)
+    await deps.store.set_tier(event.user_id, event.tier)
+
+
+async def build_requested(deps: Deps, event: BuildRequested) -> list[str]:
     """Count the build among the user's running ones. If the allowance is used up, it is put to
     sleep with the others (the agent may have started it on a gate it saw open a moment before,
     and then stopped it at its first think: its wake at the reset is scheduled here)."""
-    await deps.store.build_started(event.user_id, event.build_id)
-    await deps.store.set_tier(event.user_id, event.tier)
-    await enforce(deps, event.user_id, event)
+    await build_started(deps, event)
+    return await enforce(deps, event.user_id, event)
 
 
 async def build_ended(deps: Deps, event: BuildEnded) -> None:
@@ -149,10 +172,15 @@ async def build_ended(deps: Deps, event: BuildEnded) -> None:
 
 
 async def build_resumed(deps: Deps, event: BuildResumed) -> None:
-    """A woken build starts a new wake generation: still over the allowance (woken by hand), it is
-    put to sleep again at once (the agent, behind the closed gate, calls no model meanwhile)."""
+    """A woken build starts a new wake generation: it may be put to sleep again this period."""
     await deps.store.resumed(event.user_id, event.build_id, str(event.event_id))
-    await enforce(deps, event.user_id, event)
+
+
+async def build_woken(deps: Deps, event: BuildResumed) -> list[str]:
+    """A new wake generation; still over the allowance (woken by hand), the build is put to sleep
+    again at once (the agent, behind the closed gate, calls no model meanwhile)."""
+    await build_resumed(deps, event)
+    return await enforce(deps, event.user_id, event)
 
 
 # ------------------------------------------------------------------------------ reads
@@ -222,22 +250,23 @@ class Allowance:
             updated_at=now,
         )
 
-    def as_status(self, now: datetime) -> dict[str, str]:
-        return {
-            "tier": self.tier,
-            "period": self.period.key,
-            "cycle": self.period.cycle,
-            "period_start": self.period.start.isoformat(),
-            "period_end": self.period.end.isoformat(),
-            "allowance_micro_usd": str(self.allowance_today_micro_usd),
-            "spent_period_micro_usd": str(self.spent_today_micro_usd),
-            "remaining_micro_usd": str(self.remaining_today_micro_usd),
-            "spent_cycle_micro_usd": str(self.spent_month_micro_usd),
-            "topups_cycle_micro_usd": str(self.topups_micro_usd),
-            "monthly_budget_micro_usd": str(self.monthly_budget_micro_usd),
-            "wake_at": self.wake_at().isoformat(),
-            "updated_at": now.isoformat(),
-        }
+    def as_status(self, user_id: str) -> BudgetStatus:
+        """The allowance as the budget answers it (``kiln.rpc.budget.status``)."""
+        return BudgetStatus(
+            user_id=user_id,
+            tier=self.tier,
+            period=self.period.key,
+            cycle=self.period.cycle,
+            period_start=self.period.start,
+            period_end=self.period.end,
+            allowance_micro_usd=self.allowance_today_micro_usd,
+            spent_period_micro_usd=self.spent_today_micro_usd,
+            remaining_micro_usd=self.remaining_today_micro_usd,
+            spent_cycle_micro_usd=self.spent_month_micro_usd,
+            topups_cycle_micro_usd=self.topups_micro_usd,
+            monthly_budget_micro_usd=self.monthly_budget_micro_usd,
+            wake_at=self.wake_at(),
+        )
 
 
 def daily_allowance(budget: int, spent_before_today: int, days_left: int) -> int:
@@ -248,11 +277,18 @@ def daily_allowance(budget: int, spent_before_today: int, days_left: int) -> int
     return max(0, budget - spent_before_today) // max(1, days_left)
 
 
-async def allowance(deps: Deps, user_id: str, tier: str | None = None) -> Allowance:
-    """The user's allowance now (the tier last seen in their BuildRequested, else ``free``)."""
-    now = deps.now()
-    period = deps.calendar.period(now)
-    tier_name = tier or await deps.store.tier(user_id) or "free"
+async def allowance(
+    deps: Deps,
+    user_id: str,
+    tier: str | None = None,
+    *,
+    unseen_tier: str | None = None,
+    at: datetime | None = None,
+) -> Allowance:
+    """The user's allowance now (or ``at``): by ``tier``, else the tier last seen in their
+    BuildRequested, else ``unseen_tier``, else ``free``."""
+    period = deps.calendar.period(at or deps.now())
+    tier_name = tier or await deps.store.tier(user_id) or unseen_tier or "free"
     monthly = deps.config.tier(tier_name).monthly_budget_micro_usd
     spent_month = await deps.store.user_month(user_id, period.cycle)
     spent_today = await deps.store.user_day(user_id, period.key)
@@ -280,25 +316,22 @@ async def allowance(deps: Deps, user_id: str, tier: str | None = None) -> Allowa
 GATE_ATTEMPTS = 5
 
 
-async def keep_gate(deps: Deps, user_id: str) -> tuple[Allowance, BudgetGate]:
-    """The user's allowance now, with their gate kept in step: closed while the allowance is used
-    up (written again when its reset, its allowance or a higher spend is to be told), opened when
-    it is not and the gate is still closed (a top-up).
+async def keep_gate(deps: Deps, user_id: str, now: datetime) -> tuple[Allowance, BudgetGate]:
+    """The user's allowance at ``now``, with their gate kept in step: closed while the allowance
+    is used up (written again when its reset, its allowance or a higher spend is to be told),
+    opened when it is not and the gate is still closed (a top-up).
 
     The gate is read before the allowance is computed and written only if it has not moved since
     (compare-and-set): of a charge and a top-up computed at the same time, the one that computed
     on older figures writes nothing and computes again."""
     for _ in range(GATE_ATTEMPTS):
-        now = deps.now()
         current, revision = (None, 0) if deps.gates is None else await deps.gates.read(user_id)
-        status = await allowance(deps, user_id)
+        status = await allowance(deps, user_id, at=now)
         gate = status.gate(user_id, now)
         change = _changes(current, gate, now)
         if deps.gates is None or not change or await deps.gates.write(gate, revision):
             if change and deps.gates is not None:
                 log.info("budget gate of %s %s", user_id, gate.state)
-            # the figures the gateway's GET /v1/budget reads
-            await deps.store.save_status(user_id, status.as_status(now), _ttl(status.period))
             return status, gate
     raise Conflict(f"the budget gate of {user_id} kept changing under {GATE_ATTEMPTS} attempts")
 
@@ -323,7 +356,8 @@ async def enforce(deps: Deps, user_id: str, cause: Envelope | None = None) -> li
     Returns the builds asked to sleep now. Per build: schedule the wake first, then request the
     sleep, then remember it; a crash in between redoes the steps (the same event ids: the server
     drops a repeat within its duplicate window, the agent ignores a second sleep or wake)."""
-    status, gate = await keep_gate(deps, user_id)
+    now = deps.now()
+    status, gate = await keep_gate(deps, user_id, now)
     if not status.exhausted:
         return []
     if deps.commands is None:
@@ -347,13 +381,14 @@ async def enforce(deps: Deps, user_id: str, cause: Envelope | None = None) -> li
             event_id=stable_id(build_id, "budget-sleep", status.period.key, generation),
             build_id=build_id,
             user_id=user_id,
+            occurred_at=now,  # the budget's time: a rebuild places the sleep in its period
             causation_id=causation,
             reason=gate.sleep_reason,
             wake_at=wake_at,
         )
         await deps.commands.publish(sleep)
         await deps.store.mark_slept(
-            user_id, build_id, status.period.key, generation, _ttl(status.period)
+            user_id, build_id, status.period.key, generation, marks_ttl(status.period)
         )
         log.info(
             "asked to sleep until %s: %s",
@@ -365,16 +400,22 @@ async def enforce(deps: Deps, user_id: str, cause: Envelope | None = None) -> li
     return asleep
 
 
-async def top_up(deps: Deps, user_id: str, topup_id: str, amount_micro_usd: int) -> set[str]:
-    """Credit the user now (the same ``topup_id`` again is the same top-up); if that leaves
-    allowance, open their gate, then wake the builds the budget put to sleep. Returns the builds
-    woken (none while the allowance is still used up: they would sleep again at once)."""
+async def top_up(deps: Deps, command: TopUpRequested) -> set[str]:
+    """Credit the user once per top-up id, at the command's time; open their gate if that leaves
+    allowance, then wake the builds the budget put to sleep; returns the builds woken. A repeat
+    changes nothing; a repeat of a top-up whose wakes were not all sent (a crash in between) sends
+    them."""
     if deps.commands is None:
         raise RuntimeError("the budget needs Commands to wake builds")
-    await deps.store.add_topup(user_id, topup_id, amount_micro_usd, deps.now())
-    status, _ = await keep_gate(deps, user_id)  # the gate first: a woken build must find it open
-    if status.exhausted:
+    user_id, topup_id = command.user_id, command.topup_id
+    extra = {"build_id": command.build_id, "event_id": command.event_id}
+    state = await deps.store.add_topup(
+        user_id, topup_id, command.amount_micro_usd, command.occurred_at
+    )
+    if state == "woken":
+        log.info("top-up %s of %s already applied; nothing to do", topup_id, user_id, extra=extra)
         return set()
+    await keep_gate(deps, user_id, deps.now())  # the gate first: a woken build finds it open
     woken = await deps.store.sleeping(user_id)
     for build_id in sorted(woken):
         await deps.commands.publish(
@@ -382,13 +423,23 @@ async def top_up(deps: Deps, user_id: str, topup_id: str, amount_micro_usd: int)
                 event_id=stable_id(build_id, "top-up", topup_id),
                 build_id=build_id,
                 user_id=user_id,
+                causation_id=command.event_id,
                 reason="top-up",
             )
         )
-    log.info("top-up of %d micro-USD for %s woke %s", amount_micro_usd, user_id, sorted(woken))
+    await deps.store.topup_woken(user_id, topup_id)
+    log.info(
+        "top-up %s of %d micro-USD for %s woke %s",
+        topup_id,
+        command.amount_micro_usd,
+        user_id,
+        sorted(woken),
+        extra=extra,
+    )
+    await enforce(deps, user_id)  # still over the allowance: the woken builds sleep again
     return woken
 
 
-def _ttl(period: Period) -> int:
+def marks_ttl(period: Period) -> int:
     """Keep per-period marks for two periods (and at least a minute)."""
     return max(60, int(period.length_s * 2))

@@ -15,8 +15,8 @@ def main() -> None:
     log.configure("gateway", settings.log_level, settings.log_json)
     uvicorn.run(
         create_app(settings),
-        host=settings.host,
-        port=settings.port,
+        host=settings.gateway_host,
+        port=settings.gateway_port,
         log_config=None,
         proxy_headers=True,
         timeout_graceful_shutdown=5,

@@ -46,7 +46,7 @@ def register_consumers(rt: Runtime) -> None:
             cap=2.0,
         )
 
-    rt.bus.consume_all(project, durable=rt.settings.projection_durable, max_workers=1)
+    rt.bus.consume_all(project, durable=rt.settings.gateway_projection_durable, max_workers=1)
 
 
 async def _republish_loop(rt: Runtime) -> None:

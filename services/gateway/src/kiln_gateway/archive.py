@@ -1,5 +1,9 @@
-"""A snapshot's files as a gzip-compressed tar stream, built as it is sent (nothing buffered
-whole): each file's header from its manifest entry, then its bytes from the object store."""
+"""A snapshot as a gzip-compressed tar stream, built as it is sent (nothing buffered whole).
+
+Every entry of the manifest, in path order (a directory before what it holds): directories with
+their modes (empty ones included), symlinks with their targets, regular files with their modes
+and then their bytes from the object store. Symlinks that lead outside the workspace are left
+out, as a restore leaves them out (``Manifest.escaping_symlinks``)."""
 
 from __future__ import annotations
 
@@ -7,22 +11,24 @@ import tarfile
 import zlib
 from collections.abc import AsyncIterator, Callable
 
-from .ports import FileEntry
+from kiln_contracts.manifest import DirEntry, FileEntry, Manifest, SymlinkEntry
 
 BLOCK = tarfile.BLOCKSIZE
+
+Member = FileEntry | DirEntry | SymlinkEntry
 
 
 class ArchiveError(Exception):
     pass
 
 
-def _header(entry: FileEntry, mtime: int, root: str) -> bytes:
+def _header(entry: Member, mtime: int, root: str) -> bytes:
     info = tarfile.TarInfo(f"{root}/{entry.path}" if root else entry.path)
     info.mtime = mtime
-    if entry.type == "dir":
+    if isinstance(entry, DirEntry):
         info.type, info.mode = tarfile.DIRTYPE, entry.mode & 0o7777 or 0o755
-    elif entry.type == "symlink":
-        info.type, info.mode, info.linkname = tarfile.SYMTYPE, 0o777, entry.target or ""
+    elif isinstance(entry, SymlinkEntry):
+        info.type, info.mode, info.linkname = tarfile.SYMTYPE, 0o777, entry.target
     else:
         info.type, info.size = tarfile.REGTYPE, entry.size
         info.mode = entry.mode & 0o7777 or 0o644
@@ -34,26 +40,32 @@ def _safe(path: str) -> bool:
     return bool(path) and not path.startswith("/") and ".." not in parts and "" not in parts
 
 
+def members(manifest: Manifest) -> list[Member]:
+    """What the archive holds, in order."""
+    outside = set(manifest.escaping_symlinks())
+    links = [s for s in manifest.symlinks if s.path not in outside]
+    every: list[Member] = [*manifest.dirs, *links, *manifest.entries]
+    return sorted((e for e in every if _safe(e.path)), key=lambda e: e.path)
+
+
 async def tar_gz(
-    entries: list[FileEntry],
+    manifest: Manifest,
     blob: Callable[[str], AsyncIterator[bytes]],
     *,
     root: str = "",
     mtime: int = 0,
 ) -> AsyncIterator[bytes]:
-    """The tar.gz of ``entries``; raises ArchiveError mid-stream if a blob's size is wrong
+    """The tar.gz of ``manifest``; raises ArchiveError mid-stream if a blob's size is wrong
     (the client then sees a truncated archive, never a silently wrong one)."""
     gz = zlib.compressobj(6, zlib.DEFLATED, 31)  # 31: gzip container
 
     def out(raw: bytes) -> bytes:
         return gz.compress(raw)
 
-    for entry in sorted(entries, key=lambda e: e.path):
-        if not _safe(entry.path):
-            continue
+    for entry in members(manifest):
         if chunk := out(_header(entry, mtime, root)):
             yield chunk
-        if entry.type in ("dir", "symlink"):
+        if not isinstance(entry, FileEntry):
             continue  # no content in the archive
         written = 0
         async for data in blob(entry.sha256):

@@ -1,4 +1,5 @@
-"""The one place that wires the gateway's real adapters: the bus, Postgres and the stream."""
+"""The one place that wires the gateway's real adapters: the bus, Postgres, the stream, S3 and
+the budget service's answers."""
 
 from __future__ import annotations
 
@@ -17,12 +18,11 @@ from kiln_runtime.db import create_pool
 from kiln_runtime.service import connect_with_retry
 
 from . import builds
-from .adapters.budget_service import NatsBudget
+from .adapters.budget_rpc import NatsBudget
 from .adapters.jetstream import JetStreamHistory
-from .adapters.postgres import DDL, PgStore
-from .adapters.redis_spend import RedisSpend
+from .adapters.postgres import PgStore, migrations
 from .adapters.s3_files import S3Files
-from .ports import Budget, BuildStore, EventSource, Publish, SnapshotFiles, SpendReader
+from .ports import Budget, BuildStore, EventSource, Publish, SnapshotFiles
 from .settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,6 @@ class Runtime:
     publish: Publish
     config: kiln_config.KilnConfig
     files: SnapshotFiles
-    spend: SpendReader
     budget: Budget
     token_secret: bytes
     pool: asyncpg.Pool | None = None
@@ -58,17 +57,18 @@ async def running(settings: GatewaySettings) -> AsyncIterator[Runtime]:
     bus = Bus(settings, "gateway")
     pool: asyncpg.Pool | None = None
     files = S3Files(
-        settings.bucket,
+        settings.s3_bucket,
         endpoint_url=settings.s3_endpoint_url,
         region=settings.region,
         timeout_s=settings.s3_timeout_s,
     )
-    spend = RedisSpend(settings.redis_url, settings.redis_timeout_s)
     try:
         await connect_with_retry(bus)
-        budget = NatsBudget(bus.nc, await bus.gates())
+        gates = await bus.gates()  # the budget gates' bucket (POST /v1/builds reads it)
         await files.open()
-        pool = await create_pool(settings.database_url, schema=settings.db_schema, ddl=DDL)
+        pool = await create_pool(
+            settings.database_url, schema=settings.gateway_db_schema, migrations=migrations()
+        )
         store = PgStore(pool)
         if settings.dev_api_key and settings.dev_user:
             await builds.ensure_dev_key(
@@ -85,8 +85,7 @@ async def running(settings: GatewaySettings) -> AsyncIterator[Runtime]:
             publish=bus.publish,
             config=kiln_config.default(),
             files=files,
-            spend=spend,
-            budget=budget,
+            budget=NatsBudget(lambda: bus.nc, gates, timeout_s=settings.gateway_budget_timeout_s),
             token_secret=(settings.token_secret or secrets.token_hex(32)).encode(),
             pool=pool,
         )
@@ -98,5 +97,3 @@ async def running(settings: GatewaySettings) -> AsyncIterator[Runtime]:
             await pool.close()
         with contextlib.suppress(Exception):
             await files.close()
-        with contextlib.suppress(Exception):
-            await spend.close()

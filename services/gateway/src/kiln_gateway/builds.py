@@ -29,6 +29,7 @@ from kiln_contracts import (
     IterationCompleted,
     QnA,
     SnapshotSaved,
+    TopUpRequested,
     stable_id,
 )
 from kiln_runtime.errors import RetryLater
@@ -256,6 +257,8 @@ def evolve(state: Projection, event: Envelope, seq: int) -> Projection:
 
 async def project(store: BuildStore, event: Envelope, seq: int, num_delivered: int = 1) -> str:
     """Apply one event of the stream to the builds read model; idempotent by stream sequence."""
+    if isinstance(event, TopUpRequested):
+        return "not a build"  # a command to the budget, on the user's budget subject
     if isinstance(event, BuildRequested):
         await store.insert_from_event(event)
     outcome = await store.update_projection(event.build_id, seq, lambda s: evolve(s, event, seq))

@@ -8,7 +8,8 @@ from datetime import datetime
 from typing import Any, Literal, Protocol
 
 from kiln_contracts import BudgetGate, BuildRequested, Envelope
-from kiln_contracts.rpc import TopUpReply, TopUpRequest
+from kiln_contracts.manifest import Manifest
+from kiln_contracts.rpc import BudgetStatus
 
 from .model import ApiKey, Build, Caller, NewBuild, Project, Projection
 
@@ -105,24 +106,11 @@ class BuildStore(Protocol):
     async def project_versions(self, project_id: str) -> list[Project]: ...
 
 
-@dataclass(frozen=True)
-class FileEntry:
-    """One entry of a snapshot (as the snapshot service's manifest lists it): a regular file,
-    a directory, or a symlink to ``target``."""
-
-    path: str
-    sha256: str
-    size: int
-    mode: int
-    type: str = "file"
-    target: str | None = None
-
-
 class SnapshotFiles(Protocol):
     """The snapshot service's bucket, read only."""
 
-    async def latest(self, build_id: str) -> tuple[str, list[FileEntry]] | None:
-        """(snapshot id, entries) of the build's newest snapshot; None if it has none."""
+    async def latest(self, build_id: str) -> Manifest | None:
+        """The manifest of the build's newest snapshot; None if it has none."""
         ...
 
     def blob(self, sha256: str) -> AsyncIterator[bytes]:
@@ -130,29 +118,21 @@ class SnapshotFiles(Protocol):
         ...
 
 
-class SpendReader(Protocol):
-    """The budget service's counters, read only (micro-dollars)."""
-
-    async def spent(self, user_id: str, day: str, month: str) -> tuple[int, int]:
-        """(spent on ``day`` YYYY-MM-DD, spent in ``month`` YYYY-MM)."""
-        ...
-
-    async def status(self, user_id: str) -> dict[str, str] | None:
-        """The budget service's latest allowance for the user (``kiln:budget:user:<user>``)."""
-        ...
-
-    async def ping(self) -> None: ...
+class BudgetUnavailable(Exception):
+    """The budget service did not answer (down, busy rebuilding, or it failed)."""
 
 
 class Budget(Protocol):
-    """The budget service: its users' gates (read only) and top-ups (it applies them)."""
+    """The budget service, asked: it owns spend, top-ups and allowances."""
 
-    async def gate(self, user_id: str) -> BudgetGate | None:
-        """The user's budget gate as the budget service last wrote it (None: never closed)."""
+    async def status(self, user_id: str, tier: str) -> BudgetStatus:
+        """The user's allowance now as the budget enforces it (``tier``: the caller's, for a
+        user the budget has not seen yet); ``BudgetUnavailable`` without an answer."""
         ...
 
-    async def top_up(self, request: TopUpRequest) -> TopUpReply:
-        """Hand a top-up to the budget service and wait for its answer."""
+    async def gate(self, user_id: str) -> BudgetGate | None:
+        """The user's budget gate as the budget service last wrote it in its key-value bucket
+        (None: never written)."""
         ...
 
 

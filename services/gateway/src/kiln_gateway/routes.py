@@ -310,7 +310,8 @@ async def wake_build(build: Owned, rt: Rt, me: Me) -> Accepted:
     },
 )
 async def build_files(build: Owned, rt: Rt) -> StreamingResponse:
-    """The build's files, as its latest snapshot holds them, as a streamed ``.tar.gz``."""
+    """The build's files, directories and symlinks, as its latest snapshot holds them, as a
+    streamed ``.tar.gz``."""
     try:
         latest = await rt.files.latest(build.build_id)
     except Exception as err:
@@ -318,15 +319,14 @@ async def build_files(build: Owned, rt: Rt) -> StreamingResponse:
         raise HTTPException(503, "the snapshot store is unavailable; retry") from err
     if latest is None:
         raise HTTPException(404, "this build has no snapshot yet")
-    snapshot_id, entries = latest
     mtime = int(build.updated_at.timestamp())
     name = f"kiln-{build.build_id}"
     return StreamingResponse(
-        archive.tar_gz(entries, rt.files.blob, root=name, mtime=mtime),
+        archive.tar_gz(latest, rt.files.blob, root=name, mtime=mtime),
         media_type="application/gzip",
         headers={
             "Content-Disposition": f'attachment; filename="{name}.tar.gz"',
-            "X-Kiln-Snapshot-Id": snapshot_id,
+            "X-Kiln-Snapshot-Id": latest.snapshot_id,
         },
     )
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,17 +25,18 @@ router = APIRouter()
 
 @router.get("/v1/budget", response_model=BudgetOut, tags=["budget"], responses=responses(401, 503))
 async def get_budget(rt: Rt, me: Me) -> BudgetOut:
-    """What the caller spent today and this month, and today's allowance (UTC days)."""
+    """What the caller spent today and this month, and today's allowance, as the budget service
+    enforces them (UTC days)."""
     try:
-        asleep = await rt.store.list_for_user(me.user_id, status="sleeping", limit=100, before=None)
-        view = await budget.view(
-            rt.spend, rt.config, me, datetime.now(UTC), [b.build_id for b in asleep]
-        )
+        rt.config.tier(me.tier)
     except KeyError as err:
         raise HTTPException(403, f"your API key's tier {me.tier!r} is not configured") from err
+    try:
+        asleep = await rt.store.list_for_user(me.user_id, status="sleeping", limit=100, before=None)
+        view = await budget.view(rt.budget, rt.config, me, [b.build_id for b in asleep])
     except Exception as err:
-        log.warning("budget counters unavailable: %s", err)
-        raise HTTPException(503, "the budget counters are unavailable; retry") from err
+        log.warning("budget unavailable: %s", err)
+        raise HTTPException(503, "the budget service is unavailable; retry") from err
     return BudgetOut.of(view)
 
 

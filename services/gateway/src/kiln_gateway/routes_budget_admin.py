@@ -1,23 +1,24 @@
 """``POST /v1/budget/top-up`` (admin): credit a user and wake the builds the budget put to sleep.
 
-The budget service applies it (request/reply on ``kiln.rpc.budget.top_up``): it credits the
-user once per ``topup_id``, opens the user's budget gate if that leaves allowance, then sends a
-WakeRequested (reason ``top-up``) to each build it put to sleep. The gateway writes nothing of the
-budget's.
+The budget service owns spend and top-ups: this route sends it a ``TopUpRequested`` on the bus
+(event id stable per user and top-up id, so a retry is dropped by the server or ignored by the
+budget) and the budget applies it once, counting it into the allowance of the period it was
+requested in, and wakes the builds it put to sleep.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import re
 import uuid
 from decimal import Decimal
 from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from kiln_contracts.rpc import TopUpRequest
+from kiln_contracts import TopUpRequested, stable_id
 
 from .deps import Key, Rt
 from .problems import responses
@@ -26,7 +27,8 @@ log = logging.getLogger(__name__)
 
 router = APIRouter()
 
-Ident = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
+IDENT = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+Ident = Annotated[str, StringConstraints(pattern=IDENT)]
 
 
 class TopUp(BaseModel):
@@ -47,8 +49,16 @@ class TopUpDone(BaseModel):
     topup_id: str
     amount_micro_usd: int
     woken: list[str] = Field(
-        description="The builds sent a WakeRequested (none while the allowance is still used up)."
+        description="The user's builds asleep now: the budget wakes those it put to sleep."
     )
+
+
+def topup_id_of(idempotency_key: str | None) -> str | None:
+    """The Idempotency-Key as a top-up id (one that starts with ``_`` or ``-``, which ids may
+    not, stands for a stable digest of it)."""
+    if idempotency_key is None or re.fullmatch(IDENT, idempotency_key):
+        return idempotency_key
+    return stable_id("idempotency-key", idempotency_key).hex
 
 
 def require_admin(rt: Rt, key: Key) -> None:
@@ -77,22 +87,19 @@ async def top_up(
 ) -> TopUpDone:
     """Credit a user (admin key) and wake their sleeping builds at once."""
     require_admin(rt, key)
-    topup_id = body.topup_id or idempotency_key or uuid.uuid4().hex
+    topup_id = body.topup_id or topup_id_of(idempotency_key) or uuid.uuid4().hex
     micro = int(body.amount_usd * 1_000_000)
+    command = TopUpRequested.of(body.user_id, topup_id, micro)
     try:
-        request = TopUpRequest(user_id=body.user_id, topup_id=topup_id, amount_micro_usd=micro)
-    except ValidationError as err:
-        raise HTTPException(422, f"invalid top-up id {topup_id!r}") from err
-    try:
-        reply = await rt.budget.top_up(request)
+        asleep = await rt.store.list_for_user(
+            body.user_id, status="sleeping", limit=100, before=None
+        )
+        await rt.publish(command)
     except Exception as err:
-        log.warning("the budget service did not answer a top-up: %s", err)
+        log.warning("top-up %s for %s not sent: %s", topup_id, body.user_id, err)
         raise HTTPException(
-            503, "the budget service did not answer; retry with the same topup_id"
+            503, "the top-up could not be sent; retry with the same topup_id"
         ) from err
-    if not reply.ok:
-        raise HTTPException(503, f"{reply.error}; retry with the same topup_id")
-    log.info("top-up of %d micro-USD for %s woke %s", micro, body.user_id, reply.woken)
-    return TopUpDone(
-        user_id=body.user_id, topup_id=topup_id, amount_micro_usd=micro, woken=reply.woken
-    )
+    log.info("top-up of %d micro-USD for %s sent (%s)", micro, body.user_id, topup_id)
+    woken = sorted(b.build_id for b in asleep)
+    return TopUpDone(user_id=body.user_id, topup_id=topup_id, amount_micro_usd=micro, woken=woken)

@@ -272,17 +272,15 @@ class BudgetOut(BaseModel):
     spent_month_micro_usd: int
     monthly_budget_micro_usd: int
     daily_allowance_micro_usd: int = Field(
-        description="What is left of the month before today, over the days left (today included)."
+        description="What is left of the month (top-ups included) before today, over the days "
+        "left (today included), plus today's top-ups."
     )
     remaining_today_micro_usd: int
     per_build_cap_micro_usd: int
     concurrent_builds: int
     period_end: str = Field(description="When today's allowance resets (UTC, RFC 3339).")
     topups_micro_usd: int = Field(description="Top-ups credited this month.")
-    source: str = Field(
-        description="'budget': the budget service's figure for the current period; "
-        "'estimate': computed by the gateway before the budget service has seen any spend."
-    )
+    source: str = Field(description="'budget': the budget service's figure for the current period.")
     sleeping_builds: list[str] = Field(description="The caller's builds asleep right now.")
 
     @classmethod

@@ -13,7 +13,7 @@ from kiln_runtime.service import serve
 
 from .adapters.local import LocalProvider
 from .adapters.nats_rpc import NatsRestorer
-from .adapters.postgres import DDL, SCHEMA, PgCallStore, PgRegistry
+from .adapters.postgres import SCHEMA, PgCallStore, PgRegistry, migrations
 from .app import SERVICE, SandboxApp
 from .handlers import SandboxService
 from .ports import Provider
@@ -25,9 +25,9 @@ class ConfigError(RuntimeError):
 
 
 def make_provider(settings: SandboxSettings) -> Provider:
-    if settings.provider == "local":
+    if settings.sandbox_provider == "local":
         return LocalProvider(settings.sandbox_root)
-    if settings.provider == "e2b":
+    if settings.sandbox_provider == "e2b":
         if not settings.e2b_api_key:
             raise ConfigError(
                 "KILN_SANDBOX_PROVIDER=e2b needs E2B_API_KEY (an API key from e2b.dev); "
@@ -42,7 +42,7 @@ def make_provider(settings: SandboxSettings) -> Provider:
             idle_timeout_s=settings.e2b_idle_timeout_s,
             request_timeout_s=settings.e2b_request_timeout_s,
         )
-    raise ConfigError(f"unknown sandbox provider {settings.provider!r}")
+    raise ConfigError(f"unknown sandbox provider {settings.sandbox_provider!r}")
 
 
 @dataclass
@@ -59,7 +59,7 @@ class Runtime:
         # The adapters never change session state (no SET, LISTEN, advisory lock or cursor):
         # no reset query each time a connection goes back to the pool.
         self.pool = await create_pool(
-            self.settings.database_url, schema=SCHEMA, ddl=DDL, reset_sessions=False
+            self.settings.database_url, schema=SCHEMA, migrations=migrations(), reset_sessions=False
         )
         if self.provider is None:
             self.provider = make_provider(self.settings)
@@ -69,8 +69,10 @@ class Runtime:
             PgCallStore(self.pool),
             self.bus,
             NatsRestorer(self.bus.nc),
-            lease_s=self.settings.lease_s,
-            exec_log=Path(self.settings.exec_log) if self.settings.exec_log else None,
+            lease_s=self.settings.sandbox_lease_s,
+            exec_log=Path(self.settings.sandbox_exec_log)
+            if self.settings.sandbox_exec_log
+            else None,
         )
         await self.app.start_rpc()
 
@@ -84,7 +86,7 @@ class Runtime:
 
 def build(settings: SandboxSettings, *, service: str = SERVICE) -> Runtime:
     bus = Bus(settings, service)
-    app = SandboxApp(bus, max_workers=settings.max_workers)
+    app = SandboxApp(bus, max_workers=settings.sandbox_max_workers)
     # Built here, not at start, so a bad configuration fails before anything connects.
     return Runtime(settings=settings, bus=bus, app=app, provider=make_provider(settings))
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from kiln_contracts import Envelope, ManifestEntry, RestorePlanReply
+from kiln_contracts import Envelope, RestorePlanReply
+from kiln_contracts.manifest import ManifestEntry
 
 SandboxState = Literal["running", "paused", "stopped"]
 

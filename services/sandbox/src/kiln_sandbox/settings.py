@@ -1,4 +1,5 @@
-"""The sandbox service's settings (environment variables)."""
+"""The sandbox service's settings (environment variables: ``KILN_`` + the field's name, or its
+alias)."""
 
 from __future__ import annotations
 
@@ -6,53 +7,42 @@ from typing import Literal
 
 from pydantic import Field
 
-from kiln_runtime.settings import DatabaseSettings, env
+from kiln_runtime.settings import DatabaseSettings
 
 
 class SandboxSettings(DatabaseSettings):
     sandbox_root: str = Field(
         default="./.kiln/sandboxes",
-        validation_alias=env("KILN_SANDBOX_ROOT"),
         description="Where the local provider keeps one workspace directory per build.",
     )
-    provider: Literal["local", "e2b"] = Field(
+    sandbox_provider: Literal["local", "e2b"] = Field(
         default="local",
-        validation_alias=env("KILN_SANDBOX_PROVIDER"),
         description="'e2b' (one E2B sandbox per build; needs E2B_API_KEY) or 'local' "
         "(a directory and subprocesses on this host: no security boundary).",
     )
-    max_workers: int = Field(default=32, ge=1, validation_alias=env("KILN_SANDBOX_MAX_WORKERS"))
-    exec_log: str | None = Field(
+    sandbox_max_workers: int = Field(default=32, ge=1)
+    sandbox_exec_log: str | None = Field(
         default=None,
-        validation_alias=env("KILN_SANDBOX_EXEC_LOG"),
         description="A file to append one JSON line to for every tool execution (an audit "
         "trail; the chaos test reads it to prove no call ran twice).",
     )
-    lease_s: float = Field(
+    sandbox_lease_s: float = Field(
         default=30.0,
         gt=0,
-        validation_alias=env("KILN_SANDBOX_LEASE_S"),
         description="A running call's lease, renewed every third of it; a redelivery of a call "
         "whose lease is fresh (another replica runs it) is retried later, not reported "
         "interrupted.",
     )
-    e2b_api_key: str | None = Field(default=None, validation_alias=env("E2B_API_KEY"))
+    e2b_api_key: str | None = Field(default=None, validation_alias="E2B_API_KEY")
     e2b_template: str | None = Field(
-        default=None,
-        validation_alias=env("KILN_E2B_TEMPLATE"),
-        description="E2B template name or id (default: E2B's 'base').",
+        default=None, description="E2B template name or id (default: E2B's 'base')."
     )
-    e2b_workdir: str = Field(
-        default="/home/user/workspace", validation_alias=env("KILN_E2B_WORKDIR")
-    )
+    e2b_workdir: str = "/home/user/workspace"
     e2b_idle_timeout_s: int = Field(
         default=900,
         ge=60,
         le=86_400,
-        validation_alias=env("KILN_E2B_IDLE_TIMEOUT_S"),
         description="Each call pushes the sandbox's E2B timeout this far ahead (keep-alive); "
         "a build idle for longer loses its sandbox and is restored from its snapshot.",
     )
-    e2b_request_timeout_s: float = Field(
-        default=30.0, gt=0, validation_alias=env("KILN_E2B_REQUEST_TIMEOUT_S")
-    )
+    e2b_request_timeout_s: float = Field(default=30.0, gt=0)

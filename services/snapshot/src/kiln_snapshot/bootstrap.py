@@ -33,16 +33,16 @@ class Wiring:
     async def start(self) -> None:
         await self.store.open()
         self._subscription = await app.serve_restore_plans(self.bus.nc, self.deps)
-        if self.settings.gc_interval_s > 0:
+        if self.settings.snapshot_gc_interval_s > 0:
             self._gc = asyncio.create_task(
                 gc.run_periodically(
                     self.store,
-                    self.settings.gc_interval_s,
+                    self.settings.snapshot_gc_interval_s,
                     self._gc_stop,
-                    keep=self.settings.keep,
-                    grace_s=self.settings.gc_grace_s,
-                    max_snapshot_s=self.settings.max_snapshot_s,
-                    sweep_s=self.settings.gc_sweep_s,
+                    keep=self.settings.snapshot_keep,
+                    grace_s=self.settings.snapshot_gc_grace_s,
+                    max_snapshot_s=self.settings.snapshot_max_s,
+                    sweep_s=self.settings.snapshot_gc_sweep_s,
                 )
             )
 
@@ -61,7 +61,7 @@ class Wiring:
 
 def make_store(settings: SnapshotSettings) -> S3Store:
     return S3Store(
-        settings.bucket,
+        settings.s3_bucket,
         endpoint_url=settings.s3_endpoint_url,
         region=settings.region,
         connect_timeout_s=settings.s3_connect_timeout_s,
@@ -84,13 +84,13 @@ def build(settings: SnapshotSettings, *, service: str = "snapshot") -> Wiring:
         store=store,
         sandbox=sandbox,
         publisher=bus,
-        excludes=list(settings.excludes),
+        excludes=list(settings.snapshot_excludes),
         upload_batch=settings.upload_batch,
-        keep=settings.keep,
-        max_snapshot_s=settings.max_snapshot_s,
-        gc_sweep_s=settings.gc_sweep_s,
+        keep=settings.snapshot_keep,
+        max_snapshot_s=settings.snapshot_max_s,
+        gc_sweep_s=settings.snapshot_gc_sweep_s,
     )
-    app.register(bus, deps, max_workers=settings.workers)
+    app.register(bus, deps, max_workers=settings.snapshot_workers)
     return Wiring(bus=bus, deps=deps, store=store, settings=settings)
 
 

@@ -12,7 +12,8 @@ the same time, by this protocol (the snapshot's side is in ``snapshots``' docstr
    each in-flight snapshot is seen either way. Markers older than ``max_snapshot_s`` (+ slack
    for clock skew) are from crashed snapshots: ignored and deleted (a live snapshot that old
    gives up before writing its manifest);
-3. apply the retention, then read every remaining manifest: the referenced blobs;
+3. apply the retention, then read every remaining manifest: the referenced blobs (a manifest
+   that cannot be read ends the run here, before anything is swept);
 4. sweep: delete blobs referenced by neither, last modified before ``now - grace_s``; stop
    sweeping once ``sweep_s`` have passed since step 1 (snapshots treat an older flag as that of
    a dead run and go on), the rest waits for the next run;
@@ -39,15 +40,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from kiln_contracts.bucket import (
+    BLOBS_PREFIX,
+    BUILDS_PREFIX,
+    PENDING_PREFIX,
+    blob_sha256,
+    gc_running_key,
+    parse_manifest_key,
+)
+from kiln_contracts.manifest import Manifest
 from kiln_contracts.messages import utcnow
 
 from .ports import ObjectStore
-from .snapshots import (
-    CLOCK_SLACK_S,
-    GC_RUNNING_PREFIX,
-    PENDING_PREFIX,
-    prune_manifests,
-)
+from .snapshots import CLOCK_SLACK_S, prune_manifests
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +96,7 @@ async def collect(
         raise ValueError("keep must be at least 1")
     report = Report()
     started = clock()
-    flag = f"{GC_RUNNING_PREFIX}{uuid.uuid4().hex}"
+    flag = gc_running_key(uuid.uuid4().hex)
     await store.put(flag, json.dumps({"started_at": started.isoformat()}).encode())
     try:
         # 1. blobs of snapshots being written (before the manifests: see the docstring)
@@ -112,30 +117,30 @@ async def collect(
 
         # 2. retention, then the blobs the remaining manifests name
         by_build: dict[str, int] = defaultdict(int)
-        for obj in await store.list("builds/"):
-            parts = obj.key.split("/")
-            if len(parts) == 4 and parts[2] == "manifests" and parts[3].endswith(".json"):
-                by_build[parts[1]] += 1
+        for obj in await store.list(BUILDS_PREFIX):
+            if (names := parse_manifest_key(obj.key)) is not None:
+                by_build[names[0]] += 1
         for build_id, count in by_build.items():
             if count > keep and not dry_run:
                 report.manifests_pruned += len(await prune_manifests(store, build_id, keep))
         referenced: set[str] = set()
-        for obj in await store.list("builds/"):
-            if "/manifests/" not in obj.key or not obj.key.endswith(".json"):
+        for obj in await store.list(BUILDS_PREFIX):
+            if parse_manifest_key(obj.key) is None:
                 continue
             raw = await store.get(obj.key)
             if raw is None:
                 continue  # pruned meanwhile
             report.manifests_kept += 1
-            referenced.update(str(e["sha256"]) for e in json.loads(raw).get("entries", []))
+            # One that cannot be read raises: nothing is swept while its blobs are unknown.
+            referenced.update(Manifest.parse(raw).blobs())
         report.blobs_referenced = len(referenced)
 
         # 3. sweep
         old_before = started - timedelta(seconds=grace_s)
-        for blob in await store.list("blobs/"):
+        for blob in await store.list(BLOBS_PREFIX):
             report.blobs_seen += 1
-            sha = blob.key.removeprefix("blobs/")
-            if sha in referenced or sha in pending:
+            sha = blob_sha256(blob.key)
+            if sha is None or sha in referenced or sha in pending:
                 continue
             if blob.last_modified >= old_before:
                 report.young_kept += 1
@@ -193,10 +198,10 @@ async def _main(dry_run: bool) -> Report:
     try:
         return await collect(
             store,
-            keep=settings.keep,
-            grace_s=settings.gc_grace_s,
-            max_snapshot_s=settings.max_snapshot_s,
-            sweep_s=settings.gc_sweep_s,
+            keep=settings.snapshot_keep,
+            grace_s=settings.snapshot_gc_grace_s,
+            max_snapshot_s=settings.snapshot_max_s,
+            sweep_s=settings.snapshot_gc_sweep_s,
             dry_run=dry_run,
         )
     finally:

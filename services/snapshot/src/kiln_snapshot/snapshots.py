@@ -1,18 +1,14 @@
 """Content-addressed, incremental snapshots of a build's workspace, and restore plans.
 
-Layout in the bucket (readers such as the gateway rely on the first three; keep it stable):
-
-* ``blobs/<sha256>``                                  a file's bytes (shared by every build)
-* ``builds/<build_id>/manifests/<snapshot_id>.json``  one snapshot: ``entries`` (regular files:
-  path, sha256, size, mode), ``dirs`` (path, mode), ``symlinks`` (path, target), iteration ...
-* ``builds/<build_id>/latest``                        text: the newest snapshot's id
-* ``pending/<build_id>/<snapshot_id>.json``           a snapshot being written (see ``gc``)
-* ``gc/running/<run_id>``                             a garbage collection sweeping (see ``gc``)
+The bucket's keys are ``kiln_contracts.bucket`` (blobs, each build's manifests and ``latest``,
+pending markers, collection flags); a manifest is ``kiln_contracts.manifest.Manifest`` (regular
+files, directories, symlinks). The gateway reads both for its files archive: keep them stable.
 
 A snapshot's id is the event_id of the CheckpointSaved it was taken for. Bytes go from the sandbox
 to S3 directly (presigned PUTs); a manifest is written only once every blob it names exists, and
 ``latest`` only moves forward (by the checkpoint's iteration, then time). After each snapshot the
-build's manifests beyond the newest ``keep`` (by write time; ``latest``'s never) are deleted.
+build's manifests beyond the newest ``keep`` (by iteration, then checkpoint time; ``latest``'s
+never) are deleted.
 
 Safety against the garbage collector (``kiln_snapshot.gc``), in this order:
 
@@ -40,15 +36,23 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from pydantic import ValidationError
 
 from kiln_contracts import CheckpointSaved, SnapshotSaved, stable_id
+from kiln_contracts.bucket import (
+    GC_RUNNING_PREFIX,
+    blob_key,
+    latest_key,
+    manifest_key,
+    manifests_prefix,
+    pending_key,
+)
+from kiln_contracts.manifest import Manifest, ManifestEntry
+from kiln_contracts.manifest import escapes as escapes  # the rule restore plans apply
 from kiln_contracts.messages import utcnow
 from kiln_contracts.rpc import (
     Download,
-    ManifestEntry,
     ManifestRequest,
     RestorePlanReply,
     RestorePlanRequest,
@@ -62,35 +66,12 @@ from .ports import ObjectStore, Publisher, Sandbox
 log = logging.getLogger(__name__)
 
 
-MANIFEST_FORMAT = 1
 # Allowance for clock skew between replicas and for the last writes of a slow snapshot.
 CLOCK_SLACK_S = 300.0
 # Checkpoints that someone waits on (the sandbox pauses or stops after them): never coalesced away.
 NEVER_SKIPPED = frozenset({"sleep", "final"})
 
 
-def blob_key(sha256: str) -> str:
-    return f"blobs/{sha256}"
-
-
-def manifest_key(build_id: str, snapshot_id: str) -> str:
-    return f"builds/{build_id}/manifests/{snapshot_id}.json"
-
-
-def latest_key(build_id: str) -> str:
-    return f"builds/{build_id}/latest"
-
-
-def manifests_prefix(build_id: str) -> str:
-    return f"builds/{build_id}/manifests/"
-
-
-def pending_key(build_id: str, snapshot_id: str) -> str:
-    return f"pending/{build_id}/{snapshot_id}.json"
-
-
-PENDING_PREFIX = "pending/"
-GC_RUNNING_PREFIX = "gc/running/"
 ORDER_META = "kiln-order"  # S3 user metadata on a manifest: see order_tag
 
 
@@ -139,10 +120,6 @@ class Deps:
     max_snapshot_s: float = 1800.0  # a snapshot older than this gives up (see the docstring)
     gc_sweep_s: float = 600.0  # how long a collection may sweep (kiln_snapshot.gc)
     retry_delay_s: float = 5.0
-
-
-class Manifest(dict[str, Any]):
-    """A stored manifest document (JSON object)."""
 
 
 # ------------------------------------------------------------------------------ snapshots
@@ -199,7 +176,7 @@ async def take_snapshot(
             # its blobs do, and from here on our marker keeps them from being collected):
             # only the others are looked up, one HEAD each.
             previous = await _readable_latest(deps.store, build_id)
-            known = {str(e["sha256"]) for e in previous.get("entries", [])} if previous else set()
+            known = previous.blobs() if previous else set()
             missing = await _missing_blobs(deps, [sha for sha in by_sha if sha not in known])
             if missing:
                 await _upload(deps, build_id, [by_sha[sha] for sha in sorted(missing)])
@@ -209,30 +186,12 @@ async def take_snapshot(
                     "been collected meanwhile, starting again",
                     delay_s=deps.retry_delay_s,
                 )
-            doc = Manifest(
-                format=MANIFEST_FORMAT,
-                snapshot_id=snapshot_id,
-                build_id=build_id,
-                user_id=event.user_id,
-                iteration=event.iteration,
-                reason=event.reason,
-                checkpoint_at=event.occurred_at.isoformat(),
-                created_at=utcnow().isoformat(),
-                files=len(files),
-                bytes_total=sum(e.size for e in files),
-                bytes_uploaded=sum(by_sha[sha].size for sha in missing),
-                entries=[
-                    {"path": e.path, "sha256": e.sha256, "size": e.size, "mode": e.mode}
-                    for e in files
-                ],
-                dirs=[{"path": e.path, "mode": e.mode} for e in entries if e.type == "dir"],
-                symlinks=[
-                    {"path": e.path, "target": e.target} for e in entries if e.type == "symlink"
-                ],
+            doc = Manifest.of(
+                event, entries, bytes_uploaded=sum(by_sha[sha].size for sha in missing)
             )
             await deps.store.put(
                 manifest_key(build_id, snapshot_id),
-                json.dumps(doc).encode(),
+                doc.dump(),
                 metadata={ORDER_META: order_tag(doc)},
             )
         finally:
@@ -282,25 +241,25 @@ async def prune_manifests(store: ObjectStore, build_id: str, keep: int) -> list[
     return doomed
 
 
-def order_tag(doc: dict[str, Any]) -> str:
+def order_tag(doc: Manifest) -> str:
     """Sorts like ``_order``: the iteration (zero-padded), then the checkpoint's time in UTC."""
-    at = datetime.fromisoformat(doc["checkpoint_at"]).astimezone(UTC)
-    return f"{int(doc['iteration']):012d}-{at.strftime('%Y%m%dT%H%M%S.%f')}"
+    at = doc.checkpoint_at.astimezone(UTC)
+    return f"{doc.iteration:012d}-{at.strftime('%Y%m%dT%H%M%S.%f')}"
 
 
-def snapshot_saved(event: CheckpointSaved, doc: dict[str, Any]) -> SnapshotSaved:
+def snapshot_saved(event: CheckpointSaved, doc: Manifest) -> SnapshotSaved:
     """The SnapshotSaved for a stored manifest: the same event (and id) however often it is built."""
     snapshot_id = str(event.event_id)
     return event.caused(
         SnapshotSaved,
         event_id=stable_id(event.build_id, "snapshot_saved", snapshot_id),
-        occurred_at=datetime.fromisoformat(doc["created_at"]),
+        occurred_at=doc.created_at,
         snapshot_id=snapshot_id,
         iteration=event.iteration,
         reason=event.reason,
-        files=int(doc["files"]),
-        bytes_total=int(doc["bytes_total"]),
-        bytes_uploaded=int(doc["bytes_uploaded"]),
+        files=doc.files,
+        bytes_total=doc.bytes_total,
+        bytes_uploaded=doc.bytes_uploaded,
     )
 
 
@@ -358,33 +317,33 @@ async def _upload(deps: Deps, build_id: str, entries: list[ManifestEntry]) -> No
 
 async def _load_manifest(store: ObjectStore, build_id: str, snapshot_id: str) -> Manifest | None:
     data = await store.get(manifest_key(build_id, snapshot_id))
-    return None if data is None else Manifest(json.loads(data))
+    return None if data is None else Manifest.parse(data)
 
 
-def _order(doc: dict[str, Any]) -> tuple[int, datetime]:
-    return int(doc["iteration"]), datetime.fromisoformat(doc["checkpoint_at"])
+def _order(doc: Manifest) -> tuple[int, datetime]:
+    return doc.iteration, doc.checkpoint_at
 
 
 async def _advance_latest(
     store: ObjectStore,
     build_id: str,
-    doc: dict[str, Any],
-    read_before: dict[str, Any] | None = None,
+    doc: Manifest,
+    read_before: Manifest | None = None,
 ) -> None:
     """Point ``latest`` at ``doc`` unless it already points at a newer snapshot.
 
     ``read_before``: the manifest ``latest`` pointed at earlier, not read again if still so."""
     current_id = await store.get(latest_key(build_id))
     if current_id is not None:
-        if current_id.decode() == doc["snapshot_id"]:
+        if current_id.decode() == doc.snapshot_id:
             return
-        if read_before is not None and read_before.get("snapshot_id") == current_id.decode():
-            current: dict[str, Any] | None = read_before
+        if read_before is not None and read_before.snapshot_id == current_id.decode():
+            current: Manifest | None = read_before
         else:
             current = await _load_manifest(store, build_id, current_id.decode())
         if current is not None and _order(current) > _order(doc):
             return
-    await store.put(latest_key(build_id), str(doc["snapshot_id"]).encode(), "text/plain")
+    await store.put(latest_key(build_id), doc.snapshot_id.encode(), "text/plain")
 
 
 # ------------------------------------------------------------------------------ restore
@@ -398,7 +357,8 @@ async def latest_manifest(store: ObjectStore, build_id: str) -> Manifest | None:
 
 
 async def restore_plan(deps: Deps, request: RestorePlanRequest) -> RestorePlanReply:
-    """The latest snapshot's files with presigned GET URLs.
+    """The latest snapshot's files with presigned GET URLs, its directories and its symlinks
+    (those leading outside the workspace left out and listed in ``skipped``).
 
     ok=False with error "no snapshot" (and no snapshot_id) only when the build has none; a
     snapshot that exists but cannot be read comes back ok=False *with* its snapshot_id.
@@ -411,7 +371,6 @@ async def restore_plan(deps: Deps, request: RestorePlanRequest) -> RestorePlanRe
         doc = await _load_manifest(deps.store, request.build_id, snapshot_id)
         if doc is None:
             raise KeyError(f"manifest {snapshot_id} is missing")
-        entries = [ManifestEntry.model_validate(e) for e in doc["entries"]]
     except (KeyError, ValueError, ValidationError) as err:
         return RestorePlanReply(
             ok=False, snapshot_id=snapshot_id, error=f"unreadable snapshot: {err}"
@@ -423,49 +382,17 @@ async def restore_plan(deps: Deps, request: RestorePlanRequest) -> RestorePlanRe
             mode=e.mode,
             url=await deps.store.presign_get(blob_key(e.sha256)),
         )
-        for e in entries
+        for e in doc.entries
     ]
-    dirs = [ManifestEntry.directory(str(d["path"]), int(d["mode"])) for d in doc.get("dirs", [])]
-    links = {str(x["path"]): str(x["target"]) for x in doc.get("symlinks", [])}
-    symlinks = [
-        ManifestEntry.symlink(path, target)
-        for path, target in links.items()
-        if not escapes(path, links)
-    ]
-    skipped = sorted(path for path in links if escapes(path, links))
+    skipped = doc.escaping_symlinks()
+    outside = set(skipped)
     return RestorePlanReply(
         ok=True,
         snapshot_id=snapshot_id,
         files=files,
-        dirs=dirs,
-        symlinks=symlinks,
+        dirs=[ManifestEntry.directory(d.path, d.mode) for d in doc.dirs],
+        symlinks=[
+            ManifestEntry.symlink(s.path, s.target) for s in doc.symlinks if s.path not in outside
+        ],
         skipped=skipped,
     )
-
-
-def escapes(path: str, links: dict[str, str], max_hops: int = 40) -> bool:
-    """Whether ``path`` leads outside the workspace when the snapshot's ``links`` are followed
-    (as ``realpath -m`` would in the restored tree). Absolute targets always count as outside:
-    the workspace's absolute path differs from one sandbox to the next."""
-    todo = list(reversed(path.split("/")))
-    done: list[str] = []
-    hops = 0
-    while todo:
-        part = todo.pop()
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if not done:
-                return True
-            done.pop()
-            continue
-        candidate = "/".join([*done, part])
-        target = links.get(candidate)
-        if target is None:
-            done.append(part)
-            continue
-        hops += 1
-        if hops > max_hops or target.startswith("/"):
-            return True  # a loop, or absolute
-        todo.extend(reversed(target.split("/")))
-    return False

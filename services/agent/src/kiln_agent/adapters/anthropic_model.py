@@ -11,7 +11,7 @@ from typing import Any
 import anthropic
 import pydantic_core
 
-from kiln_contracts import Usage
+from kiln_contracts import CacheCreation, Usage
 from kiln_runtime.retry import retry
 
 from ..ports import ContextWindowExceeded, ModelError, ModelReply, ModelRequest
@@ -25,6 +25,10 @@ RETRYABLE = (
     anthropic.ConflictError,  # 409
 )
 TOO_LONG = ("prompt is too long", "context window", "context_window", "too many tokens")
+
+
+class ModelUnavailable(Exception):
+    """A configured model the Models API does not offer (unknown or retired)."""
 
 
 class _RequestTimeout(Exception):
@@ -92,8 +96,8 @@ class AnthropicModel:
         least busy): the HTTP pool looks at every idle connection of its own on each request and
         response, so one pool of hundreds cost more CPU per call the more builds there were; and
         the SDK's default pool keeps only 100 alive, so above that every call opened and closed
-        a connection of its own. The SDK's aiohttp transport carries the calls: a third less CPU
-        per call than its default one (docs/BENCHMARKS.md, concurrency)."""
+        a connection of its own. The SDK's aiohttp transport carries the calls: it spends less
+        CPU per call than the default httpx one (figures: docs/BENCHMARKS.md, model client)."""
         per = min(POOL_CONNECTIONS, max(1, connections))
         limits = type(anthropic.DEFAULT_CONNECTION_LIMITS)(
             max_connections=per, max_keepalive_connections=per, keepalive_expiry=keepalive_s
@@ -117,23 +121,31 @@ class AnthropicModel:
         # The request is plain JSON already: it is encoded once here and sent through the SDK's
         # own POST (its auth headers, retries' bookkeeping, errors) as bytes. Given as arguments
         # of ``messages.create`` instead, the SDK walks and copies the whole conversation and
-        # encodes it again on every call: most of the agent's CPU per iteration with long
-        # conversations (docs/BENCHMARKS.md, concurrency). The reply comes back as bytes too:
-        # its content blocks are kept as the JSON they are, not built into the SDK's models
-        # and dumped back to the same dicts (~190 µs less CPU per call: docs/BENCHMARKS.md).
-        body = pydantic_core.to_json(
-            {
-                "model": request.model,
-                "max_tokens": request.max_tokens,
-                "system": request.system,
-                "tools": request.tools,
-                "messages": request.messages,
-            }
+        # encodes it again on every call, work that grows with the conversation. The reply
+        # comes back as bytes too: its content blocks are kept as the JSON they are, not built
+        # into the SDK's models and dumped back to the same dicts, which only costs CPU
+        # (figures: docs/BENCHMARKS.md, model client).
+        fields: dict[str, Any] = {
+            "model": request.model,
+            "max_tokens": request.max_tokens,
+            "system": request.system,
+            "tools": request.tools,
+            "messages": request.messages,
+        }
+        if request.thinking is not None:
+            fields["thinking"] = request.thinking
+        if request.output_config is not None:
+            fields["output_config"] = request.output_config
+        body = pydantic_core.to_json(fields)
+        options: Any = (
+            {"headers": {"anthropic-beta": ",".join(request.betas)}} if request.betas else {}
         )
 
         async def call() -> bytes:
             try:
-                return await client.post(MESSAGES_PATH, cast_to=bytes, content=body)
+                return await client.post(
+                    MESSAGES_PATH, cast_to=bytes, content=body, options=options
+                )
             except anthropic.APIStatusError as err:
                 if err.status_code == 408:
                     raise _RequestTimeout(err.message) from err
@@ -163,6 +175,44 @@ class AnthropicModel:
             self._busy[i] -= 1
         return _reply(raw, request.model)
 
+    async def check_models(self, models: dict[str, str]) -> dict[str, str]:
+        """Ask the Models API for each configured model (``{model: where it is configured}``):
+        {model: the id it resolves to}. A model the API does not know, or reports retired, is a
+        ModelUnavailable naming it and where it is configured; a deprecated one is logged."""
+        client = self.clients[0]
+        resolved: dict[str, str] = {}
+        for model, where in models.items():
+
+            async def get(model: str = model) -> bytes:
+                return await client.get(f"/v1/models/{model}", cast_to=bytes)
+
+            try:
+                raw = await retry(
+                    get, attempts=self.attempts, retry_on=RETRYABLE, base=self.base, cap=self.cap
+                )
+                info = pydantic_core.from_json(raw)
+            except anthropic.NotFoundError as err:
+                raise ModelUnavailable(
+                    f"model {model!r} ({where}) does not exist for this API key: {err.message}"
+                ) from err
+            except (anthropic.APIError, ValueError) as err:
+                raise ModelUnavailable(f"could not look model {model!r} up: {err}") from err
+            lifecycle = info.get("lifecycle", "active")
+            if lifecycle == "retired":
+                raise ModelUnavailable(
+                    f"model {model!r} ({where}) is retired (since {info.get('retires_at')}); "
+                    "name a current model in kiln.yaml"
+                )
+            if lifecycle == "deprecated":
+                log.warning(
+                    "model %r (%s) is deprecated and retires at %s",
+                    model,
+                    where,
+                    info.get("retires_at"),
+                )
+            resolved[model] = str(info.get("id") or model)
+        return resolved
+
     async def close(self) -> None:
         for client in self.clients:
             await client.close()
@@ -177,18 +227,37 @@ def _reply(raw: bytes, model: str) -> ModelReply:
         usage = data.get("usage") or {}
         return ModelReply(
             model=data.get("model") or model,
-            content=[
-                {k: v for k, v in block.items() if v is not None} for block in data["content"]
-            ],
+            content=[_block(block) for block in data["content"]],
             stop_reason=data.get("stop_reason") or "end_turn",
-            usage=Usage(
-                input_tokens=usage.get("input_tokens") or 0,
-                output_tokens=usage.get("output_tokens") or 0,
-                cache_creation_input_tokens=usage.get("cache_creation_input_tokens") or 0,
-                cache_read_input_tokens=usage.get("cache_read_input_tokens") or 0,
-            ),
+            usage=_usage(usage),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise ModelError(
             f"not a Messages response ({type(err).__name__}: {err}): {raw[:200]!r}"
         ) from err
+
+
+def _block(block: dict[str, Any]) -> dict[str, Any]:
+    """A content block as received; fields that are null are left out, except in thinking
+    blocks, which go back to the API exactly as they came."""
+    if block.get("type") in ("thinking", "redacted_thinking"):
+        return block
+    return {k: v for k, v in block.items() if v is not None}
+
+
+def _usage(usage: dict[str, Any]) -> Usage:
+    split = usage.get("cache_creation")
+    return Usage(
+        input_tokens=usage.get("input_tokens") or 0,
+        output_tokens=usage.get("output_tokens") or 0,
+        cache_creation_input_tokens=usage.get("cache_creation_input_tokens") or 0,
+        cache_read_input_tokens=usage.get("cache_read_input_tokens") or 0,
+        cache_creation=(
+            CacheCreation(
+                ephemeral_5m_input_tokens=split.get("ephemeral_5m_input_tokens") or 0,
+                ephemeral_1h_input_tokens=split.get("ephemeral_1h_input_tokens") or 0,
+            )
+            if isinstance(split, dict)
+            else None
+        ),
+    )

@@ -6,7 +6,7 @@ import copy
 import time
 
 from ..checkpoint import Checkpoint, Turn
-from ..ports import VersionConflict
+from ..ports import NO_LEASE_CHANGE, LeaseChange, VersionConflict
 
 
 class MemoryStore:
@@ -35,10 +35,7 @@ class MemoryStore:
         self,
         cp: Checkpoint,
         new_turns: list[Turn],
-        *,
-        release: str | None = None,
-        take: str | None = None,
-        ttl_s: float = 0.0,
+        lease: LeaseChange = NO_LEASE_CHANGE,
     ) -> bool:
         row = self.rows.get(cp.build_id)
         if row is None or row.version != cp.version:
@@ -47,9 +44,9 @@ class MemoryStore:
         self.rows[cp.build_id] = self._row(cp)
         self.conversation[cp.build_id].extend(copy.deepcopy(new_turns))
         self.saves += 1
-        if release is not None:
-            await self.release(cp.build_id, release)
-        return take is not None and self._lease(cp.build_id, take, ttl_s) == 0.0
+        if lease.give_up is not None:
+            await self.release_lease(cp.build_id, lease.give_up)
+        return lease.take is not None and self._lease(cp.build_id, lease.take, lease.ttl_s) == 0.0
 
     @staticmethod
     def _row(cp: Checkpoint) -> Checkpoint:
@@ -72,7 +69,7 @@ class MemoryStore:
         if row is not None and row.version == version:
             row.outbox = []
 
-    async def take(
+    async def take_lease(
         self, build_id: str, token: str, ttl_s: float
     ) -> tuple[float, Checkpoint | None]:
         if build_id not in self.rows:
@@ -80,12 +77,12 @@ class MemoryStore:
         wait = self._lease(build_id, token, ttl_s)
         return (wait, None) if wait > 0 else (0.0, await self.load(build_id))
 
-    async def renew(self, build_id: str, token: str, ttl_s: float) -> bool:
+    async def extend_lease(self, build_id: str, token: str, ttl_s: float) -> bool:
         if self.leases.get(build_id, ("", 0.0))[0] != token:
             return False
         self.leases[build_id] = (token, time.monotonic() + ttl_s)
         return True
 
-    async def release(self, build_id: str, token: str) -> None:
+    async def release_lease(self, build_id: str, token: str) -> None:
         if self.leases.get(build_id, ("", 0.0))[0] == token:
             del self.leases[build_id]

@@ -8,52 +8,24 @@ are byte-identical, as prompt caching needs."""
 from __future__ import annotations
 
 import json
+from importlib.resources import files
 from typing import Any
 
 import asyncpg
 
 from kiln_contracts import BuildLimits
+from kiln_runtime.db import Migration, read_migrations
 
 from ..checkpoint import Checkpoint, State, Turn, dump_outbox, load_outbox
-from ..ports import VersionConflict
+from ..ports import NO_LEASE_CHANGE, LeaseChange, VersionConflict
 
 SCHEMA = "agent"
 
-DDL = """
-CREATE TABLE IF NOT EXISTS builds (
-    build_id        text PRIMARY KEY,
-    user_id         text NOT NULL,
-    version         integer NOT NULL,
-    status          text NOT NULL,
-    iteration       integer NOT NULL,
-    model           text NOT NULL,
-    tier            text NOT NULL,
-    limits          jsonb NOT NULL,
-    cost_micro_usd  bigint NOT NULL,
-    system          text NOT NULL,
-    turns           integer NOT NULL,
-    state           jsonb NOT NULL,
-    outbox          jsonb NOT NULL DEFAULT '[]',
-    created_at      timestamptz NOT NULL DEFAULT now(),
-    updated_at      timestamptz NOT NULL DEFAULT now()
-);
-CREATE INDEX IF NOT EXISTS builds_status ON builds (status);
-ALTER TABLE builds ADD COLUMN IF NOT EXISTS lease_token text;
-ALTER TABLE builds ADD COLUMN IF NOT EXISTS lease_until timestamptz;
-CREATE TABLE IF NOT EXISTS turns (
-    build_id  text NOT NULL,
-    seq       integer NOT NULL,
-    role      text NOT NULL,
-    content   json NOT NULL,
-    PRIMARY KEY (build_id, seq)
-);
-DO $$ BEGIN
-    IF (SELECT data_type FROM information_schema.columns WHERE table_schema = current_schema()
-        AND table_name = 'turns' AND column_name = 'content') = 'jsonb' THEN
-        ALTER TABLE turns ALTER COLUMN content TYPE json;
-    END IF;
-END $$;
-"""
+
+def migrations() -> list[Migration]:
+    """This schema's migrations: ``migrations/NNNN_name.sql`` beside this module."""
+    return read_migrations(files("kiln_agent.adapters") / "migrations")
+
 
 _COLUMNS = (
     "build_id, user_id, version, status, iteration, model, tier, limits, cost_micro_usd, "
@@ -105,7 +77,7 @@ class PostgresStore:
         )
         return None if row is None else _checkpoint(row)
 
-    async def take(
+    async def take_lease(
         self, build_id: str, token: str, ttl_s: float
     ) -> tuple[float, Checkpoint | None]:
         row = await self.pool.fetchrow(
@@ -131,10 +103,7 @@ class PostgresStore:
         self,
         cp: Checkpoint,
         new_turns: list[Turn],
-        *,
-        release: str | None = None,
-        take: str | None = None,
-        ttl_s: float = 0.0,
+        lease: LeaseChange = NO_LEASE_CHANGE,
     ) -> bool:
         # one statement (atomic on its own): the row's update and the new turns, which are
         # inserted only if the update matched the version; the lease of token $13 given up, or
@@ -165,9 +134,9 @@ class PostgresStore:
             [t.seq for t in new_turns],
             [t.role for t in new_turns],
             [json.dumps(t.content) for t in new_turns],
-            release,
-            take,
-            ttl_s,
+            lease.give_up,
+            lease.take,
+            lease.ttl_s,
         )
         if took is None:
             raise VersionConflict(cp.build_id)
@@ -181,7 +150,7 @@ class PostgresStore:
             version,
         )
 
-    async def renew(self, build_id: str, token: str, ttl_s: float) -> bool:
+    async def extend_lease(self, build_id: str, token: str, ttl_s: float) -> bool:
         renewed = await self.pool.fetchval(
             "UPDATE builds SET lease_until = now() + make_interval(secs => $3) "
             "WHERE build_id = $1 AND lease_token = $2 RETURNING true",
@@ -200,7 +169,7 @@ class PostgresStore:
         )
         return 0.0 if row is None else max(0.001, float(row["left"] or 0.001))
 
-    async def release(self, build_id: str, token: str) -> None:
+    async def release_lease(self, build_id: str, token: str) -> None:
         await self.pool.execute(
             "UPDATE builds SET lease_token = NULL, lease_until = NULL "
             "WHERE build_id = $1 AND lease_token = $2",

@@ -1,7 +1,14 @@
 """Spend counters in Redis: one Lua script charges an event exactly once.
 
+The budget service alone reads and writes these keys. They are a cache of the stream: a Redis
+that has lost them (flushed, restarted empty) is rebuilt from the stream's events
+(``recovery.py``), and until then charges and top-ups are refused (``SpendLost``).
+
 Keys (all amounts integer micro-dollars):
 
+* ``kiln:budget:intact``                           present while the keys hold everything since
+                                                   the last rebuild (its value: when that ended)
+* ``kiln:budget:rebuild:<token>``                  a rebuild under way (gone with a flush)
 * ``kiln:charged:<event_id>``                      the event was charged (35-day TTL)
 * ``kiln:spend:user:<user>:day:<YYYY-MM-DD>``      a user's spend on a UTC day (``p<n>`` when
                                                    periods are shortened, see ``periods.py``)
@@ -11,17 +18,16 @@ Keys (all amounts integer micro-dollars):
 * ``kiln:ended:<build_id>``                        the build ended (keeps a late BuildRequested out)
 * ``kiln:tier:<user>``                             the tier of the user's latest BuildRequested
 
-Sleep and wake (see docs/ARCHITECTURE.md, budget):
+Sleep, wake and top-ups (see docs/ARCHITECTURE.md, budget):
 
 * ``kiln:budget:topups:<user>``                    sorted set of top-ups: member ``<topup_id>:<micro>``,
-                                                   score = Unix time of the top-up (the gateway's
-                                                   POST /v1/budget/top-up hands them to this service)
+                                                   score = Unix time of the top-up
+* ``kiln:budget:topup:<user>:<topup_id>``          the top-up was credited (``credited``) and its
+                                                   wakes sent (``woken``)
 * ``kiln:budget:sleeping:<user>``                  set of the builds the budget put to sleep (a
                                                    top-up wakes these); left on BuildResumed or end
 * ``kiln:budget:gen:<build_id>``                   the build's wake generation (its last BuildResumed)
 * ``kiln:budget:slept:<build_id>:<period>``        the generation the budget slept the build in
-* ``kiln:budget:user:<user>``                      hash: the user's latest allowance (read by the
-                                                   gateway's GET /v1/budget)
 
 The budget gates are not here: they live in the JetStream key-value bucket KILN_BUDGET_GATES
 (``adapters/kv_gates.py``), which the agent and the gateway read.
@@ -29,8 +35,9 @@ The budget gates are not here: they live in the JetStream key-value bucket KILN_
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
+import uuid
+from datetime import UTC, datetime
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -38,7 +45,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..ports import Charge
+from ..ports import Charge, SpendLost, TopUpState
 
 DAY_S = 24 * 3600
 CHARGED_TTL_S = 35 * DAY_S
@@ -47,8 +54,15 @@ MONTH_TTL_S = 400 * DAY_S
 BUILD_TTL_S = 35 * DAY_S
 ENDED_TTL_S = 35 * DAY_S
 
-# KEYS: charged, day, month, build   ARGV: amount, charged ttl, day ttl, month ttl, build ttl
+INTACT_KEY = "kiln:budget:intact"
+REBUILD_TTL_S = DAY_S
+
+# KEYS: charged, day, month, build, intact
+# ARGV: amount, charged ttl, day ttl, month ttl, build ttl, "1" to refuse without the intact mark
 CHARGE_LUA = """
+if ARGV[6] == '1' and redis.call('EXISTS', KEYS[5]) == 0 then
+  return -1
+end
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
   return 0
 end
@@ -58,6 +72,32 @@ redis.call('INCRBY', KEYS[3], ARGV[1])
 redis.call('EXPIRE', KEYS[3], ARGV[4])
 redis.call('INCRBY', KEYS[4], ARGV[1])
 redis.call('EXPIRE', KEYS[4], ARGV[5])
+return 1
+"""
+
+# KEYS: ledger, topups, intact
+# ARGV: member, score, ttl, trim below this score, "1" to refuse without the intact mark
+TOPUP_LUA = """
+if ARGV[5] == '1' and redis.call('EXISTS', KEYS[3]) == 0 then
+  return 'lost'
+end
+local state = redis.call('GET', KEYS[1])
+if state then
+  return state
+end
+redis.call('SET', KEYS[1], 'credited', 'EX', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return 'new'
+"""
+
+# KEYS: rebuild token, intact   ARGV: the intact mark's value
+FINISH_LUA = """
+if redis.call('DEL', KEYS[1]) == 0 then
+  return 0
+end
+redis.call('SET', KEYS[2], ARGV[1])
 return 1
 """
 
@@ -131,8 +171,12 @@ def slept_key(build_id: str, period: str) -> str:
     return f"kiln:budget:slept:{build_id}:{period}"
 
 
-def status_key(user_id: str) -> str:
-    return f"kiln:budget:user:{user_id}"
+def topup_key(user_id: str, topup_id: str) -> str:
+    return f"kiln:budget:topup:{user_id}:{topup_id}"
+
+
+def rebuild_key(token: str) -> str:
+    return f"kiln:budget:rebuild:{token}"
 
 
 def topup_member(topup_id: str, amount_micro_usd: int) -> str:
@@ -155,6 +199,8 @@ class RedisSpendStore:
         self._started: Any = None
         self._ended: Any = None
         self._resumed: Any = None
+        self._topup: Any = None
+        self._finish: Any = None
 
     async def open(self) -> None:
         client = aioredis.from_url(
@@ -172,6 +218,8 @@ class RedisSpendStore:
         self._started = client.register_script(STARTED_LUA)
         self._ended = client.register_script(ENDED_LUA)
         self._resumed = client.register_script(RESUMED_LUA)
+        self._topup = client.register_script(TOPUP_LUA)
+        self._finish = client.register_script(FINISH_LUA)
 
     async def close(self) -> None:
         if self._redis is not None:
@@ -184,18 +232,30 @@ class RedisSpendStore:
             raise RuntimeError("RedisSpendStore used before open()")
         return self._redis
 
-    async def charge(self, charge: Charge) -> bool:
+    async def charge(self, charge: Charge, *, replay: bool = False) -> bool:
         _ = self.redis
-        applied = await self._charge(
-            keys=[
-                charged_key(charge.event_id),
-                day_key(charge.user_id, charge.period),
-                month_key(charge.user_id, charge.cycle),
-                build_key(charge.build_id),
-            ],
-            args=[charge.amount_micro_usd, CHARGED_TTL_S, DAY_TTL_S, MONTH_TTL_S, BUILD_TTL_S],
+        applied = int(
+            await self._charge(
+                keys=[
+                    charged_key(charge.event_id),
+                    day_key(charge.user_id, charge.period),
+                    month_key(charge.user_id, charge.cycle),
+                    build_key(charge.build_id),
+                    INTACT_KEY,
+                ],
+                args=[
+                    charge.amount_micro_usd,
+                    CHARGED_TTL_S,
+                    DAY_TTL_S,
+                    MONTH_TTL_S,
+                    BUILD_TTL_S,
+                    "0" if replay else "1",
+                ],
+            )
         )
-        return bool(int(applied))
+        if applied < 0:
+            raise SpendLost("Redis has lost the spend counters (no intact mark)")
+        return bool(applied)
 
     async def _int(self, key: str) -> int:
         value = await self.redis.get(key)
@@ -235,18 +295,38 @@ class RedisSpendStore:
         value = await self.redis.get(tier_key(user_id))
         return None if value is None else str(value)
 
-    # ------------------------------------------------------------------ top-ups, sleep, status
+    # ------------------------------------------------------------------ top-ups, sleep and wake
 
     async def add_topup(
-        self, user_id: str, topup_id: str, amount_micro_usd: int, at: datetime
-    ) -> None:
-        key = topups_key(user_id)
-        member = topup_member(topup_id, amount_micro_usd)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zadd(key, {member: at.timestamp()})
-            pipe.zremrangebyscore(key, "-inf", at.timestamp() - MONTH_TTL_S)
-            pipe.expire(key, MONTH_TTL_S)
-            await pipe.execute()
+        self,
+        user_id: str,
+        topup_id: str,
+        amount_micro_usd: int,
+        at: datetime,
+        *,
+        replay: bool = False,
+    ) -> TopUpState:
+        _ = self.redis
+        state = str(
+            await self._topup(
+                keys=[topup_key(user_id, topup_id), topups_key(user_id), INTACT_KEY],
+                args=[
+                    topup_member(topup_id, amount_micro_usd),
+                    at.timestamp(),
+                    MONTH_TTL_S,
+                    at.timestamp() - MONTH_TTL_S,
+                    "0" if replay else "1",
+                ],
+            )
+        )
+        if state == "lost":
+            raise SpendLost("Redis has lost the top-ups (no intact mark)")
+        if state not in ("new", "credited", "woken"):
+            raise RuntimeError(f"unexpected top-up state {state!r}")
+        return cast(TopUpState, state)
+
+    async def topup_woken(self, user_id: str, topup_id: str) -> None:
+        await self.redis.set(topup_key(user_id, topup_id), "woken", xx=True, keepttl=True)
 
     async def topups(self, user_id: str, since: datetime, until: datetime) -> int:
         members = await self.redis.zrangebyscore(
@@ -282,9 +362,19 @@ class RedisSpendStore:
         members = await self.redis.smembers(sleeping_key(user_id))  # type: ignore[misc]
         return {str(m) for m in members}
 
-    async def save_status(self, user_id: str, status: dict[str, str], ttl_s: int) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(status_key(user_id))
-            pipe.hset(status_key(user_id), mapping=status)  # type: ignore[arg-type]
-            pipe.expire(status_key(user_id), ttl_s)
-            await pipe.execute()
+    # ------------------------------------------------------------------ loss and rebuild
+
+    async def intact(self) -> bool:
+        return bool(await self.redis.exists(INTACT_KEY))
+
+    async def begin_rebuild(self) -> str:
+        token = uuid.uuid4().hex
+        await self.redis.set(rebuild_key(token), "1", ex=REBUILD_TTL_S)
+        return token
+
+    async def finish_rebuild(self, token: str) -> bool:
+        _ = self.redis
+        done = await self._finish(
+            keys=[rebuild_key(token), INTACT_KEY], args=[datetime.now(UTC).isoformat()]
+        )
+        return bool(int(done))

@@ -1,13 +1,13 @@
 """The snapshot service's bucket, read only, with aioboto3 (every call has timeouts).
 
-Layout (written by the snapshot service): ``builds/<build_id>/latest`` holds the newest snapshot's
-id, ``builds/<build_id>/manifests/<snapshot_id>.json`` its entries, ``blobs/<sha256>`` the bytes.
+Keys from ``kiln_contracts.bucket`` (``latest`` names the newest snapshot, its manifest lists the
+files, directories and symlinks, the blobs hold the bytes), manifests read as
+``kiln_contracts.manifest.Manifest``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,7 +15,8 @@ import aioboto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from ..ports import FileEntry
+from kiln_contracts.bucket import blob_key, latest_key, manifest_key
+from kiln_contracts.manifest import Manifest
 
 NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 CHUNK = 256 * 1024
@@ -64,29 +65,15 @@ class S3Files:
             data: bytes = await body.read()
         return data
 
-    async def latest(self, build_id: str) -> tuple[str, list[FileEntry]] | None:
-        snapshot_id = await self._get(f"builds/{build_id}/latest")
+    async def latest(self, build_id: str) -> Manifest | None:
+        snapshot_id = await self._get(latest_key(build_id))
         if not snapshot_id:
             return None
-        sid = snapshot_id.decode().strip()
-        doc = await self._get(f"builds/{build_id}/manifests/{sid}.json")
-        if doc is None:
-            return None
-        entries = [
-            FileEntry(
-                path=str(e["path"]),
-                sha256=str(e.get("sha256", "")),
-                size=int(e.get("size", 0)),
-                mode=int(e.get("mode", 0o644)),
-                type=str(e.get("type", "file")),
-                target=e.get("target"),
-            )
-            for e in json.loads(doc).get("entries", [])
-        ]
-        return sid, entries
+        doc = await self._get(manifest_key(build_id, snapshot_id.decode().strip()))
+        return None if doc is None else Manifest.parse(doc)
 
     async def blob(self, sha256: str) -> AsyncIterator[bytes]:
-        response = await self._client.get_object(Bucket=self.bucket, Key=f"blobs/{sha256}")
+        response = await self._client.get_object(Bucket=self.bucket, Key=blob_key(sha256))
         body = response["Body"]
         try:
             async for chunk in body.iter_chunks(CHUNK):

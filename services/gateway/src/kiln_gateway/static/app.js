@@ -118,6 +118,7 @@ function onEvent(kind, msg) {
   if (kind === "agent_narrated" && data.text) {
     const p = document.createElement("p");
     p.textContent = data.text;
+    if (data.source === "thinking") p.className = "thinking";
     $("narration").appendChild(p);
   } else if (kind === "tool_call") {
     $("tool").textContent = data.tool;

@@ -40,7 +40,7 @@ from e2b import (
     SandboxNotRunningException,
 )
 
-from kiln_contracts import ManifestEntry
+from kiln_contracts.manifest import ManifestEntry
 
 from ..ports import CommandResult, FileInfo, PathOutsideWorkspace, SandboxError, SandboxGone
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from kiln_contracts import ManifestEntry
+from kiln_contracts.manifest import ManifestEntry
 
 from ..ports import CommandResult, FileInfo, PathOutsideWorkspace, SandboxError, SandboxGone
 

@@ -3,34 +3,21 @@
 from __future__ import annotations
 
 import json
+from importlib.resources import files
 from typing import Any, cast
 
 import asyncpg
+
+from kiln_runtime.db import Migration, read_migrations
 
 from ..ports import CallRecord, SandboxRecord, SandboxState
 
 SCHEMA = "sandbox"
 
-DDL = """
-CREATE TABLE IF NOT EXISTS calls (
-    build_id   text NOT NULL,
-    call_id    text NOT NULL,
-    status     text NOT NULL CHECK (status IN ('started', 'done')),
-    result     jsonb,
-    created_at timestamptz NOT NULL DEFAULT now(),
-    updated_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (build_id, call_id)
-);
-ALTER TABLE calls ADD COLUMN IF NOT EXISTS owner text;
-ALTER TABLE calls ADD COLUMN IF NOT EXISTS lease_until timestamptz;
-CREATE TABLE IF NOT EXISTS sandboxes (
-    build_id   text PRIMARY KEY,
-    provider   text NOT NULL,
-    sandbox_id text NOT NULL,
-    state      text NOT NULL CHECK (state IN ('running', 'paused', 'stopped')),
-    updated_at timestamptz NOT NULL DEFAULT now()
-);
-"""
+
+def migrations() -> list[Migration]:
+    """This schema's migrations: ``migrations/NNNN_name.sql`` beside this module."""
+    return read_migrations(files("kiln_sandbox.adapters") / "migrations")
 
 
 class PgCallStore:

@@ -11,15 +11,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from kiln_agent import config as agent_config
+from kiln_agent.adapters.anthropic_model import AnthropicModel
+from kiln_agent.adapters.memory import MemoryStore
+from kiln_agent.loop import Agent
 from kiln_contracts import BuildCompleted, BuildRequested, Envelope, ToolCall, ToolResult
+from kiln_devstack.model.script import LongScript
+from kiln_devstack.model.server import Recorded, ScriptedServer
 from kiln_runtime import config as kiln_config
-
-from . import config as agent_config
-from .adapters.anthropic_model import AnthropicModel
-from .adapters.memory import MemoryStore
-from .loop import Agent
-from .scripted import LongScript
-from .scripted_server import Recorded, ScriptedServer
 
 
 @dataclass

@@ -37,7 +37,7 @@ from e2b import (
     TimeoutException,
 )
 
-from .ports import SandboxRecord
+from kiln_sandbox.ports import SandboxRecord
 
 HOME = "/home/user"
 

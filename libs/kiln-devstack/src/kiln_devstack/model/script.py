@@ -17,10 +17,6 @@ import re
 from collections import OrderedDict
 from typing import Any
 
-from kiln_contracts import Usage
-
-from .ports import ModelReply, ModelRequest
-
 TEST_COMMAND = "python -m unittest discover -s tests -v"
 BUG = "key=lambda item: (item[1], item[0])"
 FIX = "key=lambda item: (-item[1], item[0])"
@@ -113,23 +109,10 @@ SUMMARY = (
 
 
 class ScriptedModel:
-    """The script, as a Model (for the agent's tests) and as a Messages API responder."""
+    """The script as a Messages API responder (a request body in, a response body out)."""
 
     def __init__(self) -> None:
         self.usage = UsageEstimator()
-
-    # ---------------------------------------------------------------- the Model port
-
-    async def complete(self, request: ModelRequest) -> ModelReply:
-        body = self.respond(request.model_dump())
-        return ModelReply(
-            model=body["model"],
-            content=body["content"],
-            stop_reason=body["stop_reason"],
-            usage=Usage(**body["usage"]),
-        )
-
-    # ---------------------------------------------------------------- Messages API
 
     def respond(self, request: dict[str, Any]) -> dict[str, Any]:
         """A Messages API response body for a request body."""

@@ -1,9 +1,9 @@
-"""An Anthropic-compatible HTTP server for the scripted model (asyncio, standard library only).
+"""An Anthropic-compatible HTTP server for the scripted model (aiohttp).
 
-``python -m kiln_agent.scripted_server --port 8765 [--host 127.0.0.1] [--latency-s 0.2]``
+``python -m kiln_devstack.model.server --port 8765 [--host 127.0.0.1] [--latency-s 0.2]``
 
-POST /v1/messages (non-streaming) answers with a Messages API response; GET /healthz answers ok.
-HTTP/1.1 with keep-alive; each connection is its own task, so many clients can be served at once.
+POST /v1/messages (non-streaming) answers with a Messages API response under the rules of
+``rules.py``; GET /v1/models[/{id}] serves the model catalogue; GET /healthz answers ok.
 Any path prefix before /v1/messages is accepted and recorded (``ANTHROPIC_BASE_URL=<url>/replica-a``
 tells the tests which client called).
 
@@ -21,16 +21,21 @@ import contextlib
 import json
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .scripted import ScriptedModel
+from aiohttp import web
+
+from . import rules as api
+from .script import ScriptedModel
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 32 * 1024 * 1024
 MESSAGES = "/v1/messages"
+MODELS = "/v1/models"
 
 
 @dataclass
@@ -80,60 +85,62 @@ class ScriptedServer:
         self.recorded: list[Recorded] = []
         self.attempts = 0
         self.connections = 0  # accepted so far
-        self._server: asyncio.Server | None = None
+        self.issued = api.Issued()  # thinking blocks sent with each tool call, to check them
+        self.refused: list[api.ApiError] = []  # the requests the rules refused
+        self._runner: web.AppRunner | None = None
+        self._transports: weakref.WeakSet[Any] = weakref.WeakSet()
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port, backlog=1024)
-        self.port = self._server.sockets[0].getsockname()[1]
+        app = web.Application(client_max_size=MAX_BODY)
+        app.router.add_route("*", "/{tail:.*}", self._serve)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, backlog=1024)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
 
     async def stop(self) -> None:
-        if self._server:
-            self._server.close()
+        if self._runner is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
+                await asyncio.wait_for(self._runner.cleanup(), 2)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            while True:
-                request_line = await reader.readline()
-                if not request_line:
-                    return
-                arrived_at = time.time()
-                method, path, _ = request_line.decode("latin-1").split(" ", 2)
-                headers: dict[str, str] = {}
-                while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
-                    name, _, value = line.decode("latin-1").partition(":")
-                    headers[name.strip().lower()] = value.strip()
-                length = int(headers.get("content-length") or 0)
-                if length > MAX_BODY:
-                    await _send(writer, 413, _error("request_too_large", "body too large"))
-                    return
-                body = await reader.readexactly(length) if length else b""
-                status, payload, extra = await self._handle(
-                    method, path.split("?")[0], body, arrived_at
-                )
-                if status == 0:
-                    return  # an injected hang-up
-                await _send(writer, status, payload, extra)
-                if headers.get("connection", "").lower() == "close":
-                    return
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
-            return
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+    async def _serve(self, request: web.Request) -> web.StreamResponse:
+        arrived_at = time.time()
+        transport = request.transport
+        if transport is not None and transport not in self._transports:
+            self._transports.add(transport)
+            self.connections += 1
+        body = await request.read()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        status, payload, extra = await self._handle(
+            request.method, request.path, body, arrived_at, headers
+        )
+        if status == 0:  # an injected hang-up: the connection closes without an answer
+            if transport is not None:
+                transport.close()
+            raise ConnectionResetError("injected hang-up")
+        return web.json_response(
+            payload,
+            status=status,
+            headers={"request-id": f"req_scripted_{id(payload):x}", **extra},
+        )
 
     async def _handle(
-        self, method: str, path: str, body: bytes, arrived_at: float = 0.0
+        self,
+        method: str,
+        path: str,
+        body: bytes,
+        arrived_at: float = 0.0,
+        headers: dict[str, str] | None = None,
     ) -> tuple[int, dict[str, Any], dict[str, str]]:
         if method == "GET" and path in ("/healthz", "/"):
             return 200, {"status": "ok", "requests": self.requests}, {}
+        if method == "GET" and MODELS in path:
+            return _models(path[path.index(MODELS) + len(MODELS) :])
         if not path.endswith(MESSAGES):
             return 404, _error("not_found_error", f"no route {method} {path}"), {}
         if method != "POST":
@@ -146,6 +153,12 @@ class ScriptedServer:
             return 400, _error("invalid_request_error", str(err)), {}
         if request.get("stream"):
             return 400, _error("invalid_request_error", "streaming is not supported"), {}
+        betas = {b.strip() for b in (headers or {}).get("anthropic-beta", "").split(",") if b}
+        try:
+            checked = api.check(request, betas, self.issued)
+        except api.ApiError as err:
+            self.refused.append(err)
+            return err.status, _error(err.kind, err.message), {}
         self.attempts += 1
         if self.faults:
             fault = self.faults.pop(0)
@@ -158,12 +171,12 @@ class ScriptedServer:
                 429: "rate_limit_error",
                 529: "overloaded_error",
             }.get(fault.status, "api_error")
-            headers = {}
+            advice = {}
             if fault.retry_after is not None:
-                headers["retry-after"] = fault.retry_after
+                advice["retry-after"] = fault.retry_after
             if fault.retry_after_ms is not None:
-                headers["retry-after-ms"] = fault.retry_after_ms
-            return fault.status, _error(kind, fault.message or f"injected {fault.status}"), headers
+                advice["retry-after-ms"] = fault.retry_after_ms
+            return fault.status, _error(kind, fault.message or f"injected {fault.status}"), advice
         self.requests += 1
         seen = Recorded(path[: -len(MESSAGES)], body, request, arrived_at=arrived_at)
         if self.record:
@@ -174,45 +187,50 @@ class ScriptedServer:
             await asyncio.sleep(self.latency_s)
         if self.canned:
             content, stop = self.canned.pop(0)
-            seen.response = self.model.reply(request, content, stop)
+            response = self.model.reply(request, content, stop)
         else:
-            seen.response = self.responder(request)
+            response = self.responder(request)
+        seen.response = self._as_served(request, checked, response)
         return 200, seen.response, {}
+
+    def _as_served(
+        self, request: dict[str, Any], checked: api.Checked, response: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The script's answer as the API sends it: the served model's id (an alias answered
+        with its dated snapshot), thinking blocks, cache writes split by TTL."""
+        content = api.with_thinking(request, checked, response["content"], str(response["id"]))
+        self.issued.remember(content, response["stop_reason"])
+        usage = dict(response["usage"])
+        if checked.thinking:
+            usage["output_tokens"] += 40 * sum(1 for b in content if b["type"] != "tool_use")
+        usage["cache_creation"] = {
+            "ephemeral_5m_input_tokens": usage.get("cache_creation_input_tokens", 0),
+            "ephemeral_1h_input_tokens": 0,
+        }
+        served = {**response, "model": checked.info.id, "content": content, "usage": usage}
+        if checked.dropped:
+            served["input_transformations"] = checked.dropped
+        return served
 
 
 def _error(kind: str, message: str) -> dict[str, Any]:
-    return {"type": "error", "error": {"type": kind, "message": message}}
+    return {
+        "type": "error",
+        "error": {"type": kind, "message": message},
+        "request_id": f"req_scripted_{abs(hash(message)):x}",
+    }
 
 
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    413: "Payload Too Large",
-    429: "Too Many Requests",
-    500: "Internal Server Error",
-    529: "Overloaded",
-}
-
-
-async def _send(
-    writer: asyncio.StreamWriter,
-    status: int,
-    payload: dict[str, Any],
-    extra: dict[str, str] | None = None,
-) -> None:
-    data = json.dumps(payload).encode()
-    headers = [
-        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
-        "Content-Type: application/json",
-        f"Content-Length: {len(data)}",
-        "Connection: keep-alive",
-        f"request-id: req_scripted_{id(payload):x}",
-    ]
-    headers += [f"{k}: {v}" for k, v in (extra or {}).items()]
-    writer.write(("\r\n".join(headers) + "\r\n\r\n").encode() + data)
-    await writer.drain()
+def _models(rest: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """GET /v1/models (the catalogue, newest first) or /v1/models/{id or alias}."""
+    if rest in ("", "/"):
+        data = [m.card() for m in api.CATALOGUE if m.lifecycle != "retired"]
+        return 200, {"data": data, "first_id": data[0]["id"], "last_id": data[-1]["id"],
+                     "has_more": False}, {}  # fmt: skip
+    try:
+        return 200, api.lookup(rest.strip("/"), for_messages=False).card(), {}
+    except api.ApiError as err:
+        return err.status, _error(err.kind, err.message), {}
 
 
 async def serve(host: str, port: int, latency_s: float) -> None:

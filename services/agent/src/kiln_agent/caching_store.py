@@ -1,0 +1,106 @@
+"""A CheckpointStore in front of the real one that keeps, per build, the turns it read or saved
+(committed turns never change) and the checkpoint its last handler of the build was done with, so
+that an iteration on the replica that made its calls reads nothing (``kept.py`` holds them, least
+recently used dropped past its limits).
+
+The driver sees two things beyond the port: ``recall`` (the kept checkpoint, maybe out of date:
+its save checks the version, and a "nothing to do" decided on it is confirmed on a fresh read) and
+``conversation`` (a checkpoint's turns, only the newer ones fetched). A handler tells the store
+when it is ``done`` with a checkpoint; a sleeping or finished build is dropped at once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .checkpoint import Checkpoint, Turn
+from .kept import Entry, Kept
+from .ports import NO_LEASE_CHANGE, CheckpointStore, LeaseChange
+
+log = logging.getLogger(__name__)
+
+
+class CachingStore:
+    def __init__(self, store: CheckpointStore, *, max_chars: int, max_builds: int) -> None:
+        self.store = store
+        self.kept = Kept(max_chars, max_builds)
+
+    # ------------------------------------------------------------------ the port
+
+    async def create(self, cp: Checkpoint, turns: list[Turn]) -> bool:
+        return await self.store.create(cp, turns)
+
+    async def load(self, build_id: str) -> Checkpoint | None:
+        return await self.store.load(build_id)
+
+    async def turns(self, build_id: str, since: int = 0) -> list[Turn]:
+        return await self.store.turns(build_id, since)
+
+    async def save(
+        self, cp: Checkpoint, new_turns: list[Turn], lease: LeaseChange = NO_LEASE_CHANGE
+    ) -> bool:
+        took = await self.store.save(cp, new_turns, lease=lease)
+        if cp.terminal or cp.status == "sleeping":
+            self.kept.forget(cp.build_id)  # a sleeping or finished build holds no memory here
+        else:
+            self.kept.saved(cp, new_turns)
+        return took
+
+    async def mark_sent(self, build_id: str, version: int) -> None:
+        await self.store.mark_sent(build_id, version)
+
+    async def take_lease(
+        self, build_id: str, token: str, ttl_s: float
+    ) -> tuple[float, Checkpoint | None]:
+        return await self.store.take_lease(build_id, token, ttl_s)
+
+    async def extend_lease(self, build_id: str, token: str, ttl_s: float) -> bool:
+        return await self.store.extend_lease(build_id, token, ttl_s)
+
+    async def release_lease(self, build_id: str, token: str) -> None:
+        await self.store.release_lease(build_id, token)
+
+    # ------------------------------------------------------------------ what it keeps
+
+    def recall(self, build_id: str) -> Checkpoint | None:
+        """The checkpoint a handler was last done with, handed out once (a handler changes it);
+        None if none is kept."""
+        return self.kept.recall(build_id)
+
+    def done(self, cp: Checkpoint) -> None:
+        """The handler is done with ``cp`` (its outbox published): kept for the build's next
+        message, or dropped if the build sleeps or has ended."""
+        if cp.terminal or cp.status == "sleeping":
+            self.kept.forget(cp.build_id)
+        else:
+            self.kept.remember(cp)
+
+    def drop(self, build_id: str) -> None:
+        """Keep nothing of the build (it moved on in a way this replica did not see)."""
+        self.kept.forget(build_id)
+
+    async def sent(self, cp: Checkpoint, *, done: bool = False) -> None:
+        """The outbox of ``cp`` is published: cleared in the row (and ``done``, before the clearing:
+        a result answering a ToolCall just published often arrives before it; a save from the
+        kept checkpoint overwrites the published outbox, so the clearing may lose)."""
+        cp.outbox, version = [], cp.version
+        if done:
+            self.done(cp)
+        await self.store.mark_sent(cp.build_id, version)
+
+    async def conversation(self, cp: Checkpoint) -> list[Turn]:
+        """The checkpoint's ``cp.turns`` turns: those kept are reused, only newer ones are
+        fetched, so a think does not read the whole conversation again."""
+        known = self.kept.forget(cp.build_id) or Entry()
+        new = []
+        if len(known.turns) < cp.turns:
+            new = await self.store.turns(cp.build_id, since=len(known.turns))
+        self.kept.keep(cp.build_id, known, new)
+        turns = known.turns[: cp.turns]
+        if any(t.seq != i for i, t in enumerate(turns)) or len(turns) != cp.turns:
+            log.warning(
+                "turns cache out of step; reading them all", extra={"build_id": cp.build_id}
+            )
+            self.kept.forget(cp.build_id)
+            return await self.store.turns(cp.build_id)
+        return turns

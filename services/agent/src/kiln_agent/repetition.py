@@ -1,0 +1,20 @@
+"""The repetition guard: the same tool call (tool and input) made ``limit`` times in a row ends the
+build (a model stuck in a loop spends money and gets nowhere)."""
+
+from __future__ import annotations
+
+import json
+
+from .checkpoint import PendingCall, State
+
+
+def count(state: State, call: PendingCall, limit: int) -> str | None:
+    """Count ``call`` in the streak kept in ``state``; the reason to stop if it reached ``limit``."""
+    signature = f"{call.tool}:{json.dumps(call.input, sort_keys=True)}"
+    if signature == state.streak_call:
+        state.streak += 1
+    else:
+        state.streak_call, state.streak = signature, 1
+    if state.streak >= limit:
+        return f"{state.streak} identical calls: {signature[:500]}"
+    return None

@@ -1,0 +1,48 @@
+"""The budget service, as the gateway asks it: a user's allowance (core NATS request/reply) and
+the user's budget gate (read from the key-value bucket the budget keeps, never from its Redis)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from kiln_contracts import BudgetGate, gate_key, subjects
+from kiln_contracts.rpc import BudgetStatus, BudgetStatusReply, BudgetStatusRequest
+
+from ..ports import BudgetUnavailable
+
+
+class NatsBudget:
+    def __init__(
+        self, nc: Callable[[], Client], gates: KeyValue, *, timeout_s: float = 5.0
+    ) -> None:
+        self._nc = nc
+        self.gates = gates
+        self.timeout_s = timeout_s
+
+    async def gate(self, user_id: str) -> BudgetGate | None:
+        try:
+            entry = await self.gates.get(gate_key(user_id))
+        except KeyNotFoundError:
+            return None
+        return BudgetGate.model_validate_json(entry.value or b"{}")
+
+    async def status(self, user_id: str, tier: str) -> BudgetStatus:
+        request = BudgetStatusRequest(user_id=user_id, tier=tier).model_dump_json().encode()
+        try:
+            msg = await self._nc().request(subjects.BUDGET_STATUS, request, timeout=self.timeout_s)
+        except NoRespondersError as err:
+            raise BudgetUnavailable("no budget service is answering") from err
+        except (NatsTimeoutError, TimeoutError) as err:
+            raise BudgetUnavailable(
+                f"the budget service did not answer in {self.timeout_s} s"
+            ) from err
+        reply = BudgetStatusReply.model_validate_json(msg.data)
+        if not reply.ok or reply.status is None:
+            raise BudgetUnavailable(reply.error or "the budget service gave no status")
+        return reply.status
