@@ -6,17 +6,18 @@
 A fresh nats-server, Postgres and Redis per run; ``python -m kiln_budget`` (a fixed allowance of
 ``--allowance-calls`` model calls, a "day" of 11.6 days: no reset during the run) and
 ``python -m kiln_agent`` as processes; ``bench/loop_model.py``'s server in this process (every reply
-one ``list_dir`` at the same usage, so every call costs the same; ``--latency-s`` per call, spread
-by ``--jitter``), and a fake sandbox in this process that answers every ToolCall at once. All
+one ``list_dir``; it adds thinking tokens as the API would, so calls differ a little in cost,
+each priced from the usage it served at the pro tier's model's price in ``kiln.yaml``, as the
+budget prices it; ``--latency-s`` per call, spread by ``--jitter``), and a fake sandbox in this process that answers every ToolCall at once. All
 builds are requested together and loop until the allowance is used up; the run ends once every
 build is asleep and nothing has reached the model server for three call latencies.
 
 * calls: model calls the server answered (each one is money spent, whether or not its reply was
-  kept); calls_to_allowance: how many of them the allowance pays for.
-* past_calls / past_micro_usd: spent past the allowance (calls − calls_to_allowance, in calls and
-  in micro-dollars).
-* spent_at: the reply that used the allowance up (the ``calls_to_allowance``-th reply to leave
-  the server); limit: the budget's decision (its first SleepRequested stored: it closes the
+  kept); calls_to_allowance: the replies, in the order they left the server, until their cost
+  reached the allowance (``--allowance-calls`` calls without thinking tokens).
+* past_calls / past_micro_usd: spent past the allowance (calls − calls_to_allowance; the cost of
+  every call answered − the allowance).
+* spent_at: the reply that used the allowance up (the ``calls_to_allowance``-th); limit: the budget's decision (its first SleepRequested stored: it closes the
   user's gate just before); charge_lag_ms: from the one to the other.
 * in_flight_when_spent: calls sent before spent_at and answered after it (already running when
   the money ran out); started_in_lag: calls sent between spent_at and the limit (the window the
@@ -26,6 +27,9 @@ build is asleep and nothing has reached the model server for three call latencie
 
 ``--before REF`` runs the budget and the agent first from the sources of commit REF (``git
 archive``; the same environment, PYTHONPATH in front) and prints its line as ``overshoot_before``.
+REF's agent must accept this tree's model server and REF's prices must be this tree's (the calls
+are priced here): a commit from after the scripted server moved to kiln_devstack (0b8e53f) and
+with the same ``kiln.yaml`` prices.
 The last line is the working tree's: ``overshoot builds=… calls=… past_calls=… …``.
 """
 
@@ -33,13 +37,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import os
 import subprocess
 import tarfile
 import tempfile
 import time
 import uuid
+from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -61,7 +65,22 @@ from kiln_runtime import config as kiln_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("contracts", "libs/kiln-runtime", "services/agent", "services/budget")
-MODEL = "claude-sonnet-4-5"  # the pro tier's
+TIER = "pro"
+
+
+class PricedLoopModel(LoopModel):
+    """The loop model, remembering when each reply left and what it cost (priced from the usage
+    it served, thinking tokens included)."""
+
+    def __init__(self, price: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.price = price
+        self.served: list[tuple[float, int]] = []  # (reply left, micro-USD)
+
+    def _as_served(self, request: Any, checked: Any, response: Any) -> Any:
+        served = super()._as_served(request, checked, response)
+        self.served.append((time.time(), self.price(Usage.model_validate(served["usage"]))))
+        return served
 
 
 def sources_of(ref: str, into: Path) -> str:
@@ -75,13 +94,18 @@ def sources_of(ref: str, into: Path) -> str:
 
 
 async def run(args: argparse.Namespace, pythonpath: str | None) -> dict[str, Any]:
-    call_micro_usd = kiln_config.default().price(MODEL).cost_micro_usd(Usage(**USAGE))
-    allowance = args.allowance_calls * call_micro_usd
+    config = kiln_config.default()  # the pro tier's model at today's price, as the budget charges
+    model_id = config.tier(TIER).models["agent"]
+
+    def price(usage: Usage) -> int:
+        return config.cost(model_id, usage, datetime.now(UTC)).micro_usd
+
+    allowance = args.allowance_calls * price(Usage(**USAGE))  # calls without thinking tokens
     user = f"bench-{uuid.uuid4().hex[:8]}"
     extra = {"PYTHONPATH": pythonpath} if pythonpath else {}
     with bench("overshoot") as b:
         redis_url = os.environ.get("REDIS_URL") or b.infra.start_redis()
-        model = LoopModel(latency_s=args.latency_s, jitter=args.jitter)
+        model = PricedLoopModel(price, latency_s=args.latency_s, jitter=args.jitter)
         await model.start()
         nc = await connect(b.urls["NATS_URL"])
 
@@ -127,7 +151,7 @@ async def run(args: argparse.Namespace, pythonpath: str | None) -> dict[str, Any
                     publish(
                         nc,
                         BuildRequested(
-                            build_id=i, user_id=user, tier="pro", idea_brief="x", limits=limits
+                            build_id=i, user_id=user, tier=TIER, idea_brief="x", limits=limits
                         ),
                     )
                     for i in ids
@@ -153,22 +177,27 @@ async def run(args: argparse.Namespace, pythonpath: str | None) -> dict[str, Any
             await model.stop()
     limit = min(s.at for s in sleeps)
     arrivals = sorted(t for ts in model.arrivals.values() for _, t in ts)
-    replies = sorted(model.replies)
+    served = sorted(model.served)
     calls = len(arrivals)
-    to_allowance = math.ceil(allowance / call_micro_usd)
-    spent_at = replies[to_allowance - 1]
+    total, to_allowance, spent_at = 0, len(served), served[-1][0]
+    for n, (left, cost) in enumerate(served, 1):
+        total += cost
+        if total >= allowance:
+            to_allowance, spent_at = n, left
+            break
+    spent = sum(cost for _, cost in served)
     return {
         "builds": args.builds,
         "calls": calls,
         "calls_to_allowance": to_allowance,
         "past_calls": calls - to_allowance,
-        "past_micro_usd": calls * call_micro_usd - allowance,
+        "past_micro_usd": spent - allowance,
         "in_flight_when_spent": sum(1 for t in arrivals if t <= spent_at) - to_allowance,
         "started_in_lag": sum(1 for t in arrivals if spent_at < t <= limit),
         "started_after_limit": sum(1 for t in arrivals if t > limit),
         "charge_lag_ms": (limit - spent_at) * 1000,
         "uncharged_calls": calls - len(iterations),
-        "call_micro_usd": call_micro_usd,
+        "call_micro_usd": round(spent / max(1, len(served))),
     }
 
 

