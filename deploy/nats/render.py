@@ -67,12 +67,36 @@ def permissions(service: str, spec: dict[str, Any], doc: dict[str, Any]) -> dict
         # nats-py creates them unnamed ($JS.API.CONSUMER.CREATE.<stream>); they expire when idle.
         # Without a stream name nats-py first looks the stream up by subject (STREAM.NAMES).
         pub += [f"{api}.CONSUMER.CREATE.{stream}", f"$JS.FC.{stream}.>", f"{api}.STREAM.NAMES"]
+    pub += gates(spec.get("gates"), doc)
     pub += list(spec.get("requests", []))
     sub = ["_INBOX.>", *spec.get("serves", [])]
     out: dict[str, Any] = {"publish": {"allow": pub}, "subscribe": {"allow": sub}}
     if spec.get("serves"):
         out["allow_responses"] = True
     return out
+
+
+GATES_ACCESS = ("write", "watch", "read")
+
+
+def gates(access: str | None, doc: dict[str, Any]) -> list[str]:
+    """What a service may do with the budget gates' key-value bucket (kiln_runtime.bus.ensure_gates
+    creates or updates its stream at start-up in each service that uses it)."""
+    if access is None:
+        return []
+    if access not in GATES_ACCESS:
+        raise ValueError(f"gates: {access!r} is not one of {GATES_ACCESS}")
+    bucket = doc["gates_bucket"]
+    stream, api = f"KV_{bucket}", "$JS.API"
+    pub = [f"{api}.STREAM.{op}.{stream}" for op in ("INFO", "CREATE", "UPDATE")]
+    pub.append(f"{api}.STREAM.MSG.GET.{stream}")  # a get (no direct gets: the leader answers)
+    if access == "write":
+        pub.append(f"$KV.{bucket}.>")
+    if access == "watch":
+        # nats-py's KV watch: an unnamed ordered consumer, its info, its flow control
+        pub += [f"{api}.CONSUMER.CREATE.{stream}", f"{api}.CONSUMER.INFO.{stream}.*"]
+        pub.append(f"$JS.FC.{stream}.>")
+    return pub
 
 
 def users(doc: dict[str, Any], password: Any) -> list[dict[str, Any]]:

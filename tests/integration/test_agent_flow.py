@@ -321,9 +321,13 @@ async def test_bootstrap_wires_the_real_adapters(infra, scripted) -> None:
         anthropic_api_key="k",
     )
     service = build(settings)
-    await service.start()  # opens the pool and the client, registers the subscribers
+    await service.bus.connect()
+    # reads the budget gates, opens the pool and the client, registers the subscribers
+    await service.start()
     try:
         assert service.pool is not None and await service.pool.fetchval("SELECT 1") == 1
         assert len(service.bus.broker.subscribers) == 5
+        assert service.gates is not None and await service.gates.closed("nobody") is None
     finally:
         await service.stop()
+        await service.bus.stop()

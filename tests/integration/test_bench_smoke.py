@@ -102,3 +102,13 @@ def test_bus_consume_and_publish(infra) -> None:
         got = lines[name]
         assert set(got) == {"kiln_cpu_us", "bare_cpu_us", "ratio"}
         assert float(got["kiln_cpu_us"]) > 0 and float(got["bare_cpu_us"]) > 0
+
+
+def test_overshoot(infra) -> None:
+    got = run_bench(
+        infra, "overshoot.py", "--builds", "3", "--allowance-calls", "6", "--latency-s", "0.2"
+    )
+    assert got["builds"] == "3" and got["uncharged_calls"] == "0"
+    assert int(got["calls"]) >= int(got["calls_to_allowance"]) >= 1
+    for key in ("past_micro_usd", "in_flight_when_spent", "started_in_lag", "charge_lag_ms"):
+        assert key in got

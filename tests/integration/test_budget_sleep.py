@@ -239,12 +239,11 @@ async def _duplicate_then_resume(
     await until(lambda: _equals(spending.spent_build(deps, f"b0{uid}"), 1_203))
     assert len(await on_stream(nc, f"b0{uid}", "sleep_requested")) == 1
 
-    # woken (by the user, say) in the same period, still over the allowance: the next
-    # iteration puts it to sleep again
+    # woken (by the user, say) in the same period, still over the allowance: asleep again at
+    # once, before any other iteration (the agent calls no model behind the closed gate)
     await budget.bus.publish(BuildResumed(build_id=f"b0{uid}", user_id=f"u{uid}", reason="user"))
-    await until(lambda: _equals(deps.store.sleeping(f"u{uid}"), set()))
-    await budget.bus.publish(iteration(uid, it=3, tokens=1, at=at))
     await until(lambda: count_at_least(nc, f"b0{uid}", "sleep_requested", 2))
+    assert await deps.store.sleeping(f"u{uid}") == {f"b0{uid}"}
 
 
 async def test_two_budget_replicas_charge_and_sleep_once(
@@ -335,6 +334,8 @@ async def _top_up(budget: bootstrap.Wiring, nc: Client, uid: str, at: datetime) 
     await budget.bus.publish(requested(uid))
     await budget.bus.publish(iteration(uid, at=at))
     await until(lambda: count_at_least(nc, f"b0{uid}", "sleep_requested", 1))
+    gate, _ = await budget.gates.read(user)
+    assert gate is not None and gate.closed_at(at)
 
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:

@@ -26,7 +26,16 @@ import pytest
 from nats.aio.client import Client
 
 from kiln_budget.adapters.stream_history import StreamHistory
-from kiln_contracts import BY_KIND, Envelope, TopUpRequested, WakeRequested, budget_id, subjects
+from kiln_contracts import (
+    BY_KIND,
+    BudgetGate,
+    Envelope,
+    TopUpRequested,
+    WakeRequested,
+    budget_id,
+    gate_key,
+    subjects,
+)
 from kiln_runtime.bus import Bus, Delivery
 from kiln_runtime.settings import CommonSettings
 
@@ -67,6 +76,12 @@ FIELDS: dict[str, dict[str, Any]] = {
     "build_completed": {"summary": "done", "iterations": 1, "cost_micro_usd": 1},
     "build_failed": {"reason": "internal", "iterations": 1, "cost_micro_usd": 1},
     "build_cancelled": {"reason": "user", "iterations": 1, "cost_micro_usd": 1},
+    "build_rejected": {
+        "reason": "daily allowance used up",
+        "spent_micro_usd": 2,
+        "allowance_micro_usd": 1,
+        "resets_at": "2030-01-01T00:00:00Z",
+    },
     "top_up_requested": {"topup_id": "t1", "amount_micro_usd": 1},
 }
 USER = "u1"
@@ -213,6 +228,25 @@ async def test_each_service_user_runs_its_own_flows(server, uid):
         await buses["budget"].publish_at(sample("wake_requested", build_id), at, "reset")
         assert isinstance(sample("wake_requested", build_id), WakeRequested)
 
+        # The budget gates: the budget writes them, the agent watches them, the gateway reads
+        # them (each of the three may create the bucket: whichever starts first).
+        gate = BudgetGate(
+            user_id="u1",
+            state="closed",
+            until=datetime.now(UTC) + timedelta(hours=1),
+            reason="daily allowance used up",
+        )
+        kvs = {name: await buses[name].gates() for name in ("gateway", "agent", "budget")}
+        watcher = await kvs["agent"].watchall()
+        assert await watcher.updates(timeout=5) is None  # the bucket's current values: none
+        await kvs["budget"].put(gate_key("u1"), gate.model_dump_json().encode())
+        seen = await watcher.updates(timeout=5)
+        assert seen is not None and BudgetGate.model_validate_json(seen.value) == gate
+        await watcher.stop()
+        for name in ("gateway", "agent"):
+            entry = await kvs[name].get(gate_key("u1"))
+            assert BudgetGate.model_validate_json(entry.value) == gate
+
         # Every service may dead-letter on its own kiln.dlq.<service>.> subject.
         for name, bus in buses.items():
             ack = await bus.nc.jetstream().publish(
@@ -307,6 +341,11 @@ async def refused(server: Server, user: str, action: str, subject: str) -> str:
         ("budget", "sub", "kiln.rpc.sandbox.manifest"),
         ("agent", "sub", "kiln.build.>"),
         ("gateway", "sub", "kiln.rpc.snapshot.restore_plan"),
+        ("agent", "pub", "$KV.KILN_BUDGET_GATES.u1"),
+        ("gateway", "pub", "$KV.KILN_BUDGET_GATES.u1"),
+        ("sandbox", "pub", "$JS.API.STREAM.MSG.GET.KV_KILN_BUDGET_GATES"),
+        ("snapshot", "pub", "$JS.API.STREAM.CREATE.KV_KILN_BUDGET_GATES"),
+        ("agent", "pub", "$JS.API.STREAM.PURGE.KV_KILN_BUDGET_GATES"),
     ],
 )
 async def test_a_service_is_refused_what_belongs_to_another(server, user, action, subject):

@@ -21,6 +21,7 @@ from kiln_contracts import (
     BuildFailed,
     BuildLimits,
     BuildRequested,
+    CancelRequested,
     SleepRequested,
     ToolCall,
     Usage,
@@ -391,7 +392,7 @@ class SlowTurns(SpyStore):
         return await super().turns(build_id, since)
 
 
-async def test_a_build_put_to_sleep_mid_think_leaves_nothing_in_the_turn_cache() -> None:
+async def test_a_build_that_moves_on_mid_think_leaves_nothing_in_the_turn_cache() -> None:
     model, store, pub = ByIteration(), SlowTurns(), FakePublisher()
     await Agent(store, model, pub, agent_config.load(), kiln_config.default()).build_requested(
         start()
@@ -402,9 +403,29 @@ async def test_a_build_put_to_sleep_mid_think_leaves_nothing_in_the_turn_cache()
     agent = Agent(store, model, pub, agent_config.load(), kiln_config.default())
     thinking = asyncio.create_task(agent.tool_result(result_for(first, "x" * 50)))
     await store.reading.wait()  # the think holds its lease and is reading the turns
-    await agent.sleep(first.caused(SleepRequested, reason="allowance"))  # sleeps at once
+    await agent.cancel(first.caused(CancelRequested))  # ends the build at once
     store.go_on.set()
     await thinking  # its reply is dropped: the build has moved on
+    assert (await store.load(first.build_id)).status == "cancelled"  # type: ignore[union-attr]
+    assert agent.store.kept.entries == {} and agent.store.kept.chars == 0
+
+
+async def test_a_build_put_to_sleep_mid_think_leaves_nothing_in_the_turn_cache() -> None:
+    model, store, pub = ByIteration(), SlowTurns(), FakePublisher()
+    await Agent(store, model, pub, agent_config.load(), kiln_config.default()).build_requested(
+        start()
+    )
+    first = pub.of(ToolCall)[-1]
+    store.go_on = asyncio.Event()
+    agent = Agent(store, model, pub, agent_config.load(), kiln_config.default())
+    thinking = asyncio.create_task(agent.tool_result(result_for(first, "x" * 50)))
+    await store.reading.wait()
+    await agent.sleep(first.caused(SleepRequested, reason="allowance"))
+    store.go_on.set()
+    await thinking  # its reply is kept (paid for); the build sleeps once its calls are answered
+    for call in pub.of(ToolCall):
+        if call.iteration == 2:
+            await agent.tool_result(result_for(call))
     assert (await store.load(first.build_id)).status == "sleeping"  # type: ignore[union-attr]
     assert agent.store.kept.entries == {} and agent.store.kept.chars == 0
 

@@ -343,17 +343,34 @@ async def test_sleep_waits_for_calls_in_flight_then_wake_resumes() -> None:
     assert len(model.requests) == 2 and len(pub.of(BuildCompleted)) == 1
 
 
-async def test_sleep_with_nothing_in_flight_is_immediate() -> None:
-    model = FakeModel(DONE)
+async def test_a_sleep_during_a_model_call_keeps_the_paid_reply_and_sleeps_before_the_next():
+    model = FakeModel(TWO_CALLS, DONE)
     agent, store, pub = make_agent(model)
     model.gate = asyncio.Event()
     thinking = asyncio.create_task(agent.build_requested(request()))
     await asyncio.sleep(0.01)
     await agent.sleep(SleepRequested(build_id="b1", user_id="u1", reason="budget"))
     model.gate.set()
-    await thinking  # the reply lost the race: dropped, the build sleeps
-    assert len(pub.of(BuildSleeping)) == 1 and pub.of(BuildCompleted) == []
-    assert (await store.load("b1")).iteration == 0  # type: ignore[union-attr]
+    await thinking  # the reply is kept: it is paid for, and the budget charges it
+    assert len(pub.of(IterationCompleted)) == 1 and len(pub.of(ToolCall)) == 2
+    assert pub.of(BuildSleeping) == []
+    for call in pub.of(ToolCall):
+        await agent.tool_result(result_for(call))
+    assert len(pub.of(BuildSleeping)) == 1 and len(model.requests) == 1
+    assert (await store.load("b1")).iteration == 1  # type: ignore[union-attr]
+
+
+async def test_a_sleep_between_model_calls_takes_effect_at_the_next_think() -> None:
+    model = FakeModel(([text("part one")], "max_tokens"), DONE)
+    agent, _, pub = make_agent(model)
+    model.gate = asyncio.Event()
+    thinking = asyncio.create_task(agent.build_requested(request()))
+    await asyncio.sleep(0.01)
+    await agent.sleep(SleepRequested(build_id="b1", user_id="u1", reason="budget"))
+    model.gate.set()
+    await thinking  # max_tokens: the build would think again, and sleeps instead
+    [sleeping] = pub.of(BuildSleeping)
+    assert sleeping.reason == "budget" and len(model.requests) == 1
 
 
 async def test_outbox_is_republished_after_a_crash_between_commit_and_publish() -> None:

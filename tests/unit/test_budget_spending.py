@@ -17,6 +17,7 @@ from kiln_budget.periods import ShortCalendar, UtcCalendar, rfc3339
 from kiln_budget.ports import Charge, SpendLost, TopUpState
 from kiln_budget.spending import Deps
 from kiln_contracts import (
+    BudgetGate,
     BuildCancelled,
     BuildCompleted,
     BuildFailed,
@@ -131,6 +132,8 @@ class FakeStore:
         self.sleeping_sets.setdefault(user_id, set()).add(build_id)
 
     async def resumed(self, user_id: str, build_id: str, generation: str) -> None:
+        if self.generations.get(build_id) == generation:
+            return
         self.generations[build_id] = generation
         self.sleeping_sets.setdefault(user_id, set()).discard(build_id)
 
@@ -329,6 +332,7 @@ def test_register_consumes_each_kind_once(deps: Deps) -> None:
         "build_cancelled",
         "build_completed",
         "build_failed",
+        "build_rejected",
         "build_requested",
         "build_resumed",
         "iteration_completed",
@@ -460,17 +464,18 @@ async def test_at_the_allowance_every_running_build_sleeps_once_until_the_reset(
     assert await d.store.sleeping("u1") == {"b1", "b2"}
 
 
-async def test_a_woken_build_over_the_allowance_sleeps_again() -> None:
+async def test_a_woken_build_over_the_allowance_sleeps_again_at_once() -> None:
     d, commands = sleepy(1_000)
     await start(d, "b1")
     await spending.iteration_completed(d, iteration(input_tokens=400))
     resumed = BuildResumed(build_id="b1", user_id="u1", reason="woken by user")
-    await spending.build_resumed(d, resumed)
-    await spending.build_resumed(d, resumed)  # redelivered
-    assert await d.store.sleeping("u1") == set()
-    assert await spending.iteration_completed(d, iteration(input_tokens=1)) == ["b1"]
+    await spending.build_woken(d, resumed)
+    await spending.build_woken(d, resumed)  # redelivered: the same wake generation
+    # asleep again without another iteration (the agent, behind the closed gate, calls no model)
+    assert await d.store.sleeping("u1") == {"b1"}
     first, second = (m for m in commands.now if isinstance(m, SleepRequested))
-    assert first.event_id != second.event_id
+    assert first.event_id != second.event_id and second.causation_id == resumed.event_id
+    assert await spending.iteration_completed(d, iteration(input_tokens=1)) == []
 
 
 async def test_a_top_up_wakes_the_sleeping_builds_and_raises_the_allowance() -> None:
@@ -549,3 +554,117 @@ async def test_the_per_build_cap_is_not_the_budgets_business() -> None:
     over_cap = iteration("claude-haiku-4-5", output_tokens=300_000)  # $1.50 > free's $1 cap
     assert await spending.iteration_completed(d, over_cap) == []
     assert commands.now == [] and await spending.spent_build(d, "b1") == 1_500_000
+
+
+# ------------------------------------------------------------------------------ the gates
+
+
+@dataclass
+class FakeGates:
+    """The gates' bucket; ``log`` (shared with the commands) records the order of writes."""
+
+    log: list[str]
+    values: dict[str, tuple[BudgetGate, int]] = field(default_factory=dict)
+    revision: int = 0
+    interfere: list[BudgetGate] = field(default_factory=list)  # written by "another replica"
+
+    async def read(self, user_id: str) -> tuple[BudgetGate | None, int]:
+        gate, revision = self.values.get(user_id, (None, 0))
+        if self.interfere:  # someone writes between this read and the next write
+            self._put(self.interfere.pop(0))
+        return gate, revision
+
+    def _put(self, gate: BudgetGate) -> None:
+        self.revision += 1
+        self.values[gate.user_id] = (gate, self.revision)
+
+    async def write(self, gate: BudgetGate, revision: int) -> bool:
+        if self.values.get(gate.user_id, (None, 0))[1] != revision:
+            return False
+        self._put(gate)
+        self.log.append(f"gate {gate.state}")
+        return True
+
+    def of(self, user_id: str) -> BudgetGate | None:
+        return self.values.get(user_id, (None, 0))[0]
+
+
+@dataclass
+class LoggedCommands(FakeCommands):
+    log: list[str] = field(default_factory=list)
+
+    async def publish(self, msg: Envelope) -> None:
+        self.log.append(f"{msg.kind} {msg.build_id}")
+        await super().publish(msg)
+
+
+def gated(allowance_micro_usd: int = 1_000) -> tuple[Deps, LoggedCommands, FakeGates]:
+    commands = LoggedCommands()
+    gates = FakeGates(commands.log)
+    deps = Deps(
+        store=FakeStore(),
+        clock=FixedClock(NOW),
+        config=kiln_config.default(),
+        commands=commands,
+        demo_allowance_micro_usd=allowance_micro_usd,
+        gates=gates,
+    )
+    return deps, commands, gates
+
+
+async def test_the_gate_closes_at_the_allowance_before_any_sleep_is_requested() -> None:
+    d, commands, gates = gated(1_000)
+    await start(d, "b1", "b2")
+    await spending.iteration_completed(d, iteration(input_tokens=100))  # 300 of 1_000
+    assert gates.of("u1") is None and commands.log == []  # open: never written
+    await spending.iteration_completed(d, iteration(input_tokens=400))  # 1_500
+    assert commands.log == ["gate closed", "sleep_requested b1", "sleep_requested b2"]
+    gate = gates.of("u1")
+    assert (
+        gate is not None and gate.closed_at(NOW) and gate.until == datetime(2025, 4, 1, tzinfo=UTC)
+    )
+    assert (gate.spent_micro_usd, gate.allowance_micro_usd) == (1_500, 1_000)
+    sleep = commands.now[0]
+    assert isinstance(sleep, SleepRequested) and sleep.reason == gate.sleep_reason
+    # a straggler's charge keeps it closed with the newer figures; no second sleep
+    await spending.iteration_completed(d, iteration(input_tokens=1))
+    assert gates.of("u1").spent_micro_usd == 1_503  # type: ignore[union-attr]
+    assert len(commands.now) == 2
+
+
+async def test_a_top_up_opens_the_gate_before_it_wakes_the_builds() -> None:
+    d, commands, gates = gated(1_000)
+    await start(d, "b1")
+    await spending.iteration_completed(d, iteration(input_tokens=400))  # 1_200 of 1_000
+    commands.log.clear()
+    await spending.top_up(d, topup("u1", "small", 100))  # 1_100: still used up
+    assert gates.of("u1").state == "closed"  # type: ignore[union-attr]
+    commands.log.clear()
+    assert await spending.top_up(d, topup("u1", "t1", 5_000)) == {"b1"}
+    assert commands.log == ["gate open", "wake_requested b1"]
+    assert not gates.of("u1").closed_at(NOW)  # type: ignore[union-attr]
+
+
+async def test_a_charge_computed_on_figures_older_than_a_top_up_does_not_close_the_gate() -> None:
+    d, _, gates = gated(1_000)
+    await start(d, "b1")
+    await spending.iteration_completed(d, iteration(input_tokens=400))  # closed
+    # while the next charge computes, a top-up lands and opens the gate (another replica)
+    await d.store.add_topup("u1", "t1", 5_000, NOW)
+    gates.interfere.append(BudgetGate.opened("u1"))
+    await spending.iteration_completed(d, iteration(input_tokens=1))
+    # recomputed on the newer figures: left open
+    assert gates.of("u1").state == "open"  # type: ignore[union-attr]
+
+
+async def test_a_build_started_while_the_allowance_is_used_up_sleeps_at_once() -> None:
+    d, commands, _ = gated(1_000)
+    await start(d, "b1")
+    await spending.iteration_completed(d, iteration(input_tokens=400))
+    # the agent may have started b2 on a gate it saw open a moment before: its wake is scheduled
+    await spending.build_requested(
+        d, BuildRequested(build_id="b2", user_id="u1", idea_brief="x", tier="free")
+    )
+    assert ("b2", "budget-wake") in commands.scheduled
+    assert [m.build_id for m in commands.now if isinstance(m, SleepRequested)] == ["b1", "b2"]
+    assert await d.store.sleeping("u1") == {"b1", "b2"}

@@ -104,6 +104,11 @@ def test_failed_and_cancelled_statuses():
         console,
     )
     assert r2.status == "cancelled"
+    rejected = SseEvent("build_rejected", {"reason": "daily allowance used up: spent 5 of 4"})
+    assert rejected.terminal  # an ending: `kiln build --follow` stops there
+    out = io.StringIO()
+    assert render([rejected], Console(file=out, width=200)).status == "rejected"
+    assert "not started" in out.getvalue() and "spent 5 of 4" in out.getvalue()
 
 
 def test_tool_summary():

@@ -79,6 +79,30 @@ def test_asyncapi_document_is_up_to_date():
     assert "agent:tool_result" in json.dumps(doc["operations"])
 
 
+def test_a_budget_gate_is_closed_until_a_time_and_opens_by_itself():
+    from datetime import UTC, datetime, timedelta
+
+    from kiln_contracts import BudgetGate
+
+    with pytest.raises(ValidationError):
+        BudgetGate(user_id="u1", state="closed")  # closed says until when
+    reset = datetime(2025, 4, 1, tzinfo=UTC)
+    gate = BudgetGate(
+        user_id="u1",
+        state="closed",
+        until=reset,
+        reason="daily allowance used up",
+        spent_micro_usd=1_200,
+        allowance_micro_usd=1_000,
+    )
+    assert gate.closed_at(reset - timedelta(seconds=1)) and not gate.closed_at(reset)
+    assert not BudgetGate.opened("u1").closed_at(reset)
+    assert BudgetGate.model_validate_json(gate.model_dump_json()) == gate
+    refusal = gate.refusal()
+    assert "spent 1200 of 1000 micro-USD" in refusal and "2025-04-01T00:00:00+00:00" in refusal
+    assert "POST /v1/budget/top-up" in refusal
+
+
 def test_a_top_up_is_on_its_users_budget_subject_with_a_stable_id():
     from kiln_contracts import TopUpRequested, budget_id
 

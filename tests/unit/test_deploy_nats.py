@@ -33,12 +33,29 @@ def test_permissions_name_real_kinds_streams_and_rpc_subjects():
         subjects.SNAPSHOT_RESTORE_PLAN,
         subjects.BUDGET_STATUS,
     }
+    assert DOC["gates_bucket"] == subjects.BUDGET_GATES
     assert set(SERVICES) == {"gateway", "agent", "sandbox", "budget", "snapshot"}
     for name, spec in SERVICES.items():
         for kind in [*spec.get("publishes", []), *spec.get("consumes", [])]:
             assert kind in BY_KIND, f"{name}: unknown kind {kind}"
         assert set(spec.get("requests", [])) <= rpc
         assert set(spec.get("serves", [])) <= rpc
+
+
+def test_only_the_budget_writes_the_gates_and_the_agent_watches_them():
+    bucket = DOC["gates_bucket"]
+    access = {name: spec.get("gates") for name, spec in SERVICES.items()}
+    assert access == {
+        "gateway": "read",
+        "agent": "watch",
+        "sandbox": None,
+        "budget": "write",
+        "snapshot": None,
+    }
+    for name, spec in SERVICES.items():
+        allowed = render.permissions(name, spec, DOC)["publish"]["allow"]
+        assert (f"$KV.{bucket}.>" in allowed) == (name == "budget"), name
+        assert (f"$JS.API.STREAM.MSG.GET.KV_{bucket}" in allowed) == (access[name] is not None)
 
 
 def test_every_consumed_kind_has_a_publisher_and_every_rpc_a_server():

@@ -10,8 +10,10 @@ from typing import Any, Literal
 import pytest
 
 from kiln_contracts import (
+    BudgetGate,
     BuildCancelled,
     BuildCompleted,
+    BuildRejected,
     BuildRequested,
     BuildResumed,
     BuildSleeping,
@@ -97,7 +99,12 @@ ME = Caller("u1", "pro")
 
 
 async def create(
-    store: Any, pub: Publisher, key: str | None = None, brief: str = "b", cap: int = 5
+    store: Any,
+    pub: Publisher,
+    key: str | None = None,
+    brief: str = "b",
+    cap: int = 5,
+    gate: BudgetGate | None = None,
 ):
     return await builds.create_build(
         store,
@@ -108,7 +115,34 @@ async def create(
         limits=None,
         idempotency_key=key,
         cap=cap,
+        gate=gate,
+        now=NOW,
     )
+
+
+NOW = datetime(2025, 3, 31, 12, tzinfo=UTC)
+CLOSED = BudgetGate(
+    user_id="u1",
+    state="closed",
+    until=datetime(2025, 4, 1, tzinfo=UTC),
+    reason="daily allowance used up",
+    spent_micro_usd=1_200,
+    allowance_micro_usd=1_000,
+)
+
+
+async def test_behind_a_closed_gate_nothing_new_is_stored_but_a_retry_finds_its_build():
+    store, pub = FakeStore(), Publisher()
+    first, _ = await create(store, pub, key="k")
+    with pytest.raises(builds.AllowanceUsedUp) as refused:
+        await create(store, pub, key="new", gate=CLOSED)
+    assert refused.value.gate == CLOSED and "spent 1200 of 1000" in str(refused.value)
+    assert len(store.rows) == 1 and len(pub.sent) == 1
+    again, created = await create(store, pub, key="k", gate=CLOSED)  # an Idempotency-Key retry
+    assert (again.build_id, created) == (first.build_id, False)
+    expired = CLOSED.model_copy(update={"until": NOW})  # the reset has passed: open
+    _, created = await create(store, pub, key="later", gate=expired)
+    assert created and len(store.rows) == 2
 
 
 async def test_create_publishes_a_stable_build_requested():
@@ -196,6 +230,25 @@ def test_evolve_walks_the_lifecycle_and_terminal_sticks():
     final = snap.model_copy(update={"snapshot_id": "s-final", "reason": "final"})
     after = builds.evolve(after, final, 8)  # the final snapshot is taken after the end
     assert (after.status, after.last_snapshot_id, after.last_seq) == ("completed", "s-final", 8)
+
+
+def test_a_rejected_build_is_rejected_with_the_reason_for_good():
+    s = builds.evolve(Projection(), ev(BuildRequested, idea_brief="x"), 1)
+    rejected = ev(
+        BuildRejected,
+        reason="daily allowance used up: spent 1200 of 1000 micro-USD; ...",
+        spent_micro_usd=1_200,
+        allowance_micro_usd=1_000,
+        resets_at=datetime(2025, 4, 1, tzinfo=UTC),
+    )
+    s = builds.evolve(s, rejected, 2)
+    assert (s.status, s.reason, s.terminal_seq, s.terminal) == (
+        "rejected",
+        rejected.reason,  # type: ignore[attr-defined]
+        2,
+        True,
+    )
+    assert builds.evolve(s, ev(BuildResumed, reason="late wake"), 3).status == "rejected"
 
 
 async def test_project_is_idempotent_and_waits_for_an_unknown_build():

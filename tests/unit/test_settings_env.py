@@ -38,6 +38,8 @@ NOT_SETTINGS = {
     "AWS_SECRET_ACCESS_KEY": "botocore's credentials",
     "OTEL_EXPORTER_OTLP_ENDPOINT": "OpenTelemetry's exporter",
     "KILN_DLQ": "not a variable: the dead-letter stream",
+    "KILN_BUDGET_GATES": "not a variable: the budget gates' key-value bucket",
+    "KV_KILN_BUDGET_GATES": "not a variable: the stream of the budget gates' bucket",
     "MAX_AGE_S": "not a variable: the streams' retention in kiln_contracts",
     "CLOCK_SLACK_S": "not a variable: a constant of the snapshot's collector",
     "PREFIX_OR_ID": "not a variable: an argument of `kiln keys revoke`",
@@ -72,7 +74,7 @@ READ = {
     | {
         *("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "KILN_MODEL_TIMEOUT_S", "KILN_AGENT_CONFIG"),
         *("KILN_AGENT_WORKERS", "KILN_AGENT_LEASE_S", "KILN_AGENT_DB_POOL"),
-        *("KILN_AGENT_TURN_CACHE_MB", "KILN_AGENT_TURN_CACHE_BUILDS"),
+        *("KILN_AGENT_TURN_CACHE_MB", "KILN_AGENT_TURN_CACHE_BUILDS", "KILN_AGENT_GATES_TIMEOUT_S"),
     },
     "sandbox": COMMON
     | DATABASE

@@ -12,7 +12,7 @@ import httpx
 
 from kiln_contracts import TERMINAL_KINDS
 
-TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "rejected"})
 
 
 class ApiError(Exception):

@@ -149,6 +149,10 @@ class Renderer:
             f"[bold yellow]■ cancelled[/] ({escape(str(d.get('reason', '')))}; {self._final(d)})"
         )
 
+    def on_build_rejected(self, d: dict[str, Any]) -> None:
+        self.status = "rejected"
+        self.print(f"[bold red]✘ not started[/] ({escape(str(d.get('reason', '')))})")
+
 
 def render(events: Iterable[SseEvent], console: Console) -> Renderer:
     """Render every event; returns the renderer (its ``status`` is the build's final status)."""

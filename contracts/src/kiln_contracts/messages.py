@@ -297,6 +297,18 @@ class BuildCancelled(Envelope):
     cost_micro_usd: MicroUsd
 
 
+class BuildRejected(Envelope):
+    """The agent did not start the build: its user's budget gate was closed (the allowance is
+    used up). An ending: the build never ran, cost nothing and never will."""
+
+    kind: ClassVar[str] = "build_rejected"
+
+    reason: str = Field(description="What is spent, when the allowance resets, how to top up.")
+    spent_micro_usd: MicroUsd = Field(description="The user's spend in the allowance period.")
+    allowance_micro_usd: MicroUsd = Field(description="The period's allowance.")
+    resets_at: datetime = Field(description="When the allowance resets (the gate opens).")
+
+
 MESSAGES: tuple[type[Envelope], ...] = (
     BuildRequested,
     ToolCall,
@@ -317,9 +329,12 @@ MESSAGES: tuple[type[Envelope], ...] = (
     BuildCompleted,
     BuildFailed,
     BuildCancelled,
+    BuildRejected,
 )
 BY_KIND: dict[str, type[Envelope]] = {m.kind: m for m in MESSAGES}
-TERMINAL_KINDS = frozenset({BuildCompleted.kind, BuildFailed.kind, BuildCancelled.kind})
+TERMINAL_KINDS = frozenset(
+    {BuildCompleted.kind, BuildFailed.kind, BuildCancelled.kind, BuildRejected.kind}
+)
 
 # A model call's id from Anthropic becomes a call_id; ids derived from it must be stable so that a
 # republish after a crash carries the same event_id (and is dropped by the server as a duplicate).

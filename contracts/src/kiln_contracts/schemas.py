@@ -10,7 +10,9 @@ import json
 import sys
 from pathlib import Path
 
+from . import subjects
 from .bucket import manifest_key
+from .gates import BudgetGate
 from .manifest import Manifest
 from .messages import MESSAGES
 from .rpc import RPC_MODELS
@@ -33,6 +35,11 @@ def render() -> dict[str, str]:
     schema["$id"] = "https://kiln.dev/schemas/s3/Manifest.json"
     schema["x-kiln-key"] = manifest_key("{build_id}", "{snapshot_id}")
     out["s3/Manifest.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
+    # Key-value values: the budget gates (one per user in bucket KILN_BUDGET_GATES).
+    schema = BudgetGate.model_json_schema()
+    schema["$id"] = "https://kiln.dev/schemas/kv/budget_gate.json"
+    schema["x-kiln-bucket"] = subjects.BUDGET_GATES
+    out["kv/budget_gate.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
     return out
 
 

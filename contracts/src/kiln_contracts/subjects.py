@@ -23,6 +23,13 @@ MAX_MSG_BYTES: Final = 1024 * 1024
 # service rebuilds its counters from when its Redis has lost them.
 MAX_AGE_S: Final = 32 * 24 * 3600.0
 
+# The budget gates (kiln_contracts.gates): a JetStream key-value bucket, one key per user, written
+# only by the budget service. A gate is kept this long after its last write (a closed one never
+# lasts longer than a budget cycle).
+BUDGET_GATES: Final = "KILN_BUDGET_GATES"
+BUDGET_GATES_MAX_AGE_S: Final = 40 * 24 * 3600.0
+BUDGET_GATES_MAX_VALUE_BYTES: Final = 4096
+
 # Request/reply (core NATS, not persisted): the file exchange between snapshot and sandbox, and
 # a user's allowance, which the budget service answers the gateway.
 SANDBOX_MANIFEST: Final = "kiln.rpc.sandbox.manifest"

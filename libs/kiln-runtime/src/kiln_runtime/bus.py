@@ -36,8 +36,9 @@ from faststream.security import SASLPlaintext
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import ConsumerConfig, StreamConfig
+from nats.js.api import ConsumerConfig, DiscardPolicy, StreamConfig
 from nats.js.errors import NotFoundError
+from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from kiln_contracts import BY_KIND, Envelope, subjects
@@ -117,6 +118,41 @@ async def ensure_streams(nc: Client, replicas: int = 1) -> None:
             await js.update_stream(config)
         except NotFoundError:
             await js.add_stream(config)
+
+
+def gates_stream_config(replicas: int = 1) -> StreamConfig:
+    """The stream behind the budget gates' key-value bucket, as nats-py's ``create_key_value``
+    makes one (one value per key, rollups, no deletes of single messages), with Kiln's replicas.
+    No direct gets: every read is answered by the stream's leader, so it sees the last write."""
+    bucket = subjects.BUDGET_GATES
+    return StreamConfig(
+        name=f"KV_{bucket}",
+        subjects=[f"$KV.{bucket}.>"],
+        num_replicas=replicas,
+        max_msgs_per_subject=1,
+        max_msgs=-1,
+        max_consumers=-1,
+        max_age=subjects.BUDGET_GATES_MAX_AGE_S,
+        max_msg_size=subjects.BUDGET_GATES_MAX_VALUE_BYTES,
+        discard=DiscardPolicy.NEW,
+        duplicate_window=120.0,
+        allow_rollup_hdrs=True,
+        deny_delete=True,
+        allow_direct=False,
+    )
+
+
+async def ensure_gates(nc: Client, replicas: int = 1) -> KeyValue:
+    """Create or update the budget gates' bucket (the budget writes it; the agent and the gateway
+    read it, so each of them may be the first to start) and bind to it."""
+    js = nc.jetstream()
+    config = gates_stream_config(replicas)
+    try:
+        await js.stream_info(config.name or "")
+        await js.update_stream(config)
+    except NotFoundError:
+        await js.add_stream(config)
+    return await js.key_value(subjects.BUDGET_GATES)
 
 
 class Bus:
@@ -205,6 +241,10 @@ class Bus:
     @property
     def nc(self) -> Client:
         return self.broker.connection
+
+    async def gates(self) -> KeyValue:
+        """The budget gates' key-value bucket (after ``connect``), at the streams' replicas."""
+        return await ensure_gates(self.nc, self.settings.stream_replicas)
 
     # ------------------------------------------------------------------ publishing
 

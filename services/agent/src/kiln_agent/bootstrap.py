@@ -12,7 +12,9 @@ from kiln_runtime.db import create_pool
 
 from . import app, config
 from .adapters.anthropic_model import AnthropicModel, ModelUnavailable
+from .adapters.kv_gates import KvGateSource
 from .adapters.postgres import SCHEMA, PostgresStore, migrations
+from .gates import BudgetGates
 from .loop import Agent
 from .settings import AgentSettings, MissingApiKey
 
@@ -23,10 +25,16 @@ class Service:
     settings: AgentSettings
     pool: asyncpg.Pool | None = None
     model: AnthropicModel | None = None
+    gates: BudgetGates | None = None
 
     async def start(self) -> None:
-        """Open the database and the model client, then register the subscribers."""
+        """Read the budget gates, open the database and the model client, then register the
+        subscribers (none before the gates' current values are in memory: fail closed)."""
         cfg = config.load(self.settings.agent_config)
+        source = KvGateSource(self.bus)
+        await source.open()
+        self.gates = BudgetGates(source)
+        await self.gates.start(timeout_s=self.settings.agent_gates_timeout_s)
         self.pool = await create_pool(
             self.settings.database_url,
             schema=SCHEMA,
@@ -67,10 +75,13 @@ class Service:
                 if self.settings.agent_turn_cache_builds is not None
                 else 2 * self.settings.agent_workers
             ),
+            budget_gates=self.gates,
         )
         app.register(self.bus, agent, workers=self.settings.agent_workers)
 
     async def stop(self) -> None:
+        if self.gates:
+            await self.gates.stop()
         if self.model:
             await self.model.close()
         if self.pool:

@@ -10,8 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from kiln_contracts import BY_KIND, BuildLimits, Envelope
 
-Status = Literal["thinking", "acting", "sleeping", "completed", "failed", "cancelled"]
-TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+Status = Literal["thinking", "acting", "sleeping", "completed", "failed", "cancelled", "rejected"]
+TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled", "rejected"})
 
 
 class _Model(BaseModel):

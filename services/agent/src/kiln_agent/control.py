@@ -1,6 +1,7 @@
-"""The build's start, the commands from outside (cancel, sleep, wake) and what gates a think (the
-limits, a model change, compaction), as plain functions on the checkpoint like ``transitions.py``:
-no I/O; each returns the new turns ([] for none), or None when the input changes nothing."""
+"""The build's start (or its rejection behind a closed budget gate), the commands from outside
+(cancel, sleep, wake) and what gates a think (the limits, a sleep before the call, a model change,
+compaction), as plain functions on the checkpoint like ``transitions.py``: no I/O; each returns the
+new turns ([] for none), or None when the input changes nothing."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kiln_contracts import (
+    BudgetGate,
     BuildCancelled,
     BuildRequested,
     BuildResumed,
@@ -19,7 +21,7 @@ from kiln_contracts import (
 )
 from kiln_contracts.messages import FailureReason
 
-from . import endings
+from . import endings, gates
 from .checkpoint import Checkpoint, SleepRequest, Turn
 from .transitions import Rules, turn
 
@@ -40,6 +42,13 @@ def start(rules: Rules, msg: BuildRequested) -> tuple[Checkpoint, list[Turn]]:
     cp.state.effort = tier.effort.get("agent") if tier else None
     first = turn(cp, "user", [{"type": "text", "text": rules.config.first_turn(msg.build_id)}])
     return cp, [first]
+
+
+def reject(cp: Checkpoint, msg: BuildRequested, gate: BudgetGate) -> list[Turn]:
+    """A new build behind its user's closed budget gate: it never starts (no turn), for good."""
+    cp.status, cp.turns = "rejected", 0
+    cp.outbox.append(gates.rejection(msg, gate))
+    return []
 
 
 # ---------------------------------------------------------------------------- control
@@ -64,12 +73,12 @@ def cancel(cp: Checkpoint, msg: CancelRequested) -> list[Turn] | None:
 
 
 def sleep(cp: Checkpoint, msg: SleepRequested) -> list[Turn] | None:
-    """Sleep now if no call is in flight, else as soon as the iteration's set completes."""
+    """Sleep before the build's next model call: a call in flight is answered and its reply kept
+    (it is paid for, and charged), and the build sleeps at its next think (``sleep_before_call``)
+    or as soon as the iteration's set completes."""
     if cp.terminal or cp.status == "sleeping" or cp.state.sleep is not None:
         return None
     cp.state.sleep = SleepRequest(reason=msg.reason, wake_at=msg.wake_at)
-    if cp.status == "thinking":
-        endings.go_to_sleep(cp, msg.event_id)
     return []
 
 
@@ -104,6 +113,22 @@ def precheck(rules: Rules, cp: Checkpoint) -> tuple[FailureReason, str] | None:
     if cap is not None and cp.cost_micro_usd >= cap:
         return "cost_limit", f"spent {cp.cost_micro_usd} of {cap} micro-USD"
     return None
+
+
+def gate_sleep(gate: BudgetGate) -> SleepRequest:
+    """Behind a closed gate: asleep until it opens, as the budget's SleepRequested would say."""
+    return SleepRequest(reason=gate.sleep_reason, wake_at=gate.until)
+
+
+def sleep_before_call(
+    cp: Checkpoint, sleep: SleepRequest, iteration: int, cause: uuid.UUID
+) -> list[Turn] | None:
+    """No model call: asleep now (a sleep asked for, or the gate's), if still at ``iteration``."""
+    if cp.status != "thinking" or cp.iteration != iteration:
+        return None
+    cp.state.sleep = cp.state.sleep or sleep
+    endings.go_to_sleep(cp, cause)
+    return []
 
 
 def model_switch(rules: Rules, cp: Checkpoint) -> Callable[[Checkpoint], None] | None:

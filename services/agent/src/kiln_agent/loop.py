@@ -16,6 +16,7 @@ import uuid
 from datetime import UTC, datetime
 
 from kiln_contracts import (
+    BudgetGate,
     BuildRequested,
     CancelRequested,
     SleepRequested,
@@ -29,12 +30,13 @@ from kiln_runtime.errors import Conflict, RetryLater
 
 from . import control, endings, tools, transitions
 from .caching_store import CachingStore
-from .checkpoint import Checkpoint, Turn
+from .checkpoint import Checkpoint, SleepRequest, Turn
 from .config import AgentConfig
 from .context import CACHE, build_request, compaction_point, context_tokens
 from .ports import (
     CheckpointStore,
     ContextWindowExceeded,
+    Gates,
     LeaseChange,
     Model,
     ModelError,
@@ -63,6 +65,7 @@ class Agent:
         lease_s: float = 30.0,
         turn_cache_mb: float = 64.0,
         turn_cache_builds: int = 1_000,
+        budget_gates: Gates | None = None,
     ) -> None:
         self.store = CachingStore(
             store, max_chars=int(turn_cache_mb * 2**20), max_builds=turn_cache_builds
@@ -73,15 +76,21 @@ class Agent:
         self.save_attempts = save_attempts
         self.lease_s = lease_s
         self.tools = tools.definitions(config.narrate_description)
+        self.budget_gates = budget_gates  # None: no budget (an in-process run)
 
     # ------------------------------------------------------------------ messages
 
     async def build_requested(self, msg: BuildRequested) -> None:
-        """Start a build; a second request for the same build id changes nothing."""
+        """Start a build; a second request for the same build id changes nothing. Behind its
+        user's closed budget gate the build is rejected instead, for good (BuildRejected)."""
         if await self.store.load(msg.build_id) is None:
             cp, turns = control.start(self.rules, msg)
+            if (gate := await self._gate(cp)) is not None:  # no allowance: it never starts
+                turns = control.reject(cp, msg, gate)
             if await self.store.create(cp, turns):
-                log.info("build started", extra={"build_id": msg.build_id})
+                log.info(
+                    "build %s", "started" if turns else "rejected", extra={"build_id": msg.build_id}
+                )
         await self._after(msg.build_id, msg.event_id)
 
     async def tool_result(self, msg: ToolResult) -> None:
@@ -171,6 +180,16 @@ class Agent:
             if fitted is None:
                 return True, None  # moved on while compacting: look again
             request, failure = fitted
+            # right before the call: a sleep asked for, or no allowance left (the user's gate)
+            if request is not None and (sleep := cp.state.sleep or await self._gate_sleep(cp)):
+                slept = await self._step(
+                    cp.build_id,
+                    lambda c: control.sleep_before_call(c, sleep, iteration, cause),
+                    publish=False,
+                    first=cp,
+                    give_up=token,
+                )
+                return False, slept
             if request is not None:
                 try:
                     answer = await self.model.complete(request)
@@ -199,6 +218,14 @@ class Agent:
         # meanwhile (the save's version check)
         saved = await self._step(cp.build_id, advance, publish=False, first=cp, give_up=token)
         return saved is not None and saved.status == "thinking", saved
+
+    async def _gate(self, cp: Checkpoint) -> BudgetGate | None:
+        """The build's user's budget gate if it is closed (RetryLater if it cannot be known)."""
+        return None if self.budget_gates is None else await self.budget_gates.closed(cp.user_id)
+
+    async def _gate_sleep(self, cp: Checkpoint) -> SleepRequest | None:
+        gate = await self._gate(cp)
+        return None if gate is None else control.gate_sleep(gate)
 
     async def _fit(
         self, cp: Checkpoint, turns: list[Turn]

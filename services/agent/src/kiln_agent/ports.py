@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
-from kiln_contracts import Envelope, Usage
+from kiln_contracts import BudgetGate, Envelope, Usage
 
 from .checkpoint import Checkpoint, Turn
 
@@ -106,3 +106,9 @@ class ContextWindowExceeded(ModelError):
 
 class Model(Protocol):
     async def complete(self, request: ModelRequest) -> ModelReply: ...
+
+
+class Gates(Protocol):
+    async def closed(self, user_id: str) -> BudgetGate | None:
+        """The user's budget gate if it is closed now, else None; RetryLater if this replica
+        cannot tell (the agent then neither calls the model nor starts a build)."""

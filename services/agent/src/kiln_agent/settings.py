@@ -18,6 +18,11 @@ class AgentSettings(DatabaseSettings):
         gt=0,
         description="The think lease (renewed while a model call runs); default: ack_wait_s.",
     )
+    agent_gates_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="How long start-up waits for the budget gates' current values (then fails).",
+    )
     agent_db_pool: int = Field(default=20, ge=1)
     agent_turn_cache_mb: float = Field(
         default=64.0,

@@ -15,6 +15,7 @@ from kiln_contracts import (
     BuildCancelled,
     BuildCompleted,
     BuildFailed,
+    BuildRejected,
     BuildRequested,
     BuildResumed,
     IterationCompleted,
@@ -34,23 +35,27 @@ STATUS_QUEUE = "budget"
 
 def register(bus: Bus, deps: Deps, *, max_workers: int = 8) -> None:
     async def on_iteration_completed(event: IterationCompleted, _: Delivery) -> None:
-        """Price the iteration's usage and charge it once; at the allowance, sleep the builds."""
+        """Price the iteration's usage and charge it once; at the allowance, close the user's
+        gate and sleep the builds."""
         await recovery.guarded(deps, spending.iteration_completed, event)
 
     async def on_build_requested(event: BuildRequested, _: Delivery) -> None:
-        """Count the build among its user's running builds."""
-        await recovery.guarded(deps, spending.build_started, event)
+        """Count the build among its user's running builds (asleep at once if the allowance is
+        used up)."""
+        await recovery.guarded(deps, spending.build_requested, event)
 
     async def on_build_resumed(event: BuildResumed, _: Delivery) -> None:
-        """A woken build may be put to sleep again (a new wake generation)."""
-        await recovery.guarded(deps, spending.build_resumed, event)
+        """A woken build may be put to sleep again (a new wake generation): at once while the
+        allowance is used up."""
+        await recovery.guarded(deps, spending.build_woken, event)
 
     async def on_build_ended(event: BuildEnded, _: Delivery) -> None:
         """Remove the build from its user's running builds."""
         await recovery.guarded(deps, spending.build_ended, event)
 
     async def on_top_up_requested(event: TopUpRequested, _: Delivery) -> None:
-        """Credit the top-up once and wake the user's builds the budget put to sleep."""
+        """Credit the top-up once, open the user's gate if that leaves allowance, then wake the
+        user's builds the budget put to sleep."""
         await recovery.guarded(deps, spending.top_up, event)
 
     bus.consume(IterationCompleted, on_iteration_completed, max_workers=max_workers)
@@ -59,6 +64,7 @@ def register(bus: Bus, deps: Deps, *, max_workers: int = 8) -> None:
     bus.consume(BuildCompleted, on_build_ended, max_workers=max_workers)
     bus.consume(BuildFailed, on_build_ended, max_workers=max_workers)
     bus.consume(BuildCancelled, on_build_ended, max_workers=max_workers)
+    bus.consume(BuildRejected, on_build_ended, max_workers=max_workers)
     bus.consume(TopUpRequested, on_top_up_requested, max_workers=max_workers)
 
 

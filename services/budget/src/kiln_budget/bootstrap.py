@@ -15,6 +15,7 @@ from kiln_runtime.service import serve
 from . import app
 from .adapters.bus_commands import BusCommands
 from .adapters.clock import SystemClock
+from .adapters.kv_gates import KvGates
 from .adapters.redis_store import RedisSpendStore
 from .adapters.stream_history import StreamHistory
 from .periods import Calendar, ShortCalendar, UtcCalendar
@@ -30,10 +31,12 @@ class Wiring:
     bus: Bus
     deps: Deps
     store: RedisSpendStore
+    gates: KvGates
     _status: Subscription | None = field(default=None, repr=False)
 
     async def start(self) -> None:
         await self.store.open()
+        await self.gates.open()
         self._status = await app.serve_status(self.bus.nc, self.deps)
 
     async def stop(self) -> None:
@@ -61,6 +64,7 @@ def build(
     """Wire the service; nothing connects until ``bus.connect()`` / ``start()``."""
     store = RedisSpendStore(settings.redis_url, timeout_s=settings.redis_timeout_s)
     bus = Bus(settings, service)
+    gates = KvGates(bus)
     deps = Deps(
         store=store,
         clock=clock or SystemClock(),
@@ -69,9 +73,10 @@ def build(
         commands=BusCommands(bus),
         demo_allowance_micro_usd=settings.demo_allowance_micro_usd,
         history=StreamHistory(lambda: bus.nc),
+        gates=gates,
     )
     app.register(bus, deps, max_workers=settings.budget_workers)
-    return Wiring(bus=bus, deps=deps, store=store)
+    return Wiring(bus=bus, deps=deps, store=store, gates=gates)
 
 
 async def run(settings: BudgetSettings) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, Protocol
 
-from kiln_contracts import Envelope
+from kiln_contracts import BudgetGate, Envelope
 
 
 class Clock(Protocol):
@@ -106,7 +106,8 @@ class SpendStore(Protocol):
         ...
 
     async def resumed(self, user_id: str, build_id: str, generation: str) -> None:
-        """The build resumed: a new wake generation, and it leaves the sleeping set."""
+        """The build resumed: a new wake generation, and it leaves the sleeping set (once per
+        generation: the same one again changes nothing, the build may be asleep again since)."""
         ...
 
     async def sleeping(self, user_id: str) -> set[str]: ...
@@ -140,4 +141,18 @@ class Commands(Protocol):
 
     async def publish_at(self, msg: Envelope, at: datetime, name: str) -> None:
         """Deliver ``msg`` at ``at``; one pending schedule per (build, name): a new one replaces it."""
+        ...
+
+
+class Gates(Protocol):
+    """The users' budget gates (JetStream key-value bucket KILN_BUDGET_GATES); the budget is their
+    only writer. A write is compare-and-set on the revision read, so that a decision made on older
+    figures (a charge racing a top-up) never overwrites a newer one."""
+
+    async def read(self, user_id: str) -> tuple[BudgetGate | None, int]:
+        """The user's gate and its revision (None, and the revision to write over, if none)."""
+        ...
+
+    async def write(self, gate: BudgetGate, revision: int) -> bool:
+        """Write ``gate`` if the user's gate is still at ``revision``; False if it moved on."""
         ...

@@ -22,6 +22,7 @@ from kiln_contracts import (
     BuildCancelled,
     BuildCompleted,
     BuildFailed,
+    BuildRejected,
     BuildRequested,
     BuildResumed,
     Envelope,
@@ -49,6 +50,7 @@ REPLAYED: tuple[type[Envelope], ...] = (
     BuildCompleted,
     BuildFailed,
     BuildCancelled,
+    BuildRejected,
     TopUpRequested,
     SleepRequested,
 )
@@ -106,7 +108,7 @@ async def fold(deps: Deps, event: Envelope) -> None:
         await spending.build_started(deps, event)
     elif isinstance(event, BuildResumed):
         await spending.build_resumed(deps, event)
-    elif isinstance(event, BuildCompleted | BuildFailed | BuildCancelled):
+    elif isinstance(event, BuildCompleted | BuildFailed | BuildCancelled | BuildRejected):
         await spending.build_ended(deps, event)
     elif isinstance(event, TopUpRequested):
         await store.add_topup(

@@ -7,11 +7,16 @@ Plain async functions over the ports (no broker here). Amounts are integer micro
 * Allowance: what is left of the cycle's budget (tier budget + top-ups) at the start of the
   period, over the periods left (this one included), plus the period's own top-ups. Unspent
   allowance rolls forward. ``demo_allowance_micro_usd`` replaces it with a fixed amount per period.
-* Sleep: once the period's spend reaches the allowance, every running build of the user gets a
-  SleepRequested (once per build, period and wake generation) and a WakeRequested scheduled for
-  the reset (a JetStream message schedule: no timer here, nothing lost when this service restarts).
-* Top-up: a TopUpRequested credits the user once per top-up id and wakes the builds the budget
-  put to sleep.
+* Gate: the moment the period's spend reaches the allowance, the user's budget gate closes until
+  the reset (``kiln_contracts.gates``: the agent calls no model and starts no build behind a closed
+  gate, the gateway accepts none); a top-up that leaves allowance opens it again. The reset needs
+  no write: a closed gate opens by itself at its ``until``.
+* Sleep: after closing the gate, every running build of the user gets a SleepRequested (once per
+  build, period and wake generation) and a WakeRequested scheduled for the reset (a JetStream
+  message schedule: no timer here, nothing lost when this service restarts). A build that starts
+  or is woken while the allowance is used up gets them too.
+* Top-up: a TopUpRequested credits the user once per top-up id, opens the gate if that leaves
+  allowance, then wakes the builds the budget put to sleep.
 * Per-build cap: enforced by the agent (BuildFailed reason ``cost_limit``), not here.
 
 These rules assume an intact store; ``recovery.py`` rebuilds one that has lost its data.
@@ -25,11 +30,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from kiln_contracts import (
+    BudgetGate,
     BuildCancelled,
     BuildCompleted,
     BuildFailed,
+    BuildRejected,
     BuildRequested,
     BuildResumed,
+    Envelope,
     IterationCompleted,
     SleepRequested,
     TopUpRequested,
@@ -39,13 +47,14 @@ from kiln_contracts import (
 from kiln_contracts.rpc import BudgetStatus
 from kiln_runtime import metrics
 from kiln_runtime.config import KilnConfig
+from kiln_runtime.errors import Conflict
 
 from .periods import Calendar, Period, UtcCalendar, as_utc
-from .ports import Charge, Clock, Commands, History, SpendStore
+from .ports import Charge, Clock, Commands, Gates, History, SpendStore
 
 log = logging.getLogger(__name__)
 
-BuildEnded = BuildCompleted | BuildFailed | BuildCancelled
+BuildEnded = BuildCompleted | BuildFailed | BuildCancelled | BuildRejected
 
 # The name of a build's one pending budget wake: kiln.schedule.<build_id>.budget-wake
 WAKE_SCHEDULE = "budget-wake"
@@ -64,6 +73,7 @@ class Deps:
     demo_allowance_micro_usd: int | None = None  # a fixed allowance per period (the demo)
     history: History | None = None  # the stream, to rebuild a store that lost its data
     rebuild_lock: asyncio.Lock = field(default_factory=asyncio.Lock, compare=False, repr=False)
+    gates: Gates | None = None  # the users' budget gates (the key-value bucket)
 
     def now(self) -> datetime:
         return as_utc(self.clock.now())
@@ -149,6 +159,14 @@ async def build_started(deps: Deps, event: BuildRequested) -> None:
     await deps.store.set_tier(event.user_id, event.tier)
 
 
+async def build_requested(deps: Deps, event: BuildRequested) -> list[str]:
+    """Count the build among the user's running ones. If the allowance is used up, it is put to
+    sleep with the others (the agent may have started it on a gate it saw open a moment before,
+    and then stopped it at its first think: its wake at the reset is scheduled here)."""
+    await build_started(deps, event)
+    return await enforce(deps, event.user_id, event)
+
+
 async def build_ended(deps: Deps, event: BuildEnded) -> None:
     await deps.store.build_ended(event.user_id, event.build_id)
 
@@ -156,6 +174,13 @@ async def build_ended(deps: Deps, event: BuildEnded) -> None:
 async def build_resumed(deps: Deps, event: BuildResumed) -> None:
     """A woken build starts a new wake generation: it may be put to sleep again this period."""
     await deps.store.resumed(event.user_id, event.build_id, str(event.event_id))
+
+
+async def build_woken(deps: Deps, event: BuildResumed) -> list[str]:
+    """A new wake generation; still over the allowance (woken by hand), the build is put to sleep
+    again at once (the agent, behind the closed gate, calls no model meanwhile)."""
+    await build_resumed(deps, event)
+    return await enforce(deps, event.user_id, event)
 
 
 # ------------------------------------------------------------------------------ reads
@@ -209,6 +234,21 @@ class Allowance:
         """When a build put to sleep now should wake: the next period, or the next cycle when
         nothing is left for the periods between."""
         return self.period.end if self.cycle_left_micro_usd > 0 else self.period.cycle_end
+
+    def gate(self, user_id: str, now: datetime) -> BudgetGate:
+        """The user's gate for this allowance: closed until the wake while it is used up."""
+        if not self.exhausted:
+            return BudgetGate.opened(user_id).model_copy(update={"updated_at": now})
+        wake_at = self.wake_at()
+        return BudgetGate(
+            user_id=user_id,
+            state="closed",
+            until=wake_at,
+            reason=SLEEP_REASON_DAY if wake_at == self.period.end else SLEEP_REASON_CYCLE,
+            spent_micro_usd=self.spent_today_micro_usd,
+            allowance_micro_usd=self.allowance_today_micro_usd,
+            updated_at=now,
+        )
 
     def as_status(self, user_id: str) -> BudgetStatus:
         """The allowance as the budget answers it (``kiln.rpc.budget.status``)."""
@@ -273,20 +313,56 @@ async def allowance(
 # ------------------------------------------------------------------------------ sleep and wake
 
 
-async def enforce(deps: Deps, user_id: str, cause: IterationCompleted | None = None) -> list[str]:
-    """At the allowance, put each running build of the user to sleep until the reset.
+GATE_ATTEMPTS = 5
+
+
+async def keep_gate(deps: Deps, user_id: str, now: datetime) -> tuple[Allowance, BudgetGate]:
+    """The user's allowance at ``now``, with their gate kept in step: closed while the allowance
+    is used up (written again when its reset, its allowance or a higher spend is to be told),
+    opened when it is not and the gate is still closed (a top-up).
+
+    The gate is read before the allowance is computed and written only if it has not moved since
+    (compare-and-set): of a charge and a top-up computed at the same time, the one that computed
+    on older figures writes nothing and computes again."""
+    for _ in range(GATE_ATTEMPTS):
+        current, revision = (None, 0) if deps.gates is None else await deps.gates.read(user_id)
+        status = await allowance(deps, user_id, at=now)
+        gate = status.gate(user_id, now)
+        change = _changes(current, gate, now)
+        if deps.gates is None or not change or await deps.gates.write(gate, revision):
+            if change and deps.gates is not None:
+                log.info("budget gate of %s %s", user_id, gate.state)
+            return status, gate
+    raise Conflict(f"the budget gate of {user_id} kept changing under {GATE_ATTEMPTS} attempts")
+
+
+def _changes(current: BudgetGate | None, gate: BudgetGate, now: datetime) -> bool:
+    """Whether ``gate`` says something ``current`` does not (so that the charges of builds
+    finishing their calls together do not all rewrite a gate another charge has just closed)."""
+    if current is None or not current.closed_at(now):
+        return gate.state == "closed"
+    if gate.state == "open":
+        return True
+    return (current.until, current.allowance_micro_usd) != (
+        gate.until,
+        gate.allowance_micro_usd,
+    ) or current.spent_micro_usd < gate.spent_micro_usd
+
+
+async def enforce(deps: Deps, user_id: str, cause: Envelope | None = None) -> list[str]:
+    """At the allowance, close the user's gate, then put each running build of the user to sleep
+    until the reset.
 
     Returns the builds asked to sleep now. Per build: schedule the wake first, then request the
     sleep, then remember it; a crash in between redoes the steps (the same event ids: the server
     drops a repeat within its duplicate window, the agent ignores a second sleep or wake)."""
     now = deps.now()
-    status = await allowance(deps, user_id, at=now)
+    status, gate = await keep_gate(deps, user_id, now)
     if not status.exhausted:
         return []
     if deps.commands is None:
         raise RuntimeError("the budget needs Commands to put builds to sleep")
     wake_at = status.wake_at()
-    reason = SLEEP_REASON_DAY if wake_at == status.period.end else SLEEP_REASON_CYCLE
     asleep = []
     for build_id in sorted(await deps.store.running(user_id)):
         generation = await deps.store.wake_generation(build_id)
@@ -307,8 +383,7 @@ async def enforce(deps: Deps, user_id: str, cause: IterationCompleted | None = N
             user_id=user_id,
             occurred_at=now,  # the budget's time: a rebuild places the sleep in its period
             causation_id=causation,
-            reason=f"{reason}: spent {status.spent_today_micro_usd} of "
-            f"{status.allowance_today_micro_usd} micro-USD",
+            reason=gate.sleep_reason,
             wake_at=wake_at,
         )
         await deps.commands.publish(sleep)
@@ -316,16 +391,20 @@ async def enforce(deps: Deps, user_id: str, cause: IterationCompleted | None = N
             user_id, build_id, status.period.key, generation, marks_ttl(status.period)
         )
         log.info(
-            "asked to sleep until %s: %s", wake_at.isoformat(), reason, extra={"build_id": build_id}
+            "asked to sleep until %s: %s",
+            wake_at.isoformat(),
+            gate.reason,
+            extra={"build_id": build_id},
         )
         asleep.append(build_id)
     return asleep
 
 
 async def top_up(deps: Deps, command: TopUpRequested) -> set[str]:
-    """Credit the user once per top-up id, at the command's time, then wake the builds the budget
-    put to sleep; returns the builds woken. A repeat changes nothing; a repeat of a top-up
-    whose wakes were not all sent (a crash in between) sends them."""
+    """Credit the user once per top-up id, at the command's time; open their gate if that leaves
+    allowance, then wake the builds the budget put to sleep; returns the builds woken. A repeat
+    changes nothing; a repeat of a top-up whose wakes were not all sent (a crash in between) sends
+    them."""
     if deps.commands is None:
         raise RuntimeError("the budget needs Commands to wake builds")
     user_id, topup_id = command.user_id, command.topup_id
@@ -336,6 +415,7 @@ async def top_up(deps: Deps, command: TopUpRequested) -> set[str]:
     if state == "woken":
         log.info("top-up %s of %s already applied; nothing to do", topup_id, user_id, extra=extra)
         return set()
+    await keep_gate(deps, user_id, deps.now())  # the gate first: a woken build finds it open
     woken = await deps.store.sleeping(user_id)
     for build_id in sorted(woken):
         await deps.commands.publish(
@@ -356,7 +436,7 @@ async def top_up(deps: Deps, command: TopUpRequested) -> set[str]:
         sorted(woken),
         extra=extra,
     )
-    await enforce(deps, user_id)  # the allowance has changed
+    await enforce(deps, user_id)  # still over the allowance: the woken builds sleep again
     return woken
 
 

@@ -70,6 +70,7 @@ async def running(settings: GatewaySettings) -> AsyncIterator[Runtime]:
     )
     try:
         await connect_with_retry(bus)
+        gates = await bus.gates()  # the budget gates' bucket (POST /v1/builds reads it)
         await files.open()
         pool = await create_pool(
             settings.database_url, schema=settings.gateway_db_schema, migrations=migrations()
@@ -90,7 +91,7 @@ async def running(settings: GatewaySettings) -> AsyncIterator[Runtime]:
             publish=bus.publish,
             config=kiln_config.default(),
             files=files,
-            budget=NatsBudget(lambda: bus.nc, timeout_s=settings.gateway_budget_timeout_s),
+            budget=NatsBudget(lambda: bus.nc, gates, timeout_s=settings.gateway_budget_timeout_s),
             token_secret=(settings.token_secret or secrets.token_hex(32)).encode(),
             pool=pool,
         )

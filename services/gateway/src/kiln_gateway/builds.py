@@ -12,13 +12,16 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from datetime import UTC, datetime
 
 from kiln_contracts import (
     TERMINAL_KINDS,
+    BudgetGate,
     BuildCancelled,
     BuildCompleted,
     BuildFailed,
     BuildLimits,
+    BuildRejected,
     BuildRequested,
     BuildResumed,
     BuildSleeping,
@@ -46,6 +49,14 @@ class TooManyBuilds(Exception):
     def __init__(self, cap: int) -> None:
         super().__init__(f"your tier allows {cap} concurrent build(s); wait for one to finish")
         self.cap = cap
+
+
+class AllowanceUsedUp(Exception):
+    """The user's budget gate is closed: no build starts until the reset or a top-up."""
+
+    def __init__(self, gate: BudgetGate) -> None:
+        super().__init__(gate.refusal())
+        self.gate = gate
 
 
 class PublishFailed(Exception):
@@ -119,12 +130,17 @@ async def create_build(
     cap: int,
     project: tuple[str, int] | None = None,
     project_asked: tuple[str, int | None] | None = None,
+    gate: BudgetGate | None = None,
+    now: datetime | None = None,
 ) -> tuple[Build, bool]:
     """Store a build, then publish its BuildRequested. Returns (build, created).
 
     The row is written first, so a failed publish never loses the build: a retry with the same
-    Idempotency-Key republishes it, and so does the periodic ``republish_pending``.
+    Idempotency-Key republishes it, and so does the periodic ``republish_pending``. Behind the
+    user's closed budget ``gate`` nothing new is stored (AllowanceUsedUp); a retry of a build
+    created before still gets it.
     """
+    closed = gate is not None and gate.closed_at(now or datetime.now(UTC))
     digest = request_digest(idea_brief, understanding_qna, limits, project_asked)
     new = NewBuild(
         build_id=uuid.uuid4().hex,
@@ -138,8 +154,12 @@ async def create_build(
         project_id=project[0] if project else None,
         project_version=project[1] if project else None,
     )
-    inserted = await store.insert_build(new, cap=cap)
+    # closed: a cap of 0 admits none, while an Idempotency-Key retry still finds its build
+    inserted = await store.insert_build(new, cap=0 if closed else cap)
     if inserted.outcome == "capped":
+        if closed:
+            assert gate is not None
+            raise AllowanceUsedUp(gate)
         raise TooManyBuilds(cap)
     build = inserted.build
     assert build is not None
@@ -221,6 +241,14 @@ def evolve(state: Projection, event: Envelope, seq: int) -> Projection:
             cost_micro_usd=max(state.cost_micro_usd, event.cost_micro_usd),
             summary=summary,
             reason=reason,
+            terminal_seq=seq,
+            finished_at=event.occurred_at,
+        )
+    elif isinstance(event, BuildRejected):
+        new = replace(
+            new,
+            status=model.REJECTED,
+            reason=event.reason,
             terminal_seq=seq,
             finished_at=event.occurred_at,
         )

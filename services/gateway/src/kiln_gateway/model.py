@@ -12,8 +12,9 @@ SLEEPING = "sleeping"
 COMPLETED = "completed"
 FAILED = "failed"
 CANCELLED = "cancelled"
-STATUSES = (QUEUED, RUNNING, SLEEPING, COMPLETED, FAILED, CANCELLED)
-TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
+REJECTED = "rejected"  # never started: the user's allowance was used up (BuildRejected)
+STATUSES = (QUEUED, RUNNING, SLEEPING, COMPLETED, FAILED, CANCELLED, REJECTED)
+TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED, REJECTED})
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
-from kiln_contracts import BuildRequested, Envelope
+from kiln_contracts import BudgetGate, BuildRequested, Envelope
 from kiln_contracts.manifest import Manifest
 from kiln_contracts.rpc import BudgetStatus
 
@@ -128,6 +128,11 @@ class Budget(Protocol):
     async def status(self, user_id: str, tier: str) -> BudgetStatus:
         """The user's allowance now as the budget enforces it (``tier``: the caller's, for a
         user the budget has not seen yet); ``BudgetUnavailable`` without an answer."""
+        ...
+
+    async def gate(self, user_id: str) -> BudgetGate | None:
+        """The user's budget gate as the budget service last wrote it in its key-value bucket
+        (None: never written)."""
         ...
 
 

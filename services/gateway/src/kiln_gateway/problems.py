@@ -33,20 +33,39 @@ TYPES = {
 }
 
 
+class ProblemError(Exception):
+    """A problem with a type of its own (not the status's default) and extension members."""
+
+    def __init__(
+        self,
+        status: int,
+        kind: str,
+        detail: str,
+        *,
+        headers: dict[str, str] | None = None,
+        **extensions: Any,
+    ) -> None:
+        super().__init__(detail)
+        self.status, self.kind, self.detail = status, kind, detail
+        self.headers, self.extensions = headers, extensions
+
+
 def problem(
     status: int,
     detail: str,
     *,
     instance: str | None = None,
     headers: dict[str, str] | None = None,
+    kind: str | None = None,
     **extensions: Any,
 ) -> JSONResponse:
+    """``kind``: the problem type's slug (default: the status's, from ``TYPES``)."""
     try:
         title = HTTPStatus(status).phrase
     except ValueError:
         title = "Error"
     body: dict[str, Any] = {
-        "type": TYPE_BASE + TYPES.get(status, str(status)),
+        "type": TYPE_BASE + (kind or TYPES.get(status, str(status))),
         "title": title,
         "status": status,
         "detail": detail,
@@ -64,6 +83,18 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         str(exc.detail),
         instance=request.url.path,
         headers=dict(exc.headers) if exc.headers else None,
+    )
+
+
+async def _problem_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ProblemError)
+    return problem(
+        exc.status,
+        exc.detail,
+        instance=request.url.path,
+        headers=exc.headers,
+        kind=exc.kind,
+        **exc.extensions,
     )
 
 
@@ -93,6 +124,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(ProblemError, _problem_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected)
 

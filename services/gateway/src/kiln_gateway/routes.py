@@ -7,21 +7,23 @@ import binascii
 import contextlib
 import json
 import logging
-from datetime import datetime
+import math
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
-from kiln_contracts import CancelRequested, QnA, WakeRequested
+from kiln_contracts import BudgetGate, CancelRequested, QnA, WakeRequested
+from kiln_contracts.gates import TOP_UP_HINT
 from kiln_runtime import metrics as kiln_metrics
 
 from . import accounts, archive, builds, projects
 from .bootstrap import Runtime
 from .deps import Key, Me, Owned, Rt, build_of, unauthorized
 from .model import STATUSES, Build
-from .problems import responses
+from .problems import ProblemError, responses
 from .schemas import Accepted, BuildList, BuildOut, CreateBuild, StreamToken
 
 log = logging.getLogger(__name__)
@@ -30,7 +32,7 @@ BUILDS_CREATED = Counter("kiln_gateway_builds_created_total", "Builds created", 
 
 router = APIRouter()
 
-Status = Literal["queued", "running", "sleeping", "completed", "failed", "cancelled"]
+Status = Literal["queued", "running", "sleeping", "completed", "failed", "cancelled", "rejected"]
 assert set(Status.__args__) == set(STATUSES)  # type: ignore[attr-defined]
 
 
@@ -57,7 +59,9 @@ async def create_build(
     """Start a build, from an idea brief given inline or from a project (a version of it).
 
     Send an ``Idempotency-Key`` to make retries safe. At the tier's concurrent-build cap: 429
-    with ``Retry-After``.
+    with ``Retry-After``. When the allowance is used up: 429, problem type
+    ``allowance-used-up`` (what is spent, when it resets, how to top up) with ``Retry-After``
+    = the seconds until the reset.
     """
     try:
         tier = rt.config.tier(me.tier)
@@ -86,7 +90,10 @@ async def create_build(
             cap=tier.concurrent_builds,
             project=project,
             project_asked=asked,
+            gate=await _gate(rt, me.user_id),
         )
+    except builds.AllowanceUsedUp as err:
+        raise used_up(err.gate) from err
     except builds.IdempotencyConflict as err:
         raise HTTPException(409, str(err)) from err
     except builds.TooManyBuilds as err:
@@ -102,6 +109,32 @@ async def create_build(
     else:
         response.status_code = 200
     return BuildOut.of(build)
+
+
+async def _gate(rt: Runtime, user_id: str) -> BudgetGate | None:
+    """The user's budget gate; None if it cannot be read now (the agent, which reads the same
+    gate before it starts a build, then refuses the build if the gate is closed)."""
+    try:
+        return await rt.budget.gate(user_id)
+    except Exception as err:
+        log.warning("budget gate of %s unreadable; the agent decides: %s", user_id, err)
+        return None
+
+
+def used_up(gate: BudgetGate, now: datetime | None = None) -> ProblemError:
+    """429 ``allowance-used-up``: what is spent, when the allowance resets, how to top up."""
+    assert gate.until is not None
+    wait = max(1, math.ceil((gate.until - (now or datetime.now(UTC))).total_seconds()))
+    return ProblemError(
+        429,
+        "allowance-used-up",
+        gate.refusal(),
+        headers={"Retry-After": str(wait)},
+        spent_micro_usd=gate.spent_micro_usd,
+        allowance_micro_usd=gate.allowance_micro_usd,
+        resets_at=gate.until.astimezone(UTC).isoformat(),
+        top_up=TOP_UP_HINT,
+    )
 
 
 def encode_cursor(created_at: datetime, ident: str) -> str:

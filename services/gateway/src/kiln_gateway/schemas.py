@@ -90,7 +90,8 @@ class CreateBuild(Body):
 class BuildOut(BaseModel):
     build_id: str
     status: str = Field(
-        description="queued, running, sleeping, completed, failed or cancelled",
+        description="queued, running, sleeping, completed, failed, cancelled or rejected "
+        "(not started: the allowance was used up; ``reason`` says so)",
         examples=["running"],
     )
     tier: str
@@ -172,6 +173,16 @@ class Problem(BaseModel):
     errors: list[dict[str, Any]] | None = Field(
         default=None, description="For 422: each invalid field."
     )
+    spent_micro_usd: int | None = Field(
+        default=None, description="allowance-used-up: the spend in the allowance period."
+    )
+    allowance_micro_usd: int | None = Field(
+        default=None, description="allowance-used-up: the period's allowance."
+    )
+    resets_at: datetime | None = Field(
+        default=None, description="allowance-used-up: when the allowance resets (UTC)."
+    )
+    top_up: str | None = Field(default=None, description="allowance-used-up: how to top up.")
 
 
 # ---------------------------------------------------------------------------- projects

@@ -28,6 +28,9 @@ Sleep, wake and top-ups (see docs/ARCHITECTURE.md, budget):
                                                    top-up wakes these); left on BuildResumed or end
 * ``kiln:budget:gen:<build_id>``                   the build's wake generation (its last BuildResumed)
 * ``kiln:budget:slept:<build_id>:<period>``        the generation the budget slept the build in
+
+The budget gates are not here: they live in the JetStream key-value bucket KILN_BUDGET_GATES
+(``adapters/kv_gates.py``), which the agent and the gateway read.
 """
 
 from __future__ import annotations
@@ -104,6 +107,16 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
   return 0
 end
 return redis.call('SADD', KEYS[1], ARGV[1])
+"""
+
+# KEYS: generation, sleeping   ARGV: generation, build id, ttl   (once per generation)
+RESUMED_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+redis.call('SREM', KEYS[2], ARGV[2])
+return 1
 """
 
 # KEYS: running, ended, sleeping   ARGV: build id, ended ttl
@@ -185,6 +198,7 @@ class RedisSpendStore:
         self._charge: Any = None
         self._started: Any = None
         self._ended: Any = None
+        self._resumed: Any = None
         self._topup: Any = None
         self._finish: Any = None
 
@@ -203,6 +217,7 @@ class RedisSpendStore:
         self._charge = client.register_script(CHARGE_LUA)
         self._started = client.register_script(STARTED_LUA)
         self._ended = client.register_script(ENDED_LUA)
+        self._resumed = client.register_script(RESUMED_LUA)
         self._topup = client.register_script(TOPUP_LUA)
         self._finish = client.register_script(FINISH_LUA)
 
@@ -337,10 +352,11 @@ class RedisSpendStore:
             await pipe.execute()
 
     async def resumed(self, user_id: str, build_id: str, generation: str) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(generation_key(build_id), generation, ex=ENDED_TTL_S)
-            pipe.srem(sleeping_key(user_id), build_id)
-            await pipe.execute()
+        _ = self.redis
+        await self._resumed(
+            keys=[generation_key(build_id), sleeping_key(user_id)],
+            args=[generation, build_id, ENDED_TTL_S],
+        )
 
     async def sleeping(self, user_id: str) -> set[str]:
         members = await self.redis.smembers(sleeping_key(user_id))  # type: ignore[misc]

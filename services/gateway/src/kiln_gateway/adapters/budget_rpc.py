@@ -1,4 +1,5 @@
-"""The budget service's answer for a user's allowance (core NATS request/reply)."""
+"""The budget service, as the gateway asks it: a user's allowance (core NATS request/reply) and
+the user's budget gate (read from the key-value bucket the budget keeps, never from its Redis)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,29 @@ from collections.abc import Callable
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
 
-from kiln_contracts import subjects
+from kiln_contracts import BudgetGate, gate_key, subjects
 from kiln_contracts.rpc import BudgetStatus, BudgetStatusReply, BudgetStatusRequest
 
 from ..ports import BudgetUnavailable
 
 
 class NatsBudget:
-    def __init__(self, nc: Callable[[], Client], *, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, nc: Callable[[], Client], gates: KeyValue, *, timeout_s: float = 5.0
+    ) -> None:
         self._nc = nc
+        self.gates = gates
         self.timeout_s = timeout_s
+
+    async def gate(self, user_id: str) -> BudgetGate | None:
+        try:
+            entry = await self.gates.get(gate_key(user_id))
+        except KeyNotFoundError:
+            return None
+        return BudgetGate.model_validate_json(entry.value or b"{}")
 
     async def status(self, user_id: str, tier: str) -> BudgetStatus:
         request = BudgetStatusRequest(user_id=user_id, tier=tier).model_dump_json().encode()
