@@ -83,6 +83,9 @@ class FakeSource:
     def connected(self) -> bool:
         return self.up
 
+    def stopping(self) -> bool:
+        return False
+
 
 async def settle() -> None:
     for _ in range(5):

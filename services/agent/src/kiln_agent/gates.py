@@ -58,6 +58,10 @@ class GateSource(Protocol):
 
     def connected(self) -> bool: ...
 
+    def stopping(self) -> bool:
+        """The bus is draining or closed for good: nothing more to watch."""
+        ...
+
 
 class BudgetGates:
     """The closed gates this replica knows, kept from the bucket's watch."""
@@ -112,6 +116,8 @@ class BudgetGates:
             except asyncio.CancelledError:
                 raise
             except Exception as err:
+                if self.source.stopping():
+                    return  # the service is shutting down
                 log.warning("the budget gates' watch failed (%s); watching again", err)
             self._loaded.clear()
             self._closed.clear()

@@ -40,6 +40,9 @@ class KvGateSource:
     def connected(self) -> bool:
         return bool(self.bus.nc.is_connected)
 
+    def stopping(self) -> bool:
+        return bool(self.bus.draining or self.bus.nc.is_closed)
+
     async def watch(self) -> AsyncIterator[GateUpdate | None]:
         watcher = await self.kv.watchall()
         try:
