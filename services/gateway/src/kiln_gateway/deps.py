@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, Security
@@ -41,6 +42,19 @@ def unauthorized(key: str | None) -> HTTPException:
         "missing or unknown API key" if key else "missing API key",
         headers={"WWW-Authenticate": "Bearer"},
     )
+
+
+def require_admin(rt: Runtime, key: str | None) -> None:
+    """Raise 401 unless ``key`` is the gateway's admin key (and one is configured).
+
+    Called first in each admin route's body, after FastAPI has validated the request."""
+    expected = rt.settings.admin_api_key
+    if not expected:
+        raise HTTPException(
+            401, "the admin API is disabled (set KILN_ADMIN_API_KEY on the gateway)"
+        )
+    if not key or not hmac.compare_digest(key.encode(), expected.encode()):
+        raise HTTPException(401, "admin key required", headers={"WWW-Authenticate": "Bearer"})
 
 
 async def caller(rt: Rt, key: Key) -> Caller:
