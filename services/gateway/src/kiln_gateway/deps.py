@@ -9,21 +9,21 @@ from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from . import builds
-from .bootstrap import Runtime
+from .bootstrap import Wiring
 from .model import Build, Caller
 
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False)
 
 
-def runtime(request: Request) -> Runtime:
-    rt: Runtime | None = request.app.state.runtime
+def runtime(request: Request) -> Wiring:
+    rt: Wiring | None = request.app.state.runtime
     if rt is None:
         raise HTTPException(503, "the gateway is starting or stopping; retry")
     return rt
 
 
-Rt = Annotated[Runtime, Depends(runtime)]
+Rt = Annotated[Wiring, Depends(runtime)]
 
 
 def presented_key(
@@ -44,7 +44,7 @@ def unauthorized(key: str | None) -> HTTPException:
     )
 
 
-def require_admin(rt: Runtime, key: str | None) -> None:
+def require_admin(rt: Wiring, key: str | None) -> None:
     """Raise 401 unless ``key`` is the gateway's admin key (and one is configured).
 
     Called first in each admin route's body, after FastAPI has validated the request."""
@@ -71,7 +71,7 @@ def not_found() -> HTTPException:
     return HTTPException(404, "build not found")
 
 
-async def build_of(rt: Runtime, me: Caller, build_id: str) -> Build:
+async def build_of(rt: Wiring, me: Caller, build_id: str) -> Build:
     """The caller's build; another user's build does not exist for them (404, never 403)."""
     build = await rt.store.get(build_id) if len(build_id) <= 64 else None
     if build is None or build.user_id != me.user_id:
