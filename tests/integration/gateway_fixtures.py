@@ -17,7 +17,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from kiln_contracts import subjects
 from kiln_gateway import builds
 from kiln_gateway.app import create_app
-from kiln_gateway.bootstrap import Runtime
+from kiln_gateway.bootstrap import Wiring
 from kiln_gateway.settings import GatewaySettings
 from kiln_runtime.bus import Bus
 from kiln_runtime.settings import CommonSettings
@@ -40,7 +40,7 @@ def free_port() -> int:
 @dataclass
 class Gateway:
     url: str
-    rt: Runtime
+    rt: Wiring
     bus: Bus  # a separate connection, as another producer
 
     def client(self, key: str | None = None, **headers: str) -> httpx.AsyncClient:

@@ -110,7 +110,7 @@ def own_db(infra: dict[str, str], uid: str) -> str:
 class Stack:
     nc: Client
     model: LoopServer
-    agent: agent_bootstrap.Service
+    agent: agent_bootstrap.Wiring
     budget: budget_bootstrap.Wiring
     sandbox: Bus
     user: str

@@ -35,7 +35,7 @@ from kiln_contracts import (
     stable_id,
     subjects,
 )
-from kiln_sandbox.bootstrap import Runtime, build
+from kiln_sandbox.bootstrap import Wiring, build
 from kiln_sandbox.handlers import INTERRUPTED
 from kiln_sandbox.settings import SandboxSettings
 
@@ -70,7 +70,7 @@ async def history(nc: Client, build_id: str) -> list[Envelope]:
 
 
 @pytest.fixture(scope="module")
-async def runtime(infra, tmp_path_factory) -> Runtime:
+async def runtime(infra, tmp_path_factory) -> Wiring:
     root = tmp_path_factory.mktemp("sandboxes")
     settings = SandboxSettings(
         nats_url=infra["NATS_URL"],
@@ -100,7 +100,7 @@ class Results:
         return await nc.subscribe(subjects.subject(build_id, ToolResult.kind), cb=cb)
 
 
-def workspace(rt: Runtime, build_id: str) -> Path:
+def workspace(rt: Wiring, build_id: str) -> Path:
     return Path(rt.settings.sandbox_root) / build_id
 
 

@@ -158,10 +158,10 @@ async def test_the_status_answer_rebuilds_a_lost_store_first() -> None:
     await b.handle(iteration(input_tokens=1000))
     b.store.lose_everything()
     request = BudgetStatusRequest(user_id="u1").model_dump_json().encode()
-    reply = await app.answer_status(b.deps, request)
+    reply = await app.status_responder(b.deps).answer(request)
     assert reply.ok and reply.status is not None
     assert (reply.status.tier, reply.status.spent_period_micro_usd) == ("pro", 3_000)
-    bad = await app.answer_status(b.deps, b'{"user_id": "a.b"}')
+    bad = await app.status_responder(b.deps).answer(b'{"user_id": "a.b"}')
     assert isinstance(bad, BudgetStatusReply) and not bad.ok and "invalid" in bad.error
 
 

@@ -121,6 +121,25 @@ async def test_retry_gives_up_after_attempts_and_honours_advice():
     assert len(calls) == 3
 
 
+async def test_retry_tells_of_each_retry_and_gives_up_at_once_when_told():
+    told: list[int] = []
+    errors = iter([ConnectionError("down"), ConnectionError("down"), ValueError("for good")])
+
+    async def failing():
+        raise next(errors)
+
+    with pytest.raises(ValueError):
+        await retry(
+            failing,
+            attempts=10,
+            retry_on=(Exception,),
+            delay_for=lambda e, n: 0.0,
+            give_up=lambda e: isinstance(e, ValueError),
+            on_retry=lambda e, n: told.append(n),
+        )
+    assert told == [1, 2]
+
+
 def test_start_up_objects_are_frozen_out_of_collection() -> None:
     import gc
 

@@ -301,7 +301,7 @@ async def test_restore_plan_of_an_unreadable_snapshot_names_it(
 
 
 async def test_restore_plan_answers_bad_requests(deps: Deps) -> None:
-    reply = await app.answer_restore_plan(deps, b'{"build_id": "no such.id"}')
+    reply = await app.restore_plan_responder(deps).answer(b'{"build_id": "no such.id"}')
     assert not reply.ok and "invalid RestorePlanRequest" in reply.error
 
 

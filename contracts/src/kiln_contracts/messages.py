@@ -29,7 +29,6 @@ FailureReason = Literal[
     "model_error",
     "model_refusal",
     "context_window",
-    "sandbox_error",
     "internal",
 ]
 

@@ -9,7 +9,6 @@ apply each migration once (the others wait, then find it recorded).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import re
@@ -19,7 +18,7 @@ from importlib.resources.abc import Traversable
 
 import asyncpg
 
-from .retry import backoff_delay
+from .retry import retry
 
 log = logging.getLogger(__name__)
 
@@ -115,15 +114,14 @@ async def create_pool(
     RESET ALL: one more round trip) each time a connection goes back to the pool; an open
     transaction is still rolled back. Only for code that never changes session state.
     """
-    for attempt in range(1, 31):
-        try:
-            admin = await asyncpg.connect(url, timeout=10)
-            break
-        except (OSError, asyncpg.PostgresError) as err:
-            if attempt == 30:
-                raise
-            log.warning("Postgres not reachable (%s); retrying", err)
-            await asyncio.sleep(backoff_delay(attempt, base=0.2, cap=2.0))
+    admin: asyncpg.Connection = await retry(
+        lambda: asyncpg.connect(url, timeout=10),
+        attempts=30,
+        retry_on=(OSError, asyncpg.PostgresError),
+        base=0.2,
+        cap=2.0,
+        on_retry=lambda err, _: log.warning("Postgres not reachable (%s); retrying", err),
+    )
     try:
         await migrate(admin, schema, migrations)
     finally:

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from .bus import Bus
 from .health import Health, HealthServer, watch
 from .memory import trim_after_work
-from .retry import backoff_delay
+from .retry import retry
 
 log = logging.getLogger(__name__)
 
@@ -20,15 +20,20 @@ Hook = Callable[[], Awaitable[None]]
 
 
 async def connect_with_retry(bus: Bus, attempts: int = 30) -> None:
-    for attempt in range(1, attempts + 1):
-        try:
-            await bus.connect()
-            return
-        except Exception as err:
-            if attempt == attempts or type(err).__name__ == "ServerTooOld":
-                raise
-            log.warning("NATS not reachable at %s (%s); retrying", bus.settings.nats_url, err)
-            await asyncio.sleep(backoff_delay(attempt, base=0.2, cap=2.0))
+    """Connect to NATS, retrying any error but a server too old for the bus."""
+
+    def unreachable(err: BaseException, attempt: int) -> None:
+        log.warning("NATS not reachable at %s (%s); retrying", bus.settings.nats_url, err)
+
+    await retry(
+        bus.connect,
+        attempts=attempts,
+        retry_on=(Exception,),
+        base=0.2,
+        cap=2.0,
+        give_up=lambda err: type(err).__name__ == "ServerTooOld",
+        on_retry=unreachable,
+    )
 
 
 def freeze_start_up_objects() -> None:

@@ -79,13 +79,6 @@ def configure(service: str) -> None:
     trace.set_tracer_provider(provider)
 
 
-def shutdown() -> None:
-    """Flush spans on a clean shutdown."""
-    provider = trace.get_tracer_provider()
-    if isinstance(provider, TracerProvider):
-        provider.shutdown()
-
-
 def inject(headers: MutableMapping[str, str]) -> None:
     propagate.inject(headers)
 

@@ -20,7 +20,7 @@ from .settings import AgentSettings, MissingApiKey
 
 
 @dataclass
-class Service:
+class Wiring:
     bus: Bus
     settings: AgentSettings
     pool: asyncpg.Pool | None = None
@@ -88,7 +88,7 @@ class Service:
             await self.pool.close()
 
 
-def build(settings: AgentSettings) -> Service:
+def build(settings: AgentSettings) -> Wiring:
     if not settings.anthropic_api_key:
         raise MissingApiKey()
-    return Service(Bus(settings, app.SERVICE), settings)
+    return Wiring(Bus(settings, app.SERVICE), settings)

@@ -3,13 +3,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-
-from nats.aio.client import Client
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-from pydantic import ValidationError
+from functools import partial
 
 from kiln_contracts import (
     BuildCancelled,
@@ -24,6 +19,7 @@ from kiln_contracts import (
 )
 from kiln_contracts.rpc import BudgetStatusReply, BudgetStatusRequest
 from kiln_runtime.bus import Bus, Delivery
+from kiln_runtime.rpc import Responder
 
 from . import recovery, spending
 from .spending import BuildEnded, Deps
@@ -68,35 +64,20 @@ def register(bus: Bus, deps: Deps, *, max_workers: int = 8) -> None:
     bus.consume(TopUpRequested, on_top_up_requested, max_workers=max_workers)
 
 
-async def answer_status(deps: Deps, data: bytes) -> BudgetStatusReply:
-    """A reply for every request: invalid input and failures come back as ok=False."""
-    try:
-        request = BudgetStatusRequest.model_validate_json(data)
-    except ValidationError as err:
-        return BudgetStatusReply(ok=False, error=f"invalid BudgetStatusRequest: {err}")
-    try:
-        await recovery.ensure_intact(deps)
-        status = await spending.allowance(deps, request.user_id, unseen_tier=request.tier)
-    except Exception as err:
-        log.exception("budget status failed for %s", request.user_id)
-        return BudgetStatusReply(
-            ok=False, error=f"budget status failed: {type(err).__name__}: {err}"
-        )
-    return BudgetStatusReply(status=status.as_status(request.user_id))
+async def status(deps: Deps, request: BudgetStatusRequest) -> BudgetStatusReply:
+    """The user's spend and allowance, from an intact store."""
+    await recovery.ensure_intact(deps)
+    allowance = await spending.allowance(deps, request.user_id, unseen_tier=request.tier)
+    return BudgetStatusReply(status=allowance.as_status(request.user_id))
 
 
-async def serve_status(nc: Client, deps: Deps) -> Subscription:
-    """Answer BudgetStatusRequests on BUDGET_STATUS (queue group "budget"), concurrently."""
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def respond(msg: Msg) -> None:
-        reply = await answer_status(deps, msg.data)
-        if msg.reply:
-            await msg.respond(reply.model_dump_json().encode())
-
-    async def on_request(msg: Msg) -> None:
-        task = asyncio.create_task(respond(msg))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-
-    return await nc.subscribe(subjects.BUDGET_STATUS, queue=STATUS_QUEUE, cb=on_request)
+def status_responder(deps: Deps) -> Responder[BudgetStatusRequest, BudgetStatusReply]:
+    """Answers BudgetStatusRequests on BUDGET_STATUS (queue group "budget"), concurrently."""
+    return Responder(
+        subjects.BUDGET_STATUS,
+        STATUS_QUEUE,
+        BudgetStatusRequest,
+        BudgetStatusReply,
+        partial(status, deps),
+        failure="budget status",
+    )

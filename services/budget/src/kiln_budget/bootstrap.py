@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
-from nats.aio.subscription import Subscription
-
+from kiln_contracts.rpc import BudgetStatusReply, BudgetStatusRequest
 from kiln_runtime import config as kiln_config
 from kiln_runtime.bus import Bus
 from kiln_runtime.config import KilnConfig
+from kiln_runtime.rpc import Responder
 from kiln_runtime.service import serve
 
 from . import app
@@ -32,17 +31,19 @@ class Wiring:
     deps: Deps
     store: RedisSpendStore
     gates: KvGates
-    _status: Subscription | None = field(default=None, repr=False)
+    _status: Responder[BudgetStatusRequest, BudgetStatusReply] | None = field(
+        default=None, repr=False
+    )
 
     async def start(self) -> None:
         await self.store.open()
         await self.gates.open()
-        self._status = await app.serve_status(self.bus.nc, self.deps)
+        self._status = app.status_responder(self.deps)
+        await self._status.start(self.bus.nc)
 
     async def stop(self) -> None:
         if self._status is not None:
-            with contextlib.suppress(Exception):
-                await self._status.unsubscribe()
+            await self._status.stop()
             self._status = None
         await self.store.close()
 

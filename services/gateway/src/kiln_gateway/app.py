@@ -19,7 +19,7 @@ from kiln_runtime.bus import Delivery
 from kiln_runtime.retry import retry
 
 from . import builds, routes, routes_accounts, routes_budget_admin, routes_projects
-from .bootstrap import Runtime, running
+from .bootstrap import Wiring, running
 from .problems import install as install_problems
 from .problems import problem
 from .settings import GatewaySettings
@@ -34,7 +34,7 @@ TRANSIENT_DB = (
 )
 
 
-def register_consumers(rt: Runtime) -> None:
+def register_consumers(rt: Wiring) -> None:
     async def project(event: Envelope, delivery: Delivery) -> None:
         """Project every build event onto the gateway's builds read model."""
         # Retried here, in order, rather than redelivered behind later events of the build.
@@ -49,7 +49,7 @@ def register_consumers(rt: Runtime) -> None:
     rt.bus.consume_all(project, durable=rt.settings.gateway_projection_durable, max_workers=1)
 
 
-async def _republish_loop(rt: Runtime) -> None:
+async def _republish_loop(rt: Wiring) -> None:
     """Builds stored while the bus was unreachable are published as soon as it is back."""
     older_than = 0.0  # at start-up: everything left over
     while True:

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Runtime:
+class Wiring:
     settings: GatewaySettings
     bus: Bus
     store: BuildStore
@@ -58,7 +58,7 @@ class Runtime:
 
 
 @contextlib.asynccontextmanager
-async def running(settings: GatewaySettings) -> AsyncIterator[Runtime]:
+async def running(settings: GatewaySettings) -> AsyncIterator[Wiring]:
     """Connect to NATS and Postgres; the caller registers consumers and starts the bus."""
     bus = Bus(settings, "gateway")
     pool: asyncpg.Pool | None = None
@@ -83,7 +83,7 @@ async def running(settings: GatewaySettings) -> AsyncIterator[Runtime]:
             log.info(
                 "development API key for user %r (tier %s)", settings.dev_user, settings.dev_tier
             )
-        yield Runtime(
+        yield Wiring(
             settings=settings,
             bus=bus,
             store=store,

@@ -20,7 +20,7 @@ from kiln_contracts.gates import TOP_UP_HINT
 from kiln_runtime import metrics as kiln_metrics
 
 from . import accounts, archive, builds, projects
-from .bootstrap import Runtime
+from .bootstrap import Wiring
 from .deps import Key, Me, Owned, Rt, build_of, unauthorized
 from .model import STATUSES, Build
 from .problems import ProblemError, responses
@@ -111,7 +111,7 @@ async def create_build(
     return BuildOut.of(build)
 
 
-async def _gate(rt: Runtime, user_id: str) -> BudgetGate | None:
+async def _gate(rt: Wiring, user_id: str) -> BudgetGate | None:
     """The user's budget gate; None if it cannot be read now (the agent, which reads the same
     gate before it starts a build, then refuses the build if the gate is closed)."""
     try:
@@ -262,7 +262,7 @@ async def stream_token(build: Owned, rt: Rt, me: Me) -> StreamToken:
 
 
 async def _command(
-    rt: Runtime, build: Build, what: str, msg: CancelRequested | WakeRequested
+    rt: Wiring, build: Build, what: str, msg: CancelRequested | WakeRequested
 ) -> Accepted:
     if build.state.terminal:
         raise HTTPException(409, f"build is already {build.status}; nothing to {what}")
@@ -346,7 +346,7 @@ def _status(problems: list[str], good: str, bad: str) -> Response:
 @router.get("/healthz", include_in_schema=False)
 async def healthz(request: Request) -> Response:
     """Live: the event loop answers (this is served by it) and the bus is not broken for good."""
-    rt: Runtime | None = getattr(request.app.state, "runtime", None)
+    rt: Wiring | None = getattr(request.app.state, "runtime", None)
     problems = list(rt.bus_problems().not_live) if rt is not None else []
     return _status(problems, "ok", "not live")
 
@@ -354,7 +354,7 @@ async def healthz(request: Request) -> Response:
 @router.get("/readyz", include_in_schema=False)
 async def readyz(request: Request) -> Response:
     """Ready: started, connected to NATS, consuming, and Postgres answers."""
-    rt: Runtime | None = getattr(request.app.state, "runtime", None)
+    rt: Wiring | None = getattr(request.app.state, "runtime", None)
     problems = await rt.not_ready() if rt is not None else ["starting or shutting down"]
     return _status(problems, "ready", "not ready")
 

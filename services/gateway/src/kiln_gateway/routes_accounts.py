@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 from pathlib import Path
@@ -14,7 +13,7 @@ from fastapi.responses import JSONResponse
 from kiln_contracts import schemas as contract_schemas
 
 from . import accounts, budget
-from .deps import Key, Me, Rt
+from .deps import Key, Me, Rt, require_admin
 from .problems import problem, responses
 from .schemas import BudgetOut, CreateKey, KeyCreated, KeyList, KeyOut
 
@@ -43,16 +42,6 @@ async def get_budget(rt: Rt, me: Me) -> BudgetOut:
 # ---------------------------------------------------------------------------- admin
 
 
-def _admin(rt: Rt, key: Key) -> None:
-    expected = rt.settings.admin_api_key
-    if not expected:
-        raise HTTPException(
-            401, "the admin API is disabled (set KILN_ADMIN_API_KEY on the gateway)"
-        )
-    if not key or not hmac.compare_digest(key.encode(), expected.encode()):
-        raise HTTPException(401, "admin key required", headers={"WWW-Authenticate": "Bearer"})
-
-
 @router.post(
     "/v1/admin/keys",
     status_code=201,
@@ -62,7 +51,7 @@ def _admin(rt: Rt, key: Key) -> None:
 )
 async def create_key(body: CreateKey, rt: Rt, key: Key) -> KeyCreated:
     """A new API key for a user and tier (admin key). The key is in this response only."""
-    _admin(rt, key)
+    require_admin(rt, key)
     if body.tier not in rt.config.tiers:
         raise HTTPException(422, f"unknown tier {body.tier!r}; known: {sorted(rt.config.tiers)}")
     new = await accounts.create_key(rt.store, body.user_id, body.tier)
@@ -75,7 +64,7 @@ async def list_keys(
     key: Key,
     user_id: Annotated[str | None, Query(max_length=64)] = None,
 ) -> KeyList:
-    _admin(rt, key)
+    require_admin(rt, key)
     return KeyList(keys=[KeyOut.of(k) for k in await rt.store.list_keys(user_id)])
 
 
@@ -87,7 +76,7 @@ async def list_keys(
 )
 async def revoke_key(ident: str, rt: Rt, key: Key) -> KeyOut:
     """Revoke the key with this id, or the one key whose shown prefix starts with this."""
-    _admin(rt, key)
+    require_admin(rt, key)
     try:
         return KeyOut.of(await accounts.revoke_key(rt.store, ident[:64]))
     except accounts.KeyNotFound as err:

@@ -8,7 +8,6 @@ requested in, and wakes the builds it put to sleep.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import re
 import uuid
@@ -20,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from kiln_contracts import TopUpRequested, stable_id
 
-from .deps import Key, Rt
+from .deps import Key, Rt, require_admin
 from .problems import responses
 
 log = logging.getLogger(__name__)
@@ -59,16 +58,6 @@ def topup_id_of(idempotency_key: str | None) -> str | None:
     if idempotency_key is None or re.fullmatch(IDENT, idempotency_key):
         return idempotency_key
     return stable_id("idempotency-key", idempotency_key).hex
-
-
-def require_admin(rt: Rt, key: Key) -> None:
-    expected = rt.settings.admin_api_key
-    if not expected:
-        raise HTTPException(
-            401, "the admin API is disabled (set KILN_ADMIN_API_KEY on the gateway)"
-        )
-    if not key or not hmac.compare_digest(key.encode(), expected.encode()):
-        raise HTTPException(401, "admin key required", headers={"WWW-Authenticate": "Bearer"})
 
 
 @router.post(

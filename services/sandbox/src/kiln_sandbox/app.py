@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
-
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-from pydantic import BaseModel, ValidationError
 
 from kiln_contracts import (
     BuildCancelled,
@@ -22,14 +16,13 @@ from kiln_contracts import (
     subjects,
 )
 from kiln_runtime.bus import Bus, Delivery
+from kiln_runtime.rpc import Responder
 
 from .handlers import SandboxService
 
 log = logging.getLogger(__name__)
 
 SERVICE = "sandbox"
-Req = TypeVar("Req", bound=BaseModel)
-Rep = TypeVar("Rep", ManifestReply, UploadReply)
 
 
 class SandboxApp:
@@ -38,7 +31,27 @@ class SandboxApp:
     def __init__(self, bus: Bus, *, max_workers: int = 32) -> None:
         self.bus = bus
         self.service: SandboxService | None = None
-        self._subs: list[Subscription] = []
+        # One request at a time per subject, in the order nats-py delivers them.
+        self.responders: tuple[
+            Responder[ManifestRequest, ManifestReply], Responder[UploadRequest, UploadReply]
+        ] = (
+            Responder(
+                subjects.SANDBOX_MANIFEST,
+                SERVICE,
+                ManifestRequest,
+                ManifestReply,
+                lambda r: self.svc.manifest(r),
+                concurrent=False,
+            ),
+            Responder(
+                subjects.SANDBOX_UPLOAD,
+                SERVICE,
+                UploadRequest,
+                UploadReply,
+                lambda r: self.svc.upload(r),
+                concurrent=False,
+            ),
+        )
         bus.consume(ToolCall, self.on_tool_call, max_workers=max_workers)
         bus.consume(SnapshotSaved, self.on_snapshot_saved, max_workers=8)
         bus.consume(BuildCancelled, self.on_build_ended, max_workers=8)
@@ -65,47 +78,9 @@ class SandboxApp:
     # ------------------------------------------------------------------ request/reply
 
     async def start_rpc(self) -> None:
-        nc = self.bus.nc
-        self._subs = [
-            await nc.subscribe(
-                subjects.SANDBOX_MANIFEST,
-                queue=SERVICE,
-                cb=self._responder(ManifestRequest, ManifestReply, lambda r: self.svc.manifest(r)),
-            ),
-            await nc.subscribe(
-                subjects.SANDBOX_UPLOAD,
-                queue=SERVICE,
-                cb=self._responder(UploadRequest, UploadReply, lambda r: self.svc.upload(r)),
-            ),
-        ]
+        for responder in self.responders:
+            await responder.start(self.bus.nc)
 
     async def stop_rpc(self) -> None:
-        for sub in self._subs:
-            try:
-                await sub.unsubscribe()
-            except Exception:
-                log.debug("unsubscribe failed", exc_info=True)
-        self._subs = []
-
-    def _responder(
-        self,
-        request_model: type[Req],
-        reply_model: type[Rep],
-        handle: Callable[[Req], Awaitable[Rep]],
-    ) -> Callable[[Msg], Awaitable[None]]:
-        async def respond(msg: Msg) -> None:
-            reply: BaseModel
-            try:
-                request = request_model.model_validate_json(msg.data)
-            except ValidationError as err:
-                reply = reply_model(ok=False, error=f"invalid {request_model.__name__}: {err}")
-            else:
-                try:
-                    reply = await handle(request)
-                except Exception as err:
-                    log.exception("%s failed", msg.subject)
-                    reply = reply_model(ok=False, error=f"{type(err).__name__}: {err}")
-            if msg.reply:
-                await msg.respond(reply.model_dump_json().encode())
-
-        return respond
+        for responder in self.responders:
+            await responder.stop()

@@ -46,7 +46,7 @@ def make_provider(settings: SandboxSettings) -> Provider:
 
 
 @dataclass
-class Runtime:
+class Wiring:
     """The wired service: ``start`` after the bus connects, ``stop`` after it stops consuming."""
 
     settings: SandboxSettings
@@ -84,11 +84,11 @@ class Runtime:
             await self.pool.close()
 
 
-def build(settings: SandboxSettings, *, service: str = SERVICE) -> Runtime:
+def build(settings: SandboxSettings, *, service: str = SERVICE) -> Wiring:
     bus = Bus(settings, service)
     app = SandboxApp(bus, max_workers=settings.sandbox_max_workers)
     # Built here, not at start, so a bad configuration fails before anything connects.
-    return Runtime(settings=settings, bus=bus, app=app, provider=make_provider(settings))
+    return Wiring(settings=settings, bus=bus, app=app, provider=make_provider(settings))
 
 
 async def run(settings: SandboxSettings) -> None:

@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 
-from nats.aio.subscription import Subscription
-
+from kiln_contracts.rpc import RestorePlanReply, RestorePlanRequest
 from kiln_runtime.bus import Bus
+from kiln_runtime.rpc import Responder
 from kiln_runtime.service import serve
 
 from . import app, gc
@@ -26,13 +26,16 @@ class Wiring:
     deps: Deps
     store: S3Store
     settings: SnapshotSettings
-    _subscription: Subscription | None = field(default=None, repr=False)
+    _restore_plans: Responder[RestorePlanRequest, RestorePlanReply] | None = field(
+        default=None, repr=False
+    )
     _gc: asyncio.Task[None] | None = field(default=None, repr=False)
     _gc_stop: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     async def start(self) -> None:
         await self.store.open()
-        self._subscription = await app.serve_restore_plans(self.bus.nc, self.deps)
+        self._restore_plans = app.restore_plan_responder(self.deps)
+        await self._restore_plans.start(self.bus.nc)
         if self.settings.snapshot_gc_interval_s > 0:
             self._gc = asyncio.create_task(
                 gc.run_periodically(
@@ -52,10 +55,9 @@ class Wiring:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._gc, timeout=30)
             self._gc = None
-        if self._subscription is not None:
-            with contextlib.suppress(Exception):
-                await self._subscription.unsubscribe()
-            self._subscription = None
+        if self._restore_plans is not None:
+            await self._restore_plans.stop()
+            self._restore_plans = None
         await self.store.close()
 
 

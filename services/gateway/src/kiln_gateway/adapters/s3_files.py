@@ -1,4 +1,4 @@
-"""The snapshot service's bucket, read only, with aioboto3 (every call has timeouts).
+"""The snapshot service's bucket, read only, through ``kiln_runtime.s3`` (every call has timeouts).
 
 Keys from ``kiln_contracts.bucket`` (``latest`` names the newest snapshot, its manifest lists the
 files, directories and symlinks, the blobs hold the bytes), manifests read as
@@ -11,14 +11,12 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aioboto3
-from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from kiln_contracts.bucket import blob_key, latest_key, manifest_key
 from kiln_contracts.manifest import Manifest
+from kiln_runtime.s3 import is_not_found, s3_client
 
-NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 CHUNK = 256 * 1024
 
 
@@ -29,13 +27,7 @@ class S3Files:
         self.bucket = bucket
         self.endpoint_url = endpoint_url
         self.region = region
-        self.config = Config(
-            connect_timeout=min(5.0, timeout_s),
-            read_timeout=timeout_s,
-            retries={"max_attempts": 3, "mode": "standard"},
-            signature_version="s3v4",
-            s3={"addressing_style": "path" if endpoint_url else "auto"},
-        )
+        self.timeout_s = timeout_s
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: Any = None
 
@@ -43,8 +35,12 @@ class S3Files:
         """Create the client (no network call yet)."""
         stack = contextlib.AsyncExitStack()
         self._client = await stack.enter_async_context(
-            aioboto3.Session().client(
-                "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=self.config
+            s3_client(
+                endpoint_url=self.endpoint_url,
+                region=self.region,
+                connect_timeout_s=min(5.0, self.timeout_s),
+                read_timeout_s=self.timeout_s,
+                max_attempts=3,
             )
         )
         self._stack = stack
@@ -58,7 +54,7 @@ class S3Files:
         try:
             response = await self._client.get_object(Bucket=self.bucket, Key=key)
         except ClientError as err:
-            if str(err.response.get("Error", {}).get("Code", "")) in NOT_FOUND:
+            if is_not_found(err):
                 return None
             raise
         async with response["Body"] as body:

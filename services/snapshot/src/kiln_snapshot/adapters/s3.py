@@ -1,4 +1,5 @@
-"""The ObjectStore on S3 (or any S3 API: moto, MinIO) with aioboto3; every call has timeouts."""
+"""The ObjectStore on S3 (or any S3 API: moto, MinIO) through ``kiln_runtime.s3`` (every call
+has timeouts and bounded retries)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,13 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-import aioboto3
-from botocore.config import Config
 from botocore.exceptions import ClientError
+
+from kiln_runtime.s3 import error_code, is_not_found, s3_client
 
 from ..ports import StoredObject
 
 log = logging.getLogger(__name__)
-
-NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
-
-
-def _code(err: ClientError) -> str:
-    return str(err.response.get("Error", {}).get("Code", ""))
 
 
 class S3Store:
@@ -42,24 +37,22 @@ class S3Store:
         self.endpoint_url = endpoint_url
         self.region = region
         self.presign_expiry_s = presign_expiry_s
-        self.config = Config(
-            connect_timeout=connect_timeout_s,
-            read_timeout=read_timeout_s,
-            retries={"max_attempts": max_attempts, "mode": "standard"},
-            signature_version="s3v4",
-            # Path-style for S3-compatible endpoints (moto, MinIO); virtual hosts on AWS.
-            s3={"addressing_style": "path" if endpoint_url else "auto"},
-        )
+        self.connect_timeout_s = connect_timeout_s
+        self.read_timeout_s = read_timeout_s
+        self.max_attempts = max_attempts
         self._head = asyncio.Semaphore(head_concurrency)
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: Any = None
 
     async def open(self) -> None:
         stack = contextlib.AsyncExitStack()
-        session = aioboto3.Session()
         self._client = await stack.enter_async_context(
-            session.client(
-                "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=self.config
+            s3_client(
+                endpoint_url=self.endpoint_url,
+                region=self.region,
+                connect_timeout_s=self.connect_timeout_s,
+                read_timeout_s=self.read_timeout_s,
+                max_attempts=self.max_attempts,
             )
         )
         self._stack = stack
@@ -82,7 +75,7 @@ class S3Store:
             await self.client.head_bucket(Bucket=self.bucket)
             return
         except ClientError as err:
-            if _code(err) not in NOT_FOUND:
+            if not is_not_found(err):
                 raise
         kwargs: dict[str, Any] = {"Bucket": self.bucket}
         if self.region != "us-east-1":
@@ -91,14 +84,14 @@ class S3Store:
             await self.client.create_bucket(**kwargs)
             log.info("created bucket %s", self.bucket)
         except ClientError as err:
-            if _code(err) not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+            if error_code(err) not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
                 raise
 
     async def get(self, key: str) -> bytes | None:
         try:
             response = await self.client.get_object(Bucket=self.bucket, Key=key)
         except ClientError as err:
-            if _code(err) in NOT_FOUND:
+            if is_not_found(err):
                 return None
             raise
         async with response["Body"] as body:
@@ -125,7 +118,7 @@ class S3Store:
             try:
                 head = await self.client.head_object(Bucket=self.bucket, Key=key)
             except ClientError as err:
-                if _code(err) in NOT_FOUND:
+                if is_not_found(err):
                     return None
                 raise
         return {str(k): str(v) for k, v in head.get("Metadata", {}).items()}
@@ -135,7 +128,7 @@ class S3Store:
             try:
                 head = await self.client.head_object(Bucket=self.bucket, Key=key)
             except ClientError as err:
-                if _code(err) in NOT_FOUND:
+                if is_not_found(err):
                     return None
                 raise
         return int(head["ContentLength"])
