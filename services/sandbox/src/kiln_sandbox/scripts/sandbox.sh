@@ -12,7 +12,8 @@ cmd_run() {
   out=$(mktemp) || exit 90
   setsid bash -c "$1" >"$out" 2>&1 </dev/null &
   pid=$!
-  setsid bash -c 'sleep "$1"; kill -KILL -- "-$2" 2>/dev/null && : >"$3"' _ "$2" "$pid" "$out.to" \
+  # the marker before the kill: once the command is seen killed, the marker is there
+  setsid bash -c 'sleep "$1"; : >"$3"; kill -KILL -- "-$2" 2>/dev/null' _ "$2" "$pid" "$out.to" \
     >/dev/null 2>&1 </dev/null &
   dog=$!
   wait "$pid"; rc=$?
