@@ -260,13 +260,24 @@ async def test_the_consume_loop_says_it_is_up_waiting_and_answered() -> None:
     assert puller.waiting_since is not None
     await nc.cb(_Status("409"))  # refused: no proof that the consumer is served
     assert puller.waiting_since is not None
-    # Cancelled while it waits (not as an answer arrives: Python 3.11's wait_for would then
-    # return the answer and drop the cancellation).
     await _until(lambda: len(nc.requests) == 3)
-    task.cancel()
+    task.cancel()  # while it waits for an answer
     with pytest.raises(asyncio.CancelledError):
         await task
     assert (puller.up, puller.failed_at) == (False, None)  # stopped, not failed
+
+
+async def test_the_consume_loop_stops_when_cancelled_as_an_answer_arrives() -> None:
+    """What stop() relies on under load: the cancellation is not lost to the answer."""
+    nc = _FakeNc()
+    puller = _Puller(_PullerBus(nc), "kiln.>", _CONFIG, 1, _nothing)  # type: ignore[arg-type]
+    task = asyncio.create_task(puller.run())
+    await _until(lambda: nc.requests)
+    await nc.cb(_Status("408"))  # the answer wakes the loop ...
+    task.cancel()  # ... and the cancellation comes with it
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+    assert not puller.up
 
 
 async def test_a_consume_loop_that_fails_says_when_until_jetstream_answers_it_again() -> None:
