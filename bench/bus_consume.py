@@ -11,6 +11,10 @@ else:
 * **kiln**: ``Bus.consume(ToolResult, handler, max_workers=128)`` with a handler that only counts
   (the real path: Kiln's pull loop, the contract's validation, the consumer span, metrics, the
   heartbeat task, the ack);
+* **faststream**: the same handler behind the same wrapper (validation, span, metrics, heartbeat,
+  ack), delivered by FastStream's public API instead of Kiln's pull loop: a ``NatsBroker``
+  subscriber with ``PullSub(batch_size=128)``, ``AckPolicy.MANUAL``, the wrapper called on
+  ``msg.raw_message``, its per-message log lines at debug level;
 * **bare**: a nats-py pull subscription fetching batches of 128 and acking each message (no
   parsing: the floor of consuming from JetStream in Python).
 
@@ -25,7 +29,8 @@ CPU time / messages.
 ``--baseline-rev REV`` adds a third way to both: Kiln's path as of git revision REV (its
 ``libs/kiln-runtime/src`` put first on the path). The last two lines:
 ``bus_publish kiln_cpu_us=… bare_cpu_us=… ratio=…`` and
-``bus_consume kiln_cpu_us=… bare_cpu_us=… ratio=…`` (medians; ratio = kiln / bare), plus
+``bus_consume kiln_cpu_us=… bare_cpu_us=… ratio=… faststream_cpu_us=… faststream_ratio=…``
+(medians; ratio = kiln / bare, faststream_ratio = faststream / kiln), plus
 ``baseline_cpu_us=… baseline_ratio=…`` (baseline / kiln) with ``--baseline-rev``.
 """
 
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import statistics
 import subprocess
@@ -90,6 +96,49 @@ async def consume_kiln(url: str, n: int, durable: str) -> float:
     await bus.start()
     await done.wait()
     spent = time.process_time() - began
+    await bus.stop()
+    return spent
+
+
+async def consume_faststream(url: str, n: int, durable: str) -> float:
+    from faststream import AckPolicy
+    from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
+
+    from kiln_contracts import ToolResult, subjects
+    from kiln_runtime.bus import Bus, Delivery, _Consumer
+    from kiln_runtime.settings import CommonSettings
+
+    done = asyncio.Event()
+    count = 0
+
+    async def handler(msg: ToolResult, delivery: Delivery) -> None:
+        nonlocal count
+        count += 1
+        if count >= n:
+            done.set()
+
+    bus = Bus(CommonSettings(nats_url=url), "benchbus")
+    consumer = _Consumer(bus, ToolResult, handler)
+    # its per-message "Received/Processed" lines at debug level, as a service would set it
+    broker = NatsBroker(url, logger=logging.getLogger("faststream.bench"), log_level=logging.DEBUG)
+
+    @broker.subscriber(
+        subjects.kind_filter(ToolResult.kind),
+        stream=JStream(subjects.STREAM, declare=False),
+        durable=durable,
+        pull_sub=PullSub(batch_size=128, timeout=5),
+        ack_policy=AckPolicy.MANUAL,
+    )
+    async def on_message(msg: NatsMessage) -> None:
+        await consumer(msg.raw_message)
+
+    await bus.connect()
+    await broker.connect()
+    began = time.process_time()
+    await broker.start()
+    await done.wait()
+    spent = time.process_time() - began
+    await broker.stop()
     await bus.stop()
     return spent
 
@@ -176,13 +225,15 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--baseline-rev", default=None)
-    parser.add_argument("--consume", choices=("kiln", "bare"), help=argparse.SUPPRESS)
+    parser.add_argument("--consume", choices=("kiln", "faststream", "bare"), help=argparse.SUPPRESS)
     parser.add_argument("--publish", choices=("kiln", "bare"), help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--durable", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.consume:  # a child: consume and print the CPU seconds
-        way = consume_kiln if args.consume == "kiln" else consume_bare
+        way = {"kiln": consume_kiln, "faststream": consume_faststream, "bare": consume_bare}[
+            args.consume
+        ]
         print(asyncio.run(way(args.url, args.messages, args.durable)))
         return
     if args.publish:  # a child: publish and print the CPU seconds
@@ -206,11 +257,14 @@ def main() -> None:
         asyncio.run(publish_all(url, args.messages))  # each consumer below reads them all
         lines = []
         for action in ("publish", "consume"):
-            cpu: dict[str, list[float]] = {way: [] for way in ways}
+            these = dict(ways)
+            if action == "consume":
+                these["faststream"] = None
+            cpu: dict[str, list[float]] = {way: [] for way in these}
             for r in range(args.rounds):
-                for way, path in ways.items():
+                for way, path in these.items():
                     durable = f"{DURABLE}-{way}-{r}"
-                    code = f"{action}:{'bare' if way == 'bare' else 'kiln'}"
+                    code = f"{action}:{way if way in ('bare', 'faststream') else 'kiln'}"
                     spent = run_one(url, code, args.messages, durable, path)
                     cpu[way].append(spent / args.messages * 1e6)
                     print(
@@ -227,6 +281,11 @@ def summary(name: str, cpu: dict[str, list[float]]) -> str:
         f"{name} kiln_cpu_us={med['kiln']:.1f} bare_cpu_us={med['bare']:.1f} "
         f"ratio={med['kiln'] / med['bare']:.2f}"
     )
+    if "faststream" in med:
+        line += (
+            f" faststream_cpu_us={med['faststream']:.1f} "
+            f"faststream_ratio={med['faststream'] / med['kiln']:.2f}"
+        )
     if "baseline" in med:
         line += (
             f" baseline_cpu_us={med['baseline']:.1f} "

@@ -326,7 +326,7 @@ async def test_bootstrap_wires_the_real_adapters(infra, scripted) -> None:
     await service.start()
     try:
         assert service.pool is not None and await service.pool.fetchval("SELECT 1") == 1
-        assert len(service.bus.broker.subscribers) == 5
+        assert len(service.bus.pullers) == 5
         assert service.gates is not None and await service.gates.closed("nobody") is None
     finally:
         await service.stop()

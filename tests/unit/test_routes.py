@@ -14,7 +14,7 @@ from kiln_runtime.settings import CommonSettings
 
 
 def subscribed(bus: Bus) -> set[str]:
-    return {sub.subject.template for sub in bus.broker.subscribers}  # type: ignore[attr-defined]
+    return {puller.subject for puller in bus.pullers.values()}
 
 
 def registered(service: str) -> set[str]:

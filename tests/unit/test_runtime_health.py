@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from nats.js.api import ConsumerConfig
 
 from kiln_runtime.bus import PULL_STALL_S, _Puller
 from kiln_runtime.health import Health, HealthServer, Problems, bus_problems, watch
@@ -242,11 +243,14 @@ async def _nothing(msg: Any) -> None:
     pass
 
 
+_CONFIG = ConsumerConfig(durable_name="test-durable")
+
+
 async def test_the_consume_loop_says_it_is_up_waiting_and_answered() -> None:
     nc = _FakeNc()
-    puller = _Puller(_PullerBus(nc), "test-durable", 2, _nothing)  # type: ignore[arg-type]
+    puller = _Puller(_PullerBus(nc), "kiln.>", _CONFIG, 2, _nothing)  # type: ignore[arg-type]
     assert (puller.up, puller.failed_at, puller.waiting_since) == (False, None, None)
-    task = asyncio.create_task(puller.run(_nothing))
+    task = asyncio.create_task(puller.run())
     await _until(lambda: nc.requests)
     assert puller.up and puller.waiting_since is not None
     assert json.loads(nc.requests[0])["batch"] == 2
@@ -256,27 +260,38 @@ async def test_the_consume_loop_says_it_is_up_waiting_and_answered() -> None:
     assert puller.waiting_since is not None
     await nc.cb(_Status("409"))  # refused: no proof that the consumer is served
     assert puller.waiting_since is not None
-    # Cancelled while it waits (not as an answer arrives: Python 3.11's wait_for would then
-    # return the answer and drop the cancellation).
     await _until(lambda: len(nc.requests) == 3)
-    task.cancel()
+    task.cancel()  # while it waits for an answer
     with pytest.raises(asyncio.CancelledError):
         await task
     assert (puller.up, puller.failed_at) == (False, None)  # stopped, not failed
 
 
+async def test_the_consume_loop_stops_when_cancelled_as_an_answer_arrives() -> None:
+    """What stop() relies on under load: the cancellation is not lost to the answer."""
+    nc = _FakeNc()
+    puller = _Puller(_PullerBus(nc), "kiln.>", _CONFIG, 1, _nothing)  # type: ignore[arg-type]
+    task = asyncio.create_task(puller.run())
+    await _until(lambda: nc.requests)
+    await nc.cb(_Status("408"))  # the answer wakes the loop ...
+    task.cancel()  # ... and the cancellation comes with it
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+    assert not puller.up
+
+
 async def test_a_consume_loop_that_fails_says_when_until_jetstream_answers_it_again() -> None:
     nc = _FakeNc(subscribe_fails=True)
-    puller = _Puller(_PullerBus(nc), "test-durable", 1, _nothing)  # type: ignore[arg-type]
+    puller = _Puller(_PullerBus(nc), "kiln.>", _CONFIG, 1, _nothing)  # type: ignore[arg-type]
     with pytest.raises(ConnectionError):
-        await puller.run(_nothing)
+        await puller.run()
     assert not puller.up and puller.failed_at is not None
     failed_at = puller.failed_at
-    with pytest.raises(ConnectionError):  # FastStream starts it again; it fails again
-        await puller.run(_nothing)
+    with pytest.raises(ConnectionError):  # keep_running starts it again; it fails again
+        await puller.run()
     assert puller.failed_at == failed_at  # down since the first failure
     nc.subscribe_fails = False
-    task = asyncio.create_task(puller.run(_nothing))
+    task = asyncio.create_task(puller.run())
     await _until(lambda: nc.requests)
     assert puller.up and puller.failed_at == failed_at  # running, not proven yet
     await nc.cb(_Status("408"))

@@ -1,4 +1,4 @@
-"""The bus: a FastStream NatsBroker on Kiln's JetStream stream, with explicit acks and a dead letter.
+"""The bus: nats-py on Kiln's JetStream stream, with explicit acks and a dead letter.
 
 ``Bus.consume`` registers a durable pull consumer for one kind of message and wraps a plain
 ``async def handler(message, delivery)``: it validates the payload against the contract (invalid →
@@ -6,16 +6,14 @@ dead letter with the reason), heartbeats the message while the handler runs (so 
 redeliver a long model call elsewhere), acks on success, redelivers transient failures with backoff,
 and dead-letters permanent failures or messages that exhausted their deliveries.
 
-Each consumer pulls with its own loop (``_Puller``) rather than FastStream's: up to ``max_workers``
-handlers run at once, and a message is handed to a handler the moment it arrives. FastStream's
-loop (a ``fetch`` of a batch) waits until the whole batch has arrived or the pull expires before
-handing any of it over, so under a steady trickle every message waited for the batch to fill —
-seconds for an agent whose handlers hold a slot for a whole model call. The loop hands each
-message straight to Kiln's wrapper (``_Consumer``), which does the validating, acking, tracing and
-metrics itself: FastStream's per-message path (its middlewares, a JSON decode of the body nobody
-reads, dependency injection) adds CPU to every message for nothing Kiln uses (figures: ``make
-bench-bus``, docs/BENCHMARKS.md). FastStream still declares the consumers, documents them
-(AsyncAPI) and runs and stops the loops.
+The bus owns its hot path outright, on nats-py's public API: the connection, the durable consumers,
+each consumer's pull loop (``_Puller``: up to ``max_workers`` handlers at once, each message handed
+over the moment it arrives) and the wrapper around the handler (``_Consumer``: validation, acks,
+tracing, metrics). FastStream's subscriber does the same through its public API with a loop that
+fetches a batch and waits for every handler of it to finish before it fetches again, and a
+per-message path (middlewares, a JSON decode of the body, dependency injection) whose CPU Kiln does
+not use (docs/BENCHMARKS.md, bus). FastStream writes Kiln's AsyncAPI document
+(``kiln_runtime.asyncapi``).
 """
 
 from __future__ import annotations
@@ -29,14 +27,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from faststream import AckPolicy
-from faststream.nats import JStream, NatsBroker, PullSub
-from faststream.nats.annotations import NatsMessage
-from faststream.security import SASLPlaintext
+import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import ConsumerConfig, DiscardPolicy, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy, StreamConfig
 from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
@@ -58,6 +53,7 @@ PULL_EXPIRES_S = 5.0  # a pull request lingers this long on the server when noth
 # consume loop with no answer for this long, while connected, is not consuming.
 PULL_STALL_S = 3 * PULL_EXPIRES_S
 MAX_PULL_BATCH = 256  # messages asked for in one pull request
+RESTART_S = 1.0  # a consume loop that failed starts again after this long
 
 
 @dataclass(frozen=True)
@@ -161,28 +157,11 @@ class Bus:
     def __init__(self, settings: CommonSettings, service: str) -> None:
         self.settings = settings
         self.service = service
-        self.broker = NatsBroker(
-            settings.nats_url,
-            security=(
-                SASLPlaintext(username=settings.nats_user, password=settings.nats_password or "")
-                if settings.nats_user
-                else None
-            ),
-            name=f"kiln-{service}",
-            reconnected_cb=self._reconnected,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=1,
-            connect_timeout=5,
-            # FastStream's per-message "Received/Processed" lines are debug detail here; Kiln logs
-            # its own outcomes with build_id and event_id.
-            logger=logging.getLogger("faststream.kiln"),
-            log_level=logging.DEBUG,
-        )
-        self._stream = JStream(subjects.STREAM, declare=False)
         self.draining = False  # shutting down: take no new work
         self.inflight = 0  # handlers running now
         self.started = 0  # handlers started so far
-        self.pullers: dict[str, _Puller] = {}  # Kiln's pull loop of each durable consumer
+        self.pullers: dict[str, _Puller] = {}  # the pull loop of each durable consumer
+        self._loops: list[asyncio.Task[None]] = []
         self.connected_at: float | None = None  # time.monotonic() of the last (re)connection
         self.consuming_since: float | None = None  # time.monotonic() when start() returned
         self._nc: Client | None = None
@@ -202,16 +181,38 @@ class Bus:
     # ------------------------------------------------------------------ lifecycle
 
     async def connect(self) -> None:
-        self._nc = await self.broker.connect()
+        settings = self.settings
+        self._nc = await nats.connect(
+            settings.nats_url,
+            user=settings.nats_user or None,
+            password=(settings.nats_password or "") if settings.nats_user else None,
+            name=f"kiln-{self.service}",
+            reconnected_cb=self._reconnected,
+            error_cb=self._error,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=1,
+            connect_timeout=5,
+        )
         self.connected_at = time.monotonic()
         await ensure_streams(self._nc, self.settings.stream_replicas)
 
     async def _reconnected(self) -> None:
         self.connected_at = time.monotonic()
 
+    async def _error(self, err: Exception) -> None:
+        log.debug("NATS: %s", err, extra={"service": self.service})
+
     async def start(self) -> None:
-        """Start consuming (after the service's own resources are ready)."""
-        await self.broker.start()
+        """Declare the durable consumers, then start their loops (after the service's own
+        resources are ready)."""
+        js = self.nc.jetstream()
+        for puller in self.pullers.values():
+            try:
+                await js.consumer_info(subjects.STREAM, puller.durable)
+            except NotFoundError:
+                await js.add_consumer(subjects.STREAM, config=puller.config)
+        for puller in self.pullers.values():
+            self._loops.append(asyncio.create_task(puller.keep_running()))
         self.consuming_since = time.monotonic()
 
     @property
@@ -236,11 +237,19 @@ class Bus:
             log.warning(
                 "%d handlers still running after %.0fs; handing them back", self.inflight, grace
             )
-        await self.broker.stop()
+        loops, self._loops = self._loops, []
+        for task in loops:
+            task.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+        if self._nc is not None and not self._nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self._nc.drain()  # sends the acks and naks still buffered, then closes
 
     @property
     def nc(self) -> Client:
-        return self.broker.connection
+        if self._nc is None:
+            raise RuntimeError("the bus is not connected: call connect() first")
+        return self._nc
 
     async def gates(self) -> KeyValue:
         """The budget gates' key-value bucket (after ``connect``), at the streams' replicas."""
@@ -291,72 +300,32 @@ class Bus:
         """Handle every ``model`` message of every build with a durable, explicitly-acked consumer."""
         name = durable or f"{self.service}-{model.kind}".replace("_", "-")
         self._subscribe(
-            subjects.kind_filter(model.kind),
-            name,
-            _Consumer(self, model, handler),
-            max_workers,
-            title=f"{self.service}:{model.kind}",
-            description=(handler.__doc__ or "").strip() or None,
+            subjects.kind_filter(model.kind), name, _Consumer(self, model, handler), max_workers
         )
 
     def consume_all(
         self, handler: Handler[Envelope], *, durable: str, max_workers: int = 1
     ) -> None:
         """Handle every message of every kind (e.g. the gateway's read-model projection)."""
-        self._subscribe(
-            "kiln.build.>", durable, _Consumer(self, None, handler), max_workers,
-            title=f"{self.service}:all",
-        )  # fmt: skip
+        self._subscribe("kiln.build.>", durable, _Consumer(self, None, handler), max_workers)
 
     def _subscribe(
-        self,
-        subject: str,
-        durable: str,
-        consumer: _Consumer[Any],
-        max_workers: int,
-        *,
-        title: str,
-        description: str | None = None,
+        self, subject: str, durable: str, consumer: _Consumer[Any], max_workers: int
     ) -> None:
-        """A FastStream subscriber (it declares the durable consumer and documents it), whose
-        pull loop is Kiln's ``_Puller``."""
+        """A durable pull consumer on ``subject`` (declared by ``start``) and its loop."""
+        if durable in self.pullers:
+            raise ValueError(f"{self.service} already consumes with durable {durable!r}")
         max_workers = max(1, max_workers)
         config = ConsumerConfig(
+            name=durable,
             durable_name=durable,
+            filter_subject=subject,
+            ack_policy=AckPolicy.EXPLICIT,
             ack_wait=self.settings.ack_wait_s,
             # room for every handler running plus a pull request's worth waiting to be handled
             max_ack_pending=max(1000, max_workers + MAX_PULL_BATCH),
         )
-
-        async def on_message(msg: NatsMessage) -> None:
-            # not called while Kiln's loop runs (it calls the consumer itself); FastStream's own
-            # loop, should it ever run instead, gets the same handling through here
-            await consumer(msg.raw_message)
-
-        on_message.__name__ = consumer.__name__
-        subscriber = self.broker.subscriber(
-            subject,
-            stream=self._stream,
-            durable=durable,
-            config=config,
-            pull_sub=PullSub(batch_size=1, timeout=PULL_EXPIRES_S),
-            ack_policy=AckPolicy.MANUAL,
-            no_reply=True,
-            title=title,
-            description=description,
-        )
-        subscriber(on_message)
-        puller = _Puller(self, durable, max_workers, consumer)
-        # FastStream starts ``_consume_pull(cb=subscriber.consume)`` as the subscriber's task
-        # (restarted if it fails, cancelled on stop): Kiln's loop takes its place. A FastStream
-        # without it would quietly run its own, batch-waiting loop: refuse to start instead.
-        if not callable(getattr(subscriber, "_consume_pull", None)):
-            raise RuntimeError(
-                f"this FastStream ({type(subscriber).__module__}) has no _consume_pull to replace; "
-                "kiln_runtime.bus needs faststream[nats] >=0.7.8,<0.8"
-            )
-        subscriber._consume_pull = puller.run  # type: ignore[union-attr,method-assign]
-        self.pullers[durable] = puller
+        self.pullers[durable] = _Puller(self, subject, config, max_workers, consumer)
 
     async def dead_letter(self, raw: Msg, reason: str) -> None:
         _, kind = _split(raw.subject)
@@ -390,14 +359,22 @@ class _Puller:
     within its expiry (a reconnect loses it).
 
     What the health checks read (``kiln_runtime.health``): ``up`` while the loop runs;
-    ``failed_at``, when it last failed (FastStream starts it again), until JetStream next answers
-    it; ``waiting_since``, when the oldest pull request JetStream has not answered was sent."""
+    ``failed_at``, when it last failed (``keep_running`` starts it again), until JetStream next
+    answers it; ``waiting_since``, when the oldest pull request JetStream has not answered was
+    sent."""
 
     def __init__(
-        self, bus: Bus, durable: str, max_workers: int, consumer: Callable[[Msg], Awaitable[None]]
+        self,
+        bus: Bus,
+        subject: str,
+        config: ConsumerConfig,
+        max_workers: int,
+        consumer: Callable[[Msg], Awaitable[None]],
     ) -> None:
         self.bus = bus
-        self.durable = durable
+        self.subject = subject  # the consumer's filter
+        self.config = config
+        self.durable = config.durable_name or ""
         self.max_workers = max_workers
         self.consumer = consumer
         self.running = 0
@@ -411,8 +388,22 @@ class _Puller:
         self._answered = asyncio.Event()
         self._wanted = 0
 
-    async def run(self, cb: Callable[[Msg], Awaitable[Any]]) -> None:
-        """The loop (``cb``, FastStream's per-message path, is not used)."""
+    async def keep_running(self) -> None:
+        """Run the loop until cancelled, starting it again whenever it fails."""
+        while True:
+            try:
+                await self.run()
+            except Exception:
+                log.warning(
+                    "the consume loop of %s failed; starting it again",
+                    self.durable,
+                    exc_info=True,
+                    extra={"service": self.bus.service},
+                )
+            await asyncio.sleep(RESTART_S)
+
+    async def run(self) -> None:
+        """The loop, until cancelled or it fails."""
         nc = self.bus.nc
         inbox = nc.new_inbox()
         subject = f"$JS.API.CONSUMER.MSG.NEXT.{subjects.STREAM}.{self.durable}"
@@ -457,8 +448,11 @@ class _Puller:
                     log.debug("pull request not sent: %s", err)
                     await asyncio.sleep(0.5)
                     continue
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for returns an answer that
+                # arrives with a cancellation and drops the cancellation, so stop() would hang
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._answered.wait(), PULL_EXPIRES_S + 1)
+                    async with asyncio.timeout(PULL_EXPIRES_S + 1):
+                        await self._answered.wait()
         except Exception:
             if self.failed_at is None:
                 self.failed_at = time.monotonic()
