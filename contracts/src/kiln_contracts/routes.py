@@ -13,6 +13,7 @@ from .messages import (
     AgentNarrated,
     BuildCancelled,
     BuildCompleted,
+    BuildContinued,
     BuildFailed,
     BuildRequested,
     BuildResumed,
@@ -24,6 +25,7 @@ from .messages import (
     SandboxRestored,
     SandboxStarted,
     SandboxStopped,
+    SendUserMessage,
     SleepRequested,
     SnapshotSaved,
     ToolCall,
@@ -38,7 +40,14 @@ CONSUMES: Final[dict[str, Kinds]] = {
     # The gateway projects every build event onto its read model (and replays them over SSE); it
     # receives a user's top-ups too, and leaves them to the budget.
     "gateway": MESSAGES,
-    "agent": (BuildRequested, ToolResult, CancelRequested, SleepRequested, WakeRequested),
+    "agent": (
+        BuildRequested,
+        ToolResult,
+        CancelRequested,
+        SleepRequested,
+        WakeRequested,
+        SendUserMessage,
+    ),
     "sandbox": (ToolCall, SnapshotSaved, BuildCancelled, BuildFailed),
     "budget": (
         IterationCompleted,
@@ -53,7 +62,13 @@ CONSUMES: Final[dict[str, Kinds]] = {
 }
 
 PUBLISHES: Final[dict[str, Kinds]] = {
-    "gateway": (BuildRequested, CancelRequested, WakeRequested, TopUpRequested),
+    "gateway": (
+        BuildRequested,
+        CancelRequested,
+        WakeRequested,
+        TopUpRequested,
+        SendUserMessage,
+    ),
     "agent": (
         ToolCall,
         IterationCompleted,
@@ -61,6 +76,7 @@ PUBLISHES: Final[dict[str, Kinds]] = {
         AgentNarrated,
         BuildSleeping,
         BuildResumed,
+        BuildContinued,
         BuildCompleted,
         BuildFailed,
         BuildCancelled,
