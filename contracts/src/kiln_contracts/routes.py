@@ -53,6 +53,7 @@ CONSUMES: Final[dict[str, Kinds]] = {
         IterationCompleted,
         BuildRequested,
         BuildResumed,
+        BuildContinued,
         BuildCompleted,
         BuildFailed,
         BuildCancelled,

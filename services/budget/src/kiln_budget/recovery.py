@@ -21,6 +21,7 @@ from typing import TypeVar
 from kiln_contracts import (
     BuildCancelled,
     BuildCompleted,
+    BuildContinued,
     BuildFailed,
     BuildRequested,
     BuildResumed,
@@ -46,6 +47,7 @@ REPLAYED: tuple[type[Envelope], ...] = (
     IterationCompleted,
     BuildRequested,
     BuildResumed,
+    BuildContinued,
     BuildCompleted,
     BuildFailed,
     BuildCancelled,
@@ -106,6 +108,8 @@ async def fold(deps: Deps, event: Envelope) -> None:
         await spending.build_started(deps, event)
     elif isinstance(event, BuildResumed):
         await spending.build_resumed(deps, event)
+    elif isinstance(event, BuildContinued):
+        await spending.build_continued(deps, event)
     elif isinstance(event, BuildCompleted | BuildFailed | BuildCancelled):
         await spending.build_ended(deps, event)
     elif isinstance(event, TopUpRequested):

@@ -27,6 +27,7 @@ from datetime import datetime
 from kiln_contracts import (
     BuildCancelled,
     BuildCompleted,
+    BuildContinued,
     BuildFailed,
     BuildRequested,
     BuildResumed,
@@ -150,7 +151,14 @@ async def build_started(deps: Deps, event: BuildRequested) -> None:
 
 
 async def build_ended(deps: Deps, event: BuildEnded) -> None:
-    await deps.store.build_ended(event.user_id, event.build_id)
+    await deps.store.build_ended(event.user_id, event.build_id, event.continuation)
+
+
+async def build_continued(deps: Deps, event: BuildContinued) -> None:
+    """A build that ended runs again: it counts among its user's running builds and starts a new
+    wake generation (it may be put to sleep this period even if it slept before)."""
+    await deps.store.build_continued(event.user_id, event.build_id, event.continuation)
+    await deps.store.resumed(event.user_id, event.build_id, str(event.event_id))
 
 
 async def build_resumed(deps: Deps, event: BuildResumed) -> None:
