@@ -28,7 +28,10 @@ from . import config as cli_config
 from .client import TERMINAL_STATUSES, ApiError, KilnClient
 from .render import Renderer, usd
 
-app = typer.Typer(help="Kiln: an autonomous coding agent that builds apps from idea briefs.")
+app = typer.Typer(
+    help="Kiln: an autonomous coding agent that builds apps from idea briefs; write to a build "
+    "to steer it, or to continue it once it has finished."
+)
 console = Console()
 err = Console(stderr=True)
 
@@ -283,10 +286,12 @@ def say(
     url: UrlOpt = None,
     key: KeyOpt = None,
 ) -> None:
-    """Write to a build: a running build reads it at its next think, a sleeping one when it
-    wakes, and a completed, failed or cancelled one continues with it (its files restored from
-    its latest snapshot). With --follow, watch from the message on (exit 0 only if the build then
-    completes)."""
+    """Write to a build; a finished one continues with the message.
+
+    A running build reads the message at its next think, a sleeping one when it wakes; a
+    completed, failed or cancelled one continues with it, its files restored from its latest
+    snapshot. With --follow, watch from the message on (exit 0 only if the build then completes).
+    """
     with _client(url, key) as client:
         sent = client.send_message(build_id, text, idempotency_key=uuid.uuid4().hex)
         console.print(
