@@ -208,7 +208,9 @@ class Agent:
 
         def advance(c: Checkpoint) -> list[Turn] | None:
             if c.status != "thinking" or c.iteration != iteration or c.turns != seen:
-                return None  # moved on meanwhile (cancel, sleep, a twin think): drop the reply
+                # moved on meanwhile (cancel, sleep, a twin think, messages placed at a wake):
+                # drop the reply
+                return None
             if switch is not None:
                 switch(c)
             if failure is not None:
