@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from kiln_agent import control
-from kiln_agent.checkpoint import Checkpoint
+from kiln_agent.checkpoint import Checkpoint, PendingCall
 from kiln_contracts import (
     BuildCancelled,
     BuildCompleted,
@@ -340,3 +340,53 @@ async def test_the_scripted_model_answers_a_message_and_resumes_its_work(tmp_pat
     assert (tmp_path / "TODO.md").is_file()
     assert again.iterations > done.iterations
     assert (await checkpoint(store)).status == "completed"
+
+
+# ---------------------------------------------------------------------------- the transitions alone
+
+
+def fresh(rules: Any) -> Checkpoint:
+    cp, _ = control.start(rules, request())
+    return cp
+
+
+def test_message_takes_the_next_seq_only_and_waits_in_the_inbox() -> None:
+    agent, _, _ = make_agent(FakeModel(DONE))
+    cp = fresh(agent.rules)
+    cp.status = "acting"
+    assert control.message(agent.rules, cp, say(2, "early")) is None  # not the next one
+    assert control.message(agent.rules, cp, say(1, "first")) == []
+    assert control.message(agent.rules, cp, say(1, "first")) is None  # a duplicate
+    assert [(m.seq, m.text) for m in cp.state.inbox] == [(1, "first")]
+    assert cp.state.messages == 1 and cp.outbox == [] and cp.turns == 1
+
+
+def test_place_and_the_wake_turn_the_inbox_into_a_user_turn() -> None:
+    agent, _, _ = make_agent(FakeModel(DONE))
+    cp = fresh(agent.rules)
+    control.message(agent.rules, cp, say(1, "a"))
+    control.message(agent.rules, cp, say(2, "b"))
+    [turn] = control.place(cp) or []
+    assert (turn.seq, turn.role, texts(turn.content)) == (1, "user", ["a", "b"])
+    assert control.place(cp) is None  # nothing waits now
+    cp.status = "sleeping"
+    control.message(agent.rules, cp, say(3, "c"))
+    assert control.place(cp) is None  # asleep: it waits for the wake
+    [woken] = control.wake(cp, WakeRequested(build_id="b1", user_id="u1", reason="r")) or []
+    assert texts(woken.content) == ["c"] and cp.status == "thinking"
+
+
+def test_continue_build_answers_open_calls_and_starts_a_new_run() -> None:
+    agent, _, _ = make_agent(FakeModel(DONE))
+    cp = fresh(agent.rules)
+    cp.iteration, cp.cost_micro_usd, cp.status = 7, 900, "failed"
+    cp.state.pending = [PendingCall(call_id="c1", tool="bash", input={"command": "ls"})]
+    [turn] = control.message(agent.rules, cp, say(1, "again")) or []
+    [result, note, words] = turn.content
+    assert (result["tool_use_id"], result["is_error"]) == ("c1", True)
+    assert "ended (failed)" in note["text"] and words["text"] == "again"
+    assert (cp.status, cp.state.continuations, cp.state.pending) == ("thinking", 1, [])
+    assert (cp.state.run_iteration, cp.state.run_cost_micro_usd) == (7, 900)
+    assert agent.rules.run_iterations(cp) == 0 and agent.rules.run_cost(cp) == 0
+    [continued] = cp.outbox
+    assert isinstance(continued, BuildContinued) and continued.after == "failed"
