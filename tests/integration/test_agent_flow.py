@@ -19,13 +19,16 @@ from kiln_agent.ports import LeaseChange, ModelError, ModelRequest, VersionConfl
 from kiln_agent.settings import AgentSettings
 from kiln_contracts import (
     BuildCompleted,
+    BuildContinued,
     BuildLimits,
     BuildRequested,
     Envelope,
     IterationCompleted,
+    SendUserMessage,
     ToolCall,
     ToolResult,
 )
+from kiln_contracts.routes import CONSUMES
 from kiln_devstack.model.server import ScriptedServer
 from kiln_runtime import config as kiln_config
 from kiln_runtime.bus import Bus, Delivery
@@ -70,6 +73,10 @@ class OnlyMine(Agent):
     async def tool_result(self, msg):  # type: ignore[no-untyped-def]
         if msg.build_id.startswith(self.prefix):
             await super().tool_result(msg)
+
+    async def user_message(self, msg):  # type: ignore[no-untyped-def]
+        if msg.build_id.startswith(self.prefix):
+            await super().user_message(msg)
 
 
 async def test_build_completes_on_nats_and_postgres_through_the_sdk(
@@ -143,6 +150,77 @@ async def test_build_completes_on_nats_and_postgres_through_the_sdk(
         assert row["status"] == "completed"
         n_turns = await pool.fetchval("SELECT count(*) FROM turns WHERE build_id = $1", builds[0])
         assert n_turns == row["turns"]
+    finally:
+        for b in (bus, sandbox):
+            await b.stop()
+        await model.close()
+        await pool.close()
+
+
+async def test_a_build_is_steered_and_continued_through_the_sdk(
+    infra, uid, scripted, tmp_path: Path
+) -> None:
+    """On NATS and Postgres, through the SDK to the scripted server (which enforces the API's
+    rules: thinking blocks bound to their prefix, user turns one after another): a message sent
+    while the build works is answered, and one sent after it completed continues it."""
+    settings = AgentSettings(
+        nats_url=infra["NATS_URL"],
+        database_url=infra["DATABASE_URL"],
+        anthropic_base_url=scripted.url,
+        anthropic_api_key="test",
+        ack_wait_s=10,
+    )
+    pool = await create_pool(settings.database_url, schema=SCHEMA, migrations=migrations())
+    model = AnthropicModel.connect(base_url=scripted.url, api_key="test", timeout_s=30)
+    bus = Bus(settings, f"agent{uid}")
+    agent = OnlyMine(PostgresStore(pool), model, bus, config.load(), kiln_config.default())
+    agent.prefix = uid
+    app.register(bus, agent, workers=16)
+    sandbox = Bus(CommonSettings(nats_url=infra["NATS_URL"]), f"sandbox{uid}")
+    seen: list[Envelope] = []
+    ws = Workspace(tmp_path)
+
+    async def run_tool(call: ToolCall, delivery: Delivery) -> None:
+        if call.build_id.startswith(uid):
+            await sandbox.publish(await asyncio.to_thread(ws.run, call))
+
+    async def watch(event: Envelope, delivery: Delivery) -> None:
+        if event.build_id.startswith(uid):
+            seen.append(event)
+
+    sandbox.consume(ToolCall, run_tool, max_workers=8)
+    sandbox.consume_all(watch, durable=f"watch{uid}", max_workers=1)
+    for b in (bus, sandbox):
+        await b.connect()
+        await b.start()
+
+    def of(cls: type) -> list:
+        return list({e.event_id: e for e in seen if isinstance(e, cls)}.values())
+
+    try:
+        build_id = f"{uid}-talk"
+        await bus.publish(
+            BuildRequested(build_id=build_id, user_id="u1", tier="pro", idea_brief="stats")
+        )
+        await until(lambda: len(of(ToolCall)) > 0)
+        steer = SendUserMessage.of(build_id, "u1", "m1", 1, "add a file NOTES.md with steered")
+        await bus.publish(steer)
+        await bus.publish(steer.with_id(steer.event_id))
+        await until(lambda: len(of(BuildCompleted)) == 1, timeout=60)
+        [first] = of(BuildCompleted)
+        assert "all tests pass" in first.summary
+        assert (tmp_path / "NOTES.md").read_text() == "steered\n"
+
+        await bus.publish(SendUserMessage.of(build_id, "u1", "m2", 2, "please write TODO.md"))
+        await until(lambda: len(of(BuildCompleted)) == 2, timeout=60)
+        [continued] = of(BuildContinued)
+        assert (continued.continuation, continued.iterations) == (1, first.iterations)
+        second = next(e for e in of(BuildCompleted) if e.continuation == 1)
+        assert "TODO.md" in second.summary and second.iterations > first.iterations
+        assert (tmp_path / "TODO.md").is_file()
+        iterations = [e.iteration for e in of(IterationCompleted)]
+        assert sorted(iterations) == list(range(1, second.iterations + 1))
+        assert scripted.refused == []  # every request kept the API's rules
     finally:
         for b in (bus, sandbox):
             await b.stop()
@@ -326,7 +404,7 @@ async def test_bootstrap_wires_the_real_adapters(infra, scripted) -> None:
     await service.start()
     try:
         assert service.pool is not None and await service.pool.fetchval("SELECT 1") == 1
-        assert len(service.bus.pullers) == 5
+        assert len(service.bus.pullers) == len(CONSUMES["agent"])
         assert service.gates is not None and await service.gates.closed("nobody") is None
     finally:
         await service.stop()

@@ -15,6 +15,7 @@ from kiln_budget.adapters.redis_store import RedisSpendStore
 from kiln_budget.settings import BudgetSettings
 from kiln_contracts import (
     BuildCompleted,
+    BuildContinued,
     BuildRequested,
     Envelope,
     IterationCompleted,
@@ -186,6 +187,39 @@ async def test_running_builds_and_an_unknown_model_charged_at_the_fallback(
     bad = iteration(uid, input_tokens=1).model_copy(update={"model": "no-such-model"})
     await budget.bus.publish(bad)
     await until_async(lambda: _equals(spending.spent_build(deps, f"b{uid}"), 15))
+
+
+async def test_a_continued_build_runs_again_once_per_run(budget: bootstrap.Wiring, uid: str):
+    deps, user, build = budget.deps, f"u{uid}", f"b{uid}"
+
+    def ended(k: int) -> BuildCompleted:
+        return BuildCompleted(
+            build_id=build, user_id=user, summary="", iterations=1, cost_micro_usd=0,
+            continuation=k,
+        )  # fmt: skip
+
+    await budget.bus.publish(BuildRequested(build_id=build, user_id=user, idea_brief="x"))
+    await budget.bus.publish(ended(0))
+    await until_async(lambda: _equals(spending.running_builds(deps, user), set()))
+    again = BuildContinued(
+        build_id=build, user_id=user, continuation=1, after="completed", message_id="m1",
+        iterations=1, cost_micro_usd=0,
+    )  # fmt: skip
+    await budget.bus.publish(again)
+    seq = await republish(budget, again)  # delivered twice
+    await until_async(lambda: consumer_caught_up(budget, "build_continued", seq))
+    assert await spending.running_builds(deps, user) == {build}
+    seq = await republish(budget, ended(0))  # the first run's end, late: it stays running
+    await until_async(lambda: consumer_caught_up(budget, "build_completed", seq))
+    assert await spending.running_builds(deps, user) == {build}
+    await budget.bus.publish(ended(1))
+    await until_async(lambda: _equals(spending.running_builds(deps, user), set()))
+    # the same on the store, out of order: a continuation after its own run's end stays out
+    store = deps.store
+    await store.build_ended(user, build, 2)
+    assert not await store.build_continued(user, build, 2)
+    assert not await store.build_started(user, build)
+    assert await spending.running_builds(deps, user) == set()
 
 
 async def _equals(awaitable: object, expected: object) -> bool:

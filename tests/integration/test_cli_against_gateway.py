@@ -1,4 +1,4 @@
-"""The kiln CLI against a real gateway: keys, list, logs, wake, cancel, download, budget, with
+"""The kiln CLI against a real gateway: keys, list, logs, wake, say, cancel, download, budget, with
 the gateway's URL and keys from a config file."""
 
 from __future__ import annotations
@@ -77,6 +77,12 @@ async def test_cli_commands_against_a_gateway(gw: Gateway, infra, tmp_path: Path
     assert "wake requested" in (await kiln(config, "wake", build_id)).stdout
     kinds = [k for _, k in await gw.history(build_id)]
     assert kinds[-1] == "wake_requested"
+
+    said = await kiln(config, "say", build_id, "please write NOTES.md")
+    assert said.exit_code == 0 and f"(#1) sent to build {build_id}" in said.stdout
+    assert [k for _, k in await gw.history(build_id)][-1] == "send_user_message"
+    logs = await kiln(config, "logs", build_id)
+    assert "you: please write NOTES.md" in logs.stdout
 
     budget = await kiln(config, "budget")
     assert budget.exit_code == 0 and user in budget.stdout and "tier pro" in budget.stdout

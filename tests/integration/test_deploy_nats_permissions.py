@@ -83,6 +83,14 @@ FIELDS: dict[str, dict[str, Any]] = {
         "resets_at": "2030-01-01T00:00:00Z",
     },
     "top_up_requested": {"topup_id": "t1", "amount_micro_usd": 1},
+    "send_user_message": {"message_id": "m1", "seq": 1, "text": "hi"},
+    "build_continued": {
+        "continuation": 1,
+        "after": "completed",
+        "message_id": "m1",
+        "iterations": 1,
+        "cost_micro_usd": 1,
+    },
 }
 USER = "u1"
 

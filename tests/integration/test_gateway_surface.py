@@ -173,13 +173,15 @@ async def test_every_build_endpoint_hides_another_users_build(gw: Gateway, uid: 
             ("POST", f"/v1/builds/{build_id}/cancel"),
             ("POST", f"/v1/builds/{build_id}/wake"),
             ("GET", f"/v1/builds/{build_id}/files"),
+            ("POST", f"/v1/builds/{build_id}/messages"),
         ):
-            body = is_problem(await c.request(method, path), 404)
+            sent = await c.request(method, path, json={"text": "hi"} if method == "POST" else None)
+            body = is_problem(sent, 404)
             assert body["detail"] == "build not found", (path, body)
         assert (await c.get("/v1/builds")).json()["builds"] == []
         assert (await c.get("/v1/builds?status=queued")).json()["builds"] == []
     kinds = [k for _, k in await gw.history(build_id)]
-    assert kinds == ["build_requested"]  # bob's cancel and wake sent nothing
+    assert kinds == ["build_requested"]  # bob's cancel, wake and message sent nothing
 
 
 async def test_errors_are_problem_documents(gw: Gateway, uid: str):

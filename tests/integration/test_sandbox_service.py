@@ -333,7 +333,7 @@ async def test_manifest_upload_restore_and_stop_after_the_final_snapshot(runtime
         build_id=build_id,
         user_id="u1",
         snapshot_id="snap-final",
-        iteration=1,
+        iteration=2,  # the build's last iteration (a later call's would leave it running)
         reason="final",
         files=2,
         bytes_total=reply.bytes_uploaded,

@@ -13,6 +13,7 @@ from kiln_budget import app, recovery, spending
 from kiln_budget.spending import Deps
 from kiln_contracts import (
     BuildCompleted,
+    BuildContinued,
     BuildRequested,
     BuildResumed,
     Envelope,
@@ -65,6 +66,7 @@ class Budget:
             "build_requested": spending.build_started,
             "build_resumed": spending.build_resumed,
             "build_completed": spending.build_ended,
+            "build_continued": spending.build_continued,
             "top_up_requested": spending.top_up,
         }[event.kind]
         await recovery.guarded(self.deps, handler, event)  # type: ignore[arg-type]
@@ -150,6 +152,25 @@ async def test_the_rebuild_restores_the_builds_asleep_so_a_top_up_still_wakes_th
     # its generation as the rebuild restored, does not get a second SleepRequested
     sleeps = [m.build_id for m in b.commands.now if isinstance(m, SleepRequested)]
     assert sleeps == ["b2"]
+
+
+async def test_the_rebuild_keeps_a_continued_build_running() -> None:
+    b = budget(None)
+    await b.handle(requested("b1"))
+    await b.handle(requested("b2"))
+    for build_id in ("b1", "b2"):
+        await b.handle(
+            BuildCompleted(build_id=build_id, user_id="u1", summary="", iterations=1,
+                           cost_micro_usd=0)
+        )  # fmt: skip
+    await b.handle(
+        BuildContinued(build_id="b1", user_id="u1", continuation=1, after="completed",
+                       message_id="m1", iterations=1, cost_micro_usd=0)
+    )  # fmt: skip
+    assert await spending.running_builds(b.deps, "u1") == {"b1"}
+    b.store.lose_everything()
+    await recovery.ensure_intact(b.deps)
+    assert await spending.running_builds(b.deps, "u1") == {"b1"}
 
 
 async def test_the_status_answer_rebuilds_a_lost_store_first() -> None:

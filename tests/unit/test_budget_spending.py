@@ -20,6 +20,7 @@ from kiln_contracts import (
     BudgetGate,
     BuildCancelled,
     BuildCompleted,
+    BuildContinued,
     BuildFailed,
     BuildRequested,
     BuildResumed,
@@ -40,7 +41,8 @@ class FakeStore:
     charged: set[uuid.UUID] = field(default_factory=set)
     counters: dict[str, int] = field(default_factory=dict)
     running_sets: dict[str, set[str]] = field(default_factory=dict)
-    ended: set[str] = field(default_factory=set)
+    ended: dict[str, int] = field(default_factory=dict)
+    runs: dict[str, int] = field(default_factory=dict)
     tiers: dict[str, str] = field(default_factory=dict)
     topup_list: dict[str, dict[str, tuple[int, datetime]]] = field(default_factory=dict)
     generations: dict[str, str] = field(default_factory=dict)
@@ -86,17 +88,30 @@ class FakeStore:
         return self.counters.get(f"build:{build_id}", 0)
 
     async def build_started(self, user_id: str, build_id: str) -> bool:
-        if build_id in self.ended:
+        if self.ended.get(build_id, 0) > self.runs.get(build_id, 0):
             return False
         running = self.running_sets.setdefault(user_id, set())
         added = build_id not in running
         running.add(build_id)
         return added
 
-    async def build_ended(self, user_id: str, build_id: str) -> None:
-        self.ended.add(build_id)
+    async def build_ended(self, user_id: str, build_id: str, continuation: int = 0) -> None:
+        self.ended[build_id] = max(self.ended.get(build_id, 0), continuation + 1)
+        if continuation < self.runs.get(build_id, 0):
+            return  # the end of a run the build has continued from
         self.running_sets.setdefault(user_id, set()).discard(build_id)
         self.sleeping_sets.setdefault(user_id, set()).discard(build_id)
+
+    async def build_continued(self, user_id: str, build_id: str, continuation: int) -> bool:
+        if continuation <= self.runs.get(build_id, 0):
+            return False
+        self.runs[build_id] = continuation
+        if self.ended.get(build_id, 0) > continuation:
+            return False
+        running = self.running_sets.setdefault(user_id, set())
+        added = build_id not in running
+        running.add(build_id)
+        return added
 
     async def running(self, user_id: str) -> set[str]:
         return set(self.running_sets.get(user_id, set()))
@@ -318,6 +333,45 @@ async def test_running_builds_follow_start_and_end(deps: Deps) -> None:
     assert await spending.running_builds(deps, "u1") == {"b3"}
 
 
+def continued(build_id: str, k: int, after: str = "completed") -> BuildContinued:
+    return BuildContinued(
+        build_id=build_id,
+        user_id="u1",
+        continuation=k,
+        after=after,  # type: ignore[arg-type]
+        message_id=f"m{k}",
+        iterations=1,
+        cost_micro_usd=0,
+    )
+
+
+def completed(build_id: str, k: int = 0) -> BuildCompleted:
+    return BuildCompleted(
+        build_id=build_id, user_id="u1", summary="", iterations=1, cost_micro_usd=0, continuation=k
+    )
+
+
+async def test_a_continued_build_runs_again_once_per_run_whatever_the_order(deps: Deps) -> None:
+    await spending.build_started(deps, BuildRequested(build_id="b1", user_id="u1", idea_brief="x"))
+    await spending.build_ended(deps, completed("b1"))
+    assert await spending.running_builds(deps, "u1") == set()
+    await spending.build_continued(deps, continued("b1", 1))
+    await spending.build_continued(deps, continued("b1", 1))  # delivered twice: one effect
+    assert await spending.running_builds(deps, "u1") == {"b1"}
+    # the first run's end delivered again, after the continuation: it stays running
+    await spending.build_ended(deps, completed("b1"))
+    assert await spending.running_builds(deps, "u1") == {"b1"}
+    await spending.build_ended(deps, completed("b1", 1))
+    assert await spending.running_builds(deps, "u1") == set()
+    # a continuation handled after the end of its own run does not bring it back
+    await spending.build_ended(deps, completed("b1", 2))
+    await spending.build_continued(deps, continued("b1", 2))
+    assert await spending.running_builds(deps, "u1") == set()
+    # nor does the first run's BuildRequested redelivered
+    await spending.build_started(deps, BuildRequested(build_id="b1", user_id="u1", idea_brief="x"))
+    assert await spending.running_builds(deps, "u1") == set()
+
+
 def test_register_consumes_each_kind_once(deps: Deps) -> None:
     class RecordingBus:
         def __init__(self) -> None:
@@ -331,6 +385,7 @@ def test_register_consumes_each_kind_once(deps: Deps) -> None:
     assert sorted(bus.kinds) == [
         "build_cancelled",
         "build_completed",
+        "build_continued",
         "build_failed",
         "build_rejected",
         "build_requested",
@@ -476,6 +531,16 @@ async def test_a_woken_build_over_the_allowance_sleeps_again_at_once() -> None:
     first, second = (m for m in commands.now if isinstance(m, SleepRequested))
     assert first.event_id != second.event_id and second.causation_id == resumed.event_id
     assert await spending.iteration_completed(d, iteration(input_tokens=1)) == []
+
+
+async def test_a_continued_build_over_the_allowance_sleeps_again() -> None:
+    d, commands = sleepy(1_000)
+    await start(d, "b1")
+    await spending.iteration_completed(d, iteration(input_tokens=400))  # slept this period
+    await spending.build_ended(d, completed("b1"))
+    await spending.build_continued(d, continued("b1", 1))
+    assert await spending.iteration_completed(d, iteration(input_tokens=1)) == ["b1"]
+    assert len([m for m in commands.now if isinstance(m, SleepRequested)]) == 2
 
 
 async def test_a_top_up_wakes_the_sleeping_builds_and_raises_the_allowance() -> None:

@@ -218,3 +218,68 @@ def test_thinking_narration_is_shown_apart_from_the_narrate_tools():
     thinking, narrate = buf.getvalue().splitlines()
     assert "Planning." in thinking and "Writing the package." in narrate
     assert thinking.split("Planning.")[0] != narrate.split("Writing the package.")[0]  # styles
+
+
+def test_say_follow_on_a_completed_build_waits_for_its_continuation(monkeypatch):
+    """The first run's history is passed quietly; its end does not stop the follow; the stream
+    is followed from the message to the end of the run that answers it."""
+    first = [
+        (1, "build_requested", {"build_id": "b1", "tier": "pro"}),
+        (2, "build_completed", {"summary": "v1", "iterations": 3, "cost_micro_usd": 5}),
+    ]
+    then = [
+        (3, "send_user_message", {"message_id": "m1", "seq": 1, "text": "add NOTES.md"}),
+        (4, "build_continued", {"continuation": 1, "after": "completed", "iterations": 3}),
+        (5, "tool_call", {"iteration": 4, "tool": "write_file", "input": {"path": "NOTES.md"}}),
+        (6, "build_completed", {"summary": "v2", "iterations": 5, "cost_micro_usd": 9,
+                                "continuation": 1}),
+    ]  # fmt: skip
+    asked: list[str | None] = []
+    posted: list[dict[str, Any]] = []
+
+    def gateway(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            assert request.url.path == "/v1/builds/b1/messages"
+            assert request.headers["idempotency-key"]
+            posted.append(json.loads(request.content))
+            return httpx.Response(202, json={"message_id": "m1", "build_id": "b1", "seq": 1})
+        if request.url.path.endswith("/events"):
+            after = request.headers.get("last-event-id")
+            asked.append(after)
+            if after is None:
+                return httpx.Response(200, text=sse(first, heartbeat=False))
+            if len(asked) == 2:  # the continuation is not projected yet: an empty stream
+                return httpx.Response(200, text="")
+            return httpx.Response(200, text=sse([e for e in then if e[0] > int(after)]))
+        return httpx.Response(200, json={"build_id": "b1", "status": "completed"})
+
+    monkeypatch.setattr(
+        main,
+        "KilnClient",
+        lambda url, key: KilnClient(url, key, transport=httpx.MockTransport(gateway)),
+    )
+    monkeypatch.setattr("kiln_cli.client.time.sleep", lambda _: None)
+    result = CliRunner().invoke(main.app, ["say", "b1", "add NOTES.md", "--follow", "--key", "k"])
+    assert result.exit_code == 0, result.output
+    assert posted == [{"text": "add NOTES.md"}]
+    assert asked == [None, "2", "2"]
+    assert "message m1 (#1) sent to build b1" in result.output
+    assert "started (tier pro)" not in result.output  # the history before the message: quiet
+    assert "you: add NOTES.md" in result.output and "continued" in result.output
+    assert "[iter 4] write_file" in result.output and "v2" in result.output
+    assert "v1" not in result.output
+
+
+def test_say_without_follow_only_sends(monkeypatch):
+    def gateway(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            return httpx.Response(202, json={"message_id": "m7", "build_id": "b1", "seq": 7})
+        raise AssertionError(f"unexpected {request.method} {request.url}")
+
+    monkeypatch.setattr(
+        main,
+        "KilnClient",
+        lambda url, key: KilnClient(url, key, transport=httpx.MockTransport(gateway)),
+    )
+    result = CliRunner().invoke(main.app, ["say", "b1", "hello", "--key", "k"])
+    assert result.exit_code == 0 and "message m7 (#7)" in result.output

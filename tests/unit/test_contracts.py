@@ -117,3 +117,29 @@ def test_a_top_up_is_on_its_users_budget_subject_with_a_stable_id():
         TopUpRequested(build_id="b1", user_id="alice", topup_id="t1", amount_micro_usd=1)
     with pytest.raises(ValidationError):
         TopUpRequested.of("alice", "t1", 0)
+
+
+def test_a_user_message_has_a_stable_id_per_message_and_a_number():
+    from kiln_contracts import SendUserMessage
+
+    msg = SendUserMessage.of("b1", "alice", "m1", 1, "please write NOTES.md")
+    assert msg.event_id == SendUserMessage.of("b1", "alice", "m1", 1, "other").event_id
+    assert msg.event_id != SendUserMessage.of("b1", "alice", "m2", 2, "x").event_id
+    assert subjects.subject_of(msg) == "kiln.build.b1.send_user_message"
+    assert SendUserMessage.model_validate_json(msg.model_dump_json()) == msg
+    for bad in ({"seq": 0}, {"text": ""}, {"message_id": "a.b"}):
+        with pytest.raises(ValidationError):
+            SendUserMessage(**{**msg.model_dump(), **bad})
+
+
+def test_terminal_events_say_which_run_they_end():
+    from kiln_contracts import BuildCompleted, BuildContinued
+
+    done = BuildCompleted(build_id="b1", user_id="u", summary="s", iterations=3, cost_micro_usd=1)
+    assert done.continuation == 0  # the first run; the field may be absent on the wire
+    assert BuildCompleted.model_validate({**done.model_dump(), "continuation": 2}).continuation == 2
+    with pytest.raises(ValidationError):
+        BuildContinued(
+            build_id="b1", user_id="u", continuation=0, after="completed", message_id="m",
+            iterations=3, cost_micro_usd=1,
+        )  # fmt: skip

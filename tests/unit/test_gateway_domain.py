@@ -13,6 +13,7 @@ from kiln_contracts import (
     BudgetGate,
     BuildCancelled,
     BuildCompleted,
+    BuildContinued,
     BuildRejected,
     BuildRequested,
     BuildResumed,
@@ -20,20 +21,54 @@ from kiln_contracts import (
     Envelope,
     IterationCompleted,
     QnA,
+    SendUserMessage,
     SnapshotSaved,
     TopUpRequested,
     Usage,
     stable_id,
 )
 from kiln_gateway import builds
-from kiln_gateway.model import Build, Caller, NewBuild, Projection
-from kiln_gateway.ports import Inserted, StoredEvent
+from kiln_gateway.model import Build, Caller, Message, NewBuild, NewMessage, Projection
+from kiln_gateway.ports import Inserted, MessageInserted, StoredEvent
 from kiln_runtime.errors import RetryLater
 
 
 class FakeStore:
     def __init__(self) -> None:
         self.rows: dict[str, Build] = {}
+        self.messages: list[Message] = []
+
+    async def insert_message(self, new: NewMessage, *, cap: int) -> MessageInserted:
+        mine = [m for m in self.messages if m.build_id == new.build_id]
+        for m in mine:
+            if new.idempotency_key and m.idempotency_key == new.idempotency_key:
+                return MessageInserted("existing", m)
+        if self.rows[new.build_id].state.terminal:
+            active = [
+                b for b in self.rows.values() if b.user_id == new.user_id and not b.state.terminal
+            ]
+            if len(active) >= cap:
+                return MessageInserted("capped", None)
+        message = Message(
+            **dataclasses.asdict(new), seq=len(mine) + 1, created_at=datetime.now(UTC)
+        )
+        self.messages.append(message)
+        return MessageInserted("created", message)
+
+    async def unpublished_messages(
+        self, build_id: str | None = None, older_than_s: float = 0.0, limit: int = 100
+    ) -> list[Message]:
+        return sorted(
+            (m for m in self.messages
+             if m.published_at is None and build_id in (None, m.build_id)),
+            key=lambda m: (m.build_id, m.seq),
+        )  # fmt: skip
+
+    async def mark_message_published(self, message_id: str) -> None:
+        self.messages = [
+            dataclasses.replace(m, published_at=m.created_at) if m.message_id == message_id else m
+            for m in self.messages
+        ]
 
     async def insert_build(self, new: NewBuild, *, cap: int) -> Inserted:
         for b in self.rows.values():
@@ -310,3 +345,102 @@ async def test_event_stream_frames_heartbeats_and_ends_on_terminal():
     assert src.after == 2 and src.closed
     done = dataclasses.replace(build, state=Projection(status="failed", terminal_seq=4))
     assert [c async for c in builds.event_stream(src, done, 4, 15)] == []
+
+
+# ---------------------------------------------------------------------------- messages
+
+
+async def send(store: FakeStore, pub: Publisher, build: Build, text: str, key: str | None = None):
+    return await builds.send_message(store, pub, ME, build, text=text, idempotency_key=key, cap=1)
+
+
+async def test_a_message_is_numbered_and_published_once_per_idempotency_key():
+    store, pub = FakeStore(), Publisher()
+    build, _ = await create(store, pub)
+    first, created = await send(store, pub, build, "add tests", key="k1")
+    again, created_again = await send(store, pub, build, "add tests", key="k1")
+    second, _ = await send(store, pub, build, "and a README")
+    assert (created, created_again, again.message_id) == (True, False, first.message_id)
+    assert (first.seq, second.seq) == (1, 2)
+    sent = [m for m in pub.sent if isinstance(m, SendUserMessage)]
+    assert [(m.seq, m.text) for m in sent] == [(1, "add tests"), (2, "and a README")]
+    assert sent[0].event_id == stable_id(build.build_id, "user_message", first.message_id)
+    with pytest.raises(builds.IdempotencyConflict):
+        await send(store, pub, build, "something else", key="k1")
+
+
+async def test_a_message_stored_while_the_bus_is_down_is_sent_first_next_time():
+    store, pub = FakeStore(), Publisher()
+    build, _ = await create(store, pub)
+    pub.fail = True
+    with pytest.raises(builds.MessagePublishFailed):
+        await send(store, pub, build, "one")
+    pub.fail = False
+    await send(store, pub, build, "two")
+    assert [m.seq for m in pub.sent if isinstance(m, SendUserMessage)] == [1, 2]
+    pub.fail = True
+    with pytest.raises(builds.MessagePublishFailed):
+        await send(store, pub, build, "three")
+    pub.fail = False
+    assert await builds.republish_pending_messages(store, pub, 0) == 1
+    assert await store.unpublished_messages() == []
+
+
+async def test_continuing_an_ended_build_counts_towards_the_cap():
+    store, pub = FakeStore(), Publisher()
+    ended, _ = await create(store, pub, key="a")
+    store.rows[ended.build_id] = dataclasses.replace(ended, state=Projection(status="completed"))
+    other, _ = await create(store, pub, key="b", cap=1)  # running: the cap is reached
+    await send(store, pub, other, "to a running build: fine")
+    with pytest.raises(builds.TooManyBuilds):
+        await send(store, pub, store.rows[ended.build_id], "continue")
+
+
+def continued(k: int, iterations: int = 3, cost: int = 9) -> Envelope:
+    return ev(
+        BuildContinued,
+        continuation=k,
+        after="completed",
+        message_id=f"m{k}",
+        iterations=iterations,
+        cost_micro_usd=cost,
+    )
+
+
+def test_evolve_a_continued_build_runs_again_once_per_continuation():
+    s = builds.evolve(Projection(), ev(BuildRequested, idea_brief="x"), 1)
+    done = ev(BuildCompleted, summary="done", iterations=3, cost_micro_usd=9)
+    s = builds.evolve(s, done, 2)
+    s = builds.evolve(s, continued(1), 3)
+    assert (s.status, s.continuations, s.terminal_seq, s.summary, s.finished_at) == (
+        "running", 1, None, None, None,
+    )  # fmt: skip
+    assert (s.iteration, s.cost_micro_usd) == (3, 9)
+    assert builds.evolve(s, continued(1), 4).status == "running"  # a repeat: one effect
+    assert builds.evolve(s, done, 5).status == "running"  # the first run's end, again
+    it = ev(IterationCompleted, iteration=4, model="m", usage=Usage(), stop_reason="x",
+            cost_micro_usd=2)  # fmt: skip
+    s = builds.evolve(s, it, 6)
+    end = ev(BuildCompleted, summary="again", iterations=4, cost_micro_usd=11, continuation=1)
+    s = builds.evolve(s, end, 7)
+    assert (s.status, s.summary, s.iteration, s.cost_micro_usd, s.terminal_seq) == (
+        "completed", "again", 4, 11, 7,
+    )  # fmt: skip
+    assert builds.evolve(s, continued(1), 8).status == "completed"  # a late repeat
+
+
+async def test_event_stream_passes_the_ends_of_runs_the_build_continued_from():
+    src = FakeHistory(
+        [
+            StoredEvent(4, "build_completed", b'{"continuation": 0}'),
+            StoredEvent(5, "send_user_message", b'{"text": "more"}'),
+            StoredEvent(6, "build_continued", b'{"continuation": 1}'),
+            StoredEvent(7, "build_completed", b'{"continuation": 1}'),
+            StoredEvent(8, "agent_narrated", b"{}"),
+        ]
+    )
+    now = datetime.now(UTC)
+    build = Build("b1", "u1", "pro", "x", [], {}, now, now,
+                  state=Projection(status="completed", terminal_seq=7, continuations=1))  # fmt: skip
+    out = [chunk async for chunk in builds.event_stream(src, build, 0, 15)]
+    assert [c.split("\n")[0] for c in out[1:]] == ["id: 4", "id: 5", "id: 6", "id: 7"]

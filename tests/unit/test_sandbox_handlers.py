@@ -42,6 +42,7 @@ class FakeCalls:
         self.rows: dict[tuple[str, str], CallRecord] = {}
         self.until: dict[tuple[str, str], float] = {}
         self.renewals: list[str] = []
+        self.iterations: dict[tuple[str, str], int] = {}
 
     async def get(self, build_id: str, call_id: str) -> CallRecord | None:
         row = self.rows.get((build_id, call_id))
@@ -58,16 +59,21 @@ class FakeCalls:
         return True
 
     async def claim(
-        self, build_id: str, call_id: str, owner: str, lease_s: float
+        self, build_id: str, call_id: str, owner: str, lease_s: float, iteration: int = 0
     ) -> CallRecord | None:
         if await self.begin(build_id, call_id, owner, lease_s):
+            self.iterations[(build_id, call_id)] = iteration
             return None
         return await self.get(build_id, call_id)
+
+    async def last_iteration(self, build_id: str) -> int:
+        return max((n for (b, _), n in self.iterations.items() if b == build_id), default=0)
 
     async def release(self, build_id: str, call_id: str, owner: str) -> None:
         row = self.rows.get((build_id, call_id))
         if row is not None and row.owner == owner and row.status == "started":
             del self.rows[(build_id, call_id)]
+            self.iterations.pop((build_id, call_id), None)
 
     async def renew(self, build_id: str, call_id: str, owner: str, lease_s: float) -> None:
         self.renewals.append(call_id)
@@ -113,7 +119,8 @@ def workspace_file(svc: SandboxService, build_id: str, name: str) -> str | None:
 def tool_call(uid: str, call_id: str = "toolu_1", **fields: Any) -> ToolCall:
     fields.setdefault("tool", "bash")
     fields.setdefault("input", {"command": "echo line >> log.txt; wc -l < log.txt"})
-    return ToolCall(build_id=f"b{uid}", user_id="u1", call_id=call_id, iteration=1, **fields)
+    fields.setdefault("iteration", 1)
+    return ToolCall(build_id=f"b{uid}", user_id="u1", call_id=call_id, **fields)
 
 
 async def test_first_call_creates_the_sandbox_and_publishes_the_result(svc, uid):
@@ -466,3 +473,76 @@ async def test_the_lease_is_renewed_only_for_a_call_still_running_after_a_third_
         await provider.close()
     assert "quick" not in calls.renewals
     assert calls.renewals.count("slow") >= 2
+
+
+def final_snapshot(build_id: str, iteration: int, snapshot_id: str = "s-final") -> SnapshotSaved:
+    return SnapshotSaved(
+        build_id=build_id,
+        user_id="u1",
+        snapshot_id=snapshot_id,
+        iteration=iteration,
+        reason="final",
+        files=1,
+        bytes_total=5,
+        bytes_uploaded=5,
+    )
+
+
+async def test_a_continued_build_gets_a_fresh_sandbox_restored_from_its_final_snapshot(
+    tmp_path, uid
+):
+    blob = b"from the final snapshot\n"
+    http = httpx.AsyncClient(
+        transport=httpx.MockTransport(lambda req: httpx.Response(200, content=blob))
+    )
+    provider = LocalProvider(tmp_path / "sandboxes", http=http)
+    plan = RestorePlanReply(
+        snapshot_id="s-final",
+        files=[
+            Download(path="kept.txt", sha256=hashlib.sha256(blob).hexdigest(), mode=0o644,
+                     url="http://s3.test/blob")
+        ],
+    )  # fmt: skip
+    restorer = FakeRestorer(plan)
+    svc = SandboxService(provider, MemoryRegistry(), FakeCalls(), FakeBus(), restorer)
+    build = f"b{uid}"
+    try:
+        await svc.handle_tool_call(tool_call(uid, "c1", input={"command": "true"}, iteration=3))
+        await svc.handle_snapshot_saved(final_snapshot(build, 4))  # completed at iteration 4
+        stopped = await svc.registry.get(build)
+        assert stopped is not None and (stopped.state, stopped.iteration) == ("stopped", 4)
+        # a call of the run that ended is still not run
+        late = await svc.handle_tool_call(tool_call(uid, "c-late", iteration=4))
+        assert late.is_error and "stopped" in late.output
+        # the build continued: iteration 5 runs in a fresh sandbox with the final snapshot's files
+        result = await svc.handle_tool_call(
+            tool_call(uid, "c5", input={"command": "cat kept.txt"}, iteration=5)
+        )
+        assert (result.is_error, result.output) == (False, "from the final snapshot\n")
+        assert restorer.asked == [build]
+        [restored] = bus(svc).of(SandboxRestored)
+        assert restored.from_snapshot == "s-final"
+        running = await svc.registry.get(build)
+        assert running is not None and (running.state, running.iteration) == ("running", None)
+        # its own end stops it again, with its own iteration
+        await svc.handle_snapshot_saved(final_snapshot(build, 6, "s-final-2"))
+        again = await svc.registry.get(build)
+        assert again is not None and (again.state, again.iteration) == ("stopped", 6)
+        assert len(bus(svc).of(SandboxStopped)) == 2
+    finally:
+        await provider.close()
+
+
+async def test_an_end_that_comes_after_the_build_continued_leaves_its_sandbox_running(svc, uid):
+    build = f"b{uid}"
+    await svc.handle_tool_call(tool_call(uid, "c1", input={"command": "true"}, iteration=2))
+    # the continuation's first call runs before the first run's final snapshot is handled
+    await svc.handle_tool_call(tool_call(uid, "c4", input={"command": "true"}, iteration=4))
+    await svc.handle_snapshot_saved(final_snapshot(build, 3))
+    await svc.handle_build_ended(
+        BuildCancelled(build_id=build, user_id="u1", reason="r", iterations=3, cost_micro_usd=0)
+    )
+    record = await svc.registry.get(build)
+    assert record is not None and record.state == "running"
+    assert bus(svc).of(SandboxStopped) == []
+    assert not (await svc.handle_tool_call(tool_call(uid, "c5", iteration=5))).is_error

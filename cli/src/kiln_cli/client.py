@@ -130,6 +130,16 @@ class KilnClient:
         result: dict[str, Any] = self._json(self.http.get("/v1/builds", params=params))
         return result
 
+    def send_message(
+        self, build_id: str, text: str, *, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Write to a build: ``{message_id, build_id, seq, created_at}``."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        result: dict[str, Any] = self._json(
+            self.http.post(f"/v1/builds/{build_id}/messages", json={"text": text}, headers=headers)
+        )
+        return result
+
     def command(self, build_id: str, what: str) -> dict[str, Any]:
         """``wake`` or ``cancel``."""
         result: dict[str, Any] = self._json(self.http.post(f"/v1/builds/{build_id}/{what}"))
@@ -192,13 +202,17 @@ class KilnClient:
         *,
         on_idle: Callable[[], None] | None = None,
         retries: int = 30,
+        after_message: str | None = None,
     ) -> Iterator[SseEvent]:
         """The build's events until a terminal one, reconnecting (Last-Event-ID) if cut off.
 
         ``on_idle`` runs on each heartbeat (e.g. to check a deadline); it may raise to stop.
+        ``after_message``: a message id; the events before that message are yielded too, but
+        only a terminal event after it ends the stream (a finished build continues with it).
         """
         last: int | None = None
         failures = 0
+        waiting = after_message is not None
         while True:
             try:
                 for event in self.events(build_id, last):
@@ -209,8 +223,10 @@ class KilnClient:
                         continue
                     if event.id is not None:
                         last = event.id
+                    if waiting and event.kind == "send_user_message":
+                        waiting = event.data.get("message_id") != after_message
                     yield event
-                    if event.terminal:
+                    if event.terminal and not waiting:
                         return
             except httpx.TransportError:
                 failures += 1
@@ -218,8 +234,9 @@ class KilnClient:
                     raise
                 time.sleep(min(5.0, 0.5 * failures))
                 continue
-            # The server ended the stream without a terminal event: done if the build is.
-            if self.get_build(build_id).get("status") in TERMINAL_STATUSES:
+            # The server ended the stream without a terminal event: done if the build is (and
+            # the message to wait for has been seen: else its continuation is still to come).
+            if not waiting and self.get_build(build_id).get("status") in TERMINAL_STATUSES:
                 return
             if on_idle:
                 on_idle()

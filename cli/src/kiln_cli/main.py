@@ -28,7 +28,10 @@ from . import config as cli_config
 from .client import TERMINAL_STATUSES, ApiError, KilnClient
 from .render import Renderer, usd
 
-app = typer.Typer(help="Kiln: an autonomous coding agent that builds apps from idea briefs.")
+app = typer.Typer(
+    help="Kiln: an autonomous coding agent that builds apps from idea briefs; write to a build "
+    "to steer it, or to continue it once it has finished."
+)
 console = Console()
 err = Console(stderr=True)
 
@@ -111,13 +114,19 @@ def load_qna(path: Path) -> list[dict[str, str]]:
     raise ValueError(f"{path}: expected a list of {{question, answer}} or a mapping")
 
 
-def follow(client: KilnClient, build_id: str, on_idle: Any = None) -> Renderer:
+def follow(
+    client: KilnClient, build_id: str, on_idle: Any = None, after_message: str | None = None
+) -> Renderer:
     """Render the build's events live, under a status line: iteration, current tool, cost vs
-    the day's allowance, sleeping or waking."""
+    the day's allowance, sleeping or waking. ``after_message``: a message id; the events from
+    that message on are shown, until the end of the run that answers it."""
     renderer = Renderer(console)
+    renderer.quiet = after_message is not None
     allowance = _allowance(client)
     with console.status(progress_line(renderer, allowance)) as line:
-        for event in client.follow(build_id, on_idle=on_idle):
+        for event in client.follow(build_id, on_idle=on_idle, after_message=after_message):
+            if event.kind == "send_user_message" and event.data.get("message_id") == after_message:
+                renderer.quiet = False
             renderer(event)
             if event.kind == "iteration_completed":
                 allowance = _allowance(client) or allowance
@@ -258,12 +267,41 @@ def logs(
             follow(client, build_id)
             return
         renderer = Renderer(console)
+        # the server ends the stream after the end of the build's current run (the ends of
+        # runs it continued from pass by); a heartbeat: the history is all sent
         for event in client.events(build_id):
-            if not event.kind:  # a heartbeat: the history is all sent
+            if not event.kind:
                 break
             renderer(event)
-            if event.terminal:
-                break
+
+
+@app.command()
+def say(
+    build_id: Annotated[str, typer.Argument(help="The build's id.")],
+    text: Annotated[str, typer.Argument(help="What to tell the build.")],
+    follow_: Annotated[
+        bool,
+        typer.Option("--follow", "-f", help="Watch the build answer, until its run ends."),
+    ] = False,
+    url: UrlOpt = None,
+    key: KeyOpt = None,
+) -> None:
+    """Write to a build; a finished one continues with the message.
+
+    A running build reads the message at its next think, a sleeping one when it wakes; a
+    completed, failed or cancelled one continues with it, its files restored from its latest
+    snapshot. With --follow, watch from the message on (exit 0 only if the build then completes).
+    """
+    with _client(url, key) as client:
+        sent = client.send_message(build_id, text, idempotency_key=uuid.uuid4().hex)
+        console.print(
+            f"message {sent['message_id']} (#{sent['seq']}) sent to build {build_id}",
+            highlight=False,
+        )
+        if not follow_:
+            return
+        status = follow(client, build_id, after_message=sent["message_id"]).status
+    raise typer.Exit(0 if status == "completed" else 1)
 
 
 @app.command()

@@ -43,6 +43,7 @@ class Renderer:
         self.summary: str | None = None
         self.tool: str | None = None
         self.woken = False
+        self.quiet = False  # follow the events without printing them (history not to show)
 
     def __call__(self, event: SseEvent) -> None:
         handler = getattr(self, f"on_{event.kind}", None)
@@ -50,7 +51,8 @@ class Renderer:
             handler(event.data)
 
     def print(self, text: str) -> None:
-        self.console.print(text, highlight=False)
+        if not self.quiet:
+            self.console.print(text, highlight=False)
 
     # ------------------------------------------------------------------ per kind
 
@@ -118,6 +120,16 @@ class Renderer:
         self.status = "sleeping"
         until = f" until {d['wake_at']}" if d.get("wake_at") else ""
         self.print(f"[yellow]💤 sleeping ({escape(str(d.get('reason', '')))}){until}[/]")
+
+    def on_send_user_message(self, d: dict[str, Any]) -> None:
+        self.print(f"[bold magenta]› you:[/] {escape(str(d.get('text', '')))}")
+
+    def on_build_continued(self, d: dict[str, Any]) -> None:
+        self.status = "running"
+        self.print(
+            f"[bold]↻ continued[/] (continuation {d.get('continuation')}, after it "
+            f"{escape(str(d.get('after', 'ended')))}; iterations go on from {d.get('iterations')})"
+        )
 
     def on_build_resumed(self, d: dict[str, Any]) -> None:
         self.status = "running"

@@ -2,7 +2,8 @@
 
 This module is the only source of Kiln's wire formats. A message is a frozen pydantic model that
 forbids unknown fields; its ``kind`` (a class variable, also the last token of its subject) names it.
-Commands are imperative (``ToolCall``, ``SleepRequested`` ...), events past tense.
+Commands are imperative (``ToolCall``, ``SendUserMessage``, ``SleepRequested`` ...), events past
+tense.
 """
 
 from __future__ import annotations
@@ -219,6 +220,54 @@ class TopUpRequested(Envelope):
         return self
 
 
+class SendUserMessage(Envelope):
+    """A user's message to a build (a command to the agent). A running build reads it at its next
+    think, a sleeping one when it wakes; a completed, failed or cancelled one continues with it.
+    The agent takes a build's messages in ``seq`` order, each once: a ``seq`` it has taken is a
+    duplicate, one past the next it expects waits for the ones before it. The gateway numbers the
+    messages sent through it; another producer that numbers its own must be the build's only
+    sender. ``SendUserMessage.of`` fills in the stable event id."""
+
+    kind: ClassVar[str] = "send_user_message"
+
+    message_id: Id = Field(description="The message's id; the same id is the same message.")
+    seq: int = Field(
+        ge=1, le=1_000_000, description="Its number among the build's messages: 1, 2, 3 ..."
+    )
+    text: Annotated[str, StringConstraints(min_length=1, max_length=20_000)]
+
+    @classmethod
+    def of(
+        cls, build_id: str, user_id: str, message_id: str, seq: int, text: str, **fields: Any
+    ) -> SendUserMessage:
+        return cls(
+            event_id=stable_id(build_id, "user_message", message_id),
+            build_id=build_id,
+            user_id=user_id,
+            message_id=message_id,
+            seq=seq,
+            text=text,
+            **fields,
+        )
+
+
+class BuildContinued(Envelope):
+    """A completed, failed or cancelled build runs again, with a user's message: its whole
+    conversation kept, its files restored from its latest snapshot into a fresh sandbox, its
+    limits (iterations, per-build cost cap) a new allowance. ``iterations`` and
+    ``cost_micro_usd`` are the totals so far: the new iterations are numbered on from there."""
+
+    kind: ClassVar[str] = "build_continued"
+
+    continuation: int = Field(ge=1, description="1 for the build's first continuation, then 2 ...")
+    after: Literal["completed", "failed", "cancelled"] = Field(
+        description="How the run it continues ended."
+    )
+    message_id: Id = Field(description="The user message that continued it.")
+    iterations: int = Field(ge=0)
+    cost_micro_usd: MicroUsd
+
+
 class BuildSleeping(Envelope):
     kind: ClassVar[str] = "build_sleeping"
 
@@ -277,6 +326,9 @@ class BuildCompleted(Envelope):
     final_checkpoint_id: uuid.UUID | None = Field(
         default=None, description="event_id of the final CheckpointSaved; its snapshot_id."
     )
+    continuation: int = Field(
+        default=0, ge=0, description="The run it ends: 0 the first, k its k-th continuation."
+    )
 
 
 class BuildFailed(Envelope):
@@ -286,6 +338,9 @@ class BuildFailed(Envelope):
     detail: str = ""
     iterations: int = Field(ge=0)
     cost_micro_usd: MicroUsd
+    continuation: int = Field(
+        default=0, ge=0, description="The run it ends: 0 the first, k its k-th continuation."
+    )
 
 
 class BuildCancelled(Envelope):
@@ -294,6 +349,9 @@ class BuildCancelled(Envelope):
     reason: str
     iterations: int = Field(ge=0)
     cost_micro_usd: MicroUsd
+    continuation: int = Field(
+        default=0, ge=0, description="The run it ends: 0 the first, k its k-th continuation."
+    )
 
 
 class BuildRejected(Envelope):
@@ -319,6 +377,8 @@ MESSAGES: tuple[type[Envelope], ...] = (
     WakeRequested,
     CancelRequested,
     TopUpRequested,
+    SendUserMessage,
+    BuildContinued,
     BuildSleeping,
     BuildResumed,
     AgentNarrated,

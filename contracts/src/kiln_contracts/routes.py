@@ -13,6 +13,7 @@ from .messages import (
     AgentNarrated,
     BuildCancelled,
     BuildCompleted,
+    BuildContinued,
     BuildFailed,
     BuildRejected,
     BuildRequested,
@@ -25,6 +26,7 @@ from .messages import (
     SandboxRestored,
     SandboxStarted,
     SandboxStopped,
+    SendUserMessage,
     SleepRequested,
     SnapshotSaved,
     ToolCall,
@@ -39,12 +41,20 @@ CONSUMES: Final[dict[str, Kinds]] = {
     # The gateway projects every build event onto its read model (and replays them over SSE); it
     # receives a user's top-ups too, and leaves them to the budget.
     "gateway": MESSAGES,
-    "agent": (BuildRequested, ToolResult, CancelRequested, SleepRequested, WakeRequested),
+    "agent": (
+        BuildRequested,
+        ToolResult,
+        CancelRequested,
+        SleepRequested,
+        WakeRequested,
+        SendUserMessage,
+    ),
     "sandbox": (ToolCall, SnapshotSaved, BuildCancelled, BuildFailed),
     "budget": (
         IterationCompleted,
         BuildRequested,
         BuildResumed,
+        BuildContinued,
         BuildCompleted,
         BuildFailed,
         BuildCancelled,
@@ -55,7 +65,13 @@ CONSUMES: Final[dict[str, Kinds]] = {
 }
 
 PUBLISHES: Final[dict[str, Kinds]] = {
-    "gateway": (BuildRequested, CancelRequested, WakeRequested, TopUpRequested),
+    "gateway": (
+        BuildRequested,
+        CancelRequested,
+        WakeRequested,
+        TopUpRequested,
+        SendUserMessage,
+    ),
     "agent": (
         ToolCall,
         IterationCompleted,
@@ -63,6 +79,7 @@ PUBLISHES: Final[dict[str, Kinds]] = {
         AgentNarrated,
         BuildSleeping,
         BuildResumed,
+        BuildContinued,
         BuildCompleted,
         BuildFailed,
         BuildCancelled,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from kiln_contracts import (
     BuildRequested,
     CancelRequested,
+    SendUserMessage,
     SleepRequested,
     ToolResult,
     WakeRequested,
@@ -37,8 +38,13 @@ def register(bus: Bus, agent: Agent, *, workers: int = 128) -> None:
         """Resume a sleeping build."""
         await agent.wake(msg)
 
+    async def on_user_message(msg: SendUserMessage, _: Delivery) -> None:
+        """Take a user's message: read at the next think, or it continues an ended build."""
+        await agent.user_message(msg)
+
     bus.consume(BuildRequested, on_build_requested, max_workers=workers)
     bus.consume(ToolResult, on_tool_result, max_workers=workers)
     bus.consume(CancelRequested, on_cancel, max_workers=8)
     bus.consume(SleepRequested, on_sleep, max_workers=8)
     bus.consume(WakeRequested, on_wake, max_workers=8)
+    bus.consume(SendUserMessage, on_user_message, max_workers=8)

@@ -39,6 +39,14 @@ class SleepRequest(_Model):
     wake_at: datetime | None = None
 
 
+class Waiting(_Model):
+    """A user message taken but not yet placed in the conversation."""
+
+    message_id: str
+    seq: int
+    text: str
+
+
 class State(_Model):
     """The jsonb part of the row: bounded in size, whatever the conversation's length."""
 
@@ -62,6 +70,16 @@ class State(_Model):
     effort: str | None = Field(
         default=None, description="output_config.effort of every call (constant per model)."
     )
+    messages: int = Field(default=0, description="The seq of the last user message taken.")
+    inbox: list[Waiting] = Field(
+        default_factory=list,
+        description="User messages taken but not yet placed in the conversation, in order.",
+    )
+    continuations: int = Field(default=0, description="How many times the build continued.")
+    run_iteration: int = Field(
+        default=0, description="The iteration the current run started from (its allowance)."
+    )
+    run_cost_micro_usd: int = Field(default=0, description="The cost when the run started.")
 
 
 @dataclass

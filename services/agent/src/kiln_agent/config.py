@@ -30,6 +30,8 @@ class AgentConfig(BaseModel):
     keep_recent_turns: int = Field(default=8, ge=2)
     clear_over_chars: int = Field(default=2000, ge=0)
     narrate_description: str
+    continued: str
+    no_result: str
 
     def system(self, idea_brief: str, qna: list[QnA]) -> str:
         lines = "\n".join(f"Q: {q.question}\nA: {q.answer}" for q in qna) or "(none)"
@@ -47,6 +49,13 @@ class AgentConfig(BaseModel):
 
     def first_turn(self, build_id: str) -> str:
         return self.kickoff.format(build_id=build_id).strip()
+
+    def continued_note(self, ended: str, iterations: int) -> str:
+        snapshot = "final" if ended == "completed" else "latest"
+        return self.continued.format(ended=ended, snapshot=snapshot, iterations=iterations).strip()
+
+    def unanswered(self, ended: str) -> str:
+        return self.no_result.format(ended=ended).strip()
 
 
 def load(path: str | Path | None = None) -> AgentConfig:

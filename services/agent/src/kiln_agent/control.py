@@ -1,7 +1,8 @@
 """The build's start (or its rejection behind a closed budget gate), the commands from outside
-(cancel, sleep, wake) and what gates a think (the limits, a sleep before the call, a model change,
-compaction), as plain functions on the checkpoint like ``transitions.py``: no I/O; each returns the
-new turns ([] for none), or None when the input changes nothing."""
+(cancel, sleep, wake, a user's message and the continuation it starts) and what gates a think (the
+limits, a sleep before the call, a model change, compaction), as plain functions on the checkpoint
+like ``transitions.py``: no I/O; each returns the new turns ([] for none), or None when the input
+changes nothing."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from typing import Any
 from kiln_contracts import (
     BudgetGate,
     BuildCancelled,
+    BuildContinued,
     BuildRequested,
     BuildResumed,
     CancelRequested,
+    SendUserMessage,
     SleepRequested,
     WakeRequested,
     stable_id,
@@ -22,8 +25,8 @@ from kiln_contracts import (
 from kiln_contracts.messages import FailureReason
 
 from . import endings, gates
-from .checkpoint import Checkpoint, SleepRequest, Turn
-from .transitions import Rules, turn
+from .checkpoint import Checkpoint, SleepRequest, Turn, Waiting
+from .transitions import Rules, take_inbox, turn
 
 # ---------------------------------------------------------------------------- start
 
@@ -58,15 +61,16 @@ def cancel(cp: Checkpoint, msg: CancelRequested) -> list[Turn] | None:
     if cp.terminal:
         return None
     cp.status = "cancelled"
-    cp.state.pending, cp.state.results = [], {}
+    # the iteration's calls stay (state.pending): a continuation answers those without a result
     cp.outbox.append(
         _caused(
             msg,
             BuildCancelled,
-            stable_id(cp.build_id, "cancelled"),
+            stable_id(cp.build_id, "cancelled", *endings.run(cp)),
             reason=msg.reason,
             iterations=cp.iteration,
             cost_micro_usd=cp.cost_micro_usd,
+            continuation=cp.state.continuations,
         )
     )
     return []
@@ -93,11 +97,78 @@ def wake(cp: Checkpoint, msg: WakeRequested) -> list[Turn] | None:
                 reason=msg.reason,
             )
         )
+        if cp.state.inbox:  # the messages that came while it slept: read at this think
+            return [turn(cp, "user", take_inbox(cp))]
         return []
     if cp.state.sleep is not None and not cp.terminal:
         cp.state.sleep = None  # woken before the pending sleep took effect
         return []
     return None
+
+
+# ---------------------------------------------------------------------------- messages
+
+
+def message(rules: Rules, cp: Checkpoint, msg: SendUserMessage) -> list[Turn] | None:
+    """Take the build's next user message (``seq`` one past the last taken; anything else is
+    None: a duplicate, or one that must wait for those before it). A build that has ended
+    continues with it; otherwise it waits in the inbox until the conversation can take it: after
+    the results of the iteration in flight, after the reply of a model call in flight, at the
+    wake of a sleeping build."""
+    if msg.seq != cp.state.messages + 1:
+        return None
+    cp.state.messages = msg.seq
+    cp.state.inbox.append(Waiting(message_id=msg.message_id, seq=msg.seq, text=msg.text))
+    if cp.terminal:
+        return [continue_build(rules, cp, msg)]
+    return []
+
+
+def place(cp: Checkpoint) -> list[Turn] | None:
+    """The waiting messages as a user turn now, for a thinking build with no call in flight (the
+    caller holds the think lease)."""
+    if cp.status != "thinking" or not cp.state.inbox:
+        return None
+    return [turn(cp, "user", take_inbox(cp))]
+
+
+def continue_build(rules: Rules, cp: Checkpoint, msg: SendUserMessage) -> Turn:
+    """Continue an ended build with the waiting messages: one user turn with a result for each
+    call of the last iteration still without one, a note (fresh sandbox restored from the latest
+    snapshot, the new allowance), then the messages. The limits count from here."""
+    ended = cp.status
+    blocks: list[dict[str, Any]] = []
+    for call in cp.state.pending:
+        outcome = cp.state.results.get(call.call_id)
+        blocks.append(
+            {
+                "type": "tool_result",
+                "tool_use_id": call.call_id,
+                "content": outcome.content if outcome else rules.config.unanswered(ended),
+                "is_error": outcome.is_error if outcome else True,
+            }
+        )
+    note = rules.config.continued_note(ended, cp.limits.max_iterations)
+    blocks += [{"type": "text", "text": note}, *take_inbox(cp)]
+    state = cp.state
+    state.continuations += 1
+    state.run_iteration, state.run_cost_micro_usd = cp.iteration, cp.cost_micro_usd
+    state.pending, state.results, state.sleep, state.detail = [], {}, None, ""
+    state.streak_call, state.streak, state.compact_now = None, 0, False
+    cp.status = "thinking"
+    cp.outbox.append(
+        _caused(
+            msg,
+            BuildContinued,
+            stable_id(cp.build_id, "continued", state.continuations),
+            continuation=state.continuations,
+            after=ended,
+            message_id=msg.message_id,
+            iterations=cp.iteration,
+            cost_micro_usd=cp.cost_micro_usd,
+        )
+    )
+    return turn(cp, "user", blocks)
 
 
 # ---------------------------------------------------------------------------- think
@@ -107,11 +178,12 @@ def precheck(rules: Rules, cp: Checkpoint) -> tuple[FailureReason, str] | None:
     """Why the build may not call the model again, if it may not."""
     if not cp.model:
         return "internal", f"unknown tier {cp.tier!r}"
-    if cp.iteration >= cp.limits.max_iterations:
+    # a continuation's limits are a new allowance: counted from where its run started
+    if rules.run_iterations(cp) >= cp.limits.max_iterations:
         return "iteration_limit", f"reached {cp.limits.max_iterations} iterations"
     cap = rules.cap(cp)
-    if cap is not None and cp.cost_micro_usd >= cap:
-        return "cost_limit", f"spent {cp.cost_micro_usd} of {cap} micro-USD"
+    if cap is not None and (spent := rules.run_cost(cp)) >= cap:
+        return "cost_limit", f"spent {spent} of {cap} micro-USD"
     return None
 
 

@@ -23,13 +23,19 @@ from .checkpoint import Checkpoint
 log = logging.getLogger(__name__)
 
 
+def run(cp: Checkpoint) -> tuple[int, ...]:
+    """What tells the current run's ending apart from an earlier run's in the ids of its messages:
+    nothing for the first run (its ids are as they always were), the continuation's number after."""
+    return (cp.state.continuations,) if cp.state.continuations else ()
+
+
 def finish(cp: Checkpoint, summary: str, cause: uuid.UUID) -> None:
-    final = checkpoint_saved(cp, "final", cause, ("final",))
+    final = checkpoint_saved(cp, "final", cause, ("final", *run(cp)))
     cp.status = "completed"
     cp.outbox += [
         final,
         BuildCompleted(
-            event_id=stable_id(cp.build_id, "completed"),
+            event_id=stable_id(cp.build_id, "completed", *run(cp)),
             build_id=cp.build_id,
             user_id=cp.user_id,
             causation_id=cause,
@@ -37,6 +43,7 @@ def finish(cp: Checkpoint, summary: str, cause: uuid.UUID) -> None:
             iterations=cp.iteration,
             cost_micro_usd=cp.cost_micro_usd,
             final_checkpoint_id=final.event_id,
+            continuation=cp.state.continuations,
         ),
     ]
 
@@ -45,10 +52,10 @@ def fail(cp: Checkpoint, cause: uuid.UUID, reason: FailureReason, detail: str) -
     log.info("build failed: %s %s", reason, detail, extra={"build_id": cp.build_id})
     cp.status = "failed"
     cp.state.detail = f"{reason}: {detail}"
-    cp.state.pending, cp.state.results = [], {}
+    # the iteration's calls stay (state.pending): a continuation answers those without a result
     cp.outbox.append(
         BuildFailed(
-            event_id=stable_id(cp.build_id, "failed"),
+            event_id=stable_id(cp.build_id, "failed", *run(cp)),
             build_id=cp.build_id,
             user_id=cp.user_id,
             causation_id=cause,
@@ -56,6 +63,7 @@ def fail(cp: Checkpoint, cause: uuid.UUID, reason: FailureReason, detail: str) -
             detail=detail[:4000],
             iterations=cp.iteration,
             cost_micro_usd=cp.cost_micro_usd,
+            continuation=cp.state.continuations,
         )
     )
 
@@ -130,6 +138,23 @@ def narrate_thinking(cp: Checkpoint, content: list[dict[str, Any]], cause: uuid.
                 iteration=cp.iteration,
                 text=text[:20_000],
                 source="thinking",
+            )
+        )
+
+
+def narrate_reply(cp: Checkpoint, content: list[dict[str, Any]], cause: uuid.UUID) -> None:
+    """The text of a reply that ended the model's turn without ending the build (a user message
+    waits to be answered): shown to the user, as a summary would have been."""
+    text = text_of(content)
+    if text:
+        cp.outbox.append(
+            AgentNarrated(
+                event_id=stable_id(cp.build_id, "narrated", "reply", cp.iteration),
+                build_id=cp.build_id,
+                user_id=cp.user_id,
+                causation_id=cause,
+                iteration=cp.iteration,
+                text=text[:20_000],
             )
         )
 

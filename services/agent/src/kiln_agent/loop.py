@@ -19,6 +19,7 @@ from kiln_contracts import (
     BudgetGate,
     BuildRequested,
     CancelRequested,
+    SendUserMessage,
     SleepRequested,
     ToolResult,
     WakeRequested,
@@ -111,6 +112,33 @@ class Agent:
         await self._step(msg.build_id, lambda cp: control.wake(cp, msg))
         await self._after(msg.build_id, msg.event_id)
 
+    async def user_message(self, msg: SendUserMessage) -> None:
+        """Take a user's message (in order, once); a build that has ended continues with it (the
+        save that continues it takes the think lease). A message for the call in flight waits
+        for its reply; one that must wait for an earlier message, or for its build to be
+        created, is deferred."""
+        saved = await self._step(
+            msg.build_id,
+            lambda cp: control.message(self.rules, cp, msg),
+            take_lease=uuid.uuid4().hex,
+        )
+        if saved is None:
+            cp = await self.store.load(msg.build_id)
+            if cp is None:
+                raise RetryLater(f"build {msg.build_id} does not exist (yet)", delay_s=2.0)
+            if msg.seq > cp.state.messages + 1:
+                raise RetryLater(f"message {msg.seq} waits for message {cp.state.messages + 1}")
+        elif saved.status == "thinking" and saved.lease is None:
+            return  # the holder of the lease places it after the reply of its call
+        elif saved.status == "thinking" and saved.state.inbox:
+            # this save took the lease, so no call is in flight: the message joins now
+            token = saved.lease
+            placed = await self._step(msg.build_id, control.place, first=saved, take_lease=token)
+            if placed is None:
+                await self.store.release_lease(msg.build_id, token or "")
+            saved = placed
+        await self._after(msg.build_id, msg.event_id, saved)
+
     # ------------------------------------------------------------------ think
 
     async def _after(
@@ -167,7 +195,7 @@ class Agent:
         gave the lease of ``token`` up)."""
         if cp.status != "thinking":
             return False, None
-        iteration = cp.iteration
+        iteration, seen = cp.iteration, cp.turns
         answer: ModelReply | ModelError | None = None
         priced: tuple[datetime, Cost] | None = None
         switch = control.model_switch(self.rules, cp)
@@ -198,8 +226,10 @@ class Agent:
                     answer = err
 
         def advance(c: Checkpoint) -> list[Turn] | None:
-            if c.status != "thinking" or c.iteration != iteration:
-                return None  # moved on meanwhile (cancel, sleep, a twin think): drop the reply
+            if c.status != "thinking" or c.iteration != iteration or c.turns != seen:
+                # moved on meanwhile (cancel, sleep, a twin think, messages placed at a wake):
+                # drop the reply
+                return None
             if switch is not None:
                 switch(c)
             if failure is not None:

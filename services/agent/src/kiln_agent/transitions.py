@@ -44,6 +44,16 @@ class Rules:
         tier = self.kiln.tiers.get(cp.tier)
         return tier.per_build_cap_micro_usd if tier else None
 
+    @staticmethod
+    def run_cost(cp: Checkpoint) -> int:
+        """What the current run has spent (a continuation's cap is a new allowance)."""
+        return cp.cost_micro_usd - cp.state.run_cost_micro_usd
+
+    @staticmethod
+    def run_iterations(cp: Checkpoint) -> int:
+        """The iterations of the current run (a continuation's limit is a new allowance)."""
+        return cp.iteration - cp.state.run_iteration
+
     def window(self, model: str) -> int:
         name = self.kiln.resolve(model)
         return self.config.window(model, self.kiln.models[name].context_window if name else None)
@@ -76,8 +86,8 @@ def reply(
         )
     )
     cap = rules.cap(cp)
-    if cap is not None and cp.cost_micro_usd > cap:
-        endings.fail(cp, cause, "cost_limit", f"spent {cp.cost_micro_usd} of {cap} micro-USD")
+    if cap is not None and (spent := rules.run_cost(cp)) > cap:
+        endings.fail(cp, cause, "cost_limit", f"spent {spent} of {cap} micro-USD")
         return []
     stop = answer.stop_reason
     if stop == "model_context_window_exceeded":
@@ -98,10 +108,14 @@ def reply(
     cp.state.context_turns = cp.turns
     if stop == "tool_use" and calls:
         turns += act(rules, cp, calls, cause)
+    elif stop in ("end_turn", "stop_sequence") and cp.state.inbox:
+        # a user message came during the call: it is answered, the build goes on
+        endings.narrate_reply(cp, content, cause)
+        turns.append(turn(cp, "user", take_inbox(cp)))
     elif stop in ("end_turn", "stop_sequence"):
         endings.finish(cp, endings.text_of(content), cause)
     elif stop == "max_tokens":
-        turns.append(turn(cp, "user", [{"type": "text", "text": CONTINUE}]))
+        turns.append(turn(cp, "user", [{"type": "text", "text": CONTINUE}, *take_inbox(cp)]))
     elif stop == "pause_turn":
         pass  # the request ends with this assistant turn: the model carries on from it
     elif stop == "refusal":
@@ -133,10 +147,13 @@ def kept_blocks(content: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def act(rules: Rules, cp: Checkpoint, calls: list[dict[str, Any]], cause: uuid.UUID) -> list[Turn]:
     """One ToolCall per valid tool_use block. Narrate, unknown tools and input that fails the
     tool's schema are answered here (the last two as errors), without the sandbox."""
-    cp.state.pending, cp.state.results = [], {}
-    for block in calls:
-        call = PendingCall(call_id=block["id"], tool=block["name"], input=block["input"])
-        cp.state.pending.append(call)
+    cp.state.results = {}
+    # every call of the turn is pending before any check: an ending here leaves them all for a
+    # continuation to answer
+    cp.state.pending = [
+        PendingCall(call_id=b["id"], tool=b["name"], input=b["input"]) for b in calls
+    ]
+    for call in cp.state.pending:
         if (streak := repetition.count(cp.state, call, rules.config.repetition_limit)) is not None:
             endings.fail(cp, cause, "repetition", streak)
             return []
@@ -189,7 +206,8 @@ def record(cp: Checkpoint, msg: ToolResult) -> list[Turn] | None:
 
 
 def observe(cp: Checkpoint, cause: uuid.UUID) -> list[Turn]:
-    """The set is complete: one user turn with every result, in the order of the calls."""
+    """The set is complete: one user turn with every result, in the order of the calls, then the
+    user's messages waiting."""
     blocks = []
     changed = False
     for call in cp.state.pending:
@@ -203,6 +221,7 @@ def observe(cp: Checkpoint, cause: uuid.UUID) -> list[Turn]:
                 "is_error": outcome.is_error,
             }
         )
+    blocks += take_inbox(cp)  # the user's messages that came meanwhile, after the results
     cp.state.pending, cp.state.results = [], {}
     if changed:
         cp.outbox.append(
@@ -215,6 +234,13 @@ def observe(cp: Checkpoint, cause: uuid.UUID) -> list[Turn]:
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def take_inbox(cp: Checkpoint) -> list[dict[str, Any]]:
+    """The user's waiting messages as text blocks, in order; the inbox is empty afterwards."""
+    blocks = [{"type": "text", "text": m.text} for m in cp.state.inbox]
+    cp.state.inbox = []
+    return blocks
 
 
 def turn(cp: Checkpoint, role: Any, content: list[dict[str, Any]]) -> Turn:

@@ -9,6 +9,7 @@ from functools import partial
 from kiln_contracts import (
     BuildCancelled,
     BuildCompleted,
+    BuildContinued,
     BuildFailed,
     BuildRejected,
     BuildRequested,
@@ -45,6 +46,10 @@ def register(bus: Bus, deps: Deps, *, max_workers: int = 8) -> None:
         allowance is used up."""
         await recovery.guarded(deps, spending.build_woken, event)
 
+    async def on_build_continued(event: BuildContinued, _: Delivery) -> None:
+        """Count the build among its user's running builds again (a new wake generation)."""
+        await recovery.guarded(deps, spending.build_continued, event)
+
     async def on_build_ended(event: BuildEnded, _: Delivery) -> None:
         """Remove the build from its user's running builds."""
         await recovery.guarded(deps, spending.build_ended, event)
@@ -57,6 +62,7 @@ def register(bus: Bus, deps: Deps, *, max_workers: int = 8) -> None:
     bus.consume(IterationCompleted, on_iteration_completed, max_workers=max_workers)
     bus.consume(BuildRequested, on_build_requested, max_workers=max_workers)
     bus.consume(BuildResumed, on_build_resumed, max_workers=max_workers)
+    bus.consume(BuildContinued, on_build_continued, max_workers=max_workers)
     bus.consume(BuildCompleted, on_build_ended, max_workers=max_workers)
     bus.consume(BuildFailed, on_build_ended, max_workers=max_workers)
     bus.consume(BuildCancelled, on_build_ended, max_workers=max_workers)

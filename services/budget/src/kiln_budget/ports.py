@@ -60,8 +60,15 @@ class SpendStore(Protocol):
         """Mark a build running (unless it already ended); True if it was added."""
         ...
 
-    async def build_ended(self, user_id: str, build_id: str) -> None:
-        """Mark a build ended for good: it leaves the running (and sleeping) set for good."""
+    async def build_ended(self, user_id: str, build_id: str, continuation: int = 0) -> None:
+        """Mark a run of a build ended (``continuation``: 0 for its first run): unless the build
+        has continued since, it leaves the running (and sleeping) set, for good until it
+        continues."""
+        ...
+
+    async def build_continued(self, user_id: str, build_id: str, continuation: int) -> bool:
+        """Mark a build running again in its run ``continuation`` (once per run, and not if that
+        run has ended already); True if it was added."""
         ...
 
     async def running(self, user_id: str) -> set[str]: ...

@@ -21,6 +21,7 @@ from typing import TypeVar
 from kiln_contracts import (
     BuildCancelled,
     BuildCompleted,
+    BuildContinued,
     BuildFailed,
     BuildRejected,
     BuildRequested,
@@ -47,6 +48,7 @@ REPLAYED: tuple[type[Envelope], ...] = (
     IterationCompleted,
     BuildRequested,
     BuildResumed,
+    BuildContinued,
     BuildCompleted,
     BuildFailed,
     BuildCancelled,
@@ -108,6 +110,8 @@ async def fold(deps: Deps, event: Envelope) -> None:
         await spending.build_started(deps, event)
     elif isinstance(event, BuildResumed):
         await spending.build_resumed(deps, event)
+    elif isinstance(event, BuildContinued):
+        await spending.build_continued(deps, event)
     elif isinstance(event, BuildCompleted | BuildFailed | BuildCancelled | BuildRejected):
         await spending.build_ended(deps, event)
     elif isinstance(event, TopUpRequested):

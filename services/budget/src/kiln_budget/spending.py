@@ -33,6 +33,7 @@ from kiln_contracts import (
     BudgetGate,
     BuildCancelled,
     BuildCompleted,
+    BuildContinued,
     BuildFailed,
     BuildRejected,
     BuildRequested,
@@ -168,7 +169,15 @@ async def build_requested(deps: Deps, event: BuildRequested) -> list[str]:
 
 
 async def build_ended(deps: Deps, event: BuildEnded) -> None:
-    await deps.store.build_ended(event.user_id, event.build_id)
+    run = 0 if isinstance(event, BuildRejected) else event.continuation  # a rejected one never ran
+    await deps.store.build_ended(event.user_id, event.build_id, run)
+
+
+async def build_continued(deps: Deps, event: BuildContinued) -> None:
+    """A build that ended runs again: it counts among its user's running builds and starts a new
+    wake generation (it may be put to sleep this period even if it slept before)."""
+    await deps.store.build_continued(event.user_id, event.build_id, event.continuation)
+    await deps.store.resumed(event.user_id, event.build_id, str(event.event_id))
 
 
 async def build_resumed(deps: Deps, event: BuildResumed) -> None:

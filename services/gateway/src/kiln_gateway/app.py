@@ -50,12 +50,16 @@ def register_consumers(rt: Wiring) -> None:
 
 
 async def _republish_loop(rt: Wiring) -> None:
-    """Builds stored while the bus was unreachable are published as soon as it is back."""
+    """Builds and messages stored while the bus was unreachable are published as soon as it is
+    back."""
     older_than = 0.0  # at start-up: everything left over
     while True:
         with contextlib.suppress(Exception):
             if n := await builds.republish_pending(rt.store, rt.publish, older_than):
                 log.info("republished %d queued build(s)", n)
+        with contextlib.suppress(Exception):
+            if n := await builds.republish_pending_messages(rt.store, rt.publish, older_than):
+                log.info("republished %d message(s)", n)
         older_than = rt.settings.republish_every_s
         await asyncio.sleep(rt.settings.republish_every_s)
 
@@ -104,7 +108,7 @@ class BodyLimit:
 
 
 STATIC = Path(__file__).with_name("static")
-DESCRIPTION = """Submit idea briefs, follow builds live, wake and cancel them.
+DESCRIPTION = """Submit idea briefs, follow builds live, write to them, wake and cancel them.
 
 Authenticate with `Authorization: Bearer <API key>` (or `X-API-Key`). Errors are RFC 9457
 problem details (`application/problem+json`). Another user's build or project is a 404.

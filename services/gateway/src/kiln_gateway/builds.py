@@ -19,6 +19,7 @@ from kiln_contracts import (
     BudgetGate,
     BuildCancelled,
     BuildCompleted,
+    BuildContinued,
     BuildFailed,
     BuildLimits,
     BuildRejected,
@@ -28,6 +29,7 @@ from kiln_contracts import (
     Envelope,
     IterationCompleted,
     QnA,
+    SendUserMessage,
     SnapshotSaved,
     TopUpRequested,
     stable_id,
@@ -35,7 +37,7 @@ from kiln_contracts import (
 from kiln_runtime.errors import RetryLater
 
 from . import model
-from .model import Build, Caller, NewBuild, Projection
+from .model import Build, Caller, Message, NewBuild, NewMessage, Projection
 from .ports import BuildStore, EventSource, Publish, StoredEvent
 
 log = logging.getLogger(__name__)
@@ -196,15 +198,113 @@ async def republish_pending(store: BuildStore, publish: Publish, older_than_s: f
     return count
 
 
+# ---------------------------------------------------------------------------- messages
+
+
+class MessagePublishFailed(Exception):
+    """The message is stored but could not be handed to the bus yet; it will be republished."""
+
+
+def user_message(message: Message) -> SendUserMessage:
+    """The command that delivers ``message``; the same (same id) every time it is published."""
+    return SendUserMessage.of(
+        message.build_id,
+        message.user_id,
+        message.message_id,
+        message.seq,
+        message.text,
+        occurred_at=message.created_at,
+    )
+
+
+async def send_message(
+    store: BuildStore,
+    publish: Publish,
+    caller: Caller,
+    build: Build,
+    *,
+    text: str,
+    idempotency_key: str | None,
+    cap: int,
+) -> tuple[Message, bool]:
+    """Store a message to the caller's ``build`` as its next, then publish every message of the
+    build not published yet, in order (this one last). Returns (message, created). A build that
+    has ended continues with it, so it counts towards the caller's concurrent builds."""
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    new = NewMessage(
+        message_id=uuid.uuid4().hex,
+        build_id=build.build_id,
+        user_id=caller.user_id,
+        text=text,
+        request_sha256=digest,
+        idempotency_key=idempotency_key,
+    )
+    inserted = await store.insert_message(new, cap=cap)
+    if inserted.outcome == "capped":
+        raise TooManyBuilds(cap)
+    message = inserted.message
+    assert message is not None
+    if inserted.outcome == "existing" and message.request_sha256 != digest:
+        raise IdempotencyConflict("this Idempotency-Key was already used with a different text")
+    if message.published_at is None:
+        try:
+            await _publish_messages(store, publish, build.build_id)
+        except Exception as err:
+            log.warning("could not publish a message: %s", err, extra={"build_id": build.build_id})
+            raise MessagePublishFailed(message.message_id) from err
+    return message, inserted.outcome == "created"
+
+
+async def _publish_messages(store: BuildStore, publish: Publish, build_id: str) -> None:
+    for message in await store.unpublished_messages(build_id):
+        await publish(user_message(message))
+        await store.mark_message_published(message.message_id)
+
+
+async def republish_pending_messages(
+    store: BuildStore, publish: Publish, older_than_s: float
+) -> int:
+    """Publish the messages whose publish failed, in order per build (the agent takes a build's
+    messages in order: a later one waits for an earlier one still unpublished)."""
+    count = 0
+    for message in await store.unpublished_messages(None, older_than_s):
+        try:
+            await publish(user_message(message))
+        except Exception:
+            break
+        await store.mark_message_published(message.message_id)
+        count += 1
+    return count
+
+
 # ---------------------------------------------------------------------------- the read model
 
 
 def evolve(state: Projection, event: Envelope, seq: int) -> Projection:
     """The build's projected state after ``event`` (stream sequence ``seq``). Terminal states
-    stick; a snapshot still counts after the end (the final one is taken after it)."""
+    stick until the build continues (``BuildContinued``: running again, once per continuation);
+    a snapshot still counts after the end (the final one is taken after it)."""
     new = replace(state, last_seq=max(state.last_seq, seq))
     if isinstance(event, SnapshotSaved):
         return replace(new, last_snapshot_id=event.snapshot_id)
+    if isinstance(event, BuildContinued):
+        if event.continuation <= state.continuations:
+            return new  # a repeat
+        return replace(
+            new,
+            status=model.RUNNING,
+            continuations=event.continuation,
+            iteration=max(state.iteration, event.iterations),
+            cost_micro_usd=max(state.cost_micro_usd, event.cost_micro_usd),
+            summary=None,
+            reason=None,
+            terminal_seq=None,
+            finished_at=None,
+        )
+    if isinstance(event, BuildCompleted | BuildFailed | BuildCancelled) and (
+        event.continuation < state.continuations
+    ):
+        return new  # the end of a run the build has continued from
     if state.terminal:
         return new
     if isinstance(event, BuildRequested):
@@ -287,7 +387,8 @@ async def event_stream(
     events: EventSource, build: Build, after_seq: int, idle_s: float
 ) -> AsyncIterator[str]:
     """The build's history after ``after_seq`` then live events as SSE text, ending after the
-    first terminal event; a heartbeat comment after ``idle_s`` of quiet."""
+    end of its current run (as the read model knows it when the stream starts: the ends of the
+    runs it continued from pass by); a heartbeat comment after ``idle_s`` of quiet."""
     terminal_seq = build.state.terminal_seq
     if terminal_seq is not None and after_seq >= terminal_seq:
         return  # the client has already seen the end
@@ -298,5 +399,14 @@ async def event_stream(
                 yield HEARTBEAT
                 continue
             yield sse_frame(ev)
-            if ev.kind in TERMINAL_KINDS:
+            if ev.kind in TERMINAL_KINDS and _run_of(ev) >= build.state.continuations:
                 return
+
+
+def _run_of(ev: StoredEvent) -> int:
+    """The run a terminal event ends (its ``continuation``; 0 when absent or unreadable)."""
+    try:
+        run = json.loads(ev.data).get("continuation", 0)
+    except (ValueError, AttributeError):
+        return 0
+    return run if isinstance(run, int) else 0

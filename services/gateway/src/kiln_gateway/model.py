@@ -38,6 +38,7 @@ class Projection:
     last_seq: int = 0
     terminal_seq: int | None = None
     finished_at: datetime | None = None
+    continuations: int = 0
 
     @property
     def terminal(self) -> bool:
@@ -78,6 +79,31 @@ class Build:
     @property
     def status(self) -> str:
         return self.state.status
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    message_id: str
+    build_id: str
+    user_id: str
+    text: str
+    request_sha256: str
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Message:
+    """A user's message to a build: the build's ``seq``-th."""
+
+    message_id: str
+    build_id: str
+    user_id: str
+    seq: int
+    text: str
+    request_sha256: str
+    created_at: datetime
+    idempotency_key: str | None = None
+    published_at: datetime | None = None
 
 
 @dataclass(frozen=True)

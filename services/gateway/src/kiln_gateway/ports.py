@@ -11,7 +11,7 @@ from kiln_contracts import BudgetGate, BuildRequested, Envelope
 from kiln_contracts.manifest import Manifest
 from kiln_contracts.rpc import BudgetStatus
 
-from .model import ApiKey, Build, Caller, NewBuild, Project, Projection
+from .model import ApiKey, Build, Caller, Message, NewBuild, NewMessage, Project, Projection
 
 Publish = Callable[[Envelope], Awaitable[None]]
 
@@ -20,6 +20,12 @@ Publish = Callable[[Envelope], Awaitable[None]]
 class Inserted:
     outcome: Literal["created", "existing", "capped"]
     build: Build | None
+
+
+@dataclass(frozen=True)
+class MessageInserted:
+    outcome: Literal["created", "existing", "capped"]
+    message: Message | None
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,21 @@ class BuildStore(Protocol):
     async def unpublished(self, older_than_s: float, limit: int = 100) -> list[Build]: ...
 
     async def get(self, build_id: str) -> Build | None: ...
+
+    async def insert_message(self, new: NewMessage, *, cap: int) -> MessageInserted:
+        """Store a message as the build's next (seq 1, 2, ...) unless the build already has one
+        with this idempotency key ("existing"), or the build has ended and its user has ``cap``
+        builds that are not ("capped": continuing it would pass the cap); atomic per user."""
+        ...
+
+    async def unpublished_messages(
+        self, build_id: str | None = None, older_than_s: float = 0.0, limit: int = 100
+    ) -> list[Message]:
+        """Messages not published yet (of one build, or of every build stored more than
+        ``older_than_s`` ago), by build and seq."""
+        ...
+
+    async def mark_message_published(self, message_id: str) -> None: ...
 
     async def count_with_status(self, status: str) -> int:
         """How many builds (of every user) are in ``status`` now."""

@@ -24,7 +24,15 @@ from .bootstrap import Wiring
 from .deps import Key, Me, Owned, Rt, build_of, unauthorized
 from .model import STATUSES, Build
 from .problems import ProblemError, responses
-from .schemas import Accepted, BuildList, BuildOut, CreateBuild, StreamToken
+from .schemas import (
+    Accepted,
+    BuildList,
+    BuildOut,
+    CreateBuild,
+    MessageOut,
+    SendMessage,
+    StreamToken,
+)
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +303,60 @@ async def cancel_build(build: Owned, rt: Rt, me: Me) -> Accepted:
 async def wake_build(build: Owned, rt: Rt, me: Me) -> Accepted:
     msg = WakeRequested(build_id=build.build_id, user_id=me.user_id, reason="woken by user")
     return await _command(rt, build, "wake", msg)
+
+
+@router.post(
+    "/v1/builds/{build_id}/messages",
+    status_code=202,
+    response_model=MessageOut,
+    tags=["builds"],
+    responses=responses(401, 403, 404, 409, 413, 422, 429, 503),
+)
+async def send_message(
+    body: SendMessage,
+    build: Owned,
+    rt: Rt,
+    me: Me,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> MessageOut:
+    """Write to a build. A running build reads the message at its next think (after the tool
+    results it is waiting for, or the model call it is making); a sleeping one when it wakes; a
+    completed, failed or cancelled one continues with it: its conversation kept, its files
+    restored into a fresh sandbox from its latest snapshot, a new allowance of iterations and
+    cost. Continuing a build counts towards the tier's concurrent builds (429 at the cap).
+
+    Messages are taken in the order they are accepted here (``seq``), each once. Send an
+    ``Idempotency-Key`` to make retries safe: the same key is the same message; with another
+    text, 409.
+    """
+    try:
+        tier = rt.config.tier(me.tier)
+    except KeyError as err:
+        raise HTTPException(403, f"your API key's tier {me.tier!r} is not configured") from err
+    try:
+        message, _ = await builds.send_message(
+            rt.store,
+            rt.publish,
+            me,
+            build,
+            text=body.text,
+            idempotency_key=idempotency_key,
+            cap=tier.concurrent_builds,
+        )
+    except builds.IdempotencyConflict as err:
+        raise HTTPException(409, str(err)) from err
+    except builds.TooManyBuilds as err:
+        raise HTTPException(
+            429, f"{err} before continuing this one", headers={"Retry-After": "30"}
+        ) from err
+    except builds.MessagePublishFailed as err:
+        raise HTTPException(
+            503,
+            "the message is stored but could not be sent yet; it will be sent shortly, or retry "
+            "with the same Idempotency-Key",
+            headers={"Retry-After": "2"},
+        ) from err
+    return MessageOut.of(message)
 
 
 @router.get(

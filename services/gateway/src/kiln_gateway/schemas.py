@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from kiln_contracts import BuildLimits, QnA
 
 from .budget import BudgetView
-from .model import ApiKey, Build, Project
+from .model import ApiKey, Build, Message, Project
 
 Brief = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100_000)]
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
@@ -108,6 +108,11 @@ class BuildOut(BaseModel):
     project_version: int | None = None
     idea_brief: str | None = None
     understanding_qna: list[dict[str, Any]] | None = None
+    continuations: int = Field(
+        default=0,
+        description="How many times the build has continued after it ended (a message to a "
+        "completed, failed or cancelled build continues it).",
+    )
 
     @classmethod
     def of(cls, build: Build, *, detail: bool = True) -> BuildOut:
@@ -129,6 +134,7 @@ class BuildOut(BaseModel):
             project_version=build.project_version,
             idea_brief=build.idea_brief if detail else None,
             understanding_qna=build.understanding_qna if detail else None,
+            continuations=s.continuations,
         )
 
 
@@ -140,6 +146,30 @@ class BuildList(BaseModel):
 class Accepted(BaseModel):
     build_id: str
     requested: str = Field(examples=["wake"])
+
+
+class SendMessage(Body):
+    """A message to a build, in the user's words."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"text": "Add a --json flag to the command line tool."}]},
+    )
+
+    text: Annotated[
+        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=20_000)
+    ] = Field(description="What to tell the build (plain text or markdown).")
+
+
+class MessageOut(BaseModel):
+    message_id: str
+    build_id: str
+    seq: int = Field(description="The message's number among the build's messages: 1, 2, ...")
+    created_at: datetime
+
+    @classmethod
+    def of(cls, m: Message) -> MessageOut:
+        return cls(message_id=m.message_id, build_id=m.build_id, seq=m.seq, created_at=m.created_at)
 
 
 class StreamToken(BaseModel):

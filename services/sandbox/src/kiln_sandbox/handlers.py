@@ -104,7 +104,7 @@ class SandboxService:
         async with self.locks.hold(call.build_id):
             record, seen = await self._claim(call)
             if seen is None:  # this replica holds the call now: run it
-                if record is not None and record.state == "stopped":
+                if record is not None and _of_the_ended_run(call, record):
                     result = self._result(
                         call,
                         output="the build's sandbox has been stopped (the build ended); "
@@ -147,7 +147,7 @@ class SandboxService:
         read concurrently; the claim is given back if the registry lookup fails."""
         got_record, got_seen = await asyncio.gather(
             self.registry.get(call.build_id),
-            self.calls.claim(call.build_id, call.call_id, self.owner, self.lease_s),
+            self.calls.claim(call.build_id, call.call_id, self.owner, self.lease_s, call.iteration),
             return_exceptions=True,
         )
         if isinstance(got_seen, BaseException):
@@ -258,13 +258,22 @@ class SandboxService:
         )
 
     async def _sandbox(self, call: ToolCall, record: SandboxRecord | None) -> Workspace:
-        if record is not None and (found := await self.sandboxes.connect(record)) is not None:
+        """The build's sandbox: the recorded one, else a fresh one (restored from the latest
+        snapshot if the build had one before: it is gone, or it was stopped when the build
+        ended and the build has continued since)."""
+        if (
+            record is not None
+            and record.state != "stopped"
+            and (found := await self.sandboxes.connect(record)) is not None
+        ):
             return found
         # Creating (and restoring) takes a while: the claim is given back meanwhile, so that a
         # crash in between leaves a call that is run on redelivery, not reported interrupted.
         await self.calls.release(call.build_id, call.call_id, self.owner)
         sandbox = await self.sandboxes.create(call, record)
-        seen = await self.calls.claim(call.build_id, call.call_id, self.owner, self.lease_s)
+        seen = await self.calls.claim(
+            call.build_id, call.call_id, self.owner, self.lease_s, call.iteration
+        )
         if seen is not None and not (seen.owner == self.owner and seen.status == "started"):
             # Another replica took the call meanwhile: its redelivery finds out what became of it.
             raise RetryLater(f"call {call.call_id} was claimed by {seen.owner}", delay_s=0.5)
@@ -273,11 +282,33 @@ class SandboxService:
     # ------------------------------------------------------------------ lifecycle
 
     async def handle_snapshot_saved(self, event: SnapshotSaved) -> None:
-        """After the final snapshot stop the sandbox; after the sleep snapshot pause it."""
-        await self.sandboxes.after_snapshot(event)
+        """After the final snapshot stop the sandbox; after the sleep snapshot pause it; unless
+        the build has moved on since (a call of a later iteration came: it continued, or woke).
+        Under the build's tool-call lock: no call starts in between."""
+        if event.reason not in ("final", "sleep"):
+            return
+        async with self.locks.hold(event.build_id):
+            if await self._moved_on(event.build_id, event.iteration):
+                return
+            await self.sandboxes.after_snapshot(event)
 
     async def handle_build_ended(self, event: BuildCancelled | BuildFailed) -> None:
+        """Stop the sandbox of a cancelled or failed build (killing a command still running: not
+        under the tool-call lock), unless the build has continued since."""
+        if await self._moved_on(event.build_id, event.iterations):
+            return
         await self.sandboxes.after_build_ended(event)
+
+    async def _moved_on(self, build_id: str, iteration: int) -> bool:
+        if (last := await self.calls.last_iteration(build_id)) > iteration:
+            log.info(
+                "the build has moved on to iteration %d since iteration %d: its sandbox stays",
+                last,
+                iteration,
+                extra={"build_id": build_id},
+            )
+            return True
+        return False
 
     # ------------------------------------------------------------------ snapshot rpc
 
@@ -286,3 +317,12 @@ class SandboxService:
 
     async def upload(self, request: UploadRequest) -> UploadReply:
         return await self.sandboxes.upload(request)
+
+
+def _of_the_ended_run(call: ToolCall, record: SandboxRecord) -> bool:
+    """A call to a stopped sandbox from the run that ended (its iteration is not past the one
+    the build had reached when it was stopped; unknown: not past it). A later call is the
+    build's continuation."""
+    return record.state == "stopped" and (
+        record.iteration is None or call.iteration <= record.iteration
+    )

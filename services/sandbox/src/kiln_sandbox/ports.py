@@ -180,6 +180,9 @@ class SandboxRecord:
     provider: str
     sandbox_id: str
     state: SandboxState
+    iteration: int | None = None
+    """For a stopped sandbox, the iteration its build had reached then: a call of a later one
+    (the build continued) gets a fresh sandbox; None for the others."""
 
 
 class Registry(Protocol):
@@ -212,10 +215,14 @@ class CallStore(Protocol):
     async def get(self, build_id: str, call_id: str) -> CallRecord | None: ...
 
     async def claim(
-        self, build_id: str, call_id: str, owner: str, lease_s: float
+        self, build_id: str, call_id: str, owner: str, lease_s: float, iteration: int = 0
     ) -> CallRecord | None:
-        """Record the call as 'started' by ``owner`` (leased for ``lease_s``) and return None;
-        if it was recorded already, change nothing and return that record."""
+        """Record the call (of ``iteration``) as 'started' by ``owner`` (leased for ``lease_s``)
+        and return None; if it was recorded already, change nothing and return that record."""
+        ...
+
+    async def last_iteration(self, build_id: str) -> int:
+        """The highest iteration of the build's recorded calls (0 for none)."""
         ...
 
     async def release(self, build_id: str, call_id: str, owner: str) -> None:

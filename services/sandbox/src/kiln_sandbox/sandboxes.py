@@ -165,22 +165,26 @@ class Sandboxes:
             )
         return plan.snapshot_id
 
-    async def _set_state(self, record: SandboxRecord, state: SandboxState) -> None:
+    async def _set_state(
+        self, record: SandboxRecord, state: SandboxState, iteration: int | None = None
+    ) -> None:
         await self.registry.put(
-            SandboxRecord(record.build_id, record.provider, record.sandbox_id, state)
+            SandboxRecord(record.build_id, record.provider, record.sandbox_id, state, iteration)
         )
 
     async def after_snapshot(self, event: SnapshotSaved) -> None:
         """After the final snapshot stop the sandbox; after the sleep snapshot pause it."""
         if event.reason == "final":
             reason = f"final snapshot {event.snapshot_id} saved"
-            await self.stop(event, "stopped", reason, event.snapshot_id)
+            await self.stop(event, "stopped", reason, event.snapshot_id, event.iteration)
         elif event.reason == "sleep":
             reason = f"build sleeping (snapshot {event.snapshot_id})"
-            await self.stop(event, "paused", reason, event.snapshot_id)
+            await self.stop(event, "paused", reason, event.snapshot_id, event.iteration)
 
     async def after_build_ended(self, event: BuildCancelled | BuildFailed) -> None:
-        await self.stop(event, "stopped", f"build {event.kind.removeprefix('build_')}", event.kind)
+        run = f"{event.kind}/{event.continuation}" if event.continuation else event.kind
+        reason = f"build {event.kind.removeprefix('build_')}"
+        await self.stop(event, "stopped", reason, run, event.iterations)
 
     async def stop(
         self,
@@ -188,12 +192,13 @@ class Sandboxes:
         state: SandboxState,
         reason: str,
         discriminator: str,
+        iteration: int,
     ) -> None:
         """Pause or stop the build's sandbox once (a repeat changes nothing), then
-        ``SandboxStopped``. Not under the build's tool-call lock: stopping must also kill a
-        command that is running."""
+        ``SandboxStopped``; a stopped one is recorded with the build's ``iteration`` then. Not
+        under the build's tool-call lock: stopping must also kill a command that is running."""
         async with self.lifecycle.hold(event.build_id):
-            await self._stop(event, state, reason, discriminator)
+            await self._stop(event, state, reason, discriminator, iteration)
 
     async def _stop(
         self,
@@ -201,6 +206,7 @@ class Sandboxes:
         state: SandboxState,
         reason: str,
         discriminator: str,
+        iteration: int,
     ) -> None:
         record = await self.registry.get(event.build_id)
         if record is None or record.state == "stopped" or record.state == state:
@@ -222,7 +228,7 @@ class Sandboxes:
                 stable_id(event.build_id, "sandbox_stopped", record.sandbox_id, discriminator)
             )
         )
-        await self._set_state(record, state)
+        await self._set_state(record, state, iteration if state == "stopped" else None)
         log.info(
             "sandbox %s %s: %s",
             record.sandbox_id,

@@ -7,6 +7,12 @@ with the real sandbox tools: it plans (narrate + list_dir in parallel), writes t
 deliberate bug, its unittest suite and a README (three parallel calls), runs the tests (they fail),
 reads the code, fixes the bug with edit_file, runs the tests again and reports. Whenever a result
 is not what the script expects, it ends its turn and says so instead of pressing on.
+
+It answers the user too: a user text after its last turn (a message sent to the build) that says
+``add a file NAME with TEXT`` or ``please write NAME`` makes it write that file (one write_file per
+request, in the order asked); then it goes on with its work where it was, or, if its work had
+ended, ends its turn with a summary of what it wrote. Any other text is acknowledged. The agent's
+own notes in a user turn (they start with ``(Kiln)``) are not the user's words.
 """
 
 from __future__ import annotations
@@ -140,9 +146,105 @@ def digest(messages: list[dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:12]
 
 
+ADD = re.compile(r"^\s*(?:please\s+)?add\s+(?:a\s+)?file\s+(\S+)\s+with\s+(.+?)\s*$", re.I | re.S)
+WRITE = re.compile(r"^\s*(?:please\s+)?write\s+(?:a\s+file\s+)?(\S+?)[.!]?\s*$", re.I)
+NOTE = "(Kiln)"
+ASK = "ask"  # the phase of a turn that does what the user asked
+
+
 def next_turn(messages: list[dict[str, Any]], digest: str) -> tuple[list[dict[str, Any]], str]:
-    """The next assistant turn (content blocks, stop_reason) given the conversation so far."""
+    """The next assistant turn (content blocks, stop_reason) given the conversation so far: the
+    user's requests first, else the script's next step."""
+    said = _said(messages)
+    if said:
+        return _answer(messages, said, digest)
     phase, results = _last_phase(messages)
+    if phase == ASK:
+        if any(r.get("is_error") for r in results):
+            return _end(f"I could not do what you asked: {_text(results[-1])[:500]}")
+        if _work_ended(messages):
+            return _end(f"Done: wrote {', '.join(_asked_paths(messages))} as you asked.")
+        phase, results = _last_phase(messages, skip=ASK)  # back to the work, where it was
+    return _script(phase, results, digest)
+
+
+def _end(text: str) -> tuple[list[dict[str, Any]], str]:
+    return [{"type": "text", "text": text}], "end_turn"
+
+
+def _answer(
+    messages: list[dict[str, Any]], said: list[str], digest: str
+) -> tuple[list[dict[str, Any]], str]:
+    """Write the files the user asked for; acknowledge anything else."""
+    files: list[tuple[str, str]] = []
+    for words in said:
+        if m := ADD.match(words):
+            files.append((m.group(1), m.group(2).strip().strip("'\"") + "\n"))
+        elif m := WRITE.match(words):
+            files.append((m.group(1), f"Written as the user asked: {m.group(1)}\n"))
+    if files:
+        names = ", ".join(name for name, _ in files)
+        calls = [
+            {"type": "tool_use", "id": f"toolu_{ASK}_{i}_{digest}", "name": "write_file",
+             "input": {"path": name, "content": content}}
+            for i, (name, content) in enumerate(files)
+        ]  # fmt: skip
+        return [{"type": "text", "text": f"You asked for {names}: writing it now."}, *calls], (
+            "tool_use"
+        )
+    quoted = " / ".join(said)[:300]
+    if _work_ended(messages):
+        return _end(
+            f"I read your message ({quoted}), but I only know how to 'add a file NAME with "
+            "TEXT' or 'please write NAME'; nothing changed."
+        )
+    content, stop = _script(*_last_phase(messages, skip=ASK), digest)
+    return [{"type": "text", "text": f"Noted your message: {quoted}"}, *content], stop
+
+
+def _said(messages: list[dict[str, Any]]) -> list[str]:
+    """The user's texts after the last assistant turn (not the brief's first turn, not the
+    agent's notes)."""
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=0)
+    out = []
+    for m in messages[last + 1 :]:
+        if m.get("role") != "user":
+            continue
+        content = m.get("content")
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        for b in blocks or []:
+            words = b.get("text") if isinstance(b, dict) and b.get("type") == "text" else None
+            if isinstance(words, str) and words.strip() and not words.startswith(NOTE):
+                out.append(words.strip())
+    return out
+
+
+def _work_ended(messages: list[dict[str, Any]]) -> bool:
+    """Whether the script's last turn before the user's requests ended its turn."""
+    for m in reversed(messages):
+        if m.get("role") != "assistant" or not isinstance(m.get("content"), list):
+            continue
+        ids = [b.get("id", "") for b in m["content"] if b.get("type") == "tool_use"]
+        if ids and ids[0].startswith(f"toolu_{ASK}_"):
+            continue
+        return not ids
+    return False
+
+
+def _asked_paths(messages: list[dict[str, Any]]) -> list[str]:
+    """The paths written by the last turn that did what the user asked."""
+    for m in reversed(messages):
+        content = m.get("content") if m.get("role") == "assistant" else None
+        calls = [b for b in content or [] if isinstance(b, dict) and b.get("type") == "tool_use"]
+        if calls and str(calls[0].get("id", "")).startswith(f"toolu_{ASK}_"):
+            return [str(b["input"].get("path")) for b in calls]
+    return []
+
+
+def _script(
+    phase: str | None, results: list[dict[str, Any]], digest: str
+) -> tuple[list[dict[str, Any]], str]:
+    """The textstats script's next step after ``phase`` and its ``results``."""
 
     def call(name: str, i: int, **tool_input: Any) -> dict[str, Any]:
         return {"type": "tool_use", "id": f"toolu_{phase_next}_{i}_{digest}", "name": name,
@@ -214,8 +316,11 @@ def next_turn(messages: list[dict[str, Any]], digest: str) -> tuple[list[dict[st
     return end("I lost track of the script; stopping here.")
 
 
-def _last_phase(messages: list[dict[str, Any]]) -> tuple[str | None, list[dict[str, Any]]]:
-    """The phase of the last assistant turn with tool calls, and the results that answered it."""
+def _last_phase(
+    messages: list[dict[str, Any]], skip: str | None = None
+) -> tuple[str | None, list[dict[str, Any]]]:
+    """The phase of the last assistant turn with tool calls (not of phase ``skip``), and the
+    results that answered it."""
     for i in range(len(messages) - 1, -1, -1):
         m = messages[i]
         if m.get("role") != "assistant" or not isinstance(m.get("content"), list):
@@ -224,6 +329,8 @@ def _last_phase(messages: list[dict[str, Any]]) -> tuple[str | None, list[dict[s
         if not ids:
             continue
         match = re.match(r"toolu_([a-z0-9]+)_", ids[0])
+        if skip is not None and match and match.group(1) == skip:
+            continue
         answer = messages[i + 1]["content"] if i + 1 < len(messages) else []
         by_id = {
             b.get("tool_use_id"): b

@@ -15,7 +15,10 @@ Keys (all amounts integer micro-dollars):
 * ``kiln:spend:user:<user>:month:<YYYY-MM>``       a user's spend in a UTC month (or ``c<n>``)
 * ``kiln:spend:build:<build_id>``                  a build's spend
 * ``kiln:running:<user>``                          set of the user's running build ids
-* ``kiln:ended:<build_id>``                        the build ended (keeps a late BuildRequested out)
+* ``kiln:ended:<build_id>``                        1 + the last run of the build that ended (keeps
+                                                   a late BuildRequested out; ``1``: its first run)
+* ``kiln:run:<build_id>``                          the build's current run (its last
+                                                   BuildContinued's ``continuation``; absent: 0)
 * ``kiln:tier:<user>``                             the tier of the user's latest BuildRequested
 
 Sleep, wake and top-ups (see docs/ARCHITECTURE.md, budget):
@@ -101,9 +104,15 @@ redis.call('SET', KEYS[2], ARGV[1])
 return 1
 """
 
-# KEYS: running, ended   ARGV: build id
+# A build runs while its current run (``run``, 0 for the first) has not ended (``ended`` holds 1 +
+# the last run that ended). Both only move forward, so an end or a continuation handled late,
+# or twice, changes nothing it should not.
+
+# KEYS: running, ended, run   ARGV: build id
 STARTED_LUA = """
-if redis.call('EXISTS', KEYS[2]) == 1 then
+local ended = tonumber(redis.call('GET', KEYS[2]) or '0')
+local run = tonumber(redis.call('GET', KEYS[3]) or '0')
+if ended > run then
   return 0
 end
 return redis.call('SADD', KEYS[1], ARGV[1])
@@ -119,11 +128,30 @@ redis.call('SREM', KEYS[2], ARGV[2])
 return 1
 """
 
-# KEYS: running, ended, sleeping   ARGV: build id, ended ttl
+# KEYS: running, ended, sleeping, run   ARGV: build id, ended ttl, the run that ended
 ENDED_LUA = """
-redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
+local k = tonumber(ARGV[3])
+if k + 1 > tonumber(redis.call('GET', KEYS[2]) or '0') then
+  redis.call('SET', KEYS[2], tostring(k + 1), 'EX', ARGV[2])
+end
+if k < tonumber(redis.call('GET', KEYS[4]) or '0') then
+  return 0
+end
 redis.call('SREM', KEYS[3], ARGV[1])
 return redis.call('SREM', KEYS[1], ARGV[1])
+"""
+
+# KEYS: running, ended, run   ARGV: build id, ttl, the run that starts (its continuation)
+CONTINUED_LUA = """
+local k = tonumber(ARGV[3])
+if k <= tonumber(redis.call('GET', KEYS[3]) or '0') then
+  return 0
+end
+redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[2])
+if tonumber(redis.call('GET', KEYS[2]) or '0') > k then
+  return 0
+end
+return redis.call('SADD', KEYS[1], ARGV[1])
 """
 
 
@@ -149,6 +177,10 @@ def running_key(user_id: str) -> str:
 
 def ended_key(build_id: str) -> str:
     return f"kiln:ended:{build_id}"
+
+
+def run_key(build_id: str) -> str:
+    return f"kiln:run:{build_id}"
 
 
 def tier_key(user_id: str) -> str:
@@ -199,6 +231,7 @@ class RedisSpendStore:
         self._started: Any = None
         self._ended: Any = None
         self._resumed: Any = None
+        self._continued: Any = None
         self._topup: Any = None
         self._finish: Any = None
 
@@ -218,6 +251,7 @@ class RedisSpendStore:
         self._started = client.register_script(STARTED_LUA)
         self._ended = client.register_script(ENDED_LUA)
         self._resumed = client.register_script(RESUMED_LUA)
+        self._continued = client.register_script(CONTINUED_LUA)
         self._topup = client.register_script(TOPUP_LUA)
         self._finish = client.register_script(FINISH_LUA)
 
@@ -273,16 +307,29 @@ class RedisSpendStore:
     async def build_started(self, user_id: str, build_id: str) -> bool:
         _ = self.redis
         added = await self._started(
-            keys=[running_key(user_id), ended_key(build_id)], args=[build_id]
+            keys=[running_key(user_id), ended_key(build_id), run_key(build_id)], args=[build_id]
         )
         return bool(int(added))
 
-    async def build_ended(self, user_id: str, build_id: str) -> None:
+    async def build_ended(self, user_id: str, build_id: str, continuation: int = 0) -> None:
         _ = self.redis
         await self._ended(
-            keys=[running_key(user_id), ended_key(build_id), sleeping_key(user_id)],
-            args=[build_id, ENDED_TTL_S],
+            keys=[
+                running_key(user_id),
+                ended_key(build_id),
+                sleeping_key(user_id),
+                run_key(build_id),
+            ],
+            args=[build_id, ENDED_TTL_S, continuation],
         )
+
+    async def build_continued(self, user_id: str, build_id: str, continuation: int) -> bool:
+        _ = self.redis
+        added = await self._continued(
+            keys=[running_key(user_id), ended_key(build_id), run_key(build_id)],
+            args=[build_id, ENDED_TTL_S, continuation],
+        )
+        return bool(int(added))
 
     async def running(self, user_id: str) -> set[str]:
         members = await self.redis.smembers(running_key(user_id))  # type: ignore[misc]

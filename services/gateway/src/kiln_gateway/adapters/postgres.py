@@ -14,8 +14,18 @@ import asyncpg
 from kiln_contracts import BuildRequested
 from kiln_runtime.db import Migration, read_migrations
 
-from ..model import TERMINAL, ApiKey, Build, Caller, NewBuild, Project, Projection
-from ..ports import Inserted
+from ..model import (
+    TERMINAL,
+    ApiKey,
+    Build,
+    Caller,
+    Message,
+    NewBuild,
+    NewMessage,
+    Project,
+    Projection,
+)
+from ..ports import Inserted, MessageInserted
 
 
 def migrations() -> list[Migration]:
@@ -55,6 +65,20 @@ def _key(row: asyncpg.Record) -> ApiKey:
         tier=row["tier"],
         created_at=row["created_at"],
         revoked_at=row["revoked_at"],
+    )
+
+
+def _message(row: asyncpg.Record) -> Message:
+    return Message(
+        message_id=row["message_id"],
+        build_id=row["build_id"],
+        user_id=row["user_id"],
+        seq=row["seq"],
+        text=row["text"],
+        request_sha256=row["request_sha256"],
+        created_at=row["created_at"],
+        idempotency_key=row["idempotency_key"],
+        published_at=row["published_at"],
     )
 
 
@@ -328,6 +352,69 @@ class PgStore:
             *args,
         )
         return [_build(r) for r in rows]
+
+    # ------------------------------------------------------------------ messages
+
+    async def insert_message(self, new: NewMessage, *, cap: int) -> MessageInserted:
+        async with self.pool.acquire() as conn, conn.transaction():
+            # the user's lock, as for a new build: the numbering and the cap are exact
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('build:' || $1))", new.user_id
+            )
+            if new.idempotency_key is not None:
+                row = await conn.fetchrow(
+                    "SELECT * FROM messages WHERE build_id = $1 AND idempotency_key = $2",
+                    new.build_id,
+                    new.idempotency_key,
+                )
+                if row:
+                    return MessageInserted("existing", _message(row))
+            status = await conn.fetchval(
+                "SELECT status FROM builds WHERE build_id = $1", new.build_id
+            )
+            if status in TERMINAL:
+                active = await conn.fetchval(
+                    "SELECT count(*) FROM builds WHERE user_id = $1 AND status <> ALL($2::text[])",
+                    new.user_id,
+                    _TERMINAL,
+                )
+                if active >= cap:
+                    return MessageInserted("capped", None)
+            row = await conn.fetchrow(
+                """INSERT INTO messages (message_id, build_id, seq, user_id, text,
+                                         idempotency_key, request_sha256)
+                   SELECT $1, $2, coalesce(max(seq), 0) + 1, $3, $4, $5, $6
+                   FROM messages WHERE build_id = $2
+                   RETURNING *""",
+                new.message_id,
+                new.build_id,
+                new.user_id,
+                new.text,
+                new.idempotency_key,
+                new.request_sha256,
+            )
+            return MessageInserted("created", _message(row))
+
+    async def unpublished_messages(
+        self, build_id: str | None = None, older_than_s: float = 0.0, limit: int = 100
+    ) -> list[Message]:
+        rows = await self.pool.fetch(
+            """SELECT * FROM messages WHERE published_at IS NULL
+               AND ($1::text IS NULL OR build_id = $1)
+               AND created_at <= now() - make_interval(secs => $2)
+               ORDER BY build_id, seq LIMIT $3""",
+            build_id,
+            older_than_s,
+            limit,
+        )
+        return [_message(r) for r in rows]
+
+    async def mark_message_published(self, message_id: str) -> None:
+        await self.pool.execute(
+            "UPDATE messages SET published_at = now() "
+            "WHERE message_id = $1 AND published_at IS NULL",
+            message_id,
+        )
 
     # ------------------------------------------------------------------ projection
 

@@ -6,7 +6,7 @@
 const $ = (id) => document.getElementById(id);
 const TERMINAL = new Set(["build_completed", "build_failed", "build_cancelled"]);
 const state = { key: localStorage.getItem("kiln.apiKey") || "", build: null, source: null,
-                lastId: null, cursor: null, cap: 0, cost: 0 };
+                lastId: null, cursor: null, cap: 0, cost: 0, continuations: 0 };
 
 function usd(micro) { return "$" + (Number(micro || 0) / 1e6).toFixed(4); }
 
@@ -105,6 +105,7 @@ function logEvent(id, kind, data) {
   if (kind === "tool_call") text = ` ${data.tool} ${JSON.stringify(data.input).slice(0, 120)}`;
   else if (kind === "tool_result") text = ` exit ${data.exit_code} ${String(data.output || "").split("\n").filter(Boolean).slice(-1)[0] || ""}`.slice(0, 160);
   else if (kind === "iteration_completed") text = ` #${data.iteration} ${usd(data.cost_micro_usd)}`;
+  else if (kind === "send_user_message") text = ` ${String(data.text || "").slice(0, 160)}`;
   else if (data.reason) text = ` ${data.reason}`;
   li.appendChild(document.createTextNode(text));
   $("log").appendChild(li);
@@ -127,8 +128,10 @@ function onEvent(kind, msg) {
     $("iteration").textContent = data.iteration;
     state.cost += Number(data.cost_micro_usd || 0);
     meter();
-  } else if (kind === "build_requested" || kind === "build_resumed") {
+  } else if (kind === "build_requested" || kind === "build_resumed" || kind === "build_continued") {
     setStatus("running");
+  } else if (TERMINAL.has(kind) && Number(data.continuation || 0) < state.continuations) {
+    // the end of a run the build has continued from: the stream goes on
   } else if (kind === "build_sleeping") {
     setStatus("sleeping");
     $("tool").textContent = "–";
@@ -159,7 +162,8 @@ async function openStream(buildId) {
   const kinds = ["build_requested", "tool_call", "tool_result", "iteration_completed",
     "checkpoint_saved", "snapshot_saved", "agent_narrated", "build_sleeping", "build_resumed",
     "sandbox_started", "sandbox_restored", "sandbox_stopped", "sleep_requested",
-    "wake_requested", "cancel_requested", "build_completed", "build_failed", "build_cancelled"];
+    "wake_requested", "cancel_requested", "send_user_message", "build_continued",
+    "build_completed", "build_failed", "build_cancelled"];
   for (const kind of kinds) source.addEventListener(kind, (msg) => onEvent(kind, msg));
   source.onerror = () => {
     // The browser reconnects by itself (with Last-Event-ID); when the stream was closed for
@@ -184,6 +188,7 @@ async function openBuild(buildId) {
   $("tool").textContent = "–";
   try {
     const b = await (await api(`/v1/builds/${buildId}`)).json();
+    state.continuations = b.continuations || 0;
     setStatus(b.status);
     $("iteration").textContent = b.iteration;
     meter();

@@ -43,18 +43,19 @@ class PgCallStore:
         )
 
     async def claim(
-        self, build_id: str, call_id: str, owner: str, lease_s: float
+        self, build_id: str, call_id: str, owner: str, lease_s: float, iteration: int = 0
     ) -> CallRecord | None:
         # One statement when the call is new (the usual case); a SELECT only on a conflict.
         while True:
             inserted = await self.pool.fetchval(
-                "INSERT INTO calls (build_id, call_id, status, owner, lease_until) "
-                "VALUES ($1, $2, 'started', $3, now() + make_interval(secs => $4)) "
+                "INSERT INTO calls (build_id, call_id, status, owner, lease_until, iteration) "
+                "VALUES ($1, $2, 'started', $3, now() + make_interval(secs => $4), $5) "
                 "ON CONFLICT DO NOTHING RETURNING true",
                 build_id,
                 call_id,
                 owner,
                 lease_s,
+                iteration,
             )
             if inserted:
                 return None
@@ -62,6 +63,12 @@ class PgCallStore:
             if seen is not None:
                 return seen
             # Released (deleted) in between by a replica that could not run it: free again.
+
+    async def last_iteration(self, build_id: str) -> int:
+        found = await self.pool.fetchval(
+            "SELECT coalesce(max(iteration), 0) FROM calls WHERE build_id = $1", build_id
+        )
+        return int(found or 0)
 
     async def release(self, build_id: str, call_id: str, owner: str) -> None:
         await self.pool.execute(
@@ -98,26 +105,34 @@ class PgRegistry:
 
     async def get(self, build_id: str) -> SandboxRecord | None:
         row = await self.pool.fetchrow(
-            "SELECT build_id, provider, sandbox_id, state FROM sandboxes WHERE build_id = $1",
+            "SELECT build_id, provider, sandbox_id, state, iteration FROM sandboxes "
+            "WHERE build_id = $1",
             build_id,
         )
         if row is None:
             return None
         return SandboxRecord(
-            row["build_id"], row["provider"], row["sandbox_id"], cast(SandboxState, row["state"])
+            row["build_id"],
+            row["provider"],
+            row["sandbox_id"],
+            cast(SandboxState, row["state"]),
+            row["iteration"],
         )
 
     async def replace(self, record: SandboxRecord, expected: str | None) -> SandboxRecord:
         row = await self.pool.fetchrow(
-            "INSERT INTO sandboxes (build_id, provider, sandbox_id, state) VALUES ($1, $2, $3, $4) "
+            "INSERT INTO sandboxes (build_id, provider, sandbox_id, state, iteration) "
+            "VALUES ($1, $2, $3, $4, $6) "
             "ON CONFLICT (build_id) DO UPDATE SET provider = EXCLUDED.provider, "
-            "sandbox_id = EXCLUDED.sandbox_id, state = EXCLUDED.state, updated_at = now() "
+            "sandbox_id = EXCLUDED.sandbox_id, state = EXCLUDED.state, "
+            "iteration = EXCLUDED.iteration, updated_at = now() "
             "WHERE sandboxes.sandbox_id IS NOT DISTINCT FROM $5 RETURNING build_id",
             record.build_id,
             record.provider,
             record.sandbox_id,
             record.state,
             expected,
+            record.iteration,
         )
         if row is not None:
             return record
@@ -126,11 +141,14 @@ class PgRegistry:
 
     async def put(self, record: SandboxRecord) -> None:
         await self.pool.execute(
-            "INSERT INTO sandboxes (build_id, provider, sandbox_id, state) VALUES ($1, $2, $3, $4) "
+            "INSERT INTO sandboxes (build_id, provider, sandbox_id, state, iteration) "
+            "VALUES ($1, $2, $3, $4, $5) "
             "ON CONFLICT (build_id) DO UPDATE SET provider = EXCLUDED.provider, "
-            "sandbox_id = EXCLUDED.sandbox_id, state = EXCLUDED.state, updated_at = now()",
+            "sandbox_id = EXCLUDED.sandbox_id, state = EXCLUDED.state, "
+            "iteration = EXCLUDED.iteration, updated_at = now()",
             record.build_id,
             record.provider,
             record.sandbox_id,
             record.state,
+            record.iteration,
         )
