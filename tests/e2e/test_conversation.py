@@ -34,7 +34,12 @@ CONTINUE = "please write CONTINUED.md"
 @pytest.fixture(scope="module")
 def stack(infra: dict[str, str]) -> Iterator[Stack]:
     def env(data_dir: Path) -> dict[str, str]:
-        return {"KILN_SANDBOX_EXEC_LOG": str(data_dir / "exec.jsonl")}
+        # each reply of the scripted model a little slower: the build works long enough to be
+        # written to while it does
+        return {
+            "KILN_SANDBOX_EXEC_LOG": str(data_dir / "exec.jsonl"),
+            "KILN_SCRIPTED_LATENCY_S": "0.5",
+        }
 
     with own_stack(infra, "talk", env) as s:
         yield s
@@ -46,6 +51,17 @@ def events(stack: Stack, build_id: str) -> list[tuple[str, dict[str, Any]]]:
         (subject.rsplit(".", 1)[-1], json.loads(data))
         for subject, data, _ in asyncio.run(stream_history(stack.env["NATS_URL"], build_id))
     ]
+
+
+def summary(history: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """The history in short, for a failed assertion: each kind with its gist."""
+    out = []
+    for kind, body in history:
+        gist = body.get("text") or body.get("tool") or body.get("stop_reason") or ""
+        if kind == "tool_call":
+            gist = f"{gist} {json.dumps(body.get('input'))[:80]} it{body.get('iteration')}"
+        out.append(f"{kind} {str(gist)[:100]}")
+    return out
 
 
 def of(history: list[tuple[str, dict[str, Any]]], kind: str) -> list[dict[str, Any]]:
@@ -85,7 +101,12 @@ def test_a_build_is_steered_while_it_works_then_continued_after_it_completed(sta
         assert created.status_code == 201, created.text
         build_id = created.json()["build_id"]
 
-        # steering: a message while it works
+        # steering: a message while it works (it has made its first model call)
+        wait_for(
+            lambda: client.get(f"/v1/builds/{build_id}").json()["iteration"] >= 1,
+            "the build's first model call",
+            60,
+        )
         steer = client.post(
             f"/v1/builds/{build_id}/messages",
             json={"text": STEER},
@@ -100,6 +121,7 @@ def test_a_build_is_steered_while_it_works_then_continued_after_it_completed(sta
         history = events(stack, build_id)
         kinds = [k for k, _ in history]
         assert kinds.index("send_user_message") < kinds.index("build_completed")  # while it worked
+        assert len(of(history, "build_completed")) == 1, "\n".join(summary(history))
         [done] = of(history, "build_completed")
 
         # the file it asked for is in the final snapshot, with the package
@@ -109,7 +131,7 @@ def test_a_build_is_steered_while_it_works_then_continued_after_it_completed(sta
         wait_for(lambda: final_snapshot(done["final_checkpoint_id"]), "the final snapshot", 60)
         snapshot_id, tree = files(client, build_id)
         assert snapshot_id == done["final_checkpoint_id"]
-        assert tree["STEER.md"] == b"steered while it worked\n"
+        assert tree.get("STEER.md") == b"steered while it worked\n", "\n".join(summary(history))
         assert "textstats/__init__.py" in tree
         # the sandbox is stopped after the final snapshot
         wait_for(

@@ -74,9 +74,9 @@ class OnlyMine(Agent):
         if msg.build_id.startswith(self.prefix):
             await super().tool_result(msg)
 
-    async def user_message(self, msg):  # type: ignore[no-untyped-def]
+    async def user_message(self, msg, delivered=1):  # type: ignore[no-untyped-def]
         if msg.build_id.startswith(self.prefix):
-            await super().user_message(msg)
+            await super().user_message(msg, delivered)
 
 
 async def test_build_completes_on_nats_and_postgres_through_the_sdk(

@@ -105,10 +105,14 @@ async def test_a_message_ahead_of_one_not_taken_yet_waits_for_it() -> None:
     assert [m.text for m in (await checkpoint(store)).state.inbox] == ["first", "second"]
 
 
-async def test_a_message_to_a_build_not_created_yet_is_deferred() -> None:
+async def test_a_message_to_a_build_not_created_yet_is_deferred_longer_each_time() -> None:
     agent, _, _ = make_agent(FakeModel(DONE))
-    with pytest.raises(RetryLater, match="does not exist"):
-        await agent.user_message(say(1, "hello"))
+    delays = []
+    for delivered in (1, 2, 5, 20):
+        with pytest.raises(RetryLater, match="does not exist") as err:
+            await agent.user_message(say(1, "hello"), delivered)
+        delays.append(err.value.delay_s)
+    assert delays == [0.25, 0.5, 4.0, 30.0]  # minutes in all before the bus gives up
 
 
 async def test_a_reply_that_ends_the_turn_while_a_message_waits_answers_it() -> None:

@@ -38,9 +38,9 @@ def register(bus: Bus, agent: Agent, *, workers: int = 128) -> None:
         """Resume a sleeping build."""
         await agent.wake(msg)
 
-    async def on_user_message(msg: SendUserMessage, _: Delivery) -> None:
+    async def on_user_message(msg: SendUserMessage, delivery: Delivery) -> None:
         """Take a user's message: read at the next think, or it continues an ended build."""
-        await agent.user_message(msg)
+        await agent.user_message(msg, delivery.num_delivered)
 
     bus.consume(BuildRequested, on_build_requested, max_workers=workers)
     bus.consume(ToolResult, on_tool_result, max_workers=workers)

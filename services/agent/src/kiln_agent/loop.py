@@ -112,11 +112,11 @@ class Agent:
         await self._step(msg.build_id, lambda cp: control.wake(cp, msg))
         await self._after(msg.build_id, msg.event_id)
 
-    async def user_message(self, msg: SendUserMessage) -> None:
+    async def user_message(self, msg: SendUserMessage, delivered: int = 1) -> None:
         """Take a user's message (in order, once); a build that has ended continues with it (the
         save that continues it takes the think lease). A message for the call in flight waits
         for its reply; one that must wait for an earlier message, or for its build to be
-        created, is deferred."""
+        created, is deferred, longer at each delivery (``delivered``: this one's number)."""
         saved = await self._step(
             msg.build_id,
             lambda cp: control.message(self.rules, cp, msg),
@@ -124,10 +124,12 @@ class Agent:
         )
         if saved is None:
             cp = await self.store.load(msg.build_id)
+            delay = min(30.0, 0.25 * 2 ** (delivered - 1))
             if cp is None:
-                raise RetryLater(f"build {msg.build_id} does not exist (yet)", delay_s=2.0)
+                raise RetryLater(f"build {msg.build_id} does not exist (yet)", delay_s=delay)
             if msg.seq > cp.state.messages + 1:
-                raise RetryLater(f"message {msg.seq} waits for message {cp.state.messages + 1}")
+                wanted = cp.state.messages + 1
+                raise RetryLater(f"message {msg.seq} waits for message {wanted}", delay_s=delay)
         elif saved.status == "thinking" and saved.lease is None:
             return  # the holder of the lease places it after the reply of its call
         elif saved.status == "thinking" and saved.state.inbox:
