@@ -394,3 +394,12 @@ def test_continue_build_answers_open_calls_and_starts_a_new_run() -> None:
     assert agent.rules.run_iterations(cp) == 0 and agent.rules.run_cost(cp) == 0
     [continued] = cp.outbox
     assert isinstance(continued, BuildContinued) and continued.after == "failed"
+
+
+def test_a_message_to_a_rejected_build_is_taken_and_starts_nothing() -> None:
+    agent, _, _ = make_agent(FakeModel(DONE))
+    cp = fresh(agent.rules)
+    cp.status, cp.turns = "rejected", 0  # refused behind a closed budget gate: it never ran
+    assert control.message(agent.rules, cp, say(1, "please start")) == []
+    assert cp.status == "rejected" and cp.state.messages == 1
+    assert cp.state.inbox == [] and cp.outbox == [] and cp.turns == 0

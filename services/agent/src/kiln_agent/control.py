@@ -118,6 +118,8 @@ def message(rules: Rules, cp: Checkpoint, msg: SendUserMessage) -> list[Turn] | 
     if msg.seq != cp.state.messages + 1:
         return None
     cp.state.messages = msg.seq
+    if cp.status == "rejected":
+        return []  # it never started (no allowance): taken, not answered; the gateway refuses it
     cp.state.inbox.append(Waiting(message_id=msg.message_id, seq=msg.seq, text=msg.text))
     if cp.terminal:
         return [continue_build(rules, cp, msg)]

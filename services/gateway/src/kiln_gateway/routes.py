@@ -329,6 +329,10 @@ async def send_message(
     ``Idempotency-Key`` to make retries safe: the same key is the same message; with another
     text, 409.
     """
+    if build.status == "rejected":
+        raise HTTPException(
+            409, "this build was refused before it started (no allowance left): start a new build"
+        )
     try:
         tier = rt.config.tier(me.tier)
     except KeyError as err:
