@@ -4,19 +4,34 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from kiln_contracts import Envelope, ToolCall
 from kiln_devstack.sandbox import FakeE2B
 from kiln_sandbox.adapters.e2b import E2BProvider
 from kiln_sandbox.adapters.local import LocalProvider
-from kiln_sandbox.tools import MAX_OUTPUT_CHARS, glob_to_regex, run_tool
+from kiln_sandbox.adapters.memory import MemoryProcesses, MemoryReads
+from kiln_sandbox.processes import Processes
+from kiln_sandbox.tools import MAX_OUTPUT_CHARS, ToolContext, glob_to_regex, run_tool
 from kiln_sandbox.workspace import Workspace
 
 HOST_ROOT: dict[int, Path] = {}  # id(sandbox) -> its workspace on this host
+STATE: dict[int, tuple[MemoryReads, Processes]] = {}  # id(sandbox) -> its build's stores
+CALL_IDS = itertools.count(1)
+
+
+class Events:
+    def __init__(self) -> None:
+        self.published: list[Envelope] = []
+
+    async def publish(self, msg: Envelope) -> None:
+        self.published.append(msg)
 
 
 @pytest.fixture(params=["local", "e2b"])
@@ -25,23 +40,60 @@ async def sb(request, tmp_path: Path) -> Workspace:
         local = LocalProvider(tmp_path / "root")
         sandbox = Workspace(await local.create("b1"))
         HOST_ROOT[id(sandbox)] = Path(sandbox.root)
+        STATE[id(sandbox)] = (MemoryReads(), Processes(MemoryProcesses(), Events()))
         yield sandbox
+        await _stop_processes(sandbox)
         await local.close()
     else:
         fake = FakeE2B(tmp_path / "e2b")
         provider = E2BProvider(api_key="e2b_test", sdk=fake)
         sandbox = Workspace(await provider.create("b1", user_id="u1"))
         HOST_ROOT[id(sandbox)] = fake.sandboxes[sandbox.sandbox_id].home / "workspace"
+        STATE[id(sandbox)] = (MemoryReads(), Processes(MemoryProcesses(), Events()))
         yield sandbox
+        await _stop_processes(sandbox)
+        await fake.kill(sandbox.sandbox_id)
     HOST_ROOT.pop(id(sandbox), None)
+    STATE.pop(id(sandbox), None)
+
+
+async def _stop_processes(sb: Workspace) -> None:
+    await processes(sb).stop_all(sb, tool_call("teardown"), "the test ended")
 
 
 def ws(sb: Workspace) -> Path:
     return HOST_ROOT[id(sb)]
 
 
+def processes(sb: Workspace) -> Processes:
+    return STATE[id(sb)][1]
+
+
+def events(sb: Workspace) -> list[Envelope]:
+    bus = processes(sb).bus
+    assert isinstance(bus, Events)
+    return bus.published
+
+
+def tool_call(call_id: str | None = None) -> ToolCall:
+    return ToolCall(
+        build_id="b1",
+        user_id="u1",
+        call_id=call_id or f"toolu_{next(CALL_IDS)}",
+        iteration=1,
+        tool="bash",
+        input={},
+    )
+
+
+async def run(sb: Workspace, tool: str, args: Any, *, timeout_s: float, call_id: str | None = None):
+    reads, procs = STATE[id(sb)]
+    ctx = ToolContext(tool_call(call_id), reads, procs)
+    return await run_tool(sb, tool, args, timeout_s=timeout_s, ctx=ctx)
+
+
 async def call(sb: Workspace, tool: str, timeout_s: float = 30.0, **args):
-    return await run_tool(sb, tool, args, timeout_s=timeout_s)
+    return await run(sb, tool, args, timeout_s=timeout_s)
 
 
 # ---------------------------------------------------------------------------- files
@@ -74,6 +126,7 @@ async def test_read_errors(sb):
 
 async def test_edit_file_exact_unique_and_replace_all(sb):
     (ws(sb) / "f.txt").write_text("one two two three\n")
+    await call(sb, "read_file", path="f.txt")
     out = await call(sb, "edit_file", path="f.txt", old_string="one", new_string="1")
     assert not out.is_error and out.files_changed == ["f.txt"]
     assert (ws(sb) / "f.txt").read_text() == "1 two two three\n"
@@ -108,7 +161,7 @@ async def test_paths_outside_are_refused(sb, path):
         ("list_dir", {"path": path}),
         ("grep", {"pattern": "x", "path": path}),
     ):
-        out = await run_tool(sb, tool, args, timeout_s=5)
+        out = await run(sb, tool, args, timeout_s=5)
         assert out.is_error, (tool, path, out.output)
         assert "outside" in out.output or "leaves" in out.output or "NUL" in out.output
     assert not (ws(sb).parent / "x.txt").exists()
@@ -200,7 +253,7 @@ async def test_bash_returns_while_a_background_process_holds_the_pipe(sb):
 
 async def test_bash_timeout_argument_is_capped_by_the_call(sb):
     started = time.monotonic()
-    out = await run_tool(sb, "bash", {"command": "sleep 30", "timeout_s": 100}, timeout_s=0.5)
+    out = await run(sb, "bash", {"command": "sleep 30", "timeout_s": 100}, timeout_s=0.5)
     assert out.is_error and "timed out after 0.5s" in out.output
     assert time.monotonic() - started < 10
 
@@ -239,11 +292,11 @@ async def test_glob_grep_and_list_dir(sb):
     assert (await call(sb, "glob", pattern="*.md")).output == "README.md"
     assert (await call(sb, "glob", pattern="*.rs")).output == "no files match"
 
-    out = await call(sb, "grep", pattern=r"VALUE\s*=")
+    out = await call(sb, "grep", pattern=r"VALUE\s*=", output_mode="content")
     assert out.output == "src/pkg/a.py:2:VALUE = 1"
-    out = await call(sb, "grep", pattern="(?i)value", glob="*.py")
+    out = await call(sb, "grep", pattern="(?i)value", glob="*.py", output_mode="content")
     assert out.output.splitlines() == ["src/b.py:1:value = 2", "src/pkg/a.py:2:VALUE = 1"]
-    out = await call(sb, "grep", pattern="value", path="src/b.py")
+    out = await call(sb, "grep", pattern="value", path="src/b.py", output_mode="content")
     assert out.output == "src/b.py:1:value = 2"
     assert (await call(sb, "grep", pattern="nothing-here")).output == "no matches"
 
@@ -286,12 +339,20 @@ def test_glob_translation():
         ("bash", {"command": "true", "timeout_s": "soon"}, "must be an integer or a number"),
         ("bash", {"command": "true", "timeout_s": -1}, "must be > 0"),
         ("glob", {}, "missing required argument 'pattern'"),
-        ("grep", {"pattern": "("}, "invalid regular expression"),
+        ("grep", {"pattern": "("}, "grep failed"),
+        ("grep", {"pattern": "x", "output_mode": "lines"}, "output_mode must be one of"),
+        ("grep", {"pattern": "x", "type": "cobol"}, "unknown type 'cobol'"),
+        ("grep", {"pattern": "x", "-A": -1}, "-A must be >= 0"),
+        ("bash", {"command": "true", "timeout": 0}, "timeout must be > 0"),
+        ("bash_output", {}, "missing required argument 'bash_id'"),
+        ("bash_output", {"bash_id": "bash_9"}, "no background process 'bash_9'"),
+        ("bash_output", {"bash_id": "bash_1", "filter": "("}, "invalid filter"),
+        ("kill_shell", {"shell_id": "bash_1"}, "no background process 'bash_1'"),
         ("list_dir", {"path": ["x"]}, "must be a string"),
         ("nope", {}, "unknown tool"),
     ],
 )
 async def test_bad_input_is_an_error_result(sb, tool, args, needle):
-    out = await run_tool(sb, tool, args, timeout_s=5)
+    out = await run(sb, tool, args, timeout_s=5)
     assert out.is_error
     assert needle in out.output

@@ -8,6 +8,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from kiln_contracts import (
     BuildCancelled,
@@ -35,6 +37,9 @@ from .ports import (
     SandboxState,
 )
 from .workspace import Workspace
+
+if TYPE_CHECKING:
+    from .processes import Processes
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +77,13 @@ class Sandboxes:
         registry: Registry,
         bus: Publisher,
         restorer: Restorer | None = None,
+        processes: Processes | None = None,
     ) -> None:
         self.provider = provider
         self.registry = registry
         self.bus = bus
         self.restorer = restorer
+        self.processes = processes
         self.lifecycle = BuildLocks()  # pause/stop of one build, one at a time
 
     async def connect(self, record: SandboxRecord) -> Workspace | None:
@@ -101,8 +108,15 @@ class Sandboxes:
         snapshot_id = None
         if record is not None:  # it existed and is gone: rebuild it from the latest snapshot
             snapshot_id = await self.restore(call.build_id, sandbox)
+        had_processes = record is not None and record.has_processes
         held = await self.registry.replace(
-            SandboxRecord(call.build_id, self.provider.name, sandbox.sandbox_id, "running"),
+            SandboxRecord(
+                call.build_id,
+                self.provider.name,
+                sandbox.sandbox_id,
+                "running",
+                has_processes=had_processes,
+            ),
             expected=record.sandbox_id if record is not None else None,
         )
         if held.sandbox_id != sandbox.sandbox_id:
@@ -116,6 +130,10 @@ class Sandboxes:
             )
             await self.provider.stop(call.build_id, sandbox.sandbox_id)
             return Workspace(await self.provider.connect(call.build_id, held.sandbox_id))
+        if had_processes and self.processes is not None:
+            # The old sandbox's processes are gone with it (or, where the provider reuses the
+            # sandbox's id, stopped now); the call's result tells the model which.
+            await self.processes.stop_all(sandbox, call, "its sandbox was replaced by a fresh one")
         if snapshot_id is not None:
             await self.bus.publish(
                 call.caused(
@@ -168,9 +186,7 @@ class Sandboxes:
     async def _set_state(
         self, record: SandboxRecord, state: SandboxState, iteration: int | None = None
     ) -> None:
-        await self.registry.put(
-            SandboxRecord(record.build_id, record.provider, record.sandbox_id, state, iteration)
-        )
+        await self.registry.put(replace(record, state=state, iteration=iteration))
 
     async def after_snapshot(self, event: SnapshotSaved) -> None:
         """After the final snapshot stop the sandbox; after the sleep snapshot pause it."""
@@ -214,6 +230,8 @@ class Sandboxes:
         if record.provider != self.provider.name:
             log.warning("sandbox of %s belongs to provider %s", event.build_id, record.provider)
             return
+        if record.has_processes and self.processes is not None:
+            await self._stop_processes(event, record, reason)
         if state == "paused":
             await self.provider.pause(event.build_id, record.sandbox_id)
         else:
@@ -236,6 +254,22 @@ class Sandboxes:
             reason,
             extra={"build_id": event.build_id},
         )
+
+    async def _stop_processes(
+        self, event: SnapshotSaved | BuildCancelled | BuildFailed, record: SandboxRecord, why: str
+    ) -> None:
+        """Stop the build's background processes before its sandbox is paused or stopped."""
+        assert self.processes is not None
+        try:
+            sandbox: Workspace | None = Workspace(
+                await self.provider.connect(event.build_id, record.sandbox_id)
+            )
+        except SandboxGone:
+            sandbox = None
+        try:
+            await self.processes.stop_all(sandbox, event, why)
+        except SandboxGone:
+            await self.processes.stop_all(None, event, why)
 
     async def existing(self, build_id: str) -> Workspace:
         """The build's sandbox as it is (for the snapshot service); SandboxError if none."""

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import shlex
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,6 +54,10 @@ class LocalSandbox:
     @property
     def root(self) -> str:
         return str(self._root)
+
+    @property
+    def process_dir(self) -> str:
+        return shlex.quote(str(self._provider.root / ".processes" / self.build_id))
 
     def _real(self, rel: str) -> str:
         """An absolute host path for a workspace-relative real path (as ``locate`` gave it)."""
