@@ -18,9 +18,9 @@ from kiln_sandbox.adapters.memory import MemoryProcesses, MemoryReads
 from kiln_sandbox.processes import Processes
 from kiln_sandbox.tools import ToolContext, run_tool
 from kiln_sandbox.workspace import Workspace
-from tests.unit.test_sandbox_tools import Events, tool_call
 from tests.unit.test_sandbox_e2b import blobs  # noqa: F401  (a fixture)
 from tests.unit.test_sandbox_e2b import provider as e2b_provider
+from tests.unit.test_sandbox_tools import Events, tool_call
 
 CTX = ToolContext(tool_call("toolu_ws"), MemoryReads(), Processes(MemoryProcesses(), Events()))
 

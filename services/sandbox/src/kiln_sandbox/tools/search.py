@@ -248,6 +248,7 @@ async def grep(ws: Workspace, args: dict[str, Any], ctx: ToolContext) -> ToolOut
 
 
 GREP_TIMEOUT_S = 60.0
+_CONTEXT_LINE = re.compile(r"\d+-")
 
 
 def _records(out: str, *, cut: bool) -> list[tuple[str, str]]:
@@ -301,7 +302,9 @@ def _grep_results(
             continue
         if len(text) > MAX_GREP_LINE_CHARS:
             text = text[:MAX_GREP_LINE_CHARS] + " [line truncated]"
-        blocks.setdefault(p, []).append(f"{p}:{text}")
+        # with line numbers, a context line is "N-text" (a match "N:text"): "path-N-text"
+        sep = "-" if _CONTEXT_LINE.match(text) else ":"
+        blocks.setdefault(p, []).append(f"{p}{sep}{text}")
     if mode == "count":
         return [f"{p}:{n}" for p, n in sorted(counts)]
     return [line for p in sorted(blocks) for line in blocks[p]]
