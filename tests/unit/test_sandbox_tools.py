@@ -626,6 +626,10 @@ async def test_stopped_processes_are_reported_once(sb):
 
 
 async def _read(path: Path) -> str | None:
+    return await asyncio.to_thread(_text_of, path)
+
+
+def _text_of(path: Path) -> str | None:
     return path.read_text() if path.exists() and path.read_text().strip() else None
 
 
