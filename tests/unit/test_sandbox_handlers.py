@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from kiln_contracts import (
     Download,
     Envelope,
     ManifestRequest,
+    ProcessExited,
+    ProcessStarted,
     RestorePlanReply,
     SandboxRestored,
     SandboxStarted,
@@ -546,3 +549,101 @@ async def test_an_end_that_comes_after_the_build_continued_leaves_its_sandbox_ru
     assert record is not None and record.state == "running"
     assert bus(svc).of(SandboxStopped) == []
     assert not (await svc.handle_tool_call(tool_call(uid, "c5", iteration=5))).is_error
+
+
+# ---------------------------------------------------------------------------- background processes
+
+
+def _background(uid: str, call_id: str, command: str, iteration: int = 1) -> ToolCall:
+    return tool_call(
+        uid, call_id, input={"command": command, "run_in_background": True}, iteration=iteration
+    )
+
+
+async def _wait_for(path: Path) -> str:
+    deadline = time.monotonic() + 20
+    while not (await asyncio.to_thread(path.exists)) or not path.read_text().strip():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        await asyncio.sleep(0.05)
+    return path.read_text()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] == "Z"
+
+
+async def _until_gone(pid: int) -> None:
+    deadline = time.monotonic() + 20
+    while not _gone(pid):
+        assert time.monotonic() < deadline, f"process {pid} is still running"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_redelivered_call_that_started_a_process_starts_no_second_one(svc, uid):
+    call = _background(uid, "bg1", "echo $$ >> pids.txt; exec sleep 300")
+    first = await svc.handle_tool_call(call)
+    assert "bash_1" in first.output and not first.is_error
+    again = await svc.handle_tool_call(call)
+    assert again == first
+    root = svc.provider.root / f"b{uid}"  # type: ignore[attr-defined]
+    pids = (await _wait_for(root / "pids.txt")).split()
+    assert len(pids) == 1
+    assert [e.process_id for e in bus(svc).of(ProcessStarted)] == ["bash_1"]
+    record = await svc.registry.get(f"b{uid}")
+    assert record is not None and record.has_processes
+    # the build's end stops it, once
+    failed = BuildFailed(
+        build_id=f"b{uid}", user_id="u1", reason="internal", iterations=1, cost_micro_usd=0
+    )
+    await svc.handle_build_ended(failed)
+    await svc.handle_build_ended(failed)
+    await _until_gone(int(pids[0]))
+    assert [(e.process_id, e.how) for e in bus(svc).of(ProcessExited)] == [("bash_1", "stopped")]
+
+
+async def test_an_interrupted_call_that_started_a_process_says_which(svc, uid):
+    call = _background(uid, "bg1", "sleep 300")
+    await svc.handle_tool_call(call)
+    svc.calls.rows.pop((call.build_id, call.call_id))  # type: ignore[attr-defined]
+    await svc.calls.begin(call.build_id, call.call_id, "dead-replica", 0.0)  # type: ignore[attr-defined]
+    result = await svc.handle_tool_call(call)
+    assert result.is_error and result.output.startswith(INTERRUPTED)
+    assert "background process bash_1" in result.output and "kill_shell" in result.output
+    await svc.processes.stop_all(None, call, "test over")
+
+
+async def test_sleep_stops_processes_and_the_call_after_the_wake_is_told(svc, uid):
+    await svc.handle_tool_call(_background(uid, "bg1", "echo $$ > server.pid; exec sleep 300"))
+    root = svc.provider.root / f"b{uid}"  # type: ignore[attr-defined]
+    pid = int(await _wait_for(root / "server.pid"))
+    out = await svc.handle_tool_call(tool_call(uid, "c2", input={"command": "echo busy"}))
+    assert "no longer running" not in out.output  # nothing to report while it runs
+    sleep = SnapshotSaved(
+        build_id=f"b{uid}",
+        user_id="u1",
+        snapshot_id="s-sleep",
+        iteration=1,
+        reason="sleep",
+        files=1,
+        bytes_total=1,
+        bytes_uploaded=1,
+    )
+    await svc.handle_snapshot_saved(sleep)
+    await _until_gone(pid)
+    (exited,) = bus(svc).of(ProcessExited)
+    assert exited.how == "stopped" and "sleeping" in exited.reason
+    # woken: the next call's result tells the model, once
+    woken = await svc.handle_tool_call(
+        tool_call(uid, "c3", input={"command": "echo hi"}, iteration=2)
+    )
+    assert woken.output.startswith("hi\n")
+    assert "background processes no longer running: bash_1 (echo $$ > server.pid;" in woken.output
+    later = await svc.handle_tool_call(
+        tool_call(uid, "c4", input={"command": "echo hi"}, iteration=2)
+    )
+    assert later.output == "hi\n"
