@@ -562,10 +562,14 @@ def _background(uid: str, call_id: str, command: str, iteration: int = 1) -> Too
 
 async def _wait_for(path: Path) -> str:
     deadline = time.monotonic() + 20
-    while not (await asyncio.to_thread(path.exists)) or not path.read_text().strip():
+    while not (text := await asyncio.to_thread(_text, path)).strip():
         assert time.monotonic() < deadline, f"{path} never appeared"
         await asyncio.sleep(0.05)
-    return path.read_text()
+    return text
+
+
+def _text(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
 
 
 def _gone(pid: int) -> bool:
