@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -87,6 +88,21 @@ class CreateBuild(Body):
         return self
 
 
+class ProcessOut(BaseModel):
+    """A background process of the build's sandbox (``bash`` with ``run_in_background``)."""
+
+    process_id: str = Field(examples=["bash_1"])
+    status: str = Field(
+        description="running, exited (by itself), killed (by the model), stopped (sleep, "
+        "cancel or the build's end) or lost (with a sandbox that went away)"
+    )
+    command: str | None = None
+    pid: int | None = None
+    exit_code: int | None = None
+    reason: str | None = None
+    sandbox_id: str | None = None
+
+
 class BuildOut(BaseModel):
     build_id: str
     status: str = Field(
@@ -113,6 +129,10 @@ class BuildOut(BaseModel):
         description="How many times the build has continued after it ended (a message to a "
         "completed, failed or cancelled build continues it).",
     )
+    processes: list[ProcessOut] = Field(
+        default_factory=list,
+        description="The build's background processes, oldest first (GET /v1/builds/{id} only).",
+    )
 
     @classmethod
     def of(cls, build: Build, *, detail: bool = True) -> BuildOut:
@@ -135,6 +155,9 @@ class BuildOut(BaseModel):
             idea_brief=build.idea_brief if detail else None,
             understanding_qna=build.understanding_qna if detail else None,
             continuations=s.continuations,
+            processes=[ProcessOut.model_validate(p) for p in json.loads(s.processes)]
+            if detail
+            else [],
         )
 
 
