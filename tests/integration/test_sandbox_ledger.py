@@ -77,10 +77,9 @@ async def test_processes_are_numbered_per_build_once_per_call_and_reported_once(
         assert sorted(r.process_id for r, _ in got) == [f"bash_{i}" for i in range(2, 7)]
         assert (await store.register(f"x{uid}", "c1", 1, "x", "sb-9"))[0].process_id == "bash_1"
 
-        await store.update(replace(one, status="running", pid=42, read_offset=10))
-        assert await store.get(build_id, "bash_1") == replace(
-            one, status="running", pid=42, read_offset=10
-        )
+        running = replace(one, status="running", pid=42, read_offset=10, ports=(5173, 8000))
+        await store.update(running)
+        assert await store.get(build_id, "bash_1") == running
         await store.update(replace(one, status="stopped", reason="build sleeping"))
         lost, ended = await store.to_report(build_id, "sb-2", "c9")
         assert sorted(r.process_id for r in lost) == [f"bash_{i}" for i in range(2, 7)]

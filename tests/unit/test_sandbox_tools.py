@@ -635,3 +635,27 @@ def _text_of(path: Path) -> str | None:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_bash_output_names_the_ports_a_process_listens_on(sb):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = (
+        "python3 -c 'import socket,time; s=socket.socket(); "
+        "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+        f's.bind(("127.0.0.1", {port})); s.listen(); print("up", flush=True); time.sleep(300)\''
+    )
+    # started through a shell, so the listener is a child of the process: found by its session
+    await call(sb, "bash", run_in_background=True, command=f"{server}; true")
+
+    async def listening():
+        got = await call(sb, "bash_output", bash_id="bash_1")
+        return got if "listening" in got.output.splitlines()[0] else None
+
+    got = await _until(listening, "the port was never seen")
+    assert got.output.splitlines()[0].endswith(f"listening on port {port}")
+    record = await processes(sb).store.get("b1", "bash_1")
+    assert record is not None and record.ports == (port,)

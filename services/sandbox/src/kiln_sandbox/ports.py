@@ -269,6 +269,7 @@ class ProcessRecord:
     reason: str = ""
     read_offset: int = 0  # bytes of its output already shown by bash_output
     reported_by: str | None = None  # the call whose result told the model it had ended
+    ports: tuple[int, ...] = ()  # TCP ports it (or a process it started) listened on, last seen
 
     @property
     def live(self) -> bool:

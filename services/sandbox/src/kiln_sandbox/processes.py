@@ -52,6 +52,25 @@ while [ ! -s "$D/pid" ] && [ "$i" -lt 500 ]; do sleep 0.01; i=$((i + 1)); done
 printf 'started %s\n' "$(cat -- "$D/pid" 2>/dev/null)"
 """
 
+# listening SID: the TCP ports on which the processes of session SID listen (from /proc: their
+# sockets' inodes, matched against /proc/net/tcp{,6} entries in state LISTEN).
+_LISTENING = r"""
+listening() {
+  local sid=$1 d s inodes=
+  for d in /proc/[0-9]*; do
+    s=$(cat "$d/stat" 2>/dev/null) || continue
+    s=${s##*) }; set -- $s
+    [ "$4" = "$sid" ] || continue
+    inodes="$inodes $(ls -l "$d/fd" 2>/dev/null | sed -n 's/.*socket:\[\([0-9]*\)\].*/\1/p' | tr '\n' ' ')"
+  done
+  [ -n "${inodes// /}" ] || return 0
+  cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | awk -v want="$inodes" '
+    BEGIN { n = split(want, w, " "); for (i = 1; i <= n; i++) ok[w[i]] = 1 }
+    $4 == "0A" && ($10 in ok) { split($2, a, ":"); print a[2] }
+  ' 2>/dev/null | while read -r h; do echo $((16#$h)); done | sort -un | tr '\n' ' '
+}
+"""
+
 # state OFFSET MAX: "<status> <rc> <size>" then the output from OFFSET (at most MAX bytes, base64).
 # The status is taken before the output is read: an exited process's output is all there.
 _OUTPUT = r"""
@@ -63,6 +82,9 @@ elif [ -n "$p" ] && kill -0 -- "-$p" 2>/dev/null; then st='running -'
 else st='killed -'; fi
 size=$(stat -c %s -- "$D/out" 2>/dev/null || echo 0)
 printf '%s %s\n' "$st" "$size"
+ports=
+[ "$st" = 'running -' ] && ports=$(listening "$p")
+printf 'ports %s\n' "$ports"
 tail -c "+$(($3 + 1))" -- "$D/out" 2>/dev/null | head -c "$4" | base64 -w0
 echo
 """
@@ -163,8 +185,12 @@ class Processes:
         record = await self.find(call.build_id, process_id)
         if record.sandbox_id != ws.sandbox_id or record.status in ("stopped", "lost"):
             return f"{_describe(record)}\n(its output is gone with it)"
-        out = await self._sh(ws, _OUTPUT, process_id, str(record.read_offset), str(READ_CHUNK))
-        first, _, data = out.partition("\n")
+        out = await self._sh(
+            ws, _LISTENING + _OUTPUT, process_id, str(record.read_offset), str(READ_CHUNK)
+        )
+        first, _, rest = out.partition("\n")
+        ports_line, _, data = rest.partition("\n")
+        ports = tuple(int(x) for x in ports_line.split()[1:] if x.isdigit())
         status, rc, size = [*first.split(), "-", "-", "0"][:3]
         raw = base64.b64decode(data.strip() or b"")
         total = int(size) if size.isdigit() else record.read_offset + len(raw)
@@ -189,7 +215,7 @@ class Processes:
         if left > 0:
             notes.append(f"{left:,} more bytes of output not read yet; call bash_output again")
         ended = status in ("exited", "killed", "gone")
-        new = replace(record, read_offset=offset)
+        new = replace(record, read_offset=offset, ports=ports)
         if ended and record.live:
             how: ProcessStatus = "exited" if status == "exited" else "killed"
             new = replace(
@@ -200,7 +226,7 @@ class Processes:
             )
             await self.store.update(new)
             await self._exited(call, new)
-        elif offset != record.read_offset:
+        elif offset != record.read_offset or ports != record.ports:
             await self.store.update(new)
         body = text if text.strip() else "(no new output)"
         tail = f"\n[{'; '.join(notes)}]" if notes else ""
@@ -306,7 +332,12 @@ def _short(command: str, limit: int = 80) -> str:
 def _describe(r: ProcessRecord) -> str:
     what = f"{r.process_id} ({_short(r.command)})"
     if r.live:
-        return f"{what}: running" + (f", pid {r.pid}" if r.pid else "")
+        ports = ", ".join(map(str, r.ports))
+        return (
+            f"{what}: running"
+            + (f", pid {r.pid}" if r.pid else "")
+            + (f", listening on port{'s' if len(r.ports) > 1 else ''} {ports}" if ports else "")
+        )
     if r.status == "exited":
         return f"{what}: exited with code {r.exit_code}"
     return f"{what}: {r.status} ({r.reason})" if r.reason else f"{what}: {r.status}"

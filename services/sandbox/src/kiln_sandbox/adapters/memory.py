@@ -46,6 +46,7 @@ class MemoryProcesses:
             exit_code=record.exit_code,
             reason=record.reason,
             read_offset=record.read_offset,
+            ports=record.ports,
         )
 
     async def to_report(

@@ -166,7 +166,7 @@ class PgRegistry:
 
 _PROCESS_COLUMNS = (
     "build_id, process_id, call_id, iteration, command, sandbox_id, status, pid, exit_code, "
-    "reason, read_offset, reported_by"
+    "reason, read_offset, reported_by, ports"
 )
 
 
@@ -184,6 +184,7 @@ def _process(row: asyncpg.Record) -> ProcessRecord:
         reason=row["reason"],
         read_offset=int(row["read_offset"]),
         reported_by=row["reported_by"],
+        ports=tuple(row["ports"] or ()),
     )
 
 
@@ -243,7 +244,7 @@ class PgProcesses:
     async def update(self, record: ProcessRecord) -> None:
         await self.pool.execute(
             "UPDATE processes SET status = $3, pid = $4, exit_code = $5, reason = $6, "
-            "read_offset = $7, ended_at = CASE WHEN $3 IN ('starting', 'running') THEN NULL "
+            "read_offset = $7, ports = $8, ended_at = CASE WHEN $3 IN ('starting', 'running') THEN NULL "
             "ELSE coalesce(ended_at, now()) END "
             "WHERE build_id = $1 AND process_id = $2",
             record.build_id,
@@ -253,6 +254,7 @@ class PgProcesses:
             record.exit_code,
             record.reason,
             record.read_offset,
+            list(record.ports),
         )
 
     async def to_report(
