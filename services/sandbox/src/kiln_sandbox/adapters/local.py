@@ -9,6 +9,8 @@ Layout: ``<root>/<build_id>`` is the workspace (sandbox id = build id). Each com
 ``bash -c`` in the workspace, in its own process group (``start_new_session``), with a small
 environment (no service secrets); at its timeout the whole group is killed. Stopping a sandbox
 kills every process group it started but keeps the directory (users download files from it).
+Background processes keep their files in ``<root>/.processes/<build_id>`` (``process_dir``) and
+are stopped by the service (``processes.py``) before it pauses or stops the sandbox.
 """
 
 from __future__ import annotations
