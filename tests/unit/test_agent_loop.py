@@ -309,6 +309,20 @@ async def test_repetition_of_the_same_call_fails_the_build() -> None:
     assert failed.reason == "repetition" and failed.iterations == 3
 
 
+async def test_polling_a_background_process_is_not_repetition() -> None:
+    poll = ([tool_use("p0", "bash_output", bash_id="bash_1")], "tool_use")
+    model = FakeModel(poll)
+    agent, _store, pub = make_agent(model)
+    await agent.build_requested(request())
+    for i in range(1, 5):
+        calls = pub.of(ToolCall)
+        assert len(calls) == i
+        model.replies = [([tool_use(f"p{i}", "bash_output", bash_id="bash_1")], "tool_use")]
+        await agent.tool_result(result_for(calls[-1]))
+    assert pub.of(BuildFailed) == []
+    assert len(pub.of(ToolCall)) == 5
+
+
 async def test_model_error_and_refusal() -> None:
     agent, _, pub = make_agent(FakeModel(ModelError("HTTP 529: overloaded")))
     await agent.build_requested(request())

@@ -159,7 +159,11 @@ class SandboxService:
         if record is not None and record.has_processes:
             return True
         if call.tool == "bash" and call.input.get("run_in_background") is True:
-            await self.registry.mark_processes(call.build_id)
+            try:
+                await self.registry.mark_processes(call.build_id)
+            except BaseException:
+                await self._release(call)  # not run yet: the redelivery runs it
+                raise
             return True
         return False
 

@@ -245,6 +245,9 @@ class Processes:
 
     # ------------------------------------------------------------------ the platform
 
+    async def any_live(self, build_id: str) -> bool:
+        return any(r.live for r in await self.store.all(build_id))
+
     async def stop_all(self, ws: Workspace | None, event: Envelope, reason: str) -> int:
         """Stop the build's live processes (before its sandbox is paused or stopped); with no
         sandbox (``ws`` None: it is gone) they are recorded lost. How many there were."""

@@ -260,6 +260,8 @@ class Sandboxes:
     ) -> None:
         """Stop the build's background processes before its sandbox is paused or stopped."""
         assert self.processes is not None
+        if not await self.processes.any_live(event.build_id):
+            return  # nothing to stop: no need to reach (or resume) the sandbox
         try:
             sandbox: Workspace | None = Workspace(
                 await self.provider.connect(event.build_id, record.sandbox_id)
