@@ -9,7 +9,6 @@ import json
 
 from .checkpoint import PendingCall, State
 
-
 POLLING = frozenset({"bash_output"})
 
 
