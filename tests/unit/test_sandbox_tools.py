@@ -615,14 +615,46 @@ async def test_stopped_processes_are_reported_once(sb):
     assert [(e.process_id, e.how, e.reason) for e in exited] == [
         ("bash_1", "stopped", "build sleeping")
     ]
-    note = await procs.notes(tool_call("toolu_next"), sb.sandbox_id)
+    note = await procs.notes(tool_call("toolu_next"), sb)
     assert "bash_1 (echo $$ >" in note and "build sleeping" in note and "not restarted" in note
-    assert await procs.notes(tool_call("toolu_after"), sb.sandbox_id) == ""
+    assert await procs.notes(tool_call("toolu_after"), sb) == ""
     # a live process recorded in another sandbox is lost, and said so
     await call(sb, "bash", run_in_background=True, command="sleep 300")
-    note = await procs.notes(tool_call("toolu_elsewhere"), "another-sandbox")
+    elsewhere = Workspace(Renamed(sb.machine, "another-sandbox"))  # type: ignore[arg-type]
+    note = await procs.notes(tool_call("toolu_elsewhere"), elsewhere)
     assert "bash_2 (sleep 300): its sandbox went away" in note
     assert [e.how for e in events(sb) if e.kind == "process_exited"] == ["stopped", "lost"]
+
+
+class Renamed:
+    """A machine under another sandbox id (the build's sandbox as it is after a replacement)."""
+
+    def __init__(self, inner: Any, sandbox_id: str) -> None:
+        self.inner, self.sandbox_id = inner, sandbox_id
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_a_process_that_ends_by_itself_is_reported_by_the_next_call(sb):
+    procs = processes(sb)
+    await call(sb, "bash", run_in_background=True, command="sleep 0.2; echo bye; exit 3")
+    await call(sb, "bash", run_in_background=True, command="sleep 300")
+
+    async def ended():
+        note = await procs.notes(tool_call(), sb)
+        return note or None
+
+    note = await _until(ended, "the exit was never noticed")
+    assert note == (
+        "[background processes that have ended: bash_1 (sleep 0.2; echo bye; exit 3): exited "
+        "with code 3. Their last output: bash_output]"
+    )
+    assert await procs.notes(tool_call(), sb) == ""  # said once; bash_2 still runs
+    exited = [e for e in events(sb) if e.kind == "process_exited"]
+    assert [(e.process_id, e.how, e.exit_code) for e in exited] == [("bash_1", "exited", 3)]
+    got = await call(sb, "bash_output", bash_id="bash_1")
+    assert got.output.splitlines()[1:] == ["bye"]
 
 
 async def _read(path: Path) -> str | None:
@@ -651,11 +683,16 @@ async def test_bash_output_names_the_ports_a_process_listens_on(sb):
     # started through a shell, so the listener is a child of the process: found by its session
     await call(sb, "bash", run_in_background=True, command=f"{server}; true")
 
-    async def listening():
-        got = await call(sb, "bash_output", bash_id="bash_1")
-        return got if "listening" in got.output.splitlines()[0] else None
+    # each later call of the build looks at its live processes: the ports are recorded without
+    # the model asking (what a preview needs)
+    async def recorded():
+        await processes(sb).notes(tool_call(), sb)
+        record = await processes(sb).store.get("b1", "bash_1")
+        return record if record is not None and record.ports else None
 
-    got = await _until(listening, "the port was never seen")
-    assert got.output.splitlines()[0].endswith(f"listening on port {port}")
-    record = await processes(sb).store.get("b1", "bash_1")
-    assert record is not None and record.ports == (port,)
+    record = await _until(recorded, "the port was never seen")
+    assert record.ports == (port,)
+    got = await call(sb, "bash_output", bash_id="bash_1")
+    assert got.output.splitlines()[0].endswith(
+        f"running, pid {record.pid}, listening on port {port}"
+    )

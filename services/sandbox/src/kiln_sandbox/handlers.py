@@ -256,7 +256,7 @@ class SandboxService:
 
     async def _run(self, sandbox: Workspace, call: ToolCall, watch: bool = False) -> ToolResult:
         result = await self._execute(sandbox, call)
-        if watch and (notes := await self.processes.notes(call, sandbox.sandbox_id)):
+        if watch and (notes := await self.processes.notes(call, sandbox)):
             result = result.model_copy(update={"output": f"{result.output}\n{notes}"})
         outcome = "error" if result.is_error else "ok"
         metrics.TOOL_SECONDS.labels(call.tool, outcome).observe(result.duration_ms / 1000)

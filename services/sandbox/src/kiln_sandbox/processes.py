@@ -89,6 +89,20 @@ tail -c "+$(($3 + 1))" -- "$D/out" 2>/dev/null | head -c "$4" | base64 -w0
 echo
 """
 
+# check ID...: per process "<id> <status> <rc> <ports>" (status: running, exited, killed, gone;
+# ports: comma-separated, '-' for none).
+_CHECK = r"""
+dir=$1; shift
+for id in "$@"; do
+  D=$dir/$id; p=$(cat -- "$D/pid" 2>/dev/null)
+  if [ ! -d "$D" ]; then echo "$id gone - -"
+  elif [ -e "$D/rc" ]; then echo "$id exited $(cat -- "$D/rc") -"
+  elif [ -n "$p" ] && kill -0 -- "-$p" 2>/dev/null; then
+    ports=$(listening "$p" | tr -s ' ' ','); ports=${ports%,}; echo "$id running - ${ports:--}"
+  else echo "$id killed - -"; fi
+done
+"""
+
 # stop GRACE ID...: SIGTERM each live one's group, SIGKILL after GRACE seconds; then per process
 # "<id> <status> <rc>" (status: exited, killed, gone).
 _STOP = r"""
@@ -263,19 +277,64 @@ class Processes:
                 await self._exited(event, ended)
         return len(live)
 
-    async def notes(self, call: ToolCall, sandbox_id: str) -> str:
-        """What to tell the model, in this call's result, of processes the platform ended:
-        lost with a sandbox that is gone, stopped at a sleep or the build's end."""
-        lost, ended = await self.store.to_report(call.build_id, sandbox_id, call.call_id)
+    async def notes(self, call: ToolCall, ws: Workspace) -> str:
+        """What to tell the model, in this call's result, of its background processes: those the
+        platform ended (lost with a sandbox that is gone, stopped at a sleep or the build's end)
+        and those that have exited by themselves since (seen now, with one look at the live ones
+        in the sandbox, which also updates the ports they listen on)."""
+        lost, ended = await self.store.to_report(call.build_id, ws.sandbox_id, call.call_id)
         for record in lost:
             await self._exited(call, record)
-        if not ended:
-            return ""
-        listed = "; ".join(f"{r.process_id} ({_short(r.command)}): {r.reason}" for r in ended)
-        return (
-            f"[background processes no longer running: {listed}. They were not restarted; "
-            "start again what you need with bash and run_in_background]"
-        )
+        exited = await self._check(ws, call)
+        notes: list[str] = []
+        if ended:
+            listed = "; ".join(f"{r.process_id} ({_short(r.command)}): {r.reason}" for r in ended)
+            notes.append(
+                f"[background processes no longer running: {listed}. They were not restarted; "
+                "start again what you need with bash and run_in_background]"
+            )
+        if exited:
+            listed = "; ".join(_describe(r) for r in exited)
+            notes.append(
+                f"[background processes that have ended: {listed}. Their last output: bash_output]"
+            )
+        return "\n".join(notes)
+
+    async def _check(self, ws: Workspace, event: ToolCall) -> list[ProcessRecord]:
+        """Look at the build's live processes in ``ws`` (one command): record the ones that have
+        ended (``ProcessExited``; returned) and the ports the others listen on."""
+        live = [
+            r for r in await self.store.all(event.build_id)
+            if r.live and r.sandbox_id == ws.sandbox_id and r.call_id != event.call_id
+        ]  # fmt: skip
+        if not live:
+            return []
+        try:
+            out = await self._sh(ws, _LISTENING + _CHECK, *(r.process_id for r in live))
+        except SandboxError as err:
+            log.warning("could not look at the background processes: %s", err,
+                        extra={"build_id": event.build_id})  # fmt: skip
+            return []
+        seen = {p[0]: p[1:] for line in out.splitlines() if len(p := line.split()) == 4}
+        ended: list[ProcessRecord] = []
+        for r in live:
+            status, rc, ports = seen.get(r.process_id, ("gone", "-", "-"))
+            if status == "running":
+                found = tuple(int(x) for x in ports.split(",") if x.isdigit())
+                if found != r.ports:
+                    await self.store.update(replace(r, ports=found))
+                continue
+            new = replace(
+                r,
+                status="exited" if status == "exited" else "killed" if status == "killed" else "lost",
+                exit_code=int(rc) if rc.lstrip("-").isdigit() else None,
+                reason="exited by itself" if status == "exited" else "ended without an exit status"
+                if status == "killed" else "gone from its sandbox",
+            )  # fmt: skip
+            await self.store.update(new)
+            await self._exited(event, new)
+            ended.append(new)
+        return ended
 
     # ------------------------------------------------------------------ helpers
 
