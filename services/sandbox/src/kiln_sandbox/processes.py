@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 MAX_COMMAND_CHARS = 2_000  # of a command, in the events
 READ_CHUNK = 256 * 1024  # bytes of new output bash_output fetches at most per call
-SHOW_CHARS = 30_000  # characters of output bash_output shows at most
+SHOW_CHARS = 28_000  # characters of output bash_output shows at most (its header and notes fit
+# beside them under the 30,000 of any tool result)
 STOP_GRACE_S = 3  # SIGTERM, then SIGKILL after this long
 SCRIPT_TIMEOUT_S = 30.0
 

@@ -15,6 +15,7 @@ from .base import (
     ToolContext,
     ToolOutcome,
     arg,
+    truncate,
 )
 
 
@@ -83,7 +84,7 @@ async def bash_output(ws: Workspace, args: dict[str, Any], ctx: ToolContext) -> 
         regex = re.compile(pattern) if pattern else None
     except re.error as err:
         raise BadInput(f"invalid filter regular expression: {err}") from err
-    return ToolOutcome(output=await ctx.processes.output(ws, ctx.call, process_id, regex))
+    return ToolOutcome(output=truncate(await ctx.processes.output(ws, ctx.call, process_id, regex)))
 
 
 async def kill_shell(ws: Workspace, args: dict[str, Any], ctx: ToolContext) -> ToolOutcome:
