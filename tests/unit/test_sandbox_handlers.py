@@ -36,6 +36,7 @@ from kiln_runtime.errors import RetryLater
 from kiln_sandbox.adapters.local import LocalProvider, LocalSandbox
 from kiln_sandbox.handlers import INTERRUPTED, SandboxService
 from kiln_sandbox.ports import CallRecord, SandboxError, SandboxRecord
+from kiln_sandbox.workspace import Workspace
 
 
 class FakeCalls:
@@ -651,3 +652,29 @@ async def test_sleep_stops_processes_and_the_call_after_the_wake_is_told(svc, ui
         tool_call(uid, "c4", input={"command": "echo hi"}, iteration=2)
     )
     assert later.output == "hi\n"
+
+
+async def test_a_sandbox_that_cannot_stop_its_processes_is_still_paused(svc, uid, monkeypatch):
+    await svc.handle_tool_call(_background(uid, "bg1", "exec sleep 300"))
+    real = svc.processes._sh
+
+    async def broken(*args: Any, **kwargs: Any) -> str:
+        raise SandboxError("the process wrapper failed (exit 90)")
+
+    monkeypatch.setattr(svc.processes, "_sh", broken)
+    sleep = SnapshotSaved(
+        build_id=f"b{uid}", user_id="u1", snapshot_id="s-sleep", iteration=1, reason="sleep",
+        files=1, bytes_total=1, bytes_uploaded=1,
+    )  # fmt: skip
+    await svc.handle_snapshot_saved(sleep)
+    record = await svc.registry.get(f"b{uid}")
+    assert record is not None and record.state == "paused"
+    assert len(bus(svc).of(SandboxStopped)) == 1
+    assert bus(svc).of(ProcessExited) == []  # not stopped: still recorded live
+    monkeypatch.setattr(svc.processes, "_sh", real)
+    assert (
+        await svc.processes.stop_all(
+            Workspace(await svc.provider.connect(f"b{uid}", f"b{uid}")), sleep, "test over"
+        )
+        == 1
+    )

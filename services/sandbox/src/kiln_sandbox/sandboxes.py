@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from kiln_contracts import (
     BuildCancelled,
     BuildFailed,
+    Envelope,
     ManifestReply,
     ManifestRequest,
     SandboxRestored,
@@ -133,7 +134,7 @@ class Sandboxes:
         if had_processes and self.processes is not None:
             # The old sandbox's processes are gone with it (or, where the provider reuses the
             # sandbox's id, stopped now); the call's result tells the model which.
-            await self.processes.stop_all(sandbox, call, "its sandbox was replaced by a fresh one")
+            await self._stop_processes_in(sandbox, call, "its sandbox was replaced by a fresh one")
         if snapshot_id is not None:
             await self.bus.publish(
                 call.caused(
@@ -268,10 +269,24 @@ class Sandboxes:
             )
         except SandboxGone:
             sandbox = None
+        await self._stop_processes_in(sandbox, event, why)
+
+    async def _stop_processes_in(
+        self, sandbox: Workspace | None, event: Envelope, why: str
+    ) -> None:
+        """``Processes.stop_all``; a sandbox that fails to answer does not hold up what comes
+        next (a process it could not stop stays recorded live: the next call's look at the
+        build's processes, or the next stop, sees what became of it)."""
+        assert self.processes is not None
         try:
             await self.processes.stop_all(sandbox, event, why)
         except SandboxGone:
             await self.processes.stop_all(None, event, why)
+        except SandboxError as err:
+            log.warning(
+                "could not stop the background processes: %s", err,
+                extra={"build_id": event.build_id},
+            )  # fmt: skip
 
     async def existing(self, build_id: str) -> Workspace:
         """The build's sandbox as it is (for the snapshot service); SandboxError if none."""
