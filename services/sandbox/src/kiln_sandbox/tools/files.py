@@ -51,12 +51,13 @@ async def read_file(ws: Workspace, args: dict[str, Any], ctx: ToolContext) -> To
     if looks_binary(data):
         return error(f"{path} looks like a binary file ({len(data):,} bytes); not shown")
     text = data.decode("utf-8", errors="replace")
+    lines = text.splitlines()
+    if text and offset > len(lines):
+        return error(f"offset {offset} is past the end of {path} ({len(lines)} lines)")
+    # what the model is shown of the file (any part of it) counts as a read of its content
     await ctx.reads.saw(ctx.build_id, found.real, _sha256(data), ctx.call.call_id)
     if not text:
         return ToolOutcome(output=f"(file {path} is empty)")
-    lines = text.splitlines()
-    if offset > len(lines):
-        return error(f"offset {offset} is past the end of {path} ({len(lines)} lines)")
     chosen = lines[offset - 1 : offset - 1 + limit]
     cut_lines = 0
     numbered: list[str] = []
