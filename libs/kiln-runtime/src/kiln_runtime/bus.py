@@ -63,11 +63,6 @@ class Delivery:
     subject: str
     stream_seq: int
     num_delivered: int
-    heartbeat: Callable[[], Awaitable[None]]
-
-    @property
-    def redelivered(self) -> bool:
-        return self.num_delivered > 1
 
 
 Handler = Callable[[E, Delivery], Awaitable[None]]
@@ -526,7 +521,7 @@ class _Consumer(Generic[E]):
             metrics.HANDLED.labels(service, kind, "invalid").inc()
             return
 
-        delivery = Delivery(raw.subject, meta.sequence.stream, meta.num_delivered, msg.in_progress)
+        delivery = Delivery(raw.subject, meta.sequence.stream, meta.num_delivered)
         extra = {"build_id": event.build_id, "event_id": event.event_id, "kind": kind}
         beat = asyncio.create_task(self._heartbeat(msg))
         started = asyncio.get_running_loop().time()
@@ -625,7 +620,3 @@ def _summary(err: ValidationError) -> str:
         loc = ".".join(str(x) for x in e["loc"]) or "<root>"
         parts.append(f"{loc}: {e['msg']}")
     return "; ".join(parts)
-
-
-def dump(msg: Envelope) -> dict[str, Any]:
-    return msg.model_dump(mode="json")
