@@ -129,8 +129,6 @@ def test_dashboard_builds_watches_wakes_and_downloads(stack: Stack, tmp_path: Pa
             shot = tmp_path / "dashboard.png"
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
-            if os.environ.get("KILN_UPDATE_DOCS_SCREENSHOT") == "1":
-                shutil.copyfile(shot, DOCS_SCREENSHOT)
             assert errors == [], errors
         finally:
             browser.close()
@@ -232,6 +230,11 @@ def test_dashboard_conversation_files_diff_and_fork(stack: Stack, tmp_path: Path
             page.locator('#tree li[data-path="textstats/__init__.py"] button').click()
             expect(page.locator("#file-content")).to_contain_text("def ")
             expect(page.locator("#viewer-head")).to_contain_text("textstats/__init__.py")
+            package = page.locator('#tree li[data-path="textstats"] button')
+            package.click()  # folded
+            expect(page.locator('#tree li[data-path="textstats/__init__.py"]')).to_be_hidden()
+            package.click()
+            expect(page.locator('#tree li[data-path="textstats/__init__.py"]')).to_be_visible()
 
             # The diff from the first run's end to the continuation's: NOTES.md added.
             page.select_option("#diff-from", before.get_attribute("data-iteration"))
@@ -241,7 +244,10 @@ def test_dashboard_conversation_files_diff_and_fork(stack: Stack, tmp_path: Path
             added = page.locator('#diff details[data-path="NOTES.md"]')
             expect(added.locator("summary")).to_contain_text("added")
             expect(added.locator("pre .add")).to_have_text(["+hello from the dashboard\n"])
-            page.screenshot(path=str(tmp_path / "dashboard-conversation.png"), full_page=True)
+            shot = tmp_path / "dashboard-conversation.png"
+            page.screenshot(path=str(shot), full_page=True)
+            if os.environ.get("KILN_UPDATE_DOCS_SCREENSHOT") == "1":
+                shutil.copyfile(shot, DOCS_SCREENSHOT)
 
             # Fork from an iteration: the request the button sends ...
             fork = conversation.locator(".marker.iteration button.fork").first

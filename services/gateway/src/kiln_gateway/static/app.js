@@ -385,12 +385,24 @@ async function loadTree(snapshotId) {
       b.addEventListener("click", () => openFile(e.path));
       li.append(b);
     } else if (e.type === "dir") {
-      li.append(el("span", { className: "dir" }, name + "/"));
+      const b = el("button", { type: "button", className: "dir", title: "fold or unfold" }, name + "/");
+      b.addEventListener("click", () => fold(li));
+      li.append(b);
     } else {
       li.append(el("span", { className: "dir" }, `${name} → ${e.target}`));
     }
     return li;
   }));
+}
+
+// Fold a directory of the tree (or unfold it): what it holds is hidden unless every directory
+// above it is unfolded.
+function fold(dirItem) {
+  dirItem.classList.toggle("folded");
+  const folded = [...$("tree").querySelectorAll("li.folded")].map((li) => li.dataset.path + "/");
+  for (const li of $("tree").children) {
+    li.hidden = folded.some((prefix) => li.dataset.path.startsWith(prefix));
+  }
 }
 
 function filePath(path) { return path.split("/").map(encodeURIComponent).join("/"); }
