@@ -13,6 +13,7 @@ from fastapi import APIRouter, HTTPException, Path, Query, Response
 from kiln_contracts.manifest import Manifest
 
 from . import snapshots
+from .bootstrap import Wiring
 from .deps import Owned, Rt
 from .model import Build
 from .problems import ProblemError, responses
@@ -32,7 +33,6 @@ SnapshotRef = Annotated[
         examples=["latest"],
     ),
 ]
-Iteration = Annotated[int, Query(ge=0, le=1_000_000)]
 
 
 async def _s3(build: Build, call: Awaitable[T]) -> T:
@@ -46,7 +46,7 @@ async def _s3(build: Build, call: Awaitable[T]) -> T:
         raise HTTPException(503, "the snapshot store is unavailable; retry") from err
 
 
-async def _snapshot(rt: Rt, build: Build, ref: str) -> tuple[Manifest, str | None]:
+async def _snapshot(rt: Wiring, build: Build, ref: str) -> tuple[Manifest, str | None]:
     """The snapshot ``ref`` names (an id, or ``latest``) and the id of the build's newest."""
     latest_id = await _s3(build, rt.files.latest_id(build.build_id))
     snapshot_id = latest_id if ref == "latest" else ref
@@ -148,7 +148,7 @@ async def diff_iterations(
     build: Owned,
     rt: Rt,
     from_: Annotated[int, Query(alias="from", ge=0, le=1_000_000, description="An iteration.")],
-    to: Iteration,
+    to: Annotated[int, Query(ge=0, le=1_000_000, description="An iteration.")],
 ) -> DiffOut:
     """What changed in the build's files from iteration ``from`` to iteration ``to`` (each: the
     newest snapshot at or before it): every added, removed and modified file and symlink, with
