@@ -184,17 +184,21 @@ async function awaitFinalSnapshot(buildId, iterations) {
 
 // ------------------------------------------------------------------ the conversation
 
+// Add to the conversation; follow it down unless the reader has scrolled up.
+function append(item) {
+  const c = $("conversation");
+  const following = c.scrollHeight - c.scrollTop - c.clientHeight < 40;
+  c.append(item);
+  if (following) c.scrollTop = c.scrollHeight;
+  return item;
+}
+
 function say(who, text, className) {
-  const turn = el("li", { className: `turn ${className}` }, el("span", { className: "who" }, who), text);
-  $("conversation").append(turn);
-  $("conversation").scrollTop = $("conversation").scrollHeight;
-  return turn;
+  return append(el("li", { className: `turn ${className}` }, el("span", { className: "who" }, who), text));
 }
 
 function mark(text, className = "", ...extra) {
-  const li = el("li", { className: `marker ${className}` }, el("span", {}, text), ...extra);
-  $("conversation").append(li);
-  return li;
+  return append(el("li", { className: `marker ${className}` }, el("span", {}, text), ...extra));
 }
 
 function gist(input) {
@@ -203,6 +207,7 @@ function gist(input) {
 }
 
 function toolCall(data) {
+  if (state.calls.has(data.call_id)) return;  // a call republished after a crash is the same call
   const status = el("span", { className: "result" }, " …");
   const output = el("pre", { className: "output" }, "(waiting for the result)");
   const details = el("details", { className: "tool", dataset: { callId: data.call_id } },
@@ -212,7 +217,7 @@ function toolCall(data) {
     el("div", { className: "muted" }, "output"),
     output);
   state.calls.set(data.call_id, { status, output, details });
-  $("conversation").append(el("li", {}, details));
+  append(el("li", {}, details));
 }
 
 function toolResult(data) {
