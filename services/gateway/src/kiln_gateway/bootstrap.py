@@ -68,6 +68,7 @@ async def running(settings: GatewaySettings) -> AsyncIterator[Wiring]:
         endpoint_url=settings.s3_endpoint_url,
         region=settings.region,
         timeout_s=settings.s3_timeout_s,
+        cached_manifests=settings.snapshot_manifest_cache,
     )
     try:
         await connect_with_retry(bus)
