@@ -519,7 +519,7 @@ def _follow_up(client: KilnClient, build_id: str, on_idle: Any) -> str:
     console.print()
     console.print(f"[bold]follow-up:[/] {DEMO_FOLLOW_UP!r}", highlight=False)
     sent = client.send_message(build_id, DEMO_FOLLOW_UP, idempotency_key=uuid.uuid4().hex)
-    return follow(client, build_id, on_idle=on_idle, after_message=sent["message_id"]).status
+    return follow(client, build_id, on_idle=on_idle, after_message=sent["message_id"]).status or ""
 
 
 def _demo(data_dir: Path, port: int, timeout: float, extra_env: dict[str, str]) -> bool:
