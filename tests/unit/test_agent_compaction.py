@@ -20,7 +20,7 @@ from kiln_agent.context import (
     summary_point,
     summary_request,
 )
-from kiln_agent.ports import ModelReply, ModelRequest
+from kiln_agent.ports import ContextWindowExceeded, ModelReply, ModelRequest
 from kiln_agent.tools import definitions
 from kiln_contracts import (
     BuildCompleted,
@@ -36,7 +36,7 @@ from kiln_contracts import (
 from kiln_devstack.model.script import LongScript
 from kiln_runtime import config as kiln_config
 from kiln_runtime.config import Cost
-from tests.unit.test_agent_fakes import make_agent, result_for, text, tool_use
+from tests.unit.test_agent_fakes import FakeModel, make_agent, result_for, text, tool_use
 from tests.unit.test_agent_gates import FakeGates, closed
 
 CFG = agent_config.load()
@@ -175,6 +175,39 @@ def test_when_nothing_else_fits_all_but_the_recent_turns_are_summarised() -> Non
     # a second summary starts after the first one
     cp.state.summarised_before = upto
     assert summary_point(cp, turns, request(cp, turns), CFG, 6_000, cleared) is None
+
+
+def test_an_overflow_the_estimate_did_not_see_is_summarised_when_nothing_is_left_to_clear() -> None:
+    turns = build(12, write="short")
+    cp = checkpoint(compact_now=True)
+    assert compaction_point(cp, turns, CFG) is None
+    req = request(cp, turns)
+    assert summary_point(cp, turns, req, CFG, 200_000, 0) is None
+    upto = summary_point(cp, turns, req, CFG, 200_000, 0, force=True)
+    assert upto == 3  # the fewest: the first iteration only
+
+
+async def test_an_overflowing_call_with_nothing_to_clear_is_answered_by_a_summary() -> None:
+    model = FakeModel(
+        ([tool_use("c1", "bash", command="ls")], "tool_use"),
+        ([tool_use("c2", "bash", command="ls")], "tool_use"),
+        ContextWindowExceeded("prompt is too long: 210000 tokens > 200000 maximum"),
+        ([text("- ran ls twice")], "end_turn"),  # the summary
+        ([text("done")], "end_turn"),
+    )
+    agent, store, pub = make_agent(model)
+    agent.rules = type(agent.rules)(
+        agent.rules.config.model_copy(update={"keep_recent_turns": 2}), agent.rules.kiln
+    )
+    await agent.build_requested(START)
+    await drive(agent, pub)
+    assert len(pub.of(BuildCompleted)) == 1
+    assert [bool(r.tools) for r in model.requests] == [True, True, True, False, True]
+    assert "- ran ls twice" in str(model.requests[-1].messages[0])
+    [summary] = [m for m in pub.of(IterationCompleted) if m.purpose == "summary"]
+    assert summary.event_id == stable_id("b1", "summary", 1)
+    cp = await store.load("b1")
+    assert cp.state.summaries == 1 and cp.state.summarised_before == 3
 
 
 # ------------------------------------------------------------------ what is sent after a summary

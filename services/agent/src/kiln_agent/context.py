@@ -183,11 +183,15 @@ def summary_point(
     config: AgentConfig,
     window: int,
     cleared_before: int,
+    *,
+    force: bool = False,
 ) -> int | None:
     """Where the summary should end (the seq of the first turn kept: an assistant turn, so that
     the summary's user message is followed by one), if the request would still pass
     ``compact_to`` of ``window`` with the turns before ``cleared_before`` cleared; else None
     (``request``: the request as it is now, for the size of its system prompt and tools).
+    ``force``: summarise even if the estimate says clearing is enough (the API said the last
+    request overflowed, and nothing is left to clear).
     In one big step: the fewest oldest turns whose summary brings it under ``compact_to``, or, if
     nothing short of the last ``keep_recent_turns`` turns does, all turns before those."""
     target = config.compact_to * window
@@ -202,7 +206,7 @@ def summary_point(
     head += estimate_tokens(first_turn)
     now = estimate_tokens(summary_note(config, cp.state.summary)) if cp.state.summary else 0
     kept = sum(sizes[s] for s in sizes if s >= first)
-    if head + now + kept <= target:
+    if head + now + kept <= target and not force:
         return None  # clearing is enough
     head += config.summary_max_tokens  # room for the new summary, at its longest
     for seq in range(first, latest + 1):

@@ -287,6 +287,11 @@ class Agent:
             point = compaction_point(cp, turns, self.rules.config)
             cleared = max(cp.state.compacted_before, point or 0)
             upto = summary_point(cp, turns, request, self.rules.config, window, cleared)
+            if upto is None and point is None and cp.state.compact_now:
+                # the API counted more than the estimate: nothing to clear, so summarise
+                upto = summary_point(
+                    cp, turns, request, self.rules.config, window, cleared, force=True
+                )
             if upto is not None:
                 return None, None, (upto, cleared)
             if point is not None:
