@@ -8,6 +8,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import pydantic
+import pytest
+
 from kiln_agent import config as agent_config
 from kiln_agent import control
 from kiln_agent.checkpoint import Checkpoint, Turn
@@ -362,3 +365,8 @@ async def test_a_closed_gate_stops_the_summarising_call_until_it_opens() -> None
     assert not model.requests[due].tools  # the summary first, once the gate is open
     await drive(agent, pub)
     assert len(pub.of(BuildCompleted)) == 1
+
+
+def test_a_config_whose_compaction_would_free_no_room_is_refused() -> None:
+    with pytest.raises(pydantic.ValidationError, match="compact_to must be below compact_at"):
+        agent_config.AgentConfig.model_validate({**CFG.model_dump(), "compact_to": 0.8})

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kiln_contracts import QnA
 
@@ -63,9 +63,11 @@ class AgentConfig(BaseModel):
     def unanswered(self, ended: str) -> str:
         return self.no_result.format(ended=ended).strip()
 
-    def model_post_init(self, _: object) -> None:
+    @model_validator(mode="after")
+    def _frees_room(self) -> AgentConfig:
         if self.compact_to >= self.compact_at:
             raise ValueError("compact_to must be below compact_at (compaction must free room)")
+        return self
 
 
 def load(path: str | Path | None = None) -> AgentConfig:
