@@ -6,7 +6,8 @@ Every turn writes a 4,000-character file, so clearing old tool output alone cann
 conversation in the window (without compaction of the inputs and summaries the build fails with
 context_window at its ~20th call): the oldest turns are summarised by model calls. The replica
 making the first summarising call is SIGKILLed mid-call; the survivor makes it again, and each
-summary is published (to be charged by the budget) exactly once, under its stable id.
+summary is published exactly once, under its stable id, and charged once by the budget service
+(on Redis): the build's spend there is every call's, summaries included, and equals the agent's.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import collections
 import json
 import os
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from pathlib import Path
 
 import asyncpg
@@ -24,7 +26,17 @@ import yaml
 
 from kiln_agent import config
 from kiln_agent.adapters.postgres import SCHEMA, migrations
-from kiln_contracts import BuildLimits, BuildRequested, IterationCompleted, ToolCall, stable_id
+from kiln_budget import bootstrap as budget_service
+from kiln_budget import spending
+from kiln_budget.settings import BudgetSettings
+from kiln_contracts import (
+    BuildLimits,
+    BuildRequested,
+    IterationCompleted,
+    ToolCall,
+    stable_id,
+    subjects,
+)
 from kiln_devstack.model.script import LongScript
 from kiln_devstack.model.server import Recorded, ScriptedServer
 from kiln_runtime.bus import Bus, Delivery
@@ -32,6 +44,7 @@ from kiln_runtime.db import create_pool
 from kiln_runtime.settings import CommonSettings
 from tests.integration.agent.conftest import until
 from tests.integration.agent.test_agent_durability import Replica, transcript_is_whole
+from tests.integration.test_budget_redis import consumer_caught_up, until_async
 from tests.unit.test_agent_fakes import Workspace
 
 pytestmark = pytest.mark.integration
@@ -53,9 +66,15 @@ def is_summary(rec: Recorded) -> bool:
 
 
 async def test_a_long_build_with_large_writes_is_summarised_and_each_summary_charged_once(
-    own_nats: str, own_db: str, pg: asyncpg.Pool, scripted: ScriptedServer, uid: str, tmp_path: Path
+    own_nats: str,
+    own_db: str,
+    pg: asyncpg.Pool,
+    scripted: ScriptedServer,
+    uid: str,
+    tmp_path: Path,
+    infra: dict[str, str],
 ) -> None:
-    build_id = f"long{uid}"
+    build_id, user_id = f"long{uid}", f"u{uid}"
     scripted.window = WINDOW
     scripted.responder = LongScript(ITERATIONS, 1, scripted.model.usage, write_chars=4000).respond
     agent_config = config.load().model_dump()
@@ -90,7 +109,7 @@ async def test_a_long_build_with_large_writes_is_summarised_and_each_summary_cha
     sandbox = Bus(CommonSettings(nats_url=own_nats, ack_wait_s=10), "sandbox")
     ws = Workspace(tmp_path / "ws")
     ws.root.mkdir()
-    charged: list[IterationCompleted] = []  # what the budget's consumer is delivered
+    charged: list[IterationCompleted] = []  # every IterationCompleted, as a consumer sees them
 
     async def run_tool(call: ToolCall, _: Delivery) -> None:
         if call.build_id == build_id:
@@ -100,12 +119,25 @@ async def test_a_long_build_with_large_writes_is_summarised_and_each_summary_cha
         if event.build_id == build_id:
             charged.append(event)
 
-    budget = Bus(CommonSettings(nats_url=own_nats, ack_wait_s=10), "budget")
+    observer = Bus(CommonSettings(nats_url=own_nats, ack_wait_s=10), "observer")
     sandbox.consume(ToolCall, run_tool, max_workers=8)
-    budget.consume(IterationCompleted, charge, max_workers=4)
-    for bus in (sandbox, budget):
+    observer.consume(IterationCompleted, charge, max_workers=4)
+    for bus in (sandbox, observer):
         await bus.connect()
         await bus.start()
+    # the budget service, on Redis; an allowance no call here reaches
+    budget = budget_service.build(
+        BudgetSettings(
+            nats_url=own_nats,
+            redis_url=infra["REDIS_URL"],
+            ack_wait_s=5,
+            budget_demo_allowance_usd=Decimal(1_000_000),
+        ),
+        service=f"budget-{uid}",
+    )
+    await budget.bus.connect()
+    await budget.start()
+    await budget.bus.start()
     start("a")
     start("b")
     try:
@@ -113,7 +145,7 @@ async def test_a_long_build_with_large_writes_is_summarised_and_each_summary_cha
         await sandbox.publish(
             BuildRequested(
                 build_id=build_id,
-                user_id="u1",
+                user_id=user_id,
                 tier="pro",
                 idea_brief="A long build.",
                 limits=BuildLimits(max_iterations=ITERATIONS),
@@ -131,7 +163,8 @@ async def test_a_long_build_with_large_writes_is_summarised_and_each_summary_cha
             )
             await asyncio.sleep(0.1)
         row = await pg.fetchrow(
-            "SELECT status, iteration, state FROM builds WHERE build_id = $1", build_id
+            "SELECT status, iteration, state, cost_micro_usd FROM builds WHERE build_id = $1",
+            build_id,
         )
         assert row["status"] == "completed", json.loads(row["state"])["detail"]
         assert row["iteration"] == ITERATIONS
@@ -149,6 +182,30 @@ async def test_a_long_build_with_large_writes_is_summarised_and_each_summary_cha
         assert ids == [stable_id(build_id, "summary", n) for n in range(1, summaries + 1)]
         assert not [i for i, n in collections.Counter(e.event_id for e in charged).items() if n > 1]
 
+        # the budget charged every call once, summaries included: the build's spend is the
+        # agent's own count of its cost, and a summary delivered again changes nothing
+        deps = budget.deps
+        expected = sum(spending.cost_of(deps.config, e) for e in charged)
+        assert expected == row["cost_micro_usd"] > 0
+        summary_cost = sum(
+            spending.cost_of(deps.config, e) for e in charged if e.purpose == "summary"
+        )
+        assert summary_cost > 0
+
+        async def spent() -> int:
+            return await spending.spent_build(deps, build_id)
+
+        await until_async(lambda: _equals(spent(), expected), timeout=30)
+        again = next(e for e in charged if e.purpose == "summary")
+        ack = await budget.bus.nc.jetstream().publish(
+            subjects.subject_of(again),
+            again.model_dump_json().encode(),
+            headers={"Nats-Msg-Id": f"again-{again.event_id}"},
+        )
+        assert not ack.duplicate
+        await until_async(lambda: consumer_caught_up(budget, again.kind, ack.seq))
+        assert await spent() == expected
+
         # no request overflowed: the server refused nothing, and the stored conversation is
         # whole (compaction changes what is sent, never what is stored)
         assert scripted.refused == []
@@ -165,5 +222,10 @@ async def test_a_long_build_with_large_writes_is_summarised_and_each_summary_cha
     finally:
         for r in replicas.values():
             r.kill()
-        for bus in (sandbox, budget):
+        for bus in (sandbox, observer, budget.bus):
             await bus.stop()
+        await budget.stop()
+
+
+async def _equals(awaitable: object, expected: object) -> bool:
+    return await awaitable == expected  # type: ignore[misc]
