@@ -5,6 +5,7 @@ closed budget gate stops a summarising call as it stops any other."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,6 +32,7 @@ from kiln_contracts import (
     BuildRequested,
     BuildSleeping,
     IterationCompleted,
+    SendUserMessage,
     ToolCall,
     Usage,
     WakeRequested,
@@ -285,9 +287,12 @@ class LongModel:
         self.script = LongScript(iterations, 1, write_chars=write_chars)
         self.requests: list[ModelRequest] = []
         self.after: Any = None
+        self.hold_summary: asyncio.Event | None = None  # set: the summarising call may answer
 
     async def complete(self, request: ModelRequest) -> ModelReply:
         self.requests.append(request)
+        if not request.tools and self.hold_summary is not None:
+            await self.hold_summary.wait()
         body = self.script.respond(request.model_dump())
         if self.after is not None:
             self.after(request)
@@ -370,3 +375,27 @@ async def test_a_closed_gate_stops_the_summarising_call_until_it_opens() -> None
 def test_a_config_whose_compaction_would_free_no_room_is_refused() -> None:
     with pytest.raises(pydantic.ValidationError, match="compact_to must be below compact_at"):
         agent_config.AgentConfig.model_validate({**CFG.model_dump(), "compact_to": 0.8})
+
+
+async def test_a_message_sent_during_the_summarising_call_is_read_at_the_next_think() -> None:
+    model = LongModel(60, write_chars=4000)
+    model.hold_summary = asyncio.Event()
+    agent, store, pub = long_agent(model)
+    await agent.build_requested(START)
+    driving = asyncio.create_task(drive(agent, pub))
+    deadline = asyncio.get_running_loop().time() + 10
+    while not any(not r.tools for r in model.requests):
+        assert asyncio.get_running_loop().time() < deadline and not driving.done()
+        await asyncio.sleep(0.001)
+    await agent.user_message(SendUserMessage.of("b1", "u1", "m1", 1, "use SQLite, not Postgres"))
+    assert (await store.load("b1")).state.inbox  # waits: the call in flight holds the lease
+    model.hold_summary.set()
+    await driving
+    await drive(agent, pub)
+    assert len(pub.of(BuildCompleted)) == 1
+    i = next(i for i, r in enumerate(model.requests) if not r.tools)
+    after = model.requests[i + 1].messages
+    assert after[-1]["role"] == "user" and after[-1]["content"][-1]["text"] == (
+        "use SQLite, not Postgres"
+    )
+    assert not (await store.load("b1")).state.inbox

@@ -248,7 +248,8 @@ def summarised(
     """The reply of a summarising call (made at ``at`` = (iteration, turns), if the build is still
     there): charged like any call (an IterationCompleted of purpose ``summary``, its id stable per
     summary, so a republish is charged once), then turns 1 to ``upto`` (excluded) are sent as the
-    summary and the clearing watermark moves to ``cleared_before``. A reply with no text
+    summary and the clearing watermark moves to ``cleared_before``; the user's messages that
+    came meanwhile join the conversation as a user turn. A reply with no text
     summarises nothing: the build fails with context_window rather than ask again."""
     if cp.status != "thinking" or (cp.iteration, cp.turns) != at:
         return None
@@ -284,7 +285,8 @@ def summarised(
     state.summarised_before = max(state.summarised_before, upto)
     state.compacted_before = max(state.compacted_before, cleared_before, upto)
     state.context_tokens, state.compact_now = None, False
-    return []
+    # the user's messages that came during the call: read at the next think, as after a reply
+    return [turn(cp, "user", take_inbox(cp))] if state.inbox else []
 
 
 def _caused(msg: Any, cls: type[Any], event_id: uuid.UUID, **fields: Any) -> Any:
