@@ -51,6 +51,13 @@ def test_a_summarising_request_is_answered_with_a_summary_of_its_transcript() ->
     assert reply["usage"]["input_tokens"] > 0
 
 
+def test_a_summary_longer_than_max_tokens_is_cut_there() -> None:
+    body = transcript_request()
+    body["max_tokens"] = 10
+    reply = ScriptedModel().respond(body)
+    assert reply["stop_reason"] == "max_tokens" and len(reply["content"][0]["text"]) == 40
+
+
 def test_an_ordinary_turn_is_not_a_summarising_request() -> None:
     body = {"tools": [{"name": "bash"}], "messages": [{"role": "user", "content": "<transcript>"}]}
     assert summarise(body) is None

@@ -129,7 +129,7 @@ class ScriptedModel:
         """A Messages API response body for a request body."""
         messages = request.get("messages") or []
         if (summary := summarise(request)) is not None:
-            return self.reply(request, [{"type": "text", "text": summary}], "end_turn")
+            return self.reply(request, *summary_reply(request, summary))
         content, stop = next_turn(messages, digest(messages))
         return self.reply(request, content, stop)
 
@@ -194,6 +194,15 @@ def summarise(request: dict[str, Any]) -> str | None:
         kept.append(f"- Ran {len(commands)} command(s), the last: {commands[-1]}")
     kept += [f"- Last result: {line}" for line in last]
     return "\n".join(dict.fromkeys(kept)) or "- Nothing of note happened yet."
+
+
+def summary_reply(request: dict[str, Any], summary: str) -> tuple[list[dict[str, Any]], str]:
+    """The summary as a reply: cut at ``max_tokens`` (stop_reason ``max_tokens``), as a model's
+    output is."""
+    limit = 4 * int(request.get("max_tokens") or 0)
+    if limit and len(summary) > limit:
+        return [{"type": "text", "text": summary[:limit]}], "max_tokens"
+    return [{"type": "text", "text": summary}], "end_turn"
 
 
 def digest(messages: list[dict[str, Any]]) -> str:
@@ -507,7 +516,7 @@ class LongScript:
         key = digest(messages)
         content: list[dict[str, Any]]
         if (summary := summarise(request)) is not None:
-            content, stop = [{"type": "text", "text": summary}], "end_turn"
+            content, stop = summary_reply(request, summary)
         elif (n := _long_turn(messages)) + 1 >= self.iterations:
             content = [{"type": "text", "text": f"Done after {n} turns."}]
             stop = "end_turn"
