@@ -77,7 +77,7 @@ nats-render: install  ## regenerate the NATS users (Helm values, nats-server.con
 # ---------------------------------------------------------------- benchmarks (bench/, docs/BENCHMARKS.md)
 .PHONY: bench-roundtrip bench-concurrency bench-concurrency-real bench-sleeping bench-recovery bench-snapshot
 
-bench: bench-roundtrip bench-concurrency bench-sleeping bench-recovery bench-snapshot bench-bookkeeping bench-model-client bench-bus bench-overshoot  ## run every benchmark (minutes; figures in docs/BENCHMARKS.md)
+bench: bench-roundtrip bench-concurrency bench-sleeping bench-recovery bench-snapshot bench-bookkeeping bench-model-client bench-bus bench-overshoot bench-long  ## run every benchmark (minutes; figures in docs/BENCHMARKS.md)
 
 bench-roundtrip: install  ## tool-call round trip through Kiln vs a bare JetStream round trip
 	$(RUN) python bench/roundtrip.py
@@ -97,7 +97,7 @@ bench-recovery: install  ## SIGKILL the agent mid-build: time to the next event 
 bench-snapshot: install  ## 2,000 files / ~50 MB, one file changed: Kiln's incremental snapshot vs tar czf + upload
 	$(RUN) python bench/snapshot.py
 
-.PHONY: bench-bookkeeping bench-model-client bench-bus bench-overshoot
+.PHONY: bench-bookkeeping bench-model-client bench-bus bench-overshoot bench-long
 bench-bookkeeping: install  ## the agent's per-iteration bookkeeping near iteration 1 and 200 of one build (target: ratio <= 1.5)
 	$(RUN) python bench/bookkeeping.py
 
@@ -109,3 +109,6 @@ bench-bus: install  ## CPU per published and per consumed message: Kiln vs bare 
 
 bench-overshoot: install  ## 20 concurrent builds of one user: spend past the allowance, before (BEFORE=<commit>) and with the budget gates
 	$(RUN) python bench/overshoot.py $(if $(BEFORE),--before $(BEFORE))
+
+bench-long: install  ## a 200-iteration scripted build with large writes: completes; cache-read ratio, compactions, summaries
+	$(RUN) python bench/long_build.py

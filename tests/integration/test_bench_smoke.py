@@ -127,3 +127,17 @@ def test_overshoot(infra) -> None:
     assert int(got["calls"]) >= int(got["calls_to_allowance"]) >= 1
     for key in ("past_micro_usd", "in_flight_when_spent", "started_in_lag", "charge_lag_ms"):
         assert key in got
+
+
+def test_long_build(infra) -> None:
+    # 60 turns of 4,000-character writes in a 30,000-token window: without clearing old tool
+    # inputs and summarising, the build fails with context_window at its ~20th call
+    got = run_bench(
+        infra, "long_build.py", "--iterations", "60", "--write-chars", "4000", "--window", "30000"
+    )
+    assert got["completed"] == "true" and got["failed"] == "none", got
+    assert got["requests"] == "60"
+    summaries = int(got["summaries"])
+    assert summaries >= 1 and got["summary_charged"] == got["summaries"]
+    assert int(got["compactions"]) >= summaries
+    assert 0 < float(got["read_ratio"]) < 1

@@ -151,6 +151,12 @@ class IterationCompleted(Envelope):
     cost_micro_usd: MicroUsd = Field(
         default=0, description="The agent's own estimate; the budget service prices usage itself."
     )
+    purpose: Literal["turn", "summary"] = Field(
+        default="turn",
+        description="turn: the iteration's model call; summary: a call that summarised the "
+        "oldest part of the conversation to fit the context window, made before the next turn "
+        "of `iteration` (charged the same way; it does not count as an iteration).",
+    )
 
 
 class CheckpointSaved(Envelope):
