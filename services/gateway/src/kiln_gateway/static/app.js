@@ -252,6 +252,8 @@ function converse(kind, data) {
     toolCall(data);
   } else if (kind === "tool_result") {
     toolResult(data);
+  } else if (kind === "iteration_completed" && data.purpose === "summary") {
+    mark(`older turns summarised to fit the context window · ${usd(data.cost_micro_usd)}`, "iteration");
   } else if (kind === "iteration_completed") {
     mark(`iteration ${data.iteration} · ${usd(data.cost_micro_usd)} · ${data.stop_reason}`, "iteration",
       forkButton(data.iteration));
