@@ -36,6 +36,10 @@ def registered(service: str) -> set[str]:
         from kiln_snapshot.app import register as register_snapshot
 
         register_snapshot(bus, none)
+    elif service == "webhooks":
+        from kiln_webhooks.app import register as register_webhooks
+
+        register_webhooks(bus, none, durable="webhooks-events")
     elif service == "gateway":
         from kiln_gateway.app import register_consumers
 
@@ -48,6 +52,6 @@ def registered(service: str) -> set[str]:
 @pytest.mark.parametrize("service", sorted(CONSUMES))
 def test_each_service_consumes_what_the_routes_say(service: str) -> None:
     expected = {subjects.kind_filter(m.kind) for m in CONSUMES[service]}
-    if service == "gateway":
+    if service in ("gateway", "webhooks"):
         expected = {"kiln.build.>"}  # one consumer for every kind
     assert registered(service) == expected

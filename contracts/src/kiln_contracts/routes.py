@@ -34,6 +34,7 @@ from .messages import (
     TopUpRequested,
     WakeRequested,
 )
+from .webhooks import EVENT_TYPES
 
 Kinds = tuple[type[Envelope], ...]
 
@@ -62,6 +63,9 @@ CONSUMES: Final[dict[str, Kinds]] = {
         TopUpRequested,
     ),
     "snapshot": (CheckpointSaved,),
+    # The webhooks service reads every build event (one consumer, in stream order) and delivers
+    # those of the kinds endpoints can ask for (kiln_contracts.webhooks.EVENT_TYPES).
+    "webhooks": tuple(EVENT_TYPES.values()),
 }
 
 PUBLISHES: Final[dict[str, Kinds]] = {
