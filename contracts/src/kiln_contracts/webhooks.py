@@ -60,8 +60,8 @@ EventType = Literal[
 ]
 WebhookId = Annotated[str, StringConstraints(pattern=r"^wh_[a-f0-9]{32}$")]
 DeliveryId = Annotated[str, StringConstraints(pattern=r"^msg_[a-f0-9]{32}$")]
-Url = Annotated[str, StringConstraints(min_length=8, max_length=2000)]
-Description = Annotated[str, StringConstraints(max_length=500)]
+Url = Annotated[str, StringConstraints(min_length=8, max_length=2000, pattern=r"^[^\x00-\x20]+$")]
+Description = Annotated[str, StringConstraints(max_length=500, pattern=r"^[^\x00]*$")]
 DeliveryStatus = Literal["pending", "delivered", "failed"]
 
 # Request/reply subjects (core NATS), one per operation.

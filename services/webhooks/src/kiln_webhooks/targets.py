@@ -115,7 +115,7 @@ async def resolve(host: str, port: int, timeout_s: float) -> list[tuple[int, int
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except TimeoutError as err:
         raise UnsafeTarget(f"{host} did not resolve within {timeout_s} s") from err
-    except OSError as err:
+    except (OSError, ValueError) as err:  # UnicodeError: a label that IDNA refuses
         raise UnsafeTarget(f"{host} does not resolve: {err}") from err
     out = []
     for family, _, proto, _, sockaddr in infos:
