@@ -552,3 +552,9 @@ def _demo(data_dir: Path, port: int, timeout: float, extra_env: dict[str, str]) 
 
 if __name__ == "__main__":
     app()
+
+
+# The webhooks commands (kiln_cli.webhooks) use the helpers above.
+from .webhooks import webhooks_app  # noqa: E402
+
+app.add_typer(webhooks_app, name="webhooks")
