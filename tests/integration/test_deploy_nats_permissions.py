@@ -328,6 +328,8 @@ async def refused(server: Server, user: str, action: str, subject: str) -> str:
         ("gateway", "pub", "kiln.build.b1.tool_result"),
         ("agent", "pub", "kiln.build.b1.snapshot_saved"),
         ("snapshot", "pub", "kiln.build.b1.sleep_requested"),
+        ("webhooks", "pub", "kiln.build.b1.build_completed"),
+        ("webhooks", "pub", "kiln.rpc.budget.status"),
         ("agent", "pub", "kiln.schedule.b1.reset"),
         ("budget", "pub", "kiln.dlq.agent.tool_result"),
         ("agent", "pub", "kiln.rpc.sandbox.upload"),

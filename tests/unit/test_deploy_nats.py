@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from kiln_contracts import BY_KIND, subjects
+from kiln_contracts import BY_KIND, subjects, webhooks
 from kiln_contracts.routes import CONSUMES, PUBLISHES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -13,6 +13,16 @@ sys.path.insert(0, str(ROOT / "deploy" / "nats"))
 import render  # noqa: E402
 
 DOC = render.load()
+WEBHOOK_RPC = (
+    webhooks.CREATE,
+    webhooks.LIST,
+    webhooks.GET,
+    webhooks.UPDATE,
+    webhooks.DELETE,
+    webhooks.ROTATE,
+    webhooks.DELIVERIES,
+    webhooks.REDELIVER,
+)
 SERVICES = DOC["services"]
 
 
@@ -32,9 +42,12 @@ def test_permissions_name_real_kinds_streams_and_rpc_subjects():
         subjects.SANDBOX_UPLOAD,
         subjects.SNAPSHOT_RESTORE_PLAN,
         subjects.BUDGET_STATUS,
+        *WEBHOOK_RPC,
     }
     assert DOC["gates_bucket"] == subjects.BUDGET_GATES
-    assert set(SERVICES) == {"gateway", "agent", "sandbox", "budget", "snapshot"}
+    assert set(SERVICES) == {"gateway", "agent", "sandbox", "budget", "snapshot", "webhooks"}
+    assert set(SERVICES["webhooks"]["serves"]) == set(WEBHOOK_RPC)
+    assert set(WEBHOOK_RPC) <= set(SERVICES["gateway"]["requests"])
     for name, spec in SERVICES.items():
         for kind in [*spec.get("publishes", []), *spec.get("consumes", [])]:
             assert kind in BY_KIND, f"{name}: unknown kind {kind}"
@@ -51,6 +64,7 @@ def test_only_the_budget_writes_the_gates_and_the_agent_watches_them():
         "sandbox": None,
         "budget": "write",
         "snapshot": None,
+        "webhooks": None,
     }
     for name, spec in SERVICES.items():
         allowed = render.permissions(name, spec, DOC)["publish"]["allow"]

@@ -92,4 +92,5 @@ PUBLISHES: Final[dict[str, Kinds]] = {
     "sandbox": (ToolResult, SandboxStarted, SandboxRestored, SandboxStopped),
     "budget": (SleepRequested, WakeRequested),
     "snapshot": (SnapshotSaved,),
+    "webhooks": (),  # it sends HTTP requests outward, nothing on the bus
 }
