@@ -156,3 +156,11 @@ async def test_an_event_is_queued_once_and_other_kinds_not_at_all() -> None:
     )
     assert await deliveries.accept(store, call, 2) == 0  # type: ignore[arg-type]
     assert "build.started" in EVENT_TYPES
+
+
+def test_settings_refuse_a_lease_shorter_than_an_attempt_and_a_bad_schedule() -> None:
+    with pytest.raises(ValueError, match="LEASE"):
+        WebhooksSettings(webhooks_lease_s=10, webhooks_response_timeout_s=15)
+    with pytest.raises(ValueError):
+        WebhooksSettings(webhooks_retry_schedule_s="5,soon")
+    assert WebhooksSettings(webhooks_retry_schedule_s="0.5, 1,2").retry_schedule() == [0.5, 1, 2]

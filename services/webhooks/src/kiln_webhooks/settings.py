@@ -3,7 +3,7 @@ alias)."""
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kiln_runtime.settings import DatabaseSettings
 
@@ -42,6 +42,17 @@ class WebhooksSettings(DatabaseSettings):
     webhooks_resolve_timeout_s: float = Field(default=3.0, gt=0)
     # A user may register this many endpoints.
     webhooks_max_endpoints: int = Field(default=20, ge=1)
+
+    @model_validator(mode="after")
+    def _lease_outlasts_an_attempt(self) -> WebhooksSettings:
+        attempt = self.webhooks_connect_timeout_s + self.webhooks_response_timeout_s
+        if self.webhooks_lease_s <= attempt:
+            raise ValueError(
+                f"KILN_WEBHOOKS_LEASE_S ({self.webhooks_lease_s}) must be above the connect and "
+                f"response timeouts together ({attempt}): else a slow attempt is sent twice"
+            )
+        self.retry_schedule()  # a malformed schedule fails at start, not at the first failure
+        return self
 
     def retry_schedule(self) -> list[float]:
         parts = [p.strip() for p in self.webhooks_retry_schedule_s.split(",") if p.strip()]
