@@ -287,8 +287,8 @@ def test_a_build_s_events_reach_every_endpoint_signed_once_each_and_in_order(
                 stack,
             )
             assert [p["data"]["event_id"] for p in got] == expected, path  # once each, in order
-            ids = [r.headers["webhook-id"] for r in rec.at(path) if r.answered < 300]
-            assert len(ids) == len(set(ids)) or path == "/hold", path
+            # (an id may come twice: the service was killed between an answer and its record,
+            # so that attempt is made again; first_receipts checks it is the same delivery)
             seqs = [p["data"]["sequence"] for p in got]
             assert seqs == sorted(seqs)
             assert got[0]["type"] == "build.started" and got[-1]["type"] == "build.completed"
@@ -303,7 +303,10 @@ def test_a_build_s_events_reach_every_endpoint_signed_once_each_and_in_order(
         log = c.get(f"/v1/webhooks/{flaky}/deliveries").json()["deliveries"]
         mine = [d for d in log if d["build_id"] == build_id]
         assert len(mine) == 2
-        assert all(d["status"] == "delivered" and d["attempts"] == 4 for d in mine), mine
+        assert all(d["status"] == "delivered" for d in mine), mine
+        # the kill may have cost build.started an attempt the receiver never saw; not the end
+        completed = next(d for d in mine if d["event_type"] == "build.completed")
+        assert completed["attempts"] == 4 and all(d["attempts"] >= 4 for d in mine), mine
         assert all(d["last_status_code"] == 200 for d in mine)
 
         # the delivery killed mid-attempt was tried again with its webhook-id
