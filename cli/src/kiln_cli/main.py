@@ -430,7 +430,7 @@ def keys_list(
 
 def _start(data_dir: Path, port: int, extra_env: dict[str, str] | None = None) -> Stack:
     stack = Stack(data_dir, gateway_port=port, extra_env=extra_env or {})
-    with console.status("starting the stack (NATS, Postgres, Redis, S3, five services)…"):
+    with console.status("starting the stack (NATS, Postgres, Redis, S3, six services)…"):
         try:
             stack.start()
         except InfraError as e:
