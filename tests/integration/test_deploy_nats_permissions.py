@@ -180,6 +180,9 @@ async def test_each_service_user_runs_its_own_flows(server, uid):
             buses[name].consume(BY_KIND[kind], recorder(name))
         for durable in spec.get("consumes_all", []):
             buses[name].consume_all(recorder(name), durable=durable)
+        for durable, kinds in spec.get("consumes_kinds", {}).items():
+            models = [BY_KIND[k] for k in kinds]
+            buses[name].consume_kinds(models, recorder(name), durable=durable)
     try:
         for bus in buses.values():  # every user may create and update the streams
             await bus.connect()
@@ -194,6 +197,7 @@ async def test_each_service_user_runs_its_own_flows(server, uid):
 
         expected = {
             name: set(spec.get("consumes", []))
+            | {k for kinds in spec.get("consumes_kinds", {}).values() for k in kinds}
             | (set(published) if spec.get("consumes_all") else set())
             for name, spec in SERVICES.items()
         }

@@ -63,8 +63,8 @@ CONSUMES: Final[dict[str, Kinds]] = {
         TopUpRequested,
     ),
     "snapshot": (CheckpointSaved,),
-    # The webhooks service reads every build event (one consumer, in stream order) and delivers
-    # those of the kinds endpoints can ask for (kiln_contracts.webhooks.EVENT_TYPES).
+    # The webhooks service reads the kinds endpoints can ask for (kiln_contracts.webhooks.
+    # EVENT_TYPES) with one consumer, in stream order.
     "webhooks": tuple(EVENT_TYPES.values()),
 }
 

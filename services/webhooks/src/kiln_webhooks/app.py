@@ -46,8 +46,9 @@ def register(
             metrics.QUEUED.inc(added)
             wake()
 
-    # One consumer of every build event, one at a time: deliveries are queued in stream order.
-    bus.consume_all(on_event, durable=durable, max_workers=1)
+    # One consumer of the kinds endpoints may want, one at a time: deliveries are queued in
+    # stream order.
+    bus.consume_kinds(list(wh.EVENT_TYPES.values()), on_event, durable=durable, max_workers=1)
 
 
 def responders(endpoints: Endpoints) -> list[Responder[Any, wh.WebhookReply]]:

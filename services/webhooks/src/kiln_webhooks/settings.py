@@ -14,7 +14,7 @@ DEFAULT_RETRY_SCHEDULE = "5,300,1800,7200,18000,36000,36000"
 
 class WebhooksSettings(DatabaseSettings):
     webhooks_db_schema: str = "webhooks"
-    # The durable consumer of every build event (kiln.build.>), in stream order.
+    # The durable consumer of the kinds endpoints may ask for, in stream order.
     webhooks_durable: str = "webhooks-events"
     # Seconds to wait before each retry after a failed attempt (comma-separated; each is jittered
     # by +-20 %). The number of entries is the number of retries; then the delivery has failed.
