@@ -214,7 +214,8 @@ async def redeliver(
     rt: Rt,
     me: Me,
 ) -> WebhookDelivery:
-    """Send the delivery again now, with the same webhook-id (a new round of retries)."""
+    """Send the delivery again now, with the same webhook-id (a new round of retries; for a
+    disabled endpoint, once it is enabled)."""
     request = wh.WebhookRedeliverRequest(
         user_id=me.user_id, endpoint_id=endpoint_id, delivery_id=delivery_id
     )
