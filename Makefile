@@ -75,7 +75,7 @@ nats-render: install  ## regenerate the NATS users (Helm values, nats-server.con
 	$(RUN) python deploy/nats/render.py
 
 # ---------------------------------------------------------------- benchmarks (bench/, docs/BENCHMARKS.md)
-.PHONY: bench-roundtrip bench-concurrency bench-sleeping bench-recovery bench-snapshot
+.PHONY: bench-roundtrip bench-concurrency bench-concurrency-real bench-sleeping bench-recovery bench-snapshot
 
 bench: bench-roundtrip bench-concurrency bench-sleeping bench-recovery bench-snapshot bench-bookkeeping bench-model-client bench-bus bench-overshoot  ## run every benchmark (minutes; figures in docs/BENCHMARKS.md)
 
@@ -84,6 +84,9 @@ bench-roundtrip: install  ## tool-call round trip through Kiln vs a bare JetStre
 
 bench-concurrency: install  ## one agent, 100/300/1,000 concurrent builds, model with 1 s latency
 	$(RUN) python bench/concurrency.py
+
+bench-concurrency-real: install  ## one agent, 1,000 and 5,000 builds, model latency lognormal (median 8 s)
+	$(RUN) python bench/concurrency.py --builds 1000,5000 --latency-s 8 --sigma 0.6 --measure-s 60
 
 bench-sleeping: install  ## 10,000 sleeping builds: agent RSS and task growth, sandboxes alive
 	$(RUN) python bench/sleeping.py

@@ -55,11 +55,11 @@ FIELDS: dict[str, dict[str, Any]] = {
     "tool_call": {"call_id": "c1", "iteration": 1, "tool": "bash", "input": {"command": "true"}},
     "tool_result": {"call_id": "c1", "iteration": 1, "output": "ok"},
     "iteration_completed": {"iteration": 1, "model": "m", "usage": {}, "stop_reason": "tool_use"},
-    "checkpoint_saved": {"iteration": 1, "reason": "periodic"},
+    "checkpoint_saved": {"iteration": 1, "reason": "files_changed"},
     "snapshot_saved": {
         "snapshot_id": "s1",
         "iteration": 1,
-        "reason": "periodic",
+        "reason": "files_changed",
         "files": 1,
         "bytes_total": 1,
         "bytes_uploaded": 1,

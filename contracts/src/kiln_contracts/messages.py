@@ -21,7 +21,7 @@ Id = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$
 MicroUsd = Annotated[int, Field(ge=0, description="An amount of US dollars x 1,000,000.")]
 
 ToolName = Literal["read_file", "write_file", "edit_file", "bash", "glob", "grep", "list_dir"]
-CheckpointReason = Literal["periodic", "files_changed", "sleep", "final"]
+CheckpointReason = Literal["files_changed", "sleep", "final"]
 FailureReason = Literal[
     "iteration_limit",
     "cost_limit",

@@ -24,6 +24,7 @@ from . import (
     routes_accounts,
     routes_budget_admin,
     routes_projects,
+    routes_snapshots,
     routes_webhooks,
 )
 from .bootstrap import Wiring, running
@@ -155,6 +156,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(routes_projects.router)
     app.include_router(routes_accounts.router)
     app.include_router(routes_budget_admin.router)
+    app.include_router(routes_snapshots.router)
     app.include_router(routes_webhooks.router)
     app.mount("/dashboard", StaticFiles(directory=STATIC, html=True), name="dashboard")
 

@@ -16,6 +16,7 @@ import asyncpg
 from kiln_runtime import config as kiln_config
 from kiln_runtime.bus import Bus
 from kiln_runtime.db import create_pool
+from kiln_runtime.gates import GateBucket
 from kiln_runtime.health import Problems, bus_problems
 from kiln_runtime.service import connect_with_retry
 
@@ -69,10 +70,12 @@ async def running(settings: GatewaySettings) -> AsyncIterator[Wiring]:
         endpoint_url=settings.s3_endpoint_url,
         region=settings.region,
         timeout_s=settings.s3_timeout_s,
+        cached_manifests=settings.snapshot_manifest_cache,
     )
     try:
         await connect_with_retry(bus)
-        gates = await bus.gates()  # the budget gates' bucket (POST /v1/builds reads it)
+        gates = GateBucket(bus)  # the budget gates' bucket (POST /v1/builds reads it)
+        await gates.open()
         await files.open()
         pool = await create_pool(
             settings.database_url, schema=settings.gateway_db_schema, migrations=migrations()

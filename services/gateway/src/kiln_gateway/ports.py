@@ -130,6 +130,18 @@ class BuildStore(Protocol):
     async def project_versions(self, project_id: str) -> list[Project]: ...
 
 
+@dataclass(frozen=True)
+class StoredSnapshot:
+    """A snapshot's manifest and when the snapshot service wrote it."""
+
+    manifest: Manifest
+    written_at: datetime
+
+
+class BlobTooLarge(Exception):
+    """A blob holds more bytes than the reader asked for at most."""
+
+
 class SnapshotFiles(Protocol):
     """The snapshot service's bucket, read only."""
 
@@ -137,8 +149,24 @@ class SnapshotFiles(Protocol):
         """The manifest of the build's newest snapshot; None if it has none."""
         ...
 
+    async def latest_id(self, build_id: str) -> str | None:
+        """The id of the build's newest snapshot; None if it has none."""
+        ...
+
+    async def manifest(self, build_id: str, snapshot_id: str) -> Manifest | None:
+        """One snapshot of the build; None if it does not exist (or no longer: retention)."""
+        ...
+
+    async def snapshots(self, build_id: str) -> list[StoredSnapshot]:
+        """Every snapshot of the build the bucket still keeps, in no particular order."""
+        ...
+
     def blob(self, sha256: str) -> AsyncIterator[bytes]:
         """A file's bytes, in chunks."""
+        ...
+
+    async def read_blob(self, sha256: str, max_bytes: int) -> bytes:
+        """A file's bytes whole; ``BlobTooLarge`` past ``max_bytes``."""
         ...
 
 

@@ -36,6 +36,11 @@ class GatewaySettings(DatabaseSettings):
         default="us-east-1", validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION")
     )
     s3_timeout_s: float = Field(default=30.0, gt=0)
+    # The snapshot read endpoints: the largest file served (and diffed), the bytes one diff
+    # reads at most, how many parsed manifests are kept in memory (they never change).
+    snapshot_file_max_bytes: int = Field(default=1024 * 1024, gt=0)
+    snapshot_diff_max_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    snapshot_manifest_cache: int = Field(default=64, ge=0)
     # Admin endpoints (/v1/admin/...) are off unless this is set.
     admin_api_key: str | None = None
     # Signs the short-lived event-stream tokens of the dashboard; random per process if unset
