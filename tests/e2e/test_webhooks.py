@@ -114,6 +114,9 @@ def stack(infra: dict[str, str]) -> Iterator[Stack]:
         }
 
     with own_stack(infra, "hooks", env) as s:
+        # the gateway is ready; the webhooks service may still be applying its migrations
+        with client(s) as c:
+            wait_until("the webhooks service", lambda: c.get("/v1/webhooks").status_code == 200, s)
         yield s
 
 
