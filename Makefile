@@ -4,7 +4,7 @@ PYTHON ?= python3
 TOOLS := .tools
 UV := $(shell command -v uv 2>/dev/null || echo $(TOOLS)/bin/uv)
 RUN := $(UV) run --frozen
-PACKAGES := kiln_contracts kiln_runtime kiln_devstack kiln_cli kiln_gateway kiln_agent kiln_sandbox kiln_budget kiln_snapshot
+PACKAGES := kiln_contracts kiln_runtime kiln_devstack kiln_cli kiln_gateway kiln_agent kiln_sandbox kiln_budget kiln_snapshot kiln_webhooks
 
 .PHONY: help install demo up test lint fmt typecheck unit integration e2e schemas bench clean browser
 

@@ -430,7 +430,7 @@ def keys_list(
 
 def _start(data_dir: Path, port: int, extra_env: dict[str, str] | None = None) -> Stack:
     stack = Stack(data_dir, gateway_port=port, extra_env=extra_env or {})
-    with console.status("starting the stack (NATS, Postgres, Redis, S3, five services)…"):
+    with console.status("starting the stack (NATS, Postgres, Redis, S3, six services)…"):
         try:
             stack.start()
         except InfraError as e:
@@ -570,3 +570,9 @@ def _demo(data_dir: Path, port: int, timeout: float, extra_env: dict[str, str]) 
 
 if __name__ == "__main__":
     app()
+
+
+# The webhooks commands (kiln_cli.webhooks) use the helpers above.
+from .webhooks import webhooks_app  # noqa: E402
+
+app.add_typer(webhooks_app, name="webhooks")

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import nats
@@ -203,23 +204,39 @@ class Bus:
         """Handle every message of every kind (e.g. the gateway's read-model projection)."""
         self._subscribe("kiln.build.>", durable, Consumer(self, None, handler), max_workers)
 
-    def _subscribe(
-        self, subject: str, durable: str, consumer: Consumer[Any], max_workers: int
+    def consume_kinds(
+        self,
+        models: Sequence[type[Envelope]],
+        handler: Handler[Envelope],
+        *,
+        durable: str,
+        max_workers: int = 1,
     ) -> None:
-        """A durable pull consumer on ``subject`` (declared by ``start``) and its loop."""
+        """Handle the messages of several kinds with one durable consumer (JetStream's
+        ``filter_subjects``), in stream order when ``max_workers`` is 1 (e.g. the webhooks)."""
+        filters = [subjects.kind_filter(m.kind) for m in models]
+        self._subscribe(filters, durable, Consumer(self, None, handler), max_workers)
+
+    def _subscribe(
+        self, subject: str | list[str], durable: str, consumer: Consumer[Any], max_workers: int
+    ) -> None:
+        """A durable pull consumer on ``subject`` (or several; declared by ``start``) and its
+        loop."""
         if durable in self.pullers:
             raise ValueError(f"{self.service} already consumes with durable {durable!r}")
         max_workers = max(1, max_workers)
+        filters = [subject] if isinstance(subject, str) else list(subject)
         config = ConsumerConfig(
             name=durable,
             durable_name=durable,
-            filter_subject=subject,
+            filter_subject=filters[0] if len(filters) == 1 else None,
+            filter_subjects=filters if len(filters) > 1 else None,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=self.settings.ack_wait_s,
             # room for every handler running plus a pull request's worth waiting to be handled
             max_ack_pending=max(1000, max_workers + MAX_PULL_BATCH),
         )
-        self.pullers[durable] = Puller(self, subject, config, max_workers, consumer)
+        self.pullers[durable] = Puller(self, filters, config, max_workers, consumer)
 
     async def dead_letter(self, raw: Msg, reason: str) -> None:
         _, kind = split_subject(raw.subject)

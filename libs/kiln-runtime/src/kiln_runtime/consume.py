@@ -67,13 +67,16 @@ class Puller:
     def __init__(
         self,
         bus: Bus,
-        subject: str,
+        filters: str | list[str],
         config: ConsumerConfig,
         max_workers: int,
         consumer: Callable[[Msg], Awaitable[None]],
     ) -> None:
         self.bus = bus
-        self.subject = subject  # the consumer's filter
+        if isinstance(filters, str):
+            filters = [filters]
+        self.filters = tuple(filters)  # the consumer's filter subjects
+        self.subject = filters[0]  # its (first) filter
         self.config = config
         self.durable = config.durable_name or ""
         self.max_workers = max_workers

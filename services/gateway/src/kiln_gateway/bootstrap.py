@@ -25,7 +25,8 @@ from .adapters.budget_rpc import NatsBudget
 from .adapters.jetstream import JetStreamHistory
 from .adapters.postgres import PgStore, migrations
 from .adapters.s3_files import S3Files
-from .ports import Budget, BuildStore, EventSource, Publish, SnapshotFiles
+from .adapters.webhooks_rpc import NatsWebhooks
+from .ports import Budget, BuildStore, EventSource, Publish, SnapshotFiles, Webhooks
 from .settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class Wiring:
     budget: Budget
     token_secret: bytes
     pool: asyncpg.Pool | None = None
+    webhooks: Webhooks | None = None
 
     def bus_problems(self) -> Problems:
         """The bus's health as a worker's /livez and /readyz see it (NATS, the consume loop)."""
@@ -97,6 +99,7 @@ async def running(settings: GatewaySettings) -> AsyncIterator[Wiring]:
             budget=NatsBudget(lambda: bus.nc, gates, timeout_s=settings.gateway_budget_timeout_s),
             token_secret=(settings.token_secret or secrets.token_hex(32)).encode(),
             pool=pool,
+            webhooks=NatsWebhooks(lambda: bus.nc, timeout_s=settings.gateway_webhooks_timeout_s),
         )
     finally:
         # Stop consuming first (handlers finish), then close the pool they use.

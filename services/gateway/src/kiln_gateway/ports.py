@@ -7,9 +7,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
+from pydantic import BaseModel
+
 from kiln_contracts import BudgetGate, BuildRequested, Envelope
 from kiln_contracts.manifest import Manifest
 from kiln_contracts.rpc import BudgetStatus
+from kiln_contracts.webhooks import WebhookReply
 
 from .model import ApiKey, Build, Caller, Message, NewBuild, NewMessage, Project, Projection
 
@@ -190,4 +193,17 @@ class EventSource(Protocol):
         self, build_id: str, after_seq: int, idle_s: float
     ) -> AsyncGenerator[StoredEvent | None, None]:
         """The build's messages after ``after_seq``, then live ones; None after ``idle_s`` of quiet."""
+        ...
+
+
+class WebhooksUnavailable(Exception):
+    """The webhooks service did not answer (down or busy)."""
+
+
+class Webhooks(Protocol):
+    """The webhooks service, asked: it owns the endpoints and their delivery logs."""
+
+    async def ask(self, subject: str, request: BaseModel) -> WebhookReply:
+        """Its answer to ``request`` on ``subject`` (kiln_contracts.webhooks); raises
+        ``WebhooksUnavailable`` without one."""
         ...

@@ -24,6 +24,9 @@ class GatewaySettings(DatabaseSettings):
     republish_every_s: float = Field(default=30.0, gt=0)
     # How long GET /v1/budget waits for the budget service's answer (kiln.rpc.budget.status).
     gateway_budget_timeout_s: float = Field(default=5.0, gt=0)
+    # How long /v1/webhooks... waits for the webhooks service's answer (kiln.rpc.webhooks.*);
+    # registering a URL resolves its host first.
+    gateway_webhooks_timeout_s: float = Field(default=10.0, gt=0)
     # S3: the snapshot service's bucket (read only), for the files archive.
     s3_endpoint_url: str | None = Field(
         default=None, validation_alias=AliasChoices("S3_ENDPOINT_URL", "KILN_S3_ENDPOINT_URL")
