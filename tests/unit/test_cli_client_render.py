@@ -283,3 +283,15 @@ def test_say_without_follow_only_sends(monkeypatch):
     )
     result = CliRunner().invoke(main.app, ["say", "b1", "hello", "--key", "k"])
     assert result.exit_code == 0 and "message m7 (#7)" in result.output
+
+
+def test_a_summary_call_is_shown_as_a_summary_not_as_another_iteration():
+    buf = io.StringIO()
+    r = Renderer(Console(file=buf, width=120))
+    r(SseEvent("iteration_completed", {"iteration": 7, "model": "m", "cost_micro_usd": 100}))
+    summary = {"iteration": 7, "model": "m", "cost_micro_usd": 50, "purpose": "summary"}
+    r(SseEvent("iteration_completed", summary))
+    turn, summarised = buf.getvalue().splitlines()
+    assert "iteration 7 done" in turn and "$0.0001" in turn
+    assert "summarised" in summarised and "iteration 7 done" not in summarised
+    assert r.cost_micro_usd == 150  # the summary is charged like any call

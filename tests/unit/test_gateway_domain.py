@@ -245,7 +245,7 @@ def test_evolve_walks_the_lifecycle_and_terminal_sticks():
         SnapshotSaved,
         snapshot_id="s1",
         iteration=2,
-        reason="periodic",
+        reason="files_changed",
         files=1,
         bytes_total=1,
         bytes_uploaded=1,

@@ -227,7 +227,7 @@ async def test_sleep_pauses_final_stops_and_both_are_idempotent(svc, uid):
             bytes_uploaded=5,
         )
 
-    await svc.handle_snapshot_saved(snap("periodic"))
+    await svc.handle_snapshot_saved(snap("files_changed"))
     assert bus(svc).of(SandboxStopped) == []
 
     sleep = snap("sleep")

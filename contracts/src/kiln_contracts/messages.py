@@ -32,7 +32,7 @@ ToolName = Literal[
     "list_dir",
 ]
 ProcessEnd = Literal["exited", "killed", "stopped", "lost"]
-CheckpointReason = Literal["periodic", "files_changed", "sleep", "final"]
+CheckpointReason = Literal["files_changed", "sleep", "final"]
 FailureReason = Literal[
     "iteration_limit",
     "cost_limit",
@@ -161,6 +161,12 @@ class IterationCompleted(Envelope):
     stop_reason: str
     cost_micro_usd: MicroUsd = Field(
         default=0, description="The agent's own estimate; the budget service prices usage itself."
+    )
+    purpose: Literal["turn", "summary"] = Field(
+        default="turn",
+        description="turn: the iteration's model call; summary: a call that summarised the "
+        "oldest part of the conversation to fit the context window, made before the next turn "
+        "of `iteration` (charged the same way; it does not count as an iteration).",
     )
 
 

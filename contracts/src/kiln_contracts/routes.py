@@ -36,6 +36,7 @@ from .messages import (
     TopUpRequested,
     WakeRequested,
 )
+from .webhooks import EVENT_TYPES
 
 Kinds = tuple[type[Envelope], ...]
 
@@ -64,6 +65,9 @@ CONSUMES: Final[dict[str, Kinds]] = {
         TopUpRequested,
     ),
     "snapshot": (CheckpointSaved,),
+    # The webhooks service reads the kinds endpoints can ask for (kiln_contracts.webhooks.
+    # EVENT_TYPES) with one consumer, in stream order.
+    "webhooks": tuple(EVENT_TYPES.values()),
 }
 
 PUBLISHES: Final[dict[str, Kinds]] = {
@@ -97,4 +101,5 @@ PUBLISHES: Final[dict[str, Kinds]] = {
     ),
     "budget": (SleepRequested, WakeRequested),
     "snapshot": (SnapshotSaved,),
+    "webhooks": (),  # it sends HTTP requests outward, nothing on the bus
 }
