@@ -208,7 +208,8 @@ def summary_point(
     kept = sum(sizes[s] for s in sizes if s >= first)
     if head + now + kept <= target and not force:
         return None  # clearing is enough
-    head += config.summary_max_tokens  # room for the new summary, at its longest
+    # room for the new summary at its longest, and the note it is sent in
+    head += config.summary_max_tokens + estimate_tokens(summary_note(config, ""))
     for seq in range(first, latest + 1):
         if seq in candidates and head + kept <= target:
             return seq
