@@ -57,14 +57,18 @@ class ScriptMachine:
         """Run the script with ``args`` in the workspace: (exit code, stdout, stderr)."""
         raise NotImplementedError
 
+    async def _exec_run(self, args: Sequence[str], timeout_s: float) -> tuple[int, str, str]:
+        """``_exec`` of the ``run`` command (a subclass may watch over it)."""
+        return await self._exec(args, timeout_s=timeout_s, what="bash")
+
     async def _before_run(self, timeout_s: float) -> None:
         """Called before a command of ``timeout_s`` runs (E2B: keep the sandbox alive)."""
 
     async def run(self, command: str, *, timeout_s: float, max_output: int) -> CommandResult:
         await self._before_run(timeout_s)
         half = max(1, max_output // 2)
-        code, out, err = await self._exec(
-            ["run", command, f"{timeout_s:g}", str(half)], timeout_s=timeout_s, what="bash"
+        code, out, err = await self._exec_run(
+            ["run", command, f"{timeout_s:g}", str(half)], timeout_s
         )
         lines = out.split("\n")
         try:

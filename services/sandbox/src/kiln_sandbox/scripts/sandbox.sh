@@ -16,6 +16,8 @@ cmd_run() {
   setsid bash -c 'sleep "$1"; : >"$3"; kill -KILL -- "-$2" 2>/dev/null' _ "$2" "$pid" "$out.to" \
     >/dev/null 2>&1 </dev/null &
   dog=$!
+  # where the caller asks (E2B: envd may kill this script at its deadline, not these sessions)
+  [ -n "${KILN_RUN_PIDFILE:-}" ] && printf '%s %s\n' "$pid" "$dog" >"$KILN_RUN_PIDFILE"
   wait "$pid"; rc=$?
   kill -KILL -- "-$dog" 2>/dev/null
   to=0; [ -e "$out.to" ] && to=1
@@ -24,7 +26,7 @@ cmd_run() {
   head -c "$3" "$out" | base64 -w0; echo
   rest=$((total - $3)); [ "$rest" -gt "$3" ] && rest=$3
   [ "$rest" -gt 0 ] && tail -c "$rest" "$out" | base64 -w0; echo
-  rm -f "$out" "$out.to"
+  rm -f "$out" "$out.to" ${KILN_RUN_PIDFILE:+"$KILN_RUN_PIDFILE"}
   exit "$rc"
 }
 
