@@ -812,11 +812,11 @@ class E2BServer:
 async def _start_namespace(home: Path) -> int:
     """A user, mount and PID namespace whose /home/user is ``home``; its first process's pid."""
     ready = home.parent / "ready"
-    outer = await asyncio.create_subprocess_exec(
+    outer = await asyncio.create_subprocess_exec(  # dies with this server (PDEATHSIG)
         "unshare", "-r", "-m", "-p", "--fork", "--kill-child", "--mount-proc",
         "sh", "-c", _NS_SETUP, "kiln", str(home), str(ready), start_new_session=True,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL, preexec_fn=_die_with_parent,
     )  # fmt: skip
     for _ in range(1000):
         children = _children(outer.pid)
@@ -825,6 +825,14 @@ async def _start_namespace(home: Path) -> int:
         await asyncio.sleep(0.01)
     outer.kill()
     raise RuntimeError("the sandbox's namespace did not start")
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the server dies, however it dies."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _children(pid: int) -> list[int]:
@@ -890,11 +898,15 @@ def main() -> None:  # pragma: no cover - the process the local stack runs
     async def run() -> None:
         server = E2BServer(args.base, host=args.host, port=args.port)
         url = await server.start()
-        print(url, flush=True)
+        print(url, "namespaces" if server.namespaces else "no namespaces", flush=True)
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
         try:
-            await asyncio.Event().wait()
+            await stopping.wait()
         finally:
-            await server.stop()
+            await server.stop()  # every sandbox (and its namespace) ends with the server
 
     asyncio.run(run())
 
