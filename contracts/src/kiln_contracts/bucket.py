@@ -4,6 +4,8 @@
 * ``blobs/<sha256>``                                  a regular file's bytes, shared by every build
 * ``builds/<build_id>/manifests/<snapshot_id>.json``  one snapshot (``kiln_contracts.manifest``)
 * ``builds/<build_id>/latest``                        text: the newest snapshot's id
+* ``builds/<build_id>/pruned``                        text: the highest iteration of a manifest
+                                                      retention deleted (older ones may be gone)
 * ``pending/<build_id>/<snapshot_id>.json``           a snapshot being written (the snapshot
                                                       service's garbage-collection protocol)
 * ``gc/running/<run_id>``                             a garbage collection that is sweeping
@@ -59,6 +61,10 @@ def parse_manifest_key(key: str) -> tuple[str, str] | None:
 
 def latest_key(build_id: str) -> str:
     return f"{BUILDS_PREFIX}{build_id}/latest"
+
+
+def pruned_key(build_id: str) -> str:
+    return f"{BUILDS_PREFIX}{build_id}/pruned"
 
 
 def pending_key(build_id: str, snapshot_id: str) -> str:

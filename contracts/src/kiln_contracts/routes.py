@@ -61,7 +61,8 @@ CONSUMES: Final[dict[str, Kinds]] = {
         BuildRejected,
         TopUpRequested,
     ),
-    "snapshot": (CheckpointSaved,),
+    # BuildRequested: a fork's first snapshot is a copy of its source's
+    "snapshot": (CheckpointSaved, BuildRequested),
 }
 
 PUBLISHES: Final[dict[str, Kinds]] = {

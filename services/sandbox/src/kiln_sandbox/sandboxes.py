@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from kiln_contracts import (
     BuildCancelled,
     BuildFailed,
+    ForkOrigin,
     ManifestReply,
     ManifestRequest,
     SandboxRestored,
@@ -99,8 +100,10 @@ class Sandboxes:
         when there was one; ``SandboxStarted`` or ``SandboxRestored``."""
         sandbox = Workspace(await self.provider.create(call.build_id, user_id=call.user_id))
         snapshot_id = None
-        if record is not None:  # it existed and is gone: rebuild it from the latest snapshot
-            snapshot_id = await self.restore(call.build_id, sandbox)
+        # it existed and is gone: rebuild it from the latest snapshot; a fork's first sandbox:
+        # from its source's snapshot (the fork's first, copied from it)
+        if record is not None or call.restore_from is not None:
+            snapshot_id = await self.restore(call.build_id, sandbox, call.restore_from)
         held = await self.registry.replace(
             SandboxRecord(call.build_id, self.provider.name, sandbox.sandbox_id, "running"),
             expected=record.sandbox_id if record is not None else None,
@@ -135,14 +138,21 @@ class Sandboxes:
             )
         return sandbox
 
-    async def restore(self, build_id: str, sandbox: Workspace) -> str | None:
+    async def restore(
+        self, build_id: str, sandbox: Workspace, fork: ForkOrigin | None = None
+    ) -> str | None:
         """Download the latest snapshot into a fresh sandbox; its id, or None if there is none.
+        ``fork``: the build is a fork (with no snapshot of its own yet, its source's is its
+        first).
 
         A failed download raises, so the call is redelivered (it has not been recorded yet).
         """
         if self.restorer is None:
             return None
-        plan = await self.restorer.restore_plan(build_id)
+        if fork is None:
+            plan = await self.restorer.restore_plan(build_id)
+        else:
+            plan = await self.restorer.restore_plan(build_id, fork=fork)
         if plan is None or plan.snapshot_id is None:
             return None
         if not plan.ok:
