@@ -18,7 +18,14 @@ from kiln_contracts import Envelope
 from kiln_runtime.bus import Delivery
 from kiln_runtime.retry import retry
 
-from . import builds, routes, routes_accounts, routes_budget_admin, routes_projects
+from . import (
+    builds,
+    routes,
+    routes_accounts,
+    routes_budget_admin,
+    routes_fork,
+    routes_projects,
+)
 from .bootstrap import Wiring, running
 from .problems import install as install_problems
 from .problems import problem
@@ -148,6 +155,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(routes_projects.router)
     app.include_router(routes_accounts.router)
     app.include_router(routes_budget_admin.router)
+    app.include_router(routes_fork.router)
     app.mount("/dashboard", StaticFiles(directory=STATIC, html=True), name="dashboard")
 
     @app.get("/", include_in_schema=False)

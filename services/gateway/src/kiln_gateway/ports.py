@@ -138,6 +138,18 @@ class SnapshotFiles(Protocol):
         """A file's bytes, in chunks."""
         ...
 
+    async def manifest(self, build_id: str, snapshot_id: str) -> Manifest | None:
+        """One snapshot's manifest; None if there is no such snapshot."""
+        ...
+
+    async def manifests(self, build_id: str) -> list[Manifest]:
+        """Every manifest the build has (retention keeps the newest few)."""
+        ...
+
+    async def pruned(self, build_id: str) -> int | None:
+        """The highest iteration of a manifest retention deleted (None: none deleted)."""
+        ...
+
 
 class BudgetUnavailable(Exception):
     """The budget service did not answer (down, busy rebuilding, or it failed)."""

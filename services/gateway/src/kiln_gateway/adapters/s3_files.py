@@ -13,7 +13,14 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from kiln_contracts.bucket import blob_key, latest_key, manifest_key
+from kiln_contracts.bucket import (
+    blob_key,
+    latest_key,
+    manifest_key,
+    manifests_prefix,
+    parse_manifest_key,
+    pruned_key,
+)
 from kiln_contracts.manifest import Manifest
 from kiln_runtime.s3 import is_not_found, s3_client
 
@@ -67,6 +74,25 @@ class S3Files:
             return None
         doc = await self._get(manifest_key(build_id, snapshot_id.decode().strip()))
         return None if doc is None else Manifest.parse(doc)
+
+    async def manifest(self, build_id: str, snapshot_id: str) -> Manifest | None:
+        doc = await self._get(manifest_key(build_id, snapshot_id))
+        return None if doc is None else Manifest.parse(doc)
+
+    async def manifests(self, build_id: str) -> list[Manifest]:
+        out = []
+        paginator = self._client.get_paginator("list_objects_v2")
+        async for page in paginator.paginate(Bucket=self.bucket, Prefix=manifests_prefix(build_id)):
+            for obj in page.get("Contents", []):
+                names = parse_manifest_key(str(obj["Key"]))
+                if names is not None and (doc := await self.manifest(*names)) is not None:
+                    out.append(doc)
+        return out
+
+    async def pruned(self, build_id: str) -> int | None:
+        raw = await self._get(pruned_key(build_id))
+        text = raw.decode().strip() if raw else ""
+        return int(text) if text.isdigit() else None
 
     async def blob(self, sha256: str) -> AsyncIterator[bytes]:
         response = await self._client.get_object(Bucket=self.bucket, Key=blob_key(sha256))

@@ -1,0 +1,80 @@
+"""Forking a build: where the fork starts from (the source's iteration and the snapshot of it).
+
+Plain async functions over the ports, like ``builds``. The fork itself is a build whose
+``BuildRequested`` carries ``fork`` (``builds.create_build``): the agent seeds its conversation from
+the source's turns up to that iteration, the snapshot service copies the source's snapshot as the
+fork's first, and its first sandbox is restored from it.
+"""
+
+from __future__ import annotations
+
+from kiln_contracts import ForkOrigin
+from kiln_contracts.manifest import Manifest
+
+from . import model
+from .model import Build
+from .ports import BuildStore, SnapshotFiles
+
+
+class ForkRefused(Exception):
+    """The fork cannot be made as asked: ``status`` and ``kind`` for the problem document."""
+
+    def __init__(self, status: int, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.kind, self.detail = status, kind, detail
+
+
+async def origin(
+    store: BuildStore,
+    files: SnapshotFiles,
+    build: Build,
+    *,
+    iteration: int | None = None,
+    snapshot_id: str | None = None,
+) -> ForkOrigin:
+    """Where a fork of the caller's ``build`` at ``iteration`` (or at its snapshot
+    ``snapshot_id``) starts: that iteration and the newest snapshot the build took at it or before
+    (snapshots are taken when files changed). A fork's own iterations before the one it was forked
+    at are its source's: a fork of it there is a fork of the source."""
+    if build.status == model.REJECTED:
+        raise ForkRefused(409, "conflict", "this build never started: there is nothing to fork")
+    if snapshot_id is not None:
+        doc = await files.manifest(build.build_id, snapshot_id)
+        if doc is None:
+            raise ForkRefused(
+                404, "unknown-snapshot", f"build {build.build_id} has no snapshot {snapshot_id}"
+            )
+        return ForkOrigin(build_id=build.build_id, iteration=doc.iteration, snapshot_id=snapshot_id)
+    assert iteration is not None
+    if iteration > build.state.iteration:
+        raise ForkRefused(
+            422,
+            "iteration-out-of-range",
+            f"build {build.build_id} has reached iteration {build.state.iteration}: fork it at "
+            f"an iteration from 0 to {build.state.iteration}",
+        )
+    while build.fork_of is not None and iteration < (build.fork_iteration or 0):
+        source = await store.get(build.fork_of)
+        if source is None or source.user_id != build.user_id:
+            break
+        build = source
+    chosen = newest_at(await files.manifests(build.build_id), iteration)
+    pruned = await files.pruned(build.build_id)
+    if pruned is not None and pruned <= iteration and (chosen is None or chosen.iteration < pruned):
+        raise ForkRefused(
+            410,
+            "snapshot-gone",
+            f"the snapshot of iteration {iteration} of build {build.build_id} is no longer kept "
+            "(retention keeps a build's newest snapshots)",
+        )
+    return ForkOrigin(
+        build_id=build.build_id,
+        iteration=iteration,
+        snapshot_id=chosen.snapshot_id if chosen is not None else None,
+    )
+
+
+def newest_at(manifests: list[Manifest], iteration: int) -> Manifest | None:
+    """The newest of ``manifests`` taken at ``iteration`` or before (by iteration, then time)."""
+    at = [m for m in manifests if m.iteration <= iteration]
+    return max(at, key=lambda m: (m.iteration, m.checkpoint_at), default=None)
