@@ -140,6 +140,24 @@ class KilnClient:
         )
         return result
 
+    def fork(
+        self,
+        build_id: str,
+        *,
+        iteration: int | None = None,
+        snapshot_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Fork a build at an iteration (or one of its snapshots): the new build."""
+        body: dict[str, Any] = (
+            {"iteration": iteration} if snapshot_id is None else {"snapshot_id": snapshot_id}
+        )
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        result: dict[str, Any] = self._json(
+            self.http.post(f"/v1/builds/{build_id}/fork", json=body, headers=headers)
+        )
+        return result
+
     def command(self, build_id: str, what: str) -> dict[str, Any]:
         """``wake`` or ``cancel``."""
         result: dict[str, Any] = self._json(self.http.post(f"/v1/builds/{build_id}/{what}"))
