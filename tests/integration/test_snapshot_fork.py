@@ -64,13 +64,16 @@ async def test_a_fork_is_its_sources_snapshot_at_that_iteration_and_outlives_its
     checkpoints = []
     try:
         saved = await watch_saved(service, source)
-        # iteration 2: the package; iteration 4: it changed, a file more, one gone
+        # iteration 2: the package; 3: a scratch file; 4: it changed, a file more, one gone
         (ws / "pkg").mkdir()
         (ws / "pkg" / "mod.py").write_bytes(b"x = 2\n")
         (ws / "notes.txt").write_bytes(b"only at iteration 2\n")
         (ws / "empty").mkdir()
-        for iteration in (2, 4):
+        for iteration in (2, 3, 4):
+            if iteration == 3:
+                (ws / "scratch.txt").write_bytes(b"only at iteration 3\n")
             if iteration == 4:
+                (ws / "scratch.txt").unlink()
                 (ws / "pkg" / "mod.py").write_bytes(b"x = 4\n")
                 (ws / "notes.txt").unlink()
                 (ws / "later.txt").write_bytes(b"from iteration 4\n")
@@ -85,15 +88,15 @@ async def test_a_fork_is_its_sources_snapshot_at_that_iteration_and_outlives_its
     finally:
         await rpc.close()
         await provider.close()
-    two, four = (str(c.event_id) for c in checkpoints)
+    two, _, four = (str(c.event_id) for c in checkpoints)
 
-    # the fork at iteration 3, delivered twice: one first snapshot, a copy of iteration 2's
+    # the fork at iteration 2, delivered twice: one first snapshot, a copy of iteration 2's
     fork_saved = await watch_saved(service, fork)
     request = BuildRequested(
         build_id=fork,
         user_id=user,
         idea_brief="x",
-        fork=ForkOrigin(build_id=source, iteration=3, snapshot_id=None),
+        fork=ForkOrigin(build_id=source, iteration=2, snapshot_id=None),
     )
     await service.bus.publish(request)
     await service.bus.publish(request.with_id(uuid.uuid4()))  # another id: a real redelivery
@@ -101,7 +104,7 @@ async def test_a_fork_is_its_sources_snapshot_at_that_iteration_and_outlives_its
     fork_manifests = await store.list(bucket.manifests_prefix(fork))
     assert len(fork_manifests) == 1
     [first] = fork_saved
-    assert (first.reason, first.iteration, first.bytes_uploaded) == ("fork", 3, 0)
+    assert (first.reason, first.iteration, first.bytes_uploaded) == ("fork", 2, 0)
     raw = await store.get(bucket.manifest_key(fork, first.snapshot_id))
     assert raw is not None
     copy = Manifest.parse(raw)
@@ -132,7 +135,7 @@ async def test_a_fork_is_its_sources_snapshot_at_that_iteration_and_outlives_its
             await nc.close()
         return tree(Path(fresh.root))  # type: ignore[return-value]
 
-    origin = ForkOrigin(build_id=source, iteration=3)
+    origin = ForkOrigin(build_id=source, iteration=2)
     assert await restored(fork, origin, tmp_path / "fork") == at_two
     # a fork whose first sandbox is made before its BuildRequested reached the snapshot service:
     # the restore plan makes the copy (here of iteration 4's snapshot, named by its id)
@@ -143,27 +146,28 @@ async def test_a_fork_is_its_sources_snapshot_at_that_iteration_and_outlives_its
     assert at_four[("later.txt")] == ("file", 0o644, b"from iteration 4\n")
     assert "notes.txt" not in at_four and await store.get(bucket.latest_key(other)) is not None
 
-    # retention of the source (keep 1): iteration 2's manifest goes, and is recorded as gone ...
+    # retention of the source (keep 1): the manifests forks were made from stay (iteration 2's,
+    # and 4's, which is also latest), the other one goes and is recorded as gone
+    assert {o.key for o in await store.list(bucket.fork_refs_prefix(source))} == {
+        bucket.fork_ref_key(source, two, fork),
+        bucket.fork_ref_key(source, four, other),
+    }
     later = {"clock": lambda: utcnow() + timedelta(hours=2)}
     report = await gc.collect(
         store, keep=1, grace_s=3600, max_snapshot_s=4 * 3600.0, sweep_s=600.0, **later
     )  # type: ignore[arg-type]
-    assert await store.get(bucket.manifest_key(source, two)) is None
-    assert await snapshots.pruned_iteration(store, source) == 2
-    # ... but every blob the fork's copy names stays, and the fork restores as before
+    kept = {o.key for o in await store.list(bucket.manifests_prefix(source))}
+    assert kept == {bucket.manifest_key(source, two), bucket.manifest_key(source, four)}
+    assert await snapshots.pruned_iteration(store, source) == 3
+    # blobs only the deleted manifest named go; every blob a manifest names stays (the fork's
+    # copy shares the source's), and the fork restores as before
+    assert sha(b"only at iteration 3\n") in report.deleted
     blobs = {o.key.removeprefix("blobs/") for o in await store.list("blobs/")}
-    assert {sha(b"x = 2\n"), sha(b"only at iteration 2\n")} <= blobs
+    assert {sha(b"x = 2\n"), sha(b"only at iteration 2\n"), sha(b"x = 4\n")} <= blobs
     assert not set(report.deleted) & copy.blobs()
     assert await restored(fork, origin, tmp_path / "again") == at_two
-    # a new fork at iteration 3 of the source now would be given the wrong files: refused
+    # a new fork at iteration 3 now would be given iteration 2's files: refused; at 2 and 4 not
     with pytest.raises(snapshots.ForkSourceMissing, match="no longer kept"):
         await snapshots.resolve(store, source, 3)
-    assert (await snapshots.resolve(store, source, 5)).snapshot_id == four  # type: ignore[union-attr]
-
-    # once no manifest names them, they go
-    for key in [o.key for o in await store.list(bucket.manifests_prefix(fork))]:
-        await store.delete(key)
-    swept = await gc.collect(
-        store, keep=1, grace_s=3600, max_snapshot_s=4 * 3600.0, sweep_s=600.0, **later
-    )  # type: ignore[arg-type]
-    assert sha(b"only at iteration 2\n") in swept.deleted
+    assert (await snapshots.resolve(store, source, 2)).snapshot_id == two  # type: ignore[union-attr]
+    assert (await snapshots.resolve(store, source, 9)).snapshot_id == four  # type: ignore[union-attr]

@@ -43,9 +43,12 @@ from kiln_contracts import BuildRequested, CheckpointSaved, ForkOrigin, Snapshot
 from kiln_contracts.bucket import (
     GC_RUNNING_PREFIX,
     blob_key,
+    fork_ref_key,
+    fork_refs_prefix,
     latest_key,
     manifest_key,
     manifests_prefix,
+    parse_fork_ref_key,
     pending_key,
     pruned_key,
 )
@@ -223,7 +226,8 @@ async def collections_sweeping(store: ObjectStore, now: datetime, sweep_s: float
 
 
 async def prune_manifests(store: ObjectStore, build_id: str, keep: int) -> list[str]:
-    """Delete the build's manifests beyond the newest ``keep`` (never ``latest``'s); their keys.
+    """Delete the build's manifests beyond the newest ``keep``; their keys. Never ``latest``'s
+    (the one a live build restores from) nor one a fork was made from (``forks/`` marks).
 
     Newest by the order tag each manifest carries as metadata (iteration, then checkpoint time);
     S3's LastModified (one-second resolution) breaks ties and orders untagged manifests."""
@@ -231,10 +235,13 @@ async def prune_manifests(store: ObjectStore, build_id: str, keep: int) -> list[
     if len(objects) <= keep:
         return []
     latest = await store.get(latest_key(build_id))
-    protected = manifest_key(build_id, latest.decode()) if latest is not None else None
+    protected = {manifest_key(build_id, latest.decode())} if latest is not None else set()
+    for mark in await store.list(fork_refs_prefix(build_id)):
+        if (names := parse_fork_ref_key(mark.key)) is not None:
+            protected.add(manifest_key(build_id, names[1]))
     tags = {o.key: ((await store.metadata(o.key)) or {}).get(ORDER_META, "") for o in objects}
     objects.sort(key=lambda o: (tags[o.key], o.last_modified, o.key), reverse=True)
-    doomed = [o.key for o in objects[keep:] if o.key != protected]
+    doomed = [o.key for o in objects[keep:] if o.key not in protected]
     if doomed:
         # recorded before the deletes: a fork at an iteration whose snapshot may be gone is
         # refused rather than given an older one (``resolve``)
@@ -487,6 +494,10 @@ async def seed_fork(
             return None
         if user_id is not None and source.user_id != user_id:
             raise ForkSourceMissing(f"build {origin.build_id} is not this user's")
+        # from here on the source's retention keeps that manifest (checked below: still there)
+        await deps.store.put(
+            fork_ref_key(origin.build_id, source.snapshot_id, build_id), b"", "text/plain"
+        )
         # the GC protocol of a snapshot: a pending marker naming the blobs, no sweep running,
         # and the source still there (its manifest kept the blobs until our marker did)
         started = utcnow()
