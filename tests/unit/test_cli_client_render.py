@@ -283,3 +283,14 @@ def test_say_without_follow_only_sends(monkeypatch):
     )
     result = CliRunner().invoke(main.app, ["say", "b1", "hello", "--key", "k"])
     assert result.exit_code == 0 and "message m7 (#7)" in result.output
+
+
+def test_a_forks_start_says_what_it_was_forked_from():
+    buf = io.StringIO()
+    r = Renderer(Console(file=buf, width=160))
+    fork = {"build_id": "src", "iteration": 3, "snapshot_id": "s2"}
+    r(SseEvent("build_requested", {"build_id": "fk", "tier": "pro", "fork": fork}))
+    r(SseEvent("build_requested", {"build_id": "b2", "tier": "pro"}))
+    forked, plain = buf.getvalue().splitlines()
+    assert "build fk started (tier pro), a fork of build src at iteration 3" in forked
+    assert "fork" not in plain and r.iteration == 3
