@@ -31,6 +31,7 @@ async def gw(infra: dict[str, str]) -> AsyncIterator[Gateway]:
     async with running_gateway(
         infra,
         "gwfork",
+        republish_every_s=0.5,
         s3_endpoint_url=infra["S3_ENDPOINT_URL"],
         s3_bucket=BUCKET,
         projection_durable="gateway-projection-fork",
@@ -193,3 +194,34 @@ async def test_another_users_build_is_a_404_and_a_pruned_snapshot_a_410(
         assert gone.status_code == 410 and gone.json()["type"].endswith("snapshot-gone")
         ok = await c.post(f"/v1/builds/{pruned_build}/fork", json={"iteration": 4})
         assert ok.status_code == 201 and ok.json()["forked_from"]["snapshot_id"] == snaps[4]
+
+
+async def test_a_fork_stored_while_the_bus_is_down_is_sent_later_with_its_origin(
+    gw: Gateway, s3: S3Store, uid: str
+) -> None:
+    key, build_id, snaps = await source(gw, s3, f"d{uid}")
+    real = gw.rt.publish
+
+    async def broken(msg: Any) -> None:
+        raise ConnectionError("bus down")
+
+    gw.rt.publish = broken
+    try:
+        async with gw.client(key) as c:
+            r = await c.post(
+                f"/v1/builds/{build_id}/fork",
+                json={"iteration": 4},
+                headers={"Idempotency-Key": "d"},
+            )
+            assert r.status_code == 503 and r.headers["retry-after"] == "2"
+            listed = (await c.get("/v1/builds?limit=100")).json()["builds"]
+    finally:
+        gw.rt.publish = real
+    [fork] = [b for b in listed if b["forked_from"]]
+
+    async def sent() -> bool:
+        return [m.get("fork") for m in await requested(gw, fork["build_id"])] == [
+            {"build_id": build_id, "iteration": 4, "snapshot_id": snaps[4]}
+        ]
+
+    await until(sent)
