@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from kiln_contracts import IterationCompleted, Usage, bucket, subjects
+from kiln_contracts import CheckpointSaved, IterationCompleted, Usage, bucket, subjects
 from kiln_contracts.manifest import FileEntry, Manifest
 from kiln_snapshot.adapters.s3 import S3Store
 from kiln_snapshot.snapshots import ORDER_META, order_tag
@@ -225,3 +225,34 @@ async def test_a_fork_stored_while_the_bus_is_down_is_sent_later_with_its_origin
         ]
 
     await until(sent)
+
+
+async def test_a_fork_waits_for_a_snapshot_still_being_written(
+    gw: Gateway, s3: S3Store, uid: str
+) -> None:
+    user = f"w{uid}"
+    key, build_id, snaps = await source(gw, s3, user)
+    # iteration 5's files changed (its checkpoint is on the stream), its snapshot not written yet
+    checkpoint = CheckpointSaved(
+        build_id=build_id, user_id=user, iteration=5, reason="files_changed"
+    )
+    await gw.bus.publish(checkpoint)
+    async with gw.client(key) as c:
+        url = f"/v1/builds/{build_id}/fork"
+        early = await c.post(url, json={"iteration": 5})
+        assert early.status_code == 503 and early.headers["retry-after"] == "2", early.text
+        assert early.json()["type"].endswith("snapshot-pending")
+        # before it, iteration 4's snapshot is the newest: no wait
+        assert (await c.post(url, json={"iteration": 4})).status_code == 201
+        # written: the fork starts from it
+        at = datetime.now(UTC)
+        doc = Manifest(
+            snapshot_id=str(checkpoint.event_id), build_id=build_id, user_id=user, iteration=5,
+            reason="files_changed", checkpoint_at=at, created_at=at, files=0, bytes_total=0,
+            bytes_uploaded=0, entries=[],
+        )  # fmt: skip
+        await s3.put(bucket.manifest_key(build_id, doc.snapshot_id), doc.dump())
+        late = await c.post(url, json={"iteration": 5})
+        assert late.status_code == 201, late.text
+        assert late.json()["forked_from"]["snapshot_id"] == str(checkpoint.event_id)
+    assert snaps[4] != str(checkpoint.event_id)

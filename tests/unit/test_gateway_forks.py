@@ -13,6 +13,7 @@ from kiln_contracts import ForkOrigin
 from kiln_contracts.manifest import Manifest
 from kiln_gateway import forks
 from kiln_gateway.model import Build, Projection
+from kiln_gateway.ports import Checkpoint
 
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
 
@@ -121,3 +122,36 @@ async def test_refusals() -> None:
     # pruned up to 3, but the newest at 6 (iteration 5's) is kept: exact
     kept = Files(FILES.by_build, {"src": 3})
     assert (await origin(SOURCE, files=kept, iteration=6)).snapshot_id == "s5-later"
+
+
+class Events:
+    def __init__(self, *checkpoints: tuple[int, str]) -> None:
+        self.items = [Checkpoint(seq=i + 1, iteration=it, snapshot_id=s) for i, (it, s) in
+                      enumerate(checkpoints)]  # fmt: skip
+
+    async def checkpoints(self, build_id: str) -> list[Checkpoint]:
+        return list(self.items)
+
+
+async def test_a_snapshot_asked_for_but_not_written_yet_is_waited_for_never_skipped() -> None:
+    events = Events((2, "s2"), (5, "s5"), (5, "s5-later"), (6, "s6"), (8, "s8"), (9, "s9"))
+
+    async def at(iteration: int) -> ForkOrigin:
+        return await forks.origin(Store(SOURCE), FILES, SOURCE, iteration=iteration, events=events)  # type: ignore[arg-type]
+
+    assert (await at(5)).snapshot_id == "s5-later"
+    assert (await at(8)).snapshot_id == "s8"
+    # iteration 6's checkpoint has no snapshot and a newer one exists: it was superseded
+    with pytest.raises(forks.ForkRefused) as gone:
+        await at(7)
+    assert (gone.value.status, gone.value.kind) == (410, "snapshot-gone")
+    # iteration 9's is not written yet: retry
+    with pytest.raises(forks.ForkRefused) as pending:
+        await at(9)
+    assert (pending.value.status, pending.value.kind) == (503, "snapshot-pending")
+    # ... and once it is, it is the one
+    FILES.by_build["src"].append(manifest("src", "s9", 9))
+    try:
+        assert (await at(9)).snapshot_id == "s9"
+    finally:
+        FILES.by_build["src"].pop()

@@ -13,7 +13,7 @@ from kiln_contracts.manifest import Manifest
 
 from . import model
 from .model import Build
-from .ports import BuildStore, SnapshotFiles
+from .ports import BuildStore, EventSource, SnapshotFiles
 
 
 class ForkRefused(Exception):
@@ -31,11 +31,14 @@ async def origin(
     *,
     iteration: int | None = None,
     snapshot_id: str | None = None,
+    events: EventSource | None = None,
 ) -> ForkOrigin:
     """Where a fork of the caller's ``build`` at ``iteration`` (or at its snapshot
     ``snapshot_id``) starts: that iteration and the newest snapshot the build took at it or before
     (snapshots are taken when files changed). A fork's own iterations before the one it was forked
-    at are its source's: a fork of it there is a fork of the source."""
+    at are its source's: a fork of it there is a fork of the source. ``events``: the stream, to
+    make sure that snapshot is not one still being written (the build's checkpoints say which
+    snapshots were asked for)."""
     if build.status == model.REJECTED:
         raise ForkRefused(409, "conflict", "this build never started: there is nothing to fork")
     if snapshot_id is not None:
@@ -67,10 +70,47 @@ async def origin(
             f"the snapshot of iteration {iteration} of build {build.build_id} is no longer kept "
             "(retention keeps a build's newest snapshots)",
         )
+    if events is not None:
+        chosen = await _not_being_written(events, files, build.build_id, iteration, chosen)
     return ForkOrigin(
         build_id=build.build_id,
         iteration=iteration,
         snapshot_id=chosen.snapshot_id if chosen is not None else None,
+    )
+
+
+async def _not_being_written(
+    events: EventSource,
+    files: SnapshotFiles,
+    build_id: str,
+    iteration: int,
+    chosen: Manifest | None,
+) -> Manifest | None:
+    """``chosen``, or the snapshot written since it was chosen; refused while a snapshot newer
+    than ``chosen`` and at ``iteration`` or before was asked for (a CheckpointSaved) but is not
+    written yet (503: retry), or if it never will be (410: a newer checkpoint superseded it, the
+    snapshot service snapshots only the newest of a backlog)."""
+    asked = [c for c in await events.checkpoints(build_id) if c.iteration <= iteration]
+    if not asked:
+        return chosen
+    wanted = max(asked, key=lambda c: (c.iteration, c.seq))
+    if chosen is not None and chosen.iteration >= wanted.iteration:
+        return chosen  # that snapshot, or another of the same iteration or later: same files
+    if (written := await files.manifest(build_id, wanted.snapshot_id)) is not None:
+        return written  # written since the listing
+    newer = [m for m in await files.manifests(build_id) if m.iteration > wanted.iteration]
+    if newer:
+        raise ForkRefused(
+            410,
+            "snapshot-gone",
+            f"no snapshot of iteration {wanted.iteration} of build {build_id} was kept (a newer "
+            "one superseded it); fork at another iteration",
+        )
+    raise ForkRefused(
+        503,
+        "snapshot-pending",
+        f"the snapshot of iteration {wanted.iteration} of build {build_id} is still being "
+        "written; retry in a moment",
     )
 
 

@@ -44,7 +44,8 @@ async def fork_build(
     concurrent builds). 201 with the new build and its ``Location``.
 
     ``iteration`` beyond the build's: 422; an unknown ``snapshot_id``: 404; a snapshot retention
-    no longer keeps: 410. Send an ``Idempotency-Key`` to make retries safe (as for
+    no longer keeps (or never kept: a newer one superseded it): 410; one still being written: 503
+    with ``Retry-After``. Send an ``Idempotency-Key`` to make retries safe (as for
     ``POST /v1/builds``)."""
     try:
         tier = rt.config.tier(me.tier)
@@ -57,10 +58,16 @@ async def fork_build(
     }
     try:
         origin = await forks.origin(
-            rt.store, rt.files, build, iteration=body.iteration, snapshot_id=body.snapshot_id
+            rt.store,
+            rt.files,
+            build,
+            iteration=body.iteration,
+            snapshot_id=body.snapshot_id,
+            events=rt.events,
         )
     except forks.ForkRefused as err:
-        raise ProblemError(err.status, err.kind, err.detail) from err
+        headers = {"Retry-After": "2"} if err.status == 503 else None
+        raise ProblemError(err.status, err.kind, err.detail, headers=headers) from err
     except Exception as err:
         log.warning("snapshot store unavailable: %s", err, extra={"build_id": build.build_id})
         raise HTTPException(
