@@ -23,7 +23,9 @@ import boto3
 import httpx
 import nats
 import pytest
+from typer.testing import CliRunner
 
+from kiln_cli import main
 from kiln_contracts import bucket
 from kiln_devstack.infra import wait_for
 from kiln_devstack.stack import DEV_API_KEY, Stack
@@ -177,6 +179,39 @@ def test_a_fork_at_iteration_k_has_its_files_and_goes_on_to_completion(stack: St
         assert (after["status"], after["iteration"]) == ("completed", done["iteration"])
 
     fork_delivered_twice(stack, fork, source)
+
+
+def test_rolling_a_working_build_back_goes_on_in_a_fork_and_cancels_it(stack: Stack) -> None:
+    """``kiln rollback`` while the build works: a fork at the iteration that wrote the package
+    (its snapshot waited for if still being written), the build cancelled; the fork completes."""
+    with httpx.Client(base_url=stack.gateway_url, headers=HEADERS, timeout=10) as client:
+        created = client.post("/v1/builds", json={"idea_brief": BRIEF})
+        build_id = created.json()["build_id"]
+        wait_for(
+            lambda: client.get(f"/v1/builds/{build_id}").json()["iteration"] >= 3,
+            "the build's third iteration",
+            120,
+        )
+        env = {"KILN_URL": stack.gateway_url, "KILN_API_KEY": DEV_API_KEY}
+        env["KILN_CONFIG_FILE"] = str(stack.data_dir / "no-config.toml")
+        rolled = CliRunner().invoke(main.app, ["rollback", build_id, "--to", "2"], env=env)
+        assert rolled.exit_code == 0, rolled.output
+        new_id = rolled.stdout.split()[1]
+        assert f"continue in build {new_id} (was {build_id}, now at iteration 2)" in rolled.stdout
+        ended = client.get(f"/v1/builds/{build_id}").json()
+        assert ended["status"] in ("running", "cancelled", "completed")  # cancelled, or done first
+        if f"build {build_id} cancelled" in rolled.stdout:
+            wait_status(client, stack, build_id, "cancelled")
+        finished = wait_status(client, stack, new_id, "completed")
+        assert "all tests pass" in finished["summary"]
+        assert finished["forked_from"]["build_id"] == build_id
+        assert finished["forked_from"]["iteration"] == 2
+        history = events(stack, new_id)
+        calls = of(history, "tool_call")
+        # it goes on from the package written at iteration 2: its tests run next
+        assert (calls[0]["iteration"], calls[0]["tool"]) == (3, "bash"), "\n".join(summary(history))
+        numbers = [e["iteration"] for e in of(history, "iteration_completed")]
+        assert numbers == list(range(3, finished["iteration"] + 1))
 
 
 def fork_delivered_twice(stack: Stack, fork: str, source: str) -> None:
