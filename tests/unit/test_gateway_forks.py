@@ -1,6 +1,6 @@
 """Where a fork starts (``kiln_gateway.forks.origin``), with fakes: the newest snapshot taken at the
 iteration or before; a fork of a fork before its own fork point is a fork of its source; a
-snapshot retention deleted, a rejected build and an iteration past the build's are refused."""
+snapshot retention deleted, a rejected build and an iteration past the build's are refused; a fork is projected at its fork point."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
-from kiln_contracts import ForkOrigin
+from kiln_contracts import BuildRequested, ForkOrigin
 from kiln_contracts.manifest import Manifest
 from kiln_gateway import forks
+from kiln_gateway.builds import evolve
 from kiln_gateway.model import Build, Projection
 from kiln_gateway.ports import Checkpoint
 
@@ -155,3 +156,12 @@ async def test_a_snapshot_asked_for_but_not_written_yet_is_waited_for_never_skip
         assert (await at(9)).snapshot_id == "s9"
     finally:
         FILES.by_build["src"].pop()
+
+
+def test_a_fork_is_projected_at_the_iteration_it_was_forked_at() -> None:
+    origin = ForkOrigin(build_id="src", iteration=4, snapshot_id="s2")
+    forked = BuildRequested(build_id="fk", user_id="u1", idea_brief="x", fork=origin)
+    state = evolve(Projection(), forked, 1)
+    assert (state.status, state.iteration) == ("running", 4)
+    plain = BuildRequested(build_id="b", user_id="u1", idea_brief="x")
+    assert evolve(Projection(), plain, 1).iteration == 0

@@ -340,6 +340,8 @@ def evolve(state: Projection, event: Envelope, seq: int) -> Projection:
     if isinstance(event, BuildRequested):
         if state.status == model.QUEUED:
             new = replace(new, status=model.RUNNING)
+        if event.fork is not None:  # a fork starts at its source's iteration
+            new = replace(new, iteration=max(new.iteration, event.fork.iteration))
     elif isinstance(event, IterationCompleted):
         new = replace(
             new,
