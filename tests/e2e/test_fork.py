@@ -1,8 +1,9 @@
 """Fork and rollback end to end (every service a process, the scripted model, driven over HTTP like
 a user): a completed build forked at an iteration k gives a new build whose files are the
 snapshot of iteration k (the newest taken at k or before) byte for byte, whose conversation is
-the original's up to k, and which goes on from there to completion, while the agent and the
-snapshot service are SIGKILLed as the fork starts; the original is untouched; the fork's
+the original's up to k, and which goes on from there to completion, though it was asked for while
+the agent and the snapshot service were down (SIGKILLed) and the agent was SIGKILLed again with
+its first call out; the original is untouched; the fork's
 BuildRequested delivered twice makes one fork."""
 
 from __future__ import annotations
@@ -113,7 +114,11 @@ def test_a_fork_at_iteration_k_has_its_files_and_goes_on_to_completion(stack: St
         assert k < done["iteration"]
         assert not [d for d in snaps.values() if first["iteration"] < d["iteration"] <= k]
 
-        # fork it; the agent and the snapshot service are SIGKILLed as the fork starts
+        # fork it while the agent and the snapshot service are down (SIGKILLed); the agent comes
+        # back first and is SIGKILLed again once the fork's first call is out, which the sandbox
+        # cannot run until the snapshot service is back (it never gives a fork an empty sandbox)
+        for victim in ("agent", "snapshot"):
+            stack.kill(victim, signal.SIGKILL)
         forked = client.post(
             f"/v1/builds/{source}/fork",
             json={"iteration": k},
@@ -127,10 +132,13 @@ def test_a_fork_at_iteration_k_has_its_files_and_goes_on_to_completion(stack: St
             "iteration": k,
             "snapshot_id": first["snapshot_id"],
         }
-        for victim in ("agent", "snapshot"):
-            stack.kill(victim, signal.SIGKILL)
-        for victim in ("agent", "snapshot"):
-            stack.start_service(victim)
+        assert forked.json()["iteration"] in (0, k)  # projected at k once its request is read
+        stack.start_service("agent")
+        wait_for(lambda: of(events(stack, fork), "tool_call"), "the fork's first call", 60)
+        assert not of(events(stack, fork), "tool_result")  # no files without the snapshot service
+        stack.kill("agent", signal.SIGKILL)
+        stack.start_service("agent")
+        stack.start_service("snapshot")
 
         finished = wait_status(client, stack, fork, "completed")
         assert "all tests pass" in finished["summary"]

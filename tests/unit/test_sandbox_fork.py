@@ -8,10 +8,12 @@ from __future__ import annotations
 import hashlib
 
 import httpx
+import pytest
 
 from kiln_contracts import ForkOrigin, RestorePlanReply, SandboxRestored, SandboxStarted
 from kiln_contracts.rpc import Download
 from kiln_devstack.sandbox import MemoryRegistry
+from kiln_runtime.errors import RetryLater
 from kiln_sandbox.adapters.local import LocalProvider
 from kiln_sandbox.handlers import SandboxService
 from kiln_sandbox.ports import SandboxRecord
@@ -76,5 +78,27 @@ async def test_a_forks_first_sandbox_is_restored_from_its_sources_snapshot(tmp_p
         )
         assert (await svc.handle_tool_call(later)).output == data.decode()
         assert restorer.asked[-1] == (f"b{uid}", ORIGIN)
+    finally:
+        await provider.close()
+
+
+async def test_a_fork_is_not_given_an_empty_sandbox_when_no_plan_comes(tmp_path, uid):
+    class Silent(ForkRestorer):
+        async def restore_plan(
+            self, build_id: str, fork: ForkOrigin | None = None
+        ) -> RestorePlanReply | None:
+            self.asked.append((build_id, fork))
+            return None  # no snapshot service answered
+
+    provider = LocalProvider(tmp_path / "sandboxes")
+    restorer = Silent(RestorePlanReply())
+    svc = SandboxService(provider, MemoryRegistry(), FakeCalls(), FakeBus(), restorer)
+    try:
+        call = tool_call(uid, "c1", iteration=4, input={"command": "ls"}, restore_from=ORIGIN)
+        with pytest.raises(RetryLater, match="no restore plan for fork"):
+            await svc.handle_tool_call(call)
+        assert await svc.calls.get(f"b{uid}", "c1") is None  # left to be run on redelivery
+        assert await svc.registry.get(f"b{uid}") is None
+        assert not bus(svc).published
     finally:
         await provider.close()

@@ -24,6 +24,7 @@ from kiln_contracts import (
     UploadRequest,
     stable_id,
 )
+from kiln_runtime.errors import RetryLater
 
 from .ports import (
     Provider,
@@ -153,6 +154,12 @@ class Sandboxes:
             plan = await self.restorer.restore_plan(build_id)
         else:
             plan = await self.restorer.restore_plan(build_id, fork=fork)
+            if plan is None:
+                # a fork's files are its source's: never an empty workspace for want of an answer
+                raise RetryLater(
+                    f"no restore plan for fork {build_id} (is the snapshot service up?)",
+                    delay_s=2.0,
+                )
         if plan is None or plan.snapshot_id is None:
             return None
         if not plan.ok:
