@@ -155,6 +155,7 @@ async def test_a_fork_at_an_iteration_starts_from_the_newest_snapshot_at_it(
         ({"iteration": "two"}, 422, "invalid-request"),
         ({"iteration": 2, "extra": 1}, 422, "invalid-request"),
         ({"iteration": 6}, 422, "iteration-out-of-range"),
+        ({"iteration": 5}, 409, "iteration-in-progress"),
         ({"snapshot_id": "a2f6c1b0-0000-4000-8000-000000000000"}, 404, "unknown-snapshot"),
         ({"snapshot_id": "../etc"}, 422, "invalid-request"),
     ],
@@ -239,6 +240,20 @@ async def test_a_fork_waits_for_a_snapshot_still_being_written(
     await gw.bus.publish(checkpoint)
     async with gw.client(key) as c:
         url = f"/v1/builds/{build_id}/fork"
+        # still at iteration 5: its results may be on their way
+        busy = await c.post(url, json={"iteration": 5})
+        assert busy.status_code == 409 and busy.json()["type"].endswith("iteration-in-progress")
+        await gw.bus.publish(
+            IterationCompleted(
+                build_id=build_id, user_id=user, iteration=6, model="claude-haiku-4-5",
+                usage=Usage(), stop_reason="tool_use",
+            )
+        )  # fmt: skip
+
+        async def moved_on() -> bool:
+            return (await c.get(f"/v1/builds/{build_id}")).json()["iteration"] == 6
+
+        await until(moved_on)
         early = await c.post(url, json={"iteration": 5})
         assert early.status_code == 503 and early.headers["retry-after"] == "2", early.text
         assert early.json()["type"].endswith("snapshot-pending")

@@ -110,6 +110,7 @@ async def test_refusals() -> None:
     cases = [
         (dict(b=SOURCE, iteration=10), 422, "iteration-out-of-range"),
         (dict(b=build("r", 0, status="rejected"), iteration=0), 409, "conflict"),
+        (dict(b=build("w", 4, status="running"), iteration=4), 409, "iteration-in-progress"),
         (
             dict(b=SOURCE, iteration=4, files=Files(FILES.by_build, {"src": 3})),
             410,
@@ -120,6 +121,8 @@ async def test_refusals() -> None:
         with pytest.raises(forks.ForkRefused) as err:
             await origin(**asked)
         assert (err.value.status, err.value.kind) == (status, kind)
+    running = build("w", 4, status="running")
+    assert (await origin(running, iteration=3)).iteration == 3  # an earlier one: no wait
     # pruned up to 3, but the newest at 6 (iteration 5's) is kept: exact
     kept = Files(FILES.by_build, {"src": 3})
     assert (await origin(SOURCE, files=kept, iteration=6)).snapshot_id == "s5-later"

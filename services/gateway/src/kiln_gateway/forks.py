@@ -56,6 +56,14 @@ async def origin(
             f"build {build.build_id} has reached iteration {build.state.iteration}: fork it at "
             f"an iteration from 0 to {build.state.iteration}",
         )
+    if iteration == build.state.iteration and build.status in (model.QUEUED, model.RUNNING):
+        # its tool results (and the snapshot of their files) may still be on their way
+        raise ForkRefused(
+            409,
+            "iteration-in-progress",
+            f"build {build.build_id} is still working on iteration {iteration}: fork it at an "
+            "earlier iteration, or once it has moved on",
+        )
     while build.fork_of is not None and iteration < (build.fork_iteration or 0):
         source = await store.get(build.fork_of)
         if source is None or source.user_id != build.user_id:

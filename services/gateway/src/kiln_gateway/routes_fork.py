@@ -43,7 +43,7 @@ async def fork_build(
     fork goes on from there, as a build of its own (its own limits, counted towards the tier's
     concurrent builds). 201 with the new build and its ``Location``.
 
-    ``iteration`` beyond the build's: 422; an unknown ``snapshot_id``: 404; a snapshot retention
+    ``iteration`` beyond the build's: 422; the iteration a running build is still at: 409; an unknown ``snapshot_id``: 404; a snapshot retention
     no longer keeps (or never kept: a newer one superseded it): 410; one still being written: 503
     with ``Retry-After``. Send an ``Idempotency-Key`` to make retries safe (as for
     ``POST /v1/builds``)."""
