@@ -4,7 +4,7 @@ PYTHON ?= python3
 TOOLS := .tools
 UV := $(shell command -v uv 2>/dev/null || echo $(TOOLS)/bin/uv)
 RUN := $(UV) run --frozen
-PACKAGES := kiln_contracts kiln_runtime kiln_devstack kiln_cli kiln_gateway kiln_agent kiln_sandbox kiln_budget kiln_snapshot
+PACKAGES := kiln_contracts kiln_runtime kiln_devstack kiln_cli kiln_gateway kiln_agent kiln_sandbox kiln_budget kiln_snapshot kiln_webhooks
 
 .PHONY: help install demo up test lint fmt typecheck unit integration e2e schemas bench clean browser
 
@@ -75,15 +75,18 @@ nats-render: install  ## regenerate the NATS users (Helm values, nats-server.con
 	$(RUN) python deploy/nats/render.py
 
 # ---------------------------------------------------------------- benchmarks (bench/, docs/BENCHMARKS.md)
-.PHONY: bench-roundtrip bench-concurrency bench-sleeping bench-recovery bench-snapshot
+.PHONY: bench-roundtrip bench-concurrency bench-concurrency-real bench-sleeping bench-recovery bench-snapshot
 
-bench: bench-roundtrip bench-concurrency bench-sleeping bench-recovery bench-snapshot bench-bookkeeping bench-model-client bench-bus bench-overshoot  ## run every benchmark (minutes; figures in docs/BENCHMARKS.md)
+bench: bench-roundtrip bench-concurrency bench-sleeping bench-recovery bench-snapshot bench-bookkeeping bench-model-client bench-bus bench-overshoot bench-long  ## run every benchmark (minutes; figures in docs/BENCHMARKS.md)
 
 bench-roundtrip: install  ## tool-call round trip through Kiln vs a bare JetStream round trip
 	$(RUN) python bench/roundtrip.py
 
 bench-concurrency: install  ## one agent, 100/300/1,000 concurrent builds, model with 1 s latency
 	$(RUN) python bench/concurrency.py
+
+bench-concurrency-real: install  ## one agent, 1,000 and 5,000 builds, model latency lognormal (median 8 s)
+	$(RUN) python bench/concurrency.py --builds 1000,5000 --latency-s 8 --sigma 0.6 --measure-s 60
 
 bench-sleeping: install  ## 10,000 sleeping builds: agent RSS and task growth, sandboxes alive
 	$(RUN) python bench/sleeping.py
@@ -94,7 +97,7 @@ bench-recovery: install  ## SIGKILL the agent mid-build: time to the next event 
 bench-snapshot: install  ## 2,000 files / ~50 MB, one file changed: Kiln's incremental snapshot vs tar czf + upload
 	$(RUN) python bench/snapshot.py
 
-.PHONY: bench-bookkeeping bench-model-client bench-bus bench-overshoot
+.PHONY: bench-bookkeeping bench-model-client bench-bus bench-overshoot bench-long
 bench-bookkeeping: install  ## the agent's per-iteration bookkeeping near iteration 1 and 200 of one build (target: ratio <= 1.5)
 	$(RUN) python bench/bookkeeping.py
 
@@ -106,3 +109,6 @@ bench-bus: install  ## CPU per published and per consumed message: Kiln vs bare 
 
 bench-overshoot: install  ## 20 concurrent builds of one user: spend past the allowance, before (BEFORE=<commit>) and with the budget gates
 	$(RUN) python bench/overshoot.py $(if $(BEFORE),--before $(BEFORE))
+
+bench-long: install  ## a 200-iteration scripted build with large writes: completes; cache-read ratio, compactions, summaries
+	$(RUN) python bench/long_build.py

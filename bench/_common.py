@@ -29,7 +29,7 @@ from nats.aio.msg import Msg
 
 from kiln_contracts import Envelope, subjects
 from kiln_devstack.infra import Infra, Process, spawn, wait_for
-from kiln_runtime.bus import ensure_streams
+from kiln_runtime.streams import ensure_streams
 
 
 @dataclass

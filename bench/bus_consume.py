@@ -105,7 +105,8 @@ async def consume_faststream(url: str, n: int, durable: str) -> float:
     from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 
     from kiln_contracts import ToolResult, subjects
-    from kiln_runtime.bus import Bus, Delivery, _Consumer
+    from kiln_runtime.bus import Bus, Delivery
+    from kiln_runtime.consume import Consumer
     from kiln_runtime.settings import CommonSettings
 
     done = asyncio.Event()
@@ -118,7 +119,7 @@ async def consume_faststream(url: str, n: int, durable: str) -> float:
             done.set()
 
     bus = Bus(CommonSettings(nats_url=url), "benchbus")
-    consumer = _Consumer(bus, ToolResult, handler)
+    consumer = Consumer(bus, ToolResult, handler)
     # its per-message "Received/Processed" lines at debug level, as a service would set it
     broker = NatsBroker(url, logger=logging.getLogger("faststream.bench"), log_level=logging.DEBUG)
 

@@ -15,7 +15,16 @@ from kiln_agent import config as agent_config
 from kiln_agent.adapters.anthropic_model import AnthropicModel
 from kiln_agent.adapters.memory import MemoryStore
 from kiln_agent.loop import Agent
-from kiln_contracts import BuildCompleted, BuildRequested, Envelope, ToolCall, ToolResult
+from kiln_contracts import (
+    BuildCompleted,
+    BuildFailed,
+    BuildLimits,
+    BuildRequested,
+    Envelope,
+    IterationCompleted,
+    ToolCall,
+    ToolResult,
+)
 from kiln_devstack.model.script import LongScript
 from kiln_devstack.model.server import Recorded, ScriptedServer
 from kiln_runtime import config as kiln_config
@@ -30,7 +39,10 @@ class CacheReport:
     cache_read: int = 0
     cache_write: int = 0
     compactions: int = 0
+    summaries: int = 0
+    summary_charged: int = 0
     completed: bool = False
+    failed: str = ""
 
     @property
     def total_input(self) -> int:
@@ -76,18 +88,29 @@ def prefix_kept(previous: Recorded, current: Recorded) -> bool:
     return after[:end] == before[:end]
 
 
+def is_summary(rec: Recorded) -> bool:
+    """A summarising call (the agent sends it without tools), not a turn of the build."""
+    return not rec.request.get("tools")
+
+
 def report(recorded: list[Recorded]) -> CacheReport:
-    out = CacheReport(requests=len(recorded))
-    for i, rec in enumerate(recorded):
+    """Usage over every call (summarising ones too); the prefix compared between the build's
+    turns (``requests``) only."""
+    turns = [rec for rec in recorded if not is_summary(rec)]
+    out = CacheReport(requests=len(turns), summaries=len(recorded) - len(turns))
+    for rec in recorded:
         usage = rec.usage
         out.input_tokens += usage.get("input_tokens", 0)
         out.cache_read += usage.get("cache_read_input_tokens", 0)
         out.cache_write += usage.get("cache_creation_input_tokens", 0)
+    for i, rec in enumerate(turns):
         if i:
-            if prefix_kept(recorded[i - 1], rec):
+            if prefix_kept(turns[i - 1], rec):
                 out.prefix_unchanged += 1
             else:
                 out.changed_at.append(i + 1)
+    marks = [_marks(rec) for rec in turns]
+    out.compactions = sum(1 for a, b in zip([(0, 0, ""), *marks], marks, strict=False) if a != b)
     return out
 
 
@@ -113,12 +136,15 @@ async def run(
     parallel: int = 2,
     output_chars: int = 400,
     window: int | None = None,
+    write_chars: int = 0,
 ) -> CacheReport:
-    """Run one scripted build of ``iterations`` model calls; ``window`` overrides the model's
-    context window (a small one makes compaction happen)."""
+    """Run one scripted build of ``iterations`` model calls; ``window`` is the model's context
+    window, for the agent and the server alike (a small one makes compaction happen);
+    ``write_chars``: each turn also writes a file that long."""
     server = ScriptedServer()
     server.record = True
-    server.responder = LongScript(iterations, parallel, server.model.usage).respond
+    server.window = window
+    server.responder = LongScript(iterations, parallel, server.model.usage, write_chars).respond
     await server.start()
     cfg = agent_config.load()
     if window is not None:
@@ -128,7 +154,11 @@ async def run(
     agent = Agent(store, model, pub, cfg, kiln_config.default())
     try:
         build = BuildRequested(
-            build_id="bench-cache", user_id="bench", tier="pro", idea_brief="A long build."
+            build_id="bench-cache",
+            user_id="bench",
+            tier="pro",
+            idea_brief="A long build.",
+            limits=BuildLimits(max_iterations=max(50, iterations)),
         )
         await agent.build_requested(build)
         while pub.calls:
@@ -142,25 +172,33 @@ async def run(
             )
         out = report(server.recorded)
         out.completed = any(isinstance(m, BuildCompleted) for m in pub.sent)
-        out.compactions = len(set(_watermarks(server.recorded)))
+        out.failed = next(
+            (f"{m.reason}: {m.detail}" for m in pub.sent if isinstance(m, BuildFailed)), ""
+        )
+        out.summary_charged = sum(
+            1 for m in pub.sent if isinstance(m, IterationCompleted) and m.purpose == "summary"
+        )
         return out
     finally:
         await model.close()
         await server.stop()
 
 
-def _watermarks(recorded: list[Recorded]) -> list[int]:
-    """How many cleared tool results each request carried (a new count = a compaction)."""
-    counts = []
-    for rec in recorded:
-        n = sum(
-            1
-            for m in rec.request.get("messages") or []
-            for b in m["content"]
-            if b.get("type") == "tool_result"
-            and isinstance(b.get("content"), str)
-            and b["content"].endswith("of old output cleared]")
-        )
-        if n:
-            counts.append(n)
-    return counts
+def _marks(rec: Recorded) -> tuple[int, int, str]:
+    """What compaction did to a request: its cleared tool results, its cleared tool inputs, and
+    the summary it opens with (a change = a compaction)."""
+    results = inputs = 0
+    summary = ""
+    for m in rec.request.get("messages") or []:
+        for b in m["content"]:
+            if b.get("type") == "tool_result" and str(b.get("content", "")).endswith(
+                "of old output cleared]"
+            ):
+                results += 1
+            elif b.get("type") == "tool_use" and "characters cleared from this old call" in str(
+                b.get("input")
+            ):
+                inputs += 1
+            elif b.get("type") == "text" and "was summarised" in str(b.get("text")):
+                summary = str(b["text"])
+    return results, inputs, summary

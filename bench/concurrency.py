@@ -1,7 +1,11 @@
-"""Concurrency: one agent process driving many concurrent builds against a model with 1 s latency.
+"""Concurrency: one agent process driving many concurrent builds against a slow model.
 
     uv run --frozen python bench/concurrency.py [--builds 100,300,1000] [--latency-s 1.0]
-        [--jitter 0] [--measure-s 20]
+        [--jitter 0 | --sigma 0] [--measure-s 20]
+
+The default is the stress run: every model call takes 1 s. ``make bench-concurrency-real`` is
+the run at a real model's latency: lognormal, median 8 s, shape 0.6 (mean 9.6 s, p99 ~32 s;
+tool-using Claude calls take several seconds with a long tail), 1,000 and 5,000 builds.
 
 For each size: a fresh nats-server and Postgres, one ``python -m kiln_agent`` (with
 KILN_AGENT_WORKERS = max(128, builds) so that the consumer's worker cap is not what limits it),
@@ -18,7 +22,11 @@ opens and lasts ``--measure-s``.
   next request arriving there: the agent's bookkeeping (SDK, checkpoint, outbox, publishes), both
   bus hops and the fake sandbox. 1 s of model time is not in it.
 * rss_mb: the agent's peak RSS (psutil, sampled every 0.25 s).
-* cpu: each process's share of the machine's CPUs during the window.
+* cpu_ms_per_iter_<role>: user + system CPU seconds of each role's processes in the window
+  (psutil ``cpu_times``), per model reply in the window: ``agent``, ``sandbox`` (the fake sandbox:
+  this driver process, which does nothing else meanwhile), ``nats``, ``postgres`` (postmaster and
+  backends), ``model`` (the stand-in), and ``total``. The model stand-in is a cost of the bench,
+  not of Kiln: ``total`` counts it so that nothing is hidden.
 * overhead by part (printed per size): after_model (reply → ToolCall stored), sandbox (→ ToolResult
   stored), before_model (→ the next request at the model server), p50 / p99 each.
 
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import time
 import urllib.request
@@ -38,6 +47,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import psutil
 from _common import Bench, bench, connect, figures, percentile, publish, rss_mb, wait_port
 from nats.aio.msg import Msg
@@ -54,24 +64,64 @@ def get(url: str) -> dict[str, Any]:
         return data
 
 
-def processes(b: Bench, agent: int, model: int) -> dict[str, list[psutil.Process]]:
-    """The processes whose CPU is reported, by role."""
+async def agent_backends(dsn: str, agent: int) -> list[psutil.Process]:
+    """The Postgres backends serving the agent (pg_stat_activity: by the agent's client ports
+    over TCP; over a Unix socket, by its application name on the bench's database): what a
+    shared Postgres spends on the agent."""
+    ports = {c.laddr.port for c in psutil.Process(agent).net_connections(kind="tcp") if c.raddr}
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "select pid, client_port from pg_stat_activity"
+            " where datname = current_database() and application_name = 'kiln-agent'"
+        )
+    finally:
+        await conn.close()
+    return [
+        psutil.Process(r["pid"])
+        for r in rows
+        if r["client_port"] in ports or r["client_port"] in (None, -1)
+    ]
+
+
+async def processes(b: Bench, agent: int, model: int) -> dict[str, list[psutil.Process]]:
+    """The processes whose CPU is counted, by role: the agent, the model stand-in, this process
+    (the driver, which during the window does nothing but answer as the fake sandbox), the
+    bench's nats-server, and Postgres: the bench's own (its postmaster and every process it
+    forked: backends, WAL writer, checkpointer) or, given a shared DATABASE_URL, the backends of
+    the agent's connections."""
     groups: dict[str, list[psutil.Process]] = {
         "agent": [psutil.Process(agent)],
         "model": [psutil.Process(model)],
-        "bench+fake_sandbox": [psutil.Process()],
+        "sandbox": [psutil.Process()],
         "nats": [],
         "postgres": [],
     }
     for p in psutil.process_iter(["name", "cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if str(b.data_dir) in cmd and "nats-server" in cmd:
+        if str(b.data_dir) not in cmd:
+            continue
+        if "nats-server" in cmd:
             groups["nats"].append(p)
-        elif "postgres" in (p.info["name"] or "") and (
-            str(b.data_dir) in cmd or p.info["name"] == "postgres"
-        ):
-            groups["postgres"].append(p)
+        elif "postgres" in (p.info["name"] or "") or "postgres" in cmd.split(" ")[0]:
+            with contextlib.suppress(psutil.Error):
+                groups["postgres"] += [p, *p.children(recursive=True)]
+    if not groups["postgres"]:
+        groups["postgres"] = await agent_backends(b.urls["DATABASE_URL"], agent)
     return groups
+
+
+def cpu_seconds(groups: dict[str, list[psutil.Process]]) -> dict[str, float]:
+    """User + system CPU seconds of each group so far (a process gone since counts nothing)."""
+    out = {}
+    for name, ps in groups.items():
+        total = 0.0
+        for p in ps:
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                total += t.user + t.system
+        out[name] = total
+    return out
 
 
 async def run_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -82,6 +132,7 @@ async def run_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
             [
                 *(str(HERE / "loop_model.py"), "--port", str(port)),
                 *("--latency-s", str(args.latency_s), "--jitter", str(args.jitter)),
+                *("--sigma", str(args.sigma)),
             ],
         )
         url = f"http://127.0.0.1:{port}"
@@ -163,22 +214,15 @@ async def run_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
                     raise SystemExit(f"{size} builds did not all start in time")
                 await asyncio.sleep(0.5)
             await asyncio.sleep(2 * args.latency_s)  # every build past its first call
-            groups = processes(b, agent.popen.pid, model.popen.pid)
-            for ps in groups.values():
-                for p in ps:
-                    p.cpu_percent()
+            groups = await processes(b, agent.popen.pid, model.popen.pid)
+            before = cpu_seconds(groups)
             t0 = time.time()
             await asyncio.sleep(args.measure_s)
             t1 = time.time()
-            cpu = {}
-            for name, ps in groups.items():
-                total = 0.0
-                for p in ps:
-                    try:
-                        total += p.cpu_percent()
-                    except psutil.Error:
-                        pass
-                cpu[name] = total
+            # backends forked during the window count from zero: look for them again
+            after_groups = await processes(b, agent.popen.pid, model.popen.pid)
+            after = cpu_seconds(after_groups)
+            cpu = {k: after[k] - before.get(k, 0.0) for k in after}
             b.check(agent)
             stats = await loop.run_in_executor(None, get, f"{url}/stats/{t0}")
         finally:
@@ -189,13 +233,17 @@ async def run_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
     replies = [t for t in stats["replies"] if t0 <= t < t1]
     gaps = stats["gaps_ms"]
     parts = breakdown(stats["gap_spans"], answered)
+    iterations = max(1, len(replies))
+    per_iter = {f"cpu_ms_per_iter_{k}": v * 1000 / iterations for k, v in cpu.items()}
+    per_iter["cpu_ms_per_iter_total"] = sum(cpu.values()) * 1000 / iterations
     return {
         "builds": size,
         "iters_per_s": len(replies) / (t1 - t0),
-        "ideal_iters_per_s": size / args.latency_s,
+        "ideal_iters_per_s": size / (stats["mean_latency_s"] or args.latency_s),
         "overhead_p50_ms": percentile(gaps, 50),
         "overhead_p99_ms": percentile(gaps, 99),
         "rss_mb": peak,
+        **per_iter,
         "cpu": cpu,
         "parts": parts,
     }
@@ -227,12 +275,21 @@ async def main(args: argparse.Namespace) -> None:
         r = await run_size(size, args)
         results.append(r)
         share = r["iters_per_s"] / r["ideal_iters_per_s"]
-        cpu = " ".join(f"{k}={v:.0f}%" for k, v in r["cpu"].items())
+        cpu = " ".join(f"{k}={v / args.measure_s:.0%}" for k, v in r["cpu"].items())
         print(
             f"builds={size}: {r['iters_per_s']:.1f} iterations/s of {r['ideal_iters_per_s']:.0f} "
             f"({share:.0%}), overhead p50 {r['overhead_p50_ms']:.1f} ms p99 "
             f"{r['overhead_p99_ms']:.1f} ms, agent peak RSS {r['rss_mb']:.0f} MB; CPU (100% = "
             f"one core of {psutil.cpu_count()}): {cpu}",
+            flush=True,
+        )
+        print(
+            "  CPU ms per iteration: "
+            + ", ".join(
+                f"{k.removeprefix('cpu_ms_per_iter_')} {v:.2f}"
+                for k, v in r.items()
+                if k.startswith("cpu_ms_per_iter_")
+            ),
             flush=True,
         )
         print(
@@ -265,6 +322,12 @@ if __name__ == "__main__":
         type=float,
         default=0.0,
         help="Model latency spread: uniform in latency × [1 - j, 1 + j] (0: every call the same).",
+    )
+    parser.add_argument(
+        "--sigma",
+        type=float,
+        default=0.0,
+        help="Lognormal model latency with median --latency-s and this shape (0: not lognormal).",
     )
     parser.add_argument("--measure-s", type=float, default=20.0, help="The measuring window.")
     asyncio.run(main(parser.parse_args()))

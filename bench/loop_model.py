@@ -1,13 +1,17 @@
 """An Anthropic-compatible model server for the benchmarks: every build loops on one cheap tool.
 
     uv run --frozen python bench/loop_model.py --port 8766 [--latency-s 1.0] [--jitter 0.5]
-        [--iterations 0]
+        [--sigma 0] [--iterations 0]
 
 Each reply is one ``list_dir`` tool_use (the path alternates between ``.`` and ``./`` so the
 agent's repetition limit never trips) until the build has made ``iterations`` model calls
 (0: forever), then ``end_turn``. Usage is a small constant, so no cost cap is reached. With
 ``--jitter j`` each call takes a latency drawn uniformly from ``latency × [1 - j, 1 + j]`` (the
-same mean), as a real model's does; without it every call takes exactly ``latency``.
+same mean); with ``--sigma s`` (> 0) each call's latency is lognormal with median ``latency``
+and shape ``s`` (``latency × e^(s·Z)``, Z standard normal), the long right tail of real model
+calls: a few calls several times slower than the median, none faster than a fraction of it.
+Without either, every call takes exactly ``latency``. ``/stats`` reports the mean latency drawn,
+so a benchmark can say what throughput the latencies allow.
 
 It is the scripted server (``kiln_devstack.model.server``: aiohttp, keep-alive) with this responder, plus timing: for every build it remembers when the last reply
 left and, when the build's next request arrives, records the gap (everything Kiln did between
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import random
 import re
 import time
@@ -56,12 +61,17 @@ class LoopModel(ScriptedServer):
         latency_s: float = 0.0,
         iterations: int = 0,
         jitter: float = 0.0,
+        sigma: float = 0.0,
     ) -> None:
         if not 0.0 <= jitter <= 1.0:
             raise ValueError(f"jitter must be between 0 and 1, not {jitter}")
+        if sigma < 0 or (sigma and jitter):
+            raise ValueError("sigma is >= 0, and not given together with jitter")
         # the fixed part is the server's own latency, the random part is slept in _arrived
-        super().__init__(host, port, latency_s * (1 - jitter))
+        super().__init__(host, port, 0.0 if sigma else latency_s * (1 - jitter))
+        self.median_s, self.sigma = latency_s, sigma
         self.spread_s = 2 * jitter * latency_s
+        self.drawn: list[float] = []  # every call's latency, as drawn
         self.iterations = iterations
         self.responder = self.respond
         self.on_request = self._arrived
@@ -80,8 +90,16 @@ class LoopModel(ScriptedServer):
             self.gaps.append((build, last, now))
         if self.hook is not None:
             await self.hook(build, seen.prefix)
-        if self.spread_s:
-            await asyncio.sleep(random.uniform(0.0, self.spread_s))
+        if self.sigma:
+            latency = random.lognormvariate(math.log(self.median_s), self.sigma)
+            self.drawn.append(latency)
+            await asyncio.sleep(latency)
+        elif self.spread_s:
+            extra = random.uniform(0.0, self.spread_s)
+            self.drawn.append(self.latency_s + extra)
+            await asyncio.sleep(extra)
+        else:
+            self.drawn.append(self.latency_s)
 
     def respond(self, request: dict[str, Any]) -> dict[str, Any]:
         messages = request.get("messages") or []
@@ -117,6 +135,7 @@ class LoopModel(ScriptedServer):
             "gap_spans": [g for g in self.gaps if g[1] >= since],  # (build, reply left, next came)
             "replies": [t for t in self.replies if t >= since],
             "requests": self.requests,
+            "mean_latency_s": sum(self.drawn) / len(self.drawn) if self.drawn else 0.0,
         }
 
     async def _handle(
@@ -133,8 +152,10 @@ class LoopModel(ScriptedServer):
         return await super()._handle(method, path, body, arrived_at, headers)
 
 
-async def serve(host: str, port: int, latency_s: float, iterations: int, jitter: float) -> None:
-    server = LoopModel(host, port, latency_s, iterations, jitter)
+async def serve(
+    host: str, port: int, latency_s: float, iterations: int, jitter: float, sigma: float
+) -> None:
+    server = LoopModel(host, port, latency_s, iterations, jitter, sigma)
     await server.start()
     print(f"loop model listening on {server.url}", flush=True)
     await asyncio.Event().wait()
@@ -146,10 +167,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8766)
     parser.add_argument("--latency-s", type=float, default=0.0)
     parser.add_argument("--jitter", type=float, default=0.0, help="Latency spread, 0..1.")
+    parser.add_argument("--sigma", type=float, default=0.0, help="Lognormal latency's shape.")
     parser.add_argument("--iterations", type=int, default=0, help="Model calls per build (0: ∞).")
     args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args.host, args.port, args.latency_s, args.iterations, args.jitter))
+        asyncio.run(
+            serve(args.host, args.port, args.latency_s, args.iterations, args.jitter, args.sigma)
+        )
 
 
 if __name__ == "__main__":

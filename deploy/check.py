@@ -34,7 +34,7 @@ K8S = DEPLOY / "k8s"
 OVERLAYS = K8S / "overlays"
 SCHEMAS = K8S / "schemas"
 COMPOSE = DEPLOY / "compose.yaml"
-SERVICES = ("gateway", "agent", "sandbox", "budget", "snapshot")
+SERVICES = ("gateway", "agent", "sandbox", "budget", "snapshot", "webhooks")
 WORKERS = SERVICES[1:]
 # What each probe asks (kiln_runtime.health; the gateway's routes.py).
 PROBES = {
@@ -243,7 +243,7 @@ def check_compose(path: Path = COMPOSE) -> list[str]:
         if env.get("NATS_USER") != svc:
             errors.append(f"compose/{svc}: NATS_USER must be {svc}")
     if len(images) != 1 or None in images:
-        errors.append(f"compose: the five services must share one image, got {images}")
+        errors.append(f"compose: the services must share one image, got {images}")
     for infra in ("nats", "postgres", "redis", "minio"):
         if infra not in services:
             errors.append(f"compose: no {infra}")

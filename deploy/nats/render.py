@@ -35,8 +35,10 @@ def durable(service: str, kind: str) -> str:
 
 
 def durables(service: str, spec: dict[str, Any]) -> list[str]:
-    return [durable(service, k) for k in spec.get("consumes", [])] + list(
-        spec.get("consumes_all", [])
+    return (
+        [durable(service, k) for k in spec.get("consumes", [])]
+        + list(spec.get("consumes_all", []))
+        + list(spec.get("consumes_kinds", {}))
     )
 
 

@@ -1,4 +1,4 @@
-"""The multi-process stack the e2e tests run against: the five services as processes, on a
+"""The multi-process stack the e2e tests run against: the six services as processes, on a
 nats-server and a database of their own (Redis and S3 are the session's), with the scripted
 model."""
 

@@ -241,6 +241,7 @@ SERVICE_KINDS = {
     "sandbox": "tool_call",
     "budget": "iteration_completed",
     "snapshot": "checkpoint_saved",
+    "webhooks": "build_completed",  # whether or not an endpoint wants it
 }
 
 

@@ -1,10 +1,13 @@
 """The web dashboard in headless Chromium (Debian's, driven by Playwright) against the whole
-stack: create a build, watch it complete with its narration, wake a sleeping build, download."""
+stack: create a build, watch it complete with its narration, wake a sleeping build, download;
+then, on a build page, write to the build and see the conversation go on, expand a tool call, read
+a file of an iteration's snapshot, see the diff of two iterations, fork from an iteration."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import os
 import shutil
 import tarfile
@@ -12,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from kiln_contracts import SleepRequested
@@ -34,6 +38,7 @@ CHROMIUM_ARGS = [
 DOCS_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "dashboard.png"
 BRIEF = "A tiny Python package `textstats` that counts words, lines and characters, with tests."
 TIMEOUT_MS = 180_000
+STEP_MS = 60_000
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +88,7 @@ def test_dashboard_builds_watches_wakes_and_downloads(stack: Stack, tmp_path: Pa
             expect(page.locator(f'#builds tr[data-build-id="{build_id}"]')).to_be_visible()
             expect(page.locator("#log")).to_contain_text("tool_call")
             expect(page.locator("#status")).to_have_text("completed", timeout=TIMEOUT_MS)
-            expect(page.locator("#narration p").first).not_to_be_empty()
-            assert page.locator("#narration p").count() >= 1
+            expect(page.locator("#conversation .turn.assistant").first).not_to_be_empty()
             expect(page.locator("#log")).to_contain_text("build_completed")
             assert page.locator("#cost").inner_text().startswith("$")
             assert page.locator("#wake").is_disabled()
@@ -125,8 +129,155 @@ def test_dashboard_builds_watches_wakes_and_downloads(stack: Stack, tmp_path: Pa
             shot = tmp_path / "dashboard.png"
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
+            assert errors == [], errors
+        finally:
+            browser.close()
+
+
+NOTE = "add a file NOTES.md with hello from the dashboard"
+PROBLEM_409 = {
+    "type": "https://kiln.dev/problems/conflict",
+    "title": "Conflict",
+    "status": 409,
+    "detail": "this Idempotency-Key was used for another message",
+}
+
+
+def fork_endpoint_exists(stack: Stack) -> bool:
+    spec = httpx.get(f"{stack.gateway_url}/openapi.json", timeout=10).json()
+    return any(
+        path.startswith("/v1/builds/") and path.endswith("/fork") and "post" in operations
+        for path, operations in spec["paths"].items()
+    )
+
+
+def test_dashboard_conversation_files_diff_and_fork(stack: Stack, tmp_path: Path) -> None:
+    from playwright.sync_api import Route, expect, sync_playwright
+
+    expect.set_options(timeout=STEP_MS)  # each step waits for the stack, never for a fixed time
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(TIMEOUT_MS)
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(stack.gateway_url)
+            page.fill("#api-key", DEV_API_KEY)
+            page.click("#save-key")
+            page.fill("#brief", BRIEF)
+            page.click("#create")
+            expect(page.locator("#detail")).to_be_visible()
+            build_id = page.locator("#build-id").inner_text()
+            conversation = page.locator("#conversation")
+            expect(page.locator("#status")).to_have_text("completed", timeout=TIMEOUT_MS)
+
+            # The conversation: the brief, the agent's words, tool calls folded, iterations.
+            expect(conversation.locator(".turn.brief")).to_contain_text("textstats")
+            expect(conversation.locator(".turn.assistant").first).not_to_be_empty()
+            expect(conversation.locator(".marker.ended")).to_have_count(1)
+            write = conversation.locator("details.tool", has_text="write_file").first
+            expect(write.locator("pre.input")).to_be_hidden()
+            write.locator("summary").click()
+            expect(write.locator("pre.input")).to_be_visible()
+            expect(write.locator("pre.input")).to_contain_text('"path"')
+            expect(write.locator("pre.output")).not_to_contain_text("waiting for the result")
+            expect(write.locator("summary")).to_contain_text("ok")
+
+            # A refused message is shown as the gateway said it, and the text stays to retry.
+            def conflict(route: Route) -> None:
+                route.fulfill(
+                    status=409,
+                    content_type="application/problem+json",
+                    body=json.dumps(PROBLEM_409),
+                )
+
+            page.route("**/messages", conflict)
+            page.fill("#message", NOTE)
+            page.click("#send")
+            expect(page.locator("#message-error")).to_contain_text("409")
+            expect(page.locator("#message-error")).to_contain_text("another message")
+            assert page.locator("#message").input_value() == NOTE
+            page.unroute("**/messages")
+
+            # Writing to the finished build continues it; the message and the run show.
+            with page.expect_request("**/messages") as sent:
+                page.click("#send")
+            assert sent.value.method == "POST"
+            assert sent.value.post_data_json == {"text": NOTE}
+            assert sent.value.headers.get("idempotency-key")
+            expect(page.locator("#message-error")).to_be_hidden()
+            expect(conversation.locator(".turn.message")).to_contain_text(NOTE)
+            # ... and once the build's history has it, it is shown once, no longer as sending
+            expect(conversation.locator(".turn.message:not(.sending)")).to_contain_text(NOTE)
+            expect(conversation.locator(".turn.message")).to_have_count(1)
+            expect(conversation.locator(".marker.continued")).to_be_visible()
+            expect(conversation.locator(".marker.ended")).to_have_count(2, timeout=TIMEOUT_MS)
+            expect(page.locator("#status")).to_have_text("completed")
+            expect(conversation.locator("details.tool", has_text="NOTES.md")).to_have_count(1)
+
+            # The files of an iteration's snapshot: the newest (the continuation's final one,
+            # read once the build has ended) has NOTES.md ...
+            latest = page.locator("#snapshot option:checked")
+            expect(latest).to_contain_text("final")
+            expect(latest).to_contain_text("latest")
+            expect(page.locator("#snapshot option", has_text="final")).to_have_count(2)
+            last_iteration = latest.get_attribute("data-iteration")
+            page.locator("#tree button", has_text="NOTES.md").click()
+            expect(page.locator("#file-content")).to_have_text("hello from the dashboard\n")
+            expect(page.locator("#viewer-head")).to_contain_text("text/markdown")
+            # ... the first run's final one has the package and not NOTES.md.
+            before = page.locator("#snapshot option", has_text="final").first
+            page.select_option("#snapshot", before.get_attribute("value"))
+            expect(page.locator("#tree li[data-path='NOTES.md']")).to_have_count(0)
+            page.locator('#tree li[data-path="textstats/__init__.py"] button').click()
+            expect(page.locator("#file-content")).to_contain_text("def ")
+            expect(page.locator("#viewer-head")).to_contain_text("textstats/__init__.py")
+            package = page.locator('#tree li[data-path="textstats"] button')
+            package.click()  # folded
+            expect(page.locator('#tree li[data-path="textstats/__init__.py"]')).to_be_hidden()
+            package.click()
+            expect(page.locator('#tree li[data-path="textstats/__init__.py"]')).to_be_visible()
+
+            # The diff from the first run's end to the continuation's: NOTES.md added.
+            page.select_option("#diff-from", before.get_attribute("data-iteration"))
+            page.select_option("#diff-to", last_iteration)
+            page.click("#diff-run")
+            expect(page.locator("#diff-facts")).to_contain_text("1 added, 0 removed, 0 modified")
+            added = page.locator('#diff details[data-path="NOTES.md"]')
+            expect(added.locator("summary")).to_contain_text("added")
+            expect(added.locator("pre .add")).to_have_text(["+hello from the dashboard\n"])
+            shot = tmp_path / "dashboard-conversation.png"
+            page.screenshot(path=str(shot), full_page=True)
             if os.environ.get("KILN_UPDATE_DOCS_SCREENSHOT") == "1":
                 shutil.copyfile(shot, DOCS_SCREENSHOT)
+
+            # Fork from an iteration (the first run's last, which has a snapshot of its own):
+            # the request the button sends ...
+            iteration = int(before.get_attribute("data-iteration") or "0")
+            fork = conversation.locator(f'.marker.iteration button[data-iteration="{iteration}"]')
+            expect(fork).to_have_text("Fork from here")
+            with page.expect_response(f"**/v1/builds/{build_id}/fork") as answered:
+                fork.click()
+            request = answered.value.request
+            assert request.method == "POST"
+            assert request.post_data_json == {"iteration": iteration}
+            if fork_endpoint_exists(stack):
+                # DEPENDS ON THE FORK ENDPOINT (POST /v1/builds/{id}/fork, branch `fork`): the
+                # answer is the new build, and the page opens it.
+                assert answered.value.status == 201, answered.value.text()
+                forked = answered.value.json()["build_id"]
+                assert forked != build_id
+                expect(page.locator("#build-id")).to_have_text(forked)
+                expect(page.locator(f'#builds tr[data-build-id="{forked}"]')).to_be_visible()
+                assert page.url.endswith(f"#{forked}")
+                expect(page.locator("#error")).to_be_hidden()
+            else:
+                # Without the endpoint the page says so plainly and stays on the build.
+                assert answered.value.status in (404, 405)
+                expect(page.locator("#error")).to_contain_text("Fork failed")
+                expect(page.locator("#build-id")).to_have_text(build_id)
+            stack.check_alive()
             assert errors == [], errors
         finally:
             browser.close()

@@ -64,13 +64,18 @@ def test_roundtrip(infra) -> None:
 
 def test_concurrency(infra) -> None:
     got = run_bench(
-        infra, "concurrency.py", "--builds", "4", "--latency-s", "0.2", "--measure-s", "2"
-    )
+        infra, "concurrency.py", "--builds", "4", "--latency-s", "0.2", "--sigma", "0.5",
+        "--measure-s", "2",
+    )  # fmt: skip
     assert got["builds"] == "4"
     assert float(got["iters_per_s"]) > 0
     assert float(got["rss_mb"]) > 0
     for key in ("ideal_iters_per_s", "overhead_p50_ms", "overhead_p99_ms", "knee_builds"):
         assert key in got
+    roles = ("agent", "sandbox", "nats", "postgres", "model")
+    cpu = {role: float(got[f"cpu_ms_per_iter_{role}"]) for role in roles}
+    assert cpu["agent"] > 0 and cpu["nats"] > 0 and cpu["postgres"] > 0  # each process is found
+    assert float(got["cpu_ms_per_iter_total"]) == pytest.approx(sum(cpu.values()), rel=0.05)
 
 
 def test_sleeping(infra) -> None:
@@ -122,3 +127,17 @@ def test_overshoot(infra) -> None:
     assert int(got["calls"]) >= int(got["calls_to_allowance"]) >= 1
     for key in ("past_micro_usd", "in_flight_when_spent", "started_in_lag", "charge_lag_ms"):
         assert key in got
+
+
+def test_long_build(infra) -> None:
+    # 60 turns of 4,000-character writes in a 30,000-token window: without clearing old tool
+    # inputs and summarising, the build fails with context_window at its ~20th call
+    got = run_bench(
+        infra, "long_build.py", "--iterations", "60", "--write-chars", "4000", "--window", "30000"
+    )
+    assert got["completed"] == "true" and got["failed"] == "none", got
+    assert got["requests"] == "60"
+    summaries = int(got["summaries"])
+    assert summaries >= 1 and got["summary_charged"] == got["summaries"]
+    assert int(got["compactions"]) >= summaries
+    assert 0 < float(got["read_ratio"]) < 1

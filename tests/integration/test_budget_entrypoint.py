@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from nats.aio.client import Client
 
 from kiln_contracts import IterationCompleted, Usage, subjects
-from kiln_runtime.bus import ensure_streams
+from kiln_runtime.streams import ensure_streams
 
 pytestmark = pytest.mark.integration
 

@@ -44,8 +44,9 @@ from kiln_contracts import (
 from kiln_devstack.infra import Infra
 from kiln_devstack.model.server import ScriptedServer
 from kiln_runtime import config as kiln_config
-from kiln_runtime.bus import Bus, ensure_gates, ensure_streams
+from kiln_runtime.bus import Bus
 from kiln_runtime.settings import CommonSettings
+from kiln_runtime.streams import ensure_gates, ensure_streams
 from tests.infra import own_database
 
 pytestmark = pytest.mark.integration

@@ -10,6 +10,7 @@ import pytest
 from nats.aio.client import Client
 
 from kiln_budget import bootstrap, spending
+from kiln_budget.deps import Deps
 from kiln_contracts import IterationCompleted, Usage
 from kiln_runtime import metrics
 from tests.integration.test_budget_sleep import budget, nc, until  # noqa: F401  (fixtures)
@@ -58,5 +59,5 @@ async def test_dated_ids_unknown_models_and_dated_prices_are_charged(
     assert await spending.spent_today(deps, f"u{uid}") == 1000 + 1000 + 7500
 
 
-async def _spent(deps: spending.Deps, build_id: str, cost: int) -> bool:
+async def _spent(deps: Deps, build_id: str, cost: int) -> bool:
     return await spending.spent_build(deps, build_id) == cost

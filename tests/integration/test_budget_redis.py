@@ -9,9 +9,10 @@ from datetime import UTC, datetime
 
 import pytest
 
-from kiln_budget import bootstrap, spending
+from kiln_budget import allowance, bootstrap, spending
 from kiln_budget.adapters.clock import SystemClock
 from kiln_budget.adapters.redis_store import RedisSpendStore
+from kiln_budget.deps import Deps
 from kiln_budget.settings import BudgetSettings
 from kiln_contracts import (
     BuildCompleted,
@@ -126,7 +127,7 @@ async def test_two_replicas_charging_the_same_event_concurrently_charge_once(
     replicas = []
     for _ in range(2):
         store = await opened(infra)
-        replicas.append(spending.Deps(store, SystemClock(), kiln_config.default()))
+        replicas.append(Deps(store, SystemClock(), kiln_config.default()))
     try:
         event = iteration(uid, input_tokens=7)
         applied = 0
@@ -149,7 +150,7 @@ async def test_charge_goes_to_the_events_utc_day_and_month(infra: dict[str, str]
         event = iteration(uid, output_tokens=2).model_copy(
             update={"occurred_at": datetime(2024, 12, 31, 23, 59, 59, tzinfo=UTC)}
         )
-        deps = spending.Deps(store, SystemClock(), kiln_config.default())
+        deps = Deps(store, SystemClock(), kiln_config.default())
         await spending.charge_iteration(deps, event)
         raw = store.redis
         assert await raw.get(f"kiln:spend:user:u{uid}:day:2024-12-31") == "30"
@@ -178,7 +179,7 @@ async def test_running_builds_and_an_unknown_model_charged_at_the_fallback(
         )
     )
     await until_async(lambda: _equals(spending.running_builds(deps, user), {f"b1{uid}"}))
-    status = await spending.allowance(deps, user)
+    status = await allowance.allowance(deps, user)
     assert (status.tier, status.spent_today_micro_usd) == ("pro", 0)
     assert status.allowance_today_micro_usd > 0
 

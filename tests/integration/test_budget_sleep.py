@@ -33,7 +33,7 @@ from kiln_contracts import (
     subjects,
 )
 from kiln_contracts.rpc import BudgetStatus, BudgetStatusReply, BudgetStatusRequest
-from kiln_runtime.bus import ensure_streams
+from kiln_runtime.streams import ensure_streams
 
 pytestmark = pytest.mark.integration
 

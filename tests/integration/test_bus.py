@@ -91,7 +91,7 @@ async def test_consume_dedup_dead_letter_and_retry(infra, uid):
 
 
 async def test_old_server_is_refused_with_a_clear_error():
-    from kiln_runtime.bus import ServerTooOld, ensure_streams
+    from kiln_runtime.streams import ServerTooOld, ensure_streams
 
     class Version:
         major, minor = 2, 9

@@ -56,11 +56,11 @@ FIELDS: dict[str, dict[str, Any]] = {
     "tool_call": {"call_id": "c1", "iteration": 1, "tool": "bash", "input": {"command": "true"}},
     "tool_result": {"call_id": "c1", "iteration": 1, "output": "ok"},
     "iteration_completed": {"iteration": 1, "model": "m", "usage": {}, "stop_reason": "tool_use"},
-    "checkpoint_saved": {"iteration": 1, "reason": "periodic"},
+    "checkpoint_saved": {"iteration": 1, "reason": "files_changed"},
     "snapshot_saved": {
         "snapshot_id": "s1",
         "iteration": 1,
-        "reason": "periodic",
+        "reason": "files_changed",
         "files": 1,
         "bytes_total": 1,
         "bytes_uploaded": 1,
@@ -181,6 +181,9 @@ async def test_each_service_user_runs_its_own_flows(server, uid):
             buses[name].consume(BY_KIND[kind], recorder(name))
         for durable in spec.get("consumes_all", []):
             buses[name].consume_all(recorder(name), durable=durable)
+        for durable, kinds in spec.get("consumes_kinds", {}).items():
+            models = [BY_KIND[k] for k in kinds]
+            buses[name].consume_kinds(models, recorder(name), durable=durable)
     try:
         for bus in buses.values():  # every user may create and update the streams
             await bus.connect()
@@ -195,6 +198,7 @@ async def test_each_service_user_runs_its_own_flows(server, uid):
 
         expected = {
             name: set(spec.get("consumes", []))
+            | {k for kinds in spec.get("consumes_kinds", {}).values() for k in kinds}
             | (set(published) if spec.get("consumes_all") else set())
             for name, spec in SERVICES.items()
         }
@@ -332,6 +336,8 @@ async def refused(server: Server, user: str, action: str, subject: str) -> str:
         ("gateway", "pub", "kiln.build.b1.tool_result"),
         ("agent", "pub", "kiln.build.b1.snapshot_saved"),
         ("snapshot", "pub", "kiln.build.b1.sleep_requested"),
+        ("webhooks", "pub", "kiln.build.b1.build_completed"),
+        ("webhooks", "pub", "kiln.rpc.budget.status"),
         ("agent", "pub", "kiln.schedule.b1.reset"),
         ("budget", "pub", "kiln.dlq.agent.tool_result"),
         ("agent", "pub", "kiln.rpc.sandbox.upload"),

@@ -209,7 +209,7 @@ def _events(build_id: str, user: str) -> list[Any]:
             user_id=user,
             snapshot_id="snap-1",
             iteration=1,
-            reason="periodic",
+            reason="files_changed",
             files=1,
             bytes_total=1,
             bytes_uploaded=1,

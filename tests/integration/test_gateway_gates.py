@@ -15,16 +15,16 @@ import pytest_asyncio
 
 from kiln_agent import app as agent_app
 from kiln_agent import config as agent_config
-from kiln_agent.adapters.kv_gates import KvGateSource
 from kiln_agent.adapters.memory import MemoryStore
 from kiln_agent.gates import BudgetGates
 from kiln_agent.loop import Agent
+from kiln_budget import allowance, recovery, spending
 from kiln_budget import bootstrap as budget_bootstrap
-from kiln_budget import recovery, spending
 from kiln_budget.settings import BudgetSettings
 from kiln_contracts import BuildRequested, IterationCompleted, TopUpRequested, Usage
 from kiln_runtime import config as kiln_config
 from kiln_runtime.bus import Bus
+from kiln_runtime.gates import GateBucket
 from kiln_runtime.settings import CommonSettings
 from tests.integration.gateway_fixtures import Gateway, running_gateway, until
 from tests.unit.test_agent_fakes import FakeModel, text
@@ -78,7 +78,7 @@ async def agent(infra, uid) -> AsyncIterator[OnlyMine]:
     """The agent's real gates (a watch of the bucket) on the shared NATS; builds in memory."""
     bus = Bus(CommonSettings(nats_url=infra["NATS_URL"], shutdown_grace_s=1), f"agent{uid}")
     await bus.connect()
-    source = KvGateSource(bus)
+    source = GateBucket(bus)
     await source.open()
     gates = BudgetGates(source)
     await gates.start(timeout_s=10)
@@ -162,7 +162,7 @@ async def test_a_user_without_allowance_is_refused_clearly_then_a_top_up_lets_th
         assert done.json()["amount_micro_usd"] == 10_000
     command = TopUpRequested.of(user, f"t{uid}", 10_000)
     assert "top_up_requested" in [kind for _, kind in await gw.history(command.build_id)]
-    await recovery.guarded(budget.deps, spending.top_up, command)
+    await recovery.guarded(budget.deps, allowance.top_up, command)
     gate, _ = await budget.gates.read(user)
     assert gate is not None and gate.state == "open"
     async with gw.client(key) as c:

@@ -1,7 +1,8 @@
 """schemathesis against the gateway's own OpenAPI document: generated requests (valid and not)
 to every operation, and no server error. The gateway runs as a process on its own NATS server
 and database, so the builds it creates reach no other test's consumers; a budget service runs
-beside it (it answers GET /v1/budget and applies the top-ups)."""
+beside it (it answers GET /v1/budget and applies the top-ups), and a webhooks service (it answers
+/v1/webhooks...)."""
 
 from __future__ import annotations
 
@@ -44,8 +45,10 @@ def gateway_url(infra: dict[str, str]) -> Iterator[str]:
     log = (data_dir / "gateway.log").open("wb")
     proc: subprocess.Popen[bytes] | None = None
     budget: subprocess.Popen[bytes] | None = None
+    webhooks: subprocess.Popen[bytes] | None = None
     try:
         nats_url = nats.start_nats()
+        database_url = own_database(infra["DATABASE_URL"], f"st_{uuid.uuid4().hex[:8]}")
         budget = subprocess.Popen(
             [sys.executable, "-m", "kiln_budget"],
             env={**os.environ, "NATS_URL": nats_url, "REDIS_URL": infra["REDIS_URL"]},
@@ -55,7 +58,7 @@ def gateway_url(infra: dict[str, str]) -> Iterator[str]:
         env = {
             **os.environ,
             "NATS_URL": nats_url,
-            "DATABASE_URL": own_database(infra["DATABASE_URL"], f"st_{uuid.uuid4().hex[:8]}"),
+            "DATABASE_URL": database_url,
             "S3_ENDPOINT_URL": infra["S3_ENDPOINT_URL"],
             "KILN_GATEWAY_PORT": str(port),
             "KILN_GATEWAY_HOST": "127.0.0.1",
@@ -68,6 +71,17 @@ def gateway_url(infra: dict[str, str]) -> Iterator[str]:
         }
         proc = subprocess.Popen(
             [sys.executable, "-m", "kiln_gateway"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        webhooks = subprocess.Popen(
+            [sys.executable, "-m", "kiln_webhooks"],
+            env={
+                **os.environ,
+                "NATS_URL": nats_url,
+                "DATABASE_URL": database_url,
+                "KILN_WEBHOOKS_RESOLVE_TIMEOUT_S": "1",
+            },
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -85,9 +99,13 @@ def gateway_url(infra: dict[str, str]) -> Iterator[str]:
             assert budget.poll() is None, (data_dir / "gateway.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "the budget service did not answer"
             time.sleep(0.1)
+        while httpx.get(f"{url}/v1/webhooks", headers=auth, timeout=10).status_code != 200:
+            assert webhooks.poll() is None, (data_dir / "gateway.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the webhooks service did not answer"
+            time.sleep(0.1)
         yield url
     finally:
-        for p in (proc, budget):
+        for p in (proc, budget, webhooks):
             if p is not None:
                 p.terminate()
                 try:

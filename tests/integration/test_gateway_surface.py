@@ -242,7 +242,7 @@ def _put_snapshot(
         build_id=build_id,
         user_id="someone",
         iteration=1,
-        reason="periodic",
+        reason="files_changed",
         checkpoint_at=now,
         created_at=now,
         files=len(entries),

@@ -12,7 +12,7 @@ import pytest
 from nats.aio.client import Client
 
 from kiln_contracts import ToolCall, ToolResult, subjects
-from kiln_runtime.bus import ensure_streams
+from kiln_runtime.streams import ensure_streams
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,7 @@ import pytest
 from nats.aio.client import Client
 
 from kiln_contracts import ToolCall, ToolResult, subjects
-from kiln_runtime.bus import ensure_streams
+from kiln_runtime.streams import ensure_streams
 from kiln_sandbox.handlers import INTERRUPTED
 from tests.integration.service_process import set_ack_wait, start_service
 

@@ -1,10 +1,20 @@
-"""The Postgres ledger of tool calls (claim, release, finish: the exactly-once bookkeeping) and
-the sandbox registry's compare-and-set."""
+"""The Postgres ledger of tool calls (claim, release, finish: the exactly-once bookkeeping), the
+sandbox registry's compare-and-set, the background processes' table and the read log."""
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import replace
+
 from kiln_runtime.db import create_pool
-from kiln_sandbox.adapters.postgres import SCHEMA, PgCallStore, PgRegistry, migrations
+from kiln_sandbox.adapters.postgres import (
+    SCHEMA,
+    PgCallStore,
+    PgProcesses,
+    PgReads,
+    PgRegistry,
+    migrations,
+)
 from kiln_sandbox.ports import SandboxRecord
 
 
@@ -47,5 +57,63 @@ async def test_the_registry_keeps_the_sandbox_recorded_first(infra, uid):
         stale = SandboxRecord(build_id, "e2b", "sb-4", "running")  # replacing sb-1 again: too late
         assert await registry.replace(stale, expected="sb-1") == fresh
         assert await registry.get(build_id) == fresh
+    finally:
+        await pool.close()
+
+
+async def test_processes_are_numbered_per_build_once_per_call_and_reported_once(infra, uid):
+    pool = await create_pool(infra["DATABASE_URL"], schema=SCHEMA, migrations=migrations())
+    store, registry = PgProcesses(pool), PgRegistry(pool)
+    build_id = f"b{uid}"
+    try:
+        one, new = await store.register(build_id, "c1", 1, "npm run dev", "sb-1")
+        assert new and one.process_id == "bash_1" and one.status == "starting"
+        again, new = await store.register(build_id, "c1", 1, "npm run dev", "sb-1")
+        assert not new and again == one  # a redelivered call: the same process
+        # two calls at once get two numbers
+        got = await asyncio.gather(
+            *(store.register(build_id, f"c{i}", 1, "sleep 1", "sb-1") for i in range(2, 7))
+        )
+        assert sorted(r.process_id for r, _ in got) == [f"bash_{i}" for i in range(2, 7)]
+        assert (await store.register(f"x{uid}", "c1", 1, "x", "sb-9"))[0].process_id == "bash_1"
+
+        running = replace(one, status="running", pid=42, read_offset=10, ports=(5173, 8000))
+        await store.update(running)
+        assert await store.get(build_id, "bash_1") == running
+        await store.update(replace(one, status="stopped", reason="build sleeping"))
+        lost, ended = await store.to_report(build_id, "sb-2", "c9")
+        assert sorted(r.process_id for r in lost) == [f"bash_{i}" for i in range(2, 7)]
+        assert [r.process_id for r in ended] == [f"bash_{i}" for i in range(1, 7)]
+        assert {r.status for r in ended} == {"stopped", "lost"}
+        assert await store.to_report(build_id, "sb-2", "c10") == ([], [])  # told once
+        assert (await store.by_call(build_id, "c1")).reported_by == "c9"  # type: ignore[union-attr]
+
+        await registry.put(SandboxRecord(build_id, "e2b", "sb-1", "running"))
+        await registry.mark_processes(build_id)
+        await registry.put(SandboxRecord(build_id, "e2b", "sb-1", "paused"))  # kept by a put
+        fresh = SandboxRecord(build_id, "e2b", "sb-2", "running")
+        assert await registry.replace(fresh, expected="sb-1") == fresh
+        held = await registry.get(build_id)
+        assert held is not None and held.has_processes and held.sandbox_id == "sb-2"
+    finally:
+        await pool.close()
+
+
+async def test_a_read_counts_once_its_call_has_a_result(infra, uid):
+    pool = await create_pool(infra["DATABASE_URL"], schema=SCHEMA, migrations=migrations())
+    reads, calls = PgReads(pool), PgCallStore(pool)
+    build_id = f"b{uid}"
+    try:
+        assert await calls.claim(build_id, "r1", "replica", 30.0) is None
+        await reads.saw(build_id, "app.py", "a" * 64, "r1")
+        assert await reads.last_seen(build_id, "app.py") is None  # still running: not seen
+        await calls.finish(build_id, "r1", {"output": "...", "is_error": False})
+        assert await reads.last_seen(build_id, "app.py") == "a" * 64
+        # a read whose call came back interrupted was never seen by the model
+        assert await calls.claim(build_id, "r2", "replica", 30.0) is None
+        await reads.saw(build_id, "app.py", "b" * 64, "r2")
+        await calls.finish(build_id, "r2", {"output": "interrupted", "is_error": True})
+        assert await reads.last_seen(build_id, "app.py") is None
+        assert await reads.last_seen(build_id, "other.py") is None
     finally:
         await pool.close()

@@ -21,6 +21,8 @@ from kiln_contracts import (
     Envelope,
     ManifestReply,
     ManifestRequest,
+    ProcessExited,
+    ProcessStarted,
     RestorePlanReply,
     RestorePlanRequest,
     SandboxRestored,
@@ -349,3 +351,90 @@ async def test_manifest_upload_restore_and_stop_after_the_final_snapshot(runtime
     assert len(stopped) == 1 and stopped[0].provider == "local"
     # the workspace stays for downloads
     assert read_text(workspace(runtime, build_id) / "src/a.txt") == "hello"
+
+
+async def test_background_processes_and_read_before_edit_over_the_bus(runtime, uid):
+    """A background process started once for a redelivered call, read, listed as events, stopped
+    at the build's sleep (real NATS and Postgres); edit_file after a read_file."""
+    build_id = f"b{uid}"
+    results = Results()
+    sub = await results.watch(runtime.bus.nc, build_id)
+
+    def call(call_id: str, tool: str, iteration: int = 1, **tool_input: Any) -> ToolCall:
+        return ToolCall(
+            build_id=build_id,
+            user_id="u1",
+            call_id=call_id,
+            iteration=iteration,
+            tool=tool,  # type: ignore[arg-type]
+            input=tool_input,
+        )
+
+    def result(call_id: str) -> ToolResult:
+        return next(r for r in results.seen if r.call_id == call_id)
+
+    start = call(
+        "toolu_bg", "bash", command="echo $$ >> pids.txt; echo serving; exec sleep 300",
+        run_in_background=True,
+    )  # fmt: skip
+    try:
+        await runtime.bus.publish(start)
+        await until(lambda: len(results.seen) == 1)
+        await runtime.bus.nc.jetstream().publish(  # a redelivery, past the server's dedup
+            subjects.subject_of(start),
+            start.model_dump_json().encode(),
+            headers={"Nats-Msg-Id": f"redelivery-{uid}"},
+        )
+        await until(lambda: len(results.seen) == 2)
+        assert results.seen[0] == results.seen[1]
+        assert "Command running in background with ID: bash_1" in results.seen[0].output
+        pids = workspace(runtime, build_id) / "pids.txt"
+        await until(lambda: bool(read_text(pids)))
+        await asyncio.sleep(0.2)
+        assert len((read_text(pids) or "").split()) == 1  # started once
+
+        for n in range(20):  # the output, as the model polls it
+            await runtime.bus.publish(call(f"toolu_out{n}", "bash_output", bash_id="bash_1"))
+            await until(lambda n=n: any(r.call_id == f"toolu_out{n}" for r in results.seen))
+            if "serving" in result(f"toolu_out{n}").output:
+                break
+        assert "serving" in result(f"toolu_out{n}").output
+
+        await runtime.bus.publish(call("toolu_w", "write_file", path="a.txt", content="one\n"))
+        await runtime.bus.publish(call("toolu_sed", "bash", command="sed -i s/one/two/ a.txt"))
+        await runtime.bus.publish(
+            call("toolu_e1", "edit_file", path="a.txt", old_string="two", new_string="three")
+        )
+        await until(lambda: any(r.call_id == "toolu_e1" for r in results.seen))
+        assert "changed since you last read it" in result("toolu_e1").output
+        await runtime.bus.publish(call("toolu_r", "read_file", path="a.txt"))
+        await runtime.bus.publish(
+            call("toolu_e2", "edit_file", path="a.txt", old_string="two", new_string="three")
+        )
+        await until(lambda: any(r.call_id == "toolu_e2" for r in results.seen))
+        assert not result("toolu_e2").is_error, result("toolu_e2").output
+        assert read_text(workspace(runtime, build_id) / "a.txt") == "three\n"
+
+        sleep = SnapshotSaved(
+            build_id=build_id, user_id="u1", snapshot_id="s-sleep", iteration=1,
+            reason="sleep", files=1, bytes_total=1, bytes_uploaded=1,
+        )  # fmt: skip
+        await runtime.bus.publish(sleep)
+        woken = call("toolu_woken", "bash", iteration=2, command="echo awake")
+        for _ in range(100):
+            events = await history(runtime.bus.nc, build_id)
+            if any(isinstance(e, SandboxStopped) for e in events):
+                break
+        await runtime.bus.publish(woken)
+        await until(lambda: any(r.call_id == "toolu_woken" for r in results.seen))
+    finally:
+        await sub.unsubscribe()
+    out = result("toolu_woken").output
+    assert out.startswith("awake\n") and "bash_1 (echo $$ >> pids.txt;" in out, out
+    events = await history(runtime.bus.nc, build_id)
+    started = [e for e in events if isinstance(e, ProcessStarted)]
+    exited = [e for e in events if isinstance(e, ProcessExited)]
+    assert [(e.process_id, e.call_id) for e in started] == [("bash_1", "toolu_bg")]
+    assert [(e.process_id, e.how) for e in exited] == [("bash_1", "stopped")]
+    kinds = [e.kind for e in events]
+    assert kinds.index("process_exited") < kinds.index("sandbox_stopped")

@@ -148,7 +148,7 @@ async def test_the_downloaded_archive_is_the_workspace(
     rpc = await serve_sandbox_rpc(infra["NATS_URL"], svc)
     try:
         saved = await watch_saved(service, build)
-        event = CheckpointSaved(build_id=build, user_id=user, iteration=1, reason="periodic")
+        event = CheckpointSaved(build_id=build, user_id=user, iteration=1, reason="files_changed")
         await service.bus.publish(event)
         await until(lambda: saved)
     finally:

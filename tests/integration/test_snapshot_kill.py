@@ -24,7 +24,7 @@ from kiln_contracts.rpc import (
     UploadReply,
     UploadRequest,
 )
-from kiln_runtime.bus import ensure_streams
+from kiln_runtime.streams import ensure_streams
 from kiln_snapshot import gc
 from kiln_snapshot.adapters.s3 import S3Store
 from tests.integration.service_process import set_ack_wait, start_service, wait_for

@@ -129,7 +129,9 @@ async def test_restore_is_byte_identical_with_modes_empty_dirs_and_symlinks(
     rpc = await serve_sandbox_rpc(infra["NATS_URL"], svc)
     try:
         saved = await watch_saved(service, build)
-        event = CheckpointSaved(build_id=build, user_id=f"u{uid}", iteration=1, reason="periodic")
+        event = CheckpointSaved(
+            build_id=build, user_id=f"u{uid}", iteration=1, reason="files_changed"
+        )
         await service.bus.publish(event)
         await until(lambda: saved)
         assert (saved[0].files, saved[0].bytes_total) == (4, 6 + 18 + 2560 + 3)
@@ -199,7 +201,7 @@ async def test_retention_keeps_the_newest_manifests_and_gc_keeps_what_is_referen
         for i in range(1, 5):  # four snapshots, keep=2
             (ws / "v.txt").write_text(f"version {i}\n")
             event = CheckpointSaved(
-                build_id=build, user_id=f"u{uid}", iteration=i, reason="periodic"
+                build_id=build, user_id=f"u{uid}", iteration=i, reason="files_changed"
             )
             events.append(event)
             await service.bus.publish(event)

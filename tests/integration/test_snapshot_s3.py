@@ -177,7 +177,7 @@ async def test_incremental_snapshots_dedup_and_restore(
     saved = await watch_saved(service, build)
 
     # 1. the first snapshot uploads every distinct blob
-    first = CheckpointSaved(build_id=build, user_id=f"u{uid}", iteration=1, reason="periodic")
+    first = CheckpointSaved(build_id=build, user_id=f"u{uid}", iteration=1, reason="files_changed")
     await service.bus.publish(first)
     await until(lambda: len(saved) == 1)
     one = saved[0]

@@ -82,21 +82,21 @@ def strip(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 async def test_compaction_moves_a_watermark_when_the_context_passes_compact_at() -> None:
-    # ~1100 tokens of system and tools; each 5000-character result adds ~1250
+    # ~2100 tokens of system and tools; each 5000-character result adds ~1250
     model = CountingModel(call(1), call(2), call(3), call(4), ([text("done")], "end_turn"))
     agent, store, pub = agent_with(
-        model, context_windows={"default": 8000}, compact_at=0.5, keep_recent_turns=2
+        model, context_windows={"default": 10000}, compact_at=0.5, keep_recent_turns=2
     )
     await agent.build_requested(start())
     for n in range(4):
         await agent.tool_result(result_for(pub.of(ToolCall)[n], "x" * 5000))
     assert len(pub.of(BuildCompleted)) == 1
     marks = [cleared(r) for r in model.requests]
-    # request 4 would pass half the window (~4900 of 4000 tokens): the results before the last
+    # request 4 would pass half the window (~5900 of 5000 tokens): the results before the last
     # two turns are cleared from then on
     assert marks[:3] == [[], [], []]
     assert marks[3] == [2, 4]
-    # the watermark does not slide: request 5 (~3700 tokens) clears the same turns, so it starts
+    # the watermark does not slide: request 5 (~4700 tokens) clears the same turns, so it starts
     # with all of request 4
     assert marks[4] == [2, 4]
     assert strip(model.requests[4].messages[:7]) == strip(model.requests[3].messages)

@@ -9,8 +9,8 @@ from datetime import timedelta
 
 import pytest
 
-from kiln_budget import app, recovery, spending
-from kiln_budget.spending import Deps
+from kiln_budget import allowance, app, recovery, spending
+from kiln_budget.deps import Deps
 from kiln_contracts import (
     BuildCompleted,
     BuildContinued,
@@ -67,7 +67,7 @@ class Budget:
             "build_resumed": spending.build_resumed,
             "build_completed": spending.build_ended,
             "build_continued": spending.build_continued,
-            "top_up_requested": spending.top_up,
+            "top_up_requested": allowance.top_up,
         }[event.kind]
         await recovery.guarded(self.deps, handler, event)  # type: ignore[arg-type]
         # what the budget publishes goes on the stream too
@@ -107,7 +107,7 @@ async def test_a_lost_store_is_rebuilt_from_the_stream_before_the_next_charge() 
     )
     # the same iteration again on the stream (a republish after the duplicate window)
     b.stream.messages.append(charged[0])
-    before = await spending.allowance(b.deps, "u1")
+    before = await allowance.allowance(b.deps, "u1")
     assert (before.spent_today_micro_usd, before.spent_month_micro_usd) == (4_500, 4_530)
     assert b.stream.replays == 0  # the store was intact all along
 
@@ -117,7 +117,7 @@ async def test_a_lost_store_is_rebuilt_from_the_stream_before_the_next_charge() 
     await b.handle(later)
 
     assert b.stream.replays == 1
-    after = await spending.allowance(b.deps, "u1")
+    after = await allowance.allowance(b.deps, "u1")
     assert after.tier == "pro"  # from the replayed BuildRequested
     assert after.spent_today_micro_usd == 4_500 + 3
     assert after.spent_month_micro_usd == 4_530 + 3
@@ -132,7 +132,7 @@ async def test_a_lost_store_is_rebuilt_from_the_stream_before_the_next_charge() 
     assert b.commands.now == []  # a rebuild publishes nothing
     # a replayed top-up is not credited twice when it is redelivered
     await b.handle(topup("u1", "t1", 7_000))
-    assert (await spending.allowance(b.deps, "u1")).topups_micro_usd == 7_000
+    assert (await allowance.allowance(b.deps, "u1")).topups_micro_usd == 7_000
 
 
 async def test_the_rebuild_restores_the_builds_asleep_so_a_top_up_still_wakes_them() -> None:

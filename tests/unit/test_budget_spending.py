@@ -12,10 +12,10 @@ from decimal import Decimal
 
 import pytest
 
-from kiln_budget import app, spending
+from kiln_budget import allowance, app, spending
+from kiln_budget.deps import Deps
 from kiln_budget.periods import ShortCalendar, UtcCalendar, rfc3339
 from kiln_budget.ports import Charge, SpendLost, TopUpState
-from kiln_budget.spending import Deps
 from kiln_contracts import (
     BudgetGate,
     BuildCancelled,
@@ -401,15 +401,17 @@ def days_left(day: date) -> int:
 
 def test_daily_allowance_spreads_what_is_left_over_the_days_left() -> None:
     # $5 on March 1st: 31 days left
-    assert spending.daily_allowance(5_000_000, 0, days_left(date(2025, 3, 1))) == 161_290
+    assert allowance.daily_allowance(5_000_000, 0, days_left(date(2025, 3, 1))) == 161_290
     # March 31st: the whole rest is today's
-    assert spending.daily_allowance(5_000_000, 4_000_000, days_left(date(2025, 3, 31))) == 1_000_000
+    assert (
+        allowance.daily_allowance(5_000_000, 4_000_000, days_left(date(2025, 3, 31))) == 1_000_000
+    )
     # unspent budget rolls forward: nothing spent by the 16th of a 30-day month -> 5M / 15
-    assert spending.daily_allowance(5_000_000, 0, days_left(date(2025, 4, 16))) == 333_333
+    assert allowance.daily_allowance(5_000_000, 0, days_left(date(2025, 4, 16))) == 333_333
     # overspent: nothing left, never negative
-    assert spending.daily_allowance(5_000_000, 6_000_000, days_left(date(2025, 4, 16))) == 0
+    assert allowance.daily_allowance(5_000_000, 6_000_000, days_left(date(2025, 4, 16))) == 0
     # February in a leap year has 29 days
-    assert spending.daily_allowance(29, 0, days_left(date(2024, 2, 1))) == 1
+    assert allowance.daily_allowance(29, 0, days_left(date(2024, 2, 1))) == 1
 
 
 async def test_allowance_uses_the_users_tier_and_todays_spend(deps: Deps) -> None:
@@ -422,16 +424,16 @@ async def test_allowance_uses_the_users_tier_and_todays_spend(deps: Deps) -> Non
     )
     await spending.charge_iteration(deps, earlier)  # $3 on March 28th
     await spending.charge_iteration(deps, iteration(output_tokens=1_000_000))  # $15 today
-    status = await spending.allowance(deps, "u1")
+    status = await allowance.allowance(deps, "u1")
     assert status.tier == "pro"
     assert status.spent_month_micro_usd == 18_000_000
     assert status.spent_today_micro_usd == 15_000_000
     assert status.allowance_today_micro_usd == 97_000_000
     assert status.remaining_today_micro_usd == 82_000_000 and not status.exhausted
-    free = await spending.allowance(deps, "u1", tier="free")
+    free = await allowance.allowance(deps, "u1", tier="free")
     assert free.allowance_today_micro_usd == 2_000_000 and free.exhausted
     assert free.remaining_today_micro_usd == 0
-    assert (await spending.allowance(deps, "nobody")).tier == "free"
+    assert (await allowance.allowance(deps, "nobody")).tier == "free"
 
 
 # ------------------------------------------------------------------------------ periods
@@ -496,7 +498,7 @@ async def test_below_the_allowance_nothing_sleeps() -> None:
     await start(d, "b1")
     assert await spending.iteration_completed(d, iteration(input_tokens=100)) == []  # 300
     assert commands.now == [] and commands.scheduled == {}
-    assert (await spending.allowance(d, "u1")).remaining_today_micro_usd == 700
+    assert (await allowance.allowance(d, "u1")).remaining_today_micro_usd == 700
 
 
 async def test_at_the_allowance_every_running_build_sleeps_once_until_the_reset() -> None:
@@ -551,13 +553,13 @@ async def test_a_top_up_wakes_the_sleeping_builds_and_raises_the_allowance() -> 
         d, BuildCancelled(build_id="b2", user_id="u1", reason="", iterations=1, cost_micro_usd=0)
     )
     command = topup("u1", "t1", 5_000)
-    woken = await spending.top_up(d, command)
+    woken = await allowance.top_up(d, command)
     assert woken == {"b1"}
     wakes = [m for m in commands.now if isinstance(m, WakeRequested)]
     assert [(w.build_id, w.reason, w.causation_id) for w in wakes] == [
         ("b1", "top-up", command.event_id)
     ]
-    status = await spending.allowance(d, "u1")
+    status = await allowance.allowance(d, "u1")
     assert status.allowance_today_micro_usd == 6_000 and not status.exhausted
 
 
@@ -566,16 +568,16 @@ async def test_a_top_up_delivered_twice_is_applied_once() -> None:
     await start(d, "b1")
     await spending.iteration_completed(d, iteration(input_tokens=400))  # asleep
     command = topup("u1", "t1", 5_000)
-    assert await spending.top_up(d, command) == {"b1"}
+    assert await allowance.top_up(d, command) == {"b1"}
     sent = list(commands.now)
     # the same message again, and the same top-up id under another event id and amount
-    assert await spending.top_up(d, command) == set()
+    assert await allowance.top_up(d, command) == set()
     again = topup("u1", "t1", 9_000).with_id(uuid.uuid4())
-    assert await spending.top_up(d, again) == set()
+    assert await allowance.top_up(d, again) == set()
     assert commands.now == sent
-    assert (await spending.allowance(d, "u1")).allowance_today_micro_usd == 6_000
+    assert (await allowance.allowance(d, "u1")).allowance_today_micro_usd == 6_000
     # another user's top-up of the same id is another top-up
-    assert await spending.top_up(d, topup("u2", "t1", 1)) == set()
+    assert await allowance.top_up(d, topup("u2", "t1", 1)) == set()
     assert await d.store.topups("u2", NOW - timedelta(days=1), NOW + timedelta(days=1)) == 1
 
 
@@ -586,16 +588,16 @@ async def test_a_top_up_credited_before_a_crash_sends_its_wakes_when_redelivered
     command = topup("u1", "t1", 5_000)
     # credited, then the service died before it sent the wakes
     await d.store.add_topup("u1", "t1", 5_000, command.occurred_at)
-    assert await spending.top_up(d, command) == {"b1"}
+    assert await allowance.top_up(d, command) == {"b1"}
     assert [m.build_id for m in commands.now if isinstance(m, WakeRequested)] == ["b1"]
-    assert (await spending.allowance(d, "u1")).allowance_today_micro_usd == 6_000
+    assert (await allowance.allowance(d, "u1")).allowance_today_micro_usd == 6_000
 
 
 async def test_a_top_up_spreads_over_the_cycle_from_the_next_day() -> None:
     d, _ = sleepy(None)
     await d.store.add_topup("u1", "t1", 31_000, NOW - timedelta(days=30))  # March 1st
     # free tier: $5 + 0.031 over the 1 day left (March 31st)
-    assert (await spending.allowance(d, "u1")).allowance_today_micro_usd == 5_031_000
+    assert (await allowance.allowance(d, "u1")).allowance_today_micro_usd == 5_031_000
 
 
 async def test_when_the_cycle_is_spent_the_wake_is_at_the_next_cycle() -> None:
@@ -702,10 +704,10 @@ async def test_a_top_up_opens_the_gate_before_it_wakes_the_builds() -> None:
     await start(d, "b1")
     await spending.iteration_completed(d, iteration(input_tokens=400))  # 1_200 of 1_000
     commands.log.clear()
-    await spending.top_up(d, topup("u1", "small", 100))  # 1_100: still used up
+    await allowance.top_up(d, topup("u1", "small", 100))  # 1_100: still used up
     assert gates.of("u1").state == "closed"  # type: ignore[union-attr]
     commands.log.clear()
-    assert await spending.top_up(d, topup("u1", "t1", 5_000)) == {"b1"}
+    assert await allowance.top_up(d, topup("u1", "t1", 5_000)) == {"b1"}
     assert commands.log == ["gate open", "wake_requested b1"]
     assert not gates.of("u1").closed_at(NOW)  # type: ignore[union-attr]
 

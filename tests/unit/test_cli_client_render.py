@@ -294,3 +294,15 @@ def test_a_forks_start_says_what_it_was_forked_from():
     forked, plain = buf.getvalue().splitlines()
     assert "build fk started (tier pro), a fork of build src at iteration 3" in forked
     assert "fork" not in plain and r.iteration == 3
+
+
+def test_a_summary_call_is_shown_as_a_summary_not_as_another_iteration():
+    buf = io.StringIO()
+    r = Renderer(Console(file=buf, width=120))
+    r(SseEvent("iteration_completed", {"iteration": 7, "model": "m", "cost_micro_usd": 100}))
+    summary = {"iteration": 7, "model": "m", "cost_micro_usd": 50, "purpose": "summary"}
+    r(SseEvent("iteration_completed", summary))
+    turn, summarised = buf.getvalue().splitlines()
+    assert "iteration 7 done" in turn and "$0.0001" in turn
+    assert "summarised" in summarised and "iteration 7 done" not in summarised
+    assert r.cost_micro_usd == 150  # the summary is charged like any call

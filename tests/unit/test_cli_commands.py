@@ -48,10 +48,16 @@ def fake_stack(monkeypatch):
 
 
 def gateway(final_kind: str) -> Any:
+    """A gateway with one build, b9: its first run ends with ``final_kind``; a message to it
+    (m1) continues it, and that run completes."""
     posted: list[dict[str, Any]] = []
+    messages: list[str] = []
 
     def handle(request: httpx.Request) -> httpx.Response:
         assert request.headers["authorization"] == "Bearer devkey"
+        if request.method == "POST" and request.url.path.endswith("/messages"):
+            messages.append(json.loads(request.content)["text"])
+            return httpx.Response(202, json={"message_id": "m1", "seq": 1, "build_id": "b9"})
         if request.method == "POST":
             posted.append(json.loads(request.content))
             return httpx.Response(201, json={"build_id": "b9", "status": "queued"})
@@ -61,12 +67,22 @@ def gateway(final_kind: str) -> Any:
                 f'id: 2\nevent: {final_kind}\ndata: {{"summary": "done", "reason": "internal",'
                 ' "iterations": 1, "cost_micro_usd": 10}\n\n'
             )
+            if messages:
+                body += (
+                    'id: 3\nevent: send_user_message\ndata: {"message_id": "m1", "seq": 1,'
+                    ' "text": "add a file"}\n\n'
+                    'id: 4\nevent: build_continued\ndata: {"continuation": 1, "after":'
+                    ' "completed", "message_id": "m1", "iterations": 1, "cost_micro_usd": 10}\n\n'
+                    'id: 5\nevent: build_completed\ndata: {"summary": "wrote it",'
+                    ' "iterations": 2, "cost_micro_usd": 20, "continuation": 1}\n\n'
+                )
             return httpx.Response(200, text=body)
         status = {"build_completed": "completed", "build_failed": "failed"}[final_kind]
         return httpx.Response(
             200, json={"build_id": "b9", "status": status, "last_snapshot_id": "snap-7"}
         )
 
+    handle.messages = messages  # type: ignore[attr-defined]
     return handle, posted
 
 
@@ -90,6 +106,10 @@ def test_demo_wipes_builds_follows_and_reports(monkeypatch, tmp_path: Path, fina
     out = "".join(result.output.split())  # rich may wrap long paths
     assert str((data_dir / "sandboxes" / "b9").resolve()) in out
     assert "snap-7ins3://kiln-snapshots/builds/b9/manifests/" in out
+    # a completed build is continued once with the follow-up; a failed one is not
+    assert handle.messages == ([main.DEMO_FOLLOW_UP] if final == "build_completed" else [])
+    if final == "build_completed":
+        assert "wroteit" in out
 
 
 def test_demo_show_sleep_gives_the_budget_a_tiny_allowance(monkeypatch, tmp_path: Path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from kiln_contracts import BY_KIND, subjects
+from kiln_contracts import BY_KIND, subjects, webhooks
 from kiln_contracts.routes import CONSUMES, PUBLISHES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -13,7 +13,25 @@ sys.path.insert(0, str(ROOT / "deploy" / "nats"))
 import render  # noqa: E402
 
 DOC = render.load()
+WEBHOOK_RPC = (
+    webhooks.CREATE,
+    webhooks.LIST,
+    webhooks.GET,
+    webhooks.UPDATE,
+    webhooks.DELETE,
+    webhooks.ROTATE,
+    webhooks.DELIVERIES,
+    webhooks.REDELIVER,
+)
 SERVICES = DOC["services"]
+
+
+def consumed_by(spec: dict) -> set[str]:
+    """The kinds a service's durable consumers of named kinds take."""
+    kinds = set(spec.get("consumes", []))
+    for listed in spec.get("consumes_kinds", {}).values():
+        kinds |= set(listed)
+    return kinds
 
 
 def test_generated_files_are_up_to_date():
@@ -32,11 +50,14 @@ def test_permissions_name_real_kinds_streams_and_rpc_subjects():
         subjects.SANDBOX_UPLOAD,
         subjects.SNAPSHOT_RESTORE_PLAN,
         subjects.BUDGET_STATUS,
+        *WEBHOOK_RPC,
     }
     assert DOC["gates_bucket"] == subjects.BUDGET_GATES
-    assert set(SERVICES) == {"gateway", "agent", "sandbox", "budget", "snapshot"}
+    assert set(SERVICES) == {"gateway", "agent", "sandbox", "budget", "snapshot", "webhooks"}
+    assert set(SERVICES["webhooks"]["serves"]) == set(WEBHOOK_RPC)
+    assert set(WEBHOOK_RPC) <= set(SERVICES["gateway"]["requests"])
     for name, spec in SERVICES.items():
-        for kind in [*spec.get("publishes", []), *spec.get("consumes", [])]:
+        for kind in [*spec.get("publishes", []), *consumed_by(spec)]:
             assert kind in BY_KIND, f"{name}: unknown kind {kind}"
         assert set(spec.get("requests", [])) <= rpc
         assert set(spec.get("serves", [])) <= rpc
@@ -51,6 +72,7 @@ def test_only_the_budget_writes_the_gates_and_the_agent_watches_them():
         "sandbox": None,
         "budget": "write",
         "snapshot": None,
+        "webhooks": None,
     }
     for name, spec in SERVICES.items():
         allowed = render.permissions(name, spec, DOC)["publish"]["allow"]
@@ -60,7 +82,7 @@ def test_only_the_budget_writes_the_gates_and_the_agent_watches_them():
 
 def test_every_consumed_kind_has_a_publisher_and_every_rpc_a_server():
     published = {k for spec in SERVICES.values() for k in spec.get("publishes", [])}
-    consumed = {k for spec in SERVICES.values() for k in spec.get("consumes", [])}
+    consumed = {k for spec in SERVICES.values() for k in consumed_by(spec)}
     assert consumed <= published
     served = {s for spec in SERVICES.values() for s in spec.get("serves", [])}
     requested = {s for spec in SERVICES.values() for s in spec.get("requests", [])}
@@ -72,7 +94,7 @@ def test_each_service_publishes_and_consumes_what_the_routes_say():
         assert set(spec["publishes"]) == {m.kind for m in PUBLISHES[name]}, name
         if spec.get("consumes_all"):
             continue  # one consumer for every kind (the gateway's projection)
-        assert set(spec.get("consumes", [])) == {m.kind for m in CONSUMES[name]}, name
+        assert consumed_by(spec) == {m.kind for m in CONSUMES[name]}, name
 
 
 def test_durables_follow_the_bus_naming():

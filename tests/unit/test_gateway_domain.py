@@ -20,6 +20,8 @@ from kiln_contracts import (
     BuildSleeping,
     Envelope,
     IterationCompleted,
+    ProcessExited,
+    ProcessStarted,
     QnA,
     SendUserMessage,
     SnapshotSaved,
@@ -30,6 +32,7 @@ from kiln_contracts import (
 from kiln_gateway import builds
 from kiln_gateway.model import Build, Caller, Message, NewBuild, NewMessage, Projection
 from kiln_gateway.ports import Inserted, MessageInserted, StoredEvent
+from kiln_gateway.schemas import BuildOut
 from kiln_runtime.errors import RetryLater
 
 
@@ -242,7 +245,7 @@ def test_evolve_walks_the_lifecycle_and_terminal_sticks():
         SnapshotSaved,
         snapshot_id="s1",
         iteration=2,
-        reason="periodic",
+        reason="files_changed",
         files=1,
         bytes_total=1,
         bytes_uploaded=1,
@@ -265,6 +268,38 @@ def test_evolve_walks_the_lifecycle_and_terminal_sticks():
     final = snap.model_copy(update={"snapshot_id": "s-final", "reason": "final"})
     after = builds.evolve(after, final, 8)  # the final snapshot is taken after the end
     assert (after.status, after.last_snapshot_id, after.last_seq) == ("completed", "s-final", 8)
+
+
+def test_the_builds_processes_are_projected_also_after_its_end():
+    s = builds.evolve(Projection(), ev(BuildRequested, idea_brief="x"), 1)
+    started = ev(
+        ProcessStarted,
+        process_id="bash_1",
+        call_id="toolu_1",
+        iteration=1,
+        command="python -m http.server 8000",
+        sandbox_id="sb-1",
+        pid=41,
+    )
+    s = builds.evolve(s, started, 2)
+    s = builds.evolve(s, ev(BuildCompleted, summary="done", iterations=1, cost_micro_usd=1), 3)
+    exited = ev(ProcessExited, process_id="bash_1", how="stopped", reason="the build ended")
+    s = builds.evolve(s, exited, 4)
+    # an exit that comes before its start (another order on the stream) is kept too
+    s = builds.evolve(s, ev(ProcessExited, process_id="bash_2", how="lost"), 5)
+    s = builds.evolve(s, started.model_copy(update={"process_id": "bash_2", "pid": 42}), 6)
+    build = Build(
+        build_id="b1", user_id="u1", tier="pro", idea_brief="x", understanding_qna=[], limits={},
+        created_at=datetime.now(UTC), updated_at=datetime.now(UTC), state=s,
+    )  # fmt: skip
+    shown = BuildOut.of(build).model_dump()["processes"]
+    assert [(p["process_id"], p["status"], p["pid"]) for p in shown] == [
+        ("bash_1", "stopped", 41),
+        ("bash_2", "lost", 42),
+    ]
+    assert shown[0]["command"] == "python -m http.server 8000"
+    assert shown[0]["reason"] == "the build ended"
+    assert BuildOut.of(build, detail=False).processes == []
 
 
 def test_a_rejected_build_is_rejected_with_the_reason_for_good():

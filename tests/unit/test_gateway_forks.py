@@ -14,7 +14,7 @@ from kiln_contracts.manifest import Manifest
 from kiln_gateway import forks
 from kiln_gateway.builds import evolve
 from kiln_gateway.model import Build, Projection
-from kiln_gateway.ports import Checkpoint
+from kiln_gateway.ports import Checkpoint, StoredSnapshot
 
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
 
@@ -45,8 +45,8 @@ class Files:
             (m for m in self.by_build.get(build_id, []) if m.snapshot_id == snapshot_id), None
         )
 
-    async def manifests(self, build_id: str) -> list[Manifest]:
-        return list(self.by_build.get(build_id, []))
+    async def snapshots(self, build_id: str) -> list[StoredSnapshot]:
+        return [StoredSnapshot(m, m.created_at) for m in self.by_build.get(build_id, [])]
 
     async def pruned(self, build_id: str) -> int | None:
         return self.pruned_at.get(build_id)

@@ -26,7 +26,7 @@ from kiln_contracts.manifest import (
 # absolute.
 STORED = (
     '{"format": 1, "snapshot_id": "0f6e7a4c-3d5b-4a8e-9c1f-2b7d8e9a0c11", "build_id": '
-    '"b-legacy", "user_id": "u-legacy", "iteration": 3, "reason": "periodic", "checkpoint_at": '
+    '"b-legacy", "user_id": "u-legacy", "iteration": 3, "reason": "files_changed", "checkpoint_at": '
     '"2026-11-20T09:30:15.123456+00:00", "created_at": "2026-12-01T09:13:44.683312+00:00", '
     '"files": 2, "bytes_total": 30, "bytes_uploaded": 30, "entries": [{"path": "run.sh", '
     '"sha256": "299001868fb8c02fd431c336c6d058f5558c5dff5b5af5e6fe04b870a6a9cbba", "size": 18, '
@@ -66,7 +66,7 @@ def stored_manifest(
         "build_id": build_id,
         "user_id": user_id,
         "iteration": iteration,
-        "reason": "periodic",
+        "reason": "files_changed",
         "checkpoint_at": datetime(2026, 11, 20, 9, 30, 15, 123456, tzinfo=UTC).isoformat(),
         "created_at": datetime(2026, 12, 1, 9, 13, 44, 683312, tzinfo=UTC).isoformat(),
         "files": len(entries),
@@ -101,7 +101,7 @@ def test_a_stored_manifest_reads_with_its_files_directories_and_symlinks() -> No
         "b-legacy",
         "u-legacy",
     )
-    assert (m.iteration, m.reason, m.files, m.bytes_total) == (3, "periodic", 2, 30)
+    assert (m.iteration, m.reason, m.files, m.bytes_total) == (3, "files_changed", 2, 30)
     assert m.checkpoint_at == datetime(2026, 11, 20, 9, 30, 15, 123456, tzinfo=UTC)
     assert [(f.path, f.size, f.mode) for f in m.entries] == [
         ("run.sh", 18, 0o755),

@@ -14,7 +14,7 @@ from kiln_runtime.settings import CommonSettings
 
 
 def subscribed(bus: Bus) -> set[str]:
-    return {puller.subject for puller in bus.pullers.values()}
+    return {f for puller in bus.pullers.values() for f in puller.filters}
 
 
 def registered(service: str) -> set[str]:
@@ -36,6 +36,10 @@ def registered(service: str) -> set[str]:
         from kiln_snapshot.app import register as register_snapshot
 
         register_snapshot(bus, none)
+    elif service == "webhooks":
+        from kiln_webhooks.app import register as register_webhooks
+
+        register_webhooks(bus, none, durable="webhooks-events")
     elif service == "gateway":
         from kiln_gateway.app import register_consumers
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from nats.js.api import ConsumerConfig
 
-from kiln_runtime.bus import PULL_STALL_S, _Puller
+from kiln_runtime.consume import PULL_STALL_S, Puller
 from kiln_runtime.health import Health, HealthServer, Problems, bus_problems, watch
 
 STALL_S = 20.0
@@ -248,7 +248,7 @@ _CONFIG = ConsumerConfig(durable_name="test-durable")
 
 async def test_the_consume_loop_says_it_is_up_waiting_and_answered() -> None:
     nc = _FakeNc()
-    puller = _Puller(_PullerBus(nc), "kiln.>", _CONFIG, 2, _nothing)  # type: ignore[arg-type]
+    puller = Puller(_PullerBus(nc), "kiln.>", _CONFIG, 2, _nothing)  # type: ignore[arg-type]
     assert (puller.up, puller.failed_at, puller.waiting_since) == (False, None, None)
     task = asyncio.create_task(puller.run())
     await _until(lambda: nc.requests)
@@ -270,7 +270,7 @@ async def test_the_consume_loop_says_it_is_up_waiting_and_answered() -> None:
 async def test_the_consume_loop_stops_when_cancelled_as_an_answer_arrives() -> None:
     """What stop() relies on under load: the cancellation is not lost to the answer."""
     nc = _FakeNc()
-    puller = _Puller(_PullerBus(nc), "kiln.>", _CONFIG, 1, _nothing)  # type: ignore[arg-type]
+    puller = Puller(_PullerBus(nc), "kiln.>", _CONFIG, 1, _nothing)  # type: ignore[arg-type]
     task = asyncio.create_task(puller.run())
     await _until(lambda: nc.requests)
     await nc.cb(_Status("408"))  # the answer wakes the loop ...
@@ -282,7 +282,7 @@ async def test_the_consume_loop_stops_when_cancelled_as_an_answer_arrives() -> N
 
 async def test_a_consume_loop_that_fails_says_when_until_jetstream_answers_it_again() -> None:
     nc = _FakeNc(subscribe_fails=True)
-    puller = _Puller(_PullerBus(nc), "kiln.>", _CONFIG, 1, _nothing)  # type: ignore[arg-type]
+    puller = Puller(_PullerBus(nc), "kiln.>", _CONFIG, 1, _nothing)  # type: ignore[arg-type]
     with pytest.raises(ConnectionError):
         await puller.run()
     assert not puller.up and puller.failed_at is not None

@@ -10,6 +10,7 @@ from kiln_agent.adapters import postgres as agent_pg
 from kiln_gateway.adapters import postgres as gateway_pg
 from kiln_runtime.db import Migration, read_migrations
 from kiln_sandbox.adapters import postgres as sandbox_pg
+from kiln_webhooks.adapters import postgres as webhooks_pg
 
 
 def write(directory: Path, **files: str) -> Path:
@@ -52,7 +53,7 @@ def test_misnamed_or_misnumbered_migrations_are_refused(tmp_path, names):
         read_migrations(tmp_path)
 
 
-@pytest.mark.parametrize("adapter", [agent_pg, gateway_pg, sandbox_pg])
+@pytest.mark.parametrize("adapter", [agent_pg, gateway_pg, sandbox_pg, webhooks_pg])
 def test_each_service_ships_its_migrations_as_package_data(adapter):
     migrations = adapter.migrations()
     assert migrations[0].version == 1 and migrations[0].name == "initial"

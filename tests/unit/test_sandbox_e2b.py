@@ -17,6 +17,7 @@ import pytest
 
 from kiln_contracts import (
     Download,
+    ProcessExited,
     RestorePlanReply,
     SandboxRestored,
     SandboxStarted,
@@ -32,7 +33,13 @@ from kiln_sandbox.handlers import SandboxService
 from kiln_sandbox.ports import SandboxError, SandboxGone
 from kiln_sandbox.settings import SandboxSettings
 from kiln_sandbox.workspace import Workspace
-from tests.unit.test_sandbox_handlers import FakeBus, FakeCalls, FakeRestorer
+from tests.unit.test_sandbox_handlers import (
+    FakeBus,
+    FakeCalls,
+    FakeRestorer,
+    _until_gone,
+    _wait_for,
+)
 
 
 class Blobs(ThreadingHTTPServer):
@@ -297,3 +304,62 @@ async def test_two_replicas_making_a_builds_sandbox_at_once_keep_one(fake):
     assert alive == [record.sandbox_id]  # the second one made was stopped
     kept = await provider(fake).connect("b1", record.sandbox_id)
     assert await kept.read("one.txt") == b"c1" and await kept.read("two.txt") == b"c2"
+
+
+async def test_background_processes_stop_before_a_pause_and_are_lost_with_their_sandbox(fake, uid):
+    bus = FakeBus()
+    plan = RestorePlanReply(snapshot_id="snap-1", files=[])
+    svc = SandboxService(provider(fake), MemoryRegistry(), FakeCalls(), bus, FakeRestorer(plan))
+    build_id = f"b{uid}"
+
+    def bg(call_id: str, command: str, iteration: int = 1) -> ToolCall:
+        return ToolCall(
+            build_id=build_id,
+            user_id="u1",
+            call_id=call_id,
+            iteration=iteration,
+            tool="bash",
+            input={"command": command, "run_in_background": True},
+        )
+
+    started = await svc.handle_tool_call(bg("c1", "echo $$ > ../server.pid; exec sleep 300"))
+    assert "bash_1" in started.output, started.output
+    record = await svc.registry.get(build_id)
+    assert record is not None and record.has_processes
+    home = fake.sandboxes[record.sandbox_id].home
+    pid = int(await _wait_for(home / "server.pid"))
+    read = await svc.handle_tool_call(
+        ToolCall(build_id=build_id, user_id="u1", call_id="c2", iteration=1,
+                 tool="bash_output", input={"bash_id": "bash_1"})
+    )  # fmt: skip
+    assert "bash_1 (echo $$ > ../server.pid; exec sleep 300): running" in read.output
+
+    sleep = SnapshotSaved(
+        build_id=build_id, user_id="u1", snapshot_id="s1", iteration=1, reason="sleep",
+        files=0, bytes_total=0, bytes_uploaded=0,
+    )  # fmt: skip
+    await svc.handle_snapshot_saved(sleep)
+    await _until_gone(pid)  # stopped before the pause: E2B would freeze it, not stop it
+    assert fake.sandboxes[record.sandbox_id].calls[-1] == "pause"
+    assert [(e.process_id, e.how) for e in bus.of(ProcessExited)] == [("bash_1", "stopped")]
+
+    # woken: a second process, then the sandbox disappears; the build goes on in a fresh one
+    woken = await svc.handle_tool_call(bg("c3", "exec sleep 300", iteration=2))
+    assert "bash_2" in woken.output
+    assert "bash_1 (echo $$ > ../server.pid; exec sleep 300): build sleeping" in woken.output
+    fake.expire(record.sandbox_id)
+    after = await svc.handle_tool_call(_call(build_id, "c4", "echo fresh").model_copy(
+        update={"iteration": 2}
+    ))  # fmt: skip
+    assert after.output.startswith("fresh\n"), after.output
+    assert "bash_2 (exec sleep 300): its sandbox went away" in after.output
+    assert "bash_1" not in after.output  # told once
+    assert [(e.process_id, e.how) for e in bus.of(ProcessExited)] == [
+        ("bash_1", "stopped"),
+        ("bash_2", "lost"),
+    ]
+    gone = await svc.handle_tool_call(
+        ToolCall(build_id=build_id, user_id="u1", call_id="c5", iteration=2,
+                 tool="bash_output", input={"bash_id": "bash_2"})
+    )  # fmt: skip
+    assert "lost" in gone.output and "gone with it" in gone.output

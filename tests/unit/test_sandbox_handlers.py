@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from kiln_contracts import (
     Download,
     Envelope,
     ManifestRequest,
+    ProcessExited,
+    ProcessStarted,
     RestorePlanReply,
     SandboxRestored,
     SandboxStarted,
@@ -33,6 +36,7 @@ from kiln_runtime.errors import RetryLater
 from kiln_sandbox.adapters.local import LocalProvider, LocalSandbox
 from kiln_sandbox.handlers import INTERRUPTED, SandboxService
 from kiln_sandbox.ports import CallRecord, SandboxError, SandboxRecord
+from kiln_sandbox.workspace import Workspace
 
 
 class FakeCalls:
@@ -223,7 +227,7 @@ async def test_sleep_pauses_final_stops_and_both_are_idempotent(svc, uid):
             bytes_uploaded=5,
         )
 
-    await svc.handle_snapshot_saved(snap("periodic"))
+    await svc.handle_snapshot_saved(snap("files_changed"))
     assert bus(svc).of(SandboxStopped) == []
 
     sleep = snap("sleep")
@@ -546,3 +550,131 @@ async def test_an_end_that_comes_after_the_build_continued_leaves_its_sandbox_ru
     assert record is not None and record.state == "running"
     assert bus(svc).of(SandboxStopped) == []
     assert not (await svc.handle_tool_call(tool_call(uid, "c5", iteration=5))).is_error
+
+
+# ---------------------------------------------------------------------------- background processes
+
+
+def _background(uid: str, call_id: str, command: str, iteration: int = 1) -> ToolCall:
+    return tool_call(
+        uid, call_id, input={"command": command, "run_in_background": True}, iteration=iteration
+    )
+
+
+async def _wait_for(path: Path) -> str:
+    deadline = time.monotonic() + 20
+    while not (text := await asyncio.to_thread(_text, path)).strip():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        await asyncio.sleep(0.05)
+    return text
+
+
+def _text(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] == "Z"
+
+
+async def _until_gone(pid: int) -> None:
+    deadline = time.monotonic() + 20
+    while not _gone(pid):
+        assert time.monotonic() < deadline, f"process {pid} is still running"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_redelivered_call_that_started_a_process_starts_no_second_one(svc, uid):
+    call = _background(uid, "bg1", "echo $$ >> pids.txt; exec sleep 300")
+    first = await svc.handle_tool_call(call)
+    assert "bash_1" in first.output and not first.is_error
+    again = await svc.handle_tool_call(call)
+    assert again == first
+    root = svc.provider.root / f"b{uid}"  # type: ignore[attr-defined]
+    pids = (await _wait_for(root / "pids.txt")).split()
+    assert len(pids) == 1
+    assert [e.process_id for e in bus(svc).of(ProcessStarted)] == ["bash_1"]
+    record = await svc.registry.get(f"b{uid}")
+    assert record is not None and record.has_processes
+    # the build's end stops it, once
+    failed = BuildFailed(
+        build_id=f"b{uid}", user_id="u1", reason="internal", iterations=1, cost_micro_usd=0
+    )
+    await svc.handle_build_ended(failed)
+    await svc.handle_build_ended(failed)
+    await _until_gone(int(pids[0]))
+    assert [(e.process_id, e.how) for e in bus(svc).of(ProcessExited)] == [("bash_1", "stopped")]
+
+
+async def test_an_interrupted_call_that_started_a_process_says_which(svc, uid):
+    call = _background(uid, "bg1", "sleep 300")
+    await svc.handle_tool_call(call)
+    svc.calls.rows.pop((call.build_id, call.call_id))  # type: ignore[attr-defined]
+    await svc.calls.begin(call.build_id, call.call_id, "dead-replica", 0.0)  # type: ignore[attr-defined]
+    result = await svc.handle_tool_call(call)
+    assert result.is_error and result.output.startswith(INTERRUPTED)
+    assert "background process bash_1" in result.output and "kill_shell" in result.output
+    await svc.processes.stop_all(None, call, "test over")
+
+
+async def test_sleep_stops_processes_and_the_call_after_the_wake_is_told(svc, uid):
+    await svc.handle_tool_call(_background(uid, "bg1", "echo $$ > server.pid; exec sleep 300"))
+    root = svc.provider.root / f"b{uid}"  # type: ignore[attr-defined]
+    pid = int(await _wait_for(root / "server.pid"))
+    out = await svc.handle_tool_call(tool_call(uid, "c2", input={"command": "echo busy"}))
+    assert "no longer running" not in out.output  # nothing to report while it runs
+    sleep = SnapshotSaved(
+        build_id=f"b{uid}",
+        user_id="u1",
+        snapshot_id="s-sleep",
+        iteration=1,
+        reason="sleep",
+        files=1,
+        bytes_total=1,
+        bytes_uploaded=1,
+    )
+    await svc.handle_snapshot_saved(sleep)
+    await _until_gone(pid)
+    (exited,) = bus(svc).of(ProcessExited)
+    assert exited.how == "stopped" and "sleeping" in exited.reason
+    # woken: the next call's result tells the model, once
+    woken = await svc.handle_tool_call(
+        tool_call(uid, "c3", input={"command": "echo hi"}, iteration=2)
+    )
+    assert woken.output.startswith("hi\n")
+    assert "background processes no longer running: bash_1 (echo $$ > server.pid;" in woken.output
+    later = await svc.handle_tool_call(
+        tool_call(uid, "c4", input={"command": "echo hi"}, iteration=2)
+    )
+    assert later.output == "hi\n"
+
+
+async def test_a_sandbox_that_cannot_stop_its_processes_is_still_paused(svc, uid, monkeypatch):
+    await svc.handle_tool_call(_background(uid, "bg1", "exec sleep 300"))
+    real = svc.processes._sh
+
+    async def broken(*args: Any, **kwargs: Any) -> str:
+        raise SandboxError("the process wrapper failed (exit 90)")
+
+    monkeypatch.setattr(svc.processes, "_sh", broken)
+    sleep = SnapshotSaved(
+        build_id=f"b{uid}", user_id="u1", snapshot_id="s-sleep", iteration=1, reason="sleep",
+        files=1, bytes_total=1, bytes_uploaded=1,
+    )  # fmt: skip
+    await svc.handle_snapshot_saved(sleep)
+    record = await svc.registry.get(f"b{uid}")
+    assert record is not None and record.state == "paused"
+    assert len(bus(svc).of(SandboxStopped)) == 1
+    assert bus(svc).of(ProcessExited) == []  # not stopped: still recorded live
+    monkeypatch.setattr(svc.processes, "_sh", real)
+    assert (
+        await svc.processes.stop_all(
+            Workspace(await svc.provider.connect(f"b{uid}", f"b{uid}")), sleep, "test over"
+        )
+        == 1
+    )

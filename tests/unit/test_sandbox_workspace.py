@@ -14,10 +14,15 @@ from kiln_contracts.manifest import ManifestEntry
 from kiln_devstack.sandbox import FakeE2B
 from kiln_sandbox.adapters import script
 from kiln_sandbox.adapters.local import LocalProvider
-from kiln_sandbox.tools import run_tool
+from kiln_sandbox.adapters.memory import MemoryProcesses, MemoryReads
+from kiln_sandbox.processes import Processes
+from kiln_sandbox.tools import ToolContext, run_tool
 from kiln_sandbox.workspace import Workspace
 from tests.unit.test_sandbox_e2b import blobs  # noqa: F401  (a fixture)
 from tests.unit.test_sandbox_e2b import provider as e2b_provider
+from tests.unit.test_sandbox_tools import Events, tool_call
+
+CTX = ToolContext(tool_call("toolu_ws"), MemoryReads(), Processes(MemoryProcesses(), Events()))
 
 NASTY = ["it's $(touch PWNED) `touch PWNED2`.txt", "-rf", "semi;colon & amp.txt", "new\nline"]
 
@@ -34,14 +39,22 @@ async def test_names_a_shell_would_misread_stay_names(make: Any, blobs: Any) -> 
     ws = Workspace(await make.create("b1"))
     for i, name in enumerate(NASTY):
         out = await run_tool(
-            ws, "write_file", {"path": f"d/{name}", "content": f"x{i}\n"}, timeout_s=5
+            ws, "write_file", {"path": f"d/{name}", "content": f"x{i}\n"}, timeout_s=5, ctx=CTX
         )
         assert not out.is_error, out.output
-        assert (await run_tool(ws, "read_file", {"path": f"d/{name}"}, timeout_s=5)).output == (
-            f"   1\tx{i}"
-        )
-    grep = await run_tool(ws, "grep", {"pattern": "x0"}, timeout_s=5)
+        assert (
+            await run_tool(ws, "read_file", {"path": f"d/{name}"}, timeout_s=5, ctx=CTX)
+        ).output == (f"   1\tx{i}")
+    grep = await run_tool(
+        ws, "grep", {"pattern": "x0", "output_mode": "content"}, timeout_s=5, ctx=CTX
+    )
     assert grep.output == f"d/{NASTY[0]}:1:x0"
+    grep = await run_tool(ws, "grep", {"pattern": "x3"}, timeout_s=5, ctx=CTX)
+    assert grep.output == f"d/{NASTY[3]}"
+    grep = await run_tool(
+        ws, "grep", {"pattern": "x3", "output_mode": "content"}, timeout_s=5, ctx=CTX
+    )
+    assert grep.output == f"d/{NASTY[3]}:1:x3"
     entries = await ws.manifest([], dirs_and_symlinks=True)
     assert sorted(e.path for e in entries) == sorted(["d", *(f"d/{n}" for n in NASTY)])
     first = next(e for e in entries if e.path == f"d/{NASTY[0]}")
@@ -62,7 +75,7 @@ async def test_names_a_shell_would_misread_stay_names(make: Any, blobs: Any) -> 
         (f"e/{NASTY[2]}", "symlink", 0o777),
     ]
     for sb in (ws, fresh):  # nothing ran that a name spelled out (commands run in the workspace)
-        out = await run_tool(sb, "glob", {"pattern": "**/PWNED*"}, timeout_s=5)
+        out = await run_tool(sb, "glob", {"pattern": "**/PWNED*"}, timeout_s=5, ctx=CTX)
         assert out.output == "no files match"
     await make.close()
 

@@ -18,6 +18,7 @@ from kiln_budget.settings import BudgetSettings
 from kiln_gateway.settings import GatewaySettings
 from kiln_sandbox.settings import SandboxSettings
 from kiln_snapshot.settings import SnapshotSettings
+from kiln_webhooks.settings import WebhooksSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS: dict[str, type[BaseSettings]] = {
@@ -26,6 +27,7 @@ SETTINGS: dict[str, type[BaseSettings]] = {
     "sandbox": SandboxSettings,
     "budget": BudgetSettings,
     "snapshot": SnapshotSettings,
+    "webhooks": WebhooksSettings,
 }
 
 # Named in the docs or deploy/, and read by something other than the services' settings.
@@ -68,6 +70,9 @@ READ = {
         *("KILN_SSE_HEARTBEAT_S", "KILN_MAX_BODY_BYTES", "KILN_REPUBLISH_EVERY_S"),
         *("KILN_GATEWAY_BUDGET_TIMEOUT_S", "KILN_S3_TIMEOUT_S", "KILN_ADMIN_API_KEY"),
         *("KILN_TOKEN_SECRET", "KILN_STREAM_TOKEN_TTL_S", "KILN_ASYNCAPI_PATH"),
+        *("KILN_SNAPSHOT_FILE_MAX_BYTES", "KILN_SNAPSHOT_DIFF_MAX_BYTES"),
+        "KILN_SNAPSHOT_MANIFEST_CACHE",
+        "KILN_GATEWAY_WEBHOOKS_TIMEOUT_S",
     },
     "agent": COMMON
     | DATABASE
@@ -97,6 +102,16 @@ READ = {
         *("KILN_UPLOAD_TIMEOUT_S", "KILN_UPLOAD_BATCH", "KILN_SNAPSHOT_WORKERS"),
         *("KILN_SNAPSHOT_KEEP", "KILN_SNAPSHOT_MAX_S", "KILN_SNAPSHOT_GC_GRACE_S"),
         *("KILN_SNAPSHOT_GC_SWEEP_S", "KILN_SNAPSHOT_GC_INTERVAL_S"),
+    },
+    "webhooks": COMMON
+    | DATABASE
+    | {
+        *("KILN_WEBHOOKS_DB_SCHEMA", "KILN_WEBHOOKS_DURABLE", "KILN_WEBHOOKS_RETRY_SCHEDULE_S"),
+        *("KILN_WEBHOOKS_DISABLE_AFTER_S", "KILN_WEBHOOKS_CONCURRENCY", "KILN_WEBHOOKS_POLL_S"),
+        *("KILN_WEBHOOKS_LEASE_S", "KILN_WEBHOOKS_CONNECT_TIMEOUT_S"),
+        *("KILN_WEBHOOKS_RESPONSE_TIMEOUT_S", "KILN_WEBHOOKS_MAX_RESPONSE_BYTES"),
+        *("KILN_WEBHOOKS_ALLOWED_NETWORKS", "KILN_WEBHOOKS_ALLOW_HTTP"),
+        *("KILN_WEBHOOKS_RESOLVE_TIMEOUT_S", "KILN_WEBHOOKS_MAX_ENDPOINTS"),
     },
 }
 NAME = re.compile(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b")

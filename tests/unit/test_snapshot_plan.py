@@ -147,7 +147,7 @@ def deps(store: FakeStore, sandbox: FakeSandbox) -> Deps:
     return Deps(store=store, sandbox=sandbox, publisher=FakePublisher(), excludes=["node_modules"])
 
 
-def checkpoint(iteration: int = 1, reason: str = "periodic") -> CheckpointSaved:
+def checkpoint(iteration: int = 1, reason: str = "files_changed") -> CheckpointSaved:
     return CheckpointSaved(build_id="b1", user_id="u1", iteration=iteration, reason=reason)  # type: ignore[arg-type]
 
 
@@ -180,7 +180,7 @@ async def test_first_snapshot_uploads_each_distinct_blob_then_writes_the_manifes
     doc = json.loads(store.objects[f"builds/b1/manifests/{sid}.json"])
     assert [e["path"] for e in doc["entries"]] == ["a.txt", "b/c.py", "dup"]
     assert all(f"blobs/{e['sha256']}" in store.objects for e in doc["entries"])
-    assert (doc["iteration"], doc["reason"]) == (1, "periodic")
+    assert (doc["iteration"], doc["reason"]) == (1, "files_changed")
     assert "created_at" in doc
     assert store.objects["builds/b1/latest"] == sid.encode()
 
@@ -247,7 +247,7 @@ async def test_unsafe_paths_are_refused(deps: Deps, sandbox: FakeSandbox) -> Non
         await snapshots.take_snapshot(deps, checkpoint(), 1)
 
 
-async def test_an_older_periodic_checkpoint_is_skipped_once_a_newer_one_is_known(
+async def test_an_older_files_changed_checkpoint_is_skipped_once_a_newer_one_is_known(
     deps: Deps, sandbox: FakeSandbox
 ) -> None:
     deps.coalescer.seen("b1", (5, 50))
@@ -269,7 +269,7 @@ async def test_a_backlog_of_one_build_uploads_once(deps: Deps, sandbox: FakeSand
 
 
 async def test_latest_never_moves_back(deps: Deps, store: FakeStore) -> None:
-    newer = checkpoint(7, "periodic")
+    newer = checkpoint(7, "files_changed")
     await snapshots.take_snapshot(deps, newer, 70)
     older = checkpoint(3, "sleep")
     assert await snapshots.take_snapshot(deps, older, 30) is not None
@@ -321,7 +321,7 @@ async def test_a_snapshot_started_while_a_collection_sweeps_waits_and_leaves_not
     store = FakeStore()
     deps = make_deps(store, {"a.txt": b"a"})
     await store.put("gc/running/run-1", b"{}")
-    event = CheckpointSaved(build_id="b1", user_id="u1", iteration=1, reason="periodic")
+    event = CheckpointSaved(build_id="b1", user_id="u1", iteration=1, reason="files_changed")
     with pytest.raises(RetryLater, match="garbage collection is sweeping"):
         await snapshots.take_snapshot(deps, event)
     assert not [k for k in store.objects if k.startswith(("pending/", "builds/", "blobs/"))]
@@ -334,7 +334,7 @@ async def test_a_snapshot_slower_than_its_limit_starts_again() -> None:
     store = FakeStore()
     deps = make_deps(store, {"a.txt": b"a"})
     deps.max_snapshot_s = 0.0
-    event = CheckpointSaved(build_id="b1", user_id="u1", iteration=1, reason="periodic")
+    event = CheckpointSaved(build_id="b1", user_id="u1", iteration=1, reason="files_changed")
     with pytest.raises(RetryLater, match="longer than"):
         await snapshots.take_snapshot(deps, event)
     assert not [k for k in store.objects if k.startswith(("pending/", "builds/"))]
@@ -395,7 +395,7 @@ async def test_a_stored_manifest_restores_and_is_built_upon(oldest: bool) -> Non
         assert plan.skipped == ["passwd"]
 
     # the next snapshot takes the stored manifest's blobs as present: nothing to upload
-    event = CheckpointSaved(build_id=build, user_id="u-legacy", iteration=4, reason="periodic")
+    event = CheckpointSaved(build_id=build, user_id="u-legacy", iteration=4, reason="files_changed")
     saved = await snapshots.take_snapshot(deps, event)
     assert saved is not None and saved.bytes_uploaded == 0
     assert deps.sandbox.uploaded == []  # type: ignore[attr-defined]

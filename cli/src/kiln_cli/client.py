@@ -99,6 +99,13 @@ class KilnClient:
             raise ApiError(resp.status_code, str(detail))
         return resp.json()
 
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Any JSON endpoint (``json=``, ``params=``); an empty answer (204) is ``{}``."""
+        resp = self.http.request(method, path, **kwargs)
+        if resp.status_code == 204:
+            return {}
+        return self._json(resp)
+
     def create_build(
         self,
         idea_brief: str,

@@ -500,7 +500,7 @@ def keys_list(
 
 def _start(data_dir: Path, port: int, extra_env: dict[str, str] | None = None) -> Stack:
     stack = Stack(data_dir, gateway_port=port, extra_env=extra_env or {})
-    with console.status("starting the stack (NATS, Postgres, Redis, S3, five services)…"):
+    with console.status("starting the stack (NATS, Postgres, Redis, S3, six services)…"):
         try:
             stack.start()
         except InfraError as e:
@@ -579,6 +579,19 @@ def demo(
 SHOW_SLEEP_ENV = {"KILN_BUDGET_PERIOD_S": "30", "KILN_BUDGET_DEMO_ALLOWANCE_USD": "0.02"}
 
 
+DEMO_FOLLOW_UP_FILE = "CHANGELOG.md"
+DEMO_FOLLOW_UP = f"add a file {DEMO_FOLLOW_UP_FILE} with # Changelog - first version of textstats"
+
+
+def _follow_up(client: KilnClient, build_id: str, on_idle: Any) -> str:
+    """Continue the completed build once, as a user would: a follow-up message, then the run
+    that answers it, shown live. Its final status."""
+    console.print()
+    console.print(f"[bold]follow-up:[/] {DEMO_FOLLOW_UP!r}", highlight=False)
+    sent = client.send_message(build_id, DEMO_FOLLOW_UP, idempotency_key=uuid.uuid4().hex)
+    return follow(client, build_id, on_idle=on_idle, after_message=sent["message_id"]).status or ""
+
+
 def _demo(data_dir: Path, port: int, timeout: float, extra_env: dict[str, str]) -> bool:
     shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -596,10 +609,15 @@ def _demo(data_dir: Path, port: int, timeout: float, extra_env: dict[str, str]) 
             created = c.create_build(brief, DEMO_QNA, idempotency_key=uuid.uuid4().hex)
             build_id = created["build_id"]
             status = follow(c, build_id, on_idle=on_idle).status
+            if status == "completed":
+                status = _follow_up(c, build_id, on_idle)
             final = wait_projected(c, build_id, timeout=30, snapshot=True)
+        workspace = (data_dir / "sandboxes" / build_id).resolve()
         console.print()
         console.print(f"status     [bold]{status}[/]")
-        console.print(f"workspace  {(data_dir / 'sandboxes' / build_id).resolve()}")
+        console.print(f"workspace  {workspace}")
+        if (workspace / DEMO_FOLLOW_UP_FILE).is_file():
+            console.print(f"follow-up  {workspace / DEMO_FOLLOW_UP_FILE} (written on request)")
         snap = final.get("last_snapshot_id")
         bucket = stack.env.get("KILN_S3_BUCKET", "kiln-snapshots")
         endpoint = stack.env.get("S3_ENDPOINT_URL", "")
@@ -622,3 +640,9 @@ def _demo(data_dir: Path, port: int, timeout: float, extra_env: dict[str, str]) 
 
 if __name__ == "__main__":
     app()
+
+
+# The webhooks commands (kiln_cli.webhooks) use the helpers above.
+from .webhooks import webhooks_app  # noqa: E402
+
+app.add_typer(webhooks_app, name="webhooks")

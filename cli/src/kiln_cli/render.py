@@ -114,9 +114,13 @@ class Renderer:
     def on_iteration_completed(self, d: dict[str, Any]) -> None:
         self.iteration = max(self.iteration, int(d.get("iteration", 0)))
         self.cost_micro_usd += int(d.get("cost_micro_usd", 0))
+        what = (
+            "older turns summarised to fit the context window"
+            if d.get("purpose") == "summary"
+            else f"iteration {self.iteration} done"
+        )
         self.print(
-            f"[dim]  iteration {self.iteration} done · {d.get('model', '')} · "
-            f"cost so far {usd(self.cost_micro_usd)}[/]"
+            f"[dim]  {what} · {d.get('model', '')} · cost so far {usd(self.cost_micro_usd)}[/]"
         )
 
     def on_snapshot_saved(self, d: dict[str, Any]) -> None:

@@ -20,9 +20,20 @@ SCHEMA_VERSION: Literal[1] = 1
 Id = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
 MicroUsd = Annotated[int, Field(ge=0, description="An amount of US dollars x 1,000,000.")]
 
-ToolName = Literal["read_file", "write_file", "edit_file", "bash", "glob", "grep", "list_dir"]
+ToolName = Literal[
+    "read_file",
+    "write_file",
+    "edit_file",
+    "bash",
+    "bash_output",
+    "kill_shell",
+    "glob",
+    "grep",
+    "list_dir",
+]
+ProcessEnd = Literal["exited", "killed", "stopped", "lost"]
 # "fork": a fork's first snapshot, a copy of its source's (no CheckpointSaved has this reason)
-CheckpointReason = Literal["periodic", "files_changed", "sleep", "final", "fork"]
+CheckpointReason = Literal["files_changed", "sleep", "final", "fork"]
 FailureReason = Literal[
     "iteration_limit",
     "cost_limit",
@@ -179,6 +190,12 @@ class IterationCompleted(Envelope):
     stop_reason: str
     cost_micro_usd: MicroUsd = Field(
         default=0, description="The agent's own estimate; the budget service prices usage itself."
+    )
+    purpose: Literal["turn", "summary"] = Field(
+        default="turn",
+        description="turn: the iteration's model call; summary: a call that summarised the "
+        "oldest part of the conversation to fit the context window, made before the next turn "
+        "of `iteration` (charged the same way; it does not count as an iteration).",
     )
 
 
@@ -346,6 +363,39 @@ class SandboxStopped(Envelope):
     reason: str
 
 
+class ProcessStarted(Envelope):
+    """A background process (``bash`` with ``run_in_background``) started in the build's sandbox."""
+
+    kind: ClassVar[str] = "process_started"
+
+    process_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    call_id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    iteration: int = Field(ge=1)
+    command: Annotated[str, StringConstraints(max_length=2_000)] = Field(
+        description="The command as the model gave it (cut at 2,000 characters)."
+    )
+    sandbox_id: str
+    pid: int | None = Field(
+        default=None,
+        description="The process's id inside the sandbox; it leads its own process group and "
+        "session, so whatever it starts (and the ports those listen on) can be found by it.",
+    )
+
+
+class ProcessExited(Envelope):
+    """A background process is no longer running: it ``exited`` by itself (seen by
+    ``bash_output`` or when the sandbox stopped), was ``killed`` by the model (``kill_shell``),
+    ``stopped`` by the platform (sleep, cancel, the build's end), or ``lost`` with a sandbox that
+    went away (the build continues in a fresh one)."""
+
+    kind: ClassVar[str] = "process_exited"
+
+    process_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    how: ProcessEnd
+    exit_code: int | None = None
+    reason: str = ""
+
+
 class BuildCompleted(Envelope):
     kind: ClassVar[str] = "build_completed"
 
@@ -414,6 +464,8 @@ MESSAGES: tuple[type[Envelope], ...] = (
     SandboxStarted,
     SandboxRestored,
     SandboxStopped,
+    ProcessStarted,
+    ProcessExited,
     BuildCompleted,
     BuildFailed,
     BuildCancelled,

@@ -23,6 +23,8 @@ from .messages import (
     CheckpointSaved,
     Envelope,
     IterationCompleted,
+    ProcessExited,
+    ProcessStarted,
     SandboxRestored,
     SandboxStarted,
     SandboxStopped,
@@ -34,6 +36,7 @@ from .messages import (
     TopUpRequested,
     WakeRequested,
 )
+from .webhooks import EVENT_TYPES
 
 Kinds = tuple[type[Envelope], ...]
 
@@ -63,6 +66,9 @@ CONSUMES: Final[dict[str, Kinds]] = {
     ),
     # BuildRequested: a fork's first snapshot is a copy of its source's
     "snapshot": (CheckpointSaved, BuildRequested),
+    # The webhooks service reads the kinds endpoints can ask for (kiln_contracts.webhooks.
+    # EVENT_TYPES) with one consumer, in stream order.
+    "webhooks": tuple(EVENT_TYPES.values()),
 }
 
 PUBLISHES: Final[dict[str, Kinds]] = {
@@ -86,7 +92,15 @@ PUBLISHES: Final[dict[str, Kinds]] = {
         BuildCancelled,
         BuildRejected,
     ),
-    "sandbox": (ToolResult, SandboxStarted, SandboxRestored, SandboxStopped),
+    "sandbox": (
+        ToolResult,
+        SandboxStarted,
+        SandboxRestored,
+        SandboxStopped,
+        ProcessStarted,
+        ProcessExited,
+    ),
     "budget": (SleepRequested, WakeRequested),
     "snapshot": (SnapshotSaved,),
+    "webhooks": (),  # it sends HTTP requests outward, nothing on the bus
 }

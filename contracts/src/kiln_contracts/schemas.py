@@ -17,6 +17,7 @@ from .manifest import Manifest
 from .messages import MESSAGES
 from .rpc import RPC_MODELS
 from .subjects import subject
+from .webhooks import WEBHOOK_MODELS, WebhookPayload
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 
@@ -40,6 +41,15 @@ def render() -> dict[str, str]:
     schema["$id"] = "https://kiln.dev/schemas/kv/budget_gate.json"
     schema["x-kiln-bucket"] = subjects.BUDGET_GATES
     out["kv/budget_gate.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
+    # Webhooks: the body of a delivery (HTTP, outward) and the gateway's requests and replies.
+    for hook_model in WEBHOOK_MODELS:
+        schema = hook_model.model_json_schema()
+        schema["$id"] = f"https://kiln.dev/schemas/webhooks/{hook_model.__name__}.json"
+        if hook_model is WebhookPayload:
+            schema["x-kiln-http"] = "POST to a registered endpoint, Standard Webhooks signed"
+        out[f"webhooks/{hook_model.__name__}.json"] = (
+            json.dumps(schema, indent=2, sort_keys=True) + "\n"
+        )
     return out
 
 

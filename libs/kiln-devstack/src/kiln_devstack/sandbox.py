@@ -20,7 +20,7 @@ import os
 import shutil
 import signal
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -52,13 +52,22 @@ class MemoryRegistry:
         return self.rows.get(build_id)
 
     async def put(self, record: SandboxRecord) -> None:
+        held = self.rows.get(record.build_id)
+        if held is not None and held.has_processes:
+            record = replace(record, has_processes=True)
         self.rows[record.build_id] = record
+
+    async def mark_processes(self, build_id: str) -> None:
+        if (held := self.rows.get(build_id)) is not None:
+            self.rows[build_id] = replace(held, has_processes=True)
 
     async def replace(self, record: SandboxRecord, expected: str | None) -> SandboxRecord:
         held = self.rows.get(record.build_id)
         if (held.sandbox_id if held is not None else None) != expected:
             assert held is not None
             return held
+        if held is not None and held.has_processes:
+            record = replace(record, has_processes=True)
         self.rows[record.build_id] = record
         return record
 
@@ -139,11 +148,15 @@ class FakeE2B:
         return True
 
     def expire(self, sandbox_id: str) -> None:
-        """What E2B does at a sandbox's timeout: it and its files are gone."""
+        """What E2B does at a sandbox's timeout: it, every process in it and its files are
+        gone."""
         st = self.sandboxes[sandbox_id]
         st.state = "killed"
         for pgid in st.pgids:
             _killpg(pgid)
+        for pid in _processes_under(st.home):  # background ones too, as in a VM that ends
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         shutil.rmtree(st.home.parent, ignore_errors=True)
 
 
@@ -288,6 +301,22 @@ class FakeCommands:
                 stdout=stdout, stderr=stderr, exit_code=proc.returncode, error=None
             )
         return CommandResult(stdout=stdout, stderr=stderr, exit_code=0, error=None)
+
+
+def _processes_under(home: Path) -> list[int]:
+    """The host processes whose working directory is in a fake sandbox's home."""
+    root = str(home)
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        if cwd == root or cwd.startswith(root + "/"):
+            found.append(int(entry.name))
+    return found
 
 
 def _killpg(pgid: int) -> None:

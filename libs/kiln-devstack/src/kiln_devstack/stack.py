@@ -1,4 +1,4 @@
-"""The whole local stack: the infrastructure, then the five services, each its own process."""
+"""The whole local stack: the infrastructure, then the six services, each its own process."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import httpx
 
 from .infra import Infra, InfraError, Process, free_port, port_in_use, spawn, wait_for
 
-SERVICES = ("gateway", "agent", "sandbox", "budget", "snapshot")
+SERVICES = ("gateway", "agent", "sandbox", "budget", "snapshot", "webhooks")
 DEV_API_KEY = "kiln_dev_key_local_only"
 DEV_USER = "dev"
 
@@ -59,6 +59,11 @@ class Stack:
                 "KILN_DEV_API_KEY": base.get("KILN_DEV_API_KEY", DEV_API_KEY),
                 "KILN_DEV_USER": base.get("KILN_DEV_USER", DEV_USER),
                 "PYTHONUNBUFFERED": "1",
+                # A local stack's webhooks may go to receivers on this machine, over http.
+                "KILN_WEBHOOKS_ALLOW_HTTP": base.get("KILN_WEBHOOKS_ALLOW_HTTP", "true"),
+                "KILN_WEBHOOKS_ALLOWED_NETWORKS": base.get(
+                    "KILN_WEBHOOKS_ALLOWED_NETWORKS", "127.0.0.1/32,::1/128"
+                ),
             }
             if not base.get("ANTHROPIC_API_KEY"):
                 self._start_model_server()

@@ -7,8 +7,8 @@ redeliver a long model call elsewhere), acks on success, redelivers transient fa
 and dead-letters permanent failures or messages that exhausted their deliveries.
 
 The bus owns its hot path outright, on nats-py's public API: the connection, the durable consumers,
-each consumer's pull loop (``_Puller``: up to ``max_workers`` handlers at once, each message handed
-over the moment it arrives) and the wrapper around the handler (``_Consumer``: validation, acks,
+each consumer's pull loop (``Puller``: up to ``max_workers`` handlers at once, each message handed
+over the moment it arrives) and the wrapper around the handler (``Consumer``: validation, acks,
 tracing, metrics). FastStream's subscriber does the same through its public API with a loop that
 fetches a batch and waits for every handler of it to finish before it fetches again, and a
 per-message path (middlewares, a JSON decode of the body, dependency injection) whose CPU Kiln does
@@ -20,135 +20,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
-from pydantic import ValidationError
 
-from kiln_contracts import BY_KIND, Envelope, subjects
+from kiln_contracts import Envelope, subjects
 
 from . import metrics, tracing
-from .errors import PermanentError, RetryLater
-from .retry import backoff_delay
+from .consume import MAX_PULL_BATCH, Consumer, Delivery, Handler, Puller, split_subject
 from .settings import CommonSettings
+from .streams import ensure_gates, ensure_streams
+
+__all__ = ["Bus", "Delivery", "Handler"]
 
 log = logging.getLogger(__name__)
 
 E = TypeVar("E", bound=Envelope)
-
-MIN_SERVER = (2, 12)
-PULL_EXPIRES_S = 5.0  # a pull request lingers this long on the server when nothing is pending
-# JetStream answers every pull request within its expiry (messages, or 408 when it expires): a
-# consume loop with no answer for this long, while connected, is not consuming.
-PULL_STALL_S = 3 * PULL_EXPIRES_S
-MAX_PULL_BATCH = 256  # messages asked for in one pull request
-RESTART_S = 1.0  # a consume loop that failed starts again after this long
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """What a handler may know about the delivery of its message."""
-
-    subject: str
-    stream_seq: int
-    num_delivered: int
-    heartbeat: Callable[[], Awaitable[None]]
-
-    @property
-    def redelivered(self) -> bool:
-        return self.num_delivered > 1
-
-
-Handler = Callable[[E, Delivery], Awaitable[None]]
-
-
-class ServerTooOld(RuntimeError):
-    pass
-
-
-def stream_config(replicas: int = 1) -> StreamConfig:
-    return StreamConfig(
-        num_replicas=replicas,
-        name=subjects.STREAM,
-        subjects=list(subjects.STREAM_SUBJECTS),
-        duplicate_window=subjects.DUPLICATE_WINDOW_S,
-        max_msg_size=subjects.MAX_MSG_BYTES,
-        max_age=subjects.MAX_AGE_S,
-        allow_msg_schedules=True,
-    )
-
-
-def dlq_stream_config(replicas: int = 1) -> StreamConfig:
-    return StreamConfig(
-        num_replicas=replicas,
-        name=subjects.DLQ_STREAM,
-        subjects=list(subjects.DLQ_SUBJECTS),
-        duplicate_window=subjects.DUPLICATE_WINDOW_S,
-        max_age=subjects.MAX_AGE_S,
-    )
-
-
-async def ensure_streams(nc: Client, replicas: int = 1) -> None:
-    """Check the server can do what Kiln needs, then create or update Kiln's streams."""
-    version = nc.connected_server_version
-    if (version.major, version.minor) < MIN_SERVER:
-        raise ServerTooOld(
-            f"nats-server {version} is too old: Kiln needs >= {MIN_SERVER[0]}.{MIN_SERVER[1]} "
-            "with JetStream (message schedules). Point NATS_URL at a newer server."
-        )
-    js = nc.jetstream()
-    for config in (stream_config(replicas), dlq_stream_config(replicas)):
-        try:
-            await js.stream_info(config.name or "")
-            await js.update_stream(config)
-        except NotFoundError:
-            await js.add_stream(config)
-
-
-def gates_stream_config(replicas: int = 1) -> StreamConfig:
-    """The stream behind the budget gates' key-value bucket, as nats-py's ``create_key_value``
-    makes one (one value per key, rollups, no deletes of single messages), with Kiln's replicas.
-    No direct gets: every read is answered by the stream's leader, so it sees the last write."""
-    bucket = subjects.BUDGET_GATES
-    return StreamConfig(
-        name=f"KV_{bucket}",
-        subjects=[f"$KV.{bucket}.>"],
-        num_replicas=replicas,
-        max_msgs_per_subject=1,
-        max_msgs=-1,
-        max_consumers=-1,
-        max_age=subjects.BUDGET_GATES_MAX_AGE_S,
-        max_msg_size=subjects.BUDGET_GATES_MAX_VALUE_BYTES,
-        discard=DiscardPolicy.NEW,
-        duplicate_window=120.0,
-        allow_rollup_hdrs=True,
-        deny_delete=True,
-        allow_direct=False,
-    )
-
-
-async def ensure_gates(nc: Client, replicas: int = 1) -> KeyValue:
-    """Create or update the budget gates' bucket (the budget writes it; the agent and the gateway
-    read it, so each of them may be the first to start) and bind to it."""
-    js = nc.jetstream()
-    config = gates_stream_config(replicas)
-    try:
-        await js.stream_info(config.name or "")
-        await js.update_stream(config)
-    except NotFoundError:
-        await js.add_stream(config)
-    return await js.key_value(subjects.BUDGET_GATES)
 
 
 class Bus:
@@ -160,7 +55,7 @@ class Bus:
         self.draining = False  # shutting down: take no new work
         self.inflight = 0  # handlers running now
         self.started = 0  # handlers started so far
-        self.pullers: dict[str, _Puller] = {}  # the pull loop of each durable consumer
+        self.pullers: dict[str, Puller] = {}  # the pull loop of each durable consumer
         self._loops: list[asyncio.Task[None]] = []
         self.connected_at: float | None = None  # time.monotonic() of the last (re)connection
         self.consuming_since: float | None = None  # time.monotonic() when start() returned
@@ -300,35 +195,51 @@ class Bus:
         """Handle every ``model`` message of every build with a durable, explicitly-acked consumer."""
         name = durable or f"{self.service}-{model.kind}".replace("_", "-")
         self._subscribe(
-            subjects.kind_filter(model.kind), name, _Consumer(self, model, handler), max_workers
+            subjects.kind_filter(model.kind), name, Consumer(self, model, handler), max_workers
         )
 
     def consume_all(
         self, handler: Handler[Envelope], *, durable: str, max_workers: int = 1
     ) -> None:
         """Handle every message of every kind (e.g. the gateway's read-model projection)."""
-        self._subscribe("kiln.build.>", durable, _Consumer(self, None, handler), max_workers)
+        self._subscribe("kiln.build.>", durable, Consumer(self, None, handler), max_workers)
+
+    def consume_kinds(
+        self,
+        models: Sequence[type[Envelope]],
+        handler: Handler[Envelope],
+        *,
+        durable: str,
+        max_workers: int = 1,
+    ) -> None:
+        """Handle the messages of several kinds with one durable consumer (JetStream's
+        ``filter_subjects``), in stream order when ``max_workers`` is 1 (e.g. the webhooks)."""
+        filters = [subjects.kind_filter(m.kind) for m in models]
+        self._subscribe(filters, durable, Consumer(self, None, handler), max_workers)
 
     def _subscribe(
-        self, subject: str, durable: str, consumer: _Consumer[Any], max_workers: int
+        self, subject: str | list[str], durable: str, consumer: Consumer[Any], max_workers: int
     ) -> None:
-        """A durable pull consumer on ``subject`` (declared by ``start``) and its loop."""
+        """A durable pull consumer on ``subject`` (or several; declared by ``start``) and its
+        loop."""
         if durable in self.pullers:
             raise ValueError(f"{self.service} already consumes with durable {durable!r}")
         max_workers = max(1, max_workers)
+        filters = [subject] if isinstance(subject, str) else list(subject)
         config = ConsumerConfig(
             name=durable,
             durable_name=durable,
-            filter_subject=subject,
+            filter_subject=filters[0] if len(filters) == 1 else None,
+            filter_subjects=filters if len(filters) > 1 else None,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=self.settings.ack_wait_s,
             # room for every handler running plus a pull request's worth waiting to be handled
             max_ack_pending=max(1000, max_workers + MAX_PULL_BATCH),
         )
-        self.pullers[durable] = _Puller(self, subject, config, max_workers, consumer)
+        self.pullers[durable] = Puller(self, filters, config, max_workers, consumer)
 
     async def dead_letter(self, raw: Msg, reason: str) -> None:
-        _, kind = _split(raw.subject)
+        _, kind = split_subject(raw.subject)
         meta = raw.metadata
         await self.nc.jetstream().publish(
             subjects.dlq_subject(self.service, kind or "unknown"),
@@ -348,284 +259,3 @@ class Bus:
             reason,
             extra={"service": self.service, "kind": kind},
         )
-
-
-class _Puller:
-    """One consumer's pull loop: keep one pull request open on the server for as many messages
-    as there are free handler slots, and start each message's handler as soon as it arrives.
-
-    The request is JetStream's ``CONSUMER.MSG.NEXT`` API on an inbox of our own; a new one is
-    sent once the last has been filled, expired (status 408), refused (409) or not answered
-    within its expiry (a reconnect loses it).
-
-    What the health checks read (``kiln_runtime.health``): ``up`` while the loop runs;
-    ``failed_at``, when it last failed (``keep_running`` starts it again), until JetStream next
-    answers it; ``waiting_since``, when the oldest pull request JetStream has not answered was
-    sent."""
-
-    def __init__(
-        self,
-        bus: Bus,
-        subject: str,
-        config: ConsumerConfig,
-        max_workers: int,
-        consumer: Callable[[Msg], Awaitable[None]],
-    ) -> None:
-        self.bus = bus
-        self.subject = subject  # the consumer's filter
-        self.config = config
-        self.durable = config.durable_name or ""
-        self.max_workers = max_workers
-        self.consumer = consumer
-        self.running = 0
-        self.delivered = 0  # messages this loop has handed to the consumer
-        self.up = False
-        self.failed_at: float | None = None
-        self.waiting_since: float | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._room = asyncio.Event()
-        self._room.set()
-        self._answered = asyncio.Event()
-        self._wanted = 0
-
-    async def keep_running(self) -> None:
-        """Run the loop until cancelled, starting it again whenever it fails."""
-        while True:
-            try:
-                await self.run()
-            except Exception:
-                log.warning(
-                    "the consume loop of %s failed; starting it again",
-                    self.durable,
-                    exc_info=True,
-                    extra={"service": self.bus.service},
-                )
-            await asyncio.sleep(RESTART_S)
-
-    async def run(self) -> None:
-        """The loop, until cancelled or it fails."""
-        nc = self.bus.nc
-        inbox = nc.new_inbox()
-        subject = f"$JS.API.CONSUMER.MSG.NEXT.{subjects.STREAM}.{self.durable}"
-        expires_ns = int(PULL_EXPIRES_S * 1e9)
-        sub: Subscription | None = None
-
-        async def arrived(msg: Msg) -> None:
-            status = msg.headers.get("Status") if msg.headers else None
-            if status and not msg.data:
-                if status != "100":  # 100: an idle heartbeat; 404/408/409: the request is over
-                    self._answered.set()
-                if status == "408":  # expired unfilled: JetStream is serving the consumer
-                    self._served()
-                return
-            self._served()
-            self._wanted -= 1
-            if self._wanted <= 0:
-                self._answered.set()
-            self.delivered += 1
-            self.running += 1
-            if self.running >= self.max_workers:
-                self._room.clear()
-            task = asyncio.create_task(self._handle(msg))
-            self._tasks.add(task)
-
-        try:
-            sub = await nc.subscribe(inbox, cb=arrived, pending_msgs_limit=-1)
-            self.up = True
-            while True:
-                await self._room.wait()
-                if self.running >= self.max_workers:
-                    self._room.clear()
-                    continue
-                self._wanted = min(self.max_workers - self.running, MAX_PULL_BATCH)
-                self._answered.clear()
-                request = {"batch": self._wanted, "expires": expires_ns}
-                if self.waiting_since is None:
-                    self.waiting_since = time.monotonic()
-                try:
-                    await nc.publish(subject, json.dumps(request).encode(), reply=inbox)
-                except Exception as err:  # disconnected: the client reconnects, ask again then
-                    log.debug("pull request not sent: %s", err)
-                    await asyncio.sleep(0.5)
-                    continue
-                # asyncio.timeout, not wait_for: Python 3.11's wait_for returns an answer that
-                # arrives with a cancellation and drops the cancellation, so stop() would hang
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(PULL_EXPIRES_S + 1):
-                        await self._answered.wait()
-        except Exception:
-            if self.failed_at is None:
-                self.failed_at = time.monotonic()
-            raise
-        finally:
-            self.up = False
-            self.waiting_since = None
-            if sub is not None:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
-            for task in self._tasks:
-                task.cancel()
-            if self._tasks:
-                await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    def _served(self) -> None:
-        self.waiting_since = None
-        self.failed_at = None
-
-    async def _handle(self, msg: Msg) -> None:
-        try:
-            await self.consumer(msg)
-        except Exception:  # the handler's own errors are settled inside; this is acking failing
-            log.warning(
-                "could not settle %s (it is redelivered after the ack wait)",
-                msg.subject,
-                exc_info=True,
-                extra={"service": self.bus.service},
-            )
-        finally:
-            self.running -= 1
-            self._room.set()
-            self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
-
-
-def _split(subject: str) -> tuple[str | None, str | None]:
-    try:
-        return subjects.parse(subject)
-    except ValueError:
-        return None, None
-
-
-class _Consumer(Generic[E]):
-    """The wrapper around one handler: validate, heartbeat, ack / redeliver / dead-letter."""
-
-    def __init__(self, bus: Bus, model: type[E] | None, handler: Handler[E]) -> None:
-        """``model`` None: any kind, chosen by the subject's last token."""
-        self.bus = bus
-        self.model = model
-        self.handler = handler
-        self.__name__ = f"{bus.service}_{model.kind if model else 'all'}"
-        self.__doc__ = handler.__doc__
-
-    async def __call__(self, raw: Msg) -> None:
-        msg = _Settle(raw)
-        meta = raw.metadata
-        service = self.bus.service
-        kind = _split(raw.subject)[1] or "unknown"
-        if self.bus.draining:  # shutting down: another replica (or our successor) takes it
-            await msg.nack(delay=1.0)
-            return
-        if meta.num_delivered > self.bus.settings.max_deliver:
-            await self.bus.dead_letter(raw, f"gave up after {meta.num_delivered - 1} deliveries")
-            await msg.ack()
-            return
-        try:
-            event = self._parse(raw.subject, raw.data)
-        except PermanentError as err:
-            await self.bus.dead_letter(raw, str(err))
-            await msg.ack()
-            metrics.HANDLED.labels(service, kind, "invalid").inc()
-            return
-
-        delivery = Delivery(raw.subject, meta.sequence.stream, meta.num_delivered, msg.in_progress)
-        extra = {"build_id": event.build_id, "event_id": event.event_id, "kind": kind}
-        beat = asyncio.create_task(self._heartbeat(msg))
-        started = asyncio.get_running_loop().time()
-        span = tracing.consuming(
-            service,
-            kind,
-            raw.headers,
-            **{"kiln.build_id": event.build_id, "kiln.event_id": str(event.event_id)},
-        )
-        self.bus._begin()
-        try:
-            with span:
-                await self.handler(event, delivery)
-        except asyncio.CancelledError:
-            # Stopped mid-handling: hand the message back now rather than after ack_wait.
-            with contextlib.suppress(Exception):
-                await asyncio.shield(msg.nack())
-            metrics.HANDLED.labels(service, kind, "cancelled").inc()
-            raise
-        except PermanentError as err:
-            await self.bus.dead_letter(raw, str(err))
-            await msg.ack()
-            metrics.HANDLED.labels(service, kind, "dead_letter").inc()
-        except RetryLater as err:
-            await msg.nack(delay=err.delay_s or None)
-            metrics.HANDLED.labels(service, kind, "retry").inc()
-            log.info("redelivering later: %s", err, extra=extra)
-        except Exception as err:
-            if meta.num_delivered >= self.bus.settings.max_deliver:
-                await self.bus.dead_letter(raw, f"{type(err).__name__}: {err}")
-                await msg.ack()
-                metrics.HANDLED.labels(service, kind, "dead_letter").inc()
-            else:
-                await msg.nack(delay=backoff_delay(meta.num_delivered, base=0.5, cap=15))
-                metrics.HANDLED.labels(service, kind, "error").inc()
-            log.exception("handler failed (delivery %d)", meta.num_delivered, extra=extra)
-        else:
-            await msg.ack()
-            metrics.HANDLED.labels(service, kind, "ok").inc()
-        finally:
-            self.bus._end()
-            beat.cancel()
-            metrics.HANDLER_SECONDS.labels(service, kind).observe(
-                asyncio.get_running_loop().time() - started
-            )
-
-    def _parse(self, subject: str, body: bytes) -> E:
-        build_id, kind = _split(subject)
-        model: type[Any] | None = self.model or BY_KIND.get(kind or "")
-        if model is None or kind != model.kind:
-            raise PermanentError(f"unexpected subject {subject!r}: unknown kind")
-        if len(body) > subjects.MAX_MSG_BYTES:
-            raise PermanentError(f"payload of {len(body)} bytes exceeds {subjects.MAX_MSG_BYTES}")
-        try:
-            event: E = model.model_validate_json(body)
-        except ValidationError as err:
-            raise PermanentError(f"invalid {kind}: {_summary(err)}") from err
-        if event.build_id != build_id:
-            raise PermanentError(f"build_id {event.build_id!r} does not match subject {subject!r}")
-        return event
-
-    async def _heartbeat(self, msg: _Settle) -> None:
-        interval = max(0.5, self.bus.settings.ack_wait_s / 3)
-        with contextlib.suppress(asyncio.CancelledError):
-            while True:
-                await asyncio.sleep(interval)
-                with contextlib.suppress(Exception):
-                    await msg.in_progress()
-
-
-class _Settle:
-    """A delivered message's acks: a message is settled once (a later ack or nak is a no-op,
-    and so is a heartbeat after it)."""
-
-    __slots__ = ("raw",)
-
-    def __init__(self, raw: Msg) -> None:
-        self.raw = raw
-
-    async def ack(self) -> None:
-        if not self.raw.is_acked:
-            await self.raw.ack()
-
-    async def nack(self, delay: float | None = None) -> None:
-        if not self.raw.is_acked:
-            await self.raw.nak(delay=delay)
-
-    async def in_progress(self) -> None:
-        if not self.raw.is_acked:
-            await self.raw.in_progress()
-
-
-def _summary(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors()[:5]:
-        loc = ".".join(str(x) for x in e["loc"]) or "<root>"
-        parts.append(f"{loc}: {e['msg']}")
-    return "; ".join(parts)
-
-
-def dump(msg: Envelope) -> dict[str, Any]:
-    return msg.model_dump(mode="json")

@@ -132,7 +132,7 @@ async def create_pool(
         max_size=max_size,
         command_timeout=30,
         timeout=10,
-        server_settings={"search_path": schema},
+        server_settings={"search_path": schema, "application_name": f"kiln-{schema}"},
         reset=None if reset_sessions else _keep_session,
     )
     assert pool is not None

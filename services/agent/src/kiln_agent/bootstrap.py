@@ -9,10 +9,10 @@ import asyncpg
 from kiln_runtime import config as kiln_config
 from kiln_runtime.bus import Bus
 from kiln_runtime.db import create_pool
+from kiln_runtime.gates import GateBucket
 
 from . import app, config
 from .adapters.anthropic_model import AnthropicModel, ModelUnavailable
-from .adapters.kv_gates import KvGateSource
 from .adapters.postgres import SCHEMA, PostgresStore, migrations
 from .gates import BudgetGates
 from .loop import Agent
@@ -31,7 +31,7 @@ class Wiring:
         """Read the budget gates, open the database and the model client, then register the
         subscribers (none before the gates' current values are in memory: fail closed)."""
         cfg = config.load(self.settings.agent_config)
-        source = KvGateSource(self.bus)
+        source = GateBucket(self.bus)
         await source.open()
         self.gates = BudgetGates(source)
         await self.gates.start(timeout_s=self.settings.agent_gates_timeout_s)

@@ -62,6 +62,11 @@ class State(_Model):
     compacted_before: int = Field(
         default=0, description="Turns before this seq are sent with long tool output cleared."
     )
+    summarised_before: int = Field(
+        default=0, description="Turns 1 to this seq (excluded) are sent as `summary`."
+    )
+    summary: str | None = Field(default=None, description="The summary of those turns.")
+    summaries: int = Field(default=0, description="How many summarising calls were charged.")
     context_tokens: int | None = Field(
         default=None, description="Tokens of the last call (input + cache + output) per the API."
     )

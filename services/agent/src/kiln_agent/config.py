@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kiln_contracts import QnA
 
@@ -29,6 +29,12 @@ class AgentConfig(BaseModel):
     compact_at: float = Field(default=0.75, gt=0, le=1)
     keep_recent_turns: int = Field(default=8, ge=2)
     clear_over_chars: int = Field(default=2000, ge=0)
+    compact_to: float = Field(default=0.5, gt=0, le=1)
+    summary_max_tokens: int = Field(default=2000, ge=256)
+    summary_block_chars: int = Field(default=600, ge=80)
+    summary_system: str = "You summarise a coding agent's conversation so that it can go on."
+    summary_prompt: str = "Summary so far:\n{previous}\n\nTranscript:\n{transcript}"
+    summary_note: str = "(Kiln) Summary of the conversation before this point:\n{summary}"
     narrate_description: str
     continued: str
     no_result: str
@@ -78,6 +84,12 @@ class AgentConfig(BaseModel):
 
     def unanswered(self, ended: str) -> str:
         return self.no_result.format(ended=ended).strip()
+
+    @model_validator(mode="after")
+    def _frees_room(self) -> AgentConfig:
+        if self.compact_to >= self.compact_at:
+            raise ValueError("compact_to must be below compact_at (compaction must free room)")
+        return self
 
 
 def load(path: str | Path | None = None) -> AgentConfig:

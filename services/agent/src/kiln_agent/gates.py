@@ -3,7 +3,7 @@
 The budget service keeps one gate per user in a JetStream key-value bucket
 (``kiln_contracts.gates``): closed, until the reset, the moment the user's spend reaches the
 allowance; opened again by a top-up. A replica keeps the closed gates in memory, fed by a watch of
-the bucket (``adapters/kv_gates.py``), so asking costs no request while a gate is open:
+the bucket (``kiln_runtime.gates``), so asking costs no request while a gate is open:
 
 * behind a closed gate a think calls no model: the build goes to sleep until the gate's ``until``
   (the reset), exactly as the budget's SleepRequested would put it (the budget sends that too,
@@ -34,6 +34,7 @@ from typing import Protocol
 
 from kiln_contracts import BudgetGate, BuildRejected, BuildRequested, stable_id
 from kiln_runtime.errors import RetryLater
+from kiln_runtime.gates import GateUpdate
 from kiln_runtime.retry import backoff_delay
 
 log = logging.getLogger(__name__)
@@ -41,12 +42,9 @@ log = logging.getLogger(__name__)
 SKEW_S = 5.0  # a gate opening this soon is waited for, not slept behind (clocks differ)
 UNKNOWN_RETRY_S = 5.0  # how soon a message met by unknown gates is redelivered
 
-GateUpdate = tuple[str, BudgetGate | None, int]
-"""(key, gate or None for a deleted key, revision) from the bucket's watch."""
-
 
 class GateSource(Protocol):
-    """The bucket (real one: ``adapters/kv_gates.py``)."""
+    """The bucket (real one: ``kiln_runtime.gates.GateBucket``)."""
 
     def watch(self) -> AsyncIterator[GateUpdate | None]:
         """The bucket's current values, then None (all delivered), then every change."""

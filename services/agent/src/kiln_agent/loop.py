@@ -33,7 +33,14 @@ from . import control, endings, tools, transitions
 from .caching_store import CachingStore
 from .checkpoint import Checkpoint, SleepRequest, Turn
 from .config import AgentConfig
-from .context import CACHE, build_request, compaction_point, context_tokens
+from .context import (
+    CACHE,
+    build_request,
+    compaction_point,
+    context_tokens,
+    summary_point,
+    summary_request,
+)
 from .ports import (
     CheckpointStore,
     ContextWindowExceeded,
@@ -225,9 +232,11 @@ class Agent:
             fitted = await self._fit(cp, turns)
             if fitted is None:
                 return True, None  # moved on while compacting: look again
-            request, failure = fitted
-            # right before the call: a sleep asked for, or no allowance left (the user's gate)
-            if request is not None and (sleep := cp.state.sleep or await self._gate_sleep(cp)):
+            request, failure, summary = fitted
+            # right before the call (the turn's, or a summarising one): a sleep asked for, or no
+            # allowance left (the user's gate)
+            calls = request is not None or summary is not None
+            if calls and (sleep := cp.state.sleep or await self._gate_sleep(cp)):
                 slept = await self._step(
                     cp.build_id,
                     lambda c: control.sleep_before_call(c, sleep, iteration, cause),
@@ -236,6 +245,8 @@ class Agent:
                     give_up=token,
                 )
                 return False, slept
+            if summary is not None:
+                return await self._summarise(cp, turns, summary, cause, token)
             if request is not None:
                 try:
                     answer = await self.model.complete(request)
@@ -277,14 +288,28 @@ class Agent:
 
     async def _fit(
         self, cp: Checkpoint, turns: list[Turn]
-    ) -> tuple[ModelRequest | None, tuple[FailureReason, str] | None] | None:
-        """The request, compacted first if it would pass ``compact_at`` of the window (or the last
-        call overflowed); a context_window failure if it cannot fit; None if the build moved on."""
+    ) -> (
+        tuple[ModelRequest | None, tuple[FailureReason, str] | None, tuple[int, int] | None] | None
+    ):
+        """(the request, a failure, a summary to make first): the request compacted first if it
+        would pass ``compact_at`` of the window (or the last call overflowed) — old tool output
+        and file contents cleared, or, if that is not enough, (the turns to summarise up to, the
+        clearing watermark) for a summarising call to make before anything else; a
+        context_window failure if it cannot fit; None if the build moved on."""
         request = self._request(cp, turns)
         window = self.rules.window(cp.model)
         size = context_tokens(cp, turns, request)
         if cp.state.compact_now or size > self.rules.config.compact_at * window:
             point = compaction_point(cp, turns, self.rules.config)
+            cleared = max(cp.state.compacted_before, point or 0)
+            upto = summary_point(cp, turns, request, self.rules.config, window, cleared)
+            if upto is None and point is None and cp.state.compact_now:
+                # the API counted more than the estimate: nothing to clear, so summarise
+                upto = summary_point(
+                    cp, turns, request, self.rules.config, window, cleared, force=True
+                )
+            if upto is not None:
+                return None, None, (upto, cleared)
             if point is not None:
                 iteration = cp.iteration
                 saved = await self._step(
@@ -302,17 +327,69 @@ class Agent:
                 request = self._request(saved, turns)
                 size = context_tokens(saved, turns, request)
             elif cp.state.compact_now:
-                return None, (
-                    "context_window",
-                    f"the conversation overflowed the {window}-token window of {cp.model} "
-                    "and no old tool output is left to clear",
+                return (
+                    None,
+                    (
+                        "context_window",
+                        f"the conversation overflowed the {window}-token window of {cp.model} "
+                        "and nothing is left to clear or summarise",
+                    ),
+                    None,
                 )
         if size > window:
-            return None, (
-                "context_window",
-                f"~{size} tokens do not fit the {window}-token window of {cp.model}",
+            return (
+                None,
+                (
+                    "context_window",
+                    f"~{size} tokens do not fit the {window}-token window of {cp.model}",
+                ),
+                None,
             )
-        return request, None
+        return request, None, None
+
+    async def _summarise(
+        self,
+        cp: Checkpoint,
+        turns: list[Turn],
+        summary: tuple[int, int],
+        cause: uuid.UUID,
+        token: str,
+    ) -> tuple[bool, Checkpoint | None]:
+        """The summarising call, under the think lease, and the save of its reply with its charge
+        (an IterationCompleted in the outbox, published after the lease is released); the build
+        then thinks again, from the gates and limits on."""
+        upto, cleared = summary
+        at = (cp.iteration, cp.turns)
+        name = self.rules.kiln.resolve(cp.model)
+        spec = self.rules.kiln.models[name] if name else None
+        request = summary_request(cp, turns, self.rules.config, spec, upto)
+        try:
+            answer: ModelReply | ModelError = await self.model.complete(request)
+        except ModelError as err:
+            answer = err
+        priced = self._price(cp, answer) if isinstance(answer, ModelReply) else None
+
+        def advance(c: Checkpoint) -> list[Turn] | None:
+            if c.status != "thinking" or (c.iteration, c.turns) != at:
+                return None
+            if isinstance(answer, ModelError):
+                reason: FailureReason = (
+                    "context_window" if isinstance(answer, ContextWindowExceeded) else "model_error"
+                )
+                endings.fail(c, cause, reason, f"the summarising call failed: {answer}")
+                return []
+            assert priced is not None
+            return control.summarised(c, at, upto, cleared, answer, priced, cause)
+
+        saved = await self._step(cp.build_id, advance, publish=False, first=cp, give_up=token)
+        if saved is not None:
+            log.info(
+                "compacted: turns 1 to %d summarised, before %d cleared",
+                upto,
+                cleared,
+                extra={"build_id": cp.build_id},
+            )
+        return saved is not None and saved.status == "thinking", saved
 
     def _request(self, cp: Checkpoint, turns: list[Turn]) -> ModelRequest:
         name = self.rules.kiln.resolve(cp.model)

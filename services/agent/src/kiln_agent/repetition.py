@@ -1,5 +1,7 @@
 """The repetition guard: the same tool call (tool and input) made ``limit`` times in a row ends the
-build (a model stuck in a loop spends money and gets nowhere)."""
+build (a model stuck in a loop spends money and gets nowhere). Polling a background process's
+output (``bash_output``) is not repetition: the same call gives new output each time; it neither
+counts nor breaks a streak (the iteration and cost limits still bound it)."""
 
 from __future__ import annotations
 
@@ -7,9 +9,13 @@ import json
 
 from .checkpoint import PendingCall, State
 
+POLLING = frozenset({"bash_output"})
+
 
 def count(state: State, call: PendingCall, limit: int) -> str | None:
     """Count ``call`` in the streak kept in ``state``; the reason to stop if it reached ``limit``."""
+    if call.tool in POLLING:
+        return None
     signature = f"{call.tool}:{json.dumps(call.input, sort_keys=True)}"
     if signature == state.streak_call:
         state.streak += 1

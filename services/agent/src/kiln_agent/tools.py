@@ -1,4 +1,4 @@
-"""The tools the model may call: the seven sandbox tools and ``narrate`` (handled by the agent),
+"""The tools the model may call: the nine sandbox tools and ``narrate`` (handled by the agent),
 and the check of a call's input against its tool's schema."""
 
 from __future__ import annotations
@@ -35,11 +35,22 @@ def definitions(narrate_description: str) -> list[dict[str, Any]]:
     return [
         _tool(
             "read_file",
-            "Read a text file. Lines are numbered from 1; offset/limit select a range of lines.",
+            "Read a text file. Output is numbered like `cat -n` (line number, tab, text), from "
+            "line 1 unless offset is given; at most 2,000 lines by default (limit) and 30,000 "
+            "characters; lines longer than 2,000 characters are cut. What was cut is said at "
+            "the end. Read a file before editing it.",
             {
                 "path": _PATH,
-                "offset": {"type": "integer", "minimum": 1, "description": "First line (1-based)."},
-                "limit": {"type": "integer", "minimum": 1, "description": "How many lines."},
+                "offset": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "description": "The line number to start reading from (1-based).",
+                },
+                "limit": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "description": "The number of lines to read (default 2,000).",
+                },
             },
             ["path"],
         ),
@@ -51,38 +62,127 @@ def definitions(narrate_description: str) -> list[dict[str, Any]]:
         ),
         _tool(
             "edit_file",
-            "Replace an exact string in a file. old_string must occur exactly once unless "
-            "replace_all is true.",
+            "Replace an exact string in a file. The file must have been read with read_file "
+            "(or written by you) since it last changed, else the edit is refused. old_string "
+            "must occur exactly once unless replace_all is true; keep its indentation exactly "
+            "as read_file shows it (after the line number and tab).",
             {
                 "path": _PATH,
-                "old_string": {"type": "string"},
-                "new_string": {"type": "string"},
-                "replace_all": {"type": "boolean", "default": False},
+                "old_string": {"type": "string", "description": "The text to replace."},
+                "new_string": {"type": "string", "description": "The text to put instead."},
+                "replace_all": {
+                    "type": "boolean",
+                    "default": False,
+                    "description": "Replace every occurrence of old_string (default false).",
+                },
             },
             ["path", "old_string", "new_string"],
         ),
         _tool(
             "bash",
-            "Run a shell command in the workspace root. Output (stdout and stderr) is truncated.",
+            "Run a shell command in the workspace root. Output (stdout and stderr) is cut to "
+            "its first and last 15,000 characters, with what was cut said. With "
+            "run_in_background the command is started in the background and the call returns "
+            "at once with its id (bash_1, ...): read its output with bash_output, stop it with "
+            "kill_shell. Use it for servers and watchers; background processes are stopped "
+            "when the build sleeps or ends, and are not restarted.",
             {
-                "command": {"type": "string"},
-                "timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
+                "command": {"type": "string", "description": "The command to run."},
+                "description": {
+                    "type": "string",
+                    "description": "What the command does, in 5-10 words.",
+                },
+                "timeout": {
+                    "type": "number",
+                    "exclusiveMinimum": 0,
+                    "maximum": 3_600_000,
+                    "description": "Timeout in milliseconds (capped by the build's tool timeout).",
+                },
+                "timeout_s": {
+                    "type": "number",
+                    "exclusiveMinimum": 0,
+                    "maximum": 3600,
+                    "description": "Timeout in seconds (instead of timeout).",
+                },
+                "run_in_background": {
+                    "type": "boolean",
+                    "description": "Start the command in the background and return at once.",
+                },
             },
             ["command"],
         ),
         _tool(
+            "bash_output",
+            "Read the output a background process (started by bash with run_in_background) "
+            "has written since the last read, and whether it is still running or its exit "
+            "code. At most 30,000 characters per call (the rest on the next call).",
+            {
+                "bash_id": {"type": "string", "description": "The process's id, e.g. bash_1."},
+                "filter": {
+                    "type": "string",
+                    "description": "A regular expression: only the new lines that match are "
+                    "shown; the others are skipped for good.",
+                },
+            },
+            ["bash_id"],
+        ),
+        _tool(
+            "kill_shell",
+            "Stop a background process (SIGTERM, then SIGKILL after 3 seconds) and everything "
+            "it started.",
+            {"shell_id": {"type": "string", "description": "The process's id, e.g. bash_1."}},
+            ["shell_id"],
+        ),
+        _tool(
             "glob",
-            "List files matching a glob pattern (e.g. `**/*.py`), relative to the workspace.",
-            {"pattern": {"type": "string"}},
+            "Find files by glob pattern (`**/*.py`, `src/**/*.{ts,tsx}`), newest first; at "
+            "most 1,000 paths. .git, node_modules, .venv and caches are not searched.",
+            {
+                "pattern": {"type": "string", "description": "The glob to match paths with."},
+                "path": {
+                    **_PATH,
+                    "description": "The directory to search in (default: the workspace).",
+                },
+            },
             ["pattern"],
         ),
         _tool(
             "grep",
-            "Search file contents with a regular expression; prints path:line:text matches.",
+            "Search file contents with a regular expression (PCRE, one grep over the tree). "
+            "output_mode: files_with_matches (default: the paths), content (path:line:text, "
+            "with -A/-B/-C context), count (path:count). At most head_limit lines or files "
+            "(default 500); binary files, .git, node_modules, .venv and caches are skipped.",
             {
                 "pattern": {"type": "string", "description": "A regular expression."},
                 "path": {**_PATH, "description": "A file or directory to search (default: all)."},
-                "glob": {"type": "string", "description": "Only files matching this glob."},
+                "glob": {
+                    "type": "string",
+                    "description": "Only files matching this glob (`*.js`, `*.{ts,tsx}`, "
+                    "`src/**/*.py`).",
+                },
+                "type": {
+                    "type": "string",
+                    "description": "Only files of this type: py, js, ts, html, css, json, md, "
+                    "yaml, toml, sh, go, rust, java, c, cpp, rb, php, sql, txt.",
+                },
+                "output_mode": {
+                    "type": "string",
+                    "enum": ["content", "files_with_matches", "count"],
+                    "description": "What to show (default files_with_matches).",
+                },
+                "-i": {"type": "boolean", "description": "Case-insensitive search."},
+                "-n": {
+                    "type": "boolean",
+                    "description": "Line numbers in content mode (default true).",
+                },
+                "-A": {"type": "integer", "minimum": 0, "description": "Lines after a match."},
+                "-B": {"type": "integer", "minimum": 0, "description": "Lines before a match."},
+                "-C": {"type": "integer", "minimum": 0, "description": "Lines around a match."},
+                "head_limit": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "description": "Show at most this many lines (content) or files (default 500).",
+                },
             },
             ["pattern"],
         ),

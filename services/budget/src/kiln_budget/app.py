@@ -22,7 +22,7 @@ from kiln_contracts.rpc import BudgetStatusReply, BudgetStatusRequest
 from kiln_runtime.bus import Bus, Delivery
 from kiln_runtime.rpc import Responder
 
-from . import recovery, spending
+from . import allowance, recovery, spending
 from .spending import BuildEnded, Deps
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def register(bus: Bus, deps: Deps, *, max_workers: int = 8) -> None:
     async def on_top_up_requested(event: TopUpRequested, _: Delivery) -> None:
         """Credit the top-up once, open the user's gate if that leaves allowance, then wake the
         user's builds the budget put to sleep."""
-        await recovery.guarded(deps, spending.top_up, event)
+        await recovery.guarded(deps, allowance.top_up, event)
 
     bus.consume(IterationCompleted, on_iteration_completed, max_workers=max_workers)
     bus.consume(BuildRequested, on_build_requested, max_workers=max_workers)
@@ -73,8 +73,8 @@ def register(bus: Bus, deps: Deps, *, max_workers: int = 8) -> None:
 async def status(deps: Deps, request: BudgetStatusRequest) -> BudgetStatusReply:
     """The user's spend and allowance, from an intact store."""
     await recovery.ensure_intact(deps)
-    allowance = await spending.allowance(deps, request.user_id, unseen_tier=request.tier)
-    return BudgetStatusReply(status=allowance.as_status(request.user_id))
+    current = await allowance.allowance(deps, request.user_id, unseen_tier=request.tier)
+    return BudgetStatusReply(status=current.as_status(request.user_id))
 
 
 def status_responder(deps: Deps) -> Responder[BudgetStatusRequest, BudgetStatusReply]:

@@ -8,13 +8,13 @@ from kiln_contracts.rpc import BudgetStatusReply, BudgetStatusRequest
 from kiln_runtime import config as kiln_config
 from kiln_runtime.bus import Bus
 from kiln_runtime.config import KilnConfig
+from kiln_runtime.gates import GateBucket
 from kiln_runtime.rpc import Responder
 from kiln_runtime.service import serve
 
 from . import app
 from .adapters.bus_commands import BusCommands
 from .adapters.clock import SystemClock
-from .adapters.kv_gates import KvGates
 from .adapters.redis_store import RedisSpendStore
 from .adapters.stream_history import StreamHistory
 from .periods import Calendar, ShortCalendar, UtcCalendar
@@ -30,7 +30,7 @@ class Wiring:
     bus: Bus
     deps: Deps
     store: RedisSpendStore
-    gates: KvGates
+    gates: GateBucket
     _status: Responder[BudgetStatusRequest, BudgetStatusReply] | None = field(
         default=None, repr=False
     )
@@ -65,7 +65,7 @@ def build(
     """Wire the service; nothing connects until ``bus.connect()`` / ``start()``."""
     store = RedisSpendStore(settings.redis_url, timeout_s=settings.redis_timeout_s)
     bus = Bus(settings, service)
-    gates = KvGates(bus)
+    gates = GateBucket(bus)
     deps = Deps(
         store=store,
         clock=clock or SystemClock(),

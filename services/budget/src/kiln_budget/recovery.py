@@ -33,7 +33,7 @@ from kiln_contracts import (
 )
 from kiln_runtime.errors import RetryLater
 
-from . import spending
+from . import allowance, spending
 from .ports import SpendLost
 from .spending import Deps
 
@@ -119,10 +119,10 @@ async def fold(deps: Deps, event: Envelope) -> None:
             event.user_id, event.topup_id, event.amount_micro_usd, event.occurred_at, replay=True
         )
     elif isinstance(event, SleepRequested):
-        # As ``spending.enforce`` marked it: in the sleep's period, at the build's generation
+        # As ``allowance.enforce`` marked it: in the sleep's period, at the build's generation
         # then (the BuildResumed before it in the stream, folded already).
         period = deps.calendar.period(event.occurred_at)
         generation = await store.wake_generation(event.build_id)
         await store.mark_slept(
-            event.user_id, event.build_id, period.key, generation, spending.marks_ttl(period)
+            event.user_id, event.build_id, period.key, generation, allowance.marks_ttl(period)
         )

@@ -25,6 +25,8 @@ from . import (
     routes_budget_admin,
     routes_fork,
     routes_projects,
+    routes_snapshots,
+    routes_webhooks,
 )
 from .bootstrap import Wiring, running
 from .problems import install as install_problems
@@ -155,6 +157,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(routes_projects.router)
     app.include_router(routes_accounts.router)
     app.include_router(routes_budget_admin.router)
+    app.include_router(routes_snapshots.router)
+    app.include_router(routes_webhooks.router)
     app.include_router(routes_fork.router)
     app.mount("/dashboard", StaticFiles(directory=STATIC, html=True), name="dashboard")
 

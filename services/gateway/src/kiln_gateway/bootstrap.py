@@ -16,6 +16,7 @@ import asyncpg
 from kiln_runtime import config as kiln_config
 from kiln_runtime.bus import Bus
 from kiln_runtime.db import create_pool
+from kiln_runtime.gates import GateBucket
 from kiln_runtime.health import Problems, bus_problems
 from kiln_runtime.service import connect_with_retry
 
@@ -24,7 +25,8 @@ from .adapters.budget_rpc import NatsBudget
 from .adapters.jetstream import JetStreamHistory
 from .adapters.postgres import PgStore, migrations
 from .adapters.s3_files import S3Files
-from .ports import Budget, BuildStore, EventSource, Publish, SnapshotFiles
+from .adapters.webhooks_rpc import NatsWebhooks
+from .ports import Budget, BuildStore, EventSource, Publish, SnapshotFiles, Webhooks
 from .settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ class Wiring:
     budget: Budget
     token_secret: bytes
     pool: asyncpg.Pool | None = None
+    webhooks: Webhooks | None = None
 
     def bus_problems(self) -> Problems:
         """The bus's health as a worker's /livez and /readyz see it (NATS, the consume loop)."""
@@ -67,10 +70,12 @@ async def running(settings: GatewaySettings) -> AsyncIterator[Wiring]:
         endpoint_url=settings.s3_endpoint_url,
         region=settings.region,
         timeout_s=settings.s3_timeout_s,
+        cached_manifests=settings.snapshot_manifest_cache,
     )
     try:
         await connect_with_retry(bus)
-        gates = await bus.gates()  # the budget gates' bucket (POST /v1/builds reads it)
+        gates = GateBucket(bus)  # the budget gates' bucket (POST /v1/builds reads it)
+        await gates.open()
         await files.open()
         pool = await create_pool(
             settings.database_url, schema=settings.gateway_db_schema, migrations=migrations()
@@ -94,6 +99,7 @@ async def running(settings: GatewaySettings) -> AsyncIterator[Wiring]:
             budget=NatsBudget(lambda: bus.nc, gates, timeout_s=settings.gateway_budget_timeout_s),
             token_secret=(settings.token_secret or secrets.token_hex(32)).encode(),
             pool=pool,
+            webhooks=NatsWebhooks(lambda: bus.nc, timeout_s=settings.gateway_webhooks_timeout_s),
         )
     finally:
         # Stop consuming first (handlers finish), then close the pool they use.

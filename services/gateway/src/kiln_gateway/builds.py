@@ -29,6 +29,8 @@ from kiln_contracts import (
     Envelope,
     ForkOrigin,
     IterationCompleted,
+    ProcessExited,
+    ProcessStarted,
     QnA,
     SendUserMessage,
     SnapshotSaved,
@@ -310,6 +312,25 @@ async def republish_pending_messages(
 # ---------------------------------------------------------------------------- the read model
 
 
+MAX_PROCESSES = 50
+
+
+def processes_after(processes: str, event: ProcessStarted | ProcessExited) -> str:
+    """The projection's JSON list of processes after a process event (in any order: an exit
+    that comes first is kept, and the start fills in the rest)."""
+    listed: list[dict[str, object]] = json.loads(processes or "[]")
+    entry = next((p for p in listed if p.get("process_id") == event.process_id), None)
+    if entry is None:
+        entry = {"process_id": event.process_id, "status": "running"}
+        listed.append(entry)
+    if isinstance(event, ProcessStarted):
+        entry.update(command=event.command, pid=event.pid, sandbox_id=event.sandbox_id)
+        entry.setdefault("status", "running")
+    else:
+        entry.update(status=event.how, exit_code=event.exit_code, reason=event.reason)
+    return json.dumps(listed[-MAX_PROCESSES:])
+
+
 def evolve(state: Projection, event: Envelope, seq: int) -> Projection:
     """The build's projected state after ``event`` (stream sequence ``seq``). Terminal states
     stick until the build continues (``BuildContinued``: running again, once per continuation);
@@ -317,6 +338,8 @@ def evolve(state: Projection, event: Envelope, seq: int) -> Projection:
     new = replace(state, last_seq=max(state.last_seq, seq))
     if isinstance(event, SnapshotSaved):
         return replace(new, last_snapshot_id=event.snapshot_id)
+    if isinstance(event, ProcessStarted | ProcessExited):  # after the end too: stopped then
+        return replace(new, processes=processes_after(state.processes, event))
     if isinstance(event, BuildContinued):
         if event.continuation <= state.continuations:
             return new  # a repeat

@@ -69,7 +69,7 @@ async def origin(
         if source is None or source.user_id != build.user_id:
             break
         build = source
-    chosen = newest_at(await files.manifests(build.build_id), iteration)
+    chosen = newest_at(await _manifests(files, build.build_id), iteration)
     pruned = await files.pruned(build.build_id)
     if pruned is not None and pruned <= iteration and (chosen is None or chosen.iteration < pruned):
         raise ForkRefused(
@@ -106,7 +106,7 @@ async def _not_being_written(
         return chosen  # that snapshot, or another of the same iteration or later: same files
     if (written := await files.manifest(build_id, wanted.snapshot_id)) is not None:
         return written  # written since the listing
-    newer = [m for m in await files.manifests(build_id) if m.iteration > wanted.iteration]
+    newer = [m for m in await _manifests(files, build_id) if m.iteration > wanted.iteration]
     if newer:
         raise ForkRefused(
             410,
@@ -120,6 +120,10 @@ async def _not_being_written(
         f"the snapshot of iteration {wanted.iteration} of build {build_id} is still being "
         "written; retry in a moment",
     )
+
+
+async def _manifests(files: SnapshotFiles, build_id: str) -> list[Manifest]:
+    return [s.manifest for s in await files.snapshots(build_id)]
 
 
 def newest_at(manifests: list[Manifest], iteration: int) -> Manifest | None:

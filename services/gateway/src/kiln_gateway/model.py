@@ -39,6 +39,9 @@ class Projection:
     terminal_seq: int | None = None
     finished_at: datetime | None = None
     continuations: int = 0
+    processes: str = "[]"
+    """The build's background processes, a JSON array of ``{process_id, command, status, pid,
+    exit_code, reason, sandbox_id}`` (``kiln_gateway.builds.processes_after``)."""
 
     @property
     def terminal(self) -> bool:

@@ -7,9 +7,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
+from pydantic import BaseModel
+
 from kiln_contracts import BudgetGate, BuildRequested, Envelope
 from kiln_contracts.manifest import Manifest
 from kiln_contracts.rpc import BudgetStatus
+from kiln_contracts.webhooks import WebhookReply
 
 from .model import ApiKey, Build, Caller, Message, NewBuild, NewMessage, Project, Projection
 
@@ -136,6 +139,18 @@ class BuildStore(Protocol):
     async def project_versions(self, project_id: str) -> list[Project]: ...
 
 
+@dataclass(frozen=True)
+class StoredSnapshot:
+    """A snapshot's manifest and when the snapshot service wrote it."""
+
+    manifest: Manifest
+    written_at: datetime
+
+
+class BlobTooLarge(Exception):
+    """A blob holds more bytes than the reader asked for at most."""
+
+
 class SnapshotFiles(Protocol):
     """The snapshot service's bucket, read only."""
 
@@ -143,16 +158,24 @@ class SnapshotFiles(Protocol):
         """The manifest of the build's newest snapshot; None if it has none."""
         ...
 
+    async def latest_id(self, build_id: str) -> str | None:
+        """The id of the build's newest snapshot; None if it has none."""
+        ...
+
+    async def manifest(self, build_id: str, snapshot_id: str) -> Manifest | None:
+        """One snapshot of the build; None if it does not exist (or no longer: retention)."""
+        ...
+
+    async def snapshots(self, build_id: str) -> list[StoredSnapshot]:
+        """Every snapshot of the build the bucket still keeps, in no particular order."""
+        ...
+
     def blob(self, sha256: str) -> AsyncIterator[bytes]:
         """A file's bytes, in chunks."""
         ...
 
-    async def manifest(self, build_id: str, snapshot_id: str) -> Manifest | None:
-        """One snapshot's manifest; None if there is no such snapshot."""
-        ...
-
-    async def manifests(self, build_id: str) -> list[Manifest]:
-        """Every manifest the build has (retention keeps the newest few)."""
+    async def read_blob(self, sha256: str, max_bytes: int) -> bytes:
+        """A file's bytes whole; ``BlobTooLarge`` past ``max_bytes``."""
         ...
 
     async def pruned(self, build_id: str) -> int | None:
@@ -187,4 +210,17 @@ class EventSource(Protocol):
 
     async def checkpoints(self, build_id: str) -> list[Checkpoint]:
         """The build's CheckpointSaved events so far, in stream order."""
+        ...
+
+
+class WebhooksUnavailable(Exception):
+    """The webhooks service did not answer (down or busy)."""
+
+
+class Webhooks(Protocol):
+    """The webhooks service, asked: it owns the endpoints and their delivery logs."""
+
+    async def ask(self, subject: str, request: BaseModel) -> WebhookReply:
+        """Its answer to ``request`` on ``subject`` (kiln_contracts.webhooks); raises
+        ``WebhooksUnavailable`` without one."""
         ...

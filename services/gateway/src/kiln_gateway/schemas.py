@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -120,6 +121,21 @@ class ForkBuild(BaseModel):
         return self
 
 
+class ProcessOut(BaseModel):
+    """A background process of the build's sandbox (``bash`` with ``run_in_background``)."""
+
+    process_id: str = Field(examples=["bash_1"])
+    status: str = Field(
+        description="running, exited (by itself), killed (by the model), stopped (sleep, "
+        "cancel or the build's end) or lost (with a sandbox that went away)"
+    )
+    command: str | None = None
+    pid: int | None = None
+    exit_code: int | None = None
+    reason: str | None = None
+    sandbox_id: str | None = None
+
+
 class BuildOut(BaseModel):
     build_id: str
     status: str = Field(
@@ -148,6 +164,10 @@ class BuildOut(BaseModel):
     )
     forked_from: ForkedFrom | None = Field(
         default=None, description="A fork: the build, iteration and snapshot it started from."
+    )
+    processes: list[ProcessOut] = Field(
+        default_factory=list,
+        description="The build's background processes, oldest first (GET /v1/builds/{id} only).",
     )
 
     @classmethod
@@ -180,6 +200,9 @@ class BuildOut(BaseModel):
                 if build.fork_of
                 else None
             ),
+            processes=[ProcessOut.model_validate(p) for p in json.loads(s.processes)]
+            if detail
+            else [],
         )
 
 

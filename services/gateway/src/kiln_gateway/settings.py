@@ -24,6 +24,9 @@ class GatewaySettings(DatabaseSettings):
     republish_every_s: float = Field(default=30.0, gt=0)
     # How long GET /v1/budget waits for the budget service's answer (kiln.rpc.budget.status).
     gateway_budget_timeout_s: float = Field(default=5.0, gt=0)
+    # How long /v1/webhooks... waits for the webhooks service's answer (kiln.rpc.webhooks.*);
+    # registering a URL resolves its host first.
+    gateway_webhooks_timeout_s: float = Field(default=10.0, gt=0)
     # S3: the snapshot service's bucket (read only), for the files archive.
     s3_endpoint_url: str | None = Field(
         default=None, validation_alias=AliasChoices("S3_ENDPOINT_URL", "KILN_S3_ENDPOINT_URL")
@@ -33,6 +36,11 @@ class GatewaySettings(DatabaseSettings):
         default="us-east-1", validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION")
     )
     s3_timeout_s: float = Field(default=30.0, gt=0)
+    # The snapshot read endpoints: the largest file served (and diffed), the bytes one diff
+    # reads at most, how many parsed manifests are kept in memory (they never change).
+    snapshot_file_max_bytes: int = Field(default=1024 * 1024, gt=0)
+    snapshot_diff_max_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    snapshot_manifest_cache: int = Field(default=64, ge=0)
     # Admin endpoints (/v1/admin/...) are off unless this is set.
     admin_api_key: str | None = None
     # Signs the short-lived event-stream tokens of the dashboard; random per process if unset

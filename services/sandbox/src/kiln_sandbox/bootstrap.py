@@ -13,7 +13,14 @@ from kiln_runtime.service import serve
 
 from .adapters.local import LocalProvider
 from .adapters.nats_rpc import NatsRestorer
-from .adapters.postgres import SCHEMA, PgCallStore, PgRegistry, migrations
+from .adapters.postgres import (
+    SCHEMA,
+    PgCallStore,
+    PgProcesses,
+    PgReads,
+    PgRegistry,
+    migrations,
+)
 from .app import SERVICE, SandboxApp
 from .handlers import SandboxService
 from .ports import Provider
@@ -73,6 +80,8 @@ class Wiring:
             exec_log=Path(self.settings.sandbox_exec_log)
             if self.settings.sandbox_exec_log
             else None,
+            processes=PgProcesses(self.pool),
+            reads=PgReads(self.pool),
         )
         await self.app.start_rpc()
 

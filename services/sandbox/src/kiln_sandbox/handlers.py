@@ -31,18 +31,22 @@ from kiln_contracts import (
 from kiln_runtime import metrics
 from kiln_runtime.errors import RetryLater
 
+from .adapters.memory import MemoryProcesses, MemoryReads
 from .ports import (
     CallRecord,
     CallStore,
+    ProcessStore,
     Provider,
     Publisher,
+    ReadLog,
     Registry,
     Restorer,
     SandboxGone,
     SandboxRecord,
 )
+from .processes import Processes
 from .sandboxes import BuildLocks, Sandboxes
-from .tools import run_tool
+from .tools import ToolContext, run_tool
 from .workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -69,8 +73,13 @@ class SandboxService:
         owner: str | None = None,
         lease_s: float = 30.0,
         exec_log: Path | None = None,
+        processes: ProcessStore | None = None,
+        reads: ReadLog | None = None,
     ) -> None:
-        self.sandboxes = Sandboxes(provider, registry, bus, restorer)
+        # Without Postgres (one replica, tests): the process table and read log in memory.
+        self.processes = Processes(processes or MemoryProcesses(), bus)
+        self.reads: ReadLog = reads or MemoryReads()
+        self.sandboxes = Sandboxes(provider, registry, bus, restorer, self.processes)
         self.provider = provider
         # An audit trail: one line per execution, appended just before a tool runs.
         self.exec_log = exec_log
@@ -113,9 +122,10 @@ class SandboxService:
                     )
                 else:
                     sandbox = await self._sandbox_or_release(call, record)
+                    watch = await self._watch_processes(call, record)
                     self._log_execution(call)
                     async with self._leased(call):
-                        result = await self._run(sandbox, call)
+                        result = await self._run(sandbox, call, watch)
                 await self.calls.finish(call.build_id, call.call_id, result.model_dump(mode="json"))
                 await self.bus.publish(result)
                 log.info(
@@ -136,11 +146,36 @@ class SandboxService:
                 result = ToolResult.model_validate(seen.result)
                 log.info("call already done; republishing its result", extra=extra)
             else:
-                result = self._result(call, output=INTERRUPTED, is_error=True)
+                result = self._result(call, output=await self._interrupted(call), is_error=True)
                 await self.calls.finish(call.build_id, call.call_id, result.model_dump(mode="json"))
                 log.warning("call was interrupted earlier; not re-running it", extra=extra)
             await self.bus.publish(result)
             return result
+
+    async def _watch_processes(self, call: ToolCall, record: SandboxRecord | None) -> bool:
+        """Whether this call must look for background processes to report: the build has had
+        some, or this call starts one (recorded first, so that a crash after the start still
+        leaves the build's processes looked after)."""
+        if record is not None and record.has_processes:
+            return True
+        if call.tool == "bash" and call.input.get("run_in_background") is True:
+            try:
+                await self.registry.mark_processes(call.build_id)
+            except BaseException:
+                await self._release(call)  # not run yet: the redelivery runs it
+                raise
+            return True
+        return False
+
+    async def _interrupted(self, call: ToolCall) -> str:
+        started = await self.processes.store.by_call(call.build_id, call.call_id)
+        if started is None:
+            return INTERRUPTED
+        return (
+            f"{INTERRUPTED}; it may have started background process {started.process_id}: "
+            f"check it with bash_output(bash_id={started.process_id!r}) or stop it with "
+            f"kill_shell(shell_id={started.process_id!r})"
+        )
 
     async def _claim(self, call: ToolCall) -> tuple[SandboxRecord | None, CallRecord | None]:
         """The build's sandbox record and the call's earlier record (None: claimed just now),
@@ -219,8 +254,10 @@ class SandboxService:
             ToolResult, call_id=call.call_id, iteration=call.iteration, **fields
         ).with_id(stable_id(call.build_id, "tool_result", call.call_id))
 
-    async def _run(self, sandbox: Workspace, call: ToolCall) -> ToolResult:
+    async def _run(self, sandbox: Workspace, call: ToolCall, watch: bool = False) -> ToolResult:
         result = await self._execute(sandbox, call)
+        if watch and (notes := await self.processes.notes(call, sandbox)):
+            result = result.model_copy(update={"output": f"{result.output}\n{notes}"})
         outcome = "error" if result.is_error else "ok"
         metrics.TOOL_SECONDS.labels(call.tool, outcome).observe(result.duration_ms / 1000)
         return result
@@ -230,7 +267,11 @@ class SandboxService:
         try:
             async with asyncio.timeout(call.timeout_s + CALL_MARGIN_S):
                 outcome = await run_tool(
-                    sandbox, call.tool, dict(call.input), timeout_s=call.timeout_s
+                    sandbox,
+                    call.tool,
+                    dict(call.input),
+                    timeout_s=call.timeout_s,
+                    ctx=ToolContext(call, self.reads, self.processes),
                 )
         except TimeoutError:
             return self._result(

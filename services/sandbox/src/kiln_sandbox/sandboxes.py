@@ -8,10 +8,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from kiln_contracts import (
     BuildCancelled,
     BuildFailed,
+    Envelope,
     ForkOrigin,
     ManifestReply,
     ManifestRequest,
@@ -37,6 +40,9 @@ from .ports import (
     SandboxState,
 )
 from .workspace import Workspace
+
+if TYPE_CHECKING:
+    from .processes import Processes
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +80,13 @@ class Sandboxes:
         registry: Registry,
         bus: Publisher,
         restorer: Restorer | None = None,
+        processes: Processes | None = None,
     ) -> None:
         self.provider = provider
         self.registry = registry
         self.bus = bus
         self.restorer = restorer
+        self.processes = processes
         self.lifecycle = BuildLocks()  # pause/stop of one build, one at a time
 
     async def connect(self, record: SandboxRecord) -> Workspace | None:
@@ -105,8 +113,15 @@ class Sandboxes:
         # from its source's snapshot (the fork's first, copied from it)
         if record is not None or call.restore_from is not None:
             snapshot_id = await self.restore(call.build_id, sandbox, call.restore_from)
+        had_processes = record is not None and record.has_processes
         held = await self.registry.replace(
-            SandboxRecord(call.build_id, self.provider.name, sandbox.sandbox_id, "running"),
+            SandboxRecord(
+                call.build_id,
+                self.provider.name,
+                sandbox.sandbox_id,
+                "running",
+                has_processes=had_processes,
+            ),
             expected=record.sandbox_id if record is not None else None,
         )
         if held.sandbox_id != sandbox.sandbox_id:
@@ -120,6 +135,10 @@ class Sandboxes:
             )
             await self.provider.stop(call.build_id, sandbox.sandbox_id)
             return Workspace(await self.provider.connect(call.build_id, held.sandbox_id))
+        if had_processes and self.processes is not None:
+            # The old sandbox's processes are gone with it (or, where the provider reuses the
+            # sandbox's id, stopped now); the call's result tells the model which.
+            await self._stop_processes_in(sandbox, call, "its sandbox was replaced by a fresh one")
         if snapshot_id is not None:
             await self.bus.publish(
                 call.caused(
@@ -185,9 +204,7 @@ class Sandboxes:
     async def _set_state(
         self, record: SandboxRecord, state: SandboxState, iteration: int | None = None
     ) -> None:
-        await self.registry.put(
-            SandboxRecord(record.build_id, record.provider, record.sandbox_id, state, iteration)
-        )
+        await self.registry.put(replace(record, state=state, iteration=iteration))
 
     async def after_snapshot(self, event: SnapshotSaved) -> None:
         """After the final snapshot stop the sandbox; after the sleep snapshot pause it."""
@@ -231,6 +248,8 @@ class Sandboxes:
         if record.provider != self.provider.name:
             log.warning("sandbox of %s belongs to provider %s", event.build_id, record.provider)
             return
+        if record.has_processes and self.processes is not None:
+            await self._stop_processes(event, record, reason)
         if state == "paused":
             await self.provider.pause(event.build_id, record.sandbox_id)
         else:
@@ -253,6 +272,38 @@ class Sandboxes:
             reason,
             extra={"build_id": event.build_id},
         )
+
+    async def _stop_processes(
+        self, event: SnapshotSaved | BuildCancelled | BuildFailed, record: SandboxRecord, why: str
+    ) -> None:
+        """Stop the build's background processes before its sandbox is paused or stopped."""
+        assert self.processes is not None
+        if not await self.processes.any_live(event.build_id):
+            return  # nothing to stop: no need to reach (or resume) the sandbox
+        try:
+            sandbox: Workspace | None = Workspace(
+                await self.provider.connect(event.build_id, record.sandbox_id)
+            )
+        except SandboxGone:
+            sandbox = None
+        await self._stop_processes_in(sandbox, event, why)
+
+    async def _stop_processes_in(
+        self, sandbox: Workspace | None, event: Envelope, why: str
+    ) -> None:
+        """``Processes.stop_all``; a sandbox that fails to answer does not hold up what comes
+        next (a process it could not stop stays recorded live: the next call's look at the
+        build's processes, or the next stop, sees what became of it)."""
+        assert self.processes is not None
+        try:
+            await self.processes.stop_all(sandbox, event, why)
+        except SandboxGone:
+            await self.processes.stop_all(None, event, why)
+        except SandboxError as err:
+            log.warning(
+                "could not stop the background processes: %s", err,
+                extra={"build_id": event.build_id},
+            )  # fmt: skip
 
     async def existing(self, build_id: str) -> Workspace:
         """The build's sandbox as it is (for the snapshot service); SandboxError if none."""

@@ -13,6 +13,11 @@ It answers the user too: a user text after its last turn (a message sent to the 
 request, in the order asked); then it goes on with its work where it was, or, if its work had
 ended, ends its turn with a summary of what it wrote. Any other text is acknowledged. The agent's
 own notes in a user turn (they start with ``(Kiln)``) are not the user's words.
+
+Asked to summarise (a request with no tools whose message holds a ``<transcript>``, as the agent
+sends when a conversation outgrows the context window), it answers with a summary of that
+transcript, as a model would: the summary so far, the user's words, the files written and edited,
+the commands run and the last results.
 """
 
 from __future__ import annotations
@@ -123,6 +128,8 @@ class ScriptedModel:
     def respond(self, request: dict[str, Any]) -> dict[str, Any]:
         """A Messages API response body for a request body."""
         messages = request.get("messages") or []
+        if (summary := summarise(request)) is not None:
+            return self.reply(request, *summary_reply(request, summary))
         content, stop = next_turn(messages, digest(messages))
         return self.reply(request, content, stop)
 
@@ -140,6 +147,62 @@ class ScriptedModel:
             "stop_sequence": None,
             "usage": self.usage.estimate(request, content),
         }
+
+
+TRANSCRIPT = re.compile(r"<transcript>\n?(.*?)</transcript>", re.S)
+SO_FAR = re.compile(r"<summary_so_far>\n?(.*?)</summary_so_far>", re.S)
+CALL = re.compile(r"^\[call (\w+)\] (.*)$")
+
+
+def summarise(request: dict[str, Any]) -> str | None:
+    """The summary asked for, if the request asks for one (no tools, a ``<transcript>`` in its
+    last message), else None: what a model would keep of the transcript, merged with the summary
+    so far (the lines it had are kept, deduplicated)."""
+    messages = request.get("messages") or []
+    if request.get("tools") or not messages:
+        return None
+    text = _text({"content": messages[-1].get("content", "")})
+    found = TRANSCRIPT.search(text)
+    if found is None:
+        return None
+    previous = SO_FAR.search(text)
+    kept: list[str] = []
+    if previous and previous.group(1).strip() not in ("", "(none)"):
+        kept += [line for line in previous.group(1).strip().splitlines() if line.strip()]
+    files: dict[str, str] = {}
+    commands: list[str] = []
+    last: list[str] = []
+    for line in found.group(1).splitlines():
+        if line.startswith("[user] "):
+            kept.append(f"- The user said: {line[7:].strip()[:300]}")
+        elif call := CALL.match(line):
+            name, raw = call.groups()
+            try:
+                args = json.loads(raw)
+            except ValueError:
+                args = {}
+            args = args if isinstance(args, dict) else {}
+            if name in ("write_file", "edit_file") and "path" in args:
+                files[str(args["path"])] = "written" if name == "write_file" else "edited"
+            elif name == "bash":
+                commands.append(str(args.get("command", ""))[:120])
+        elif line.startswith(("[result] ", "[error] ")):
+            last = [line[:200]]
+    for path, how in files.items():
+        kept.append(f"- {path}: {how} (in the sandbox)")
+    if commands:
+        kept.append(f"- Ran {len(commands)} command(s), the last: {commands[-1]}")
+    kept += [f"- Last result: {line}" for line in last]
+    return "\n".join(dict.fromkeys(kept)) or "- Nothing of note happened yet."
+
+
+def summary_reply(request: dict[str, Any], summary: str) -> tuple[list[dict[str, Any]], str]:
+    """The summary as a reply: cut at ``max_tokens`` (stop_reason ``max_tokens``), as a model's
+    output is."""
+    limit = 4 * int(request.get("max_tokens") or 0)
+    if limit and len(summary) > limit:
+        return [{"type": "text", "text": summary[:limit]}], "max_tokens"
+    return [{"type": "text", "text": summary}], "end_turn"
 
 
 def digest(messages: list[dict[str, Any]]) -> str:
@@ -431,24 +494,45 @@ class UsageEstimator:
 class LongScript:
     """A long build for benchmarks and tests: ``iterations`` model calls; each of the first
     ``iterations - 1`` makes ``parallel`` bash calls (a narration every tenth turn), the last ends
-    the turn. The turn number is the count of assistant turns so far (no hidden state)."""
+    the turn. ``write_chars``: each turn writes a file of that many characters too (a large
+    write_file, whose content stays in the conversation). The turn number is read from the ids of
+    the last turn's calls (no hidden state; it survives the oldest turns being summarised), and a
+    request to summarise is answered with a summary."""
 
     def __init__(
-        self, iterations: int = 50, parallel: int = 1, usage: UsageEstimator | None = None
+        self,
+        iterations: int = 50,
+        parallel: int = 1,
+        usage: UsageEstimator | None = None,
+        write_chars: int = 0,
     ):
         self.iterations = iterations
         self.parallel = parallel
+        self.write_chars = write_chars
         self.usage = usage or UsageEstimator()
 
     def respond(self, request: dict[str, Any]) -> dict[str, Any]:
         messages = request.get("messages") or []
-        n = sum(1 for m in messages if m.get("role") == "assistant")
         key = digest(messages)
-        if n + 1 >= self.iterations:
-            content: list[dict[str, Any]] = [{"type": "text", "text": f"Done after {n} turns."}]
+        content: list[dict[str, Any]]
+        if (summary := summarise(request)) is not None:
+            content, stop = summary_reply(request, summary)
+        elif (n := _long_turn(messages)) + 1 >= self.iterations:
+            content = [{"type": "text", "text": f"Done after {n} turns."}]
             stop = "end_turn"
         else:
             content = [{"type": "text", "text": f"Step {n + 1}: checking the next part."}]
+            if self.write_chars:
+                line = f"# module {n + 1}: generated code, line after line of it.\n"
+                body = (line * (self.write_chars // len(line) + 1))[: self.write_chars]
+                content.append(
+                    {
+                        "type": "tool_use",
+                        "id": f"toolu_long{n}_w_{key}",
+                        "name": "write_file",
+                        "input": {"path": f"src/module_{n + 1}.py", "content": body},
+                    }
+                )
             content += [
                 {
                     "type": "tool_use",
@@ -478,3 +562,17 @@ class LongScript:
             "stop_sequence": None,
             "usage": self.usage.estimate(request, content),
         }
+
+
+LONG_ID = re.compile(r"^toolu_long(\d+)_")
+
+
+def _long_turn(messages: list[dict[str, Any]]) -> int:
+    """The number of the next turn: one past the step of the last turn's calls (0 for none)."""
+    for m in reversed(messages):
+        if m.get("role") != "assistant" or not isinstance(m.get("content"), list):
+            continue
+        for b in m["content"]:
+            if b.get("type") == "tool_use" and (found := LONG_ID.match(str(b.get("id")))):
+                return int(found.group(1)) + 1
+    return 0

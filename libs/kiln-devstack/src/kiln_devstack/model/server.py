@@ -87,6 +87,9 @@ class ScriptedServer:
         self.connections = 0  # accepted so far
         self.issued = api.Issued()  # thinking blocks sent with each tool call, to check them
         self.refused: list[api.ApiError] = []  # the requests the rules refused
+        # the context window of every model here, in input tokens (None: each model's own
+        # max_input_tokens); a longer prompt is refused as the API refuses it
+        self.window: int | None = None
         self._runner: web.AppRunner | None = None
         self._transports: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -156,6 +159,7 @@ class ScriptedServer:
         betas = {b.strip() for b in (headers or {}).get("anthropic-beta", "").split(",") if b}
         try:
             checked = api.check(request, betas, self.issued)
+            api.check_length(request, self.window or checked.info.max_input_tokens)
         except api.ApiError as err:
             self.refused.append(err)
             return err.status, _error(err.kind, err.message), {}

@@ -1,39 +1,6 @@
 """Spend counters in Redis: one Lua script charges an event exactly once.
 
-The budget service alone reads and writes these keys. They are a cache of the stream: a Redis
-that has lost them (flushed, restarted empty) is rebuilt from the stream's events
-(``recovery.py``), and until then charges and top-ups are refused (``SpendLost``).
-
-Keys (all amounts integer micro-dollars):
-
-* ``kiln:budget:intact``                           present while the keys hold everything since
-                                                   the last rebuild (its value: when that ended)
-* ``kiln:budget:rebuild:<token>``                  a rebuild under way (gone with a flush)
-* ``kiln:charged:<event_id>``                      the event was charged (35-day TTL)
-* ``kiln:spend:user:<user>:day:<YYYY-MM-DD>``      a user's spend on a UTC day (``p<n>`` when
-                                                   periods are shortened, see ``periods.py``)
-* ``kiln:spend:user:<user>:month:<YYYY-MM>``       a user's spend in a UTC month (or ``c<n>``)
-* ``kiln:spend:build:<build_id>``                  a build's spend
-* ``kiln:running:<user>``                          set of the user's running build ids
-* ``kiln:ended:<build_id>``                        1 + the last run of the build that ended (keeps
-                                                   a late BuildRequested out; ``1``: its first run)
-* ``kiln:run:<build_id>``                          the build's current run (its last
-                                                   BuildContinued's ``continuation``; absent: 0)
-* ``kiln:tier:<user>``                             the tier of the user's latest BuildRequested
-
-Sleep, wake and top-ups (see docs/ARCHITECTURE.md, budget):
-
-* ``kiln:budget:topups:<user>``                    sorted set of top-ups: member ``<topup_id>:<micro>``,
-                                                   score = Unix time of the top-up
-* ``kiln:budget:topup:<user>:<topup_id>``          the top-up was credited (``credited``) and its
-                                                   wakes sent (``woken``)
-* ``kiln:budget:sleeping:<user>``                  set of the builds the budget put to sleep (a
-                                                   top-up wakes these); left on BuildResumed or end
-* ``kiln:budget:gen:<build_id>``                   the build's wake generation (its last BuildResumed)
-* ``kiln:budget:slept:<build_id>:<period>``        the generation the budget slept the build in
-
-The budget gates are not here: they live in the JetStream key-value bucket KILN_BUDGET_GATES
-(``adapters/kv_gates.py``), which the agent and the gateway read.
+The keys, their lifetimes and what a lost Redis means are in ``redis_keys``.
 """
 
 from __future__ import annotations
@@ -49,175 +16,39 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..ports import Charge, SpendLost, TopUpState
-
-DAY_S = 24 * 3600
-CHARGED_TTL_S = 35 * DAY_S
-DAY_TTL_S = 40 * DAY_S
-MONTH_TTL_S = 400 * DAY_S
-BUILD_TTL_S = 35 * DAY_S
-ENDED_TTL_S = 35 * DAY_S
-
-INTACT_KEY = "kiln:budget:intact"
-REBUILD_TTL_S = DAY_S
-
-# KEYS: charged, day, month, build, intact
-# ARGV: amount, charged ttl, day ttl, month ttl, build ttl, "1" to refuse without the intact mark
-CHARGE_LUA = """
-if ARGV[6] == '1' and redis.call('EXISTS', KEYS[5]) == 0 then
-  return -1
-end
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
-  return 0
-end
-redis.call('INCRBY', KEYS[2], ARGV[1])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-redis.call('INCRBY', KEYS[3], ARGV[1])
-redis.call('EXPIRE', KEYS[3], ARGV[4])
-redis.call('INCRBY', KEYS[4], ARGV[1])
-redis.call('EXPIRE', KEYS[4], ARGV[5])
-return 1
-"""
-
-# KEYS: ledger, topups, intact
-# ARGV: member, score, ttl, trim below this score, "1" to refuse without the intact mark
-TOPUP_LUA = """
-if ARGV[5] == '1' and redis.call('EXISTS', KEYS[3]) == 0 then
-  return 'lost'
-end
-local state = redis.call('GET', KEYS[1])
-if state then
-  return state
-end
-redis.call('SET', KEYS[1], 'credited', 'EX', ARGV[3])
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[4])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-return 'new'
-"""
-
-# KEYS: rebuild token, intact   ARGV: the intact mark's value
-FINISH_LUA = """
-if redis.call('DEL', KEYS[1]) == 0 then
-  return 0
-end
-redis.call('SET', KEYS[2], ARGV[1])
-return 1
-"""
-
-# A build runs while its current run (``run``, 0 for the first) has not ended (``ended`` holds 1 +
-# the last run that ended). Both only move forward, so an end or a continuation handled late,
-# or twice, changes nothing it should not.
-
-# KEYS: running, ended, run   ARGV: build id
-STARTED_LUA = """
-local ended = tonumber(redis.call('GET', KEYS[2]) or '0')
-local run = tonumber(redis.call('GET', KEYS[3]) or '0')
-if ended > run then
-  return 0
-end
-return redis.call('SADD', KEYS[1], ARGV[1])
-"""
-
-# KEYS: generation, sleeping   ARGV: generation, build id, ttl   (once per generation)
-RESUMED_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return 0
-end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
-redis.call('SREM', KEYS[2], ARGV[2])
-return 1
-"""
-
-# KEYS: running, ended, sleeping, run   ARGV: build id, ended ttl, the run that ended
-ENDED_LUA = """
-local k = tonumber(ARGV[3])
-if k + 1 > tonumber(redis.call('GET', KEYS[2]) or '0') then
-  redis.call('SET', KEYS[2], tostring(k + 1), 'EX', ARGV[2])
-end
-if k < tonumber(redis.call('GET', KEYS[4]) or '0') then
-  return 0
-end
-redis.call('SREM', KEYS[3], ARGV[1])
-return redis.call('SREM', KEYS[1], ARGV[1])
-"""
-
-# KEYS: running, ended, run   ARGV: build id, ttl, the run that starts (its continuation)
-CONTINUED_LUA = """
-local k = tonumber(ARGV[3])
-if k <= tonumber(redis.call('GET', KEYS[3]) or '0') then
-  return 0
-end
-redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[2])
-if tonumber(redis.call('GET', KEYS[2]) or '0') > k then
-  return 0
-end
-return redis.call('SADD', KEYS[1], ARGV[1])
-"""
-
-
-def charged_key(event_id: object) -> str:
-    return f"kiln:charged:{event_id}"
-
-
-def day_key(user_id: str, period: str) -> str:
-    return f"kiln:spend:user:{user_id}:day:{period}"
-
-
-def month_key(user_id: str, cycle: str) -> str:
-    return f"kiln:spend:user:{user_id}:month:{cycle}"
-
-
-def build_key(build_id: str) -> str:
-    return f"kiln:spend:build:{build_id}"
-
-
-def running_key(user_id: str) -> str:
-    return f"kiln:running:{user_id}"
-
-
-def ended_key(build_id: str) -> str:
-    return f"kiln:ended:{build_id}"
-
-
-def run_key(build_id: str) -> str:
-    return f"kiln:run:{build_id}"
-
-
-def tier_key(user_id: str) -> str:
-    return f"kiln:tier:{user_id}"
-
-
-def topups_key(user_id: str) -> str:
-    return f"kiln:budget:topups:{user_id}"
-
-
-def sleeping_key(user_id: str) -> str:
-    return f"kiln:budget:sleeping:{user_id}"
-
-
-def generation_key(build_id: str) -> str:
-    return f"kiln:budget:gen:{build_id}"
-
-
-def slept_key(build_id: str, period: str) -> str:
-    return f"kiln:budget:slept:{build_id}:{period}"
-
-
-def topup_key(user_id: str, topup_id: str) -> str:
-    return f"kiln:budget:topup:{user_id}:{topup_id}"
-
-
-def rebuild_key(token: str) -> str:
-    return f"kiln:budget:rebuild:{token}"
-
-
-def topup_member(topup_id: str, amount_micro_usd: int) -> str:
-    """A top-up's member in ``kiln:budget:topups:<user>`` (ids must not contain ':')."""
-    if not topup_id or ":" in topup_id:
-        raise ValueError(f"invalid top-up id {topup_id!r}: non-empty, without ':'")
-    if amount_micro_usd <= 0:
-        raise ValueError(f"a top-up is positive, not {amount_micro_usd}")
-    return f"{topup_id}:{amount_micro_usd}"
+from .redis_keys import (
+    BUILD_TTL_S,
+    CHARGED_TTL_S,
+    DAY_TTL_S,
+    ENDED_TTL_S,
+    INTACT_KEY,
+    MONTH_TTL_S,
+    REBUILD_TTL_S,
+    build_key,
+    charged_key,
+    day_key,
+    ended_key,
+    generation_key,
+    month_key,
+    rebuild_key,
+    run_key,
+    running_key,
+    sleeping_key,
+    slept_key,
+    tier_key,
+    topup_key,
+    topup_member,
+    topups_key,
+)
+from .redis_scripts import (
+    CHARGE_LUA,
+    CONTINUED_LUA,
+    ENDED_LUA,
+    FINISH_LUA,
+    RESUMED_LUA,
+    STARTED_LUA,
+    TOPUP_LUA,
+)
 
 
 class RedisSpendStore:

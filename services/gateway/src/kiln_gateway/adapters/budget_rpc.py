@@ -8,29 +8,25 @@ from collections.abc import Callable
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.errors import KeyNotFoundError
-from nats.js.kv import KeyValue
 
-from kiln_contracts import BudgetGate, gate_key, subjects
+from kiln_contracts import BudgetGate, subjects
 from kiln_contracts.rpc import BudgetStatus, BudgetStatusReply, BudgetStatusRequest
+from kiln_runtime.gates import GateBucket
 
 from ..ports import BudgetUnavailable
 
 
 class NatsBudget:
     def __init__(
-        self, nc: Callable[[], Client], gates: KeyValue, *, timeout_s: float = 5.0
+        self, nc: Callable[[], Client], gates: GateBucket, *, timeout_s: float = 5.0
     ) -> None:
         self._nc = nc
         self.gates = gates
         self.timeout_s = timeout_s
 
     async def gate(self, user_id: str) -> BudgetGate | None:
-        try:
-            entry = await self.gates.get(gate_key(user_id))
-        except KeyNotFoundError:
-            return None
-        return BudgetGate.model_validate_json(entry.value or b"{}")
+        gate, _ = await self.gates.read(user_id)
+        return gate
 
     async def status(self, user_id: str, tier: str) -> BudgetStatus:
         request = BudgetStatusRequest(user_id=user_id, tier=tier).model_dump_json().encode()

@@ -7,8 +7,12 @@ files, directories and symlinks, the blobs hold the bytes), manifests read as
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -24,17 +28,32 @@ from kiln_contracts.bucket import (
 from kiln_contracts.manifest import Manifest
 from kiln_runtime.s3 import is_not_found, s3_client
 
+from ..ports import BlobTooLarge, StoredSnapshot
+
+log = logging.getLogger(__name__)
+
 CHUNK = 256 * 1024
+READ_CONCURRENCY = 8
 
 
 class S3Files:
     def __init__(
-        self, bucket: str, *, endpoint_url: str | None, region: str, timeout_s: float
+        self,
+        bucket: str,
+        *,
+        endpoint_url: str | None,
+        region: str,
+        timeout_s: float,
+        cached_manifests: int = 64,
     ) -> None:
         self.bucket = bucket
         self.endpoint_url = endpoint_url
         self.region = region
         self.timeout_s = timeout_s
+        # A manifest never changes once written (a new snapshot is a new key): the parsed ones
+        # are kept, least recently used dropped past ``cached_manifests``.
+        self._manifests: OrderedDict[tuple[str, str], Manifest] = OrderedDict()
+        self._cached_manifests = cached_manifests
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: Any = None
 
@@ -68,26 +87,66 @@ class S3Files:
             data: bytes = await body.read()
         return data
 
+    async def latest_id(self, build_id: str) -> str | None:
+        raw = await self._get(latest_key(build_id))
+        snapshot_id = raw.decode().strip() if raw else ""
+        return snapshot_id or None
+
     async def latest(self, build_id: str) -> Manifest | None:
-        snapshot_id = await self._get(latest_key(build_id))
-        if not snapshot_id:
-            return None
-        doc = await self._get(manifest_key(build_id, snapshot_id.decode().strip()))
-        return None if doc is None else Manifest.parse(doc)
+        snapshot_id = await self.latest_id(build_id)
+        return None if snapshot_id is None else await self.manifest(build_id, snapshot_id)
 
     async def manifest(self, build_id: str, snapshot_id: str) -> Manifest | None:
+        cached = self._manifests.get((build_id, snapshot_id))
+        if cached is not None:
+            self._manifests.move_to_end((build_id, snapshot_id))
+            return cached
         doc = await self._get(manifest_key(build_id, snapshot_id))
-        return None if doc is None else Manifest.parse(doc)
+        if doc is None:
+            return None
+        manifest = Manifest.parse(doc)
+        self._manifests[(build_id, snapshot_id)] = manifest
+        while len(self._manifests) > self._cached_manifests:
+            self._manifests.popitem(last=False)
+        return manifest
 
-    async def manifests(self, build_id: str) -> list[Manifest]:
-        out = []
+    async def snapshots(self, build_id: str) -> list[StoredSnapshot]:
+        keys: list[tuple[str, datetime]] = []
         paginator = self._client.get_paginator("list_objects_v2")
-        async for page in paginator.paginate(Bucket=self.bucket, Prefix=manifests_prefix(build_id)):
-            for obj in page.get("Contents", []):
-                names = parse_manifest_key(str(obj["Key"]))
-                if names is not None and (doc := await self.manifest(*names)) is not None:
-                    out.append(doc)
-        return out
+        pages = paginator.paginate(Bucket=self.bucket, Prefix=manifests_prefix(build_id))
+        try:
+            async for page in pages:
+                for obj in page.get("Contents", []):
+                    parsed = parse_manifest_key(str(obj["Key"]))
+                    if parsed is not None and parsed[0] == build_id:
+                        keys.append((parsed[1], obj["LastModified"]))
+        except ClientError as err:
+            if is_not_found(err):  # no bucket yet: no snapshot has been taken
+                return []
+            raise
+        limit = asyncio.Semaphore(READ_CONCURRENCY)
+
+        async def read(snapshot_id: str) -> Manifest | None:
+            async with limit:
+                try:
+                    return await self.manifest(build_id, snapshot_id)
+                except ValueError as err:  # not a manifest: the others are still listed
+                    log.warning("unreadable manifest %s: %s", snapshot_id, err)
+                    return None
+
+        manifests = await asyncio.gather(*(read(sid) for sid, _ in keys))
+        # A manifest deleted between the listing and the read (retention) is left out.
+        return [
+            StoredSnapshot(m, written) for m, (_, written) in zip(manifests, keys, strict=True) if m
+        ]
+
+    async def read_blob(self, sha256: str, max_bytes: int) -> bytes:
+        data = bytearray()
+        async for chunk in self.blob(sha256):
+            data += chunk
+            if len(data) > max_bytes:
+                raise BlobTooLarge(sha256)
+        return bytes(data)
 
     async def pruned(self, build_id: str) -> int | None:
         raw = await self._get(pruned_key(build_id))

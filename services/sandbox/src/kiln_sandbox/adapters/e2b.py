@@ -107,6 +107,10 @@ class E2BSandbox(ScriptMachine):
     def root(self) -> str:
         return self._root
 
+    @property
+    def process_dir(self) -> str:
+        return '"$HOME"/.kiln/processes'
+
     def _abs(self, rel: str) -> str:
         return posixpath.join(self._root, rel) if rel else self._root
 

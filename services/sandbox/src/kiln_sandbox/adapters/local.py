@@ -9,6 +9,8 @@ Layout: ``<root>/<build_id>`` is the workspace (sandbox id = build id). Each com
 ``bash -c`` in the workspace, in its own process group (``start_new_session``), with a small
 environment (no service secrets); at its timeout the whole group is killed. Stopping a sandbox
 kills every process group it started but keeps the directory (users download files from it).
+Background processes keep their files in ``<root>/.processes/<build_id>`` (``process_dir``) and
+are stopped by the service (``processes.py``) before it pauses or stops the sandbox.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import shlex
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,6 +56,10 @@ class LocalSandbox:
     @property
     def root(self) -> str:
         return str(self._root)
+
+    @property
+    def process_dir(self) -> str:
+        return shlex.quote(str(self._provider.root / ".processes" / self.build_id))
 
     def _real(self, rel: str) -> str:
         """An absolute host path for a workspace-relative real path (as ``locate`` gave it)."""

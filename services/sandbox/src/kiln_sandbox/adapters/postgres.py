@@ -10,7 +10,7 @@ import asyncpg
 
 from kiln_runtime.db import Migration, read_migrations
 
-from ..ports import CallRecord, SandboxRecord, SandboxState
+from ..ports import CallRecord, ProcessRecord, SandboxRecord, SandboxState
 
 SCHEMA = "sandbox"
 
@@ -105,8 +105,8 @@ class PgRegistry:
 
     async def get(self, build_id: str) -> SandboxRecord | None:
         row = await self.pool.fetchrow(
-            "SELECT build_id, provider, sandbox_id, state, iteration FROM sandboxes "
-            "WHERE build_id = $1",
+            "SELECT build_id, provider, sandbox_id, state, iteration, has_processes "
+            "FROM sandboxes WHERE build_id = $1",
             build_id,
         )
         if row is None:
@@ -117,15 +117,17 @@ class PgRegistry:
             row["sandbox_id"],
             cast(SandboxState, row["state"]),
             row["iteration"],
+            row["has_processes"],
         )
 
     async def replace(self, record: SandboxRecord, expected: str | None) -> SandboxRecord:
         row = await self.pool.fetchrow(
-            "INSERT INTO sandboxes (build_id, provider, sandbox_id, state, iteration) "
-            "VALUES ($1, $2, $3, $4, $6) "
+            "INSERT INTO sandboxes (build_id, provider, sandbox_id, state, iteration, "
+            "has_processes) VALUES ($1, $2, $3, $4, $6, $7) "
             "ON CONFLICT (build_id) DO UPDATE SET provider = EXCLUDED.provider, "
             "sandbox_id = EXCLUDED.sandbox_id, state = EXCLUDED.state, "
-            "iteration = EXCLUDED.iteration, updated_at = now() "
+            "iteration = EXCLUDED.iteration, updated_at = now(), "
+            "has_processes = sandboxes.has_processes OR EXCLUDED.has_processes "
             "WHERE sandboxes.sandbox_id IS NOT DISTINCT FROM $5 RETURNING build_id",
             record.build_id,
             record.provider,
@@ -133,22 +135,177 @@ class PgRegistry:
             record.state,
             expected,
             record.iteration,
+            record.has_processes,
         )
         if row is not None:
             return record
         held = await self.get(record.build_id)  # another replica's, recorded first
         return held if held is not None else record
 
+    async def mark_processes(self, build_id: str) -> None:
+        await self.pool.execute(
+            "UPDATE sandboxes SET has_processes = true WHERE build_id = $1", build_id
+        )
+
     async def put(self, record: SandboxRecord) -> None:
         await self.pool.execute(
-            "INSERT INTO sandboxes (build_id, provider, sandbox_id, state, iteration) "
-            "VALUES ($1, $2, $3, $4, $5) "
+            "INSERT INTO sandboxes (build_id, provider, sandbox_id, state, iteration, "
+            "has_processes) VALUES ($1, $2, $3, $4, $5, $6) "
             "ON CONFLICT (build_id) DO UPDATE SET provider = EXCLUDED.provider, "
             "sandbox_id = EXCLUDED.sandbox_id, state = EXCLUDED.state, "
-            "iteration = EXCLUDED.iteration, updated_at = now()",
+            "iteration = EXCLUDED.iteration, updated_at = now(), "
+            "has_processes = sandboxes.has_processes OR EXCLUDED.has_processes",
             record.build_id,
             record.provider,
             record.sandbox_id,
             record.state,
             record.iteration,
+            record.has_processes,
         )
+
+
+_PROCESS_COLUMNS = (
+    "build_id, process_id, call_id, iteration, command, sandbox_id, status, pid, exit_code, "
+    "reason, read_offset, reported_by, ports"
+)
+
+
+def _process(row: asyncpg.Record) -> ProcessRecord:
+    return ProcessRecord(
+        build_id=row["build_id"],
+        process_id=row["process_id"],
+        call_id=row["call_id"],
+        iteration=row["iteration"],
+        command=row["command"],
+        sandbox_id=row["sandbox_id"],
+        status=row["status"],
+        pid=row["pid"],
+        exit_code=row["exit_code"],
+        reason=row["reason"],
+        read_offset=int(row["read_offset"]),
+        reported_by=row["reported_by"],
+        ports=tuple(row["ports"] or ()),
+    )
+
+
+class PgProcesses:
+    """The builds' background processes (table ``processes``)."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def register(
+        self, build_id: str, call_id: str, iteration: int, command: str, sandbox_id: str
+    ) -> tuple[ProcessRecord, bool]:
+        while True:
+            try:
+                row = await self.pool.fetchrow(
+                    "INSERT INTO processes (build_id, process_id, seq, call_id, iteration, "
+                    "command, sandbox_id, status) "
+                    "SELECT $1, 'bash_' || n, n, $2, $3, $4, $5, 'starting' FROM "
+                    "(SELECT coalesce(max(seq), 0) + 1 AS n FROM processes WHERE build_id = $1) s "
+                    f"ON CONFLICT (build_id, call_id) DO NOTHING RETURNING {_PROCESS_COLUMNS}",
+                    build_id,
+                    call_id,
+                    iteration,
+                    command,
+                    sandbox_id,
+                )
+            except asyncpg.UniqueViolationError:
+                continue  # another call of the build took that number at the same moment
+            if row is not None:
+                return _process(row), True
+            found = await self.by_call(build_id, call_id)
+            if found is not None:
+                return found, False
+
+    async def get(self, build_id: str, process_id: str) -> ProcessRecord | None:
+        row = await self.pool.fetchrow(
+            f"SELECT {_PROCESS_COLUMNS} FROM processes WHERE build_id = $1 AND process_id = $2",
+            build_id,
+            process_id,
+        )
+        return _process(row) if row is not None else None
+
+    async def by_call(self, build_id: str, call_id: str) -> ProcessRecord | None:
+        row = await self.pool.fetchrow(
+            f"SELECT {_PROCESS_COLUMNS} FROM processes WHERE build_id = $1 AND call_id = $2",
+            build_id,
+            call_id,
+        )
+        return _process(row) if row is not None else None
+
+    async def all(self, build_id: str) -> list[ProcessRecord]:
+        rows = await self.pool.fetch(
+            f"SELECT {_PROCESS_COLUMNS} FROM processes WHERE build_id = $1 ORDER BY seq", build_id
+        )
+        return [_process(r) for r in rows]
+
+    async def update(self, record: ProcessRecord) -> None:
+        await self.pool.execute(
+            "UPDATE processes SET status = $3, pid = $4, exit_code = $5, reason = $6, "
+            "read_offset = $7, ports = $8, ended_at = CASE WHEN $3 IN ('starting', 'running') THEN NULL "
+            "ELSE coalesce(ended_at, now()) END "
+            "WHERE build_id = $1 AND process_id = $2",
+            record.build_id,
+            record.process_id,
+            record.status,
+            record.pid,
+            record.exit_code,
+            record.reason,
+            record.read_offset,
+            list(record.ports),
+        )
+
+    async def to_report(
+        self, build_id: str, sandbox_id: str, call_id: str
+    ) -> tuple[list[ProcessRecord], list[ProcessRecord]]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            lost = await conn.fetch(
+                "UPDATE processes SET status = 'lost', reason = 'its sandbox went away', "
+                "ended_at = now() WHERE build_id = $1 AND status IN ('starting', 'running') "
+                f"AND sandbox_id <> $2 RETURNING {_PROCESS_COLUMNS}",
+                build_id,
+                sandbox_id,
+            )
+            ended = await conn.fetch(
+                "UPDATE processes SET reported_by = $2 WHERE build_id = $1 "
+                "AND status IN ('stopped', 'lost') AND reported_by IS NULL "
+                f"RETURNING {_PROCESS_COLUMNS}",
+                build_id,
+                call_id,
+            )
+        return [_process(r) for r in lost], sorted(
+            (_process(r) for r in ended), key=lambda r: int(r.process_id.removeprefix("bash_"))
+        )
+
+
+class PgReads:
+    """What each build last saw of each file (table ``file_reads``). A sighting counts only once
+    the call that made it has its result (a 'done' ledger row that is no error): a read whose call
+    was interrupted was never seen by the model."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def saw(self, build_id: str, path: str, sha256: str, call_id: str) -> None:
+        await self.pool.execute(
+            "INSERT INTO file_reads (build_id, path, sha256, call_id) VALUES ($1, $2, $3, $4) "
+            "ON CONFLICT (build_id, path) DO UPDATE SET sha256 = EXCLUDED.sha256, "
+            "call_id = EXCLUDED.call_id, read_at = now()",
+            build_id,
+            path,
+            sha256,
+            call_id,
+        )
+
+    async def last_seen(self, build_id: str, path: str) -> str | None:
+        found = await self.pool.fetchval(
+            "SELECT r.sha256 FROM file_reads r JOIN calls c "
+            "ON c.build_id = r.build_id AND c.call_id = r.call_id "
+            "WHERE r.build_id = $1 AND r.path = $2 AND c.status = 'done' "
+            "AND NOT coalesce((c.result ->> 'is_error')::boolean, false)",
+            build_id,
+            path,
+        )
+        return str(found) if found is not None else None

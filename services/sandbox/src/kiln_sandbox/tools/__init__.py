@@ -13,29 +13,29 @@ from typing import Any
 
 from ..ports import PathOutsideWorkspace, SandboxError
 from ..workspace import Workspace
-from .base import MAX_OUTPUT_CHARS, BadInput, ToolOutcome, error
+from .base import MAX_OUTPUT_CHARS, BadInput, ToolContext, ToolOutcome, error
 from .files import edit_file, read_file, write_file
 from .search import glob, glob_to_regex, grep, list_dir
-from .shell import bash
+from .shell import bash, bash_output, kill_shell
 
-__all__ = ["MAX_OUTPUT_CHARS", "TOOLS", "ToolOutcome", "glob_to_regex", "run_tool"]
+__all__ = ["MAX_OUTPUT_CHARS", "TOOLS", "ToolContext", "ToolOutcome", "glob_to_regex", "run_tool"]
 
-Tool = Callable[[Workspace, dict[str, Any]], Awaitable[ToolOutcome]]
+Tool = Callable[[Workspace, dict[str, Any], ToolContext], Awaitable[ToolOutcome]]
 
 
 async def run_tool(
-    ws: Workspace, tool: str, args: dict[str, Any], *, timeout_s: float
+    ws: Workspace, tool: str, args: dict[str, Any], *, timeout_s: float, ctx: ToolContext
 ) -> ToolOutcome:
     """Run one tool; every failure but a vanished sandbox becomes an is_error outcome."""
     try:
         if not isinstance(args, dict):
             raise BadInput("input must be an object")
         if tool == "bash":
-            return await bash(ws, args, default_timeout_s=timeout_s)
+            return await bash(ws, args, ctx, default_timeout_s=timeout_s)
         fn = TOOLS.get(tool)
         if fn is None:
             return error(f"unknown tool {tool!r}; available: {', '.join([*TOOLS, 'bash'])}")
-        return await fn(ws, args)
+        return await fn(ws, args, ctx)
     except BadInput as err:
         return error(f"invalid input for {tool}: {err}")
     except PathOutsideWorkspace as err:
@@ -51,4 +51,6 @@ TOOLS: dict[str, Tool] = {
     "glob": glob,
     "grep": grep,
     "list_dir": list_dir,
+    "bash_output": bash_output,
+    "kill_shell": kill_shell,
 }

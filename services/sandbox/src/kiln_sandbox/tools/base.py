@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from kiln_contracts import ToolCall
+
+from ..ports import ReadLog
 from ..workspace import Workspace
+
+if TYPE_CHECKING:
+    from ..processes import Processes
 
 MAX_OUTPUT_CHARS = 30_000
 MAX_READ_BYTES = 5 * 1024 * 1024
 DEFAULT_READ_LINES = 2_000
 MAX_LINE_CHARS = 2_000
 MAX_GLOB_RESULTS = 1_000
-MAX_GREP_MATCHES = 500
+MAX_GREP_MATCHES = 500  # grep's default head_limit (lines, files or counts)
+MAX_GREP_RAW_BYTES = 1024 * 1024  # of grep's own output, fetched from the sandbox at most
 MAX_LIST_ENTRIES = 1_000
 MAX_SCAN_ENTRIES = 20_000
 SCAN_SKIP_DIRS = frozenset(
@@ -26,6 +33,20 @@ class ToolOutcome:
     is_error: bool = False
     exit_code: int | None = None
     files_changed: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ToolContext:
+    """What a tool knows beyond its input: the call, the build's read log (edit_file's
+    read-before-edit check) and its background processes."""
+
+    call: ToolCall
+    reads: ReadLog
+    processes: Processes
+
+    @property
+    def build_id(self) -> str:
+        return self.call.build_id
 
 
 class BadInput(Exception):

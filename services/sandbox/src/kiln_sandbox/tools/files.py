@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from ..workspace import Workspace
 from .base import (
     DEFAULT_READ_LINES,
     MAX_LINE_CHARS,
+    MAX_OUTPUT_CHARS,
     MAX_READ_BYTES,
     BadInput,
+    ToolContext,
     ToolOutcome,
     arg,
     error,
@@ -19,7 +22,11 @@ from .base import (
 )
 
 
-async def read_file(ws: Workspace, args: dict[str, Any]) -> ToolOutcome:
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def read_file(ws: Workspace, args: dict[str, Any], ctx: ToolContext) -> ToolOutcome:
     path = normalize(ws, arg(args, "path", str), allow_root=False)
     offset = arg(args, "offset", int, 1)
     limit = arg(args, "limit", int, DEFAULT_READ_LINES)
@@ -44,23 +51,52 @@ async def read_file(ws: Workspace, args: dict[str, Any]) -> ToolOutcome:
     if looks_binary(data):
         return error(f"{path} looks like a binary file ({len(data):,} bytes); not shown")
     text = data.decode("utf-8", errors="replace")
+    lines = text.splitlines()
+    if text and offset > len(lines):
+        return error(f"offset {offset} is past the end of {path} ({len(lines)} lines)")
+    # what the model is shown of the file (any part of it) counts as a read of its content
+    await ctx.reads.saw(ctx.build_id, found.real, _sha256(data), ctx.call.call_id)
     if not text:
         return ToolOutcome(output=f"(file {path} is empty)")
-    lines = text.splitlines()
-    if offset > len(lines):
-        return error(f"offset {offset} is past the end of {path} ({len(lines)} lines)")
     chosen = lines[offset - 1 : offset - 1 + limit]
-    body = "\n".join(
-        f"{n:>4}\t{line if len(line) <= MAX_LINE_CHARS else line[:MAX_LINE_CHARS] + ' [line truncated]'}"
-        for n, line in enumerate(chosen, start=offset)
-    )
-    last = offset - 1 + len(chosen)
+    cut_lines = 0
+    numbered: list[str] = []
+    size = 0
+    for n, line in enumerate(chosen, start=offset):
+        if len(line) > MAX_LINE_CHARS:
+            line = line[:MAX_LINE_CHARS] + " [line truncated]"
+            cut_lines += 1
+        entry = f"{n:>4}\t{line}"
+        if numbered and size + len(entry) + 1 > MAX_OUTPUT_CHARS:
+            break
+        numbered.append(entry)
+        size += len(entry) + 1
+    body = "\n".join(numbered)
+    last = offset - 1 + len(numbered)
+    notes: list[str] = []
     if last < len(lines):
-        body += f"\n[showing lines {offset}-{last} of {len(lines)}; pass offset to read more]"
+        why = (
+            f"the {MAX_OUTPUT_CHARS:,}-character output limit"
+            if len(numbered) < len(chosen)
+            else f"limit={limit}"
+            if "limit" in args and args["limit"] is not None
+            else f"the default limit of {DEFAULT_READ_LINES:,} lines"
+        )
+        notes.append(
+            f"showing lines {offset}-{last} of {len(lines)} ({why}); pass offset={last + 1} "
+            "to read on"
+        )
+    if cut_lines:
+        notes.append(
+            f"{cut_lines} line{'s' if cut_lines != 1 else ''} longer than {MAX_LINE_CHARS:,} "
+            "characters cut"
+        )
+    if notes:
+        body += "\n[" + "; ".join(notes) + "]"
     return ToolOutcome(output=truncate(body))
 
 
-async def write_file(ws: Workspace, args: dict[str, Any]) -> ToolOutcome:
+async def write_file(ws: Workspace, args: dict[str, Any], ctx: ToolContext) -> ToolOutcome:
     path = normalize(ws, arg(args, "path", str), allow_root=False)
     content = arg(args, "content", str)
     found = await ws.locate(path)
@@ -69,11 +105,12 @@ async def write_file(ws: Workspace, args: dict[str, Any]) -> ToolOutcome:
         return error(f"{path} is a directory")
     data = content.encode("utf-8")
     await ws.write(found, data)
+    await ctx.reads.saw(ctx.build_id, found.real, _sha256(data), ctx.call.call_id)
     verb = "overwrote" if existing is not None else "created"
     return ToolOutcome(output=f"{verb} {path} ({len(data):,} bytes)", files_changed=[path])
 
 
-async def edit_file(ws: Workspace, args: dict[str, Any]) -> ToolOutcome:
+async def edit_file(ws: Workspace, args: dict[str, Any], ctx: ToolContext) -> ToolOutcome:
     path = normalize(ws, arg(args, "path", str), allow_root=False)
     old = arg(args, "old_string", str)
     new = arg(args, "new_string", str)
@@ -99,6 +136,17 @@ async def edit_file(ws: Workspace, args: dict[str, Any]) -> ToolOutcome:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         return error(f"{path} is not valid UTF-8; not edited")
+    seen = await ctx.reads.last_seen(ctx.build_id, found.real)
+    if seen is None:
+        return error(
+            f"{path} has not been read yet; read it with read_file first, then edit it "
+            "(edits are made only to files whose current content you have seen)"
+        )
+    if seen != _sha256(data):
+        return error(
+            f"{path} has changed since you last read it (a command or another tool changed "
+            "it); read it again with read_file before editing it"
+        )
     count = text.count(old)
     if count == 0:
         return error(
@@ -111,7 +159,9 @@ async def edit_file(ws: Workspace, args: dict[str, Any]) -> ToolOutcome:
             "or pass replace_all=true"
         )
     updated = text.replace(old, new) if replace_all else text.replace(old, new, 1)
-    await ws.write(found, updated.encode("utf-8"))
+    encoded = updated.encode("utf-8")
+    await ws.write(found, encoded)
+    await ctx.reads.saw(ctx.build_id, found.real, _sha256(encoded), ctx.call.call_id)
     n = count if replace_all else 1
     return ToolOutcome(
         output=f"edited {path}: {n} replacement{'s' if n != 1 else ''}", files_changed=[path]

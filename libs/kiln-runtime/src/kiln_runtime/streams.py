@@ -1,0 +1,95 @@
+"""Kiln's streams on JetStream: ``KILN`` (every build's messages), ``KILN_DLQ`` (dead letters)
+and the budget gates' key-value bucket; created or updated at connect, on a server new enough."""
+
+from __future__ import annotations
+
+import logging
+
+from nats.aio.client import Client
+from nats.js.api import DiscardPolicy, StreamConfig
+from nats.js.errors import NotFoundError
+from nats.js.kv import KeyValue
+
+from kiln_contracts import subjects
+
+log = logging.getLogger(__name__)
+
+MIN_SERVER = (2, 12)
+
+
+class ServerTooOld(RuntimeError):
+    pass
+
+
+def stream_config(replicas: int = 1) -> StreamConfig:
+    return StreamConfig(
+        num_replicas=replicas,
+        name=subjects.STREAM,
+        subjects=list(subjects.STREAM_SUBJECTS),
+        duplicate_window=subjects.DUPLICATE_WINDOW_S,
+        max_msg_size=subjects.MAX_MSG_BYTES,
+        max_age=subjects.MAX_AGE_S,
+        allow_msg_schedules=True,
+    )
+
+
+def dlq_stream_config(replicas: int = 1) -> StreamConfig:
+    return StreamConfig(
+        num_replicas=replicas,
+        name=subjects.DLQ_STREAM,
+        subjects=list(subjects.DLQ_SUBJECTS),
+        duplicate_window=subjects.DUPLICATE_WINDOW_S,
+        max_age=subjects.MAX_AGE_S,
+    )
+
+
+async def ensure_streams(nc: Client, replicas: int = 1) -> None:
+    """Check the server can do what Kiln needs, then create or update Kiln's streams."""
+    version = nc.connected_server_version
+    if (version.major, version.minor) < MIN_SERVER:
+        raise ServerTooOld(
+            f"nats-server {version} is too old: Kiln needs >= {MIN_SERVER[0]}.{MIN_SERVER[1]} "
+            "with JetStream (message schedules). Point NATS_URL at a newer server."
+        )
+    js = nc.jetstream()
+    for config in (stream_config(replicas), dlq_stream_config(replicas)):
+        try:
+            await js.stream_info(config.name or "")
+            await js.update_stream(config)
+        except NotFoundError:
+            await js.add_stream(config)
+
+
+def gates_stream_config(replicas: int = 1) -> StreamConfig:
+    """The stream behind the budget gates' key-value bucket, as nats-py's ``create_key_value``
+    makes one (one value per key, rollups, no deletes of single messages), with Kiln's replicas.
+    No direct gets: every read is answered by the stream's leader, so it sees the last write."""
+    bucket = subjects.BUDGET_GATES
+    return StreamConfig(
+        name=f"KV_{bucket}",
+        subjects=[f"$KV.{bucket}.>"],
+        num_replicas=replicas,
+        max_msgs_per_subject=1,
+        max_msgs=-1,
+        max_consumers=-1,
+        max_age=subjects.BUDGET_GATES_MAX_AGE_S,
+        max_msg_size=subjects.BUDGET_GATES_MAX_VALUE_BYTES,
+        discard=DiscardPolicy.NEW,
+        duplicate_window=120.0,
+        allow_rollup_hdrs=True,
+        deny_delete=True,
+        allow_direct=False,
+    )
+
+
+async def ensure_gates(nc: Client, replicas: int = 1) -> KeyValue:
+    """Create or update the budget gates' bucket (the budget writes it; the agent and the gateway
+    read it, so each of them may be the first to start) and bind to it."""
+    js = nc.jetstream()
+    config = gates_stream_config(replicas)
+    try:
+        await js.stream_info(config.name or "")
+        await js.update_stream(config)
+    except NotFoundError:
+        await js.add_stream(config)
+    return await js.key_value(subjects.BUDGET_GATES)
