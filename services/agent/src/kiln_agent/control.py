@@ -81,6 +81,10 @@ def fork(
     turns = [Turn(i, t.role, t.content, t.iteration) for i, t in enumerate(kept)]
     cp.turns = len(turns)
     cp.state.compacted_before = min(source.state.compacted_before, cp.turns)
+    if source.state.summary is not None and source.state.summarised_before <= cp.turns:
+        # the source's summary of its oldest turns covers only kept ones: sent as it was
+        cp.state.summarised_before = source.state.summarised_before
+        cp.state.summary = source.state.summary
     blocks: list[dict[str, Any]] = []
     if turns and turns[-1].role == "assistant":
         blocks += [
