@@ -57,6 +57,14 @@ FIELDS: dict[str, dict[str, Any]] = {
     "tool_result": {"call_id": "c1", "iteration": 1, "output": "ok"},
     "iteration_completed": {"iteration": 1, "model": "m", "usage": {}, "stop_reason": "tool_use"},
     "checkpoint_saved": {"iteration": 1, "reason": "files_changed"},
+    "process_started": {
+        "process_id": "bash_1",
+        "call_id": "c1",
+        "iteration": 1,
+        "command": "sleep 9",
+        "sandbox_id": "sb1",
+    },
+    "process_exited": {"process_id": "bash_1", "how": "exited", "exit_code": 0},
     "snapshot_saved": {
         "snapshot_id": "s1",
         "iteration": 1,
