@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from functools import partial
 
-from kiln_contracts import CheckpointSaved, subjects
+from kiln_contracts import BuildRequested, CheckpointSaved, subjects
 from kiln_contracts.rpc import RestorePlanReply, RestorePlanRequest
 from kiln_runtime.bus import Bus, Delivery
 from kiln_runtime.rpc import Responder
@@ -23,7 +23,12 @@ def register(bus: Bus, deps: Deps, *, max_workers: int = 8) -> None:
         """Snapshot the build's workspace to S3 and publish SnapshotSaved."""
         await snapshots.take_snapshot(deps, event, delivery.stream_seq)
 
+    async def on_build_requested(msg: BuildRequested, delivery: Delivery) -> None:
+        """A fork: its first snapshot is a copy of its source's (other builds: nothing)."""
+        await snapshots.fork_requested(deps, msg)
+
     bus.consume(CheckpointSaved, on_checkpoint_saved, max_workers=max_workers)
+    bus.consume(BuildRequested, on_build_requested, max_workers=max_workers)
 
 
 def restore_plan_responder(deps: Deps) -> Responder[RestorePlanRequest, RestorePlanReply]:
