@@ -36,6 +36,7 @@ from kiln_contracts import (
     gate_key,
     subjects,
 )
+from kiln_gateway.adapters.jetstream import JetStreamHistory
 from kiln_runtime.bus import Bus, Delivery
 from kiln_runtime.settings import CommonSettings
 
@@ -56,6 +57,14 @@ FIELDS: dict[str, dict[str, Any]] = {
     "tool_result": {"call_id": "c1", "iteration": 1, "output": "ok"},
     "iteration_completed": {"iteration": 1, "model": "m", "usage": {}, "stop_reason": "tool_use"},
     "checkpoint_saved": {"iteration": 1, "reason": "files_changed"},
+    "process_started": {
+        "process_id": "bash_1",
+        "call_id": "c1",
+        "iteration": 1,
+        "command": "sleep 9",
+        "sandbox_id": "sb1",
+    },
+    "process_exited": {"process_id": "bash_1", "how": "exited", "exit_code": 0},
     "snapshot_saved": {
         "snapshot_id": "s1",
         "iteration": 1,
@@ -228,6 +237,9 @@ async def test_each_service_user_runs_its_own_flows(server, uid):
         replayed = [await sub.next_msg(timeout=5) for _ in of_the_build]
         assert [m.subject.rsplit(".", 1)[1] for m in replayed] == of_the_build
         await sub.unsubscribe()
+        # ... and reads its checkpoints (where a fork's snapshot is) the same way
+        checkpoints = await JetStreamHistory(buses["gateway"].nc).checkpoints(build_id)
+        assert [c.iteration for c in checkpoints] == [1]
 
         # The budget replays its kinds from the stream (the rebuild of a lost Redis).
         kinds = [BY_KIND[k] for k in SERVICES["budget"]["consumes"]]
