@@ -278,6 +278,16 @@ async def test_manifest_and_upload_run_inside_the_sandbox(e2b, blobs):
     with pytest.raises(SandboxError, match="outside"):
         await sb.upload("../x", digest, f"{base}/blob/x")
 
+    # one command per upload (the script confines the path itself), symlinks leading out refused
+    calls = e2b.sandboxes[sb.sandbox_id].calls
+    before = calls.count("process.Start")
+    assert await sb.upload("src/app.py", digest, f"{base}/blob/again") == 12
+    assert calls.count("process.Start") - before == 1
+    await sb.run("ln -s /etc/hostname out.txt", timeout_s=10, max_output=100)
+    with pytest.raises(SandboxError, match="outside the workspace"):
+        await sb.upload("out.txt", digest, f"{base}/blob/out")
+    assert "/blob/out" not in store
+
 
 def _call(build_id: str, call_id: str, command: str) -> ToolCall:
     return ToolCall(

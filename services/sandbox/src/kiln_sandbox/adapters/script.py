@@ -25,6 +25,7 @@ from ..ports import (
     FileInfo,
     FsOp,
     Located,
+    PathOutsideWorkspace,
     SandboxError,
     TransferFailed,
 )
@@ -49,6 +50,7 @@ class ScriptMachine:
 
     manifest_timeout_s: float = 120.0
     transfer_timeout_s: float = 300.0
+    put_confines = True  # ``put`` refuses a path whose real path is outside: no ``locate`` first
     request_timeout_s: float = 30.0
 
     async def _exec(
@@ -170,6 +172,8 @@ class ScriptMachine:
 
 
 def _transferred(code: int, out: str, err: str) -> int:
+    if code == 6:
+        raise PathOutsideWorkspace(err.strip())
     if code == 4:
         raise DigestMismatch(err.strip())
     if code == 3:

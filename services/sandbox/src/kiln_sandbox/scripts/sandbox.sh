@@ -76,9 +76,13 @@ cmd_walk() {
   return 0
 }
 
-# put PATH SHA256 URL TIMEOUT_S: PUT the file if it hashes to SHA256; prints its size.
+# put PATH SHA256 URL TIMEOUT_S: PUT the file if it hashes to SHA256 and its real path is in the
+# workspace (else exit 6); prints its size.
 cmd_put() {
   local h
+  case $(realpath -m --relative-base=. -- "$1") in  # confined here: no round trip to resolve it
+    /* | .. | ../*) printf '%s resolves outside the workspace' "$1" >&2; exit 6 ;;
+  esac
   h=$(sha256sum <"./$1" | cut -c1-64) || exit 3
   [ "$h" = "$2" ] || { printf '%s' "$h" >&2; exit 4; }
   curl -sS --fail-with-body --max-time "$4" -X PUT -T "./$1" -o /dev/null --url "$3" || exit 5
