@@ -240,7 +240,17 @@ def list_(
             cursor = page.get("next_cursor")
             if not cursor:
                 break
-    table = Table("build", "status", "iter", "cost", "created")
+    console.print(builds_table(builds))
+
+
+def builds_table(builds: list[dict[str, Any]]) -> Table:
+    """The builds, their ids whole at any terminal width (an id is for copying: the other
+    columns wrap first, and the table overflows rather than cut an id)."""
+    table = Table()
+    id_width = max((len(str(b["build_id"])) for b in builds), default=5)
+    table.add_column("build", no_wrap=True, min_width=id_width, overflow="fold")
+    for name in ("status", "iter", "cost", "created"):
+        table.add_column(name)
     for b in builds:
         table.add_row(
             b["build_id"],
@@ -249,7 +259,7 @@ def list_(
             usd(int(b["cost_micro_usd"])),
             str(b["created_at"])[:19],
         )
-    console.print(table)
+    return table
 
 
 @app.command()
