@@ -192,7 +192,7 @@ class Infra:
             port = fixed or free_port()
             _check_port(port, what, env_var)
             proc = spawn(name, args(port), self.log_dir)
-            wait_for(lambda p=port, c=proc: port_in_use(p) or not c.alive(), what)
+            wait_for(lambda p=port, c=proc: port_in_use(p) or not c.alive(), what)  # type: ignore[misc]
             if proc.alive():
                 self.processes.append(proc)
                 return port
