@@ -243,8 +243,8 @@ async def test_creation_survives_429_and_503_and_reports_a_busy_service(e2b):
 
 
 async def test_an_sdk_call_that_hangs_times_out_with_a_clear_error(e2b):
+    sb = await provider(e2b).create("b1")  # made at ordinary timeouts (a loaded machine)
     p = provider(e2b, request_timeout_s=0.2, slack_s=0.1)
-    sb = await p.create("b1")
     e2b.stalled.add("connect")
     try:
         with pytest.raises(SandboxError, match=r"no answer from E2B|timed out"):
