@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from kiln_contracts import PreviewAvailable
+from kiln_contracts import PreviewAvailable, ProcessStarted
 from kiln_devstack.stack import DEV_API_KEY, DEV_USER, Stack
 from kiln_runtime.bus import Bus
 from kiln_runtime.settings import CommonSettings
@@ -75,7 +75,7 @@ class Listener:
         self.sock.close()
 
 
-def publish(stack: Stack, message: PreviewAvailable) -> None:
+def publish(stack: Stack, message: PreviewAvailable | ProcessStarted) -> None:
     async def send() -> None:
         bus = Bus(CommonSettings(nats_url=stack.env["NATS_URL"]), "previewtest")
         await bus.connect()
@@ -259,6 +259,13 @@ def test_the_preview_shows_the_app_to_its_owner_only_and_reaches_nothing_else(
             base = f"ws://{stack.gateway_url.split('://', 1)[1]}"
             with pytest.raises(InvalidStatus):  # not a preview yet
                 connect(f"{base}{token['url_prefix']}{ws_port}/hot", open_timeout=30).close()
+            # its process: the test's own session (the proxy checks in /proc that the socket
+            # listening on the port is held by the session of the process the preview names)
+            publish(stack, ProcessStarted(
+                build_id=build_id, user_id=DEV_USER, process_id="bash_ws", call_id="toolu_ws",
+                iteration=1, command="(the test's WebSocket echo server)", sandbox_id=build_id,
+                pid=os.getsid(0),
+            ))  # fmt: skip
             publish(stack, PreviewAvailable(
                 build_id=build_id, user_id=DEV_USER, process_id="bash_ws", port=ws_port,
                 provider="local", sandbox_id=build_id,

@@ -531,3 +531,27 @@ def test_previews_are_projected_per_port_and_the_proxy_reaches_only_the_builds_o
     s3 = builds.evolve(s, e2b, 6)
     assert refused(_build(s3), 3000) == 404
     assert {p.port: p.url for p in BuildOut.of(_build(s3)).previews}[3000] == e2b.url
+
+
+def test_the_proxy_checks_in_proc_that_the_builds_process_session_holds_the_port():
+    import os
+    import socket
+
+    from kiln_gateway import previews
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+        assert not previews.held_by(port, os.getsid(0))  # bound, not listening yet
+        s.listen()
+        assert previews.held_by(port, os.getsid(0))
+        assert not previews.held_by(port, os.getsid(0) + 100_000)  # another session's
+    assert not previews.held_by(port, os.getsid(0))  # closed
+    state = dataclasses.replace(
+        Projection(),
+        processes='[{"process_id": "bash_1", "status": "running", "pid": 41},'
+        ' {"process_id": "bash_2", "status": "stopped", "pid": 42}]',
+    )
+    assert previews.process_pid(_build(state), "bash_1") == 41
+    assert previews.process_pid(_build(state), "bash_2") is None  # not running
+    assert previews.process_pid(_build(state), "bash_3") is None

@@ -13,7 +13,9 @@ process); the port is not one of the gateway's own (``refused_ports``). The host
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from kiln_contracts import PreviewAvailable, PreviewGone
 
@@ -132,3 +134,48 @@ def target(
             404, "No preview", f"port {port} is no longer this build's (another build holds it)"
         )
     return LOOPBACK, port
+
+
+def process_pid(build: Build, process_id: str) -> int | None:
+    """The pid (its session's id) of one of the build's running processes, as projected."""
+    for p in json.loads(build.state.processes or "[]"):
+        if p.get("process_id") == process_id and p.get("status") == "running":
+            pid = p.get("pid")
+            return int(pid) if isinstance(pid, int) else None
+    return None
+
+
+def _listening_inodes(port: int, proc: Path) -> set[str]:
+    inodes = set()
+    for table in ("net/tcp", "net/tcp6"):
+        try:
+            lines = (proc / table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) > 9 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f[9])
+    return inodes
+
+
+def held_by(port: int, session: int, proc: Path = Path("/proc")) -> bool:
+    """Whether a process of session ``session`` holds the socket listening on TCP ``port``
+    (``/proc``: the LISTEN entries' inodes against each process's fds). Blocking: run it in a
+    thread."""
+    wanted = {f"socket:[{i}]" for i in _listening_inodes(port, proc)}
+    if not wanted:
+        return False
+    for d in proc.iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[3]) != session:
+                continue
+            for fd in os.scandir(d / "fd"):
+                if os.readlink(fd.path) in wanted:
+                    return True
+        except (OSError, ValueError, IndexError):
+            continue
+    return False

@@ -94,7 +94,14 @@ async def _owner(rt: Wiring, build_id: str, key: str | None, token: str | None) 
 async def _target(rt: Wiring, build: Build, port: int) -> tuple[str, int]:
     refused = frozenset({rt.settings.gateway_port, *rt.settings.preview_refused_ports})
     holder = await rt.store.preview_holder(port)
-    return previews.target(build, port, holder, refused)
+    host, port = previews.target(build, port, holder, refused)
+    shown = next(p for p in previews.previews_of(build) if p.port == port)
+    session = previews.process_pid(build, shown.process_id)
+    if session is None or not await asyncio.to_thread(previews.held_by, port, session):
+        raise previews.Unreachable(
+            404, "No preview", f"no process of this build listens on port {port} now"
+        )
+    return host, port
 
 
 def _page(err: previews.Unreachable) -> HTMLResponse:
