@@ -11,7 +11,16 @@ from pathlib import Path
 
 import httpx
 
-from .infra import Infra, InfraError, Process, free_port, port_in_use, spawn, wait_for
+from .infra import (
+    Infra,
+    InfraError,
+    Process,
+    free_port,
+    port_in_use,
+    reserve_port,
+    spawn,
+    wait_for,
+)
 
 SERVICES = ("gateway", "agent", "sandbox", "budget", "snapshot", "webhooks")
 DEV_API_KEY = "kiln_dev_key_local_only"
@@ -32,6 +41,7 @@ class Stack:
 
     def __post_init__(self) -> None:
         self.infra = Infra(self.data_dir, nats_port=self.nats_port)
+        reserve_port(self.gateway_port)  # never handed to another part of this stack
 
     @property
     def gateway_url(self) -> str:
