@@ -106,6 +106,12 @@ class Workspace:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.background: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+
+    def close(self) -> None:
+        for proc, _ in self.background.values():
+            proc.kill()
+            proc.wait()
 
     def _path(self, rel: Any) -> Path:
         path = (self.root / str(rel or ".")).resolve()
@@ -134,6 +140,21 @@ class Workspace:
                     raise ValueError(f"old_string occurs {body.count(old)} times")
                 p.write_text(body.replace(old, new))
                 out, changed = f"edited {args['path']}", [str(args["path"])]
+            elif call.tool == "bash" and args.get("run_in_background"):
+                pid = f"bash_{len(self.background) + 1}"
+                log = self.root.parent / f"{self.root.name}.{pid}.out"
+                with log.open("wb") as f:
+                    started = subprocess.Popen(  # stopped by close(), and after 120 s anyway
+                        ["timeout", "120", "bash", "-c",
+                         str(args["command"]).replace("python ", f"{sys.executable} ", 1)],
+                        cwd=self.root, stdout=f, stderr=subprocess.STDOUT,
+                    )  # fmt: skip
+                self.background[pid] = (started, log)
+                out = f"Command running in background with ID: {pid}"
+            elif call.tool == "bash_output":
+                started, log = self.background[str(args["bash_id"])]
+                state = "running" if started.poll() is None else f"exited {started.returncode}"
+                out = f"{args['bash_id']}: {state}\n{log.read_text()}"
             elif call.tool == "bash":
                 proc = subprocess.run(
                     str(args["command"]).replace("python ", f"{sys.executable} ", 1),

@@ -58,16 +58,20 @@ DONE = ([text("All done.")], "end_turn")
 
 async def test_happy_path_with_the_scripted_model_and_real_tools(tmp_path: Path) -> None:
     agent, store, pub = make_agent(ScriptedModel())
-    ws = Workspace(tmp_path)
+    ws = Workspace(tmp_path / "ws")
+    ws.root.mkdir()
     await agent.build_requested(request(understanding_qna=[QnA(question="Who?", answer="Me")]))
     answered: set[str] = set()
-    for _ in range(20):
-        calls = [c for c in pub.of(ToolCall) if c.call_id not in answered]
-        if not calls:
-            break
-        for call in calls:
-            answered.add(call.call_id)
-            await agent.tool_result(ws.run(call))
+    try:
+        for _ in range(30):
+            calls = [c for c in pub.of(ToolCall) if c.call_id not in answered]
+            if not calls:
+                break
+            for call in calls:
+                answered.add(call.call_id)
+                await agent.tool_result(ws.run(call))
+    finally:
+        ws.close()
     done = pub.of(BuildCompleted)
     assert len(done) == 1, [type(m).__name__ for m in pub.sent]
     assert "all tests pass" in done[0].summary
@@ -90,7 +94,10 @@ async def test_happy_path_with_the_scripted_model_and_real_tools(tmp_path: Path)
     assert any(c.reason == "files_changed" for c in pub.of(CheckpointSaved))
     # a turn with three parallel calls, and the package really works at the end
     assert max(len([c for c in pub.of(ToolCall) if c.iteration == n]) for n in range(1, 9)) == 3
-    assert "-item[1]" in (tmp_path / "textstats/__init__.py").read_text()
+    assert "-item[1]" in (ws.root / "textstats/__init__.py").read_text()
+    # the page: written, served in the background, fetched
+    assert "serving textstats on" in (tmp_path / "ws.bash_1.out").read_text()
+    assert any("the page answers" in n.text for n in narrated if n.source == "narrate")
     cp = await store.load("b1")
     assert cp is not None and cp.status == "completed"
     assert [t.seq for t in await store.turns("b1")] == list(range(cp.turns))

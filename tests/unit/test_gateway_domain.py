@@ -479,3 +479,79 @@ async def test_event_stream_passes_the_ends_of_runs_the_build_continued_from():
                   state=Projection(status="completed", terminal_seq=7, continuations=1))  # fmt: skip
     out = [chunk async for chunk in builds.event_stream(src, build, 0, 15)]
     assert [c.split("\n")[0] for c in out[1:]] == ["id: 4", "id: 5", "id: 6", "id: 7"]
+
+
+def _build(state: Projection, build_id: str = "b1") -> Build:
+    return Build(
+        build_id=build_id, user_id="u1", tier="pro", idea_brief="x", understanding_qna=[],
+        limits={}, created_at=datetime.now(UTC), updated_at=datetime.now(UTC), state=state,
+    )  # fmt: skip
+
+
+def test_previews_are_projected_per_port_and_the_proxy_reaches_only_the_builds_own():
+    from kiln_contracts import PreviewAvailable, PreviewGone
+    from kiln_gateway import previews
+
+    s = builds.evolve(Projection(), ev(BuildRequested, idea_brief="x"), 1)
+    up = ev(
+        PreviewAvailable, process_id="bash_1", port=8000, provider="local", sandbox_id="b1",
+        url="/v1/builds/b1/preview/8000/",
+    )  # fmt: skip
+    s = builds.evolve(s, up, 2)
+    build = _build(s)
+    (shown,) = BuildOut.of(build).previews
+    assert (shown.port, shown.status, shown.url) == (8000, "available", up.url)
+    assert previews.target(build, 8000, "b1", frozenset({8080})) == ("127.0.0.1", 8000)
+
+    def refused(b: Build, port: int, holder: str | None = "b1") -> int:
+        with pytest.raises(previews.Unreachable) as err:
+            previews.target(b, port, holder, frozenset({8080}))
+        return err.value.status
+
+    assert refused(build, 8001) == 404  # no process of the build listens there
+    assert refused(build, 8080) == 403  # the gateway's own port
+    assert refused(build, 8000, holder="b2") == 404  # taken since by another build
+    assert refused(build, 8000, holder=None) == 404
+    # another process's gone for that port changes nothing; its own ends it
+    s2 = builds.evolve(s, ev(PreviewGone, process_id="bash_9", port=8000, reason="x"), 3)
+    assert BuildOut.of(_build(s2)).previews[0].status == "available"
+    s2 = builds.evolve(s2, ev(PreviewGone, process_id="bash_1", port=8000, reason="ended"), 4)
+    assert (BuildOut.of(_build(s2)).previews[0].status, refused(_build(s2), 8000)) == (
+        "gone", 410
+    )  # fmt: skip
+    # asleep: gone, and the proxy says so
+    asleep = builds.evolve(s, ev(BuildSleeping, reason="budget"), 5)
+    (shown,) = BuildOut.of(_build(asleep)).previews
+    assert (shown.status, shown.reason) == ("gone", "the build is sleeping")
+    assert refused(_build(asleep), 8000) == 503
+    # an e2b preview is the sandbox's host, never proxied
+    e2b = up.model_copy(
+        update={"port": 3000, "provider": "e2b", "url": "https://3000-sbx.e2b.app/"}
+    )
+    s3 = builds.evolve(s, e2b, 6)
+    assert refused(_build(s3), 3000) == 404
+    assert {p.port: p.url for p in BuildOut.of(_build(s3)).previews}[3000] == e2b.url
+
+
+def test_the_proxy_checks_in_proc_that_the_builds_process_session_holds_the_port():
+    import os
+    import socket
+
+    from kiln_gateway import previews
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+        assert not previews.held_by(port, os.getsid(0))  # bound, not listening yet
+        s.listen()
+        assert previews.held_by(port, os.getsid(0))
+        assert not previews.held_by(port, os.getsid(0) + 100_000)  # another session's
+    assert not previews.held_by(port, os.getsid(0))  # closed
+    state = dataclasses.replace(
+        Projection(),
+        processes='[{"process_id": "bash_1", "status": "running", "pid": 41},'
+        ' {"process_id": "bash_2", "status": "stopped", "pid": 42}]',
+    )
+    assert previews.process_pid(_build(state), "bash_1") == 41
+    assert previews.process_pid(_build(state), "bash_2") is None  # not running
+    assert previews.process_pid(_build(state), "bash_3") is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from kiln_contracts import (
     Download,
     Envelope,
     ManifestRequest,
+    PreviewAvailable,
+    PreviewGone,
     ProcessExited,
     ProcessStarted,
     RestorePlanReply,
@@ -678,3 +681,97 @@ async def test_a_sandbox_that_cannot_stop_its_processes_is_still_paused(svc, uid
         )
         == 1
     )
+
+
+# ---------------------------------------------------------------------------- previews
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _until_preview(svc: SandboxService, uid: str) -> PreviewAvailable:
+    """Tool calls of the build until one has seen the server listen (each looks at the others)."""
+    deadline = time.monotonic() + 30
+    n = 0
+    while not bus(svc).of(PreviewAvailable):
+        assert time.monotonic() < deadline, "the server's port was never seen"
+        n += 1
+        await svc.handle_tool_call(tool_call(uid, f"look{n}", input={"command": "true"}))
+        await asyncio.sleep(0.05)
+    (seen,) = bus(svc).of(PreviewAvailable)
+    return seen
+
+
+async def test_a_listening_process_is_a_preview_until_the_build_sleeps(svc, uid):
+    port = _free_port()
+    await svc.handle_tool_call(
+        _background(uid, "srv", f"exec python3 -m http.server {port} --bind 127.0.0.1")
+    )
+    seen = await _until_preview(svc, uid)
+    assert (seen.port, seen.process_id, seen.provider) == (port, "bash_1", "local")
+    assert seen.url == f"/v1/builds/b{uid}/preview/{port}/"
+    assert seen.traffic_access_token is None
+    # looking again sees the same port: nothing new
+    await svc.handle_tool_call(tool_call(uid, "again", input={"command": "true"}))
+    assert len(bus(svc).of(PreviewAvailable)) == 1 and bus(svc).of(PreviewGone) == []
+    sleep = SnapshotSaved(
+        build_id=f"b{uid}", user_id="u1", snapshot_id="s-sleep", iteration=1, reason="sleep",
+        files=1, bytes_total=1, bytes_uploaded=1,
+    )  # fmt: skip
+    await svc.handle_snapshot_saved(sleep)
+    (gone,) = bus(svc).of(PreviewGone)
+    assert (gone.port, gone.process_id) == (port, "bash_1") and "stopped" in gone.reason
+    published = bus(svc).published
+    assert published.index(gone) < published.index(bus(svc).of(ProcessExited)[0])
+
+
+async def test_a_port_no_longer_listened_on_is_gone_and_the_e2b_host_is_the_url(svc, uid):
+    port = _free_port()
+    script = (
+        "import socket,time,os\n"
+        f"s=socket.socket();s.bind(('127.0.0.1',{port}));s.listen()\n"
+        "while not os.path.exists('close'): time.sleep(0.05)\n"
+        "s.close()\ntime.sleep(300)\n"
+    )
+    await svc.handle_tool_call(
+        tool_call(uid, "w", tool="write_file", input={"path": "srv.py", "content": script})
+    )
+    await svc.handle_tool_call(_background(uid, "srv", "exec python3 srv.py"))
+    await _until_preview(svc, uid)
+    await svc.handle_tool_call(tool_call(uid, "close", input={"command": "touch close"}))
+    deadline = time.monotonic() + 30
+    n = 0
+    while not bus(svc).of(PreviewGone):
+        assert time.monotonic() < deadline, "the closed port was never seen gone"
+        n += 1
+        await svc.handle_tool_call(tool_call(uid, f"gone{n}", input={"command": "true"}))
+        await asyncio.sleep(0.05)
+    (gone,) = bus(svc).of(PreviewGone)
+    assert (gone.port, gone.reason) == (port, "no longer listening")
+    assert bus(svc).of(ProcessExited) == []  # the process itself still runs
+    await svc.handle_build_ended(
+        BuildFailed(build_id=f"b{uid}", user_id="u1", reason="internal", iterations=1,
+                    cost_micro_usd=0)
+    )  # fmt: skip
+    assert len(bus(svc).of(PreviewGone)) == 1  # its port was gone already
+
+
+def test_the_e2b_machine_gives_the_sdks_host_and_traffic_token():
+    from kiln_sandbox.adapters.e2b import E2BProvider, E2BSandbox
+
+    class Sdk:
+        sandbox_id = "sbx1"
+        traffic_access_token = "tok"
+        files = commands = None
+
+        def get_host(self, port: int) -> str:
+            return f"{port}-sbx1.e2b.app"
+
+    machine = E2BSandbox(E2BProvider(api_key="k", sdk=object()), Sdk())  # type: ignore[arg-type]
+    target = machine.preview(3000)
+    assert (target.provider, target.url, target.traffic_access_token) == (
+        "e2b", "https://3000-sbx1.e2b.app/", "tok"
+    )  # fmt: skip

@@ -176,6 +176,15 @@ class KilnClient:
         result: dict[str, Any] = self._json(self.http.post(f"/v1/builds/{build_id}/{what}"))
         return result
 
+    def preview_url(self, build_id: str, preview: dict[str, Any]) -> str:
+        """An address a browser can open for a preview event's or a build's preview: E2B's host
+        as it is; the gateway's proxy with a short-lived preview token in its path."""
+        url = str(preview.get("url") or "")
+        if not url.startswith("/"):
+            return url
+        token: dict[str, Any] = self._json(self.http.post(f"/v1/builds/{build_id}/preview/token"))
+        return f"{str(self.http.base_url).rstrip('/')}{token['url_prefix']}{preview['port']}/"
+
     def budget(self) -> dict[str, Any]:
         result: dict[str, Any] = self._json(self.http.get("/v1/budget"))
         return result

@@ -124,6 +124,7 @@ def follow(
     that message on are shown, until the end of the run that answers it."""
     renderer = Renderer(console)
     renderer.quiet = after_message is not None
+    renderer.preview_link = lambda d: client.preview_url(build_id, d)
     allowance = _allowance(client)
     with console.status(progress_line(renderer, allowance)) as line:
         for event in client.follow(build_id, on_idle=on_idle, after_message=after_message):

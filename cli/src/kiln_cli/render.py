@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from rich.console import Console
@@ -44,6 +44,9 @@ class Renderer:
         self.tool: str | None = None
         self.woken = False
         self.quiet = False  # follow the events without printing them (history not to show)
+        # the address a browser opens for a preview event (the CLI's client adds a token)
+        self.preview_link: Callable[[dict[str, Any]], str] = lambda d: str(d.get("url", ""))
+        self.previews: dict[int, str] = {}  # port -> address, while available
 
     def __call__(self, event: SseEvent) -> None:
         handler = getattr(self, f"on_{event.kind}", None)
@@ -128,6 +131,18 @@ class Renderer:
             f"[dim]  snapshot {escape(str(d.get('snapshot_id')))}: {d.get('files', 0)} files, "
             f"{d.get('bytes_uploaded', 0)} bytes uploaded[/]"
         )
+
+    def on_preview_available(self, d: dict[str, Any]) -> None:
+        try:
+            link = self.preview_link(d)
+        except Exception as e:  # the preview is still there; only its token is not
+            link = f"{d.get('url')} (no preview token: {e})"
+        self.previews[int(d["port"])] = link
+        self.print(f"[bold green]preview[/]  port {d['port']}: {escape(link)}")
+
+    def on_preview_gone(self, d: dict[str, Any]) -> None:
+        if self.previews.pop(int(d["port"]), None) is not None:
+            self.print(f"[dim]preview  port {d['port']} gone ({escape(str(d.get('reason')))})[/]")
 
     def on_build_sleeping(self, d: dict[str, Any]) -> None:
         self.status = "sleeping"

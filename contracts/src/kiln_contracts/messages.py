@@ -396,6 +396,39 @@ class ProcessExited(Envelope):
     reason: str = ""
 
 
+class PreviewAvailable(Envelope):
+    """A background process of the build listens on a TCP port: the running app can be looked
+    at. Provider ``e2b``: ``url`` is the sandbox's public host for the port (E2B's
+    ``get_host``); where the sandbox's traffic is private, ``traffic_access_token`` goes in the
+    ``e2b-traffic-access-token`` header. Provider ``local``: ``url`` is the gateway's proxy path
+    for the port (``/v1/builds/<id>/preview/<port>/``, the gateway's own address before it), open
+    to the build's owner only."""
+
+    kind: ClassVar[str] = "preview_available"
+
+    process_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    port: int = Field(ge=1, le=65535)
+    provider: Annotated[str, StringConstraints(min_length=1, max_length=32)]
+    sandbox_id: str
+    url: Annotated[str, StringConstraints(min_length=1, max_length=2_000)]
+    traffic_access_token: str | None = Field(
+        default=None,
+        description="E2B's token for a sandbox whose traffic is private (header "
+        "e2b-traffic-access-token); none when its ports are public or on the local provider.",
+    )
+
+
+class PreviewGone(Envelope):
+    """A preview is no longer there: its process stopped listening on the port, ended, was
+    stopped (sleep, cancel, the build's end) or was lost with its sandbox."""
+
+    kind: ClassVar[str] = "preview_gone"
+
+    process_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    port: int = Field(ge=1, le=65535)
+    reason: str = ""
+
+
 class BuildCompleted(Envelope):
     kind: ClassVar[str] = "build_completed"
 
@@ -466,6 +499,8 @@ MESSAGES: tuple[type[Envelope], ...] = (
     SandboxStopped,
     ProcessStarted,
     ProcessExited,
+    PreviewAvailable,
+    PreviewGone,
     BuildCompleted,
     BuildFailed,
     BuildCancelled,

@@ -29,6 +29,8 @@ from .messages import (
     Id,
     IterationCompleted,
     Model,
+    PreviewAvailable,
+    PreviewGone,
 )
 
 # The event types an endpoint may ask for, and the message each one is made from.
@@ -42,6 +44,8 @@ EVENT_TYPES: Final[dict[str, type[Envelope]]] = {
     "build.cancelled": BuildCancelled,
     "build.rejected": BuildRejected,
     "build.iteration": IterationCompleted,
+    "preview.available": PreviewAvailable,
+    "preview.gone": PreviewGone,
 }
 TYPE_OF_KIND: Final[dict[str, str]] = {m.kind: t for t, m in EVENT_TYPES.items()}
 # What an endpoint gets when it names no types: every one but the per-iteration event.
@@ -57,6 +61,8 @@ EventType = Literal[
     "build.cancelled",
     "build.rejected",
     "build.iteration",
+    "preview.available",
+    "preview.gone",
 ]
 WebhookId = Annotated[str, StringConstraints(pattern=r"^wh_[a-f0-9]{32}$")]
 DeliveryId = Annotated[str, StringConstraints(pattern=r"^msg_[a-f0-9]{32}$")]

@@ -25,6 +25,7 @@ from . import (
     routes_budget_admin,
     routes_dlq,
     routes_fork,
+    routes_preview,
     routes_projects,
     routes_snapshots,
     routes_webhooks,
@@ -162,6 +163,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(routes_snapshots.router)
     app.include_router(routes_webhooks.router)
     app.include_router(routes_fork.router)
+    app.include_router(routes_preview.router)
     app.mount("/dashboard", StaticFiles(directory=STATIC, html=True), name="dashboard")
 
     @app.get("/", include_in_schema=False)

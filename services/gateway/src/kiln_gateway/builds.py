@@ -29,6 +29,8 @@ from kiln_contracts import (
     Envelope,
     ForkOrigin,
     IterationCompleted,
+    PreviewAvailable,
+    PreviewGone,
     ProcessExited,
     ProcessStarted,
     QnA,
@@ -42,6 +44,7 @@ from kiln_runtime.errors import RetryLater
 from . import model
 from .model import Build, Caller, Message, NewBuild, NewMessage, Projection
 from .ports import BuildStore, EventSource, Publish, StoredEvent
+from .previews import previews_after
 
 log = logging.getLogger(__name__)
 
@@ -340,6 +343,8 @@ def evolve(state: Projection, event: Envelope, seq: int) -> Projection:
         return replace(new, last_snapshot_id=event.snapshot_id)
     if isinstance(event, ProcessStarted | ProcessExited):  # after the end too: stopped then
         return replace(new, processes=processes_after(state.processes, event))
+    if isinstance(event, PreviewAvailable | PreviewGone):  # gone after the end too
+        return replace(new, previews=previews_after(state.previews, event, seq))
     if isinstance(event, BuildContinued):
         if event.continuation <= state.continuations:
             return new  # a repeat

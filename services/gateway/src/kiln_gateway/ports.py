@@ -52,6 +52,10 @@ class Checkpoint:
 class BuildStore(Protocol):
     async def caller_for_key(self, key_sha256: str) -> Caller | None: ...
 
+    async def preview_holder(self, port: int) -> str | None:
+        """The running build whose available local preview claimed ``port`` last."""
+        ...
+
     async def upsert_key(self, key_sha256: str, user_id: str, tier: str) -> None: ...
 
     async def insert_build(self, new: NewBuild, *, cap: int) -> Inserted:

@@ -12,6 +12,7 @@ from kiln_contracts import BuildLimits, QnA
 
 from .budget import BudgetView
 from .model import ApiKey, Build, Message, Project
+from .previews import previews_of
 
 Brief = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100_000)]
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
@@ -136,6 +137,39 @@ class ProcessOut(BaseModel):
     sandbox_id: str | None = None
 
 
+class PreviewOut(BaseModel):
+    """A port a process of the build's sandbox listens on: the running app."""
+
+    port: int = Field(examples=[8000])
+    status: str = Field(
+        description="available, or gone (no longer listening, its process ended, the build "
+        "sleeping or ended; ``reason`` says which)"
+    )
+    url: str = Field(
+        description="e2b: the sandbox's host for the port; local: the gateway's proxy path "
+        "(/v1/builds/{id}/preview/{port}/), which needs a preview token (POST "
+        ".../preview/token) or the API key",
+        examples=["/v1/builds/b_1/preview/8000/"],
+    )
+    provider: str
+    process_id: str
+    reason: str | None = None
+    traffic_access_token: str | None = Field(
+        default=None,
+        description="e2b, private traffic: send it in the e2b-traffic-access-token header.",
+    )
+
+
+class PreviewToken(BaseModel):
+    token: str
+    expires_at: int = Field(description="Unix time the token stops working.")
+    url_prefix: str = Field(
+        description="The frame's address for a port: url_prefix + port + '/' (the token is in "
+        "the path, so the app's relative links keep it).",
+        examples=["/v1/builds/b_1/preview/t/<token>/"],
+    )
+
+
 class BuildOut(BaseModel):
     build_id: str
     status: str = Field(
@@ -169,6 +203,10 @@ class BuildOut(BaseModel):
         default_factory=list,
         description="The build's background processes, oldest first (GET /v1/builds/{id} only).",
     )
+    previews: list[PreviewOut] = Field(
+        default_factory=list,
+        description="The build's previews, one per port (GET /v1/builds/{id} only).",
+    )
 
     @classmethod
     def of(cls, build: Build, *, detail: bool = True) -> BuildOut:
@@ -201,6 +239,20 @@ class BuildOut(BaseModel):
                 else None
             ),
             processes=[ProcessOut.model_validate(p) for p in json.loads(s.processes)]
+            if detail
+            else [],
+            previews=[
+                PreviewOut(
+                    port=p.port,
+                    status=p.status,
+                    url=p.url,
+                    provider=p.provider,
+                    process_id=p.process_id,
+                    reason=p.reason,
+                    traffic_access_token=p.traffic_access_token,
+                )
+                for p in previews_of(build)
+            ]
             if detail
             else [],
         )

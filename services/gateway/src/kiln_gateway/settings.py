@@ -47,5 +47,9 @@ class GatewaySettings(DatabaseSettings):
     # (set the same value on every replica).
     token_secret: str | None = None
     stream_token_ttl_s: int = Field(default=3600, ge=10)
+    # Previews on the local provider (kiln_gateway.previews): how long a preview token lasts, and
+    # ports the proxy never opens besides the gateway's own (the stack's other services).
+    preview_token_ttl_s: int = Field(default=3600, ge=10)
+    preview_refused_ports: list[int] = Field(default_factory=list)
     # The AsyncAPI document served at /v1/asyncapi.json (default: contracts/schemas/asyncapi.json).
     asyncapi_path: str | None = None

@@ -111,6 +111,11 @@ class Machine(Protocol):
         workspace: a shell word (quoted, or with ``$HOME``) for ``run``'s commands."""
         ...
 
+    def preview(self, port: int) -> PreviewTarget:
+        """Where a port the build's processes listen on can be reached from outside the
+        sandbox (no round trip)."""
+        ...
+
     async def run(self, command: str, *, timeout_s: float, max_output: int) -> CommandResult:
         """A shell command in the workspace, in a process group of its own that is killed at
         the timeout; its output's head and tail (``max_output`` bytes in all) are kept."""
@@ -256,6 +261,17 @@ class CallStore(Protocol):
 
 ProcessStatus = Literal["starting", "running", "exited", "killed", "stopped", "lost"]
 LIVE: frozenset[str] = frozenset({"starting", "running"})
+
+
+@dataclass(frozen=True)
+class PreviewTarget:
+    """A sandbox port as its provider exposes it: on E2B its public host (``url``, with the
+    traffic token where the sandbox's traffic is private); locally nothing (``url`` None): the
+    gateway proxies to the port on the host's loopback."""
+
+    provider: str
+    url: str | None = None
+    traffic_access_token: str | None = None
 
 
 @dataclass(frozen=True)

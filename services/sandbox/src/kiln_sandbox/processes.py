@@ -15,6 +15,14 @@ build goes on in another sandbox (restored after a loss, or continued) those sti
 live are ``lost``. Processes are not restarted: the next tool result of the build tells the
 model which processes ended that way (``notes``), and it starts again what it needs.
 Events: ``ProcessStarted`` and ``ProcessExited`` (stable ids: one each per process).
+
+Previews: whenever the service looks at a live process (every tool call of the build looks at
+the others; ``bash_output`` at its own) it records the TCP ports the process's session listens
+on; a port newly seen is a ``PreviewAvailable`` (its URL from the provider: E2B's host for the
+port, or the gateway's proxy path locally), a port no longer seen, or the process's end, a
+``PreviewGone``. Each is published before the record is updated, with an id stable per process,
+port and the event that saw the change: a redelivered message republishes the same ids, and a
+crash in between publishes the change again (the gateway's projection takes it once).
 """
 
 from __future__ import annotations
@@ -26,7 +34,15 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import replace
 
-from kiln_contracts import Envelope, ProcessExited, ProcessStarted, ToolCall, stable_id
+from kiln_contracts import (
+    Envelope,
+    PreviewAvailable,
+    PreviewGone,
+    ProcessExited,
+    ProcessStarted,
+    ToolCall,
+    stable_id,
+)
 
 from .ports import ProcessRecord, ProcessStatus, ProcessStore, Publisher, SandboxError
 from .workspace import Workspace
@@ -230,7 +246,9 @@ class Processes:
         if left > 0:
             notes.append(f"{left:,} more bytes of output not read yet; call bash_output again")
         ended = status in ("exited", "killed", "gone")
-        new = replace(record, read_offset=offset, ports=ports)
+        new = replace(record, read_offset=offset, ports=record.ports if ended else ports)
+        if not ended and record.live and ports != record.ports:
+            await self._ports_changed(ws, call, record, ports)
         if ended and record.live:
             how: ProcessStatus = "exited" if status == "exited" else "killed"
             new = replace(
@@ -323,15 +341,23 @@ class Processes:
             if status == "running":
                 found = tuple(int(x) for x in ports.split(",") if x.isdigit())
                 if found != r.ports:
+                    await self._ports_changed(ws, event, r, found)
                     await self.store.update(replace(r, ports=found))
                 continue
             new = replace(
                 r,
-                status="exited" if status == "exited" else "killed" if status == "killed" else "lost",
+                status="exited"
+                if status == "exited"
+                else "killed"
+                if status == "killed"
+                else "lost",
                 exit_code=int(rc) if rc.lstrip("-").isdigit() else None,
-                reason="exited by itself" if status == "exited" else "ended without an exit status"
-                if status == "killed" else "gone from its sandbox",
-            )  # fmt: skip
+                reason="exited by itself"
+                if status == "exited"
+                else "ended without an exit status"
+                if status == "killed"
+                else "gone from its sandbox",
+            )
             await self.store.update(new)
             await self._exited(event, new)
             ended.append(new)
@@ -375,7 +401,60 @@ class Processes:
             out.append(new)
         return out
 
+    async def _ports_changed(
+        self, ws: Workspace, event: Envelope, record: ProcessRecord, ports: tuple[int, ...]
+    ) -> None:
+        """Publish the previews a change of ``record``'s listening ports makes and ends."""
+        for port in sorted(set(record.ports) - set(ports)):
+            await self._gone(event, record, port, "no longer listening")
+        for port in sorted(set(ports) - set(record.ports)):
+            try:
+                target = ws.machine.preview(port)
+            except Exception as err:  # a provider that cannot say: no preview, the rest goes on
+                log.warning("no preview for port %s: %s", port, err,
+                            extra={"build_id": event.build_id})  # fmt: skip
+                continue
+            url = target.url or f"/v1/builds/{event.build_id}/preview/{port}/"
+            await self.bus.publish(
+                event.caused(
+                    PreviewAvailable,
+                    process_id=record.process_id,
+                    port=port,
+                    provider=target.provider,
+                    sandbox_id=record.sandbox_id,
+                    url=url,
+                    traffic_access_token=target.traffic_access_token,
+                ).with_id(
+                    stable_id(
+                        event.build_id,
+                        "preview_available",
+                        record.process_id,
+                        str(port),
+                        str(event.event_id),
+                    )
+                )
+            )
+            log.info("preview of %s on port %s: %s", record.process_id, port, url,
+                     extra={"build_id": event.build_id})  # fmt: skip
+
+    async def _gone(self, event: Envelope, record: ProcessRecord, port: int, reason: str) -> None:
+        await self.bus.publish(
+            event.caused(
+                PreviewGone, process_id=record.process_id, port=port, reason=reason
+            ).with_id(
+                stable_id(
+                    event.build_id,
+                    "preview_gone",
+                    record.process_id,
+                    str(port),
+                    str(event.event_id),
+                )
+            )
+        )
+
     async def _exited(self, event: Envelope, record: ProcessRecord) -> None:
+        for port in record.ports:
+            await self._gone(event, record, port, f"its process {record.status}")
         await self.bus.publish(
             event.caused(
                 ProcessExited,

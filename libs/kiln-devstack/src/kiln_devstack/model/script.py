@@ -5,7 +5,10 @@ of the last assistant turn is encoded in its tool_use ids, and the tool results 
 decide what comes next. The script builds a small standard-library Python package, ``textstats``,
 with the real sandbox tools: it plans (narrate + list_dir in parallel), writes the package with a
 deliberate bug, its unittest suite and a README (three parallel calls), runs the tests (they fail),
-reads the code, fixes the bug with edit_file, runs the tests again and reports. Whenever a result
+reads the code, fixes the bug with edit_file, runs the tests again, writes a page for it on the
+standard library's HTTP server (``textstats/web.py``), starts that server in the background
+(``bash`` with ``run_in_background``), reads its output (``bash_output``) for the address it
+serves on, fetches the page with Python's ``urllib`` and reports. Whenever a result
 is not what the script expects, it ends its turn and says so instead of pressing on.
 
 It answers the user too: a user text after its last turn (a message sent to the build) that says
@@ -97,6 +100,87 @@ if __name__ == "__main__":
     unittest.main()
 """
 
+SERVE_COMMAND = "python -u -m textstats.web --port 0"
+MAX_LOOKS = 10  # bash_output calls for the server's address before the script gives up
+
+WEB = '''"""textstats on the web: a page that shows a text's statistics (``python -m textstats.web``).
+
+Standard library only: ``http.server``. ``--port 0`` (the default) takes a free port; the address
+is printed on the first line, ``serving textstats on http://127.0.0.1:PORT/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+from . import char_count, line_count, top_words, word_count
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>textstats</title>
+<style>body{{font:16px system-ui,sans-serif;margin:2em;max-width:40em}}
+textarea{{width:100%;height:8em}}td{{padding:.2em 1em}}</style></head>
+<body><h1>textstats</h1>
+<form method="get" action="./"><textarea name="text">{text}</textarea>
+<p><button>Count</button></p></form>
+<table id="stats"><tr><td>words</td><td>{words}</td></tr><tr><td>lines</td><td>{lines}</td></tr>
+<tr><td>characters</td><td>{chars}</td></tr><tr><td>most common</td><td>{top}</td></tr></table>
+</body></html>
+"""
+
+
+def stats(text: str) -> dict[str, object]:
+    return {
+        "words": word_count(text),
+        "lines": line_count(text),
+        "chars": char_count(text),
+        "top": top_words(text, n=3),
+    }
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        url = urlsplit(self.path)
+        text = parse_qs(url.query).get("text", ["the cat and the hat"])[0]
+        if url.path.endswith("/stats.json"):
+            body, kind = json.dumps(stats(text)).encode(), "application/json"
+        else:
+            s = stats(text)
+            top = ", ".join(f"{w} ({n})" for w, n in s["top"])
+            body = PAGE.format(
+                text=html.escape(text), words=s["words"], lines=s["lines"], chars=s["chars"],
+                top=html.escape(top),
+            ).encode()
+            kind = "text/html; charset=utf-8"
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+    print(f"serving textstats on http://127.0.0.1:{server.server_port}/", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+CHECK = (
+    'python -c "import urllib.request as u; '
+    "page = u.urlopen('http://127.0.0.1:{port}/?text=a+b+a', timeout=10).read().decode(); "
+    "assert '<h1>textstats</h1>' in page, page[:300]; print('the page answers:', len(page), 'bytes')\""
+)
+
 README = f"""# textstats
 
 Word, line and character counts for text, and its most common words. Standard library only.
@@ -108,6 +192,8 @@ top_words("a b a", n=1)          # [("a", 2)]
 ```
 
 Run the tests: `{TEST_COMMAND}`
+
+See it in a browser: `python -m textstats.web` (it prints its address).
 """
 
 SUMMARY = (
@@ -115,7 +201,8 @@ SUMMARY = (
     "`char_count` and `top_words` in `textstats/__init__.py`, a unittest suite in "
     "`tests/test_textstats.py` and a README. The first test run caught a bug in `top_words` "
     "(least common words came first); it is fixed and all tests pass. "
-    f"Run them with `{TEST_COMMAND}`."
+    f"Run them with `{TEST_COMMAND}`. `textstats/web.py` serves a page that counts a text's "
+    "words (`python -m textstats.web`); it is running in the background now."
 )
 
 
@@ -319,7 +406,7 @@ def _script(
     def end(text: str) -> tuple[list[dict[str, Any]], str]:
         return [say(text)], "end_turn"
 
-    if any(r.get("is_error") for r in results) and phase not in ("test1", "test2"):
+    if any(r.get("is_error") for r in results) and phase not in ("test1", "test2", "check"):
         return end(f"I stopped: a tool failed unexpectedly: {_text(results[-1])[:500]}")
     if phase is None:
         phase_next = "plan"
@@ -345,8 +432,8 @@ def _script(
         return [call("bash", 0, command=TEST_COMMAND, timeout_s=60)], "tool_use"
     if phase == "test1":
         if _passed(results[0]):
-            phase_next = "report"
-            return [call("narrate", 0, text="All tests pass on the first run.")], "tool_use"
+            phase_next = "web"
+            return [call("write_file", 0, path="textstats/web.py", content=WEB)], "tool_use"
         if "test_top_words" not in _text(results[0]):
             return end("The tests fail in a way I did not expect:\n" + _text(results[0])[-1500:])
         phase_next = "read"
@@ -370,9 +457,38 @@ def _script(
             return end(
                 "I gave up: the tests still fail after my fix:\n" + _text(results[0])[-1500:]
             )
+        phase_next = "web"
+        return [
+            say("Fixed the sorting bug in top_words; all 5 tests pass. Now a page for it."),
+            call("write_file", 0, path="textstats/web.py", content=WEB),
+        ], "tool_use"
+    if phase == "web":
+        phase_next = "serve"
+        return [
+            say("Starting the page's server in the background."),
+            call("bash", 0, command=SERVE_COMMAND, run_in_background=True),
+        ], "tool_use"
+    if phase == "serve" or (phase or "").startswith("look"):
+        text = _text(results[-1])
+        if (m := re.search(r"\bbash_\d+\b", text)) is None:
+            return end("I could not start the page's server:\n" + text[-1500:])
+        if (port := re.search(r"http://127\.0\.0\.1:(\d+)/", text)) is not None:
+            phase_next = "check"
+            return [call("bash", 0, command=CHECK.format(port=port.group(1)), timeout_s=60)], (
+                "tool_use"
+            )
+        looks = int(phase[4:]) if phase and phase.startswith("look") else 0
+        if looks >= MAX_LOOKS or "running" not in text.splitlines()[0]:
+            return end("The page's server did not say where it serves:\n" + text[-1500:])
+        phase_next = f"look{looks + 1}"
+        wait = [call("bash", 0, command="sleep 0.5")] if looks else []
+        return [*wait, call("bash_output", len(wait), bash_id=m.group(0))], "tool_use"
+    if phase == "check":
+        if results[0].get("is_error") or "the page answers" not in _text(results[0]):
+            return end("The page did not answer as it should:\n" + _text(results[0])[-1500:])
         phase_next = "report"
         return [
-            call("narrate", 0, text="Fixed the sorting bug in top_words; all 5 tests pass."),
+            call("narrate", 0, text="All tests pass, and the page answers: " + _text(results[0])),
         ], "tool_use"
     if phase == "report":
         return end(SUMMARY)

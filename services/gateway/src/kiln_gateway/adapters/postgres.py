@@ -445,6 +445,18 @@ class PgStore:
             event.fork.snapshot_id if event.fork else None,
         )
 
+    async def preview_holder(self, port: int) -> str | None:
+        # Running builds only (few, on the local provider this serves), newest claim first.
+        return await self.pool.fetchval(
+            """
+            SELECT b.build_id FROM builds b, jsonb_array_elements(b.previews::jsonb) e
+            WHERE b.status = 'running' AND e->>'port' = $1 AND e->>'status' = 'available'
+              AND e->>'provider' = 'local'
+            ORDER BY (e->>'seq')::bigint DESC LIMIT 1
+            """,
+            str(port),
+        )
+
     async def update_projection(
         self, build_id: str, seq: int, evolve: Callable[[Projection], Projection]
     ) -> Literal["applied", "duplicate", "missing"]:

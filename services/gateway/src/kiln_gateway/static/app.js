@@ -150,6 +150,17 @@ function onEvent(kind, msg) {
     meter();
   } else if (kind === "snapshot_saved") {
     refreshSnapshots();
+  } else if (kind === "preview_available") {
+    state.previews.set(Number(data.port), data);
+    showPreview();
+  } else if (kind === "preview_gone") {
+    const shown = state.previews.get(Number(data.port));
+    if (shown && shown.process_id === data.process_id) {
+      state.previews.delete(Number(data.port));
+      showPreview(`The preview on port ${data.port} is gone: ${data.reason || "no longer listening"}.`);
+    }
+  } else if (kind === "tool_result" && (data.files_changed || []).length && state.previews.size) {
+    reloadPreview();
   } else if (kind === "build_requested" || kind === "build_resumed") {
     setStatus("running");
   } else if (kind === "build_continued") {
@@ -160,7 +171,11 @@ function onEvent(kind, msg) {
   } else if (kind === "build_sleeping") {
     setStatus("sleeping");
     $("tool").textContent = "–";
+    state.previews.clear();
+    showPreview("The build is sleeping: its app is stopped until it wakes and starts it again.");
   } else if (TERMINAL.has(kind)) {
+    state.previews.clear();
+    showPreview(`The build is ${kind.replace("build_", "")}: its app is no longer running.`);
     setStatus(kind.replace("build_", ""));
     $("tool").textContent = "–";
     state.cost = Math.max(state.cost, Number(data.cost_micro_usd || 0));
@@ -171,6 +186,54 @@ function onEvent(kind, msg) {
     loadBudget();
     awaitFinalSnapshot(state.build, Number(data.iterations || 0));
   }
+}
+
+// The preview: the newest port a process of the build listens on, in a frame of its own origin
+// (sandboxed), with a preview token in its address for the gateway's proxy (local provider).
+async function previewSrc(p) {
+  if (!String(p.url).startsWith("/")) return p.url;
+  const now = Date.now() / 1000;
+  if (!state.previewToken || state.previewToken.build !== state.build || state.previewToken.expires_at - 60 < now) {
+    const t = await (await api(`/v1/builds/${state.build}/preview/token`, { method: "POST" })).json();
+    state.previewToken = { ...t, build: state.build };
+  }
+  return `${state.previewToken.url_prefix}${p.port}/`;
+}
+
+async function showPreview(gone = "") {
+  const frame = $("preview-frame");
+  const last = [...state.previews.values()].pop();
+  $("preview").hidden = !last && !gone && !state.previewShown;
+  $("beside").classList.toggle("previewing", !$("preview").hidden);
+  if (!last) {
+    if (gone) $("preview-status").textContent = gone;
+    frame.hidden = true;
+    frame.removeAttribute("src");
+    $("preview-open").hidden = true;
+    $("preview-port").textContent = "";
+    state.previewSrc = null;
+    return;
+  }
+  state.previewShown = true;
+  const build = state.build;
+  const src = await previewSrc(last);
+  if (state.build !== build) return;
+  $("preview-port").textContent = `port ${last.port}`;
+  $("preview-status").textContent = last.traffic_access_token
+    ? "This sandbox's traffic is private: open it with its traffic token (e2b-traffic-access-token)."
+    : "";
+  $("preview-open").href = src;
+  $("preview-open").hidden = false;
+  frame.hidden = false;
+  if (state.previewSrc !== src) { frame.src = src; state.previewSrc = src; }
+}
+
+function reloadPreview() {
+  clearTimeout(state.previewReload);
+  state.previewReload = setTimeout(() => {
+    const frame = $("preview-frame");
+    if (state.previewSrc) { frame.src = state.previewSrc; }
+  }, 300);
 }
 
 // The final snapshot is written after the build's end, which closes the stream: look for it.
@@ -492,7 +555,7 @@ async function openStream(buildId) {
     "checkpoint_saved", "snapshot_saved", "agent_narrated", "build_sleeping", "build_resumed",
     "sandbox_started", "sandbox_restored", "sandbox_stopped", "sleep_requested",
     "wake_requested", "cancel_requested", "send_user_message", "build_continued",
-    "build_completed", "build_failed", "build_cancelled"];
+    "build_completed", "build_failed", "build_cancelled", "preview_available", "preview_gone"];
   for (const kind of kinds) source.addEventListener(kind, (msg) => onEvent(kind, msg));
   source.onerror = () => {
     // The browser reconnects by itself (with Last-Event-ID); when the stream was closed for
@@ -514,6 +577,10 @@ async function openBuild(buildId) {
   $("conversation").replaceChildren();
   $("log").replaceChildren();
   state.calls = new Map();
+  state.previews = new Map();
+  state.previewShown = false;
+  state.previewSrc = null;
+  showPreview();
   state.snapshot = null;
   state.snapshots = [];
   for (const id of ["snapshot", "diff-from", "diff-to", "tree", "diff"]) $(id).replaceChildren();

@@ -51,7 +51,7 @@ from e2b import (
     TimeoutException,
 )
 
-from ..ports import SandboxError, SandboxGone
+from ..ports import PreviewTarget, SandboxError, SandboxGone
 from .script import ScriptMachine, command
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,8 @@ class SdkSandbox(Protocol):
 
     @property
     def commands(self) -> Any: ...
+
+    def get_host(self, port: int) -> str: ...
 
 
 class Sdk(Protocol):
@@ -153,6 +155,17 @@ class E2BSandbox(ScriptMachine):
     @property
     def process_dir(self) -> str:
         return '"$HOME"/.kiln/processes'
+
+    def preview(self, port: int) -> PreviewTarget:
+        """The sandbox's host for ``port`` (the SDK's ``get_host``) and, where the sandbox's
+        traffic is private, the token its requests carry (``traffic_access_token``)."""
+        host = self._sb.get_host(port)
+        token = getattr(self._sb, "traffic_access_token", None)
+        return PreviewTarget(
+            provider="e2b",
+            url=f"https://{host}/",
+            traffic_access_token=token if isinstance(token, str) and token else None,
+        )
 
     def _abs(self, rel: str) -> str:
         return posixpath.join(self._root, rel) if rel else self._root

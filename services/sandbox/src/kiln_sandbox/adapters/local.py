@@ -33,6 +33,7 @@ from ..ports import (
     FsOp,
     Located,
     PathOutsideWorkspace,
+    PreviewTarget,
     SandboxError,
     SandboxGone,
     TransferFailed,
@@ -60,6 +61,9 @@ class LocalSandbox:
     @property
     def process_dir(self) -> str:
         return shlex.quote(str(self._provider.root / ".processes" / self.build_id))
+
+    def preview(self, port: int) -> PreviewTarget:
+        return PreviewTarget(provider="local")  # the gateway's proxy, to the host's loopback
 
     def _real(self, rel: str) -> str:
         """An absolute host path for a workspace-relative real path (as ``locate`` gave it)."""
