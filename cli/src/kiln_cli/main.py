@@ -428,8 +428,10 @@ def keys_list(
     console.print(table)
 
 
-def _start(data_dir: Path, port: int, extra_env: dict[str, str] | None = None) -> Stack:
-    stack = Stack(data_dir, gateway_port=port, extra_env=extra_env or {})
+def _start(
+    data_dir: Path, port: int, extra_env: dict[str, str] | None = None, nats_nodes: int = 1
+) -> Stack:
+    stack = Stack(data_dir, gateway_port=port, extra_env=extra_env or {}, nats_nodes=nats_nodes)
     with console.status("starting the stack (NATS, Postgres, Redis, S3, six services)…"):
         try:
             stack.start()
@@ -456,14 +458,22 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 def up(
     data_dir: Annotated[Path, typer.Option(help="Where the stack keeps its data.")] = Path(".kiln"),
     port: Annotated[int, typer.Option(help="The gateway's port.")] = 8080,
+    nats_nodes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="nats-server processes: 3 for a JetStream cluster on loopback, streams at 3 "
+            "replicas (ignored when NATS_URL is given).",
+        ),
+    ] = 1,
 ) -> None:
     """Start the whole local stack and keep it running until Ctrl-C."""
     with _sigterm_as_interrupt():
-        _up(data_dir, port)
+        _up(data_dir, port, nats_nodes)
 
 
-def _up(data_dir: Path, port: int) -> None:
-    stack = _start(data_dir, port)
+def _up(data_dir: Path, port: int, nats_nodes: int = 1) -> None:
+    stack = _start(data_dir, port, nats_nodes=nats_nodes)
     try:
         console.print(f"gateway   [bold]{stack.gateway_url}[/]  (docs: {stack.gateway_url}/docs)")
         console.print(f"API key   [bold]{stack.env.get('KILN_DEV_API_KEY', DEV_API_KEY)}[/]")
