@@ -431,7 +431,11 @@ def keys_list(
 def _start(
     data_dir: Path, port: int, extra_env: dict[str, str] | None = None, nats_nodes: int = 1
 ) -> Stack:
-    stack = Stack(data_dir, gateway_port=port, extra_env=extra_env or {}, nats_nodes=nats_nodes)
+    env = extra_env or {}
+    if nats_nodes > 1:  # a JetStream cluster on loopback, the streams at three replicas
+        stack = Stack(data_dir, gateway_port=port, extra_env=env, nats_nodes=nats_nodes)
+    else:
+        stack = Stack(data_dir, gateway_port=port, extra_env=env)
     with console.status("starting the stack (NATS, Postgres, Redis, S3, six services)…"):
         try:
             stack.start()
