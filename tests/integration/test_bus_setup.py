@@ -1,5 +1,7 @@
-"""A message published without ``event_id`` (an outside producer's JSON) gets one id that every
-consumer agrees on: from its ``Nats-Msg-Id``, else from its sequence on the stream."""
+"""The bus's set-up on real servers: a service finds no streams until the set-up step has made
+them (on a three-node cluster, at three replicas); a message published without ``event_id`` (an
+outside producer's JSON) gets one id that every consumer agrees on: from its ``Nats-Msg-Id``,
+else from its sequence on the stream."""
 
 from __future__ import annotations
 
@@ -14,9 +16,12 @@ import nats
 import pytest
 
 from kiln_contracts import BuildRequested, Envelope, stable_id, subjects
+from kiln_devstack.cluster import NatsCluster
 from kiln_devstack.infra import Infra
 from kiln_runtime.bus import Bus, Delivery
 from kiln_runtime.settings import CommonSettings
+from kiln_runtime.setup import set_up
+from kiln_runtime.streams import StreamsMissing
 
 pytestmark = pytest.mark.integration
 
@@ -81,3 +86,36 @@ async def test_consumers_agree_on_the_id_of_a_message_without_one(nats_url, uid)
         await producer.close()
         for bus in buses.values():
             await bus.stop(0)
+
+
+async def test_services_wait_for_the_set_up_step_on_a_cluster(tmp_path):
+    cluster = NatsCluster(tmp_path, tmp_path / "logs", size=3)
+    url = cluster.start()
+    try:
+        settings = CommonSettings(nats_url=url, stream_replicas=3)
+        bus = Bus(settings, "agent")
+        refusal: StreamsMissing | None = None
+        deadline = asyncio.get_running_loop().time() + 60
+        while refusal is None:  # a new cluster answers once it has elected its meta leader
+            assert asyncio.get_running_loop().time() < deadline, "JetStream never answered"
+            try:
+                await bus.connect()
+            except StreamsMissing as err:
+                refusal = err
+            except TimeoutError:
+                continue
+        assert "set-up step" in str(refusal)
+
+        await set_up(settings)
+        await bus.connect()
+        try:
+            js = bus.nc.jetstream()
+            for name in (subjects.STREAM, subjects.DLQ_STREAM, f"KV_{subjects.BUDGET_GATES}"):
+                info = await js.stream_info(name)
+                assert info.config.num_replicas == 3, name
+                assert info.cluster is not None and len(info.cluster.replicas or []) == 2
+            await bus.gates()
+        finally:
+            await bus.stop(0)
+    finally:
+        cluster.stop()
