@@ -149,6 +149,7 @@ class ClusterChaos(threading.Thread):
         self.stack.start_service(victim)
 
 
+@pytest.mark.timeout(900)  # twelve service processes and three servers on a shared machine
 def test_builds_survive_a_cluster_losing_its_leader_and_a_hung_node(stack: Stack) -> None:
     assert stack.env["KILN_STREAM_REPLICAS"] == "3"
     leader, _ = stream_leader(stack.infra.cluster)
