@@ -169,9 +169,9 @@ class TimedAgent(Agent):
     samples: dict[str, list[Sample]]
     deferred = 0  # ToolResults redelivered later (the lease still held by the previous handler)
 
-    async def build_requested(self, msg: BuildRequested) -> None:
+    async def build_requested(self, msg: BuildRequested, delivered: int = 1) -> None:
         if msg.build_id.startswith(self.prefix):
-            await super().build_requested(msg)
+            await super().build_requested(msg, delivered)
 
     async def tool_result(self, msg: ToolResult) -> None:
         if not msg.build_id.startswith(self.prefix):

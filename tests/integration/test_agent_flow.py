@@ -66,9 +66,9 @@ class OnlyMine(Agent):
 
     prefix = ""
 
-    async def build_requested(self, msg):  # type: ignore[no-untyped-def]
+    async def build_requested(self, msg, delivered=1):  # type: ignore[no-untyped-def]
         if msg.build_id.startswith(self.prefix):
-            await super().build_requested(msg)
+            await super().build_requested(msg, delivered)
 
     async def tool_result(self, msg):  # type: ignore[no-untyped-def]
         if msg.build_id.startswith(self.prefix):

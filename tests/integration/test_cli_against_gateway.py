@@ -1,5 +1,5 @@
-"""The kiln CLI against a real gateway: keys, list, logs, wake, say, cancel, download, budget, with
-the gateway's URL and keys from a config file."""
+"""The kiln CLI against a real gateway: keys, list, logs, wake, say, cancel, download, budget, fork,
+rollback, with the gateway's URL and keys from a config file."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typer.testing import CliRunner, Result
 
 from kiln_cli import main
 from kiln_cli.render import Renderer
-from kiln_contracts import AgentNarrated, BuildRequested, ToolCall
+from kiln_contracts import AgentNarrated, BuildRequested, IterationCompleted, ToolCall, Usage
 from tests.integration.test_gateway_api import Gateway, until
 from tests.integration.test_gateway_surface import ADMIN, _put_snapshot, gw  # noqa: F401
 
@@ -130,3 +130,49 @@ def test_progress_line_shows_iteration_tool_cost_and_sleep():
     assert "sleeping" in main.progress_line(r, None)
     r(SseEvent("build_resumed", {"reason": "wake"}))
     assert "woken" in main.progress_line(r, None)
+
+
+async def test_fork_and_rollback_against_a_gateway(gw: Gateway, infra, tmp_path: Path, uid: str):  # noqa: F811
+    user = f"fk{uid}"
+    api_key = await gw.key(user)
+    config = tmp_path / "config.toml"
+    config.write_text(f'url = "{gw.url}"\napi_key = "{api_key}"\n')
+    build_id = f"b{uid}"
+    await gw.bus.publish(
+        BuildRequested(build_id=build_id, user_id=user, tier="pro", idea_brief="x")
+    )
+    for i in (1, 2):
+        await gw.bus.publish(
+            IterationCompleted(
+                build_id=build_id, user_id=user, iteration=i, model="claude-haiku-4-5", usage=Usage(),
+                stop_reason="tool_use",
+            )
+        )  # fmt: skip
+
+    async def at_two() -> bool:
+        b = await gw.rt.store.get(build_id)
+        return b is not None and b.state.iteration == 2
+
+    await until(at_two)
+    snapshot = _put_snapshot(infra, "kiln-gw-surface", build_id, {"app.py": (b"print(1)\n", 0o644)})
+
+    forked = await kiln(config, "fork", build_id, "--at", "1")
+    assert forked.exit_code == 0, forked.output
+    assert f"build {build_id} at iteration 1, files of snapshot {snapshot}" in forked.stdout
+    fork_id = forked.stdout.split()[1]
+    assert (await gw.rt.store.get(fork_id)).fork_of == build_id  # type: ignore[union-attr]
+    by_id = await kiln(config, "fork", build_id, "--snapshot", snapshot)
+    assert by_id.exit_code == 0 and f"files of snapshot {snapshot}" in by_id.stdout
+    both = await kiln(config, "fork", build_id, "--at", "1", "--snapshot", snapshot)
+    assert both.exit_code == 1 and "exactly one" in both.output
+    beyond = await kiln(config, "fork", build_id, "--at", "9")
+    assert beyond.exit_code == 1 and "reached iteration 2" in beyond.output
+
+    rolled = await kiln(config, "rollback", build_id, "--to", "1")
+    assert rolled.exit_code == 0, rolled.output
+    new_id = rolled.stdout.split()[1]
+    assert new_id not in (build_id, fork_id)
+    assert f"build {build_id} cancelled" in rolled.stdout
+    assert f"continue in build {new_id} (was {build_id}, now at iteration 1)" in rolled.stdout
+    assert [k for _, k in await gw.history(build_id)][-1] == "cancel_requested"
+    assert [k for _, k in await gw.history(new_id)] == ["build_requested"]

@@ -38,6 +38,7 @@ from kiln_contracts import (
     gate_key,
     subjects,
 )
+from kiln_gateway.adapters.jetstream import JetStreamHistory
 from kiln_runtime.bus import Bus, Delivery, inbox_prefix
 from kiln_runtime.settings import CommonSettings
 from kiln_runtime.setup import set_up
@@ -59,6 +60,14 @@ FIELDS: dict[str, dict[str, Any]] = {
     "tool_result": {"call_id": "c1", "iteration": 1, "output": "ok"},
     "iteration_completed": {"iteration": 1, "model": "m", "usage": {}, "stop_reason": "tool_use"},
     "checkpoint_saved": {"iteration": 1, "reason": "files_changed"},
+    "process_started": {
+        "process_id": "bash_1",
+        "call_id": "c1",
+        "iteration": 1,
+        "command": "sleep 9",
+        "sandbox_id": "sb1",
+    },
+    "process_exited": {"process_id": "bash_1", "how": "exited", "exit_code": 0},
     "snapshot_saved": {
         "snapshot_id": "s1",
         "iteration": 1,
@@ -87,14 +96,6 @@ FIELDS: dict[str, dict[str, Any]] = {
     },
     "top_up_requested": {"topup_id": "t1", "amount_micro_usd": 1},
     "send_user_message": {"message_id": "m1", "seq": 1, "text": "hi"},
-    "process_started": {
-        "process_id": "p1",
-        "call_id": "c1",
-        "iteration": 1,
-        "command": "python -m http.server",
-        "sandbox_id": "x",
-    },
-    "process_exited": {"process_id": "p1", "how": "killed"},
     "build_continued": {
         "continuation": 1,
         "after": "completed",
@@ -241,6 +242,9 @@ async def test_each_service_user_runs_its_own_flows(server, uid):
         replayed = [await sub.next_msg(timeout=5) for _ in of_the_build]
         assert [m.subject.rsplit(".", 1)[1] for m in replayed] == of_the_build
         await sub.unsubscribe()
+        # ... and reads its checkpoints (where a fork's snapshot is) the same way
+        checkpoints = await JetStreamHistory(buses["gateway"].nc).checkpoints(build_id)
+        assert [c.iteration for c in checkpoints] == [1]
 
         # The budget replays its kinds from the stream (the rebuild of a lost Redis).
         kinds = [BY_KIND[k] for k in SERVICES["budget"]["consumes"]]

@@ -68,9 +68,9 @@ class OnlyMine(Agent):
 
     prefix = ""
 
-    async def build_requested(self, msg: BuildRequested) -> None:
+    async def build_requested(self, msg: BuildRequested, delivered: int = 1) -> None:
         if msg.build_id.startswith(self.prefix):
-            await super().build_requested(msg)
+            await super().build_requested(msg, delivered)
 
 
 @pytest_asyncio.fixture(loop_scope="session")

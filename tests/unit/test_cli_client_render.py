@@ -285,6 +285,17 @@ def test_say_without_follow_only_sends(monkeypatch):
     assert result.exit_code == 0 and "message m7 (#7)" in result.output
 
 
+def test_a_forks_start_says_what_it_was_forked_from():
+    buf = io.StringIO()
+    r = Renderer(Console(file=buf, width=160))
+    fork = {"build_id": "src", "iteration": 3, "snapshot_id": "s2"}
+    r(SseEvent("build_requested", {"build_id": "fk", "tier": "pro", "fork": fork}))
+    r(SseEvent("build_requested", {"build_id": "b2", "tier": "pro"}))
+    forked, plain = buf.getvalue().splitlines()
+    assert "build fk started (tier pro), a fork of build src at iteration 3" in forked
+    assert "fork" not in plain and r.iteration == 3
+
+
 def test_a_summary_call_is_shown_as_a_summary_not_as_another_iteration():
     buf = io.StringIO()
     r = Renderer(Console(file=buf, width=120))

@@ -184,6 +184,12 @@ def test_the_key_layout() -> None:
     assert bucket.latest_key("b1") == "builds/b1/latest"
     assert bucket.pending_key("b1", sid) == f"pending/b1/{sid}.json"
     assert bucket.gc_running_key("r1") == "gc/running/r1"
+    assert bucket.pruned_key("b1") == "builds/b1/pruned"
+    assert bucket.fork_ref_key("b1", sid, "f1") == f"builds/b1/forks/{sid}/f1"
+    assert bucket.fork_ref_key("b1", sid, "f1").startswith(bucket.fork_refs_prefix("b1"))
+    assert bucket.parse_fork_ref_key(f"builds/b1/forks/{sid}/f1") == ("b1", sid, "f1")
+    assert bucket.parse_fork_ref_key(f"builds/b1/forks/{sid}") is None
+    assert bucket.parse_manifest_key(bucket.fork_ref_key("b1", sid, "f1")) is None
     assert (bucket.BLOBS_PREFIX, bucket.BUILDS_PREFIX) == ("blobs/", "builds/")
     assert (bucket.PENDING_PREFIX, bucket.GC_RUNNING_PREFIX) == ("pending/", "gc/running/")
 

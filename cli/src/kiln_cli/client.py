@@ -147,6 +147,30 @@ class KilnClient:
         )
         return result
 
+    def fork(
+        self,
+        build_id: str,
+        *,
+        iteration: int | None = None,
+        snapshot_id: str | None = None,
+        idempotency_key: str | None = None,
+        retries: int = 10,
+    ) -> dict[str, Any]:
+        """Fork a build at an iteration (or one of its snapshots): the new build. While the
+        snapshot of that iteration is still being written (503), asked again after the
+        ``Retry-After`` it gives, a few times."""
+        body: dict[str, Any] = (
+            {"iteration": iteration} if snapshot_id is None else {"snapshot_id": snapshot_id}
+        )
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        for _ in range(retries):
+            resp = self.http.post(f"/v1/builds/{build_id}/fork", json=body, headers=headers)
+            if resp.status_code != 503:
+                break
+            time.sleep(min(10.0, float(resp.headers.get("retry-after") or 1)))
+        result: dict[str, Any] = self._json(resp)
+        return result
+
     def command(self, build_id: str, what: str) -> dict[str, Any]:
         """``wake`` or ``cancel``."""
         result: dict[str, Any] = self._json(self.http.post(f"/v1/builds/{build_id}/{what}"))

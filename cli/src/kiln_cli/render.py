@@ -58,9 +58,18 @@ class Renderer:
 
     def on_build_requested(self, d: dict[str, Any]) -> None:
         self.status = "running"
+        fork = d.get("fork") if isinstance(d.get("fork"), dict) else None
         self.print(
             f"[bold]▶ build {escape(d.get('build_id', '?'))}[/] started (tier {d.get('tier', '?')})"
+            + (
+                f", a fork of build {escape(str(fork.get('build_id')))} at iteration "
+                f"{fork.get('iteration')}"
+                if fork
+                else ""
+            )
         )
+        if fork:
+            self.iteration = int(fork.get("iteration") or 0)
 
     def on_sandbox_started(self, d: dict[str, Any]) -> None:
         self.print(

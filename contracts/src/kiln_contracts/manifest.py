@@ -98,6 +98,11 @@ class SymlinkEntry(Model):
     target: str = Field(description="As readlink says; never followed.")
 
 
+class ForkedFrom(Model):
+    build_id: Id
+    snapshot_id: str
+
+
 class Manifest(Model):
     """One snapshot of a build's workspace, ``builds/<build_id>/manifests/<snapshot_id>.json``."""
 
@@ -115,6 +120,10 @@ class Manifest(Model):
     entries: list[FileEntry] = Field(description="The regular files.")
     dirs: list[DirEntry] = Field(default_factory=list, description="Every directory.")
     symlinks: list[SymlinkEntry] = Field(default_factory=list)
+    forked_from: ForkedFrom | None = Field(
+        default=None,
+        description="A fork's first snapshot: the source's snapshot it copies (the same blobs).",
+    )
 
     @classmethod
     def of(
@@ -158,7 +167,9 @@ class Manifest(Model):
         return cls.model_validate_json(raw)
 
     def dump(self) -> bytes:
-        return self.model_dump_json().encode()
+        """The stored document (no ``forked_from`` but in a fork's first: as manifests were)."""
+        leave_out = {"forked_from"} if self.forked_from is None else None
+        return self.model_dump_json(exclude=leave_out).encode()
 
     def blobs(self) -> set[str]:
         """The sha256 of every blob the manifest names."""

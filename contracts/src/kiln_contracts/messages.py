@@ -32,7 +32,8 @@ ToolName = Literal[
     "list_dir",
 ]
 ProcessEnd = Literal["exited", "killed", "stopped", "lost"]
-CheckpointReason = Literal["files_changed", "sleep", "final"]
+# "fork": a fork's first snapshot, a copy of its source's (no CheckpointSaved has this reason)
+CheckpointReason = Literal["files_changed", "sleep", "final", "fork"]
 FailureReason = Literal[
     "iteration_limit",
     "cost_limit",
@@ -118,16 +119,39 @@ class Usage(Model):
     cache_creation: CacheCreation | None = None
 
 
+class ForkOrigin(Model):
+    """Where a forked build starts from: another build of the same user, at one of its
+    iterations. Its conversation is the source's up to ``iteration`` (every turn recorded while
+    the source was at that iteration or before); its files are the source's snapshot
+    ``snapshot_id``, the newest one the source took at ``iteration`` or before."""
+
+    build_id: Id = Field(description="The source build (the same user's).")
+    iteration: int = Field(ge=0, le=1_000_000, description="The source's iteration to fork at.")
+    snapshot_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9-]{1,64}$")] | None = Field(
+        default=None,
+        description="The source's snapshot of that iteration. None: the newest snapshot of the "
+        "source with an iteration <= ``iteration`` (found when the fork's sandbox is made); no "
+        "such snapshot: the fork starts with an empty workspace.",
+    )
+
+
 # ---------------------------------------------------------------------------- messages
 
 
 class BuildRequested(Envelope):
+    """Start a build. With ``fork``, the build is a fork of another build of the same user: its
+    conversation and files are the source's at that iteration (``idea_brief`` and ``tier`` are
+    the source's too, as the gateway fills them; the agent uses the source's system prompt)."""
+
     kind: ClassVar[str] = "build_requested"
 
     tier: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_-]{1,32}$")] = "free"
     idea_brief: Annotated[str, StringConstraints(min_length=1, max_length=100_000)]
     understanding_qna: list[QnA] = Field(default_factory=list, max_length=200)
     limits: BuildLimits = Field(default_factory=BuildLimits)
+    fork: ForkOrigin | None = Field(
+        default=None, description="Fork another build at one of its iterations (see ForkOrigin)."
+    )
 
 
 class ToolCall(Envelope):
@@ -138,6 +162,11 @@ class ToolCall(Envelope):
     tool: ToolName
     input: dict[str, JsonValue]
     timeout_s: float = Field(default=120.0, gt=0, le=3_600)
+    restore_from: ForkOrigin | None = Field(
+        default=None,
+        description="The build is a fork: a sandbox made for it while it has no snapshot of its "
+        "own is restored from this one of its source build.",
+    )
 
 
 class ToolResult(Envelope):

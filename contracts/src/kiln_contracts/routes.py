@@ -64,7 +64,8 @@ CONSUMES: Final[dict[str, Kinds]] = {
         BuildRejected,
         TopUpRequested,
     ),
-    "snapshot": (CheckpointSaved,),
+    # BuildRequested: a fork's first snapshot is a copy of its source's
+    "snapshot": (CheckpointSaved, BuildRequested),
     # The webhooks service reads the kinds endpoints can ask for (kiln_contracts.webhooks.
     # EVENT_TYPES) with one consumer, in stream order.
     "webhooks": tuple(EVENT_TYPES.values()),

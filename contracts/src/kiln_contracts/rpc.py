@@ -13,7 +13,7 @@ from typing import Annotated
 from pydantic import Field, StringConstraints
 
 from .manifest import EMPTY_SHA256, EntryType, ManifestEntry
-from .messages import Id, MicroUsd, Model
+from .messages import ForkOrigin, Id, MicroUsd, Model
 
 __all__ = [
     "EMPTY_SHA256",
@@ -67,6 +67,12 @@ class UploadReply(Model):
 
 class RestorePlanRequest(Model):
     build_id: Id
+    fork: ForkOrigin | None = Field(
+        default=None,
+        description="The build is a fork: if it has no snapshot of its own yet, its first one is "
+        "made from this snapshot of its source (a copy of the manifest, naming the same blobs) "
+        "and that is the plan.",
+    )
 
 
 class Download(Model):

@@ -18,9 +18,9 @@ SERVICE = "agent"
 
 
 def register(bus: Bus, agent: Agent, *, workers: int = 128) -> None:
-    async def on_build_requested(msg: BuildRequested, _: Delivery) -> None:
-        """Start a build (a repeat of the same build id is a no-op)."""
-        await agent.build_requested(msg)
+    async def on_build_requested(msg: BuildRequested, delivery: Delivery) -> None:
+        """Start a build, or a fork of another (a repeat of the same build id is a no-op)."""
+        await agent.build_requested(msg, delivery.num_delivered)
 
     async def on_tool_result(msg: ToolResult, _: Delivery) -> None:
         """Record a tool result; think the next iteration when the set is complete."""

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
-from kiln_contracts import BY_KIND, BuildLimits, Envelope
+from kiln_contracts import BY_KIND, BuildLimits, Envelope, ForkOrigin
 
 Status = Literal["thinking", "acting", "sleeping", "completed", "failed", "cancelled", "rejected"]
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled", "rejected"})
@@ -85,6 +85,11 @@ class State(_Model):
         default=0, description="The iteration the current run started from (its allowance)."
     )
     run_cost_micro_usd: int = Field(default=0, description="The cost when the run started.")
+    fork: ForkOrigin | None = Field(
+        default=None,
+        description="The build is a fork of this build, iteration and snapshot (its ToolCalls "
+        "carry it: a sandbox made for it before it has a snapshot of its own restores from it).",
+    )
 
 
 @dataclass
@@ -116,6 +121,10 @@ class Turn:
     seq: int
     role: Literal["user", "assistant"]
     content: list[dict[str, Any]]
+    iteration: int | None = None
+    """The build's iteration when the turn was recorded (an assistant turn: the iteration its
+    reply made; None: recorded before turns kept it). A fork at iteration N keeps the turns of
+    iterations <= N."""
 
 
 def dump_outbox(outbox: list[Envelope]) -> list[dict[str, Any]]:

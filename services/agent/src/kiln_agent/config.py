@@ -38,6 +38,16 @@ class AgentConfig(BaseModel):
     narrate_description: str
     continued: str
     no_result: str
+    forked: str = (
+        "(Kiln) This build is a fork of build {source} at its iteration {iteration}: the "
+        "conversation above is that build's up to there. Your sandbox is a fresh one, restored "
+        "from {snapshot}: the files are as they were then, and no process is running. Go on "
+        "from there. You have {iterations} iterations."
+    )
+    fork_no_result: str = (
+        "(Kiln) No result: this build was forked at this iteration, before the call's result "
+        "was recorded, so it may or may not have run. Check before relying on it."
+    )
 
     def system(self, idea_brief: str, qna: list[QnA]) -> str:
         lines = "\n".join(f"Q: {q.question}\nA: {q.answer}" for q in qna) or "(none)"
@@ -59,6 +69,18 @@ class AgentConfig(BaseModel):
     def continued_note(self, ended: str, iterations: int) -> str:
         snapshot = "final" if ended == "completed" else "latest"
         return self.continued.format(ended=ended, snapshot=snapshot, iterations=iterations).strip()
+
+    def forked_note(
+        self, source: str, iteration: int, snapshot_id: str | None, iterations: int
+    ) -> str:
+        snapshot = (
+            f"snapshot {snapshot_id} of that build"
+            if snapshot_id
+            else "that build's newest snapshot at that iteration (an empty workspace if it had none)"
+        )
+        return self.forked.format(
+            source=source, iteration=iteration, snapshot=snapshot, iterations=iterations
+        ).strip()
 
     def unanswered(self, ended: str) -> str:
         return self.no_result.format(ended=ended).strip()

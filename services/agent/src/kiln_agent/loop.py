@@ -27,7 +27,7 @@ from kiln_contracts import (
 from kiln_contracts.messages import FailureReason
 from kiln_runtime import metrics
 from kiln_runtime.config import Cost, KilnConfig
-from kiln_runtime.errors import Conflict, RetryLater
+from kiln_runtime.errors import Conflict, PermanentError, RetryLater
 
 from . import control, endings, tools, transitions
 from .caching_store import CachingStore
@@ -88,16 +88,32 @@ class Agent:
 
     # ------------------------------------------------------------------ messages
 
-    async def build_requested(self, msg: BuildRequested) -> None:
+    async def build_requested(self, msg: BuildRequested, delivered: int = 1) -> None:
         """Start a build; a second request for the same build id changes nothing. Behind its
-        user's closed budget gate the build is rejected instead, for good (BuildRejected)."""
+        user's closed budget gate the build is rejected instead, for good (BuildRejected). A
+        fork starts from its source's checkpoint and turns (the source is only read); one whose
+        source is unknown (after a few deliveries: it may be on its way), another user's, or not
+        at that iteration yet is a dead letter."""
         if await self.store.load(msg.build_id) is None:
-            cp, turns = control.start(self.rules, msg)
+            if msg.fork is not None:
+                source = await self.store.load(msg.fork.build_id)
+                refusal = control.fork_refusal(msg, source)
+                if refusal is not None:
+                    if source is None and delivered < 5:
+                        raise RetryLater(refusal, delay_s=min(30.0, 0.5 * 2**delivered))
+                    raise PermanentError(f"cannot fork: {refusal}")
+                assert source is not None
+                turns = await self.store.turns(source.build_id)
+                cp, turns = control.fork(self.rules, msg, source, turns)
+            else:
+                cp, turns = control.start(self.rules, msg)
             if (gate := await self._gate(cp)) is not None:  # no allowance: it never starts
                 turns = control.reject(cp, msg, gate)
             if await self.store.create(cp, turns):
                 log.info(
-                    "build %s", "started" if turns else "rejected", extra={"build_id": msg.build_id}
+                    "build %s",
+                    ("forked" if msg.fork else "started") if turns else "rejected",
+                    extra={"build_id": msg.build_id},
                 )
         await self._after(msg.build_id, msg.event_id)
 

@@ -179,6 +179,7 @@ def act(rules: Rules, cp: Checkpoint, calls: list[dict[str, Any]], cause: uuid.U
                     tool=call.tool,  # type: ignore[arg-type]
                     input=call.input,
                     timeout_s=cp.limits.tool_timeout_s,
+                    restore_from=cp.state.fork,
                 )
             )
     cp.status = "acting"
@@ -244,6 +245,6 @@ def take_inbox(cp: Checkpoint) -> list[dict[str, Any]]:
 
 
 def turn(cp: Checkpoint, role: Any, content: list[dict[str, Any]]) -> Turn:
-    turn = Turn(cp.turns, role, content)
+    turn = Turn(cp.turns, role, content, cp.iteration)
     cp.turns += 1
     return turn

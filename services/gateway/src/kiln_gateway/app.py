@@ -23,6 +23,7 @@ from . import (
     routes,
     routes_accounts,
     routes_budget_admin,
+    routes_fork,
     routes_projects,
     routes_snapshots,
     routes_webhooks,
@@ -158,6 +159,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(routes_budget_admin.router)
     app.include_router(routes_snapshots.router)
     app.include_router(routes_webhooks.router)
+    app.include_router(routes_fork.router)
     app.mount("/dashboard", StaticFiles(directory=STATIC, html=True), name="dashboard")
 
     @app.get("/", include_in_schema=False)

@@ -27,6 +27,7 @@ from kiln_contracts import (
     BuildResumed,
     BuildSleeping,
     Envelope,
+    ForkOrigin,
     IterationCompleted,
     ProcessExited,
     ProcessStarted,
@@ -80,11 +81,15 @@ def request_digest(
     qna: list[QnA],
     limits: BuildLimits | None,
     project: tuple[str, int | None] | None = None,
+    fork: dict[str, object] | None = None,
 ) -> str:
     """The request's fingerprint; for a project build, the project and the version *asked for*
-    (an Idempotency-Key replay after the project was edited still returns the same build)."""
+    (an Idempotency-Key replay after the project was edited still returns the same build); for
+    a fork, what was asked (source and iteration or snapshot)."""
     doc: dict[str, object] = {"limits": limits.model_dump(mode="json") if limits else None}
-    if project is None:
+    if fork is not None:
+        doc["fork"] = fork
+    elif project is None:
         doc["idea_brief"] = idea_brief
         doc["understanding_qna"] = [q.model_dump(mode="json") for q in qna]
     else:
@@ -119,6 +124,26 @@ def build_requested(build: Build) -> BuildRequested:
         idea_brief=build.idea_brief,
         understanding_qna=[QnA.model_validate(q) for q in build.understanding_qna],
         limits=BuildLimits.model_validate(build.limits),
+        fork=fork_origin(build),
+    )
+
+
+def qna_of(build: Build) -> list[QnA]:
+    return [QnA.model_validate(q) for q in build.understanding_qna]
+
+
+def limits_of(build: Build) -> BuildLimits:
+    return BuildLimits.model_validate(build.limits)
+
+
+def fork_origin(build: Build) -> ForkOrigin | None:
+    """Where a forked build starts from (None: it is no fork)."""
+    if build.fork_of is None:
+        return None
+    return ForkOrigin(
+        build_id=build.fork_of,
+        iteration=build.fork_iteration or 0,
+        snapshot_id=build.fork_snapshot_id,
     )
 
 
@@ -136,6 +161,8 @@ async def create_build(
     project_asked: tuple[str, int | None] | None = None,
     gate: BudgetGate | None = None,
     now: datetime | None = None,
+    fork: ForkOrigin | None = None,
+    fork_asked: dict[str, object] | None = None,
 ) -> tuple[Build, bool]:
     """Store a build, then publish its BuildRequested. Returns (build, created).
 
@@ -145,7 +172,7 @@ async def create_build(
     created before still gets it.
     """
     closed = gate is not None and gate.closed_at(now or datetime.now(UTC))
-    digest = request_digest(idea_brief, understanding_qna, limits, project_asked)
+    digest = request_digest(idea_brief, understanding_qna, limits, project_asked, fork_asked)
     new = NewBuild(
         build_id=uuid.uuid4().hex,
         user_id=caller.user_id,
@@ -157,6 +184,9 @@ async def create_build(
         request_sha256=digest,
         project_id=project[0] if project else None,
         project_version=project[1] if project else None,
+        fork_of=fork.build_id if fork else None,
+        fork_iteration=fork.iteration if fork else None,
+        fork_snapshot_id=fork.snapshot_id if fork else None,
     )
     # closed: a cap of 0 admits none, while an Idempotency-Key retry still finds its build
     inserted = await store.insert_build(new, cap=0 if closed else cap)
@@ -333,6 +363,8 @@ def evolve(state: Projection, event: Envelope, seq: int) -> Projection:
     if isinstance(event, BuildRequested):
         if state.status == model.QUEUED:
             new = replace(new, status=model.RUNNING)
+        if event.fork is not None:  # a fork starts at its source's iteration
+            new = replace(new, iteration=max(new.iteration, event.fork.iteration))
     elif isinstance(event, IterationCompleted):
         new = replace(
             new,

@@ -60,6 +60,9 @@ class NewBuild:
     request_sha256: str | None = None
     project_id: str | None = None
     project_version: int | None = None
+    fork_of: str | None = None
+    fork_iteration: int | None = None
+    fork_snapshot_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,10 @@ class Build:
     published_at: datetime | None = None
     project_id: str | None = None
     project_version: int | None = None
+    fork_of: str | None = None
+    """A fork: the source build, at ``fork_iteration``, from its snapshot ``fork_snapshot_id``."""
+    fork_iteration: int | None = None
+    fork_snapshot_id: str | None = None
 
     @property
     def status(self) -> str:

@@ -40,6 +40,15 @@ class StoredEvent:
     data: bytes
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """A CheckpointSaved of a build: a snapshot with that id is (or is being) taken."""
+
+    seq: int
+    iteration: int
+    snapshot_id: str
+
+
 class BuildStore(Protocol):
     async def caller_for_key(self, key_sha256: str) -> Caller | None: ...
 
@@ -169,6 +178,10 @@ class SnapshotFiles(Protocol):
         """A file's bytes whole; ``BlobTooLarge`` past ``max_bytes``."""
         ...
 
+    async def pruned(self, build_id: str) -> int | None:
+        """The highest iteration of a manifest retention deleted (None: none deleted)."""
+        ...
+
 
 class BudgetUnavailable(Exception):
     """The budget service did not answer (down, busy rebuilding, or it failed)."""
@@ -193,6 +206,10 @@ class EventSource(Protocol):
         self, build_id: str, after_seq: int, idle_s: float
     ) -> AsyncGenerator[StoredEvent | None, None]:
         """The build's messages after ``after_seq``, then live ones; None after ``idle_s`` of quiet."""
+        ...
+
+    async def checkpoints(self, build_id: str) -> list[Checkpoint]:
+        """The build's CheckpointSaved events so far, in stream order."""
         ...
 
 

@@ -88,6 +88,39 @@ class CreateBuild(Body):
         return self
 
 
+class ForkedFrom(BaseModel):
+    build_id: str
+    iteration: int
+    snapshot_id: str | None = Field(
+        description="The source's snapshot the fork's files are; null: it had none by then."
+    )
+
+
+class ForkBuild(BaseModel):
+    """Fork a build: at an iteration, or at one of its snapshots (exactly one of the two)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    iteration: int | None = Field(
+        default=None,
+        ge=0,
+        le=1_000_000,
+        description="Fork at this iteration: its conversation up to there, and the newest "
+        "snapshot taken at that iteration or before.",
+    )
+    snapshot_id: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9-]{1,64}$",
+        description="Fork at this snapshot of the build (at the iteration it was taken).",
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ForkBuild:
+        if (self.iteration is None) == (self.snapshot_id is None):
+            raise ValueError("give exactly one of iteration and snapshot_id")
+        return self
+
+
 class ProcessOut(BaseModel):
     """A background process of the build's sandbox (``bash`` with ``run_in_background``)."""
 
@@ -129,6 +162,9 @@ class BuildOut(BaseModel):
         description="How many times the build has continued after it ended (a message to a "
         "completed, failed or cancelled build continues it).",
     )
+    forked_from: ForkedFrom | None = Field(
+        default=None, description="A fork: the build, iteration and snapshot it started from."
+    )
     processes: list[ProcessOut] = Field(
         default_factory=list,
         description="The build's background processes, oldest first (GET /v1/builds/{id} only).",
@@ -155,6 +191,15 @@ class BuildOut(BaseModel):
             idea_brief=build.idea_brief if detail else None,
             understanding_qna=build.understanding_qna if detail else None,
             continuations=s.continuations,
+            forked_from=(
+                ForkedFrom(
+                    build_id=build.fork_of,
+                    iteration=build.fork_iteration or 0,
+                    snapshot_id=build.fork_snapshot_id,
+                )
+                if build.fork_of
+                else None
+            ),
             processes=[ProcessOut.model_validate(p) for p in json.loads(s.processes)]
             if detail
             else [],

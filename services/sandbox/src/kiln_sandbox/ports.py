@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from kiln_contracts import Envelope, RestorePlanReply
+from kiln_contracts import Envelope, ForkOrigin, RestorePlanReply
 
 SandboxState = Literal["running", "paused", "stopped"]
 EntryKind = Literal["file", "dir", "symlink", "other"]
@@ -322,8 +322,11 @@ class ReadLog(Protocol):
 class Restorer(Protocol):
     """Asks the snapshot service how to rebuild a build's workspace (its latest snapshot)."""
 
-    async def restore_plan(self, build_id: str) -> RestorePlanReply | None:
-        """The plan, or None when no snapshot service answered."""
+    async def restore_plan(
+        self, build_id: str, fork: ForkOrigin | None = None
+    ) -> RestorePlanReply | None:
+        """The plan, or None when no snapshot service answered. ``fork``: the build is a fork,
+        whose first snapshot is its source's (made when the build has none of its own yet)."""
         ...
 
 

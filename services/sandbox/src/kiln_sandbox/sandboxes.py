@@ -15,6 +15,7 @@ from kiln_contracts import (
     BuildCancelled,
     BuildFailed,
     Envelope,
+    ForkOrigin,
     ManifestReply,
     ManifestRequest,
     SandboxRestored,
@@ -26,6 +27,7 @@ from kiln_contracts import (
     UploadRequest,
     stable_id,
 )
+from kiln_runtime.errors import RetryLater
 
 from .ports import (
     Provider,
@@ -107,8 +109,10 @@ class Sandboxes:
         when there was one; ``SandboxStarted`` or ``SandboxRestored``."""
         sandbox = Workspace(await self.provider.create(call.build_id, user_id=call.user_id))
         snapshot_id = None
-        if record is not None:  # it existed and is gone: rebuild it from the latest snapshot
-            snapshot_id = await self.restore(call.build_id, sandbox)
+        # it existed and is gone: rebuild it from the latest snapshot; a fork's first sandbox:
+        # from its source's snapshot (the fork's first, copied from it)
+        if record is not None or call.restore_from is not None:
+            snapshot_id = await self.restore(call.build_id, sandbox, call.restore_from)
         had_processes = record is not None and record.has_processes
         held = await self.registry.replace(
             SandboxRecord(
@@ -154,14 +158,27 @@ class Sandboxes:
             )
         return sandbox
 
-    async def restore(self, build_id: str, sandbox: Workspace) -> str | None:
+    async def restore(
+        self, build_id: str, sandbox: Workspace, fork: ForkOrigin | None = None
+    ) -> str | None:
         """Download the latest snapshot into a fresh sandbox; its id, or None if there is none.
+        ``fork``: the build is a fork (with no snapshot of its own yet, its source's is its
+        first).
 
         A failed download raises, so the call is redelivered (it has not been recorded yet).
         """
         if self.restorer is None:
             return None
-        plan = await self.restorer.restore_plan(build_id)
+        if fork is None:
+            plan = await self.restorer.restore_plan(build_id)
+        else:
+            plan = await self.restorer.restore_plan(build_id, fork=fork)
+            if plan is None:
+                # a fork's files are its source's: never an empty workspace for want of an answer
+                raise RetryLater(
+                    f"no restore plan for fork {build_id} (is the snapshot service up?)",
+                    delay_s=2.0,
+                )
         if plan is None or plan.snapshot_id is None:
             return None
         if not plan.ok:

@@ -37,25 +37,22 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from pydantic import ValidationError
-
 from kiln_contracts import CheckpointSaved, SnapshotSaved, stable_id
 from kiln_contracts.bucket import (
     GC_RUNNING_PREFIX,
     blob_key,
+    fork_refs_prefix,
     latest_key,
     manifest_key,
     manifests_prefix,
+    parse_fork_ref_key,
     pending_key,
+    pruned_key,
 )
 from kiln_contracts.manifest import Manifest, ManifestEntry
-from kiln_contracts.manifest import escapes as escapes  # the rule restore plans apply
 from kiln_contracts.messages import utcnow
 from kiln_contracts.rpc import (
-    Download,
     ManifestRequest,
-    RestorePlanReply,
-    RestorePlanRequest,
     Upload,
     UploadRequest,
 )
@@ -135,10 +132,10 @@ async def take_snapshot(
     extra = {"build_id": build_id, "event_id": event.event_id, "iteration": event.iteration}
     deps.coalescer.seen(build_id, order)
     async with deps.coalescer.lock(build_id):
-        stored = await _load_manifest(deps.store, build_id, snapshot_id)
+        stored = await load_manifest(deps.store, build_id, snapshot_id)
         if stored is not None:
             # Redelivered after the manifest was written: finish the job, publish the same event.
-            await _advance_latest(deps.store, build_id, stored)
+            await advance_latest(deps.store, build_id, stored)
             saved = snapshot_saved(event, stored)
             await deps.publisher.publish(saved)
             log.info("snapshot %s already stored; republished", snapshot_id, extra=extra)
@@ -197,7 +194,7 @@ async def take_snapshot(
         finally:
             # Without a manifest the marker may stay (a crash): collections ignore it once old.
             await deps.store.delete(marker)
-        await _advance_latest(deps.store, build_id, doc, previous)
+        await advance_latest(deps.store, build_id, doc, previous)
         saved = snapshot_saved(event, doc)
         await deps.publisher.publish(saved)
         log.info(
@@ -222,7 +219,8 @@ async def collections_sweeping(store: ObjectStore, now: datetime, sweep_s: float
 
 
 async def prune_manifests(store: ObjectStore, build_id: str, keep: int) -> list[str]:
-    """Delete the build's manifests beyond the newest ``keep`` (never ``latest``'s); their keys.
+    """Delete the build's manifests beyond the newest ``keep``; their keys. Never ``latest``'s
+    (the one a live build restores from) nor one a fork was made from (``forks/`` marks).
 
     Newest by the order tag each manifest carries as metadata (iteration, then checkpoint time);
     S3's LastModified (one-second resolution) breaks ties and orders untagged manifests."""
@@ -230,15 +228,37 @@ async def prune_manifests(store: ObjectStore, build_id: str, keep: int) -> list[
     if len(objects) <= keep:
         return []
     latest = await store.get(latest_key(build_id))
-    protected = manifest_key(build_id, latest.decode()) if latest is not None else None
+    protected = {manifest_key(build_id, latest.decode())} if latest is not None else set()
+    for mark in await store.list(fork_refs_prefix(build_id)):
+        if (names := parse_fork_ref_key(mark.key)) is not None:
+            protected.add(manifest_key(build_id, names[1]))
     tags = {o.key: ((await store.metadata(o.key)) or {}).get(ORDER_META, "") for o in objects}
     objects.sort(key=lambda o: (tags[o.key], o.last_modified, o.key), reverse=True)
-    doomed = [o.key for o in objects[keep:] if o.key != protected]
+    doomed = [o.key for o in objects[keep:] if o.key not in protected]
+    if doomed:
+        # recorded before the deletes: a fork at an iteration whose snapshot may be gone is
+        # refused rather than given an older one (``resolve``)
+        highest = max(tag_iteration(tags[key]) for key in doomed)
+        before = await pruned_iteration(store, build_id)
+        if before is None or highest > before:
+            await store.put(pruned_key(build_id), str(highest).encode(), "text/plain")
     for key in doomed:
         await store.delete(key)
     if doomed:
         log.info("pruned %d old manifests", len(doomed), extra={"build_id": build_id})
     return doomed
+
+
+def tag_iteration(tag: str) -> int:
+    """The iteration an order tag starts with (0 for an untagged manifest)."""
+    head = tag.split("-", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+async def pruned_iteration(store: ObjectStore, build_id: str) -> int | None:
+    """The highest iteration of a manifest of the build that retention deleted (None: none)."""
+    raw = await store.get(pruned_key(build_id))
+    return int(raw.decode()) if raw and raw.decode().strip().isdigit() else None
 
 
 def order_tag(doc: Manifest) -> str:
@@ -315,7 +335,7 @@ async def _upload(deps: Deps, build_id: str, entries: list[ManifestEntry]) -> No
         )
 
 
-async def _load_manifest(store: ObjectStore, build_id: str, snapshot_id: str) -> Manifest | None:
+async def load_manifest(store: ObjectStore, build_id: str, snapshot_id: str) -> Manifest | None:
     data = await store.get(manifest_key(build_id, snapshot_id))
     return None if data is None else Manifest.parse(data)
 
@@ -324,7 +344,7 @@ def _order(doc: Manifest) -> tuple[int, datetime]:
     return doc.iteration, doc.checkpoint_at
 
 
-async def _advance_latest(
+async def advance_latest(
     store: ObjectStore,
     build_id: str,
     doc: Manifest,
@@ -340,59 +360,14 @@ async def _advance_latest(
         if read_before is not None and read_before.snapshot_id == current_id.decode():
             current: Manifest | None = read_before
         else:
-            current = await _load_manifest(store, build_id, current_id.decode())
+            current = await load_manifest(store, build_id, current_id.decode())
         if current is not None and _order(current) > _order(doc):
             return
     await store.put(latest_key(build_id), doc.snapshot_id.encode(), "text/plain")
-
-
-# ------------------------------------------------------------------------------ restore
 
 
 async def latest_manifest(store: ObjectStore, build_id: str) -> Manifest | None:
     snapshot_id = await store.get(latest_key(build_id))
     if snapshot_id is None:
         return None
-    return await _load_manifest(store, build_id, snapshot_id.decode())
-
-
-async def restore_plan(deps: Deps, request: RestorePlanRequest) -> RestorePlanReply:
-    """The latest snapshot's files with presigned GET URLs, its directories and its symlinks
-    (those leading outside the workspace left out and listed in ``skipped``).
-
-    ok=False with error "no snapshot" (and no snapshot_id) only when the build has none; a
-    snapshot that exists but cannot be read comes back ok=False *with* its snapshot_id.
-    """
-    latest = await deps.store.get(latest_key(request.build_id))
-    if latest is None:
-        return RestorePlanReply(ok=False, error="no snapshot")
-    snapshot_id = latest.decode()
-    try:
-        doc = await _load_manifest(deps.store, request.build_id, snapshot_id)
-        if doc is None:
-            raise KeyError(f"manifest {snapshot_id} is missing")
-    except (KeyError, ValueError, ValidationError) as err:
-        return RestorePlanReply(
-            ok=False, snapshot_id=snapshot_id, error=f"unreadable snapshot: {err}"
-        )
-    files = [
-        Download(
-            path=e.path,
-            sha256=e.sha256,
-            mode=e.mode,
-            url=await deps.store.presign_get(blob_key(e.sha256)),
-        )
-        for e in doc.entries
-    ]
-    skipped = doc.escaping_symlinks()
-    outside = set(skipped)
-    return RestorePlanReply(
-        ok=True,
-        snapshot_id=snapshot_id,
-        files=files,
-        dirs=[ManifestEntry.directory(d.path, d.mode) for d in doc.dirs],
-        symlinks=[
-            ManifestEntry.symlink(s.path, s.target) for s in doc.symlinks if s.path not in outside
-        ],
-        skipped=skipped,
-    )
+    return await load_manifest(store, build_id, snapshot_id.decode())

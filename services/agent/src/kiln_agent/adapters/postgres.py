@@ -93,11 +93,12 @@ class PostgresStore:
 
     async def turns(self, build_id: str, since: int = 0) -> list[Turn]:
         rows = await self.pool.fetch(
-            "SELECT seq, role, content FROM turns WHERE build_id = $1 AND seq >= $2 ORDER BY seq",
+            "SELECT seq, role, content, iteration FROM turns WHERE build_id = $1 AND seq >= $2 "
+            "ORDER BY seq",
             build_id,
             since,
         )
-        return [Turn(r["seq"], r["role"], json.loads(r["content"])) for r in rows]
+        return [Turn(r["seq"], r["role"], json.loads(r["content"]), r["iteration"]) for r in rows]
 
     async def save(
         self,
@@ -117,9 +118,10 @@ class PostgresStore:
             f"WHEN {_free('$14')} THEN $14 ELSE lease_token END, "
             "updated_at = now() WHERE build_id = $1 AND version = $2 "
             "RETURNING coalesce(lease_token = $14, false) AS took), "
-            "t AS (INSERT INTO turns (build_id, seq, role, content) "
-            "SELECT $1, x.seq, x.role, x.content::json "
-            "FROM unnest($10::integer[], $11::text[], $12::text[]) AS x(seq, role, content) "
+            "t AS (INSERT INTO turns (build_id, seq, role, content, iteration) "
+            "SELECT $1, x.seq, x.role, x.content::json, x.iteration "
+            "FROM unnest($10::integer[], $11::text[], $12::text[], $16::integer[]) "
+            "AS x(seq, role, content, iteration) "
             "WHERE EXISTS (SELECT 1 FROM u)) "
             "SELECT took FROM u",
             cp.build_id,
@@ -137,6 +139,7 @@ class PostgresStore:
             lease.give_up,
             lease.take,
             lease.ttl_s,
+            [t.iteration for t in new_turns],
         )
         if took is None:
             raise VersionConflict(cp.build_id)
@@ -181,8 +184,9 @@ class PostgresStore:
 async def _insert_turns(conn: Any, build_id: str, turns: list[Turn]) -> None:
     if turns:
         await conn.executemany(
-            "INSERT INTO turns (build_id, seq, role, content) VALUES ($1, $2, $3, $4)",
-            [(build_id, t.seq, t.role, json.dumps(t.content)) for t in turns],
+            "INSERT INTO turns (build_id, seq, role, content, iteration) "
+            "VALUES ($1, $2, $3, $4, $5)",
+            [(build_id, t.seq, t.role, json.dumps(t.content), t.iteration) for t in turns],
         )
 
 

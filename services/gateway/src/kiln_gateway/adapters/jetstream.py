@@ -7,11 +7,11 @@ from collections.abc import AsyncGenerator
 
 from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from kiln_contracts import subjects
+from kiln_contracts import CheckpointSaved, subjects
 
-from ..ports import StoredEvent
+from ..ports import Checkpoint, StoredEvent
 
 
 class JetStreamHistory:
@@ -44,6 +44,45 @@ class JetStreamHistory:
                     continue
                 kind = msg.subject.rsplit(".", 1)[-1]
                 yield StoredEvent(seq=msg.metadata.sequence.stream, kind=kind, data=msg.data)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def checkpoints(self, build_id: str, timeout_s: float = 5.0) -> list[Checkpoint]:
+        """The build's CheckpointSaved events on the stream so far, in stream order. An ordered
+        consumer created here for its creation answer (how many messages it has to deliver: the
+        gateway's NATS user may create one, not look it up afterwards), as the budget's replay."""
+        js = self.nc.jetstream()
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.ALL,
+            filter_subject=subjects.subject(build_id, CheckpointSaved.kind),
+            deliver_subject=self.nc.new_inbox(),
+            ack_policy=AckPolicy.NONE,
+            max_deliver=1,
+            flow_control=True,
+            idle_heartbeat=5.0,
+            num_replicas=1,
+            mem_storage=True,
+            inactive_threshold=30.0,
+        )
+        created = await js.add_consumer(subjects.STREAM, config)
+        if not created.num_pending:
+            return []  # none (the server drops the idle consumer)
+        sub = await js.subscribe_bind(subjects.STREAM, config, created.name, ordered_consumer=True)
+        out = []
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=timeout_s)
+                event = CheckpointSaved.model_validate_json(msg.data)
+                out.append(
+                    Checkpoint(
+                        seq=msg.metadata.sequence.stream,
+                        iteration=event.iteration,
+                        snapshot_id=str(event.event_id),
+                    )
+                )
+                if not msg.metadata.num_pending:  # the last one stored when it was delivered
+                    return out
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()

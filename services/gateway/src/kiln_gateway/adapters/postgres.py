@@ -97,6 +97,9 @@ def _build(row: asyncpg.Record) -> Build:
         published_at=row["published_at"],
         project_id=row["project_id"],
         project_version=row["project_version"],
+        fork_of=row["fork_of"],
+        fork_iteration=row["fork_iteration"],
+        fork_snapshot_id=row["fork_snapshot_id"],
         state=Projection(**{k: row[k] for k in _PROJECTION}),
     )
 
@@ -290,8 +293,10 @@ class PgStore:
             row = await conn.fetchrow(
                 """INSERT INTO builds (build_id, user_id, tier, idea_brief, understanding_qna,
                                        limits, idempotency_key, request_sha256, project_id,
-                                       project_version)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING *""",
+                                       project_version, fork_of, fork_iteration,
+                                       fork_snapshot_id)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                   RETURNING *""",
                 new.build_id,
                 new.user_id,
                 new.tier,
@@ -302,6 +307,9 @@ class PgStore:
                 new.request_sha256,
                 new.project_id,
                 new.project_version,
+                new.fork_of,
+                new.fork_iteration,
+                new.fork_snapshot_id,
             )
             return Inserted("created", _build(row))
 
@@ -421,8 +429,9 @@ class PgStore:
     async def insert_from_event(self, event: BuildRequested) -> None:
         await self.pool.execute(
             """INSERT INTO builds (build_id, user_id, tier, idea_brief, understanding_qna, limits,
-                                   published_at, created_at)
-               VALUES ($1, $2, $3, $4, $5, $6, now(), $7)
+                                   published_at, created_at, fork_of, fork_iteration,
+                                   fork_snapshot_id)
+               VALUES ($1, $2, $3, $4, $5, $6, now(), $7, $8, $9, $10)
                ON CONFLICT (build_id) DO NOTHING""",
             event.build_id,
             event.user_id,
@@ -431,6 +440,9 @@ class PgStore:
             json.dumps([q.model_dump(mode="json") for q in event.understanding_qna]),
             event.limits.model_dump_json(),
             event.occurred_at,
+            event.fork.build_id if event.fork else None,
+            event.fork.iteration if event.fork else None,
+            event.fork.snapshot_id if event.fork else None,
         )
 
     async def update_projection(

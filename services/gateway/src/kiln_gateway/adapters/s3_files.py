@@ -23,6 +23,7 @@ from kiln_contracts.bucket import (
     manifest_key,
     manifests_prefix,
     parse_manifest_key,
+    pruned_key,
 )
 from kiln_contracts.manifest import Manifest
 from kiln_runtime.s3 import is_not_found, s3_client
@@ -146,6 +147,11 @@ class S3Files:
             if len(data) > max_bytes:
                 raise BlobTooLarge(sha256)
         return bytes(data)
+
+    async def pruned(self, build_id: str) -> int | None:
+        raw = await self._get(pruned_key(build_id))
+        text = raw.decode().strip() if raw else ""
+        return int(text) if text.isdigit() else None
 
     async def blob(self, sha256: str) -> AsyncIterator[bytes]:
         response = await self._client.get_object(Bucket=self.bucket, Key=blob_key(sha256))

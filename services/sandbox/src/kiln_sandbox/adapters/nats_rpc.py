@@ -8,7 +8,7 @@ from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from kiln_contracts import RestorePlanReply, RestorePlanRequest, subjects
+from kiln_contracts import ForkOrigin, RestorePlanReply, RestorePlanRequest, subjects
 
 log = logging.getLogger(__name__)
 
@@ -18,8 +18,10 @@ class NatsRestorer:
         self.nc = nc
         self.timeout_s = timeout_s
 
-    async def restore_plan(self, build_id: str) -> RestorePlanReply | None:
-        request = RestorePlanRequest(build_id=build_id).model_dump_json().encode()
+    async def restore_plan(
+        self, build_id: str, fork: ForkOrigin | None = None
+    ) -> RestorePlanReply | None:
+        request = RestorePlanRequest(build_id=build_id, fork=fork).model_dump_json().encode()
         try:
             reply = await self.nc.request(
                 subjects.SNAPSHOT_RESTORE_PLAN, request, timeout=self.timeout_s

@@ -1,0 +1,107 @@
+"""``POST /v1/builds/{id}/fork``: a new build from another's conversation and files at one of its
+iterations (the domain in ``forks``; the build is created like ``POST /v1/builds``)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Header, HTTPException, Response
+
+from . import builds, forks
+from .deps import Me, Owned, Rt
+from .problems import ProblemError, responses
+from .routes import BUILDS_CREATED, _gate, used_up
+from .schemas import BuildOut, ForkBuild
+
+log = logging.getLogger(__name__)
+
+router = APIRouter()
+
+
+@router.post(
+    "/v1/builds/{build_id}/fork",
+    status_code=201,
+    response_model=BuildOut,
+    tags=["builds"],
+    responses={
+        200: {"model": BuildOut, "description": "Same Idempotency-Key: the fork made before"},
+        **responses(401, 403, 404, 409, 410, 422, 429, 503),
+    },
+)
+async def fork_build(
+    body: ForkBuild,
+    build: Owned,
+    rt: Rt,
+    me: Me,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> BuildOut:
+    """Fork the build at an ``iteration`` (or at one of its snapshots, ``snapshot_id``): a new
+    build whose conversation is this one's up to there and whose files are the snapshot taken at
+    that iteration (the newest at it or before), byte for byte; this build is not touched. The
+    fork goes on from there, as a build of its own (its own limits, counted towards the tier's
+    concurrent builds). 201 with the new build and its ``Location``.
+
+    ``iteration`` beyond the build's: 422; the iteration a running build is still at: 409; an unknown ``snapshot_id``: 404; a snapshot retention
+    no longer keeps (or never kept: a newer one superseded it): 410; one still being written: 503
+    with ``Retry-After``. Send an ``Idempotency-Key`` to make retries safe (as for
+    ``POST /v1/builds``)."""
+    try:
+        tier = rt.config.tier(me.tier)
+    except KeyError as err:
+        raise HTTPException(403, f"your API key's tier {me.tier!r} is not configured") from err
+    asked: dict[str, object] = {
+        "source": build.build_id,
+        "iteration": body.iteration,
+        "snapshot_id": body.snapshot_id,
+    }
+    try:
+        origin = await forks.origin(
+            rt.store,
+            rt.files,
+            build,
+            iteration=body.iteration,
+            snapshot_id=body.snapshot_id,
+            events=rt.events,
+        )
+    except forks.ForkRefused as err:
+        headers = {"Retry-After": "2"} if err.status == 503 else None
+        raise ProblemError(err.status, err.kind, err.detail, headers=headers) from err
+    except Exception as err:
+        log.warning("snapshot store unavailable: %s", err, extra={"build_id": build.build_id})
+        raise HTTPException(
+            503, "the snapshot store is unavailable; retry", headers={"Retry-After": "2"}
+        ) from err
+    try:
+        fork, created = await builds.create_build(
+            rt.store,
+            rt.publish,
+            me,
+            idea_brief=build.idea_brief,
+            understanding_qna=builds.qna_of(build),
+            limits=builds.limits_of(build),
+            idempotency_key=idempotency_key,
+            cap=tier.concurrent_builds,
+            gate=await _gate(rt, me.user_id),
+            fork=origin,
+            fork_asked=asked,
+        )
+    except builds.AllowanceUsedUp as err:
+        raise used_up(err.gate) from err
+    except builds.IdempotencyConflict as err:
+        raise HTTPException(409, str(err)) from err
+    except builds.TooManyBuilds as err:
+        raise HTTPException(429, str(err), headers={"Retry-After": "30"}) from err
+    except builds.PublishFailed as err:
+        raise HTTPException(
+            503,
+            f"{err}; it will be started shortly, or retry with the same Idempotency-Key",
+            headers={"Retry-After": "2"},
+        ) from err
+    if created:
+        BUILDS_CREATED.labels(me.tier).inc()
+    else:
+        response.status_code = 200
+    response.headers["Location"] = f"/v1/builds/{fork.build_id}"
+    return BuildOut.of(fork)
