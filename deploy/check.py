@@ -9,6 +9,8 @@
   gateway's /healthz and /readyz), never /metrics;
 - the HPA fallback component renders and validates too;
 - deploy/compose.yaml parses, and every Kiln service runs the one image as the non-root user;
+- the bus's set-up step: the Job kiln-setup and the compose service setup run kiln_runtime.setup as
+  the NATS user setup, and every NATS user's password variable reaches the server;
 - deploy/k8s/base/kiln.yaml equals the runtime's kiln.yaml; the NATS files are freshly rendered.
 
     uv run --frozen python deploy/check.py [overlay ...]     (exit 1 on any problem)
