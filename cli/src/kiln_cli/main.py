@@ -67,6 +67,8 @@ AdminOpt = Annotated[
 ]
 keys_app = typer.Typer(help="API keys (admin): create, revoke, list.")
 app.add_typer(keys_app, name="keys")
+dlq_app = typer.Typer(help="Dead letters (admin): list, show, replay.")
+app.add_typer(dlq_app, name="dlq")
 
 
 def _key(key: str | None) -> str:
@@ -240,7 +242,17 @@ def list_(
             cursor = page.get("next_cursor")
             if not cursor:
                 break
-    table = Table("build", "status", "iter", "cost", "created")
+    console.print(builds_table(builds))
+
+
+def builds_table(builds: list[dict[str, Any]]) -> Table:
+    """The builds, their ids whole at any terminal width (an id is for copying: the other
+    columns wrap first, and the table overflows rather than cut an id)."""
+    table = Table()
+    id_width = max((len(str(b["build_id"])) for b in builds), default=5)
+    table.add_column("build", no_wrap=True, min_width=id_width, overflow="fold")
+    for name in ("status", "iter", "cost", "created"):
+        table.add_column(name)
     for b in builds:
         table.add_row(
             b["build_id"],
@@ -249,7 +261,7 @@ def list_(
             usd(int(b["cost_micro_usd"])),
             str(b["created_at"])[:19],
         )
-    console.print(table)
+    return table
 
 
 @app.command()
@@ -496,6 +508,72 @@ def keys_list(
             str(k.get("revoked_at") or "")[:19],
         )
     console.print(table)
+
+
+@dlq_app.command("list")
+def dlq_list(
+    service: Annotated[str | None, typer.Option(help="Only this service's dead letters.")] = None,
+    kind: Annotated[str | None, typer.Option(help="Only this kind (ToolCall, ...).")] = None,
+    limit: Annotated[int, typer.Option(help="How many (oldest first).")] = 100,
+    url: UrlOpt = None,
+    admin_key: AdminOpt = None,
+) -> None:
+    """What failed, in which service, why, and how often."""
+    with _client(url, _admin_key(admin_key)) as client:
+        page = client.list_dead_letters(service, kind, limit=limit)
+    letters = page["dead_letters"]
+    if not letters:
+        console.print("no dead letters")
+        return
+    groups = Table("count", "service", "kind", "cause", "example reason", title="how often")
+    for g in page["groups"]:
+        groups.add_row(str(g["count"]), g["service"], g["kind"], g["cause"], g["example_reason"])
+    console.print(groups)
+    table = Table("seq", "service", "kind", "original subject", "at", "reason")
+    table.columns[0].no_wrap = table.columns[3].no_wrap = True
+    table.columns[3].overflow = "fold"
+    for d in letters:
+        table.add_row(
+            str(d["seq"]),
+            d["service"],
+            d["kind"],
+            d["original_subject"],
+            str(d.get("at") or "")[:19],
+            d["reason"],
+        )
+    console.print(table)
+    if page.get("next_after"):
+        err.print(f"more after seq {page['next_after']}: raise --limit")
+
+
+@dlq_app.command("show")
+def dlq_show(
+    seq: Annotated[int, typer.Argument(help="The dead letter's seq (from kiln dlq list).")],
+    url: UrlOpt = None,
+    admin_key: AdminOpt = None,
+) -> None:
+    """One dead letter: its headers and its payload."""
+    with _client(url, _admin_key(admin_key)) as client:
+        d = client.get_dead_letter(seq)
+    payload = d.pop("payload")
+    for key in ("seq", "service", "kind", "cause", "reason", "original_subject", "original_seq"):
+        console.print(f"{key}: {d.get(key)}", highlight=False)
+    console.print(f"at: {d.get('at')}", highlight=False)
+    console.print_json(data=payload) if not isinstance(payload, str) else console.print(payload)
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    seqs: Annotated[list[int], typer.Argument(help="The dead letters' seqs.")],
+    keep: Annotated[bool, typer.Option(help="Keep them in the DLQ after replaying.")] = False,
+    url: UrlOpt = None,
+    admin_key: AdminOpt = None,
+) -> None:
+    """Publish dead letters again to their original subjects (fix their cause first)."""
+    with _client(url, _admin_key(admin_key)) as client:
+        for seq in seqs:
+            r = client.replay_dead_letter(seq, keep=keep)
+            console.print(f"replayed {seq} to {r['subject']} as {r['msg_id']}", highlight=False)
 
 
 def _start(

@@ -1,7 +1,7 @@
 """A JetStream cluster on loopback: three (or more) ``nats-server`` processes from the wheel, each
 with its own store, routed to one another.
 
-Ports: each node is started on ports chosen beforehand (all of them distinct, chosen together) and
+Ports: each node is started on ports chosen beforehand (``free_port``: each handed out once) and
 the node itself reports what it bound (``--ports_file_dir``): a node that could not bind its port
 (another process took it between the choice and the start) exits, and the whole cluster is started
 again on new ports. A restarted node comes back on the ports it had.
@@ -13,27 +13,19 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .infra import InfraError, Process, _bin, spawn
+from .infra import InfraError, Process, _bin, free_port, spawn
 
 CLUSTER_NAME = "kiln"
 START_ATTEMPTS = 5
 
 
 def distinct_ports(count: int) -> list[int]:
-    """``count`` ports the kernel had free just now, all different (bound at the same time)."""
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """``count`` ports free just now, none handed out before in this process (``free_port``)."""
+    return [free_port() for _ in range(count)]
 
 
 @dataclass

@@ -17,6 +17,7 @@ from .infra import (
     Process,
     free_port,
     port_in_use,
+    reserve_port,
     set_up_streams,
     spawn,
     wait_for,
@@ -44,6 +45,7 @@ class Stack:
 
     def __post_init__(self) -> None:
         self.infra = Infra(self.data_dir, nats_port=self.nats_port, nats_nodes=self.nats_nodes)
+        reserve_port(self.gateway_port)  # never handed to another part of this stack
 
     @property
     def gateway_urls(self) -> list[str]:
