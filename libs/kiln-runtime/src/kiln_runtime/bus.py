@@ -37,6 +37,7 @@ from kiln_contracts import Envelope, subjects
 from . import metrics, tracing
 from .consume import MAX_PULL_BATCH, Consumer, Delivery, Handler, Puller, split_subject
 from .dead_letters import cause_of
+from .retry import retry
 from .settings import CommonSettings
 from .streams import bind_gates, require_streams
 
@@ -126,13 +127,32 @@ class Bus:
         resources are ready)."""
         js = self.nc.jetstream()
         for puller in self.pullers.values():
-            try:
-                await js.consumer_info(subjects.STREAM, puller.durable)
-            except NotFoundError:
-                await js.add_consumer(subjects.STREAM, config=puller.config)
+
+            async def declare(p: Puller = puller) -> None:
+                try:
+                    await js.consumer_info(subjects.STREAM, p.durable)
+                except NotFoundError:
+                    await js.add_consumer(subjects.STREAM, config=p.config)
+
+            # JetStream may not answer at once (a cluster electing a leader, a loaded node)
+            await retry(
+                declare,
+                attempts=10,
+                retry_on=(
+                    TimeoutError,
+                    nats.errors.TimeoutError,
+                    nats.js.errors.ServiceUnavailableError,
+                ),
+                base=0.5,
+                cap=5.0,
+                on_retry=self._consumer_retry,
+            )
         for puller in self.pullers.values():
             self._loops.append(asyncio.create_task(puller.keep_running()))
         self.consuming_since = time.monotonic()
+
+    def _consumer_retry(self, err: BaseException, attempt: int) -> None:
+        log.warning("declaring a consumer: %r; retrying", err, extra={"service": self.service})
 
     @property
     def nats_connected(self) -> bool:
