@@ -610,6 +610,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 def up(
     data_dir: Annotated[Path, typer.Option(help="Where the stack keeps its data.")] = Path(".kiln"),
     port: Annotated[int, typer.Option(help="The gateway's port.")] = 8080,
+    sandbox: Annotated[str, typer.Option(help=SANDBOX_HELP)] = "local",
     nats_nodes: Annotated[
         int,
         typer.Option(
@@ -621,11 +622,25 @@ def up(
 ) -> None:
     """Start the whole local stack and keep it running until Ctrl-C."""
     with _sigterm_as_interrupt():
-        _up(data_dir, port, nats_nodes)
+        _up(data_dir, port, _sandbox_env(sandbox), nats_nodes)
 
 
-def _up(data_dir: Path, port: int, nats_nodes: int = 1) -> None:
-    stack = _start(data_dir, port, nats_nodes=nats_nodes)
+SANDBOX_HELP = (
+    "The sandbox provider: 'local' (directories on this host) or 'e2b' (the real e2b SDK; "
+    "against the local E2B-compatible server unless E2B_API_KEY is set)."
+)
+
+
+def _sandbox_env(sandbox: str) -> dict[str, str]:
+    if sandbox not in ("local", "e2b"):
+        raise _fail(f"--sandbox must be 'local' or 'e2b', not {sandbox!r}")
+    return {"KILN_SANDBOX_PROVIDER": sandbox} if sandbox == "e2b" else {}
+
+
+def _up(
+    data_dir: Path, port: int, extra_env: dict[str, str] | None = None, nats_nodes: int = 1
+) -> None:
+    stack = _start(data_dir, port, extra_env, nats_nodes=nats_nodes)
     try:
         console.print(f"gateway   [bold]{stack.gateway_url}[/]  (docs: {stack.gateway_url}/docs)")
         console.print(f"API key   [bold]{stack.env.get('KILN_DEV_API_KEY', DEV_API_KEY)}[/]")
@@ -659,9 +674,10 @@ def demo(
             "sleeps when it is spent and wakes by itself when the next 'day' begins.",
         ),
     ] = False,
+    sandbox: Annotated[str, typer.Option(help=SANDBOX_HELP)] = "local",
 ) -> None:
     """Start the stack, build the bundled "textstats" brief live, and show where it went."""
-    extra = SHOW_SLEEP_ENV if show_sleep else {}
+    extra = {**(SHOW_SLEEP_ENV if show_sleep else {}), **_sandbox_env(sandbox)}
     with _sigterm_as_interrupt():
         ok = _demo(data_dir, port, timeout, extra)
     raise typer.Exit(0 if ok else 1)

@@ -39,6 +39,7 @@ class Stack:
     infra: Infra = field(init=False)
     services: dict[str, Process] = field(default_factory=dict)
     model_server: Process | None = None
+    e2b_server: Process | None = None
     env: dict[str, str] = field(default_factory=dict)
     metrics_ports: dict[str, int] = field(default_factory=dict)
     gateway_ports: dict[str, int] = field(default_factory=dict)  # replicas after the first
@@ -98,6 +99,8 @@ class Stack:
             }
             if not base.get("ANTHROPIC_API_KEY"):
                 self._start_model_server()
+            if base.get("KILN_SANDBOX_PROVIDER") == "e2b" and not base.get("E2B_API_KEY"):
+                self._start_e2b_server()
             for name in services:
                 for n in range(self.replicas):
                     self.start_service(name if n == 0 else f"{name}-{n + 1}")
@@ -122,6 +125,23 @@ class Stack:
         wait_for(lambda: port_in_use(port), "scripted model server")
         self.env["ANTHROPIC_BASE_URL"] = f"http://127.0.0.1:{port}"
         self.env["ANTHROPIC_API_KEY"] = "scripted-local"
+
+    def _start_e2b_server(self) -> None:
+        """Provider e2b without an E2B key: the real SDK against the local E2B-compatible
+        server (kiln_devstack.e2b_server), pointed there by the SDK's own settings."""
+        port = free_port()
+        self.e2b_server = spawn(
+            "e2b-server",
+            [
+                *(sys.executable, "-m", "kiln_devstack.e2b_server", "--port", str(port)),
+                *("--base", str(self.data_dir / "e2b")),
+            ],
+            self.infra.log_dir,
+            env=self.env,
+        )
+        wait_for(lambda: port_in_use(port), "the local E2B server")
+        url = f"http://127.0.0.1:{port}"
+        self.env.update(E2B_API_URL=url, E2B_SANDBOX_URL=url, E2B_API_KEY="e2b_local")
 
     def start_service(self, name: str) -> Process:
         """Start one process of a service: ``agent``, or a further replica ``agent-2``."""
@@ -180,4 +200,7 @@ class Stack:
         if self.model_server:
             self.model_server.stop()
             self.model_server = None
+        if self.e2b_server:
+            self.e2b_server.stop()
+            self.e2b_server = None
         self.infra.stop()
