@@ -58,6 +58,14 @@ test: lint typecheck browser  ## the whole suite: lint, types, unit, integration
 clean:  ## remove local state
 	rm -rf .kiln .pytest_cache .mypy_cache .ruff_cache
 
+# ---------------------------------------------------------------- chaos on a NATS cluster (docs/BENCHMARKS.md)
+.PHONY: chaos-cluster
+CHAOS_BUILDS ?= 8
+CHAOS_KILLS ?= 10
+
+chaos-cluster: install  ## 3-node JetStream cluster, 2 replicas per service: leader SIGKILL, node SIGSTOP, service kills
+	KILN_CHAOS_BUILDS=$(CHAOS_BUILDS) KILN_CHAOS_KILLS=$(CHAOS_KILLS) $(RUN) pytest tests/e2e/test_chaos_cluster.py -q -s -p no:cacheprovider
+
 # ---------------------------------------------------------------- deployment (deploy/, docs/OPERATIONS.md)
 .PHONY: deploy-check nats-render
 DEPLOY_OUT := .kiln/deploy

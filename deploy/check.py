@@ -9,6 +9,8 @@
   gateway's /healthz and /readyz), never /metrics;
 - the HPA fallback component renders and validates too;
 - deploy/compose.yaml parses, and every Kiln service runs the one image as the non-root user;
+- the bus's set-up step: the Job kiln-setup and the compose service setup run kiln_runtime.setup as
+  the NATS user setup, and every NATS user's password variable reaches the server;
 - deploy/k8s/base/kiln.yaml equals the runtime's kiln.yaml; the NATS files are freshly rendered.
 
     uv run --frozen python deploy/check.py [overlay ...]     (exit 1 on any problem)
@@ -248,6 +250,14 @@ def check_compose(path: Path = COMPOSE) -> list[str]:
         if infra not in services:
             errors.append(f"compose: no {infra}")
     nats = services.get("nats", {})
+    setup = services.get("setup") or {}
+    if setup.get("command") != ["python", "-m", "kiln_runtime.setup"]:
+        errors.append("compose: no setup service running python -m kiln_runtime.setup")
+    elif (setup.get("environment") or {}).get("NATS_USER") != "setup":
+        errors.append("compose/setup: NATS_USER must be setup")
+    for env_name in nats_password_envs():
+        if env_name not in (nats.get("environment") or {}):
+            errors.append(f"compose/nats: {env_name} is not passed to the server")
     if "-js" not in (nats.get("command") or []):
         errors.append("compose/nats: JetStream (-js) is off")
     tag = str(nats.get("image", "")).rsplit(":", 1)[-1]
@@ -257,6 +267,40 @@ def check_compose(path: Path = COMPOSE) -> list[str]:
             errors.append(f"compose/nats: {tag} < 2.12 (message schedules)")
     except ValueError:
         errors.append(f"compose/nats: pin a version tag, got {tag!r}")
+    return errors
+
+
+def nats_password_envs() -> list[str]:
+    """The variable of every NATS user's password (deploy/nats/permissions.yaml): the server's
+    config refers to each, so each must reach the server."""
+    doc = yaml.safe_load((DEPLOY / "nats" / "permissions.yaml").read_text())
+    users = {**doc["services"], **(doc.get("setup") or {}), **(doc.get("operators") or {})}
+    return [spec["password_env"] for spec in users.values()]
+
+
+def check_setup_job(docs: list[dict[str, Any]], overlay: str) -> list[str]:
+    """The set-up Job runs kiln_runtime.setup as the NATS user setup; the dev overlay's NATS
+    gets every user's password."""
+    errors = []
+    job = _by_kind(docs, "Job").get("kiln-setup")
+    if job is None:
+        return [f"{overlay}: no Job kiln-setup (the bus's set-up step)"]
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    if container.get("command") != ["python", "-m", "kiln_runtime.setup"]:
+        errors.append(f"{overlay}/kiln-setup: command must be python -m kiln_runtime.setup")
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    if env.get("NATS_USER") != "setup":
+        errors.append(f"{overlay}/kiln-setup: NATS_USER must be setup")
+    nats = _by_kind(docs, "StatefulSet").get("nats") or _by_kind(docs, "Deployment").get("nats")
+    if nats is not None:
+        given = {
+            e["name"]
+            for c in nats["spec"]["template"]["spec"]["containers"]
+            for e in c.get("env", [])
+        }
+        for env_name in nats_password_envs():
+            if env_name not in given:
+                errors.append(f"{overlay}/nats: {env_name} is not passed to the server")
     return errors
 
 
@@ -285,6 +329,7 @@ def check(overlays: list[str] | None = None) -> list[str]:
             continue
         errors += [f"{name}: {e}" for e in validate_schemas(docs)]
         errors += check_hardening(docs, name)
+        errors += check_setup_job(docs, name)
     for component in sorted(p for p in (K8S / "components").iterdir() if p.is_dir()):
         errors += check_component(component)
     errors += check_compose()

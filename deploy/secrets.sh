@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 rand() { head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
-SERVICES=(gateway agent sandbox budget snapshot webhooks admin)
+SERVICES=(gateway agent sandbox budget snapshot webhooks setup admin)
 
 case "${1:-}" in
 compose)

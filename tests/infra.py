@@ -13,7 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from kiln_devstack.infra import Infra
+from kiln_devstack.infra import Infra, set_up_streams
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,11 @@ def infrastructure(data_dir: Path) -> Iterator[dict[str, str]]:
     missing = [k for k in KEYS if k not in given]
     if missing and docker_available():
         with _containers(missing) as urls:
+            set_up_streams(urls.get("NATS_URL") or given["NATS_URL"], 1, data_dir / "logs")
             yield {**given, **urls}
         return
+    if "NATS_URL" in given:  # a server of the environment's: the bus's set-up step first
+        set_up_streams(given["NATS_URL"], 1, data_dir / "logs")
     infra = Infra(data_dir)
     try:
         yield infra.start(given)

@@ -44,16 +44,15 @@ def durables(service: str, spec: dict[str, Any]) -> list[str]:
 
 def permissions(service: str, spec: dict[str, Any], doc: dict[str, Any]) -> dict[str, Any]:
     """The publish/subscribe allow lists of one service's user."""
-    stream, dlq = doc["stream"], doc["dlq_stream"]
+    stream = doc["stream"]
     api = "$JS.API"
     pub: list[str] = [f"kiln.build.*.{kind}" for kind in spec.get("publishes", [])]
     if spec.get("schedules"):
         pub.append("kiln.schedule.>")
     pub.append(f"kiln.dlq.{service}.>")
-    # Streams: every service creates or updates both at start-up (kiln_runtime.bus.ensure_streams).
-    for name in (stream, dlq):
-        pub += [f"{api}.STREAM.INFO.{name}", f"{api}.STREAM.CREATE.{name}"]
-        pub.append(f"{api}.STREAM.UPDATE.{name}")
+    # Streams: a service only looks them up (kiln_runtime.streams.require_streams); the setup
+    # user creates and updates them (setup_permissions).
+    pub += [f"{api}.STREAM.INFO.{name}" for name in stream_names(doc)]
     # Its own durable consumers: look up, create (with or without a filter subject), fetch, ack.
     for name in durables(service, spec):
         pub += [
@@ -71,27 +70,49 @@ def permissions(service: str, spec: dict[str, Any], doc: dict[str, Any]) -> dict
         pub += [f"{api}.CONSUMER.CREATE.{stream}", f"$JS.FC.{stream}.>", f"{api}.STREAM.NAMES"]
     pub += gates(spec.get("gates"), doc)
     pub += list(spec.get("requests", []))
-    sub = ["_INBOX.>", *spec.get("serves", [])]
+    # Replies to its own requests only: its inbox prefix (kiln_runtime.bus.inbox_prefix).
+    sub = [inbox(service), *spec.get("serves", [])]
     out: dict[str, Any] = {"publish": {"allow": pub}, "subscribe": {"allow": sub}}
     if spec.get("serves"):
         out["allow_responses"] = True
     return out
 
 
+def inbox(user: str) -> str:
+    """The subjects a user's replies come on (nats-py's ``inbox_prefix``: ``_INBOX_<user>``)."""
+    return f"_INBOX_{user}.>"
+
+
+def stream_names(doc: dict[str, Any]) -> list[str]:
+    """Every stream Kiln has: the messages, the dead letters, the budget gates' bucket."""
+    return [doc["stream"], doc["dlq_stream"], f"KV_{doc['gates_bucket']}"]
+
+
+def setup_permissions(user: str, doc: dict[str, Any]) -> dict[str, Any]:
+    """The set-up step's user (kiln_runtime.setup): create, update and look up Kiln's streams,
+    nothing else (no delete, no purge, no messages)."""
+    api = "$JS.API"
+    pub = [
+        f"{api}.STREAM.{op}.{name}"
+        for name in stream_names(doc)
+        for op in ("INFO", "CREATE", "UPDATE")
+    ]
+    return {"publish": {"allow": pub}, "subscribe": {"allow": [inbox(user)]}}
+
+
 GATES_ACCESS = ("write", "watch", "read")
 
 
 def gates(access: str | None, doc: dict[str, Any]) -> list[str]:
-    """What a service may do with the budget gates' key-value bucket (kiln_runtime.bus.ensure_gates
-    creates or updates its stream at start-up in each service that uses it)."""
+    """What a service may do with the budget gates' key-value bucket (the set-up step creates its
+    stream; a service binds to it, kiln_runtime.streams.bind_gates)."""
     if access is None:
         return []
     if access not in GATES_ACCESS:
         raise ValueError(f"gates: {access!r} is not one of {GATES_ACCESS}")
     bucket = doc["gates_bucket"]
     stream, api = f"KV_{bucket}", "$JS.API"
-    pub = [f"{api}.STREAM.{op}.{stream}" for op in ("INFO", "CREATE", "UPDATE")]
-    pub.append(f"{api}.STREAM.MSG.GET.{stream}")  # a get (no direct gets: the leader answers)
+    pub = [f"{api}.STREAM.MSG.GET.{stream}"]  # a get (no direct gets: the leader answers)
     if access == "write":
         pub.append(f"$KV.{bucket}.>")
     if access == "watch":
@@ -110,6 +131,14 @@ def users(doc: dict[str, Any], password: Any) -> list[dict[str, Any]]:
                 "user": service,
                 "password": password(spec["password_env"]),
                 "permissions": permissions(service, spec, doc),
+            }
+        )
+    for name, spec in (doc.get("setup") or {}).items():
+        out.append(
+            {
+                "user": name,
+                "password": password(spec["password_env"]),
+                "permissions": setup_permissions(name, doc),
             }
         )
     for name, spec in (doc.get("operators") or {}).items():
@@ -174,7 +203,11 @@ def render_values(doc: dict[str, Any]) -> str:
                 spec["password_env"]: {
                     "valueFrom": {"secretKeyRef": {"name": f"kiln-nats-{name}", "key": "password"}}
                 }
-                for name, spec in {**doc["services"], **(doc.get("operators") or {})}.items()
+                for name, spec in {
+                    **doc["services"],
+                    **(doc.get("setup") or {}),
+                    **(doc.get("operators") or {}),
+                }.items()
             }
         },
     }

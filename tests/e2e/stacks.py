@@ -21,15 +21,25 @@ def own_stack(
     infra: dict[str, str],
     name: str,
     env: Callable[[Path], dict[str, str]] = lambda data_dir: {},
+    *,
+    nats_nodes: int = 1,
+    replicas: int = 1,
 ) -> Iterator[Stack]:
     """A started stack named ``name`` (its temporary directory and database are named after it);
-    ``env``: more environment for it, given its data directory. Stopped and removed on exit."""
+    ``env``: more environment for it, given its data directory; ``nats_nodes`` 3: on a JetStream
+    cluster of its own; ``replicas``: processes of each service. Stopped and removed on exit."""
     data_dir = Path(tempfile.mkdtemp(prefix=f"kiln-{name}-", dir="/tmp"))
     extra = {k: v for k, v in infra.items() if k != "NATS_URL"}
     extra["DATABASE_URL"] = own_database(infra["DATABASE_URL"], f"{name}_{uuid.uuid4().hex[:8]}")
     extra["ANTHROPIC_API_KEY"] = ""  # always the scripted model in tests
     extra.update(env(data_dir))
-    stack = Stack(data_dir, gateway_port=free_port(), extra_env=extra)
+    stack = Stack(
+        data_dir,
+        gateway_port=free_port(),
+        extra_env=extra,
+        nats_nodes=nats_nodes,
+        replicas=replicas,
+    )
     stack.start()
     try:
         yield stack

@@ -285,7 +285,7 @@ def test_one_trace_follows_the_build_through_all_five_services(stack: Stack, bui
 
 
 async def stream_history(nats_url: str, build_id: str) -> list[tuple[str, bytes, dict]]:
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url.split(","))  # one URL, or a cluster's comma-separated
     try:
         sub = await nc.jetstream().subscribe(
             subjects.build_filter(build_id),

@@ -1,7 +1,9 @@
 """The generated per-service NATS users on a real nats-server with auth.
 
-Each service's user runs its real bus code (kiln_runtime.bus.Bus: stream set-up, its own durable
-consumers, publish, ack) and the server refuses it everything that belongs to another service.
+The set-up step's user creates the streams (kiln_runtime.setup); each service's user runs its real
+bus code (kiln_runtime.bus.Bus: the streams looked up, its own durable consumers, publish, ack,
+requests with replies on its own inbox prefix) and the server refuses it everything that belongs
+to another service or to the set-up step.
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ from kiln_contracts import (
     subjects,
 )
 from kiln_gateway.adapters.jetstream import JetStreamHistory
-from kiln_runtime.bus import Bus, Delivery
+from kiln_runtime.bus import Bus, Delivery, inbox_prefix
 from kiln_runtime.settings import CommonSettings
+from kiln_runtime.setup import set_up
 
 pytestmark = pytest.mark.integration
 
@@ -126,8 +129,8 @@ class Server:
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
     """nats-server with the generated config (deploy/nats/nats-server.conf) and random passwords."""
-    names = [*SERVICES, *(DOC.get("operators") or {})]
-    specs = {**SERVICES, **(DOC.get("operators") or {})}
+    names = [*SERVICES, *(DOC.get("setup") or {}), *(DOC.get("operators") or {})]
+    specs = {**SERVICES, **(DOC.get("setup") or {}), **(DOC.get("operators") or {})}
     passwords = {name: secrets.token_hex(12) for name in names}
     env = {**os.environ, **{specs[n]["password_env"]: passwords[n] for n in names}}
     port = free_port()
@@ -149,7 +152,9 @@ def server() -> Iterator[Server]:
                 if proc.poll() is not None or datetime.now(UTC) > deadline:
                     err = proc.stderr.read().decode() if proc.stderr else ""
                     raise RuntimeError(f"nats-server did not start: {err}")
-            yield Server(f"nats://127.0.0.1:{port}", passwords)
+            server = Server(f"nats://127.0.0.1:{port}", passwords)
+            asyncio.run(set_up(settings(server, "setup")))  # the streams, as the setup user
+            yield server
         finally:
             proc.terminate()
             proc.wait(timeout=10)
@@ -193,7 +198,7 @@ async def test_each_service_user_runs_its_own_flows(server, uid):
             models = [BY_KIND[k] for k in kinds]
             buses[name].consume_kinds(models, recorder(name), durable=durable)
     try:
-        for bus in buses.values():  # every user may create and update the streams
+        for bus in buses.values():  # every user may look the streams up
             await bus.connect()
         for bus in buses.values():  # ... and its own durable consumers
             await bus.start()
@@ -253,7 +258,7 @@ async def test_each_service_user_runs_its_own_flows(server, uid):
         assert isinstance(sample("wake_requested", build_id), WakeRequested)
 
         # The budget gates: the budget writes them, the agent watches them, the gateway reads
-        # them (each of the three may create the bucket: whichever starts first).
+        # them (the set-up step made the bucket).
         gate = BudgetGate(
             user_id="u1",
             state="closed",
@@ -372,11 +377,80 @@ async def refused(server: Server, user: str, action: str, subject: str) -> str:
         ("sandbox", "pub", "$JS.API.STREAM.MSG.GET.KV_KILN_BUDGET_GATES"),
         ("snapshot", "pub", "$JS.API.STREAM.CREATE.KV_KILN_BUDGET_GATES"),
         ("agent", "pub", "$JS.API.STREAM.PURGE.KV_KILN_BUDGET_GATES"),
+        # no service administers a stream: the set-up step's user does
+        *(
+            (service, "pub", f"$JS.API.STREAM.{op}.{stream}")
+            for service in SERVICES
+            for op in ("CREATE", "UPDATE", "DELETE")
+            for stream in ("KILN", "KILN_DLQ", "KV_KILN_BUDGET_GATES")
+        ),
+        # ... and the set-up step's user does nothing else
+        ("setup", "pub", "$JS.API.STREAM.DELETE.KILN"),
+        ("setup", "pub", "$JS.API.STREAM.PURGE.KILN"),
+        ("setup", "pub", "kiln.build.b1.build_requested"),
+        ("setup", "sub", "kiln.build.>"),
+        ("setup", "sub", "_INBOX_gateway.>"),
+        # only the gateway starts builds (with the tier of the caller's account)
+        *((s, "pub", "kiln.build.b1.build_requested") for s in SERVICES if s != "gateway"),
+        # replies: a service's own inbox prefix only, never the shared _INBOX.> nor another's
+        *((s, "sub", "_INBOX.>") for s in SERVICES),
+        ("gateway", "sub", "_INBOX_snapshot.>"),
+        ("snapshot", "sub", "_INBOX_sandbox.>"),
+        ("sandbox", "sub", "_INBOX_snapshot.>"),
+        ("agent", "sub", "_INBOX_gateway.>"),
+        ("budget", "sub", ">"),
     ],
 )
 async def test_a_service_is_refused_what_belongs_to_another(server, user, action, subject):
     refusal = await refused(server, user, action, subject)
     assert "permissions violation" in refusal.lower(), f"{user} was allowed to {action} {subject}"
+
+
+async def test_a_service_reads_no_other_services_replies(server, uid):
+    """The snapshot service asks the sandbox for a manifest: the answer comes on the snapshot's
+    inbox prefix, which no other service may read (the gateway tries, and gets nothing)."""
+    buses = {name: Bus(settings(server, name), name) for name in ("snapshot", "sandbox", "gateway")}
+    try:
+        for bus in buses.values():
+            await bus.connect()
+
+        async def answer(msg: Any) -> None:
+            await msg.respond(b"secret presigned URL for " + msg.data)
+
+        await buses["sandbox"].nc.subscribe("kiln.rpc.sandbox.manifest", queue="sandbox", cb=answer)
+        await buses["sandbox"].nc.flush()
+
+        spied: list[bytes] = []
+        errors: list[str] = []
+
+        async def on_error(err: Exception) -> None:
+            errors.append(str(err))
+
+        async def on_spied(msg: Any) -> None:
+            spied.append(msg.data)
+
+        spy: Client = await nats.connect(
+            server.url,
+            user="gateway",
+            password=server.passwords["gateway"],
+            inbox_prefix=inbox_prefix("gateway"),
+            error_cb=on_error,
+        )
+        try:
+            await spy.subscribe(f"{inbox_prefix('snapshot')}.>", cb=on_spied)
+            await spy.flush()
+            reply = await request(buses["snapshot"].nc, "kiln.rpc.sandbox.manifest")
+            assert reply.subject.startswith(f"{inbox_prefix('snapshot')}.")
+            assert reply.data == b"secret presigned URL for ping"
+            await until(lambda: bool(errors))
+            assert "permissions violation" in " ".join(errors).lower()
+            assert spied == []
+        finally:
+            await spy.close()
+    finally:
+        for bus in buses.values():
+            with contextlib.suppress(Exception):
+                await bus.stop()
 
 
 async def test_a_wrong_password_is_refused(server):

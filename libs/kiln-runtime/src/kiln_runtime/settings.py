@@ -39,6 +39,9 @@ class CommonSettings(BaseSettings):
     memory_trim: bool = True
     # Copies of each stream kept by a NATS cluster (3 in production; 1 on a single server).
     stream_replicas: int = Field(default=1, ge=1, le=5)
+    # How often the client pings its server; after three unanswered pings it moves to another
+    # node (a hung server is noticed in about 3 x this).
+    nats_ping_interval_s: float = Field(default=5.0, gt=0)
 
 
 class DatabaseSettings(CommonSettings):

@@ -1,5 +1,9 @@
 """Kiln's streams on JetStream: ``KILN`` (every build's messages), ``KILN_DLQ`` (dead letters)
-and the budget gates' key-value bucket; created or updated at connect, on a server new enough."""
+and the budget gates' key-value bucket.
+
+They are created or updated by the set-up step only (``kiln_runtime.setup``, as the NATS user
+``setup``: ``kiln up`` runs it, and a Kubernetes Job in deploy/); the services' users may look
+them up, never create, update or delete them (deploy/nats/permissions.yaml)."""
 
 from __future__ import annotations
 
@@ -19,6 +23,34 @@ MIN_SERVER = (2, 12)
 
 class ServerTooOld(RuntimeError):
     pass
+
+
+class StreamsMissing(RuntimeError):
+    """A stream or the gates' bucket does not exist yet: the set-up step has not run."""
+
+
+def check_server(nc: Client) -> None:
+    version = nc.connected_server_version
+    if (version.major, version.minor) < MIN_SERVER:
+        raise ServerTooOld(
+            f"nats-server {version} is too old: Kiln needs >= {MIN_SERVER[0]}.{MIN_SERVER[1]} "
+            "with JetStream (message schedules). Point NATS_URL at a newer server."
+        )
+
+
+SETUP_HINT = "the set-up step creates it: python -m kiln_runtime.setup (docs/OPERATIONS.md)"
+
+
+async def require_streams(nc: Client) -> None:
+    """Check the server can do what Kiln needs and that Kiln's streams exist (a service's
+    start-up: it may look the streams up, not create them)."""
+    check_server(nc)
+    js = nc.jetstream()
+    for name in (subjects.STREAM, subjects.DLQ_STREAM, f"KV_{subjects.BUDGET_GATES}"):
+        try:
+            await js.stream_info(name)
+        except NotFoundError as err:
+            raise StreamsMissing(f"stream {name} does not exist; {SETUP_HINT}") from err
 
 
 def stream_config(replicas: int = 1) -> StreamConfig:
@@ -44,13 +76,9 @@ def dlq_stream_config(replicas: int = 1) -> StreamConfig:
 
 
 async def ensure_streams(nc: Client, replicas: int = 1) -> None:
-    """Check the server can do what Kiln needs, then create or update Kiln's streams."""
-    version = nc.connected_server_version
-    if (version.major, version.minor) < MIN_SERVER:
-        raise ServerTooOld(
-            f"nats-server {version} is too old: Kiln needs >= {MIN_SERVER[0]}.{MIN_SERVER[1]} "
-            "with JetStream (message schedules). Point NATS_URL at a newer server."
-        )
+    """Check the server can do what Kiln needs, then create or update Kiln's streams (the set-up
+    step; tests that stand in for it)."""
+    check_server(nc)
     js = nc.jetstream()
     for config in (stream_config(replicas), dlq_stream_config(replicas)):
         try:
@@ -82,9 +110,18 @@ def gates_stream_config(replicas: int = 1) -> StreamConfig:
     )
 
 
+async def bind_gates(nc: Client) -> KeyValue:
+    """The budget gates' bucket, which the set-up step made (a service's start-up)."""
+    try:
+        return await nc.jetstream().key_value(subjects.BUDGET_GATES)
+    except NotFoundError as err:  # nats-py's BucketNotFoundError is one
+        raise StreamsMissing(
+            f"bucket {subjects.BUDGET_GATES} does not exist; {SETUP_HINT}"
+        ) from err
+
+
 async def ensure_gates(nc: Client, replicas: int = 1) -> KeyValue:
-    """Create or update the budget gates' bucket (the budget writes it; the agent and the gateway
-    read it, so each of them may be the first to start) and bind to it."""
+    """Create or update the budget gates' bucket (the set-up step) and bind to it."""
     js = nc.jetstream()
     config = gates_stream_config(replicas)
     try:

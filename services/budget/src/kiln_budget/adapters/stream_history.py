@@ -12,6 +12,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError
 
 from kiln_contracts import Envelope, subjects
+from kiln_runtime.consume import agreed_event_id
 from kiln_runtime.errors import RetryLater
 
 log = logging.getLogger(__name__)
@@ -56,10 +57,15 @@ class StreamHistory:
                 model = by_kind.get(kind)
                 if model is not None:
                     try:
-                        yield model.model_validate_json(msg.data)
+                        event = model.model_validate_json(msg.data)
                     except ValidationError:
                         seq = msg.metadata.sequence.stream
                         log.info("not replayed: an invalid %s (seq %s)", kind, seq)
+                    else:
+                        if "event_id" not in event.model_fields_set:  # as the consumers name it
+                            seq = msg.metadata.sequence.stream
+                            event = event.with_id(agreed_event_id(msg.headers, seq))
+                        yield event
                 if not msg.metadata.num_pending:  # the last one stored when it was delivered
                     return
         finally:
