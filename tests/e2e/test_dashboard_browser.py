@@ -143,14 +143,6 @@ PROBLEM_409 = {
 }
 
 
-def fork_endpoint_exists(stack: Stack) -> bool:
-    spec = httpx.get(f"{stack.gateway_url}/openapi.json", timeout=10).json()
-    return any(
-        path.startswith("/v1/builds/") and path.endswith("/fork") and "post" in operations
-        for path, operations in spec["paths"].items()
-    )
-
-
 def test_dashboard_conversation_files_diff_and_fork(stack: Stack, tmp_path: Path) -> None:
     from playwright.sync_api import Route, expect, sync_playwright
 
@@ -255,28 +247,45 @@ def test_dashboard_conversation_files_diff_and_fork(stack: Stack, tmp_path: Path
             # Fork from an iteration (the first run's last, which has a snapshot of its own):
             # the request the button sends ...
             iteration = int(before.get_attribute("data-iteration") or "0")
-            fork = conversation.locator(f'.marker.iteration button[data-iteration="{iteration}"]')
+            fork = conversation.locator(
+                f'.marker.iteration button.fork[data-iteration="{iteration}"]'
+            )
             expect(fork).to_have_text("Fork from here")
             with page.expect_response(f"**/v1/builds/{build_id}/fork") as answered:
                 fork.click()
             request = answered.value.request
             assert request.method == "POST"
             assert request.post_data_json == {"iteration": iteration}
-            if fork_endpoint_exists(stack):
-                # DEPENDS ON THE FORK ENDPOINT (POST /v1/builds/{id}/fork, branch `fork`): the
-                # answer is the new build, and the page opens it.
-                assert answered.value.status == 201, answered.value.text()
-                forked = answered.value.json()["build_id"]
-                assert forked != build_id
-                expect(page.locator("#build-id")).to_have_text(forked)
-                expect(page.locator(f'#builds tr[data-build-id="{forked}"]')).to_be_visible()
-                assert page.url.endswith(f"#{forked}")
-                expect(page.locator("#error")).to_be_hidden()
-            else:
-                # Without the endpoint the page says so plainly and stays on the build.
-                assert answered.value.status in (404, 405)
-                expect(page.locator("#error")).to_contain_text("Fork failed")
-                expect(page.locator("#build-id")).to_have_text(build_id)
+            # ... and its answer: the new build, which the page opens.
+            assert answered.value.status == 201, answered.value.text()
+            forked = answered.value.json()["build_id"]
+            assert forked != build_id
+            expect(page.locator("#build-id")).to_have_text(forked)
+            expect(page.locator(f'#builds tr[data-build-id="{forked}"]')).to_be_visible()
+            assert page.url.endswith(f"#{forked}")
+            expect(page.locator("#error")).to_be_hidden()
+
+            # Roll back the original to the same iteration: a fork there (the original has
+            # ended, so nothing is cancelled) that the page opens, the original left as it was.
+            page.goto(f"{stack.gateway_url}/#{build_id}")
+            expect(page.locator("#build-id")).to_have_text(build_id)
+            back = conversation.locator(
+                f'.marker.iteration button.rollback[data-iteration="{iteration}"]'
+            )
+            expect(back).to_have_text("Roll back to here")
+            with page.expect_response(f"**/v1/builds/{build_id}/fork") as answered:
+                back.click()
+            assert answered.value.status == 201, answered.value.text()
+            assert answered.value.request.post_data_json == {"iteration": iteration}
+            rolled = answered.value.json()["build_id"]
+            assert rolled not in (build_id, forked)
+            expect(page.locator("#build-id")).to_have_text(rolled)
+            original = httpx.get(
+                f"{stack.gateway_url}/v1/builds/{build_id}",
+                headers={"Authorization": f"Bearer {DEV_API_KEY}"},
+                timeout=10,
+            ).json()
+            assert original["status"] == "completed"
             stack.check_alive()
             assert errors == [], errors
         finally:

@@ -25,7 +25,7 @@ from kiln_sandbox.adapters.nats_rpc import NatsRestorer
 from kiln_sandbox.handlers import SandboxService
 from kiln_sandbox.ports import SandboxRecord
 from kiln_sandbox.workspace import Workspace
-from kiln_snapshot import bootstrap, gc, snapshots
+from kiln_snapshot import bootstrap, gc, restores, snapshots
 from tests.integration.test_snapshot_restore_gc import serve_sandbox_rpc, settings, tree
 from tests.integration.test_snapshot_s3 import until, watch_saved
 
@@ -167,7 +167,7 @@ async def test_a_fork_is_its_sources_snapshot_at_that_iteration_and_outlives_its
     assert not set(report.deleted) & copy.blobs()
     assert await restored(fork, origin, tmp_path / "again") == at_two
     # a new fork at iteration 3 now would be given iteration 2's files: refused; at 2 and 4 not
-    with pytest.raises(snapshots.ForkSourceMissing, match="no longer kept"):
-        await snapshots.resolve(store, source, 3)
-    assert (await snapshots.resolve(store, source, 2)).snapshot_id == two  # type: ignore[union-attr]
-    assert (await snapshots.resolve(store, source, 9)).snapshot_id == four  # type: ignore[union-attr]
+    with pytest.raises(restores.ForkSourceMissing, match="no longer kept"):
+        await restores.resolve(store, source, 3)
+    assert (await restores.resolve(store, source, 2)).snapshot_id == two  # type: ignore[union-attr]
+    assert (await restores.resolve(store, source, 9)).snapshot_id == four  # type: ignore[union-attr]

@@ -14,6 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from kiln_contracts import CheckpointSaved, Envelope, SnapshotSaved, stable_id
+from kiln_contracts.manifest import escapes
 from kiln_contracts.messages import utcnow
 from kiln_contracts.rpc import (
     ManifestEntry,
@@ -24,7 +25,7 @@ from kiln_contracts.rpc import (
     UploadRequest,
 )
 from kiln_runtime.errors import PermanentError, RetryLater
-from kiln_snapshot import app, snapshots
+from kiln_snapshot import app, restores, snapshots
 from kiln_snapshot.ports import StoredObject
 from kiln_snapshot.settings import DEFAULT_EXCLUDES, SnapshotSettings
 from kiln_snapshot.snapshots import Deps
@@ -277,11 +278,11 @@ async def test_latest_never_moves_back(deps: Deps, store: FakeStore) -> None:
 
 
 async def test_restore_plan(deps: Deps, sandbox: FakeSandbox) -> None:
-    none = await snapshots.restore_plan(deps, RestorePlanRequest(build_id="b1"))
+    none = await restores.restore_plan(deps, RestorePlanRequest(build_id="b1"))
     assert (none.ok, none.error, none.files) == (False, "no snapshot", [])
     event = checkpoint()
     await snapshots.take_snapshot(deps, event, 1)
-    plan = await snapshots.restore_plan(deps, RestorePlanRequest(build_id="b1"))
+    plan = await restores.restore_plan(deps, RestorePlanRequest(build_id="b1"))
     assert plan.ok and plan.snapshot_id == str(event.event_id)
     assert [(f.path, f.mode) for f in plan.files] == [
         ("a.txt", 0o644),
@@ -295,7 +296,7 @@ async def test_restore_plan_of_an_unreadable_snapshot_names_it(
     deps: Deps, store: FakeStore
 ) -> None:
     store.objects["builds/b1/latest"] = b"s-gone"
-    plan = await snapshots.restore_plan(deps, RestorePlanRequest(build_id="b1"))
+    plan = await restores.restore_plan(deps, RestorePlanRequest(build_id="b1"))
     assert (plan.ok, plan.snapshot_id) == (False, "s-gone")
     assert "missing" in plan.error
 
@@ -355,7 +356,7 @@ async def test_a_snapshot_slower_than_its_limit_starts_again() -> None:
 def test_symlinks_leading_outside_are_recognised(
     path: str, links: dict[str, str], outside: bool
 ) -> None:
-    assert snapshots.escapes(path, links) is outside
+    assert escapes(path, links) is outside
 
 
 def make_deps(store: FakeStore, files: dict[str, bytes]) -> Deps:
@@ -381,7 +382,7 @@ async def test_a_stored_manifest_restores_and_is_built_upon(oldest: bool) -> Non
         store.objects[f"blobs/{sha(data)}"] = data
     deps = make_deps(store, files)
 
-    plan = await snapshots.restore_plan(deps, RestorePlanRequest(build_id=build))
+    plan = await restores.restore_plan(deps, RestorePlanRequest(build_id=build))
     assert plan.ok and plan.snapshot_id == sid
     assert [(f.path, f.mode) for f in plan.files] == [("run.sh", 0o755), ("src/app.py", 0o644)]
     if oldest:

@@ -10,7 +10,7 @@ from kiln_contracts.rpc import RestorePlanReply, RestorePlanRequest
 from kiln_runtime.bus import Bus, Delivery
 from kiln_runtime.rpc import Responder
 
-from . import snapshots
+from . import restores, snapshots
 from .snapshots import Deps
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ def register(bus: Bus, deps: Deps, *, max_workers: int = 8) -> None:
 
     async def on_build_requested(msg: BuildRequested, delivery: Delivery) -> None:
         """A fork: its first snapshot is a copy of its source's (other builds: nothing)."""
-        await snapshots.fork_requested(deps, msg)
+        await restores.fork_requested(deps, msg)
 
     bus.consume(CheckpointSaved, on_checkpoint_saved, max_workers=max_workers)
     bus.consume(BuildRequested, on_build_requested, max_workers=max_workers)
@@ -39,6 +39,6 @@ def restore_plan_responder(deps: Deps) -> Responder[RestorePlanRequest, RestoreP
         RESTORE_QUEUE,
         RestorePlanRequest,
         RestorePlanReply,
-        partial(snapshots.restore_plan, deps),
+        partial(restores.restore_plan, deps),
         failure="restore plan",
     )

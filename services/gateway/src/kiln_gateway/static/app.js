@@ -234,7 +234,11 @@ function forkButton(iteration) {
     title: "A new build with this build's conversation and files as they were at this iteration" },
     "Fork from here");
   button.addEventListener("click", () => fork(iteration));
-  return button;
+  const back = el("button", { type: "button", className: "rollback", dataset: { iteration: String(iteration) },
+    title: "Go back to this iteration: a fork from here, and this build cancelled if it is still running" },
+    "Roll back to here");
+  back.addEventListener("click", () => fork(iteration, { rollback: true }));
+  return el("span", { className: "fork-actions" }, button, back);
 }
 
 function converse(kind, data) {
@@ -321,13 +325,21 @@ async function followContinuation(buildId) {
   }
 }
 
-async function fork(iteration) {
+async function fork(iteration, { rollback = false } = {}) {
+  const source = state.build;
   try {
-    const resp = await api(`/v1/builds/${state.build}/fork`, {
+    const resp = await api(`/v1/builds/${source}/fork`, {
       method: "POST", body: { iteration }, headers: { "Idempotency-Key": newKey() },
     });
     const b = await resp.json();
     showError("");
+    if (rollback) {
+      // a roll back leaves one build going on: the fork; the source stops if it still runs
+      const current = await (await api(`/v1/builds/${source}`)).json();
+      if (!["completed", "failed", "cancelled", "rejected"].includes(current.status)) {
+        await api(`/v1/builds/${source}/cancel`, { method: "POST" });
+      }
+    }
     await loadBuilds();
     await openBuild(b.build_id);
   } catch (e) { showError(`Fork failed: ${e.message}`); }
