@@ -26,7 +26,7 @@ class AgentSettings(DatabaseSettings):
     agent_db_pool: int = Field(default=20, ge=1)
     agent_uvloop: bool = Field(
         default=True,
-        description="Run on uvloop's event loop (less CPU per message than asyncio's own).",
+        description="Run on uvloop's event loop (false: asyncio's own).",
     )
     agent_turn_cache_mb: float = Field(
         default=64.0,
