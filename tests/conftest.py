@@ -4,12 +4,16 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.infra import infrastructure
+
+if TYPE_CHECKING:
+    from kiln_devstack.e2b_server import E2BServer
 
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "kiln-test")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "kiln-test")
@@ -32,3 +36,14 @@ def infra() -> Iterator[dict[str, str]]:
 def uid() -> str:
     """A unique id for this test (build ids, user ids, buckets ...)."""
     return uuid.uuid4().hex[:12]
+
+
+@pytest.fixture(scope="session")
+async def e2b_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[E2BServer]:
+    """The local E2B-compatible server the real ``e2b`` SDK talks to (kiln_devstack)."""
+    from kiln_devstack.e2b_server import E2BServer  # the SDK is large: only where used
+
+    server = E2BServer(tmp_path_factory.mktemp("e2b"))
+    await server.start()
+    yield server
+    await server.stop()

@@ -142,3 +142,24 @@ def test_up_prints_url_key_and_stops_on_ctrl_c(monkeypatch, tmp_path: Path):
     assert result.exit_code == 0, result.output
     assert "http://127.0.0.1:8181" in result.output and "devkey" in result.output
     assert FakeStack.instances[0].stopped
+
+
+@pytest.mark.parametrize("width", [60, 80])
+def test_list_keeps_build_ids_whole_in_a_narrow_terminal(width: int) -> None:
+    from rich.console import Console
+
+    ids = ["3f2a9c0e8b7d4a1f9e6c5b4a3d2e1f0a", "0123456789abcdef0123456789abcdef"]
+    builds = [
+        {
+            "build_id": i,
+            "status": "sleeping_until_allowance",
+            "iteration": 12,
+            "cost_micro_usd": 1_234_567,
+            "created_at": "2026-12-01T12:00:00.123456+00:00",
+        }
+        for i in ids
+    ]
+    console = Console(width=width, record=True)
+    console.print(main.builds_table(builds))
+    text = console.export_text()
+    assert all(any(i in line for line in text.splitlines()) for i in ids)

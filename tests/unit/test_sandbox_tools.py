@@ -1,5 +1,5 @@
-"""Every tool on both providers: the local one for real, the E2B adapter against ``FakeE2B``
-(the SDK surface it uses, on this host), so the adapter's whole code path runs."""
+"""Every tool on both providers: the local one for real, the E2B adapter through the real
+``e2b`` SDK against the local E2B-compatible server, so the adapter's whole code path runs."""
 
 from __future__ import annotations
 
@@ -7,21 +7,23 @@ import asyncio
 import itertools
 import os
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kiln_contracts import Envelope, ToolCall
-from kiln_devstack.sandbox import FakeE2B
 from kiln_sandbox.adapters.e2b import E2BProvider
-from kiln_sandbox.adapters.local import LocalProvider
+from kiln_sandbox.adapters.local import LocalProvider, LocalSandbox
 from kiln_sandbox.adapters.memory import MemoryProcesses, MemoryReads
 from kiln_sandbox.processes import Processes
 from kiln_sandbox.tools import MAX_OUTPUT_CHARS, ToolContext, glob_to_regex, run_tool
 from kiln_sandbox.workspace import Workspace
 
 HOST_ROOT: dict[int, Path] = {}  # id(sandbox) -> its workspace on this host
+# id(sandbox) -> the host's pid of a pid its commands see (E2B: its own PID namespace)
+HOST_PID: dict[int, Callable[[int], int | None]] = {}
 STATE: dict[int, tuple[MemoryReads, Processes]] = {}  # id(sandbox) -> its build's stores
 CALL_IDS = itertools.count(1)
 
@@ -35,25 +37,28 @@ class Events:
 
 
 @pytest.fixture(params=["local", "e2b"])
-async def sb(request, tmp_path: Path) -> Workspace:
+async def sb(request, tmp_path: Path, e2b_server: Any) -> AsyncIterator[Workspace]:
     if request.param == "local":
         local = LocalProvider(tmp_path / "root")
         sandbox = Workspace(await local.create("b1"))
         HOST_ROOT[id(sandbox)] = Path(sandbox.root)
+        HOST_PID[id(sandbox)] = lambda pid: pid
         STATE[id(sandbox)] = (MemoryReads(), Processes(MemoryProcesses(), Events()))
         yield sandbox
         await _stop_processes(sandbox)
         await local.close()
     else:
-        fake = FakeE2B(tmp_path / "e2b")
-        provider = E2BProvider(api_key="e2b_test", sdk=fake)
+        server = e2b_server
+        provider = E2BProvider(api_key="e2b_test", api_url=server.url, sandbox_url=server.url)
         sandbox = Workspace(await provider.create("b1", user_id="u1"))
-        HOST_ROOT[id(sandbox)] = fake.sandboxes[sandbox.sandbox_id].home / "workspace"
+        HOST_ROOT[id(sandbox)] = server.home(sandbox.sandbox_id) / "workspace"
+        HOST_PID[id(sandbox)] = lambda pid: server.host_pid(sandbox.sandbox_id, pid)
         STATE[id(sandbox)] = (MemoryReads(), Processes(MemoryProcesses(), Events()))
         yield sandbox
         await _stop_processes(sandbox)
-        await fake.kill(sandbox.sandbox_id)
+        await provider.stop("b1", sandbox.sandbox_id)
     HOST_ROOT.pop(id(sandbox), None)
+    HOST_PID.pop(id(sandbox), None)
     STATE.pop(id(sandbox), None)
 
 
@@ -63,6 +68,16 @@ async def _stop_processes(sb: Workspace) -> None:
 
 def ws(sb: Workspace) -> Path:
     return HOST_ROOT[id(sb)]
+
+
+def host_pid(sb: Workspace, pid: int) -> int | None:
+    """The host's pid of ``pid`` as the sandbox's commands see it (None: no such process)."""
+    return HOST_PID[id(sb)](pid)
+
+
+def inside(sb: Workspace) -> str:
+    """The workspace's path as the sandbox's commands see it."""
+    return _real(str(ws(sb))) if isinstance(sb.machine, LocalSandbox) else sb.root
 
 
 def processes(sb: Workspace) -> Processes:
@@ -198,7 +213,7 @@ async def test_bash_output_exit_code_and_files_changed(sb):
     assert not out.is_error and out.exit_code == 0
     assert "out" in out.output and "err" in out.output
     assert out.files_changed == ["d/new.txt"]
-    assert (await call(sb, "bash", command="pwd")).output.strip() == _real(str(ws(sb)))
+    assert (await call(sb, "bash", command="pwd")).output.strip() == inside(sb)
 
     failed = await call(sb, "bash", command="echo nope; exit 3")
     assert failed.exit_code == 3 and "exit code 3" in failed.output
@@ -234,7 +249,7 @@ async def test_bash_timeout_kills_the_whole_process_group(sb):
     assert time.monotonic() - started < 10
     assert out.is_error and out.exit_code is None
     assert "timed out after 1s" in out.output and "started" in out.output
-    child = int(pidfile.read_text())
+    child = host_pid(sb, int(pidfile.read_text()))
     for _ in range(100):  # up to 5 s
         if not _alive(child):
             break
@@ -248,7 +263,9 @@ async def test_bash_returns_while_a_background_process_holds_the_pipe(sb):
     out = await call(sb, "bash", command=f"sleep 60 & echo $! > {pidfile}; echo done")
     assert time.monotonic() - started < 5
     assert not out.is_error and "done" in out.output
-    os.kill(int(pidfile.read_text()), 9)
+    bg = host_pid(sb, int(pidfile.read_text()))
+    assert bg is not None
+    os.kill(bg, 9)
 
 
 async def test_bash_timeout_argument_is_capped_by_the_call(sb):
@@ -262,7 +279,9 @@ def _real(path: str) -> str:
     return os.path.realpath(path)
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -568,7 +587,7 @@ async def test_bash_output_reads_a_chatty_process_in_parts(sb):
 async def test_kill_shell_stops_the_process_and_what_it_started(sb):
     pidfile = ws(sb) / "child.pid"
     await call(sb, "bash", run_in_background=True, command=f"sleep 300 & echo $! > {pidfile}; wait")
-    child = int((await _until(lambda: _read(pidfile), "no child")).strip())
+    child = host_pid(sb, int((await _until(lambda: _read(pidfile), "no child")).strip()))
     assert _alive(child)
     out = await call(sb, "kill_shell", shell_id="bash_1")
     assert "killed" in out.output, out.output
@@ -607,7 +626,7 @@ async def test_a_call_starts_at_most_one_process(sb):
 async def test_stopped_processes_are_reported_once(sb):
     pidfile = ws(sb) / "server.pid"
     await call(sb, "bash", run_in_background=True, command=f"echo $$ > {pidfile}; exec sleep 300")
-    pid = int((await _until(lambda: _read(pidfile), "no pid")).strip())
+    pid = host_pid(sb, int((await _until(lambda: _read(pidfile), "no pid")).strip()))
     procs = processes(sb)
     assert await procs.stop_all(sb, tool_call("toolu_sleep"), "build sleeping") == 1
     await _until(lambda: _true(not _alive(pid)), "the process survived the stop")

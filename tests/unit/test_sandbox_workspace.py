@@ -1,6 +1,6 @@
-"""The workspace operations over both providers' primitives (local for real, e2b through the fake
-with the SDK's surface): names a shell would misread stay names, long argument lists are sent
-in batches, and a restore never makes a symlink through another one."""
+"""The workspace operations over both providers' primitives (local for real, e2b through the
+real SDK against the local E2B-compatible server): names a shell would misread stay names, long
+argument lists are sent in batches, and a restore never makes a symlink through another one."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 from kiln_contracts.manifest import ManifestEntry
-from kiln_devstack.sandbox import FakeE2B
 from kiln_sandbox.adapters import script
 from kiln_sandbox.adapters.local import LocalProvider
 from kiln_sandbox.adapters.memory import MemoryProcesses, MemoryReads
@@ -28,10 +27,10 @@ NASTY = ["it's $(touch PWNED) `touch PWNED2`.txt", "-rf", "semi;colon & amp.txt"
 
 
 @pytest.fixture(params=["local", "e2b"])
-def make(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+def make(request: pytest.FixtureRequest, tmp_path: Path, e2b_server: Any) -> Any:
     if request.param == "local":
         return LocalProvider(tmp_path / "local")
-    return e2b_provider(FakeE2B(tmp_path / "e2b"))
+    return e2b_provider(e2b_server)
 
 
 async def test_names_a_shell_would_misread_stay_names(make: Any, blobs: Any) -> None:  # noqa: F811

@@ -1,6 +1,6 @@
 """The sandbox's manifest with directories and symlinks, and ``restore_tree``, on both providers
-(local for real, e2b through the fake with the SDK's surface): the same entries, and a tree
-rebuilt from them is the same tree, symlinks leading outside removed."""
+(local for real, e2b through the real SDK against the local E2B-compatible server): the same
+entries, and a tree rebuilt from them is the same tree, symlinks leading outside removed."""
 
 from __future__ import annotations
 
@@ -9,17 +9,16 @@ from typing import Any
 
 import pytest
 
-from kiln_devstack.sandbox import FakeE2B
 from kiln_sandbox.adapters.local import LocalProvider
 from kiln_sandbox.workspace import Workspace
 from tests.unit.test_sandbox_e2b import provider as e2b_provider
 
 
 @pytest.fixture(params=["local", "e2b"])
-def make(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+def make(request: pytest.FixtureRequest, tmp_path: Path, e2b_server: Any) -> Any:
     if request.param == "local":
         return LocalProvider(tmp_path / "local")
-    return e2b_provider(FakeE2B(tmp_path / "e2b"))
+    return e2b_provider(e2b_server)
 
 
 async def test_manifest_lists_dirs_and_symlinks_and_restore_tree_rebuilds_them(make: Any) -> None:

@@ -209,6 +209,25 @@ class KilnClient:
         result: dict[str, Any] = self._json(self.http.get("/v1/admin/keys", params=params))
         return result
 
+    def list_dead_letters(
+        self, service: str | None = None, kind: str | None = None, after: int = 0, limit: int = 100
+    ) -> dict[str, Any]:
+        params: dict[str, Any] = {"after": after, "limit": limit}
+        params |= {k: v for k, v in (("service", service), ("kind", kind)) if v}
+        result: dict[str, Any] = self._json(self.http.get("/v1/admin/dlq", params=params))
+        return result
+
+    def get_dead_letter(self, seq: int) -> dict[str, Any]:
+        result: dict[str, Any] = self._json(self.http.get(f"/v1/admin/dlq/{seq}"))
+        return result
+
+    def replay_dead_letter(self, seq: int, keep: bool = False) -> dict[str, Any]:
+        params = {"keep": "true"} if keep else {}
+        result: dict[str, Any] = self._json(
+            self.http.post(f"/v1/admin/dlq/{seq}/replay", params=params)
+        )
+        return result
+
     def get_build(self, build_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self._json(self.http.get(f"/v1/builds/{build_id}"))
         return result

@@ -67,6 +67,8 @@ AdminOpt = Annotated[
 ]
 keys_app = typer.Typer(help="API keys (admin): create, revoke, list.")
 app.add_typer(keys_app, name="keys")
+dlq_app = typer.Typer(help="Dead letters (admin): list, show, replay.")
+app.add_typer(dlq_app, name="dlq")
 
 
 def _key(key: str | None) -> str:
@@ -240,7 +242,17 @@ def list_(
             cursor = page.get("next_cursor")
             if not cursor:
                 break
-    table = Table("build", "status", "iter", "cost", "created")
+    console.print(builds_table(builds))
+
+
+def builds_table(builds: list[dict[str, Any]]) -> Table:
+    """The builds, their ids whole at any terminal width (an id is for copying: the other
+    columns wrap first, and the table overflows rather than cut an id)."""
+    table = Table()
+    id_width = max((len(str(b["build_id"])) for b in builds), default=5)
+    table.add_column("build", no_wrap=True, min_width=id_width, overflow="fold")
+    for name in ("status", "iter", "cost", "created"):
+        table.add_column(name)
     for b in builds:
         table.add_row(
             b["build_id"],
@@ -249,7 +261,7 @@ def list_(
             usd(int(b["cost_micro_usd"])),
             str(b["created_at"])[:19],
         )
-    console.print(table)
+    return table
 
 
 @app.command()
@@ -498,6 +510,72 @@ def keys_list(
     console.print(table)
 
 
+@dlq_app.command("list")
+def dlq_list(
+    service: Annotated[str | None, typer.Option(help="Only this service's dead letters.")] = None,
+    kind: Annotated[str | None, typer.Option(help="Only this kind (ToolCall, ...).")] = None,
+    limit: Annotated[int, typer.Option(help="How many (oldest first).")] = 100,
+    url: UrlOpt = None,
+    admin_key: AdminOpt = None,
+) -> None:
+    """What failed, in which service, why, and how often."""
+    with _client(url, _admin_key(admin_key)) as client:
+        page = client.list_dead_letters(service, kind, limit=limit)
+    letters = page["dead_letters"]
+    if not letters:
+        console.print("no dead letters")
+        return
+    groups = Table("count", "service", "kind", "cause", "example reason", title="how often")
+    for g in page["groups"]:
+        groups.add_row(str(g["count"]), g["service"], g["kind"], g["cause"], g["example_reason"])
+    console.print(groups)
+    table = Table("seq", "service", "kind", "original subject", "at", "reason")
+    table.columns[0].no_wrap = table.columns[3].no_wrap = True
+    table.columns[3].overflow = "fold"
+    for d in letters:
+        table.add_row(
+            str(d["seq"]),
+            d["service"],
+            d["kind"],
+            d["original_subject"],
+            str(d.get("at") or "")[:19],
+            d["reason"],
+        )
+    console.print(table)
+    if page.get("next_after"):
+        err.print(f"more after seq {page['next_after']}: raise --limit")
+
+
+@dlq_app.command("show")
+def dlq_show(
+    seq: Annotated[int, typer.Argument(help="The dead letter's seq (from kiln dlq list).")],
+    url: UrlOpt = None,
+    admin_key: AdminOpt = None,
+) -> None:
+    """One dead letter: its headers and its payload."""
+    with _client(url, _admin_key(admin_key)) as client:
+        d = client.get_dead_letter(seq)
+    payload = d.pop("payload")
+    for key in ("seq", "service", "kind", "cause", "reason", "original_subject", "original_seq"):
+        console.print(f"{key}: {d.get(key)}", highlight=False)
+    console.print(f"at: {d.get('at')}", highlight=False)
+    console.print_json(data=payload) if not isinstance(payload, str) else console.print(payload)
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    seqs: Annotated[list[int], typer.Argument(help="The dead letters' seqs.")],
+    keep: Annotated[bool, typer.Option(help="Keep them in the DLQ after replaying.")] = False,
+    url: UrlOpt = None,
+    admin_key: AdminOpt = None,
+) -> None:
+    """Publish dead letters again to their original subjects (fix their cause first)."""
+    with _client(url, _admin_key(admin_key)) as client:
+        for seq in seqs:
+            r = client.replay_dead_letter(seq, keep=keep)
+            console.print(f"replayed {seq} to {r['subject']} as {r['msg_id']}", highlight=False)
+
+
 def _start(data_dir: Path, port: int, extra_env: dict[str, str] | None = None) -> Stack:
     stack = Stack(data_dir, gateway_port=port, extra_env=extra_env or {})
     with console.status("starting the stack (NATS, Postgres, Redis, S3, six services)…"):
@@ -526,14 +604,27 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 def up(
     data_dir: Annotated[Path, typer.Option(help="Where the stack keeps its data.")] = Path(".kiln"),
     port: Annotated[int, typer.Option(help="The gateway's port.")] = 8080,
+    sandbox: Annotated[str, typer.Option(help=SANDBOX_HELP)] = "local",
 ) -> None:
     """Start the whole local stack and keep it running until Ctrl-C."""
     with _sigterm_as_interrupt():
-        _up(data_dir, port)
+        _up(data_dir, port, _sandbox_env(sandbox))
 
 
-def _up(data_dir: Path, port: int) -> None:
-    stack = _start(data_dir, port)
+SANDBOX_HELP = (
+    "The sandbox provider: 'local' (directories on this host) or 'e2b' (the real e2b SDK; "
+    "against the local E2B-compatible server unless E2B_API_KEY is set)."
+)
+
+
+def _sandbox_env(sandbox: str) -> dict[str, str]:
+    if sandbox not in ("local", "e2b"):
+        raise _fail(f"--sandbox must be 'local' or 'e2b', not {sandbox!r}")
+    return {"KILN_SANDBOX_PROVIDER": sandbox} if sandbox == "e2b" else {}
+
+
+def _up(data_dir: Path, port: int, extra_env: dict[str, str] | None = None) -> None:
+    stack = _start(data_dir, port, extra_env)
     try:
         console.print(f"gateway   [bold]{stack.gateway_url}[/]  (docs: {stack.gateway_url}/docs)")
         console.print(f"API key   [bold]{stack.env.get('KILN_DEV_API_KEY', DEV_API_KEY)}[/]")
@@ -567,9 +658,10 @@ def demo(
             "sleeps when it is spent and wakes by itself when the next 'day' begins.",
         ),
     ] = False,
+    sandbox: Annotated[str, typer.Option(help=SANDBOX_HELP)] = "local",
 ) -> None:
     """Start the stack, build the bundled "textstats" brief live, and show where it went."""
-    extra = SHOW_SLEEP_ENV if show_sleep else {}
+    extra = {**(SHOW_SLEEP_ENV if show_sleep else {}), **_sandbox_env(sandbox)}
     with _sigterm_as_interrupt():
         ok = _demo(data_dir, port, timeout, extra)
     raise typer.Exit(0 if ok else 1)

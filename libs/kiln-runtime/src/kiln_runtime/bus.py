@@ -36,6 +36,7 @@ from kiln_contracts import Envelope, subjects
 
 from . import metrics, tracing
 from .consume import MAX_PULL_BATCH, Consumer, Delivery, Handler, Puller, split_subject
+from .dead_letters import cause_of
 from .settings import CommonSettings
 from .streams import ensure_gates, ensure_streams
 
@@ -253,6 +254,7 @@ class Bus:
             timeout=10,
         )
         metrics.DEAD_LETTERS.labels(self.service, kind or "unknown").inc()
+        metrics.DEAD_LETTER_CAUSES.labels(self.service, kind or "unknown", cause_of(reason)).inc()
         log.warning(
             "dead-lettered %s: %s",
             raw.subject,

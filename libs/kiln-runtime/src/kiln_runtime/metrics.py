@@ -15,6 +15,19 @@ HANDLER_SECONDS = Histogram(
 )
 PUBLISHED = Counter("kiln_messages_published_total", "Messages published", ["service", "kind"])
 DEAD_LETTERS = Counter("kiln_dead_letters_total", "Messages dead-lettered", ["service", "kind"])
+DEAD_LETTER_CAUSES = Counter(
+    "kiln_dead_letter_causes_total",
+    "Messages dead-lettered, by the class of their reason (kiln_runtime.dead_letters.cause_of)",
+    ["service", "kind", "cause"],
+)
+DLQ_MESSAGES = Gauge(
+    "kiln_dlq_messages",
+    "Dead letters in KILN_DLQ at the last full listing (gateway, GET /v1/admin/dlq)",
+    ["service", "kind", "cause"],
+)
+DLQ_REPLAYED = Counter(
+    "kiln_dlq_replayed_total", "Dead letters replayed to their subject", ["service", "kind"]
+)
 
 # Service-specific figures, defined here so that every service names them the same way.
 TOOL_SECONDS = Histogram(

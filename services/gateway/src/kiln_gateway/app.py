@@ -23,6 +23,7 @@ from . import (
     routes,
     routes_accounts,
     routes_budget_admin,
+    routes_dlq,
     routes_fork,
     routes_projects,
     routes_snapshots,
@@ -157,6 +158,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(routes_projects.router)
     app.include_router(routes_accounts.router)
     app.include_router(routes_budget_admin.router)
+    app.include_router(routes_dlq.router)
     app.include_router(routes_snapshots.router)
     app.include_router(routes_webhooks.router)
     app.include_router(routes_fork.router)

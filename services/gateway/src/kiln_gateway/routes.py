@@ -19,7 +19,7 @@ from kiln_contracts import BudgetGate, CancelRequested, QnA, WakeRequested
 from kiln_contracts.gates import TOP_UP_HINT
 from kiln_runtime import metrics as kiln_metrics
 
-from . import accounts, archive, builds, projects
+from . import accounts, archive, builds, projects, snapshots
 from .bootstrap import Wiring
 from .deps import Key, Me, Owned, Rt, build_of, unauthorized
 from .model import STATUSES, Build
@@ -372,7 +372,7 @@ async def send_message(
             "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
             "description": "The latest snapshot's files as a tar.gz (streamed)",
         },
-        **responses(401, 404, 503),
+        **responses(401, 404, 410, 503),
     },
 )
 async def build_files(build: Owned, rt: Rt) -> StreamingResponse:
@@ -384,7 +384,7 @@ async def build_files(build: Owned, rt: Rt) -> StreamingResponse:
         log.warning("snapshot store unavailable: %s", err, extra={"build_id": build.build_id})
         raise HTTPException(503, "the snapshot store is unavailable; retry") from err
     if latest is None:
-        raise HTTPException(404, "this build has no snapshot yet")
+        raise HTTPException(*snapshots.missing(build.build_id, build.state.last_snapshot_id))
     mtime = int(build.updated_at.timestamp())
     name = f"kiln-{build.build_id}"
     return StreamingResponse(

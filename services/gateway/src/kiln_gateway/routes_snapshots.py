@@ -54,9 +54,8 @@ async def _snapshot(rt: Wiring, build: Build, ref: str) -> tuple[Manifest, str |
         await _s3(build, rt.files.manifest(build.build_id, snapshot_id)) if snapshot_id else None
     )
     if manifest is None or manifest.build_id != build.build_id:
-        raise HTTPException(
-            404, "this build has no snapshot yet" if snapshot_id is None else "snapshot not found"
-        )
+        asked = None if ref == "latest" else ref
+        raise HTTPException(*snapshots.missing(build.build_id, build.state.last_snapshot_id, asked))
     return manifest, latest_id
 
 
@@ -78,7 +77,7 @@ async def list_snapshots(build: Owned, rt: Rt) -> SnapshotList:
 @router.get(
     "/v1/builds/{build_id}/snapshots/{snapshot_id}/tree",
     response_model=SnapshotTree,
-    responses=responses(401, 404, 422, 503),
+    responses=responses(401, 404, 410, 422, 503),
 )
 async def snapshot_tree(build: Owned, rt: Rt, snapshot_id: SnapshotRef) -> SnapshotTree:
     """Every file (size, mode, sha256), directory and symlink (target) of one snapshot."""
@@ -94,7 +93,7 @@ async def snapshot_tree(build: Owned, rt: Rt, snapshot_id: SnapshotRef) -> Snaps
             "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
             "description": "The file's bytes",
         },
-        **responses(400, 401, 404, 413, 422, 503),
+        **responses(400, 401, 404, 410, 413, 422, 503),
     },
 )
 async def snapshot_file(

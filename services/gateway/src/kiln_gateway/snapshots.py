@@ -251,3 +251,19 @@ async def diff(
     out += _symlink_changes(old, new)
     out.sort(key=lambda d: d.path)
     return out, truncated
+
+
+def missing(build_id: str, recorded: str | None, asked: str | None = None) -> tuple[int, str]:
+    """The status and detail for a snapshot the store does not have: 404 when the build never
+    saved one (or ``asked`` is not one of its), 410 when the build recorded ``recorded`` but
+    the store no longer holds it (its bucket emptied: an in-memory S3 restarted, a bucket
+    deleted or its objects expired): a download cannot succeed until it is back."""
+    if recorded is None and asked is None:
+        return 404, "this build has no snapshot yet"
+    if recorded is not None and asked in (None, recorded):
+        return 410, (
+            f"build {build_id} saved snapshot {recorded}, but the snapshot store no longer has "
+            "it (its bucket was emptied or replaced, e.g. an S3 server that kept nothing "
+            "across a restart); its files cannot be downloaded"
+        )
+    return 404, "snapshot not found"

@@ -48,6 +48,9 @@ def make_provider(settings: SandboxSettings) -> Provider:
             workdir=settings.e2b_workdir,
             idle_timeout_s=settings.e2b_idle_timeout_s,
             request_timeout_s=settings.e2b_request_timeout_s,
+            max_lifetime_s=settings.e2b_max_lifetime_s,
+            api_url=settings.e2b_api_url,
+            sandbox_url=settings.e2b_sandbox_url,
         )
     raise ConfigError(f"unknown sandbox provider {settings.sandbox_provider!r}")
 

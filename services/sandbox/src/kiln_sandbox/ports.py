@@ -171,6 +171,11 @@ class Provider(Protocol):
         SandboxGone when it no longer exists."""
         ...
 
+    async def stop_others(self, build_id: str, keep: str) -> list[str]:
+        """Kill the build's sandboxes other than ``keep`` (made but never recorded: a crash
+        between creating and recording); the ids killed."""
+        ...
+
     async def pause(self, build_id: str, sandbox_id: str) -> None: ...
 
     async def stop(self, build_id: str, sandbox_id: str) -> None:

@@ -135,6 +135,10 @@ class Sandboxes:
             )
             await self.provider.stop(call.build_id, sandbox.sandbox_id)
             return Workspace(await self.provider.connect(call.build_id, held.sandbox_id))
+        try:
+            await self.provider.stop_others(call.build_id, sandbox.sandbox_id)
+        except SandboxError as err:  # a sweep that fails is retried at the next creation
+            log.warning("could not look for the build's unrecorded sandboxes: %s", err)
         if had_processes and self.processes is not None:
             # The old sandbox's processes are gone with it (or, where the provider reuses the
             # sandbox's id, stopped now); the call's result tells the model which.

@@ -46,3 +46,21 @@ class SandboxSettings(DatabaseSettings):
         "a build idle for longer loses its sandbox and is restored from its snapshot.",
     )
     e2b_request_timeout_s: float = Field(default=30.0, gt=0)
+    e2b_max_lifetime_s: int = Field(
+        default=3600,
+        ge=60,
+        le=86_400,
+        description="The longest timeout ever asked of E2B (keep-alive included): the plan's "
+        "maximum sandbox lifetime (1 h on the base plan, 24 h on pro).",
+    )
+    e2b_api_url: str | None = Field(
+        default=None,
+        validation_alias="E2B_API_URL",
+        description="E2B's API (the SDK's own setting); a local E2B-compatible server in "
+        "development (kiln_devstack.e2b_server).",
+    )
+    e2b_sandbox_url: str | None = Field(
+        default=None,
+        validation_alias="E2B_SANDBOX_URL",
+        description="Where the SDK reaches envd (the SDK's own setting); with E2B_API_URL.",
+    )

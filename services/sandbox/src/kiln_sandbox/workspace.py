@@ -169,8 +169,12 @@ class Workspace:
         return out
 
     async def upload(self, path: str, sha256: str, url: str) -> int:
-        """PUT the file's bytes to a presigned URL after checking its sha256; the bytes sent."""
-        real = await self.resolve(path)
+        """PUT the file's bytes to a presigned URL after checking its sha256; the bytes sent.
+        One round trip where the machine's ``put`` confines the path itself (the script's)."""
+        if getattr(self.machine, "put_confines", False):
+            real = self.relative(path)
+        else:
+            real = await self.resolve(path)
         try:
             return await self.machine.put(real, url, sha256=sha256)
         except DigestMismatch as err:

@@ -9,14 +9,30 @@ Every SDK call has a timeout; "sandbox not found / not running" becomes ``Sandbo
 service restores a fresh sandbox from the latest snapshot), other SDK errors a ``SandboxError``
 with the reason. ``connect`` resumes a paused sandbox and extends its life (keep-alive: each
 call pushes the sandbox's timeout to ``idle_timeout_s`` from now; a long command pushes it past
-its own timeout first).
+its own timeout first), never past ``max_lifetime_s`` (the plan's cap).
+
+What the SDK does when things go wrong, and what it means here: a sandbox not found, not
+running or unreachable (its health probe got no answer), a stream the server cancelled (a pause
+from outside) and a stream that ended without its end event all mean the sandbox is gone for
+this build (``SandboxGone``: a fresh one is restored from the latest snapshot); so does a resume
+refused because the guest was unresponsive when it was paused (that sandbox is killed). A command
+envd killed at its deadline (exit -1, "signal: killed") is a timed-out call, and the command's
+own process group (which ``run`` starts in a session of its own) is killed after it.
+
+Creation carries an idempotency key (a retried create makes one sandbox) and the build's id as
+metadata, by which ``stop_others`` finds a build's sandboxes that were never recorded (a crash
+between creating and recording) and kills them. A login shell that prints (a chatty profile)
+does not confuse the parsing: every command's output starts after a marker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import posixpath
+import shlex
+import uuid
 from collections.abc import Awaitable, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -24,10 +40,15 @@ from e2b import (
     AuthenticationException,
     CommandExitException,
     FileNotFoundException,
+    GuestUnresponsiveException,
     NotFoundException,
     SandboxException,
     SandboxNotFoundException,
     SandboxNotRunningException,
+    SandboxQuery,
+    SandboxState,
+    SandboxUnreachableException,
+    TimeoutException,
 )
 
 from ..ports import SandboxError, SandboxGone
@@ -40,6 +61,13 @@ T = TypeVar("T")
 DEFAULT_WORKDIR = "/home/user/workspace"
 # Extra seconds an SDK call may take beyond the work it waits for.
 _SLACK_S = 30.0
+# Printed before each command's own output: what a login shell's profile prints comes before it.
+MARKER = "--kiln-e2b-output-7c1f--"
+_NO_END_EVENT = "Command ended without an end event"
+
+
+class KilledAtDeadline(SandboxError):
+    """envd killed the command at its deadline (exit -1, "signal: killed")."""
 
 
 class SdkSandbox(Protocol):
@@ -67,9 +95,17 @@ class Sdk(Protocol):
 
     async def kill(self, sandbox_id: str, **kwargs: Any) -> bool: ...
 
+    def list(self, query: Any = None, **kwargs: Any) -> Any: ...
+
 
 def _gone(err: BaseException) -> bool:
-    return isinstance(err, SandboxNotFoundException | SandboxNotRunningException)
+    """The SDK's ways of saying the sandbox is not there for us any more."""
+    if isinstance(err, SandboxNotFoundException | SandboxNotRunningException):
+        return True
+    if isinstance(err, SandboxUnreachableException):  # the health probe got no answer either
+        return True
+    # a pause (or shutdown) cancels the streams in flight
+    return isinstance(err, TimeoutException) and "cancelled by the server" in str(err)
 
 
 async def _guard(what: str, call: Awaitable[T], timeout_s: float) -> T:
@@ -87,7 +123,14 @@ async def _guard(what: str, call: Awaitable[T], timeout_s: float) -> T:
             raise SandboxGone(f"{what}: {err}") from err
         raise SandboxError(f"{what} failed: {err}") from err
     except Exception as err:  # ServiceBusyException (503), network errors ...: reported, not lost
+        if type(err) is Exception and str(err) == _NO_END_EVENT:  # the stream just stopped
+            raise SandboxGone(f"{what}: the command's stream ended without its end") from err
         raise SandboxError(f"{what} failed: {type(err).__name__}: {err}") from err
+
+
+def _after_marker(text: str) -> str:
+    head, found, rest = text.partition(MARKER)
+    return rest if found else head
 
 
 class E2BSandbox(ScriptMachine):
@@ -115,23 +158,61 @@ class E2BSandbox(ScriptMachine):
         return posixpath.join(self._root, rel) if rel else self._root
 
     async def _exec(
-        self, args: Sequence[str], *, timeout_s: float, what: str
+        self,
+        args: Sequence[str],
+        *,
+        timeout_s: float,
+        what: str,
+        envs: dict[str, str] | None = None,
     ) -> tuple[int, str, str]:
         slack = self._provider.slack_s
+        marked = f"printf %s {MARKER}; printf %s {MARKER} >&2; exec {command(args)}"
         try:
             result = await _guard(
                 what,
                 self._sb.commands.run(
-                    command(args),
+                    marked,
                     cwd=self._root,
+                    envs=envs,
                     timeout=timeout_s + slack,
                     request_timeout=self._provider.request_timeout_s,
                 ),
                 timeout_s + 2 * slack,
             )
         except CommandExitException as err:  # a non-zero exit: its output is what matters
-            return err.exit_code, err.stdout or "", err.stderr or ""
-        return result.exit_code, result.stdout or "", result.stderr or ""
+            if err.exit_code == -1 and "killed" in (err.error or ""):
+                raise KilledAtDeadline(
+                    f"{what} did not finish within {timeout_s + slack:g}s ({err.error})"
+                ) from err
+            return err.exit_code, _after_marker(err.stdout or ""), _after_marker(err.stderr or "")
+        out, err_text = _after_marker(result.stdout or ""), _after_marker(result.stderr or "")
+        return result.exit_code, out, err_text
+
+    async def _exec_run(self, args: Sequence[str], timeout_s: float) -> tuple[int, str, str]:
+        """When envd kills ``run`` at its deadline first: a timed-out result ("rc total
+        timed_out" = "0 0 1"), and the command's own session (out of envd's reach) killed."""
+        pidfile = f"/tmp/kiln-run-{uuid.uuid4().hex}"
+        try:
+            return await self._exec(
+                args, timeout_s=timeout_s, what="bash", envs={"KILN_RUN_PIDFILE": pidfile}
+            )
+        except KilledAtDeadline:
+            await self._kill_session(pidfile)
+            return -1, "0 0 1\n\n\n", ""
+
+    async def _kill_session(self, pidfile: str) -> None:
+        p = shlex.quote(pidfile)
+        kill = (
+            f'for g in $(cat {p} 2>/dev/null); do kill -KILL -- "-$g" 2>/dev/null; done; rm -f {p}'
+        )
+        try:
+            await _guard(
+                "kill a timed-out command",
+                self._sb.commands.run(kill, timeout=self._provider.request_timeout_s),
+                self._provider._limit(),
+            )
+        except CommandExitException:
+            pass
 
     async def _before_run(self, timeout_s: float) -> None:
         await self._provider.keep_alive(self.sandbox_id, timeout_s)
@@ -177,6 +258,9 @@ class E2BProvider:
         manifest_timeout_s: float = 120.0,
         transfer_timeout_s: float = 300.0,
         slack_s: float = _SLACK_S,
+        max_lifetime_s: int = 3600,
+        api_url: str | None = None,
+        sandbox_url: str | None = None,
         sdk: Sdk | None = None,
     ) -> None:
         if not api_key:
@@ -196,25 +280,42 @@ class E2BProvider:
         self.manifest_timeout_s = manifest_timeout_s
         self.transfer_timeout_s = transfer_timeout_s
         self.slack_s = slack_s
+        self.max_lifetime_s = max_lifetime_s
         self._opts: dict[str, Any] = {"api_key": api_key, "request_timeout": request_timeout_s}
+        if api_url:
+            self._opts["api_url"] = api_url
+        if sandbox_url:
+            self._opts["sandbox_url"] = sandbox_url
+
+    def _cap(self, timeout_s: float) -> int:
+        """A sandbox timeout to ask for, within the plan's maximum lifetime."""
+        return int(min(timeout_s, self.max_lifetime_s))
 
     def _limit(self) -> float:
         return self.request_timeout_s * 2 + self.slack_s
 
     async def create(self, build_id: str, *, user_id: str = "") -> E2BSandbox:
+        # One key per attempt: the SDK's retries of this create (429, 5xx) make one sandbox; a
+        # later create (the build's sandbox is gone) is a new one.
+        digest = hashlib.sha256(build_id.encode()).hexdigest()[:16]
         kwargs: dict[str, Any] = {
-            "timeout": self.idle_timeout_s,
+            "timeout": self._cap(self.idle_timeout_s),
             "metadata": {"kiln_build_id": build_id, "kiln_user_id": user_id},
+            "idempotency_key": f"kiln-{digest}-{uuid.uuid4().hex[:16]}",
             **self._opts,
         }
         if self.template:
             kwargs["template"] = self.template
         sb = await _guard("create an E2B sandbox", self.sdk.create(**kwargs), self._limit())
-        await _guard(
-            "create the workspace",
-            sb.files.make_dir(self.workdir, request_timeout=self.request_timeout_s),
-            self._limit(),
-        )
+        try:
+            await _guard(
+                "create the workspace",
+                sb.files.make_dir(self.workdir, request_timeout=self.request_timeout_s),
+                self._limit(),
+            )
+        except BaseException:
+            await self.stop(build_id, sb.sandbox_id)
+            raise
         log.info("created E2B sandbox %s", sb.sandbox_id, extra={"build_id": build_id})
         return E2BSandbox(self, sb)
 
@@ -222,22 +323,48 @@ class E2BProvider:
         try:
             sb = await _guard(
                 f"connect to sandbox {sandbox_id}",
-                self.sdk.connect(sandbox_id, timeout=self.idle_timeout_s, **self._opts),
+                self.sdk.connect(sandbox_id, timeout=self._cap(self.idle_timeout_s), **self._opts),
                 self._limit(),
             )
         except SandboxError as err:
             if isinstance(err.__cause__, NotFoundException):
                 raise SandboxGone(str(err)) from err
+            if isinstance(err.__cause__, GuestUnresponsiveException):
+                # its memory would bring the stuck guest back: a fresh sandbox from the snapshot
+                log.warning("sandbox %s cannot be resumed (%s); killing it", sandbox_id, err)
+                await self.stop(build_id, sandbox_id)
+                raise SandboxGone(str(err)) from err
             raise
         return E2BSandbox(self, sb)
 
+    async def stop_others(self, build_id: str, keep: str) -> list[str]:
+        """Kill the build's sandboxes (by their metadata) other than ``keep``: those made and
+        never recorded (a crash in between, a lost race). The ids killed."""
+        query = SandboxQuery(
+            metadata={"kiln_build_id": build_id},
+            state=[SandboxState.RUNNING, SandboxState.PAUSED],
+        )
+        pages = self.sdk.list(query=query, **self._opts)
+        found: list[str] = []
+        while True:
+            items = await _guard("list the build's sandboxes", pages.next_items(), self._limit())
+            found += [i.sandbox_id for i in items if i.sandbox_id != keep]
+            if not pages.has_next:
+                break
+        for sandbox_id in found:
+            log.warning(
+                "killing sandbox %s: never recorded", sandbox_id, extra={"build_id": build_id}
+            )
+            await self.stop(build_id, sandbox_id)
+        return found
+
     async def keep_alive(self, sandbox_id: str, busy_s: float) -> None:
         """Make sure the sandbox outlives a command of ``busy_s`` seconds, plus the idle time."""
-        if busy_s + self.slack_s <= self.idle_timeout_s:
+        if busy_s + self.slack_s <= self._cap(self.idle_timeout_s):
             return  # connect already pushed the timeout to idle_timeout_s from now
         await _guard(
             "extend the sandbox's timeout",
-            self.sdk.set_timeout(sandbox_id, int(busy_s + self.idle_timeout_s), **self._opts),
+            self.sdk.set_timeout(sandbox_id, self._cap(busy_s + self.idle_timeout_s), **self._opts),
             self._limit(),
         )
 

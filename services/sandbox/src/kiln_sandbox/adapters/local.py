@@ -265,6 +265,9 @@ class LocalProvider:
     async def stop(self, build_id: str, sandbox_id: str) -> None:
         self._kill_all(build_id)
 
+    async def stop_others(self, build_id: str, keep: str) -> list[str]:
+        return []  # one directory per build: there is no other
+
     def _kill_all(self, build_id: str) -> None:
         for pgid in self._groups.pop(build_id, set()):
             killpg(pgid)

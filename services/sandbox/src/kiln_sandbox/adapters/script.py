@@ -25,6 +25,7 @@ from ..ports import (
     FileInfo,
     FsOp,
     Located,
+    PathOutsideWorkspace,
     SandboxError,
     TransferFailed,
 )
@@ -49,6 +50,7 @@ class ScriptMachine:
 
     manifest_timeout_s: float = 120.0
     transfer_timeout_s: float = 300.0
+    put_confines = True  # ``put`` refuses a path whose real path is outside: no ``locate`` first
     request_timeout_s: float = 30.0
 
     async def _exec(
@@ -57,14 +59,18 @@ class ScriptMachine:
         """Run the script with ``args`` in the workspace: (exit code, stdout, stderr)."""
         raise NotImplementedError
 
+    async def _exec_run(self, args: Sequence[str], timeout_s: float) -> tuple[int, str, str]:
+        """``_exec`` of the ``run`` command (a subclass may watch over it)."""
+        return await self._exec(args, timeout_s=timeout_s, what="bash")
+
     async def _before_run(self, timeout_s: float) -> None:
         """Called before a command of ``timeout_s`` runs (E2B: keep the sandbox alive)."""
 
     async def run(self, command: str, *, timeout_s: float, max_output: int) -> CommandResult:
         await self._before_run(timeout_s)
         half = max(1, max_output // 2)
-        code, out, err = await self._exec(
-            ["run", command, f"{timeout_s:g}", str(half)], timeout_s=timeout_s, what="bash"
+        code, out, err = await self._exec_run(
+            ["run", command, f"{timeout_s:g}", str(half)], timeout_s
         )
         lines = out.split("\n")
         try:
@@ -166,6 +172,8 @@ class ScriptMachine:
 
 
 def _transferred(code: int, out: str, err: str) -> int:
+    if code == 6:
+        raise PathOutsideWorkspace(err.strip())
     if code == 4:
         raise DigestMismatch(err.strip())
     if code == 3:

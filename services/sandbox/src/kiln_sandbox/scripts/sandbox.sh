@@ -16,6 +16,8 @@ cmd_run() {
   setsid bash -c 'sleep "$1"; : >"$3"; kill -KILL -- "-$2" 2>/dev/null' _ "$2" "$pid" "$out.to" \
     >/dev/null 2>&1 </dev/null &
   dog=$!
+  # where the caller asks (E2B: envd may kill this script at its deadline, not these sessions)
+  [ -n "${KILN_RUN_PIDFILE:-}" ] && printf '%s %s\n' "$pid" "$dog" >"$KILN_RUN_PIDFILE"
   wait "$pid"; rc=$?
   kill -KILL -- "-$dog" 2>/dev/null
   to=0; [ -e "$out.to" ] && to=1
@@ -24,7 +26,7 @@ cmd_run() {
   head -c "$3" "$out" | base64 -w0; echo
   rest=$((total - $3)); [ "$rest" -gt "$3" ] && rest=$3
   [ "$rest" -gt 0 ] && tail -c "$rest" "$out" | base64 -w0; echo
-  rm -f "$out" "$out.to"
+  rm -f "$out" "$out.to" ${KILN_RUN_PIDFILE:+"$KILN_RUN_PIDFILE"}
   exit "$rc"
 }
 
@@ -74,9 +76,13 @@ cmd_walk() {
   return 0
 }
 
-# put PATH SHA256 URL TIMEOUT_S: PUT the file if it hashes to SHA256; prints its size.
+# put PATH SHA256 URL TIMEOUT_S: PUT the file if it hashes to SHA256 and its real path is in the
+# workspace (else exit 6); prints its size.
 cmd_put() {
   local h
+  case $(realpath -m --relative-base=. -- "$1") in  # confined here: no round trip to resolve it
+    /* | .. | ../*) printf '%s resolves outside the workspace' "$1" >&2; exit 6 ;;
+  esac
   h=$(sha256sum <"./$1" | cut -c1-64) || exit 3
   [ "$h" = "$2" ] || { printf '%s' "$h" >&2; exit 4; }
   curl -sS --fail-with-body --max-time "$4" -X PUT -T "./$1" -o /dev/null --url "$3" || exit 5
