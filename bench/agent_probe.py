@@ -56,4 +56,9 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    if AgentSettings().agent_uvloop:  # as the service's entrypoint runs
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())

@@ -21,7 +21,16 @@ Floor: a bare nats-py JetStream round trip on the same server: publish (PubAck a
 stream → a durable pull consumer fetches and acks → publish the reply → a second durable pull
 consumer fetches and acks; one at a time, timed from the first publish to the reply in hand.
 
-Ends with ``roundtrip p50_ms=… p99_ms=… floor_p50_ms=… floor_p99_ms=… ratio_p50=… ratio_p99=…``.
+The limit: the floor plus the durable commits the guarantees need on the way, each measured bare
+(one statement, autocommit, from asyncpg to the same Postgres, after the Kiln run, on tables of
+the bench's own with rows the size of the run's: averages read from the services' tables): the
+sandbox's claim (an INSERT into a ledger), its result (an UPDATE of that row with the result),
+and the agent's record of the result (an UPDATE of a checkpoint row of the size of the agent's
+state and outbox, and the result's turn inserted, in one statement). ``limit_p50_ms`` = floor
+p50 + the three commits' p50s; ``ratio_limit_p50`` = Kiln's p50 / that.
+
+Ends with ``roundtrip p50_ms=… p99_ms=… floor_p50_ms=… floor_p99_ms=… ratio_p50=… ratio_p99=…
+limit_p50_ms=… ratio_limit_p50=…``.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import asyncio
 import time
 import uuid
 
+import asyncpg
 from _common import Bench, Seen, bench, connect, figures, last_stored, percentile, publish, stored
 from loop_model import LoopModel
 from nats.aio.client import Client
@@ -76,6 +86,73 @@ async def floor(nc_a: Client, nc_b: Client, n: int) -> list[float]:
         task.cancel()
         await js_a.delete_stream(name)
     return out
+
+
+async def commits(dsn: str, n: int) -> dict[str, list[float]]:
+    """Bare commits (milliseconds) the size of the run's: the ledger's claim and result, the
+    agent's checkpoint update with one turn (see the module's docstring)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        result_chars = await conn.fetchval(
+            "SELECT coalesce(avg(length(result::text)), 0)::int FROM sandbox.calls"
+        )
+        state_chars = await conn.fetchval(
+            "SELECT coalesce(avg(length(state::text) + length(outbox::text)), 0)::int"
+            " FROM agent.builds"
+        )
+        turn_chars = await conn.fetchval(
+            "SELECT coalesce(avg(length(content::text)), 0)::int FROM agent.turns"
+            " WHERE role = 'user'"
+        )
+        print(
+            f"bare commits of: a result of {result_chars} chars, a checkpoint of {state_chars},"
+            f" a turn of {turn_chars}"
+        )
+        schema = f"bench_limit_{uuid.uuid4().hex[:8]}"  # a shared DATABASE_URL may be in use
+        await conn.execute(
+            f"CREATE SCHEMA {schema}; SET search_path TO {schema};"
+            " CREATE TABLE calls (build_id text, call_id text, status text NOT NULL,"
+            " result jsonb, PRIMARY KEY (build_id, call_id));"
+            " CREATE TABLE builds (build_id text PRIMARY KEY, version int NOT NULL,"
+            " state json NOT NULL);"
+            " CREATE TABLE turns (build_id text, seq int, content json NOT NULL,"
+            " PRIMARY KEY (build_id, seq))"
+        )
+        result = '{"output": "' + "x" * max(0, result_chars - 14) + '"}'
+        state = '{"s": "' + "x" * max(0, state_chars - 9) + '"}'
+        turn = '{"t": "' + "x" * max(0, turn_chars - 9) + '"}'
+        await conn.execute("INSERT INTO builds VALUES ('b', 1, '{}')")
+        out: dict[str, list[float]] = {"claim": [], "result": [], "checkpoint": []}
+        for i in range(n):
+            t0 = time.perf_counter()
+            await conn.execute(
+                "INSERT INTO calls (build_id, call_id, status) VALUES ('b', $1, 'started')",
+                str(i),
+            )
+            t1 = time.perf_counter()
+            await conn.execute(
+                "UPDATE calls SET status = 'done', result = $2::jsonb"
+                " WHERE build_id = 'b' AND call_id = $1",
+                str(i),
+                result,
+            )
+            t2 = time.perf_counter()
+            await conn.execute(
+                "WITH u AS (UPDATE builds SET version = version + 1, state = $2::json"
+                " WHERE build_id = 'b' RETURNING 1) INSERT INTO turns"
+                " SELECT 'b', $1, $3::json WHERE EXISTS (SELECT 1 FROM u)",
+                i,
+                state,
+                turn,
+            )
+            t3 = time.perf_counter()
+            out["claim"].append((t1 - t0) * 1000)
+            out["result"].append((t2 - t1) * 1000)
+            out["checkpoint"].append((t3 - t2) * 1000)
+        await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+        return out
+    finally:
+        await conn.close()
 
 
 async def ended(b: Bench, nc: Client, build_id: str, timeout: float) -> Seen:
@@ -152,11 +229,12 @@ async def main(args: argparse.Namespace) -> None:
             await floor(nc_a, nc_b, 20)  # warm-up
             raw = await floor(nc_a, nc_b, args.floor)
             got = await kiln(b, nc_a, args.builds, args.calls, args.synchronous_commit)
+            bare = await commits(b.urls["DATABASE_URL"], args.commits)
         finally:
             await nc_a.close()
             await nc_b.close()
     rt = got["roundtrip"]
-    for name, values in (("floor", raw), *got.items()):
+    for name, values in (("floor", raw), *got.items(), *bare.items()):
         print(
             f"{name}: n={len(values)} p50={percentile(values, 50):.2f}ms "
             f"p90={percentile(values, 90):.2f}ms p99={percentile(values, 99):.2f}ms "
@@ -164,6 +242,7 @@ async def main(args: argparse.Namespace) -> None:
         )
     p50, p99 = percentile(rt, 50), percentile(rt, 99)
     f50, f99 = percentile(raw, 50), percentile(raw, 99)
+    limit = f50 + sum(percentile(v, 50) for v in bare.values())
     print(
         figures(
             "roundtrip",
@@ -173,6 +252,8 @@ async def main(args: argparse.Namespace) -> None:
             floor_p99_ms=f99,
             ratio_p50=p50 / f50,
             ratio_p99=p99 / f99,
+            limit_p50_ms=limit,
+            ratio_limit_p50=p50 / limit,
         )
     )
 
@@ -182,6 +263,7 @@ if __name__ == "__main__":
     parser.add_argument("--builds", type=int, default=20, help="Builds, one after the other.")
     parser.add_argument("--calls", type=int, default=25, help="Tool calls per build.")
     parser.add_argument("--floor", type=int, default=1000, help="Raw round trips.")
+    parser.add_argument("--commits", type=int, default=300, help="Bare commits of each kind.")
     parser.add_argument(
         "--synchronous-commit",
         choices=("on", "off"),

@@ -58,8 +58,12 @@ def run_bench_lines(
 def test_roundtrip(infra) -> None:
     got = run_bench(infra, "roundtrip.py", "--builds", "1", "--calls", "3", "--floor", "20")
     assert set(got) == {"p50_ms", "p99_ms", "floor_p50_ms", "floor_p99_ms", "ratio_p50",
-                        "ratio_p99"}  # fmt: skip
+                        "ratio_p99", "limit_p50_ms", "ratio_limit_p50"}  # fmt: skip
     assert float(got["p50_ms"]) > 0 and float(got["floor_p50_ms"]) > 0
+    # the limit is the floor plus three measured commits, and the ratio is against it
+    assert float(got["limit_p50_ms"]) > float(got["floor_p50_ms"])
+    ratio = float(got["p50_ms"]) / float(got["limit_p50_ms"])
+    assert float(got["ratio_limit_p50"]) == pytest.approx(ratio, rel=0.05)
 
 
 def test_concurrency(infra) -> None:

@@ -4,6 +4,7 @@ the think lease, with fakes."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -159,6 +160,41 @@ async def test_a_fresh_lease_defers_a_second_think() -> None:
     await two.wake(wake)  # its redelivery: the build has moved on, nothing to do
     assert len(model.requests) == 1 and len(pub.of(BuildCompleted)) == 1
     assert store.leases == {}  # released
+
+
+class RenewalStore(MemoryStore):
+    """Records each renewal round (the builds in it); a renewal of one build alone is an error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rounds: list[set[str]] = []
+
+    async def extend_leases(self, leases: dict[str, str], ttl_s: float) -> set[str]:
+        self.rounds.append(set(leases))
+        return await super().extend_leases(leases, ttl_s)
+
+    async def extend_lease(self, build_id: str, token: str, ttl_s: float) -> bool:
+        raise AssertionError("a lease renewed on its own")
+
+
+async def test_the_leases_of_calls_in_flight_are_renewed_together_until_the_calls_end() -> None:
+    model = FakeModel(([text("done")], "end_turn"))
+    model.gate = asyncio.Event()
+    store, pub = RenewalStore(), FakePublisher()
+    agent = Agent(store, model, pub, agent_config.load(), kiln_config.default(), lease_s=0.15)
+    second = start().model_copy(update={"build_id": "b2"})
+    thinking = [asyncio.create_task(agent.build_requested(m)) for m in (start(), second)]
+    await until(lambda: len(model.requests) == 2)
+    await until(lambda: len([r for r in store.rounds if r == {"b1", "b2"}]) >= 3)
+    # still held past several lease lengths: each round renewed both
+    now = time.monotonic()  # the memory store's clock
+    assert {b for b, (_, until_) in store.leases.items() if until_ > now} == {"b1", "b2"}
+    model.gate.set()
+    await asyncio.gather(*thinking)
+    assert len(pub.of(BuildCompleted)) == 2 and store.leases == {}
+    rounds = len(store.rounds)
+    await asyncio.sleep(0.2)  # past a round: with no call in flight, nothing is renewed
+    assert len(store.rounds) == rounds
 
 
 async def test_an_expired_lease_is_taken_over_and_a_lost_one_is_not_renewed() -> None:

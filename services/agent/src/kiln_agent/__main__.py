@@ -23,7 +23,12 @@ def main() -> None:
     from kiln_runtime import log
 
     log.configure("agent", settings.log_level, settings.log_json)
-    asyncio.run(run(settings))
+    if settings.agent_uvloop:
+        import uvloop
+
+        uvloop.run(run(settings))
+    else:
+        asyncio.run(run(settings))
 
 
 if __name__ == "__main__":

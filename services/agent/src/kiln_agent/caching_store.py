@@ -57,6 +57,9 @@ class CachingStore:
     async def extend_lease(self, build_id: str, token: str, ttl_s: float) -> bool:
         return await self.store.extend_lease(build_id, token, ttl_s)
 
+    async def extend_leases(self, leases: dict[str, str], ttl_s: float) -> set[str]:
+        return await self.store.extend_leases(leases, ttl_s)
+
     async def release_lease(self, build_id: str, token: str) -> None:
         await self.store.release_lease(build_id, token)
 

@@ -85,6 +85,10 @@ class Agent:
         self.lease_s = lease_s
         self.tools = tools.definitions(config.narrate_description)
         self.budget_gates = budget_gates  # None: no budget (an in-process run)
+        # the think leases this replica holds while their model calls run ({build_id: token}),
+        # renewed together by one task (one statement for all of them every lease_s / 3)
+        self._held: dict[str, str] = {}
+        self._renewer: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ messages
 
@@ -197,12 +201,18 @@ class Agent:
                 raise RetryLater(f"build {build_id} is thinking on another replica", delay_s=wait)
             if cp is None:
                 return False
-        renew = asyncio.create_task(self._extend_lease(build_id, token))
+        self._held[build_id] = token
+        if self._renewer is None:
+            self._renewer = asyncio.create_task(self._extend_leases())
         saved: Checkpoint | None = None
         try:
             again, saved = await self._think_leased(cp, cause, token)
         finally:
-            renew.cancel()
+            if self._held.get(build_id) == token:
+                del self._held[build_id]
+            if not self._held and self._renewer is not None:
+                self._renewer.cancel()  # nothing left to renew
+                self._renewer = None
             if saved is None:  # else its save gave the lease up
                 await self.store.release_lease(build_id, token)
         if saved is None:
@@ -411,14 +421,27 @@ class Agent:
             )
         return at, cost
 
-    async def _extend_lease(self, build_id: str, token: str) -> None:
-        while True:
-            await asyncio.sleep(self.lease_s / 3)
-            try:
-                if not await self.store.extend_lease(build_id, token, self.lease_s):
-                    log.warning("think lease lost mid-call", extra={"build_id": build_id})
-            except Exception:
-                log.warning("could not extend the think lease", extra={"build_id": build_id})
+    async def _extend_leases(self) -> None:
+        """Every lease_s / 3 while any model call runs, extend the leases held for them, all in
+        one statement (a lease taken since the last round is renewed within lease_s / 3 of
+        being taken, as a renewal of its own would be); ends when none is held."""
+        try:
+            while self._held:
+                await asyncio.sleep(self.lease_s / 3)
+                held = dict(self._held)
+                if not held:
+                    break
+                try:
+                    renewed = await self.store.extend_leases(held, self.lease_s)
+                except Exception:
+                    log.warning("could not extend the think leases of %d builds", len(held))
+                    continue
+                for build_id, token in held.items():
+                    if build_id not in renewed and self._held.get(build_id) == token:
+                        log.warning("think lease lost mid-call", extra={"build_id": build_id})
+        finally:
+            if self._renewer is asyncio.current_task():
+                self._renewer = None
 
     # ------------------------------------------------------------------ load, advance, save
 

@@ -66,6 +66,10 @@ class CheckpointStore(Protocol):
         """Extend ``token``'s lease to ``ttl_s`` from now; False if ``token`` no longer holds it
         (never takes a lease that was given up or taken over)."""
 
+    async def extend_leases(self, leases: dict[str, str], ttl_s: float) -> set[str]:
+        """``extend_lease`` for many builds at once (``{build_id: token}``), in one go: the
+        builds whose lease was extended."""
+
     async def release_lease(self, build_id: str, token: str) -> None:
         """Give the lease up if ``token`` still holds it."""
 

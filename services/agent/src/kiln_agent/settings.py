@@ -24,6 +24,10 @@ class AgentSettings(DatabaseSettings):
         description="How long start-up waits for the budget gates' current values (then fails).",
     )
     agent_db_pool: int = Field(default=20, ge=1)
+    agent_uvloop: bool = Field(
+        default=True,
+        description="Run on uvloop's event loop (false: asyncio's own).",
+    )
     agent_turn_cache_mb: float = Field(
         default=64.0,
         ge=0,

@@ -83,6 +83,12 @@ class MemoryStore:
         self.leases[build_id] = (token, time.monotonic() + ttl_s)
         return True
 
+    async def extend_leases(self, leases: dict[str, str], ttl_s: float) -> set[str]:
+        renewed = {b for b, token in leases.items() if self.leases.get(b, ("", 0.0))[0] == token}
+        for b in renewed:
+            self.leases[b] = (leases[b], time.monotonic() + ttl_s)
+        return renewed
+
     async def release_lease(self, build_id: str, token: str) -> None:
         if self.leases.get(build_id, ("", 0.0))[0] == token:
             del self.leases[build_id]

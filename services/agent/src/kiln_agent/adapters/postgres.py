@@ -163,6 +163,19 @@ class PostgresStore:
         )
         return bool(renewed)
 
+    async def extend_leases(self, leases: dict[str, str], ttl_s: float) -> set[str]:
+        if not leases:
+            return set()
+        rows = await self.pool.fetch(
+            "UPDATE builds b SET lease_until = now() + make_interval(secs => $3) "
+            "FROM unnest($1::text[], $2::text[]) AS x(build_id, token) "
+            "WHERE b.build_id = x.build_id AND b.lease_token = x.token RETURNING b.build_id",
+            list(leases),
+            list(leases.values()),
+            ttl_s,
+        )
+        return {r["build_id"] for r in rows}
+
     async def _wait(self, build_id: str) -> float:
         """The seconds left on another holder's lease (0.0: there is no such build)."""
         row = await self.pool.fetchrow(
