@@ -45,12 +45,17 @@ NOT_SETTINGS = {
     "MAX_AGE_S": "not a variable: the streams' retention in kiln_contracts",
     "CLOCK_SLACK_S": "not a variable: a constant of the snapshot's collector",
     "PREFIX_OR_ID": "not a variable: an argument of `kiln keys revoke`",
+    "KILN_SETUP_NATS_USER": "the set-up step's NATS user (kiln up, kiln_runtime.setup)",
+    "KILN_SETUP_NATS_PASSWORD": "the set-up step's NATS password (kiln up, kiln_runtime.setup)",
+    "CHAOS_BUILDS": "not a variable: `make chaos-cluster CHAOS_BUILDS=…`",
+    "CHAOS_KILLS": "not a variable: `make chaos-cluster CHAOS_KILLS=…`",
 }
 # Every variable each service reads, documented or not; none may stop setting its field.
 COMMON = {
     *("NATS_URL", "KILN_NATS_URL", "NATS_USER", "NATS_PASSWORD", "KILN_LOG_LEVEL", "LOG_LEVEL"),
     *("KILN_LOG_JSON", "KILN_ACK_WAIT_S", "KILN_MAX_DELIVER", "KILN_HEALTH_PORT"),
     *("KILN_SHUTDOWN_GRACE_S", "KILN_MEMORY_TRIM", "KILN_STREAM_REPLICAS", "KILN_HEALTH_STALL_S"),
+    "KILN_NATS_PING_INTERVAL_S",
 }
 DATABASE = {"DATABASE_URL", "KILN_DATABASE_URL"}
 S3 = {
@@ -73,6 +78,7 @@ READ = {
         *("KILN_SNAPSHOT_FILE_MAX_BYTES", "KILN_SNAPSHOT_DIFF_MAX_BYTES"),
         "KILN_SNAPSHOT_MANIFEST_CACHE",
         "KILN_GATEWAY_WEBHOOKS_TIMEOUT_S",
+        *("KILN_PREVIEW_TOKEN_TTL_S", "KILN_PREVIEW_REFUSED_PORTS"),
     },
     "agent": COMMON
     | DATABASE
@@ -80,6 +86,7 @@ READ = {
         *("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "KILN_MODEL_TIMEOUT_S", "KILN_AGENT_CONFIG"),
         *("KILN_AGENT_WORKERS", "KILN_AGENT_LEASE_S", "KILN_AGENT_DB_POOL"),
         *("KILN_AGENT_TURN_CACHE_MB", "KILN_AGENT_TURN_CACHE_BUILDS", "KILN_AGENT_GATES_TIMEOUT_S"),
+        "KILN_AGENT_UVLOOP",
     },
     "sandbox": COMMON
     | DATABASE

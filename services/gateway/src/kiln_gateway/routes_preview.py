@@ -92,7 +92,7 @@ async def _owner(rt: Wiring, build_id: str, key: str | None, token: str | None) 
 
 
 async def _target(rt: Wiring, build: Build, port: int) -> tuple[str, int]:
-    refused = frozenset({rt.settings.gateway_port, *rt.settings.preview_refused_ports})
+    refused = frozenset({rt.settings.gateway_port, *rt.settings.refused_ports()})
     holder = await rt.store.preview_holder(port)
     host, port = previews.target(build, port, holder, refused)
     shown = next(p for p in previews.previews_of(build) if p.port == port)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 
 from kiln_runtime.settings import DatabaseSettings
 
@@ -48,8 +48,22 @@ class GatewaySettings(DatabaseSettings):
     token_secret: str | None = None
     stream_token_ttl_s: int = Field(default=3600, ge=10)
     # Previews on the local provider (kiln_gateway.previews): how long a preview token lasts, and
-    # ports the proxy never opens besides the gateway's own (the stack's other services).
+    # ports the proxy never opens besides the gateway's own (the stack's other services), comma
+    # separated: KILN_PREVIEW_REFUSED_PORTS=4222,5432.
     preview_token_ttl_s: int = Field(default=3600, ge=10)
-    preview_refused_ports: list[int] = Field(default_factory=list)
+    preview_refused_ports: str = ""
+
+    @field_validator("preview_refused_ports")
+    @classmethod
+    def _ports(cls, value: str) -> str:
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            if not part.isdigit() or not 0 < int(part) < 65536:
+                raise ValueError(f"not a TCP port: {part!r} (give ports as 4222,5432)")
+        return value
+
+    def refused_ports(self) -> frozenset[int]:
+        """The ports of ``preview_refused_ports``."""
+        return frozenset(int(p) for p in self.preview_refused_ports.split(",") if p.strip())
+
     # The AsyncAPI document served at /v1/asyncapi.json (default: contracts/schemas/asyncapi.json).
     asyncapi_path: str | None = None
