@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import signal
 import tarfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -119,6 +121,7 @@ def test_a_build_is_steered_while_it_works_then_continued_after_it_completed(sta
         iterations = first["iteration"]
 
         history = events(stack, build_id)
+        iterations_calls = len(of(history, "tool_call"))
         kinds = [k for k, _ in history]
         assert kinds.index("send_user_message") < kinds.index("build_completed")  # while it worked
         assert len(of(history, "build_completed")) == 1, "\n".join(summary(history))
@@ -142,9 +145,22 @@ def test_a_build_is_steered_while_it_works_then_continued_after_it_completed(sta
             60,
         )
 
-        # continuing: a message to the completed build
+        # continuing: a message to the completed build, sent while the agent and the sandbox
+        # are down (SIGKILLed); the agent comes back first and is SIGKILLed again once the
+        # continuation's first call is out
+        for victim in ("agent", "sandbox"):
+            stack.kill(victim, signal.SIGKILL)
         again = client.post(f"/v1/builds/{build_id}/messages", json={"text": CONTINUE})
         assert again.status_code == 202 and again.json()["seq"] == 2
+        stack.start_service("agent")
+        wait_for(
+            lambda: len(of(events(stack, build_id), "tool_call")) > iterations_calls,
+            "the continuation's first call",
+            60,
+        )
+        stack.kill("agent", signal.SIGKILL)
+        stack.start_service("agent")
+        stack.start_service("sandbox")
         second = wait_build(client, stack, build_id, status="completed", continuations=1)
         assert "CONTINUED.md" in second["summary"]
         assert second["iteration"] > iterations
@@ -155,6 +171,18 @@ def test_a_build_is_steered_while_it_works_then_continued_after_it_completed(sta
         assert continued["iterations"] == iterations
         numbers = [e["iteration"] for e in of(history, "iteration_completed")]
         assert numbers == list(range(1, second["iteration"] + 1))  # going on from where they were
+        calls = [e["call_id"] for e in of(history, "tool_call")]
+        assert len(calls) == len(set(calls))  # though killed, no call asked for twice ...
+        results = {e["call_id"] for e in of(history, "tool_result")}
+        assert results == set(calls)  # ... and each one answered
+        # and none ran twice (the sandbox's execution log)
+        log = stack.data_dir / "exec.jsonl"
+        runs = Counter(
+            x["call_id"]
+            for x in map(json.loads, log.read_text().splitlines())
+            if x["build_id"] == build_id
+        )
+        assert all(n == 1 for n in runs.values()), runs.most_common(3)
         # a fresh sandbox, restored from the first run's final snapshot
         restored = of(history, "sandbox_restored")
         assert [r["from_snapshot"] for r in restored] == [snapshot_id]
