@@ -68,6 +68,14 @@ FIELDS: dict[str, dict[str, Any]] = {
         "sandbox_id": "sb1",
     },
     "process_exited": {"process_id": "bash_1", "how": "exited", "exit_code": 0},
+    "preview_available": {
+        "process_id": "bash_1",
+        "port": 8000,
+        "provider": "local",
+        "sandbox_id": "sb1",
+        "url": "/v1/builds/b1/preview/8000/",
+    },
+    "preview_gone": {"process_id": "bash_1", "port": 8000},
     "snapshot_saved": {
         "snapshot_id": "s1",
         "iteration": 1,

@@ -9,7 +9,7 @@ import logging
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Path, Query
 from pydantic import BaseModel, Field
 
 from kiln_runtime import dead_letters
@@ -96,6 +96,12 @@ async def list_dlq(
     )
 
 
+# A stream sequence: 1 and up (a bad one is a 422, never a question to the server).
+Seq = Annotated[
+    int, Path(ge=1, le=2**63 - 1, description="The dead letter's sequence in KILN_DLQ.")
+]
+
+
 async def _one(rt: Rt, seq: int) -> dead_letters.DeadLetter:
     try:
         letter = await dead_letters.get_dead_letter(rt.bus.nc, seq)
@@ -112,7 +118,7 @@ async def _one(rt: Rt, seq: int) -> dead_letters.DeadLetter:
     tags=["admin"],
     responses=responses(401, 404, 422, 503),
 )
-async def show_dlq(rt: Rt, key: Key, seq: int) -> DeadLetterDetail:
+async def show_dlq(rt: Rt, key: Key, seq: Seq) -> DeadLetterDetail:
     """One dead letter with its payload (admin key)."""
     require_admin(rt, key)
     letter = await _one(rt, seq)
@@ -132,7 +138,7 @@ async def show_dlq(rt: Rt, key: Key, seq: int) -> DeadLetterDetail:
 async def replay_dlq(
     rt: Rt,
     key: Key,
-    seq: int,
+    seq: Seq,
     keep: Annotated[bool, Query(description="Keep the dead letter after replaying it.")] = False,
 ) -> Replayed:
     """Publish the dead letter again to its original subject with a new message id, once its
