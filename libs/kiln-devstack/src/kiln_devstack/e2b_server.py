@@ -911,5 +911,5 @@ def main() -> None:  # pragma: no cover - the process the local stack runs
     asyncio.run(run())
 
 
-if __name__ == "__main__":  # pragma: no cover
+if __name__ == "__main__":  # pragma: no cover - run as a process by the local stack, like main()
     main()
