@@ -9,11 +9,18 @@ from datetime import UTC, datetime
 import pytest
 from nats.aio.client import Client
 
-from kiln_budget import bootstrap, spending
+from kiln_budget import bootstrap, recovery, spending
 from kiln_budget.deps import Deps
 from kiln_contracts import IterationCompleted, Usage
 from kiln_runtime import metrics
-from tests.integration.test_budget_sleep import budget, nc, until  # noqa: F401  (fixtures)
+from tests.integration.test_budget_sleep import (  # noqa: F401  (nc: a fixture)
+    FixedClock,
+    later,
+    nc,
+    started,
+    stopped,
+    until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -31,12 +38,23 @@ def iteration(uid: str, n: int, model: str, at: datetime, **usage: int) -> Itera
 
 
 async def test_dated_ids_unknown_models_and_dated_prices_are_charged(
-    budget: bootstrap.Wiring,  # noqa: F811
+    infra: dict[str, str],
     nc: Client,  # noqa: F811
     uid: str,
 ) -> None:
+    # the budget's periods are seconds long: its clock stands still at the moment the events are
+    # dated, so the day they are charged to is the day that is read back however slow the run
+    now = later()
+    budget = await started(infra, f"budget-{uid}", FixedClock(now))
+    try:
+        await _charged_at_their_prices(budget, uid, now)
+    finally:
+        await stopped(budget)
+
+
+async def _charged_at_their_prices(budget: bootstrap.Wiring, uid: str, now: datetime) -> None:
     deps = budget.deps
-    now = datetime.now(UTC)
+    await recovery.ensure_intact(deps)  # a fresh Redis: rebuilt first, so the events are live
     before = metrics.UNPRICED_ITERATIONS.labels("budget", "claude-nova-9")._value.get()
     events = [
         # an alias answered with its dated snapshot: Haiku 4.5 at $1 per Mtok input

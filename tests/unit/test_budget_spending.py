@@ -248,18 +248,21 @@ def test_large_usage_is_exact() -> None:
     assert spending.cost_of(kiln_config.default(), event) == 75_000_000
 
 
-def test_an_unknown_model_is_charged_at_the_fallback_and_counted(
-    caplog: pytest.LogCaptureFixture,
+async def test_an_unknown_model_is_charged_at_the_fallback_and_counted_once(
+    deps: Deps, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config = kiln_config.default()
+    config = deps.config
     before = metrics.UNPRICED_ITERATIONS.labels("budget", "gpt-x")._value.get()
-    with caplog.at_level(logging.ERROR):
-        cost = spending.cost_of(config, iteration("gpt-x", input_tokens=10, output_tokens=10))
+    event = iteration("gpt-x", input_tokens=10, output_tokens=10)
     # the most expensive model of the table: claude-opus-4-1 at $15 / $75 per Mtok
     assert config.fallback_model == "claude-opus-4-1"
-    assert cost == 150 + 750
+    assert spending.cost_of(config, event) == 150 + 750
+    with caplog.at_level(logging.ERROR):
+        first = await spending.charge_iteration(deps, event)
+        again = await spending.charge_iteration(deps, event)  # a redelivery: not charged again
+    assert (first.applied, first.amount_micro_usd, again.applied) == (True, 150 + 750, False)
     assert metrics.UNPRICED_ITERATIONS.labels("budget", "gpt-x")._value.get() == before + 1
-    assert "no price for model 'gpt-x'" in caplog.text
+    assert caplog.text.count("no price for model 'gpt-x'") == 1
 
 
 async def test_an_unknown_model_is_never_free(deps: Deps) -> None:

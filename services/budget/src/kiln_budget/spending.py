@@ -57,20 +57,24 @@ class Charged:
 
 def cost_of(config: KilnConfig, event: IterationCompleted) -> int:
     """Micro-dollars for the iteration's usage at its model's price in force when the call was
-    made. A model id with no entry is charged at the fallback's prices (never free), counted and
-    logged as an error that names it."""
+    made. A model id with no entry is charged at the fallback's prices (never free)."""
+    return config.cost(event.model, event.usage, event.occurred_at).micro_usd
+
+
+def _unpriced(config: KilnConfig, event: IterationCompleted) -> None:
+    """A charge at the fallback's prices is counted and logged as an error that names the model,
+    once per iteration charged here (not by a rebuild's replay, ``recovery.fold``)."""
     cost = config.cost(event.model, event.usage, event.occurred_at)
-    if cost.fallback:
-        metrics.UNPRICED_ITERATIONS.labels("budget", event.model).inc()
-        log.error(
-            "no price for model %r: iteration %d charged at %s's prices; add the model to "
-            "kiln.yaml",
-            event.model,
-            event.iteration,
-            cost.priced_as,
-            extra={"build_id": event.build_id, "event_id": event.event_id},
-        )
-    return cost.micro_usd
+    if not cost.fallback:
+        return
+    metrics.UNPRICED_ITERATIONS.labels("budget", event.model).inc()
+    log.error(
+        "no price for model %r: iteration %d charged at %s's prices; add the model to kiln.yaml",
+        event.model,
+        event.iteration,
+        cost.priced_as,
+        extra={"build_id": event.build_id, "event_id": event.event_id},
+    )
 
 
 def charge_of(deps: Deps, event: IterationCompleted) -> Charge:
@@ -95,6 +99,7 @@ async def charge_iteration(deps: Deps, event: IterationCompleted) -> Charged:
     if applied:
         log.info("charged %d micro-USD to %s", amount, event.user_id, extra=extra)
         _count(event, amount)
+        _unpriced(deps.config, event)
     else:
         log.info("iteration already charged; nothing to do", extra=extra)
     return Charged(amount, applied)
