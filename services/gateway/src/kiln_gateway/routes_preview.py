@@ -203,12 +203,6 @@ async def preview_with_token(
     return await _proxy(request, rt, build_id, port, path, None, token, prefix)
 
 
-@router.api_route(
-    "/v1/builds/{build_id}/preview/{port}/{path:path}",
-    methods=METHODS,
-    tags=["builds"],
-    responses=responses(401, 404),
-)
 async def preview(
     request: Request, build_id: str, port: Port, path: str, rt: Rt, key: Key
 ) -> Response:
@@ -217,6 +211,17 @@ async def preview(
     preview, or a build asleep or ended, answers with a page that says so (404, 410, 503)."""
     prefix = f"/v1/builds/{build_id}/preview/{port}/"
     return await _proxy(request, rt, build_id, port, path, key, None, prefix)
+
+
+for _method in METHODS:  # one route per method: each its own operation in the OpenAPI document
+    router.add_api_route(
+        "/v1/builds/{build_id}/preview/{port}/{path:path}",
+        preview,
+        methods=[_method],
+        operation_id=f"preview_{_method.lower()}",
+        tags=["builds"],
+        responses=responses(401, 404),
+    )
 
 
 # ---------------------------------------------------------------------------- WebSocket
