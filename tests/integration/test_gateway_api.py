@@ -23,7 +23,7 @@ from kiln_contracts import (
     ToolCall,
     Usage,
 )
-from kiln_gateway import builds
+from kiln_gateway import builds, messages
 from tests.integration.gateway_fixtures import Gateway, read_sse, running_gateway, until
 
 pytestmark = pytest.mark.integration
@@ -286,11 +286,11 @@ async def test_projection_is_idempotent_per_stream_sequence(gw: Gateway, uid: st
     user, build_id = f"d{uid}", f"b{uid}"
     store = gw.rt.store
     requested, iteration = _events(build_id, user)[:2]
-    assert await builds.project(store, requested, 10) == "applied"
-    assert await builds.project(store, requested, 10) == "duplicate"
-    assert await builds.project(store, iteration, 11) == "applied"
-    assert await builds.project(store, iteration, 11) == "duplicate"  # redelivered
-    assert await builds.project(store, iteration, 9) == "duplicate"
+    assert await projection.project(store, requested, 10) == "applied"
+    assert await projection.project(store, requested, 10) == "duplicate"
+    assert await projection.project(store, iteration, 11) == "applied"
+    assert await projection.project(store, iteration, 11) == "duplicate"  # redelivered
+    assert await projection.project(store, iteration, 9) == "duplicate"
     build = await store.get(build_id)
     assert build is not None
     assert (build.status, build.state.cost_micro_usd, build.state.last_seq) == ("running", 100, 11)

@@ -29,7 +29,7 @@ from kiln_contracts import (
     Usage,
     stable_id,
 )
-from kiln_gateway import builds
+from kiln_gateway import builds, history, messages, projection
 from kiln_gateway.model import Build, Caller, Message, NewBuild, NewMessage, Projection
 from kiln_gateway.ports import Inserted, MessageInserted, StoredEvent
 from kiln_gateway.schemas import BuildOut
@@ -234,12 +234,12 @@ def ev(kind: type[Envelope], **fields: Any) -> Envelope:
 
 def test_evolve_walks_the_lifecycle_and_terminal_sticks():
     s = Projection()
-    s = builds.evolve(s, ev(BuildRequested, idea_brief="x"), 1)
+    s = projection.evolve(s, ev(BuildRequested, idea_brief="x"), 1)
     assert s.status == "running"
     it = ev(
         IterationCompleted, iteration=2, model="m", usage=Usage(), stop_reason="x", cost_micro_usd=7
     )
-    s = builds.evolve(s, it, 2)
+    s = projection.evolve(s, it, 2)
     assert (s.iteration, s.cost_micro_usd) == (2, 7)
     snap = ev(
         SnapshotSaved,
@@ -250,12 +250,12 @@ def test_evolve_walks_the_lifecycle_and_terminal_sticks():
         bytes_total=1,
         bytes_uploaded=1,
     )
-    s = builds.evolve(s, snap, 3)
-    s = builds.evolve(s, ev(BuildSleeping, reason="budget"), 4)
+    s = projection.evolve(s, snap, 3)
+    s = projection.evolve(s, ev(BuildSleeping, reason="budget"), 4)
     assert (s.status, s.last_snapshot_id, s.reason) == ("sleeping", "s1", "budget")
-    s = builds.evolve(s, ev(BuildResumed, reason="wake"), 5)
+    s = projection.evolve(s, ev(BuildResumed, reason="wake"), 5)
     assert (s.status, s.reason) == ("running", None)
-    s = builds.evolve(s, ev(BuildCompleted, summary="done", iterations=3, cost_micro_usd=9), 6)
+    s = projection.evolve(s, ev(BuildCompleted, summary="done", iterations=3, cost_micro_usd=9), 6)
     assert (s.status, s.summary, s.iteration, s.cost_micro_usd, s.terminal_seq) == (
         "completed",
         "done",
@@ -263,15 +263,15 @@ def test_evolve_walks_the_lifecycle_and_terminal_sticks():
         9,
         6,
     )
-    after = builds.evolve(s, ev(BuildCancelled, reason="late", iterations=3, cost_micro_usd=9), 7)
+    after = projection.evolve(s, ev(BuildCancelled, reason="late", iterations=3, cost_micro_usd=9), 7)
     assert (after.status, after.summary, after.last_seq) == ("completed", "done", 7)
     final = snap.model_copy(update={"snapshot_id": "s-final", "reason": "final"})
-    after = builds.evolve(after, final, 8)  # the final snapshot is taken after the end
+    after = projection.evolve(after, final, 8)  # the final snapshot is taken after the end
     assert (after.status, after.last_snapshot_id, after.last_seq) == ("completed", "s-final", 8)
 
 
 def test_the_builds_processes_are_projected_also_after_its_end():
-    s = builds.evolve(Projection(), ev(BuildRequested, idea_brief="x"), 1)
+    s = projection.evolve(Projection(), ev(BuildRequested, idea_brief="x"), 1)
     started = ev(
         ProcessStarted,
         process_id="bash_1",
@@ -281,13 +281,13 @@ def test_the_builds_processes_are_projected_also_after_its_end():
         sandbox_id="sb-1",
         pid=41,
     )
-    s = builds.evolve(s, started, 2)
-    s = builds.evolve(s, ev(BuildCompleted, summary="done", iterations=1, cost_micro_usd=1), 3)
+    s = projection.evolve(s, started, 2)
+    s = projection.evolve(s, ev(BuildCompleted, summary="done", iterations=1, cost_micro_usd=1), 3)
     exited = ev(ProcessExited, process_id="bash_1", how="stopped", reason="the build ended")
-    s = builds.evolve(s, exited, 4)
+    s = projection.evolve(s, exited, 4)
     # an exit that comes before its start (another order on the stream) is kept too
-    s = builds.evolve(s, ev(ProcessExited, process_id="bash_2", how="lost"), 5)
-    s = builds.evolve(s, started.model_copy(update={"process_id": "bash_2", "pid": 42}), 6)
+    s = projection.evolve(s, ev(ProcessExited, process_id="bash_2", how="lost"), 5)
+    s = projection.evolve(s, started.model_copy(update={"process_id": "bash_2", "pid": 42}), 6)
     build = Build(
         build_id="b1", user_id="u1", tier="pro", idea_brief="x", understanding_qna=[], limits={},
         created_at=datetime.now(UTC), updated_at=datetime.now(UTC), state=s,
@@ -303,7 +303,7 @@ def test_the_builds_processes_are_projected_also_after_its_end():
 
 
 def test_a_rejected_build_is_rejected_with_the_reason_for_good():
-    s = builds.evolve(Projection(), ev(BuildRequested, idea_brief="x"), 1)
+    s = projection.evolve(Projection(), ev(BuildRequested, idea_brief="x"), 1)
     rejected = ev(
         BuildRejected,
         reason="daily allowance used up: spent 1200 of 1000 micro-USD; ...",
@@ -311,14 +311,14 @@ def test_a_rejected_build_is_rejected_with_the_reason_for_good():
         allowance_micro_usd=1_000,
         resets_at=datetime(2025, 4, 1, tzinfo=UTC),
     )
-    s = builds.evolve(s, rejected, 2)
+    s = projection.evolve(s, rejected, 2)
     assert (s.status, s.reason, s.terminal_seq, s.terminal) == (
         "rejected",
         rejected.reason,  # type: ignore[attr-defined]
         2,
         True,
     )
-    assert builds.evolve(s, ev(BuildResumed, reason="late wake"), 3).status == "rejected"
+    assert projection.evolve(s, ev(BuildResumed, reason="late wake"), 3).status == "rejected"
 
 
 async def test_project_is_idempotent_and_waits_for_an_unknown_build():
@@ -327,17 +327,17 @@ async def test_project_is_idempotent_and_waits_for_an_unknown_build():
         IterationCompleted, iteration=1, model="m", usage=Usage(), stop_reason="x", cost_micro_usd=5
     )
     with pytest.raises(RetryLater):
-        await builds.project(store, it, 2, num_delivered=1)
-    assert await builds.project(store, it, 2, num_delivered=3) == "missing"
-    assert await builds.project(store, ev(BuildRequested, idea_brief="x"), 1) == "applied"
-    assert await builds.project(store, it, 2) == "applied"
-    assert await builds.project(store, it, 2) == "duplicate"
+        await projection.project(store, it, 2, num_delivered=1)
+    assert await projection.project(store, it, 2, num_delivered=3) == "missing"
+    assert await projection.project(store, ev(BuildRequested, idea_brief="x"), 1) == "applied"
+    assert await projection.project(store, it, 2) == "applied"
+    assert await projection.project(store, it, 2) == "duplicate"
     assert store.rows["b1"].state.cost_micro_usd == 5
 
 
 async def test_a_top_up_is_left_to_the_budget_by_the_projection():
     store = FakeStore()
-    outcome = await builds.project(store, TopUpRequested.of("u1", "t1", 5), 7, num_delivered=1)
+    outcome = await projection.project(store, TopUpRequested.of("u1", "t1", 5), 7, num_delivered=1)
     assert outcome == "not a build" and store.rows == {}
 
 
@@ -370,23 +370,23 @@ async def test_event_stream_frames_heartbeats_and_ends_on_terminal():
     )
     now = datetime.now(UTC)
     build = Build("b1", "u1", "pro", "x", [], {}, now, now)
-    out = [chunk async for chunk in builds.event_stream(src, build, 2, 15)]
+    out = [chunk async for chunk in history.event_stream(src, build, 2, 15)]
     assert out == [
-        builds.RETRY,
+        history.RETRY,
         'id: 3\nevent: agent_narrated\ndata: {"text":"hi"}\n\n',
         ": heartbeat\n\n",
         'id: 4\nevent: build_failed\ndata: {"a":1}\ndata: {"b":2}\n\n',
     ]
     assert src.after == 2 and src.closed
     done = dataclasses.replace(build, state=Projection(status="failed", terminal_seq=4))
-    assert [c async for c in builds.event_stream(src, done, 4, 15)] == []
+    assert [c async for c in history.event_stream(src, done, 4, 15)] == []
 
 
 # ---------------------------------------------------------------------------- messages
 
 
 async def send(store: FakeStore, pub: Publisher, build: Build, text: str, key: str | None = None):
-    return await builds.send_message(store, pub, ME, build, text=text, idempotency_key=key, cap=1)
+    return await messages.send_message(store, pub, ME, build, text=text, idempotency_key=key, cap=1)
 
 
 async def test_a_message_is_numbered_and_published_once_per_idempotency_key():
@@ -408,16 +408,16 @@ async def test_a_message_stored_while_the_bus_is_down_is_sent_first_next_time():
     store, pub = FakeStore(), Publisher()
     build, _ = await create(store, pub)
     pub.fail = True
-    with pytest.raises(builds.MessagePublishFailed):
+    with pytest.raises(messages.MessagePublishFailed):
         await send(store, pub, build, "one")
     pub.fail = False
     await send(store, pub, build, "two")
     assert [m.seq for m in pub.sent if isinstance(m, SendUserMessage)] == [1, 2]
     pub.fail = True
-    with pytest.raises(builds.MessagePublishFailed):
+    with pytest.raises(messages.MessagePublishFailed):
         await send(store, pub, build, "three")
     pub.fail = False
-    assert await builds.republish_pending_messages(store, pub, 0) == 1
+    assert await messages.republish_pending_messages(store, pub, 0) == 1
     assert await store.unpublished_messages() == []
 
 
@@ -443,25 +443,25 @@ def continued(k: int, iterations: int = 3, cost: int = 9) -> Envelope:
 
 
 def test_evolve_a_continued_build_runs_again_once_per_continuation():
-    s = builds.evolve(Projection(), ev(BuildRequested, idea_brief="x"), 1)
+    s = projection.evolve(Projection(), ev(BuildRequested, idea_brief="x"), 1)
     done = ev(BuildCompleted, summary="done", iterations=3, cost_micro_usd=9)
-    s = builds.evolve(s, done, 2)
-    s = builds.evolve(s, continued(1), 3)
+    s = projection.evolve(s, done, 2)
+    s = projection.evolve(s, continued(1), 3)
     assert (s.status, s.continuations, s.terminal_seq, s.summary, s.finished_at) == (
         "running", 1, None, None, None,
     )  # fmt: skip
     assert (s.iteration, s.cost_micro_usd) == (3, 9)
-    assert builds.evolve(s, continued(1), 4).status == "running"  # a repeat: one effect
-    assert builds.evolve(s, done, 5).status == "running"  # the first run's end, again
+    assert projection.evolve(s, continued(1), 4).status == "running"  # a repeat: one effect
+    assert projection.evolve(s, done, 5).status == "running"  # the first run's end, again
     it = ev(IterationCompleted, iteration=4, model="m", usage=Usage(), stop_reason="x",
             cost_micro_usd=2)  # fmt: skip
-    s = builds.evolve(s, it, 6)
+    s = projection.evolve(s, it, 6)
     end = ev(BuildCompleted, summary="again", iterations=4, cost_micro_usd=11, continuation=1)
-    s = builds.evolve(s, end, 7)
+    s = projection.evolve(s, end, 7)
     assert (s.status, s.summary, s.iteration, s.cost_micro_usd, s.terminal_seq) == (
         "completed", "again", 4, 11, 7,
     )  # fmt: skip
-    assert builds.evolve(s, continued(1), 8).status == "completed"  # a late repeat
+    assert projection.evolve(s, continued(1), 8).status == "completed"  # a late repeat
 
 
 async def test_event_stream_passes_the_ends_of_runs_the_build_continued_from():
@@ -477,7 +477,7 @@ async def test_event_stream_passes_the_ends_of_runs_the_build_continued_from():
     now = datetime.now(UTC)
     build = Build("b1", "u1", "pro", "x", [], {}, now, now,
                   state=Projection(status="completed", terminal_seq=7, continuations=1))  # fmt: skip
-    out = [chunk async for chunk in builds.event_stream(src, build, 0, 15)]
+    out = [chunk async for chunk in history.event_stream(src, build, 0, 15)]
     assert [c.split("\n")[0] for c in out[1:]] == ["id: 4", "id: 5", "id: 6", "id: 7"]
 
 
@@ -492,12 +492,12 @@ def test_previews_are_projected_per_port_and_the_proxy_reaches_only_the_builds_o
     from kiln_contracts import PreviewAvailable, PreviewGone
     from kiln_gateway import previews
 
-    s = builds.evolve(Projection(), ev(BuildRequested, idea_brief="x"), 1)
+    s = projection.evolve(Projection(), ev(BuildRequested, idea_brief="x"), 1)
     up = ev(
         PreviewAvailable, process_id="bash_1", port=8000, provider="local", sandbox_id="b1",
         url="/v1/builds/b1/preview/8000/",
     )  # fmt: skip
-    s = builds.evolve(s, up, 2)
+    s = projection.evolve(s, up, 2)
     build = _build(s)
     (shown,) = BuildOut.of(build).previews
     assert (shown.port, shown.status, shown.url) == (8000, "available", up.url)
@@ -513,14 +513,14 @@ def test_previews_are_projected_per_port_and_the_proxy_reaches_only_the_builds_o
     assert refused(build, 8000, holder="b2") == 404  # taken since by another build
     assert refused(build, 8000, holder=None) == 404
     # another process's gone for that port changes nothing; its own ends it
-    s2 = builds.evolve(s, ev(PreviewGone, process_id="bash_9", port=8000, reason="x"), 3)
+    s2 = projection.evolve(s, ev(PreviewGone, process_id="bash_9", port=8000, reason="x"), 3)
     assert BuildOut.of(_build(s2)).previews[0].status == "available"
-    s2 = builds.evolve(s2, ev(PreviewGone, process_id="bash_1", port=8000, reason="ended"), 4)
+    s2 = projection.evolve(s2, ev(PreviewGone, process_id="bash_1", port=8000, reason="ended"), 4)
     assert (BuildOut.of(_build(s2)).previews[0].status, refused(_build(s2), 8000)) == (
         "gone", 410
     )  # fmt: skip
     # asleep: gone, and the proxy says so
-    asleep = builds.evolve(s, ev(BuildSleeping, reason="budget"), 5)
+    asleep = projection.evolve(s, ev(BuildSleeping, reason="budget"), 5)
     (shown,) = BuildOut.of(_build(asleep)).previews
     assert (shown.status, shown.reason) == ("gone", "the build is sleeping")
     assert refused(_build(asleep), 8000) == 503
@@ -528,7 +528,7 @@ def test_previews_are_projected_per_port_and_the_proxy_reaches_only_the_builds_o
     e2b = up.model_copy(
         update={"port": 3000, "provider": "e2b", "url": "https://3000-sbx.e2b.app/"}
     )
-    s3 = builds.evolve(s, e2b, 6)
+    s3 = projection.evolve(s, e2b, 6)
     assert refused(_build(s3), 3000) == 404
     assert {p.port: p.url for p in BuildOut.of(_build(s3)).previews}[3000] == e2b.url
 

@@ -12,7 +12,7 @@ import pytest
 from kiln_contracts import BuildRequested, ForkOrigin
 from kiln_contracts.manifest import Manifest
 from kiln_gateway import forks
-from kiln_gateway.builds import evolve
+from kiln_gateway.projection import evolve
 from kiln_gateway.model import Build, Projection
 from kiln_gateway.ports import Checkpoint, StoredSnapshot
 

@@ -20,11 +20,16 @@ from kiln_runtime.retry import retry
 
 from . import (
     builds,
-    routes,
+    messages,
+    projection,
     routes_accounts,
     routes_budget_admin,
+    routes_builds,
     routes_dlq,
+    routes_events,
     routes_fork,
+    routes_messages,
+    routes_ops,
     routes_preview,
     routes_projects,
     routes_snapshots,
@@ -50,7 +55,9 @@ def register_consumers(rt: Wiring) -> None:
         """Project every build event onto the gateway's builds read model."""
         # Retried here, in order, rather than redelivered behind later events of the build.
         await retry(
-            lambda: builds.project(rt.store, event, delivery.stream_seq, delivery.num_delivered),
+            lambda: projection.project(
+                rt.store, event, delivery.stream_seq, delivery.num_delivered
+            ),
             attempts=3,
             retry_on=TRANSIENT_DB,
             base=0.2,
@@ -69,7 +76,7 @@ async def _republish_loop(rt: Wiring) -> None:
             if n := await builds.republish_pending(rt.store, rt.publish, older_than):
                 log.info("republished %d queued build(s)", n)
         with contextlib.suppress(Exception):
-            if n := await builds.republish_pending_messages(rt.store, rt.publish, older_than):
+            if n := await messages.republish_pending_messages(rt.store, rt.publish, older_than):
                 log.info("republished %d message(s)", n)
         older_than = rt.settings.republish_every_s
         await asyncio.sleep(rt.settings.republish_every_s)
@@ -155,7 +162,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.state.runtime = None
     install_problems(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.include_router(routes.router)
+    app.include_router(routes_builds.router)
+    app.include_router(routes_events.router)
+    app.include_router(routes_messages.router)
+    app.include_router(routes_ops.router)
     app.include_router(routes_projects.router)
     app.include_router(routes_accounts.router)
     app.include_router(routes_budget_admin.router)

@@ -41,7 +41,7 @@ class Projection:
     continuations: int = 0
     processes: str = "[]"
     """The build's background processes, a JSON array of ``{process_id, command, status, pid,
-    exit_code, reason, sandbox_id}`` (``kiln_gateway.builds.processes_after``)."""
+    exit_code, reason, sandbox_id}`` (``kiln_gateway.projection.processes_after``)."""
     previews: str = "[]"
     """The build's previews, a JSON array, one per port: ``{port, status, reason, seq,
     process_id, provider, sandbox_id, url, traffic_access_token}``

@@ -11,8 +11,8 @@ from fastapi import APIRouter, Header, HTTPException, Response
 from . import builds, forks
 from .deps import Me, Owned, Rt
 from .problems import ProblemError, responses
-from .routes import BUILDS_CREATED, _gate, used_up
 from .schemas import BuildOut, ForkBuild
+from .starting import start, tier_of
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,7 @@ async def fork_build(
     no longer keeps (or never kept: a newer one superseded it): 410; one still being written: 503
     with ``Retry-After``. Send an ``Idempotency-Key`` to make retries safe (as for
     ``POST /v1/builds``)."""
-    try:
-        tier = rt.config.tier(me.tier)
-    except KeyError as err:
-        raise HTTPException(403, f"your API key's tier {me.tier!r} is not configured") from err
+    tier = tier_of(rt, me)
     asked: dict[str, object] = {
         "source": build.build_id,
         "iteration": body.iteration,
@@ -73,35 +70,17 @@ async def fork_build(
         raise HTTPException(
             503, "the snapshot store is unavailable; retry", headers={"Retry-After": "2"}
         ) from err
-    try:
-        fork, created = await builds.create_build(
-            rt.store,
-            rt.publish,
-            me,
-            idea_brief=build.idea_brief,
-            understanding_qna=builds.qna_of(build),
-            limits=builds.limits_of(build),
-            idempotency_key=idempotency_key,
-            cap=tier.concurrent_builds,
-            gate=await _gate(rt, me.user_id),
-            fork=origin,
-            fork_asked=asked,
-        )
-    except builds.AllowanceUsedUp as err:
-        raise used_up(err.gate) from err
-    except builds.IdempotencyConflict as err:
-        raise HTTPException(409, str(err)) from err
-    except builds.TooManyBuilds as err:
-        raise HTTPException(429, str(err), headers={"Retry-After": "30"}) from err
-    except builds.PublishFailed as err:
-        raise HTTPException(
-            503,
-            f"{err}; it will be started shortly, or retry with the same Idempotency-Key",
-            headers={"Retry-After": "2"},
-        ) from err
-    if created:
-        BUILDS_CREATED.labels(me.tier).inc()
-    else:
-        response.status_code = 200
+    fork = await start(
+        rt,
+        me,
+        tier,
+        response,
+        idea_brief=build.idea_brief,
+        understanding_qna=builds.qna_of(build),
+        limits=builds.limits_of(build),
+        idempotency_key=idempotency_key,
+        fork=origin,
+        fork_asked=asked,
+    )
     response.headers["Location"] = f"/v1/builds/{fork.build_id}"
     return BuildOut.of(fork)

@@ -7,10 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query
 
 from . import projects
+from .cursors import decode_cursor, encode_cursor
 from .deps import Me, Rt
 from .model import Project
 from .problems import responses
-from .routes import decode_cursor, encode_cursor
 from .schemas import CreateProject, EditProject, ProjectList, ProjectOut, ReplaceProject
 
 router = APIRouter(tags=["projects"])
