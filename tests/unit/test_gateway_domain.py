@@ -32,7 +32,7 @@ from kiln_contracts import (
 from kiln_gateway import builds, history, messages, projection
 from kiln_gateway.model import Build, Caller, Message, NewBuild, NewMessage, Projection
 from kiln_gateway.ports import Inserted, MessageInserted, StoredEvent
-from kiln_gateway.schemas import BuildOut
+from kiln_gateway.schemas_builds import BuildOut
 from kiln_runtime.errors import RetryLater
 
 

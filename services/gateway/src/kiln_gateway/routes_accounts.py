@@ -15,7 +15,7 @@ from kiln_contracts import schemas as contract_schemas
 from . import accounts, budget
 from .deps import Key, Me, Rt, require_admin
 from .problems import problem, responses
-from .schemas import BudgetOut, CreateKey, KeyCreated, KeyList, KeyOut
+from .schemas_accounts import BudgetOut, CreateKey, KeyCreated, KeyList, KeyOut
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from .cursors import decode_cursor, encode_cursor
 from .deps import Me, Owned, Rt
 from .model import STATUSES, Build
 from .problems import responses
-from .schemas import Accepted, BuildList, BuildOut, CreateBuild
+from .schemas_builds import Accepted, BuildList, BuildOut, CreateBuild
 from .starting import start, tier_of
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from . import accounts, builds, history
 from .deps import Key, Me, Owned, Rt, build_of, unauthorized
 from .problems import responses
-from .schemas import StreamToken
+from .schemas_builds import StreamToken
 
 router = APIRouter()
 

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Header, HTTPException, Response
 from . import builds, forks
 from .deps import Me, Owned, Rt
 from .problems import ProblemError, responses
-from .schemas import BuildOut, ForkBuild
+from .schemas_builds import BuildOut, ForkBuild
 from .starting import start, tier_of
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, HTTPException
 from . import builds, messages
 from .deps import Me, Owned, Rt
 from .problems import responses
-from .schemas import MessageOut, SendMessage
+from .schemas_builds import MessageOut, SendMessage
 from .starting import tier_of
 
 router = APIRouter()

@@ -31,7 +31,7 @@ from .bootstrap import Wiring
 from .deps import Key, Me, Owned, Rt, build_of, unauthorized
 from .model import Build
 from .problems import responses
-from .schemas import PreviewToken
+from .schemas_builds import PreviewToken
 
 log = logging.getLogger(__name__)
 

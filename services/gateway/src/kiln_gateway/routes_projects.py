@@ -11,7 +11,7 @@ from .cursors import decode_cursor, encode_cursor
 from .deps import Me, Rt
 from .model import Project
 from .problems import responses
-from .schemas import CreateProject, EditProject, ProjectList, ProjectOut, ReplaceProject
+from .schemas_projects import CreateProject, EditProject, ProjectList, ProjectOut, ReplaceProject
 
 router = APIRouter(tags=["projects"])
 
