@@ -16,13 +16,8 @@ live are ``lost``. Processes are not restarted: the next tool result of the buil
 model which processes ended that way (``notes``), and it starts again what it needs.
 Events: ``ProcessStarted`` and ``ProcessExited`` (stable ids: one each per process).
 
-Previews: whenever the service looks at a live process (every tool call of the build looks at
-the others; ``bash_output`` at its own) it records the TCP ports the process's session listens
-on; a port newly seen is a ``PreviewAvailable`` (its URL from the provider: E2B's host for the
-port, or the gateway's proxy path locally), a port no longer seen, or the process's end, a
-``PreviewGone``. Each is published before the record is updated, with an id stable per process,
-port and the event that saw the change: a redelivered message republishes the same ids, and a
-crash in between publishes the change again (the gateway's projection takes it once).
+The wrapper and the other steps' shell scripts are in ``process_scripts``; the events of a
+process's end and of its previews are published by ``process_events``.
 """
 
 from __future__ import annotations
@@ -34,121 +29,27 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import replace
 
-from kiln_contracts import (
-    Envelope,
-    PreviewAvailable,
-    PreviewGone,
-    ProcessExited,
-    ProcessStarted,
-    ToolCall,
-    stable_id,
-)
+from kiln_contracts import Envelope, ProcessStarted, ToolCall, stable_id
 
 from .ports import ProcessRecord, ProcessStatus, ProcessStore, Publisher, SandboxError
+from .process_events import ProcessEvents
+from .process_records import describe, ended_as_seen, short
+from .process_scripts import (
+    CHECK,
+    LISTENING,
+    MAX_COMMAND_CHARS,
+    OUTPUT,
+    READ_CHUNK,
+    SCRIPT_TIMEOUT_S,
+    SHOW_CHARS,
+    START,
+    STOP,
+    STOP_GRACE_S,
+    script,
+)
 from .workspace import Workspace
 
 log = logging.getLogger(__name__)
-
-MAX_COMMAND_CHARS = 2_000  # of a command, in the events
-READ_CHUNK = 256 * 1024  # bytes of new output bash_output fetches at most per call
-SHOW_CHARS = 28_000  # characters of output bash_output shows at most (its header and notes fit
-# beside them under the 30,000 of any tool result)
-STOP_GRACE_S = 3  # SIGTERM, then SIGKILL after this long
-SCRIPT_TIMEOUT_S = 30.0
-
-_START = r"""
-D=$1/$2
-mkdir -p -- "$1" || exit 90
-if ! mkdir -- "$D" 2>/dev/null; then printf 'already %s\n' "$(cat -- "$D/pid" 2>/dev/null)"; exit 0; fi
-: >"$D/out"
-setsid bash -c 'echo $$ >"$1/pid.tmp" && mv "$1/pid.tmp" "$1/pid"
-bash -c "$2" >>"$1/out" 2>&1 </dev/null
-echo $? >"$1/rc.tmp" && mv "$1/rc.tmp" "$1/rc"' _ "$D" "$3" >/dev/null 2>&1 </dev/null &
-i=0
-while [ ! -s "$D/pid" ] && [ "$i" -lt 500 ]; do sleep 0.01; i=$((i + 1)); done
-printf 'started %s\n' "$(cat -- "$D/pid" 2>/dev/null)"
-"""
-
-# listening SID: the TCP ports on which the processes of session SID listen (from /proc: their
-# sockets' inodes, matched against /proc/net/tcp{,6} entries in state LISTEN).
-_LISTENING = r"""
-listening() {
-  local sid=$1 d s inodes=
-  for d in /proc/[0-9]*; do
-    s=$(cat "$d/stat" 2>/dev/null) || continue
-    s=${s##*) }; set -- $s
-    [ "$4" = "$sid" ] || continue
-    inodes="$inodes $(ls -l "$d/fd" 2>/dev/null | sed -n 's/.*socket:\[\([0-9]*\)\].*/\1/p' | tr '\n' ' ')"
-  done
-  [ -n "${inodes// /}" ] || return 0
-  cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | awk -v want="$inodes" '
-    BEGIN { n = split(want, w, " "); for (i = 1; i <= n; i++) ok[w[i]] = 1 }
-    $4 == "0A" && ($10 in ok) { split($2, a, ":"); print a[2] }
-  ' 2>/dev/null | while read -r h; do echo $((16#$h)); done | sort -un | tr '\n' ' '
-}
-"""
-
-# state OFFSET MAX: "<status> <rc> <size>" then the output from OFFSET (at most MAX bytes, base64).
-# The status is taken before the output is read: an exited process's output is all there.
-_OUTPUT = r"""
-D=$1/$2
-[ -d "$D" ] || { echo 'gone - 0'; exit 0; }
-p=$(cat -- "$D/pid" 2>/dev/null)
-if [ -e "$D/rc" ]; then st="exited $(cat -- "$D/rc")"
-elif [ -n "$p" ] && kill -0 -- "-$p" 2>/dev/null; then st='running -'
-else st='killed -'; fi
-size=$(stat -c %s -- "$D/out" 2>/dev/null || echo 0)
-printf '%s %s\n' "$st" "$size"
-ports=
-[ "$st" = 'running -' ] && ports=$(listening "$p")
-printf 'ports %s\n' "$ports"
-tail -c "+$(($3 + 1))" -- "$D/out" 2>/dev/null | head -c "$4" | base64 -w0
-echo
-"""
-
-# check ID...: per process "<id> <status> <rc> <ports>" (status: running, exited, killed, gone;
-# ports: comma-separated, '-' for none).
-_CHECK = r"""
-dir=$1; shift
-for id in "$@"; do
-  D=$dir/$id; p=$(cat -- "$D/pid" 2>/dev/null)
-  if [ ! -d "$D" ]; then echo "$id gone - -"
-  elif [ -e "$D/rc" ]; then echo "$id exited $(cat -- "$D/rc") -"
-  elif [ -n "$p" ] && kill -0 -- "-$p" 2>/dev/null; then
-    ports=$(listening "$p" | tr -s ' ' ','); ports=${ports%,}; echo "$id running - ${ports:--}"
-  else echo "$id killed - -"; fi
-done
-"""
-
-# stop GRACE ID...: SIGTERM each live one's group, SIGKILL after GRACE seconds; then per process
-# "<id> <status> <rc>" (status: exited, killed, gone).
-_STOP = r"""
-dir=$1; grace=$2; shift 2
-live=()
-for id in "$@"; do
-  D=$dir/$id; p=$(cat -- "$D/pid" 2>/dev/null) || continue
-  [ -e "$D/rc" ] && continue
-  kill -TERM -- "-$p" 2>/dev/null && live+=("$p")
-done
-i=0
-while [ "${#live[@]}" -gt 0 ] && [ "$i" -lt $((grace * 20)) ]; do
-  left=(); for p in "${live[@]}"; do kill -0 -- "-$p" 2>/dev/null && left+=("$p"); done
-  live=("${left[@]}"); [ "${#live[@]}" -gt 0 ] && sleep 0.05; i=$((i + 1))
-done
-for p in "${live[@]}"; do kill -KILL -- "-$p" 2>/dev/null; done
-for id in "$@"; do
-  D=$dir/$id
-  if [ ! -d "$D" ]; then echo "$id gone -"
-  elif [ -e "$D/rc" ]; then echo "$id exited $(cat -- "$D/rc")"
-  else echo "$id killed -"; fi
-done
-"""
-
-
-def _script(body: str, *args: str) -> str:
-    """``body`` as a ``bash -c`` command line with positional arguments (every one quoted,
-    the process directory left as the machine gives it: a shell word)."""
-    return " ".join(["bash", "-c", shlex.quote(body), "kiln", *args])
 
 
 class Processes:
@@ -157,9 +58,10 @@ class Processes:
     def __init__(self, store: ProcessStore, bus: Publisher) -> None:
         self.store = store
         self.bus = bus
+        self.events = ProcessEvents(bus)
 
     async def _sh(self, ws: Workspace, body: str, *args: str) -> str:
-        command = _script(body, ws.machine.process_dir, *(shlex.quote(a) for a in args))
+        command = script(body, ws.machine.process_dir, *(shlex.quote(a) for a in args))
         result = await ws.run(command, timeout_s=SCRIPT_TIMEOUT_S, max_output=4 * READ_CHUNK)
         if result.timed_out or result.exit_code:
             out = (result.head + result.tail).decode("utf-8", errors="replace").strip()
@@ -177,7 +79,7 @@ class Processes:
         )
         if not new and record.status != "starting":
             return record
-        out = await self._sh(ws, _START, record.process_id, command)
+        out = await self._sh(ws, START, record.process_id, command)
         word, _, pid = out.strip().partition(" ")
         if word not in ("started", "already"):
             raise SandboxError(f"could not start the process: {out.strip()[-500:]}")
@@ -215,9 +117,9 @@ class Processes:
         the others are skipped for good) and its status."""
         record = await self.find(call.build_id, process_id)
         if record.sandbox_id != ws.sandbox_id or record.status in ("stopped", "lost"):
-            return f"{_describe(record)}\n(its output is gone with it)"
+            return f"{describe(record)}\n(its output is gone with it)"
         out = await self._sh(
-            ws, _LISTENING + _OUTPUT, process_id, str(record.read_offset), str(READ_CHUNK)
+            ws, LISTENING + OUTPUT, process_id, str(record.read_offset), str(READ_CHUNK)
         )
         first, _, rest = out.partition("\n")
         ports_line, _, data = rest.partition("\n")
@@ -248,33 +150,27 @@ class Processes:
         ended = status in ("exited", "killed", "gone")
         new = replace(record, read_offset=offset, ports=record.ports if ended else ports)
         if not ended and record.live and ports != record.ports:
-            await self._ports_changed(ws, call, record, ports)
+            await self.events.ports_changed(ws, call, record, ports)
         if ended and record.live:
-            how: ProcessStatus = "exited" if status == "exited" else "killed"
-            new = replace(
-                new,
-                status=how,
-                exit_code=int(rc) if rc.lstrip("-").isdigit() else None,
-                reason="exited by itself" if how == "exited" else "ended without an exit status",
-            )
+            new = ended_as_seen(new, "exited" if status == "exited" else "killed", rc)
             await self.store.update(new)
-            await self._exited(call, new)
+            await self.events.exited(call, new)
         elif offset != record.read_offset or ports != record.ports:
             await self.store.update(new)
         body = text if text.strip() else "(no new output)"
         tail = f"\n[{'; '.join(notes)}]" if notes else ""
-        return f"{_describe(new)}\n{body.rstrip()}{tail}"
+        return f"{describe(new)}\n{body.rstrip()}{tail}"
 
     async def kill(self, ws: Workspace, call: ToolCall, process_id: str) -> str:
         record = await self.find(call.build_id, process_id)
         if not record.live:
-            return f"{process_id} is not running: {_describe(record)}"
+            return f"{process_id} is not running: {describe(record)}"
         if record.sandbox_id != ws.sandbox_id:
             stopped = await self._lost(call, [record])
-            return f"{process_id} is not running: {_describe(stopped[0])}"
+            return f"{process_id} is not running: {describe(stopped[0])}"
         (ended,) = await self._stop(ws, [record], how="killed", reason="killed by kill_shell")
-        await self._exited(call, ended)
-        return f"{_describe(ended)}"
+        await self.events.exited(call, ended)
+        return f"{describe(ended)}"
 
     # ------------------------------------------------------------------ the platform
 
@@ -293,7 +189,7 @@ class Processes:
             await self._lost(event, elsewhere)
         if here and ws is not None:
             for ended in await self._stop(ws, here, how="stopped", reason=reason):
-                await self._exited(event, ended)
+                await self.events.exited(event, ended)
         return len(live)
 
     async def notes(self, call: ToolCall, ws: Workspace) -> str:
@@ -303,17 +199,17 @@ class Processes:
         in the sandbox, which also updates the ports they listen on)."""
         lost, ended = await self.store.to_report(call.build_id, ws.sandbox_id, call.call_id)
         for record in lost:
-            await self._exited(call, record)
+            await self.events.exited(call, record)
         exited = await self._check(ws, call)
         notes: list[str] = []
         if ended:
-            listed = "; ".join(f"{r.process_id} ({_short(r.command)}): {r.reason}" for r in ended)
+            listed = "; ".join(f"{r.process_id} ({short(r.command)}): {r.reason}" for r in ended)
             notes.append(
                 f"[background processes no longer running: {listed}. They were not restarted; "
                 "start again what you need with bash and run_in_background]"
             )
         if exited:
-            listed = "; ".join(_describe(r) for r in exited)
+            listed = "; ".join(describe(r) for r in exited)
             notes.append(
                 f"[background processes that have ended: {listed}. Their last output: bash_output]"
             )
@@ -329,7 +225,7 @@ class Processes:
         if not live:
             return []
         try:
-            out = await self._sh(ws, _LISTENING + _CHECK, *(r.process_id for r in live))
+            out = await self._sh(ws, LISTENING + CHECK, *(r.process_id for r in live))
         except SandboxError as err:
             log.warning("could not look at the background processes: %s", err,
                         extra={"build_id": event.build_id})  # fmt: skip
@@ -341,25 +237,12 @@ class Processes:
             if status == "running":
                 found = tuple(int(x) for x in ports.split(",") if x.isdigit())
                 if found != r.ports:
-                    await self._ports_changed(ws, event, r, found)
+                    await self.events.ports_changed(ws, event, r, found)
                     await self.store.update(replace(r, ports=found))
                 continue
-            new = replace(
-                r,
-                status="exited"
-                if status == "exited"
-                else "killed"
-                if status == "killed"
-                else "lost",
-                exit_code=int(rc) if rc.lstrip("-").isdigit() else None,
-                reason="exited by itself"
-                if status == "exited"
-                else "ended without an exit status"
-                if status == "killed"
-                else "gone from its sandbox",
-            )
+            new = ended_as_seen(r, status, rc)
             await self.store.update(new)
-            await self._exited(event, new)
+            await self.events.exited(event, new)
             ended.append(new)
         return ended
 
@@ -368,7 +251,7 @@ class Processes:
     async def _stop(
         self, ws: Workspace, records: Sequence[ProcessRecord], *, how: ProcessStatus, reason: str
     ) -> list[ProcessRecord]:
-        out = await self._sh(ws, _STOP, str(STOP_GRACE_S), *(r.process_id for r in records))
+        out = await self._sh(ws, STOP, str(STOP_GRACE_S), *(r.process_id for r in records))
         seen: dict[str, tuple[str, str]] = {}
         for line in out.splitlines():
             parts = line.split()
@@ -377,15 +260,8 @@ class Processes:
         ended: list[ProcessRecord] = []
         for r in records:
             status, rc = seen.get(r.process_id, ("gone", "-"))
-            if status == "exited":
-                new = replace(
-                    r,
-                    status="exited",
-                    exit_code=int(rc) if rc.lstrip("-").isdigit() else None,
-                    reason="exited by itself",
-                )
-            elif status == "gone":
-                new = replace(r, status="lost", reason="gone from its sandbox")
+            if status in ("exited", "gone"):
+                new = ended_as_seen(r, status, rc)
             else:
                 new = replace(r, status=how, reason=reason)
             await self.store.update(new)
@@ -397,89 +273,6 @@ class Processes:
         for r in records:
             new = replace(r, status="lost", reason="its sandbox went away")
             await self.store.update(new)
-            await self._exited(event, new)
+            await self.events.exited(event, new)
             out.append(new)
         return out
-
-    async def _ports_changed(
-        self, ws: Workspace, event: Envelope, record: ProcessRecord, ports: tuple[int, ...]
-    ) -> None:
-        """Publish the previews a change of ``record``'s listening ports makes and ends."""
-        for port in sorted(set(record.ports) - set(ports)):
-            await self._gone(event, record, port, "no longer listening")
-        for port in sorted(set(ports) - set(record.ports)):
-            try:
-                target = ws.machine.preview(port)
-            except Exception as err:  # a provider that cannot say: no preview, the rest goes on
-                log.warning("no preview for port %s: %s", port, err,
-                            extra={"build_id": event.build_id})  # fmt: skip
-                continue
-            url = target.url or f"/v1/builds/{event.build_id}/preview/{port}/"
-            await self.bus.publish(
-                event.caused(
-                    PreviewAvailable,
-                    process_id=record.process_id,
-                    port=port,
-                    provider=target.provider,
-                    sandbox_id=record.sandbox_id,
-                    url=url,
-                    traffic_access_token=target.traffic_access_token,
-                ).with_id(
-                    stable_id(
-                        event.build_id,
-                        "preview_available",
-                        record.process_id,
-                        str(port),
-                        str(event.event_id),
-                    )
-                )
-            )
-            log.info("preview of %s on port %s: %s", record.process_id, port, url,
-                     extra={"build_id": event.build_id})  # fmt: skip
-
-    async def _gone(self, event: Envelope, record: ProcessRecord, port: int, reason: str) -> None:
-        await self.bus.publish(
-            event.caused(
-                PreviewGone, process_id=record.process_id, port=port, reason=reason
-            ).with_id(
-                stable_id(
-                    event.build_id,
-                    "preview_gone",
-                    record.process_id,
-                    str(port),
-                    str(event.event_id),
-                )
-            )
-        )
-
-    async def _exited(self, event: Envelope, record: ProcessRecord) -> None:
-        for port in record.ports:
-            await self._gone(event, record, port, f"its process {record.status}")
-        await self.bus.publish(
-            event.caused(
-                ProcessExited,
-                process_id=record.process_id,
-                how=record.status if record.status != "starting" else "lost",
-                exit_code=record.exit_code,
-                reason=record.reason,
-            ).with_id(stable_id(event.build_id, "process_exited", record.process_id))
-        )
-
-
-def _short(command: str, limit: int = 80) -> str:
-    one = " ".join(command.split())
-    return one if len(one) <= limit else one[: limit - 3] + "..."
-
-
-def _describe(r: ProcessRecord) -> str:
-    what = f"{r.process_id} ({_short(r.command)})"
-    if r.live:
-        ports = ", ".join(map(str, r.ports))
-        return (
-            f"{what}: running"
-            + (f", pid {r.pid}" if r.pid else "")
-            + (f", listening on port{'s' if len(r.ports) > 1 else ''} {ports}" if ports else "")
-        )
-    if r.status == "exited":
-        return f"{what}: exited with code {r.exit_code}"
-    return f"{what}: {r.status} ({r.reason})" if r.reason else f"{what}: {r.status}"
