@@ -23,7 +23,7 @@ from kiln_contracts import (
     ToolCall,
     Usage,
 )
-from kiln_gateway import builds, messages, projection
+from kiln_gateway import projection
 from tests.integration.gateway_fixtures import Gateway, read_sse, running_gateway, until
 
 pytestmark = pytest.mark.integration

@@ -263,7 +263,9 @@ def test_evolve_walks_the_lifecycle_and_terminal_sticks():
         9,
         6,
     )
-    after = projection.evolve(s, ev(BuildCancelled, reason="late", iterations=3, cost_micro_usd=9), 7)
+    after = projection.evolve(
+        s, ev(BuildCancelled, reason="late", iterations=3, cost_micro_usd=9), 7
+    )
     assert (after.status, after.summary, after.last_seq) == ("completed", "done", 7)
     final = snap.model_copy(update={"snapshot_id": "s-final", "reason": "final"})
     after = projection.evolve(after, final, 8)  # the final snapshot is taken after the end

@@ -12,9 +12,9 @@ import pytest
 from kiln_contracts import BuildRequested, ForkOrigin
 from kiln_contracts.manifest import Manifest
 from kiln_gateway import forks
-from kiln_gateway.projection import evolve
 from kiln_gateway.model import Build, Projection
 from kiln_gateway.ports import Checkpoint, StoredSnapshot
+from kiln_gateway.projection import evolve
 
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
 
