@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-from kiln_cli import main
+from kiln_cli import following, main
 from kiln_cli.render import Renderer
 from kiln_contracts import AgentNarrated, BuildRequested, IterationCompleted, ToolCall, Usage
 from tests.integration.test_gateway_api import Gateway, until
@@ -123,13 +123,13 @@ def test_progress_line_shows_iteration_tool_cost_and_sleep():
     r(SseEvent("tool_call", {"iteration": 3, "tool": "bash", "input": {"command": "ls"}}))
     r(SseEvent("iteration_completed", {"iteration": 3, "cost_micro_usd": 12_345}))
     budget = {"spent_today_micro_usd": 500_000, "daily_allowance_micro_usd": 2_000_000}
-    line = main.progress_line(r, budget)
+    line = following.progress_line(r, budget)
     assert "iteration 3" in line and "bash" in line
     assert "$0.0123" in line and "$0.5000 of $2.0000" in line
     r(SseEvent("build_sleeping", {"reason": "budget"}))
-    assert "sleeping" in main.progress_line(r, None)
+    assert "sleeping" in following.progress_line(r, None)
     r(SseEvent("build_resumed", {"reason": "wake"}))
-    assert "woken" in main.progress_line(r, None)
+    assert "woken" in following.progress_line(r, None)
 
 
 async def test_fork_and_rollback_against_a_gateway(gw: Gateway, infra, tmp_path: Path, uid: str):  # noqa: F811

@@ -12,7 +12,7 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from kiln_cli import main
+from kiln_cli import following, main, shared
 from kiln_cli.client import KilnClient, SseEvent, parse_sse
 from kiln_cli.render import Renderer, render, tool_summary
 
@@ -120,12 +120,12 @@ def test_tool_summary():
 def test_load_qna_list_or_mapping(tmp_path: Path):
     p = tmp_path / "q.yaml"
     p.write_text("- question: Language?\n  answer: Python\n")
-    assert main.load_qna(p) == [{"question": "Language?", "answer": "Python"}]
+    assert following.load_qna(p) == [{"question": "Language?", "answer": "Python"}]
     p.write_text("Language?: Python\nTests?: unittest\n")
-    assert main.load_qna(p)[1] == {"question": "Tests?", "answer": "unittest"}
+    assert following.load_qna(p)[1] == {"question": "Tests?", "answer": "unittest"}
     p.write_text("42\n")
     with pytest.raises(ValueError):
-        main.load_qna(p)
+        following.load_qna(p)
 
 
 class FakeGateway:
@@ -170,7 +170,7 @@ def test_build_follow_resumes_and_exits_by_final_status(
     ]
     gateway = FakeGateway(history)
     monkeypatch.setattr(
-        main,
+        shared,
         "KilnClient",
         lambda url, key: KilnClient(url, key, transport=httpx.MockTransport(gateway)),
     )
@@ -198,7 +198,7 @@ def test_build_reports_api_errors(monkeypatch, tmp_path: Path):
         return httpx.Response(422, json={"detail": "invalid request: idea_brief: too long"})
 
     monkeypatch.setattr(
-        main,
+        shared,
         "KilnClient",
         lambda url, key: KilnClient(url, key, transport=httpx.MockTransport(refuse)),
     )
@@ -254,7 +254,7 @@ def test_say_follow_on_a_completed_build_waits_for_its_continuation(monkeypatch)
         return httpx.Response(200, json={"build_id": "b1", "status": "completed"})
 
     monkeypatch.setattr(
-        main,
+        shared,
         "KilnClient",
         lambda url, key: KilnClient(url, key, transport=httpx.MockTransport(gateway)),
     )
@@ -277,7 +277,7 @@ def test_say_without_follow_only_sends(monkeypatch):
         raise AssertionError(f"unexpected {request.method} {request.url}")
 
     monkeypatch.setattr(
-        main,
+        shared,
         "KilnClient",
         lambda url, key: KilnClient(url, key, transport=httpx.MockTransport(gateway)),
     )

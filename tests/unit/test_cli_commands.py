@@ -10,7 +10,8 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from kiln_cli import main
+from kiln_cli import local, main
+from kiln_cli.builds import builds_table
 from kiln_cli.client import KilnClient
 from kiln_devstack.infra import InfraError
 
@@ -44,7 +45,7 @@ class FakeStack:
 @pytest.fixture(autouse=True)
 def fake_stack(monkeypatch):
     FakeStack.instances, FakeStack.fail = [], None
-    monkeypatch.setattr(main, "Stack", FakeStack)
+    monkeypatch.setattr(local, "Stack", FakeStack)
 
 
 def gateway(final_kind: str) -> Any:
@@ -90,7 +91,7 @@ def gateway(final_kind: str) -> Any:
 def test_demo_wipes_builds_follows_and_reports(monkeypatch, tmp_path: Path, final: str, code: int):
     handle, posted = gateway(final)
     monkeypatch.setattr(
-        main,
+        local,
         "KilnClient",
         lambda url, key: KilnClient(url, key, transport=httpx.MockTransport(handle)),
     )
@@ -107,7 +108,7 @@ def test_demo_wipes_builds_follows_and_reports(monkeypatch, tmp_path: Path, fina
     assert str((data_dir / "sandboxes" / "b9").resolve()) in out
     assert "snap-7ins3://kiln-snapshots/builds/b9/manifests/" in out
     # a completed build is continued once with the follow-up; a failed one is not
-    assert handle.messages == ([main.DEMO_FOLLOW_UP] if final == "build_completed" else [])
+    assert handle.messages == ([local.DEMO_FOLLOW_UP] if final == "build_completed" else [])
     if final == "build_completed":
         assert "wroteit" in out
 
@@ -115,14 +116,14 @@ def test_demo_wipes_builds_follows_and_reports(monkeypatch, tmp_path: Path, fina
 def test_demo_show_sleep_gives_the_budget_a_tiny_allowance(monkeypatch, tmp_path: Path):
     handle, _ = gateway("build_completed")
     monkeypatch.setattr(
-        main,
+        local,
         "KilnClient",
         lambda url, key: KilnClient(url, key, transport=httpx.MockTransport(handle)),
     )
     args = ["demo", "--data-dir", str(tmp_path / "d"), "--show-sleep"]
     assert CliRunner().invoke(main.app, args).exit_code == 0
     (stack,) = FakeStack.instances
-    assert stack.extra_env == main.SHOW_SLEEP_ENV
+    assert stack.extra_env == local.SHOW_SLEEP_ENV
     assert set(stack.extra_env) == {"KILN_BUDGET_PERIOD_S", "KILN_BUDGET_DEMO_ALLOWANCE_USD"}
 
 
@@ -137,7 +138,7 @@ def test_up_prints_url_key_and_stops_on_ctrl_c(monkeypatch, tmp_path: Path):
     def interrupt(_: float) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(main.time, "sleep", interrupt)
+    monkeypatch.setattr(local.time, "sleep", interrupt)
     result = CliRunner().invoke(main.app, ["up", "--data-dir", str(tmp_path), "--port", "8181"])
     assert result.exit_code == 0, result.output
     assert "http://127.0.0.1:8181" in result.output and "devkey" in result.output
@@ -160,6 +161,6 @@ def test_list_keeps_build_ids_whole_in_a_narrow_terminal(width: int) -> None:
         for i in ids
     ]
     console = Console(width=width, record=True)
-    console.print(main.builds_table(builds))
+    console.print(builds_table(builds))
     text = console.export_text()
     assert all(any(i in line for line in text.splitlines()) for i in ids)

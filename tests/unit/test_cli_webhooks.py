@@ -9,7 +9,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from kiln_cli import main
+from kiln_cli import main, shared
 from kiln_cli.client import KilnClient
 
 ENDPOINT = {
@@ -43,7 +43,7 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, Any]]:
         return httpx.Response(200, json=ENDPOINT)
 
     monkeypatch.setattr(
-        main,
+        shared,
         "KilnClient",
         lambda url, key: KilnClient(url, key, transport=httpx.MockTransport(handle)),
     )

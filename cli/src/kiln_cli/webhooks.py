@@ -9,7 +9,7 @@ from rich.table import Table
 
 from kiln_contracts.webhooks import EVENT_TYPES
 
-from .main import KeyOpt, UrlOpt, _client, console, err
+from .shared import KeyOpt, UrlOpt, console, err, open_client
 
 webhooks_app = typer.Typer(
     help="Webhooks: endpoints that get your builds' events, signed (Standard Webhooks)."
@@ -50,7 +50,7 @@ def add(
     body: dict[str, Any] = {"url": target, "description": description}
     if event:
         body["event_types"] = event
-    with _client(url, key) as client:
+    with open_client(url, key) as client:
         created = client.call("POST", "/v1/webhooks", json=body)
     _show(created["endpoint"])
     err.print("signing secret (not shown again):")
@@ -60,7 +60,7 @@ def add(
 @webhooks_app.command("list")
 def list_(url: UrlOpt = None, key: KeyOpt = None) -> None:
     """Your endpoints."""
-    with _client(url, key) as client:
+    with open_client(url, key) as client:
         found = client.call("GET", "/v1/webhooks")["webhooks"]
     table = Table("id", "url", "events", "state")
     for w in found:
@@ -76,7 +76,7 @@ def show(
     key: KeyOpt = None,
 ) -> None:
     """One endpoint."""
-    with _client(url, key) as client:
+    with open_client(url, key) as client:
         _show(client.call("GET", f"/v1/webhooks/{endpoint_id}"))
 
 
@@ -102,7 +102,7 @@ def update(
         body["description"] = description
     if enable is not None:
         body["enabled"] = enable
-    with _client(url, key) as client:
+    with open_client(url, key) as client:
         _show(client.call("PATCH", f"/v1/webhooks/{endpoint_id}", json=body))
 
 
@@ -113,7 +113,7 @@ def remove(
     key: KeyOpt = None,
 ) -> None:
     """Remove an endpoint and its delivery log."""
-    with _client(url, key) as client:
+    with open_client(url, key) as client:
         client.call("DELETE", f"/v1/webhooks/{endpoint_id}")
     console.print(f"removed {endpoint_id}", highlight=False)
 
@@ -128,7 +128,7 @@ def rotate(
     key: KeyOpt = None,
 ) -> None:
     """A new signing secret, printed once; the old one signs too for the overlap."""
-    with _client(url, key) as client:
+    with open_client(url, key) as client:
         rotated = client.call(
             "POST", f"/v1/webhooks/{endpoint_id}/rotate-secret", json={"overlap_s": overlap_s}
         )
@@ -148,7 +148,7 @@ def deliveries(
     params: dict[str, Any] = {"limit": limit}
     if status:
         params["status"] = status
-    with _client(url, key) as client:
+    with open_client(url, key) as client:
         found = client.call("GET", f"/v1/webhooks/{endpoint_id}/deliveries", params=params)
     table = Table("id", "type", "build", "status", "attempts", "last", "when")
     for d in found["deliveries"]:
@@ -173,6 +173,6 @@ def redeliver(
     key: KeyOpt = None,
 ) -> None:
     """Send a delivery again now, with its webhook-id."""
-    with _client(url, key) as client:
+    with open_client(url, key) as client:
         d = client.call("POST", f"/v1/webhooks/{endpoint_id}/deliveries/{delivery_id}/redeliver")
     console.print(f"{d['id']} queued again (attempts so far: {d['attempts']})", highlight=False)

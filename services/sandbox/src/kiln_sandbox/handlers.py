@@ -5,16 +5,11 @@ upload requests. Plain ``async def``; no bus imports."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import os
 import socket
-import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 from kiln_contracts import (
     BuildCancelled,
@@ -26,12 +21,13 @@ from kiln_contracts import (
     ToolResult,
     UploadReply,
     UploadRequest,
-    stable_id,
 )
 from kiln_runtime import metrics
 from kiln_runtime.errors import RetryLater
 
 from .adapters.memory import MemoryProcesses, MemoryReads
+from .execution import execute, log_execution, tool_result
+from .leases import renewing
 from .ports import (
     CallRecord,
     CallStore,
@@ -41,12 +37,11 @@ from .ports import (
     ReadLog,
     Registry,
     Restorer,
-    SandboxGone,
     SandboxRecord,
 )
 from .processes import Processes
 from .sandboxes import BuildLocks, Sandboxes
-from .tools import ToolContext, run_tool
+from .tools import ToolContext
 from .workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -55,10 +50,6 @@ INTERRUPTED = (
     "the previous run of this call was interrupted (the sandbox service restarted); "
     "it was not re-run"
 )
-# Extra time a whole call may take beyond its command timeout (stat scans, file reads ...).
-CALL_MARGIN_S = 30.0
-# A ToolResult must stay well under the stream's message size limit.
-MAX_FILES_CHANGED = 500
 
 
 class SandboxService:
@@ -114,7 +105,7 @@ class SandboxService:
             record, seen = await self._claim(call)
             if seen is None:  # this replica holds the call now: run it
                 if record is not None and _of_the_ended_run(call, record):
-                    result = self._result(
+                    result = tool_result(
                         call,
                         output="the build's sandbox has been stopped (the build ended); "
                         "the call was not run",
@@ -123,8 +114,8 @@ class SandboxService:
                 else:
                     sandbox = await self._sandbox_or_release(call, record)
                     watch = await self._watch_processes(call, record)
-                    self._log_execution(call)
-                    async with self._leased(call):
+                    log_execution(self.exec_log, call, self.owner)
+                    async with renewing(self.calls, call, self.owner, self.lease_s):
                         result = await self._run(sandbox, call, watch)
                 await self.calls.finish(call.build_id, call.call_id, result.model_dump(mode="json"))
                 await self.bus.publish(result)
@@ -146,7 +137,7 @@ class SandboxService:
                 result = ToolResult.model_validate(seen.result)
                 log.info("call already done; republishing its result", extra=extra)
             else:
-                result = self._result(call, output=await self._interrupted(call), is_error=True)
+                result = tool_result(call, output=await self._interrupted(call), is_error=True)
                 await self.calls.finish(call.build_id, call.call_id, result.model_dump(mode="json"))
                 log.warning("call was interrupted earlier; not re-running it", extra=extra)
             await self.bus.publish(result)
@@ -211,92 +202,13 @@ class SandboxService:
                 extra={"build_id": call.build_id},
             )  # fmt: skip
 
-    def _log_execution(self, call: ToolCall) -> None:
-        if self.exec_log is None:
-            return
-        line = json.dumps(
-            {"build_id": call.build_id, "call_id": call.call_id, "tool": call.tool,
-             "owner": self.owner, "at": time.time()}
-        )  # fmt: skip
-        with self.exec_log.open("a") as out:  # one short line: an atomic append
-            out.write(line + "\n")
-
-    @contextlib.asynccontextmanager
-    async def _leased(self, call: ToolCall) -> AsyncIterator[None]:
-        """Renew this replica's lease on the call every third of the lease while it runs.
-
-        Nothing is started for a tool that finishes within the first third (most do): a timer
-        starts the renewing task then.
-        """
-
-        async def renew() -> None:
-            while True:
-                try:
-                    await self.calls.renew(call.build_id, call.call_id, self.owner, self.lease_s)
-                except Exception:
-                    log.warning("could not renew the lease on %s", call.call_id, exc_info=True)
-                await asyncio.sleep(self.lease_s / 3)
-
-        loop = asyncio.get_running_loop()
-        tasks: list[asyncio.Task[None]] = []
-        timer = loop.call_later(self.lease_s / 3, lambda: tasks.append(loop.create_task(renew())))
-        try:
-            yield
-        finally:
-            timer.cancel()
-            for task in tasks:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-
-    def _result(self, call: ToolCall, **fields: Any) -> ToolResult:
-        return call.caused(
-            ToolResult, call_id=call.call_id, iteration=call.iteration, **fields
-        ).with_id(stable_id(call.build_id, "tool_result", call.call_id))
-
     async def _run(self, sandbox: Workspace, call: ToolCall, watch: bool = False) -> ToolResult:
-        result = await self._execute(sandbox, call)
+        result = await execute(sandbox, call, ToolContext(call, self.reads, self.processes))
         if watch and (notes := await self.processes.notes(call, sandbox)):
             result = result.model_copy(update={"output": f"{result.output}\n{notes}"})
         outcome = "error" if result.is_error else "ok"
         metrics.TOOL_SECONDS.labels(call.tool, outcome).observe(result.duration_ms / 1000)
         return result
-
-    async def _execute(self, sandbox: Workspace, call: ToolCall) -> ToolResult:
-        started = time.monotonic()
-        try:
-            async with asyncio.timeout(call.timeout_s + CALL_MARGIN_S):
-                outcome = await run_tool(
-                    sandbox,
-                    call.tool,
-                    dict(call.input),
-                    timeout_s=call.timeout_s,
-                    ctx=ToolContext(call, self.reads, self.processes),
-                )
-        except TimeoutError:
-            return self._result(
-                call,
-                output=f"{call.tool} did not finish within {call.timeout_s + CALL_MARGIN_S:g}s",
-                is_error=True,
-                duration_ms=int((time.monotonic() - started) * 1000),
-            )
-        except SandboxGone as err:
-            # The registry still says 'running': the next call finds it gone and replaces it.
-            return self._result(
-                call,
-                output=f"the sandbox went away while running this call ({err}); "
-                "a fresh one is used for the next call",
-                is_error=True,
-                duration_ms=int((time.monotonic() - started) * 1000),
-            )
-        return self._result(
-            call,
-            output=outcome.output,
-            is_error=outcome.is_error,
-            exit_code=outcome.exit_code,
-            duration_ms=int((time.monotonic() - started) * 1000),
-            files_changed=outcome.files_changed[:MAX_FILES_CHANGED],
-        )
 
     async def _sandbox(self, call: ToolCall, record: SandboxRecord | None) -> Workspace:
         """The build's sandbox: the recorded one, else a fresh one (restored from the latest
