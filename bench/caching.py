@@ -25,7 +25,7 @@ from kiln_contracts import (
     ToolCall,
     ToolResult,
 )
-from kiln_devstack.model.script import LongScript
+from kiln_devstack.model.long_script import LongScript
 from kiln_devstack.model.server import Recorded, ScriptedServer
 from kiln_runtime import config as kiln_config
 

@@ -38,7 +38,7 @@ from kiln_contracts import (
     WakeRequested,
     stable_id,
 )
-from kiln_devstack.model.script import LongScript
+from kiln_devstack.model.long_script import LongScript
 from kiln_runtime import config as kiln_config
 from kiln_runtime.config import Cost
 from tests.unit.test_agent_fakes import FakeModel, make_agent, result_for, text, tool_use

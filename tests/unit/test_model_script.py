@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from kiln_devstack.model.script import SUMMARY, next_turn
+from kiln_devstack.model.script import next_turn
+from kiln_devstack.model.textstats import SUMMARY
 
 
 def user(*blocks: Any) -> dict[str, Any]:

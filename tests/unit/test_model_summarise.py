@@ -9,8 +9,10 @@ from kiln_agent import config as agent_config
 from kiln_agent.checkpoint import Checkpoint, Turn
 from kiln_agent.context import summary_request
 from kiln_contracts import BuildLimits
-from kiln_devstack.model import rules
-from kiln_devstack.model.script import LongScript, ScriptedModel, summarise
+from kiln_devstack.model import catalogue, rules
+from kiln_devstack.model.long_script import LongScript
+from kiln_devstack.model.script import ScriptedModel
+from kiln_devstack.model.summaries import summarise
 
 CFG = agent_config.load()
 
@@ -88,5 +90,5 @@ def test_a_prompt_longer_than_the_window_is_refused_as_the_api_refuses_it() -> N
     body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "x" * 40_000}]}]}
     assert 10_000 <= rules.prompt_tokens(body) <= 10_100
     rules.check_length(body, 20_000)
-    with pytest.raises(rules.ApiError, match=r"prompt is too long: \d+ tokens > 5000 maximum"):
+    with pytest.raises(catalogue.ApiError, match=r"prompt is too long: \d+ tokens > 5000 maximum"):
         rules.check_length(body, 5_000)

@@ -37,7 +37,7 @@ from kiln_contracts import (
     stable_id,
     subjects,
 )
-from kiln_devstack.model.script import LongScript
+from kiln_devstack.model.long_script import LongScript
 from kiln_devstack.model.server import Recorded, ScriptedServer
 from kiln_runtime.bus import Bus, Delivery
 from kiln_runtime.db import create_pool

@@ -32,7 +32,7 @@ from kiln_agent.loop import Agent
 from kiln_agent.ports import VersionConflict
 from kiln_agent.settings import AgentSettings
 from kiln_contracts import BuildRequested, ToolCall, ToolResult
-from kiln_devstack.model.script import LongScript
+from kiln_devstack.model.long_script import LongScript
 from kiln_devstack.model.server import Recorded, ScriptedServer
 from kiln_runtime import config as kiln_config
 from kiln_runtime.bus import Bus, Delivery

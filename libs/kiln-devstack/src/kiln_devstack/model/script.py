@@ -17,193 +17,27 @@ request, in the order asked); then it goes on with its work where it was, or, if
 ended, ends its turn with a summary of what it wrote. Any other text is acknowledged. The agent's
 own notes in a user turn (they start with ``(Kiln)``) are not the user's words.
 
-Asked to summarise (a request with no tools whose message holds a ``<transcript>``, as the agent
-sends when a conversation outgrows the context window), it answers with a summary of that
-transcript, as a model would: the summary so far, the user's words, the files written and edited,
-the commands run and the last results.
+What it builds is in ``textstats``; a request to summarise is answered by ``summaries``.
 """
 
-from __future__ import annotations
-
-import hashlib
-import json
 import re
-from collections import OrderedDict
 from typing import Any
 
-TEST_COMMAND = "python -m unittest discover -s tests -v"
-BUG = "key=lambda item: (item[1], item[0])"
-FIX = "key=lambda item: (-item[1], item[0])"
-
-PACKAGE = f'''"""textstats: count words, lines and characters, and find the most common words."""
-
-from __future__ import annotations
-
-import re
-from collections import Counter
-
-__all__ = ["char_count", "line_count", "top_words", "word_count", "words"]
-
-_WORD = re.compile(r"[A-Za-z0-9']+")
-
-
-def words(text: str) -> list[str]:
-    """The words of ``text``, lower-cased."""
-    return [w.lower() for w in _WORD.findall(text)]
-
-
-def word_count(text: str) -> int:
-    return len(words(text))
-
-
-def line_count(text: str) -> int:
-    return len(text.splitlines())
-
-
-def char_count(text: str, *, spaces: bool = True) -> int:
-    return len(text) if spaces else len(re.sub(r"\\s", "", text))
-
-
-def top_words(text: str, n: int = 3) -> list[tuple[str, int]]:
-    """The ``n`` most common words with their counts, most common first (ties: alphabetical)."""
-    counts = Counter(words(text))
-    return sorted(counts.items(), {BUG})[:n]
-'''
-
-TESTS = """import unittest
-
-from textstats import char_count, line_count, top_words, word_count
-
-TEXT = "the cat sat on the mat\\nthe dog sat too\\n"
-
-
-class TextStatsTest(unittest.TestCase):
-    def test_word_count(self):
-        self.assertEqual(word_count(TEXT), 10)
-
-    def test_line_count(self):
-        self.assertEqual(line_count(TEXT), 2)
-
-    def test_char_count(self):
-        self.assertEqual(char_count("a b"), 3)
-        self.assertEqual(char_count("a b", spaces=False), 2)
-
-    def test_top_words(self):
-        self.assertEqual(top_words(TEXT, 2), [("the", 3), ("sat", 2)])
-
-    def test_empty(self):
-        self.assertEqual(word_count(""), 0)
-        self.assertEqual(top_words(""), [])
-
-
-if __name__ == "__main__":
-    unittest.main()
-"""
-
-SERVE_COMMAND = "python -u -m textstats.web --port 0"
-MAX_LOOKS = 10  # bash_output calls for the server's address before the script gives up
-
-WEB = '''"""textstats on the web: a page that shows a text's statistics (``python -m textstats.web``).
-
-Standard library only: ``http.server``. ``--port 0`` (the default) takes a free port; the address
-is printed on the first line, ``serving textstats on http://127.0.0.1:PORT/``.
-"""
-
-from __future__ import annotations
-
-import argparse
-import html
-import json
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
-
-from . import char_count, line_count, top_words, word_count
-
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>textstats</title>
-<style>body{{font:16px system-ui,sans-serif;margin:2em;max-width:40em}}
-textarea{{width:100%;height:8em}}td{{padding:.2em 1em}}</style></head>
-<body><h1>textstats</h1>
-<form method="get" action="./"><textarea name="text">{text}</textarea>
-<p><button>Count</button></p></form>
-<table id="stats"><tr><td>words</td><td>{words}</td></tr><tr><td>lines</td><td>{lines}</td></tr>
-<tr><td>characters</td><td>{chars}</td></tr><tr><td>most common</td><td>{top}</td></tr></table>
-</body></html>
-"""
-
-
-def stats(text: str) -> dict[str, object]:
-    return {
-        "words": word_count(text),
-        "lines": line_count(text),
-        "chars": char_count(text),
-        "top": top_words(text, n=3),
-    }
-
-
-class Handler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        url = urlsplit(self.path)
-        text = parse_qs(url.query).get("text", ["the cat and the hat"])[0]
-        if url.path.endswith("/stats.json"):
-            body, kind = json.dumps(stats(text)).encode(), "application/json"
-        else:
-            s = stats(text)
-            top = ", ".join(f"{w} ({n})" for w, n in s["top"])
-            body = PAGE.format(
-                text=html.escape(text), words=s["words"], lines=s["lines"], chars=s["chars"],
-                top=html.escape(top),
-            ).encode()
-            kind = "text/html; charset=utf-8"
-        self.send_response(200)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--port", type=int, default=0)
-    args = parser.parse_args()
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
-    print(f"serving textstats on http://127.0.0.1:{server.server_port}/", flush=True)
-    server.serve_forever()
-
-
-if __name__ == "__main__":
-    main()
-'''
-
-CHECK = (
-    'python -c "import urllib.request as u; '
-    "page = u.urlopen('http://127.0.0.1:{port}/?text=a+b+a', timeout=10).read().decode(); "
-    "assert '<h1>textstats</h1>' in page, page[:300]; print('the page answers:', len(page), 'bytes')\""
+from .summaries import digest, summarise, summary_reply, text_of
+from .textstats import (
+    BUG,
+    CHECK,
+    FIX,
+    MAX_LOOKS,
+    PACKAGE,
+    README,
+    SERVE_COMMAND,
+    SUMMARY,
+    TEST_COMMAND,
+    TESTS,
+    WEB,
 )
-
-README = f"""# textstats
-
-Word, line and character counts for text, and its most common words. Standard library only.
-
-```python
-from textstats import top_words, word_count
-word_count("the cat sat")        # 3
-top_words("a b a", n=1)          # [("a", 2)]
-```
-
-Run the tests: `{TEST_COMMAND}`
-
-See it in a browser: `python -m textstats.web` (it prints its address).
-"""
-
-SUMMARY = (
-    "Built `textstats`, a small standard-library Python package: `word_count`, `line_count`, "
-    "`char_count` and `top_words` in `textstats/__init__.py`, a unittest suite in "
-    "`tests/test_textstats.py` and a README. The first test run caught a bug in `top_words` "
-    "(least common words came first); it is fixed and all tests pass. "
-    f"Run them with `{TEST_COMMAND}`. `textstats/web.py` serves a page that counts a text's "
-    "words (`python -m textstats.web`); it is running in the background now."
-)
+from .usage import UsageEstimator, response_body
 
 
 class ScriptedModel:
@@ -224,76 +58,7 @@ class ScriptedModel:
         self, request: dict[str, Any], content: list[dict[str, Any]], stop: str
     ) -> dict[str, Any]:
         """A Messages API response body with ``content``, usage as the API would report it."""
-        return {
-            "id": f"msg_{digest(request.get('messages') or [])}",
-            "type": "message",
-            "role": "assistant",
-            "model": request.get("model") or "scripted",
-            "content": content,
-            "stop_reason": stop,
-            "stop_sequence": None,
-            "usage": self.usage.estimate(request, content),
-        }
-
-
-TRANSCRIPT = re.compile(r"<transcript>\n?(.*?)</transcript>", re.S)
-SO_FAR = re.compile(r"<summary_so_far>\n?(.*?)</summary_so_far>", re.S)
-CALL = re.compile(r"^\[call (\w+)\] (.*)$")
-
-
-def summarise(request: dict[str, Any]) -> str | None:
-    """The summary asked for, if the request asks for one (no tools, a ``<transcript>`` in its
-    last message), else None: what a model would keep of the transcript, merged with the summary
-    so far (the lines it had are kept, deduplicated)."""
-    messages = request.get("messages") or []
-    if request.get("tools") or not messages:
-        return None
-    text = _text({"content": messages[-1].get("content", "")})
-    found = TRANSCRIPT.search(text)
-    if found is None:
-        return None
-    previous = SO_FAR.search(text)
-    kept: list[str] = []
-    if previous and previous.group(1).strip() not in ("", "(none)"):
-        kept += [line for line in previous.group(1).strip().splitlines() if line.strip()]
-    files: dict[str, str] = {}
-    commands: list[str] = []
-    last: list[str] = []
-    for line in found.group(1).splitlines():
-        if line.startswith("[user] "):
-            kept.append(f"- The user said: {line[7:].strip()[:300]}")
-        elif call := CALL.match(line):
-            name, raw = call.groups()
-            try:
-                args = json.loads(raw)
-            except ValueError:
-                args = {}
-            args = args if isinstance(args, dict) else {}
-            if name in ("write_file", "edit_file") and "path" in args:
-                files[str(args["path"])] = "written" if name == "write_file" else "edited"
-            elif name == "bash":
-                commands.append(str(args.get("command", ""))[:120])
-        elif line.startswith(("[result] ", "[error] ")):
-            last = [line[:200]]
-    for path, how in files.items():
-        kept.append(f"- {path}: {how} (in the sandbox)")
-    if commands:
-        kept.append(f"- Ran {len(commands)} command(s), the last: {commands[-1]}")
-    kept += [f"- Last result: {line}" for line in last]
-    return "\n".join(dict.fromkeys(kept)) or "- Nothing of note happened yet."
-
-
-def summary_reply(request: dict[str, Any], summary: str) -> tuple[list[dict[str, Any]], str]:
-    """The summary as a reply: cut at ``max_tokens`` (stop_reason ``max_tokens``), as a model's
-    output is."""
-    limit = 4 * int(request.get("max_tokens") or 0)
-    if limit and len(summary) > limit:
-        return [{"type": "text", "text": summary[:limit]}], "max_tokens"
-    return [{"type": "text", "text": summary}], "end_turn"
-
-
-def digest(messages: list[dict[str, Any]]) -> str:
-    return hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:12]
+        return response_body(request, content, stop, self.usage)
 
 
 ADD = re.compile(r"^\s*(?:please\s+)?add\s+(?:a\s+)?file\s+(\S+)\s+with\s+(.+?)\s*$", re.I | re.S)
@@ -311,7 +76,7 @@ def next_turn(messages: list[dict[str, Any]], digest: str) -> tuple[list[dict[st
     phase, results = _last_phase(messages)
     if phase == ASK:
         if any(r.get("is_error") for r in results):
-            return _end(f"I could not do what you asked: {_text(results[-1])[:500]}")
+            return _end(f"I could not do what you asked: {text_of(results[-1])[:500]}")
         if _work_ended(messages):
             return _end(f"Done: wrote {', '.join(_asked_paths(messages))} as you asked.")
         phase, results = _last_phase(messages, skip=ASK)  # back to the work, where it was
@@ -407,7 +172,7 @@ def _script(
         return [say(text)], "end_turn"
 
     if any(r.get("is_error") for r in results) and phase not in ("test1", "test2", "check"):
-        return end(f"I stopped: a tool failed unexpectedly: {_text(results[-1])[:500]}")
+        return end(f"I stopped: a tool failed unexpectedly: {text_of(results[-1])[:500]}")
     if phase is None:
         phase_next = "plan"
         return [
@@ -434,15 +199,15 @@ def _script(
         if _passed(results[0]):
             phase_next = "web"
             return [call("write_file", 0, path="textstats/web.py", content=WEB)], "tool_use"
-        if "test_top_words" not in _text(results[0]):
-            return end("The tests fail in a way I did not expect:\n" + _text(results[0])[-1500:])
+        if "test_top_words" not in text_of(results[0]):
+            return end("The tests fail in a way I did not expect:\n" + text_of(results[0])[-1500:])
         phase_next = "read"
         return [
             say("test_top_words fails: the order is wrong. Let me read the code."),
             call("read_file", 0, path="textstats/__init__.py"),
         ], "tool_use"
     if phase == "read":
-        if BUG not in _text(results[0]):
+        if BUG not in text_of(results[0]):
             return end("I could not find the line to fix in textstats/__init__.py; stopping.")
         phase_next = "fix"
         return [
@@ -455,7 +220,7 @@ def _script(
     if phase == "test2":
         if not _passed(results[0]):
             return end(
-                "I gave up: the tests still fail after my fix:\n" + _text(results[0])[-1500:]
+                "I gave up: the tests still fail after my fix:\n" + text_of(results[0])[-1500:]
             )
         phase_next = "web"
         return [
@@ -469,7 +234,7 @@ def _script(
             call("bash", 0, command=SERVE_COMMAND, run_in_background=True),
         ], "tool_use"
     if phase == "serve" or (phase or "").startswith("look"):
-        text = _text(results[-1])
+        text = text_of(results[-1])
         if (m := re.search(r"\bbash_\d+\b", text)) is None:
             return end("I could not start the page's server:\n" + text[-1500:])
         if (port := re.search(r"http://127\.0\.0\.1:(\d+)/", text)) is not None:
@@ -484,11 +249,11 @@ def _script(
         wait = [call("bash", 0, command="sleep 0.5")] if looks else []
         return [*wait, call("bash_output", len(wait), bash_id=m.group(0))], "tool_use"
     if phase == "check":
-        if results[0].get("is_error") or "the page answers" not in _text(results[0]):
-            return end("The page did not answer as it should:\n" + _text(results[0])[-1500:])
+        if results[0].get("is_error") or "the page answers" not in text_of(results[0]):
+            return end("The page did not answer as it should:\n" + text_of(results[0])[-1500:])
         phase_next = "report"
         return [
-            call("narrate", 0, text="All tests pass, and the page answers: " + _text(results[0])),
+            call("narrate", 0, text="All tests pass, and the page answers: " + text_of(results[0])),
         ], "tool_use"
     if phase == "report":
         return end(SUMMARY)
@@ -521,174 +286,10 @@ def _last_phase(
     return None, []
 
 
-def _text(result: dict[str, Any]) -> str:
-    content = result.get("content", "")
-    if isinstance(content, list):
-        return "\n".join(str(b.get("text", "")) for b in content if isinstance(b, dict))
-    return str(content)
-
-
 def _passed(result: dict[str, Any]) -> bool:
-    text = _text(result)
+    text = text_of(result)
     return (
         not result.get("is_error")
         and "FAILED" not in text
         and re.search(r"^OK", text, re.M) is not None
     )
-
-
-# -------------------------------------------------------------------- usage and prompt caching
-
-
-def tokens(value: Any) -> int:
-    """A rough token count: a quarter of the characters of the value's JSON."""
-    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    return len(text) // 4
-
-
-class UsageEstimator:
-    """Usage with prompt caching as the API reports it. The request is read as tools, then system,
-    then message blocks. Each cache_control block writes a cache entry for the prefix ending there
-    (if at least ``min_cache_tokens`` long); at each one the API looks for an earlier entry at that
-    block or up to ``lookback`` blocks before it, and the longest hit is read from the cache.
-    ``cache_read_input_tokens`` is that hit, ``cache_creation_input_tokens`` the rest of the prefix
-    up to the last breakpoint written, ``input_tokens`` what follows."""
-
-    def __init__(
-        self, max_entries: int = 10_000, min_cache_tokens: int = 1024, lookback: int = 20
-    ) -> None:
-        self.cache: OrderedDict[str, None] = OrderedDict()
-        self.max_entries = max_entries
-        self.min_cache_tokens = min_cache_tokens
-        self.lookback = lookback
-
-    def estimate(self, request: dict[str, Any], output: list[dict[str, Any]]) -> dict[str, int]:
-        parts: list[tuple[Any, bool]] = []
-        for tool in request.get("tools") or []:
-            parts.append((tool, "cache_control" in tool))
-        system = request.get("system") or []
-        for block in [{"type": "text", "text": system}] if isinstance(system, str) else system:
-            parts.append((block, "cache_control" in block))
-        for m in request.get("messages") or []:
-            content = m.get("content")
-            blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
-            for block in blocks:
-                parts.append(({"role": m.get("role"), **block}, "cache_control" in block))
-        hasher = hashlib.sha256()
-        keys: list[str] = []
-        sizes: list[int] = []
-        total = 0
-        for part, _ in parts:
-            clean = {k: v for k, v in part.items() if k != "cache_control"}
-            hasher.update(json.dumps(clean, sort_keys=True).encode())
-            total += tokens(clean)
-            keys.append(hasher.hexdigest())
-            sizes.append(total)
-        marked = [i for i, (_, m) in enumerate(parts) if m]
-        read = 0
-        for m in marked:
-            for j in range(m, max(-1, m - self.lookback), -1):
-                if keys[j] in self.cache:
-                    read = max(read, sizes[j])
-                    self.cache.move_to_end(keys[j])
-                    break
-        written = read
-        for m in marked:
-            if sizes[m] >= self.min_cache_tokens:
-                self.cache[keys[m]] = None
-                written = max(written, sizes[m])
-        while len(self.cache) > self.max_entries:
-            self.cache.popitem(last=False)
-        return {
-            "input_tokens": max(1, total - written),
-            "output_tokens": max(1, sum(tokens(b) for b in output)),
-            "cache_creation_input_tokens": written - read,
-            "cache_read_input_tokens": read,
-        }
-
-
-class LongScript:
-    """A long build for benchmarks and tests: ``iterations`` model calls; each of the first
-    ``iterations - 1`` makes ``parallel`` bash calls (a narration every tenth turn), the last ends
-    the turn. ``write_chars``: each turn writes a file of that many characters too (a large
-    write_file, whose content stays in the conversation). The turn number is read from the ids of
-    the last turn's calls (no hidden state; it survives the oldest turns being summarised), and a
-    request to summarise is answered with a summary."""
-
-    def __init__(
-        self,
-        iterations: int = 50,
-        parallel: int = 1,
-        usage: UsageEstimator | None = None,
-        write_chars: int = 0,
-    ):
-        self.iterations = iterations
-        self.parallel = parallel
-        self.write_chars = write_chars
-        self.usage = usage or UsageEstimator()
-
-    def respond(self, request: dict[str, Any]) -> dict[str, Any]:
-        messages = request.get("messages") or []
-        key = digest(messages)
-        content: list[dict[str, Any]]
-        if (summary := summarise(request)) is not None:
-            content, stop = summary_reply(request, summary)
-        elif (n := _long_turn(messages)) + 1 >= self.iterations:
-            content = [{"type": "text", "text": f"Done after {n} turns."}]
-            stop = "end_turn"
-        else:
-            content = [{"type": "text", "text": f"Step {n + 1}: checking the next part."}]
-            if self.write_chars:
-                line = f"# module {n + 1}: generated code, line after line of it.\n"
-                body = (line * (self.write_chars // len(line) + 1))[: self.write_chars]
-                content.append(
-                    {
-                        "type": "tool_use",
-                        "id": f"toolu_long{n}_w_{key}",
-                        "name": "write_file",
-                        "input": {"path": f"src/module_{n + 1}.py", "content": body},
-                    }
-                )
-            content += [
-                {
-                    "type": "tool_use",
-                    "id": f"toolu_long{n}_{i}_{key}",
-                    "name": "bash",
-                    "input": {"command": f"echo step {n + 1} part {i}"},
-                }
-                for i in range(self.parallel)
-            ]
-            if n % 10 == 0:
-                content.append(
-                    {
-                        "type": "tool_use",
-                        "id": f"toolu_long{n}_n_{key}",
-                        "name": "narrate",
-                        "input": {"text": f"Working on step {n + 1}."},
-                    }
-                )
-            stop = "tool_use"
-        return {
-            "id": f"msg_{key}",
-            "type": "message",
-            "role": "assistant",
-            "model": request.get("model") or "scripted",
-            "content": content,
-            "stop_reason": stop,
-            "stop_sequence": None,
-            "usage": self.usage.estimate(request, content),
-        }
-
-
-LONG_ID = re.compile(r"^toolu_long(\d+)_")
-
-
-def _long_turn(messages: list[dict[str, Any]]) -> int:
-    """The number of the next turn: one past the step of the last turn's calls (0 for none)."""
-    for m in reversed(messages):
-        if m.get("role") != "assistant" or not isinstance(m.get("content"), list):
-            continue
-        for b in m["content"]:
-            if b.get("type") == "tool_use" and (found := LONG_ID.match(str(b.get("id")))):
-                return int(found.group(1)) + 1
-    return 0

@@ -28,6 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
+from . import catalogue, thinking
 from . import rules as api
 from .script import ScriptedModel
 
@@ -85,8 +86,8 @@ class ScriptedServer:
         self.recorded: list[Recorded] = []
         self.attempts = 0
         self.connections = 0  # accepted so far
-        self.issued = api.Issued()  # thinking blocks sent with each tool call, to check them
-        self.refused: list[api.ApiError] = []  # the requests the rules refused
+        self.issued = thinking.Issued()  # thinking blocks sent with each tool call, to check them
+        self.refused: list[catalogue.ApiError] = []  # the requests the rules refused
         # the context window of every model here, in input tokens (None: each model's own
         # max_input_tokens); a longer prompt is refused as the API refuses it
         self.window: int | None = None
@@ -160,7 +161,7 @@ class ScriptedServer:
         try:
             checked = api.check(request, betas, self.issued)
             api.check_length(request, self.window or checked.info.max_input_tokens)
-        except api.ApiError as err:
+        except catalogue.ApiError as err:
             self.refused.append(err)
             return err.status, _error(err.kind, err.message), {}
         self.attempts += 1
@@ -202,7 +203,7 @@ class ScriptedServer:
     ) -> dict[str, Any]:
         """The script's answer as the API sends it: the served model's id (an alias answered
         with its dated snapshot), thinking blocks, cache writes split by TTL."""
-        content = api.with_thinking(request, checked, response["content"], str(response["id"]))
+        content = thinking.with_thinking(request, checked, response["content"], str(response["id"]))
         self.issued.remember(content, response["stop_reason"])
         usage = dict(response["usage"])
         if checked.thinking:
@@ -228,12 +229,12 @@ def _error(kind: str, message: str) -> dict[str, Any]:
 def _models(rest: str) -> tuple[int, dict[str, Any], dict[str, str]]:
     """GET /v1/models (the catalogue, newest first) or /v1/models/{id or alias}."""
     if rest in ("", "/"):
-        data = [m.card() for m in api.CATALOGUE if m.lifecycle != "retired"]
+        data = [m.card() for m in catalogue.CATALOGUE if m.lifecycle != "retired"]
         return 200, {"data": data, "first_id": data[0]["id"], "last_id": data[-1]["id"],
                      "has_more": False}, {}  # fmt: skip
     try:
-        return 200, api.lookup(rest.strip("/"), for_messages=False).card(), {}
-    except api.ApiError as err:
+        return 200, catalogue.lookup(rest.strip("/"), for_messages=False).card(), {}
+    except catalogue.ApiError as err:
         return err.status, _error(err.kind, err.message), {}
 
 
