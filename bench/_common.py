@@ -27,7 +27,7 @@ import psutil
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from kiln_contracts import Envelope, subjects
+from kiln_contracts import Envelope, ToolCall, ToolResult, stable_id, subjects
 from kiln_devstack.infra import Infra, Process, spawn, wait_for
 from kiln_runtime.streams import ensure_streams
 
@@ -111,6 +111,29 @@ async def publish(nc: Client, msg: Envelope) -> None:
         msg.model_dump_json().encode(),
         headers={"Nats-Msg-Id": str(msg.event_id), "Kiln-Kind": msg.kind},
         timeout=10,
+    )
+
+
+async def fake_sandbox(nc: Client, answered: Callable[[ToolCall, Msg], None] | None = None) -> None:
+    """A fake sandbox: a push consumer (``bench-fake-sandbox``) answering each ToolCall at once
+    with an empty result; ``answered(call, msg)`` after each answer is published, before the ack."""
+
+    async def answer(msg: Msg) -> None:
+        call = ToolCall.model_validate_json(msg.data)
+        result = call.caused(
+            ToolResult, call_id=call.call_id, iteration=call.iteration, output="(empty)"
+        ).with_id(stable_id(call.build_id, "tool_result", call.call_id))
+        await publish(nc, result)
+        if answered is not None:
+            answered(call, msg)
+        await msg.ack()
+
+    await nc.jetstream().subscribe(
+        subjects.kind_filter("tool_call"),
+        durable="bench-fake-sandbox",
+        cb=answer,
+        manual_ack=True,
+        pending_msgs_limit=-1,
     )
 
 

@@ -45,7 +45,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -75,19 +77,26 @@ async def publish_all(url: str, n: int) -> None:
     await nc.drain()
 
 
-async def consume_kiln(url: str, n: int, durable: str) -> float:
-    from kiln_contracts import ToolResult
-    from kiln_runtime.bus import Bus, Delivery
-    from kiln_runtime.settings import CommonSettings
-
+def counting(n: int) -> tuple[Callable[[Any, Any], Awaitable[None]], asyncio.Event]:
+    """A handler that counts the messages it is given, and the event set at the ``n``-th."""
     done = asyncio.Event()
     count = 0
 
-    async def handler(msg: ToolResult, delivery: Delivery) -> None:
+    async def handler(msg: Any, delivery: Any) -> None:
         nonlocal count
         count += 1
         if count >= n:
             done.set()
+
+    return handler, done
+
+
+async def consume_kiln(url: str, n: int, durable: str) -> float:
+    from kiln_contracts import ToolResult
+    from kiln_runtime.bus import Bus
+    from kiln_runtime.settings import CommonSettings
+
+    handler, done = counting(n)
 
     bus = Bus(CommonSettings(nats_url=url), "benchbus")
     bus.consume(ToolResult, handler, durable=durable, max_workers=128)
@@ -105,18 +114,11 @@ async def consume_faststream(url: str, n: int, durable: str) -> float:
     from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 
     from kiln_contracts import ToolResult, subjects
-    from kiln_runtime.bus import Bus, Delivery
+    from kiln_runtime.bus import Bus
     from kiln_runtime.consume import Consumer
     from kiln_runtime.settings import CommonSettings
 
-    done = asyncio.Event()
-    count = 0
-
-    async def handler(msg: ToolResult, delivery: Delivery) -> None:
-        nonlocal count
-        count += 1
-        if count >= n:
-            done.set()
+    handler, done = counting(n)
 
     bus = Bus(CommonSettings(nats_url=url), "benchbus")
     consumer = Consumer(bus, ToolResult, handler)

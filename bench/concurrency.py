@@ -49,10 +49,20 @@ from typing import Any
 
 import asyncpg
 import psutil
-from _common import Bench, bench, connect, figures, percentile, publish, rss_mb, wait_port
+from _common import (
+    Bench,
+    bench,
+    connect,
+    fake_sandbox,
+    figures,
+    percentile,
+    publish,
+    rss_mb,
+    wait_port,
+)
 from nats.aio.msg import Msg
 
-from kiln_contracts import BuildLimits, BuildRequested, ToolCall, ToolResult, stable_id, subjects
+from kiln_contracts import BuildLimits, BuildRequested, ToolCall
 from kiln_devstack.infra import free_port
 
 HERE = Path(__file__).resolve().parent
@@ -138,30 +148,16 @@ async def run_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
         url = f"http://127.0.0.1:{port}"
         wait_port(url)
         nc = await connect(b.urls["NATS_URL"])
-        js = nc.jetstream()
 
         # per build: (ToolCall stored, ToolResult stored) — stored ≈ the publish's ack
-        answered: dict[str, list[tuple[float, float]]] = {}
+        answered_at: dict[str, list[tuple[float, float]]] = {}
 
-        async def answer(msg: Msg) -> None:
-            """The fake sandbox: a push consumer answering each ToolCall at once."""
-            call = ToolCall.model_validate_json(msg.data)
-            result = call.caused(
-                ToolResult, call_id=call.call_id, iteration=call.iteration, output="(empty)"
-            ).with_id(stable_id(call.build_id, "tool_result", call.call_id))
-            await publish(nc, result)
-            answered.setdefault(call.build_id, []).append(
+        def answered(call: ToolCall, msg: Msg) -> None:
+            answered_at.setdefault(call.build_id, []).append(
                 (msg.metadata.timestamp.timestamp(), time.time())
             )
-            await msg.ack()
 
-        await js.subscribe(
-            subjects.kind_filter("tool_call"),
-            durable="bench-fake-sandbox",
-            cb=answer,
-            manual_ack=True,
-            pending_msgs_limit=-1,
-        )
+        await fake_sandbox(nc, answered)
         agent = b.start(
             "agent",
             ["-m", "kiln_agent"],
@@ -232,7 +228,7 @@ async def run_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
             await nc.close()
     replies = [t for t in stats["replies"] if t0 <= t < t1]
     gaps = stats["gaps_ms"]
-    parts = breakdown(stats["gap_spans"], answered)
+    parts = breakdown(stats["gap_spans"], answered_at)
     iterations = max(1, len(replies))
     per_iter = {f"cpu_ms_per_iter_{k}": v * 1000 / iterations for k, v in cpu.items()}
     per_iter["cpu_ms_per_iter_total"] = sum(cpu.values()) * 1000 / iterations

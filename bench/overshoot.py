@@ -48,18 +48,13 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from _common import bench, connect, figures, publish, stored, wait_port
+from _common import bench, connect, fake_sandbox, figures, publish, stored, wait_port
 from loop_model import USAGE, LoopModel
-from nats.aio.msg import Msg
 
 from kiln_contracts import (
     BuildLimits,
     BuildRequested,
-    ToolCall,
-    ToolResult,
     Usage,
-    stable_id,
-    subjects,
 )
 from kiln_runtime import config as kiln_config
 
@@ -109,21 +104,7 @@ async def run(args: argparse.Namespace, pythonpath: str | None) -> dict[str, Any
         await model.start()
         nc = await connect(b.urls["NATS_URL"])
 
-        async def answer(msg: Msg) -> None:
-            call = ToolCall.model_validate_json(msg.data)
-            result = call.caused(
-                ToolResult, call_id=call.call_id, iteration=call.iteration, output="(empty)"
-            ).with_id(stable_id(call.build_id, "tool_result", call.call_id))
-            await publish(nc, result)
-            await msg.ack()
-
-        await nc.jetstream().subscribe(
-            subjects.kind_filter("tool_call"),
-            durable="bench-fake-sandbox",
-            cb=answer,
-            manual_ack=True,
-            pending_msgs_limit=-1,
-        )
+        await fake_sandbox(nc)
         budget = b.start(
             "budget",
             ["-m", "kiln_budget"],

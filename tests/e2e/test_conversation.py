@@ -17,14 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import nats
 import pytest
-import redis
 
 from kiln_devstack.infra import wait_for
 from kiln_devstack.stack import DEV_API_KEY, Stack
 from tests.e2e.stacks import own_stack
-from tests.e2e.test_build_end_to_end import BRIEF, _settled, stream_history
+from tests.e2e.test_build_end_to_end import BRIEF, replay_changes_nothing, stream_history
 
 pytestmark = pytest.mark.e2e
 
@@ -212,32 +210,6 @@ def test_a_build_is_steered_while_it_works_then_continued_after_it_completed(sta
 def delivered_twice_changes_nothing(stack: Stack, build_id: str) -> None:
     """The whole conversation again with fresh message ids (its messages, the continuation, the
     tool calls of both runs): every consumer gets each a second time, and nothing changes."""
-    nats_url = stack.env["NATS_URL"]
-    spend_key = f"kiln:spend:build:{build_id}"
-    store = redis.Redis.from_url(stack.env["REDIS_URL"])
-    exec_log = stack.data_dir / "exec.jsonl"
-    before = asyncio.run(stream_history(nats_url, build_id))
-    spend_before, runs_before = store.get(spend_key), exec_log.read_text()
-    with httpx.Client(base_url=stack.gateway_url, headers=HEADERS, timeout=10) as client:
-        status_before = client.get(f"/v1/builds/{build_id}").json()
-
-    async def replay() -> None:
-        nc = await nats.connect(nats_url)
-        try:
-            js = nc.jetstream()
-            for subject, data, headers in before:
-                headers["Nats-Msg-Id"] = f"replay-{uuid.uuid4()}"
-                await js.publish(subject, data, headers=headers)
-        finally:
-            await nc.close()
-
-    asyncio.run(replay())
-    wait_for(lambda: asyncio.run(_settled(nats_url)), "consumers to drain the replay", 60)
-    after = asyncio.run(stream_history(nats_url, build_id))
-    assert len(after) == 2 * len(before), [s for s, _, _ in after[len(before) * 2 :]]
-    assert store.get(spend_key) == spend_before
-    assert exec_log.read_text() == runs_before
-    with httpx.Client(base_url=stack.gateway_url, headers=HEADERS, timeout=10) as client:
-        status_after = client.get(f"/v1/builds/{build_id}").json()
-    for field in ("status", "iteration", "cost_micro_usd", "summary", "continuations"):
-        assert status_after.get(field) == status_before.get(field), field
+    replay_changes_nothing(
+        stack, build_id, ("status", "iteration", "cost_micro_usd", "summary", "continuations")
+    )

@@ -26,6 +26,7 @@ from kiln_contracts import (
 )
 from kiln_contracts.rpc import BudgetStatus, BudgetStatusReply, BudgetStatusRequest
 from kiln_runtime import config as kiln_config
+from tests.integration.wirings import started
 
 pytestmark = pytest.mark.integration
 
@@ -58,15 +59,8 @@ async def budget(infra: dict[str, str], uid: str) -> AsyncIterator[bootstrap.Wir
     settings = BudgetSettings(
         nats_url=infra["NATS_URL"], redis_url=infra["REDIS_URL"], ack_wait_s=5, max_deliver=3
     )
-    wiring = bootstrap.build(settings, service=f"budget-{uid}")
-    await wiring.bus.connect()
-    await wiring.start()
-    await wiring.bus.start()
-    try:
+    async with started(bootstrap.build(settings, service=f"budget-{uid}")) as wiring:
         yield wiring
-    finally:
-        await wiring.bus.stop()
-        await wiring.stop()
 
 
 def iteration(uid: str, it: int = 1, **usage: int) -> IterationCompleted:

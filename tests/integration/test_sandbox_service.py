@@ -40,6 +40,7 @@ from kiln_contracts import (
 from kiln_sandbox.bootstrap import Wiring, build
 from kiln_sandbox.handlers import INTERRUPTED
 from kiln_sandbox.settings import SandboxSettings
+from tests.integration.wirings import started
 
 pytestmark = pytest.mark.integration
 
@@ -80,13 +81,8 @@ async def runtime(infra, tmp_path_factory) -> Wiring:
         sandbox_root=str(root),
         ack_wait_s=5,
     )
-    rt = build(settings)
-    await rt.bus.connect()
-    await rt.start()
-    await rt.bus.start()
-    yield rt
-    await rt.bus.stop()
-    await rt.stop()
+    async with started(build(settings)) as rt:
+        yield rt
 
 
 class Results:

@@ -15,21 +15,19 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import boto3
-import nats
 import pytest
 import pytest_asyncio
 
 from kiln_contracts import CheckpointSaved, bucket
 from kiln_devstack.sandbox import MemoryRegistry
 from kiln_sandbox.adapters.local import LocalProvider
-from kiln_sandbox.adapters.nats_rpc import NatsRestorer
 from kiln_sandbox.handlers import SandboxService
 from kiln_sandbox.ports import SandboxRecord
-from kiln_sandbox.workspace import Workspace
 from kiln_snapshot import bootstrap
 from tests.integration.gateway_fixtures import Gateway, running_gateway
 from tests.integration.test_snapshot_restore_gc import serve_sandbox_rpc, settings, tree
 from tests.integration.test_snapshot_s3 import until, watch_saved
+from tests.integration.wirings import restore_fresh
 from tests.unit.test_manifest import stored_manifest
 
 pytestmark = pytest.mark.integration
@@ -218,21 +216,12 @@ async def test_a_manifest_stored_before_downloads_and_restores(
 
     # restored into a fresh sandbox by the sandbox's own restore path
     provider = LocalProvider(tmp_path / "fresh")
-    fresh = await provider.create(build)
-    nc = await nats.connect(infra["NATS_URL"])
     try:
-        restoring = SandboxService(
-            provider,
-            MemoryRegistry(),
-            None,  # type: ignore[arg-type]
-            None,  # type: ignore[arg-type]
-            NatsRestorer(nc, timeout_s=10),
-        )
-        assert await restoring.sandboxes.restore(build, Workspace(fresh)) == snapshot_id
+        got, root = await restore_fresh(infra["NATS_URL"], provider, build)
     finally:
-        await nc.close()
         await provider.close()
-    restored = tree(Path(fresh.root))
+    assert got == snapshot_id
+    restored = tree(root)
     if oldest:  # the parents of the files are made as they come, with the default mode
         restored = {p: e for p, e in restored.items() if e[0] != "dir"}
     assert restored == expected

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
-import nats
 import pytest
 
 from kiln_contracts import BuildRequested, CheckpointSaved, ForkOrigin, bucket
@@ -21,28 +20,22 @@ from kiln_contracts.manifest import Manifest
 from kiln_contracts.messages import utcnow
 from kiln_devstack.sandbox import MemoryRegistry
 from kiln_sandbox.adapters.local import LocalProvider
-from kiln_sandbox.adapters.nats_rpc import NatsRestorer
 from kiln_sandbox.handlers import SandboxService
 from kiln_sandbox.ports import SandboxRecord
-from kiln_sandbox.workspace import Workspace
 from kiln_snapshot import bootstrap, gc, restores, snapshots
 from tests.integration.test_snapshot_restore_gc import serve_sandbox_rpc, settings, tree
 from tests.integration.test_snapshot_s3 import until, watch_saved
+from tests.integration.wirings import restore_fresh, started
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 async def service(infra: dict[str, str], uid: str) -> AsyncIterator[bootstrap.Wiring]:
-    wiring = bootstrap.build(settings(infra, uid, snapshot_keep=5), service=f"snapshot-{uid}")
-    await wiring.bus.connect()
-    await wiring.start()
-    await wiring.bus.start()
-    try:
+    async with started(
+        bootstrap.build(settings(infra, uid, snapshot_keep=5), service=f"snapshot-{uid}")
+    ) as wiring:
         yield wiring
-    finally:
-        await wiring.bus.stop()
-        await wiring.stop()
 
 
 def sha(data: bytes) -> str:
@@ -119,21 +112,9 @@ async def test_a_fork_is_its_sources_snapshot_at_that_iteration_and_outlives_its
 
     # a fresh sandbox of the fork, restored as its first ToolCall restores it: iteration 2's files
     async def restored(build: str, origin: ForkOrigin, into: Path) -> dict[str, object]:
-        fresh_provider = LocalProvider(into)
-        fresh = await fresh_provider.create(build)
-        nc = await nats.connect(infra["NATS_URL"])
-        try:
-            restoring = SandboxService(
-                fresh_provider,
-                MemoryRegistry(),
-                None,  # type: ignore[arg-type]
-                None,  # type: ignore[arg-type]
-                NatsRestorer(nc, timeout_s=10),
-            )
-            assert await restoring.sandboxes.restore(build, Workspace(fresh), origin)
-        finally:
-            await nc.close()
-        return tree(Path(fresh.root))  # type: ignore[return-value]
+        got, root = await restore_fresh(infra["NATS_URL"], LocalProvider(into), build, origin)
+        assert got
+        return tree(root)  # type: ignore[return-value]
 
     origin = ForkOrigin(build_id=source, iteration=2)
     assert await restored(fork, origin, tmp_path / "fork") == at_two

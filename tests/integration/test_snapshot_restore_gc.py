@@ -27,11 +27,11 @@ from kiln_sandbox.adapters.local import LocalProvider
 from kiln_sandbox.adapters.nats_rpc import NatsRestorer
 from kiln_sandbox.handlers import SandboxService
 from kiln_sandbox.ports import SandboxRecord
-from kiln_sandbox.workspace import Workspace
 from kiln_snapshot import bootstrap, gc, snapshots
 from kiln_snapshot.adapters.s3 import S3Store
 from kiln_snapshot.settings import SnapshotSettings
 from tests.integration.test_snapshot_s3 import until, until_async, watch_saved
+from tests.integration.wirings import restore_fresh, started
 
 pytestmark = pytest.mark.integration
 
@@ -68,15 +68,10 @@ def settings(infra: dict[str, str], uid: str, **kw: Any) -> SnapshotSettings:
 
 @pytest.fixture
 async def service(infra: dict[str, str], uid: str) -> AsyncIterator[bootstrap.Wiring]:
-    wiring = bootstrap.build(settings(infra, uid, snapshot_keep=2), service=f"snapshot-{uid}")
-    await wiring.bus.connect()
-    await wiring.start()
-    await wiring.bus.start()
-    try:
+    async with started(
+        bootstrap.build(settings(infra, uid, snapshot_keep=2), service=f"snapshot-{uid}")
+    ) as wiring:
         yield wiring
-    finally:
-        await wiring.bus.stop()
-        await wiring.stop()
 
 
 def tree(root: Path) -> dict[str, tuple[str, int, bytes | str]]:
@@ -152,18 +147,10 @@ async def test_restore_is_byte_identical_with_modes_empty_dirs_and_symlinks(
         assert links["absolute"] == "/etc/passwd" and links["src/up-and-out"] == "../../outside"
 
         # restore into a fresh sandbox on another "host": the sandbox's own restore path
-        fresh_provider = LocalProvider(tmp_path / "two")
-        fresh = await fresh_provider.create(build)
+        got, root = await restore_fresh(infra["NATS_URL"], LocalProvider(tmp_path / "two"), build)
+        assert got == str(event.event_id)
         nc = await nats.connect(infra["NATS_URL"])
         try:
-            restoring = SandboxService(
-                fresh_provider,
-                MemoryRegistry(),
-                None,  # type: ignore[arg-type]
-                None,  # type: ignore[arg-type]
-                NatsRestorer(nc, timeout_s=10),
-            )
-            assert await restoring.sandboxes.restore(build, Workspace(fresh)) == str(event.event_id)
             plan = await NatsRestorer(nc).restore_plan(build)
         finally:
             await nc.close()
@@ -171,7 +158,7 @@ async def test_restore_is_byte_identical_with_modes_empty_dirs_and_symlinks(
         assert plan.skipped == ["absolute", "src/up-and-out", "through-a-link"]
 
         before = tree(ws)
-        after = tree(Path(fresh.root))
+        after = tree(root)
         del before["__pycache__"], before["__pycache__/x.pyc"]
         for escaping in plan.skipped:
             del before[escaping]

@@ -31,6 +31,7 @@ from kiln_runtime.errors import RetryLater
 from kiln_snapshot import bootstrap
 from kiln_snapshot.adapters.sandbox_rpc import NatsSandbox
 from kiln_snapshot.settings import SnapshotSettings
+from tests.integration.wirings import started
 
 pytestmark = pytest.mark.integration
 
@@ -119,15 +120,8 @@ async def service(infra: dict[str, str], uid: str) -> AsyncIterator[bootstrap.Wi
         manifest_timeout_s=3,
         upload_timeout_s=10,
     )
-    wiring = bootstrap.build(settings, service=f"snapshot-{uid}")
-    await wiring.bus.connect()
-    await wiring.start()
-    await wiring.bus.start()
-    try:
+    async with started(bootstrap.build(settings, service=f"snapshot-{uid}")) as wiring:
         yield wiring
-    finally:
-        await wiring.bus.stop()
-        await wiring.stop()
 
 
 @pytest.fixture
