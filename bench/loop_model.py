@@ -31,6 +31,7 @@ from collections import defaultdict
 from typing import Any
 
 from kiln_devstack.model.server import Recorded, ScriptedServer
+from kiln_devstack.model.usage import response_body
 
 BUILD = re.compile(r"\(Build ([^)\s]+)\.\)")
 USAGE = {
@@ -118,16 +119,7 @@ class LoopModel(ScriptedServer):
         now = time.time()
         self.sent_at[build] = now
         self.replies.append(now)
-        return {
-            "id": f"msg_{build}_{n}",
-            "type": "message",
-            "role": "assistant",
-            "model": request.get("model") or "scripted",
-            "content": content,
-            "stop_reason": stop,
-            "stop_sequence": None,
-            "usage": dict(USAGE),
-        }
+        return response_body(request, content, stop, dict(USAGE), f"msg_{build}_{n}")
 
     def stats(self, since: float = 0.0) -> dict[str, Any]:
         return {

@@ -27,7 +27,7 @@ from kiln_snapshot import bootstrap
 from tests.integration.gateway_fixtures import Gateway, running_gateway
 from tests.integration.test_snapshot_restore_gc import serve_sandbox_rpc, settings, tree
 from tests.integration.test_snapshot_s3 import until, watch_saved
-from tests.integration.wirings import restore_fresh
+from tests.integration.wirings import restore_fresh, started
 from tests.unit.test_manifest import stored_manifest
 
 pytestmark = pytest.mark.integration
@@ -62,14 +62,8 @@ async def service(
         settings(infra, uid).model_copy(update={"s3_bucket": bucket_name}),
         service=f"snapshot-{uid}",
     )
-    await wiring.bus.connect()
-    await wiring.start()
-    await wiring.bus.start()
-    try:
+    async with started(wiring):
         yield wiring
-    finally:
-        await wiring.bus.stop()
-        await wiring.stop()
 
 
 async def new_build(gw: Gateway, user: str) -> tuple[str, str]:

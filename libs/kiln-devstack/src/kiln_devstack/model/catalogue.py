@@ -1,10 +1,6 @@
-"""The scripted model server's model catalogue, modelled on the Claude platform docs' models
-overview, and the API's error shape.
-
-* Models: a catalogue of current, legacy and retired models. An alias of a model that has dated
-  snapshots is answered with the snapshot's id (``claude-haiku-4-5`` → ``claude-haiku-4-5-20251001``);
-  a retired or unknown model is a 404 ``not_found_error``. ``GET /v1/models[/{id}]`` serves it.
-"""
+"""The scripted model server's model catalogue (current, legacy and retired models, their
+aliases and limits, modelled on the Claude platform docs' models overview) and the API's error
+shape. The rules it serves under: ``rules``."""
 
 from __future__ import annotations
 

@@ -69,7 +69,7 @@ class LongScript:
                     }
                 )
             stop = "tool_use"
-        return response_body(request, content, stop, self.usage)
+        return response_body(request, content, stop, self.usage.estimate(request, content))
 
 
 LONG_ID = re.compile(r"^toolu_long(\d+)_")

@@ -58,7 +58,7 @@ class ScriptedModel:
         self, request: dict[str, Any], content: list[dict[str, Any]], stop: str
     ) -> dict[str, Any]:
         """A Messages API response body with ``content``, usage as the API would report it."""
-        return response_body(request, content, stop, self.usage)
+        return response_body(request, content, stop, self.usage.estimate(request, content))
 
 
 ADD = re.compile(r"^\s*(?:please\s+)?add\s+(?:a\s+)?file\s+(\S+)\s+with\s+(.+?)\s*$", re.I | re.S)

@@ -1,16 +1,6 @@
-"""Thinking blocks as the scripted model server signs and checks them (the platform docs'
-"Building with extended thinking" and "Preserved thinking").
-
-* Thinking: on a 5.x model, a request without ``thinking`` runs adaptive thinking, and every reply
-  starts with a signed thinking block (empty text unless ``display`` is ``summarized``); the notes
-  the model writes before its tool calls come back as thinking blocks too.
-* Sending thinking back: a signature binds its block to the model and to everything before it
-  (system, tools, earlier messages and blocks; not ``cache_control``). A block whose prefix or text
-  changed is a 400 (``Invalid `signature` in `thinking` block``), or dropped when the request sets
-  ``thinking.block_binding.prefix_mismatch_behavior: drop_block`` (with its beta header). A block
-  of a model the requested one cannot read is dropped silently (``input_transformations``). The
-  latest assistant turn of a tool-use loop must carry the thinking blocks it was sent with.
-"""
+"""Thinking blocks as the scripted model server makes, signs and checks them (the platform
+docs' "Building with extended thinking" and "Preserved thinking"; what the rules say of them:
+``rules``)."""
 
 from __future__ import annotations
 

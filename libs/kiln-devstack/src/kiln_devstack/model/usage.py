@@ -77,16 +77,21 @@ class UsageEstimator:
 
 
 def response_body(
-    request: dict[str, Any], content: list[dict[str, Any]], stop: str, usage: UsageEstimator
+    request: dict[str, Any],
+    content: list[dict[str, Any]],
+    stop: str,
+    usage: dict[str, int],
+    message_id: str | None = None,
 ) -> dict[str, Any]:
-    """A Messages API response body with ``content``, usage as the API would report it."""
+    """A Messages API response body with ``content`` and ``usage``; its id ``message_id``, else
+    one derived from the request's messages."""
     return {
-        "id": f"msg_{digest(request.get('messages') or [])}",
+        "id": message_id or f"msg_{digest(request.get('messages') or [])}",
         "type": "message",
         "role": "assistant",
         "model": request.get("model") or "scripted",
         "content": content,
         "stop_reason": stop,
         "stop_sequence": None,
-        "usage": usage.estimate(request, content),
+        "usage": usage,
     }
