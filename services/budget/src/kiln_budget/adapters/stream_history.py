@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError
 
 from kiln_contracts import Envelope, subjects
 from kiln_runtime.consume import agreed_event_id
 from kiln_runtime.errors import RetryLater
+from kiln_runtime.replay import from_start
 
 log = logging.getLogger(__name__)
 
@@ -27,26 +27,13 @@ class StreamHistory:
 
     async def replay(self, kinds: Sequence[type[Envelope]]) -> AsyncIterator[Envelope]:
         by_kind = {k.kind: k for k in kinds}
-        js = self._nc().jetstream()
-        # An ordered consumer (as ``js.subscribe(ordered_consumer=True)`` makes one), created
-        # here for its creation answer: how many messages it has to deliver (the budget's NATS
-        # user may create it, not look it up afterwards).
-        config = ConsumerConfig(
-            deliver_policy=DeliverPolicy.ALL,
+        sub = await from_start(
+            self._nc(),
             filter_subjects=[subjects.kind_filter(k) for k in by_kind],
-            deliver_subject=self._nc().new_inbox(),
-            ack_policy=AckPolicy.NONE,
-            max_deliver=1,
-            flow_control=True,
-            idle_heartbeat=5.0,
-            num_replicas=1,
-            mem_storage=True,
-            inactive_threshold=60.0,
+            inactive_threshold_s=60.0,
         )
-        created = await js.add_consumer(subjects.STREAM, config)
-        if not created.num_pending:
-            return  # nothing of these kinds (the server drops the idle consumer)
-        sub = await js.subscribe_bind(subjects.STREAM, config, created.name, ordered_consumer=True)
+        if sub is None:
+            return  # nothing of these kinds
         try:
             while True:
                 try:

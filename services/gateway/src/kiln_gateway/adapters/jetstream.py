@@ -7,9 +7,10 @@ from collections.abc import AsyncGenerator
 
 from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from kiln_contracts import CheckpointSaved, subjects
+from kiln_runtime.replay import from_start
 
 from ..ports import Checkpoint, StoredEvent
 
@@ -52,23 +53,13 @@ class JetStreamHistory:
         """The build's CheckpointSaved events on the stream so far, in stream order. An ordered
         consumer created here for its creation answer (how many messages it has to deliver: the
         gateway's NATS user may create one, not look it up afterwards), as the budget's replay."""
-        js = self.nc.jetstream()
-        config = ConsumerConfig(
-            deliver_policy=DeliverPolicy.ALL,
+        sub = await from_start(
+            self.nc,
             filter_subject=subjects.subject(build_id, CheckpointSaved.kind),
-            deliver_subject=self.nc.new_inbox(),
-            ack_policy=AckPolicy.NONE,
-            max_deliver=1,
-            flow_control=True,
-            idle_heartbeat=5.0,
-            num_replicas=1,
-            mem_storage=True,
-            inactive_threshold=30.0,
+            inactive_threshold_s=30.0,
         )
-        created = await js.add_consumer(subjects.STREAM, config)
-        if not created.num_pending:
-            return []  # none (the server drops the idle consumer)
-        sub = await js.subscribe_bind(subjects.STREAM, config, created.name, ordered_consumer=True)
+        if sub is None:
+            return []  # none
         out = []
         try:
             while True:
