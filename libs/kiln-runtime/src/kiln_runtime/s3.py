@@ -8,7 +8,7 @@ for an S3-compatible endpoint (moto, MinIO), virtual hosts on AWS.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import aioboto3
@@ -64,3 +64,37 @@ async def s3_client(
         "s3", endpoint_url=endpoint_url, region_name=region, config=config
     ) as client:
         yield client
+
+
+class S3Connection:
+    """An ``s3_client`` held open from its owner's start (``open``) to its stop (``close``)."""
+
+    def __init__(
+        self,
+        *,
+        endpoint_url: str | None,
+        region: str,
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 30.0,
+        max_attempts: int = 5,
+    ) -> None:
+        self._settings: dict[str, Any] = {
+            "endpoint_url": endpoint_url,
+            "region": region,
+            "connect_timeout_s": connect_timeout_s,
+            "read_timeout_s": read_timeout_s,
+            "max_attempts": max_attempts,
+        }
+        self._stack: AsyncExitStack | None = None
+
+    async def open(self) -> Any:
+        """The client (made now; no network call yet)."""
+        stack = AsyncExitStack()
+        client = await stack.enter_async_context(s3_client(**self._settings))
+        self._stack = stack
+        return client
+
+    async def close(self) -> None:
+        if self._stack is not None:
+            await self._stack.aclose()
+            self._stack = None

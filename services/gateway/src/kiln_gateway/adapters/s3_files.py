@@ -8,7 +8,6 @@ files, directories and symlinks, the blobs hold the bytes), manifests read as
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -26,7 +25,7 @@ from kiln_contracts.bucket import (
     pruned_key,
 )
 from kiln_contracts.manifest import Manifest
-from kiln_runtime.s3 import is_not_found, s3_client
+from kiln_runtime.s3 import S3Connection, is_not_found
 
 from ..ports import BlobTooLarge, StoredSnapshot
 
@@ -54,27 +53,22 @@ class S3Files:
         # are kept, least recently used dropped past ``cached_manifests``.
         self._manifests: OrderedDict[tuple[str, str], Manifest] = OrderedDict()
         self._cached_manifests = cached_manifests
-        self._stack: contextlib.AsyncExitStack | None = None
+        self._s3 = S3Connection(
+            endpoint_url=endpoint_url,
+            region=region,
+            connect_timeout_s=min(5.0, timeout_s),
+            read_timeout_s=timeout_s,
+            max_attempts=3,
+        )
         self._client: Any = None
 
     async def open(self) -> None:
         """Create the client (no network call yet)."""
-        stack = contextlib.AsyncExitStack()
-        self._client = await stack.enter_async_context(
-            s3_client(
-                endpoint_url=self.endpoint_url,
-                region=self.region,
-                connect_timeout_s=min(5.0, self.timeout_s),
-                read_timeout_s=self.timeout_s,
-                max_attempts=3,
-            )
-        )
-        self._stack = stack
+        self._client = await self._s3.open()
 
     async def close(self) -> None:
-        if self._stack is not None:
-            await self._stack.aclose()
-            self._stack, self._client = None, None
+        await self._s3.close()
+        self._client = None
 
     async def _get(self, key: str) -> bytes | None:
         try:

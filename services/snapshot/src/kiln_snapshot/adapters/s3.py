@@ -4,14 +4,13 @@ has timeouts and bounded retries)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Iterable
 from typing import Any
 
 from botocore.exceptions import ClientError
 
-from kiln_runtime.s3 import error_code, is_not_found, s3_client
+from kiln_runtime.s3 import S3Connection, error_code, is_not_found
 
 from ..ports import StoredObject
 
@@ -41,28 +40,22 @@ class S3Store:
         self.read_timeout_s = read_timeout_s
         self.max_attempts = max_attempts
         self._head = asyncio.Semaphore(head_concurrency)
-        self._stack: contextlib.AsyncExitStack | None = None
+        self._s3 = S3Connection(
+            endpoint_url=endpoint_url,
+            region=region,
+            connect_timeout_s=connect_timeout_s,
+            read_timeout_s=read_timeout_s,
+            max_attempts=max_attempts,
+        )
         self._client: Any = None
 
     async def open(self) -> None:
-        stack = contextlib.AsyncExitStack()
-        self._client = await stack.enter_async_context(
-            s3_client(
-                endpoint_url=self.endpoint_url,
-                region=self.region,
-                connect_timeout_s=self.connect_timeout_s,
-                read_timeout_s=self.read_timeout_s,
-                max_attempts=self.max_attempts,
-            )
-        )
-        self._stack = stack
+        self._client = await self._s3.open()
         await self.ensure_bucket()
 
     async def close(self) -> None:
-        if self._stack is not None:
-            await self._stack.aclose()
-            self._stack = None
-            self._client = None
+        await self._s3.close()
+        self._client = None
 
     @property
     def client(self) -> Any:
