@@ -152,17 +152,13 @@ class S3Store:
         return out
 
     async def presign_put(self, key: str) -> str:
-        url: str = await self.client.generate_presigned_url(
-            "put_object",
-            Params={"Bucket": self.bucket, "Key": key},
-            ExpiresIn=self.presign_expiry_s,
-        )
-        return url
+        return await self._presign("put_object", key)
 
     async def presign_get(self, key: str) -> str:
+        return await self._presign("get_object", key)
+
+    async def _presign(self, method: str, key: str) -> str:
         url: str = await self.client.generate_presigned_url(
-            "get_object",
-            Params={"Bucket": self.bucket, "Key": key},
-            ExpiresIn=self.presign_expiry_s,
+            method, Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.presign_expiry_s
         )
         return url
