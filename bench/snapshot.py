@@ -28,7 +28,7 @@ from kiln_contracts.rpc import ManifestRequest, UploadRequest
 from kiln_devstack.sandbox import MemoryRegistry
 from kiln_sandbox.adapters.local import LocalProvider
 from kiln_sandbox.handlers import SandboxService
-from kiln_sandbox.ports import SandboxRecord
+from kiln_sandbox.records import SandboxRecord
 from kiln_snapshot import bootstrap
 from kiln_snapshot.settings import SnapshotSettings
 

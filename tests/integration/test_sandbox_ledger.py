@@ -15,7 +15,7 @@ from kiln_sandbox.adapters.postgres import (
     PgRegistry,
     migrations,
 )
-from kiln_sandbox.ports import SandboxRecord
+from kiln_sandbox.records import SandboxRecord
 
 
 async def test_claim_release_and_finish(infra, uid):

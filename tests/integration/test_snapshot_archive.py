@@ -22,7 +22,7 @@ from kiln_contracts import CheckpointSaved, bucket
 from kiln_devstack.sandbox import MemoryRegistry
 from kiln_sandbox.adapters.local import LocalProvider
 from kiln_sandbox.handlers import SandboxService
-from kiln_sandbox.ports import SandboxRecord
+from kiln_sandbox.records import SandboxRecord
 from kiln_snapshot import bootstrap
 from tests.integration.gateway_fixtures import Gateway, running_gateway
 from tests.integration.test_snapshot_restore_gc import serve_sandbox_rpc, settings, tree

@@ -21,7 +21,7 @@ from kiln_contracts.messages import utcnow
 from kiln_devstack.sandbox import MemoryRegistry
 from kiln_sandbox.adapters.local import LocalProvider
 from kiln_sandbox.handlers import SandboxService
-from kiln_sandbox.ports import SandboxRecord
+from kiln_sandbox.records import SandboxRecord
 from kiln_snapshot import bootstrap, gc, restores, snapshots
 from tests.integration.test_snapshot_restore_gc import serve_sandbox_rpc, settings, tree
 from tests.integration.test_snapshot_s3 import until, watch_saved

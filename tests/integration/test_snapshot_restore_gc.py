@@ -26,7 +26,7 @@ from kiln_devstack.sandbox import MemoryRegistry
 from kiln_sandbox.adapters.local import LocalProvider
 from kiln_sandbox.adapters.nats_rpc import NatsRestorer
 from kiln_sandbox.handlers import SandboxService
-from kiln_sandbox.ports import SandboxRecord
+from kiln_sandbox.records import SandboxRecord
 from kiln_snapshot import bootstrap, gc, snapshots
 from kiln_snapshot.adapters.s3 import S3Store
 from kiln_snapshot.settings import SnapshotSettings

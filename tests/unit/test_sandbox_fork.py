@@ -16,7 +16,7 @@ from kiln_devstack.sandbox import MemoryRegistry
 from kiln_runtime.errors import RetryLater
 from kiln_sandbox.adapters.local import LocalProvider
 from kiln_sandbox.handlers import SandboxService
-from kiln_sandbox.ports import SandboxRecord
+from kiln_sandbox.records import SandboxRecord
 from tests.unit.test_sandbox_handlers import FakeBus, FakeCalls, bus, tool_call
 
 ORIGIN = ForkOrigin(build_id="source", iteration=3, snapshot_id="snap-3")

@@ -38,7 +38,8 @@ from kiln_devstack.sandbox import MemoryRegistry
 from kiln_runtime.errors import RetryLater
 from kiln_sandbox.adapters.local import LocalProvider, LocalSandbox
 from kiln_sandbox.handlers import INTERRUPTED, SandboxService
-from kiln_sandbox.ports import CallRecord, SandboxError, SandboxRecord
+from kiln_sandbox.ports import SandboxError
+from kiln_sandbox.records import CallRecord, SandboxRecord
 from kiln_sandbox.workspace import Workspace
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from kiln_sandbox.ports import SandboxRecord
+from kiln_sandbox.records import SandboxRecord
 
 HOME = "/home/user"
 

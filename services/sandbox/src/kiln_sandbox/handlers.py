@@ -25,22 +25,15 @@ from kiln_contracts import (
 from kiln_runtime import metrics
 from kiln_runtime.errors import RetryLater
 
+from . import snapshot_requests
 from .adapters.memory import MemoryProcesses, MemoryReads
 from .execution import execute, log_execution, tool_result
 from .leases import renewing
-from .ports import (
-    CallRecord,
-    CallStore,
-    ProcessStore,
-    Provider,
-    Publisher,
-    ReadLog,
-    Registry,
-    Restorer,
-    SandboxRecord,
-)
+from .locks import BuildLocks
+from .ports import Provider, Publisher, Restorer
 from .processes import Processes
-from .sandboxes import BuildLocks, Sandboxes
+from .records import CallRecord, CallStore, ProcessStore, ReadLog, Registry, SandboxRecord
+from .sandboxes import Sandboxes
 from .tools import ToolContext
 from .workspace import Workspace
 
@@ -266,10 +259,10 @@ class SandboxService:
     # ------------------------------------------------------------------ snapshot rpc
 
     async def manifest(self, request: ManifestRequest) -> ManifestReply:
-        return await self.sandboxes.manifest(request)
+        return await snapshot_requests.manifest(self.sandboxes, request)
 
     async def upload(self, request: UploadRequest) -> UploadReply:
-        return await self.sandboxes.upload(request)
+        return await snapshot_requests.upload(self.sandboxes, request)
 
 
 def _of_the_ended_run(call: ToolCall, record: SandboxRecord) -> bool:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from kiln_contracts import ToolCall
 
-from .ports import CallStore
+from .records import CallStore
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,8 @@ import logging
 
 from kiln_contracts import Envelope, PreviewAvailable, PreviewGone, ProcessExited, stable_id
 
-from .ports import ProcessRecord, Publisher
+from .ports import Publisher
+from .records import ProcessRecord
 from .workspace import Workspace
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .ports import ProcessRecord, ProcessStatus
+from .records import ProcessRecord, ProcessStatus
 
 # what a process's end, as a script saw it, records: its status and why
 ENDS: dict[str, tuple[ProcessStatus, str]] = {

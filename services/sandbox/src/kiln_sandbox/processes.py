@@ -31,7 +31,7 @@ from dataclasses import replace
 
 from kiln_contracts import Envelope, ProcessStarted, ToolCall, stable_id
 
-from .ports import ProcessRecord, ProcessStatus, ProcessStore, Publisher, SandboxError
+from .ports import Publisher, SandboxError
 from .process_events import ProcessEvents
 from .process_records import describe, ended_as_seen, short
 from .process_scripts import (
@@ -47,6 +47,7 @@ from .process_scripts import (
     STOP_GRACE_S,
     script,
 )
+from .records import ProcessRecord, ProcessStatus, ProcessStore
 from .workspace import Workspace
 
 log = logging.getLogger(__name__)

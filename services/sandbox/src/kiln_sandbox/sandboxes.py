@@ -1,13 +1,10 @@
 """Each build's sandbox: found, made (and restored from the latest snapshot when it existed and
-is gone), paused and stopped, with the events that say so; and the snapshot service's manifest
-and upload requests, served from it. Plain ``async def``; no bus imports."""
+is gone), paused and stopped, with the events that say so; the snapshot service's manifest and
+upload requests are served from it by ``snapshot_requests``. Plain ``async def``; no bus imports."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -16,59 +13,24 @@ from kiln_contracts import (
     BuildFailed,
     Envelope,
     ForkOrigin,
-    ManifestReply,
-    ManifestRequest,
     SandboxRestored,
     SandboxStarted,
     SandboxStopped,
     SnapshotSaved,
     ToolCall,
-    UploadReply,
-    UploadRequest,
     stable_id,
 )
 from kiln_runtime.errors import RetryLater
 
-from .ports import (
-    Provider,
-    Publisher,
-    Registry,
-    Restorer,
-    SandboxError,
-    SandboxGone,
-    SandboxRecord,
-    SandboxState,
-)
+from .locks import BuildLocks
+from .ports import Provider, Publisher, Restorer, SandboxError, SandboxGone
+from .records import Registry, SandboxRecord, SandboxState
 from .workspace import Workspace
 
 if TYPE_CHECKING:
     from .processes import Processes
 
 log = logging.getLogger(__name__)
-
-
-class BuildLocks:
-    """One asyncio.Lock per build, dropped when nobody holds or waits for it."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, build_id: str) -> AsyncIterator[None]:
-        lock, users = self._locks.get(build_id, (asyncio.Lock(), 0))
-        self._locks[build_id] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[build_id]
-            if users <= 1:
-                del self._locks[build_id]
-            else:
-                self._locks[build_id] = (lock, users - 1)
-
-    def __len__(self) -> int:
-        return len(self._locks)
 
 
 class Sandboxes:
@@ -318,35 +280,3 @@ class Sandboxes:
             return Workspace(await self.provider.connect(build_id, record.sandbox_id))
         except SandboxGone as err:
             raise SandboxError(f"the sandbox of build {build_id} is gone: {err}") from err
-
-    async def manifest(self, request: ManifestRequest) -> ManifestReply:
-        try:
-            sandbox = await self.existing(request.build_id)
-            entries = await sandbox.manifest(
-                request.excludes, dirs_and_symlinks=request.include_dirs_and_symlinks
-            )
-        except (SandboxError, OSError) as err:
-            return ManifestReply(ok=False, error=str(err))
-        return ManifestReply(entries=entries)
-
-    async def upload(self, request: UploadRequest) -> UploadReply:
-        try:
-            sandbox = await self.existing(request.build_id)
-        except SandboxError as err:
-            return UploadReply(ok=False, error=str(err))
-        results = await sandbox.upload_all(request.uploads)
-        sent = [r for r in results if isinstance(r, int)]
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            return UploadReply(
-                ok=False,
-                error="; ".join(_describe(e) for e in errors[:5])
-                + (f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""),
-                uploaded=len(sent),
-                bytes_uploaded=sum(sent),
-            )
-        return UploadReply(uploaded=len(sent), bytes_uploaded=sum(sent))
-
-
-def _describe(err: BaseException) -> str:
-    return str(err) if isinstance(err, SandboxError) else f"{type(err).__name__}: {err}"

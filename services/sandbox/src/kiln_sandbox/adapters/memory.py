@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..ports import LIVE, ProcessRecord
+from ..records import LIVE, ProcessRecord
 
 
 class MemoryProcesses:

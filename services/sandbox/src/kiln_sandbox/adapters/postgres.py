@@ -10,7 +10,7 @@ import asyncpg
 
 from kiln_runtime.db import Migration, read_migrations
 
-from ..ports import CallRecord, ProcessRecord, SandboxRecord, SandboxState
+from ..records import CallRecord, ProcessRecord, SandboxRecord, SandboxState
 
 SCHEMA = "sandbox"
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln_contracts import ToolCall
 
-from ..ports import ReadLog
+from ..records import ReadLog
 from ..workspace import Workspace
 
 if TYPE_CHECKING:
