@@ -1,4 +1,5 @@
-"""The ``e2b`` sandbox provider: one E2B sandbox (a microVM) per build, on ``e2b.AsyncSandbox``.
+"""The ``e2b`` sandbox provider: one E2B sandbox (a microVM) per build, on ``e2b.AsyncSandbox``
+(the machine in ``e2b_machine``, the SDK's surface and errors in ``e2b_sdk``).
 
 Three SDK calls do the work: ``files.read`` / ``files.write`` for file contents and
 ``commands.run`` (always with ``cwd`` = the workspace) for everything else, as the shipped
@@ -27,232 +28,18 @@ does not confuse the parsing: every command's output starts after a marker.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
-import posixpath
-import shlex
 import uuid
-from collections.abc import Awaitable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
-from e2b import (
-    AuthenticationException,
-    CommandExitException,
-    FileNotFoundException,
-    GuestUnresponsiveException,
-    NotFoundException,
-    SandboxException,
-    SandboxNotFoundException,
-    SandboxNotRunningException,
-    SandboxQuery,
-    SandboxState,
-    SandboxUnreachableException,
-    TimeoutException,
-)
+from e2b import GuestUnresponsiveException, NotFoundException, SandboxQuery, SandboxState
 
-from ..ports import PreviewTarget, SandboxError, SandboxGone
-from .script import ScriptMachine, command
+from ..ports import SandboxError, SandboxGone
+from .e2b_machine import E2BSandbox
+from .e2b_sdk import DEFAULT_WORKDIR, SLACK_S, Sdk, guard
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-DEFAULT_WORKDIR = "/home/user/workspace"
-# Extra seconds an SDK call may take beyond the work it waits for.
-_SLACK_S = 30.0
-# Printed before each command's own output: what a login shell's profile prints comes before it.
-MARKER = "--kiln-e2b-output-7c1f--"
-_NO_END_EVENT = "Command ended without an end event"
-
-
-class KilledAtDeadline(SandboxError):
-    """envd killed the command at its deadline (exit -1, "signal: killed")."""
-
-
-class SdkSandbox(Protocol):
-    """The part of an ``AsyncSandbox`` instance the adapter uses."""
-
-    sandbox_id: str
-
-    @property
-    def files(self) -> Any: ...
-
-    @property
-    def commands(self) -> Any: ...
-
-    def get_host(self, port: int) -> str: ...
-
-
-class Sdk(Protocol):
-    """The part of the ``AsyncSandbox`` class the adapter uses (its class-method variants)."""
-
-    async def create(self, **kwargs: Any) -> Any: ...
-
-    async def connect(self, sandbox_id: str, **kwargs: Any) -> Any: ...
-
-    async def set_timeout(self, sandbox_id: str, timeout: int, **kwargs: Any) -> None: ...
-
-    async def pause(self, sandbox_id: str, **kwargs: Any) -> bool: ...
-
-    async def kill(self, sandbox_id: str, **kwargs: Any) -> bool: ...
-
-    def list(self, query: Any = None, **kwargs: Any) -> Any: ...
-
-
-def _gone(err: BaseException) -> bool:
-    """The SDK's ways of saying the sandbox is not there for us any more."""
-    if isinstance(err, SandboxNotFoundException | SandboxNotRunningException):
-        return True
-    if isinstance(err, SandboxUnreachableException):  # the health probe got no answer either
-        return True
-    # a pause (or shutdown) cancels the streams in flight
-    return isinstance(err, TimeoutException) and "cancelled by the server" in str(err)
-
-
-async def _guard(what: str, call: Awaitable[T], timeout_s: float) -> T:
-    """Await an SDK call with a timeout; map its errors to the ports' exceptions."""
-    try:
-        return await asyncio.wait_for(call, timeout=timeout_s)
-    except TimeoutError as err:
-        raise SandboxError(f"{what}: no answer from E2B within {timeout_s:g}s") from err
-    except (SandboxGone, SandboxError, CommandExitException, FileNotFoundException):
-        raise
-    except AuthenticationException as err:
-        raise RuntimeError(f"{what}: E2B refused the API key ({err})") from err
-    except SandboxException as err:
-        if _gone(err):
-            raise SandboxGone(f"{what}: {err}") from err
-        raise SandboxError(f"{what} failed: {err}") from err
-    except Exception as err:  # ServiceBusyException (503), network errors ...: reported, not lost
-        if type(err) is Exception and str(err) == _NO_END_EVENT:  # the stream just stopped
-            raise SandboxGone(f"{what}: the command's stream ended without its end") from err
-        raise SandboxError(f"{what} failed: {type(err).__name__}: {err}") from err
-
-
-def _after_marker(text: str) -> str:
-    head, found, rest = text.partition(MARKER)
-    return rest if found else head
-
-
-class E2BSandbox(ScriptMachine):
-    def __init__(self, provider: E2BProvider, sdk_sandbox: Any) -> None:
-        self._provider = provider
-        self._sb: SdkSandbox = sdk_sandbox
-        self._root = provider.workdir
-        self.request_timeout_s = provider.request_timeout_s
-        self.manifest_timeout_s = provider.manifest_timeout_s
-        self.transfer_timeout_s = provider.transfer_timeout_s
-
-    @property
-    def sandbox_id(self) -> str:
-        return self._sb.sandbox_id
-
-    @property
-    def root(self) -> str:
-        return self._root
-
-    @property
-    def process_dir(self) -> str:
-        return '"$HOME"/.kiln/processes'
-
-    def preview(self, port: int) -> PreviewTarget:
-        """The sandbox's host for ``port`` (the SDK's ``get_host``) and, where the sandbox's
-        traffic is private, the token its requests carry (``traffic_access_token``)."""
-        host = self._sb.get_host(port)
-        token = getattr(self._sb, "traffic_access_token", None)
-        return PreviewTarget(
-            provider="e2b",
-            url=f"https://{host}/",
-            traffic_access_token=token if isinstance(token, str) and token else None,
-        )
-
-    def _abs(self, rel: str) -> str:
-        return posixpath.join(self._root, rel) if rel else self._root
-
-    async def _exec(
-        self,
-        args: Sequence[str],
-        *,
-        timeout_s: float,
-        what: str,
-        envs: dict[str, str] | None = None,
-    ) -> tuple[int, str, str]:
-        slack = self._provider.slack_s
-        marked = f"printf %s {MARKER}; printf %s {MARKER} >&2; exec {command(args)}"
-        try:
-            result = await _guard(
-                what,
-                self._sb.commands.run(
-                    marked,
-                    cwd=self._root,
-                    envs=envs,
-                    timeout=timeout_s + slack,
-                    request_timeout=self._provider.request_timeout_s,
-                ),
-                timeout_s + 2 * slack,
-            )
-        except CommandExitException as err:  # a non-zero exit: its output is what matters
-            if err.exit_code == -1 and "killed" in (err.error or ""):
-                raise KilledAtDeadline(
-                    f"{what} did not finish within {timeout_s + slack:g}s ({err.error})"
-                ) from err
-            return err.exit_code, _after_marker(err.stdout or ""), _after_marker(err.stderr or "")
-        out, err_text = _after_marker(result.stdout or ""), _after_marker(result.stderr or "")
-        return result.exit_code, out, err_text
-
-    async def _exec_run(self, args: Sequence[str], timeout_s: float) -> tuple[int, str, str]:
-        """When envd kills ``run`` at its deadline first: a timed-out result ("rc total
-        timed_out" = "0 0 1"), and the command's own session (out of envd's reach) killed."""
-        pidfile = f"/tmp/kiln-run-{uuid.uuid4().hex}"
-        try:
-            return await self._exec(
-                args, timeout_s=timeout_s, what="bash", envs={"KILN_RUN_PIDFILE": pidfile}
-            )
-        except KilledAtDeadline:
-            await self._kill_session(pidfile)
-            return -1, "0 0 1\n\n\n", ""
-
-    async def _kill_session(self, pidfile: str) -> None:
-        p = shlex.quote(pidfile)
-        kill = (
-            f'for g in $(cat {p} 2>/dev/null); do kill -KILL -- "-$g" 2>/dev/null; done; rm -f {p}'
-        )
-        try:
-            await _guard(
-                "kill a timed-out command",
-                self._sb.commands.run(kill, timeout=self._provider.request_timeout_s),
-                self._provider._limit(),
-            )
-        except CommandExitException:
-            pass
-
-    async def _before_run(self, timeout_s: float) -> None:
-        await self._provider.keep_alive(self.sandbox_id, timeout_s)
-
-    async def read(self, path: str) -> bytes:
-        try:
-            data = await _guard(
-                f"read {path}",
-                self._sb.files.read(
-                    self._abs(path),
-                    format="bytes",
-                    request_timeout=self._provider.request_timeout_s,
-                ),
-                self._provider._limit(),
-            )
-        except FileNotFoundException as err:
-            raise SandboxError(f"file not found: {path}") from err
-        return bytes(data)
-
-    async def write(self, path: str, data: bytes) -> None:
-        await _guard(
-            f"write {path}",
-            self._sb.files.write(
-                self._abs(path), data, request_timeout=self._provider.request_timeout_s
-            ),
-            self._provider._limit(),
-        )
 
 
 class E2BProvider:
@@ -270,7 +57,7 @@ class E2BProvider:
         request_timeout_s: float = 30.0,
         manifest_timeout_s: float = 120.0,
         transfer_timeout_s: float = 300.0,
-        slack_s: float = _SLACK_S,
+        slack_s: float = SLACK_S,
         max_lifetime_s: int = 3600,
         api_url: str | None = None,
         sandbox_url: str | None = None,
@@ -304,7 +91,7 @@ class E2BProvider:
         """A sandbox timeout to ask for, within the plan's maximum lifetime."""
         return int(min(timeout_s, self.max_lifetime_s))
 
-    def _limit(self) -> float:
+    def limit(self) -> float:
         return self.request_timeout_s * 2 + self.slack_s
 
     async def create(self, build_id: str, *, user_id: str = "") -> E2BSandbox:
@@ -319,12 +106,12 @@ class E2BProvider:
         }
         if self.template:
             kwargs["template"] = self.template
-        sb = await _guard("create an E2B sandbox", self.sdk.create(**kwargs), self._limit())
+        sb = await guard("create an E2B sandbox", self.sdk.create(**kwargs), self.limit())
         try:
-            await _guard(
+            await guard(
                 "create the workspace",
                 sb.files.make_dir(self.workdir, request_timeout=self.request_timeout_s),
-                self._limit(),
+                self.limit(),
             )
         except BaseException:
             await self.stop(build_id, sb.sandbox_id)
@@ -334,10 +121,10 @@ class E2BProvider:
 
     async def connect(self, build_id: str, sandbox_id: str) -> E2BSandbox:
         try:
-            sb = await _guard(
+            sb = await guard(
                 f"connect to sandbox {sandbox_id}",
                 self.sdk.connect(sandbox_id, timeout=self._cap(self.idle_timeout_s), **self._opts),
-                self._limit(),
+                self.limit(),
             )
         except SandboxError as err:
             if isinstance(err.__cause__, NotFoundException):
@@ -360,7 +147,7 @@ class E2BProvider:
         pages = self.sdk.list(query=query, **self._opts)
         found: list[str] = []
         while True:
-            items = await _guard("list the build's sandboxes", pages.next_items(), self._limit())
+            items = await guard("list the build's sandboxes", pages.next_items(), self.limit())
             found += [i.sandbox_id for i in items if i.sandbox_id != keep]
             if not pages.has_next:
                 break
@@ -375,26 +162,26 @@ class E2BProvider:
         """Make sure the sandbox outlives a command of ``busy_s`` seconds, plus the idle time."""
         if busy_s + self.slack_s <= self._cap(self.idle_timeout_s):
             return  # connect already pushed the timeout to idle_timeout_s from now
-        await _guard(
+        await guard(
             "extend the sandbox's timeout",
             self.sdk.set_timeout(sandbox_id, self._cap(busy_s + self.idle_timeout_s), **self._opts),
-            self._limit(),
+            self.limit(),
         )
 
     async def pause(self, build_id: str, sandbox_id: str) -> None:
         try:
-            await _guard(
+            await guard(
                 f"pause sandbox {sandbox_id}",
                 self.sdk.pause(sandbox_id, **self._opts),
-                self._limit(),
+                self.limit(),
             )
         except SandboxGone:
             log.info("sandbox %s was already gone", sandbox_id, extra={"build_id": build_id})
 
     async def stop(self, build_id: str, sandbox_id: str) -> None:
         try:
-            await _guard(
-                f"kill sandbox {sandbox_id}", self.sdk.kill(sandbox_id, **self._opts), self._limit()
+            await guard(
+                f"kill sandbox {sandbox_id}", self.sdk.kill(sandbox_id, **self._opts), self.limit()
             )
         except SandboxGone:
             pass
