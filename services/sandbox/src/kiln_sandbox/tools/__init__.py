@@ -15,7 +15,8 @@ from ..ports import PathOutsideWorkspace, SandboxError
 from ..workspace import Workspace
 from .base import MAX_OUTPUT_CHARS, BadInput, ToolContext, ToolOutcome, error
 from .files import edit_file, read_file, write_file
-from .search import glob, glob_to_regex, grep, list_dir
+from .grep import grep
+from .search import glob, glob_to_regex, list_dir
 from .shell import bash, bash_output, kill_shell
 
 __all__ = ["MAX_OUTPUT_CHARS", "TOOLS", "ToolContext", "ToolOutcome", "glob_to_regex", "run_tool"]
