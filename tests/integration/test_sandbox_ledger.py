@@ -7,14 +7,8 @@ import asyncio
 from dataclasses import replace
 
 from kiln_runtime.db import create_pool
-from kiln_sandbox.adapters.postgres import (
-    SCHEMA,
-    PgCallStore,
-    PgProcesses,
-    PgReads,
-    PgRegistry,
-    migrations,
-)
+from kiln_sandbox.adapters.pg_processes import PgProcesses
+from kiln_sandbox.adapters.postgres import SCHEMA, PgCallStore, PgReads, PgRegistry, migrations
 from kiln_sandbox.records import SandboxRecord
 
 

@@ -13,14 +13,8 @@ from kiln_runtime.service import serve
 
 from .adapters.local import LocalProvider
 from .adapters.nats_rpc import NatsRestorer
-from .adapters.postgres import (
-    SCHEMA,
-    PgCallStore,
-    PgProcesses,
-    PgReads,
-    PgRegistry,
-    migrations,
-)
+from .adapters.pg_processes import PgProcesses
+from .adapters.postgres import SCHEMA, PgCallStore, PgReads, PgRegistry, migrations
 from .app import SERVICE, SandboxApp
 from .handlers import SandboxService
 from .ports import Provider
