@@ -9,6 +9,12 @@ from ..records import ProcessRecord
 SCHEMA = "sandbox"
 
 
+_PROCESS_COLUMNS = (
+    "build_id, process_id, call_id, iteration, command, sandbox_id, status, pid, exit_code, "
+    "reason, read_offset, reported_by, ports"
+)
+
+
 def _process(row: asyncpg.Record) -> ProcessRecord:
     return ProcessRecord(
         build_id=row["build_id"],

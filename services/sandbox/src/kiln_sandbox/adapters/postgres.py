@@ -165,12 +165,6 @@ class PgRegistry:
         )
 
 
-_PROCESS_COLUMNS = (
-    "build_id, process_id, call_id, iteration, command, sandbox_id, status, pid, exit_code, "
-    "reason, read_offset, reported_by, ports"
-)
-
-
 class PgReads:
     """What each build last saw of each file (table ``file_reads``). A sighting counts only once
     the call that made it has its result (a 'done' ledger row that is no error): a read whose call
