@@ -23,13 +23,14 @@ from kiln_contracts import (
     SleepRequested,
     ToolResult,
     WakeRequested,
+    stable_id,
 )
 from kiln_contracts.messages import FailureReason
 from kiln_runtime import metrics
 from kiln_runtime.config import Cost, KilnConfig
 from kiln_runtime.errors import Conflict, PermanentError, RetryLater
 
-from . import control, endings, tools, transitions
+from . import control, endings, stalls, tools, transitions
 from .caching_store import CachingStore
 from .checkpoint import Checkpoint, SleepRequest, Turn
 from .config import AgentConfig
@@ -45,6 +46,7 @@ from .ports import (
     CheckpointStore,
     ContextWindowExceeded,
     Gates,
+    Idle,
     LeaseChange,
     Model,
     ModelError,
@@ -167,6 +169,25 @@ class Agent:
                 await self.store.release_lease(msg.build_id, token or "")
             saved = placed
         await self._after(msg.build_id, msg.event_id, saved)
+
+    async def nudge(self, idle: Idle, watch: stalls.Watch) -> None:
+        """The watchdog's retry of a build that stopped moving, or its failure (``stalls``); a
+        build that moved since the sweep saw it is left alone."""
+        cause = stable_id(idle.build_id, "stalled", idle.version)
+        saved = await self._step(
+            idle.build_id,
+            lambda cp: stalls.nudge(cp, idle, watch, cause),
+            take_lease=uuid.uuid4().hex,
+        )
+        if saved is not None:
+            log.warning(
+                "no progress for %.0f s: %s",
+                idle.idle_s,
+                "failed" if saved.terminal else f"retry {stalls.retries(saved)}",
+                extra={"build_id": idle.build_id},
+            )
+            metrics.STALLED_BUILDS.labels("failed" if saved.terminal else "retried").inc()
+            await self._after(idle.build_id, cause, saved)
 
     # ------------------------------------------------------------------ think
 
