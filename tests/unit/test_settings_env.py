@@ -49,6 +49,7 @@ NOT_SETTINGS = {
     "KILN_SETUP_NATS_PASSWORD": "the set-up step's NATS password (kiln up, kiln_runtime.setup)",
     "CHAOS_BUILDS": "not a variable: `make chaos-cluster CHAOS_BUILDS=…`",
     "CHAOS_KILLS": "not a variable: `make chaos-cluster CHAOS_KILLS=…`",
+    "OUTAGE_S": "not a variable: `make outages OUTAGE_S=…`",
 }
 # Every variable each service reads, documented or not; none may stop setting its field.
 COMMON = {

@@ -29,6 +29,7 @@ from kiln_contracts.messages import FailureReason
 from kiln_runtime import metrics
 from kiln_runtime.config import Cost, KilnConfig
 from kiln_runtime.errors import Conflict, PermanentError, RetryLater
+from kiln_runtime.retry import retry
 
 from . import control, endings, stalls, tools, transitions
 from .caching_store import CachingStore
@@ -60,6 +61,9 @@ from .transitions import CONTINUE, Advance, Rules
 __all__ = ["CACHE", "CONTINUE", "Agent", "build_request"]
 
 log = logging.getLogger(__name__)
+
+# Tries at saving a paid reply (full-jitter backoff capped at 5 s: about two minutes).
+KEEP_ATTEMPTS = 50
 
 
 class Agent:
@@ -306,7 +310,7 @@ class Agent:
 
         # saved on the checkpoint read under the lease: no read again unless it changed
         # meanwhile (the save's version check)
-        saved = await self._step(cp.build_id, advance, publish=False, first=cp, give_up=token)
+        saved = await self._keep(cp, advance, token)
         return saved is not None and saved.status == "thinking", saved
 
     async def _gate(self, cp: Checkpoint) -> BudgetGate | None:
@@ -412,7 +416,7 @@ class Agent:
             assert priced is not None
             return control.summarised(c, at, upto, cleared, answer, priced, cause)
 
-        saved = await self._step(cp.build_id, advance, publish=False, first=cp, give_up=token)
+        saved = await self._keep(cp, advance, token)
         if saved is not None:
             log.info(
                 "compacted: turns 1 to %d summarised, before %d cleared",
@@ -421,6 +425,24 @@ class Agent:
                 extra={"build_id": cp.build_id},
             )
         return saved is not None and saved.status == "thinking", saved
+
+    async def _keep(self, cp: Checkpoint, advance: Advance, token: str) -> Checkpoint | None:
+        """Save a model call's reply (paid for: a reply lost here is paid again when the build
+        thinks again), trying again for about two minutes while the store cannot be reached."""
+        return await retry(
+            lambda: self._step(cp.build_id, advance, publish=False, first=cp, give_up=token),
+            attempts=KEEP_ATTEMPTS,
+            retry_on=(Exception,),
+            give_up=lambda err: isinstance(err, RetryLater | PermanentError),
+            base=0.5,
+            cap=5.0,
+            on_retry=lambda err, n: log.warning(
+                "could not save the reply (attempt %d): %s; trying again",
+                n,
+                err,
+                extra={"build_id": cp.build_id},
+            ),
+        )
 
     def _request(self, cp: Checkpoint, turns: list[Turn]) -> ModelRequest:
         name = self.rules.kiln.resolve(cp.model)

@@ -30,6 +30,7 @@ from kiln_contracts import (
 )
 from kiln_runtime import metrics
 from kiln_runtime.errors import RetryLater
+from kiln_runtime.retry import retry
 
 from .adapters.memory import MemoryProcesses, MemoryReads
 from .ports import (
@@ -57,6 +58,9 @@ INTERRUPTED = (
 )
 # Extra time a whole call may take beyond its command timeout (stat scans, file reads ...).
 CALL_MARGIN_S = 30.0
+# Tries at storing a call's result before giving up on it (full-jitter backoff capped at 5 s:
+# about two minutes on average).
+RECORD_ATTEMPTS = 50
 # A ToolResult must stay well under the stream's message size limit.
 MAX_FILES_CHANGED = 500
 
@@ -126,7 +130,7 @@ class SandboxService:
                     self._log_execution(call)
                     async with self._leased(call):
                         result = await self._run(sandbox, call, watch)
-                await self.calls.finish(call.build_id, call.call_id, result.model_dump(mode="json"))
+                await self._record(call, result)
                 await self.bus.publish(result)
                 log.info(
                     "ran %s (error=%s, %d ms)",
@@ -151,6 +155,26 @@ class SandboxService:
                 log.warning("call was interrupted earlier; not re-running it", extra=extra)
             await self.bus.publish(result)
             return result
+
+    async def _record(self, call: ToolCall, result: ToolResult) -> None:
+        """Store the result of a call that ran. While the store cannot be reached (Postgres down
+        or failing over) this keeps trying, for about two minutes (RECORD_ATTEMPTS), holding the message (it
+        is heartbeated): a call that ran and whose result was lost would be answered as
+        interrupted on its redelivery, the work it did unknown to the model."""
+        await retry(
+            lambda: self.calls.finish(call.build_id, call.call_id, result.model_dump(mode="json")),
+            attempts=RECORD_ATTEMPTS,
+            retry_on=(Exception,),
+            base=0.5,
+            cap=5.0,
+            on_retry=lambda err, n: log.warning(
+                "could not store the result of %s (attempt %d): %s; trying again",
+                call.call_id,
+                n,
+                err,
+                extra={"build_id": call.build_id, "call_id": call.call_id},
+            ),
+        )
 
     async def _watch_processes(self, call: ToolCall, record: SandboxRecord | None) -> bool:
         """Whether this call must look for background processes to report: the build has had
