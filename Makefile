@@ -66,6 +66,13 @@ CHAOS_KILLS ?= 10
 chaos-cluster: install  ## 3-node JetStream cluster, 2 replicas per service: leader SIGKILL, node SIGSTOP, service kills
 	KILN_CHAOS_BUILDS=$(CHAOS_BUILDS) KILN_CHAOS_KILLS=$(CHAOS_KILLS) $(RUN) pytest tests/e2e/test_chaos_cluster.py -q -s -p no:cacheprovider
 
+# ---------------------------------------------------------------- dependency outages (docs/OPERATIONS.md)
+.PHONY: outages
+OUTAGE_S ?= 30
+
+outages: install  ## Postgres, Redis and S3 each down for OUTAGE_S seconds in the middle of builds
+	KILN_OUTAGE_S=$(OUTAGE_S) $(RUN) pytest tests/e2e/test_outages.py -q -s -p no:cacheprovider
+
 # ---------------------------------------------------------------- deployment (deploy/, docs/OPERATIONS.md)
 .PHONY: deploy-check nats-render
 DEPLOY_OUT := .kiln/deploy

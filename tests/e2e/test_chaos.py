@@ -91,14 +91,14 @@ class Chaos(threading.Thread):
         self.nats_restarted = True
 
 
-def post_builds(stack: Stack, builds: int = BUILDS) -> list[str]:
+def post_builds(stack: Stack, builds: int = BUILDS, key: str = "chaos") -> list[str]:
     ids = []
     with httpx.Client(base_url=stack.gateway_url, headers=HEADERS, timeout=10) as client:
         for n in range(builds):
             created = client.post(
                 "/v1/builds",
                 json={"idea_brief": f"{BRIEF}\n(build {n})"},
-                headers={"Idempotency-Key": f"chaos-{n}"},
+                headers={"Idempotency-Key": f"{key}-{n}"},
             )
             assert created.status_code == 201, created.text
             ids.append(created.json()["build_id"])
@@ -109,7 +109,7 @@ def wait_all_completed(stack: Stack, ids: list[str], chaos: Any, timeout: float)
     deadline = time.monotonic() + timeout
     status: dict[str, str] = {}
     while time.monotonic() < deadline:
-        if chaos.error:
+        if chaos is not None and chaos.error:
             raise chaos.error
         try:
             with httpx.Client(base_url=stack.gateway_url, headers=HEADERS, timeout=5) as c:

@@ -459,3 +459,21 @@ async def test_unknown_tier_fails_the_build() -> None:
     agent, _, pub = make_agent(FakeModel(DONE))
     await agent.build_requested(request().model_copy(update={"tier": "platinum"}))
     assert pub.of(BuildFailed)[0].reason == "internal"
+
+
+async def test_a_reply_is_saved_through_a_store_outage_and_the_model_is_not_asked_again() -> None:
+    model = FakeModel(TWO_CALLS, DONE)
+    agent, store, pub = make_agent(model)
+    save = store.save
+    failures = [ConnectionResetError("connection was closed in the middle of operation")] * 2
+
+    async def flaky(cp, new_turns, lease=None):  # type: ignore[no-untyped-def]
+        if new_turns and failures:  # the save of the reply: the database is down twice
+            raise failures.pop()
+        return await (save(cp, new_turns) if lease is None else save(cp, new_turns, lease))
+
+    store.save = flaky  # type: ignore[method-assign]
+    await agent.build_requested(request())
+    assert not failures and len(model.requests) == 1  # one paid call, kept
+    assert {c.call_id for c in pub.of(ToolCall)} == {"c1", "c2"}
+    assert len(pub.of(IterationCompleted)) == 1

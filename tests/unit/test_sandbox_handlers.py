@@ -156,6 +156,24 @@ async def test_the_same_call_twice_runs_once_and_republishes_the_same_result(svc
     assert [r.event_id for r in bus(svc).of(ToolResult)] == [first.event_id] * 3
 
 
+async def test_a_result_is_stored_through_a_store_outage_not_lost_to_interrupted(svc, uid):
+    calls = svc.calls
+    finish = calls.finish
+    down = [ConnectionRefusedError("Connect call failed"), ConnectionResetError("reset")]
+
+    async def flaky(build_id: str, call_id: str, result: dict[str, Any]) -> None:
+        if down:  # Postgres down for the first two tries
+            raise down.pop()
+        await finish(build_id, call_id, result)
+
+    calls.finish = flaky
+    call = tool_call(uid)
+    result = await svc.handle_tool_call(call)
+    assert not down and result.output.strip() == "1" and not result.is_error
+    again = await svc.handle_tool_call(call)  # a redelivery: the stored result, not "interrupted"
+    assert again == result and workspace_file(svc, call.build_id, "log.txt") == "line\n"
+
+
 async def test_a_call_found_started_is_reported_interrupted_not_rerun(svc, uid):
     call = tool_call(uid)
     await svc.calls.begin(call.build_id, call.call_id, "dead-replica", 0.0)  # crashed mid-run

@@ -49,6 +49,7 @@ NOT_SETTINGS = {
     "KILN_SETUP_NATS_PASSWORD": "the set-up step's NATS password (kiln up, kiln_runtime.setup)",
     "CHAOS_BUILDS": "not a variable: `make chaos-cluster CHAOS_BUILDS=…`",
     "CHAOS_KILLS": "not a variable: `make chaos-cluster CHAOS_KILLS=…`",
+    "OUTAGE_S": "not a variable: `make outages OUTAGE_S=…`",
 }
 # Every variable each service reads, documented or not; none may stop setting its field.
 COMMON = {
@@ -86,6 +87,8 @@ READ = {
         *("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "KILN_MODEL_TIMEOUT_S", "KILN_AGENT_CONFIG"),
         *("KILN_AGENT_WORKERS", "KILN_AGENT_LEASE_S", "KILN_AGENT_DB_POOL"),
         *("KILN_AGENT_TURN_CACHE_MB", "KILN_AGENT_TURN_CACHE_BUILDS", "KILN_AGENT_GATES_TIMEOUT_S"),
+        *("KILN_AGENT_WATCHDOG_IDLE_S", "KILN_AGENT_WATCHDOG_RETRIES"),
+        "KILN_AGENT_WATCHDOG_INTERVAL_S",
         "KILN_AGENT_UVLOOP",
     },
     "sandbox": COMMON

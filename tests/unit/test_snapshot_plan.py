@@ -212,8 +212,8 @@ async def test_redelivered_checkpoint_republishes_the_same_event_without_work(
 
 
 async def test_sandbox_errors(deps: Deps, store: FakeStore, sandbox: FakeSandbox) -> None:
-    sandbox.manifest_error = "workspace not found"
-    with pytest.raises(PermanentError, match="workspace not found"):
+    sandbox.manifest_error = "workspace not found"  # retried: a sandbox may be on its way
+    with pytest.raises(RetryLater, match="workspace not found"):
         await snapshots.take_snapshot(deps, checkpoint(), 1)
     sandbox.manifest_error = ""
     sandbox.upload_error = "disk on fire"

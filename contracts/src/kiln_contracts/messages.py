@@ -42,6 +42,7 @@ FailureReason = Literal[
     "model_error",
     "model_refusal",
     "context_window",
+    "stalled",
     "internal",
 ]
 

@@ -47,4 +47,9 @@ UNPRICED_ITERATIONS = Counter(
     "Iterations of a model with no price in kiln.yaml, charged at the fallback model's prices",
     ["service", "model"],
 )
+STALLED_BUILDS = Counter(
+    "kiln_stalled_builds_total",
+    "The watchdog's nudges of builds that stopped moving: retried, or failed (reason stalled)",
+    ["outcome"],
+)
 BUILDS_SLEEPING = Gauge("kiln_builds_sleeping", "Builds asleep waiting for budget or a wake")

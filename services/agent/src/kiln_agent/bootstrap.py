@@ -17,6 +17,8 @@ from .adapters.postgres import SCHEMA, PostgresStore, migrations
 from .gates import BudgetGates
 from .loop import Agent
 from .settings import AgentSettings, MissingApiKey
+from .stalls import Watch
+from .watchdog import Watchdog
 
 
 @dataclass
@@ -26,6 +28,7 @@ class Wiring:
     pool: asyncpg.Pool | None = None
     model: AnthropicModel | None = None
     gates: BudgetGates | None = None
+    watchdog: Watchdog | None = None
 
     async def start(self) -> None:
         """Read the budget gates, open the database and the model client, then register the
@@ -78,8 +81,16 @@ class Wiring:
             budget_gates=self.gates,
         )
         app.register(self.bus, agent, workers=self.settings.agent_workers)
+        self.watchdog = Watchdog(
+            agent,
+            Watch(self.settings.agent_watchdog_idle_s, self.settings.agent_watchdog_retries),
+            interval_s=self.settings.agent_watchdog_interval_s,
+        )
+        self.watchdog.start()
 
     async def stop(self) -> None:
+        if self.watchdog:
+            await self.watchdog.stop()
         if self.gates:
             await self.gates.stop()
         if self.model:

@@ -15,7 +15,7 @@ import logging
 
 from .checkpoint import Checkpoint, Turn
 from .kept import Entry, Kept
-from .ports import NO_LEASE_CHANGE, CheckpointStore, LeaseChange
+from .ports import NO_LEASE_CHANGE, CheckpointStore, Idle, LeaseChange
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,9 @@ class CachingStore:
 
     async def release_lease(self, build_id: str, token: str) -> None:
         await self.store.release_lease(build_id, token)
+
+    async def idle(self, idle_s: float, limit: int) -> list[Idle]:
+        return await self.store.idle(idle_s, limit)
 
     # ------------------------------------------------------------------ what it keeps
 

@@ -47,6 +47,14 @@ class Waiting(_Model):
     text: str
 
 
+class Stall(_Model):
+    """The watchdog's retries of a build that stopped moving, valid while the row stays at
+    ``version`` (the one the last retry saved): any other change is progress, and starts over."""
+
+    version: int
+    retries: int
+
+
 class State(_Model):
     """The jsonb part of the row: bounded in size, whatever the conversation's length."""
 
@@ -85,6 +93,9 @@ class State(_Model):
         default=0, description="The iteration the current run started from (its allowance)."
     )
     run_cost_micro_usd: int = Field(default=0, description="The cost when the run started.")
+    stall: Stall | None = Field(
+        default=None, description="The watchdog's retries since the build last moved."
+    )
     fork: ForkOrigin | None = Field(
         default=None,
         description="The build is a fork of this build, iteration and snapshot (its ToolCalls "

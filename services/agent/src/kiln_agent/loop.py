@@ -23,13 +23,15 @@ from kiln_contracts import (
     SleepRequested,
     ToolResult,
     WakeRequested,
+    stable_id,
 )
 from kiln_contracts.messages import FailureReason
 from kiln_runtime import metrics
 from kiln_runtime.config import Cost, KilnConfig
 from kiln_runtime.errors import Conflict, PermanentError, RetryLater
+from kiln_runtime.retry import retry
 
-from . import control, endings, tools, transitions
+from . import control, endings, stalls, tools, transitions
 from .caching_store import CachingStore
 from .checkpoint import Checkpoint, SleepRequest, Turn
 from .config import AgentConfig
@@ -45,6 +47,7 @@ from .ports import (
     CheckpointStore,
     ContextWindowExceeded,
     Gates,
+    Idle,
     LeaseChange,
     Model,
     ModelError,
@@ -58,6 +61,9 @@ from .transitions import CONTINUE, Advance, Rules
 __all__ = ["CACHE", "CONTINUE", "Agent", "build_request"]
 
 log = logging.getLogger(__name__)
+
+# Tries at saving a paid reply (full-jitter backoff capped at 5 s: about two minutes).
+KEEP_ATTEMPTS = 50
 
 
 class Agent:
@@ -167,6 +173,25 @@ class Agent:
                 await self.store.release_lease(msg.build_id, token or "")
             saved = placed
         await self._after(msg.build_id, msg.event_id, saved)
+
+    async def nudge(self, idle: Idle, watch: stalls.Watch) -> None:
+        """The watchdog's retry of a build that stopped moving, or its failure (``stalls``); a
+        build that moved since the sweep saw it is left alone."""
+        cause = stable_id(idle.build_id, "stalled", idle.version)
+        saved = await self._step(
+            idle.build_id,
+            lambda cp: stalls.nudge(cp, idle, watch, cause),
+            take_lease=uuid.uuid4().hex,
+        )
+        if saved is not None:
+            log.warning(
+                "no progress for %.0f s: %s",
+                idle.idle_s,
+                "failed" if saved.terminal else f"retry {stalls.retries(saved)}",
+                extra={"build_id": idle.build_id},
+            )
+            metrics.STALLED_BUILDS.labels("failed" if saved.terminal else "retried").inc()
+            await self._after(idle.build_id, cause, saved)
 
     # ------------------------------------------------------------------ think
 
@@ -285,7 +310,7 @@ class Agent:
 
         # saved on the checkpoint read under the lease: no read again unless it changed
         # meanwhile (the save's version check)
-        saved = await self._step(cp.build_id, advance, publish=False, first=cp, give_up=token)
+        saved = await self._keep(cp, advance, token)
         return saved is not None and saved.status == "thinking", saved
 
     async def _gate(self, cp: Checkpoint) -> BudgetGate | None:
@@ -391,7 +416,7 @@ class Agent:
             assert priced is not None
             return control.summarised(c, at, upto, cleared, answer, priced, cause)
 
-        saved = await self._step(cp.build_id, advance, publish=False, first=cp, give_up=token)
+        saved = await self._keep(cp, advance, token)
         if saved is not None:
             log.info(
                 "compacted: turns 1 to %d summarised, before %d cleared",
@@ -400,6 +425,24 @@ class Agent:
                 extra={"build_id": cp.build_id},
             )
         return saved is not None and saved.status == "thinking", saved
+
+    async def _keep(self, cp: Checkpoint, advance: Advance, token: str) -> Checkpoint | None:
+        """Save a model call's reply (paid for: a reply lost here is paid again when the build
+        thinks again), trying again for about two minutes while the store cannot be reached."""
+        return await retry(
+            lambda: self._step(cp.build_id, advance, publish=False, first=cp, give_up=token),
+            attempts=KEEP_ATTEMPTS,
+            retry_on=(Exception,),
+            give_up=lambda err: isinstance(err, RetryLater | PermanentError),
+            base=0.5,
+            cap=5.0,
+            on_retry=lambda err, n: log.warning(
+                "could not save the reply (attempt %d): %s; trying again",
+                n,
+                err,
+                extra={"build_id": cp.build_id},
+            ),
+        )
 
     def _request(self, cp: Checkpoint, turns: list[Turn]) -> ModelRequest:
         name = self.rules.kiln.resolve(cp.model)

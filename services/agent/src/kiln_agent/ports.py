@@ -30,6 +30,16 @@ class LeaseChange:
 NO_LEASE_CHANGE = LeaseChange()
 
 
+@dataclass(frozen=True)
+class Idle:
+    """A build that wants to move (thinking or acting) whose row has not changed for ``idle_s``
+    seconds and whose think lease is free: no model call runs for it."""
+
+    build_id: str
+    version: int
+    idle_s: float
+
+
 class CheckpointStore(Protocol):
     async def create(self, cp: Checkpoint, turns: list[Turn]) -> bool:
         """Insert a new build; False if the build already exists."""
@@ -72,6 +82,10 @@ class CheckpointStore(Protocol):
 
     async def release_lease(self, build_id: str, token: str) -> None:
         """Give the lease up if ``token`` still holds it."""
+
+    async def idle(self, idle_s: float, limit: int) -> list[Idle]:
+        """The builds thinking or acting, unchanged for at least ``idle_s`` seconds, with no
+        think lease held: the longest idle first, at most ``limit``."""
 
 
 class Publisher(Protocol):

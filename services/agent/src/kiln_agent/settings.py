@@ -39,6 +39,21 @@ class AgentSettings(DatabaseSettings):
         description="The most builds whose turns and checkpoint are kept; default: twice "
         "KILN_AGENT_WORKERS, the builds a replica can be driving at once.",
     )
+    agent_watchdog_idle_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="A build thinking or acting unchanged this long, with no model call running, "
+        "is retried (then after twice, four times as long; an acting one after at least twice "
+        "its tool timeout).",
+    )
+    agent_watchdog_retries: int = Field(
+        default=2,
+        ge=0,
+        description="Retries of a build that stopped moving before it fails (reason stalled).",
+    )
+    agent_watchdog_interval_s: float = Field(
+        default=30.0, gt=0, description="How often each replica looks for builds that stopped."
+    )
 
 
 class MissingApiKey(SystemExit):

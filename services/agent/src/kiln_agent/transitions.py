@@ -168,24 +168,32 @@ def act(rules: Rules, cp: Checkpoint, calls: list[dict[str, Any]], cause: uuid.U
             endings.narrate(cp, call.call_id, str(call.input.get("text", "")), cause)
             cp.state.results[call.call_id] = Outcome(content="ok")
         else:
-            cp.outbox.append(
-                ToolCall(
-                    event_id=stable_id(cp.build_id, "tool_call", call.call_id),
-                    build_id=cp.build_id,
-                    user_id=cp.user_id,
-                    causation_id=cause,
-                    call_id=call.call_id,
-                    iteration=cp.iteration,
-                    tool=call.tool,  # type: ignore[arg-type]
-                    input=call.input,
-                    timeout_s=cp.limits.tool_timeout_s,
-                    restore_from=cp.state.fork,
-                )
-            )
+            cp.outbox.append(tool_call(cp, call, cause))
     cp.status = "acting"
     if len(cp.state.results) == len(cp.state.pending):
         return observe(cp, cause)
     return []
+
+
+def tool_call(
+    cp: Checkpoint, call: PendingCall, cause: uuid.UUID, retry: int | None = None
+) -> ToolCall:
+    """The ToolCall for a pending call of the current iteration. ``retry``: it is sent again by
+    the save of this version (a new event id; the sandbox runs a call once whatever the id, by
+    its call id)."""
+    again = ("retry", retry) if retry is not None else ()
+    return ToolCall(
+        event_id=stable_id(cp.build_id, "tool_call", call.call_id, *again),
+        build_id=cp.build_id,
+        user_id=cp.user_id,
+        causation_id=cause,
+        call_id=call.call_id,
+        iteration=cp.iteration,
+        tool=call.tool,  # type: ignore[arg-type]
+        input=call.input,
+        timeout_s=cp.limits.tool_timeout_s,
+        restore_from=cp.state.fork,
+    )
 
 
 def record(cp: Checkpoint, msg: ToolResult) -> list[Turn] | None:

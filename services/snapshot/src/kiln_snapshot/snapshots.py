@@ -149,9 +149,10 @@ async def take_snapshot(
                 build_id=build_id, excludes=list(deps.excludes), include_dirs_and_symlinks=True
             )
         )
-        if not reply.ok:
-            raise PermanentError(
-                f"sandbox could not list the workspace of {build_id}: {reply.error}"
+        if not reply.ok:  # its sandbox being made, restored or unreachable: not for good
+            raise RetryLater(
+                f"sandbox could not list the workspace of {build_id}: {reply.error}",
+                delay_s=deps.retry_delay_s,
             )
         entries = _normalise(reply.entries)
         files = [e for e in entries if e.type == "file"]

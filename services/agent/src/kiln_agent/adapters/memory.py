@@ -6,7 +6,7 @@ import copy
 import time
 
 from ..checkpoint import Checkpoint, Turn
-from ..ports import NO_LEASE_CHANGE, LeaseChange, VersionConflict
+from ..ports import NO_LEASE_CHANGE, Idle, LeaseChange, VersionConflict
 
 
 class MemoryStore:
@@ -15,6 +15,7 @@ class MemoryStore:
         self.conversation: dict[str, list[Turn]] = {}
         self.saves = 0
         self.leases: dict[str, tuple[str, float]] = {}
+        self.updated: dict[str, float] = {}  # build id: when its row last changed (monotonic)
 
     async def create(self, cp: Checkpoint, turns: list[Turn]) -> bool:
         if cp.build_id in self.rows:
@@ -22,6 +23,7 @@ class MemoryStore:
         cp.version = 1
         self.rows[cp.build_id] = self._row(cp)
         self.conversation[cp.build_id] = list(turns)
+        self.updated[cp.build_id] = time.monotonic()
         return True
 
     async def load(self, build_id: str) -> Checkpoint | None:
@@ -43,6 +45,7 @@ class MemoryStore:
         cp.version += 1
         self.rows[cp.build_id] = self._row(cp)
         self.conversation[cp.build_id].extend(copy.deepcopy(new_turns))
+        self.updated[cp.build_id] = time.monotonic()
         self.saves += 1
         if lease.give_up is not None:
             await self.release_lease(cp.build_id, lease.give_up)
@@ -92,3 +95,14 @@ class MemoryStore:
     async def release_lease(self, build_id: str, token: str) -> None:
         if self.leases.get(build_id, ("", 0.0))[0] == token:
             del self.leases[build_id]
+
+    async def idle(self, idle_s: float, limit: int) -> list[Idle]:
+        now = time.monotonic()
+        found = [
+            Idle(b, row.version, now - self.updated[b])
+            for b, row in self.rows.items()
+            if row.status in ("thinking", "acting")
+            and now - self.updated[b] >= idle_s
+            and self.leases.get(b, ("", 0.0))[1] <= now
+        ]
+        return sorted(found, key=lambda i: -i.idle_s)[:limit]

@@ -17,7 +17,7 @@ from kiln_contracts import BuildLimits
 from kiln_runtime.db import Migration, read_migrations
 
 from ..checkpoint import Checkpoint, State, Turn, dump_outbox, load_outbox
-from ..ports import NO_LEASE_CHANGE, LeaseChange, VersionConflict
+from ..ports import NO_LEASE_CHANGE, Idle, LeaseChange, VersionConflict
 
 SCHEMA = "agent"
 
@@ -192,6 +192,17 @@ class PostgresStore:
             build_id,
             token,
         )
+
+    async def idle(self, idle_s: float, limit: int) -> list[Idle]:
+        rows = await self.pool.fetch(
+            "SELECT build_id, version, extract(epoch FROM now() - updated_at)::float8 AS idle "
+            "FROM builds WHERE status IN ('thinking', 'acting') "
+            "AND updated_at <= now() - make_interval(secs => $1) "
+            "AND (lease_until IS NULL OR lease_until <= now()) ORDER BY updated_at LIMIT $2",
+            idle_s,
+            limit,
+        )
+        return [Idle(r["build_id"], r["version"], r["idle"]) for r in rows]
 
 
 async def _insert_turns(conn: Any, build_id: str, turns: list[Turn]) -> None:
