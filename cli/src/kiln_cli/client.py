@@ -1,4 +1,7 @@
-"""The gateway's HTTP API from the command line: builds, and their events as Server-Sent Events."""
+"""The gateway's HTTP API from the command line: builds, and their events as Server-Sent Events.
+
+A little over 300 lines: one method per endpoint the commands call, kept together as the one
+client of the API (the SSE parser and the follower that reconnects beside them)."""
 
 from __future__ import annotations
 
