@@ -45,13 +45,21 @@ def stack(infra: dict[str, str]) -> Iterator[Stack]:
 
 
 def wait_for_status(
-    client: httpx.Client, stack: Stack, build_id: str, statuses: set[str], timeout: float = 240
+    client: httpx.Client,
+    stack: Stack,
+    build_id: str,
+    statuses: set[str],
+    timeout: float = 240,
+    waits: list[dict] | None = None,
 ) -> dict:
+    """The build once its status is one of ``statuses``; ``waits``: each ``waiting_on`` seen."""
     deadline = time.monotonic() + timeout
     body: dict = {}
     while time.monotonic() < deadline:
         stack.check_alive()
         body = client.get(f"/v1/builds/{build_id}").json()
+        if waits is not None and body.get("waiting_on"):
+            waits.append(body["waiting_on"])
         if body.get("status") in statuses:
             return body
         time.sleep(0.25)
@@ -141,8 +149,14 @@ def build_id(stack: Stack) -> str:
         )
         assert created.status_code == 201, created.text
         build: str = created.json()["build_id"]
-        final = wait_for_status(client, stack, build, {"completed", "failed", "cancelled"})
+        waits: list[dict] = []
+        final = wait_for_status(
+            client, stack, build, {"completed", "failed", "cancelled"}, waits=waits
+        )
         assert final["status"] == "completed", final
+        # while it ran, the API said what it was waiting on: the model, then the sandbox's calls
+        assert {"agent", "sandbox"} <= {w["service"] for w in waits}, waits
+        assert any(w["what"].startswith("tool call") for w in waits), waits
         return build
 
 

@@ -83,6 +83,11 @@ def iterations(stack: Stack, ids: list[str]) -> list[int]:
         return [client.get(f"/v1/builds/{b}").json()["iteration"] for b in ids]
 
 
+def waiting_on(stack: Stack, ids: list[str]) -> list[dict[str, object]]:
+    with httpx.Client(base_url=stack.gateway_url, headers=HEADERS, timeout=5) as client:
+        return [client.get(f"/v1/builds/{b}").json()["waiting_on"] for b in ids]
+
+
 @pytest.mark.parametrize("dependency", ["postgres", "redis", "s3"])
 def test_builds_wait_out_an_outage_and_go_on(
     stack: Stack, outages: Outages, dependency: str
@@ -96,13 +101,22 @@ def test_builds_wait_out_an_outage_and_go_on(
         time.sleep(0.2)
     forwarder.down()
     try:
-        time.sleep(OUTAGE_S)
+        started = time.monotonic()
+        if dependency == "s3":
+            # builds go on without S3; the completed ones say they wait on their final snapshot
+            wait_all_completed(stack, ids, chaos=None, timeout=240)
+            assert {w["service"] for w in waiting_on(stack, ids)} == {"snapshot"}
+        time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - started)))
     finally:
         forwarder.up()
     wait_all_completed(stack, ids, chaos=None, timeout=240)
     assert forwarder.connections > before  # the services did use it (and came back to it)
 
     assert_builds_intact(stack, ids)
+    deadline = time.monotonic() + 60  # and then they wait on nothing
+    while any(waiting_on(stack, ids)):
+        assert time.monotonic() < deadline, waiting_on(stack, ids)
+        time.sleep(0.2)
     with httpx.Client(base_url=stack.gateway_url, headers=HEADERS, timeout=10) as client:
         for build_id in ids:  # the final snapshot was stored, whatever was down
             listed = client.get(f"/v1/builds/{build_id}/snapshots").json()

@@ -42,6 +42,8 @@ class Projection:
     processes: str = "[]"
     """The build's background processes, a JSON array of ``{process_id, command, status, pid,
     exit_code, reason, sandbox_id}`` (``kiln_gateway.projection.processes_after``)."""
+    waiting: str = "{}"
+    """What the build is waiting on, JSON (``kiln_gateway.waiting``)."""
     previews: str = "[]"
     """The build's previews, a JSON array, one per port: ``{port, status, reason, seq,
     process_id, provider, sandbox_id, url, traffic_access_token}``

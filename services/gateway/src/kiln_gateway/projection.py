@@ -27,7 +27,7 @@ from kiln_contracts import (
 )
 from kiln_runtime.errors import RetryLater
 
-from . import model
+from . import model, waiting
 from .model import Projection
 from .ports import BuildStore
 from .previews import previews_after
@@ -55,7 +55,9 @@ def evolve(state: Projection, event: Envelope, seq: int) -> Projection:
     """The build's projected state after ``event`` (stream sequence ``seq``). Terminal states
     stick until the build continues (``BuildContinued``: running again, once per continuation);
     a snapshot still counts after the end (the final one is taken after it)."""
-    new = replace(state, last_seq=max(state.last_seq, seq))
+    new = replace(
+        state, last_seq=max(state.last_seq, seq), waiting=waiting.after(state.waiting, event)
+    )
     if isinstance(event, SnapshotSaved):
         return replace(new, last_snapshot_id=event.snapshot_id)
     if isinstance(event, ProcessStarted | ProcessExited):  # after the end too: stopped then

@@ -4,8 +4,8 @@ previews, stream tokens."""
 from __future__ import annotations
 
 import json
-from datetime import datetime
-from typing import Annotated, Any
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
@@ -14,6 +14,7 @@ from kiln_contracts import BuildLimits, QnA
 from .model import Build, Message
 from .previews import previews_of
 from .schemas import BRIEF_EXAMPLE, QNA_EXAMPLE, Body, Brief, Ident
+from .waiting import of as waiting_of
 
 
 class CreateBuild(Body):
@@ -140,6 +141,21 @@ class PreviewToken(BaseModel):
     )
 
 
+class WaitingOn(BaseModel):
+    service: Literal["agent", "sandbox", "budget", "snapshot"] = Field(
+        description="agent: its model call; sandbox: the tool calls named; budget: the "
+        "allowance (asleep); snapshot: the final snapshot of a completed build."
+    )
+    what: str = Field(examples=["tool call bash (toolu_01)"])
+    since: datetime
+    seconds: float = Field(description="How long, when this answer was made.")
+
+    @classmethod
+    def of(cls, waiting: str) -> WaitingOn | None:
+        found = waiting_of(waiting, datetime.now(UTC))
+        return None if found is None else cls.model_validate(found)
+
+
 class BuildOut(BaseModel):
     build_id: str
     status: str = Field(
@@ -176,6 +192,11 @@ class BuildOut(BaseModel):
     previews: list[PreviewOut] = Field(
         default_factory=list,
         description="The build's previews, one per port (GET /v1/builds/{id} only).",
+    )
+    waiting_on: WaitingOn | None = Field(
+        default=None,
+        description="What the build is waiting on now: the service that has to act next, on "
+        "what, since when (none: nothing, e.g. an ended build whose files are stored).",
     )
 
     @classmethod
@@ -225,6 +246,7 @@ class BuildOut(BaseModel):
             ]
             if detail
             else [],
+            waiting_on=WaitingOn.of(s.waiting),
         )
 
 

@@ -595,12 +595,25 @@ async function openBuild(buildId) {
     const b = await (await api(`/v1/builds/${buildId}`)).json();
     state.continuations = b.continuations || 0;
     setStatus(b.status);
+    showWaiting(b);
     $("iteration").textContent = b.iteration;
     meter();
     await openStream(buildId);
     showError("");
     await loadSnapshots();
   } catch (e) { showError(e.message); }
+}
+
+function showWaiting(b) {
+  const w = b.waiting_on;
+  $("waiting").textContent = w ? `${w.service}: ${w.what} · ${Math.round(w.seconds)} s` : "–";
+}
+
+async function refreshWaiting() {
+  if (!state.build) return;
+  const buildId = state.build;
+  const b = await (await api(`/v1/builds/${buildId}`)).json();
+  if (state.build === buildId) showWaiting(b);
 }
 
 async function command(what) {
@@ -668,4 +681,8 @@ for (const id of ["diff-from", "diff-to"]) $(id).addEventListener("change", () =
 loadBuilds();
 loadBudget();
 if (location.hash.length > 1 && state.key) openBuild(location.hash.slice(1));
-setInterval(() => { if (!document.hidden) loadBuilds(); }, 5000);
+setInterval(() => {
+  if (document.hidden) return;
+  loadBuilds();
+  refreshWaiting().catch(() => {});  // the API down (its database): the list says so
+}, 5000);
