@@ -52,8 +52,10 @@ browser:  ## Debian's Chromium for the dashboard test (idempotent; fails loudly 
 e2e: install browser  ## end-to-end tests (every service as a process; the dashboard in Chromium)
 	$(RUN) pytest tests/e2e -q
 
-test: lint typecheck browser  ## the whole suite: lint, types, unit, integration, e2e
-	$(RUN) pytest -q -p no:cacheprovider --durations=10
+TEST_WORKERS ?= 2
+
+test: lint typecheck browser  ## the whole suite: lint, types, unit, integration, e2e (TEST_WORKERS processes)
+	$(RUN) pytest -q -p no:cacheprovider --durations=10 -n $(TEST_WORKERS) --dist loadfile
 
 clean:  ## remove local state
 	rm -rf .kiln .pytest_cache .mypy_cache .ruff_cache

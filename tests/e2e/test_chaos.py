@@ -33,7 +33,7 @@ from tests.e2e.test_build_end_to_end import BRIEF, stream_history
 
 pytestmark = pytest.mark.e2e
 
-BUILDS = 6
+BUILDS = 4
 VICTIMS = ("gateway", "agent", "sandbox", "budget", "snapshot")
 HEADERS = {"Authorization": f"Bearer {DEV_API_KEY}"}
 
@@ -49,7 +49,7 @@ def stack(infra: dict[str, str]) -> Iterator[Stack]:
             "KILN_SANDBOX_LEASE_S": "5",
             "KILN_MAX_DELIVER": "50",
             # Slow the model down so that the builds are still running while the chaos happens.
-            "KILN_SCRIPTED_LATENCY_S": "1.5",
+            "KILN_SCRIPTED_LATENCY_S": "1.0",
         }
 
     with own_stack(infra, "chaos", env) as s:

@@ -69,7 +69,7 @@ def stack(infra: dict[str, str], outages: Outages) -> Iterator[Stack]:
         return {
             "KILN_DEV_TIER": "team",
             "KILN_SANDBOX_EXEC_LOG": str(data_dir / "exec.jsonl"),
-            "KILN_SCRIPTED_LATENCY_S": "0.5",
+            "KILN_SCRIPTED_LATENCY_S": "0.3",
             # the deliveries a message gets outlast the outage (at most 15 s apart)
             "KILN_MAX_DELIVER": str(max(20, int(OUTAGE_S) // 5 + 12)),
         }

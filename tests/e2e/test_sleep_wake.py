@@ -16,7 +16,7 @@ from tests.e2e.test_build_end_to_end import BRIEF, wait_for_status
 
 pytestmark = pytest.mark.e2e
 
-PERIOD_S = 30  # a "day" of the budget; periods start at multiples of it since the epoch
+PERIOD_S = 20  # a "day" of the budget; periods start at multiples of it since the epoch
 HEADERS = {"Authorization": f"Bearer {DEV_API_KEY}"}
 
 

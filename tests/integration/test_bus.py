@@ -10,7 +10,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from kiln_contracts import CancelRequested, subjects
 from kiln_runtime.bus import Bus
-from kiln_runtime.errors import PermanentError
+from kiln_runtime.errors import PermanentError, RetryLater
 from kiln_runtime.settings import CommonSettings
 
 pytestmark = pytest.mark.integration
@@ -52,6 +52,8 @@ async def test_consume_dedup_dead_letter_and_retry(infra, uid):
     async def handle(event: CancelRequested, delivery) -> None:
         if event.reason == "poison":
             raise PermanentError("poisoned on purpose")
+        if event.reason == "later":  # never handled: dead-lettered at its last delivery
+            raise RetryLater("its sandbox is on its way", delay_s=0.1)
         if event.reason == "flaky":
             attempts[event.build_id] = delivery.num_delivered
             if delivery.num_delivered < 2:
@@ -67,6 +69,7 @@ async def test_consume_dedup_dead_letter_and_retry(infra, uid):
         await bus.publish(ok)  # same event_id: dropped by the server
         await bus.publish(CancelRequested(build_id=f"f{uid}", user_id="u1", reason="flaky"))
         await bus.publish(CancelRequested(build_id=f"p{uid}", user_id="u1", reason="poison"))
+        await bus.publish(CancelRequested(build_id=f"l{uid}", user_id="u1", reason="later"))
         # invalid payloads straight onto the subject, as a foreign producer might
         js = bus.nc.jetstream()
         await js.publish(subjects.subject(f"x{uid}", "cancel_requested"), b"{not json")
@@ -77,12 +80,14 @@ async def test_consume_dedup_dead_letter_and_retry(infra, uid):
         )
         await until(lambda: len(seen) == 2)
         await until(lambda: attempts.get(f"f{uid}") == 2)
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.0)
         assert sorted(e.reason for e in seen) == ["flaky", "ok"]
 
         dlq = await dead_letters(bus, service)
         reasons = sorted(r for r, _ in dlq)
-        assert len(dlq) == 3, reasons
+        assert len(dlq) == 4, reasons
+        # the last delivery's reason with the count, not a bare "gave up"
+        assert "gave up after 3 deliveries: its sandbox is on its way" in reasons
         assert any("poisoned on purpose" in r for r in reasons)
         assert any("invalid cancel_requested" in r for r in reasons)
         assert any("schema_version" in r for r in reasons)

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import REGISTRY
 from typer.testing import CliRunner, Result
 
-from kiln_cli import main
+from kiln_cli import main, shared
 from kiln_contracts import ToolCall
 from kiln_runtime.bus import Bus, Delivery
 from kiln_runtime.dead_letters import cause_of
@@ -26,6 +26,7 @@ ADMIN = "adm-dlq-test"
 
 async def kiln(config: Path, *args: str) -> Result:
     env = {"KILN_CONFIG_FILE": str(config), "KILN_URL": "", "KILN_API_KEY": "", "COLUMNS": "250"}
+    shared.console.width = 250  # made at import, before COLUMNS: wide enough not to wrap
     return await asyncio.to_thread(
         CliRunner().invoke, main.app, list(args), env=env, catch_exceptions=False
     )

@@ -245,7 +245,7 @@ async def test_incremental_snapshots_dedup_and_restore(
     assert RestorePlanReply.model_validate_json(none.data).error == "no snapshot"
 
 
-async def test_unknown_workspace_is_dead_lettered_with_the_reason(
+async def test_an_unknown_workspace_is_retried_then_dead_lettered_with_the_reason(
     service: bootstrap.Wiring, sandbox: FakeSandbox, uid: str
 ) -> None:
     event = CheckpointSaved(build_id=f"gone{uid}", user_id=f"u{uid}", iteration=1, reason="final")

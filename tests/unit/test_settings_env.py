@@ -50,6 +50,7 @@ NOT_SETTINGS = {
     "CHAOS_BUILDS": "not a variable: `make chaos-cluster CHAOS_BUILDS=…`",
     "CHAOS_KILLS": "not a variable: `make chaos-cluster CHAOS_KILLS=…`",
     "OUTAGE_S": "not a variable: `make outages OUTAGE_S=…`",
+    "TEST_WORKERS": "not a variable: `make test TEST_WORKERS=…`",
 }
 # Every variable each service reads, documented or not; none may stop setting its field.
 COMMON = {

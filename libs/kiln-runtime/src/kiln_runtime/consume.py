@@ -258,9 +258,16 @@ class Consumer(Generic[E]):
             await msg.ack()
             metrics.HANDLED.labels(service, kind, "dead_letter").inc()
         except RetryLater as err:
-            await msg.nack(delay=err.delay_s or None)
-            metrics.HANDLED.labels(service, kind, "retry").inc()
-            log.info("redelivering later: %s", err, extra=extra)
+            if meta.num_delivered >= self.bus.settings.max_deliver:  # its last: say why
+                await self.bus.dead_letter(
+                    raw, f"gave up after {meta.num_delivered} deliveries: {err}"
+                )
+                await msg.ack()
+                metrics.HANDLED.labels(service, kind, "dead_letter").inc()
+            else:
+                await msg.nack(delay=err.delay_s or None)
+                metrics.HANDLED.labels(service, kind, "retry").inc()
+                log.info("redelivering later: %s", err, extra=extra)
         except Exception as err:
             if meta.num_delivered >= self.bus.settings.max_deliver:
                 await self.bus.dead_letter(raw, f"{type(err).__name__}: {err}")
