@@ -288,6 +288,22 @@ async def test_manifest_and_upload_run_inside_the_sandbox(e2b, blobs):
         await sb.upload("out.txt", digest, f"{base}/blob/out")
     assert "/blob/out" not in store
 
+    # a read is one command with its confinement (no locate first), a large file two
+    ws = Workspace(sb)
+    before = len(calls)
+    found, data = await ws.fetch("src/app.py", 1 << 20)
+    assert data == b"print('hi')\n" and found.real == "src/app.py"
+    assert calls[before:] == ["process.Start"]
+    await sb.run("head -c 1100000 /dev/zero > big.bin", timeout_s=10, max_output=100)
+    before = len(calls)
+    found, data = await ws.fetch("big.bin", 2 << 20)
+    assert data is not None and len(data) == 1_100_000
+    assert calls[before:] == ["process.Start", "files.read"]
+    with pytest.raises(SandboxError, match="outside the workspace"):
+        await ws.fetch("out.txt", 1 << 20)  # the symlink to /etc/hostname: nothing read
+    found, data = await ws.fetch("src", 1 << 20)
+    assert found.info is not None and found.info.is_dir and data is None
+
 
 def _call(build_id: str, call_id: str, command: str) -> ToolCall:
     return ToolCall(

@@ -129,6 +129,11 @@ class Machine(Protocol):
 
     async def read(self, path: str) -> bytes: ...
 
+    async def fetch(self, path: str, max_bytes: int) -> tuple[Located, bytes | None]:
+        """``locate`` of one path and, if it leads to a regular file inside the workspace of at
+        most ``max_bytes``, its bytes, in one round trip (else None: read it apart)."""
+        ...
+
     async def write(self, path: str, data: bytes) -> None:
         """Write a file, creating its parent directories."""
         ...

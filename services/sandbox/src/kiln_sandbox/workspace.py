@@ -119,6 +119,18 @@ class Workspace:
             raise SandboxError(f"{name} is a directory")
         return await self.machine.read(found.real)
 
+    async def fetch(self, path: str, max_bytes: int) -> tuple[Located, bytes | None]:
+        """What ``locate`` says of ``path`` and, if it is a file of at most ``max_bytes``, its
+        bytes: one round trip where the machine can (a large file is read apart)."""
+        rel = self.relative(path)
+        found, data = await self.machine.fetch(rel, max_bytes)
+        if leads_outside(found.real):
+            raise PathOutsideWorkspace(f"{rel!r} resolves outside the workspace")
+        info = found.info
+        if data is None and info is not None and info.kind == "file" and info.size <= max_bytes:
+            data = await self.machine.read(found.real)
+        return found, data
+
     async def write(self, path: str | Located, data: bytes) -> None:
         """Write a file, creating its parent directories."""
         found = await self._at(path)

@@ -89,6 +89,13 @@ class LocalSandbox:
             raise SandboxError(f"cannot resolve {rel!r}: {err.strerror or err}") from err
         return Located(inside, file_info(inside, st))
 
+    async def fetch(self, path: str, max_bytes: int) -> tuple[Located, bytes | None]:
+        found = self._locate(path)
+        info = found.info
+        if info is None or info.kind != "file" or info.size > max_bytes:  # None: also outside
+            return found, None
+        return found, await self.read(found.real)
+
     async def read(self, path: str) -> bytes:
         try:
             return await asyncio.to_thread(Path(self._real(path)).read_bytes)

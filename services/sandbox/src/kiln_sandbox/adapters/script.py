@@ -32,6 +32,9 @@ from ..ports import (
 
 # A command travels as one argument of ``bash -c``; Linux caps one at 128 KiB.
 MAX_ARGS_CHARS = 64_000
+# A file read with its ``locate`` in one command (base64 on stdout) up to this size; a larger one
+# is read apart, through the provider's file API.
+FETCH_INLINE_BYTES = 1024 * 1024
 _KINDS: dict[str, EntryKind] = {"f": "file", "d": "dir", "l": "symlink"}
 
 
@@ -102,6 +105,20 @@ class ScriptMachine:
                 real = "" if real == "." else real
                 found.append(Located(real, _info(real, meta) if meta else None))
         return found
+
+    async def fetch(self, path: str, max_bytes: int) -> tuple[Located, bytes | None]:
+        inline = min(max_bytes, FETCH_INLINE_BYTES)
+        code, out, err = await self._exec(
+            ["fetch", str(inline), path], timeout_s=self.request_timeout_s, what="read a file"
+        )
+        if code != 0:
+            raise SandboxError(f"cannot read {path!r}: {err.strip() or f'exit {code}'}")
+        real, meta, data = out.split("\0", 2)
+        real = "" if real == "." else real
+        info = _info(real, meta) if meta else None
+        # outside the workspace the script says nothing of it (no info) and sends nothing
+        fetched = info is not None and info.kind == "file" and info.size <= inline
+        return Located(real, info), base64.b64decode(data) if fetched else None
 
     async def walk(
         self,

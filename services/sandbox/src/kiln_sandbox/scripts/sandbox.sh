@@ -45,6 +45,24 @@ cmd_locate() {
   done
 }
 
+# fetch MAX PATH: locate's two records for PATH, then (base64) the bytes of the regular file
+# it leads to inside the workspace if it has at most MAX of them: a read in one round trip.
+cmd_fetch() {
+  local r meta size
+  r=$(realpath -m --relative-base=. -- "${2:-.}") || exit 3
+  printf '%s\0' "$r"
+  case $r in
+    /* | .. | ../*) printf '\0'; return 0 ;;
+  esac
+  meta=$(find "./$r" -maxdepth 0 -printf '%y\t%s\t%T@\t%m' 2>/dev/null)
+  printf '%s\0' "$meta"
+  case $meta in
+    f*) size=${meta#*$'\t'}; size=${size%%$'\t'*}
+        [ "$size" -le "$1" ] && { base64 -w0 <"./$r" || exit 3; } ;;
+  esac
+  return 0
+}
+
 # walk TOP DEPTH LIMIT CONTENT NSKIP SKIP... EXCLUDE...: "type size mtime mode path" and the
 # symlink target per entry (DEPTH, LIMIT: empty for no limit; SKIP: directory names listed but
 # not entered; EXCLUDE: name or path patterns left out); with CONTENT=1 then "--sha256--" and
@@ -123,6 +141,6 @@ cmd_apply() {
 }
 
 case ${1-} in
-  run | locate | walk | put | get | apply) cmd=cmd_$1; shift; "$cmd" "$@" ;;
+  run | locate | fetch | walk | put | get | apply) cmd=cmd_$1; shift; "$cmd" "$@" ;;
   *) printf 'unknown command %s\n' "${1-}" >&2; exit 2 ;;
 esac

@@ -36,18 +36,19 @@ async def read_file(ws: Workspace, args: dict[str, Any], ctx: ToolContext) -> To
             raise BadInput("offset is a 1-based line number and must be >= 1")
     if limit < 1:
         raise BadInput("limit must be >= 1")
-    found = await ws.locate(path)
+    found, data = await ws.fetch(path, MAX_READ_BYTES)
     info = found.info
     if info is None:
         return error(f"file not found: {path}")
     if info.is_dir:
         return error(f"{path} is a directory; use list_dir")
-    if info.size > MAX_READ_BYTES:
+    if data is None and info.size <= MAX_READ_BYTES:
+        return error(f"{path} is not a regular file")
+    if data is None:
         return error(
             f"{path} is {info.size:,} bytes, larger than the {MAX_READ_BYTES // (1024 * 1024)} MB "
             "read limit; use bash (e.g. head, sed -n, grep) to look at parts of it"
         )
-    data = await ws.read(found)
     if looks_binary(data):
         return error(f"{path} looks like a binary file ({len(data):,} bytes); not shown")
     text = data.decode("utf-8", errors="replace")
@@ -119,17 +120,18 @@ async def edit_file(ws: Workspace, args: dict[str, Any], ctx: ToolContext) -> To
         raise BadInput("old_string must not be empty (use write_file to create a file)")
     if old == new:
         raise BadInput("old_string and new_string are the same; nothing to change")
-    found = await ws.locate(path)
+    found, data = await ws.fetch(path, MAX_READ_BYTES)
     info = found.info
     if info is None:
         return error(f"file not found: {path}")
     if info.is_dir:
         return error(f"{path} is a directory")
-    if info.size > MAX_READ_BYTES:
+    if data is None and info.size <= MAX_READ_BYTES:
+        return error(f"{path} is not a regular file")
+    if data is None:
         return error(
             f"{path} is larger than {MAX_READ_BYTES // (1024 * 1024)} MB; edit it with bash"
         )
-    data = await ws.read(found)
     if looks_binary(data):
         return error(f"{path} looks like a binary file; not edited")
     try:
