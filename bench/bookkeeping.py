@@ -46,11 +46,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiln_agent import app, config
+from kiln_agent import app, compaction, config
 from kiln_agent.adapters.postgres import SCHEMA, PostgresStore, migrations
 from kiln_agent.checkpoint import Checkpoint, Turn
 from kiln_agent.loop import Agent
 from kiln_agent.ports import ModelReply, ModelRequest
+from kiln_agent.transitions import Rules
 from kiln_contracts import (
     BuildCompleted,
     BuildLimits,
@@ -188,13 +189,26 @@ class TimedAgent(Agent):
         sample.total_s = time.perf_counter() - began - (self.model.spent_s - in_model)
         self.samples[msg.build_id].append(sample)
 
-    def _request(self, cp: Checkpoint, turns: list[Turn]) -> ModelRequest:
+
+def _timed_requests() -> None:
+    """Time each Messages request the agent builds (``compaction.model_request``), as the
+    sample's part "request"."""
+    build = compaction.model_request
+    if getattr(build, "timed", False):
+        return
+
+    def timed(
+        rules: Rules, tools: list[dict[str, Any]], cp: Checkpoint, turns: list[Turn]
+    ) -> ModelRequest:
         began = time.perf_counter()
         try:
-            return super()._request(cp, turns)
+            return build(rules, tools, cp, turns)
         finally:
             if (sample := _SAMPLE.get()) is not None:
                 sample.parts["request"].append(time.perf_counter() - began)
+
+    timed.timed = True  # type: ignore[attr-defined]
+    compaction.model_request = timed
 
 
 # ---------------------------------------------------------------------------- the figures
@@ -294,6 +308,7 @@ async def run(
 ) -> Result:
     if iterations < 2 * window + 2:
         raise SystemExit(f"--iterations must be at least {2 * window + 2} for --window {window}")
+    _timed_requests()
     if _gc_timer not in gc.callbacks:
         gc.callbacks.append(_gc_timer)
     run_id = uuid.uuid4().hex[:8]

@@ -12,8 +12,8 @@ from typing import Any
 import pydantic
 import pytest
 
+from kiln_agent import compaction
 from kiln_agent import config as agent_config
-from kiln_agent import control
 from kiln_agent.checkpoint import Checkpoint, Turn
 from kiln_agent.context import (
     _cleared,
@@ -260,8 +260,8 @@ def test_a_summary_is_charged_once_under_its_stable_id_and_moves_both_watermarks
     cp_now = datetime.now(UTC)
     priced = cp_now, Cost(micro_usd=300, priced_as="claude-sonnet-5-5", fallback=False)
     cause = stable_id("b1", "cause")
-    assert control.summarised(cp, (20, 40), 21, 33, reply, priced, cause) is None  # moved on
-    assert control.summarised(cp, (20, 41), 21, 33, reply, priced, cause) == []
+    assert compaction.summarised(cp, (20, 40), 21, 33, reply, priced, cause) is None  # moved on
+    assert compaction.summarised(cp, (20, 41), 21, 33, reply, priced, cause) == []
     [charge] = cp.outbox
     assert isinstance(charge, IterationCompleted) and charge.purpose == "summary"
     assert charge.event_id == stable_id("b1", "summary", 1) and charge.iteration == 20
@@ -272,7 +272,7 @@ def test_a_summary_is_charged_once_under_its_stable_id_and_moves_both_watermarks
     assert cp.status == "thinking"
     # a reply with no summary is charged too, and ends the build rather than ask again
     empty = reply.model_copy(update={"content": [], "stop_reason": "refusal"})
-    assert control.summarised(cp, (20, 41), 40, 40, empty, priced, cause) == []
+    assert compaction.summarised(cp, (20, 41), 40, 40, empty, priced, cause) == []
     assert cp.state.summaries == 2 and cp.status == "failed" and cp.cost_micro_usd == 1_600
 
 

@@ -1,14 +1,13 @@
 """The build's start (or its rejection behind a closed budget gate), the commands from outside
 (cancel, sleep, wake, a user's message and the continuation it starts) and what gates a think (the
-limits, a sleep before the call, a model change, compaction), as plain functions on the checkpoint
-like ``transitions.py``: no I/O; each returns the new turns ([] for none), or None when the input
-changes nothing."""
+limits, a sleep before the call, a model change; compaction is ``compaction.py``), as plain
+functions on the checkpoint like ``transitions.py``: no I/O; each returns the new turns ([] for
+none), or None when the input changes nothing."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
 from kiln_contracts import (
@@ -18,18 +17,15 @@ from kiln_contracts import (
     BuildRequested,
     BuildResumed,
     CancelRequested,
-    IterationCompleted,
     SendUserMessage,
     SleepRequested,
     WakeRequested,
     stable_id,
 )
 from kiln_contracts.messages import FailureReason
-from kiln_runtime.config import Cost
 
-from . import context, endings, gates
+from . import endings, gates
 from .checkpoint import Checkpoint, SleepRequest, Turn, Waiting
-from .ports import ModelReply
 from .transitions import Rules, take_inbox, turn
 
 # ---------------------------------------------------------------------------- start
@@ -311,68 +307,6 @@ def model_switch(rules: Rules, cp: Checkpoint) -> Callable[[Checkpoint], None] |
             c.state.context_tokens = None  # another model counts tokens its own way
 
     return switch
-
-
-def compact(cp: Checkpoint, iteration: int, point: int) -> list[Turn] | None:
-    """Move the compaction watermark to ``point`` (if the build is still at ``iteration``)."""
-    if cp.status != "thinking" or cp.iteration != iteration:
-        return None
-    cp.state.compacted_before = max(cp.state.compacted_before, point)
-    cp.state.context_tokens, cp.state.compact_now = None, False
-    return []
-
-
-def summarised(
-    cp: Checkpoint,
-    at: tuple[int, int],
-    upto: int,
-    cleared_before: int,
-    reply: ModelReply,
-    priced: tuple[datetime, Cost],
-    cause: uuid.UUID,
-) -> list[Turn] | None:
-    """The reply of a summarising call (made at ``at`` = (iteration, turns), if the build is still
-    there): charged like any call (an IterationCompleted of purpose ``summary``, its id stable per
-    summary, so a republish is charged once), then turns 1 to ``upto`` (excluded) are sent as the
-    summary and the clearing watermark moves to ``cleared_before``; the user's messages that
-    came meanwhile join the conversation as a user turn. A reply with no text
-    summarises nothing: the build fails with context_window rather than ask again."""
-    if cp.status != "thinking" or (cp.iteration, cp.turns) != at:
-        return None
-    when, cost = priced
-    state = cp.state
-    state.summaries += 1
-    cp.cost_micro_usd += cost.micro_usd
-    cp.outbox.append(
-        IterationCompleted(
-            event_id=stable_id(cp.build_id, "summary", state.summaries),
-            build_id=cp.build_id,
-            user_id=cp.user_id,
-            causation_id=cause,
-            iteration=max(1, cp.iteration),
-            model=reply.model,
-            usage=reply.usage,
-            stop_reason=reply.stop_reason,
-            cost_micro_usd=cost.micro_usd,
-            occurred_at=when,
-            purpose="summary",
-        )
-    )
-    text = context.summary_text(reply.content)
-    if not text or reply.stop_reason not in ("end_turn", "max_tokens", "stop_sequence"):
-        endings.fail(
-            cp,
-            cause,
-            "context_window",
-            f"the summarising call gave no summary ({reply.stop_reason})",
-        )
-        return []
-    state.summary = text
-    state.summarised_before = max(state.summarised_before, upto)
-    state.compacted_before = max(state.compacted_before, cleared_before, upto)
-    state.context_tokens, state.compact_now = None, False
-    # the user's messages that came during the call: read at the next think, as after a reply
-    return [turn(cp, "user", take_inbox(cp))] if state.inbox else []
 
 
 def _caused(msg: Any, cls: type[Any], event_id: uuid.UUID, **fields: Any) -> Any:

@@ -4,7 +4,7 @@ last handler of the build was done with. Least recently used builds are dropped 
 JSON characters and a limit in builds; a sleeping or finished build is dropped at once.
 
 A kept checkpoint is handed out once (``recall``: the handler mutates it). It may be out of date
-(another replica moved the build on): the loop's save checks its version, and a "nothing to do"
+(another replica moved the build on): the driver's save checks its version, and a "nothing to do"
 decided on it is confirmed on a fresh read.
 """
 
