@@ -50,7 +50,7 @@ from kiln_agent import app, compaction, config
 from kiln_agent.adapters.postgres import SCHEMA, PostgresStore, migrations
 from kiln_agent.checkpoint import Checkpoint, Turn
 from kiln_agent.loop import Agent
-from kiln_agent.ports import ModelReply, ModelRequest
+from kiln_agent.ports import NO_LEASE_CHANGE, LeaseChange, ModelReply, ModelRequest
 from kiln_agent.transitions import Rules
 from kiln_contracts import (
     BuildCompleted,
@@ -140,19 +140,21 @@ class TimedStore(PostgresStore):
     async def turns(self, build_id: str, since: int = 0) -> list[Turn]:
         return await _timed("turns", super().turns(build_id, since))
 
-    async def save(self, cp: Checkpoint, new_turns: list[Turn], **kw: Any) -> bool:
-        return bool(await _timed("save", super().save(cp, new_turns, **kw)))
+    async def save(
+        self, cp: Checkpoint, new_turns: list[Turn], lease: LeaseChange = NO_LEASE_CHANGE
+    ) -> bool:
+        return bool(await _timed("save", super().save(cp, new_turns, lease)))
 
     async def mark_sent(self, build_id: str, version: int) -> None:
         await _timed("mark_sent", super().mark_sent(build_id, version))
 
-    async def take(
+    async def take_lease(
         self, build_id: str, token: str, ttl_s: float
     ) -> tuple[float, Checkpoint | None]:
-        return await _timed("take", super().take(build_id, token, ttl_s))
+        return await _timed("take", super().take_lease(build_id, token, ttl_s))
 
-    async def release(self, build_id: str, token: str) -> None:
-        await _timed("release", super().release(build_id, token))
+    async def release_lease(self, build_id: str, token: str) -> None:
+        await _timed("release", super().release_lease(build_id, token))
 
 
 class TimedPublisher:
