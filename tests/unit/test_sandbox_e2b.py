@@ -289,7 +289,7 @@ async def test_manifest_and_upload_run_inside_the_sandbox(e2b, blobs):
     assert "/blob/out" not in store
 
     # a read is one command with its confinement (no locate first), a large file two
-    ws = Workspace(sb)
+    ws = sb  # the build's Workspace over the E2B machine
     before = len(calls)
     found, data = await ws.fetch("src/app.py", 1 << 20)
     assert data == b"print('hi')\n" and found.real == "src/app.py"
@@ -303,6 +303,23 @@ async def test_manifest_and_upload_run_inside_the_sandbox(e2b, blobs):
         await ws.fetch("out.txt", 1 << 20)  # the symlink to /etc/hostname: nothing read
     found, data = await ws.fetch("src", 1 << 20)
     assert found.info is not None and found.info.is_dir and data is None
+
+    # a write is one command too (a large file: located, then the file API)
+    before = len(calls)
+    found = await ws.store("src/new/mod.py", b"x = 1\n")
+    assert found.info is None and calls[before:] == ["process.Start"]
+    assert (await ws.fetch("src/new/mod.py", 1 << 10))[1] == b"x = 1\n"
+    found = await ws.store("src/app.py", b"print('again')\n")  # overwritten, its mode kept
+    assert found.info is not None and found.info.mode == 0o755
+    assert (await ws.stat("src/app.py")).mode == 0o755  # type: ignore[union-attr]
+    before = len(calls)
+    await ws.store("big2.bin", b"\0" * 100_000)
+    assert calls[before:] == ["process.Start", "files.write"]
+    with pytest.raises(SandboxError, match="outside the workspace"):
+        await ws.store("out.txt", b"no")
+    with pytest.raises(SandboxError, match="outside the workspace"):
+        await ws.store("../escape.txt", b"no")
+    assert (await ws.store("src", b"no")).info.is_dir  # type: ignore[union-attr]
 
 
 def _call(build_id: str, call_id: str, command: str) -> ToolCall:

@@ -138,6 +138,12 @@ class Machine(Protocol):
         """Write a file, creating its parent directories."""
         ...
 
+    async def store(self, path: str, data: bytes) -> Located:
+        """``locate`` of one path and, if it leads inside the workspace and not to a directory,
+        ``data`` written there (parents created), in one round trip where the machine can: what
+        was there before."""
+        ...
+
     async def walk(
         self,
         path: str,

@@ -131,6 +131,17 @@ class Workspace:
             data = await self.machine.read(found.real)
         return found, data
 
+    async def store(self, path: str, data: bytes) -> Located:
+        """Write a file where ``path`` leads, in one round trip where the machine can: what
+        ``locate`` said of it before (a directory is left as it is, for the caller to refuse)."""
+        rel = self.relative(path)
+        if not rel:
+            raise SandboxError("cannot write to the workspace directory itself")
+        found = await self.machine.store(rel, data)
+        if leads_outside(found.real):  # nothing was written
+            raise PathOutsideWorkspace(f"{rel!r} resolves outside the workspace")
+        return found
+
     async def write(self, path: str | Located, data: bytes) -> None:
         """Write a file, creating its parent directories."""
         found = await self._at(path)

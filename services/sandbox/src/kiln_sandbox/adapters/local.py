@@ -96,6 +96,13 @@ class LocalSandbox:
             return found, None
         return found, await self.read(found.real)
 
+    async def store(self, path: str, data: bytes) -> Located:
+        found = self._locate(path)
+        outside = found.real.startswith("/")  # _locate's absolute real path: outside
+        if not outside and found.real and not (found.info is not None and found.info.is_dir):
+            await self.write(found.real, data)
+        return found
+
     async def read(self, path: str) -> bytes:
         try:
             return await asyncio.to_thread(Path(self._real(path)).read_bytes)

@@ -35,6 +35,9 @@ MAX_ARGS_CHARS = 64_000
 # A file read with its ``locate`` in one command (base64 on stdout) up to this size; a larger one
 # is read apart, through the provider's file API.
 FETCH_INLINE_BYTES = 1024 * 1024
+# A file written with its ``locate`` in one command (base64 in the command line, within
+# MAX_ARGS_CHARS with the script); a larger one is located, then written through the file API.
+STORE_INLINE_BYTES = 32 * 1024
 _KINDS: dict[str, EntryKind] = {"f": "file", "d": "dir", "l": "symlink"}
 
 
@@ -60,6 +63,10 @@ class ScriptMachine:
         self, args: Sequence[str], *, timeout_s: float, what: str
     ) -> tuple[int, str, str]:
         """Run the script with ``args`` in the workspace: (exit code, stdout, stderr)."""
+        raise NotImplementedError
+
+    async def write(self, path: str, data: bytes) -> None:
+        """Write a file through the provider's file API (a subclass's)."""
         raise NotImplementedError
 
     async def _exec_run(self, args: Sequence[str], timeout_s: float) -> tuple[int, str, str]:
@@ -119,6 +126,24 @@ class ScriptMachine:
         # outside the workspace the script says nothing of it (no info) and sends nothing
         fetched = info is not None and info.kind == "file" and info.size <= inline
         return Located(real, info), base64.b64decode(data) if fetched else None
+
+    async def store(self, path: str, data: bytes) -> Located:
+        if len(data) > STORE_INLINE_BYTES:  # too big for one argument: locate, then the file API
+            (found,) = await self.locate([path])
+            info = found.info
+            if found.real and not _outside(found.real) and not (info is not None and info.is_dir):
+                await self.write(found.real, data)
+            return found
+        code, out, err = await self._exec(
+            ["store", path, base64.b64encode(data).decode()],
+            timeout_s=self.request_timeout_s,
+            what="write a file",
+        )
+        if code != 0:
+            raise SandboxError(f"cannot write {path!r}: {err.strip() or f'exit {code}'}")
+        real, meta = out.split("\0")[:2]
+        real = "" if real == "." else real
+        return Located(real, _info(real, meta) if meta else None)
 
     async def walk(
         self,
@@ -216,6 +241,11 @@ def _batches(items: list[str], step: int = 1) -> Iterator[list[str]]:
 def _signed(rc: int) -> int:
     """bash reports death by signal N as 128+N; the local provider reports -N, as Python does."""
     return -(rc - 128) if 128 < rc < 160 else rc
+
+
+def _outside(real: str) -> bool:
+    """``locate``'s real path leads outside the workspace (absolute, or up from it)."""
+    return real.startswith("/") or real == ".." or real.startswith("../")
 
 
 def _info(path: str, meta: str) -> FileInfo:

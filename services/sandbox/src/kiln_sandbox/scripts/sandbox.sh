@@ -63,6 +63,27 @@ cmd_fetch() {
   return 0
 }
 
+# store PATH BASE64: locate's two records for PATH as it was, then the decoded bytes written
+# there (parents made, through a temporary file) if it leads inside the workspace and is not a
+# directory: a write in one round trip.
+cmd_store() {
+  local r meta tmp
+  r=$(realpath -m --relative-base=. -- "$1") || exit 3
+  printf '%s\0' "$r"
+  case $r in
+    /* | .. | ../* | .) printf '\0'; return 0 ;;
+  esac
+  meta=$(find "./$r" -maxdepth 0 -printf '%y\t%s\t%T@\t%m' 2>/dev/null)
+  printf '%s\0' "$meta"
+  case $meta in d*) return 0 ;; esac
+  mkdir -p -- "$(dirname -- "./$r")" || exit 3
+  tmp=$(mktemp -p "$(dirname -- "./$r")" .kiln-wr.XXXXXX) || exit 3
+  printf '%s' "$2" | base64 -d >"$tmp" || { rm -f -- "$tmp"; exit 3; }
+  chmod 644 -- "$tmp"
+  if [ -e "./$r" ]; then chmod --reference="./$r" -- "$tmp" 2>/dev/null; fi
+  mv -f -- "$tmp" "./$r" || { rm -f -- "$tmp"; exit 3; }
+}
+
 # walk TOP DEPTH LIMIT CONTENT NSKIP SKIP... EXCLUDE...: "type size mtime mode path" and the
 # symlink target per entry (DEPTH, LIMIT: empty for no limit; SKIP: directory names listed but
 # not entered; EXCLUDE: name or path patterns left out); with CONTENT=1 then "--sha256--" and
@@ -141,6 +162,6 @@ cmd_apply() {
 }
 
 case ${1-} in
-  run | locate | fetch | walk | put | get | apply) cmd=cmd_$1; shift; "$cmd" "$@" ;;
+  run | locate | fetch | store | walk | put | get | apply) cmd=cmd_$1; shift; "$cmd" "$@" ;;
   *) printf 'unknown command %s\n' "${1-}" >&2; exit 2 ;;
 esac

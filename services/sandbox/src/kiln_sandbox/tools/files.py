@@ -100,12 +100,11 @@ async def read_file(ws: Workspace, args: dict[str, Any], ctx: ToolContext) -> To
 async def write_file(ws: Workspace, args: dict[str, Any], ctx: ToolContext) -> ToolOutcome:
     path = normalize(ws, arg(args, "path", str), allow_root=False)
     content = arg(args, "content", str)
-    found = await ws.locate(path)
+    data = content.encode("utf-8")
+    found = await ws.store(path, data)
     existing = found.info
     if existing is not None and existing.is_dir:
         return error(f"{path} is a directory")
-    data = content.encode("utf-8")
-    await ws.write(found, data)
     await ctx.reads.saw(ctx.build_id, found.real, _sha256(data), ctx.call.call_id)
     verb = "overwrote" if existing is not None else "created"
     return ToolOutcome(output=f"{verb} {path} ({len(data):,} bytes)", files_changed=[path])
