@@ -55,7 +55,7 @@ e2e: install browser  ## end-to-end tests (every service as a process; the dashb
 TEST_WORKERS ?= 2
 
 test: lint typecheck browser  ## the whole suite: lint, types, unit, integration, e2e (TEST_WORKERS processes)
-	$(RUN) pytest -q -p no:cacheprovider --durations=10 -n $(TEST_WORKERS) --dist loadfile
+	$(RUN) pytest -q -p no:cacheprovider --durations=10 -n $(TEST_WORKERS) --dist loadgroup
 
 clean:  ## remove local state
 	rm -rf .kiln .pytest_cache .mypy_cache .ruff_cache

@@ -47,3 +47,14 @@ async def e2b_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
     await server.start()
     yield server
     await server.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """How ``make test`` shares the tests between its processes (``--dist loadgroup``): the
+    integration tests in one of them, in the order of a run in one process (they share that
+    process's servers), the unit tests together, and each end-to-end file on its own (its stack
+    is the module's)."""
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(Path(__file__).parent).parts
+        group = f"e2e-{parts[-1]}" if parts[0] == "e2e" else parts[0]
+        item.add_marker(pytest.mark.xdist_group(group))

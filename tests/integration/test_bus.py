@@ -24,7 +24,7 @@ async def until(predicate, timeout: float = 15.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def dead_letters(bus: Bus, service: str) -> list[tuple[str, bytes]]:
+async def dead_letters(bus: Bus, service: str, uid: str = "") -> list[tuple[str, bytes]]:
     js = bus.nc.jetstream()
     sub = await js.subscribe(
         f"kiln.dlq.{service}.>",
@@ -35,7 +35,8 @@ async def dead_letters(bus: Bus, service: str) -> list[tuple[str, bytes]]:
     try:
         while True:
             msg = await sub.next_msg(timeout=1)
-            out.append((msg.headers.get("Kiln-Dlq-Reason", ""), msg.data))
+            if uid in msg.headers.get("Kiln-Original-Subject", ""):  # not another test's
+                out.append((msg.headers.get("Kiln-Dlq-Reason", ""), msg.data))
     except Exception:
         pass
     await sub.unsubscribe()
@@ -50,6 +51,8 @@ async def test_consume_dedup_dead_letter_and_retry(infra, uid):
     attempts: dict[str, int] = {}
 
     async def handle(event: CancelRequested, delivery) -> None:
+        if not event.build_id.endswith(uid):
+            return  # another test's, on the session's stream
         if event.reason == "poison":
             raise PermanentError("poisoned on purpose")
         if event.reason == "later":  # never handled: dead-lettered at its last delivery
@@ -83,7 +86,7 @@ async def test_consume_dedup_dead_letter_and_retry(infra, uid):
         await asyncio.sleep(1.0)
         assert sorted(e.reason for e in seen) == ["flaky", "ok"]
 
-        dlq = await dead_letters(bus, service)
+        dlq = await dead_letters(bus, service, uid)
         reasons = sorted(r for r, _ in dlq)
         assert len(dlq) == 4, reasons
         # the last delivery's reason with the count, not a bare "gave up"
