@@ -96,7 +96,11 @@ class E2BProvider:
 
     async def create(self, build_id: str, *, user_id: str = "") -> E2BSandbox:
         # One key per attempt: the SDK's retries of this create (429, 5xx) make one sandbox; a
-        # later create (the build's sandbox is gone) is a new one.
+        # later create (the build's sandbox is gone) is a new one. Not one key per build: two
+        # replicas making the build's sandbox at once (parallel calls) would be handed the same
+        # sandbox, and the second's restore would overwrite what the first's call wrote; the
+        # compare-and-set on the record keeps one and stops the other instead, and a sandbox a
+        # crash left unrecorded is found by its metadata and killed (``stop_others``).
         digest = hashlib.sha256(build_id.encode()).hexdigest()[:16]
         kwargs: dict[str, Any] = {
             "timeout": self._cap(self.idle_timeout_s),
