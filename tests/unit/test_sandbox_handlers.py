@@ -185,6 +185,36 @@ async def test_a_call_found_started_is_reported_interrupted_not_rerun(svc, uid):
     assert await svc.handle_tool_call(call) == result
 
 
+async def test_a_call_this_replica_claimed_but_never_began_is_run_on_its_redelivery(svc, uid):
+    call = tool_call(uid)
+    registry_get = svc.registry.get
+    release = svc.calls.release
+    down = [ConnectionResetError("the database went away")]
+
+    async def flaky_get(build_id: str):  # type: ignore[no-untyped-def]
+        if down:
+            raise down.pop()
+        return await registry_get(build_id)
+
+    async def no_release(*args: Any) -> None:
+        raise ConnectionRefusedError("the database is down")
+
+    # the first delivery: claimed, then the database goes: nothing run, the claim not given back
+    svc.registry.get, svc.calls.release = flaky_get, no_release
+    with pytest.raises(ConnectionError):
+        await svc.handle_tool_call(call)
+    assert workspace_file(svc, call.build_id, "log.txt") is None
+    svc.calls.release = release
+    # its redelivery to the same replica: run now, not reported interrupted
+    result = await svc.handle_tool_call(call)
+    assert not result.is_error and result.output.strip() == "1"
+    # another replica (or this one after a restart) finding a claim of this one's: interrupted
+    other = tool_call(uid, call_id="toolu_2")
+    await svc.calls.begin(other.build_id, other.call_id, svc.owner, 0.0)
+    svc._begun.add((other.build_id, other.call_id))  # it began to run it, then lost the result
+    assert (await svc.handle_tool_call(other)).output == INTERRUPTED
+
+
 class SlowToCreate(LocalProvider):
     """Creating a sandbox waits until the test lets it go on."""
 

@@ -74,6 +74,9 @@ class SandboxService:
         self.calls = calls
         self.bus = bus
         self.locks = BuildLocks()  # tool calls of one build run one at a time
+        # calls this process began to run whose result is not stored yet: one of these found
+        # claimed by this process again was cut short (interrupted), any other was never run
+        self._begun: set[tuple[str, str]] = set()
 
     @property
     def restorer(self) -> Restorer | None:
@@ -96,7 +99,11 @@ class SandboxService:
         extra = {"build_id": call.build_id, "call_id": call.call_id, "event_id": call.event_id}
         async with self.locks.hold(call.build_id):
             record, seen = await self._claim(call)
-            if seen is None:  # this replica holds the call now: run it
+            key = (call.build_id, call.call_id)
+            # claimed by this process on an earlier delivery that never began to run it (the
+            # claim's answer, or giving it back, lost to a database blip): it is safe to run
+            unrun = seen is not None and seen.status == "started" and seen.owner == self.owner
+            if seen is None or (unrun and key not in self._begun):  # this replica holds it
                 if record is not None and _of_the_ended_run(call, record):
                     result = tool_result(
                         call,
@@ -107,10 +114,12 @@ class SandboxService:
                 else:
                     sandbox = await self._sandbox_or_release(call, record)
                     watch = await self._watch_processes(call, record)
+                    self._begun.add(key)
                     log_execution(self.exec_log, call, self.owner)
                     async with renewing(self.calls, call, self.owner, self.lease_s):
                         result = await self._run(sandbox, call, watch)
                 await record_result(self.calls, call, result)
+                self._begun.discard(key)  # done: a redelivery finds its result
                 await self.bus.publish(result)
                 log.info(
                     "ran %s (error=%s, %d ms)",
