@@ -17,7 +17,7 @@ import pytest_asyncio
 from kiln_contracts import CheckpointSaved, IterationCompleted, Usage, bucket, subjects
 from kiln_contracts.manifest import FileEntry, Manifest
 from kiln_snapshot.adapters.s3 import S3Store
-from kiln_snapshot.snapshots import ORDER_META, order_tag
+from kiln_snapshot.manifests import ORDER_META, order_tag
 from tests.integration.gateway_fixtures import Gateway, running_gateway, until
 
 pytestmark = pytest.mark.integration

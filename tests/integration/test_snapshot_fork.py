@@ -22,7 +22,7 @@ from kiln_devstack.sandbox import MemoryRegistry
 from kiln_sandbox.adapters.local import LocalProvider
 from kiln_sandbox.handlers import SandboxService
 from kiln_sandbox.records import SandboxRecord
-from kiln_snapshot import bootstrap, gc, restores, snapshots
+from kiln_snapshot import bootstrap, gc, manifests, restores
 from tests.integration.test_snapshot_restore_gc import serve_sandbox_rpc, settings, tree
 from tests.integration.test_snapshot_s3 import until, watch_saved
 from tests.integration.wirings import restore_fresh, started
@@ -139,7 +139,7 @@ async def test_a_fork_is_its_sources_snapshot_at_that_iteration_and_outlives_its
     )  # type: ignore[arg-type]
     kept = {o.key for o in await store.list(bucket.manifests_prefix(source))}
     assert kept == {bucket.manifest_key(source, two), bucket.manifest_key(source, four)}
-    assert await snapshots.pruned_iteration(store, source) == 3
+    assert await manifests.pruned_iteration(store, source) == 3
     # blobs only the deleted manifest named go; every blob a manifest names stays (the fork's
     # copy shares the source's), and the fork restores as before
     assert sha(b"only at iteration 3\n") in report.deleted

@@ -51,8 +51,9 @@ from kiln_contracts.bucket import (
 from kiln_contracts.manifest import Manifest
 from kiln_contracts.messages import utcnow
 
+from .manifests import prune_manifests
 from .ports import ObjectStore
-from .snapshots import CLOCK_SLACK_S, prune_manifests
+from .snapshots import CLOCK_SLACK_S
 
 log = logging.getLogger(__name__)
 

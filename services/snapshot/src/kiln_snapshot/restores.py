@@ -27,17 +27,16 @@ from kiln_contracts.rpc import (
 )
 from kiln_runtime.errors import PermanentError, RetryLater
 
-from .ports import ObjectStore
-from .snapshots import (
+from .manifests import (
     ORDER_META,
-    Deps,
     advance_latest,
-    collections_sweeping,
     load_manifest,
     order_tag,
     pruned_iteration,
     tag_iteration,
 )
+from .ports import ObjectStore
+from .snapshots import Deps, collections_sweeping
 
 log = logging.getLogger(__name__)
 
