@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from kiln_agent import control
+from kiln_agent import forks
 from kiln_agent.checkpoint import Turn
 from kiln_contracts import (
     BuildCompleted,
@@ -143,9 +143,9 @@ def test_turns_stored_without_their_iteration_are_counted_by_replies() -> None:
         Turn(3, "assistant", [text("b")]),
         Turn(4, "user", [text("r")]),
     ]
-    assert [t.seq for t in control.turns_until(turns, 1)] == [0, 1, 2]
-    assert [t.seq for t in control.turns_until(turns, 0)] == [0]
-    assert len(control.turns_until(turns, 7)) == 5
+    assert [t.seq for t in forks.turns_until(turns, 1)] == [0, 1, 2]
+    assert [t.seq for t in forks.turns_until(turns, 0)] == [0]
+    assert len(forks.turns_until(turns, 7)) == 5
 
 
 async def test_a_summary_of_the_sources_oldest_turns_is_kept_if_it_covers_only_kept_ones() -> None:
@@ -154,7 +154,7 @@ async def test_a_summary_of_the_sources_oldest_turns_is_kept_if_it_covers_only_k
     turns = await store.turns("src")
     source.state.summarised_before, source.state.summary = 3, "The plan, and what ls showed."
     rules = agent.rules
-    late, _ = control.fork(rules, fork_request(2), source, turns)
+    late, _ = forks.fork(rules, fork_request(2), source, turns)
     assert (late.state.summarised_before, late.state.summary) == (3, source.state.summary)
-    early, _ = control.fork(rules, fork_request(0), source, turns)  # only the kickoff is kept
+    early, _ = forks.fork(rules, fork_request(0), source, turns)  # only the kickoff is kept
     assert (early.state.summarised_before, early.state.summary) == (0, None)

@@ -21,7 +21,7 @@ from kiln_runtime import metrics
 from kiln_runtime.config import KilnConfig
 from kiln_runtime.errors import PermanentError, RetryLater
 
-from . import control, stalls, tools, transitions
+from . import control, forks, stalls, tools, transitions
 from .caching_store import CachingStore
 from .checkpoint import Checkpoint
 from .config import AgentConfig
@@ -92,14 +92,14 @@ class Agent:
         if await self.store.load(msg.build_id) is None:
             if msg.fork is not None:
                 source = await self.store.load(msg.fork.build_id)
-                refusal = control.fork_refusal(msg, source)
+                refusal = forks.refusal(msg, source)
                 if refusal is not None:
                     if source is None and delivered < 5:
                         raise RetryLater(refusal, delay_s=min(30.0, 0.5 * 2**delivered))
                     raise PermanentError(f"cannot fork: {refusal}")
                 assert source is not None
                 turns = await self.store.turns(source.build_id)
-                cp, turns = control.fork(self.rules, msg, source, turns)
+                cp, turns = forks.fork(self.rules, msg, source, turns)
             else:
                 cp, turns = control.start(self.rules, msg)
             if (gate := await self.thinker.gate(cp)) is not None:  # no allowance: it never starts
