@@ -3,7 +3,8 @@
 This module is the only source of Kiln's wire formats. A message is a frozen pydantic model that
 forbids unknown fields; its ``kind`` (a class variable, also the last token of its subject) names it.
 Commands are imperative (``ToolCall``, ``SendUserMessage``, ``SleepRequested`` ...), events past
-tense.
+tense. It is longer than the project's other modules on purpose: the catalogue of messages is
+read as one list, in the order a build meets them.
 """
 
 from __future__ import annotations
