@@ -154,9 +154,10 @@ def build_id(stack: Stack) -> str:
             client, stack, build, {"completed", "failed", "cancelled"}, waits=waits
         )
         assert final["status"] == "completed", final
-        # while it ran, the API said what it was waiting on: the model, then the sandbox's calls
-        assert {"agent", "sandbox"} <= {w["service"] for w in waits}, waits
-        assert any(w["what"].startswith("tool call") for w in waits), waits
+        # while it ran, the API said what it was waiting on (which of the model and the calls a
+        # poll catches depends on timing: the projection itself is tests/unit/test_gateway_waiting)
+        assert waits and {w["service"] for w in waits} <= {"agent", "sandbox", "snapshot"}, waits
+        assert all(w["what"] and w["seconds"] >= 0 for w in waits), waits
         return build
 
 
