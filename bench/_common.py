@@ -28,7 +28,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from kiln_contracts import Envelope, ToolCall, ToolResult, stable_id, subjects
-from kiln_devstack.infra import Infra, Process, spawn, wait_for
+from kiln_devstack.host import Process, spawn, wait_for
+from kiln_devstack.infra import Infra
 from kiln_runtime.streams import ensure_streams
 
 
