@@ -196,7 +196,7 @@ async def last_stored(nc: Client, subject: str) -> Seen | None:
         msg = await nc.jetstream().get_last_msg(subjects.STREAM, subject)
     except nats.js.errors.NotFoundError:
         return None
-    build_id, kind = subjects.parse(msg.subject)
+    build_id, kind = subjects.parse(msg.subject or "")
     at = msg.time.timestamp() if msg.time else float("nan")
     return Seen(build_id, kind, at, json.loads(msg.data or b"{}"))
 
