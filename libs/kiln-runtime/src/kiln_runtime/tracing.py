@@ -1,13 +1,14 @@
 """OpenTelemetry traces that follow one build across services through message headers.
 
-Every publish injects the current trace context (W3C ``traceparent``) into the message's headers;
-every consumer continues the trace from its message. A build's trace therefore starts at whoever
+Every publish injects the current trace context (W3C ``traceparent``) into the message's headers:
+the span of the handler that publishes, or else a span of the publish itself; every consumer
+continues the trace from its message in a span of its handling. A build's trace therefore starts at whoever
 published its ``BuildRequested`` (the gateway's HTTP request) and spans every service it reaches.
 
 Exporters, chosen by the environment in ``configure`` (called by entrypoints only):
 ``OTEL_EXPORTER_OTLP_ENDPOINT`` → OTLP over HTTP (a collector, Tempo, Jaeger ...);
 ``KILN_TRACE_DIR`` → JSON lines in ``<dir>/<service>-<pid>.jsonl`` (development and tests).
-Without either, spans are created but not exported (the API's no-op cost only).
+Without either, spans are created (their trace ids go into the logs) but not exported.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import os
 import threading
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 from opentelemetry import propagate, trace
@@ -101,9 +102,13 @@ def consuming(
         yield span
 
 
-@contextmanager
-def publishing(kind: str, subject: str, **attributes: str) -> Iterator[Span]:
-    with tracer.start_as_current_span(
+def publishing(kind: str, subject: str, **attributes: str) -> AbstractContextManager[object]:
+    """A span for a publish that no span is current for (an HTTP request's, a timer's: the
+    trace starts there); inside a handler's span, nothing: the trace goes on from that span, and
+    a span per publish would cost every handler that publishes."""
+    if trace.get_current_span().get_span_context().is_valid:
+        return nullcontext()
+    return tracer.start_as_current_span(
         f"publish {kind}",
         kind=SpanKind.PRODUCER,
         attributes={
@@ -112,5 +117,4 @@ def publishing(kind: str, subject: str, **attributes: str) -> Iterator[Span]:
             "kiln.kind": kind,
             **attributes,
         },
-    ) as span:
-        yield span
+    )
