@@ -33,8 +33,9 @@ fmt: install  ## format the code
 	$(RUN) ruff format .
 	$(RUN) ruff check --fix .
 
-typecheck: install  ## mypy
+typecheck: install  ## mypy (the packages and bench/)
 	$(RUN) mypy $(foreach p,$(PACKAGES),-p $(p))
+	$(RUN) mypy bench
 
 schemas: install  ## regenerate contracts/schemas (JSON Schema of each message + the AsyncAPI document)
 	$(RUN) python -m kiln_contracts.schemas

@@ -28,7 +28,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from kiln_contracts import Envelope, ToolCall, ToolResult, stable_id, subjects
-from kiln_devstack.infra import Infra, Process, spawn, wait_for
+from kiln_devstack.host import Process, spawn, wait_for
+from kiln_devstack.infra import Infra
 from kiln_runtime.streams import ensure_streams
 
 
@@ -195,7 +196,7 @@ async def last_stored(nc: Client, subject: str) -> Seen | None:
         msg = await nc.jetstream().get_last_msg(subjects.STREAM, subject)
     except nats.js.errors.NotFoundError:
         return None
-    build_id, kind = subjects.parse(msg.subject)
+    build_id, kind = subjects.parse(msg.subject or "")
     at = msg.time.timestamp() if msg.time else float("nan")
     return Seen(build_id, kind, at, json.loads(msg.data or b"{}"))
 

@@ -145,8 +145,8 @@ class TimedStore(PostgresStore):
     ) -> bool:
         return bool(await _timed("save", super().save(cp, new_turns, lease)))
 
-    async def mark_sent(self, build_id: str, version: int) -> None:
-        await _timed("mark_sent", super().mark_sent(build_id, version))
+    async def mark_sent(self, sent: dict[str, int]) -> None:
+        await _timed("mark_sent", super().mark_sent(sent))
 
     async def take_lease(
         self, build_id: str, token: str, ttl_s: float

@@ -234,10 +234,10 @@ def main() -> None:
     parser.add_argument("--durable", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.consume:  # a child: consume and print the CPU seconds
-        way = {"kiln": consume_kiln, "faststream": consume_faststream, "bare": consume_bare}[
+        consume = {"kiln": consume_kiln, "faststream": consume_faststream, "bare": consume_bare}[
             args.consume
         ]
-        print(asyncio.run(way(args.url, args.messages, args.durable)))
+        print(asyncio.run(consume(args.url, args.messages, args.durable)))
         return
     if args.publish:  # a child: publish and print the CPU seconds
         send = publish_kiln if args.publish == "kiln" else publish_bare

@@ -63,7 +63,7 @@ from _common import (
 from nats.aio.msg import Msg
 
 from kiln_contracts import BuildLimits, BuildRequested, ToolCall
-from kiln_devstack.infra import free_port
+from kiln_devstack.host import free_port
 
 HERE = Path(__file__).resolve().parent
 

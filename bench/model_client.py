@@ -27,7 +27,7 @@ import httpx
 import pydantic_core
 from anthropic.types import Message
 
-from kiln_devstack.infra import free_port
+from kiln_devstack.host import free_port
 
 HERE = Path(__file__).resolve().parent
 CLIENTS, PER_CLIENT = 4, 16

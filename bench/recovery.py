@@ -32,7 +32,7 @@ from _common import bench, connect, figures, kill, publish, until, watch
 from loop_model import LoopModel
 
 from kiln_contracts import BuildLimits, BuildRequested, subjects
-from kiln_devstack.infra import Process
+from kiln_devstack.host import Process
 from kiln_runtime.settings import CommonSettings
 
 

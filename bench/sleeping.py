@@ -6,10 +6,10 @@
 A nats-server and Postgres of the benchmark's own, ``python -m kiln_sandbox`` (local provider),
 the agent as ``bench/agent_probe.py`` (``python -m kiln_agent`` plus a probe that writes its
 asyncio task count to a file) and ``bench/loop_model.py`` in this process answering at once
-(every reply one ``list_dir``). Every build is requested; at its first ToolCall this process
-publishes a SleepRequested for it (as the budget service would); the agent puts the build to
-sleep at the end of its iteration (CheckpointSaved(sleep), BuildSleeping). This process stands in
-for the snapshot service: it answers CheckpointSaved(sleep) with SnapshotSaved(sleep) (nothing is
+(every reply one ``list_dir``). Every build is requested; during its first model call, before the
+reply leaves, this process publishes a SleepRequested for it (as the budget service does when a
+charge uses the allowance up); the agent puts the build to sleep at the end of that iteration
+(CheckpointSaved(sleep), BuildSleeping). This process stands in for the snapshot service: it answers CheckpointSaved(sleep) with SnapshotSaved(sleep) (nothing is
 uploaded), on which the sandbox service pauses the build's sandbox.
 
 ``--warmup`` builds go to sleep first; then the agent's RSS and task count are the baseline.
@@ -26,7 +26,9 @@ allocation tracing (slower) and prints the 15 source lines whose live memory gre
 between the two measurements.
 
 Ends with ``sleeping builds=… rss_growth_mb=… tasks_growth=… sandboxes_alive=…
-objects_growth=… blocks_growth=…``.
+objects_growth=… blocks_growth=… seconds=… agent_cpu_ms_per_build=… sandbox_cpu_ms_per_build=…``
+(seconds: the ``--builds`` going to sleep; CPU: user + system of the agent's and the sandbox
+service's processes over those seconds, per build).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import uuid
 from pathlib import Path
 
 import asyncpg
+import psutil
 from _common import Bench, Seen, bench, connect, figures, publish, rss_mb, until, watch
 from loop_model import LoopModel
 
@@ -49,7 +52,6 @@ from kiln_contracts import (
     CheckpointSaved,
     SleepRequested,
     SnapshotSaved,
-    ToolCall,
     stable_id,
     subjects,
 )
@@ -74,7 +76,7 @@ async def run(
     b: Bench, nc: object, model: LoopModel, args: argparse.Namespace
 ) -> dict[str, float | int]:
     probe = b.data_dir / "probe.json"
-    b.start("sandbox", ["-m", "kiln_sandbox"])
+    sandbox = b.start("sandbox", ["-m", "kiln_sandbox"])
     agent = b.start(
         "agent",
         [str(HERE / "agent_probe.py")],
@@ -84,18 +86,21 @@ async def run(
         KILN_BENCH_TRACEMALLOC="1" if args.tracemalloc else "0",
     )
     asked: set[str] = set()
-    sleeping: set[str] = set()
 
-    async def on_call(s: Seen) -> None:
-        if s.build_id not in asked:
-            asked.add(s.build_id)
-            call = ToolCall.model_validate(s.data)
+    async def ask_sleep(build_id: str, _prefix: str) -> None:
+        """During the build's first model call (before its reply leaves), as the budget service
+        does when a charge uses the allowance up: the build sleeps at the end of that iteration."""
+        if build_id != "?" and build_id not in asked:
+            asked.add(build_id)
             await publish(
                 nc,  # type: ignore[arg-type]
-                call.caused(SleepRequested, reason="benchmark: allowance used up").with_id(
-                    stable_id(s.build_id, "bench-sleep")
-                ),
+                SleepRequested(
+                    build_id=build_id, user_id="bench", reason="benchmark: allowance used up"
+                ).with_id(stable_id(build_id, "bench-sleep")),
             )
+
+    model.hook = ask_sleep
+    sleeping: set[str] = set()
 
     async def on_checkpoint(s: Seen) -> None:
         if s.data["reason"] == "sleep":
@@ -116,7 +121,6 @@ async def run(
     def on_sleeping(s: Seen) -> None:
         sleeping.add(s.build_id)
 
-    await watch(nc, subjects.kind_filter("tool_call"), on_call)  # type: ignore[arg-type]
     await watch(nc, subjects.kind_filter("checkpoint_saved"), on_checkpoint)  # type: ignore[arg-type]
     await watch(nc, subjects.kind_filter("build_sleeping"), on_sleeping)  # type: ignore[arg-type]
     pg = await asyncpg.connect(b.urls["DATABASE_URL"])
@@ -181,7 +185,10 @@ async def run(
         await put_to_sleep(args.warmup)
         m0 = await measure("before")
         print(f"baseline after {args.warmup} builds: {describe(m0)}")
+        cpu0, t0 = cpu_s(agent.popen.pid, sandbox.popen.pid), time.monotonic()
         await put_to_sleep(args.builds)
+        seconds = time.monotonic() - t0
+        cpu = [b - a for a, b in zip(cpu0, cpu_s(agent.popen.pid, sandbox.popen.pid), strict=True)]
         m1 = await measure("after")
         alive = await running()
         print(f"after {args.builds} more: {describe(m1)}, {alive} running")
@@ -196,7 +203,15 @@ async def run(
         "sandboxes_alive": alive,
         "objects_growth": int(m1["objects"] - m0["objects"]),
         "blocks_growth": int(m1["blocks"] - m0["blocks"]),
+        "seconds": round(seconds),
+        "agent_cpu_ms_per_build": cpu[0] * 1000 / args.builds,
+        "sandbox_cpu_ms_per_build": cpu[1] * 1000 / args.builds,
     }
+
+
+def cpu_s(*pids: int) -> list[float]:
+    """User + system CPU seconds of each process so far."""
+    return [sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids]
 
 
 def describe(m: dict[str, float]) -> str:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from kiln_devstack.infra import free_port
+from kiln_devstack.host import free_port
 from kiln_devstack.stack import Stack
 from tests.infra import own_database
 

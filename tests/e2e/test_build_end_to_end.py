@@ -22,7 +22,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from kiln_contracts import BY_KIND, subjects
 from kiln_contracts.routes import CONSUMES
-from kiln_devstack.infra import wait_for
+from kiln_devstack.host import wait_for
 from kiln_devstack.stack import DEV_API_KEY, Stack
 from tests.e2e.stacks import own_stack
 

@@ -24,7 +24,7 @@ import pytest
 import redis
 
 from kiln_contracts import BY_KIND, IterationCompleted, subjects
-from kiln_devstack.infra import port_in_use, wait_for
+from kiln_devstack.host import port_in_use, wait_for
 from kiln_devstack.stack import DEV_API_KEY, Stack
 from kiln_runtime.config import default as config
 from kiln_sandbox.handlers import INTERRUPTED

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from kiln_devstack.infra import wait_for
+from kiln_devstack.host import wait_for
 from kiln_devstack.stack import DEV_API_KEY, Stack
 from tests.e2e.stacks import own_stack
 from tests.e2e.test_build_end_to_end import BRIEF, replay_changes_nothing, stream_history

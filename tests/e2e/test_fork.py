@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 
 from kiln_cli import main
 from kiln_contracts import bucket
-from kiln_devstack.infra import wait_for
+from kiln_devstack.host import wait_for
 from kiln_devstack.stack import DEV_API_KEY, Stack
 from tests.e2e.stacks import own_stack
 from tests.e2e.test_build_end_to_end import BRIEF, _settled, stream_history

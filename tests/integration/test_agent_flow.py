@@ -250,9 +250,9 @@ async def test_postgres_checkpoint_optimistic_concurrency(infra, uid) -> None:
         fresh = await store.load(cp.build_id)
         assert fresh is not None and fresh.version == 2 and fresh.iteration == 1
         assert [m.kind for m in fresh.outbox] == ["tool_call"]
-        await store.mark_sent(cp.build_id, 1)  # a stale version: no effect
+        await store.mark_sent({cp.build_id: 1})  # a stale version: no effect
         assert (await store.load(cp.build_id)).outbox  # type: ignore[union-attr]
-        await store.mark_sent(cp.build_id, 2)
+        await store.mark_sent({cp.build_id: 2, "no-such-build": 1})
         assert (await store.load(cp.build_id)).outbox == []  # type: ignore[union-attr]
         assert [t.role for t in await store.turns(cp.build_id)] == ["user", "assistant"]
     finally:

@@ -28,7 +28,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from kiln_devstack.infra import Infra, free_port
+from kiln_devstack.host import free_port
+from kiln_devstack.infra import Infra
 from tests.infra import own_database
 
 pytestmark = pytest.mark.integration

@@ -21,7 +21,8 @@ import redis.asyncio as aioredis
 from nats.aio.client import Client
 
 from kiln_contracts import IterationCompleted, Usage, subjects
-from kiln_devstack.infra import Infra, free_port, port_in_use
+from kiln_devstack.host import free_port, port_in_use
+from kiln_devstack.infra import Infra
 from kiln_devstack.model.server import ScriptedServer
 from tests.infra import own_database
 from tests.integration.gateway_fixtures import running_gateway

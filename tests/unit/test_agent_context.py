@@ -13,6 +13,7 @@ from kiln_agent import config as agent_config
 from kiln_agent import control
 from kiln_agent.adapters.memory import MemoryStore
 from kiln_agent.checkpoint import Checkpoint, Turn
+from kiln_agent.clearing import Clearing
 from kiln_agent.context import compaction_point, context_tokens, estimate_tokens
 from kiln_agent.loop import Agent, build_request
 from kiln_agent.ports import ModelReply, ModelRequest
@@ -302,9 +303,9 @@ class CountingStore(SpyStore):
         self.calls.append("turns")
         return await super().turns(build_id, since)
 
-    async def mark_sent(self, build_id: str, version: int) -> None:
+    async def mark_sent(self, sent: dict[str, int]) -> None:
         self.calls.append("mark_sent")
-        await super().mark_sent(build_id, version)
+        await super().mark_sent(sent)
 
 
 async def test_an_iteration_is_two_saves_and_clearing_the_outbox() -> None:
@@ -317,6 +318,8 @@ async def test_an_iteration_is_two_saves_and_clearing_the_outbox() -> None:
     for _ in range(3):
         store.calls.clear()
         await agent.tool_result(result_for(pub.of(ToolCall)[-1], "out"))
+        assert store.calls == ["save", "save"]  # the clearing is not waited for
+        await agent.store.clearing.settle()
         assert store.calls == ["save", "save", "mark_sent"]
         assert store.leases == {}
         row = await store.load("b1")  # a lease held in a replica's memory is not in the row
@@ -483,6 +486,7 @@ async def test_parallel_results_on_one_replica_leave_the_latest_checkpoint_kept(
     assert kept is not None and row is not None and kept.version == row.version
     store.calls.clear()
     await agent.tool_result(result_for(pub.of(ToolCall)[-1]))
+    await agent.store.clearing.settle()
     assert store.calls == ["save", "save", "mark_sent"]
     assert len(pub.of(BuildCompleted)) == 1
 
@@ -496,9 +500,9 @@ async def test_a_result_arriving_while_the_outbox_is_being_cleared_starts_from_t
     go_on = asyncio.Event()
 
     class SlowClearing(CountingStore):
-        async def mark_sent(self, build_id: str, version: int) -> None:
+        async def mark_sent(self, sent: dict[str, int]) -> None:
             await go_on.wait()
-            await super().mark_sent(build_id, version)
+            await super().mark_sent(sent)
 
     model, store, pub = ByIteration(), SlowClearing(), FakePublisher()
     agent = Agent(store, model, pub, agent_config.load(), kiln_config.default())
@@ -510,8 +514,82 @@ async def test_a_result_arriving_while_the_outbox_is_being_cleared_starts_from_t
     assert "load" not in store.calls and store.calls[:2] == ["save", "save"]
     go_on.set()
     await asyncio.gather(first, second)
+    await agent.store.clearing.settle()
     row = await store.load("b1")
     assert row is not None and row.outbox == [] and row.iteration == 2
+
+
+async def test_published_outboxes_are_cleared_together() -> None:
+    """Marks handed over together are written by one write; a newer version of a build replaces
+    its older mark."""
+    seen: list[dict[str, int]] = []
+
+    class Recording(MemoryStore):
+        async def mark_sent(self, sent: dict[str, int]) -> None:
+            seen.append(dict(sent))
+
+    clearing = Clearing(Recording())
+    for i in range(5):
+        clearing.add(f"b{i}", 3)
+    clearing.add("b0", 4)
+    clearing.add("b0", 2)  # late: the build is past it
+    await clearing.settle()
+    assert seen == [{"b0": 4, "b1": 3, "b2": 3, "b3": 3, "b4": 3}]
+
+
+async def test_a_row_read_before_its_clearing_is_written_is_not_published_again() -> None:
+    """While the clearing of published outboxes is pending or being written, a read of those rows
+    on this replica (as a think after a wake does) does not publish them again."""
+    go_on = asyncio.Event()
+
+    class SlowClearing(CountingStore):
+        async def mark_sent(self, sent: dict[str, int]) -> None:
+            await go_on.wait()
+            await super().mark_sent(sent)
+
+    model, store, pub = ByIteration(), SlowClearing(), FakePublisher()
+    agent = Agent(store, model, pub, agent_config.load(), kiln_config.default())
+    ids = [f"b{i}" for i in range(5)]
+    await asyncio.gather(
+        *(
+            agent.build_requested(
+                BuildRequested(build_id=b, user_id="u1", tier="pro", idea_brief="A tool.")
+            )
+            for b in ids
+        )
+    )
+    published = len(pub.sent)
+    for b in ids:
+        assert (await store.load(b)).outbox != []  # type: ignore[union-attr]
+        cp = await agent.store.load(b)
+        assert cp is not None and cp.outbox == []
+        await agent.driver.flush(cp)
+    assert len(pub.sent) == published
+    go_on.set()
+    await agent.store.clearing.settle()
+    assert [(await store.load(b)).outbox for b in ids] == [[]] * 5  # type: ignore[union-attr]
+
+
+async def test_an_outbox_whose_clearing_failed_is_published_again_by_the_next_reader() -> None:
+    """The clearing cannot be written (the database away): the outbox stays in the row and a
+    replica that reads the row later publishes it again, under the same event ids."""
+
+    class NoClearing(CountingStore):
+        async def mark_sent(self, sent: dict[str, int]) -> None:
+            raise OSError("the database is away")
+
+    model, store, pub = ByIteration(), NoClearing(), FakePublisher()
+    agent = Agent(store, model, pub, agent_config.load(), kiln_config.default())
+    await agent.build_requested(start())
+    await agent.store.clearing.settle()
+    first = [m.event_id for m in pub.sent]
+    other = Agent(store, model, pub, agent_config.load(), kiln_config.default())
+    await other.driver.flush(await other.store.load("b1"))  # type: ignore[arg-type]
+    assert [m.event_id for m in pub.sent[len(first) :]] == [
+        m.event_id
+        for m in (await store.load("b1")).outbox  # type: ignore[union-attr]
+    ]
+    assert set(m.event_id for m in pub.sent[len(first) :]) <= set(first)
 
 
 def test_the_window_and_output_limit_follow_the_models_entry() -> None:

@@ -414,6 +414,7 @@ async def test_outbox_is_republished_after_a_crash_between_commit_and_publish() 
     await agent.build_requested(msg)  # the redelivery
     assert [c.call_id for c in pub.of(ToolCall)] == ["c1", "c2"]
     assert len(pub.of(IterationCompleted)) == 1 and len(model.requests) == 1
+    await agent.store.clearing.settle()
     assert (await store.load("b1")).outbox == []  # type: ignore[union-attr]
 
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from kiln_cli import local, main
 from kiln_cli.builds import builds_table
 from kiln_cli.client import KilnClient
-from kiln_devstack.infra import InfraError
+from kiln_devstack.host import InfraError
 
 
 class FakeStack:

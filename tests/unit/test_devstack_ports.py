@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from kiln_devstack import infra
-from kiln_devstack.infra import Infra, InfraError, free_port, port_in_use, reserve_port
+from kiln_devstack import host
+from kiln_devstack.host import InfraError, free_port, port_in_use, reserve_port
+from kiln_devstack.infra import Infra
 
 
 def test_free_port_never_hands_out_a_port_twice(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -25,8 +26,8 @@ def test_free_port_never_hands_out_a_port_twice(monkeypatch: pytest.MonkeyPatch)
         def getsockname(self) -> tuple[str, int]:
             return ("127.0.0.1", next(calls))
 
-    monkeypatch.setattr(infra.socket, "socket", SamePortSocket)
-    monkeypatch.setattr(infra, "_HANDED_OUT", set())
+    monkeypatch.setattr(host.socket, "socket", SamePortSocket)
+    monkeypatch.setattr(host, "_HANDED_OUT", set())
     first = free_port()
     second = free_port()
     assert first == same
@@ -34,9 +35,9 @@ def test_free_port_never_hands_out_a_port_twice(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_a_reserved_port_is_not_handed_out(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(infra, "_HANDED_OUT", set())
+    monkeypatch.setattr(host, "_HANDED_OUT", set())
     port = free_port()
-    monkeypatch.setattr(infra, "_HANDED_OUT", set())
+    monkeypatch.setattr(host, "_HANDED_OUT", set())
     reserve_port(port)
     assert all(free_port() != port for _ in range(20))
 

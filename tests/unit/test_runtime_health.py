@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from nats.js.api import ConsumerConfig
 
-from kiln_runtime.consume import PULL_STALL_S, Puller
 from kiln_runtime.health import Health, HealthServer, Problems, bus_problems, watch
+from kiln_runtime.pull import PULL_STALL_S, Puller
 
 STALL_S = 20.0
 

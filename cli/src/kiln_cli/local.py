@@ -17,7 +17,7 @@ import httpx
 import typer
 
 from kiln_contracts.bucket import manifests_prefix
-from kiln_devstack.infra import InfraError
+from kiln_devstack.host import InfraError
 from kiln_devstack.stack import DEV_API_KEY, Stack
 
 from .client import ApiError, KilnClient

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .infra import InfraError, Process, _bin, free_port, spawn
+from .host import InfraError, Process, binary, free_port, spawn
 
 CLUSTER_NAME = "kiln"
 START_ATTEMPTS = 5
@@ -81,7 +81,7 @@ class NatsCluster:
     def _args(self, node: Node) -> list[str]:
         routes = ",".join(f"nats://127.0.0.1:{n.cluster_port}" for n in self.nodes)
         return [
-            _bin("nats-server"),
+            binary("nats-server"),
             *("-a", "127.0.0.1", "-p", str(node.client_port), "-n", node.name),
             *("-js", "-sd", str(node.store)),
             *("--cluster_name", CLUSTER_NAME),

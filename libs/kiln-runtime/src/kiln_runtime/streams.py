@@ -8,6 +8,7 @@ them up, never create, update or delete them (deploy/nats/permissions.yaml)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from nats.aio.client import Client
 from nats.js.api import DiscardPolicy, StreamConfig
@@ -54,24 +55,38 @@ async def require_streams(nc: Client) -> None:
 
 
 def stream_config(replicas: int = 1) -> StreamConfig:
-    return StreamConfig(
-        num_replicas=replicas,
-        name=subjects.STREAM,
-        subjects=list(subjects.STREAM_SUBJECTS),
-        duplicate_window=subjects.DUPLICATE_WINDOW_S,
+    """``KILN``: its messages no larger than the contracts allow, its wakes message schedules."""
+    return _kiln_stream(
+        subjects.STREAM,
+        subjects.STREAM_SUBJECTS,
+        replicas,
         max_msg_size=subjects.MAX_MSG_BYTES,
-        max_age=subjects.MAX_AGE_S,
         allow_msg_schedules=True,
     )
 
 
 def dlq_stream_config(replicas: int = 1) -> StreamConfig:
+    """``KILN_DLQ``: the dead letters."""
+    return _kiln_stream(subjects.DLQ_STREAM, subjects.DLQ_SUBJECTS, replicas)
+
+
+def _kiln_stream(
+    name: str,
+    stream_subjects: Iterable[str],
+    replicas: int,
+    *,
+    max_msg_size: int = -1,  # nats-py's default: no limit of the stream's own
+    allow_msg_schedules: bool | None = None,
+) -> StreamConfig:
+    """What Kiln's two streams share: the duplicate window and the age messages are kept."""
     return StreamConfig(
         num_replicas=replicas,
-        name=subjects.DLQ_STREAM,
-        subjects=list(subjects.DLQ_SUBJECTS),
+        name=name,
+        subjects=list(stream_subjects),
         duplicate_window=subjects.DUPLICATE_WINDOW_S,
+        max_msg_size=max_msg_size,
         max_age=subjects.MAX_AGE_S,
+        allow_msg_schedules=allow_msg_schedules,
     )
 
 

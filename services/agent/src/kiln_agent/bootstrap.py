@@ -29,6 +29,7 @@ class Wiring:
     model: AnthropicModel | None = None
     gates: BudgetGates | None = None
     watchdog: Watchdog | None = None
+    agent: Agent | None = None
 
     async def start(self) -> None:
         """Read the budget gates, open the database and the model client, then register the
@@ -65,7 +66,7 @@ class Wiring:
             )
         except ModelUnavailable as err:
             raise SystemExit(f"kiln-agent: {err}") from err
-        agent = Agent(
+        self.agent = agent = Agent(
             PostgresStore(self.pool),
             self.model,
             self.bus,
@@ -95,6 +96,8 @@ class Wiring:
             await self.gates.stop()
         if self.model:
             await self.model.close()
+        if self.agent:
+            await self.agent.store.clearing.settle()  # the outboxes published: cleared
         if self.pool:
             await self.pool.close()
 

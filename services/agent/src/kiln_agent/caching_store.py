@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 
 from .checkpoint import Checkpoint, Turn
+from .clearing import Clearing
 from .kept import Entry, Kept
 from .ports import NO_LEASE_CHANGE, CheckpointStore, Idle, LeaseChange
 
@@ -24,6 +25,7 @@ class CachingStore:
     def __init__(self, store: CheckpointStore, *, max_chars: int, max_builds: int) -> None:
         self.store = store
         self.kept = Kept(max_chars, max_builds)
+        self.clearing = Clearing(store)
 
     # ------------------------------------------------------------------ the port
 
@@ -31,7 +33,8 @@ class CachingStore:
         return await self.store.create(cp, turns)
 
     async def load(self, build_id: str) -> Checkpoint | None:
-        return await self.store.load(build_id)
+        cp = await self.store.load(build_id)
+        return None if cp is None else self.clearing.unsent(cp)
 
     async def turns(self, build_id: str, since: int = 0) -> list[Turn]:
         return await self.store.turns(build_id, since)
@@ -46,13 +49,14 @@ class CachingStore:
             self.kept.saved(cp, new_turns)
         return took
 
-    async def mark_sent(self, build_id: str, version: int) -> None:
-        await self.store.mark_sent(build_id, version)
+    async def mark_sent(self, sent: dict[str, int]) -> None:
+        await self.store.mark_sent(sent)
 
     async def take_lease(
         self, build_id: str, token: str, ttl_s: float
     ) -> tuple[float, Checkpoint | None]:
-        return await self.store.take_lease(build_id, token, ttl_s)
+        wait, cp = await self.store.take_lease(build_id, token, ttl_s)
+        return wait, None if cp is None else self.clearing.unsent(cp)
 
     async def extend_lease(self, build_id: str, token: str, ttl_s: float) -> bool:
         return await self.store.extend_lease(build_id, token, ttl_s)
@@ -85,14 +89,14 @@ class CachingStore:
         """Keep nothing of the build (it moved on in a way this replica did not see)."""
         self.kept.forget(build_id)
 
-    async def sent(self, cp: Checkpoint, *, done: bool = False) -> None:
-        """The outbox of ``cp`` is published: cleared in the row (and ``done``, before the clearing:
-        a result answering a ToolCall just published often arrives before it; a save from the
-        kept checkpoint overwrites the published outbox, so the clearing may lose)."""
-        cp.outbox, version = [], cp.version
+    def sent(self, cp: Checkpoint, *, done: bool = False) -> None:
+        """The outbox of ``cp`` is published: cleared in the row soon (``clearing.py``), and
+        ``done`` at once (a result answering a ToolCall just published often arrives first; a
+        save from the kept checkpoint replaces the published outbox, so the clearing may lose)."""
+        cp.outbox = []
         if done:
             self.done(cp)
-        await self.store.mark_sent(cp.build_id, version)
+        self.clearing.add(cp.build_id, cp.version)
 
     async def conversation(self, cp: Checkpoint) -> list[Turn]:
         """The checkpoint's ``cp.turns`` turns: those kept are reused, only newer ones are

@@ -104,11 +104,11 @@ class Driver:
         )
 
     async def flush(self, cp: Checkpoint, *, done: bool = False) -> None:
-        """Publish the outbox, then clear it in the row. ``done``: the handler is done with
+        """Publish the outbox, then have it cleared in the row. ``done``: the handler is done with
         ``cp``, which is kept for the build's next message."""
         if cp.outbox:
             for msg in cp.outbox:
                 await self.publisher.publish(msg)
-            await self.store.sent(cp, done=done)
+            self.store.sent(cp, done=done)
         elif done:
             self.store.done(cp)

@@ -60,8 +60,9 @@ class CheckpointStore(Protocol):
         ``lease``: what the same write does to the think lease (see LeaseChange); True if it took
         the lease. The write itself never waits for the lease."""
 
-    async def mark_sent(self, build_id: str, version: int) -> None:
-        """Clear the outbox of that version (a no-op if the build has moved on)."""
+    async def mark_sent(self, sent: dict[str, int]) -> None:
+        """Clear the outbox of each build (``{build_id: version}``) if it is still at that version
+        (a no-op for a build that has moved on), in one go."""
 
     async def take_lease(
         self, build_id: str, token: str, ttl_s: float

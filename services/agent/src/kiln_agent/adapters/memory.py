@@ -67,10 +67,11 @@ class MemoryStore:
         self.leases[build_id] = (token, now + ttl_s)
         return 0.0
 
-    async def mark_sent(self, build_id: str, version: int) -> None:
-        row = self.rows.get(build_id)
-        if row is not None and row.version == version:
-            row.outbox = []
+    async def mark_sent(self, sent: dict[str, int]) -> None:
+        for build_id, version in sent.items():
+            row = self.rows.get(build_id)
+            if row is not None and row.version == version:
+                row.outbox = []
 
     async def take_lease(
         self, build_id: str, token: str, ttl_s: float

@@ -146,11 +146,13 @@ class PostgresStore:
         cp.version += 1
         return bool(took)
 
-    async def mark_sent(self, build_id: str, version: int) -> None:
+    async def mark_sent(self, sent: dict[str, int]) -> None:
         await self.pool.execute(
-            "UPDATE builds SET outbox = '[]' WHERE build_id = $1 AND version = $2",
-            build_id,
-            version,
+            "UPDATE builds b SET outbox = '[]' "
+            "FROM unnest($1::text[], $2::integer[]) AS s(build_id, version) "
+            "WHERE b.build_id = s.build_id AND b.version = s.version",
+            list(sent),
+            list(sent.values()),
         )
 
     async def extend_lease(self, build_id: str, token: str, ttl_s: float) -> bool:
