@@ -12,7 +12,7 @@ from rich.table import Table
 
 from .following import follow, load_qna, print_build
 from .render import Renderer, usd
-from .shared import KeyOpt, UrlOpt, console, fail, open_client
+from .shared import BuildArg, KeyOpt, UrlOpt, console, fail, open_client
 
 
 def build(
@@ -40,11 +40,7 @@ def build(
     raise typer.Exit(0 if status == "completed" else 1)
 
 
-def status(
-    build_id: Annotated[str, typer.Argument(help="The build's id.")],
-    url: UrlOpt = None,
-    key: KeyOpt = None,
-) -> None:
+def status(build_id: BuildArg, url: UrlOpt = None, key: KeyOpt = None) -> None:
     """Print a build."""
     with open_client(url, key) as client:
         print_build(client.get_build(build_id))
@@ -91,7 +87,7 @@ def builds_table(builds: list[dict[str, Any]]) -> Table:
 
 
 def logs(
-    build_id: Annotated[str, typer.Argument(help="The build's id.")],
+    build_id: BuildArg,
     follow_: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep watching until the build ends.")
     ] = False,
@@ -112,30 +108,24 @@ def logs(
             renderer(event)
 
 
-def wake(
-    build_id: Annotated[str, typer.Argument(help="The build's id.")],
-    url: UrlOpt = None,
-    key: KeyOpt = None,
-) -> None:
+def _command(build_id: str, what: str, url: str | None, key: str | None) -> None:
+    with open_client(url, key) as client:
+        client.command(build_id, what)
+    console.print(f"{what} requested for {build_id}", highlight=False)
+
+
+def wake(build_id: BuildArg, url: UrlOpt = None, key: KeyOpt = None) -> None:
     """Wake a sleeping build now."""
-    with open_client(url, key) as client:
-        client.command(build_id, "wake")
-    console.print(f"wake requested for {build_id}", highlight=False)
+    _command(build_id, "wake", url, key)
 
 
-def cancel(
-    build_id: Annotated[str, typer.Argument(help="The build's id.")],
-    url: UrlOpt = None,
-    key: KeyOpt = None,
-) -> None:
+def cancel(build_id: BuildArg, url: UrlOpt = None, key: KeyOpt = None) -> None:
     """Cancel a build."""
-    with open_client(url, key) as client:
-        client.command(build_id, "cancel")
-    console.print(f"cancel requested for {build_id}", highlight=False)
+    _command(build_id, "cancel", url, key)
 
 
 def download(
-    build_id: Annotated[str, typer.Argument(help="The build's id.")],
+    build_id: BuildArg,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Default: kiln-<build>.tar.gz")
     ] = None,

@@ -9,11 +9,11 @@ import typer
 
 from .client import ApiError
 from .following import follow
-from .shared import KeyOpt, UrlOpt, console, fail, open_client
+from .shared import BuildArg, KeyOpt, UrlOpt, console, fail, open_client
 
 
 def say(
-    build_id: Annotated[str, typer.Argument(help="The build's id.")],
+    build_id: BuildArg,
     text: Annotated[str, typer.Argument(help="What to tell the build.")],
     follow_: Annotated[
         bool,

@@ -42,6 +42,9 @@ KeyOpt = Annotated[
 ]
 
 
+BuildArg = Annotated[str, typer.Argument(help="The build's id.")]
+
+
 AdminOpt = Annotated[
     str | None,
     typer.Option(

@@ -15,6 +15,8 @@ webhooks_app = typer.Typer(
     help="Webhooks: endpoints that get your builds' events, signed (Standard Webhooks)."
 )
 
+EndpointArg = Annotated[str, typer.Argument(help="The endpoint's id (wh_...).")]
+
 EventOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -70,11 +72,7 @@ def list_(url: UrlOpt = None, key: KeyOpt = None) -> None:
 
 
 @webhooks_app.command("show")
-def show(
-    endpoint_id: Annotated[str, typer.Argument(help="The endpoint's id (wh_...).")],
-    url: UrlOpt = None,
-    key: KeyOpt = None,
-) -> None:
+def show(endpoint_id: EndpointArg, url: UrlOpt = None, key: KeyOpt = None) -> None:
     """One endpoint."""
     with open_client(url, key) as client:
         _show(client.call("GET", f"/v1/webhooks/{endpoint_id}"))
@@ -82,7 +80,7 @@ def show(
 
 @webhooks_app.command("update")
 def update(
-    endpoint_id: Annotated[str, typer.Argument(help="The endpoint's id (wh_...).")],
+    endpoint_id: EndpointArg,
     target: Annotated[str | None, typer.Option("--target", help="A new URL.")] = None,
     event: EventOpt = None,
     description: Annotated[str | None, typer.Option(help="A new description.")] = None,
@@ -107,11 +105,7 @@ def update(
 
 
 @webhooks_app.command("remove")
-def remove(
-    endpoint_id: Annotated[str, typer.Argument(help="The endpoint's id (wh_...).")],
-    url: UrlOpt = None,
-    key: KeyOpt = None,
-) -> None:
+def remove(endpoint_id: EndpointArg, url: UrlOpt = None, key: KeyOpt = None) -> None:
     """Remove an endpoint and its delivery log."""
     with open_client(url, key) as client:
         client.call("DELETE", f"/v1/webhooks/{endpoint_id}")
@@ -120,7 +114,7 @@ def remove(
 
 @webhooks_app.command("rotate")
 def rotate(
-    endpoint_id: Annotated[str, typer.Argument(help="The endpoint's id (wh_...).")],
+    endpoint_id: EndpointArg,
     overlap_s: Annotated[
         int, typer.Option(help="Seconds the old secret still signs too.")
     ] = 86_400,
@@ -138,7 +132,7 @@ def rotate(
 
 @webhooks_app.command("deliveries")
 def deliveries(
-    endpoint_id: Annotated[str, typer.Argument(help="The endpoint's id (wh_...).")],
+    endpoint_id: EndpointArg,
     status: Annotated[str | None, typer.Option(help="pending, delivered or failed.")] = None,
     limit: Annotated[int, typer.Option(help="How many (newest first).")] = 20,
     url: UrlOpt = None,
@@ -167,7 +161,7 @@ def deliveries(
 
 @webhooks_app.command("redeliver")
 def redeliver(
-    endpoint_id: Annotated[str, typer.Argument(help="The endpoint's id (wh_...).")],
+    endpoint_id: EndpointArg,
     delivery_id: Annotated[str, typer.Argument(help="The delivery's id (msg_...).")],
     url: UrlOpt = None,
     key: KeyOpt = None,

@@ -27,6 +27,30 @@ def is_not_found(err: ClientError) -> bool:
     return error_code(err) in NOT_FOUND
 
 
+async def get_object(client: Any, bucket: str, key: str) -> bytes | None:
+    """The object's bytes, or None where the key (or the bucket) is missing."""
+    try:
+        response = await client.get_object(Bucket=bucket, Key=key)
+    except ClientError as err:
+        if is_not_found(err):
+            return None
+        raise
+    async with response["Body"] as body:
+        data: bytes = await body.read()
+    return data
+
+
+async def head_object(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
+    """The object's HEAD answer, or None where the key (or the bucket) is missing."""
+    try:
+        head: dict[str, Any] = await client.head_object(Bucket=bucket, Key=key)
+    except ClientError as err:
+        if is_not_found(err):
+            return None
+        raise
+    return head
+
+
 def client_config(
     *,
     endpoint_url: str | None,

@@ -162,18 +162,21 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.state.runtime = None
     install_problems(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.include_router(routes_builds.router)
-    app.include_router(routes_events.router)
-    app.include_router(routes_messages.router)
-    app.include_router(routes_ops.router)
-    app.include_router(routes_projects.router)
-    app.include_router(routes_accounts.router)
-    app.include_router(routes_budget_admin.router)
-    app.include_router(routes_dlq.router)
-    app.include_router(routes_snapshots.router)
-    app.include_router(routes_webhooks.router)
-    app.include_router(routes_fork.router)
-    app.include_router(routes_preview.router)
+    for routes in (
+        routes_builds,
+        routes_events,
+        routes_messages,
+        routes_ops,
+        routes_projects,
+        routes_accounts,
+        routes_budget_admin,
+        routes_dlq,
+        routes_snapshots,
+        routes_webhooks,
+        routes_fork,
+        routes_preview,
+    ):
+        app.include_router(routes.router)
     app.mount("/dashboard", StaticFiles(directory=STATIC, html=True), name="dashboard")
 
     @app.get("/", include_in_schema=False)

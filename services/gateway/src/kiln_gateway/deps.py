@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, Security
+from fastapi import Depends, Header, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from . import builds
@@ -34,6 +34,9 @@ def presented_key(
 
 
 Key = Annotated[str | None, Depends(presented_key)]
+
+IdempotencyKey = Annotated[str | None, Header(max_length=200)]
+"""The ``Idempotency-Key`` header of a request that is safe to retry with it."""
 
 
 def unauthorized(key: str | None) -> HTTPException:

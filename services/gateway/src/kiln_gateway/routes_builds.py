@@ -7,21 +7,23 @@ operations endpoints in ``routes_ops``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, HTTPException, Query, Response
+from fastapi import APIRouter, HTTPException, Query, Response
 from fastapi.responses import StreamingResponse
+from fastapi.types import DecoratedCallable
 
 from kiln_contracts import CancelRequested, QnA, WakeRequested
 
 from . import archive, projects, snapshots
 from .bootstrap import Wiring
-from .cursors import decode_cursor, encode_cursor
-from .deps import Me, Owned, Rt
+from .cursors import Cursor, paged
+from .deps import IdempotencyKey, Me, Owned, Rt
 from .model import STATUSES, Build
 from .problems import responses
 from .schemas_builds import Accepted, BuildList, BuildOut, CreateBuild
-from .starting import start, tier_of
+from .starting import post_starting, start, tier_of
 
 log = logging.getLogger(__name__)
 
@@ -31,22 +33,18 @@ Status = Literal["queued", "running", "sleeping", "completed", "failed", "cancel
 assert set(Status.__args__) == set(STATUSES)  # type: ignore[attr-defined]
 
 
-@router.post(
+@post_starting(
+    router,
     "/v1/builds",
-    status_code=201,
-    response_model=BuildOut,
-    tags=["builds"],
-    responses={
-        200: {"model": BuildOut, "description": "Same Idempotency-Key: the existing build"},
-        **responses(401, 403, 404, 409, 413, 422, 429, 503),
-    },
+    again="Same Idempotency-Key: the existing build",
+    errors=(401, 403, 404, 409, 413, 422, 429, 503),
 )
 async def create_build(
     body: CreateBuild,
     rt: Rt,
     me: Me,
     response: Response,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> BuildOut:
     """Start a build, from an idea brief given inline or from a project (a version of it).
 
@@ -90,17 +88,16 @@ async def list_builds(
     me: Me,
     status: Annotated[Status | None, Query(description="Only builds in this status.")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[str | None, Query(max_length=500)] = None,
+    cursor: Cursor = None,
 ) -> BuildList:
     """The caller's builds, newest first, a page at a time."""
-    before = decode_cursor(cursor) if cursor else None
-    page = await rt.store.list_for_user(me.user_id, status=status, limit=limit + 1, before=before)
-    more = len(page) > limit
-    page = page[:limit]
-    return BuildList(
-        builds=[BuildOut.of(b, detail=False) for b in page],
-        next_cursor=encode_cursor(page[-1].created_at, page[-1].build_id) if more else None,
+    page, next_cursor = await paged(
+        lambda n, before: rt.store.list_for_user(me.user_id, status=status, limit=n, before=before),
+        limit,
+        cursor,
+        lambda b: (b.created_at, b.build_id),
     )
+    return BuildList(builds=[BuildOut.of(b, detail=False) for b in page], next_cursor=next_cursor)
 
 
 @router.get(
@@ -111,6 +108,17 @@ async def list_builds(
 )
 async def get_build(build: Owned) -> BuildOut:
     return BuildOut.of(build)
+
+
+def _post_command(what: str) -> Callable[[DecoratedCallable], DecoratedCallable]:
+    """The route of ``POST /v1/builds/{id}/<what>``, a command sent to the build (202)."""
+    return router.post(
+        f"/v1/builds/{{build_id}}/{what}",
+        status_code=202,
+        response_model=Accepted,
+        tags=["builds"],
+        responses=responses(401, 404, 409, 503),
+    )
 
 
 async def _command(
@@ -125,25 +133,13 @@ async def _command(
     return Accepted(build_id=build.build_id, requested=what)
 
 
-@router.post(
-    "/v1/builds/{build_id}/cancel",
-    status_code=202,
-    response_model=Accepted,
-    tags=["builds"],
-    responses=responses(401, 404, 409, 503),
-)
+@_post_command("cancel")
 async def cancel_build(build: Owned, rt: Rt, me: Me) -> Accepted:
     msg = CancelRequested(build_id=build.build_id, user_id=me.user_id, reason="cancelled by user")
     return await _command(rt, build, "cancel", msg)
 
 
-@router.post(
-    "/v1/builds/{build_id}/wake",
-    status_code=202,
-    response_model=Accepted,
-    tags=["builds"],
-    responses=responses(401, 404, 409, 503),
-)
+@_post_command("wake")
 async def wake_build(build: Owned, rt: Rt, me: Me) -> Accepted:
     msg = WakeRequested(build_id=build.build_id, user_id=me.user_id, reason="woken by user")
     return await _command(rt, build, "wake", msg)

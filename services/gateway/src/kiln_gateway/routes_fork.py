@@ -4,30 +4,25 @@ iterations (the domain in ``forks``; the build is created like ``POST /v1/builds
 from __future__ import annotations
 
 import logging
-from typing import Annotated
 
-from fastapi import APIRouter, Header, HTTPException, Response
+from fastapi import APIRouter, HTTPException, Response
 
 from . import builds, forks
-from .deps import Me, Owned, Rt
-from .problems import ProblemError, responses
+from .deps import IdempotencyKey, Me, Owned, Rt
+from .problems import ProblemError
 from .schemas_builds import BuildOut, ForkBuild
-from .starting import start, tier_of
+from .starting import post_starting, start, tier_of
 
 log = logging.getLogger(__name__)
 
 router = APIRouter()
 
 
-@router.post(
+@post_starting(
+    router,
     "/v1/builds/{build_id}/fork",
-    status_code=201,
-    response_model=BuildOut,
-    tags=["builds"],
-    responses={
-        200: {"model": BuildOut, "description": "Same Idempotency-Key: the fork made before"},
-        **responses(401, 403, 404, 409, 410, 422, 429, 503),
-    },
+    again="Same Idempotency-Key: the fork made before",
+    errors=(401, 403, 404, 409, 410, 422, 429, 503),
 )
 async def fork_build(
     body: ForkBuild,
@@ -35,7 +30,7 @@ async def fork_build(
     rt: Rt,
     me: Me,
     response: Response,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> BuildOut:
     """Fork the build at an ``iteration`` (or at one of its snapshots, ``snapshot_id``): a new
     build whose conversation is this one's up to there and whose files are the snapshot taken at

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Header, HTTPException
+from fastapi import APIRouter, HTTPException
 
 from . import builds, messages
-from .deps import Me, Owned, Rt
+from .deps import IdempotencyKey, Me, Owned, Rt
 from .problems import responses
 from .schemas_builds import MessageOut, SendMessage
 from .starting import tier_of
@@ -27,7 +25,7 @@ async def send_message(
     build: Owned,
     rt: Rt,
     me: Me,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> MessageOut:
     """Write to a build. A running build reads the message at its next think (after the tool
     results it is waiting for, or the model call it is making); a sleeping one when it wakes; a

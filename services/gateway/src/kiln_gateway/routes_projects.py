@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query
 
 from . import projects
-from .cursors import decode_cursor, encode_cursor
+from .cursors import Cursor, paged
 from .deps import Me, Rt
 from .model import Project
 from .problems import responses
@@ -40,16 +40,17 @@ async def list_projects(
     rt: Rt,
     me: Me,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[str | None, Query(max_length=500)] = None,
+    cursor: Cursor = None,
 ) -> ProjectList:
     """The caller's projects (their latest versions), newest first."""
-    before = decode_cursor(cursor) if cursor else None
-    page = await rt.store.list_projects(me.user_id, limit=limit + 1, before=before)
-    more = len(page) > limit
-    page = page[:limit]
+    page, next_cursor = await paged(
+        lambda n, before: rt.store.list_projects(me.user_id, limit=n, before=before),
+        limit,
+        cursor,
+        lambda p: (p.created_at, p.project_id),
+    )
     return ProjectList(
-        projects=[ProjectOut.of(p, detail=False) for p in page],
-        next_cursor=encode_cursor(page[-1].created_at, page[-1].project_id) if more else None,
+        projects=[ProjectOut.of(p, detail=False) for p in page], next_cursor=next_cursor
     )
 
 

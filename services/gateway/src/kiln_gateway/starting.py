@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime
 
-from fastapi import HTTPException, Response
+from fastapi import APIRouter, HTTPException, Response
+from fastapi.types import DecoratedCallable
 from prometheus_client import Counter
 
 from kiln_contracts import BudgetGate, BuildLimits, ForkOrigin, QnA
@@ -18,11 +20,26 @@ from kiln_runtime.config import Tier
 from . import builds
 from .bootstrap import Wiring
 from .model import Build, Caller
-from .problems import ProblemError
+from .problems import ProblemError, responses
+from .schemas_builds import BuildOut
 
 log = logging.getLogger(__name__)
 
 BUILDS_CREATED = Counter("kiln_gateway_builds_created_total", "Builds created", ["tier"])
+
+
+def post_starting(
+    router: APIRouter, path: str, *, again: str, errors: tuple[int, ...]
+) -> Callable[[DecoratedCallable], DecoratedCallable]:
+    """The route of a POST that starts a build with ``start``: 201 with it, 200 with the one an
+    earlier request with the same Idempotency-Key made (``again`` describes it), ``errors``."""
+    return router.post(
+        path,
+        status_code=201,
+        response_model=BuildOut,
+        tags=["builds"],
+        responses={200: {"model": BuildOut, "description": again}, **responses(*errors)},
+    )
 
 
 def tier_of(rt: Wiring, me: Caller) -> Tier:

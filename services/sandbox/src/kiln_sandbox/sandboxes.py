@@ -198,46 +198,36 @@ class Sandboxes:
         ``SandboxStopped``; a stopped one is recorded with the build's ``iteration`` then. Not
         under the build's tool-call lock: stopping must also kill a command that is running."""
         async with self.lifecycle.hold(event.build_id):
-            await self._stop(event, state, reason, discriminator, iteration)
-
-    async def _stop(
-        self,
-        event: SnapshotSaved | BuildCancelled | BuildFailed,
-        state: SandboxState,
-        reason: str,
-        discriminator: str,
-        iteration: int,
-    ) -> None:
-        record = await self.registry.get(event.build_id)
-        if record is None or record.state == "stopped" or record.state == state:
-            return
-        if record.provider != self.provider.name:
-            log.warning("sandbox of %s belongs to provider %s", event.build_id, record.provider)
-            return
-        if record.has_processes and self.processes is not None:
-            await self._stop_processes(event, record, reason)
-        if state == "paused":
-            await self.provider.pause(event.build_id, record.sandbox_id)
-        else:
-            await self.provider.stop(event.build_id, record.sandbox_id)
-        await self.bus.publish(
-            event.caused(
-                SandboxStopped,
-                sandbox_id=record.sandbox_id,
-                provider=record.provider,
-                reason=reason,
-            ).with_id(
-                stable_id(event.build_id, "sandbox_stopped", record.sandbox_id, discriminator)
+            record = await self.registry.get(event.build_id)
+            if record is None or record.state == "stopped" or record.state == state:
+                return
+            if record.provider != self.provider.name:
+                log.warning("sandbox of %s belongs to provider %s", event.build_id, record.provider)
+                return
+            if record.has_processes and self.processes is not None:
+                await self._stop_processes(event, record, reason)
+            if state == "paused":
+                await self.provider.pause(event.build_id, record.sandbox_id)
+            else:
+                await self.provider.stop(event.build_id, record.sandbox_id)
+            await self.bus.publish(
+                event.caused(
+                    SandboxStopped,
+                    sandbox_id=record.sandbox_id,
+                    provider=record.provider,
+                    reason=reason,
+                ).with_id(
+                    stable_id(event.build_id, "sandbox_stopped", record.sandbox_id, discriminator)
+                )
             )
-        )
-        await self._set_state(record, state, iteration if state == "stopped" else None)
-        log.info(
-            "sandbox %s %s: %s",
-            record.sandbox_id,
-            state,
-            reason,
-            extra={"build_id": event.build_id},
-        )
+            await self._set_state(record, state, iteration if state == "stopped" else None)
+            log.info(
+                "sandbox %s %s: %s",
+                record.sandbox_id,
+                state,
+                reason,
+                extra={"build_id": event.build_id},
+            )
 
     async def _stop_processes(
         self, event: SnapshotSaved | BuildCancelled | BuildFailed, record: SandboxRecord, why: str

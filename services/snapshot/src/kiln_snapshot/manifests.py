@@ -73,6 +73,15 @@ def order_tag(doc: Manifest) -> str:
     return f"{doc.iteration:012d}-{at.strftime('%Y%m%dT%H%M%S.%f')}"
 
 
+async def write_manifest(store: ObjectStore, doc: Manifest) -> None:
+    """Store ``doc`` under its key, tagged with its ``order_tag`` (read back by retention)."""
+    await store.put(
+        manifest_key(doc.build_id, doc.snapshot_id),
+        doc.dump(),
+        metadata={ORDER_META: order_tag(doc)},
+    )
+
+
 async def load_manifest(store: ObjectStore, build_id: str, snapshot_id: str) -> Manifest | None:
     data = await store.get(manifest_key(build_id, snapshot_id))
     return None if data is None else Manifest.parse(data)

@@ -4,7 +4,6 @@ uploaded). The bucket's rules are in ``snapshots``' docstring."""
 
 from __future__ import annotations
 
-import json
 import logging
 
 from pydantic import ValidationError
@@ -16,7 +15,6 @@ from kiln_contracts.bucket import (
     latest_key,
     manifest_key,
     manifests_prefix,
-    pending_key,
 )
 from kiln_contracts.manifest import ForkedFrom, Manifest, ManifestEntry
 from kiln_contracts.messages import utcnow
@@ -25,18 +23,18 @@ from kiln_contracts.rpc import (
     RestorePlanReply,
     RestorePlanRequest,
 )
-from kiln_runtime.errors import PermanentError, RetryLater
+from kiln_runtime.errors import PermanentError
 
 from .manifests import (
     ORDER_META,
     advance_latest,
     load_manifest,
-    order_tag,
     pruned_iteration,
     tag_iteration,
+    write_manifest,
 )
 from .ports import ObjectStore
-from .snapshots import Deps, collections_sweeping
+from .snapshots import Deps, pending_marker
 
 log = logging.getLogger(__name__)
 
@@ -161,17 +159,7 @@ async def seed_fork(
         )
         # the GC protocol of a snapshot: a pending marker naming the blobs, no sweep running,
         # and the source still there (its manifest kept the blobs until our marker did)
-        started = utcnow()
-        marker = pending_key(build_id, snapshot_id)
-        payload = {"started_at": started.isoformat(), "blobs": sorted(source.blobs())}
-        await deps.store.put(marker, json.dumps(payload).encode())
-        try:
-            sweeping = await collections_sweeping(deps.store, started, deps.gc_sweep_s)
-            if sweeping:
-                raise RetryLater(
-                    f"a garbage collection is sweeping ({sweeping[0]}); fork later",
-                    delay_s=deps.retry_delay_s,
-                )
+        async with pending_marker(deps, build_id, snapshot_id, source.blobs(), "fork"):
             if await deps.store.get(manifest_key(source.build_id, source.snapshot_id)) is None:
                 raise ForkSourceMissing(f"snapshot {source.snapshot_id} was deleted meanwhile")
             doc = source.model_copy(
@@ -187,13 +175,7 @@ async def seed_fork(
                     ),
                 }
             )
-            await deps.store.put(
-                manifest_key(build_id, snapshot_id),
-                doc.dump(),
-                metadata={ORDER_META: order_tag(doc)},
-            )
-        finally:
-            await deps.store.delete(marker)
+            await write_manifest(deps.store, doc)
         await advance_latest(deps.store, build_id, doc)
         log.info(
             "fork seeded from snapshot %s of build %s (%d files)",

@@ -34,6 +34,8 @@ import json
 import logging
 import weakref
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -41,7 +43,6 @@ from kiln_contracts import CheckpointSaved, SnapshotSaved, stable_id
 from kiln_contracts.bucket import (
     GC_RUNNING_PREFIX,
     blob_key,
-    manifest_key,
     pending_key,
 )
 from kiln_contracts.manifest import Manifest, ManifestEntry
@@ -54,12 +55,11 @@ from kiln_contracts.rpc import (
 from kiln_runtime.errors import PermanentError, RetryLater
 
 from .manifests import (
-    ORDER_META,
     advance_latest,
     latest_manifest,
     load_manifest,
-    order_tag,
     prune_manifests,
+    write_manifest,
 )
 from .ports import ObjectStore, Publisher, Sandbox
 
@@ -157,19 +157,7 @@ async def take_snapshot(
         entries = _normalise(reply.entries)
         files = [e for e in entries if e.type == "file"]
         by_sha = {e.sha256: e for e in files}
-        started = utcnow()
-        marker = pending_key(build_id, snapshot_id)
-        await deps.store.put(
-            marker,
-            json.dumps({"started_at": started.isoformat(), "blobs": sorted(by_sha)}).encode(),
-        )
-        try:
-            sweeping = await collections_sweeping(deps.store, started, deps.gc_sweep_s)
-            if sweeping:
-                raise RetryLater(
-                    f"a garbage collection is sweeping ({sweeping[0]}); snapshot later",
-                    delay_s=deps.retry_delay_s,
-                )
+        async with pending_marker(deps, build_id, snapshot_id, by_sha, "snapshot") as started:
             # The blobs of the build's latest manifest exist (a manifest is written only once
             # its blobs do, and from here on our marker keeps them from being collected):
             # only the others are looked up, one HEAD each.
@@ -187,14 +175,7 @@ async def take_snapshot(
             doc = Manifest.of(
                 event, entries, bytes_uploaded=sum(by_sha[sha].size for sha in missing)
             )
-            await deps.store.put(
-                manifest_key(build_id, snapshot_id),
-                doc.dump(),
-                metadata={ORDER_META: order_tag(doc)},
-            )
-        finally:
-            # Without a manifest the marker may stay (a crash): collections ignore it once old.
-            await deps.store.delete(marker)
+            await write_manifest(deps.store, doc)
         await advance_latest(deps.store, build_id, doc, previous)
         saved = snapshot_saved(event, doc)
         await deps.publisher.publish(saved)
@@ -211,6 +192,33 @@ async def take_snapshot(
         except Exception:
             log.warning("could not prune old manifests", exc_info=True, extra=extra)
         return saved
+
+
+@asynccontextmanager
+async def pending_marker(
+    deps: Deps, build_id: str, snapshot_id: str, blobs: Iterable[str], what: str
+) -> AsyncIterator[datetime]:
+    """Steps 1 and 2 of the protocol above, and the marker's deletion at the end of step 5:
+    the pending marker naming ``blobs`` written, RetryLater ("``what`` later") while a
+    collection is sweeping, the marker deleted on the way out, an error's too (without a
+    manifest the marker may stay, after a crash: collections ignore it once old). Yields the
+    time the marker says the snapshot started."""
+    started = utcnow()
+    marker = pending_key(build_id, snapshot_id)
+    await deps.store.put(
+        marker,
+        json.dumps({"started_at": started.isoformat(), "blobs": sorted(blobs)}).encode(),
+    )
+    try:
+        sweeping = await collections_sweeping(deps.store, started, deps.gc_sweep_s)
+        if sweeping:
+            raise RetryLater(
+                f"a garbage collection is sweeping ({sweeping[0]}); {what} later",
+                delay_s=deps.retry_delay_s,
+            )
+        yield started
+    finally:
+        await deps.store.delete(marker)
 
 
 async def collections_sweeping(store: ObjectStore, now: datetime, sweep_s: float) -> list[str]:

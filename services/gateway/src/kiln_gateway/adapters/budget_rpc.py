@@ -6,14 +6,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from nats.aio.client import Client
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
 
 from kiln_contracts import BudgetGate, subjects
 from kiln_contracts.rpc import BudgetStatus, BudgetStatusReply, BudgetStatusRequest
 from kiln_runtime.gates import GateBucket
 
 from ..ports import BudgetUnavailable
+from .nats_request import request
 
 
 class NatsBudget:
@@ -29,16 +28,15 @@ class NatsBudget:
         return gate
 
     async def status(self, user_id: str, tier: str) -> BudgetStatus:
-        request = BudgetStatusRequest(user_id=user_id, tier=tier).model_dump_json().encode()
-        try:
-            msg = await self._nc().request(subjects.BUDGET_STATUS, request, timeout=self.timeout_s)
-        except NoRespondersError as err:
-            raise BudgetUnavailable("no budget service is answering") from err
-        except (NatsTimeoutError, TimeoutError) as err:
-            raise BudgetUnavailable(
-                f"the budget service did not answer in {self.timeout_s} s"
-            ) from err
-        reply = BudgetStatusReply.model_validate_json(msg.data)
+        data = await request(
+            self._nc(),
+            subjects.BUDGET_STATUS,
+            BudgetStatusRequest(user_id=user_id, tier=tier),
+            timeout_s=self.timeout_s,
+            service="budget",
+            unavailable=BudgetUnavailable,
+        )
+        reply = BudgetStatusReply.model_validate_json(data)
         if not reply.ok or reply.status is None:
             raise BudgetUnavailable(reply.error or "the budget service gave no status")
         return reply.status

@@ -17,6 +17,23 @@ from ..ports import Inserted
 from .pg_rows import PROJECTION_COLUMNS, TERMINAL_STATUSES, build_of
 
 
+async def lock_user(conn: asyncpg.Connection, user_id: str) -> None:
+    """Hold the user's lock until the transaction ends: one creation at a time per user (of a
+    build, or of a message that starts one again), so the idempotency checks and the cap are
+    exact."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('build:' || $1))", user_id)
+
+
+async def active_builds(conn: asyncpg.Connection, user_id: str) -> int:
+    """How many of the user's builds have not ended (what the tier's cap counts)."""
+    count = await conn.fetchval(
+        "SELECT count(*) FROM builds WHERE user_id = $1 AND status <> ALL($2::text[])",
+        user_id,
+        TERMINAL_STATUSES,
+    )
+    return int(count)
+
+
 class PgBuilds:
     """The store's builds and their read model."""
 
@@ -24,10 +41,7 @@ class PgBuilds:
 
     async def insert_build(self, new: NewBuild, *, cap: int) -> Inserted:
         async with self.pool.acquire() as conn, conn.transaction():
-            # One creation at a time per user: the idempotency check and the cap are exact.
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtext('build:' || $1))", new.user_id
-            )
+            await lock_user(conn, new.user_id)
             if new.idempotency_key is not None:
                 row = await conn.fetchrow(
                     "SELECT * FROM builds WHERE user_id = $1 AND idempotency_key = $2",
@@ -36,12 +50,7 @@ class PgBuilds:
                 )
                 if row:
                     return Inserted("existing", build_of(row))
-            active = await conn.fetchval(
-                "SELECT count(*) FROM builds WHERE user_id = $1 AND status <> ALL($2::text[])",
-                new.user_id,
-                TERMINAL_STATUSES,
-            )
-            if active >= cap:
+            if await active_builds(conn, new.user_id) >= cap:
                 return Inserted("capped", None)
             row = await conn.fetchrow(
                 """INSERT INTO builds (build_id, user_id, tier, idea_brief, understanding_qna,

@@ -6,7 +6,8 @@ import asyncpg
 
 from ..model import TERMINAL, Message, NewMessage
 from ..ports import MessageInserted
-from .pg_rows import TERMINAL_STATUSES, message_of
+from .pg_builds import active_builds, lock_user
+from .pg_rows import message_of
 
 
 class PgMessages:
@@ -17,9 +18,7 @@ class PgMessages:
     async def insert_message(self, new: NewMessage, *, cap: int) -> MessageInserted:
         async with self.pool.acquire() as conn, conn.transaction():
             # the user's lock, as for a new build: the numbering and the cap are exact
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtext('build:' || $1))", new.user_id
-            )
+            await lock_user(conn, new.user_id)
             if new.idempotency_key is not None:
                 row = await conn.fetchrow(
                     "SELECT * FROM messages WHERE build_id = $1 AND idempotency_key = $2",
@@ -32,12 +31,7 @@ class PgMessages:
                 "SELECT status FROM builds WHERE build_id = $1", new.build_id
             )
             if status in TERMINAL:
-                active = await conn.fetchval(
-                    "SELECT count(*) FROM builds WHERE user_id = $1 AND status <> ALL($2::text[])",
-                    new.user_id,
-                    TERMINAL_STATUSES,
-                )
-                if active >= cap:
+                if await active_builds(conn, new.user_id) >= cap:
                     return MessageInserted("capped", None)
             row = await conn.fetchrow(
                 """INSERT INTO messages (message_id, build_id, seq, user_id, text,

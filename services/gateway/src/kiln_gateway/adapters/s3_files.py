@@ -25,7 +25,7 @@ from kiln_contracts.bucket import (
     pruned_key,
 )
 from kiln_contracts.manifest import Manifest
-from kiln_runtime.s3 import S3Connection, is_not_found
+from kiln_runtime.s3 import S3Connection, get_object, is_not_found
 
 from ..ports import BlobTooLarge, StoredSnapshot
 
@@ -71,15 +71,7 @@ class S3Files:
         self._client = None
 
     async def _get(self, key: str) -> bytes | None:
-        try:
-            response = await self._client.get_object(Bucket=self.bucket, Key=key)
-        except ClientError as err:
-            if is_not_found(err):
-                return None
-            raise
-        async with response["Body"] as body:
-            data: bytes = await body.read()
-        return data
+        return await get_object(self._client, self.bucket, key)
 
     async def latest_id(self, build_id: str) -> str | None:
         raw = await self._get(latest_key(build_id))

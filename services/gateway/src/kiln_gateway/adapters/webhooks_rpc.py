@@ -6,13 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from nats.aio.client import Client
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
 from pydantic import BaseModel, ValidationError
 
 from kiln_contracts.webhooks import WebhookReply
 
 from ..ports import WebhooksUnavailable
+from . import nats_request
 
 
 class NatsWebhooks:
@@ -21,16 +20,15 @@ class NatsWebhooks:
         self.timeout_s = timeout_s
 
     async def ask(self, subject: str, request: BaseModel) -> WebhookReply:
-        data = request.model_dump_json().encode()
+        data = await nats_request.request(
+            self._nc(),
+            subject,
+            request,
+            timeout_s=self.timeout_s,
+            service="webhooks",
+            unavailable=WebhooksUnavailable,
+        )
         try:
-            msg = await self._nc().request(subject, data, timeout=self.timeout_s)
-        except NoRespondersError as err:
-            raise WebhooksUnavailable("no webhooks service is answering") from err
-        except (NatsTimeoutError, TimeoutError) as err:
-            raise WebhooksUnavailable(
-                f"the webhooks service did not answer in {self.timeout_s} s"
-            ) from err
-        try:
-            return WebhookReply.model_validate_json(msg.data)
+            return WebhookReply.model_validate_json(data)
         except ValidationError as err:
             raise WebhooksUnavailable(f"the webhooks service answered badly: {err}") from err

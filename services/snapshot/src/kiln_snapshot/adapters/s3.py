@@ -10,7 +10,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from kiln_runtime.s3 import S3Connection, error_code, is_not_found
+from kiln_runtime.s3 import S3Connection, error_code, get_object, head_object, is_not_found
 
 from ..ports import StoredObject
 
@@ -81,15 +81,7 @@ class S3Store:
                 raise
 
     async def get(self, key: str) -> bytes | None:
-        try:
-            response = await self.client.get_object(Bucket=self.bucket, Key=key)
-        except ClientError as err:
-            if is_not_found(err):
-                return None
-            raise
-        async with response["Body"] as body:
-            data: bytes = await body.read()
-        return data
+        return await get_object(self.client, self.bucket, key)
 
     async def put(
         self,
@@ -106,25 +98,19 @@ class S3Store:
             Metadata=metadata or {},
         )
 
-    async def metadata(self, key: str) -> dict[str, str] | None:
+    async def _head_object(self, key: str) -> dict[str, Any] | None:
         async with self._head:
-            try:
-                head = await self.client.head_object(Bucket=self.bucket, Key=key)
-            except ClientError as err:
-                if is_not_found(err):
-                    return None
-                raise
+            return await head_object(self.client, self.bucket, key)
+
+    async def metadata(self, key: str) -> dict[str, str] | None:
+        head = await self._head_object(key)
+        if head is None:
+            return None
         return {str(k): str(v) for k, v in head.get("Metadata", {}).items()}
 
     async def size(self, key: str) -> int | None:
-        async with self._head:
-            try:
-                head = await self.client.head_object(Bucket=self.bucket, Key=key)
-            except ClientError as err:
-                if is_not_found(err):
-                    return None
-                raise
-        return int(head["ContentLength"])
+        head = await self._head_object(key)
+        return None if head is None else int(head["ContentLength"])
 
     async def sizes(self, keys: Iterable[str]) -> dict[str, int | None]:
         keys = list(keys)
