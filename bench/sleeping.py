@@ -26,9 +26,10 @@ allocation tracing (slower) and prints the 15 source lines whose live memory gre
 between the two measurements.
 
 Ends with ``sleeping builds=… rss_growth_mb=… tasks_growth=… sandboxes_alive=…
-objects_growth=… blocks_growth=… seconds=… agent_cpu_ms_per_build=… sandbox_cpu_ms_per_build=…``
-(seconds: the ``--builds`` going to sleep; CPU: user + system of the agent's and the sandbox
-service's processes over those seconds, per build).
+objects_growth=… blocks_growth=… seconds=… iterations_per_build=… agent_cpu_ms_per_build=…
+sandbox_cpu_ms_per_build=…`` (seconds: the ``--builds`` going to sleep; iterations: the mean
+iteration they slept at; CPU: user + system of the agent's and the sandbox service's processes
+over those seconds, per build).
 """
 
 from __future__ import annotations
@@ -191,6 +192,12 @@ async def run(
         cpu = [b - a for a, b in zip(cpu0, cpu_s(agent.popen.pid, sandbox.popen.pid), strict=True)]
         m1 = await measure("after")
         alive = await running()
+        iterations = float(
+            await pg.fetchval(
+                "SELECT avg(iteration) FROM agent.builds WHERE build_id = ANY($1::text[])",
+                mine[args.warmup :],
+            )
+        )
         print(f"after {args.builds} more: {describe(m1)}, {alive} running")
     finally:
         await pg.close()
@@ -204,6 +211,7 @@ async def run(
         "objects_growth": int(m1["objects"] - m0["objects"]),
         "blocks_growth": int(m1["blocks"] - m0["blocks"]),
         "seconds": round(seconds),
+        "iterations_per_build": round(iterations, 2),
         "agent_cpu_ms_per_build": cpu[0] * 1000 / args.builds,
         "sandbox_cpu_ms_per_build": cpu[1] * 1000 / args.builds,
     }

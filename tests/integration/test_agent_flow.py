@@ -236,6 +236,11 @@ async def test_postgres_checkpoint_optimistic_concurrency(infra, uid) -> None:
         cp.turns = 1
         assert await store.create(cp, [Turn(0, "user", [{"type": "text", "text": "go"}])])
         assert not await store.create(cp, [])
+        again = [Turn(0, "user", [{"type": "text", "text": "other"}]), Turn(1, "assistant", [])]
+        assert not await store.create(cp, again)  # a repeat writes no turn
+        assert [t.content for t in await store.turns(cp.build_id)] == [
+            [{"type": "text", "text": "go"}]
+        ]
         a, b = await store.load(cp.build_id), await store.load(cp.build_id)
         assert a is not None and b is not None
         a.iteration, a.turns = 1, 2

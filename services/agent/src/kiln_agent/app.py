@@ -42,9 +42,12 @@ def register(bus: Bus, agent: Agent, *, workers: int = 128) -> None:
         """Take a user's message: read at the next think, or it continues an ended build."""
         await agent.user_message(msg, delivery.num_delivered)
 
+    # as many workers for what stops or steers a build as for what moves it: handlers share the
+    # process, so with fewer a burst of results would hold a budget's sleeps (or a cancel) back
+    # while the builds they are for go on iterating
     bus.consume(BuildRequested, on_build_requested, max_workers=workers)
     bus.consume(ToolResult, on_tool_result, max_workers=workers)
-    bus.consume(CancelRequested, on_cancel, max_workers=8)
-    bus.consume(SleepRequested, on_sleep, max_workers=8)
-    bus.consume(WakeRequested, on_wake, max_workers=8)
-    bus.consume(SendUserMessage, on_user_message, max_workers=8)
+    bus.consume(CancelRequested, on_cancel, max_workers=workers)
+    bus.consume(SleepRequested, on_sleep, max_workers=workers)
+    bus.consume(WakeRequested, on_wake, max_workers=workers)
+    bus.consume(SendUserMessage, on_user_message, max_workers=workers)

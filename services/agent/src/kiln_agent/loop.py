@@ -89,28 +89,36 @@ class Agent:
         fork starts from its source's checkpoint and turns (the source is only read); one whose
         source is unknown (after a few deliveries: it may be on its way), another user's, or not
         at that iteration yet is a dead letter."""
-        if await self.store.load(msg.build_id) is None:
-            if msg.fork is not None:
-                source = await self.store.load(msg.fork.build_id)
-                refusal = forks.refusal(msg, source)
-                if refusal is not None:
-                    if source is None and delivered < 5:
-                        raise RetryLater(refusal, delay_s=min(30.0, 0.5 * 2**delivered))
-                    raise PermanentError(f"cannot fork: {refusal}")
-                assert source is not None
-                turns = await self.store.turns(source.build_id)
-                cp, turns = forks.fork(self.rules, msg, source, turns)
-            else:
-                cp, turns = control.start(self.rules, msg)
-            if (gate := await self.thinker.gate(cp)) is not None:  # no allowance: it never starts
-                turns = control.reject(cp, msg, gate)
-            if await self.store.create(cp, turns):
-                log.info(
-                    "build %s",
-                    ("forked" if msg.fork else "started") if turns else "rejected",
-                    extra={"build_id": msg.build_id},
-                )
-        await self._after(msg.build_id, msg.event_id)
+        created = await self._create(msg, delivered)
+        await self._after(msg.build_id, msg.event_id, created)
+
+    async def _create(self, msg: BuildRequested, delivered: int) -> Checkpoint | None:
+        """The build's checkpoint, created now; None if the build exists (the insert finds its
+        row: a new build costs no read before it)."""
+        if msg.fork is not None:
+            if await self.store.load(msg.build_id) is not None:
+                return None
+            source = await self.store.load(msg.fork.build_id)
+            refusal = forks.refusal(msg, source)
+            if refusal is not None:
+                if source is None and delivered < 5:
+                    raise RetryLater(refusal, delay_s=min(30.0, 0.5 * 2**delivered))
+                raise PermanentError(f"cannot fork: {refusal}")
+            assert source is not None
+            turns = await self.store.turns(source.build_id)
+            cp, turns = forks.fork(self.rules, msg, source, turns)
+        else:
+            cp, turns = control.start(self.rules, msg)
+        if (gate := await self.thinker.gate(cp)) is not None:  # no allowance: it never starts
+            turns = control.reject(cp, msg, gate)
+        if not await self.store.create(cp, turns):
+            return None
+        log.info(
+            "build %s",
+            ("forked" if msg.fork else "started") if turns else "rejected",
+            extra={"build_id": msg.build_id},
+        )
+        return cp
 
     async def tool_result(self, msg: ToolResult) -> None:
         """Record a result of the current iteration; think again once the set is complete (the
@@ -184,6 +192,7 @@ class Agent:
         self, build_id: str, cause: uuid.UUID, known: Checkpoint | None = None
     ) -> None:
         """Republish a stranded outbox, and think while the build wants a model call.
-        ``known``: the checkpoint this handler has just saved (and published)."""
+        ``known``: the checkpoint this handler has just saved or created (its outbox is
+        published first if it is not yet)."""
         while await self.thinker.think(build_id, cause, known):
             known = None

@@ -47,8 +47,8 @@ class Thinker:
     async def think(self, build_id: str, cause: uuid.UUID, known: Checkpoint | None = None) -> bool:
         """One model call if the build is thinking; True if it still is afterwards. A replica
         that finds another's fresh lease (a redelivery while that one is mid-call) defers the
-        message instead of calling too. ``known``: the checkpoint the handler has just saved
-        (and published)."""
+        message instead of calling too. ``known``: the checkpoint the handler has just saved or
+        created (its outbox published here if it is not yet)."""
         cp = known if known is not None else await self.store.load(build_id)
         if cp is None:
             return False

@@ -47,27 +47,36 @@ class PostgresStore:
         self.pool = pool
 
     async def create(self, cp: Checkpoint, turns: list[Turn]) -> bool:
-        async with self.pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                f"INSERT INTO builds ({_COLUMNS}) VALUES "
-                "($1, $2, 1, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) "
-                "ON CONFLICT (build_id) DO NOTHING RETURNING version",
-                cp.build_id,
-                cp.user_id,
-                cp.status,
-                cp.iteration,
-                cp.model,
-                cp.tier,
-                cp.limits.model_dump_json(),
-                cp.cost_micro_usd,
-                cp.system,
-                cp.turns,
-                cp.state.model_dump_json(),
-                json.dumps(dump_outbox(cp.outbox)),
-            )
-            if row is None:
-                return False
-            await _insert_turns(conn, cp.build_id, turns)
+        # one statement: the row, and its turns only if the row is new
+        version = await self.pool.fetchval(
+            f"WITH b AS (INSERT INTO builds ({_COLUMNS}) VALUES "
+            "($1, $2, 1, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) "
+            "ON CONFLICT (build_id) DO NOTHING RETURNING version), "
+            "t AS (INSERT INTO turns (build_id, seq, role, content, iteration) "
+            "SELECT $1, x.seq, x.role, x.content::json, x.iteration "
+            "FROM unnest($13::integer[], $14::text[], $15::text[], $16::integer[]) "
+            "AS x(seq, role, content, iteration) "
+            "WHERE EXISTS (SELECT 1 FROM b)) "
+            "SELECT version FROM b",
+            cp.build_id,
+            cp.user_id,
+            cp.status,
+            cp.iteration,
+            cp.model,
+            cp.tier,
+            cp.limits.model_dump_json(),
+            cp.cost_micro_usd,
+            cp.system,
+            cp.turns,
+            cp.state.model_dump_json(),
+            json.dumps(dump_outbox(cp.outbox)),
+            [t.seq for t in turns],
+            [t.role for t in turns],
+            [json.dumps(t.content) for t in turns],
+            [t.iteration for t in turns],
+        )
+        if version is None:
+            return False
         cp.version = 1
         return True
 
@@ -205,15 +214,6 @@ class PostgresStore:
             limit,
         )
         return [Idle(r["build_id"], r["version"], r["idle"]) for r in rows]
-
-
-async def _insert_turns(conn: Any, build_id: str, turns: list[Turn]) -> None:
-    if turns:
-        await conn.executemany(
-            "INSERT INTO turns (build_id, seq, role, content, iteration) "
-            "VALUES ($1, $2, $3, $4, $5)",
-            [(build_id, t.seq, t.role, json.dumps(t.content), t.iteration) for t in turns],
-        )
 
 
 def _checkpoint(row: Any) -> Checkpoint:
