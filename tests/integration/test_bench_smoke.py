@@ -89,6 +89,8 @@ def test_sleeping(infra) -> None:
     assert int(got["tasks_growth"]) < 8  # no task per sleeping build
     for key in ("rss_growth_mb", "objects_growth", "blocks_growth"):
         assert key in got
+    assert float(got["iterations_per_build"]) >= 1  # each slept after its first call or later
+    assert float(got["agent_cpu_ms_per_build"]) > 0 and float(got["sandbox_cpu_ms_per_build"]) > 0
 
 
 def test_recovery(infra) -> None:
