@@ -491,20 +491,26 @@ async def test_parallel_results_on_one_replica_leave_the_latest_checkpoint_kept(
     assert len(pub.of(BuildCompleted)) == 1
 
 
+class SlowClearing(CountingStore):
+    """Clearing published outboxes waits until ``go_on`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go_on = asyncio.Event()
+
+    async def mark_sent(self, sent: dict[str, int]) -> None:
+        await self.go_on.wait()
+        await super().mark_sent(sent)
+
+
 async def test_a_result_arriving_while_the_outbox_is_being_cleared_starts_from_the_kept_one() -> (
     None
 ):
     """The ToolCall is published, the clearing of the outbox has not finished when its result
     arrives: the result is handled from the kept checkpoint (no read), and the late clearing
     (for a version the build has moved past) changes nothing."""
-    go_on = asyncio.Event()
-
-    class SlowClearing(CountingStore):
-        async def mark_sent(self, sent: dict[str, int]) -> None:
-            await go_on.wait()
-            await super().mark_sent(sent)
-
-    model, store, pub = ByIteration(), SlowClearing(), FakePublisher()
+    store = SlowClearing()
+    model, pub = ByIteration(), FakePublisher()
     agent = Agent(store, model, pub, agent_config.load(), kiln_config.default())
     first = asyncio.create_task(agent.build_requested(start()))
     await until(lambda: len(pub.of(ToolCall)) == 1)
@@ -512,7 +518,7 @@ async def test_a_result_arriving_while_the_outbox_is_being_cleared_starts_from_t
     second = asyncio.create_task(agent.tool_result(result_for(pub.of(ToolCall)[-1], "one")))
     await until(lambda: len(pub.of(ToolCall)) == 2)
     assert "load" not in store.calls and store.calls[:2] == ["save", "save"]
-    go_on.set()
+    store.go_on.set()
     await asyncio.gather(first, second)
     await agent.store.clearing.settle()
     row = await store.load("b1")
@@ -540,14 +546,8 @@ async def test_published_outboxes_are_cleared_together() -> None:
 async def test_a_row_read_before_its_clearing_is_written_is_not_published_again() -> None:
     """While the clearing of published outboxes is pending or being written, a read of those rows
     on this replica (as a think after a wake does) does not publish them again."""
-    go_on = asyncio.Event()
-
-    class SlowClearing(CountingStore):
-        async def mark_sent(self, sent: dict[str, int]) -> None:
-            await go_on.wait()
-            await super().mark_sent(sent)
-
-    model, store, pub = ByIteration(), SlowClearing(), FakePublisher()
+    store = SlowClearing()
+    model, pub = ByIteration(), FakePublisher()
     agent = Agent(store, model, pub, agent_config.load(), kiln_config.default())
     ids = [f"b{i}" for i in range(5)]
     await asyncio.gather(
@@ -565,7 +565,7 @@ async def test_a_row_read_before_its_clearing_is_written_is_not_published_again(
         assert cp is not None and cp.outbox == []
         await agent.driver.flush(cp)
     assert len(pub.sent) == published
-    go_on.set()
+    store.go_on.set()
     await agent.store.clearing.settle()
     assert [(await store.load(b)).outbox for b in ids] == [[]] * 5  # type: ignore[union-attr]
 
