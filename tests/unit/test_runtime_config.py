@@ -140,16 +140,49 @@ async def test_retry_tells_of_each_retry_and_gives_up_at_once_when_told():
     assert told == [1, 2]
 
 
-def test_start_up_objects_are_frozen_out_of_collection() -> None:
+def test_the_collector_is_tuned_frozen_and_timed() -> None:
+    """A started service's collector: its thresholds set, what exists frozen out of its sight,
+    and each collection's pause observed by generation."""
     import gc
 
-    from kiln_runtime.service import freeze_start_up_objects
+    from kiln_runtime import collector
+    from kiln_runtime.metrics import GC_PAUSE
+
+    before = gc.get_threshold()
+
+    def count(generation: str) -> float:
+        for sample in GC_PAUSE.collect()[0].samples:
+            if sample.name.endswith("_count") and sample.labels == {"generation": generation}:
+                return sample.value
+        return 0.0
 
     try:
-        freeze_start_up_objects()
+        collector.tune((5_000, 7, 50))
+        collector.tune((5_000, 7, 50))  # again: still one callback
+        assert gc.get_threshold() == (5_000, 7, 50)
         assert gc.get_freeze_count() > 0
+        assert gc.callbacks.count(collector._timed) == 1
+        full = count("2")
+        gc.collect()
+        assert count("2") == full + 1
     finally:
         gc.unfreeze()
+        gc.set_threshold(*before)
+        gc.callbacks.remove(collector._timed)
+
+
+def test_the_collectors_thresholds_are_read_as_three_numbers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kiln_runtime.settings import CommonSettings
+
+    assert CommonSettings().gc_thresholds == (10_000, 10, 100)
+    monkeypatch.setenv("KILN_GC_THRESHOLDS", "700, 10, 10")
+    assert CommonSettings().gc_thresholds == (700, 10, 10)
+    for bad in ("700,10", "700,ten,10", "0,10,10", "-1,10,10"):
+        monkeypatch.setenv("KILN_GC_THRESHOLDS", bad)
+        with pytest.raises(ValueError, match="three whole numbers"):
+            CommonSettings()
 
 
 def test_the_model_sdks_request_lines_are_quieted() -> None:

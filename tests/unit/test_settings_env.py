@@ -57,7 +57,7 @@ COMMON = {
     *("NATS_URL", "KILN_NATS_URL", "NATS_USER", "NATS_PASSWORD", "KILN_LOG_LEVEL", "LOG_LEVEL"),
     *("KILN_LOG_JSON", "KILN_ACK_WAIT_S", "KILN_MAX_DELIVER", "KILN_HEALTH_PORT"),
     *("KILN_SHUTDOWN_GRACE_S", "KILN_MEMORY_TRIM", "KILN_STREAM_REPLICAS", "KILN_HEALTH_STALL_S"),
-    "KILN_NATS_PING_INTERVAL_S",
+    *("KILN_NATS_PING_INTERVAL_S", "KILN_GC_THRESHOLDS"),
 }
 DATABASE = {"DATABASE_URL", "KILN_DATABASE_URL"}
 S3 = {
@@ -127,8 +127,8 @@ READ = {
     },
 }
 NAME = re.compile(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b")
-# One of these suits every field: a string, a bool either way, a provider, numbers in range.
-PROBES = ("sample-value", "true", "false", "e2b", "2", "100")
+# One of these suits every field: a string, a bool either way, a provider, numbers in range, three numbers.
+PROBES = ("sample-value", "true", "false", "e2b", "2", "100", "1,2,3")
 
 
 def names_in(text: str) -> set[str]:

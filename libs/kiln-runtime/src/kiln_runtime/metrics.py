@@ -28,6 +28,12 @@ DLQ_MESSAGES = Gauge(
 DLQ_REPLAYED = Counter(
     "kiln_dlq_replayed_total", "Dead letters replayed to their subject", ["service", "kind"]
 )
+GC_PAUSE = Histogram(
+    "kiln_gc_pause_seconds",
+    "How long each garbage collection stopped the process, by generation (kiln_runtime.collector)",
+    ["generation"],
+    buckets=(0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
 
 # Service-specific figures, defined here so that every service names them the same way.
 TOOL_SECONDS = Histogram(

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable
 
+from . import collector
 from .bus import Bus
 from .health import Health, HealthServer, watch
 from .memory import trim_after_work
@@ -34,14 +34,6 @@ async def connect_with_retry(bus: Bus, attempts: int = 30) -> None:
         give_up=lambda err: type(err).__name__ == "ServerTooOld",
         on_retry=unreachable,
     )
-
-
-def freeze_start_up_objects() -> None:
-    """Move what exists once the service has started (modules, settings, pools, clients) out of
-    the garbage collector's sight for good, so that its full collections, which stop the event
-    loop, only walk what handlers have made since."""
-    gc.collect()
-    gc.freeze()
 
 
 async def _start(bus: Bus, start: Hook | None) -> None:
@@ -86,7 +78,7 @@ async def _serve(bus: Bus, start: Hook | None, stop: Hook | None) -> None:
         log.info("%s stopped before it finished starting", bus.service)
         return
     starting.result()
-    freeze_start_up_objects()
+    collector.tune(bus.settings.gc_thresholds)
     trimmer = asyncio.ensure_future(
         trim_after_work(bus) if bus.settings.memory_trim else asyncio.sleep(0)
     )

@@ -7,8 +7,12 @@ only a field read from a variable of another form names it, with ``validation_al
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .collector import DEFAULT_THRESHOLDS
 
 
 class CommonSettings(BaseSettings):
@@ -37,11 +41,25 @@ class CommonSettings(BaseSettings):
     shutdown_grace_s: float = Field(default=25.0, ge=0)
     # Give memory freed after a burst of work back to the OS (glibc's malloc_trim; kiln_runtime.memory).
     memory_trim: bool = True
+    # The garbage collector's thresholds, "gen0,gen1,gen2" (kiln_runtime.collector).
+    gc_thresholds: Annotated[tuple[int, int, int], NoDecode] = DEFAULT_THRESHOLDS
     # Copies of each stream kept by a NATS cluster (3 in production; 1 on a single server).
     stream_replicas: int = Field(default=1, ge=1, le=5)
     # How often the client pings its server; after three unanswered pings it moves to another
     # node (a hung server is noticed in about 3 x this).
     nats_ping_interval_s: float = Field(default=5.0, gt=0)
+
+    @field_validator("gc_thresholds", mode="before")
+    @classmethod
+    def _thresholds(cls, value: object) -> object:
+        if isinstance(value, str):
+            parts = [p.strip() for p in value.split(",")]
+            if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+                raise ValueError(
+                    f"three whole numbers above 0, comma-separated (e.g. 10000,10,100): {value!r}"
+                )
+            return tuple(int(p) for p in parts)
+        return value
 
 
 class DatabaseSettings(CommonSettings):
