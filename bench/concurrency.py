@@ -27,6 +27,8 @@ opens and lasts ``--measure-s``.
   this driver process, which does nothing else meanwhile), ``nats``, ``postgres`` (postmaster and
   backends), ``model`` (the stand-in), and ``total``. The model stand-in is a cost of the bench,
   not of Kiln: ``total`` counts it so that nothing is hidden.
+* gc_ms_per_iter_agent: of the agent's CPU, the garbage collector's pauses in the window (its
+  ``kiln_gc_pause_seconds``, read from its /metrics) per model reply.
 * overhead by part (printed per size): after_model (reply → ToolCall stored), sandbox (→ ToolResult
   stored), before_model (→ the next request at the model server), p50 / p99 each.
 
@@ -158,12 +160,14 @@ async def run_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
             )
 
         await fake_sandbox(nc, answered)
+        health = free_port()
         agent = b.start(
             "agent",
             ["-m", "kiln_agent"],
             ANTHROPIC_BASE_URL=url,
             ANTHROPIC_API_KEY="bench",
             KILN_AGENT_WORKERS=str(max(128, size)),
+            KILN_HEALTH_PORT=str(health),
         )
         peak = 0.0
         sampling = True
@@ -212,9 +216,11 @@ async def run_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(2 * args.latency_s)  # every build past its first call
             groups = await processes(b, agent.popen.pid, model.popen.pid)
             before = cpu_seconds(groups)
+            gc_before = await loop.run_in_executor(None, gc_seconds, health)
             t0 = time.time()
             await asyncio.sleep(args.measure_s)
             t1 = time.time()
+            gc_after = await loop.run_in_executor(None, gc_seconds, health)
             # backends forked during the window count from zero: look for them again
             after_groups = await processes(b, agent.popen.pid, model.popen.pid)
             after = cpu_seconds(after_groups)
@@ -232,6 +238,7 @@ async def run_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
     iterations = max(1, len(replies))
     per_iter = {f"cpu_ms_per_iter_{k}": v * 1000 / iterations for k, v in cpu.items()}
     per_iter["cpu_ms_per_iter_total"] = sum(cpu.values()) * 1000 / iterations
+    per_iter["gc_ms_per_iter_agent"] = (gc_after - gc_before) * 1000 / iterations
     return {
         "builds": size,
         "iters_per_s": len(replies) / (t1 - t0),
@@ -243,6 +250,18 @@ async def run_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
         "cpu": cpu,
         "parts": parts,
     }
+
+
+def gc_seconds(port: int) -> float:
+    """The agent's garbage collections so far, in seconds of pause (its
+    ``kiln_gc_pause_seconds``, every generation)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("kiln_gc_pause_seconds_sum")
+    )
 
 
 def breakdown(
@@ -285,7 +304,8 @@ async def main(args: argparse.Namespace) -> None:
                 f"{k.removeprefix('cpu_ms_per_iter_')} {v:.2f}"
                 for k, v in r.items()
                 if k.startswith("cpu_ms_per_iter_")
-            ),
+            )
+            + f"; of the agent's, garbage collection {r['gc_ms_per_iter_agent']:.2f}",
             flush=True,
         )
         print(

@@ -80,6 +80,7 @@ def test_concurrency(infra) -> None:
     cpu = {role: float(got[f"cpu_ms_per_iter_{role}"]) for role in roles}
     assert cpu["agent"] > 0 and cpu["nats"] > 0 and cpu["postgres"] > 0  # each process is found
     assert float(got["cpu_ms_per_iter_total"]) == pytest.approx(sum(cpu.values()), rel=0.05)
+    assert float(got["gc_ms_per_iter_agent"]) >= 0  # read from the agent's /metrics
 
 
 def test_sleeping(infra) -> None:
