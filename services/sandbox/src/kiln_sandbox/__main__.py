@@ -13,7 +13,12 @@ from .settings import SandboxSettings
 def main() -> None:
     settings = SandboxSettings()
     log.configure("sandbox", settings.log_level, settings.log_json)
-    asyncio.run(run(settings))
+    if settings.sandbox_uvloop:
+        import uvloop
+
+        uvloop.run(run(settings))
+    else:
+        asyncio.run(run(settings))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,10 @@ class SandboxSettings(DatabaseSettings):
         "(a directory and subprocesses on this host: no security boundary).",
     )
     sandbox_max_workers: int = Field(default=32, ge=1)
+    sandbox_uvloop: bool = Field(
+        default=True,
+        description="Run on uvloop's event loop (false: asyncio's own).",
+    )
     sandbox_exec_log: str | None = Field(
         default=None,
         description="A file to append one JSON line to for every tool execution (an audit "
