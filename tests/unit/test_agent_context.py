@@ -4,6 +4,7 @@ the think lease, with fakes."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Any
 
@@ -15,6 +16,7 @@ from kiln_agent.adapters.memory import MemoryStore
 from kiln_agent.checkpoint import Checkpoint, Turn
 from kiln_agent.clearing import Clearing
 from kiln_agent.context import compaction_point, context_tokens, estimate_tokens
+from kiln_agent.kept import Entry, Kept
 from kiln_agent.loop import Agent, build_request
 from kiln_agent.ports import ModelReply, ModelRequest
 from kiln_agent.tools import definitions
@@ -523,6 +525,56 @@ async def test_a_result_arriving_while_the_outbox_is_being_cleared_starts_from_t
     await agent.store.clearing.settle()
     row = await store.load("b1")
     assert row is not None and row.outbox == [] and row.iteration == 2
+
+
+class AnsweringAtOnce(FakePublisher):
+    """Each ToolCall's result is handled before the publish of the call returns (its answer
+    arrived before the publisher heard its acknowledgement): ``agent`` handles it meanwhile. A
+    call published again (same event id) is not delivered again, as the server drops it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.agent: Agent | None = None
+        self.handlers: list[asyncio.Task[None]] = []
+
+    async def publish(self, msg: Any) -> None:
+        again = any(m.event_id == msg.event_id for m in self.sent)
+        await super().publish(msg)
+        if isinstance(msg, ToolCall) and not again and self.agent is not None:
+            self.handlers.append(asyncio.create_task(self.agent.tool_result(result_for(msg))))
+            for _ in range(20):  # as far as the handler gets before the acknowledgement
+                await asyncio.sleep(0)
+
+
+async def test_a_result_arriving_before_its_call_is_acknowledged_starts_from_the_kept_one() -> None:
+    """The result of a ToolCall is handled while the publish of that call has not returned: it
+    waits for the checkpoint being handed back instead of reading the row, so a whole build on
+    one replica reads no checkpoint (and no kept checkpoint is ever an iteration behind)."""
+    model, store, pub = ByIteration(), CountingStore(), AnsweringAtOnce()
+    agent = Agent(store, model, pub, agent_config.load(), kiln_config.default())
+    pub.agent = agent
+    await agent.build_requested(start())
+    await until(lambda: len(pub.of(BuildCompleted)) == 1)
+    await asyncio.gather(*pub.handlers)
+    assert len(pub.handlers) == 4 and len(model.requests) == 5
+    # the first think takes its lease and reads the row in one go (the memory store's
+    # take_lease reads through load); every result after that starts from the kept checkpoint
+    assert store.calls[:2] == ["take", "load"] and "load" not in store.calls[2:], store.calls
+
+
+def test_a_checkpoint_older_than_one_saved_since_is_not_kept() -> None:
+    """A handler done with version 3 after another handler of the build saved version 4 (it had
+    read the row meanwhile) leaves nothing kept: the next message reads the row, not a
+    checkpoint an iteration behind."""
+    kept = Kept(max_chars=10_000, max_builds=10)
+    cp = Checkpoint("b1", "u1", "pro", "m", BuildLimits(), "system", version=3, turns=1)
+    kept.keep("b1", Entry(), [Turn(0, "user", [{"type": "text", "text": "go"}], 0)])
+    newer = dataclasses.replace(cp, version=4, turns=2)
+    kept.saved(newer, [Turn(1, "assistant", [{"type": "text", "text": "ok"}], 1)])
+    kept.remember(cp)
+    assert kept.recall("b1") is None
+    kept.remember(newer)
+    assert kept.recall("b1") is newer
 
 
 async def test_published_outboxes_are_cleared_together() -> None:

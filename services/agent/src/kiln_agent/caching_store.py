@@ -3,15 +3,23 @@
 that an iteration on the replica that made its calls reads nothing (``kept.py`` holds them, least
 recently used dropped past its limits).
 
-The driver sees two things beyond the port: ``recall`` (the kept checkpoint, maybe out of date:
-its save checks the version, and a "nothing to do" decided on it is confirmed on a fresh read) and
-``conversation`` (a checkpoint's turns, only the newer ones fetched). A handler tells the store
-when it is ``done`` with a checkpoint; a sleeping or finished build is dropped at once.
+The driver sees three things beyond the port: ``recall`` (the kept checkpoint, maybe out of date:
+its save checks the version, and a "nothing to do" decided on it is confirmed on a fresh read),
+``conversation`` (a checkpoint's turns, only the newer ones fetched) and ``returning`` (a handler
+publishing the outbox of a checkpoint it will then be done with). A handler tells the store when
+it is ``done`` with a checkpoint; a sleeping or finished build is dropped at once.
+
+The answer to a ToolCall can arrive before the handler that published it has been told the
+publish is acknowledged: a recall then waits for that handler to hand the checkpoint back rather
+than reading the row it has just written.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import Iterator
 
 from .checkpoint import Checkpoint, Turn
 from .clearing import Clearing
@@ -20,12 +28,16 @@ from .ports import NO_LEASE_CHANGE, CheckpointStore, Idle, LeaseChange
 
 log = logging.getLogger(__name__)
 
+# The longest a recall waits for a checkpoint being handed back before it reads the row instead.
+RETURN_WAIT_S = 1.0
+
 
 class CachingStore:
     def __init__(self, store: CheckpointStore, *, max_chars: int, max_builds: int) -> None:
         self.store = store
         self.kept = Kept(max_chars, max_builds)
         self.clearing = Clearing(store)
+        self._returning: dict[str, asyncio.Event] = {}  # build → set once it is handed back
 
     # ------------------------------------------------------------------ the port
 
@@ -72,10 +84,27 @@ class CachingStore:
 
     # ------------------------------------------------------------------ what it keeps
 
-    def recall(self, build_id: str) -> Checkpoint | None:
+    async def recall(self, build_id: str) -> Checkpoint | None:
         """The checkpoint a handler was last done with, handed out once (a handler changes it);
-        None if none is kept."""
+        None if none is kept. One being handed back (``returning``) is waited for."""
+        back = self._returning.get(build_id)
+        if back is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RETURN_WAIT_S):
+                    await back.wait()
         return self.kept.recall(build_id)
+
+    @contextlib.contextmanager
+    def returning(self, build_id: str) -> Iterator[None]:
+        """Around publishing the outbox of a checkpoint the handler is then ``done`` with (or
+        fails to publish): recalls of the build meanwhile wait for the end of it."""
+        back = self._returning[build_id] = asyncio.Event()
+        try:
+            yield
+        finally:
+            if self._returning.get(build_id) is back:
+                del self._returning[build_id]
+            back.set()
 
     def done(self, cp: Checkpoint) -> None:
         """The handler is done with ``cp`` (its outbox published): kept for the build's next

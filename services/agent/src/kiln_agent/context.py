@@ -159,9 +159,12 @@ def context_tokens(cp: Checkpoint, turns: list[Turn], request: ModelRequest) -> 
             + estimate_tokens(request.tools)
             + sum(estimate_tokens(m) for m in request.messages)
         )
-    return counted + sum(
-        estimate_tokens(t.content) for t in turns if t.seq >= cp.state.context_turns
-    )
+    added = 0
+    for t in reversed(turns):  # in order of seq: only the newest are looked at
+        if t.seq < cp.state.context_turns:
+            break
+        added += estimate_tokens(t.content)
+    return counted + added
 
 
 def compaction_point(cp: Checkpoint, turns: list[Turn], config: AgentConfig) -> int | None:

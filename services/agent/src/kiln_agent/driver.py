@@ -10,6 +10,7 @@ same stable event ids, so a crash between commit and publish loses nothing and d
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from kiln_runtime.errors import Conflict, PermanentError, RetryLater
@@ -52,7 +53,7 @@ class Driver:
         change" is confirmed on a fresh read. ``give_up``: a lease token the save gives up.
         ``take_lease``: a token the save takes the think lease for if the build is then
         thinking (the returned checkpoint's ``lease`` says whether it did)."""
-        cp = first if first is not None else self.store.recall(build_id)
+        cp = first if first is not None else await self.store.recall(build_id)
         fresh = False
         for _ in range(self.save_attempts):
             if cp is None:
@@ -107,8 +108,9 @@ class Driver:
         """Publish the outbox, then have it cleared in the row. ``done``: the handler is done with
         ``cp``, which is kept for the build's next message."""
         if cp.outbox:
-            for msg in cp.outbox:
-                await self.publisher.publish(msg)
-            self.store.sent(cp, done=done)
+            with self.store.returning(cp.build_id) if done else contextlib.nullcontext():
+                for msg in cp.outbox:
+                    await self.publisher.publish(msg)
+                self.store.sent(cp, done=done)
         elif done:
             self.store.done(cp)

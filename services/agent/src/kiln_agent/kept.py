@@ -19,11 +19,13 @@ from .context import CHARS_PER_TOKEN, estimate_tokens
 
 @dataclass
 class Entry:
-    """One build: its turns (seq 0 … n-1), their size in JSON characters, its checkpoint."""
+    """One build: its turns (seq 0 … n-1), their size in JSON characters, its checkpoint, and the
+    newest version of the checkpoint saved or kept here."""
 
     turns: list[Turn] = field(default_factory=list)
     turn_chars: int = 0
     checkpoint: Checkpoint | None = None
+    version: int = 0
 
     @property
     def size(self) -> int:
@@ -61,11 +63,11 @@ class Kept:
 
     def remember(self, cp: Checkpoint) -> None:
         """Keep the checkpoint a handler is done with for the build's next message, if the
-        build's turns are kept (never over a newer one another handler left since)."""
+        build's turns are kept (never one older than a version saved or kept here since)."""
         entry = self.forget(cp.build_id)
         if entry is not None:
-            if entry.checkpoint is None or entry.checkpoint.version <= cp.version:
-                cp.lease, entry.checkpoint = None, cp
+            if cp.version >= entry.version:
+                cp.lease, entry.checkpoint, entry.version = None, cp, cp.version
             self.keep(cp.build_id, entry)
 
     def recall(self, build_id: str) -> Checkpoint | None:
@@ -81,6 +83,9 @@ class Kept:
 
     def saved(self, cp: Checkpoint, new_turns: list[Turn]) -> None:
         """Add the turns a save appended to the build's kept turns, if they follow on."""
+        found = self.entries.get(cp.build_id)
+        if found is not None:
+            found.version = max(found.version, cp.version)
         entry = self.forget(cp.build_id) if new_turns else None
         if entry is None:
             return
