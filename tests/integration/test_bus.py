@@ -119,6 +119,36 @@ async def _consumer_state(bus: Bus, durable: str) -> tuple[int, int]:
     return info.num_pending, info.num_ack_pending
 
 
+async def test_handlers_running_past_the_ack_wait_are_not_redelivered(infra, uid):
+    """Messages whose handlers each run three ack waits are marked in progress meanwhile (from
+    one task for all of them): each is handled once, at its first delivery, and acked."""
+    service = f"h{uid}"
+    bus = Bus(CommonSettings(nats_url=infra["NATS_URL"], ack_wait_s=1.0), service)
+    deliveries: list[tuple[str, int]] = []
+
+    async def slow(event: CancelRequested, delivery) -> None:
+        if not event.build_id.endswith(uid):
+            return  # a new durable also replays earlier tests' messages
+        deliveries.append((event.build_id, delivery.num_delivered))
+        await asyncio.sleep(3.0)
+
+    bus.consume(CancelRequested, slow, max_workers=8)
+    await bus.connect()
+    await bus.start()
+    try:
+        ids = [f"b{i}{uid}" for i in range(5)]
+        for build_id in ids:
+            await bus.publish(CancelRequested(build_id=build_id, user_id="u"))
+        deadline = asyncio.get_running_loop().time() + 30
+        while await _consumer_state(bus, f"{service}-cancel-requested") != (0, 0):
+            assert asyncio.get_running_loop().time() < deadline, "not all acked"
+            await asyncio.sleep(0.2)
+        assert sorted(deliveries) == [(b, 1) for b in sorted(ids)]
+        assert bus.heartbeats.held == {}
+    finally:
+        await bus.stop()
+
+
 async def test_sigterm_lets_a_handler_in_flight_finish(infra, uid):
     service = f"g{uid}"
     bus = Bus(CommonSettings(nats_url=infra["NATS_URL"], ack_wait_s=30), service)

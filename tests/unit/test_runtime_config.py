@@ -176,7 +176,7 @@ def test_the_collectors_thresholds_are_read_as_three_numbers(
 ) -> None:
     from kiln_runtime.settings import CommonSettings
 
-    assert CommonSettings().gc_thresholds == (10_000, 10, 100)
+    assert CommonSettings().gc_thresholds == (100_000, 10, 100)
     monkeypatch.setenv("KILN_GC_THRESHOLDS", "700, 10, 10")
     assert CommonSettings().gc_thresholds == (700, 10, 10)
     for bad in ("700,10", "700,ten,10", "0,10,10", "-1,10,10"):

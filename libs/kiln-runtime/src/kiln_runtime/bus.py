@@ -35,7 +35,7 @@ from nats.js.kv import KeyValue
 from kiln_contracts import Envelope, subjects
 
 from . import metrics, tracing
-from .consume import Consumer, Delivery, Handler, split_subject
+from .consume import Consumer, Delivery, Handler, Heartbeats, split_subject
 from .dead_letters import cause_of
 from .pull import MAX_PULL_BATCH, Puller
 from .retry import retry
@@ -75,6 +75,8 @@ class Bus:
         self._nc: Client | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        # a message being handled is marked in progress every ack_wait / 3 (at least 0.5 s)
+        self.heartbeats = Heartbeats(max(0.5, settings.ack_wait_s / 3))
 
     def _begin(self) -> None:
         self.inflight += 1
@@ -181,6 +183,7 @@ class Bus:
         for task in loops:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
+        self.heartbeats.stop()
         if self._nc is not None and not self._nc.is_closed:
             with contextlib.suppress(Exception):
                 await self._nc.drain()  # sends the acks and naks still buffered, then closes

@@ -1,6 +1,7 @@
-"""Consuming: the wrapper around a handler (``Consumer``: validation, heartbeats, acks,
-redelivery with backoff, dead letters, tracing, metrics), run by each durable consumer's pull
-loop (``pull.Puller``). ``Bus.consume`` sets them up; see ``bus`` for the why."""
+"""Consuming: the wrapper around a handler (``Consumer``: validation, acks, redelivery with
+backoff, dead letters, tracing, metrics), run by each durable consumer's pull loop
+(``pull.Puller``), and the in-progress acks of every message being handled (``Heartbeats``).
+``Bus.consume`` sets them up; see ``bus`` for the why."""
 
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ class Consumer(Generic[E]):
 
         delivery = Delivery(raw.subject, meta.sequence.stream, meta.num_delivered)
         extra = {"build_id": event.build_id, "event_id": event.event_id, "kind": kind}
-        beat = asyncio.create_task(self._heartbeat(msg))
+        self.bus.heartbeats.hold(msg)
         started = asyncio.get_running_loop().time()
         span = tracing.consuming(
             service,
@@ -130,7 +131,7 @@ class Consumer(Generic[E]):
             metrics.HANDLED.labels(service, kind, "ok").inc()
         finally:
             self.bus._end()
-            beat.cancel()
+            self.bus.heartbeats.let_go(msg)
             metrics.HANDLER_SECONDS.labels(service, kind).observe(
                 asyncio.get_running_loop().time() - started
             )
@@ -150,14 +151,6 @@ class Consumer(Generic[E]):
             raise PermanentError(f"build_id {event.build_id!r} does not match subject {subject!r}")
         return event
 
-    async def _heartbeat(self, msg: _Settle) -> None:
-        interval = max(0.5, self.bus.settings.ack_wait_s / 3)
-        with contextlib.suppress(asyncio.CancelledError):
-            while True:
-                await asyncio.sleep(interval)
-                with contextlib.suppress(Exception):
-                    await msg.in_progress()
-
 
 def agreed_event_id(headers: dict[str, str] | None, stream_seq: int) -> uuid.UUID:
     """The ``event_id`` of a message that came without one (an outside producer's): its
@@ -170,6 +163,49 @@ def agreed_event_id(headers: dict[str, str] | None, stream_seq: int) -> uuid.UUI
         except ValueError:
             return stable_id("nats-msg-id", msg_id)
     return stable_id("stream-seq", subjects.STREAM, stream_seq)
+
+
+class Heartbeats:
+    """Marks every message being handled as in progress at least every ``interval_s`` (so that
+    JetStream does not redeliver it while its handler runs), from one task for all of them: a
+    handler holds its message from start to settlement, and no timer or task is kept per
+    message."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        # message → when it was last marked (or started), oldest first
+        self.held: dict[_Settle, float] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def hold(self, msg: _Settle) -> None:
+        loop = asyncio.get_running_loop()
+        self.held[msg] = loop.time()
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._run())
+
+    def let_go(self, msg: _Settle) -> None:
+        self.held.pop(msg, None)
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _run(self) -> None:
+        # every half interval: a message is marked at most 1.5 intervals after its last mark
+        loop = asyncio.get_running_loop()
+        while self.held:
+            await asyncio.sleep(self.interval_s / 2)
+            now = loop.time()
+            due = []
+            for msg, since in self.held.items():
+                if now - since < self.interval_s:
+                    break  # the rest were marked later
+                due.append(msg)
+            for msg in due:
+                del self.held[msg]
+                self.held[msg] = now  # to the end: the oldest stay first
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
 
 
 class _Settle:

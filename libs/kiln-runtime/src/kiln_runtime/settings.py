@@ -56,7 +56,7 @@ class CommonSettings(BaseSettings):
             parts = [p.strip() for p in value.split(",")]
             if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
                 raise ValueError(
-                    f"three whole numbers above 0, comma-separated (e.g. 10000,10,100): {value!r}"
+                    f"three whole numbers above 0, comma-separated (e.g. 100000,10,100): {value!r}"
                 )
             return tuple(int(p) for p in parts)
         return value
