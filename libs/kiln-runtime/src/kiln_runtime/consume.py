@@ -202,7 +202,8 @@ class Heartbeats:
                     break  # the rest were marked later
                 due.append(msg)
             for msg in due:
-                del self.held[msg]
+                if self.held.pop(msg, None) is None:
+                    continue  # settled while an earlier one was being marked
                 self.held[msg] = now  # to the end: the oldest stay first
                 with contextlib.suppress(Exception):
                     await msg.in_progress()
