@@ -139,6 +139,19 @@ async def test_thinking_is_bound_to_the_turns_before_it(scripted: ScriptedServer
     assert {d["reason"] for d in ok["input_transformations"]} == {"prefix_binding_mismatch"}
 
 
+async def test_the_binding_ignores_nulls_and_cache_control_but_not_the_tools(
+    scripted: ScriptedServer,
+) -> None:
+    request = body()
+    reply = await post(scripted, request)
+    follow = answered(reply, request)
+    # a client echoing a field as null, or marking a cache breakpoint, changes no prefix
+    follow["messages"][0]["content"][0] |= {"citations": None, "cache_control": {"type": "x"}}
+    assert (await post(scripted, follow))["type"] == "message"
+    follow["tools"] = [{**TOOLS[0], "description": "run a command"}]
+    assert "bound to a different conversation" in await refused(scripted, follow)
+
+
 async def test_another_models_thinking_is_dropped_not_refused(scripted: ScriptedServer) -> None:
     request = body("claude-sonnet-5-5")
     reply = await post(scripted, request)

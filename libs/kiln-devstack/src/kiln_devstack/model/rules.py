@@ -24,11 +24,11 @@ The catalogue of models is in ``catalogue``, the signing and checking of thinkin
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from .catalogue import EFFORTS, ModelInfo, invalid, lookup
+from .prompt import parts
 from .thinking import Issued, verify_thinking
 
 BINDING_BETA = "thinking-binding-controls-2026-08-01"
@@ -41,7 +41,9 @@ class Checked:
     info: ModelInfo
     thinking: bool
     summarized: bool
+    tokens: int = 0  # the prompt's (``prompt_tokens``)
     dropped: list[dict[str, str]] = field(default_factory=list)  # input_transformations
+    prefix: Any = None  # a hasher over the whole prompt, the prefix of the reply's blocks
 
 
 def check(request: dict[str, Any], betas: set[str], issued: Issued) -> Checked:
@@ -69,8 +71,9 @@ def check(request: dict[str, Any], betas: set[str], issued: Issued) -> Checked:
             "This model does not support assistant message prefill. The conversation must end "
             "with a user message."
         )
-    checked = Checked(info, thinking, summarized)
-    verify_thinking(request, info, drop_unbound, checked.dropped)
+    prompt = parts(request)
+    checked = Checked(info, thinking, summarized, sum(p.tokens for p in prompt))
+    checked.prefix = verify_thinking(prompt, info, drop_unbound, checked.dropped)
     issued.check_latest(messages, {d["path"] for d in checked.dropped})
     return checked
 
@@ -78,24 +81,13 @@ def check(request: dict[str, Any], betas: set[str], issued: Issued) -> Checked:
 def prompt_tokens(request: dict[str, Any]) -> int:
     """The prompt's tokens as the scripted model counts them (a quarter of the characters of each
     tool, system block and message block's JSON, cache_control aside), as its usage reports them."""
-    total = 0
-    items: list[Any] = list(request.get("tools") or [])
-    system = request.get("system") or []
-    items += [{"type": "text", "text": system}] if isinstance(system, str) else list(system)
-    for m in request.get("messages") or []:
-        content = m.get("content")
-        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
-        items += [{"role": m.get("role"), **b} for b in blocks or [] if isinstance(b, dict)]
-    for item in items:
-        clean = {k: v for k, v in item.items() if k != "cache_control"}
-        total += len(json.dumps(clean, sort_keys=True)) // 4
-    return total
+    return sum(p.tokens for p in parts(request))
 
 
-def check_length(request: dict[str, Any], window: int) -> None:
+def check_length(tokens: int, window: int) -> None:
     """A prompt longer than the context window is refused before anything runs."""
-    if (size := prompt_tokens(request)) > window:
-        raise invalid(f"prompt is too long: {size} tokens > {window} maximum")
+    if tokens > window:
+        raise invalid(f"prompt is too long: {tokens} tokens > {window} maximum")
 
 
 def _thinking(request: dict[str, Any], info: ModelInfo, betas: set[str]) -> tuple[bool, bool, bool]:

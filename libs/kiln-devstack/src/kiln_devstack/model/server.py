@@ -160,7 +160,7 @@ class ScriptedServer:
         betas = {b.strip() for b in (headers or {}).get("anthropic-beta", "").split(",") if b}
         try:
             checked = api.check(request, betas, self.issued)
-            api.check_length(request, self.window or checked.info.max_input_tokens)
+            api.check_length(checked.tokens, self.window or checked.info.max_input_tokens)
         except catalogue.ApiError as err:
             self.refused.append(err)
             return err.status, _error(err.kind, err.message), {}
@@ -203,7 +203,7 @@ class ScriptedServer:
     ) -> dict[str, Any]:
         """The script's answer as the API sends it: the served model's id (an alias answered
         with its dated snapshot), thinking blocks, cache writes split by TTL."""
-        content = thinking.with_thinking(request, checked, response["content"], str(response["id"]))
+        content = thinking.with_thinking(checked, response["content"], str(response["id"]))
         self.issued.remember(content, response["stop_reason"])
         usage = dict(response["usage"])
         if checked.thinking:

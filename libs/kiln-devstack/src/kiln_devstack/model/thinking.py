@@ -13,6 +13,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from .catalogue import ModelInfo, invalid
+from .prompt import Part, encode
 
 if TYPE_CHECKING:
     from .rules import Checked
@@ -21,26 +22,14 @@ if TYPE_CHECKING:
 SECRET = b"scripted-model-thinking-signatures"
 
 
-def _canonical(role: str, block: dict[str, Any]) -> bytes:
-    clean = {k: v for k, v in block.items() if k != "cache_control" and v is not None}
-    return json.dumps({"role": role, **clean}, sort_keys=True).encode()
-
-
-def _prefix(request: dict[str, Any]) -> Any:
-    """A hasher over the request's tools and system (the start of every block's prefix)."""
-    hasher = hashlib.sha256()
-    for tool in request.get("tools") or []:
-        hasher.update(_canonical("tool", tool))
-    system = request.get("system") or []
-    for block in [{"type": "text", "text": system}] if isinstance(system, str) else system:
-        hasher.update(_canonical("system", block))
-    return hasher
-
-
 def sign(model: str, prefix: bytes, payload: str) -> str:
-    mac = hmac.new(SECRET, model.encode() + b"\0" + prefix + b"\0" + payload.encode(), "sha256")
-    token = json.dumps({"m": model, "h": mac.hexdigest()}).encode()
+    token = json.dumps({"m": model, "h": _mac(model, prefix, payload)}).encode()
     return base64.b64encode(token).decode()
+
+
+def _mac(model: str, prefix: bytes, payload: str) -> str:
+    message = model.encode() + b"\0" + prefix + b"\0" + payload.encode()
+    return hmac.new(SECRET, message, "sha256").hexdigest()
 
 
 def _unsign(value: Any) -> tuple[str, str] | None:
@@ -58,48 +47,35 @@ def _signed(block: dict[str, Any]) -> tuple[Any, str]:
 
 
 def verify_thinking(
-    request: dict[str, Any], info: ModelInfo, drop_unbound: bool, dropped: list[dict[str, str]]
-) -> None:
-    """Each thinking block of the request is checked against its prefix as sent."""
-    hasher = _prefix(request)
-    for i, message in enumerate(request["messages"]):
-        content = message.get("content")
-        role = str(message.get("role"))
-        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
-        for j, block in enumerate(blocks or []):
-            if isinstance(block, dict) and block.get("type") in ("thinking", "redacted_thinking"):
-                path = f"messages.{i}.content.{j}"
-                value, text = _signed(block)
-                token = _unsign(value)
-                if token is None:
-                    raise invalid(f"{path}: Invalid `signature` in `thinking` block")
-                model, mac = token
-                if model != info.id and model not in info.reads:
-                    dropped.append(
-                        {
-                            "type": "thinking_dropped",
-                            "path": path,
-                            "reason": "model_binding_mismatch",
-                        }
+    prompt: list[Part], info: ModelInfo, drop_unbound: bool, dropped: list[dict[str, str]]
+) -> Any:
+    """Each thinking block of the request is checked against its prefix as sent; the hasher over
+    the whole prompt is returned (the prefix of the reply's blocks)."""
+    hasher = hashlib.sha256()
+    for part in prompt:
+        block, path = part.block, part.path
+        if path is not None and block.get("type") in ("thinking", "redacted_thinking"):
+            value, text = _signed(block)
+            token = _unsign(value)
+            if token is None:
+                raise invalid(f"{path}: Invalid `signature` in `thinking` block")
+            model, mac = token
+            if model != info.id and model not in info.reads:
+                dropped.append(
+                    {"type": "thinking_dropped", "path": path, "reason": "model_binding_mismatch"}
+                )
+            elif not hmac.compare_digest(_mac(model, hasher.copy().digest(), text), mac):
+                if not drop_unbound:
+                    raise invalid(
+                        f"{path}: Invalid `signature` in `thinking` block. The block is "
+                        "bound to a different conversation. Remove the block, or set "
+                        '`thinking.block_binding.prefix_mismatch_behavior` to "drop_block".'
                     )
-                else:
-                    want = _unsign(sign(model, hasher.copy().digest(), text))
-                    if want is None or not hmac.compare_digest(want[1], mac):
-                        if not drop_unbound:
-                            raise invalid(
-                                f"{path}: Invalid `signature` in `thinking` block. The block is "
-                                "bound to a different conversation. Remove the block, or set "
-                                '`thinking.block_binding.prefix_mismatch_behavior` to "drop_block".'
-                            )
-                        dropped.append(
-                            {
-                                "type": "thinking_dropped",
-                                "path": path,
-                                "reason": "prefix_binding_mismatch",
-                            }
-                        )
-            if isinstance(block, dict):
-                hasher.update(_canonical(role, block))
+                dropped.append(
+                    {"type": "thinking_dropped", "path": path, "reason": "prefix_binding_mismatch"}
+                )
+        hasher.update(part.bound())
+    return hasher
 
 
 class Issued:
@@ -172,7 +148,7 @@ def _strip(block: dict[str, Any]) -> dict[str, Any]:
 
 
 def with_thinking(
-    request: dict[str, Any], checked: Checked, content: list[dict[str, Any]], digest: str
+    checked: Checked, content: list[dict[str, Any]], digest: str
 ) -> list[dict[str, Any]]:
     """The reply's content as the model sends it: a signed thinking block first (its text shown
     only when summarized), notes before tool calls as thinking blocks, now and then a
@@ -190,12 +166,7 @@ def with_thinking(
             out.append({"type": "thinking", "thinking": block["text"]})  # a progress note
         else:
             out.append(block)
-    hasher = _prefix(request)
-    for message in request.get("messages") or []:
-        body = message.get("content")
-        blocks = [{"type": "text", "text": body}] if isinstance(body, str) else body
-        for block in blocks or []:
-            hasher.update(_canonical(str(message.get("role")), block))
+    hasher = checked.prefix.copy()
     signed: list[dict[str, Any]] = []
     for block in out:
         if block["type"] == "thinking":
@@ -211,5 +182,5 @@ def with_thinking(
                 "data": sign(checked.info.id, hasher.copy().digest(), ""),
             }
         signed.append(block)
-        hasher.update(_canonical("assistant", block))
+        hasher.update(encode(block, "assistant", drop_none=True))
     return signed

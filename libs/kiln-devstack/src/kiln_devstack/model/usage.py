@@ -6,6 +6,7 @@ import json
 from collections import OrderedDict
 from typing import Any
 
+from .prompt import parts
 from .summaries import digest
 
 
@@ -32,28 +33,17 @@ class UsageEstimator:
         self.lookback = lookback
 
     def estimate(self, request: dict[str, Any], output: list[dict[str, Any]]) -> dict[str, int]:
-        parts: list[tuple[Any, bool]] = []
-        for tool in request.get("tools") or []:
-            parts.append((tool, "cache_control" in tool))
-        system = request.get("system") or []
-        for block in [{"type": "text", "text": system}] if isinstance(system, str) else system:
-            parts.append((block, "cache_control" in block))
-        for m in request.get("messages") or []:
-            content = m.get("content")
-            blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
-            for block in blocks:
-                parts.append(({"role": m.get("role"), **block}, "cache_control" in block))
+        prompt = parts(request)
         hasher = hashlib.sha256()
         keys: list[str] = []
         sizes: list[int] = []
         total = 0
-        for part, _ in parts:
-            clean = {k: v for k, v in part.items() if k != "cache_control"}
-            hasher.update(json.dumps(clean, sort_keys=True).encode())
-            total += tokens(clean)
+        for part in prompt:
+            hasher.update(part.text.encode())
+            total += part.tokens
             keys.append(hasher.hexdigest())
             sizes.append(total)
-        marked = [i for i, (_, m) in enumerate(parts) if m]
+        marked = [i for i, p in enumerate(prompt) if "cache_control" in p.block]
         read = 0
         for m in marked:
             for j in range(m, max(-1, m - self.lookback), -1):
