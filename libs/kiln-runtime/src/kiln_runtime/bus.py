@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
@@ -73,6 +74,7 @@ class Bus:
         self.connected_at: float | None = None  # time.monotonic() of the last (re)connection
         self.consuming_since: float | None = None  # time.monotonic() when start() returned
         self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
         self._idle = asyncio.Event()
         self._idle.set()
         # a message being handled is marked in progress every ack_wait / 3 (at least 0.5 s)
@@ -111,10 +113,11 @@ class Bus:
             connect_timeout=5,
         )
         self.connected_at = time.monotonic()
+        self._js = self._nc.jetstream()  # one context for every publish (it survives reconnects)
         try:  # the set-up step creates the streams; a service only looks them up
             await require_streams(self._nc)
         except BaseException:
-            nc, self._nc = self._nc, None
+            nc, self._nc, self._js = self._nc, None, None
             with contextlib.suppress(Exception):
                 await nc.close()
             raise
@@ -128,7 +131,7 @@ class Bus:
     async def start(self) -> None:
         """Declare the durable consumers, then start their loops (after the service's own
         resources are ready)."""
-        js = self.nc.jetstream()
+        js = self.js
         for puller in self.pullers.values():
 
             async def declare(p: Puller = puller) -> None:
@@ -194,6 +197,12 @@ class Bus:
             raise RuntimeError("the bus is not connected: call connect() first")
         return self._nc
 
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None:
+            raise RuntimeError("the bus is not connected: call connect() first")
+        return self._js
+
     async def gates(self) -> KeyValue:
         """The budget gates' key-value bucket (after ``connect``), which the set-up step made."""
         return await bind_gates(self.nc)
@@ -208,7 +217,7 @@ class Bus:
             tracing.inject(headers)
             # nats-py's JetStream publish directly, not through FastStream's publisher: its
             # middlewares and headers add CPU to every publish (docs/BENCHMARKS.md, bus)
-            await self.nc.jetstream().publish(
+            await self.js.publish(
                 subject,
                 msg.model_dump_json().encode(),
                 headers=headers,
@@ -219,7 +228,7 @@ class Bus:
 
     async def publish_at(self, msg: Envelope, at_rfc3339: str, name: str) -> None:
         """Schedule ``msg`` to be delivered at a UTC time with a JetStream message schedule."""
-        await self.nc.jetstream().publish(
+        await self.js.publish(
             subjects.schedule_subject(msg.build_id, name),
             msg.model_dump_json().encode(),
             headers={
@@ -289,7 +298,7 @@ class Bus:
     async def dead_letter(self, raw: Msg, reason: str) -> None:
         _, kind = split_subject(raw.subject)
         meta = raw.metadata
-        await self.nc.jetstream().publish(
+        await self.js.publish(
             subjects.dlq_subject(self.service, kind or "unknown"),
             raw.data,
             headers={
