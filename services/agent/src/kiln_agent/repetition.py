@@ -10,13 +10,14 @@ import json
 from .checkpoint import PendingCall, State
 
 POLLING = frozenset({"bash_output"})
+_SORTED = json.JSONEncoder(sort_keys=True)  # one encoder (json.dumps makes one a call)
 
 
 def count(state: State, call: PendingCall, limit: int) -> str | None:
     """Count ``call`` in the streak kept in ``state``; the reason to stop if it reached ``limit``."""
     if call.tool in POLLING:
         return None
-    signature = f"{call.tool}:{json.dumps(call.input, sort_keys=True)}"
+    signature = f"{call.tool}:{_SORTED.encode(call.input)}"
     if signature == state.streak_call:
         state.streak += 1
     else:
