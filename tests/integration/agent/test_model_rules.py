@@ -146,7 +146,10 @@ async def test_the_binding_ignores_nulls_and_cache_control_but_not_the_tools(
     reply = await post(scripted, request)
     follow = answered(reply, request)
     # a client echoing a field as null, or marking a cache breakpoint, changes no prefix
-    follow["messages"][0]["content"][0] |= {"citations": None, "cache_control": {"type": "x"}}
+    follow["messages"][0]["content"][0] |= {
+        "citations": None,
+        "cache_control": {"type": "ephemeral"},
+    }
     assert (await post(scripted, follow))["type"] == "message"
     follow["tools"] = [{**TOOLS[0], "description": "run a command"}]
     assert "bound to a different conversation" in await refused(scripted, follow)

@@ -41,9 +41,9 @@ class Checked:
     info: ModelInfo
     thinking: bool
     summarized: bool
-    tokens: int = 0  # the prompt's (``prompt_tokens``)
+    tokens: int  # the prompt's (``prompt_tokens``)
+    prefix: Any  # a hasher over the whole prompt: the prefix the reply's blocks are signed on
     dropped: list[dict[str, str]] = field(default_factory=list)  # input_transformations
-    prefix: Any = None  # a hasher over the whole prompt, the prefix of the reply's blocks
 
 
 def check(request: dict[str, Any], betas: set[str], issued: Issued) -> Checked:
@@ -72,10 +72,10 @@ def check(request: dict[str, Any], betas: set[str], issued: Issued) -> Checked:
             "with a user message."
         )
     prompt = parts(request)
-    checked = Checked(info, thinking, summarized, sum(p.tokens for p in prompt))
-    checked.prefix = verify_thinking(prompt, info, drop_unbound, checked.dropped)
-    issued.check_latest(messages, {d["path"] for d in checked.dropped})
-    return checked
+    dropped: list[dict[str, str]] = []
+    prefix = verify_thinking(prompt, info, drop_unbound, dropped)
+    issued.check_latest(messages, {d["path"] for d in dropped})
+    return Checked(info, thinking, summarized, sum(p.tokens for p in prompt), prefix, dropped)
 
 
 def prompt_tokens(request: dict[str, Any]) -> int:
