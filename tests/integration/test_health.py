@@ -48,11 +48,15 @@ class Service:
 
     def __init__(self, module: str, env: dict[str, str], log_path: Path) -> None:
         self.module = module
-        self.port = free_port()
         self.log_path = log_path
-        self.env = {**os.environ, **env, "KILN_HEALTH_PORT": str(self.port)}
+        self.env = {**os.environ, **env}
         self.proc: asyncio.subprocess.Process | None = None
-        self.http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.port}", timeout=3)
+        self._on_port(free_port())
+
+    def _on_port(self, port: int) -> None:
+        self.port = port
+        self.env["KILN_HEALTH_PORT"] = str(port)
+        self.http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=3)
 
     async def start(self) -> None:
         log = self.log_path.open("wb")
@@ -69,7 +73,12 @@ class Service:
             response = await self.http.get(path)
         except httpx.HTTPError as err:
             return 0, [repr(err)]
-        return response.status_code, response.json()["problems"]
+        try:
+            return response.status_code, response.json()["problems"]
+        except (ValueError, KeyError):
+            # another process's server answers on this port: one bound it on 127.0.0.1 between
+            # free_port() and this service binding 0.0.0.0, so the probes never reach the service
+            return -1, [f"not this service's answer: {response.text[:200]}"]
 
     async def until(
         self, path: str, wanted: Callable[[int, list[str]], bool], timeout: float = 60.0
@@ -77,6 +86,11 @@ class Service:
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             status, problems = await self.probe(path)
+            if status == -1:  # start again on another port
+                await self.stop()
+                self._on_port(free_port())
+                await self.start()
+                continue
             if wanted(status, problems):
                 return problems
             assert self.proc is not None and self.proc.returncode is None, self.tail()
