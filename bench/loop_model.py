@@ -10,7 +10,9 @@ agent's repetition limit never trips) until the build has made ``iterations`` mo
 same mean); with ``--sigma s`` (> 0) each call's latency is lognormal with median ``latency``
 and shape ``s`` (``latency × e^(s·Z)``, Z standard normal), the long right tail of real model
 calls: a few calls several times slower than the median, none faster than a fraction of it.
-Without either, every call takes exactly ``latency``. ``/stats`` reports the mean latency drawn,
+Without either, every call takes exactly ``latency``. Its collector is tuned as the services'
+are (``kiln_runtime.collector``): thousands of requests held through their latency would
+otherwise be walked by every young collection. ``/stats`` reports the mean latency drawn,
 so a benchmark can say what throughput the latencies allow.
 
 It is the scripted server (``kiln_devstack.model.server``: aiohttp, keep-alive) with this responder, plus timing: for every build it remembers when the last reply
@@ -32,6 +34,7 @@ from typing import Any
 
 from kiln_devstack.model.server import Recorded, ScriptedServer
 from kiln_devstack.model.usage import response_body
+from kiln_runtime import collector
 
 BUILD = re.compile(r"\(Build ([^)\s]+)\.\)")
 USAGE = {
@@ -162,6 +165,7 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=0.0, help="Lognormal latency's shape.")
     parser.add_argument("--iterations", type=int, default=0, help="Model calls per build (0: ∞).")
     args = parser.parse_args()
+    collector.tune()  # as the services' collectors are: its CPU is the bench's, not Kiln's
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(
             serve(args.host, args.port, args.latency_s, args.iterations, args.jitter, args.sigma)
