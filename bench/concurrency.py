@@ -29,6 +29,9 @@ opens and lasts ``--measure-s``.
   not of Kiln: ``total`` counts it so that nothing is hidden.
 * gc_ms_per_iter_agent: of the agent's CPU, the garbage collector's pauses in the window (its
   ``kiln_gc_pause_seconds``, read from its /metrics) per model reply.
+* agent_runq_wait_pct: the share of the window in which the agent's event loop (its main thread)
+  was ready to run but waiting for a CPU that other processes held (the kernel's run delay,
+  ``/proc/<pid>/schedstat``): how far the machine, not the agent, was the limit.
 * overhead by part (printed per size): after_model (reply → ToolCall stored), sandbox (→ ToolResult
   stored), before_model (→ the next request at the model server), p50 / p99 each.
 
@@ -217,9 +220,11 @@ async def run_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
             groups = await processes(b, agent.popen.pid, model.popen.pid)
             before = cpu_seconds(groups)
             gc_before = await loop.run_in_executor(None, gc_seconds, health)
+            waited_before = run_delay_s(agent.popen.pid)
             t0 = time.time()
             await asyncio.sleep(args.measure_s)
             t1 = time.time()
+            waited = run_delay_s(agent.popen.pid) - waited_before
             gc_after = await loop.run_in_executor(None, gc_seconds, health)
             # backends forked during the window count from zero: look for them again
             after_groups = await processes(b, agent.popen.pid, model.popen.pid)
@@ -247,9 +252,18 @@ async def run_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
         "overhead_p99_ms": percentile(gaps, 99),
         "rss_mb": peak,
         **per_iter,
+        "agent_runq_wait_pct": waited * 100 / (t1 - t0),
         "cpu": cpu,
         "parts": parts,
     }
+
+
+def run_delay_s(pid: int) -> float:
+    """How long the process's main thread (the agent's event loop) has been ready to run but
+    waiting for a CPU, in seconds (the kernel's ``/proc/<pid>/schedstat``: run time, run delay,
+    timeslices, in ns)."""
+    with open(f"/proc/{pid}/schedstat") as f:
+        return int(f.read().split()[1]) / 1e9
 
 
 def gc_seconds(port: int) -> float:
@@ -305,7 +319,8 @@ async def main(args: argparse.Namespace) -> None:
                 for k, v in r.items()
                 if k.startswith("cpu_ms_per_iter_")
             )
-            + f"; of the agent's, garbage collection {r['gc_ms_per_iter_agent']:.2f}",
+            + f"; of the agent's, garbage collection {r['gc_ms_per_iter_agent']:.2f}; its event "
+            f"loop waited for a CPU {r['agent_runq_wait_pct']:.0f}% of the window",
             flush=True,
         )
         print(

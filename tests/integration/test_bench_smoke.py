@@ -81,6 +81,7 @@ def test_concurrency(infra) -> None:
     assert cpu["agent"] > 0 and cpu["nats"] > 0 and cpu["postgres"] > 0  # each process is found
     assert float(got["cpu_ms_per_iter_total"]) == pytest.approx(sum(cpu.values()), rel=0.05)
     assert float(got["gc_ms_per_iter_agent"]) >= 0  # read from the agent's /metrics
+    assert 0 <= float(got["agent_runq_wait_pct"]) <= 100  # read from the kernel's schedstat
 
 
 def test_sleeping(infra) -> None:
