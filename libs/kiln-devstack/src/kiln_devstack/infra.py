@@ -67,11 +67,8 @@ def _postgres_user() -> Iterator[None]:
         yield
         return
     with POSTGRES_USER_LOCK.open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        yield
 
 
 def set_up_streams(
