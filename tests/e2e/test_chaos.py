@@ -1,5 +1,8 @@
 """Chaos: concurrent builds while services are SIGKILLed at random and NATS restarts once.
 
+The kills are bounded (``KILLS``): on a loaded machine the builds move slower, and kills without
+end would then keep them from ever finishing.
+
 Every build must complete; no tool call may run twice (the sandbox's execution log); no iteration
 may be charged twice (the budget's per-build spend equals the price of the distinct iterations);
 each build's history has no gaps; nothing is dead-lettered.
@@ -34,6 +37,7 @@ from tests.e2e.test_build_end_to_end import BRIEF, stream_history
 pytestmark = pytest.mark.e2e
 
 BUILDS = 4
+KILLS = 20  # service kills at most, then the builds finish in peace
 VICTIMS = ("gateway", "agent", "sandbox", "budget", "snapshot")
 HEADERS = {"Authorization": f"Bearer {DEV_API_KEY}"}
 
@@ -57,7 +61,8 @@ def stack(infra: dict[str, str]) -> Iterator[Stack]:
 
 
 class Chaos(threading.Thread):
-    """SIGKILLs a random service every few seconds (restarting it) and restarts NATS once."""
+    """SIGKILLs a random service every few seconds (restarting it), ``KILLS`` times at most, and
+    restarts NATS once."""
 
     def __init__(self, stack: Stack, seed: int) -> None:
         super().__init__(daemon=True)
@@ -71,7 +76,7 @@ class Chaos(threading.Thread):
     def run(self) -> None:
         try:
             rounds = 0
-            while not self.done.wait(self.rng.uniform(1.0, 2.5)):
+            while len(self.kills) < KILLS and not self.done.wait(self.rng.uniform(1.0, 2.5)):
                 rounds += 1
                 if rounds == 2 and not self.nats_restarted:
                     self.restart_nats()
@@ -137,6 +142,7 @@ async def dead_letter_count(nats_url: str) -> int:
         await nc.close()
 
 
+@pytest.mark.timeout(600)  # the wait below, the stack's start and the checks
 def test_builds_survive_random_kills_and_a_nats_restart(stack: Stack) -> None:
     ids = post_builds(stack)
     chaos = Chaos(stack, seed=int(time.time()))
