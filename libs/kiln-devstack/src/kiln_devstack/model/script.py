@@ -246,7 +246,9 @@ def _script(
         if looks >= MAX_LOOKS or "running" not in text.splitlines()[0]:
             return end("The page's server did not say where it serves:\n" + text[-1500:])
         phase_next = f"look{looks + 1}"
-        wait = [call("bash", 0, command="sleep 0.5")] if looks else []
+        # a longer wait at each look: a slow start is waited for, and no two waits are the same
+        # call (three in a row would trip the agent's repetition guard)
+        wait = [call("bash", 0, command=f"sleep {0.5 * looks:g}")] if looks else []
         return [*wait, call("bash_output", len(wait), bash_id=m.group(0))], "tool_use"
     if phase == "check":
         if results[0].get("is_error") or "the page answers" not in text_of(results[0]):
