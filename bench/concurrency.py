@@ -32,6 +32,11 @@ opens and lasts ``--measure-s``.
 * agent_runq_wait_pct: the share of the window in which the agent's event loop (its main thread)
   was ready to run but waiting for a CPU that other processes held (the kernel's run delay,
   ``/proc/<pid>/schedstat``): how far the machine, not the agent, was the limit.
+* pg_<count>_per_iter: what reached Postgres in the window, per model reply (its cumulative
+  statistics for the bench's database): ``xacts`` (transactions: each autocommit statement is
+  one), ``builds_updated`` (checkpoint rows written: saves, lease renewals, outbox clearings),
+  ``builds_hot`` (of those, updated in place), ``turns_inserted``. Given a shared DATABASE_URL,
+  ``xacts`` counts the database's other clients too.
 * overhead by part (printed per size): after_model (reply → ToolCall stored), sandbox (→ ToolResult
   stored), before_model (→ the next request at the model server), p50 / p99 each.
 
@@ -124,6 +129,35 @@ async def processes(b: Bench, agent: int, model: int) -> dict[str, list[psutil.P
     if not groups["postgres"]:
         groups["postgres"] = await agent_backends(b.urls["DATABASE_URL"], agent)
     return groups
+
+
+async def db_counts(dsn: str) -> dict[str, float]:
+    """The bench database's statistics so far: transactions (each of the agent's statements is
+    one), rows of ``builds`` updated (and of those, updated in place: HOT) and turns inserted
+    (Postgres' cumulative statistics: each backend flushes its own within about a second, so
+    both ends of a window lag alike)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        db = await conn.fetchrow(
+            "select xact_commit + xact_rollback as xacts from pg_stat_database"
+            " where datname = current_database()"
+        )
+        tables = {
+            r["relname"]: r
+            for r in await conn.fetch(
+                "select relname, n_tup_upd, n_tup_hot_upd, n_tup_ins from pg_stat_user_tables"
+                " where schemaname = 'agent' and relname in ('builds', 'turns')"
+            )
+        }
+    finally:
+        await conn.close()
+    builds, turns = tables.get("builds"), tables.get("turns")
+    return {
+        "xacts": float(db["xacts"]),
+        "builds_updated": float(builds["n_tup_upd"]) if builds else 0.0,
+        "builds_hot": float(builds["n_tup_hot_upd"]) if builds else 0.0,
+        "turns_inserted": float(turns["n_tup_ins"]) if turns else 0.0,
+    }
 
 
 def cpu_seconds(groups: dict[str, list[psutil.Process]]) -> dict[str, float]:
@@ -219,6 +253,7 @@ async def run_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(2 * args.latency_s)  # every build past its first call
             groups = await processes(b, agent.popen.pid, model.popen.pid)
             before = cpu_seconds(groups)
+            db_before = await db_counts(b.urls["DATABASE_URL"])
             gc_before = await loop.run_in_executor(None, gc_seconds, health)
             waited_before = run_delay_s(agent.popen.pid)
             t0 = time.time()
@@ -230,6 +265,7 @@ async def run_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
             after_groups = await processes(b, agent.popen.pid, model.popen.pid)
             after = cpu_seconds(after_groups)
             cpu = {k: after[k] - before.get(k, 0.0) for k in after}
+            db_after = await db_counts(b.urls["DATABASE_URL"])
             b.check(agent)
             stats = await loop.run_in_executor(None, get, f"{url}/stats/{t0}")
         finally:
@@ -244,6 +280,7 @@ async def run_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
     per_iter = {f"cpu_ms_per_iter_{k}": v * 1000 / iterations for k, v in cpu.items()}
     per_iter["cpu_ms_per_iter_total"] = sum(cpu.values()) * 1000 / iterations
     per_iter["gc_ms_per_iter_agent"] = (gc_after - gc_before) * 1000 / iterations
+    db = {k: (db_after[k] - db_before[k]) / iterations for k in db_after}
     return {
         "builds": size,
         "iters_per_s": len(replies) / (t1 - t0),
@@ -253,6 +290,7 @@ async def run_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
         "rss_mb": peak,
         **per_iter,
         "agent_runq_wait_pct": waited * 100 / (t1 - t0),
+        **{f"pg_{k}_per_iter": v for k, v in db.items()},
         "cpu": cpu,
         "parts": parts,
     }
@@ -321,6 +359,15 @@ async def main(args: argparse.Namespace) -> None:
             )
             + f"; of the agent's, garbage collection {r['gc_ms_per_iter_agent']:.2f}; its event "
             f"loop waited for a CPU {r['agent_runq_wait_pct']:.0f}% of the window",
+            flush=True,
+        )
+        print(
+            "  Postgres per iteration: "
+            + ", ".join(
+                f"{k.removeprefix('pg_').removesuffix('_per_iter').replace('_', ' ')} {v:.2f}"
+                for k, v in r.items()
+                if k.startswith("pg_")
+            ),
             flush=True,
         )
         print(

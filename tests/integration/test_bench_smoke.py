@@ -82,6 +82,9 @@ def test_concurrency(infra) -> None:
     assert float(got["cpu_ms_per_iter_total"]) == pytest.approx(sum(cpu.values()), rel=0.05)
     assert float(got["gc_ms_per_iter_agent"]) >= 0  # read from the agent's /metrics
     assert 0 <= float(got["agent_runq_wait_pct"]) <= 100  # read from the kernel's schedstat
+    # read from Postgres' statistics: every iteration saves its checkpoint and inserts turns
+    assert float(got["pg_xacts_per_iter"]) > 0 and float(got["pg_builds_updated_per_iter"]) > 0
+    assert float(got["pg_turns_inserted_per_iter"]) > 0 and "pg_builds_hot_per_iter" in got
 
 
 def test_sleeping(infra) -> None:

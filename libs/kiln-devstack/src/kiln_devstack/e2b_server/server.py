@@ -58,10 +58,7 @@ class E2BServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
-        server = site._server
-        assert server is not None
-        sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1]
+        self.port = self._runner.addresses[0][1]
         self.url = f"http://{self.host}:{self.port}"
         self._reaper = asyncio.create_task(self._reap())
         return self.url

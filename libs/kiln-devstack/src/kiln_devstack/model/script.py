@@ -255,7 +255,7 @@ def _script(
             return end("The page did not answer as it should:\n" + text_of(results[0])[-1500:])
         phase_next = "report"
         return [
-            call("narrate", 0, text="All tests pass, and the page answers: " + text_of(results[0])),
+            call("narrate", 0, text="All tests pass, and " + text_of(results[0]).strip()),
         ], "tool_use"
     if phase == "report":
         return end(SUMMARY)
