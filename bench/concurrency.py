@@ -335,6 +335,15 @@ def breakdown(
     return {k: (percentile(v, 50), percentile(v, 99)) for k, v in out.items()}
 
 
+def listed(r: dict[str, Any], prefix: str, suffix: str = "") -> str:
+    """The figures of ``r`` whose keys start with ``prefix``, named without it (or ``suffix``)."""
+    return ", ".join(
+        f"{k.removeprefix(prefix).removesuffix(suffix).replace('_', ' ')} {v:.2f}"
+        for k, v in r.items()
+        if k.startswith(prefix)
+    )
+
+
 async def main(args: argparse.Namespace) -> None:
     sizes = [int(s) for s in args.builds.split(",")]
     results = []
@@ -351,25 +360,12 @@ async def main(args: argparse.Namespace) -> None:
             flush=True,
         )
         print(
-            "  CPU ms per iteration: "
-            + ", ".join(
-                f"{k.removeprefix('cpu_ms_per_iter_')} {v:.2f}"
-                for k, v in r.items()
-                if k.startswith("cpu_ms_per_iter_")
-            )
-            + f"; of the agent's, garbage collection {r['gc_ms_per_iter_agent']:.2f}; its event "
-            f"loop waited for a CPU {r['agent_runq_wait_pct']:.0f}% of the window",
+            f"  CPU ms per iteration: {listed(r, 'cpu_ms_per_iter_')}; of the agent's, garbage "
+            f"collection {r['gc_ms_per_iter_agent']:.2f}; its event loop waited for a CPU "
+            f"{r['agent_runq_wait_pct']:.0f}% of the window",
             flush=True,
         )
-        print(
-            "  Postgres per iteration: "
-            + ", ".join(
-                f"{k.removeprefix('pg_').removesuffix('_per_iter').replace('_', ' ')} {v:.2f}"
-                for k, v in r.items()
-                if k.startswith("pg_")
-            ),
-            flush=True,
-        )
+        print(f"  Postgres per iteration: {listed(r, 'pg_', '_per_iter')}", flush=True)
         print(
             "  overhead by part (p50 / p99 ms): "
             + ", ".join(f"{k} {a:.1f} / {b:.1f}" for k, (a, b) in r["parts"].items()),
