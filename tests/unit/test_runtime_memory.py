@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import platform
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -18,81 +18,121 @@ class Activity:
     inflight: int = 0
 
 
+class Done(Exception):
+    """The test's time is up."""
+
+
+class Polls:
+    """The trimmer's time, kept by the test: each of its sleeps moves the clock on by what it
+    asked for, then runs ``each`` with the poll's number (the work the poll will see); its
+    sleep after ``n`` polls raises Done."""
+
+    def __init__(self, n: int, each: Callable[[int], None] = lambda poll: None) -> None:
+        self.now = 0.0
+        self.polls = 0
+        self.n = n
+        self.each = each
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        if self.polls == self.n:
+            raise Done
+        self.polls += 1
+        self.now += seconds
+        self.each(self.polls)
+
+
 class Counting:
-    def __init__(self, takes_s: float = 0.0) -> None:
-        self.calls = 0
+    """A trim that records the poll it came at, and takes ``takes_s`` of the test's time."""
+
+    def __init__(self, polls: Polls, takes_s: float = 0.0) -> None:
+        self.at: list[int] = []
+        self.polls = polls
         self.takes_s = takes_s
 
     def __call__(self) -> None:
-        self.calls += 1
-        time.sleep(self.takes_s)
+        self.at.append(self.polls.polls)
+        self.polls.now += self.takes_s
+
+
+async def run(activity: Activity, polls: Polls, trim: Callable[[], None], **kw: float) -> None:
+    with pytest.raises(Done):
+        await trim_after_work(
+            activity, trim, poll_s=0.25, clock=polls.clock, sleep=polls.sleep, **kw
+        )
 
 
 async def test_nothing_is_trimmed_while_no_handler_has_run() -> None:
-    trim = Counting()
-    task = asyncio.create_task(trim_after_work(Activity(), trim, poll_s=0.01))
-    await asyncio.sleep(0.2)
-    task.cancel()
-    assert trim.calls == 0
+    polls = Polls(40)
+    trim = Counting(polls)
+    await run(Activity(), polls, trim)
+    assert trim.at == []
 
 
 async def test_trimmed_once_when_handlers_have_gone_quiet_after_work() -> None:
-    activity, trim = Activity(), Counting()
-    task = asyncio.create_task(trim_after_work(activity, trim, poll_s=0.01))
-    await asyncio.sleep(0.02)
-    activity.started, activity.inflight = 5, 2  # busy
-    await asyncio.sleep(0.1)
-    assert trim.calls == 0  # handlers running: not yet
-    activity.inflight = 0
-    await asyncio.sleep(0.1)
-    assert trim.calls == 1
-    await asyncio.sleep(0.1)
-    assert trim.calls == 1  # nothing handled since
-    activity.started += 1
-    await asyncio.sleep(0.1)
-    assert trim.calls == 2
-    task.cancel()
+    """Handlers run from poll 3 to 12: no trim while they do; the second quiet poll after them
+    trims, and nothing more until a handler has run again (poll 25)."""
+    activity = Activity()
+
+    def each(poll: int) -> None:
+        if poll == 3:
+            activity.started, activity.inflight = 5, 2  # busy
+        elif poll == 13:
+            activity.inflight = 0
+        elif poll == 25:
+            activity.started += 1
+
+    polls = Polls(40, each)
+    trim = Counting(polls)
+    await run(activity, polls, trim)
+    assert trim.at == [14, 25]
 
 
 async def test_under_steady_load_trimmed_every_interval() -> None:
-    activity, trim = Activity(started=1, inflight=3), Counting()
-    task = asyncio.create_task(trim_after_work(activity, trim, poll_s=0.01, every_s=0.05))
-    for _ in range(30):  # always busy, always new work
+    """Always busy, new work at every poll: a trim every ``every_s`` (four polls)."""
+    activity = Activity(started=1, inflight=3)
+
+    def each(poll: int) -> None:
         activity.started += 1
-        await asyncio.sleep(0.01)
-    task.cancel()
-    assert 2 <= trim.calls <= 8
+
+    polls = Polls(30, each)
+    trim = Counting(polls)
+    await run(activity, polls, trim, every_s=1.0)
+    assert trim.at == [4, 8, 12, 16, 20, 24, 28]
 
 
 async def test_a_slow_trim_spaces_out_the_next() -> None:
-    activity, trim = Activity(), Counting(takes_s=0.02)
-    task = asyncio.create_task(trim_after_work(activity, trim, poll_s=0.01, share=0.1))
-    began = time.monotonic()
-    for _ in range(40):  # new work at every poll, and never a handler running at one
+    """A trim that takes 0.5 s, at most 10% of the time: the next comes 5 s after it ends
+    (20 polls) although there is new work and no handler running at every poll."""
+    activity = Activity()
+
+    def each(poll: int) -> None:
         activity.started += 1
-        await asyncio.sleep(0.01)
-    elapsed = time.monotonic() - began
-    task.cancel()
-    # each trim (20 ms or more) is followed by at least ten times as long without one
-    assert 1 <= trim.calls <= 1 + elapsed / 0.2
+
+    polls = Polls(45, each)
+    trim = Counting(polls, takes_s=0.5)
+    await run(activity, polls, trim, share=0.1)
+    assert trim.at == [2, 22, 42]
 
 
 async def test_a_failing_trim_is_logged_and_not_tried_again(caplog) -> None:
-    calls = 0
+    activity = Activity()
+
+    def each(poll: int) -> None:
+        activity.started += 1
+
+    polls = Polls(40, each)
+    calls = []
 
     def failing() -> None:
-        nonlocal calls
-        calls += 1
+        calls.append(polls.polls)
         raise OSError("no")
 
-    activity = Activity()
-    task = asyncio.create_task(trim_after_work(activity, failing, poll_s=0.01))
-    await asyncio.sleep(0.02)
-    for _ in range(20):
-        activity.started += 1
-        await asyncio.sleep(0.01)
-    assert task.done() and task.exception() is None
-    assert calls == 1
+    # the trimmer returns (before its time is up)
+    await trim_after_work(activity, failing, poll_s=0.25, clock=polls.clock, sleep=polls.sleep)
+    assert calls == [2] and polls.polls == 2
     assert "not trying again" in caplog.text
 
 

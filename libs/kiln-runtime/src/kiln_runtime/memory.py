@@ -19,7 +19,7 @@ import ctypes
 import ctypes.util
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 log = logging.getLogger(__name__)
@@ -52,27 +52,29 @@ async def trim_after_work(
     poll_s: float = 1.0,
     every_s: float = 60.0,
     share: float = 0.01,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
 ) -> None:
     """Run until cancelled: trim when handlers have run since the last trim and none has been
     running at two polls in a row, or ``every_s`` after the last trim if handlers keep running;
-    never more often than the last trim's duration / ``share``."""
+    never more often than the last trim's duration / ``share``. ``clock`` and ``sleep``: the
+    time it goes by."""
     trim = trim or glibc_trim()
     if trim is None:
         return
-    trimmed_at = time.monotonic()
+    trimmed_at = clock()
     seen = activity.started
     quiet = 0
     gap = poll_s
     while True:
-        await asyncio.sleep(poll_s)
+        await sleep(poll_s)
         quiet = quiet + 1 if activity.inflight == 0 else 0
-        now = time.monotonic()
+        now = clock()
         if activity.started == seen or now - trimmed_at < gap:
             continue
         if quiet < 2 and now - trimmed_at < every_s:
             continue
         seen = activity.started
-        began = time.perf_counter()
         try:
             trim()
         except Exception:  # never worth more than a line in the log: stop trying
@@ -80,6 +82,7 @@ async def trim_after_work(
                 "could not give freed memory back to the OS; not trying again", exc_info=True
             )
             return
-        took = time.perf_counter() - began
-        trimmed_at, gap = time.monotonic(), max(poll_s, took / share)
+        trimmed_at = clock()
+        took = trimmed_at - now
+        gap = max(poll_s, took / share)
         log.debug("gave freed memory back to the OS in %.1f ms", took * 1000)
