@@ -20,7 +20,9 @@ opens and lasts ``--measure-s``.
   (the fake sandbox's tool time is 0), what the model server alone allows.
 * overhead_p50/p99_ms: per iteration, from a reply leaving the model server to the same build's
   next request arriving there: the agent's bookkeeping (SDK, checkpoint, outbox, publishes), both
-  bus hops and the fake sandbox. 1 s of model time is not in it.
+  bus hops and the fake sandbox. 1 s of model time is not in it. A build whose next request has
+  not come when the window's figures are read counts with its wait so far (``still_waiting``:
+  how many), a lower bound: left out, the longest waits would be missing.
 * rss_mb: the agent's peak RSS (psutil, sampled every 0.25 s).
 * cpu_ms_per_iter_<role>: user + system CPU seconds of each role's processes in the window
   (psutil ``cpu_times``), per model reply in the window: ``agent``, ``sandbox`` (the fake sandbox:
@@ -274,7 +276,9 @@ async def run_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
             b.stop_all()
             await nc.close()
     replies = [t for t in stats["replies"] if t0 <= t < t1]
-    gaps = stats["gaps_ms"]
+    # a build still waiting for its next request counts with its wait so far (a lower bound):
+    # left out, the longest waits of all would be missing from the percentiles
+    gaps = stats["gaps_ms"] + stats["waiting_ms"]
     parts = breakdown(stats["gap_spans"], answered_at)
     iterations = max(1, len(replies))
     per_iter = {f"cpu_ms_per_iter_{k}": v * 1000 / iterations for k, v in cpu.items()}
@@ -287,6 +291,7 @@ async def run_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
         "ideal_iters_per_s": size / (stats["mean_latency_s"] or args.latency_s),
         "overhead_p50_ms": percentile(gaps, 50),
         "overhead_p99_ms": percentile(gaps, 99),
+        "still_waiting": len(stats["waiting_ms"]),
         "rss_mb": peak,
         **per_iter,
         "agent_runq_wait_pct": waited * 100 / (t1 - t0),
@@ -355,7 +360,7 @@ async def main(args: argparse.Namespace) -> None:
         print(
             f"builds={size}: {r['iters_per_s']:.1f} iterations/s of {r['ideal_iters_per_s']:.0f} "
             f"({share:.0%}), overhead p50 {r['overhead_p50_ms']:.1f} ms p99 "
-            f"{r['overhead_p99_ms']:.1f} ms, agent peak RSS {r['rss_mb']:.0f} MB; CPU (100% = "
+            f"{r['overhead_p99_ms']:.1f} ms ({r['still_waiting']} still waiting), agent peak RSS {r['rss_mb']:.0f} MB; CPU (100% = "
             f"one core of {psutil.cpu_count()}): {cpu}",
             flush=True,
         )

@@ -17,7 +17,8 @@ so a benchmark can say what throughput the latencies allow.
 
 It is the scripted server (``kiln_devstack.model.server``: aiohttp, keep-alive) with this responder, plus timing: for every build it remembers when the last reply
 left and, when the build's next request arrives, records the gap (everything Kiln did between
-two model calls). ``GET /stats[/<since>]`` returns those gaps and the reply times as JSON.
+two model calls). ``GET /stats[/<since>]`` returns those gaps, the waits so far of the builds
+whose next request has not come yet, and the reply times as JSON.
 """
 
 from __future__ import annotations
@@ -125,8 +126,11 @@ class LoopModel(ScriptedServer):
         return response_body(request, content, stop, dict(USAGE), f"msg_{build}_{n}")
 
     def stats(self, since: float = 0.0) -> dict[str, Any]:
+        now = time.time()
         return {
             "gaps_ms": [(b - a) * 1000 for _, a, b in self.gaps if a >= since],
+            # builds whose reply left and whose next request has not come yet: their wait so far
+            "waiting_ms": [(now - a) * 1000 for a in self.sent_at.values() if a >= since],
             "gap_spans": [g for g in self.gaps if g[1] >= since],  # (build, reply left, next came)
             "replies": [t for t in self.replies if t >= since],
             "requests": self.requests,

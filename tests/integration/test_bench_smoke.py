@@ -74,6 +74,7 @@ def test_concurrency(infra) -> None:
     assert got["builds"] == "4"
     assert float(got["iters_per_s"]) > 0
     assert float(got["rss_mb"]) > 0
+    assert 0 <= int(got["still_waiting"]) <= 4
     for key in ("ideal_iters_per_s", "overhead_p50_ms", "overhead_p99_ms", "knee_builds"):
         assert key in got
     roles = ("agent", "sandbox", "nats", "postgres", "model")
