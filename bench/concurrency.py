@@ -21,8 +21,8 @@ opens and lasts ``--measure-s``.
 * overhead_p50/p99_ms: per iteration, from a reply leaving the model server to the same build's
   next request arriving there: the agent's bookkeeping (SDK, checkpoint, outbox, publishes), both
   bus hops and the fake sandbox. 1 s of model time is not in it. A build whose next request has
-  not come when the window's figures are read counts with its wait so far (``still_waiting``:
-  how many), a lower bound: left out, the longest waits would be missing.
+  not come when the window's figures are read counts with its wait so far, whenever it began
+  (``still_waiting``: how many), a lower bound: left out, the longest waits would be missing.
 * rss_mb: the agent's peak RSS (psutil, sampled every 0.25 s).
 * cpu_ms_per_iter_<role>: user + system CPU seconds of each role's processes in the window
   (psutil ``cpu_times``), per model reply in the window: ``agent``, ``sandbox`` (the fake sandbox:
@@ -360,8 +360,8 @@ async def main(args: argparse.Namespace) -> None:
         print(
             f"builds={size}: {r['iters_per_s']:.1f} iterations/s of {r['ideal_iters_per_s']:.0f} "
             f"({share:.0%}), overhead p50 {r['overhead_p50_ms']:.1f} ms p99 "
-            f"{r['overhead_p99_ms']:.1f} ms ({r['still_waiting']} still waiting), agent peak RSS {r['rss_mb']:.0f} MB; CPU (100% = "
-            f"one core of {psutil.cpu_count()}): {cpu}",
+            f"{r['overhead_p99_ms']:.1f} ms ({r['still_waiting']} still waiting), agent peak "
+            f"RSS {r['rss_mb']:.0f} MB; CPU (100% = one core of {psutil.cpu_count()}): {cpu}",
             flush=True,
         )
         print(

@@ -130,7 +130,8 @@ class LoopModel(ScriptedServer):
         return {
             "gaps_ms": [(b - a) * 1000 for _, a, b in self.gaps if a >= since],
             # builds whose reply left and whose next request has not come yet: their wait so far
-            "waiting_ms": [(now - a) * 1000 for a in self.sent_at.values() if a >= since],
+            # (whenever it began: those waiting since before ``since`` have waited longest)
+            "waiting_ms": [(now - a) * 1000 for a in self.sent_at.values()],
             "gap_spans": [g for g in self.gaps if g[1] >= since],  # (build, reply left, next came)
             "replies": [t for t in self.replies if t >= since],
             "requests": self.requests,
