@@ -161,9 +161,10 @@ def test_builds_survive_random_kills_and_a_nats_restart(stack: Stack) -> None:
     assert_builds_intact(stack, ids)
 
 
-def assert_builds_intact(stack: Stack, ids: list[str]) -> None:
+def assert_builds_intact(stack: Stack, ids: list[str]) -> Counter[str]:
     """Every build completed once, no tool call ran twice, no iteration was charged twice, no
-    event of a history is missing, nothing was dead-lettered."""
+    event of a history is missing, nothing was dead-lettered. The count of tool results by
+    outcome (ok, error, interrupted)."""
     # No tool call ran twice.
     exec_log = stack.data_dir / "exec.jsonl"
     lines = [json.loads(x) for x in exec_log.read_text().splitlines()] if exec_log.exists() else []
@@ -215,3 +216,4 @@ def assert_builds_intact(stack: Stack, ids: list[str]) -> None:
         )
 
     assert asyncio.run(dead_letter_count(nats_url)) == 0
+    return outcomes

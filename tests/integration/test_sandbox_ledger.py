@@ -1,11 +1,13 @@
 """The Postgres ledger of tool calls (claim, release, finish: the exactly-once bookkeeping), the
-sandbox registry's compare-and-set, the background processes' table and the read log."""
+sandbox registry's compare-and-set, the background processes' table and the read log, whose
+statements wait out a database outage."""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
 
+from kiln_devstack.outage import forwarded
 from kiln_runtime.db import create_pool
 from kiln_sandbox.adapters.pg_processes import PgProcesses
 from kiln_sandbox.adapters.postgres import SCHEMA, PgCallStore, PgReads, PgRegistry, migrations
@@ -111,3 +113,28 @@ async def test_a_read_counts_once_its_call_has_a_result(infra, uid):
         assert await reads.last_seen(build_id, "other.py") is None
     finally:
         await pool.close()
+
+
+async def test_what_a_tool_records_while_it_runs_waits_out_an_outage(infra, uid):
+    """A tool that ran must not fail on its bookkeeping (its call would come back interrupted):
+    the read log's and the process table's statements wait for the database to come back."""
+    forwarder, url = forwarded(infra["DATABASE_URL"])
+    pool = await create_pool(url, schema=SCHEMA, migrations=migrations())
+    reads, calls, processes = PgReads(pool), PgCallStore(pool), PgProcesses(pool)
+    build_id = f"b{uid}"
+    try:
+        assert await calls.claim(build_id, "w1", "replica", 30.0) is None
+        await asyncio.to_thread(forwarder.down)  # open connections reset, new ones refused
+        saw = asyncio.create_task(reads.saw(build_id, "app.py", "a" * 64, "w1"))
+        started = asyncio.create_task(processes.register(build_id, "w1", 1, "serve", "sbx-1"))
+        await asyncio.sleep(1.5)
+        assert not saw.done() and not started.done()  # waiting, not failed
+        await asyncio.to_thread(forwarder.up)
+        await asyncio.wait_for(saw, 60)
+        record, new = await asyncio.wait_for(started, 60)
+        assert new and record.process_id == "bash_1" and record.call_id == "w1"
+        await calls.finish(build_id, "w1", {"output": "written", "is_error": False})
+        assert await reads.last_seen(build_id, "app.py") == "a" * 64
+    finally:
+        await pool.close()
+        forwarder.stop()

@@ -8,6 +8,8 @@ again. It runs its own event loop in a thread, so synchronous tests can drive it
         pg.down()
         ...
         pg.up()
+
+``forwarded(url)`` starts one in front of a URL's server and gives the URL through it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncio
 import contextlib
 import threading
 from types import TracebackType
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from .host import free_port
 
@@ -112,3 +115,21 @@ class Forwarder:
             await asyncio.gather(copy(client_r, server_w), copy(server_r, client_w))
         finally:
             self._open -= {client_w, server_w}
+
+
+def forwarded(url: str) -> tuple[Forwarder, str]:
+    """A started forwarder to the server of ``url`` (TCP, or the Unix socket of an embedded
+    Postgres: ``?host=<dir>``) and the URL through it."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    if parts.hostname is None and "host" in query:
+        forwarder = Forwarder(unix=f"{query['host'][0]}/.s.PGSQL.{parts.port or 5432}")
+        parts = parts._replace(query="")
+    else:
+        if not (parts.hostname and parts.port):
+            raise ValueError(f"no host and port in {url!r}")
+        forwarder = Forwarder(parts.hostname, parts.port)
+    forwarder.start()
+    user, _, _ = parts.netloc.rpartition("@")
+    host = f"127.0.0.1:{forwarder.port}"
+    return forwarder, urlunsplit(parts._replace(netloc=f"{user}@{host}" if user else host))

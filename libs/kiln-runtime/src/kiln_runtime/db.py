@@ -10,17 +10,60 @@ apply each migration once (the others wait, then find it recorded).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from importlib.resources.abc import Traversable
+from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
 
 from .retry import retry
 
 log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# What a refused, reset or lost connection raises: a statement worth sending again once the
+# server can be reached.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+)
+
+# Tries at a statement that waits out an outage (full-jitter backoff capped at 5 s: about two
+# minutes on average).
+OUTAGE_ATTEMPTS = 50
+
+
+def waits_out_outages(
+    fn: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[P, Coroutine[Any, Any, T]]:
+    """``fn`` (an idempotent store method) sent again while the database cannot be reached, for
+    about two minutes (``OUTAGE_ATTEMPTS``), rather than failing: for bookkeeping whose failure
+    would cost more than the wait, such as what a tool call records while it runs."""
+
+    @functools.wraps(fn)
+    async def patient(*args: P.args, **kwargs: P.kwargs) -> T:
+        return await retry(
+            lambda: fn(*args, **kwargs),
+            attempts=OUTAGE_ATTEMPTS,
+            retry_on=CONNECTION_ERRORS,
+            base=0.5,
+            cap=5.0,
+            on_retry=lambda err, n: log.warning(
+                "%s: Postgres not reachable (attempt %d): %s; trying again", fn.__qualname__, n, err
+            ),
+        )
+
+    return patient
+
 
 _FILE = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 

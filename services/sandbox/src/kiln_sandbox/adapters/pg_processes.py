@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncpg
 
+from kiln_runtime.db import waits_out_outages
+
 from ..records import ProcessRecord
 
 SCHEMA = "sandbox"
@@ -34,11 +36,14 @@ def _process(row: asyncpg.Record) -> ProcessRecord:
 
 
 class PgProcesses:
-    """The builds' background processes (table ``processes``)."""
+    """The builds' background processes (table ``processes``). Its statements, most made while a
+    tool runs, wait out a database outage (as ``PgReads``' do); ``to_report`` sent again after a
+    commit whose answer was lost reports nothing new (the notes of that commit are lost)."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
 
+    @waits_out_outages
     async def register(
         self, build_id: str, call_id: str, iteration: int, command: str, sandbox_id: str
     ) -> tuple[ProcessRecord, bool]:
@@ -60,10 +65,11 @@ class PgProcesses:
                 continue  # another call of the build took that number at the same moment
             if row is not None:
                 return _process(row), True
-            found = await self.by_call(build_id, call_id)
+            found = await self._by_call(build_id, call_id)
             if found is not None:
                 return found, False
 
+    @waits_out_outages
     async def get(self, build_id: str, process_id: str) -> ProcessRecord | None:
         row = await self.pool.fetchrow(
             f"SELECT {_PROCESS_COLUMNS} FROM processes WHERE build_id = $1 AND process_id = $2",
@@ -72,7 +78,11 @@ class PgProcesses:
         )
         return _process(row) if row is not None else None
 
+    @waits_out_outages
     async def by_call(self, build_id: str, call_id: str) -> ProcessRecord | None:
+        return await self._by_call(build_id, call_id)
+
+    async def _by_call(self, build_id: str, call_id: str) -> ProcessRecord | None:
         row = await self.pool.fetchrow(
             f"SELECT {_PROCESS_COLUMNS} FROM processes WHERE build_id = $1 AND call_id = $2",
             build_id,
@@ -80,12 +90,14 @@ class PgProcesses:
         )
         return _process(row) if row is not None else None
 
+    @waits_out_outages
     async def all(self, build_id: str) -> list[ProcessRecord]:
         rows = await self.pool.fetch(
             f"SELECT {_PROCESS_COLUMNS} FROM processes WHERE build_id = $1 ORDER BY seq", build_id
         )
         return [_process(r) for r in rows]
 
+    @waits_out_outages
     async def update(self, record: ProcessRecord) -> None:
         await self.pool.execute(
             "UPDATE processes SET status = $3, pid = $4, exit_code = $5, reason = $6, "
@@ -102,6 +114,7 @@ class PgProcesses:
             list(record.ports),
         )
 
+    @waits_out_outages
     async def to_report(
         self, build_id: str, sandbox_id: str, call_id: str
     ) -> tuple[list[ProcessRecord], list[ProcessRecord]]:

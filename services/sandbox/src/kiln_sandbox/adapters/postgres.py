@@ -9,7 +9,7 @@ from typing import Any, cast
 
 import asyncpg
 
-from kiln_runtime.db import Migration, read_migrations
+from kiln_runtime.db import Migration, read_migrations, waits_out_outages
 
 from ..records import CallRecord, SandboxRecord, SandboxState
 
@@ -168,11 +168,14 @@ class PgRegistry:
 class PgReads:
     """What each build last saw of each file (table ``file_reads``). A sighting counts only once
     the call that made it has its result (a 'done' ledger row that is no error): a read whose call
-    was interrupted was never seen by the model."""
+    was interrupted was never seen by the model. Its statements, made while a tool runs, wait out
+    a database outage: a tool that ran and failed on its bookkeeping would be answered as
+    interrupted."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
 
+    @waits_out_outages
     async def saw(self, build_id: str, path: str, sha256: str, call_id: str) -> None:
         await self.pool.execute(
             "INSERT INTO file_reads (build_id, path, sha256, call_id) VALUES ($1, $2, $3, $4) "
@@ -184,6 +187,7 @@ class PgReads:
             call_id,
         )
 
+    @waits_out_outages
     async def last_seen(self, build_id: str, path: str) -> str | None:
         found = await self.pool.fetchval(
             "SELECT r.sha256 FROM file_reads r JOIN calls c "
