@@ -1,4 +1,5 @@
-"""The scripted model answers the user's messages from the conversation alone."""
+"""The scripted model answers the user's messages from the conversation alone, and does a step
+the platform cut short again, once."""
 
 from __future__ import annotations
 
@@ -20,10 +21,17 @@ def said(words: str) -> dict[str, Any]:
     return {"type": "text", "text": words}
 
 
-def answered(turn: list[dict[str, Any]], output: str = "ok") -> dict[str, Any]:
+def answered(
+    turn: list[dict[str, Any]], output: str = "ok", is_error: bool = False
+) -> dict[str, Any]:
     return user(
         *[
-            {"type": "tool_result", "tool_use_id": b["id"], "content": output, "is_error": False}
+            {
+                "type": "tool_result",
+                "tool_use_id": b["id"],
+                "content": output,
+                "is_error": is_error,
+            }
             for b in turn
             if b["type"] == "tool_use"
         ]
@@ -84,3 +92,36 @@ def test_other_words_are_acknowledged() -> None:
     results["content"].append(said("looks good"))
     content, stop = next_turn([*working, assistant(plan), results], "f3")
     assert stop == "tool_use" and content[0]["text"] == "Noted your message: looks good"
+
+
+LOST = "the sandbox went away while running this call (gone); a fresh one is used for the next call"
+INTERRUPTED = "the previous run of this call was interrupted (the sandbox service restarted)"
+
+
+def test_a_step_cut_short_is_done_again_once_and_a_failed_tool_stops_the_script() -> None:
+    talk: list[dict[str, Any]] = [user(said("Build the app."))]
+    plan, _ = next_turn(talk, "g1")
+    talk += [assistant(plan), answered(plan)]
+    write, _ = next_turn(talk, "g2")
+    talk += [assistant(write), answered(write, LOST, is_error=True)]
+    again, stop = next_turn(talk, "g3")  # the same files written again, under new ids
+    assert stop == "tool_use"
+    assert [c["input"] for c in calls(again)] == [c["input"] for c in calls(write)]
+    assert {c["id"] for c in calls(again)}.isdisjoint(c["id"] for c in calls(write))
+    talk += [assistant(again), answered(again, INTERRUPTED, is_error=True)]
+    stopped, stop = next_turn(talk, "g4")  # cut short twice: it stops there
+    assert stop == "end_turn" and "failed unexpectedly" in stopped[0]["text"]
+
+    first: list[dict[str, Any]] = [user(said("Build the app."))]
+    plan, _ = next_turn(first, "h1")
+    first += [assistant(plan), answered(plan, LOST, is_error=True)]
+    redo, _ = next_turn(first, "h2")  # the first step lost: the script starts again
+    assert [c["name"] for c in calls(redo)] == [c["name"] for c in calls(plan)]
+
+    failed: list[dict[str, Any]] = [user(said("Build the app."))]
+    plan, _ = next_turn(failed, "i1")
+    failed += [assistant(plan), answered(plan)]
+    write, _ = next_turn(failed, "i2")
+    failed += [assistant(write), answered(write, "permission denied", is_error=True)]
+    ended, stop = next_turn(failed, "i3")  # a tool's own failure is not done again
+    assert stop == "end_turn" and "permission denied" in ended[0]["text"]

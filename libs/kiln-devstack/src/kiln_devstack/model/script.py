@@ -8,8 +8,9 @@ deliberate bug, its unittest suite and a README (three parallel calls), runs the
 reads the code, fixes the bug with edit_file, runs the tests again, writes a page for it on the
 standard library's HTTP server (``textstats/web.py``), starts that server in the background
 (``bash`` with ``run_in_background``), reads its output (``bash_output``) for the address it
-serves on, fetches the page with Python's ``urllib`` and reports. Whenever a result
-is not what the script expects, it ends its turn and says so instead of pressing on.
+serves on, fetches the page with Python's ``urllib`` and reports. A step the platform cut short
+(its sandbox went away, its call was interrupted) it does again, once. Whenever a result is not
+what the script expects, it ends its turn and says so instead of pressing on.
 
 It answers the user too: a user text after its last turn (a message sent to the build) that says
 ``add a file NAME with TEXT`` or ``please write NAME`` makes it write that file (one write_file per
@@ -266,7 +267,10 @@ def _last_phase(
     messages: list[dict[str, Any]], skip: str | None = None
 ) -> tuple[str | None, list[dict[str, Any]]]:
     """The phase of the last assistant turn with tool calls (not of phase ``skip``), and the
-    results that answered it."""
+    results that answered it. A step the platform cut short (its sandbox went away, its call
+    was interrupted) is done again once, as a model would: the phase before it is returned (no
+    phase: the script starts again); cut short twice, it stops at the error."""
+    lost = False
     for i in range(len(messages) - 1, -1, -1):
         m = messages[i]
         if m.get("role") != "assistant" or not isinstance(m.get("content"), list):
@@ -275,7 +279,8 @@ def _last_phase(
         if not ids:
             continue
         match = re.match(r"toolu_([a-z0-9]+)_", ids[0])
-        if skip is not None and match and match.group(1) == skip:
+        phase = match.group(1) if match else "unknown"
+        if skip is not None and phase == skip:
             continue
         answer = messages[i + 1]["content"] if i + 1 < len(messages) else []
         by_id = {
@@ -284,8 +289,17 @@ def _last_phase(
             if b.get("type") == "tool_result"
         }
         results = [by_id.get(x, {"content": "(missing result)", "is_error": True}) for x in ids]
-        return (match.group(1) if match else "unknown"), results
+        if not lost and phase != ASK and any(_cut_short(r) for r in results):
+            lost = True
+            continue
+        return phase, results
     return None, []
+
+
+def _cut_short(result: dict[str, Any]) -> bool:
+    """A result that says the platform lost the call, not that the tool failed."""
+    text = text_of(result) if result.get("is_error") else ""
+    return "went away while running this call" in text or "this call was interrupted" in text
 
 
 def _passed(result: dict[str, Any]) -> bool:
