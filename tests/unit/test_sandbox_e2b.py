@@ -373,6 +373,64 @@ async def test_a_sandbox_that_disappears_mid_build_is_restored_and_the_call_comp
     assert [r.call_id for r in bus.of(ToolResult)] == ["c1", "c2"]
 
 
+async def test_a_running_sandbox_is_used_again_without_asking_the_api(e2b, uid):
+    """Within the reuse window a call makes no API request before its own; each connect pushes
+    the timeout past the idle time by the window, so every call still leaves the idle time. A
+    pause by Kiln drops the handle (the next call resumes); a sandbox lost from outside costs
+    the call in flight an error result, and the next call runs in a fresh one."""
+    bus = FakeBus()
+    plan = RestorePlanReply(snapshot_id="snap-1", files=[])
+    p = provider(e2b, idle_timeout_s=600, reuse_s=60)
+    svc = SandboxService(p, MemoryRegistry(), FakeCalls(), bus, FakeRestorer(plan))
+    build_id = f"b{uid}"
+    calls = [_call(build_id, f"c{i}", f"echo {i} >> log.txt") for i in range(1, 6)]
+    for call in calls:
+        assert not (await svc.handle_tool_call(call)).is_error
+    record = await svc.registry.get(build_id)
+    assert record is not None
+    box = e2b.sandboxes[record.sandbox_id]
+
+    # the first call made it; the second connected (the timeout pushed 600 + 60 s ahead); the
+    # other three asked nothing
+    def connects() -> list[str]:
+        return [c for c in box.calls if c.startswith(("connect", "resume"))]
+
+    assert box.calls[0] == "create timeout=600" and connects() == ["connect timeout=660"]
+
+    def saved(reason: str) -> SnapshotSaved:
+        return SnapshotSaved(
+            build_id=build_id, user_id="u1", snapshot_id=f"s-{reason}", iteration=1,
+            reason=reason, files=1, bytes_total=10, bytes_uploaded=10,
+        )  # fmt: skip
+
+    await svc.handle_snapshot_saved(saved("sleep"))  # paused: the handle is dropped
+    woke = await svc.handle_tool_call(_call(build_id, "c6", "cat log.txt"))
+    assert woke.output == "1\n2\n3\n4\n5\n" and box.state == "running"
+    assert connects() == ["connect timeout=660", "resume timeout=660"]
+
+    await e2b.kill(record.sandbox_id)  # lost from outside while its handle is kept
+    lost = await svc.handle_tool_call(_call(build_id, "c7", "echo seven"))
+    assert lost.is_error and "went away" in lost.output, lost.output
+    fresh = await svc.handle_tool_call(_call(build_id, "c8", "echo eight"))
+    assert fresh.output == "eight\n" and not fresh.is_error
+    restored = bus.of(SandboxRestored)
+    assert len(restored) == 1 and restored[0].sandbox_id != record.sandbox_id
+    await svc.handle_snapshot_saved(saved("final"))
+
+
+async def test_the_reuse_window_fits_under_the_plans_maximum_lifetime(e2b):
+    assert provider(e2b, idle_timeout_s=600, reuse_s=60, max_lifetime_s=3600).reuse_s == 60
+    assert provider(e2b, idle_timeout_s=3570, reuse_s=60, max_lifetime_s=3600).reuse_s == 30
+    short = provider(e2b, idle_timeout_s=3600, reuse_s=60, max_lifetime_s=3600)
+    assert short.reuse_s == 0  # no room: every call connects
+    sb = await short.create("b1")
+    await short.connect("b1", sb.sandbox_id, running=True)
+    await short.connect("b1", sb.sandbox_id, running=True)
+    connects = [c for c in e2b.sandboxes[sb.sandbox_id].calls if c.startswith("connect")]
+    assert connects == ["connect timeout=3600"] * 2
+    await short.stop("b1", sb.sandbox_id)
+
+
 async def test_sleep_pauses_and_final_kills_the_e2b_sandbox(e2b, uid):
     bus = FakeBus()
     svc = SandboxService(provider(e2b), MemoryRegistry(), FakeCalls(), bus)
@@ -493,7 +551,10 @@ async def test_a_resume_refused_as_needing_a_reboot_restores_a_fresh_sandbox(e2b
 async def test_background_processes_stop_before_a_pause_and_are_lost_with_their_sandbox(e2b, uid):
     bus = FakeBus()
     plan = RestorePlanReply(snapshot_id="snap-1", files=[])
-    svc = SandboxService(provider(e2b), MemoryRegistry(), FakeCalls(), bus, FakeRestorer(plan))
+    # every call connects, so the loss is found before the call after it runs (with handles
+    # reused, the call in flight would be told the sandbox went away: the next test)
+    p = provider(e2b, reuse_s=0)
+    svc = SandboxService(p, MemoryRegistry(), FakeCalls(), bus, FakeRestorer(plan))
     build_id = f"b{uid}"
 
     def bg(call_id: str, command: str, iteration: int = 1) -> ToolCall:

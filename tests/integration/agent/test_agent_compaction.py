@@ -141,7 +141,9 @@ async def test_a_long_build_with_large_writes_is_summarised_and_each_summary_cha
     start("a")
     start("b")
     try:
-        await until(lambda: replicas["a"].ready() and replicas["b"].ready(), what="agents ready")
+        await until(
+            lambda: replicas["a"].ready() and replicas["b"].ready(), timeout=90, what="agents ready"
+        )  # two processes starting on a loaded machine
         await sandbox.publish(
             BuildRequested(
                 build_id=build_id,

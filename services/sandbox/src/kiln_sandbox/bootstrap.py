@@ -43,6 +43,7 @@ def make_provider(settings: SandboxSettings) -> Provider:
             idle_timeout_s=settings.e2b_idle_timeout_s,
             request_timeout_s=settings.e2b_request_timeout_s,
             max_lifetime_s=settings.e2b_max_lifetime_s,
+            reuse_s=settings.e2b_reuse_s,
             api_url=settings.e2b_api_url,
             sandbox_url=settings.e2b_sandbox_url,
         )

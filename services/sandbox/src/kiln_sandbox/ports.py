@@ -184,9 +184,10 @@ class Provider(Protocol):
         """A fresh sandbox for a build (tagged with the build and the user where supported)."""
         ...
 
-    async def connect(self, build_id: str, sandbox_id: str) -> Machine:
+    async def connect(self, build_id: str, sandbox_id: str, *, running: bool = False) -> Machine:
         """Reattach to (and resume, if paused) a sandbox and keep it alive for a while;
-        SandboxGone when it no longer exists."""
+        SandboxGone when it no longer exists. ``running``: the registry has it running (not
+        paused by Kiln): a provider may hand back a handle it made recently without asking."""
         ...
 
     async def stop_others(self, build_id: str, keep: str) -> list[str]:

@@ -57,7 +57,11 @@ class Sandboxes:
         if record.provider != self.provider.name:
             return None
         try:
-            sandbox = Workspace(await self.provider.connect(record.build_id, record.sandbox_id))
+            sandbox = Workspace(
+                await self.provider.connect(
+                    record.build_id, record.sandbox_id, running=record.state == "running"
+                )
+            )
         except SandboxGone:
             log.warning("sandbox %s is gone; creating a fresh one", record.sandbox_id)
             return None
@@ -267,6 +271,10 @@ class Sandboxes:
         if record is None:
             raise SandboxError(f"no sandbox for build {build_id}")
         try:
-            return Workspace(await self.provider.connect(build_id, record.sandbox_id))
+            return Workspace(
+                await self.provider.connect(
+                    build_id, record.sandbox_id, running=record.state == "running"
+                )
+            )
         except SandboxGone as err:
             raise SandboxError(f"the sandbox of build {build_id} is gone: {err}") from err

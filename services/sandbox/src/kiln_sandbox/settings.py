@@ -50,6 +50,13 @@ class SandboxSettings(DatabaseSettings):
         "a build idle for longer loses its sandbox and is restored from its snapshot.",
     )
     e2b_request_timeout_s: float = Field(default=30.0, gt=0)
+    e2b_reuse_s: float = Field(
+        default=60.0,
+        ge=0,
+        le=3600,
+        description="A sandbox connected to within this long is used again without asking "
+        "E2B's API; each connect pushes its timeout this much further (0: connect every call).",
+    )
     e2b_max_lifetime_s: int = Field(
         default=3600,
         ge=60,

@@ -8,9 +8,17 @@ transfer to or from S3 are one call each.
 
 Every SDK call has a timeout; "sandbox not found / not running" becomes ``SandboxGone`` (the
 service restores a fresh sandbox from the latest snapshot), other SDK errors a ``SandboxError``
-with the reason. ``connect`` resumes a paused sandbox and extends its life (keep-alive: each
-call pushes the sandbox's timeout to ``idle_timeout_s`` from now; a long command pushes it past
-its own timeout first), never past ``max_lifetime_s`` (the plan's cap).
+with the reason. ``connect`` resumes a paused sandbox and extends its life (keep-alive: the
+sandbox's timeout is pushed to ``idle_timeout_s`` plus the reuse window from now; a long command
+pushes it past its own timeout first), never past ``max_lifetime_s`` (the plan's cap).
+
+Handles are reused: a sandbox the registry has running that this provider connected to within
+the reuse window (``reuse_s``, less if the plan's cap leaves less) is handed back without asking
+the API, so most tool calls make no API request before their own; each still leaves the sandbox
+at least ``idle_timeout_s`` to live. A handle is dropped when this provider pauses or stops its
+sandbox and when the sandbox turns out gone; a paused one (the registry says so) is always
+connected to, which resumes it. A pause from outside Kiln within the window costs the call in
+flight an error result ("the sandbox went away"); the next call connects and resumes it.
 
 What the SDK does when things go wrong, and what it means here: a sandbox not found, not
 running or unreachable (its health probe got no answer), a stream the server cancelled (a pause
@@ -30,7 +38,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 import uuid
+from collections import OrderedDict
 from typing import Any
 
 from e2b import GuestUnresponsiveException, NotFoundException, SandboxQuery, SandboxState
@@ -59,6 +69,7 @@ class E2BProvider:
         transfer_timeout_s: float = 300.0,
         slack_s: float = SLACK_S,
         max_lifetime_s: int = 3600,
+        reuse_s: float = 60.0,
         api_url: str | None = None,
         sandbox_url: str | None = None,
         sdk: Sdk | None = None,
@@ -81,6 +92,9 @@ class E2BProvider:
         self.transfer_timeout_s = transfer_timeout_s
         self.slack_s = slack_s
         self.max_lifetime_s = max_lifetime_s
+        # a connect's push outlasts the idle time by this much: the window a handle is reused in
+        self.reuse_s = max(0, self._cap(idle_timeout_s + reuse_s) - self._cap(idle_timeout_s))
+        self._handles: OrderedDict[str, tuple[E2BSandbox, float]] = OrderedDict()  # oldest first
         self._opts: dict[str, Any] = {"api_key": api_key, "request_timeout": request_timeout_s}
         if api_url:
             self._opts["api_url"] = api_url
@@ -123,11 +137,19 @@ class E2BProvider:
         log.info("created E2B sandbox %s", sb.sandbox_id, extra={"build_id": build_id})
         return E2BSandbox(self, sb)
 
-    async def connect(self, build_id: str, sandbox_id: str) -> E2BSandbox:
+    async def connect(self, build_id: str, sandbox_id: str, *, running: bool = False) -> E2BSandbox:
+        """``running``: the registry has the sandbox running (not paused by Kiln), so a handle
+        made within the reuse window is good without asking the API."""
+        now = time.monotonic()
+        while self._handles and now - next(iter(self._handles.values()))[1] >= self.reuse_s:
+            self._handles.popitem(last=False)
+        if running and (held := self._handles.get(sandbox_id)) is not None:
+            return held[0]
+        timeout = self._cap(self.idle_timeout_s + self.reuse_s)
         try:
             sb = await guard(
                 f"connect to sandbox {sandbox_id}",
-                self.sdk.connect(sandbox_id, timeout=self._cap(self.idle_timeout_s), **self._opts),
+                self.sdk.connect(sandbox_id, timeout=timeout, **self._opts),
                 self.limit(),
             )
         except SandboxError as err:
@@ -139,7 +161,14 @@ class E2BProvider:
                 await self.stop(build_id, sandbox_id)
                 raise SandboxGone(str(err)) from err
             raise
-        return E2BSandbox(self, sb)
+        machine = E2BSandbox(self, sb)
+        self._handles.pop(sandbox_id, None)
+        self._handles[sandbox_id] = (machine, now)
+        return machine
+
+    def forget(self, sandbox_id: str) -> None:
+        """Drop the sandbox's handle: the next connect asks the API."""
+        self._handles.pop(sandbox_id, None)
 
     async def stop_others(self, build_id: str, keep: str) -> list[str]:
         """Kill the build's sandboxes (by their metadata) other than ``keep``: those made and
@@ -165,7 +194,7 @@ class E2BProvider:
     async def keep_alive(self, sandbox_id: str, busy_s: float) -> None:
         """Make sure the sandbox outlives a command of ``busy_s`` seconds, plus the idle time."""
         if busy_s + self.slack_s <= self._cap(self.idle_timeout_s):
-            return  # connect already pushed the timeout to idle_timeout_s from now
+            return  # connect pushed the timeout to at least idle_timeout_s from now
         await guard(
             "extend the sandbox's timeout",
             self.sdk.set_timeout(sandbox_id, self._cap(busy_s + self.idle_timeout_s), **self._opts),
@@ -173,6 +202,7 @@ class E2BProvider:
         )
 
     async def pause(self, build_id: str, sandbox_id: str) -> None:
+        self.forget(sandbox_id)
         try:
             await guard(
                 f"pause sandbox {sandbox_id}",
@@ -183,6 +213,7 @@ class E2BProvider:
             log.info("sandbox %s was already gone", sandbox_id, extra={"build_id": build_id})
 
     async def stop(self, build_id: str, sandbox_id: str) -> None:
+        self.forget(sandbox_id)
         try:
             await guard(
                 f"kill sandbox {sandbox_id}", self.sdk.kill(sandbox_id, **self._opts), self.limit()

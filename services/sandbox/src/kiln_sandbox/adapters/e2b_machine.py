@@ -9,12 +9,12 @@ import logging
 import posixpath
 import shlex
 import uuid
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from e2b import CommandExitException, FileNotFoundException
 
-from ..ports import PreviewTarget, SandboxError
+from ..ports import PreviewTarget, SandboxError, SandboxGone
 from .e2b_sdk import MARKER, KilledAtDeadline, SdkSandbox, after_marker, guard
 from .script import ScriptMachine, command
 
@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from .e2b import E2BProvider
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class E2BSandbox(ScriptMachine):
@@ -56,6 +58,14 @@ class E2BSandbox(ScriptMachine):
             traffic_access_token=token if isinstance(token, str) and token else None,
         )
 
+    async def _guard(self, what: str, call: Awaitable[T], timeout_s: float) -> T:
+        """``guard``; a sandbox found gone has its handle dropped (the next connect asks)."""
+        try:
+            return await guard(what, call, timeout_s)
+        except SandboxGone:
+            self._provider.forget(self.sandbox_id)
+            raise
+
     def _abs(self, rel: str) -> str:
         return posixpath.join(self._root, rel) if rel else self._root
 
@@ -70,7 +80,7 @@ class E2BSandbox(ScriptMachine):
         slack = self._provider.slack_s
         marked = f"printf %s {MARKER}; printf %s {MARKER} >&2; exec {command(args)}"
         try:
-            result = await guard(
+            result = await self._guard(
                 what,
                 self._sb.commands.run(
                     marked,
@@ -108,7 +118,7 @@ class E2BSandbox(ScriptMachine):
             f'for g in $(cat {p} 2>/dev/null); do kill -KILL -- "-$g" 2>/dev/null; done; rm -f {p}'
         )
         try:
-            await guard(
+            await self._guard(
                 "kill a timed-out command",
                 self._sb.commands.run(kill, timeout=self._provider.request_timeout_s),
                 self._provider.limit(),
@@ -121,7 +131,7 @@ class E2BSandbox(ScriptMachine):
 
     async def read(self, path: str) -> bytes:
         try:
-            data = await guard(
+            data = await self._guard(
                 f"read {path}",
                 self._sb.files.read(
                     self._abs(path),
@@ -135,7 +145,7 @@ class E2BSandbox(ScriptMachine):
         return bytes(data)
 
     async def write(self, path: str, data: bytes) -> None:
-        await guard(
+        await self._guard(
             f"write {path}",
             self._sb.files.write(
                 self._abs(path), data, request_timeout=self._provider.request_timeout_s

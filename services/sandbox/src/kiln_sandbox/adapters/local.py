@@ -270,7 +270,9 @@ class LocalProvider:
         await asyncio.to_thread(path.mkdir, parents=True, exist_ok=True)
         return LocalSandbox(build_id, path, self)
 
-    async def connect(self, build_id: str, sandbox_id: str) -> LocalSandbox:
+    async def connect(
+        self, build_id: str, sandbox_id: str, *, running: bool = False
+    ) -> LocalSandbox:
         path = self._workspace(sandbox_id)
         if not path.is_dir():
             raise SandboxGone(f"workspace {path} does not exist")
