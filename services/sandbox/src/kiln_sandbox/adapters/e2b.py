@@ -166,7 +166,7 @@ class E2BProvider:
         self._handles[sandbox_id] = (machine, now)
         return machine
 
-    def forget(self, sandbox_id: str) -> None:
+    def drop_handle(self, sandbox_id: str) -> None:
         """Drop the sandbox's handle: the next connect asks the API."""
         self._handles.pop(sandbox_id, None)
 
@@ -202,7 +202,7 @@ class E2BProvider:
         )
 
     async def pause(self, build_id: str, sandbox_id: str) -> None:
-        self.forget(sandbox_id)
+        self.drop_handle(sandbox_id)
         try:
             await guard(
                 f"pause sandbox {sandbox_id}",
@@ -213,7 +213,7 @@ class E2BProvider:
             log.info("sandbox %s was already gone", sandbox_id, extra={"build_id": build_id})
 
     async def stop(self, build_id: str, sandbox_id: str) -> None:
-        self.forget(sandbox_id)
+        self.drop_handle(sandbox_id)
         try:
             await guard(
                 f"kill sandbox {sandbox_id}", self.sdk.kill(sandbox_id, **self._opts), self.limit()

@@ -63,7 +63,7 @@ class E2BSandbox(ScriptMachine):
         try:
             return await guard(what, call, timeout_s)
         except SandboxGone:
-            self._provider.forget(self.sandbox_id)
+            self._provider.drop_handle(self.sandbox_id)
             raise
 
     def _abs(self, rel: str) -> str:
