@@ -36,3 +36,14 @@ def test_config_fills_the_prompt() -> None:
     assert "Make a todo app" in system and "Q: Platform?\nA: Web" in system
     assert "(none)" in cfg.system("x", [])
     assert "b42" in cfg.first_turn("b42")
+
+
+def test_a_config_asking_more_than_a_call_without_streaming_may_is_refused(tmp_path) -> None:
+    """The calls do not stream: max_tokens stays within the SDK's rule for such calls."""
+    text = config.DEFAULT_PATH.read_text()
+    assert config.load().max_tokens == config.NON_STREAMING_MAX_TOKENS
+    for field, value in (("max_tokens", 21334), ("summary_max_tokens", 32000)):
+        path = tmp_path / f"{field}.yaml"
+        path.write_text(f"{text}\n{field}: {value}\n")
+        with pytest.raises(ValueError, match=rf"{field}\n.*less than or equal to 21333"):
+            config.load(path)

@@ -12,6 +12,12 @@ from kiln_contracts import QnA
 
 DEFAULT_PATH = Path(__file__).with_name("config.yaml")
 
+# The most a model call that does not stream may ask for (the agent's do not): the SDK's rule,
+# which its own ``messages.create`` enforces, is that a call expected to take over 10 minutes (at
+# 128,000 output tokens an hour) must stream; the API itself does not refuse it, but a reply
+# that outlasts the call's timeout is lost (networks drop idle connections) and retried.
+NON_STREAMING_MAX_TOKENS = 21_333
+
 
 class AgentConfig(BaseModel):
     """Documented field by field in config.yaml."""
@@ -20,7 +26,7 @@ class AgentConfig(BaseModel):
 
     system_prompt: str
     kickoff: str
-    max_tokens: int = Field(default=8192, ge=1)
+    max_tokens: int = Field(default=8192, ge=1, le=NON_STREAMING_MAX_TOKENS)
     repetition_limit: int = Field(default=3, ge=2)
     model_attempts: int = Field(default=6, ge=1)
     backoff_base_s: float = Field(default=1.0, ge=0)
@@ -30,7 +36,7 @@ class AgentConfig(BaseModel):
     keep_recent_turns: int = Field(default=8, ge=2)
     clear_over_chars: int = Field(default=2000, ge=0)
     compact_to: float = Field(default=0.5, gt=0, le=1)
-    summary_max_tokens: int = Field(default=2000, ge=256)
+    summary_max_tokens: int = Field(default=2000, ge=256, le=NON_STREAMING_MAX_TOKENS)
     summary_block_chars: int = Field(default=600, ge=80)
     summary_system: str = "You summarise a coding agent's conversation so that it can go on."
     summary_prompt: str = "Summary so far:\n{previous}\n\nTranscript:\n{transcript}"
