@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from kiln_contracts import (
     Download,
@@ -383,6 +384,11 @@ async def test_a_running_sandbox_is_used_again_without_asking_the_api(e2b, uid):
     p = provider(e2b, idle_timeout_s=600, reuse_s=60)
     svc = SandboxService(p, MemoryRegistry(), FakeCalls(), bus, FakeRestorer(plan))
     build_id = f"b{uid}"
+
+    def connected(how: str) -> float:
+        return REGISTRY.get_sample_value("kiln_e2b_connects_total", {"how": how}) or 0.0
+
+    before = {how: connected(how) for how in ("reused", "api")}
     calls = [_call(build_id, f"c{i}", f"echo {i} >> log.txt") for i in range(1, 6)]
     for call in calls:
         assert not (await svc.handle_tool_call(call)).is_error
@@ -396,6 +402,7 @@ async def test_a_running_sandbox_is_used_again_without_asking_the_api(e2b, uid):
         return [c for c in box.calls if c.startswith(("connect", "resume"))]
 
     assert box.calls[0] == "create timeout=600" and connects() == ["connect timeout=660"]
+    assert {how: connected(how) - n for how, n in before.items()} == {"reused": 3, "api": 1}
 
     def saved(reason: str) -> SnapshotSaved:
         return SnapshotSaved(

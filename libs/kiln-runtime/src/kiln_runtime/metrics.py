@@ -42,6 +42,11 @@ TOOL_SECONDS = Histogram(
     ["tool", "outcome"],
     buckets=(0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600),
 )
+E2B_CONNECTS = Counter(
+    "kiln_e2b_connects_total",
+    "Handles to E2B sandboxes a tool call or snapshot asked for: reused, or from E2B's API",
+    ["how"],
+)
 MODEL_TOKENS = Counter(
     "kiln_model_tokens_total", "Model tokens used, by model and token type", ["model", "type"]
 )

@@ -45,6 +45,8 @@ from typing import Any
 
 from e2b import GuestUnresponsiveException, NotFoundException, SandboxQuery, SandboxState
 
+from kiln_runtime import metrics
+
 from ..ports import SandboxError, SandboxGone
 from .e2b_machine import E2BSandbox
 from .e2b_sdk import DEFAULT_WORKDIR, SLACK_S, Sdk, guard
@@ -144,7 +146,9 @@ class E2BProvider:
         while self._handles and now - next(iter(self._handles.values()))[1] >= self.reuse_s:
             self._handles.popitem(last=False)
         if running and (held := self._handles.get(sandbox_id)) is not None:
+            metrics.E2B_CONNECTS.labels("reused").inc()
             return held[0]
+        metrics.E2B_CONNECTS.labels("api").inc()
         timeout = self._cap(self.idle_timeout_s + self.reuse_s)
         try:
             sb = await guard(
