@@ -117,7 +117,7 @@ async def test_a_read_counts_once_its_call_has_a_result(infra, uid):
 
 async def test_what_a_tool_records_while_it_runs_waits_out_an_outage(infra, uid):
     """A tool that ran must not fail on its bookkeeping (its call would come back interrupted):
-    the read log's and the process table's statements wait for the database to come back."""
+    the read log's, the process table's and the result's statements wait for the database."""
     forwarder, url = forwarded(infra["DATABASE_URL"])
     pool = await create_pool(url, schema=SCHEMA, migrations=migrations())
     reads, calls, processes = PgReads(pool), PgCallStore(pool), PgProcesses(pool)
@@ -133,7 +133,14 @@ async def test_what_a_tool_records_while_it_runs_waits_out_an_outage(infra, uid)
         await asyncio.wait_for(saw, 60)
         record, new = await asyncio.wait_for(started, 60)
         assert new and record.process_id == "bash_1" and record.call_id == "w1"
-        await calls.finish(build_id, "w1", {"output": "written", "is_error": False})
+        await asyncio.to_thread(forwarder.down)  # and its result, stored after it ran
+        finished = asyncio.create_task(
+            calls.finish(build_id, "w1", {"output": "written", "is_error": False})
+        )
+        await asyncio.sleep(1.5)
+        assert not finished.done()
+        await asyncio.to_thread(forwarder.up)
+        await asyncio.wait_for(finished, 60)
         assert await reads.last_seen(build_id, "app.py") == "a" * 64
     finally:
         await pool.close()

@@ -35,6 +35,7 @@ from kiln_contracts import (
     stable_id,
 )
 from kiln_devstack.sandbox import MemoryRegistry
+from kiln_runtime.db import waits_out_outages
 from kiln_runtime.errors import RetryLater
 from kiln_sandbox.adapters.local import LocalProvider, LocalSandbox
 from kiln_sandbox.handlers import INTERRUPTED, SandboxService
@@ -166,7 +167,7 @@ async def test_a_result_is_stored_through_a_store_outage_not_lost_to_interrupted
             raise down.pop()
         await finish(build_id, call_id, result)
 
-    calls.finish = flaky
+    calls.finish = waits_out_outages(flaky)  # as PgCallStore.finish does
     call = tool_call(uid)
     result = await svc.handle_tool_call(call)
     assert not down and result.output.strip() == "1" and not result.is_error

@@ -27,14 +27,15 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
 
-# What a refused, reset or lost connection raises: a statement worth sending again once the
-# server can be reached.
+# What a refused, reset or lost connection raises, and what a server shutting down or failing
+# over answers (admin or crash shutdown, not accepting connections yet, a standby's read-only
+# refusal): a statement worth sending again once the server can be reached.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
+    OSError,  # refused, reset; TimeoutError too
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.ReadOnlySQLTransactionError,
 )
 
 # Tries at a statement that waits out an outage (full-jitter backoff capped at 5 s: about two

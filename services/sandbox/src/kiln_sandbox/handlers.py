@@ -28,7 +28,7 @@ from kiln_runtime.errors import RetryLater
 from . import snapshot_requests
 from .adapters.memory import MemoryProcesses, MemoryReads
 from .execution import execute, log_execution, tool_result
-from .ledger import record_result, renewing
+from .ledger import renewing
 from .locks import BuildLocks
 from .ports import Provider, Publisher, Restorer
 from .processes import Processes
@@ -118,7 +118,7 @@ class SandboxService:
                     log_execution(self.exec_log, call, self.owner)
                     async with renewing(self.calls, call, self.owner, self.lease_s):
                         result = await self._run(sandbox, call, watch)
-                await record_result(self.calls, call, result)
+                await self.calls.finish(call.build_id, call.call_id, result.model_dump(mode="json"))
                 self._begun.discard(key)  # done: a redelivery finds its result
                 await self.bus.publish(result)
                 log.info(

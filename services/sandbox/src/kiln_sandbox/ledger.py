@@ -1,5 +1,5 @@
 """The call ledger's side of running a tool call: the replica's lease on it, renewed while it
-runs, and its result stored through a store outage."""
+runs. (Its result, stored after it, waits out a store outage: ``PgCallStore.finish``.)"""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from kiln_contracts import ToolCall, ToolResult
-from kiln_runtime.retry import retry
+from kiln_contracts import ToolCall
 
 from .records import CallStore
 
@@ -45,29 +44,3 @@ async def renewing(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-
-# Tries at storing a call's result before giving up on it (full-jitter backoff capped at 5 s:
-# about two minutes on average).
-RECORD_ATTEMPTS = 50
-
-
-async def record_result(calls: CallStore, call: ToolCall, result: ToolResult) -> None:
-    """Store the result of a call that ran. While the store cannot be reached (Postgres down
-    or failing over) this keeps trying, for about two minutes (RECORD_ATTEMPTS), holding the
-    message (it is heartbeated): a call that ran and whose result was lost would be answered as
-    interrupted on its redelivery, the work it did unknown to the model."""
-    await retry(
-        lambda: calls.finish(call.build_id, call.call_id, result.model_dump(mode="json")),
-        attempts=RECORD_ATTEMPTS,
-        retry_on=(Exception,),
-        base=0.5,
-        cap=5.0,
-        on_retry=lambda err, n: log.warning(
-            "could not store the result of %s (attempt %d): %s; trying again",
-            call.call_id,
-            n,
-            err,
-            extra={"build_id": call.build_id, "call_id": call.call_id},
-        ),
-    )

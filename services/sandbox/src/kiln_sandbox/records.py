@@ -76,7 +76,11 @@ class CallStore(Protocol):
         """Extend the owner's lease on a running call."""
         ...
 
-    async def finish(self, build_id: str, call_id: str, result: dict[str, Any]) -> None: ...
+    async def finish(self, build_id: str, call_id: str, result: dict[str, Any]) -> None:
+        """Store the result of a call that ran, waiting out a store outage (about two minutes,
+        the message held): a call that ran and whose result was lost would be answered as
+        interrupted on its redelivery, the work it did unknown to the model."""
+        ...
 
 
 ProcessStatus = Literal["starting", "running", "exited", "killed", "stopped", "lost"]

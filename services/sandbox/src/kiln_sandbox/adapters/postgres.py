@@ -90,6 +90,7 @@ class PgCallStore:
             lease_s,
         )
 
+    @waits_out_outages
     async def finish(self, build_id: str, call_id: str, result: dict[str, Any]) -> None:
         await self.pool.execute(
             "UPDATE calls SET status = 'done', result = $3::jsonb, updated_at = now() "
