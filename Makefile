@@ -95,7 +95,7 @@ nats-render: install  ## regenerate the NATS users (Helm values, nats-server.con
 # ---------------------------------------------------------------- benchmarks (bench/, docs/BENCHMARKS.md)
 .PHONY: bench-roundtrip bench-concurrency bench-concurrency-real bench-sleeping bench-recovery bench-snapshot
 
-bench: bench-roundtrip bench-concurrency bench-sleeping bench-recovery bench-snapshot bench-bookkeeping bench-model-client bench-bus bench-overshoot bench-long  ## run every benchmark (minutes; figures in docs/BENCHMARKS.md)
+bench: bench-roundtrip bench-concurrency bench-sleeping bench-recovery bench-snapshot bench-bookkeeping bench-request-body bench-model-client bench-bus bench-overshoot bench-long  ## run every benchmark (minutes; figures in docs/BENCHMARKS.md)
 
 bench-roundtrip: install  ## tool-call round trip through Kiln vs a bare JetStream round trip
 	$(RUN) python bench/roundtrip.py
@@ -115,9 +115,12 @@ bench-recovery: install  ## SIGKILL the agent mid-build: time to the next event 
 bench-snapshot: install  ## 2,000 files / ~50 MB, one file changed: Kiln's incremental snapshot vs tar czf + upload
 	$(RUN) python bench/snapshot.py
 
-.PHONY: bench-bookkeeping bench-model-client bench-bus bench-overshoot bench-long
+.PHONY: bench-bookkeeping bench-request-body bench-model-client bench-bus bench-overshoot bench-long
 bench-bookkeeping: install  ## the agent's per-iteration bookkeeping near iteration 1 and 200 of one build (target: ratio <= 1.5)
 	$(RUN) python bench/bookkeeping.py
+
+bench-request-body: install  ## the agent's CPU per request body at iteration 1 and 200: joined from the turns' JSON vs encoded whole
+	$(RUN) python bench/request_body.py
 
 bench-model-client: install  ## the agent's CPU per model call, the SDK's default HTTP transport vs its aiohttp one
 	$(RUN) python bench/model_client.py

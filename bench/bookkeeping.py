@@ -6,7 +6,7 @@
 Bookkeeping is everything the agent does for an iteration except the model call and the tool:
 record the tool result (advance the checkpoint kept from the last iteration, save it and take the
 think lease in one statement), then think (the turns kept from earlier thinks and saves, build and
-size the request, save the reply with its new turns and give the lease up in one statement,
+size the request, make the body ``AnthropicModel`` would send, save the reply with its new turns and give the lease up in one statement,
 publish IterationCompleted and the ToolCall from the outbox, mark it sent). A replica that has not
 kept them reads the checkpoint and the turns added since. It runs on real Postgres and
 NATS JetStream (embedded ones started here, unless NATS_URL / DATABASE_URL name running servers),
@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln_agent import app, compaction, config
+from kiln_agent.adapters.anthropic_model import request_body
 from kiln_agent.adapters.postgres import SCHEMA, PostgresStore, migrations
 from kiln_agent.checkpoint import Checkpoint, Turn
 from kiln_agent.loop import Agent
@@ -80,7 +81,8 @@ SIGNATURE = "EqQBCkYIBxgCKkD" + "x" * 300  # the size of a real thinking block's
 class InstantModel:
     """One ``glob`` call per turn (a different pattern each time), ``end_turn`` at ``last``. The
     iteration is read from the request (1 + 2 per earlier iteration messages); usage is reported
-    from the request's size, as the API would count it, so the agent's context sizing is real."""
+    from the request's size, as the API would count it, so the agent's context sizing is real.
+    The request's body is made as ``AnthropicModel`` makes it, as part of the bookkeeping."""
 
     def __init__(self, text_chars: int) -> None:
         self.text = ("Looking at the project layout before the next change. " * 100)[:text_chars]
@@ -88,6 +90,7 @@ class InstantModel:
         self.spent_s = 0.0
 
     async def complete(self, request: ModelRequest) -> ModelReply:
+        request_body(request)  # the body AnthropicModel would send: the agent's work, counted
         began = time.perf_counter()
         n = (len(request.messages) + 1) // 2
         if n >= self.last:

@@ -315,9 +315,12 @@ async def test_postgres_turns_read_back_as_they_were_saved(infra, uid) -> None:
         cp.turns = 1
         assert await store.create(cp, [Turn(0, "user", [{"type": "text", "text": "go"}])])
         cp.turns = 2
-        await store.save(cp, [Turn(1, "assistant", content)])
+        saved = Turn(1, "assistant", content)
+        await store.save(cp, [saved])
         [back] = await store.turns(cp.build_id, since=1)
         assert json.dumps(back.content) == json.dumps(content)
+        # the text read back is the text written: the turn is sent as that JSON, not re-encoded
+        assert back.stored == saved.content_json and back.message.json == saved.message.json
     finally:
         await pool.close()
 

@@ -105,6 +105,15 @@ def test_recovery(infra) -> None:
     assert got["ack_wait_s"] == "2"
 
 
+def test_request_body(infra) -> None:
+    got = run_bench(
+        infra, "request_body.py", "--iterations", "1,5", "--calls", "5", "--rounds", "1"
+    )
+    assert set(got) == {"iterations", "kib", "whole_ms", "joined_ms", "ratio"}
+    assert got["iterations"] == "5" and float(got["kib"]) > 0
+    assert float(got["whole_ms"]) > 0 and float(got["joined_ms"]) > 0
+
+
 def test_model_client(infra) -> None:
     got = run_bench(
         infra, "model_client.py", "--calls", "50", "--concurrency", "5", "--rounds", "1"

@@ -9,8 +9,12 @@ import anthropic
 import httpx2
 import pytest
 
-from kiln_agent.adapters.anthropic_model import AnthropicModel
+from kiln_agent import config as agent_config
+from kiln_agent.adapters.anthropic_model import AnthropicModel, request_body
+from kiln_agent.checkpoint import Checkpoint, Turn
+from kiln_agent.context import build_request
 from kiln_agent.ports import ModelError, ModelRequest
+from kiln_contracts import BuildLimits
 
 REPLY = {
     "id": "msg_1",
@@ -104,3 +108,50 @@ async def test_a_body_that_is_not_a_messages_response_is_a_model_error(body: byt
     with pytest.raises(ModelError, match="not a Messages response"):
         await AnthropicModel(client).complete(REQUEST)
     await client.close()
+
+
+async def test_turns_sent_unchanged_go_out_as_their_stored_json() -> None:
+    # a turn read back from the store carries the text it was stored as (here in an unusual but
+    # valid layout): the body holds that text itself, not the conversation encoded again
+    stored = '[ {"type":"text",  "text":"héllo \\u00e9"} ]'
+    turns = [
+        Turn(0, "user", json.loads(stored), 0, stored),
+        Turn(1, "assistant", [{"type": "text", "text": "ok", "citations": None}], 1),
+        Turn(2, "user", [{"type": "tool_result", "tool_use_id": "t", "content": "x" * 50}], 1),
+        Turn(3, "assistant", [{"type": "text", "text": "next"}], 2),
+        Turn(4, "user", [{"type": "text", "text": "and then"}], 2),
+    ]
+    cp = Checkpoint("b", "u", "pro", "claude-x", BuildLimits(), "be brief")
+    cp.state.compacted_before = 3  # the tool result is cleared: that message is a new one
+    config = agent_config.load().model_copy(update={"clear_over_chars": 10})
+    request = build_request(cp, turns, [{"name": "glob", "input_schema": {}}], config)
+    seen: list[httpx2.Request] = []
+
+    def answer(sent: httpx2.Request) -> httpx2.Response:
+        seen.append(sent)
+        return httpx2.Response(200, json=REPLY)
+
+    client = _client(answer)
+    await AnthropicModel(client).complete(request)
+    await client.close()
+
+    (sent,) = seen
+    assert stored.encode() in sent.content
+    assert request.messages[0] is turns[0].message  # the same object at every call
+    assert request.messages[1] is turns[1].message
+    whole = request.model_dump(exclude={"thinking", "output_config", "betas"})
+    assert json.loads(sent.content) == whole  # what a whole encoding of the request says
+    assert "cleared" in json.loads(sent.content)["messages"][2]["content"][0]["content"]
+    assert request.messages[4]["content"][-1]["cache_control"] == {"type": "ephemeral"}
+    assert "cache_control" not in turns[4].content[-1]  # marked in a new message, not the turn
+    # the turn's JSON is the message as json.dumps writes it: estimates count the same
+    assert turns[1].message.json == json.dumps(turns[1].message).encode()
+
+
+def test_a_request_body_is_the_requests_json_with_or_without_messages() -> None:
+    for messages in ([], [{"role": "user", "content": "go"}]):
+        request = REQUEST.model_copy(
+            update={"messages": messages, "thinking": {"type": "adaptive"}}
+        )
+        whole = request.model_dump(exclude={"output_config", "betas"})
+        assert json.loads(request_body(request)) == whole

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
@@ -136,6 +138,32 @@ class Turn:
     """The build's iteration when the turn was recorded (an assistant turn: the iteration its
     reply made; None: recorded before turns kept it). A fork at iteration N keeps the turns of
     iterations <= N."""
+    stored: str | None = field(default=None, repr=False, compare=False)
+    """The content's JSON as the store holds it (a turn read back from the store)."""
+
+    @cached_property
+    def content_json(self) -> str:
+        """The content as JSON, encoded once: what the store writes, what the turn cache and the
+        context's estimate count, and what a request sending the turn unchanged carries."""
+        return self.stored if self.stored is not None else json.dumps(self.content)
+
+    @cached_property
+    def message(self) -> Verbatim:
+        """The turn as a request message, sent as it is (never changed: a message that differs
+        is a new dict)."""
+        return Verbatim(self)
+
+
+class Verbatim(dict[str, Any]):
+    """A request message ``{"role", "content"}`` that is a turn unchanged, with its JSON (as
+    ``json.dumps`` writes the message) made from the turn's own: a request's body is joined from
+    the messages' JSON, so a conversation is not encoded again at every call."""
+
+    __slots__ = ("json",)
+
+    def __init__(self, turn: Turn) -> None:
+        super().__init__(role=turn.role, content=turn.content)
+        self.json = f'{{"role": {json.dumps(turn.role)}, "content": {turn.content_json}}}'.encode()
 
 
 def dump_outbox(outbox: list[Envelope]) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ from typing import Any
 
 from kiln_runtime.config import ModelSpec
 
-from .checkpoint import Checkpoint, Turn
+from .checkpoint import Checkpoint, Turn, Verbatim
 from .config import AgentConfig
 from .ports import ModelRequest
 
@@ -67,8 +67,8 @@ def build_request(
     messages = conversation(cp, turns, config)
     users = [i for i, m in enumerate(messages) if m["role"] == "user" and m["content"]]
     for i in users[-2:]:
-        blocks = messages[i]["content"]
-        blocks[-1] = {**blocks[-1], "cache_control": CACHE}
+        *blocks, last = messages[i]["content"]
+        messages[i] = {"role": "user", "content": [*blocks, {**last, "cache_control": CACHE}]}
     tool_defs = [dict(t) for t in tool_defs]
     if tool_defs:
         tool_defs[-1] = {**tool_defs[-1], "cache_control": CACHE}
@@ -97,19 +97,23 @@ def build_request(
 def conversation(cp: Checkpoint, turns: list[Turn], config: AgentConfig) -> list[dict[str, Any]]:
     """The request's messages: the summary (if the oldest turns were summarised) in the first
     user message, after the build's first turn; then the turns from ``summarised_before`` on,
-    those before ``compacted_before`` cleared. The blocks are shared with the turns, never
-    changed: a block that differs (cleared, marked with cache_control) is a new dict."""
+    those before ``compacted_before`` cleared. The messages and blocks are shared with the turns,
+    never changed: a turn sent as it is is its ``Verbatim`` message (its JSON encoded once), and
+    a message or block that differs (cleared, marked with cache_control) is a new dict."""
     state = cp.state
     messages: list[dict[str, Any]] = []
     for turn in turns:
         if 0 < turn.seq < state.summarised_before:
             continue  # summarised
-        content = list(turn.content)
+        message: dict[str, Any] = turn.message
         if turn.seq < state.compacted_before:
-            content = [_cleared(b, config.clear_over_chars) for b in content]
+            cleared = [_cleared(b, config.clear_over_chars) for b in turn.content]
+            if any(c is not b for c, b in zip(cleared, turn.content, strict=True)):
+                message = {"role": turn.role, "content": cleared}
         if turn.seq == 0 and state.summary is not None:
-            content.append({"type": "text", "text": summary_note(config, state.summary)})
-        messages.append({"role": turn.role, "content": content})
+            note = {"type": "text", "text": summary_note(config, state.summary)}
+            message = {"role": turn.role, "content": [*message["content"], note]}
+        messages.append(message)
     return messages
 
 
@@ -157,14 +161,21 @@ def context_tokens(cp: Checkpoint, turns: list[Turn], request: ModelRequest) -> 
         return (
             estimate_tokens(request.system)
             + estimate_tokens(request.tools)
-            + sum(estimate_tokens(m) for m in request.messages)
+            + sum(_message_tokens(m) for m in request.messages)
         )
     added = 0
     for t in reversed(turns):  # in order of seq: only the newest are looked at
         if t.seq < cp.state.context_turns:
             break
-        added += estimate_tokens(t.content)
+        added += estimate_tokens(t.content_json)
     return counted + added
+
+
+def _message_tokens(message: dict[str, Any]) -> int:
+    """``estimate_tokens`` of a message, from its JSON when it has it (the same characters)."""
+    if isinstance(message, Verbatim):
+        return len(message.json) // CHARS_PER_TOKEN + 1
+    return estimate_tokens(message)
 
 
 def compaction_point(cp: Checkpoint, turns: list[Turn], config: AgentConfig) -> int | None:

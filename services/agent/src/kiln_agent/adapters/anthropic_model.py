@@ -14,6 +14,7 @@ import pydantic_core
 from kiln_contracts import CacheCreation, Usage
 from kiln_runtime.retry import retry
 
+from ..checkpoint import Verbatim
 from ..ports import ContextWindowExceeded, ModelError, ModelReply, ModelRequest
 
 log = logging.getLogger(__name__)
@@ -118,25 +119,12 @@ class AnthropicModel:
         i = min(range(len(self.clients)), key=self._busy.__getitem__)
         client = self.clients[i]
 
-        # The request is plain JSON already: it is encoded once here and sent through the SDK's
-        # own POST (its auth headers, retries' bookkeeping, errors) as bytes. Given as arguments
-        # of ``messages.create`` instead, the SDK walks and copies the whole conversation and
-        # encodes it again on every call, work that grows with the conversation. The reply
-        # comes back as bytes too: its content blocks are kept as the JSON they are, not built
-        # into the SDK's models and dumped back to the same dicts, which only costs CPU
-        # (figures: docs/BENCHMARKS.md, model client).
-        fields: dict[str, Any] = {
-            "model": request.model,
-            "max_tokens": request.max_tokens,
-            "system": request.system,
-            "tools": request.tools,
-            "messages": request.messages,
-        }
-        if request.thinking is not None:
-            fields["thinking"] = request.thinking
-        if request.output_config is not None:
-            fields["output_config"] = request.output_config
-        body = pydantic_core.to_json(fields)
+        # The request is sent as bytes through the SDK's own POST (its auth headers, retries'
+        # bookkeeping, errors): given as arguments of ``messages.create`` instead, the SDK walks
+        # and copies the whole conversation and encodes it again on every call. The reply comes
+        # back as bytes too: its content blocks are kept as the JSON they are, not built into
+        # the SDK's models and dumped back to the same dicts (figures: docs/BENCHMARKS.md).
+        body = request_body(request)
         options: Any = (
             {"headers": {"anthropic-beta": ",".join(request.betas)}} if request.betas else {}
         )
@@ -216,6 +204,34 @@ class AnthropicModel:
     async def close(self) -> None:
         for client in self.clients:
             await client.close()
+
+
+def request_fields(request: ModelRequest) -> dict[str, Any]:
+    """The Messages request's fields but its messages, as the API is sent them."""
+    fields: dict[str, Any] = {
+        "model": request.model,
+        "max_tokens": request.max_tokens,
+        "system": request.system,
+        "tools": request.tools,
+    }
+    if request.thinking is not None:
+        fields["thinking"] = request.thinking
+    if request.output_config is not None:
+        fields["output_config"] = request.output_config
+    return fields
+
+
+def request_body(request: ModelRequest) -> bytes:
+    """The Messages request as JSON. The messages that are turns sent unchanged carry their JSON
+    (``Verbatim``, encoded once per turn), so the body is joined from it: only the fields and the
+    few messages that differ are encoded at each call, not the whole conversation."""
+    parts = [pydantic_core.to_json(request_fields(request))[:-1], b',"messages":[']
+    for m in request.messages:
+        parts += (m.json if isinstance(m, Verbatim) else pydantic_core.to_json(m), b",")
+    if request.messages:
+        parts.pop()  # the last comma
+    parts.append(b"]}")
+    return b"".join(parts)
 
 
 def _reply(raw: bytes, model: str) -> ModelReply:

@@ -72,7 +72,7 @@ class PostgresStore:
             json.dumps(dump_outbox(cp.outbox)),
             [t.seq for t in turns],
             [t.role for t in turns],
-            [json.dumps(t.content) for t in turns],
+            [t.content_json for t in turns],
             [t.iteration for t in turns],
         )
         if version is None:
@@ -107,7 +107,10 @@ class PostgresStore:
             build_id,
             since,
         )
-        return [Turn(r["seq"], r["role"], json.loads(r["content"]), r["iteration"]) for r in rows]
+        return [
+            Turn(r["seq"], r["role"], json.loads(r["content"]), r["iteration"], r["content"])
+            for r in rows
+        ]
 
     async def save(
         self,
@@ -144,7 +147,7 @@ class PostgresStore:
             cp.model,
             [t.seq for t in new_turns],
             [t.role for t in new_turns],
-            [json.dumps(t.content) for t in new_turns],
+            [t.content_json for t in new_turns],
             lease.give_up,
             lease.take,
             lease.ttl_s,
