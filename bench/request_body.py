@@ -1,7 +1,7 @@
 """The agent's CPU to build a model call's request body, at iteration 1 and deep into a build.
 
     uv run --frozen python bench/request_body.py [--iterations 1,100,200] [--calls 200]
-        [--rounds 5] [--output-chars 1500] [--text-chars 300]
+        [--rounds 5] [--output-chars 1500] [--text-chars 300] [--compacted]
 
 A build's turns as the bookkeeping benchmark makes them (each iteration: a signed thinking block,
 ``--text-chars`` of text and a ``glob`` call; its result, ``--output-chars`` long), then the real
@@ -9,7 +9,8 @@ request (``context.build_request``, the agent's default configuration) turned in
 two ways, alternated ``--rounds`` times: ``whole``, the whole request encoded at every call
 (``pydantic_core.to_json`` of every field and message); ``joined``, what ``AnthropicModel`` sends
 (``request_body``: each turn sent unchanged carries its JSON, encoded once, and the body is joined
-from it). Both bodies are checked to be the same JSON. CPU = this process's CPU time per call,
+from it). Both bodies are checked to be the same JSON. ``--compacted``: every turn but the last
+ten is before the clearing watermark, as after a compaction. CPU = this process's CPU time per call,
 the request's building included; the median over the rounds. One line per size, then
 ``request_body iterations=… whole_ms=… joined_ms=… ratio=…`` for the largest (ratio = joined /
 whole).
@@ -74,12 +75,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="Alternations of the two ways.")
     parser.add_argument("--output-chars", type=int, default=1500, help="Each tool result.")
     parser.add_argument("--text-chars", type=int, default=300, help="Each reply's text.")
+    parser.add_argument("--compacted", action="store_true", help="All but 10 turns cleared.")
     args = parser.parse_args()
     line = ""
     for size in [int(s) for s in args.iterations.split(",")]:
         cp = Checkpoint("b1", "u1", "pro", "claude-sonnet-5-5", BuildLimits(), "You build apps.")
         turns = turns_of(size, args.text_chars, args.output_chars)
         cp.turns = len(turns)
+        if args.compacted:
+            cp.state.compacted_before = max(0, len(turns) - 10)
         request = build_request(cp, turns, definitions("n"), agent_config.load())
         assert json.loads(request_body(request)) == json.loads(whole(request))
         ways: dict[str, list[float]] = {"whole": [], "joined": []}

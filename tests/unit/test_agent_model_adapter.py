@@ -120,9 +120,11 @@ async def test_turns_sent_unchanged_go_out_as_their_stored_json() -> None:
         Turn(2, "user", [{"type": "tool_result", "tool_use_id": "t", "content": "x" * 50}], 1),
         Turn(3, "assistant", [{"type": "text", "text": "next"}], 2),
         Turn(4, "user", [{"type": "text", "text": "and then"}], 2),
+        Turn(5, "assistant", [{"type": "text", "text": "then"}], 3),
+        Turn(6, "user", [{"type": "text", "text": "last"}], 3),
     ]
     cp = Checkpoint("b", "u", "pro", "claude-x", BuildLimits(), "be brief")
-    cp.state.compacted_before = 3  # the tool result is cleared: that message is a new one
+    cp.state.compacted_before = 3  # the tool result is cleared: that message is made once
     config = agent_config.load().model_copy(update={"clear_over_chars": 10})
     request = build_request(cp, turns, [{"name": "glob", "input_schema": {}}], config)
     seen: list[httpx2.Request] = []
@@ -139,6 +141,9 @@ async def test_turns_sent_unchanged_go_out_as_their_stored_json() -> None:
     assert stored.encode() in sent.content
     assert request.messages[0] is turns[0].message  # the same object at every call
     assert request.messages[1] is turns[1].message
+    again = build_request(cp, turns, [{"name": "glob", "input_schema": {}}], config)
+    assert again.messages[2] is request.messages[2]  # cleared once, not at every call
+    assert again.messages[2] is not turns[2].message
     whole = request.model_dump(exclude={"thinking", "output_config", "betas"})
     assert json.loads(sent.content) == whole  # what a whole encoding of the request says
     assert "cleared" in json.loads(sent.content)["messages"][2]["content"][0]["content"]

@@ -148,22 +148,32 @@ class Turn:
         return self.stored if self.stored is not None else json.dumps(self.content)
 
     @cached_property
+    def derived(self) -> dict[Any, Any]:
+        """Forms of the turn that code derives from it and keeps with it (the context's cleared
+        message): the turn never changes, so neither do they."""
+        return {}
+
+    @cached_property
     def message(self) -> Verbatim:
         """The turn as a request message, sent as it is (never changed: a message that differs
         is a new dict)."""
-        return Verbatim(self)
+        return Verbatim(self.role, self.content, self.content_json)
 
 
 class Verbatim(dict[str, Any]):
-    """A request message ``{"role", "content"}`` that is a turn unchanged, with its JSON (as
-    ``json.dumps`` writes the message) made from the turn's own: a request's body is joined from
-    the messages' JSON, so a conversation is not encoded again at every call."""
+    """A request message ``{"role", "content"}`` made once and sent the same at every call (a
+    turn as it is, or as cleared), with its JSON as ``json.dumps`` writes the message (from the
+    content's JSON when it is known): a request's body is joined from the messages' JSON, so a
+    conversation is not encoded again at every call."""
 
     __slots__ = ("json",)
 
-    def __init__(self, turn: Turn) -> None:
-        super().__init__(role=turn.role, content=turn.content)
-        self.json = f'{{"role": {json.dumps(turn.role)}, "content": {turn.content_json}}}'.encode()
+    def __init__(
+        self, role: str, content: list[dict[str, Any]], content_json: str | None = None
+    ) -> None:
+        super().__init__(role=role, content=content)
+        text = json.dumps(content) if content_json is None else content_json
+        self.json = f'{{"role": {json.dumps(role)}, "content": {text}}}'.encode()
 
 
 def dump_outbox(outbox: list[Envelope]) -> list[dict[str, Any]]:

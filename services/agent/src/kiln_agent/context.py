@@ -98,8 +98,9 @@ def conversation(cp: Checkpoint, turns: list[Turn], config: AgentConfig) -> list
     """The request's messages: the summary (if the oldest turns were summarised) in the first
     user message, after the build's first turn; then the turns from ``summarised_before`` on,
     those before ``compacted_before`` cleared. The messages and blocks are shared with the turns,
-    never changed: a turn sent as it is is its ``Verbatim`` message (its JSON encoded once), and
-    a message or block that differs (cleared, marked with cache_control) is a new dict."""
+    never changed: a turn sent as it is, or as cleared, is a ``Verbatim`` message made once (its
+    JSON encoded once), and a message or block that differs (marked with cache_control, the
+    summary's) is a new dict."""
     state = cp.state
     messages: list[dict[str, Any]] = []
     for turn in turns:
@@ -107,14 +108,24 @@ def conversation(cp: Checkpoint, turns: list[Turn], config: AgentConfig) -> list
             continue  # summarised
         message: dict[str, Any] = turn.message
         if turn.seq < state.compacted_before:
-            cleared = [_cleared(b, config.clear_over_chars) for b in turn.content]
-            if any(c is not b for c, b in zip(cleared, turn.content, strict=True)):
-                message = {"role": turn.role, "content": cleared}
+            message = _cleared_message(turn, config.clear_over_chars)
         if turn.seq == 0 and state.summary is not None:
             note = {"type": "text", "text": summary_note(config, state.summary)}
             message = {"role": turn.role, "content": [*message["content"], note]}
         messages.append(message)
     return messages
+
+
+def _cleared_message(turn: Turn, over: int) -> dict[str, Any]:
+    """The turn as a message once cleared, made once and kept with the turn: it is the same at
+    every call until the next compaction, which only clears more turns."""
+    key = ("cleared", over)
+    found: dict[str, Any] | None = turn.derived.get(key)
+    if found is None:
+        cleared = [_cleared(b, over) for b in turn.content]
+        changed = any(c is not b for c, b in zip(cleared, turn.content, strict=True))
+        found = turn.derived[key] = Verbatim(turn.role, cleared) if changed else turn.message
+    return found
 
 
 def summary_note(config: AgentConfig, summary: str) -> str:
