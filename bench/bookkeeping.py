@@ -6,8 +6,9 @@
 Bookkeeping is everything the agent does for an iteration except the model call and the tool:
 record the tool result (advance the checkpoint kept from the last iteration, save it and take the
 think lease in one statement), then think (the turns kept from earlier thinks and saves, build and
-size the request, make the body ``AnthropicModel`` would send, save the reply with its new turns and give the lease up in one statement,
-publish IterationCompleted and the ToolCall from the outbox, mark it sent). A replica that has not
+size the request, make the body ``AnthropicModel`` would send, save the reply with its new turns
+and give the lease up in one statement, publish IterationCompleted and the ToolCall from the
+outbox, mark it sent). A replica that has not
 kept them reads the checkpoint and the turns added since. It runs on real Postgres and
 NATS JetStream (embedded ones started here, unless NATS_URL / DATABASE_URL name running servers),
 the real ``Agent`` with its Postgres store and bus subscribers, an instant model (one cheap

@@ -14,7 +14,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from .checkpoint import Checkpoint, Turn
-from .context import CHARS_PER_TOKEN, estimate_tokens
 
 
 @dataclass
@@ -46,7 +45,7 @@ class Kept:
         the most recently used, if it fits; drop the least recently used beyond the limits."""
         for turn in new or ():
             entry.turns.append(turn)
-            entry.turn_chars += estimate_tokens(turn.content_json) * CHARS_PER_TOKEN
+            entry.turn_chars += len(turn.content_json)
         if entry.size > self.max_chars or self.max_builds < 1:
             return
         self.entries[build_id] = entry

@@ -207,7 +207,7 @@ class AnthropicModel:
 
 
 def request_fields(request: ModelRequest) -> dict[str, Any]:
-    """The Messages request's fields but its messages, as the API is sent them."""
+    """The Messages request's fields other than its messages, as they are sent to the API."""
     fields: dict[str, Any] = {
         "model": request.model,
         "max_tokens": request.max_tokens,
